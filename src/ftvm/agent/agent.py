@@ -1,0 +1,319 @@
+"""The host agent: lease, reconcile loop, QEMU processes, events.
+
+One agent per host. Each tick it reads the pool snapshot, asks the decision
+core what to do (`core.decide`), does it, and reports what its VMs are doing.
+Besides the tick, store changes (watch) and QEMU exits wake the loop early.
+
+Safety lives in three places:
+  * the host lease, renewed every `keepalive_interval`; the fence guard
+    thread kills every VM `self_fence_margin` before it could expire;
+  * the fencing token: START and status writes are transactions that
+    succeed only while this host still owns the VM with that token;
+  * the decision core kills any VM running here without valid ownership.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..core.decide import Action, Decision, TickReport, decide
+from ..core.model import HostInfo, LocalView, LocalVm, PoolSnapshot, RunState, VmStatus
+from ..qemu.cmdline import VmPaths
+from ..qemu.probe import Accel, choose_accel
+from ..qemu.process import QemuError, QemuVm
+from ..store.etcd import EtcdClient, EtcdError, EtcdUnavailable
+from ..store.pool import Event, PoolStore
+from .config import AgentConfig
+from .fence import FenceGuard
+
+log = logging.getLogger("ftvm.agent")
+
+
+class AgentStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalRecord:
+    """What this agent knows about a VM it runs (or ran)."""
+
+    name: str
+    token: int
+    state: RunState
+    qemu: QemuVm | None = None
+    exit_code: int | None = None
+    detail: str = ""
+    reported: VmStatus | None = None
+    since: float = field(default_factory=time.time)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.cfg = config
+        self.t = config.timing
+        self.etcd = EtcdClient(list(config.etcd), timeout=self.t.etcd_timeout)
+        self.store = PoolStore(self.etcd, config.pool)
+        self.accel: Accel | None = None
+        self.lease = 0
+        self.lease_ttl = 0
+        self.vms: dict[str, LocalRecord] = {}
+        self.guard = FenceGuard(self.t.fence_check, self._on_fence)
+        self.wake = asyncio.Event()
+        self.last_report: TickReport | None = None
+        self._pending_events: deque[Event] = deque(maxlen=1000)
+        self._quorum_ok = True
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- start-up ----------------------------------------------------------------
+    @property
+    def info(self) -> HostInfo:
+        return HostInfo(name=self.cfg.name, memory_mib=self.cfg.memory_mib, vcpus=self.cfg.vcpus,
+                        shared_storage=self.cfg.shared_storage, lease_id=self.lease)
+
+    async def _acquire_lease(self) -> None:
+        lease, ttl = await self.etcd.lease_grant(self.t.lease_ttl)
+        sent = time.monotonic()
+        if not await self.store.register_host(HostInfo(
+                name=self.cfg.name, memory_mib=self.cfg.memory_mib, vcpus=self.cfg.vcpus,
+                shared_storage=self.cfg.shared_storage, lease_id=lease), lease):
+            await self.etcd.lease_revoke(lease)
+            raise AgentStartError(f"another agent is live as host {self.cfg.name} in pool {self.cfg.pool}")
+        self.lease, self.lease_ttl = lease, ttl
+        self.guard.arm(sent + ttl - self.t.self_fence_margin)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.accel = await asyncio.to_thread(choose_accel, self.cfg.accel, self.cfg.probe_kernel)
+        log.info("accelerator: %s (%s)", self.accel.accel, self.accel.reason)
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._acquire_lease()
+        except EtcdUnavailable as e:
+            raise AgentStartError(f"cannot reach the quorum service: {e}") from None
+        self.guard.start()
+        self.event("", "agent", f"agent up (lease {self.lease:x}, ttl {self.lease_ttl}s, "
+                                f"accel {self.accel.accel})")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._request_stop)
+        tasks = [asyncio.create_task(self._keepalive_loop(), name="keepalive"),
+                 asyncio.create_task(self._watch_loop(), name="watch")]
+        try:
+            await self._reconcile_loop()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await self._shutdown()
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+        self.wake.set()
+
+    async def _shutdown(self) -> None:
+        """Orderly stop: VMs stopped and released, lease revoked, so peers take over at once."""
+        for rec in list(self.vms.values()):
+            if rec.qemu and rec.qemu.alive:
+                await rec.qemu.stop(self.cfg.stop_grace)
+                self.guard.unregister(rec.name)
+                try:
+                    await self.store.release(rec.name, rec.token)
+                except EtcdError:
+                    pass
+        self.guard.close()
+        try:
+            await self._flush_events()
+            await self.etcd.lease_revoke(self.lease)
+        except EtcdError:
+            pass
+        await self.etcd.close()
+
+    # --- lease -------------------------------------------------------------------
+    async def _keepalive_loop(self) -> None:
+        while True:
+            sent = time.monotonic()
+            try:
+                ttl = await self.etcd.lease_keepalive(self.lease)
+            except EtcdError as e:
+                if self._quorum_ok:
+                    self._quorum_ok = False
+                    log.warning("quorum service unreachable (%s); fencing in %.1fs unless it returns",
+                                e, self.guard.remaining())
+                await asyncio.sleep(min(self.t.keepalive_interval, max(0.05, self.guard.remaining() / 2)))
+                continue
+            if ttl <= 0:
+                log.error("host lease expired in etcd: fencing all VMs, then rejoining")
+                self.guard.disarm()
+                self.event("", "fence", "host lease expired: all VMs killed before any other host "
+                                        "could start them")
+                try:
+                    await self._acquire_lease()
+                except (EtcdError, AgentStartError) as e:
+                    log.error("rejoin failed: %s", e)
+                    await asyncio.sleep(self.t.keepalive_interval)
+                    continue
+                self.wake.set()
+            else:
+                self.guard.arm(sent + self.lease_ttl - self.t.self_fence_margin)
+                if not self._quorum_ok:
+                    self._quorum_ok = True
+                    self.event("", "quorum", "quorum service reachable again")
+                    self.wake.set()
+            await asyncio.sleep(self.t.keepalive_interval)
+
+    def _on_fence(self, names: list[str], at: float) -> None:  # called from the guard thread
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._record_fence, names, at)
+
+    def _record_fence(self, names: list[str], at: float) -> None:
+        for name in names:
+            rec = self.vms.get(name)
+            if rec is not None:
+                rec.detail = "self-fenced"
+            self.event(name, "fence", "lease could not be renewed: VM killed (self-fence) "
+                                      "before the lease expires", at=at)
+
+    # --- watch: wake the loop on any change ----------------------------------------
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                _, rev = await self.etcd.get_prefix(self.store.state + "\0never")
+                async for _batch in self.etcd.watch_prefix(self.store.state, rev + 1):
+                    self.wake.set()
+            except EtcdError:
+                pass
+            await asyncio.sleep(self.t.tick)
+
+    # --- reconcile ---------------------------------------------------------------
+    async def _reconcile_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.t.tick)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+            if self._stopping:
+                break
+            try:
+                await self.tick()
+            except EtcdError as e:
+                log.debug("tick skipped: %s", e)
+
+    def local_view(self) -> LocalView:
+        return LocalView(self.cfg.name, {
+            name: LocalVm(name, rec.state, rec.token, rec.exit_code) for name, rec in self.vms.items()})
+
+    async def tick(self) -> TickReport:
+        snapshot = await self.store.snapshot()
+        report = decide(snapshot, self.local_view())
+        self.last_report = report
+        if report.actions():
+            log.info("%s", report.summary())
+        for decision in report.actions():
+            await self._execute(decision, snapshot)
+        await self._report_status(snapshot)
+        await self._flush_events()
+        return report
+
+    async def _execute(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        if d.action is Action.KILL:
+            rec = self.vms[d.vm]
+            if rec.qemu and rec.qemu.alive:
+                rec.qemu.kill()
+            rec.state, rec.detail = RunState.STOPPING, d.reason
+            self.event(d.vm, "kill", d.reason)
+        elif d.action is Action.CLAIM:
+            if not self.guard.may_run():
+                return
+            token = await self.store.claim(d.vm, self.cfg.name, self.lease)
+            if token is not None:
+                self.event(d.vm, "claim", f"{d.reason} (fencing token {token})")
+                self.wake.set()
+        elif d.action is Action.START:
+            assert d.token is not None
+            await self._start(d, snapshot)
+        elif d.action is Action.STOP:
+            rec = self.vms[d.vm]
+            rec.state = RunState.STOPPING
+            self.event(d.vm, "stop", d.reason)
+            if rec.qemu:
+                asyncio.create_task(rec.qemu.stop(self.cfg.stop_grace))
+        elif d.action is Action.RELEASE:
+            assert d.token is not None
+            if await self.store.release(d.vm, d.token):
+                self.vms.pop(d.vm, None)
+                self.event(d.vm, "release", d.reason)
+
+    async def _start(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        spec = snapshot.vms[d.vm].spec
+        token = d.token
+        assert token is not None and self.accel is not None
+        # Fencing: the start is recorded only if we still own the VM under this token.
+        starting = VmStatus(self.cfg.name, RunState.STARTING, token, time.time(), d.reason)
+        if not self.guard.may_run() or not await self.store.report_status(d.vm, starting, self.lease):
+            log.warning("%s: not starting, ownership token %s no longer valid", d.vm, token)
+            return
+        rec = LocalRecord(d.vm, token, RunState.STARTING, reported=starting)
+        self.vms[d.vm] = rec
+        paths = VmPaths(self.cfg.state_dir / "vms" / d.vm)
+        try:
+            qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge)
+        except (QemuError, OSError) as e:
+            rec.state, rec.detail, rec.exit_code = RunState.CRASHED, str(e), None
+            self.event(d.vm, "error", f"start failed: {e}")
+            return
+        rec.qemu = qemu
+        self.guard.register(d.vm, qemu.pidfd)
+        asyncio.create_task(self._watch_process(rec, qemu))
+        try:
+            await qemu.announce()
+        except Exception as e:  # the guest still runs; the LAN learns from its traffic
+            log.warning("%s: announce-self failed: %s", d.vm, e)
+        rec.state, rec.detail, rec.since = RunState.RUNNING, f"pid {qemu.pid}, {self.accel.accel}", time.time()
+        self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid} started (token {token})")
+
+    async def _watch_process(self, rec: LocalRecord, qemu: QemuVm) -> None:
+        code = await qemu.proc.wait()
+        self.guard.unregister(rec.name)  # before the pidfd is closed
+        await qemu.wait()
+        if self.vms.get(rec.name) is not rec:
+            return
+        rec.exit_code = code
+        if qemu.stop_requested or rec.state is RunState.STOPPING:
+            rec.state = RunState.STOPPED
+            self.event(rec.name, "stopped", f"QEMU exited (code {code})")
+        else:
+            rec.state = RunState.CRASHED
+            why = rec.detail if rec.detail == "self-fenced" else f"QEMU exited unasked (code {code})"
+            rec.detail = why
+            self.event(rec.name, "exit", why)
+        self.wake.set()
+
+    async def _report_status(self, snapshot: PoolSnapshot) -> None:
+        for name, rec in self.vms.items():
+            view = snapshot.vms.get(name)
+            if view is None or view.owner is None or view.owner.host != self.cfg.name:
+                continue
+            status = VmStatus(self.cfg.name, rec.state, rec.token, rec.since, rec.detail)
+            if view.status == status:
+                continue
+            if await self.store.report_status(name, status, self.lease):
+                rec.reported = status
+
+    # --- events ------------------------------------------------------------------
+    def event(self, vm: str, kind: str, message: str, at: float | None = None) -> None:
+        ev = Event(time=at or time.time(), host=self.cfg.name, vm=vm, kind=kind, message=message)
+        log.info("event %s", ev)
+        self._pending_events.append(ev)
+
+    async def _flush_events(self) -> None:
+        while self._pending_events:
+            try:
+                await self.store.add_event(self._pending_events[0])
+            except EtcdError:
+                return
+            self._pending_events.popleft()

@@ -1,0 +1,86 @@
+"""host.toml: one agent's configuration, checked completely before anything starts."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.model import NAME_RE
+from ..core.timing import Timing, TimingError
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    pool: str
+    etcd: tuple[str, ...]
+    state_dir: Path
+    bridge: str
+    memory_mib: int
+    vcpus: int
+    shared_storage: tuple[str, ...]
+    accel: str = "auto"
+    probe_kernel: Path | None = None
+    stop_grace: float = 0.0
+    timing: Timing = Timing()
+
+
+_KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
+          "shared_storage", "accel", "probe_kernel", "stop_grace", "timing"}
+
+
+def parse_config(data: dict[str, Any]) -> AgentConfig:
+    unknown = sorted(set(data) - _KNOWN)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    missing = [k for k in ("name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus")
+               if k not in data]
+    if missing:
+        raise ConfigError(f"missing setting(s): {', '.join(missing)}")
+    for key in ("name", "pool"):
+        if not isinstance(data[key], str) or not NAME_RE.match(data[key]):
+            raise ConfigError(f"{key} {data[key]!r} must be lowercase letters, digits and '-', "
+                              "starting with a letter")
+    etcd = data["etcd"]
+    if isinstance(etcd, str):
+        etcd = [etcd]
+    if not etcd or not all(isinstance(e, str) and e.startswith(("http://", "https://")) for e in etcd):
+        raise ConfigError("etcd must be a list of http(s):// endpoints")
+    for key in ("memory_mib", "vcpus"):
+        if not isinstance(data[key], int) or data[key] <= 0:
+            raise ConfigError(f"{key} must be a positive integer")
+    if data.get("accel", "auto") not in ("auto", "kvm", "tcg"):
+        raise ConfigError("accel must be auto, kvm or tcg")
+    try:
+        timing = Timing.from_dict(data.get("timing", {}))
+    except TimingError as e:
+        raise ConfigError(str(e)) from None
+    shared = data.get("shared_storage", [])
+    if not all(isinstance(p, str) and p.startswith("/") for p in shared):
+        raise ConfigError("shared_storage must be a list of absolute paths")
+    return AgentConfig(
+        name=data["name"], pool=data["pool"], etcd=tuple(etcd), state_dir=Path(data["state_dir"]),
+        bridge=data["bridge"], memory_mib=data["memory_mib"], vcpus=data["vcpus"],
+        shared_storage=tuple(p.rstrip("/") for p in shared), accel=data.get("accel", "auto"),
+        probe_kernel=Path(data["probe_kernel"]) if data.get("probe_kernel") else None,
+        stop_grace=float(data.get("stop_grace", 0.0)), timing=timing,
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,90 @@
+"""What every CLI command shares: exit codes, errors, output and the store connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.console import Console
+
+from ..store.etcd import EtcdClient, EtcdError, EtcdUnavailable
+from ..store.pool import PoolStore
+
+# Stable exit codes (documented in the README).
+OK = 0
+FAILED = 1        # the operation was tried and did not succeed
+BAD_INPUT = 2     # usage error, invalid value, missing file; nothing changed
+NOT_FOUND = 3     # unknown VM or host
+REFUSED = 4       # refused as unsafe or conflicting; nothing changed
+NO_QUORUM = 5     # the quorum service (etcd) cannot be reached
+
+T = TypeVar("T")
+console = Console()
+err_console = Console(stderr=True)
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def endpoints(args: Any) -> tuple[list[str], str]:
+    """etcd endpoints and pool name: --etcd/--pool, then FTVM_ETCD/FTVM_POOL, then the lab."""
+    pool = getattr(args, "pool", None) or os.environ.get("FTVM_POOL")
+    etcd = getattr(args, "etcd", None) or os.environ.get("FTVM_ETCD")
+    if etcd:
+        return etcd.split(","), pool or "lab"
+    from ..lab.lab import DEFAULT_DIR, POOL, LabError, load_state
+    try:
+        state = load_state(Path(getattr(args, "lab_dir", None) or DEFAULT_DIR))
+    except LabError:
+        raise CliError("no quorum service given: use --etcd URL (or FTVM_ETCD), or bring up a lab "
+                       "with `ftvm lab up`", BAD_INPUT) from None
+    return [state.etcd_endpoint], pool or POOL
+
+
+def with_store(args: Any, fn: Callable[[PoolStore], Awaitable[T]]) -> T:
+    urls, pool = endpoints(args)
+
+    async def run() -> T:
+        async with EtcdClient(urls, timeout=2.0) as client:
+            return await fn(PoolStore(client, pool))
+
+    try:
+        return asyncio.run(run())
+    except EtcdUnavailable as e:
+        raise CliError(f"quorum service unreachable: {e}", NO_QUORUM) from None
+    except EtcdError as e:
+        raise CliError(f"quorum service error: {e}", FAILED) from None
+
+
+def fail(message: str, code: int) -> int:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return code
+
+
+def main_guard(fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except CliError as e:
+        return fail(str(e), e.code)
+    except KeyboardInterrupt:
+        return fail("interrupted", FAILED)
+
+
+def is_json(args: Any) -> bool:
+    return getattr(args, "output", "table") == "json"
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

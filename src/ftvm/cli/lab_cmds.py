@@ -1,0 +1,128 @@
+"""`ftvm lab ...` and `ftvm guest build`: the simulated pool on one machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..core.timing import Timing, TimingError
+from ..lab import lab
+from .common import BAD_INPUT, FAILED, OK, CliError, console, emit_json, is_json
+
+
+def _lab_dir(args: Any) -> Path:
+    return Path(args.lab_dir) if getattr(args, "lab_dir", None) else lab.DEFAULT_DIR
+
+
+def _state(args: Any) -> lab.LabState:
+    try:
+        return lab.load_state(_lab_dir(args))
+    except lab.LabError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+
+
+def timing_from_args(args: Any) -> Timing:
+    overrides = {k: v for k, v in (("lease_ttl", args.lease_ttl), ("tick", args.tick),
+                                   ("self_fence_margin", args.self_fence_margin),
+                                   ("keepalive_interval", args.keepalive_interval)) if v is not None}
+    try:
+        return Timing.from_dict(overrides)
+    except TimingError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+
+
+def cmd_lab_up(args: Any) -> int:
+    timing = timing_from_args(args)
+    if not 2 <= args.hosts <= 4:
+        raise CliError("a lab has 2 to 4 hosts", BAD_INPUT)
+    from ..guest.build import GuestBuildError, build_guest
+    try:
+        probe_kernel = str(build_guest(log=lambda m: console.print(m)).kernel)
+    except GuestBuildError as e:
+        raise CliError(f"demo guest: {e}", FAILED) from None
+    try:
+        with console.status(f"bringing up a lab pool with {args.hosts} hosts"):
+            state = lab.up(args.hosts, _lab_dir(args), timing, args.host_memory, args.host_vcpus,
+                           probe_kernel)
+    except lab.LabError as e:
+        raise CliError(str(e), FAILED) from None
+    if is_json(args):
+        emit_json({"hosts": state.hosts, "etcd": state.etcd_endpoint, "dir": state.dir})
+    else:
+        console.print(f"lab up: hosts {', '.join(state.hosts)}, quorum (etcd) at {state.etcd_endpoint}, "
+                      f"shared storage {state.shared_dir}")
+    return OK
+
+
+def cmd_lab_down(args: Any) -> int:
+    removed = lab.down(_lab_dir(args))
+    if is_json(args):
+        emit_json({"removed": removed})
+    else:
+        console.print("lab down: " + (f"removed {len(removed)} items" if removed else "nothing to remove"))
+    return OK
+
+
+def _host_op(args: Any, op: str) -> int:
+    state = _state(args)
+    try:
+        if op == "fail":
+            at = lab.fail_host(state, args.host)
+            msg = f"{args.host} lost power at {at:.3f}"
+        elif op == "restore":
+            lab.restore_host(state, args.host)
+            msg = f"{args.host} powered on; its agent is starting"
+        elif op == "partition":
+            lab.partition(state, args.host, args.from_)
+            msg = f"{args.host} cut off from {args.from_}"
+        else:
+            lab.heal(state, args.host, args.from_)
+            msg = f"{args.host} reconnected to {args.from_}"
+    except lab.LabError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    if is_json(args):
+        emit_json({"ok": True, "message": msg})
+    else:
+        console.print(msg)
+    return OK
+
+
+def cmd_lab_fail(args: Any) -> int:
+    return _host_op(args, "fail")
+
+
+def cmd_lab_restore(args: Any) -> int:
+    return _host_op(args, "restore")
+
+
+def cmd_lab_partition(args: Any) -> int:
+    return _host_op(args, "partition")
+
+
+def cmd_lab_heal(args: Any) -> int:
+    return _host_op(args, "heal")
+
+
+def cmd_lab_status(args: Any) -> int:
+    state = _state(args)
+    data = {"hosts": state.hosts, "failed": state.failed, "partitions": state.partitions,
+            "etcd": state.etcd_endpoint, "dir": state.dir, "pids": state.pids}
+    if is_json(args):
+        emit_json(data)
+    else:
+        for k, v in data.items():
+            console.print(f"{k:<11} {v}", highlight=False)
+    return OK
+
+
+def cmd_guest_build(args: Any) -> int:
+    from ..guest.build import GuestBuildError, build_guest
+    try:
+        image = build_guest(log=lambda m: None if is_json(args) else console.print(m))
+    except GuestBuildError as e:
+        raise CliError(str(e), FAILED) from None
+    if is_json(args):
+        emit_json(image.to_json())
+    else:
+        console.print(f"demo guest: kernel {image.kernel}, initrd {image.initrd}")
+    return OK

@@ -1,0 +1,125 @@
+"""The `ftvm` command: argument parsing and dispatch (commands live beside this file)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import lab_cmds, pool_cmds
+from .common import BAD_INPUT, main_guard
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table",
+                   help="output format (default: table)")
+    p.add_argument("--etcd", help="quorum service endpoint(s), comma separated (default: FTVM_ETCD or the lab)")
+    p.add_argument("--pool", help="pool name (default: FTVM_POOL or 'lab')")
+    p.add_argument("--lab-dir", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="ftvm", description="Fault tolerance for QEMU virtual machines.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(parent: argparse._SubParsersAction, name: str, fn, help: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+        p = parent.add_parser(name, help=help, description=help)
+        _common(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    cmd(sub, "status", pool_cmds.cmd_status, "one-screen pool status")
+
+    p = sub.add_parser("agent", help="run the host agent")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=None)
+
+    host = sub.add_parser("host", help="hosts of the pool").add_subparsers(dest="sub", required=True)
+    cmd(host, "list", pool_cmds.cmd_host_list, "list live hosts")
+
+    vm = sub.add_parser("vm", help="virtual machines").add_subparsers(dest="sub", required=True)
+    p = cmd(vm, "add", pool_cmds.cmd_vm_add, "define a VM")
+    p.add_argument("name")
+    p.add_argument("--level", type=int, default=1, help="protection level (0 or 1)")
+    p.add_argument("--memory", type=int, default=256, help="MiB")
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--disk", action="append", help="PATH[,format=raw|qcow2] (repeatable)")
+    p.add_argument("--mac", action="append", help="NIC MAC address (repeatable; default derived from name)")
+    p.add_argument("--ip", help="ADDR/PREFIX given to the demo guest on its kernel command line")
+    p.add_argument("--kernel")
+    p.add_argument("--initrd")
+    p.add_argument("--append", help="kernel command line")
+    p.add_argument("--demo-guest", action="store_true", help="boot the ftvm demo guest (ledger)")
+    p.add_argument("--host", help="preferred host for the first start")
+    p.add_argument("--start", action="store_true", help="start it right away")
+    p.add_argument("--wait", action="store_true", help="with --start: wait until it runs")
+    p.add_argument("--timeout", type=float, default=60)
+    for name, fn, text in (("start", pool_cmds.cmd_vm_start, "start a VM"),
+                           ("stop", pool_cmds.cmd_vm_stop, "stop a VM")):
+        p = cmd(vm, name, fn, text)
+        p.add_argument("name")
+        p.add_argument("--wait", action="store_true", help="wait until done")
+        p.add_argument("--timeout", type=float, default=60)
+    p = cmd(vm, "remove", pool_cmds.cmd_vm_remove, "remove a stopped VM (its disks are kept)")
+    p.add_argument("name")
+    p = cmd(vm, "show", pool_cmds.cmd_vm_show, "show one VM")
+    p.add_argument("name")
+    cmd(vm, "list", pool_cmds.cmd_vm_list, "list VMs")
+
+    p = cmd(sub, "events", pool_cmds.cmd_events, "the event log: every decision with its reason")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("-f", "--follow", action="store_true")
+
+    lab = sub.add_parser("lab", help="a simulated pool in network namespaces").add_subparsers(
+        dest="sub", required=True)
+    p = cmd(lab, "up", lab_cmds.cmd_lab_up, "bring up a lab pool")
+    p.add_argument("--hosts", type=int, default=2)
+    p.add_argument("--host-memory", type=int, default=2048, help="MiB each host offers")
+    p.add_argument("--host-vcpus", type=int, default=4)
+    p.add_argument("--lease-ttl", type=float)
+    p.add_argument("--tick", type=float)
+    p.add_argument("--keepalive-interval", type=float)
+    p.add_argument("--self-fence-margin", type=float)
+    cmd(lab, "down", lab_cmds.cmd_lab_down, "remove the lab and everything it runs")
+    cmd(lab, "status", lab_cmds.cmd_lab_status, "what the lab is made of")
+    for name, fn, text in (("fail-host", lab_cmds.cmd_lab_fail, "power loss: kill everything, links down"),
+                           ("restore-host", lab_cmds.cmd_lab_restore, "power back on")):
+        p = cmd(lab, name, fn, text)
+        p.add_argument("host")
+    for name, fn, text in (("partition", lab_cmds.cmd_lab_partition, "cut one path of a host"),
+                           ("heal", lab_cmds.cmd_lab_heal, "restore one path of a host")):
+        p = cmd(lab, name, fn, text)
+        p.add_argument("host")
+        p.add_argument("--from", dest="from_", required=True, choices=("quorum", "lan"))
+
+    guest = sub.add_parser("guest", help="the demo guest").add_subparsers(dest="sub", required=True)
+    cmd(guest, "build", lab_cmds.cmd_guest_build, "build (or find cached) the demo guest")
+
+    from .. import bench, demo
+    p = cmd(sub, "demo", demo.cmd_demo, "the live demo in a lab pool")
+    p.add_argument("--level", type=int, default=1, choices=(1,))
+    p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    p = cmd(sub, "bench", bench.cmd_bench, "failover benchmark in a lab pool")
+    p.add_argument("what", choices=("failover",))
+    p.add_argument("--level", type=int, default=1, choices=(1,))
+    p.add_argument("--runs", type=int, default=5)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "agent":
+        from ..agent.main import run_agent
+        return run_agent(args.config, args.verbose)
+    return main_guard(lambda: args.fn(args))
+
+
+def entry() -> None:
+    try:
+        sys.exit(main())
+    except SystemExit as e:  # argparse usage errors exit 2 == BAD_INPUT
+        if e.code not in (None, 0) and not isinstance(e.code, int):
+            sys.exit(BAD_INPUT)
+        raise

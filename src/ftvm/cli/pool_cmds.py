@@ -1,0 +1,301 @@
+"""`ftvm status`, `ftvm host ...`, `ftvm vm ...`, `ftvm events`: the operator's view of a pool."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+from rich.table import Table
+
+from ..core.decide import choose_host
+from ..core.model import (BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec,
+                          VmView)
+from ..core.protection import protection
+from ..core.validate import check_mac, check_new_vm
+from ..store.pool import Event, PoolStore
+from .common import (BAD_INPUT, NOT_FOUND, OK, REFUSED, CliError, console, emit_json, endpoints,
+                     is_json, with_store)
+
+
+# --- status --------------------------------------------------------------------------
+
+def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
+    st = view.status
+    prot = protection(snap, view)
+    where = view.owner.host if view.owner else None
+    if st is not None:
+        state = st.state.value
+    elif view.spec.desired is Desired.RUNNING:
+        state = "pending"
+    else:
+        state = "stopped"
+    waiting = None
+    if view.owner is None and view.spec.desired is Desired.RUNNING:
+        waiting = choose_host(snap, view)[1]
+    return {"name": view.spec.name, "level": int(view.spec.level), "host": where, "state": state,
+            "desired": view.spec.desired.value, "protected": prot.protected,
+            "protection": str(prot), "detail": (st.detail if st else waiting) or "",
+            "memory_mib": view.spec.memory_mib, "vcpus": view.spec.vcpus,
+            "macs": [n.mac for n in view.spec.nics], "home": view.home}
+
+
+def host_rows(snap: PoolSnapshot) -> list[dict[str, Any]]:
+    return [{"name": h.name, "state": "up", "memory_mib": h.memory_mib,
+             "memory_used_mib": snap.used_memory(h.name), "vcpus": h.vcpus,
+             "vcpus_used": snap.used_vcpus(h.name), "shared_storage": list(h.shared_storage),
+             "vms": sorted(v.spec.name for v in snap.vms.values() if v.owner and v.owner.host == h.name)}
+            for h in sorted(snap.hosts.values(), key=lambda h: h.name)]
+
+
+def status_data(snap: PoolSnapshot, urls: list[str], pool: str) -> dict[str, Any]:
+    return {"pool": pool, "quorum": {"reachable": True, "endpoints": urls, "revision": snap.revision},
+            "hosts": host_rows(snap),
+            "vms": [vm_row(snap, snap.vms[n]) for n in sorted(snap.vms)]}
+
+
+def cmd_status(args: Any) -> int:
+    urls, pool = endpoints(args)
+    try:
+        snap = with_store(args, lambda s: s.snapshot())
+    except CliError as e:
+        if is_json(args) and e.code == 5:
+            emit_json({"pool": pool, "quorum": {"reachable": False, "endpoints": urls, "error": str(e)}})
+        raise
+    data = status_data(snap, urls, pool)
+    if is_json(args):
+        emit_json(data)
+        return OK
+    console.print(f"[bold]Pool[/] {pool}   [bold]Quorum[/] [green]reachable[/] ({', '.join(urls)}, "
+                  f"revision {snap.revision})   [bold]Hosts up[/] {len(snap.hosts)}", highlight=False)
+    console.print(_hosts_table(data["hosts"]))
+    console.print(_vms_table(data["vms"]))
+    return OK
+
+
+def _hosts_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="Hosts", title_justify="left")
+    for col in ("Host", "State", "Memory", "vCPUs", "VMs"):
+        t.add_column(col)
+    for h in rows:
+        t.add_row(h["name"], f"[green]{h['state']}[/]", f"{h['memory_used_mib']}/{h['memory_mib']} MiB",
+                  f"{h['vcpus_used']}/{h['vcpus']}", ", ".join(h["vms"]) or "-")
+    return t
+
+
+def _vms_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(title="VMs", title_justify="left")
+    for col in ("VM", "Level", "Host", "State", "Protection", "Detail"):
+        t.add_column(col)
+    for v in rows:
+        colour = "green" if v["protected"] else "yellow"
+        t.add_row(v["name"], f"L{v['level']}", v["host"] or "-", v["state"],
+                  f"[{colour}]{v['protection']}[/]", v["detail"])
+    return t
+
+
+def cmd_host_list(args: Any) -> int:
+    snap = with_store(args, lambda s: s.snapshot())
+    rows = host_rows(snap)
+    if is_json(args):
+        emit_json(rows)
+    else:
+        console.print(_hosts_table(rows))
+    return OK
+
+
+# --- vm ------------------------------------------------------------------------------
+
+def default_mac(name: str) -> str:
+    h = hashlib.sha1(name.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
+
+
+def spec_from_args(args: Any) -> VmSpec:
+    disks = []
+    for d in args.disk or []:
+        path, _, fmt = d.partition(",format=")
+        disks.append(DiskSpec(os.path.abspath(path), fmt or ("qcow2" if path.endswith(".qcow2") else "raw")))
+    macs = args.mac or [default_mac(args.name)]
+    for mac in macs:
+        problem = check_mac(mac)
+        if problem:
+            raise CliError(problem, BAD_INPUT)
+    nics = tuple(NicSpec(mac, args.ip if i == 0 else None) for i, mac in enumerate(macs))
+    kernel, initrd, append = args.kernel, args.initrd, args.append or ""
+    if args.demo_guest:
+        from ..guest.build import GuestBuildError, build_guest
+        try:
+            image = build_guest(log=lambda m: None)
+        except GuestBuildError as e:
+            raise CliError(f"demo guest: {e}", BAD_INPUT) from None
+        kernel, initrd, append = str(image.kernel), str(image.initrd), image.append
+    if args.level not in (0, 1):
+        raise CliError(f"level {args.level} is not available yet (0 or 1)", BAD_INPUT)
+    return VmSpec(name=args.name, level=Level(args.level), memory_mib=args.memory, vcpus=args.vcpus,
+                  disks=tuple(disks), nics=nics,
+                  boot=BootSpec(os.path.abspath(kernel) if kernel else None,
+                                os.path.abspath(initrd) if initrd else None, append),
+                  desired=Desired.RUNNING if args.start else Desired.STOPPED,
+                  preferred_host=args.host)
+
+
+def cmd_vm_add(args: Any) -> int:
+    spec = spec_from_args(args)
+
+    async def add(store: PoolStore) -> None:
+        snap = await store.snapshot()
+        problem = check_new_vm(spec, snap, os.path.isfile)
+        if problem:
+            raise CliError(problem, REFUSED if "already" in problem else BAD_INPUT)
+        if not await store.define_vm(spec):
+            raise CliError(f"VM {spec.name} already exists", REFUSED)
+
+    with_store(args, add)
+    if is_json(args):
+        emit_json({"added": spec.to_json()})
+    else:
+        console.print(f"VM {spec.name} added (level {int(spec.level)}, {spec.desired.value})")
+    if args.start and args.wait:
+        return _wait_state(args, spec.name, RunState.RUNNING)
+    return OK
+
+
+async def _get_view(store: PoolStore, name: str) -> tuple[PoolSnapshot, VmView]:
+    snap = await store.snapshot()
+    if name not in snap.vms:
+        raise CliError(f"unknown VM {name!r}", NOT_FOUND)
+    return snap, snap.vms[name]
+
+
+def _set_desired(args: Any, desired: Desired) -> int:
+    async def change(store: PoolStore) -> bool:
+        while True:
+            await _get_view(store, args.name)
+            spec, rev = await store.spec(args.name) or (None, 0)
+            if spec is None:
+                raise CliError(f"unknown VM {args.name!r}", NOT_FOUND)
+            if spec.desired is desired:
+                return False
+            if await store.update_spec(replace(spec, desired=desired), rev):
+                return True
+
+    changed = with_store(args, change)
+    if not is_json(args):
+        console.print(f"VM {args.name}: desired state {desired.value}" + ("" if changed else " (unchanged)"))
+    if args.wait:
+        return _wait_state(args, args.name, RunState.RUNNING if desired is Desired.RUNNING else None)
+    if is_json(args):
+        emit_json({"vm": args.name, "desired": desired.value, "changed": changed})
+    return OK
+
+
+def _wait_state(args: Any, name: str, want: RunState | None) -> int:
+    """Wait until the VM runs (want RUNNING) or is released (want None)."""
+    deadline = time.monotonic() + args.timeout
+
+    async def poll(store: PoolStore) -> VmView:
+        while True:
+            _, view = await _get_view(store, name)
+            done = (view.status is not None and view.status.state is want) if want else view.owner is None
+            if done or time.monotonic() > deadline:
+                return view
+            await asyncio.sleep(0.2)
+
+    view = with_store(args, poll)
+    ok = (view.status is not None and view.status.state is want) if want else view.owner is None
+    if is_json(args):
+        emit_json({"vm": name, "reached": ok, "host": view.owner.host if view.owner else None,
+                   "state": view.status.state.value if view.status else "stopped"})
+    if not ok:
+        raise CliError(f"VM {name} did not reach {want.value if want else 'stopped'} within "
+                       f"{args.timeout:g}s", 1)
+    if not is_json(args):
+        console.print(f"VM {name} is {'running on ' + view.owner.host if view.owner else 'stopped'}")
+    return OK
+
+
+def cmd_vm_start(args: Any) -> int:
+    return _set_desired(args, Desired.RUNNING)
+
+
+def cmd_vm_stop(args: Any) -> int:
+    return _set_desired(args, Desired.STOPPED)
+
+
+def cmd_vm_remove(args: Any) -> int:
+    async def remove(store: PoolStore) -> None:
+        _, view = await _get_view(store, args.name)
+        if view.owner is not None or view.spec.desired is Desired.RUNNING:
+            raise CliError(f"VM {args.name} is not stopped: run `ftvm vm stop {args.name} --wait` first",
+                           REFUSED)
+        got = await store.spec(args.name)
+        if got is None or not await store.remove_vm(args.name, got[1]):
+            raise CliError(f"VM {args.name} changed while being removed; nothing removed", REFUSED)
+
+    with_store(args, remove)
+    if is_json(args):
+        emit_json({"removed": args.name})
+    else:
+        console.print(f"VM {args.name} removed (its disk images are kept)")
+    return OK
+
+
+def cmd_vm_show(args: Any) -> int:
+    snap, view = with_store(args, lambda s: _get_view(s, args.name))
+    data = vm_row(snap, view) | {"spec": view.spec.to_json(),
+                                 "status": view.status.to_json() if view.status else None,
+                                 "fencing_token": view.owner.token if view.owner else None}
+    if is_json(args):
+        emit_json(data)
+        return OK
+    t = Table(show_header=False, title=f"VM {args.name}", title_justify="left")
+    for k in ("level", "desired", "state", "host", "home", "protection", "detail", "memory_mib", "vcpus",
+              "macs", "fencing_token"):
+        t.add_row(k, str(data[k]))
+    for d in view.spec.disks:
+        t.add_row("disk", f"{d.path} ({d.format})")
+    console.print(t)
+    return OK
+
+
+def cmd_vm_list(args: Any) -> int:
+    snap = with_store(args, lambda s: s.snapshot())
+    rows = [vm_row(snap, snap.vms[n]) for n in sorted(snap.vms)]
+    if is_json(args):
+        emit_json(rows)
+    else:
+        console.print(_vms_table(rows))
+    return OK
+
+
+# --- events --------------------------------------------------------------------------
+
+def cmd_events(args: Any) -> int:
+    async def show(store: PoolStore) -> None:
+        events, rev = await store.events(limit=args.limit)
+        _print_events(args, events)
+        while args.follow:
+            await asyncio.sleep(0.5)
+            events, new_rev = await store.events(limit=10_000, since_revision=rev)
+            rev = max(rev, new_rev)
+            _print_events(args, events)
+
+    if is_json(args) and not args.follow:
+        events, _ = with_store(args, lambda s: s.events(limit=args.limit))
+        emit_json([e.__dict__ for e in events])
+        return OK
+    with_store(args, show)
+    return OK
+
+
+def _print_events(args: Any, events: list[Event]) -> None:
+    for e in events:
+        if is_json(args):
+            import json
+            print(json.dumps(e.__dict__), flush=True)
+        else:
+            console.print(str(e), highlight=False, soft_wrap=True)

@@ -1,0 +1,148 @@
+"""The reconcile decision: pool snapshot + what this host runs -> what to do, and why.
+
+Pure: no clock, no I/O. The agent executes the decisions; the event log, the
+CLI and the tests read the same `TickReport`.
+
+Level 0/1 state machine of one VM, seen from one host (docs/architecture.md):
+
+    unowned --claim--> owned(me) --start--> running --stop--> stopped --release--> unowned
+       ^                  |                   |
+       |            owner lease expires   QEMU exits unasked -> start again
+       +------------------+ (host lost: a survivor claims; level 0 waits for its home host)
+
+Safety rules, checked before anything else:
+  * a VM runs here only while this host owns it with the same fencing token;
+  * otherwise it is killed at once, never stopped gracefully (never two copies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .model import Desired, Level, LocalView, PoolSnapshot, RunState, VmView
+
+ACTIVE_STATES = (RunState.STARTING, RunState.RUNNING, RunState.STOPPING)
+
+
+class Action(str, Enum):
+    CLAIM = "claim"      # take ownership in a transaction (fails if someone else won)
+    START = "start"      # start QEMU under the fencing token
+    STOP = "stop"        # graceful shutdown, then release
+    RELEASE = "release"  # delete the owner key after QEMU is gone
+    KILL = "kill"        # SIGKILL now: running without valid ownership
+    WAIT = "wait"        # nothing to do
+
+
+@dataclass(frozen=True)
+class Decision:
+    vm: str
+    action: Action
+    reason: str
+    token: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.vm}: {self.action.value} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class TickReport:
+    host: str
+    revision: int
+    decisions: tuple[Decision, ...]
+
+    def actions(self) -> list[Decision]:
+        """The decisions that change something."""
+        return [d for d in self.decisions if d.action is not Action.WAIT]
+
+    def summary(self) -> str:
+        acts = self.actions()
+        if not acts:
+            return f"{self.host}@{self.revision}: nothing to do"
+        return f"{self.host}@{self.revision}: " + "; ".join(str(d) for d in acts)
+
+
+def decide(snapshot: PoolSnapshot, local: LocalView) -> TickReport:
+    me = local.host
+    names = sorted(set(snapshot.vms) | set(local.vms))
+    decisions = []
+    for name in names:
+        view = snapshot.vms.get(name)
+        if view is None:
+            lv = local.vms[name]
+            if lv.state in ACTIVE_STATES:
+                decisions.append(Decision(name, Action.KILL, "VM no longer defined in the pool"))
+            continue
+        decisions.append(_decide_vm(snapshot, local, view))
+    return TickReport(host=me, revision=snapshot.revision, decisions=tuple(decisions))
+
+
+def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decision:
+    me, spec, owner = local.host, view.spec, view.owner
+    lv = local.vms.get(spec.name)
+    running_here = lv is not None and lv.state in ACTIVE_STATES
+
+    if owner is None:
+        if running_here:
+            return Decision(spec.name, Action.KILL, "running here without ownership (lease lost)")
+        if spec.desired is Desired.STOPPED:
+            return Decision(spec.name, Action.WAIT, "stopped")
+        target, why = choose_host(snapshot, view)
+        if target == me:
+            return Decision(spec.name, Action.CLAIM, why)
+        return Decision(spec.name, Action.WAIT, why)
+
+    if owner.host != me:
+        if running_here:
+            return Decision(spec.name, Action.KILL, f"owned by {owner.host}: never two copies")
+        return Decision(spec.name, Action.WAIT, f"runs on {owner.host}")
+
+    # This host owns the VM.
+    if running_here and lv is not None and lv.token != owner.token:
+        return Decision(spec.name, Action.KILL,
+                        f"fencing token {lv.token} is stale (owner token {owner.token})")
+    if spec.desired is Desired.RUNNING:
+        if running_here:
+            return Decision(spec.name, Action.WAIT, "running")
+        if lv is not None and lv.state is RunState.CRASHED:
+            why = f"QEMU exited unasked (code {lv.exit_code}); starting again"
+        elif view.home not in (None, me):
+            why = f"taking over from {view.home}"
+        else:
+            why = "owned here, not running"
+        return Decision(spec.name, Action.START, why, token=owner.token)
+    if running_here and lv is not None:
+        if lv.state is RunState.STOPPING:
+            return Decision(spec.name, Action.WAIT, "stopping")
+        return Decision(spec.name, Action.STOP, "desired state is stopped", token=owner.token)
+    return Decision(spec.name, Action.RELEASE, "stopped; releasing ownership", token=owner.token)
+
+
+def eligible_hosts(snapshot: PoolSnapshot, view: VmView) -> list[str]:
+    """Live hosts with room that can reach the VM's disks, best first
+    (most free memory, then name, so every agent computes the same order)."""
+    spec = view.spec
+    hosts = [h for h, info in snapshot.hosts.items()
+             if snapshot.has_room(h, spec) and (spec.level is Level.UNPROTECTED or info.can_reach(spec))]
+    return sorted(hosts, key=lambda h: (-(snapshot.hosts[h].memory_mib - snapshot.used_memory(h)), h))
+
+
+def choose_host(snapshot: PoolSnapshot, view: VmView) -> tuple[str | None, str]:
+    """Where an unowned VM that should run is to be started, and why."""
+    spec = view.spec
+    eligible = eligible_hosts(snapshot, view)
+    if view.home is None:
+        if spec.preferred_host in eligible:
+            return spec.preferred_host, f"first start on preferred host {spec.preferred_host}"
+        if spec.preferred_host and spec.preferred_host not in snapshot.hosts:
+            return None, f"preferred host {spec.preferred_host} is not up"
+        if eligible:
+            return eligible[0], f"first start on {eligible[0]} (most free memory)"
+        return None, f"no live host has room for {spec.memory_mib} MiB / {spec.vcpus} vCPU"
+    if view.home in eligible:
+        return view.home, f"starting on its home host {view.home}"
+    if spec.level is Level.UNPROTECTED:
+        return None, f"level 0: waits for its host {view.home}"
+    if eligible:
+        return eligible[0], f"host {view.home} lost; restarting on {eligible[0]}"
+    return None, f"host {view.home} lost and no live host can take it (room or shared storage)"

@@ -1,0 +1,192 @@
+"""The pool as the decision core sees it: immutable values, no I/O.
+
+A `PoolSnapshot` is read from the store at one etcd revision; the agent adds
+a `LocalView` of the QEMU processes it runs itself. Everything here converts
+to and from plain JSON so that the store, the CLI and the tests share it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, asdict
+from enum import Enum
+from typing import Any
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+class Level(int, Enum):
+    UNPROTECTED = 0
+    RESTART = 1
+
+
+class Desired(str, Enum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class RunState(str, Enum):
+    """What an agent reports about a VM it owns."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"  # QEMU exited without being asked to
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    path: str
+    format: str = "raw"
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    mac: str
+    ip: str | None = None  # "addr/prefix" handed to the demo guest; informative otherwise
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """Direct kernel boot (kernel + initrd) or, with kernel None, boot from the first disk."""
+
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = ""
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    name: str
+    level: Level
+    memory_mib: int
+    vcpus: int
+    disks: tuple[DiskSpec, ...]
+    nics: tuple[NicSpec, ...]
+    boot: BootSpec = BootSpec()
+    desired: Desired = Desired.STOPPED
+    preferred_host: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["level"] = int(self.level)
+        d["desired"] = self.desired.value
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "VmSpec":
+        return VmSpec(
+            name=d["name"],
+            level=Level(d["level"]),
+            memory_mib=int(d["memory_mib"]),
+            vcpus=int(d["vcpus"]),
+            disks=tuple(DiskSpec(**x) for x in d["disks"]),
+            nics=tuple(NicSpec(**x) for x in d["nics"]),
+            boot=BootSpec(**d.get("boot", {})),
+            desired=Desired(d.get("desired", "stopped")),
+            preferred_host=d.get("preferred_host"),
+        )
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """A live host: its record exists only while its lease does."""
+
+    name: str
+    memory_mib: int
+    vcpus: int
+    shared_storage: tuple[str, ...] = ()
+    lease_id: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shared_storage"] = list(self.shared_storage)
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "HostInfo":
+        return HostInfo(
+            name=d["name"], memory_mib=int(d["memory_mib"]), vcpus=int(d["vcpus"]),
+            shared_storage=tuple(d.get("shared_storage", ())), lease_id=int(d.get("lease_id", 0)),
+        )
+
+    def can_reach(self, spec: VmSpec) -> bool:
+        """Whether every disk of `spec` lies on storage this host shares."""
+        return all(any(_under(disk.path, root) for root in self.shared_storage) for disk in spec.disks)
+
+
+def _under(path: str, root: str) -> bool:
+    root = root.rstrip("/") + "/"
+    return path.startswith(root)
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Who may run a VM. `token` is the etcd create_revision of the owner key:
+    a fencing token, checked in every transaction the owner makes."""
+
+    host: str
+    token: int
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    host: str
+    state: RunState
+    token: int
+    since: float
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "VmStatus":
+        return VmStatus(host=d["host"], state=RunState(d["state"]), token=int(d["token"]),
+                        since=float(d["since"]), detail=d.get("detail", ""))
+
+
+@dataclass(frozen=True)
+class VmView:
+    spec: VmSpec
+    owner: Ownership | None = None
+    status: VmStatus | None = None
+    home: str | None = None  # last host that ran it (not lease-bound)
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    revision: int
+    hosts: dict[str, HostInfo]
+    vms: dict[str, VmView]
+
+    def used_memory(self, host: str) -> int:
+        return sum(v.spec.memory_mib for v in self.vms.values() if v.owner and v.owner.host == host)
+
+    def used_vcpus(self, host: str) -> int:
+        return sum(v.spec.vcpus for v in self.vms.values() if v.owner and v.owner.host == host)
+
+    def has_room(self, host: str, spec: VmSpec) -> bool:
+        info = self.hosts[host]
+        return (self.used_memory(host) + spec.memory_mib <= info.memory_mib
+                and self.used_vcpus(host) + spec.vcpus <= info.vcpus)
+
+
+@dataclass(frozen=True)
+class LocalVm:
+    """A QEMU process this agent runs."""
+
+    name: str
+    state: RunState
+    token: int
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class LocalView:
+    host: str
+    vms: dict[str, LocalVm] = field(default_factory=dict)

@@ -1,0 +1,66 @@
+"""Agent timings and the invariants that keep them safe.
+
+The host lease is the heart of fencing: etcd forgets a host `lease_ttl` after
+the last keepalive it received, and another host may then restart its VMs.
+The agent counts from when it *sent* that keepalive (earlier than etcd's
+receipt), and kills its VMs `self_fence_margin` before the lease can expire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+CLOCK_SLOP_S = 0.2  # scheduling delays between the guard noticing and the kill
+
+
+class TimingError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Timing:
+    tick: float = 0.5                  # reconcile period (events also wake the loop)
+    lease_ttl: float = 5.0             # host lease; detection time is at most this
+    keepalive_interval: float = 1.0    # how often the lease is renewed
+    etcd_timeout: float = 1.0          # per request to etcd
+    self_fence_margin: float = 1.5     # kill VMs this long before the lease can expire
+    fence_check: float = 0.05          # how often the fence guard looks at the deadline
+    kill_timeout: float = 0.5          # time allowed for a SIGKILLed QEMU to be gone
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Timing":
+        known = {f.name for f in fields(Timing)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TimingError(f"unknown timing setting(s): {', '.join(unknown)}")
+        try:
+            t = Timing(**{k: float(v) for k, v in d.items()})
+        except (TypeError, ValueError) as e:
+            raise TimingError(f"timing settings must be numbers: {e}") from None
+        t.check()
+        return t
+
+    def violations(self) -> list[str]:
+        out = [f"{f.name} must be > 0" for f in fields(self) if getattr(self, f.name) <= 0]
+        if out:
+            return out
+        renew_window = self.lease_ttl - self.self_fence_margin
+        if 2 * self.keepalive_interval + self.etcd_timeout > renew_window:
+            out.append(
+                f"2*keepalive_interval + etcd_timeout ({2 * self.keepalive_interval + self.etcd_timeout:g}s) "
+                f"must be <= lease_ttl - self_fence_margin ({renew_window:g}s): "
+                "one lost keepalive would fence a healthy host")
+        need = self.fence_check + self.kill_timeout + CLOCK_SLOP_S
+        if self.self_fence_margin < need:
+            out.append(
+                f"self_fence_margin ({self.self_fence_margin:g}s) must be >= fence_check + kill_timeout "
+                f"+ {CLOCK_SLOP_S}s ({need:g}s): VMs might outlive the lease")
+        if self.tick > self.lease_ttl / 2:
+            out.append(f"tick ({self.tick:g}s) must be <= lease_ttl/2 ({self.lease_ttl / 2:g}s)")
+        return out
+
+    def check(self) -> None:
+        problems = self.violations()
+        if problems:
+            raise TimingError("timing invariant broken: " + "; ".join(problems))

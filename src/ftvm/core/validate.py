@@ -1,0 +1,66 @@
+"""Checks on operator input, before anything is written. Each returns the first
+problem as one line naming it, or None. Pure: file existence is passed in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .model import MAC_RE, NAME_RE, Level, PoolSnapshot, VmSpec
+
+
+def check_mac(mac: str) -> str | None:
+    if not MAC_RE.match(mac):
+        return f"malformed MAC address {mac!r}: expected six lowercase hex pairs like 52:54:00:12:34:56"
+    if int(mac[:2], 16) & 1:
+        return f"MAC address {mac} is a multicast address"
+    return None
+
+
+def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[str], bool]) -> str | None:
+    if not NAME_RE.match(spec.name):
+        return f"invalid VM name {spec.name!r}: lowercase letters, digits and '-', starting with a letter"
+    if spec.name in snapshot.vms:
+        return f"VM {spec.name} already exists"
+    if spec.memory_mib < 16:
+        return f"memory {spec.memory_mib} MiB is too small (at least 16)"
+    if spec.vcpus < 1:
+        return "a VM needs at least one vCPU"
+    if not snapshot.hosts:
+        return "no live host in the pool: cannot check the VM fits anywhere"
+    biggest = max(h.memory_mib for h in snapshot.hosts.values())
+    if spec.memory_mib > biggest:
+        return f"memory {spec.memory_mib} MiB is larger than any host (largest: {biggest} MiB)"
+    most_cpus = max(h.vcpus for h in snapshot.hosts.values())
+    if spec.vcpus > most_cpus:
+        return f"{spec.vcpus} vCPUs is more than any host has ({most_cpus})"
+    if not spec.disks and not spec.boot.kernel:
+        return "a VM needs a disk or a kernel to boot"
+    for disk in spec.disks:
+        if not disk.path.startswith("/"):
+            return f"disk path {disk.path!r} must be absolute"
+        if not file_exists(disk.path):
+            return f"disk image {disk.path} does not exist"
+        if disk.format not in ("raw", "qcow2"):
+            return f"disk format {disk.format!r} is not raw or qcow2"
+    for label, path in (("kernel", spec.boot.kernel), ("initrd", spec.boot.initrd)):
+        if path is not None and not file_exists(path):
+            return f"{label} {path} does not exist"
+    if spec.boot.initrd and not spec.boot.kernel:
+        return "an initrd needs a kernel"
+    if spec.level is Level.RESTART:
+        for disk in spec.disks:
+            if not any(h.can_reach(VmSpec(spec.name, spec.level, 1, 1, (disk,), ()))
+                       for h in snapshot.hosts.values()):
+                roots = sorted({r for h in snapshot.hosts.values() for r in h.shared_storage})
+                return (f"level 1 restarts the VM on another host, so its disks must be on shared "
+                        f"storage; {disk.path} is not under {', '.join(roots) or 'any shared storage'}")
+    seen_macs = {nic.mac for v in snapshot.vms.values() for nic in v.spec.nics}
+    for nic in spec.nics:
+        problem = check_mac(nic.mac)
+        if problem:
+            return problem
+        if nic.mac in seen_macs:
+            return f"MAC address {nic.mac} is already used by another VM"
+    if spec.preferred_host is not None and spec.preferred_host not in snapshot.hosts:
+        return f"host {spec.preferred_host} is not a live host of the pool"
+    return None

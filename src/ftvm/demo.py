@@ -1,0 +1,118 @@
+"""`ftvm demo --level 1`: the Level 1 story, live in the terminal, in a fresh lab pool."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .cli.common import BAD_INPUT, FAILED, OK, CliError, console, emit_json, is_json
+from .cli.pool_cmds import _hosts_table, _vms_table, status_data
+from .guest.build import GuestBuildError, build_guest
+from .lab import lab as labmod
+from .lab.scenario import FailoverResult, LabPool, ScenarioError, ensure_root, level1_failover
+
+
+class LiveView:
+    """Steps so far plus the pool's status, refreshed from the store twice a second."""
+
+    def __init__(self, pool: LabPool | None) -> None:
+        self.pool = pool
+        self.steps: list[tuple[float, str]] = []
+        self.t0 = time.time()
+        self._status: Any = Text("starting…")
+        self._stop = threading.Event()
+
+    def step(self, message: str) -> None:
+        self.steps.append((time.time() - self.t0, message))
+
+    def poll(self) -> None:
+        while not self._stop.wait(0.5):
+            if self.pool is None:
+                continue
+            try:
+                data = status_data(self.pool.snapshot(), [self.pool.state.etcd_endpoint], labmod.POOL)
+                self._status = Group(_hosts_table(data["hosts"]), _vms_table(data["vms"]))
+            except Exception as e:  # keep the demo going while etcd is briefly away
+                self._status = Text(f"status unavailable: {e}")
+
+    def render(self) -> Group:
+        lines = Text()
+        for t, msg in self.steps[-12:]:
+            lines.append(f"{t:7.2f}s  ", style="dim")
+            lines.append(msg + "\n")
+        return Group(Panel(lines, title="ftvm demo: Level 1 restart"), self._status)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _summary_table(r: FailoverResult) -> Table:
+    t = Table(title="Summary", title_justify="left", show_header=False)
+    rows = [("VM moved", f"{r.failed_host} -> {r.new_host}"),
+            ("outage seen by the client", f"{r.outage_s:.2f} s"),
+            ("detection (power loss -> claim)", f"{r.detection_s:.2f} s (lease TTL {r.lease_ttl_s:g} s)"),
+            ("restart (claim -> first answer)", f"{r.restart_s:.2f} s"),
+            ("acknowledged records checked", str(r.acknowledged)),
+            ("acknowledged records lost", f"[{'green' if r.lost == 0 else 'red'}]{r.lost}[/]"),
+            ("most copies running at once", f"{r.max_copies} ({r.copy_samples} samples of /proc)")]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def cmd_demo(args: Any) -> int:
+    try:
+        ensure_root()
+        image = build_guest(log=lambda m: None if is_json(args) else console.print(m))
+    except (ScenarioError, GuestBuildError) as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    lab_dir = Path(args.lab_dir) if args.lab_dir else labmod.DEFAULT_DIR
+    if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
+        raise CliError("a lab is already up: the demo builds its own; run `ftvm lab down` first", BAD_INPUT)
+    view = LiveView(None)
+    poller = threading.Thread(target=view.poll, daemon=True)
+    result: FailoverResult | None = None
+    try:
+        with Live(view.render(), console=console, refresh_per_second=4, transient=False,
+                  get_renderable=view.render) if not is_json(args) else _NullLive():
+            view.step("bringing up a lab pool: 2 hosts, a LAN, a client, a quorum site (etcd)")
+            state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel))
+            view.pool = LabPool(state)
+            poller.start()
+            view.step(f"hosts {', '.join(state.hosts)} joined; quorum at {state.etcd_endpoint}")
+            result = level1_failover(view.pool, image, progress=view.step)
+            view.step(f"restoring {result.failed_host}")
+            labmod.restore_host(state, result.failed_host)
+            labmod.wait_for_hosts(state, state.hosts, 30)
+            time.sleep(1.0)
+    except (ScenarioError, labmod.LabError) as e:
+        raise CliError(f"demo failed: {e} (lab left up for inspection: `ftvm lab down` removes it)",
+                       FAILED) from None
+    finally:
+        view.stop()
+        if result is not None and not args.keep:
+            labmod.down(lab_dir)
+    assert result is not None
+    if is_json(args):
+        emit_json({k: v for k, v in result.to_json().items() if k != "events"})
+    else:
+        console.print(_summary_table(result))
+        if args.keep:
+            console.print("lab left up (--keep): try `ftvm status`, `ftvm events`; `ftvm lab down` ends it")
+    return OK if result.lost == 0 and result.max_copies <= 1 else FAILED
+
+
+class _NullLive:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,145 @@
+"""Build the demo guest: Debian cloud kernel + busybox initramfs + ledger service.
+
+The result is cached under a directory named by a hash of every input (kernel
+package version, busybox binary, ledger source, init script), so it is rebuilt
+only when one of them changes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+GUEST_SRC = Path(__file__).parent
+BUSYBOX = Path("/bin/busybox")
+# Load order follows each module's depends= line (the package has no modules.dep).
+VIRTIO_MODULES = [
+    "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
+    "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_blk",
+]
+
+
+class GuestBuildError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+    append: str  # kernel command line, without per-VM parts
+
+    def to_json(self) -> dict[str, str]:
+        return {"kernel": str(self.kernel), "initrd": str(self.initrd), "append": self.append}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FTVM_CACHE", "/var/cache/ftvm")) / "guest"
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GuestBuildError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
+def resolve_kernel_package() -> tuple[str, str]:
+    """(package, version) of the current Debian cloud kernel."""
+    out = _run(["apt-cache", "depends", "linux-image-cloud-amd64"])
+    pkgs = [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.strip().startswith("Depends:")]
+    pkgs = [p for p in pkgs if p.startswith("linux-image-") and p.endswith("-cloud-amd64")]
+    if not pkgs:
+        raise GuestBuildError("apt-cache knows no linux-image-*-cloud-amd64 (run apt-get update)")
+    pkg = pkgs[0]
+    policy = _run(["apt-cache", "policy", pkg])
+    version = next((ln.split(":", 1)[1].strip() for ln in policy.splitlines()
+                    if ln.strip().startswith("Candidate:")), "")
+    if not version or version == "(none)":
+        raise GuestBuildError(f"no installable version of {pkg}")
+    return pkg, version
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def input_digest(kernel_pkg: str, kernel_version: str) -> str:
+    h = hashlib.sha256()
+    for part in (kernel_pkg, kernel_version, _sha(BUSYBOX),
+                 _sha(GUEST_SRC / "ledger.c"), _sha(GUEST_SRC / "init.sh")):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _cpio_newc(root: Path) -> bytes:
+    """Pack a directory as a newc cpio archive (what the kernel unpacks)."""
+    out = _run_bytes(["sh", "-c", "find . -mindepth 1 | sort | cpio --quiet -o -H newc -R 0:0"], cwd=root)
+    return out
+
+
+def _run_bytes(cmd: list[str], cwd: Path) -> bytes:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True)
+    if proc.returncode != 0:
+        raise GuestBuildError(f"{' '.join(cmd)} failed: {proc.stderr.decode()[-500:]}")
+    return proc.stdout
+
+
+def build_guest(cache_dir: Path | None = None, log=print) -> GuestImage:
+    """Return the cached demo guest, building it first if any input changed."""
+    if not BUSYBOX.exists():
+        raise GuestBuildError("/bin/busybox missing: install busybox-static")
+    cache_dir = cache_dir or default_cache_dir()
+    pkg, version = resolve_kernel_package()
+    out = cache_dir / input_digest(pkg, version)
+    manifest = out / "manifest.json"
+    image = GuestImage(out / "vmlinuz", out / "initramfs.cpio.gz", "console=ttyS0 quiet panic=-1")
+    if manifest.exists():
+        return image
+    log(f"building demo guest ({pkg} {version}) in {out}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp_s:
+        tmp = Path(tmp_s)
+        _run(["apt-get", "download", f"{pkg}={version}"], cwd=tmp)
+        deb = next(tmp.glob("*.deb"))
+        _run(["dpkg-deb", "-x", str(deb), str(tmp / "kernel")])
+        vmlinuz = next((tmp / "kernel" / "boot").glob("vmlinuz-*"))
+        root = tmp / "root"
+        for d in ("bin", "dev", "proc", "sys", "lib/modules"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+        for name in VIRTIO_MODULES:
+            found = list((tmp / "kernel" / "lib" / "modules").rglob(f"{name}.ko"))
+            if not found:
+                raise GuestBuildError(f"kernel package {pkg} has no module {name}.ko")
+            shutil.copy2(found[0], root / "lib" / "modules" / f"{name}.ko")
+        _run(["gcc", "-static", "-O2", "-Wall", "-o", str(root / "bin" / "ledger"),
+              str(GUEST_SRC / "ledger.c")])
+        shutil.copy2(GUEST_SRC / "init.sh", root / "init")
+        os.chmod(root / "init", 0o755)
+        staged = tmp / "out"
+        staged.mkdir()
+        shutil.copy2(vmlinuz, staged / "vmlinuz")
+        (staged / "initramfs.cpio.gz").write_bytes(gzip.compress(_cpio_newc(root), 6))
+        (staged / "manifest.json").write_text(json.dumps(
+            {"kernel_package": pkg, "kernel_version": version, "modules": VIRTIO_MODULES}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)  # atomic: a half-built guest is never seen as cached
+    return image
+
+
+def make_ledger_disk(path: Path, size_mib: int = 64) -> None:
+    """Create a zeroed raw disk for the ledger (refuses to overwrite)."""
+    if path.exists():
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size_mib * 1024 * 1024)

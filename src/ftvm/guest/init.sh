@@ -1,0 +1,27 @@
+#!/bin/busybox sh
+# ftvm demo guest init: load virtio drivers, configure the NIC from the kernel
+# command line (ftvm.ip=ADDR/PREFIX), then run the ledger service forever.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+# Order follows each module's depends= (the package ships no modules.dep).
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
+         failover net_failover virtio_net virtio_blk; do
+    insmod /lib/modules/$m.ko || echo "ftvm-init: insmod $m failed"
+done
+IP=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in ftvm.ip=*) IP="${arg#ftvm.ip=}" ;; esac
+done
+ip link set lo up
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/class/net/eth0 ] && break; sleep 0.2; done
+ip link set eth0 up
+[ -n "$IP" ] && ip addr add "$IP" dev eth0
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
+echo "ftvm-init: network ${IP:-none}, starting ledger"
+while true; do
+    /bin/ledger /dev/vda 7000
+    echo "ftvm-init: ledger exited ($?), restarting"
+    sleep 1
+done

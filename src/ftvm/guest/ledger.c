@@ -1,0 +1,188 @@
+/*
+ * ftvm demo guest service: the "ledger".
+ *
+ * For every request line "W <payload>" received over TCP it appends one
+ * 512-byte record to the block device with O_DSYNC, and only then replies
+ * "OK <seq> <checksum>". A reply therefore means the record is durable on the
+ * virtual disk. At boot it resumes after the last valid record.
+ *
+ * Record n (n >= 1) lives in sector n:
+ *   0  magic "FTLG"        4  u32 version (1)
+ *   8  u64 seq             16 u32 payload length
+ *   20 u32 checksum (FNV-1a over the 512 bytes with this field zeroed)
+ *   24 payload (at most 480 bytes, zero padded)
+ * The Python reader is ftvm/guest/ledger_format.py: keep them in step.
+ *
+ * Other requests: "S" -> "SEQ <last>", "P" -> "PONG".
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define SECTOR 512
+#define MAX_PAYLOAD 480
+#define MAX_CLIENTS 64
+#define LINE_MAX_LEN 1024
+
+static int disk_fd;
+static uint64_t last_seq;
+static uint64_t capacity; /* records */
+
+static uint32_t fnv1a(const unsigned char *p, size_t n) {
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) { h ^= p[i]; h *= 16777619u; }
+    return h;
+}
+
+static int record_valid(const unsigned char *rec, uint64_t expect_seq) {
+    uint32_t version, len, sum;
+    uint64_t seq;
+    unsigned char copy[SECTOR];
+    if (memcmp(rec, "FTLG", 4) != 0) return 0;
+    memcpy(&version, rec + 4, 4);
+    memcpy(&seq, rec + 8, 8);
+    memcpy(&len, rec + 16, 4);
+    memcpy(&sum, rec + 20, 4);
+    if (version != 1 || seq != expect_seq || len > MAX_PAYLOAD) return 0;
+    memcpy(copy, rec, SECTOR);
+    memset(copy + 20, 0, 4);
+    return fnv1a(copy, SECTOR) == sum;
+}
+
+static void recover(void) {
+    unsigned char buf[SECTOR * 64];
+    uint64_t seq = 1;
+    off_t size = lseek(disk_fd, 0, SEEK_END);
+    capacity = size / SECTOR - 1;
+    for (;;) {
+        ssize_t n = pread(disk_fd, buf, sizeof buf, (off_t)seq * SECTOR);
+        if (n < SECTOR) break;
+        int i, done = 0;
+        for (i = 0; i < n / SECTOR; i++) {
+            if (!record_valid(buf + i * SECTOR, seq)) { done = 1; break; }
+            seq++;
+        }
+        if (done) break;
+    }
+    last_seq = seq - 1;
+}
+
+/* Returns the checksum, or 0 with errno set on failure. */
+static int append(const char *payload, size_t len, uint32_t *sum_out) {
+    unsigned char rec[SECTOR];
+    uint32_t version = 1, plen, sum;
+    uint64_t seq = last_seq + 1;
+    if (seq > capacity) { errno = ENOSPC; return -1; }
+    if (len > MAX_PAYLOAD) len = MAX_PAYLOAD;
+    plen = (uint32_t)len;
+    memset(rec, 0, SECTOR);
+    memcpy(rec, "FTLG", 4);
+    memcpy(rec + 4, &version, 4);
+    memcpy(rec + 8, &seq, 8);
+    memcpy(rec + 16, &plen, 4);
+    memcpy(rec + 24, payload, len);
+    sum = fnv1a(rec, SECTOR);
+    memcpy(rec + 20, &sum, 4);
+    if (pwrite(disk_fd, rec, SECTOR, (off_t)seq * SECTOR) != SECTOR) return -1;
+    last_seq = seq;
+    *sum_out = sum;
+    return 0;
+}
+
+struct client { int fd; size_t used; char buf[LINE_MAX_LEN]; };
+
+static void reply(int fd, const char *msg) {
+    size_t len = strlen(msg), off = 0;
+    while (off < len) {
+        ssize_t n = write(fd, msg + off, len - off);
+        if (n < 0) { if (errno == EINTR) continue; return; }
+        off += (size_t)n;
+    }
+}
+
+static void handle_line(int fd, char *line, size_t len) {
+    char out[128];
+    uint32_t sum;
+    if (len >= 1 && line[0] == 'W') {
+        const char *p = len >= 2 ? line + 2 : line + len;
+        size_t plen = len >= 2 ? len - 2 : 0;
+        if (append(p, plen, &sum) != 0) {
+            snprintf(out, sizeof out, "ERR %s\n", strerror(errno));
+        } else {
+            snprintf(out, sizeof out, "OK %llu %08x\n", (unsigned long long)last_seq, sum);
+        }
+    } else if (len >= 1 && line[0] == 'S') {
+        snprintf(out, sizeof out, "SEQ %llu\n", (unsigned long long)last_seq);
+    } else if (len >= 1 && line[0] == 'P') {
+        snprintf(out, sizeof out, "PONG\n");
+    } else {
+        snprintf(out, sizeof out, "ERR unknown request\n");
+    }
+    reply(fd, out);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 3) { fprintf(stderr, "usage: ledger DEVICE PORT\n"); return 2; }
+    disk_fd = open(argv[1], O_RDWR | O_DSYNC);
+    if (disk_fd < 0) { perror("open disk"); return 1; }
+    recover();
+    int lfd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[2])) };
+    if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(lfd, 64) != 0) {
+        perror("listen"); return 1;
+    }
+    printf("ftvm-ledger ready seq=%llu capacity=%llu\n",
+           (unsigned long long)last_seq, (unsigned long long)capacity);
+    fflush(stdout);
+
+    struct client clients[MAX_CLIENTS];
+    struct pollfd pfds[MAX_CLIENTS + 1];
+    int nclients = 0;
+    for (;;) {
+        pfds[0].fd = lfd; pfds[0].events = POLLIN;
+        for (int i = 0; i < nclients; i++) { pfds[i + 1].fd = clients[i].fd; pfds[i + 1].events = POLLIN; }
+        if (poll(pfds, nclients + 1, -1) < 0) { if (errno == EINTR) continue; return 1; }
+        for (int i = nclients - 1; i >= 0; i--) {
+            if (!(pfds[i + 1].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            struct client *c = &clients[i];
+            ssize_t n = read(c->fd, c->buf + c->used, sizeof c->buf - c->used);
+            if (n <= 0) {
+                close(c->fd);
+                clients[i] = clients[--nclients];
+                continue;
+            }
+            c->used += (size_t)n;
+            char *start = c->buf, *nl;
+            while ((nl = memchr(start, '\n', c->used - (size_t)(start - c->buf))) != NULL) {
+                *nl = 0;
+                size_t len = (size_t)(nl - start);
+                if (len && start[len - 1] == '\r') start[--len] = 0;
+                handle_line(c->fd, start, len);
+                start = nl + 1;
+            }
+            c->used -= (size_t)(start - c->buf);
+            memmove(c->buf, start, c->used);
+            if (c->used == sizeof c->buf) c->used = 0; /* overlong line: drop */
+        }
+        if (pfds[0].revents & POLLIN) {
+            int cfd = accept(lfd, NULL, NULL);
+            if (cfd >= 0) {
+                if (nclients == MAX_CLIENTS) { close(cfd); }
+                else {
+                    setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                    clients[nclients].fd = cfd; clients[nclients].used = 0; nclients++;
+                }
+            }
+        }
+    }
+}

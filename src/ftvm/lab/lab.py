@@ -1,0 +1,359 @@
+"""The lab: a whole ftvm pool on one machine, in network namespaces.
+
+State lives in <lab dir>/lab.json so that later commands (fail-host, down,
+status) act on the lab an earlier command built. `down` needs no state at
+all: it removes every ftvm-* namespace and what runs in it, so it also
+cleans up after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..core.timing import Timing
+from . import topology as topo
+
+DEFAULT_DIR = Path(os.environ.get("FTVM_LAB_DIR", "/var/lib/ftvm/lab"))
+POOL = "lab"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(args), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def ns_ip(ns: str, *args: str, check: bool = True) -> None:
+    sh("ip", "-n", ns, *args, check=check)
+
+
+def ns_pids(ns: str) -> list[int]:
+    out = sh("ip", "netns", "pids", ns, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def existing_namespaces() -> list[str]:
+    out = sh("ip", "netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(topo.PREFIX)]
+
+
+def kill_namespace_processes(ns: str) -> None:
+    """SIGKILL everything in a lab namespace (only ever our own processes) and wait."""
+    for _ in range(50):
+        pids = ns_pids(ns)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    raise LabError(f"processes in {ns} would not die: {ns_pids(ns)}")
+
+
+@dataclass
+class LabState:
+    dir: str
+    hosts: list[str]
+    timing: dict[str, float]
+    host_memory_mib: int
+    host_vcpus: int
+    failed: list[str] = field(default_factory=list)
+    partitions: list[list[str]] = field(default_factory=list)  # [host, "quorum"|"lan"|other host]
+    pids: dict[str, int] = field(default_factory=dict)          # etcd, agent-hN
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir) / "lab.json"
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.rename(self.path)
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"http://{topo.ETCD_ADDR}:{topo.ETCD_PORT}"
+
+    @property
+    def shared_dir(self) -> Path:
+        return Path(self.dir) / "shared"
+
+    def host_dir(self, host: str) -> Path:
+        return Path(self.dir) / host
+
+
+def load_state(lab_dir: Path = DEFAULT_DIR) -> LabState:
+    path = lab_dir / "lab.json"
+    if not path.exists():
+        raise LabError(f"no lab is up (no {path}); run: ftvm lab up")
+    return LabState(**json.loads(path.read_text()))
+
+
+# --- building --------------------------------------------------------------------
+
+def _veth(ns_a: str, if_a: str, ns_b: str | None, if_b: str) -> None:
+    """A veth pair with one end in each namespace (ns None = root namespace)."""
+    tmp_a, tmp_b = f"ftvt{os.getpid() % 10000}a", f"ftvt{os.getpid() % 10000}b"
+    sh("ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
+    sh("ip", "link", "set", tmp_a, "netns", ns_a, "name", if_a)
+    if ns_b is None:
+        sh("ip", "link", "set", tmp_b, "name", if_b)
+    else:
+        sh("ip", "link", "set", tmp_b, "netns", ns_b, "name", if_b)
+
+
+def _bridge(ns: str, name: str, addr: str | None = None) -> None:
+    ns_ip(ns, "link", "add", name, "type", "bridge")
+    # No STP and no forwarding delay: a port forwards the moment it is up.
+    ns_ip(ns, "link", "set", name, "type", "bridge", "forward_delay", "0", "stp_state", "0")
+    if addr:
+        ns_ip(ns, "addr", "add", addr, "dev", name)
+    ns_ip(ns, "link", "set", name, "up")
+
+
+def _new_ns(ns: str) -> None:
+    sh("ip", "netns", "add", ns)
+    ns_ip(ns, "link", "set", "lo", "up")
+
+
+def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
+       host_memory_mib: int = 2048, host_vcpus: int = 4, probe_kernel: str | None = None) -> LabState:
+    if not 2 <= n_hosts <= 4:
+        raise LabError("a lab has 2 to 4 hosts")
+    if existing_namespaces() or (lab_dir / "lab.json").exists():
+        raise LabError("a lab is already up (or left over): run `ftvm lab down` first")
+    for tool in ("ip", "etcd", "qemu-system-x86_64"):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool} not found: run the install step from the README")
+    timing = timing or Timing()
+    timing.check()
+    hosts = topo.host_names(n_hosts)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    state = LabState(dir=str(lab_dir), hosts=hosts, timing=asdict(timing),
+                     host_memory_mib=host_memory_mib, host_vcpus=host_vcpus)
+    state.save()
+    try:
+        _build_network(hosts)
+        state.shared_dir.mkdir(exist_ok=True)
+        _start_etcd(state)
+        for h in hosts:
+            _write_host_config(state, h, probe_kernel)
+            start_agent(state, h)
+        state.save()
+        wait_for_hosts(state, hosts, timeout=30)
+    except BaseException:
+        down(lab_dir)
+        raise
+    return state
+
+
+def _build_network(hosts: list[str]) -> None:
+    for ns in (topo.LAN_NS, topo.QUORUM_NS, topo.CLIENT_NS, *map(topo.host_ns, hosts)):
+        _new_ns(ns)
+    _bridge(topo.LAN_NS, "lan")
+    _bridge(topo.QUORUM_NS, "qbr", f"{topo.ETCD_ADDR}/24")
+    # management link: the CLI in the root namespace reaches etcd
+    _veth(topo.QUORUM_NS, "mgmt", None, topo.MGMT_IF)
+    ns_ip(topo.QUORUM_NS, "link", "set", "mgmt", "master", "qbr", "up")
+    sh("ip", "addr", "add", topo.MGMT_ADDR, "dev", topo.MGMT_IF)
+    sh("ip", "link", "set", topo.MGMT_IF, "up")
+    # client
+    _veth(topo.CLIENT_NS, "eth0", topo.LAN_NS, "client")
+    ns_ip(topo.LAN_NS, "link", "set", "client", "master", "lan", "up")
+    ns_ip(topo.CLIENT_NS, "addr", "add", topo.CLIENT_ADDR, "dev", "eth0")
+    ns_ip(topo.CLIENT_NS, "link", "set", "eth0", "up")
+    for h in hosts:
+        ns = topo.host_ns(h)
+        _bridge(ns, "br0", topo.host_lan_addr(h))
+        _veth(ns, "lan0", topo.LAN_NS, h)
+        ns_ip(ns, "link", "set", "lan0", "master", "br0", "up")
+        ns_ip(topo.LAN_NS, "link", "set", h, "master", "lan", "up")
+        _veth(ns, "q0", topo.QUORUM_NS, h)
+        ns_ip(ns, "addr", "add", topo.host_quorum_addr(h), "dev", "q0")
+        ns_ip(ns, "link", "set", "q0", "up")
+        ns_ip(topo.QUORUM_NS, "link", "set", h, "master", "qbr", "up")
+    for link in topo.a_links(hosts):
+        _veth(topo.host_ns(link.a), link.ifname(link.a), topo.host_ns(link.b), link.ifname(link.b))
+        for side in (link.a, link.b):
+            ns_ip(topo.host_ns(side), "addr", "add", link.addr(side), "dev", link.ifname(side))
+            ns_ip(topo.host_ns(side), "link", "set", link.ifname(side), "up")
+
+
+def _spawn(ns: str, cmd: list[str], log: Path) -> int:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, start_new_session=True)
+    return proc.pid  # `ip netns exec` execs the command: this is its PID
+
+
+def _start_etcd(state: LabState) -> None:
+    data = Path(state.dir) / "etcd"
+    url = state.etcd_endpoint
+    state.pids["etcd"] = _spawn(topo.QUORUM_NS, [
+        "etcd", "--name", "quorum", "--data-dir", str(data),
+        "--listen-client-urls", url, "--advertise-client-urls", url,
+        "--listen-peer-urls", "http://127.0.0.1:2380",
+        "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+        "--initial-cluster", "quorum=http://127.0.0.1:2380",
+        "--heartbeat-interval", "100", "--election-timeout", "1000"], Path(state.dir) / "etcd.log")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if b'"true"' in r.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise LabError(f"etcd did not become healthy; see {state.dir}/etcd.log")
+
+
+def _write_host_config(state: LabState, host: str, probe_kernel: str | None) -> None:
+    d = state.host_dir(host)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "local").mkdir(exist_ok=True)
+    lines = [
+        f'name = "{host}"', f'pool = "{POOL}"', f'etcd = ["{state.etcd_endpoint}"]',
+        f'state_dir = "{d / "state"}"', 'bridge = "br0"',
+        f"memory_mib = {state.host_memory_mib}", f"vcpus = {state.host_vcpus}",
+        f'shared_storage = ["{state.shared_dir}"]', 'accel = "auto"',
+    ]
+    if probe_kernel:
+        lines.append(f'probe_kernel = "{probe_kernel}"')
+    lines.append("[timing]")
+    lines += [f"{k} = {v}" for k, v in state.timing.items()]
+    (d / "host.toml").write_text("\n".join(lines) + "\n")
+
+
+def start_agent(state: LabState, host: str) -> None:
+    d = state.host_dir(host)
+    state.pids[f"agent-{host}"] = _spawn(
+        topo.host_ns(host), [sys.executable, "-m", "ftvm", "agent", "--config", str(d / "host.toml")],
+        d / "agent.log")
+
+
+def wait_for_hosts(state: LabState, hosts: list[str], timeout: float) -> None:
+    """Wait until each host's agent has registered in etcd."""
+    import asyncio
+
+    from ..store.etcd import EtcdClient
+    from ..store.pool import PoolStore
+
+    async def registered() -> set[str]:
+        async with EtcdClient([state.etcd_endpoint]) as c:
+            return set((await PoolStore(c, POOL).snapshot()).hosts)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if set(hosts) <= asyncio.run(registered()):
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise LabError(f"agents did not register within {timeout:g}s: see {state.dir}/hN/agent.log")
+
+
+# --- failures ----------------------------------------------------------------------
+
+def _host_links(state: LabState, host: str) -> list[tuple[str, str]]:
+    """(namespace, interface) of every far end of a host's links."""
+    ends = [(topo.LAN_NS, host), (topo.QUORUM_NS, host)]
+    for link in topo.a_links(state.hosts):
+        if host in (link.a, link.b):
+            other = link.b if host == link.a else link.a
+            ends.append((topo.host_ns(other), link.ifname(other)))
+    return ends
+
+
+def fail_host(state: LabState, host: str) -> float:
+    """Power loss: every process of the host SIGKILLed, its links down. Returns the time."""
+    _check_host(state, host)
+    if host in state.failed:
+        raise LabError(f"{host} has already failed")
+    for ns, ifname in _host_links(state, host):
+        ns_ip(ns, "link", "set", ifname, "down")
+    at = time.time()
+    kill_namespace_processes(topo.host_ns(host))
+    state.failed.append(host)
+    state.pids.pop(f"agent-{host}", None)
+    state.save()
+    return at
+
+
+def restore_host(state: LabState, host: str) -> None:
+    """Power back: links up, the agent starts again (as systemd would)."""
+    _check_host(state, host)
+    if host not in state.failed:
+        raise LabError(f"{host} has not failed")
+    for ns, ifname in _host_links(state, host):
+        ns_ip(ns, "link", "set", ifname, "up")
+    state.failed.remove(host)
+    start_agent(state, host)
+    state.save()
+
+
+def _path_end(state: LabState, host: str, target: str) -> tuple[str, str]:
+    if target == "quorum":
+        return topo.QUORUM_NS, host
+    if target == "lan":
+        return topo.LAN_NS, host
+    raise LabError(f"unknown path {target!r}: use quorum or lan")
+
+
+def partition(state: LabState, host: str, target: str) -> None:
+    """Cut one path of a host (its link to the quorum site or to the LAN)."""
+    _check_host(state, host)
+    ns, ifname = _path_end(state, host, target)
+    ns_ip(ns, "link", "set", ifname, "down")
+    if [host, target] not in state.partitions:
+        state.partitions.append([host, target])
+    state.save()
+
+
+def heal(state: LabState, host: str, target: str) -> None:
+    _check_host(state, host)
+    ns, ifname = _path_end(state, host, target)
+    ns_ip(ns, "link", "set", ifname, "up")
+    if [host, target] in state.partitions:
+        state.partitions.remove([host, target])
+    state.save()
+
+
+def _check_host(state: LabState, host: str) -> None:
+    if host not in state.hosts:
+        raise LabError(f"unknown host {host!r}: the lab has {', '.join(state.hosts)}")
+
+
+# --- teardown ----------------------------------------------------------------------
+
+def down(lab_dir: Path = DEFAULT_DIR) -> list[str]:
+    """Remove everything a lab made, with or without its state file. Returns what was removed."""
+    removed = []
+    for ns in existing_namespaces():
+        kill_namespace_processes(ns)
+        sh("ip", "netns", "del", ns, check=False)
+        removed.append(ns)
+    if Path(f"/sys/class/net/{topo.MGMT_IF}").exists():
+        sh("ip", "link", "del", topo.MGMT_IF, check=False)
+        removed.append(topo.MGMT_IF)
+    if lab_dir.exists():
+        shutil.rmtree(lab_dir)
+        removed.append(str(lab_dir))
+    return removed

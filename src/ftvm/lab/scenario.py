@@ -1,0 +1,223 @@
+"""Lab scenarios shared by the demo, the benchmark and the acceptance tests.
+
+`LabPool` wraps a running lab with the few operations scenarios need (define a
+ledger VM, wait for states, run the client); `level1_failover` is the Level 1
+story: client writing, the VM's host loses power, the VM restarts elsewhere,
+and the numbers are measured from outside ftvm (client log, /proc, the disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec
+from ..guest.build import GuestImage, build_guest, make_ledger_disk
+from ..guest.ledger_format import read_records
+from ..store.etcd import EtcdClient
+from ..store.pool import Event, PoolStore
+from . import lab as labmod
+from . import topology as topo
+from .client import Ack, read_log
+from .observer import CopyObserver
+
+Progress = Callable[[str], None]
+
+
+class ScenarioError(RuntimeError):
+    pass
+
+
+class LabPool:
+    """Synchronous helpers over a lab's store (each call opens its own short connection)."""
+
+    def __init__(self, state: labmod.LabState) -> None:
+        self.state = state
+
+    def _run(self, fn: Callable[[PoolStore], Any]) -> Any:
+        async def go() -> Any:
+            async with EtcdClient([self.state.etcd_endpoint], timeout=2.0) as c:
+                return await fn(PoolStore(c, labmod.POOL))
+        return asyncio.run(go())
+
+    def snapshot(self) -> PoolSnapshot:
+        return self._run(lambda s: s.snapshot())
+
+    def events(self, limit: int = 500) -> list[Event]:
+        return self._run(lambda s: s.events(limit=limit))[0]
+
+    def define_ledger_vm(self, name: str, index: int, level: Level, image: GuestImage,
+                         host: str | None = None, memory_mib: int = 256, start: bool = True) -> VmSpec:
+        disk = self.state.shared_dir / f"{name}.img"
+        make_ledger_disk(disk)
+        spec = VmSpec(name=name, level=level, memory_mib=memory_mib, vcpus=1,
+                      disks=(DiskSpec(str(disk)),),
+                      nics=(NicSpec(f"52:54:00:77:00:{index:02x}", topo.vm_addr(index)),),
+                      boot=BootSpec(str(image.kernel), str(image.initrd), image.append),
+                      desired=Desired.RUNNING if start else Desired.STOPPED, preferred_host=host)
+        if not self._run(lambda s: s.define_vm(spec)):
+            raise ScenarioError(f"VM {name} already defined")
+        return spec
+
+    def wait_running(self, name: str, timeout: float, not_on: str | None = None) -> str:
+        """Wait until the VM runs (on a host other than `not_on`); returns the host."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            view = self.snapshot().vms.get(name)
+            if (view and view.owner and view.status and view.status.state is RunState.RUNNING
+                    and view.owner.host != not_on):
+                return view.owner.host
+            time.sleep(0.1)
+        raise ScenarioError(f"VM {name} not running within {timeout:g}s")
+
+    def stop_and_remove(self, name: str, timeout: float = 30) -> None:
+        async def stop(store: PoolStore) -> None:
+            from dataclasses import replace
+            got = await store.spec(name)
+            if got is None:
+                return
+            spec, rev = got
+            await store.update_spec(replace(spec, desired=Desired.STOPPED), rev)
+            deadline = time.monotonic() + timeout
+            while (await store.snapshot()).vms[name].owner is not None:
+                if time.monotonic() > deadline:
+                    raise ScenarioError(f"VM {name} did not stop within {timeout:g}s")
+                await asyncio.sleep(0.1)
+            got = await store.spec(name)
+            assert got is not None
+            await store.remove_vm(name, got[1])
+        self._run(stop)
+
+    def wait_answering(self, ip: str, timeout: float) -> float:
+        """Wait until the ledger answers a ping from the client namespace; returns when."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            probe = subprocess.run(
+                ["ip", "netns", "exec", topo.CLIENT_NS, sys.executable, "-c",
+                 "import socket,sys; s=socket.create_connection((sys.argv[1],7000),timeout=1);"
+                 "s.settimeout(2); s.sendall(b'P\\n'); sys.exit(0 if s.recv(16).startswith(b'PONG') else 1)",
+                 ip], capture_output=True)
+            if probe.returncode == 0:
+                return time.time()
+            time.sleep(0.2)
+        raise ScenarioError(f"ledger at {ip} did not answer within {timeout:g}s")
+
+
+class LabClient:
+    """The ledger client running in the client namespace, logging to a file."""
+
+    def __init__(self, state: labmod.LabState, ip: str, name: str, interval: float = 0.02) -> None:
+        self.log = Path(state.dir) / f"client-{name}.jsonl"
+        self.log.unlink(missing_ok=True)
+        self.log.touch()
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", topo.CLIENT_NS, sys.executable, "-m", "ftvm.lab.client",
+             "--target", f"{ip}:7000", "--out", str(self.log), "--interval", str(interval),
+             "--prefix", name],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+
+    def acks(self) -> list[Ack]:
+        return read_log(self.log)[0]
+
+    def wait_acks(self, count: int, timeout: float, after: float = 0.0) -> list[Ack]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            acks = [a for a in self.acks() if a.t > after]
+            if len(acks) >= count:
+                return acks
+            time.sleep(0.05)
+        raise ScenarioError(f"client got fewer than {count} acknowledgements within {timeout:g}s")
+
+    def stop(self) -> list[Ack]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.acks()
+
+
+def check_acked_on_disk(image: Path, acks: list[Ack]) -> tuple[int, list[Ack]]:
+    """(records on disk, acknowledged records missing or different on disk)."""
+    records = {r.seq: r for r in read_records(image)}
+    lost = [a for a in acks if records.get(a.seq) is None or records[a.seq].payload != a.payload.encode()]
+    return len(records), lost
+
+
+@dataclass
+class FailoverResult:
+    vm: str
+    failed_host: str
+    new_host: str
+    lease_ttl_s: float
+    outage_s: float         # last ack before the failure -> first ack after (seen by the client)
+    detection_s: float      # power loss -> a survivor claimed the VM (its lease expired)
+    restart_s: float        # claim -> first ack from the restarted VM
+    acknowledged: int       # records the client saw acknowledged (all checked on disk)
+    lost: int               # acknowledged records missing from the disk (must be 0)
+    max_copies: int         # most QEMU copies of the VM seen at once, from /proc (must be 1)
+    copy_samples: int
+    events: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def level1_failover(pool: LabPool, image: GuestImage, name: str = "web", index: int = 0,
+                    progress: Progress = lambda m: None, client_interval: float = 0.02) -> FailoverResult:
+    """Start a Level 1 ledger VM, fail its host under load, measure the restart elsewhere.
+    Leaves the failed host down (the caller restores or tears down)."""
+    state = pool.state
+    ip = topo.vm_addr(index).split("/")[0]
+    live = [h for h in state.hosts if h not in state.failed]
+    progress(f"defining Level 1 VM {name} on {live[0]} (disk on shared storage)")
+    spec = pool.define_ledger_vm(name, index, Level.RESTART, image, host=live[0])
+    host = pool.wait_running(name, 60)
+    progress(f"VM {name} running on {host}; waiting for the ledger to answer")
+    pool.wait_answering(ip, 60)
+    with CopyObserver(name) as observer:
+        client = LabClient(state, ip, name, client_interval)
+        try:
+            client.wait_acks(40, 30)
+            progress(f"client writing to {ip}; now {host} loses power")
+            failed_at = labmod.fail_host(state, host)
+            state.save()
+            new_host = pool.wait_running(name, 60, not_on=host)
+            progress(f"VM {name} restarted on {new_host}; waiting for the client's next answer")
+            after = client.wait_acks(20, 60, after=failed_at)
+        finally:
+            acks = client.stop()
+    before = [a for a in acks if a.t <= failed_at]
+    if not before or not after:
+        raise ScenarioError("client log lacks acknowledgements around the failure")
+    first_after = min(a.t for a in acks if a.t > failed_at)
+    events = pool.events()
+    claims = [e for e in events if e.vm == name and e.kind == "claim" and e.time > failed_at]
+    if not claims:
+        raise ScenarioError("no claim event after the failure")
+    claim_at = claims[0].time
+    on_disk, lost = check_acked_on_disk(Path(spec.disks[0].path), acks)
+    progress(f"checked {len(acks)} acknowledged records against {on_disk} on disk: {len(lost)} lost")
+    return FailoverResult(
+        vm=name, failed_host=host, new_host=new_host, lease_ttl_s=state.timing["lease_ttl"],
+        outage_s=round(first_after - max(a.t for a in before), 3),
+        detection_s=round(claim_at - failed_at, 3), restart_s=round(first_after - claim_at, 3),
+        acknowledged=len(acks), lost=len(lost), max_copies=observer.max_copies,
+        copy_samples=observer.samples,
+        events=[str(e) for e in events if e.vm == name and e.time > failed_at - 1])
+
+
+def ensure_root() -> None:
+    if os.geteuid() != 0:
+        raise ScenarioError("the lab needs root (network namespaces, taps)")

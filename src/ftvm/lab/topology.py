@@ -1,0 +1,78 @@
+"""The lab's network plan (pure): namespaces, links and addresses.
+
+    ftvm-client --eth0----+                         +-- mgmt (root namespace: CLI)
+                          |                         |
+    ftvm-lan  [bridge lan]+--- hN/lan0 ---+     ftvm-quorum [bridge qbr] etcd @ 10.77.1.1
+                                          |         |
+    ftvm-hN  [bridge br0: VMs' taps, 10.77.0.1N] ---+ q0 (10.77.1.1N)
+             a1-hM / a2-hM: two A-links to each other host (10.78.x.N)
+
+Every host reaches the quorum site over its own link, so one path can be cut
+(`partition H --from quorum`) while the others stay up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "ftvm-"
+LAN_NS = PREFIX + "lan"
+QUORUM_NS = PREFIX + "quorum"
+CLIENT_NS = PREFIX + "client"
+MGMT_IF = "ftvm-mgmt"          # root-namespace end of the management link
+MGMT_ADDR = "10.77.1.254/24"
+ETCD_ADDR = "10.77.1.1"
+ETCD_PORT = 2379
+CLIENT_ADDR = "10.77.0.2/24"
+VM_SUBNET_FIRST = 100          # demo VMs get 10.77.0.100 and up
+A_LINKS_PER_PAIR = 2
+
+
+def host_names(n: int) -> list[str]:
+    return [f"h{i}" for i in range(1, n + 1)]
+
+
+def host_ns(host: str) -> str:
+    return PREFIX + host
+
+
+def host_index(host: str) -> int:
+    return int(host[1:])
+
+
+def host_lan_addr(host: str) -> str:
+    return f"10.77.0.{10 + host_index(host)}/24"
+
+
+def host_quorum_addr(host: str) -> str:
+    return f"10.77.1.{10 + host_index(host)}/24"
+
+
+def vm_addr(index: int) -> str:
+    return f"10.77.0.{VM_SUBNET_FIRST + index}/24"
+
+
+@dataclass(frozen=True)
+class ALink:
+    """One availability link between two hosts: veth `a{k}-{b}` in a, `a{k}-{a}` in b."""
+
+    a: str
+    b: str
+    k: int
+
+    @property
+    def subnet(self) -> int:
+        i, j = host_index(self.a), host_index(self.b)
+        return 10 * i + j + 100 * (self.k - 1)
+
+    def ifname(self, side: str) -> str:
+        other = self.b if side == self.a else self.a
+        return f"a{self.k}-{other}"
+
+    def addr(self, side: str) -> str:
+        return f"10.78.{self.subnet}.{host_index(side)}/24"
+
+
+def a_links(hosts: list[str]) -> list[ALink]:
+    return [ALink(a, b, k) for i, a in enumerate(hosts) for b in hosts[i + 1:]
+            for k in range(1, A_LINKS_PER_PAIR + 1)]

@@ -1,0 +1,67 @@
+"""Build the QEMU command line for a VM (pure: nothing is run here)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.model import VmSpec
+from .probe import Accel
+
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """Per-VM runtime files on the host running it."""
+
+    run_dir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def serial(self) -> Path:
+        return self.run_dir / "serial.log"
+
+
+def tap_name(vm: str) -> str:
+    """Interface names are limited to 15 bytes; keep short names readable."""
+    if len(vm) <= 12:
+        return f"ft-{vm}"
+    return "ft-" + hashlib.sha1(vm.encode()).hexdigest()[:12]
+
+
+def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str]) -> list[str]:
+    cmd = [
+        QEMU, "-name", f"guest={spec.name},process=ftvm-{spec.name}",
+        "-machine", "pc", "-accel", accel.accel, "-cpu", accel.cpu,
+        "-m", str(spec.memory_mib), "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+        "-chardev", f"file,id=ser0,path={paths.serial}", "-serial", "chardev:ser0",
+        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+    ]
+    if spec.boot.kernel:
+        append = spec.boot.append
+        ip = spec.nics[0].ip if spec.nics else None
+        if ip:
+            append = f"{append} ftvm.ip={ip}".strip()
+        cmd += ["-kernel", spec.boot.kernel]
+        if spec.boot.initrd:
+            cmd += ["-initrd", spec.boot.initrd]
+        cmd += ["-append", append]
+    for i, disk in enumerate(spec.disks):
+        # cache=none: a write the guest flushed is on the host's disk, not in its page cache.
+        cmd += ["-drive", f"if=none,id=disk{i},file={disk.path},format={disk.format},cache=none,aio=threads",
+                "-device", f"virtio-blk-pci,drive=disk{i}" + (",bootindex=0" if i == 0 else "")]
+    for i, (nic, tap) in enumerate(zip(spec.nics, taps)):
+        cmd += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off",
+                "-device", f"virtio-net-pci,netdev=net{i},mac={nic.mac},romfile="]
+    return cmd
+
+
+def tap_names(spec: VmSpec) -> list[str]:
+    base = tap_name(spec.name)
+    return [base if i == 0 else f"{base[:13]}{i}" for i in range(len(spec.nics))]

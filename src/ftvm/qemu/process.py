@@ -1,0 +1,186 @@
+"""Run one VM's QEMU: its tap devices, the process, and one long-lived QMP connection.
+
+QEMU is the agent's child and gets SIGKILL if the agent dies
+(PR_SET_PDEATHSIG): a VM never outlives the agent that fences it. The kill
+path uses a pidfd, so a recycled PID can never be hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from ..core.model import VmSpec
+from .cmdline import VmPaths, build_cmdline, tap_names
+from .probe import Accel
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class QemuError(RuntimeError):
+    pass
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise QemuError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def ensure_tap(tap: str, bridge: str) -> None:
+    """A persistent tap on the host bridge (recreated so no stale state survives)."""
+    if Path(f"/sys/class/net/{tap}").exists():
+        _ip("link", "del", tap)
+    _ip("tuntap", "add", "dev", tap, "mode", "tap")
+    _ip("link", "set", tap, "master", bridge, "up")
+
+
+def remove_tap(tap: str) -> None:
+    if Path(f"/sys/class/net/{tap}").exists():
+        subprocess.run(["ip", "link", "del", tap], capture_output=True)
+
+
+class QemuVm:
+    """One running QEMU. Create with `await QemuVm.start(...)`."""
+
+    def __init__(self, spec: VmSpec, paths: VmPaths, proc: asyncio.subprocess.Process,
+                 pidfd: int, taps: list[str]) -> None:
+        self.spec = spec
+        self.paths = paths
+        self.proc = proc
+        self.pid = proc.pid
+        self.pidfd = pidfd
+        self.taps = taps
+        self.qmp = QMPClient(spec.name)
+        self.started_at = time.time()
+        self.stop_requested = False
+        self._event_task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    async def start(spec: VmSpec, paths: VmPaths, accel: Accel, bridge: str,
+                    on_event: Callable[[str, dict[str, Any]], None] | None = None) -> "QemuVm":
+        for disk in spec.disks:
+            if not Path(disk.path).exists():
+                raise QemuError(f"disk image {disk.path} does not exist")
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        paths.qmp.unlink(missing_ok=True)
+        taps = tap_names(spec)
+        for tap in taps:
+            ensure_tap(tap, bridge)
+        cmd = build_cmdline(spec, paths, accel, taps)
+        log.info("starting %s: %s", spec.name, " ".join(cmd))
+        stderr = open(paths.run_dir / "qemu.log", "ab")
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+            preexec_fn=_die_with_parent, start_new_session=True)
+        stderr.close()
+        vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps)
+        try:
+            await vm._connect_qmp(timeout=10.0)
+        except Exception:
+            vm.kill()
+            await vm.wait()
+            raise
+        if on_event is not None:
+            vm._event_task = asyncio.create_task(vm._pump_events(on_event))
+        return vm
+
+    async def _connect_qmp(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.returncode is not None:
+                err = (self.paths.run_dir / "qemu.log").read_text(errors="replace").strip().splitlines()
+                raise QemuError(f"QEMU exited at start (code {self.proc.returncode}): "
+                                f"{err[-1] if err else 'no output'}")
+            if self.paths.qmp.exists():
+                try:
+                    await self.qmp.connect(str(self.paths.qmp))
+                    return
+                except Exception as e:  # qemu.qmp raises ConnectError wrapping OSError
+                    if time.monotonic() > deadline:
+                        raise QemuError(f"QMP connect failed: {e}") from e
+            if time.monotonic() > deadline:
+                raise QemuError("QMP socket did not appear")
+            await asyncio.sleep(0.02)
+
+    async def _pump_events(self, on_event: Callable[[str, dict[str, Any]], None]) -> None:
+        try:
+            async for event in self.qmp.events:
+                on_event(event["event"], event.get("data", {}))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # connection gone: the process watcher reports the exit
+            pass
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.qmp.execute(cmd, args)
+
+    async def announce(self) -> None:
+        """Tell the LAN where the VM's MACs now live (gratuitous RARP from QEMU)."""
+        await self.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def kill(self) -> None:
+        """SIGKILL through the pidfd (never a recycled PID)."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    async def wait(self) -> int:
+        code = await self.proc.wait()
+        await self._cleanup()
+        return code
+
+    async def stop(self, grace: float) -> int:
+        """Ask the guest to power off; after `grace` seconds, quit QEMU; then kill."""
+        self.stop_requested = True
+        try:
+            if grace > 0:
+                await self.execute("system_powerdown")
+                try:
+                    return await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
+                except asyncio.TimeoutError:
+                    pass
+            await asyncio.wait_for(self.execute("quit"), 2.0)
+        except Exception:
+            pass
+        try:
+            await asyncio.wait_for(asyncio.shield(self.proc.wait()), 5.0)
+        except asyncio.TimeoutError:
+            self.kill()
+        return await self.wait()
+
+    async def _cleanup(self) -> None:
+        if self._event_task:
+            self._event_task.cancel()
+        try:
+            await self.qmp.disconnect()
+        except Exception:
+            pass
+        for tap in self.taps:
+            remove_tap(tap)
+        try:
+            os.close(self.pidfd)
+        except OSError:
+            pass
+        self.pidfd = -1

@@ -1,0 +1,165 @@
+"""The store contract: every piece of cluster state ftvm keeps in etcd.
+
+Key layout under /ftvm/<pool>/ (values are JSON):
+
+    state/hosts/<host>        HostInfo    lease: the host's lease (present = host alive)
+    state/vms/<vm>/spec       VmSpec      no lease; created and changed by compare-and-set
+    state/vms/<vm>/owner      {host}      lease: the owner host's lease. Its create_revision
+                                          is the VM's FENCING TOKEN
+    state/vms/<vm>/status     VmStatus    lease: the owner's; written only while the writer
+                                          still owns the VM with the same token
+    state/vms/<vm>/home       {host}      no lease; the host that last claimed the VM
+    events/<time>-<host>-<n>  Event       no lease; trimmed to the newest MAX_EVENTS
+
+What must be atomic (each is one etcd transaction):
+  * claim:   owner absent AND claimer's host key present -> put owner (claimer's lease) + home.
+             A host whose lease expired cannot claim; two claimers cannot both win.
+  * status, release: only if owner.create_revision == token (a stale owner changes nothing).
+  * define:  spec absent -> put spec.   remove: spec unchanged AND owner absent -> delete.
+  * register host: host key absent (or held by our own lease) -> put with our lease.
+
+What is lease-bound: host keys, owner keys, status keys. When a host's lease
+expires, etcd deletes all three at once; that deletion is what lets another
+host claim the VM. The owner self-fences before that moment (core/timing.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..core.model import HostInfo, Ownership, PoolSnapshot, VmSpec, VmStatus, VmView
+from .etcd import EtcdClient, absent, created_at, modified_at, present, put_json, Delete, Put
+
+MAX_EVENTS = 5000
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float
+    host: str
+    vm: str
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.time)) + f".{int(self.time * 1000) % 1000:03d}"
+        return f"{stamp} {self.host:<6} {self.vm or '-':<10} {self.kind:<10} {self.message}"
+
+
+class PoolStore:
+    def __init__(self, client: EtcdClient, pool: str) -> None:
+        self.etcd = client
+        self.pool = pool
+        self.root = f"/ftvm/{pool}/"
+        self.state = self.root + "state/"
+        self._seq = itertools.count()
+
+    # --- keys --------------------------------------------------------------------
+    def host_key(self, host: str) -> str:
+        return f"{self.state}hosts/{host}"
+
+    def vm_key(self, vm: str, part: str) -> str:
+        return f"{self.state}vms/{vm}/{part}"
+
+    # --- reading -----------------------------------------------------------------
+    async def snapshot(self) -> PoolSnapshot:
+        """The whole pool state at one revision."""
+        kvs, revision = await self.etcd.get_prefix(self.state)
+        hosts: dict[str, HostInfo] = {}
+        parts: dict[str, dict[str, Any]] = {}
+        for kv in kvs:
+            rest = kv.key[len(self.state):].split("/")
+            if rest[0] == "hosts" and len(rest) == 2:
+                hosts[rest[1]] = HostInfo.from_json(kv.json())
+            elif rest[0] == "vms" and len(rest) == 3:
+                parts.setdefault(rest[1], {})[rest[2]] = kv
+        vms: dict[str, VmView] = {}
+        for name, p in parts.items():
+            if "spec" not in p:
+                continue  # leftovers of a VM being removed
+            owner = p.get("owner")
+            vms[name] = VmView(
+                spec=VmSpec.from_json(p["spec"].json()),
+                owner=Ownership(owner.json()["host"], owner.create_revision) if owner else None,
+                status=VmStatus.from_json(p["status"].json()) if "status" in p else None,
+                home=p["home"].json()["host"] if "home" in p else None,
+            )
+        return PoolSnapshot(revision=revision, hosts=hosts, vms=vms)
+
+    async def spec(self, vm: str) -> tuple[VmSpec, int] | None:
+        kv = await self.etcd.get(self.vm_key(vm, "spec"))
+        return (VmSpec.from_json(kv.json()), kv.mod_revision) if kv else None
+
+    # --- hosts -------------------------------------------------------------------
+    async def register_host(self, info: HostInfo, lease: int) -> bool:
+        """Publish a live host under its lease. False if another live agent already uses the name."""
+        key = self.host_key(info.name)
+        r = await self.etcd.txn([absent(key)], [put_json(key, info.to_json(), lease)])
+        if r.succeeded:
+            return True
+        kv = await self.etcd.get(key)
+        if kv is not None and kv.lease == lease:
+            await self.etcd.put(key, json.dumps(info.to_json()).encode(), lease)
+            return True
+        return False
+
+    # --- ownership (the fencing protocol) ----------------------------------------
+    async def claim(self, vm: str, host: str, lease: int) -> int | None:
+        """Take ownership of an unowned VM. Returns the fencing token, or None if we lost."""
+        owner = self.vm_key(vm, "owner")
+        r = await self.etcd.txn(
+            [absent(owner), present(self.host_key(host)), present(self.vm_key(vm, "spec"))],
+            [put_json(owner, {"host": host}, lease), put_json(self.vm_key(vm, "home"), {"host": host})])
+        return r.revision if r.succeeded else None
+
+    async def report_status(self, vm: str, status: VmStatus, lease: int) -> bool:
+        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), status.token)],
+                                [put_json(self.vm_key(vm, "status"), status.to_json(), lease)])
+        return r.succeeded
+
+    async def release(self, vm: str, token: int) -> bool:
+        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token)],
+                                [Delete(self.vm_key(vm, "owner")), Delete(self.vm_key(vm, "status"))])
+        return r.succeeded
+
+    # --- VM definitions ----------------------------------------------------------
+    async def define_vm(self, spec: VmSpec) -> bool:
+        key = self.vm_key(spec.name, "spec")
+        r = await self.etcd.txn([absent(key)], [put_json(key, spec.to_json())])
+        return r.succeeded
+
+    async def update_spec(self, spec: VmSpec, expected_revision: int) -> bool:
+        key = self.vm_key(spec.name, "spec")
+        r = await self.etcd.txn([modified_at(key, expected_revision)], [put_json(key, spec.to_json())])
+        return r.succeeded
+
+    async def remove_vm(self, vm: str, expected_revision: int) -> bool:
+        """Delete a VM definition; only if unchanged and nobody owns (runs) it."""
+        r = await self.etcd.txn(
+            [modified_at(self.vm_key(vm, "spec"), expected_revision), absent(self.vm_key(vm, "owner"))],
+            [Delete(f"{self.state}vms/{vm}/", prefix=True)])
+        return r.succeeded
+
+    # --- events ------------------------------------------------------------------
+    async def add_event(self, event: Event) -> None:
+        key = f"{self.root}events/{int(event.time * 1e6):020d}-{event.host}-{next(self._seq)}"
+        await self.etcd.put(key, json.dumps(asdict(event)).encode())
+
+    async def events(self, limit: int = 50, since_revision: int = 0) -> tuple[list[Event], int]:
+        kvs, revision = await self.etcd.get_prefix(self.root + "events/")
+        kvs = [kv for kv in kvs if kv.mod_revision > since_revision]
+        return [Event(**kv.json()) for kv in kvs[-limit:]], revision
+
+    async def trim_events(self) -> int:
+        kvs, _ = await self.etcd.get_prefix(self.root + "events/")
+        old = kvs[:-MAX_EVENTS] if len(kvs) > MAX_EVENTS else []
+        for kv in old:
+            await self.etcd.delete(kv.key)
+        return len(old)
+
+
+__all__ = ["PoolStore", "Event", "Put", "MAX_EVENTS"]
