@@ -15,18 +15,20 @@ Safety lives in three places:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..core.decide import Action, Decision, TickReport, decide
 from ..core.model import HostInfo, LocalView, LocalVm, PoolSnapshot, RunState, VmStatus
 from ..qemu.cmdline import VmPaths
 from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuError, QemuVm
-from ..store.etcd import EtcdClient, EtcdError, EtcdUnavailable
+from ..store.etcd import EtcdClient, EtcdError
 from ..store.pool import Event, PoolStore
 from .config import AgentConfig
 from .fence import FenceGuard
@@ -50,6 +52,12 @@ class LocalRecord:
     detail: str = ""
     reported: VmStatus | None = None
     since: float = field(default_factory=time.time)
+    failures: int = 0       # consecutive starts that failed or died young
+    retry_at: float = 0.0   # monotonic time before which no new start is tried
+
+
+START_BACKOFF_MAX = 30.0
+HEALTHY_RUN_S = 30.0  # a run this long resets the failure count
 
 
 class Agent:
@@ -76,7 +84,20 @@ class Agent:
         return HostInfo(name=self.cfg.name, memory_mib=self.cfg.memory_mib, vcpus=self.cfg.vcpus,
                         shared_storage=self.cfg.shared_storage, lease_id=self.lease)
 
+    @property
+    def _lease_file(self) -> Path:
+        return self.cfg.state_dir / "lease.json"
+
     async def _acquire_lease(self) -> None:
+        """Grant a lease and publish this host under it. A previous lease of this same agent
+        (recorded in state_dir) is revoked first: its VMs died with it (PDEATHSIG)."""
+        try:
+            old = json.loads(self._lease_file.read_text())["lease"]
+        except (OSError, ValueError, KeyError):
+            old = 0
+        kv = await self.etcd.get(self.store.host_key(self.cfg.name))
+        if kv is not None and old and kv.lease == old:
+            await self.etcd.lease_revoke(old)
         lease, ttl = await self.etcd.lease_grant(self.t.lease_ttl)
         sent = time.monotonic()
         if not await self.store.register_host(HostInfo(
@@ -84,18 +105,26 @@ class Agent:
                 shared_storage=self.cfg.shared_storage, lease_id=lease), lease):
             await self.etcd.lease_revoke(lease)
             raise AgentStartError(f"another agent is live as host {self.cfg.name} in pool {self.cfg.pool}")
+        self._lease_file.write_text(json.dumps({"lease": lease}))
         self.lease, self.lease_ttl = lease, ttl
         self.guard.arm(sent + ttl - self.t.self_fence_margin)
+
+    async def _join(self) -> None:
+        """Acquire the host lease, retrying until the quorum service answers."""
+        while True:
+            try:
+                await self._acquire_lease()
+                return
+            except (EtcdError, AgentStartError) as e:
+                log.error("cannot join the pool yet: %s; retrying", e)
+                await asyncio.sleep(max(1.0, self.t.keepalive_interval))
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.accel = await asyncio.to_thread(choose_accel, self.cfg.accel, self.cfg.probe_kernel)
         log.info("accelerator: %s (%s)", self.accel.accel, self.accel.reason)
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            await self._acquire_lease()
-        except EtcdUnavailable as e:
-            raise AgentStartError(f"cannot reach the quorum service: {e}") from None
+        await self._join()
         self.guard.start()
         self.event("", "agent", f"agent up (lease {self.lease:x}, ttl {self.lease_ttl}s, "
                                 f"accel {self.accel.accel})")
@@ -150,12 +179,7 @@ class Agent:
                 self.guard.disarm()
                 self.event("", "fence", "host lease expired: all VMs killed before any other host "
                                         "could start them")
-                try:
-                    await self._acquire_lease()
-                except (EtcdError, AgentStartError) as e:
-                    log.error("rejoin failed: %s", e)
-                    await asyncio.sleep(self.t.keepalive_interval)
-                    continue
+                await self._join()
                 self.wake.set()
             else:
                 self.guard.arm(sent + self.lease_ttl - self.t.self_fence_margin)
@@ -235,7 +259,10 @@ class Agent:
                 self.wake.set()
         elif d.action is Action.START:
             assert d.token is not None
-            await self._start(d, snapshot)
+            prev = self.vms.get(d.vm)
+            if prev is not None and time.monotonic() < prev.retry_at:
+                return  # backing off after failed starts
+            await self._start(d, snapshot, prev.failures if prev else 0)
         elif d.action is Action.STOP:
             rec = self.vms[d.vm]
             rec.state = RunState.STOPPING
@@ -248,7 +275,7 @@ class Agent:
                 self.vms.pop(d.vm, None)
                 self.event(d.vm, "release", d.reason)
 
-    async def _start(self, d: Decision, snapshot: PoolSnapshot) -> None:
+    async def _start(self, d: Decision, snapshot: PoolSnapshot, failures: int) -> None:
         spec = snapshot.vms[d.vm].spec
         token = d.token
         assert token is not None and self.accel is not None
@@ -257,14 +284,16 @@ class Agent:
         if not self.guard.may_run() or not await self.store.report_status(d.vm, starting, self.lease):
             log.warning("%s: not starting, ownership token %s no longer valid", d.vm, token)
             return
-        rec = LocalRecord(d.vm, token, RunState.STARTING, reported=starting)
+        rec = LocalRecord(d.vm, token, RunState.STARTING, reported=starting, failures=failures)
         self.vms[d.vm] = rec
         paths = VmPaths(self.cfg.state_dir / "vms" / d.vm)
         try:
             qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge)
         except (QemuError, OSError) as e:
             rec.state, rec.detail, rec.exit_code = RunState.CRASHED, str(e), None
-            self.event(d.vm, "error", f"start failed: {e}")
+            self._back_off(rec)
+            self.event(d.vm, "error", f"start failed: {e}; next try in "
+                                      f"{rec.retry_at - time.monotonic():.1f}s")
             return
         rec.qemu = qemu
         self.guard.register(d.vm, qemu.pidfd)
@@ -290,8 +319,17 @@ class Agent:
             rec.state = RunState.CRASHED
             why = rec.detail if rec.detail == "self-fenced" else f"QEMU exited unasked (code {code})"
             rec.detail = why
+            if time.time() - qemu.started_at < HEALTHY_RUN_S:
+                self._back_off(rec)
+            else:
+                rec.failures = 0
             self.event(rec.name, "exit", why)
         self.wake.set()
+
+    @staticmethod
+    def _back_off(rec: LocalRecord) -> None:
+        rec.retry_at = time.monotonic() + min(START_BACKOFF_MAX, 0.5 * 2 ** rec.failures)
+        rec.failures += 1
 
     async def _report_status(self, snapshot: PoolSnapshot) -> None:
         for name, rec in self.vms.items():

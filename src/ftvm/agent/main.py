@@ -14,6 +14,7 @@ def run_agent(config_path: Path, verbose: bool = False) -> int:
     """Exit codes: 0 stopped cleanly, 2 bad config, 5 quorum unreachable or name taken."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         cfg = load_config(config_path)
     except ConfigError as e:

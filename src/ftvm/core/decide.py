@@ -104,7 +104,7 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decisi
     if spec.desired is Desired.RUNNING:
         if running_here:
             return Decision(spec.name, Action.WAIT, "running")
-        if lv is not None and lv.state is RunState.CRASHED:
+        if lv is not None and lv.state is RunState.CRASHED and lv.token == owner.token:
             why = f"QEMU exited unasked (code {lv.exit_code}); starting again"
         elif view.home not in (None, me):
             why = f"taking over from {view.home}"

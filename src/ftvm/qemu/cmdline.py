@@ -55,7 +55,8 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str]) -
     for i, disk in enumerate(spec.disks):
         # cache=none: a write the guest flushed is on the host's disk, not in its page cache.
         cmd += ["-drive", f"if=none,id=disk{i},file={disk.path},format={disk.format},cache=none,aio=threads",
-                "-device", f"virtio-blk-pci,drive=disk{i}" + (",bootindex=0" if i == 0 else "")]
+                "-device", f"virtio-blk-pci,drive=disk{i}"
+                + (",bootindex=0" if i == 0 and not spec.boot.kernel else "")]
     for i, (nic, tap) in enumerate(zip(spec.nics, taps)):
         cmd += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off",
                 "-device", f"virtio-net-pci,netdev=net{i},mac={nic.mac},romfile="]

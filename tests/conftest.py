@@ -1,0 +1,80 @@
+"""Shared fixtures: a real etcd on loopback, and a real lab pool."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway single-node etcd (Debian's etcd-server) on 127.0.0.1."""
+    if shutil.which("etcd") is None:
+        pytest.fail("etcd not installed: run ./setup.sh test (the README's test command)")
+    data = tmp_path_factory.mktemp("etcd")
+    client, peer = _free_port(), _free_port()
+    url = f"http://127.0.0.1:{client}"
+    log = open(data / "etcd.log", "wb")
+    proc = subprocess.Popen(
+        ["etcd", "--data-dir", str(data / "d"), "--listen-client-urls", url, "--advertise-client-urls", url,
+         "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+         "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
+        stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if b"true" in r.read():
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"etcd did not start; see {data}/etcd.log")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("lab tests need root (network namespaces, taps)")
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    from ftvm.guest.build import build_guest
+    return build_guest(log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator["object"]:
+    """A 2-host lab pool with real etcd, agents and QEMU; torn down even when tests fail."""
+    from ftvm.lab import lab as labmod
+    needs_root()
+    if labmod.existing_namespaces():
+        pytest.fail("a lab is already up on this machine: run `ftvm lab down` before the tests")
+    lab_dir = Path(tmp_path_factory.mktemp("lab"))
+    try:
+        state = labmod.up(2, lab_dir, probe_kernel=str(guest_image.kernel))
+        yield state
+    finally:
+        labmod.down(lab_dir)

@@ -1,0 +1,133 @@
+"""The store contract (store/pool.py) against a real etcd: atomicity, leases, fencing tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import replace
+
+import pytest
+
+from ftvm.core.model import DiskSpec, HostInfo, Level, NicSpec, RunState, VmSpec, VmStatus
+from ftvm.store.etcd import EtcdClient, EtcdUnavailable
+from ftvm.store.pool import Event, PoolStore
+
+_pools = itertools.count()
+
+
+@pytest.fixture
+async def store(etcd_url: str):
+    async with EtcdClient([etcd_url]) as client:
+        yield PoolStore(client, f"t{next(_pools)}")
+
+
+def vm(name: str = "web") -> VmSpec:
+    return VmSpec(name, Level.RESTART, 256, 1, (DiskSpec("/s/w.img"),), (NicSpec("52:54:00:00:00:01"),))
+
+
+async def live_host(store: PoolStore, name: str, ttl: float = 5) -> int:
+    lease, _ = await store.etcd.lease_grant(ttl)
+    assert await store.register_host(HostInfo(name, 1024, 2, ("/s",)), lease)
+    return lease
+
+
+async def test_define_is_create_only(store: PoolStore) -> None:
+    assert await store.define_vm(vm())
+    assert not await store.define_vm(replace(vm(), memory_mib=512))
+    spec, _ = await store.spec("web")
+    assert spec.memory_mib == 256
+
+
+async def test_only_one_of_many_concurrent_claims_wins(store: PoolStore) -> None:
+    await store.define_vm(vm())
+    leases = {h: await live_host(store, h) for h in ("h1", "h2", "h3")}
+    tokens = await asyncio.gather(*(store.claim("web", h, leases[h]) for h in leases))
+    winners = [t for t in tokens if t is not None]
+    assert len(winners) == 1
+    snap = await store.snapshot()
+    assert snap.vms["web"].owner is not None and snap.vms["web"].owner.token == winners[0]
+
+
+async def test_host_without_live_lease_cannot_claim(store: PoolStore) -> None:
+    await store.define_vm(vm())
+    lease = await live_host(store, "h1")
+    await store.etcd.lease_revoke(lease)
+    assert await store.claim("web", "h1", lease) is None
+
+
+async def test_lease_expiry_releases_ownership_and_status(store: PoolStore) -> None:
+    await store.define_vm(vm())
+    lease = await live_host(store, "h1", ttl=1)
+    token = await store.claim("web", "h1", lease)
+    assert token is not None
+    assert await store.report_status("web", VmStatus("h1", RunState.RUNNING, token, 0.0), lease)
+    await asyncio.sleep(3.5)  # etcd's minimum TTL and expiry checks are coarse
+    snap = await store.snapshot()
+    assert "h1" not in snap.hosts
+    assert snap.vms["web"].owner is None and snap.vms["web"].status is None
+    assert snap.vms["web"].home == "h1"  # remembered, not lease-bound
+
+
+async def test_stale_token_cannot_write_status_or_release(store: PoolStore) -> None:
+    await store.define_vm(vm())
+    l1 = await live_host(store, "h1")
+    old = await store.claim("web", "h1", l1)
+    assert old is not None and await store.release("web", old)
+    l2 = await live_host(store, "h2")
+    new = await store.claim("web", "h2", l2)
+    assert new is not None and new != old
+    assert not await store.report_status("web", VmStatus("h1", RunState.RUNNING, old, 0.0), l1)
+    assert not await store.release("web", old)
+    snap = await store.snapshot()
+    assert snap.vms["web"].owner.host == "h2"
+
+
+async def test_register_refuses_a_second_live_agent(store: PoolStore) -> None:
+    await live_host(store, "h1")
+    other, _ = await store.etcd.lease_grant(5)
+    assert not await store.register_host(HostInfo("h1", 1024, 2), other)
+
+
+async def test_remove_refused_while_owned(store: PoolStore) -> None:
+    await store.define_vm(vm())
+    lease = await live_host(store, "h1")
+    token = await store.claim("web", "h1", lease)
+    _, rev = await store.spec("web")
+    assert not await store.remove_vm("web", rev)
+    assert await store.release("web", token)
+    assert await store.remove_vm("web", rev)
+    assert "web" not in (await store.snapshot()).vms
+
+
+async def test_update_spec_is_compare_and_set(store: PoolStore) -> None:
+    await store.define_vm(vm())
+    _, rev = await store.spec("web")
+    assert await store.update_spec(replace(vm(), memory_mib=300), rev)
+    assert not await store.update_spec(replace(vm(), memory_mib=400), rev)
+
+
+async def test_events_keep_order(store: PoolStore) -> None:
+    for i in range(3):
+        await store.add_event(Event(1000.0 + i, "h1", "web", "kind", f"m{i}"))
+    events, _ = await store.events()
+    assert [e.message for e in events] == ["m0", "m1", "m2"]
+
+
+async def test_watch_sees_changes(store: PoolStore) -> None:
+    _, rev = await store.etcd.get_prefix(store.state)
+
+    async def first_batch():
+        async for batch in store.etcd.watch_prefix(store.state, rev + 1):
+            return batch
+
+    task = asyncio.create_task(first_batch())
+    await asyncio.sleep(0.2)
+    await store.define_vm(vm())
+    batch = await asyncio.wait_for(task, 5)
+    assert batch[0].kv.key.endswith("/vms/web/spec")
+
+
+async def test_unreachable_endpoint_is_reported_as_such() -> None:
+    async with EtcdClient(["http://127.0.0.1:9"], timeout=0.5) as c:
+        with pytest.raises(EtcdUnavailable):
+            await c.get("x")

@@ -1,0 +1,146 @@
+"""Table tests of the pure decision core: snapshot + local view in, decisions out."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftvm.core.decide import Action, choose_host, decide
+from ftvm.core.model import (Desired, DiskSpec, HostInfo, Level, LocalView, LocalVm, NicSpec, Ownership,
+                             PoolSnapshot, RunState, VmSpec, VmStatus, VmView)
+from ftvm.core.protection import protection
+
+SHARED = "/srv/shared"
+
+
+def host(name: str, memory: int = 1024, shared: bool = True) -> HostInfo:
+    return HostInfo(name, memory, 4, (SHARED,) if shared else ())
+
+
+def spec(name: str = "web", level: Level = Level.RESTART, desired: Desired = Desired.RUNNING,
+         memory: int = 256, disk: str = f"{SHARED}/web.img", preferred: str | None = None) -> VmSpec:
+    return VmSpec(name, level, memory, 1, (DiskSpec(disk),), (NicSpec("52:54:00:00:00:01"),),
+                  desired=desired, preferred_host=preferred)
+
+
+def snap(hosts: list[HostInfo], *views: VmView) -> PoolSnapshot:
+    return PoolSnapshot(10, {h.name: h for h in hosts}, {v.spec.name: v for v in views})
+
+
+def local(me: str, *vms: LocalVm) -> LocalView:
+    return LocalView(me, {v.name: v for v in vms})
+
+
+def only(report, vm: str = "web"):
+    [d] = [d for d in report.decisions if d.vm == vm]
+    return d
+
+
+def test_unowned_vm_is_claimed_by_preferred_host_only() -> None:
+    s = snap([host("h1"), host("h2")], VmView(spec(preferred="h2")))
+    assert only(decide(s, local("h2"))).action is Action.CLAIM
+    d = only(decide(s, local("h1")))
+    assert d.action is Action.WAIT and "h2" in d.reason
+
+
+def test_first_start_goes_to_most_free_memory_then_name() -> None:
+    s = snap([host("h1", 1024), host("h2", 2048)], VmView(spec()))
+    assert choose_host(s, s.vms["web"])[0] == "h2"
+    s = snap([host("h1"), host("h2")], VmView(spec()))
+    assert choose_host(s, s.vms["web"])[0] == "h1"
+
+
+def test_owner_starts_its_vm_with_the_fencing_token() -> None:
+    s = snap([host("h1"), host("h2")], VmView(spec(), owner=Ownership("h1", 42), home="h1"))
+    d = only(decide(s, local("h1")))
+    assert (d.action, d.token) == (Action.START, 42)
+    assert only(decide(s, local("h2"))).action is Action.WAIT
+
+
+def test_level1_vm_restarts_on_survivor_when_home_host_lost() -> None:
+    s = snap([host("h2")], VmView(spec(), owner=None, home="h1"))
+    d = only(decide(s, local("h2")))
+    assert d.action is Action.CLAIM and "h1 lost" in d.reason
+
+
+def test_level0_vm_waits_for_its_own_host() -> None:
+    s = snap([host("h2")], VmView(spec(level=Level.UNPROTECTED), owner=None, home="h1"))
+    d = only(decide(s, local("h2")))
+    assert d.action is Action.WAIT and "level 0" in d.reason
+
+
+def test_level1_needs_shared_storage_on_the_survivor() -> None:
+    s = snap([host("h2", shared=False)], VmView(spec(), owner=None, home="h1"))
+    d = only(decide(s, local("h2")))
+    assert d.action is Action.WAIT and "shared storage" in d.reason
+
+
+def test_no_claim_without_room() -> None:
+    s = snap([host("h2", memory=512)],
+             VmView(spec(memory=400), owner=None, home="h1"),
+             VmView(spec("db", memory=200, disk=f"{SHARED}/db.img"), owner=Ownership("h2", 3), home="h2"))
+    assert only(decide(s, local("h2"))).action is Action.WAIT
+
+
+@pytest.mark.parametrize("owner", [None, Ownership("h2", 9)])
+def test_running_without_ownership_is_killed(owner: Ownership | None) -> None:
+    s = snap([host("h1"), host("h2")], VmView(spec(), owner=owner, home="h2"))
+    d = only(decide(s, local("h1", LocalVm("web", RunState.RUNNING, 5))))
+    assert d.action is Action.KILL
+
+
+def test_stale_token_is_killed_even_on_the_owner_host() -> None:
+    s = snap([host("h1")], VmView(spec(), owner=Ownership("h1", 9), home="h1"))
+    d = only(decide(s, local("h1", LocalVm("web", RunState.RUNNING, 5))))
+    assert d.action is Action.KILL and "stale" in d.reason
+
+
+def test_stop_then_release() -> None:
+    s = snap([host("h1")], VmView(spec(desired=Desired.STOPPED), owner=Ownership("h1", 9), home="h1"))
+    assert only(decide(s, local("h1", LocalVm("web", RunState.RUNNING, 9)))).action is Action.STOP
+    assert only(decide(s, local("h1", LocalVm("web", RunState.STOPPING, 9)))).action is Action.WAIT
+    assert only(decide(s, local("h1", LocalVm("web", RunState.STOPPED, 9)))).action is Action.RELEASE
+
+
+def test_crashed_vm_is_started_again_by_its_owner() -> None:
+    s = snap([host("h1")], VmView(spec(), owner=Ownership("h1", 9), home="h1"))
+    d = only(decide(s, local("h1", LocalVm("web", RunState.CRASHED, 9, exit_code=1))))
+    assert d.action is Action.START and "exited" in d.reason
+
+
+def test_vm_removed_from_pool_but_running_here_is_killed() -> None:
+    s = snap([host("h1")])
+    d = only(decide(s, local("h1", LocalVm("web", RunState.RUNNING, 9))))
+    assert d.action is Action.KILL
+
+
+def test_report_summary_names_actions() -> None:
+    s = snap([host("h1")], VmView(spec(), owner=Ownership("h1", 9), home="h1"))
+    r = decide(s, local("h1"))
+    assert "web: start" in r.summary()
+    r = decide(snap([host("h1")]), local("h1"))
+    assert r.summary().endswith("nothing to do")
+
+
+def running(owner: str) -> VmView:
+    return VmView(spec(), owner=Ownership(owner, 9), home=owner,
+                  status=VmStatus(owner, RunState.RUNNING, 9, 0.0))
+
+
+def prot(s: PoolSnapshot):
+    return protection(s, s.vms["web"])
+
+
+def test_protected_only_with_a_spare_host() -> None:
+    assert prot(snap([host("h1"), host("h2")], running("h1"))).protected
+    p = prot(snap([host("h1")], running("h1")))
+    assert not p.protected and "no other live host" in p.reason
+    p = prot(snap([host("h1"), host("h2", shared=False)], running("h1")))
+    assert not p.protected and "shared storage" in p.reason
+
+
+def test_not_protected_reasons() -> None:
+    v = VmView(spec(level=Level.UNPROTECTED), owner=Ownership("h1", 9),
+               status=VmStatus("h1", RunState.RUNNING, 9, 0.0))
+    assert "level 0" in str(prot(snap([host("h1"), host("h2")], v)))
+    v = VmView(spec(), owner=Ownership("h1", 9), status=VmStatus("h1", RunState.STARTING, 9, 0.0))
+    assert str(prot(snap([host("h1"), host("h2")], v))) == "Not protected: not running"

@@ -1,0 +1,107 @@
+"""Unit tests of the small pure pieces: validation, QEMU command line, ledger format, topology."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ftvm.core.model import BootSpec, DiskSpec, HostInfo, Level, NicSpec, PoolSnapshot, VmSpec, VmView
+from ftvm.core.validate import check_mac, check_new_vm
+from ftvm.guest.ledger_format import decode, encode, read_records
+from ftvm.lab import topology as topo
+from ftvm.qemu.cmdline import VmPaths, build_cmdline, tap_name
+from ftvm.qemu.probe import Accel
+
+POOL = PoolSnapshot(1, {"h1": HostInfo("h1", 1024, 2, ("/shared",))}, {})
+
+
+def vm(**kw) -> VmSpec:
+    base = dict(name="web", level=Level.RESTART, memory_mib=256, vcpus=1, disks=(DiskSpec("/shared/w.img"),),
+                nics=(NicSpec("52:54:00:00:00:01"),))
+    return VmSpec(**(base | kw))
+
+
+def exists(path: str) -> bool:
+    return path.startswith("/shared/") or path == "/k"
+
+
+def test_valid_vm_passes() -> None:
+    assert check_new_vm(vm(), POOL, exists) is None
+
+
+def test_each_bad_input_is_named() -> None:
+    cases = [
+        (vm(name="Web!"), "invalid VM name"),
+        (vm(memory_mib=4096), "larger than any host"),
+        (vm(vcpus=8), "more than any host"),
+        (vm(disks=(DiskSpec("/shared/missing.img"),)), None),  # exists() says yes
+        (vm(disks=(DiskSpec("/elsewhere/w.img"),)), "does not exist"),
+        (vm(nics=(NicSpec("52:54:00:00:00"),)), "malformed MAC"),
+        (vm(nics=(NicSpec("01:00:5e:00:00:01"),)), "multicast"),
+        (vm(boot=BootSpec("/nokernel")), "kernel /nokernel does not exist"),
+        (vm(preferred_host="h9"), "h9"),
+    ]
+    for spec, words in cases:
+        problem = check_new_vm(spec, POOL, exists)
+        assert (problem is None) if words is None else (words in (problem or "")), (spec, problem)
+
+
+def test_level1_requires_shared_storage() -> None:
+    problem = check_new_vm(vm(disks=(DiskSpec("/local/w.img"),)), POOL, lambda p: True)
+    assert problem and "shared storage" in problem
+    assert check_new_vm(vm(level=Level.UNPROTECTED, disks=(DiskSpec("/local/w.img"),)), POOL,
+                        lambda p: True) is None
+
+
+def test_duplicate_name_and_mac() -> None:
+    pool = PoolSnapshot(1, POOL.hosts, {"web": VmView(vm())})
+    assert "already exists" in (check_new_vm(vm(), pool, exists) or "")
+    assert "already used" in (check_new_vm(vm(name="db"), pool, exists) or "")
+
+
+def test_check_mac() -> None:
+    assert check_mac("52:54:00:ab:cd:ef") is None
+    assert check_mac("52:54:00:AB:CD:EF")  # uppercase is refused, not silently changed
+
+
+def test_cmdline_has_identity_disk_and_net() -> None:
+    spec = vm(boot=BootSpec("/k", None, "console=ttyS0"), nics=(NicSpec("52:54:00:00:00:01", "10.0.0.5/24"),))
+    cmd = build_cmdline(spec, VmPaths(Path("/run/x")), Accel("tcg", "qemu64", ""), ["ft-web"])
+    line = " ".join(cmd)
+    assert "guest=web," in line and "-accel tcg" in line
+    assert "file=/shared/w.img,format=raw,cache=none" in line
+    assert "mac=52:54:00:00:00:01" in line and "ifname=ft-web" in line
+    assert cmd[cmd.index("-append") + 1] == "console=ttyS0 ftvm.ip=10.0.0.5/24"
+    assert "bootindex" not in line  # direct kernel boot: no disk boot index
+
+
+def test_tap_names_fit_ifnamsiz() -> None:
+    assert tap_name("web") == "ft-web"
+    assert len(tap_name("a-very-long-vm-name-indeed")) <= 15
+
+
+def test_ledger_records_roundtrip(tmp_path: Path) -> None:
+    img = tmp_path / "d.img"
+    with open(img, "wb") as f:
+        f.truncate(64 * 512)
+        for seq in (1, 2, 3):
+            f.seek(seq * 512)
+            f.write(encode(seq, f"rec{seq}".encode()))
+        f.seek(5 * 512)
+        f.write(encode(5, b"after a gap"))  # not reachable: recovery stops at the first gap
+    recs = read_records(img)
+    assert [r.payload for r in recs] == [b"rec1", b"rec2", b"rec3"]
+    sector = bytearray(encode(7, b"x"))
+    sector[30] ^= 1
+    assert decode(bytes(sector), 7) is None  # checksum catches a flipped bit
+    assert decode(encode(7, b"x"), 8) is None  # wrong place
+
+
+def test_topology_addresses_are_distinct() -> None:
+    hosts = topo.host_names(4)
+    links = topo.a_links(hosts)
+    assert len(links) == 6 * topo.A_LINKS_PER_PAIR
+    addrs = [l.addr(side) for l in links for side in (l.a, l.b)]
+    assert len(set(addrs)) == len(addrs)
+    names = [(side, l.ifname(side)) for l in links for side in (l.a, l.b)]
+    assert len(set(names)) == len(names)
+    assert all(len(n) <= 15 for _, n in names)

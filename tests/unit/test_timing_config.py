@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ftvm.agent.config import ConfigError, load_config, parse_config
+from ftvm.core.timing import Timing, TimingError
+
+BASE = {"name": "h1", "pool": "lab", "etcd": ["http://127.0.0.1:2379"], "state_dir": "/tmp/x",
+        "bridge": "br0", "memory_mib": 1024, "vcpus": 2}
+
+
+def test_defaults_are_consistent() -> None:
+    assert Timing().violations() == []
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"lease_ttl": 2.0}, "keepalive"),
+    ({"self_fence_margin": 0.3}, "outlive"),
+    ({"tick": 4.0}, "tick"),
+    ({"lease_ttl": 0.0}, "> 0"),
+])
+def test_broken_invariants_are_named(change: dict[str, float], words: str) -> None:
+    with pytest.raises(TimingError, match=words):
+        Timing.from_dict(change)
+
+
+def test_unknown_timing_key_rejected() -> None:
+    with pytest.raises(TimingError, match="lease_tll"):
+        Timing.from_dict({"lease_tll": 5})
+
+
+def test_config_parses_and_checks() -> None:
+    cfg = parse_config(BASE | {"shared_storage": ["/srv/shared/"], "timing": {"lease_ttl": 8}})
+    assert cfg.timing.lease_ttl == 8 and cfg.shared_storage == ("/srv/shared",)
+    for bad, msg in [({"name": "H 1"}, "name"), ({"etcd": ["10.0.0.1"]}, "etcd"),
+                     ({"accel": "xen"}, "accel"), ({"memory_mib": 0}, "memory_mib"),
+                     ({"colour": 1}, "unknown"), ({"timing": {"lease_ttl": 1}}, "timing invariant")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_config(BASE | bad)
+    with pytest.raises(ConfigError, match="missing"):
+        parse_config({"name": "h1"})
+
+
+def test_shipped_example_config_is_valid() -> None:
+    cfg = load_config(Path(__file__).parents[2] / "etc" / "host.toml.example")
+    assert cfg.timing.violations() == []
+
+
+def test_bad_toml_names_file(tmp_path: Path) -> None:
+    p = tmp_path / "host.toml"
+    p.write_text("name = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
