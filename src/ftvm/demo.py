@@ -17,6 +17,7 @@ from .cli.common import BAD_INPUT, FAILED, OK, CliError, console, emit_json, is_
 from .cli.pool_cmds import _hosts_table, _vms_table, status_data
 from .guest.build import GuestBuildError, build_guest
 from .lab import lab as labmod
+from .lab.client import read_log
 from .lab.scenario import FailoverResult, LabPool, ScenarioError, ensure_root, level1_failover
 
 
@@ -28,6 +29,7 @@ class LiveView:
         self.steps: list[tuple[float, str]] = []
         self.t0 = time.time()
         self._status: Any = Text("starting…")
+        self._client = Text("")
         self._stop = threading.Event()
 
     def step(self, message: str) -> None:
@@ -37,18 +39,33 @@ class LiveView:
         while not self._stop.wait(0.5):
             if self.pool is None:
                 continue
+            self._client = self._client_line()
             try:
                 data = status_data(self.pool.snapshot(), [self.pool.state.etcd_endpoint], labmod.POOL)
                 self._status = Group(_hosts_table(data["hosts"]), _vms_table(data["vms"]))
             except Exception as e:  # keep the demo going while etcd is briefly away
                 self._status = Text(f"status unavailable: {e}")
 
+    def _client_line(self) -> Text:
+        """The lab client's view: acknowledgements so far and the time since the last one."""
+        assert self.pool is not None
+        logs = sorted(Path(self.pool.state.dir).glob("client-*.jsonl"))
+        if not logs:
+            return Text("")
+        acks = read_log(logs[-1])[0]
+        if not acks:
+            return Text("client: connecting…")
+        silent = time.time() - acks[-1].t
+        style = "green" if silent < 1 else "bold red"
+        return Text.assemble("client: ", (f"{len(acks)} acknowledged writes", "bold"),
+                             ", last answer ", (f"{silent:.1f} s ago", style))
+
     def render(self) -> Group:
         lines = Text()
         for t, msg in self.steps[-12:]:
             lines.append(f"{t:7.2f}s  ", style="dim")
             lines.append(msg + "\n")
-        return Group(Panel(lines, title="ftvm demo: Level 1 restart"), self._status)
+        return Group(Panel(lines, title="ftvm demo: Level 1 restart"), self._client, self._status)
 
     def stop(self) -> None:
         self._stop.set()
@@ -104,6 +121,7 @@ def cmd_demo(args: Any) -> int:
     if is_json(args):
         emit_json({k: v for k, v in result.to_json().items() if k != "events"})
     else:
+        console.print()
         console.print(_summary_table(result))
         if args.keep:
             console.print("lab left up (--keep): try `ftvm status`, `ftvm events`; `ftvm lab down` ends it")

@@ -189,13 +189,13 @@ def level1_failover(pool: LabPool, image: GuestImage, name: str = "web", index: 
     with CopyObserver(name) as observer:
         client = LabClient(state, ip, name, client_interval)
         try:
-            client.wait_acks(40, 30)
+            client.wait_acks(100, 30)
             progress(f"client writing to {ip}; now {host} loses power")
             failed_at = labmod.fail_host(state, host)
             state.save()
             new_host = pool.wait_running(name, 60, not_on=host)
             progress(f"VM {name} restarted on {new_host}; waiting for the client's next answer")
-            after = client.wait_acks(20, 60, after=failed_at)
+            after = client.wait_acks(100, 60, after=failed_at)
         finally:
             acks = client.stop()
     before = [a for a in acks if a.t <= failed_at]
