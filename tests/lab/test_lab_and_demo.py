@@ -1,0 +1,60 @@
+"""The lab itself and the demo command, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftvm.lab import lab as labmod
+from ftvm.lab import topology as topo
+
+pytestmark = pytest.mark.lab
+
+
+def _leftovers() -> dict[str, object]:
+    return {"namespaces": labmod.existing_namespaces(),
+            "mgmt": Path(f"/sys/class/net/{topo.MGMT_IF}").exists()}
+
+
+def test_down_cleans_up_after_a_crash_without_state(tmp_path: Path, guest_image) -> None:
+    if labmod.existing_namespaces():
+        pytest.fail("a lab is already up")
+    lab_dir = tmp_path / "lab"
+    try:
+        state = labmod.up(2, lab_dir, probe_kernel=str(guest_image.kernel))
+        pids = list(state.pids.values())
+        assert all(Path(f"/proc/{p}").exists() for p in pids)
+        (lab_dir / "lab.json").unlink()  # as if the command that made it had crashed
+    finally:
+        removed = labmod.down(lab_dir)
+    assert "ftvm-h1" in removed
+    assert _leftovers() == {"namespaces": [], "mgmt": False}
+    for pid in pids:  # etcd and agents are gone (zombies of ours aside)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            assert stat.rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            pass
+    assert not lab_dir.exists()
+
+
+def test_demo_prints_summary_as_json(tmp_path: Path) -> None:
+    if labmod.existing_namespaces():
+        pytest.fail("a lab is already up")
+    r = subprocess.run([sys.executable, "-m", "ftvm", "demo", "--level", "1", "-o", "json",
+                        "--lab-dir", str(tmp_path / "lab")], capture_output=True, text=True, timeout=300,
+                       env=os.environ | {"COLUMNS": "100"})
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["lost"] == 0
+    assert summary["acknowledged"] >= 200
+    assert summary["max_copies"] == 1
+    for key in ("outage_s", "detection_s", "restart_s"):
+        assert summary[key] > 0
+    assert summary["outage_s"] >= summary["detection_s"]
+    assert _leftovers() == {"namespaces": [], "mgmt": False}  # the demo tore its lab down
