@@ -176,13 +176,19 @@ class FailoverResult:
 
 def level1_failover(pool: LabPool, image: GuestImage, name: str = "web", index: int = 0,
                     progress: Progress = lambda m: None, client_interval: float = 0.02) -> FailoverResult:
-    """Start a Level 1 ledger VM, fail its host under load, measure the restart elsewhere.
-    Leaves the failed host down (the caller restores or tears down)."""
-    state = pool.state
-    ip = topo.vm_addr(index).split("/")[0]
-    live = [h for h in state.hosts if h not in state.failed]
+    """Define and start a Level 1 ledger VM on the first live host, then `host_failure` it."""
+    live = [h for h in pool.state.hosts if h not in pool.state.failed]
     progress(f"defining Level 1 VM {name} on {live[0]} (disk on shared storage)")
     spec = pool.define_ledger_vm(name, index, Level.RESTART, image, host=live[0])
+    return host_failure(pool, spec, progress, client_interval)
+
+
+def host_failure(pool: LabPool, spec: VmSpec, progress: Progress = lambda m: None,
+                 client_interval: float = 0.02) -> FailoverResult:
+    """With the client writing to the VM, cut the power of its host; measure until the client
+    gets answers again from another host. Leaves the failed host down (the caller restores it)."""
+    state, name = pool.state, spec.name
+    ip = spec.nics[0].ip.split("/")[0] if spec.nics[0].ip else ""
     host = pool.wait_running(name, 60)
     progress(f"VM {name} running on {host}; waiting for the ledger to answer")
     pool.wait_answering(ip, 60)
@@ -192,7 +198,6 @@ def level1_failover(pool: LabPool, image: GuestImage, name: str = "web", index: 
             client.wait_acks(100, 30)
             progress(f"client writing to {ip}; now {host} loses power")
             failed_at = labmod.fail_host(state, host)
-            state.save()
             new_host = pool.wait_running(name, 60, not_on=host)
             progress(f"VM {name} restarted on {new_host}; waiting for the client's next answer")
             after = client.wait_acks(100, 60, after=failed_at)

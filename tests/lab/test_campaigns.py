@@ -1,0 +1,32 @@
+"""Long campaigns, run on request: ./setup.sh test -m slow"""
+
+from __future__ import annotations
+
+import pytest
+
+from ftvm.core.model import Level
+from ftvm.lab import lab as labmod
+from ftvm.lab.scenario import LabPool, host_failure
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def test_repeated_level1_failover_back_and_forth(lab: labmod.LabState, guest_image) -> None:
+    """One VM, ten host losses alternating between the two hosts: nothing acknowledged is
+    ever lost, and never two copies."""
+    pool = LabPool(lab)
+    spec = pool.define_ledger_vm("camp", 5, Level.RESTART, guest_image, host="h1")
+    results = []
+    try:
+        for _ in range(10):
+            r = host_failure(pool, spec)
+            results.append(r)
+            labmod.restore_host(lab, r.failed_host)
+            labmod.wait_for_hosts(lab, lab.hosts, 30)
+        assert [r.lost for r in results] == [0] * 10
+        assert max(r.max_copies for r in results) == 1
+        assert [r.failed_host for r in results] == ["h1", "h2"] * 5
+    finally:
+        for h in list(lab.failed):
+            labmod.restore_host(lab, h)
+        pool.stop_and_remove("camp")
