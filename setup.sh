@@ -52,6 +52,8 @@ case "${1:-}" in
         install_system
         install_python
         shift
+        .venv/bin/ruff check src tests
+        .venv/bin/mypy src
         set +e
         .venv/bin/pytest -p no:cacheprovider "$@"
         rc=$?

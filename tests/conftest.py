@@ -66,7 +66,7 @@ def guest_image():
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator["object"]:
+def lab(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
     """A 2-host lab pool with real etcd, agents and QEMU; torn down even when tests fail."""
     from ftvm.lab import lab as labmod
     needs_root()

@@ -42,9 +42,11 @@ def cmd_bench(args: Any) -> int:
         state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel))
         pool = LabPool(state)
         for i in range(args.runs):
-            r = level1_failover(pool, image, name=f"bench{i}", index=i % 100,
-                                progress=(lambda m: None) if quiet else (lambda m, i=i: console.print(
-                                    f"[dim]run {i + 1}:[/] {m}", highlight=False)))
+            def progress(message: str, run: int = i + 1) -> None:
+                if not quiet:
+                    console.print(f"[dim]run {run}:[/] {message}", highlight=False)
+
+            r = level1_failover(pool, image, name=f"bench{i}", index=i % 100, progress=progress)
             results.append(r)
             if not quiet:
                 console.print(f"run {i + 1}: detection {r.detection_s:.2f}s  restart {r.restart_s:.2f}s  "

@@ -100,8 +100,28 @@ def test_topology_addresses_are_distinct() -> None:
     hosts = topo.host_names(4)
     links = topo.a_links(hosts)
     assert len(links) == 6 * topo.A_LINKS_PER_PAIR
-    addrs = [l.addr(side) for l in links for side in (l.a, l.b)]
+    addrs = [link.addr(side) for link in links for side in (link.a, link.b)]
     assert len(set(addrs)) == len(addrs)
-    names = [(side, l.ifname(side)) for l in links for side in (l.a, l.b)]
+    names = [(side, link.ifname(side)) for link in links for side in (link.a, link.b)]
     assert len(set(names)) == len(names)
     assert all(len(n) <= 15 for _, n in names)
+
+
+def test_disk_boot_when_no_kernel_given() -> None:
+    cmd = build_cmdline(vm(), VmPaths(Path("/run/x")), Accel("tcg", "qemu64", ""), ["ft-web"])
+    assert "-kernel" not in cmd
+    assert "virtio-blk-pci,drive=disk0,bootindex=0" in cmd
+
+
+def test_guest_cache_key_follows_every_input(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from ftvm.guest import build
+    src = tmp_path / "src"
+    shutil.copytree(build.GUEST_SRC, src, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(build, "GUEST_SRC", src)
+    base = build.input_digest("linux-image-x", "1")
+    assert build.input_digest("linux-image-x", "1") == base
+    assert build.input_digest("linux-image-x", "2") != base
+    (src / "ledger.c").write_text((src / "ledger.c").read_text() + "\n/* changed */\n")
+    assert build.input_digest("linux-image-x", "1") != base

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..core.decide import Action, Decision, TickReport, decide
 from ..core.model import HostInfo, LocalView, LocalVm, PoolSnapshot, RunState, VmStatus
@@ -217,7 +218,7 @@ class Agent:
         while not self._stopping:
             try:
                 await asyncio.wait_for(self.wake.wait(), self.t.tick)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self.wake.clear()
             if self._stopping:
@@ -288,7 +289,8 @@ class Agent:
         self.vms[d.vm] = rec
         paths = VmPaths(self.cfg.state_dir / "vms" / d.vm)
         try:
-            qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge)
+            qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
+                                      on_event=lambda name, data: self._on_qemu_event(d.vm, name, data))
         except (QemuError, OSError) as e:
             rec.state, rec.detail, rec.exit_code = RunState.CRASHED, str(e), None
             self._back_off(rec)
@@ -304,6 +306,16 @@ class Agent:
             log.warning("%s: announce-self failed: %s", d.vm, e)
         rec.state, rec.detail, rec.since = RunState.RUNNING, f"pid {qemu.pid}, {self.accel.accel}", time.time()
         self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid} started (token {token})")
+
+    # QMP events worth an entry in the event log; exits are seen by _watch_process.
+    NOTABLE_QEMU_EVENTS = frozenset({"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED",
+                                     "BLOCK_IO_ERROR", "WATCHDOG"})
+
+    def _on_qemu_event(self, vm: str, name: str, data: dict[str, Any]) -> None:
+        if name in self.NOTABLE_QEMU_EVENTS:
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(data.items()) if not isinstance(v, dict))
+            self.event(vm, "qemu", f"QEMU event {name}" + (f" ({detail})" if detail else ""))
+            self.wake.set()
 
     async def _watch_process(self, rec: LocalRecord, qemu: QemuVm) -> None:
         code = await qemu.proc.wait()

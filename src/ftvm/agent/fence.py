@@ -73,7 +73,7 @@ class FenceGuard:
                 return
             victims = dict(self._pidfds)
             self._pidfds.clear()
-        for name, pidfd in victims.items():
+        for pidfd in victims.values():
             try:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except OSError:

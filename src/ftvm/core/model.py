@@ -76,7 +76,7 @@ class VmSpec:
         return d
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "VmSpec":
+    def from_json(d: dict[str, Any]) -> VmSpec:
         return VmSpec(
             name=d["name"],
             level=Level(d["level"]),
@@ -106,7 +106,7 @@ class HostInfo:
         return d
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "HostInfo":
+    def from_json(d: dict[str, Any]) -> HostInfo:
         return HostInfo(
             name=d["name"], memory_mib=int(d["memory_mib"]), vcpus=int(d["vcpus"]),
             shared_storage=tuple(d.get("shared_storage", ())), lease_id=int(d.get("lease_id", 0)),
@@ -145,7 +145,7 @@ class VmStatus:
         return d
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "VmStatus":
+    def from_json(d: dict[str, Any]) -> VmStatus:
         return VmStatus(host=d["host"], state=RunState(d["state"]), token=int(d["token"]),
                         since=float(d["since"]), detail=d.get("detail", ""))
 

@@ -29,7 +29,7 @@ class Timing:
     kill_timeout: float = 0.5          # time allowed for a SIGKILLed QEMU to be gone
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Timing":
+    def from_dict(d: dict[str, Any]) -> Timing:
         known = {f.name for f in fields(Timing)}
         unknown = sorted(set(d) - known)
         if unknown:

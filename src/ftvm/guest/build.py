@@ -81,14 +81,10 @@ def input_digest(kernel_pkg: str, kernel_version: str) -> str:
 
 def _cpio_newc(root: Path) -> bytes:
     """Pack a directory as a newc cpio archive (what the kernel unpacks)."""
-    out = _run_bytes(["sh", "-c", "find . -mindepth 1 | sort | cpio --quiet -o -H newc -R 0:0"], cwd=root)
-    return out
-
-
-def _run_bytes(cmd: list[str], cwd: Path) -> bytes:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True)
+    proc = subprocess.run(["sh", "-c", "find . -mindepth 1 | sort | cpio --quiet -o -H newc -R 0:0"],
+                          cwd=root, capture_output=True)
     if proc.returncode != 0:
-        raise GuestBuildError(f"{' '.join(cmd)} failed: {proc.stderr.decode()[-500:]}")
+        raise GuestBuildError(f"cpio failed: {proc.stderr.decode()[-500:]}")
     return proc.stdout
 
 

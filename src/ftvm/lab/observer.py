@@ -63,7 +63,7 @@ class CopyObserver:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"observe-{self.vm}")
 
-    def start(self) -> "CopyObserver":
+    def start(self) -> CopyObserver:
         self._thread.start()
         return self
 
@@ -83,7 +83,7 @@ class CopyObserver:
                     self.hosts_seen.append(ns)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "CopyObserver":
+    def __enter__(self) -> CopyObserver:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec
-from ..guest.build import GuestImage, build_guest, make_ledger_disk
+from ..guest.build import GuestImage, make_ledger_disk
 from ..guest.ledger_format import read_records
 from ..store.etcd import EtcdClient
 from ..store.pool import Event, PoolStore

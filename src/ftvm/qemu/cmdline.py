@@ -57,7 +57,7 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str]) -
         cmd += ["-drive", f"if=none,id=disk{i},file={disk.path},format={disk.format},cache=none,aio=threads",
                 "-device", f"virtio-blk-pci,drive=disk{i}"
                 + (",bootindex=0" if i == 0 and not spec.boot.kernel else "")]
-    for i, (nic, tap) in enumerate(zip(spec.nics, taps)):
+    for i, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
         cmd += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off",
                 "-device", f"virtio-net-pci,netdev=net{i},mac={nic.mac},romfile="]
     return cmd

@@ -75,7 +75,7 @@ class QemuVm:
 
     @staticmethod
     async def start(spec: VmSpec, paths: VmPaths, accel: Accel, bridge: str,
-                    on_event: Callable[[str, dict[str, Any]], None] | None = None) -> "QemuVm":
+                    on_event: Callable[[str, dict[str, Any]], None] | None = None) -> QemuVm:
         for disk in spec.disks:
             if not Path(disk.path).exists():
                 raise QemuError(f"disk image {disk.path} does not exist")
@@ -123,7 +123,8 @@ class QemuVm:
     async def _pump_events(self, on_event: Callable[[str, dict[str, Any]], None]) -> None:
         try:
             async for event in self.qmp.events:
-                on_event(event["event"], event.get("data", {}))
+                data = event.get("data", {})
+                on_event(str(event["event"]), data if isinstance(data, dict) else {})
         except asyncio.CancelledError:
             raise
         except Exception:  # connection gone: the process watcher reports the exit
@@ -160,14 +161,14 @@ class QemuVm:
                 await self.execute("system_powerdown")
                 try:
                     return await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             await asyncio.wait_for(self.execute("quit"), 2.0)
         except Exception:
             pass
         try:
             await asyncio.wait_for(asyncio.shield(self.proc.wait()), 5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.kill()
         return await self.wait()
 

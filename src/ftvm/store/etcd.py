@@ -56,7 +56,7 @@ class KeyValue:
         return json.loads(self.value)
 
     @staticmethod
-    def parse(d: dict[str, Any]) -> "KeyValue":
+    def parse(d: dict[str, Any]) -> KeyValue:
         return KeyValue(
             key=_unb64(d["key"]).decode(),
             value=_unb64(d.get("value", "")),
@@ -170,7 +170,7 @@ class EtcdClient:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "EtcdClient":
+    async def __aenter__(self) -> EtcdClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
