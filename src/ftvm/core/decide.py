@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .model import Desired, Level, LocalView, PoolSnapshot, RunState, VmView
+from .replication import may_start_on
 
 ACTIVE_STATES = (RunState.STARTING, RunState.RUNNING, RunState.STOPPING)
 
@@ -31,6 +32,8 @@ class Action(str, Enum):
     STOP = "stop"        # graceful shutdown, then release
     RELEASE = "release"  # delete the owner key after QEMU is gone
     KILL = "kill"        # SIGKILL now: running without valid ownership
+    EXPORT = "export"    # level 2 partner: serve this host's copy to the primary
+    UNEXPORT = "unexport"  # level 2: stop serving it (the VM stopped, moved here, or is gone)
     WAIT = "wait"        # nothing to do
 
 
@@ -74,7 +77,28 @@ def decide(snapshot: PoolSnapshot, local: LocalView) -> TickReport:
                 decisions.append(Decision(name, Action.KILL, "VM no longer defined in the pool"))
             continue
         decisions.append(_decide_vm(snapshot, local, view))
+    for name in sorted(set(snapshot.vms) | local.exports):
+        export = _decide_export(snapshot, local, name)
+        if export is not None:
+            decisions.append(export)
     return TickReport(host=me, revision=snapshot.revision, decisions=tuple(decisions))
+
+
+def _decide_export(snapshot: PoolSnapshot, local: LocalView, name: str) -> Decision | None:
+    """Level 2 partner duty: serve this host's copy while the VM runs on another host."""
+    me, view = local.host, snapshot.vms.get(name)
+    should = (view is not None and view.spec.level is Level.COMPONENT and view.copies is not None
+              and me in view.copies.copies and view.owner is not None and view.owner.host != me
+              and (name not in local.vms or local.vms[name].state not in ACTIVE_STATES))
+    serving = name in local.exports
+    if should and not serving:
+        assert view is not None and view.owner is not None
+        return Decision(name, Action.EXPORT, f"partner of {view.owner.host}: serving this host's copy")
+    if serving and not should:
+        why = ("VM removed" if view is None else "VM not running elsewhere" if view.owner is None
+               or view.owner.host == me else "no longer a partner")
+        return Decision(name, Action.UNEXPORT, why)
+    return None
 
 
 def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decision:
@@ -120,11 +144,28 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decisi
 
 def eligible_hosts(snapshot: PoolSnapshot, view: VmView) -> list[str]:
     """Live hosts with room that can reach the VM's disks, best first
-    (most free memory, then name, so every agent computes the same order)."""
+    (most free memory, then name, so every agent computes the same order).
+    Level 2: only hosts holding a current copy (or the one an operator forced)."""
     spec = view.spec
-    hosts = [h for h, info in snapshot.hosts.items()
-             if snapshot.has_room(h, spec) and (spec.level is Level.UNPROTECTED or info.can_reach(spec))]
+
+    def reaches(h: str) -> bool:
+        if spec.level is Level.RESTART:
+            return snapshot.hosts[h].can_reach(spec)
+        if spec.level is Level.COMPONENT:
+            return view.force_host == h or may_start_on(view.copies, h)[0]
+        return True
+
+    hosts = [h for h in snapshot.hosts if snapshot.has_room(h, spec) and reaches(h)]
     return sorted(hosts, key=lambda h: (-(snapshot.hosts[h].memory_mib - snapshot.used_memory(h)), h))
+
+
+def _no_copy_reason(view: VmView) -> str:
+    """Why no live host may start a level 2 VM: the state of each copy."""
+    if view.copies is None:
+        return "no copy of its disks"
+    parts = [may_start_on(view.copies, h)[1] for h in sorted(view.copies.copies)]
+    return ("no current copy on a live host with room: " + "; ".join(parts)
+            + f". `ftvm vm start {view.spec.name} --accept-data-loss --host H` starts it from H's copy")
 
 
 def choose_host(snapshot: PoolSnapshot, view: VmView) -> tuple[str | None, str]:
@@ -139,10 +180,16 @@ def choose_host(snapshot: PoolSnapshot, view: VmView) -> tuple[str | None, str]:
         if eligible:
             return eligible[0], f"first start on {eligible[0]} (most free memory)"
         return None, f"no live host has room for {spec.memory_mib} MiB / {spec.vcpus} vCPU"
+    if view.force_host is not None:
+        if view.force_host in eligible:
+            return view.force_host, f"operator forced a start on {view.force_host}, accepting data loss"
+        return None, f"forced start on {view.force_host} waits: that host is not up or has no room"
     if view.home in eligible:
         return view.home, f"starting on its home host {view.home}"
     if spec.level is Level.UNPROTECTED:
         return None, f"level 0: waits for its host {view.home}"
     if eligible:
         return eligible[0], f"host {view.home} lost; restarting on {eligible[0]}"
+    if spec.level is Level.COMPONENT:
+        return None, f"host {view.home} lost; " + _no_copy_reason(view)
     return None, f"host {view.home} lost and no live host can take it (room or shared storage)"

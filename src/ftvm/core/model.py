@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, asdict
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .replication import Copies
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -19,6 +22,7 @@ MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 class Level(int, Enum):
     UNPROTECTED = 0
     RESTART = 1
+    COMPONENT = 2  # disks mirrored synchronously to a partner host
 
 
 class Desired(str, Enum):
@@ -38,8 +42,12 @@ class RunState(str, Enum):
 
 @dataclass(frozen=True)
 class DiskSpec:
-    path: str
+    """Levels 0/1: `path` is the image (shared storage for level 1). Level 2: each host
+    keeps its own copy in its local storage, in its own format; `size` is in bytes."""
+
+    path: str = ""
     format: str = "raw"
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -151,11 +159,38 @@ class VmStatus:
 
 
 @dataclass(frozen=True)
+class Export:
+    """A partner's NBD export of its copy of a Level 2 VM's disks (lease-bound)."""
+
+    host: str
+    addr: str
+    port: int
+
+
+@dataclass(frozen=True)
+class SyncProgress:
+    """Resync of a partner's copy, published by the primary."""
+
+    host: str
+    done: int
+    total: int
+    rate: float  # bytes/s
+    full: bool
+
+    def eta(self) -> float | None:
+        return (self.total - self.done) / self.rate if self.rate > 0 else None
+
+
+@dataclass(frozen=True)
 class VmView:
     spec: VmSpec
     owner: Ownership | None = None
     status: VmStatus | None = None
     home: str | None = None  # last host that ran it (not lease-bound)
+    copies: "Copies | None" = None      # level 2: who holds a current copy
+    exports: tuple[Export, ...] = ()    # level 2: partners serving their copy
+    sync: SyncProgress | None = None    # level 2: resync in progress
+    force_host: str | None = None       # operator accepted data loss to start here
 
 
 @dataclass(frozen=True)
@@ -190,3 +225,4 @@ class LocalVm:
 class LocalView:
     host: str
     vms: dict[str, LocalVm] = field(default_factory=dict)
+    exports: frozenset[str] = frozenset()  # level 2 VMs whose copy this host serves

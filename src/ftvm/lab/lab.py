@@ -188,11 +188,26 @@ def _build_network(hosts: list[str]) -> None:
         ns_ip(ns, "addr", "add", topo.host_quorum_addr(h), "dev", "q0")
         ns_ip(ns, "link", "set", "q0", "up")
         ns_ip(topo.QUORUM_NS, "link", "set", h, "master", "qbr", "up")
+    for h in hosts:
+        ns = topo.host_ns(h)
+        ns_ip(ns, "addr", "add", topo.replication_addr(h) + "/32", "dev", "lo")
+        # A route over a link whose far end is down must not be used: the other A-link takes over.
+        sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.conf.all.ignore_routes_with_linkdown=1")
     for link in topo.a_links(hosts):
         _veth(topo.host_ns(link.a), link.ifname(link.a), topo.host_ns(link.b), link.ifname(link.b))
         for side in (link.a, link.b):
             ns_ip(topo.host_ns(side), "addr", "add", link.addr(side), "dev", link.ifname(side))
             ns_ip(topo.host_ns(side), "link", "set", link.ifname(side), "up")
+        _route_replication(link)
+
+
+def _route_replication(link: topo.ALink) -> None:
+    """Each end reaches the other's replication address over this link (routes die with the link)."""
+    for side in (link.a, link.b):
+        other = link.b if side == link.a else link.a
+        ns_ip(topo.host_ns(side), "route", "replace", topo.replication_addr(other) + "/32",
+              "via", link.peer_ip(side), "dev", link.ifname(side), "metric", str(link.metric),
+              "src", topo.replication_addr(side))
 
 
 def _spawn(ns: str, cmd: list[str], log: Path) -> int:
@@ -304,9 +319,26 @@ def restore_host(state: LabState, host: str) -> None:
         raise LabError(f"{host} has not failed")
     for ns, ifname in _host_links(state, host):
         ns_ip(ns, "link", "set", ifname, "up")
+    for link in topo.a_links(state.hosts):
+        if host in (link.a, link.b):
+            _route_replication(link)
     state.failed.remove(host)
     start_agent(state, host)
     state.save()
+
+
+def set_a_link(state: LabState, a: str, b: str, k: int, up: bool) -> None:
+    """Take one A-link between two hosts down (both ends, as a cut cable) or up again."""
+    _check_host(state, a)
+    _check_host(state, b)
+    links = [x for x in topo.a_links(state.hosts) if {x.a, x.b} == {a, b} and x.k == k]
+    if not links:
+        raise LabError(f"no A-link {k} between {a} and {b} (links are numbered 1..{topo.A_LINKS_PER_PAIR})")
+    link = links[0]
+    for side in (link.a, link.b):
+        ns_ip(topo.host_ns(side), "link", "set", link.ifname(side), "up" if up else "down")
+    if up:  # routes over a link are removed with it: put them back
+        _route_replication(link)
 
 
 def _path_end(state: LabState, host: str, target: str) -> tuple[str, str]:

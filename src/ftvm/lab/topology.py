@@ -6,6 +6,7 @@
                                           |         |
     ftvm-hN  [bridge br0: VMs' taps, 10.77.0.1N] ---+ q0 (10.77.1.1N)
              a1-hM / a2-hM: two A-links to each other host (10.78.x.N)
+             lo: replication address 10.79.0.N, routed over a1 (metric 10) then a2 (metric 20)
 
 Every host reaches the quorum site over its own link, so one path can be cut
 (`partition H --from quorum`) while the others stay up.
@@ -48,6 +49,12 @@ def host_quorum_addr(host: str) -> str:
     return f"10.77.1.{10 + host_index(host)}/24"
 
 
+def replication_addr(host: str) -> str:
+    """The host's replication address: on its loopback, reached over either A-link
+    (routes with two metrics), so a replication TCP connection survives one A-link's loss."""
+    return f"10.79.0.{host_index(host)}"
+
+
 def vm_addr(index: int) -> str:
     return f"10.77.0.{VM_SUBNET_FIRST + index}/24"
 
@@ -71,6 +78,15 @@ class ALink:
 
     def addr(self, side: str) -> str:
         return f"10.78.{self.subnet}.{host_index(side)}/24"
+
+    def peer_ip(self, side: str) -> str:
+        """The address of the other end, seen from `side`."""
+        other = self.b if side == self.a else self.a
+        return self.addr(other).split("/")[0]
+
+    @property
+    def metric(self) -> int:
+        return 10 * self.k
 
 
 def a_links(hosts: list[str]) -> list[ALink]:

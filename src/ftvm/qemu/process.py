@@ -30,7 +30,7 @@ _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here: no dlopen between fork and exec
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
@@ -89,7 +89,7 @@ class QemuVm:
         stderr = open(paths.run_dir / "qemu.log", "ab")
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-            preexec_fn=_die_with_parent, start_new_session=True)
+            preexec_fn=die_with_parent, start_new_session=True)
         stderr.close()
         vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps)
         try:

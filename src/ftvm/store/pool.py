@@ -9,11 +9,21 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/vms/<vm>/status     VmStatus    lease: the owner's; written only while the writer
                                           still owns the VM with the same token
     state/vms/<vm>/home       {host}      no lease; the host that last claimed the VM
+    state/vms/<vm>/copies     Copies      no lease; level 2: which host holds a current copy
+                                          (core/replication.py); changed only by the owner
+                                          under its token, or in the claim transaction
+    state/vms/<vm>/export/<h> Export      lease: h's; h serves its copy over NBD
+    state/vms/<vm>/sync       progress    lease: the owner's; resync of the partner's copy
+    state/vms/<vm>/force      {host}      no lease; operator accepted data loss to start there
     events/<time>-<host>-<n>  Event       no lease; trimmed to the newest MAX_EVENTS
 
 What must be atomic (each is one etcd transaction):
-  * claim:   owner absent AND claimer's host key present -> put owner (claimer's lease) + home.
-             A host whose lease expired cannot claim; two claimers cannot both win.
+  * claim:   owner absent AND claimer's host key present AND (level 2) copies unchanged
+             since the snapshot that showed the claimer's copy current -> put owner
+             (claimer's lease) + home + (level 2) the copies record with every other copy
+             outdated. A host whose lease expired cannot claim; two claimers cannot both
+             win; a copy that became stale meanwhile cannot be promoted.
+  * copies:  only if owner.create_revision == token AND copies unchanged (compare-and-set).
   * status, release: only if owner.create_revision == token (a stale owner changes nothing).
   * define:  spec absent -> put spec.   remove: spec unchanged AND owner absent -> delete.
   * register host: host key absent (or held by our own lease) -> put with our lease.
@@ -31,8 +41,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..core.model import HostInfo, Ownership, PoolSnapshot, VmSpec, VmStatus, VmView
-from .etcd import EtcdClient, absent, created_at, modified_at, present, put_json, Delete, Put
+from ..core.model import Export, HostInfo, Ownership, PoolSnapshot, SyncProgress, VmSpec, VmStatus, VmView
+from ..core.replication import Copies
+from .etcd import Compare, EtcdClient, absent, created_at, modified_at, present, put_json, Delete, Get, Put
 
 MAX_EVENTS = 5000
 
@@ -77,6 +88,8 @@ class PoolStore:
                 hosts[rest[1]] = HostInfo.from_json(kv.json())
             elif rest[0] == "vms" and len(rest) == 3:
                 parts.setdefault(rest[1], {})[rest[2]] = kv
+            elif rest[0] == "vms" and len(rest) == 4 and rest[2] == "export":
+                parts.setdefault(rest[1], {}).setdefault("exports", []).append(kv)
         vms: dict[str, VmView] = {}
         for name, p in parts.items():
             if "spec" not in p:
@@ -87,6 +100,10 @@ class PoolStore:
                 owner=Ownership(owner.json()["host"], owner.create_revision) if owner else None,
                 status=VmStatus.from_json(p["status"].json()) if "status" in p else None,
                 home=p["home"].json()["host"] if "home" in p else None,
+                copies=Copies.from_json(p["copies"].json(), p["copies"].mod_revision) if "copies" in p else None,
+                exports=tuple(Export(**e.json()) for e in p.get("exports", [])),
+                sync=SyncProgress(**p["sync"].json()) if "sync" in p else None,
+                force_host=p["force"].json()["host"] if "force" in p else None,
             )
         return PoolSnapshot(revision=revision, hosts=hosts, vms=vms)
 
@@ -108,13 +125,56 @@ class PoolStore:
         return False
 
     # --- ownership (the fencing protocol) ----------------------------------------
-    async def claim(self, vm: str, host: str, lease: int) -> int | None:
-        """Take ownership of an unowned VM. Returns the fencing token, or None if we lost."""
+    async def claim(self, vm: str, host: str, lease: int, copies_seen: Copies | None = None,
+                    copies_new: Copies | None = None) -> int | None:
+        """Take ownership of an unowned VM. Returns the fencing token, or None if we lost.
+        Level 2: `copies_seen` is the record the decision was based on (None: there was
+        none); `copies_new` replaces it in the same transaction."""
         owner = self.vm_key(vm, "owner")
-        r = await self.etcd.txn(
-            [absent(owner), present(self.host_key(host)), present(self.vm_key(vm, "spec"))],
-            [put_json(owner, {"host": host}, lease), put_json(self.vm_key(vm, "home"), {"host": host})])
+        compare = [absent(owner), present(self.host_key(host)), present(self.vm_key(vm, "spec"))]
+        success: list[Put | Delete | Get] = [put_json(owner, {"host": host}, lease),
+                                             put_json(self.vm_key(vm, "home"), {"host": host})]
+        if copies_new is not None:
+            compare.append(self._copies_unchanged(vm, copies_seen))
+            success.append(put_json(self.vm_key(vm, "copies"), copies_new.to_json()))
+            success.append(Delete(self.vm_key(vm, "force")))
+        r = await self.etcd.txn(compare, success)
         return r.revision if r.succeeded else None
+
+    def _copies_unchanged(self, vm: str, seen: Copies | None) -> Compare:
+        key = self.vm_key(vm, "copies")
+        return absent(key) if seen is None or not seen.revision else modified_at(key, seen.revision)
+
+    async def set_copies(self, vm: str, token: int, seen: Copies, new: Copies) -> Copies | None:
+        """Owner-only compare-and-set of the copies record. Returns it with its new revision."""
+        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token), self._copies_unchanged(vm, seen)],
+                                [put_json(self.vm_key(vm, "copies"), new.to_json())])
+        if not r.succeeded:
+            return None
+        return Copies(new.gen, new.copies, r.revision)
+
+    async def get_copies(self, vm: str) -> Copies | None:
+        kv = await self.etcd.get(self.vm_key(vm, "copies"))
+        return Copies.from_json(kv.json(), kv.mod_revision) if kv else None
+
+    async def publish_export(self, vm: str, export: Export, lease: int) -> None:
+        await self.etcd.put(self.vm_key(vm, f"export/{export.host}"),
+                            json.dumps({"host": export.host, "addr": export.addr, "port": export.port}).encode(),
+                            lease)
+
+    async def withdraw_export(self, vm: str, host: str) -> None:
+        await self.etcd.delete(self.vm_key(vm, f"export/{host}"))
+
+    async def report_sync(self, vm: str, token: int, progress: SyncProgress | None, lease: int) -> None:
+        key = self.vm_key(vm, "sync")
+        op = put_json(key, progress.__dict__, lease) if progress else Delete(key)
+        await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token)], [op])
+
+    async def force_start(self, vm: str, host: str) -> bool:
+        """Operator: allow `host` to start the VM from its copy even if outdated."""
+        r = await self.etcd.txn([present(self.vm_key(vm, "spec")), absent(self.vm_key(vm, "owner"))],
+                                [put_json(self.vm_key(vm, "force"), {"host": host})])
+        return r.succeeded
 
     async def report_status(self, vm: str, status: VmStatus, lease: int) -> bool:
         r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), status.token)],

@@ -1,0 +1,174 @@
+"""Level 2 block graphs and the QMP steps that change them (pure: plans, not actions).
+
+Every Level 2 disk is a raw node `disk<i>` (what the guest's virtio-blk device
+uses, with werror=stop/rerror=stop) whose `file` child is one of:
+
+    MIRRORED     disk<i> -> quorum (vote-threshold 2, read-pattern fifo) -> [local copy, partner copy (NBD)]
+    LOCAL_ONLY   disk<i> -> local copy            (partner outdated or being resynced)
+    REMOTE_ONLY  disk<i> -> partner copy (NBD)    (local copy failed)
+
+Why quorum with threshold 2: a guest write completes only when *both* copies
+have it. When one copy fails the write fails, the device stops the VM
+(werror=stop) and the agent records the failed copy as outdated in etcd
+*before* it lets the VM continue on the other copy: nothing is ever
+acknowledged with one copy while the other is still believed current.
+(QEMU 7.2's mirror job acknowledges guest writes even when its target fails.)
+
+Dropping a failed child takes three steps because QEMU 7.2 will not remove a
+quorum child below the vote threshold, and blockdev-reopen flushes (which
+fails while a child is dead): add a second path to the surviving copy as a
+quorum child, remove the failed child (the quorum can now flush), point
+`disk<i>` at a third path to the survivor, delete the quorum. The extra paths
+are separate file/NBD nodes on the same image (file locking off on them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+QmpStep = tuple[str, dict[str, Any]]
+
+
+class Mode(str, Enum):
+    MIRRORED = "mirrored"
+    LOCAL_ONLY = "local-only"
+    REMOTE_ONLY = "remote-only"
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    path: str
+    format: str  # raw or qcow2: the two hosts' storage may differ
+
+
+@dataclass(frozen=True)
+class Export:
+    """A partner's NBD export of its copy of one disk."""
+
+    host: str
+    port: int
+    name: str
+
+
+@dataclass(frozen=True)
+class DiskGraph:
+    """The live graph of one disk: which path nodes `disk<i>` currently uses."""
+
+    index: int
+    mode: Mode
+    serial: int        # bumped for every new path node, keeps node names unique
+    local: str | None  # node name of the local path in use
+    remote: str | None  # node name of the NBD path in use
+    quorum: str | None
+
+    @property
+    def top(self) -> str:
+        return f"disk{self.index}"
+
+
+def _name(index: int, kind: str, serial: int) -> str:
+    return f"d{index}-{kind}{serial}"
+
+
+def local_node(index: int, serial: int, image: LocalImage, locking: bool) -> tuple[str, dict[str, Any]]:
+    name = _name(index, "local", serial)
+    return name, {
+        "driver": image.format, "node-name": name,
+        "file": {"driver": "file", "node-name": name + "-f", "filename": image.path,
+                 "cache": {"direct": True, "no-flush": False}, "locking": "on" if locking else "off"},
+    }
+
+
+def remote_node(index: int, serial: int, export: Export) -> tuple[str, dict[str, Any]]:
+    name = _name(index, "remote", serial)
+    return name, {"driver": "nbd", "node-name": name, "export": export.name,
+                  "server": {"type": "inet", "host": export.host, "port": str(export.port)}}
+
+
+def quorum_node(index: int, serial: int, children: list[str]) -> tuple[str, dict[str, Any]]:
+    name = _name(index, "q", serial)
+    return name, {"driver": "quorum", "node-name": name, "vote-threshold": 2,
+                  "read-pattern": "fifo", "children": children}
+
+
+def top_node(index: int, child: str) -> dict[str, Any]:
+    return {"driver": "raw", "node-name": f"disk{index}", "file": child}
+
+
+def local_only_start(index: int, image: LocalImage) -> tuple[DiskGraph, list[dict[str, Any]]]:
+    """Blockdevs for the command line: every Level 2 VM starts on its local copy;
+    the agent then brings the partner copy in (resync, then MIRRORED)."""
+    local, spec = local_node(index, 0, image, locking=True)
+    return (DiskGraph(index, Mode.LOCAL_ONLY, 1, local, None, None),
+            [spec, top_node(index, local)])
+
+
+def drop_child(g: DiskGraph, failed: str, image: LocalImage, export: Export) -> tuple[DiskGraph, list[QmpStep]]:
+    """MIRRORED -> the surviving copy alone, `failed` being "local" or "remote".
+    Run while the VM is stopped (it is: werror=stop)."""
+    if g.mode is not Mode.MIRRORED or g.quorum is None or g.local is None or g.remote is None:
+        raise ValueError(f"disk{g.index} is not mirrored")
+    if failed not in ("local", "remote"):
+        raise ValueError(f"unknown copy {failed!r}")
+    survivor_kind = "remote" if failed == "local" else "local"
+
+    def survivor_path(serial: int) -> tuple[str, dict[str, Any]]:
+        if survivor_kind == "local":
+            return local_node(g.index, serial, image, locking=False)
+        return remote_node(g.index, serial, export)
+
+    helper, helper_spec = survivor_path(g.serial)
+    final, final_spec = survivor_path(g.serial + 1)
+    failed_node = g.local if failed == "local" else g.remote
+    failed_child = "children.0" if failed == "local" else "children.1"
+    survivor_node = g.remote if failed == "local" else g.local
+    steps: list[QmpStep] = [
+        ("blockdev-add", helper_spec),
+        ("x-blockdev-change", {"parent": g.quorum, "node": helper}),
+        ("x-blockdev-change", {"parent": g.quorum, "child": failed_child}),
+        ("blockdev-del", {"node-name": failed_node}),
+        ("blockdev-add", final_spec),
+        ("blockdev-reopen", {"options": [top_node(g.index, final)]}),
+        ("blockdev-del", {"node-name": g.quorum}),
+        ("blockdev-del", {"node-name": helper}),
+        ("blockdev-del", {"node-name": survivor_node}),
+    ]
+    new = DiskGraph(g.index, Mode.REMOTE_ONLY if failed == "local" else Mode.LOCAL_ONLY, g.serial + 2,
+                    final if survivor_kind == "local" else None,
+                    final if survivor_kind == "remote" else None, None)
+    return new, steps
+
+
+def add_remote(g: DiskGraph, export: Export) -> tuple[DiskGraph, list[QmpStep], str]:
+    """LOCAL_ONLY: connect the partner's export as a spare node (the resync target)."""
+    if g.mode is not Mode.LOCAL_ONLY:
+        raise ValueError(f"disk{g.index} is not local-only")
+    name, spec = remote_node(g.index, g.serial, export)
+    return replace(g, serial=g.serial + 1), [("blockdev-add", spec)], name
+
+
+def mirror(g: DiskGraph, remote: str, image: LocalImage) -> tuple[DiskGraph, list[QmpStep]]:
+    """LOCAL_ONLY with an in-sync spare NBD node -> MIRRORED. Run with the VM stopped,
+    right after the last resync pass."""
+    if g.mode is not Mode.LOCAL_ONLY or g.local is None:
+        raise ValueError(f"disk{g.index} is not local-only")
+    local, local_spec = local_node(g.index, g.serial, image, locking=False)
+    quorum, quorum_spec = quorum_node(g.index, g.serial, [local, remote])
+    steps: list[QmpStep] = [
+        ("blockdev-add", local_spec),
+        ("blockdev-add", quorum_spec),
+        ("blockdev-reopen", {"options": [top_node(g.index, quorum)]}),
+        ("blockdev-del", {"node-name": g.local}),
+    ]
+    return DiskGraph(g.index, Mode.MIRRORED, g.serial + 1, local, remote, quorum), steps
+
+
+def node_kind(g: DiskGraph, node: str) -> str | None:
+    """Which copy a node name (from QUORUM_REPORT_BAD) belongs to."""
+    if node in (g.local, (g.local or "") + "-f"):
+        return "local"
+    if node == g.remote:
+        return "remote"
+    return None

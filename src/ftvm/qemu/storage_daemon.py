@@ -1,0 +1,118 @@
+"""The partner side of Level 2: a qemu-storage-daemon exporting this host's copy
+of a VM's disks over NBD on the host's replication address.
+
+Like QEMU, it dies with the agent (PR_SET_PDEATHSIG): a partner whose agent is
+gone stops serving, the primary sees its replica fail and records it outdated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+from contextlib import suppress
+from pathlib import Path
+
+from .blockgraph import Export, LocalImage
+from .process import die_with_parent
+
+log = logging.getLogger(__name__)
+
+QSD = "qemu-storage-daemon"
+
+
+class StorageDaemonError(RuntimeError):
+    pass
+
+
+def export_name(vm: str, index: int) -> str:
+    return f"{vm}-d{index}"
+
+
+def build_qsd_cmdline(vm: str, images: list[LocalImage], addr: str, port: int) -> list[str]:
+    cmd = [QSD]
+    for i, img in enumerate(images):
+        cmd += ["--blockdev", json.dumps({"driver": "file", "node-name": f"f{i}", "filename": img.path,
+                                          "cache": {"direct": True}}),
+                "--blockdev", json.dumps({"driver": img.format, "node-name": f"rep{i}", "file": f"f{i}"})]
+    cmd += ["--nbd-server", f"addr.type=inet,addr.host={addr},addr.port={port}"]
+    for i in range(len(images)):
+        cmd += ["--export", f"type=nbd,id=e{i},node-name=rep{i},name={export_name(vm, i)},writable=on"]
+    return cmd
+
+
+def free_port(addr: str) -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_image(image: LocalImage, size: int) -> bool:
+    """Create an empty copy if there is none. Returns True if it was created."""
+    if Path(image.path).exists():
+        return False
+    Path(image.path).parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["qemu-img", "create", "-q", "-f", image.format, image.path, str(size)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StorageDaemonError(f"qemu-img create {image.path}: {proc.stderr.strip()}")
+    return True
+
+
+def image_size(image: LocalImage) -> int:
+    proc = subprocess.run(["qemu-img", "info", "-U", "--output=json", "-f", image.format, image.path],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StorageDaemonError(f"qemu-img info {image.path}: {proc.stderr.strip()}")
+    return int(json.loads(proc.stdout)["virtual-size"])
+
+
+class StorageDaemon:
+    def __init__(self, vm: str, proc: asyncio.subprocess.Process, addr: str, port: int, disks: int) -> None:
+        self.vm = vm
+        self.proc = proc
+        self.addr = addr
+        self.port = port
+        self.disks = disks
+
+    def exports(self) -> list[Export]:
+        return [Export(self.addr, self.port, export_name(self.vm, i)) for i in range(self.disks)]
+
+    @staticmethod
+    async def start(vm: str, images: list[LocalImage], addr: str, log_path: Path) -> "StorageDaemon":
+        port = free_port(addr)
+        cmd = build_qsd_cmdline(vm, images, addr, port)
+        log.info("exporting %s: %s", vm, " ".join(cmd))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                preexec_fn=die_with_parent, start_new_session=True)
+        daemon = StorageDaemon(vm, proc, addr, port, len(images))
+        for _ in range(100):  # ready once the NBD port accepts connections
+            if proc.returncode is not None:
+                raise StorageDaemonError(f"{QSD} exited (code {proc.returncode}); see {log_path}")
+            with suppress(OSError), socket.create_connection((addr, port), timeout=0.2):
+                return daemon
+            await asyncio.sleep(0.05)
+        await daemon.stop()
+        raise StorageDaemonError(f"{QSD} for {vm} did not listen on {addr}:{port}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            with suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except asyncio.TimeoutError:
+                with suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                await self.proc.wait()
