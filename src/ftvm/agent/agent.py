@@ -17,22 +17,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.decide import Action, Decision, TickReport, decide
-from ..core.model import HostInfo, LocalView, LocalVm, PoolSnapshot, RunState, VmStatus
+from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide, eligible_hosts
+from ..core.model import Export as ExportRecord
+from ..core.model import HostInfo, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec, VmStatus
+from ..core.replication import Copies, CopyState, claim_copies
+from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from ..qemu.cmdline import VmPaths
 from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuError, QemuVm
+from ..qemu.storage_daemon import StorageDaemon, StorageDaemonError, ensure_image
 from ..store.etcd import EtcdClient, EtcdError
 from ..store.pool import Event, PoolStore
 from .config import AgentConfig
 from .fence import FenceGuard
+from .replica import BITMAP, BITMAP_GRANULARITY, ReplicaManager
 
 log = logging.getLogger("ftvm.agent")
 
@@ -55,6 +62,7 @@ class LocalRecord:
     since: float = field(default_factory=time.time)
     failures: int = 0       # consecutive starts that failed or died young
     retry_at: float = 0.0   # monotonic time before which no new start is tried
+    replica: ReplicaManager | None = None  # level 2 data plane
 
 
 START_BACKOFF_MAX = 30.0
@@ -74,6 +82,8 @@ class Agent:
         self.guard = FenceGuard(self.t.fence_check, self._on_fence)
         self.wake = asyncio.Event()
         self.last_report: TickReport | None = None
+        self.snapshot: PoolSnapshot | None = None
+        self.exports: dict[str, StorageDaemon] = {}  # level 2 copies this host serves
         self._pending_events: deque[Event] = deque(maxlen=1000)
         self._quorum_ok = True
         self._stopping = False
@@ -83,7 +93,8 @@ class Agent:
     @property
     def info(self) -> HostInfo:
         return HostInfo(name=self.cfg.name, memory_mib=self.cfg.memory_mib, vcpus=self.cfg.vcpus,
-                        shared_storage=self.cfg.shared_storage, lease_id=self.lease)
+                        shared_storage=self.cfg.shared_storage, lease_id=self.lease,
+                        replication_addr=self.cfg.replication_addr)
 
     @property
     def _lease_file(self) -> Path:
@@ -101,9 +112,8 @@ class Agent:
             await self.etcd.lease_revoke(old)
         lease, ttl = await self.etcd.lease_grant(self.t.lease_ttl)
         sent = time.monotonic()
-        if not await self.store.register_host(HostInfo(
-                name=self.cfg.name, memory_mib=self.cfg.memory_mib, vcpus=self.cfg.vcpus,
-                shared_storage=self.cfg.shared_storage, lease_id=lease), lease):
+        self.lease = lease
+        if not await self.store.register_host(self.info, lease):
             await self.etcd.lease_revoke(lease)
             raise AgentStartError(f"another agent is live as host {self.cfg.name} in pool {self.cfg.pool}")
         self._lease_file.write_text(json.dumps({"lease": lease}))
@@ -230,10 +240,13 @@ class Agent:
 
     def local_view(self) -> LocalView:
         return LocalView(self.cfg.name, {
-            name: LocalVm(name, rec.state, rec.token, rec.exit_code) for name, rec in self.vms.items()})
+            name: LocalVm(name, rec.state, rec.token, rec.exit_code) for name, rec in self.vms.items()},
+            frozenset(self.exports))
 
     async def tick(self) -> TickReport:
         snapshot = await self.store.snapshot()
+        self.snapshot = snapshot
+        self._forget_finished(snapshot)
         report = decide(snapshot, self.local_view())
         self.last_report = report
         if report.actions():
@@ -254,9 +267,21 @@ class Agent:
         elif d.action is Action.CLAIM:
             if not self.guard.may_run():
                 return
-            token = await self.store.claim(d.vm, self.cfg.name, self.lease)
+            view = snapshot.vms[d.vm]
+            copies_new = None
+            if view.spec.level is Level.COMPONENT:
+                others = [h for h in eligible_hosts(snapshot, view) if h != self.cfg.name]
+                others += sorted(h for h in snapshot.hosts if h != self.cfg.name and h not in others)
+                copies_new = claim_copies(view.copies, self.cfg.name, view.home, others[0] if others else None,
+                                          time.time(), forced=view.force_host == self.cfg.name)
+            token = await self.store.claim(d.vm, self.cfg.name, self.lease, view.copies, copies_new)
             if token is not None:
-                self.event(d.vm, "claim", f"{d.reason} (fencing token {token})")
+                extra = ""
+                if view.force_host == self.cfg.name:
+                    extra = "; OPERATOR FORCED THIS START, ACCEPTING DATA LOSS"
+                if copies_new is not None:
+                    extra += f"; copies: {_copies_summary(copies_new)}"
+                self.event(d.vm, "claim", f"{d.reason} (fencing token {token}){extra}")
                 self.wake.set()
         elif d.action is Action.START:
             assert d.token is not None
@@ -270,6 +295,15 @@ class Agent:
             self.event(d.vm, "stop", d.reason)
             if rec.qemu:
                 asyncio.create_task(rec.qemu.stop(self.cfg.stop_grace))
+        elif d.action is Action.EXPORT:
+            await self._export(d, snapshot)
+        elif d.action is Action.UNEXPORT:
+            daemon = self.exports.pop(d.vm, None)
+            if daemon is not None:
+                await daemon.stop()
+            with suppress(EtcdError):
+                await self.store.withdraw_export(d.vm, self.cfg.name)
+            self.event(d.vm, "unexport", f"stopped serving this host's copy: {d.reason}")
         elif d.action is Action.RELEASE:
             assert d.token is not None
             if await self.store.release(d.vm, d.token):
@@ -277,7 +311,8 @@ class Agent:
                 self.event(d.vm, "release", d.reason)
 
     async def _start(self, d: Decision, snapshot: PoolSnapshot, failures: int) -> None:
-        spec = snapshot.vms[d.vm].spec
+        view = snapshot.vms[d.vm]
+        spec = view.spec
         token = d.token
         assert token is not None and self.accel is not None
         # Fencing: the start is recorded only if we still own the VM under this token.
@@ -288,10 +323,27 @@ class Agent:
         rec = LocalRecord(d.vm, token, RunState.STARTING, reported=starting, failures=failures)
         self.vms[d.vm] = rec
         paths = VmPaths(self.cfg.state_dir / "vms" / d.vm)
+        graphs: list[DiskGraph] = []
+        blockdevs = None
+        images: list[LocalImage] = []
         try:
+            if spec.level is Level.COMPONENT:
+                daemon = self.exports.pop(d.vm, None)  # promoted partner: release the image first
+                if daemon is not None:
+                    await daemon.stop()
+                    with suppress(EtcdError):
+                        await self.store.withdraw_export(d.vm, self.cfg.name)
+                images = self._prepare_images(spec, view.copies)
+                blockdevs = []
+                for i, image in enumerate(images):
+                    g, nodes = local_only_start(i, image)
+                    graphs.append(g)
+                    blockdevs.append(nodes)
             qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
-                                      on_event=lambda name, data: self._on_qemu_event(d.vm, name, data))
-        except (QemuError, OSError) as e:
+                                      on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
+                                      blockdevs=blockdevs, paused=blockdevs is not None,
+                                      debug_qmp=self.cfg.debug_qmp)
+        except (QemuError, StorageDaemonError, OSError) as e:
             rec.state, rec.detail, rec.exit_code = RunState.CRASHED, str(e), None
             self._back_off(rec)
             self.event(d.vm, "error", f"start failed: {e}; next try in "
@@ -300,6 +352,16 @@ class Agent:
         rec.qemu = qemu
         self.guard.register(d.vm, qemu.pidfd)
         asyncio.create_task(self._watch_process(rec, qemu))
+        if blockdevs is not None:
+            # Level 2: track every guest write from the first one (the partner's resync needs them).
+            for g in graphs:
+                await qemu.execute("block-dirty-bitmap-add", {"node": g.local, "name": BITMAP,
+                                                               "granularity": BITMAP_GRANULARITY})
+            rec.replica = ReplicaManager(
+                d.vm, token, self.cfg.name, qemu, images, graphs, self.store, lambda: self.lease,
+                lambda: self._copies_view(d.vm), self.event)
+            await qemu.execute("cont")
+            rec.replica.start()
         try:
             await qemu.announce()
         except Exception as e:  # the guest still runs; the LAN learns from its traffic
@@ -307,11 +369,71 @@ class Agent:
         rec.state, rec.detail, rec.since = RunState.RUNNING, f"pid {qemu.pid}, {self.accel.accel}", time.time()
         self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid} started (token {token})")
 
+    def _copies_view(self, vm: str) -> tuple[Copies | None, tuple[ExportRecord, ...]]:
+        view = self.snapshot.vms.get(vm) if self.snapshot else None
+        return (view.copies, view.exports) if view else (None, ())
+
+    def _image(self, spec: VmSpec, index: int) -> LocalImage:
+        if self.cfg.local_storage is None:
+            raise StorageDaemonError("this host has no local_storage configured for level 2 copies")
+        ext = "qcow2" if self.cfg.local_format == "qcow2" else "img"
+        return LocalImage(str(self.cfg.local_storage / spec.name / f"disk{index}.{ext}"), self.cfg.local_format)
+
+    def _prepare_images(self, spec: VmSpec, copies: Copies | None) -> list[LocalImage]:
+        """This host's copy of each disk. An empty one is made only for a brand-new VM;
+        a current copy that is missing on disk is an error, never silently replaced."""
+        mine = copies.state_of(self.cfg.name) if copies else None
+        brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason == "new disk"
+        images = []
+        for i, disk in enumerate(spec.disks):
+            image = self._image(spec, i)
+            if not os.path.exists(image.path):
+                if not brand_new:
+                    raise StorageDaemonError(f"this host's copy {image.path} is missing")
+                ensure_image(image, disk.size)
+            images.append(image)
+        return images
+
+    async def _export(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        """Partner: serve this host's copy (made empty if it has none: the primary is then
+        told, and resyncs it in full)."""
+        spec = snapshot.vms[d.vm].spec
+        if not self.cfg.replication_addr:
+            self.event(d.vm, "error", "cannot serve a level 2 copy: no replication_addr configured")
+            return
+        try:
+            images = [self._image(spec, i) for i in range(len(spec.disks))]
+            fresh = any(ensure_image(img, disk.size) for img, disk in zip(images, spec.disks, strict=True))
+            daemon = await StorageDaemon.start(d.vm, images, self.cfg.replication_addr,
+                                               self.cfg.state_dir / "vms" / d.vm / "export.log")
+        except StorageDaemonError as e:
+            self.event(d.vm, "error", f"cannot serve this host's copy: {e}")
+            return
+        self.exports[d.vm] = daemon
+        await self.store.publish_export(d.vm, ExportRecord(self.cfg.name, daemon.addr, daemon.port), self.lease)
+        self.event(d.vm, "export", f"{d.reason} on {daemon.addr}:{daemon.port}"
+                                   + (" (new empty copy: needs a full resync)" if fresh else ""))
+
+    def _forget_finished(self, snapshot: PoolSnapshot) -> None:
+        """Drop records of VMs no longer running here and owned elsewhere (or by nobody)."""
+        for name, rec in list(self.vms.items()):
+            view = snapshot.vms.get(name)
+            owned_here = view is not None and view.owner is not None and view.owner.host == self.cfg.name
+            if rec.state not in ACTIVE_STATES and not owned_here:
+                del self.vms[name]
+        for name, daemon in list(self.exports.items()):
+            if not daemon.alive:
+                self.exports.pop(name)
+                self.event(name, "error", "the storage daemon serving this host's copy died")
+
     # QMP events worth an entry in the event log; exits are seen by _watch_process.
     NOTABLE_QEMU_EVENTS = frozenset({"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED",
                                      "BLOCK_IO_ERROR", "WATCHDOG"})
 
     def _on_qemu_event(self, vm: str, name: str, data: dict[str, Any]) -> None:
+        rec = self.vms.get(vm)
+        if rec is not None and rec.replica is not None:
+            rec.replica.on_qemu_event(name, data)
         if name in self.NOTABLE_QEMU_EVENTS:
             detail = ", ".join(f"{k}={v}" for k, v in sorted(data.items()) if not isinstance(v, dict))
             self.event(vm, "qemu", f"QEMU event {name}" + (f" ({detail})" if detail else ""))
@@ -320,6 +442,8 @@ class Agent:
     async def _watch_process(self, rec: LocalRecord, qemu: QemuVm) -> None:
         code = await qemu.proc.wait()
         self.guard.unregister(rec.name)  # before the pidfd is closed
+        if rec.replica is not None:
+            rec.replica.stop()
         await qemu.wait()
         if self.vms.get(rec.name) is not rec:
             return
@@ -367,3 +491,8 @@ class Agent:
             except EtcdError:
                 return
             self._pending_events.popleft()
+
+
+def _copies_summary(copies: Copies) -> str:
+    return ", ".join(f"{h} {c.state.value}" + (" (full resync)" if c.full else "")
+                     for h, c in sorted(copies.copies.items())) + f" (gen {copies.gen})"

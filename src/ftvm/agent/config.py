@@ -28,11 +28,16 @@ class AgentConfig:
     accel: str = "auto"
     probe_kernel: Path | None = None
     stop_grace: float = 0.0
+    local_storage: Path | None = None   # level 2 copies live here
+    local_format: str = "raw"           # raw or qcow2, per host
+    replication_addr: str = ""          # serves level 2 copies on this address (A-links)
+    debug_qmp: bool = False             # a second QMP socket per VM, for lab fault injection
     timing: Timing = Timing()
 
 
 _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
-          "shared_storage", "accel", "probe_kernel", "stop_grace", "timing"}
+          "shared_storage", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
+          "local_format", "replication_addr", "debug_qmp"}
 
 
 def parse_config(data: dict[str, Any]) -> AgentConfig:
@@ -64,12 +69,19 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
     shared = data.get("shared_storage", [])
     if not all(isinstance(p, str) and p.startswith("/") for p in shared):
         raise ConfigError("shared_storage must be a list of absolute paths")
+    if data.get("local_format", "raw") not in ("raw", "qcow2"):
+        raise ConfigError("local_format must be raw or qcow2")
+    local = data.get("local_storage")
+    if local is not None and not (isinstance(local, str) and local.startswith("/")):
+        raise ConfigError("local_storage must be an absolute path")
     return AgentConfig(
         name=data["name"], pool=data["pool"], etcd=tuple(etcd), state_dir=Path(data["state_dir"]),
         bridge=data["bridge"], memory_mib=data["memory_mib"], vcpus=data["vcpus"],
         shared_storage=tuple(p.rstrip("/") for p in shared), accel=data.get("accel", "auto"),
         probe_kernel=Path(data["probe_kernel"]) if data.get("probe_kernel") else None,
         stop_grace=float(data.get("stop_grace", 0.0)), timing=timing,
+        local_storage=Path(local) if local else None, local_format=data.get("local_format", "raw"),
+        replication_addr=data.get("replication_addr", ""), debug_qmp=bool(data.get("debug_qmp", False)),
     )
 
 

@@ -114,8 +114,26 @@ def default_mac(name: str) -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
 
 
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise CliError(f"bad size {text!r}: use e.g. 64M or 2G", BAD_INPUT) from None
+
+
 def spec_from_args(args: Any) -> VmSpec:
     disks = []
+    if args.level == 2:
+        if args.disk:
+            raise CliError("level 2 keeps a copy on each host's local storage: give --disk-size, "
+                           "not --disk", BAD_INPUT)
+        disks = [DiskSpec(size=parse_size(s)) for s in args.disk_size or []]
+    elif args.disk_size:
+        raise CliError("--disk-size is for level 2; levels 0 and 1 take --disk PATH", BAD_INPUT)
     for d in args.disk or []:
         path, _, fmt = d.partition(",format=")
         disks.append(DiskSpec(os.path.abspath(path), fmt or ("qcow2" if path.endswith(".qcow2") else "raw")))
@@ -133,8 +151,8 @@ def spec_from_args(args: Any) -> VmSpec:
         except GuestBuildError as e:
             raise CliError(f"demo guest: {e}", BAD_INPUT) from None
         kernel, initrd, append = str(image.kernel), str(image.initrd), image.append
-    if args.level not in (0, 1):
-        raise CliError(f"level {args.level} is not available yet (0 or 1)", BAD_INPUT)
+    if args.level not in (0, 1, 2):
+        raise CliError(f"level {args.level} is not available yet (0, 1 or 2)", BAD_INPUT)
     return VmSpec(name=args.name, level=Level(args.level), memory_mib=args.memory, vcpus=args.vcpus,
                   disks=tuple(disks), nics=nics,
                   boot=BootSpec(os.path.abspath(kernel) if kernel else None,

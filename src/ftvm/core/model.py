@@ -107,6 +107,7 @@ class HostInfo:
     vcpus: int
     shared_storage: tuple[str, ...] = ()
     lease_id: int = 0
+    replication_addr: str = ""  # where this host serves its Level 2 copies (A-links)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -118,6 +119,7 @@ class HostInfo:
         return HostInfo(
             name=d["name"], memory_mib=int(d["memory_mib"]), vcpus=int(d["vcpus"]),
             shared_storage=tuple(d.get("shared_storage", ())), lease_id=int(d.get("lease_id", 0)),
+            replication_addr=d.get("replication_addr", ""),
         )
 
     def can_reach(self, spec: VmSpec) -> bool:

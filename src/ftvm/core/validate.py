@@ -35,7 +35,15 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
         return f"{spec.vcpus} vCPUs is more than any host has ({most_cpus})"
     if not spec.disks and not spec.boot.kernel:
         return "a VM needs a disk or a kernel to boot"
-    for disk in spec.disks:
+    if spec.level is Level.COMPONENT:
+        if not spec.disks:
+            return "level 2 mirrors disks: give at least one --disk-size"
+        for disk in spec.disks:
+            if disk.size < 1 << 20 or disk.size % 512:
+                return f"disk size {disk.size} must be at least 1 MiB and a multiple of 512 bytes"
+        if len(snapshot.hosts) < 2:
+            return "level 2 needs a partner host: fewer than 2 hosts are up"
+    for disk in (spec.disks if spec.level is not Level.COMPONENT else ()):
         if not disk.path.startswith("/"):
             return f"disk path {disk.path!r} must be absolute"
         if not file_exists(disk.path):

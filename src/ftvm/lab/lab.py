@@ -193,6 +193,8 @@ def _build_network(hosts: list[str]) -> None:
         ns_ip(ns, "addr", "add", topo.replication_addr(h) + "/32", "dev", "lo")
         # A route over a link whose far end is down must not be used: the other A-link takes over.
         sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.conf.all.ignore_routes_with_linkdown=1")
+        # A replication connection to a dead partner must fail in seconds, not minutes.
+        sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_retries2=5")
     for link in topo.a_links(hosts):
         _veth(topo.host_ns(link.a), link.ifname(link.a), topo.host_ns(link.b), link.ifname(link.b))
         for side in (link.a, link.b):
@@ -248,6 +250,10 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None) -> 
         f'state_dir = "{d / "state"}"', 'bridge = "br0"',
         f"memory_mib = {state.host_memory_mib}", f"vcpus = {state.host_vcpus}",
         f'shared_storage = ["{state.shared_dir}"]', 'accel = "auto"',
+        f'local_storage = "{d / "local"}"',
+        # the hosts' storage differs on purpose: level 2 copies are raw on odd hosts, qcow2 on even
+        f'local_format = "{"raw" if topo.host_index(host) % 2 else "qcow2"}"',
+        f'replication_addr = "{topo.replication_addr(host)}"', "debug_qmp = true",
     ]
     if probe_kernel:
         lines.append(f'probe_kernel = "{probe_kernel}"')

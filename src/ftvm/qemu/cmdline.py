@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..core.model import VmSpec
 from .probe import Accel
@@ -26,6 +28,11 @@ class VmPaths:
     def serial(self) -> Path:
         return self.run_dir / "serial.log"
 
+    @property
+    def debug_qmp(self) -> Path:
+        """A second QMP socket (lab only): fault injection without disturbing the agent's."""
+        return self.run_dir / "qmp-debug.sock"
+
 
 def tap_name(vm: str) -> str:
     """Interface names are limited to 15 bytes; keep short names readable."""
@@ -34,7 +41,11 @@ def tap_name(vm: str) -> str:
     return "ft-" + hashlib.sha1(vm.encode()).hexdigest()[:12]
 
 
-def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str]) -> list[str]:
+def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
+                  blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
+                  debug_qmp: bool = False) -> list[str]:
+    """`blockdevs` (level 2): per disk, the -blockdev nodes, the last one named disk<i>.
+    Those disks stop the VM on an I/O error (werror/rerror=stop) so the agent can act."""
     cmd = [
         QEMU, "-name", f"guest={spec.name},process=ftvm-{spec.name}",
         "-machine", "pc", "-accel", accel.accel, "-cpu", accel.cpu,
@@ -43,6 +54,10 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str]) -
         "-chardev", f"file,id=ser0,path={paths.serial}", "-serial", "chardev:ser0",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
     ]
+    if debug_qmp:
+        cmd += ["-qmp", f"unix:{paths.debug_qmp},server=on,wait=off"]
+    if paused:
+        cmd += ["-S"]
     if spec.boot.kernel:
         append = spec.boot.append
         ip = spec.nics[0].ip if spec.nics else None
@@ -53,10 +68,14 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str]) -
             cmd += ["-initrd", spec.boot.initrd]
         cmd += ["-append", append]
     for i, disk in enumerate(spec.disks):
+        boot = ",bootindex=0" if i == 0 and not spec.boot.kernel else ""
+        if blockdevs is not None:
+            cmd += [x for node in blockdevs[i] for x in ("-blockdev", json.dumps(node))]
+            cmd += ["-device", f"virtio-blk-pci,drive=disk{i},werror=stop,rerror=stop{boot}"]
+            continue
         # cache=none: a write the guest flushed is on the host's disk, not in its page cache.
         cmd += ["-drive", f"if=none,id=disk{i},file={disk.path},format={disk.format},cache=none,aio=threads",
-                "-device", f"virtio-blk-pci,drive=disk{i}"
-                + (",bootindex=0" if i == 0 and not spec.boot.kernel else "")]
+                "-device", f"virtio-blk-pci,drive=disk{i}{boot}"]
     for i, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
         cmd += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off",
                 "-device", f"virtio-net-pci,netdev=net{i},mac={nic.mac},romfile="]

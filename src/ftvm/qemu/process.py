@@ -75,16 +75,20 @@ class QemuVm:
 
     @staticmethod
     async def start(spec: VmSpec, paths: VmPaths, accel: Accel, bridge: str,
-                    on_event: Callable[[str, dict[str, Any]], None] | None = None) -> QemuVm:
-        for disk in spec.disks:
-            if not Path(disk.path).exists():
-                raise QemuError(f"disk image {disk.path} does not exist")
+                    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                    blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
+                    debug_qmp: bool = False) -> QemuVm:
+        if blockdevs is None:
+            for disk in spec.disks:
+                if not Path(disk.path).exists():
+                    raise QemuError(f"disk image {disk.path} does not exist")
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         paths.qmp.unlink(missing_ok=True)
+        paths.debug_qmp.unlink(missing_ok=True)
         taps = tap_names(spec)
         for tap in taps:
             ensure_tap(tap, bridge)
-        cmd = build_cmdline(spec, paths, accel, taps)
+        cmd = build_cmdline(spec, paths, accel, taps, blockdevs, paused, debug_qmp)
         log.info("starting %s: %s", spec.name, " ".join(cmd))
         stderr = open(paths.run_dir / "qemu.log", "ab")
         proc = await asyncio.create_subprocess_exec(

@@ -1,0 +1,342 @@
+"""Level 2 data plane on the primary: keep the partner's copy in step, mask failures.
+
+One `ReplicaManager` per running level 2 VM. Its loop:
+
+  * the VM stopped on an I/O error (werror=stop; a copy failed under the quorum):
+    record the failed copy in etcd first (outdated or failed, generation bumped),
+    then drop it from the block graph and continue on the survivor. Until the
+    record is committed the VM stays stopped: no write is ever acknowledged with
+    one copy while the other is still believed current.
+  * LOCAL_ONLY and the partner serves its copy: resync. Passes of a backup job
+    copy what the dirty bitmap says changed (or everything, for a full resync)
+    while the guest runs; the last pass runs with the VM stopped, then the disk
+    is switched to MIRRORED and the partner's copy recorded current.
+  * MIRRORED: watch the partner. When its export disappears from the store or
+    its port stops answering, abort the replication connection so a write in
+    flight fails now (and is handled as above) instead of after TCP's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.model import Export as ExportRecord
+from ..core.model import SyncProgress
+from ..core.replication import Copies, CopyState, mark
+from ..qemu.blockgraph import DiskGraph, Export, LocalImage, Mode, add_remote, drop_child, mirror, node_kind
+from ..qemu.process import QemuVm
+from ..qemu.storage_daemon import export_name
+from ..store.etcd import EtcdError
+from ..store.pool import PoolStore
+
+log = logging.getLogger("ftvm.replica")
+
+BITMAP = "resync"
+BITMAP_GRANULARITY = 4096
+FINAL_PASS_BYTES = 4 << 20   # stop the guest for the last pass once this little is left
+MAX_PASSES = 8
+PROBE_INTERVAL = 0.5
+PROBE_FAILURES = 3
+
+
+@dataclass
+class ResyncFigures:
+    copied: int = 0          # bytes the resync jobs copied
+    written_apart: int = 0   # bytes the guest wrote while the partner was apart
+    full: bool = False
+    seconds: float = 0.0
+
+
+class ReplicaManager:
+    def __init__(self, vm: str, token: int, me: str, qemu: QemuVm, images: list[LocalImage],
+                 graphs: list[DiskGraph], store: PoolStore, lease: Callable[[], int],
+                 snapshot_copies: Callable[[], tuple[Copies | None, tuple[ExportRecord, ...]]],
+                 event: Callable[[str, str, str], None]) -> None:
+        self.vm, self.token, self.me = vm, token, me
+        self.qemu = qemu
+        self.images = images
+        self.graphs = graphs
+        self.store = store
+        self.lease = lease
+        self.snapshot_copies = snapshot_copies
+        self.event = lambda kind, msg: event(vm, kind, msg)
+        self.failed_nodes: set[str] = set()
+        self.wake = asyncio.Event()
+        self.jobs: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.last_resync: ResyncFigures | None = None
+        self._apart_since_wr: int | None = None  # guest bytes written when the partner left
+        self._task: asyncio.Task[None] | None = None
+        self.problem = ""  # why the VM is paused, if it is
+
+    # --- plumbing ----------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"replica-{self.vm}")
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def on_qemu_event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "QUORUM_REPORT_BAD" and data.get("node-name"):
+            self.failed_nodes.add(str(data["node-name"]))
+        elif name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            fut = self.jobs.get(str(data.get("device")))
+            if fut is not None and not fut.done():
+                fut.set_result(data)
+        if name in ("BLOCK_IO_ERROR", "QUORUM_REPORT_BAD", "STOP"):
+            self.wake.set()
+
+    @property
+    def mode(self) -> Mode:
+        modes = {g.mode for g in self.graphs}
+        return modes.pop() if len(modes) == 1 else Mode.LOCAL_ONLY
+
+    async def _run(self) -> None:
+        probe_failures = 0
+        while True:
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), PROBE_INTERVAL)
+            self.wake.clear()
+            try:
+                status = (await self.qemu.execute("query-status"))["status"]
+                if status == "io-error":
+                    await self._handle_io_error()
+                    continue
+                copies, exports = self.snapshot_copies()
+                partner = copies.partner_of(self.me) if copies else None
+                export = next((e for e in exports if e.host == partner), None)
+                if self.mode is Mode.MIRRORED:
+                    if export is None or not await _port_answers(export):
+                        probe_failures += 1
+                    else:
+                        probe_failures = 0
+                    if probe_failures >= PROBE_FAILURES or (export is None and probe_failures):
+                        self._abort_replication(copies, partner)
+                        probe_failures = 0
+                elif (self.mode is Mode.LOCAL_ONLY and status == "running" and copies is not None
+                      and partner is not None and export is not None):
+                    c = copies.state_of(partner)
+                    if c is not None and c.state in (CopyState.OUTDATED, CopyState.SYNCING):
+                        await self._resync(copies, partner, export, c.full)
+            except asyncio.CancelledError:
+                raise
+            except EtcdError as e:
+                log.warning("%s: quorum service unreachable during replication work: %s", self.vm, e)
+            except Exception as e:  # keep the loop alive: the next round retries
+                log.exception("%s: replication step failed", self.vm)
+                self.event("replica", f"replication step failed: {e}")
+                await asyncio.sleep(1.0)
+
+    async def _update_copies(self, change: Callable[[Copies], Copies]) -> Copies:
+        """Compare-and-set the copies record under our fencing token, retrying until
+        etcd answers (the VM stays stopped meanwhile when that matters)."""
+        while True:
+            try:
+                current = await self.store.get_copies(self.vm)
+                if current is None:
+                    raise RuntimeError("copies record missing")
+                stored = await self.store.set_copies(self.vm, self.token, current, change(current))
+                if stored is not None:
+                    return stored
+                snap_owner = await self.store.etcd.get(self.store.vm_key(self.vm, "owner"))
+                if snap_owner is None or snap_owner.create_revision != self.token:
+                    raise RuntimeError("no longer the owner: not changing the copies record")
+            except EtcdError as e:
+                log.warning("%s: cannot record the copies' state yet (%s); VM kept as is", self.vm, e)
+                await asyncio.sleep(0.2)
+
+    # --- failures ----------------------------------------------------------------
+    async def _handle_io_error(self) -> None:
+        kinds = {k for g in self.graphs if g.mode is Mode.MIRRORED
+                 for k in (node_kind(g, n) for n in self.failed_nodes) if k}
+        if not kinds or kinds == {"local", "remote"}:
+            why = ("both copies failed" if kinds else "I/O error on an unmirrored disk")
+            if self.problem != why:
+                self.problem = why
+                self.event("io-error", f"VM paused: {why}; nothing left to continue on")
+            await asyncio.sleep(1.0)
+            return
+        failed = kinds.pop()
+        copies, exports = self.snapshot_copies()
+        partner = copies.partner_of(self.me) if copies else None
+        if partner is None:
+            raise RuntimeError("mirrored disk without a partner")
+        now = time.time()
+        if failed == "remote":
+            why = f"replication to {partner} failed"
+            await self._update_copies(lambda c: mark(c, partner, CopyState.OUTDATED, why, now))
+        else:
+            why = f"local disk on {self.me} failed (I/O error)"
+            await self._update_copies(lambda c: mark(c, self.me, CopyState.FAILED, why, now, full=True))
+        wr_before = await self._written_bytes()
+        for i, g in enumerate(self.graphs):
+            if g.mode is Mode.MIRRORED:
+                new, steps = drop_child(g, failed, self.images[i], self._export_for(exports, partner, i))
+                await self._run_steps(steps)
+                self.graphs[i] = new
+                if new.mode is Mode.LOCAL_ONLY and new.local:
+                    await self.qemu.execute("block-dirty-bitmap-add", {
+                        "node": new.local, "name": BITMAP, "granularity": BITMAP_GRANULARITY})
+        if failed == "remote":
+            self._apart_since_wr = wr_before
+        self.failed_nodes.clear()
+        self.problem = ""
+        await self.qemu.execute("cont")
+        survivor = "its local copy" if failed == "remote" else f"the copy on {partner}"
+        self.event("masked", f"{why}: copy recorded {'outdated' if failed == 'remote' else 'failed'} "
+                             f"in the store, VM continues on {survivor}")
+
+    def _abort_replication(self, copies: Copies | None, partner: str | None) -> None:
+        """Kill the TCP connections to the partner's replication address: in-flight
+        writes fail at once and are handled like any other replica failure."""
+        _, exports = self.snapshot_copies()
+        addr = next((e.addr for e in exports if e.host == partner), None) or self._last_addr
+        if not addr:
+            return
+        subprocess.run(["ss", "-K", "dst", addr], capture_output=True)
+        self.event("replica", f"partner {partner} not answering: replication connection aborted")
+
+    _last_addr = ""
+    _last_port = 0
+
+    def _export_for(self, exports: tuple[ExportRecord, ...], host: str, index: int) -> Export:
+        rec = next((e for e in exports if e.host == host), None)
+        addr, port = (rec.addr, rec.port) if rec else (self._last_addr, self._last_port)
+        return Export(addr, port, export_name(self.vm, index))
+
+    async def _written_bytes(self) -> int:
+        stats = await self.qemu.execute("query-blockstats", {"query-nodes": False})
+        return sum(int(s.get("stats", {}).get("wr_bytes", 0)) for s in stats)
+
+    async def _run_steps(self, steps: list[tuple[str, dict[str, Any]]]) -> None:
+        for cmd, args in steps:
+            await self.qemu.execute(cmd, args)
+
+    # --- resync ------------------------------------------------------------------
+    async def _resync(self, copies: Copies, partner: str, rec: ExportRecord, full: bool) -> None:
+        t0 = time.time()
+        self._last_addr, self._last_port = rec.addr, rec.port
+        spares: list[str] = []
+        for i, g in enumerate(self.graphs):
+            new, steps, spare = add_remote(g, Export(rec.addr, rec.port, export_name(self.vm, i)))
+            try:
+                await self._run_steps(steps)
+            except Exception as e:
+                for s in spares:
+                    with suppress(Exception):
+                        await self.qemu.execute("blockdev-del", {"node-name": s})
+                log.info("%s: partner export not reachable yet: %s", self.vm, e)
+                return
+            self.graphs[i] = new
+            spares.append(spare)
+        await self._update_copies(lambda c: mark(c, partner, CopyState.SYNCING,
+                                                 "full resync" if full else "resync of changed blocks",
+                                                 time.time(), full=full))
+        self.event("resync", f"resync of the copy on {partner} started ({'full' if full else 'changed blocks'})")
+        figures = ResyncFigures(full=full)
+        try:
+            first = True
+            for _ in range(MAX_PASSES):
+                figures.copied += await self._pass(spares, full and first, partner)
+                first = False
+                if await self._dirty_bytes() <= FINAL_PASS_BYTES:
+                    break
+            await self.qemu.execute("stop")
+            try:
+                figures.copied += await self._pass(spares, False, partner)
+                for i, g in enumerate(self.graphs):
+                    new, steps = mirror(g, spares[i], self.images[i])
+                    await self._run_steps(steps)
+                    self.graphs[i] = new
+                wr_now = await self._written_bytes()
+                if self._apart_since_wr is not None:
+                    figures.written_apart = wr_now - self._apart_since_wr
+                await self._update_copies(lambda c: mark(c, partner, CopyState.CURRENT,
+                                                         "in sync", time.time()))
+            finally:
+                await self.qemu.execute("cont")
+        except Exception:
+            for i, g in enumerate(self.graphs):
+                if g.mode is Mode.LOCAL_ONLY:
+                    with suppress(Exception):
+                        await self.qemu.execute("blockdev-del", {"node-name": spares[i]})
+            await self._update_copies(lambda c: mark(c, partner, CopyState.OUTDATED, "resync interrupted",
+                                                     time.time(), full=full))
+            raise
+        finally:
+            with suppress(EtcdError):
+                await self.store.report_sync(self.vm, self.token, None, self.lease())
+        figures.seconds = round(time.time() - t0, 3)
+        self._apart_since_wr = None
+        self.last_resync = figures
+        self.event("in-sync", f"copy on {partner} in sync: resync copied {figures.copied} bytes "
+                              f"({'full' if full else f'{figures.written_apart} bytes written while apart'}) "
+                              f"in {figures.seconds:.1f}s; disks mirrored")
+
+    async def _dirty_bytes(self) -> int:
+        total = 0
+        nodes = await self.qemu.execute("query-named-block-nodes", {"flat": True})
+        locals_ = {g.local for g in self.graphs}
+        for n in nodes:
+            if n.get("node-name") in locals_:
+                total += sum(int(b.get("count", 0)) for b in n.get("dirty-bitmaps", [])
+                             if b.get("name") == BITMAP)
+        return total
+
+    async def _pass(self, spares: list[str], full: bool, partner: str) -> int:
+        """One backup pass per disk (dirty blocks, or all of it); returns bytes copied."""
+        copied = 0
+        for i, g in enumerate(self.graphs):
+            assert g.local is not None
+            job = f"resync-{self.vm}-d{i}"
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            self.jobs[job] = fut
+            backup: dict[str, Any] = {"job-id": job, "device": g.local, "target": spares[i],
+                                      "auto-dismiss": True}
+            if full:
+                backup["sync"] = "full"
+                await self.qemu.execute("transaction", {"actions": [
+                    {"type": "block-dirty-bitmap-clear", "data": {"node": g.local, "name": BITMAP}},
+                    {"type": "blockdev-backup", "data": backup}]})
+            else:
+                backup.update(sync="bitmap", bitmap=BITMAP, **{"bitmap-mode": "on-success"})
+                await self.qemu.execute("blockdev-backup", backup)
+            t0 = time.time()
+            while not fut.done():
+                with suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut), 0.5)
+                if not fut.done():
+                    await self._report_progress(job, partner, full, t0)
+            result = fut.result()
+            self.jobs.pop(job, None)
+            if result.get("error"):
+                raise RuntimeError(f"resync pass failed: {result['error']}")
+            copied += int(result.get("len", 0))
+        return copied
+
+    async def _report_progress(self, job: str, partner: str, full: bool, t0: float) -> None:
+        for j in await self.qemu.execute("query-block-jobs"):
+            if j.get("device") == job:
+                done, total = int(j.get("offset", 0)), int(j.get("len", 0))
+                rate = done / max(0.001, time.time() - t0)
+                with suppress(EtcdError):
+                    await self.store.report_sync(self.vm, self.token,
+                                                 SyncProgress(partner, done, total, rate, full), self.lease())
+
+
+async def _port_answers(export: ExportRecord, timeout: float = 0.5) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(export.addr, export.port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    with suppress(Exception):
+        await writer.wait_closed()
+    return True
