@@ -103,6 +103,34 @@ def cmd_lab_heal(args: Any) -> int:
     return _host_op(args, "heal")
 
 
+def cmd_lab_fail_disk(args: Any) -> int:
+    from ..lab.faults import fail_disk
+    state = _state(args)
+    try:
+        failed = fail_disk(state, args.vm, args.host)
+    except lab.LabError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    if is_json(args):
+        emit_json({"failed": failed})
+    else:
+        console.print(f"local disk of {args.vm} on {args.host} now fails every I/O: {', '.join(failed)}")
+    return OK
+
+
+def cmd_lab_a_link(args: Any) -> int:
+    state = _state(args)
+    try:
+        lab.set_a_link(state, args.a, args.b, args.link, up=args.state == "up")
+    except lab.LabError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    msg = f"A-link {args.link} between {args.a} and {args.b} is {args.state}"
+    if is_json(args):
+        emit_json({"ok": True, "message": msg})
+    else:
+        console.print(msg)
+    return OK
+
+
 def cmd_lab_status(args: Any) -> int:
     state = _state(args)
     data = {"hosts": state.hosts, "failed": state.failed, "partitions": state.partitions,

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("name")
         p.add_argument("--wait", action="store_true", help="wait until done")
         p.add_argument("--timeout", type=float, default=60)
+        if name == "start":
+            p.add_argument("--accept-data-loss", action="store_true",
+                           help="level 2: start from a copy that is not current (recorded in the event log)")
+            p.add_argument("--host", help="with --accept-data-loss: the host whose copy to start from")
     p = cmd(vm, "remove", pool_cmds.cmd_vm_remove, "remove a stopped VM (its disks are kept)")
     p.add_argument("name")
     p = cmd(vm, "show", pool_cmds.cmd_vm_show, "show one VM")
@@ -94,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = cmd(lab, name, fn, text)
         p.add_argument("host")
         p.add_argument("--from", dest="from_", required=True, choices=("quorum", "lan"))
+
+    p = cmd(lab, "fail-disk", lab_cmds.cmd_lab_fail_disk, "make a level 2 VM's local disk fail (EIO)")
+    p.add_argument("vm")
+    p.add_argument("--host", required=True, help="the host whose copy fails")
+    p = cmd(lab, "a-link", lab_cmds.cmd_lab_a_link, "take one A-link between two hosts down or up")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("state", choices=("up", "down"))
+    p.add_argument("--link", type=int, default=1, help="which of the pair's A-links (1 or 2)")
 
     guest = sub.add_parser("guest", help="the demo guest").add_subparsers(dest="sub", required=True)
     cmd(guest, "build", lab_cmds.cmd_guest_build, "build (or find cached) the demo guest")

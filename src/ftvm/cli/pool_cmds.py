@@ -14,7 +14,7 @@ from rich.table import Table
 from ..core.decide import choose_host
 from ..core.model import (BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec,
                           VmView)
-from ..core.protection import protection
+from ..core.protection import protection, replica_text
 from ..core.validate import check_mac, check_new_vm
 from ..store.pool import Event, PoolStore
 from .common import (BAD_INPUT, NOT_FOUND, OK, REFUSED, CliError, console, emit_json, endpoints,
@@ -36,7 +36,12 @@ def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
     waiting = None
     if view.owner is None and view.spec.desired is Desired.RUNNING:
         waiting = choose_host(snap, view)[1]
+    here = where or view.home
+    partner = view.copies.partner_of(here) if view.copies and here else None
     return {"name": view.spec.name, "level": int(view.spec.level), "host": where, "state": state,
+            "partner": partner, "replica": replica_text(view),
+            "copies": view.copies.to_json() if view.copies else None,
+            "sync": view.sync.__dict__ if view.sync else None,
             "desired": view.spec.desired.value, "protected": prot.protected,
             "protection": str(prot), "detail": (st.detail if st else waiting) or "",
             "memory_mib": view.spec.memory_mib, "vcpus": view.spec.vcpus,
@@ -88,12 +93,12 @@ def _hosts_table(rows: list[dict[str, Any]]) -> Table:
 
 def _vms_table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title="VMs", title_justify="left")
-    for col in ("VM", "Level", "Host", "State", "Protection", "Detail"):
+    for col in ("VM", "Level", "Host", "Partner", "State", "Replica", "Protection", "Detail"):
         t.add_column(col)
     for v in rows:
         colour = "green" if v["protected"] else "yellow"
-        t.add_row(v["name"], f"L{v['level']}", v["host"] or "-", v["state"],
-                  f"[{colour}]{v['protection']}[/]", v["detail"])
+        t.add_row(v["name"], f"L{v['level']}", v["host"] or "-", v["partner"] or "-", v["state"],
+                  v["replica"] or "-", f"[{colour}]{v['protection']}[/]", v["detail"])
     return t
 
 
@@ -204,6 +209,11 @@ def _set_desired(args: Any, desired: Desired) -> int:
     changed = with_store(args, change)
     if not is_json(args):
         console.print(f"VM {args.name}: desired state {desired.value}" + ("" if changed else " (unchanged)"))
+        if desired is Desired.RUNNING:
+            snap, view = with_store(args, lambda s: _get_view(s, args.name))
+            target, why = choose_host(snap, view) if view.owner is None else (view.owner.host, "")
+            if target is None:
+                console.print(f"[yellow]it cannot start now:[/] {why}", highlight=False)
     if args.wait:
         return _wait_state(args, args.name, RunState.RUNNING if desired is Desired.RUNNING else None)
     if is_json(args):
@@ -237,7 +247,42 @@ def _wait_state(args: Any, name: str, want: RunState | None) -> int:
 
 
 def cmd_vm_start(args: Any) -> int:
+    if args.accept_data_loss:
+        _force_start(args)
+    elif args.host:
+        raise CliError("--host only goes with --accept-data-loss", BAD_INPUT)
     return _set_desired(args, Desired.RUNNING)
+
+
+def _force_start(args: Any) -> None:
+    """Let a level 2 VM start from a copy that is not current: the operator accepts
+    losing what that copy lacks. Recorded in the event log."""
+    async def force(store: PoolStore) -> str:
+        snap, view = await _get_view(store, args.name)
+        if view.spec.level is not Level.COMPONENT or view.copies is None:
+            raise CliError("--accept-data-loss is for level 2 VMs that have copies", BAD_INPUT)
+        if view.owner is not None:
+            raise CliError(f"VM {args.name} is running on {view.owner.host}: nothing to force", REFUSED)
+        holders = sorted(h for h in view.copies.copies if h in snap.hosts)
+        host = args.host or (holders[0] if len(holders) == 1 else None)
+        if host is None:
+            raise CliError(f"say which copy to start from: --host one of {', '.join(holders) or '(none up)'}",
+                           BAD_INPUT)
+        if host not in view.copies.copies:
+            raise CliError(f"{host} holds no copy of {args.name}", BAD_INPUT)
+        if host not in snap.hosts:
+            raise CliError(f"host {host} is not up", REFUSED)
+        copy = view.copies.copies[host]
+        if not await store.force_start(args.name, host):
+            raise CliError(f"VM {args.name} changed meanwhile; nothing forced", REFUSED)
+        await store.add_event(Event(time.time(), "operator", args.name, "force",
+                                    f"start on {host} forced, accepting data loss: its copy is "
+                                    f"{copy.state.value} ({copy.reason})"))
+        return host
+
+    host = with_store(args, force)
+    if not is_json(args):
+        console.print(f"VM {args.name}: start on {host} forced (data loss accepted, recorded in the event log)")
 
 
 def cmd_vm_stop(args: Any) -> int:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import time
+
 from .model import Desired, Level, PoolSnapshot, RunState, VmView
+from .replication import CopyState
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ def protection(snapshot: PoolSnapshot, view: VmView) -> Protection:
     if view.owner is None or view.status is None or view.status.state is not RunState.RUNNING:
         return Protection(False, "not running")
     here = view.owner.host
+    if spec.level is Level.COMPONENT:
+        return _component(snapshot, view, here)
     host = snapshot.hosts.get(here)
     if host is None or not host.can_reach(spec):
         return Protection(False, "disks are not on shared storage")
@@ -36,3 +41,44 @@ def protection(snapshot: PoolSnapshot, view: VmView) -> Protection:
             return Protection(False, "no other live host")
         return Protection(False, "no other live host has room and its shared storage")
     return Protection(True, f"restarts on {spares[0]} if {here} is lost")
+
+
+def replica_text(view: VmView) -> str:
+    """The partner copy's state in words: in sync / syncing N% (ETA) / outdated since ..."""
+    copies, here = view.copies, view.owner.host if view.owner else view.home
+    if view.spec.level is not Level.COMPONENT or copies is None or here is None:
+        return ""
+    partner = copies.partner_of(here)
+    if partner is None:
+        return "no partner"
+    c = copies.copies[partner]
+    if c.state is CopyState.CURRENT:
+        return "in sync"
+    if c.state is CopyState.SYNCING:
+        sync = view.sync
+        if sync is not None and sync.total:
+            eta = sync.eta()
+            return (f"syncing {100 * sync.done // sync.total}%"
+                    + (f" (ETA {eta:.0f} s)" if eta is not None else ""))
+        return "syncing"
+    stamp = time.strftime("%H:%M:%S", time.localtime(c.since))
+    return f"{c.state.value} since {stamp}"
+
+
+def _component(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:
+    copies = view.copies
+    if copies is None:
+        return Protection(False, "no copies recorded yet")
+    partner = copies.partner_of(here)
+    if partner is None:
+        return Protection(False, "no partner host holds a copy")
+    mine, theirs = copies.copies.get(here), copies.copies[partner]
+    if mine is not None and mine.state is CopyState.FAILED:
+        return Protection(False, f"local disk on {here} failed; running on the copy on {partner}")
+    if partner not in snapshot.hosts:
+        return Protection(False, f"partner {partner} is down; replica {replica_text(view)}")
+    if theirs.state is CopyState.CURRENT:
+        if not any(e.host == partner for e in view.exports):
+            return Protection(False, f"partner {partner} is not serving its copy")
+        return Protection(True, f"every write on {here} and {partner}")
+    return Protection(False, f"replica on {partner} {replica_text(view)} ({theirs.reason})")

@@ -56,10 +56,13 @@ class LabPool:
 
     def define_ledger_vm(self, name: str, index: int, level: Level, image: GuestImage,
                          host: str | None = None, memory_mib: int = 256, start: bool = True) -> VmSpec:
-        disk = self.state.shared_dir / f"{name}.img"
-        make_ledger_disk(disk)
-        spec = VmSpec(name=name, level=level, memory_mib=memory_mib, vcpus=1,
-                      disks=(DiskSpec(str(disk)),),
+        if level is Level.COMPONENT:  # each host keeps its own copy in its local storage
+            disks: tuple[DiskSpec, ...] = (DiskSpec(size=64 << 20),)
+        else:
+            disk = self.state.shared_dir / f"{name}.img"
+            make_ledger_disk(disk)
+            disks = (DiskSpec(str(disk)),)
+        spec = VmSpec(name=name, level=level, memory_mib=memory_mib, vcpus=1, disks=disks,
                       nics=(NicSpec(f"52:54:00:77:00:{index:02x}", topo.vm_addr(index)),),
                       boot=BootSpec(str(image.kernel), str(image.initrd), image.append),
                       desired=Desired.RUNNING if start else Desired.STOPPED, preferred_host=host)
@@ -95,6 +98,29 @@ class LabPool:
             assert got is not None
             await store.remove_vm(name, got[1])
         self._run(stop)
+
+    def wait_for(self, what: str, check: Callable[[PoolSnapshot], bool], timeout: float) -> PoolSnapshot:
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = self.snapshot()
+            if check(snap):
+                return snap
+            if time.monotonic() > deadline:
+                raise ScenarioError(f"timed out after {timeout:g}s waiting for {what}")
+            time.sleep(0.1)
+
+    def copy_path(self, vm: str, host: str) -> tuple[Path, str]:
+        """(image, format) of `host`'s level 2 copy of the VM's first disk."""
+        fmt = "raw" if topo.host_index(host) % 2 else "qcow2"
+        ext = "img" if fmt == "raw" else "qcow2"
+        return self.state.host_dir(host) / "local" / vm / f"disk0.{ext}", fmt
+
+    def copy_as_raw(self, vm: str, host: str, dest: Path) -> Path:
+        """A raw snapshot of a host's copy (readable while in use), for the ledger reader."""
+        src, fmt = self.copy_path(vm, host)
+        subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(src), str(dest)],
+                       check=True, capture_output=True)
+        return dest
 
     def wait_answering(self, ip: str, timeout: float) -> float:
         """Wait until the ledger answers a ping from the client namespace; returns when."""
