@@ -129,6 +129,9 @@ def build_guest(cache_dir: Path | None = None, log=print) -> GuestImage:
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)  # atomic: a half-built guest is never seen as cached
+    for old in cache_dir.iterdir():  # builds from older inputs are never used again
+        if old != out and old.is_dir() and (old / "manifest.json").exists():
+            shutil.rmtree(old, ignore_errors=True)
     return image
 
 

@@ -13,7 +13,10 @@
  *   24 payload (at most 480 bytes, zero padded)
  * The Python reader is ftvm/guest/ledger_format.py: keep them in step.
  *
- * Other requests: "S" -> "SEQ <last>", "P" -> "PONG".
+ * Other requests: "S" -> "SEQ <last>", "P" -> "PONG",
+ * "F <kib>" -> writes <kib> KiB of non-zero data in 64 KiB O_DSYNC writes to the
+ *   scratch area (the second half of the disk, wrapping), replies "OK F <bytes> <usec>":
+ *   a bulk write workload for benchmarks and resync tests.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -26,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #define SECTOR 512
@@ -36,6 +40,8 @@
 static int disk_fd;
 static uint64_t last_seq;
 static uint64_t capacity; /* records */
+static uint64_t scratch_start, scratch_len, scratch_off; /* bytes */
+static uint64_t fill_counter;
 
 static uint32_t fnv1a(const unsigned char *p, size_t n) {
     uint32_t h = 2166136261u;
@@ -62,7 +68,9 @@ static void recover(void) {
     unsigned char buf[SECTOR * 64];
     uint64_t seq = 1;
     off_t size = lseek(disk_fd, 0, SEEK_END);
-    capacity = size / SECTOR - 1;
+    scratch_start = ((uint64_t)size / 2) & ~(uint64_t)65535;
+    scratch_len = (uint64_t)size - scratch_start;
+    capacity = scratch_start / SECTOR - 1;
     for (;;) {
         ssize_t n = pread(disk_fd, buf, sizeof buf, (off_t)seq * SECTOR);
         if (n < SECTOR) break;
@@ -98,6 +106,28 @@ static int append(const char *payload, size_t len, uint32_t *sum_out) {
     return 0;
 }
 
+/* Bulk write of `kib` KiB into the scratch area; returns microseconds taken, -1 on error. */
+static long long fill(unsigned long kib) {
+    static unsigned char chunk[65536];
+    struct timeval t0, t1;
+    uint64_t left = (uint64_t)kib * 1024;
+    gettimeofday(&t0, NULL);
+    while (left > 0) {
+        size_t n = left < sizeof chunk ? (size_t)left : sizeof chunk;
+        fill_counter++;
+        for (size_t i = 0; i < sizeof chunk; i += 8) {
+            uint64_t v = (fill_counter << 32) ^ (i * 0x9E3779B97F4A7C15ull) ^ 0x5555555555555555ull;
+            memcpy(chunk + i, &v, 8);
+        }
+        if (scratch_off + n > scratch_len) scratch_off = 0;
+        if (pwrite(disk_fd, chunk, n, (off_t)(scratch_start + scratch_off)) != (ssize_t)n) return -1;
+        scratch_off += n;
+        left -= n;
+    }
+    gettimeofday(&t1, NULL);
+    return (long long)(t1.tv_sec - t0.tv_sec) * 1000000 + (t1.tv_usec - t0.tv_usec);
+}
+
 struct client { int fd; size_t used; char buf[LINE_MAX_LEN]; };
 
 static void reply(int fd, const char *msg) {
@@ -122,6 +152,11 @@ static void handle_line(int fd, char *line, size_t len) {
         }
     } else if (len >= 1 && line[0] == 'S') {
         snprintf(out, sizeof out, "SEQ %llu\n", (unsigned long long)last_seq);
+    } else if (len >= 3 && line[0] == 'F') {
+        unsigned long kib = strtoul(line + 2, NULL, 10);
+        long long usec = fill(kib);
+        if (usec < 0) snprintf(out, sizeof out, "ERR %s\n", strerror(errno));
+        else snprintf(out, sizeof out, "OK F %llu %lld\n", (unsigned long long)kib * 1024, usec);
     } else if (len >= 1 && line[0] == 'P') {
         snprintf(out, sizeof out, "PONG\n");
     } else {

@@ -204,12 +204,16 @@ def _build_network(hosts: list[str]) -> None:
 
 
 def _route_replication(link: topo.ALink) -> None:
-    """Each end reaches the other's replication address over this link (routes die with the link)."""
+    """Each end reaches the other's replication address over this link (routes die with the
+    link). A link still cut at either end gets its routes when it comes back up."""
     for side in (link.a, link.b):
         other = link.b if side == link.a else link.a
-        ns_ip(topo.host_ns(side), "route", "replace", topo.replication_addr(other) + "/32",
-              "via", link.peer_ip(side), "dev", link.ifname(side), "metric", str(link.metric),
-              "src", topo.replication_addr(side))
+        try:
+            ns_ip(topo.host_ns(side), "route", "replace", topo.replication_addr(other) + "/32",
+                  "via", link.peer_ip(side), "dev", link.ifname(side), "metric", str(link.metric),
+                  "src", topo.replication_addr(side))
+        except LabError:
+            pass  # that end is down
 
 
 def _spawn(ns: str, cmd: list[str], log: Path) -> int:

@@ -122,6 +122,18 @@ class LabPool:
                        check=True, capture_output=True)
         return dest
 
+    def ask(self, ip: str, line: str, timeout: float = 60) -> str:
+        """One request to the ledger from the client namespace; returns the reply line."""
+        proc = subprocess.run(
+            ["ip", "netns", "exec", topo.CLIENT_NS, sys.executable, "-c",
+             "import socket,sys; s=socket.create_connection((sys.argv[1],7000),timeout=5);"
+             f"s.settimeout({timeout}); s.sendall(sys.argv[2].encode()+b'\\n');"
+             "print(s.makefile().readline().strip())", ip, line],
+            capture_output=True, text=True, timeout=timeout + 10)
+        if proc.returncode != 0:
+            raise ScenarioError(f"ledger at {ip} did not answer {line!r}: {proc.stderr.strip()[-200:]}")
+        return proc.stdout.strip()
+
     def wait_answering(self, ip: str, timeout: float) -> float:
         """Wait until the ledger answers a ping from the client namespace; returns when."""
         deadline = time.monotonic() + timeout
