@@ -1,0 +1,166 @@
+"""Level 2 pure parts: copies rules, block graph plans, decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftvm.core.decide import Action, choose_host, decide
+from ftvm.core.model import (Desired, DiskSpec, Export, HostInfo, Level, LocalView, LocalVm, NicSpec, Ownership,
+                             PoolSnapshot, RunState, VmSpec, VmStatus, VmView)
+from ftvm.core.protection import protection
+from ftvm.core.replication import Copies, CopyState, claim_copies, may_start_on, mark, new_copies
+from ftvm.qemu.blockgraph import Export as NbdExport
+from ftvm.qemu.blockgraph import LocalImage, Mode, add_remote, drop_child, local_only_start, mirror, node_kind
+
+IMG = LocalImage("/l/disk0.img", "raw")
+EXP = NbdExport("10.79.0.2", 10809, "web-d0")
+
+
+def spec(desired: Desired = Desired.RUNNING) -> VmSpec:
+    return VmSpec("web", Level.COMPONENT, 256, 1, (DiskSpec(size=64 << 20),), (NicSpec("52:54:00:00:00:01"),),
+                  desired=desired)
+
+
+def hosts(*names: str) -> dict[str, HostInfo]:
+    return {n: HostInfo(n, 1024, 4) for n in names}
+
+
+# --- copies ------------------------------------------------------------------------
+
+def test_new_vm_partner_starts_outdated_and_incremental() -> None:
+    c = new_copies("h1", "h2", 1.0)
+    assert c.current_hosts() == ["h1"] and not c.copies["h2"].full
+
+
+def test_only_a_current_copy_may_start() -> None:
+    c = mark(new_copies("h1", "h2", 1.0), "h2", CopyState.CURRENT, "in sync", 2.0)
+    assert may_start_on(c, "h2")[0]
+    c2 = mark(c, "h2", CopyState.OUTDATED, "replication failed", 3.0)
+    ok, why = may_start_on(c2, "h2")
+    assert not ok and "outdated" in why and c2.gen > c.gen
+    assert not may_start_on(c2, "h3")[0]
+
+
+def test_failover_outdates_old_primary_for_a_full_resync() -> None:
+    c = mark(new_copies("h1", "h2", 1.0), "h2", CopyState.CURRENT, "in sync", 2.0)
+    after = claim_copies(c, "h2", "h1", None, 3.0)
+    assert after.copies["h1"].state is CopyState.OUTDATED and after.copies["h1"].full
+    assert after.copies["h2"].state is CopyState.CURRENT
+
+
+def test_restart_on_same_host_outdates_partner_incrementally_or_fully() -> None:
+    c = mark(new_copies("h1", "h2", 1.0), "h2", CopyState.CURRENT, "in sync", 2.0)
+    assert not claim_copies(c, "h1", "h1", None, 3.0).copies["h2"].full
+    behind = mark(c, "h2", CopyState.OUTDATED, "x", 4.0)
+    assert claim_copies(behind, "h1", "h1", None, 5.0).copies["h2"].full  # its bitmap died with QEMU
+
+
+def test_forced_start_makes_the_chosen_copy_the_reference() -> None:
+    c = mark(new_copies("h1", "h2", 1.0), "h2", CopyState.OUTDATED, "apart", 2.0)
+    after = claim_copies(c, "h2", "h1", None, 3.0, forced=True)
+    assert after.current_hosts() == ["h2"] and after.copies["h1"].full
+
+
+def test_pending_full_resync_survives_further_failures() -> None:
+    c = Copies(3, {"h1": new_copies("h1", None, 0).copies["h1"]})
+    c = mark(c, "h2", CopyState.OUTDATED, "took over", 1.0, full=True)
+    c = mark(c, "h2", CopyState.SYNCING, "resync", 2.0)
+    c = mark(c, "h2", CopyState.OUTDATED, "interrupted", 3.0)
+    assert c.copies["h2"].full
+    assert not mark(c, "h2", CopyState.CURRENT, "in sync", 4.0).copies["h2"].full
+
+
+# --- block graphs ------------------------------------------------------------------
+
+def test_start_is_local_only() -> None:
+    g, nodes = local_only_start(0, IMG)
+    assert g.mode is Mode.LOCAL_ONLY and nodes[-1] == {"driver": "raw", "node-name": "disk0", "file": g.local}
+    assert nodes[0]["file"]["locking"] == "on"
+
+
+def test_mirror_then_drop_remote_keeps_local_path() -> None:
+    g, _ = local_only_start(0, IMG)
+    g, steps, spare = add_remote(g, EXP)
+    g2, steps = mirror(g, spare, IMG)
+    assert g2.mode is Mode.MIRRORED and g2.remote == spare
+    quorum = next(a for c, a in steps if c == "blockdev-add" and a["driver"] == "quorum")
+    assert quorum["vote-threshold"] == 2 and quorum["children"] == [g2.local, spare]
+    g3, steps = drop_child(g2, "remote", IMG, EXP)
+    cmds = [c for c, _ in steps]
+    # a second path joins before the failed child leaves; the top moves before the quorum goes
+    assert cmds.index("x-blockdev-change") < cmds.index("blockdev-reopen") < cmds.index("blockdev-del", 4)
+    assert steps[2] == ("x-blockdev-change", {"parent": g2.quorum, "child": "children.1"})
+    assert g3.mode is Mode.LOCAL_ONLY and g3.remote is None and g3.local not in (g2.local, None)
+    names = [a.get("node-name") for c, a in steps if c == "blockdev-add"]
+    assert len(set(names)) == len(names)
+
+
+def test_drop_local_continues_on_remote() -> None:
+    g, _ = local_only_start(0, IMG)
+    g, _, spare = add_remote(g, EXP)
+    g, _ = mirror(g, spare, IMG)
+    assert node_kind(g, g.local or "") == "local" and node_kind(g, spare) == "remote"
+    g2, steps = drop_child(g, "local", IMG, EXP)
+    assert g2.mode is Mode.REMOTE_ONLY and g2.local is None
+    assert steps[2] == ("x-blockdev-change", {"parent": g.quorum, "child": "children.0"})
+    with pytest.raises(ValueError):
+        drop_child(g2, "remote", IMG, EXP)
+
+
+# --- decisions -----------------------------------------------------------------------
+
+def current_both() -> Copies:
+    return mark(new_copies("h1", "h2", 1.0), "h2", CopyState.CURRENT, "in sync", 2.0)
+
+
+def test_partner_exports_while_vm_runs_elsewhere() -> None:
+    s = PoolSnapshot(5, hosts("h1", "h2"), {"web": VmView(spec(), owner=Ownership("h1", 7), home="h1",
+                                                          copies=current_both())})
+    d = [x for x in decide(s, LocalView("h2")).decisions if x.action is Action.EXPORT]
+    assert d and "partner of h1" in d[0].reason
+    assert not [x for x in decide(s, LocalView("h1")).decisions if x.action is Action.EXPORT]
+    d = decide(s, LocalView("h2", exports=frozenset({"web"})))
+    assert not [x for x in d.decisions if x.action in (Action.EXPORT, Action.UNEXPORT)]
+
+
+def test_partner_stops_exporting_when_vm_stops_or_is_removed() -> None:
+    s = PoolSnapshot(5, hosts("h1", "h2"), {"web": VmView(spec(Desired.STOPPED), home="h1", copies=current_both())})
+    d = decide(s, LocalView("h2", exports=frozenset({"web"})))
+    assert [x.action for x in d.decisions if x.vm == "web"][-1] is Action.UNEXPORT
+    d = decide(PoolSnapshot(5, hosts("h2"), {}), LocalView("h2", exports=frozenset({"web"})))
+    assert [x.action for x in d.decisions] == [Action.UNEXPORT]
+
+
+def test_outdated_copy_is_not_claimed_but_forced_one_is() -> None:
+    copies = mark(current_both(), "h2", CopyState.OUTDATED, "replication to h2 failed", 3.0)
+    view = VmView(spec(), home="h1", copies=copies)
+    s = PoolSnapshot(5, hosts("h2"), {"web": view})
+    target, why = choose_host(s, view)
+    assert target is None and "outdated" in why and "--accept-data-loss" in why
+    forced = VmView(spec(), home="h1", copies=copies, force_host="h2")
+    s = PoolSnapshot(5, hosts("h2"), {"web": forced})
+    d = decide(s, LocalView("h2"))
+    assert d.decisions[0].action is Action.CLAIM and "forced" in d.decisions[0].reason
+
+
+def test_level2_protection_reasons() -> None:
+    running = VmStatus("h1", RunState.RUNNING, 7, 0.0)
+    exports = (Export("h2", "10.79.0.2", 1),)
+
+    def prot(copies: Copies, live: tuple[str, ...] = ("h1", "h2"), ex=exports) -> str:
+        v = VmView(spec(), owner=Ownership("h1", 7), status=running, home="h1", copies=copies, exports=ex)
+        return str(protection(PoolSnapshot(1, hosts(*live), {"web": v}), v))
+
+    assert prot(current_both()) == "Protected"
+    assert "not serving" in prot(current_both(), ex=())
+    assert "partner h2 is down" in prot(current_both(), live=("h1",))
+    assert "replica on h2 outdated since" in prot(mark(current_both(), "h2", CopyState.OUTDATED, "x", 5.0))
+    failed = mark(current_both(), "h1", CopyState.FAILED, "EIO", 5.0)
+    assert "local disk on h1 failed" in prot(failed)
+
+
+def test_running_local_vm_blocks_export_on_same_host() -> None:
+    s = PoolSnapshot(5, hosts("h1", "h2"), {"web": VmView(spec(), owner=Ownership("h1", 7), home="h1",
+                                                          copies=current_both())})
+    d = decide(s, LocalView("h2", vms={"web": LocalVm("web", RunState.RUNNING, 3)}))
+    assert [x.action for x in d.decisions] == [Action.KILL]
