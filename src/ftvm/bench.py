@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ def summarize(results: list[FailoverResult]) -> dict[str, Any]:
 def cmd_bench(args: Any) -> int:
     if args.runs < 1:
         raise CliError("--runs must be at least 1", BAD_INPUT)
+    if args.level == 2:
+        return _cmd_bench_level2(args)
     try:
         ensure_root()
         image = build_guest(log=lambda m: None)
@@ -74,4 +78,125 @@ def cmd_bench(args: Any) -> int:
     for agg in ("median", "max"):
         t.add_row(agg, *(f"{summary[f][agg]:.2f}" for f in FIGURES[:3]), f"{summary['lost'][agg]}")
     console.print(t)
+    return OK
+
+
+# --- level 2 ---------------------------------------------------------------------------
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callable[[str], None]) -> dict[str, Any]:
+    from .core.model import Level
+    from .core.replication import CopyState
+    from .lab import topology as topo
+    from .lab.scenario import host_failure
+
+    image = build_guest(log=lambda m: None)
+    state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel))
+    pool = LabPool(state)
+    out: dict[str, Any] = {"level": 2, "write_mib": write_mib}
+    try:
+        specs = {0: pool.define_ledger_vm("plain", 60, Level.UNPROTECTED, image, host="h1"),
+                 2: pool.define_ledger_vm("mirror", 61, Level.COMPONENT, image, host="h1")}
+        ips = {lvl: topo.vm_addr(i).split("/")[0] for lvl, i in ((0, 60), (2, 61))}
+        for lvl, spec in specs.items():
+            pool.wait_running(spec.name, 60)
+            pool.wait_answering(ips[lvl], 60)
+
+        def copy_state(h: str) -> CopyState | None:
+            v = pool.snapshot().vms["mirror"]
+            c = v.copies.state_of(h) if v.copies else None
+            return c.state if c else None
+
+        pool.wait_for("mirror in sync", lambda s: copy_state("h2") is CopyState.CURRENT, 60)
+        progress("level 0 and level 2 VMs on h1 (level 2 mirrored to h2); same workload on both, interleaved")
+        tput: dict[int, list[float]] = {0: [], 2: []}
+        lat: dict[int, list[float]] = {0: [], 2: []}
+        for rnd in range(3):
+            for lvl in (0, 2):
+                secs = pool.bulk_write(ips[lvl], write_mib)
+                tput[lvl].append(write_mib / secs)
+                lat[lvl] += pool.latencies(ips[lvl], 200)
+            progress(f"round {rnd + 1}/3: L0 {tput[0][-1]:.1f} MiB/s, L2 {tput[2][-1]:.1f} MiB/s")
+        figures = {lvl: {"throughput_mib_s": statistics.median(tput[lvl]),
+                         "latency_p50_ms": 1000 * _pct(lat[lvl], 0.5),
+                         "latency_p99_ms": 1000 * _pct(lat[lvl], 0.99)} for lvl in (0, 2)}
+        out["level0"], out["level2"] = figures[0], figures[2]
+        out["ratios"] = {k: figures[2][k] / figures[0][k] for k in figures[0]}
+        pool.stop_and_remove("plain")
+
+        progress("resync: partner h2 loses power, the guest writes, h2 returns")
+        labmod.fail_host(state, "h2")
+        pool.wait_for("replica outdated", lambda s: copy_state("h2") is CopyState.OUTDATED, 30)
+        pool.bulk_write(ips[2], write_mib)
+        t_back = time.time()
+        labmod.restore_host(state, "h2")
+        pool.wait_for("replica in sync", lambda s: copy_state("h2") is CopyState.CURRENT, 120)
+        done = [e for e in pool.events() if e.vm == "mirror" and e.kind == "in-sync" and e.time > t_back][-1]
+        copied = int(done.message.split("resync copied ")[1].split()[0])
+        written = int(done.message.split("(")[1].split()[0])
+        out["resync"] = {"bytes_copied": copied, "bytes_written_apart": written,
+                         "efficiency": copied / written if written else None}
+
+        progress(f"failover: {runs} power losses of the primary, back and forth")
+        results: list[FailoverResult] = []
+        for i in range(runs):
+            r = host_failure(pool, specs[2])
+            results.append(r)
+            progress(f"failover {i + 1}: outage {r.outage_s:.2f}s, lost {r.lost}/{r.acknowledged}")
+            labmod.restore_host(state, r.failed_host)
+            pool.wait_for("old primary resynced", lambda s, h=r.failed_host: copy_state(h) is CopyState.CURRENT, 120)
+        outages = [r.outage_s for r in results]
+        out["failover"] = {"runs": [{"outage_s": r.outage_s, "detection_s": r.detection_s, "restart_s": r.restart_s,
+                                     "lost": r.lost, "acknowledged": r.acknowledged} for r in results],
+                           "outage_median_s": statistics.median(outages), "outage_max_s": max(outages),
+                           "lost_total": sum(r.lost for r in results)}
+    finally:
+        labmod.down(lab_dir)
+    return out
+
+
+def print_level2(out: dict[str, Any]) -> None:
+    t = Table(title=f"Level 0 vs Level 2, same VM workload ({out['write_mib']} MiB bulk writes, "
+                    "200 x 512 B ledger writes per round)", title_justify="left")
+    for col in ("figure", "level 0", "level 2", "L2 / L0"):
+        t.add_column(col, justify="right")
+    for k, label in (("throughput_mib_s", "write throughput MiB/s"), ("latency_p50_ms", "write latency p50 ms"),
+                     ("latency_p99_ms", "write latency p99 ms")):
+        t.add_row(label, f"{out['level0'][k]:.2f}", f"{out['level2'][k]:.2f}", f"{out['ratios'][k]:.2f}")
+    console.print(t)
+    r = out["resync"]
+    console.print(f"resync after the partner was away: copied {r['bytes_copied'] / 2**20:.1f} MiB for "
+                  f"{r['bytes_written_apart'] / 2**20:.1f} MiB written while apart "
+                  f"(efficiency {r['efficiency']:.2f}, goal <= 1.10)", highlight=False)
+    f = out["failover"]
+    console.print(f"level 2 failover outage over {len(f['runs'])} runs: median {f['outage_median_s']:.2f} s, "
+                  f"max {f['outage_max_s']:.2f} s; acknowledged records lost: {f['lost_total']}", highlight=False)
+
+
+def _cmd_bench_level2(args: Any) -> int:
+    try:
+        ensure_root()
+    except ScenarioError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    lab_dir = Path(args.lab_dir) if args.lab_dir else labmod.DEFAULT_DIR
+    if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
+        raise CliError("a lab is already up: the benchmark builds its own; run `ftvm lab down` first", BAD_INPUT)
+    quiet = is_json(args)
+
+    def progress(message: str) -> None:
+        if not quiet:
+            console.print(f"[dim]{message}[/]")
+
+    try:
+        out = run_level2_bench(lab_dir, args.runs, args.write_mib, progress)
+    except (ScenarioError, labmod.LabError, GuestBuildError) as e:
+        raise CliError(f"benchmark failed: {e}", FAILED) from None
+    if quiet:
+        emit_json(out)
+    else:
+        print_level2(out)
     return OK

@@ -1,4 +1,4 @@
-"""`ftvm demo --level 1`: the Level 1 story, live in the terminal, in a fresh lab pool."""
+"""`ftvm demo --level N`: a protection level's story, live in the terminal, in a fresh lab pool."""
 
 from __future__ import annotations
 
@@ -18,14 +18,18 @@ from .cli.pool_cmds import _hosts_table, _vms_table, status_data
 from .guest.build import GuestBuildError, build_guest
 from .lab import lab as labmod
 from .lab.client import read_log
-from .lab.scenario import FailoverResult, LabPool, ScenarioError, ensure_root, level1_failover
+from .lab.scenario import (FailoverResult, LabPool, Level2Result, ScenarioError, ensure_root, level1_failover,
+                           level2_story)
+
+TITLES = {1: "ftvm demo: Level 1 restart", 2: "ftvm demo: Level 2 component fault tolerance"}
 
 
 class LiveView:
     """Steps so far plus the pool's status, refreshed from the store twice a second."""
 
-    def __init__(self, pool: LabPool | None) -> None:
+    def __init__(self, pool: LabPool | None, title: str) -> None:
         self.pool = pool
+        self.title = title
         self.steps: list[tuple[float, str]] = []
         self.t0 = time.time()
         self._status: Any = Text("starting…")
@@ -65,14 +69,26 @@ class LiveView:
         for t, msg in self.steps[-12:]:
             lines.append(f"{t:7.2f}s  ", style="dim")
             lines.append(msg + "\n")
-        return Group(Panel(lines, title="ftvm demo: Level 1 restart"), self._client, self._status)
+        return Group(Panel(lines, title=self.title), self._client, self._status)
 
     def stop(self) -> None:
         self._stop.set()
 
 
-def _summary_table(r: FailoverResult) -> Table:
+def _summary_table(r: FailoverResult | Level2Result) -> Table:
     t = Table(title="Summary", title_justify="left", show_header=False)
+    if isinstance(r, Level2Result):
+        rows = [("local disk failure", f"masked: longest wait for an answer {r.disk_failure_stall_s:.2f} s"),
+                ("VM moved (power loss)", f"{r.failed_host} -> {r.new_host}"),
+                ("outage seen by the client", f"{r.outage_s:.2f} s"),
+                ("detection / restart", f"{r.detection_s:.2f} s / {r.restart_s:.2f} s"),
+                ("acknowledged records checked", str(r.acknowledged)),
+                ("acknowledged records lost", f"[{'green' if r.lost == 0 else 'red'}]{r.lost}[/]"),
+                ("resync of the returning host", f"{r.resync_bytes / 2**20:.1f} MiB in {r.resync_s:.1f} s"),
+                ("most copies running at once", f"{r.max_copies} ({r.copy_samples} samples of /proc)")]
+        for k, v in rows:
+            t.add_row(k, v)
+        return t
     rows = [("VM moved", f"{r.failed_host} -> {r.new_host}"),
             ("outage seen by the client", f"{r.outage_s:.2f} s"),
             ("detection (power loss -> claim)", f"{r.detection_s:.2f} s (lease TTL {r.lease_ttl_s:g} s)"),
@@ -94,9 +110,9 @@ def cmd_demo(args: Any) -> int:
     lab_dir = Path(args.lab_dir) if args.lab_dir else labmod.DEFAULT_DIR
     if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
         raise CliError("a lab is already up: the demo builds its own; run `ftvm lab down` first", BAD_INPUT)
-    view = LiveView(None)
+    view = LiveView(None, TITLES[args.level])
     poller = threading.Thread(target=view.poll, daemon=True)
-    result: FailoverResult | None = None
+    result: FailoverResult | Level2Result | None = None
     try:
         with Live(view.render(), console=console, refresh_per_second=4, transient=False,
                   get_renderable=view.render) if not is_json(args) else _NullLive():
@@ -105,11 +121,15 @@ def cmd_demo(args: Any) -> int:
             view.pool = LabPool(state)
             poller.start()
             view.step(f"hosts {', '.join(state.hosts)} joined; quorum at {state.etcd_endpoint}")
-            result = level1_failover(view.pool, image, progress=view.step)
-            view.step(f"restoring {result.failed_host}")
-            labmod.restore_host(state, result.failed_host)
-            labmod.wait_for_hosts(state, state.hosts, 30)
-            time.sleep(1.0)
+            if args.level == 2:
+                result = level2_story(view.pool, image, progress=view.step)
+                time.sleep(1.0)
+            else:
+                result = level1_failover(view.pool, image, progress=view.step)
+                view.step(f"restoring {result.failed_host}")
+                labmod.restore_host(state, result.failed_host)
+                labmod.wait_for_hosts(state, state.hosts, 30)
+                time.sleep(1.0)
     except (ScenarioError, labmod.LabError) as e:
         raise CliError(f"demo failed: {e} (lab left up for inspection: `ftvm lab down` removes it)",
                        FAILED) from None
@@ -119,7 +139,7 @@ def cmd_demo(args: Any) -> int:
             labmod.down(lab_dir)
     assert result is not None
     if is_json(args):
-        emit_json({k: v for k, v in result.to_json().items() if k != "events"})
+        emit_json({"level": args.level} | {k: v for k, v in result.to_json().items() if k != "events"})
     else:
         console.print()
         console.print(_summary_table(result))

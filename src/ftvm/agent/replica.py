@@ -123,8 +123,9 @@ class ReplicaManager:
                 elif (self.mode is Mode.LOCAL_ONLY and status == "running" and copies is not None
                       and partner is not None and export is not None):
                     c = copies.state_of(partner)
-                    if c is not None and c.state in (CopyState.OUTDATED, CopyState.SYNCING):
-                        await self._resync(copies, partner, export, c.full)
+                    # a failed copy comes back as storage that works again: resynced in full
+                    if c is not None and c.state in (CopyState.OUTDATED, CopyState.SYNCING, CopyState.FAILED):
+                        await self._resync(copies, partner, export, c.full or c.state is CopyState.FAILED)
             except asyncio.CancelledError:
                 raise
             except EtcdError as e:

@@ -9,6 +9,7 @@ and the numbers are measured from outside ftvm (client log, /proc, the disk).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -133,6 +134,28 @@ class LabPool:
         if proc.returncode != 0:
             raise ScenarioError(f"ledger at {ip} did not answer {line!r}: {proc.stderr.strip()[-200:]}")
         return proc.stdout.strip()
+
+    def latencies(self, ip: str, count: int) -> list[float]:
+        """Round-trip seconds of `count` ledger writes, one after another, from the client namespace."""
+        code = ("import json,socket,sys,time; s=socket.create_connection((sys.argv[1],7000),timeout=30);"
+                "f=s.makefile('rw'); out=[]\n"
+                "for i in range(int(sys.argv[2])):\n"
+                " t=time.perf_counter(); f.write('W lat-%d\\n' % i); f.flush(); r=f.readline()\n"
+                " assert r.startswith('OK'), r\n"
+                " out.append(time.perf_counter()-t)\n"
+                "print(json.dumps(out))")
+        proc = subprocess.run(["ip", "netns", "exec", topo.CLIENT_NS, sys.executable, "-c", code, ip, str(count)],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise ScenarioError(f"latency run failed: {proc.stderr.strip()[-300:]}")
+        return [float(x) for x in json.loads(proc.stdout)]
+
+    def bulk_write(self, ip: str, mib: int) -> float:
+        """Have the guest write `mib` MiB (64 KiB O_DSYNC writes); returns the guest's seconds."""
+        reply = self.ask(ip, f"F {mib * 1024}", timeout=600).split()
+        if reply[:2] != ["OK", "F"]:
+            raise ScenarioError(f"bulk write failed: {' '.join(reply)}")
+        return int(reply[3]) / 1e6
 
     def wait_answering(self, ip: str, timeout: float) -> float:
         """Wait until the ledger answers a ping from the client namespace; returns when."""
@@ -264,3 +287,93 @@ def host_failure(pool: LabPool, spec: VmSpec, progress: Progress = lambda m: Non
 def ensure_root() -> None:
     if os.geteuid() != 0:
         raise ScenarioError("the lab needs root (network namespaces, taps)")
+
+
+@dataclass
+class Level2Result:
+    vm: str
+    disk_failure_stall_s: float  # longest gap between acknowledgements around the disk failure
+    failed_host: str
+    new_host: str
+    outage_s: float              # client-visible outage around the power loss
+    detection_s: float
+    restart_s: float
+    acknowledged: int
+    lost: int
+    resync_bytes: int            # what the old primary's (full) resync copied when it came back
+    resync_s: float
+    max_copies: int
+    copy_samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _gap_around(acks: list[Ack], t: float) -> float:
+    before = [a.t for a in acks if a.t <= t]
+    after = [a.t for a in acks if a.t > t]
+    return round(min(after) - max(before), 3) if before and after else float("nan")
+
+
+def level2_story(pool: LabPool, image: GuestImage, name: str = "db", index: int = 1,
+                 progress: Progress = lambda m: None) -> Level2Result:
+    """The Level 2 demo: mirrored disks; the primary's disk fails (masked), then the
+    primary loses power (restart on the partner from its copy, nothing lost), then the
+    old primary returns and is resynced as the new replica."""
+    from ..core.replication import CopyState
+    from .faults import fail_disk
+
+    state = pool.state
+    progress(f"defining Level 2 VM {name}: a disk copy on h1 (raw) and on h2 (qcow2), mirrored")
+    pool.define_ledger_vm(name, index, Level.COMPONENT, image, host="h1")
+    ip = topo.vm_addr(index).split("/")[0]
+    host = pool.wait_running(name, 60)
+    pool.wait_answering(ip, 60)
+
+    def copy_is(h: str, st: CopyState) -> Callable[[PoolSnapshot], bool]:
+        def check(s: PoolSnapshot) -> bool:
+            v = s.vms[name]
+            c = v.copies.state_of(h) if v.copies else None
+            return c is not None and c.state is st
+        return check
+
+    partner = "h2" if host == "h1" else "h1"
+    pool.wait_for("the replica in sync", copy_is(partner, CopyState.CURRENT), 60)
+    progress(f"VM {name} on {host}, every write mirrored to {partner}: Protected")
+    with CopyObserver(name) as observer:
+        client = LabClient(state, ip, name)
+        try:
+            client.wait_acks(100, 30)
+            progress(f"the local disk of {host} fails (every I/O returns EIO)")
+            disk_failed_at = time.time()
+            fail_disk(state, name, host)
+            pool.wait_for("the failed copy recorded", copy_is(host, CopyState.FAILED), 30)
+            client.wait_acks(100, 30, after=disk_failed_at)
+            progress(f"masked: the VM carries on using the copy on {partner}; now {host} loses power")
+            failed_at = labmod.fail_host(state, host)
+            new_host = pool.wait_running(name, 60, not_on=host)
+            progress(f"VM restarted on {new_host} from its copy; waiting for the client's next answer")
+            client.wait_acks(100, 60, after=failed_at)
+            progress(f"{host} powers on and becomes the replica: full resync of its copy")
+            labmod.restore_host(state, host)
+            resynced = pool.wait_for("the old primary resynced", copy_is(host, CopyState.CURRENT), 120)
+            client.wait_acks(20, 30, after=time.time())
+        finally:
+            acks = client.stop()
+    events = pool.events()
+    claims = [e for e in events if e.vm == name and e.kind == "claim" and e.time > failed_at]
+    syncs = [e for e in events if e.vm == name and e.kind == "in-sync" and e.time > failed_at]
+    if not claims or not syncs:
+        raise ScenarioError("missing claim or resync events")
+    copied = int(syncs[-1].message.split("resync copied ")[1].split()[0])
+    seconds = float(syncs[-1].message.rsplit(" in ", 1)[1].split("s")[0])
+    raw = pool.copy_as_raw(name, new_host, Path(state.dir) / f"{name}-check.raw")
+    on_disk, lost = check_acked_on_disk(raw, acks)
+    progress(f"checked {len(acks)} acknowledged records against {on_disk} on disk: {len(lost)} lost")
+    del resynced
+    first_after = min(a.t for a in acks if a.t > failed_at)
+    return Level2Result(
+        vm=name, disk_failure_stall_s=_gap_around(acks, disk_failed_at), failed_host=host, new_host=new_host,
+        outage_s=_gap_around(acks, failed_at), detection_s=round(claims[0].time - failed_at, 3),
+        restart_s=round(first_after - claims[0].time, 3), acknowledged=len(acks), lost=len(lost),
+        resync_bytes=copied, resync_s=seconds, max_copies=observer.max_copies, copy_samples=observer.samples)
