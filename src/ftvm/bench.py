@@ -148,7 +148,8 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
             results.append(r)
             progress(f"failover {i + 1}: outage {r.outage_s:.2f}s, lost {r.lost}/{r.acknowledged}")
             labmod.restore_host(state, r.failed_host)
-            pool.wait_for("old primary resynced", lambda s, h=r.failed_host: copy_state(h) is CopyState.CURRENT, 120)
+            back = r.failed_host
+            pool.wait_for("old primary resynced", lambda s: copy_state(back) is CopyState.CURRENT, 120)
         outages = [r.outage_s for r in results]
         out["failover"] = {"runs": [{"outage_s": r.outage_s, "detection_s": r.detection_s, "restart_s": r.restart_s,
                                      "lost": r.lost, "acknowledged": r.acknowledged} for r in results],

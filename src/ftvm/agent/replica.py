@@ -118,8 +118,8 @@ class ReplicaManager:
                     else:
                         probe_failures = 0
                     if probe_failures >= PROBE_FAILURES or (export is None and probe_failures):
-                        self._abort_replication(copies, partner)
                         probe_failures = 0
+                        await self._partner_lost(partner)
                 elif (self.mode is Mode.LOCAL_ONLY and status == "running" and copies is not None
                       and partner is not None and export is not None):
                     c = copies.state_of(partner)
@@ -164,7 +164,24 @@ class ReplicaManager:
                 self.event("io-error", f"VM paused: {why}; nothing left to continue on")
             await asyncio.sleep(1.0)
             return
-        failed = kinds.pop()
+        await self._drop_copy(kinds.pop())
+
+    async def _partner_lost(self, partner: str | None) -> None:
+        """The partner stopped answering. Abort the replication connection, so a write in
+        flight fails now; with no write in flight, stop the guest ourselves: either way
+        the replica is recorded outdated before the guest writes again."""
+        self._abort_replication(partner)
+        await asyncio.sleep(0.2)
+        if (await self.qemu.execute("query-status"))["status"] == "io-error":
+            return  # the loop handles it as any failed write
+        await self.qemu.execute("stop")
+        if self.mode is Mode.MIRRORED:
+            await self._drop_copy("remote")
+        else:
+            await self.qemu.execute("cont")
+
+    async def _drop_copy(self, failed: str) -> None:
+        """With the guest stopped: record the failed copy, drop it from the graph, continue."""
         copies, exports = self.snapshot_copies()
         partner = copies.partner_of(self.me) if copies else None
         if partner is None:
@@ -194,7 +211,7 @@ class ReplicaManager:
         self.event("masked", f"{why}: copy recorded {'outdated' if failed == 'remote' else 'failed'} "
                              f"in the store, VM continues on {survivor}")
 
-    def _abort_replication(self, copies: Copies | None, partner: str | None) -> None:
+    def _abort_replication(self, partner: str | None) -> None:
         """Kill the TCP connections to the partner's replication address: in-flight
         writes fail at once and are handled like any other replica failure."""
         _, exports = self.snapshot_copies()
