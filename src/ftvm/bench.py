@@ -148,8 +148,7 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
             results.append(r)
             progress(f"failover {i + 1}: outage {r.outage_s:.2f}s, lost {r.lost}/{r.acknowledged}")
             labmod.restore_host(state, r.failed_host)
-            back = r.failed_host
-            pool.wait_for("old primary resynced", lambda s: copy_state(back) is CopyState.CURRENT, 120)
+            pool.wait_for("old primary resynced", _copy_current(copy_state, r.failed_host), 120)
         outages = [r.outage_s for r in results]
         out["failover"] = {"runs": [{"outage_s": r.outage_s, "detection_s": r.detection_s, "restart_s": r.restart_s,
                                      "lost": r.lost, "acknowledged": r.acknowledged} for r in results],
@@ -158,6 +157,11 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
     finally:
         labmod.down(lab_dir)
     return out
+
+
+def _copy_current(copy_state: Callable[[str], Any], host: str) -> Callable[[Any], bool]:
+    from .core.replication import CopyState
+    return lambda _snap: copy_state(host) is CopyState.CURRENT
 
 
 def print_level2(out: dict[str, Any]) -> None:

@@ -273,7 +273,11 @@ def host_failure(pool: LabPool, spec: VmSpec, progress: Progress = lambda m: Non
     if not claims:
         raise ScenarioError("no claim event after the failure")
     claim_at = claims[0].time
-    on_disk, lost = check_acked_on_disk(Path(spec.disks[0].path), acks)
+    if spec.level is Level.COMPONENT:  # the copy the VM now runs from
+        image = pool.copy_as_raw(name, new_host, Path(state.dir) / f"{name}-check.raw")
+    else:
+        image = Path(spec.disks[0].path)
+    on_disk, lost = check_acked_on_disk(image, acks)
     progress(f"checked {len(acks)} acknowledged records against {on_disk} on disk: {len(lost)} lost")
     return FailoverResult(
         vm=name, failed_host=host, new_host=new_host, lease_ttl_s=state.timing["lease_ttl"],
