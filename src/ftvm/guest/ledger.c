@@ -14,9 +14,10 @@
  * The Python reader is ftvm/guest/ledger_format.py: keep them in step.
  *
  * Other requests: "S" -> "SEQ <last>", "P" -> "PONG",
- * "F <kib>" -> writes <kib> KiB of non-zero data in 64 KiB O_DSYNC writes to the
- *   scratch area (the second half of the disk, wrapping), replies "OK F <bytes> <usec>":
- *   a bulk write workload for benchmarks and resync tests.
+ * "F <kib> [<chunk_kib>]" -> writes <kib> KiB of non-zero data in O_DSYNC writes of
+ *   <chunk_kib> KiB (default 64, at most 1024) to the scratch area (the second half of
+ *   the disk, wrapping), replies "OK F <bytes> <usec>": a bulk write workload for
+ *   benchmarks and resync tests.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -107,15 +108,16 @@ static int append(const char *payload, size_t len, uint32_t *sum_out) {
 }
 
 /* Bulk write of `kib` KiB into the scratch area; returns microseconds taken, -1 on error. */
-static long long fill(unsigned long kib) {
-    static unsigned char chunk[65536];
+static long long fill(unsigned long kib, unsigned long chunk_kib) {
+    static unsigned char chunk[1024 * 1024];
+    size_t chunk_len = (chunk_kib >= 1 && chunk_kib <= 1024 ? chunk_kib : 64) * 1024;
     struct timeval t0, t1;
     uint64_t left = (uint64_t)kib * 1024;
     gettimeofday(&t0, NULL);
     while (left > 0) {
-        size_t n = left < sizeof chunk ? (size_t)left : sizeof chunk;
+        size_t n = left < chunk_len ? (size_t)left : chunk_len;
         fill_counter++;
-        for (size_t i = 0; i < sizeof chunk; i += 8) {
+        for (size_t i = 0; i < n; i += 8) {
             uint64_t v = (fill_counter << 32) ^ (i * 0x9E3779B97F4A7C15ull) ^ 0x5555555555555555ull;
             memcpy(chunk + i, &v, 8);
         }
@@ -153,8 +155,10 @@ static void handle_line(int fd, char *line, size_t len) {
     } else if (len >= 1 && line[0] == 'S') {
         snprintf(out, sizeof out, "SEQ %llu\n", (unsigned long long)last_seq);
     } else if (len >= 3 && line[0] == 'F') {
-        unsigned long kib = strtoul(line + 2, NULL, 10);
-        long long usec = fill(kib);
+        char *end;
+        unsigned long kib = strtoul(line + 2, &end, 10);
+        unsigned long chunk_kib = strtoul(end, NULL, 10);
+        long long usec = fill(kib, chunk_kib);
         if (usec < 0) snprintf(out, sizeof out, "ERR %s\n", strerror(errno));
         else snprintf(out, sizeof out, "OK F %llu %lld\n", (unsigned long long)kib * 1024, usec);
     } else if (len >= 1 && line[0] == 'P') {

@@ -150,9 +150,9 @@ class LabPool:
             raise ScenarioError(f"latency run failed: {proc.stderr.strip()[-300:]}")
         return [float(x) for x in json.loads(proc.stdout)]
 
-    def bulk_write(self, ip: str, mib: int) -> float:
-        """Have the guest write `mib` MiB (64 KiB O_DSYNC writes); returns the guest's seconds."""
-        reply = self.ask(ip, f"F {mib * 1024}", timeout=600).split()
+    def bulk_write(self, ip: str, mib: int, chunk_kib: int = 64) -> float:
+        """Have the guest write `mib` MiB in O_DSYNC writes of `chunk_kib`; returns the guest's seconds."""
+        reply = self.ask(ip, f"F {mib * 1024} {chunk_kib}", timeout=600).split()
         if reply[:2] != ["OK", "F"]:
             raise ScenarioError(f"bulk write failed: {' '.join(reply)}")
         return int(reply[3]) / 1e6

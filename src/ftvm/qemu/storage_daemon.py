@@ -33,22 +33,28 @@ def export_name(vm: str, index: int) -> str:
     return f"{vm}-d{index}"
 
 
-def build_qsd_cmdline(vm: str, images: list[LocalImage], addr: str, port: int) -> list[str]:
+def build_qsd_cmdline(vm: str, images: list[LocalImage], listen_fd: int) -> list[str]:
+    """The daemon serves on a listening socket the agent made and passes in (fd), so the
+    agent picks the port and sets TCP_NODELAY, which accepted sockets inherit: without it
+    QEMU 7.2's NBD server delays its replies (Nagle) and large writes crawl."""
     cmd = [QSD]
     for i, img in enumerate(images):
         cmd += ["--blockdev", json.dumps({"driver": "file", "node-name": f"f{i}", "filename": img.path,
                                           "cache": {"direct": True}}),
                 "--blockdev", json.dumps({"driver": img.format, "node-name": f"rep{i}", "file": f"f{i}"})]
-    cmd += ["--nbd-server", f"addr.type=inet,addr.host={addr},addr.port={port}"]
+    cmd += ["--nbd-server", f"addr.type=fd,addr.str={listen_fd}"]
     for i in range(len(images)):
         cmd += ["--export", f"type=nbd,id=e{i},node-name=rep{i},name={export_name(vm, i)},writable=on"]
     return cmd
 
 
-def free_port(addr: str) -> int:
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return int(s.getsockname()[1])
+def listening_socket(addr: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((addr, 0))
+    sock.listen(16)
+    return sock
 
 
 def ensure_image(image: LocalImage, size: int) -> bool:
@@ -56,7 +62,10 @@ def ensure_image(image: LocalImage, size: int) -> bool:
     if Path(image.path).exists():
         return False
     Path(image.path).parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["qemu-img", "create", "-q", "-f", image.format, image.path, str(size)],
+    # qcow2 metadata allocated up front: no cluster allocation (metadata writes and
+    # flushes) on the synchronous write path later.
+    opts = ["-o", "preallocation=metadata"] if image.format == "qcow2" else []
+    proc = subprocess.run(["qemu-img", "create", "-q", "-f", image.format, *opts, image.path, str(size)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise StorageDaemonError(f"qemu-img create {image.path}: {proc.stderr.strip()}")
@@ -84,14 +93,18 @@ class StorageDaemon:
 
     @staticmethod
     async def start(vm: str, images: list[LocalImage], addr: str, log_path: Path) -> "StorageDaemon":
-        port = free_port(addr)
-        cmd = build_qsd_cmdline(vm, images, addr, port)
-        log.info("exporting %s: %s", vm, " ".join(cmd))
+        listener = listening_socket(addr)
+        port = int(listener.getsockname()[1])
+        cmd = build_qsd_cmdline(vm, images, listener.fileno())
+        log.info("exporting %s on %s:%d: %s", vm, addr, port, " ".join(cmd))
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                preexec_fn=die_with_parent, start_new_session=True)
+        try:
+            with open(log_path, "ab") as out:
+                proc = await asyncio.create_subprocess_exec(
+                    *cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(listener.fileno(),),
+                    preexec_fn=die_with_parent, start_new_session=True)
+        finally:
+            listener.close()  # the daemon has its own copy
         daemon = StorageDaemon(vm, proc, addr, port, len(images))
         for _ in range(100):  # ready once the NBD port accepts connections
             if proc.returncode is not None:
