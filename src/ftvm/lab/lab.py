@@ -199,7 +199,8 @@ def _build_network(hosts: list[str]) -> None:
         _veth(topo.host_ns(link.a), link.ifname(link.a), topo.host_ns(link.b), link.ifname(link.b))
         for side in (link.a, link.b):
             ns_ip(topo.host_ns(side), "addr", "add", link.addr(side), "dev", link.ifname(side))
-            ns_ip(topo.host_ns(side), "link", "set", link.ifname(side), "up")
+            # jumbo frames, as dedicated replication links usually have
+            ns_ip(topo.host_ns(side), "link", "set", link.ifname(side), "mtu", "9000", "up")
         _route_replication(link)
 
 
