@@ -43,16 +43,21 @@ def test_down_cleans_up_after_a_crash_without_state(tmp_path: Path, guest_image)
     assert not lab_dir.exists()
 
 
-def test_demo_prints_summary_as_json(tmp_path: Path) -> None:
+@pytest.mark.parametrize("level", [1, 2])
+def test_demo_prints_summary_as_json(tmp_path: Path, level: int) -> None:
     if labmod.existing_namespaces():
         pytest.fail("a lab is already up")
-    r = subprocess.run([sys.executable, "-m", "ftvm", "demo", "--level", "1", "-o", "json",
+    r = subprocess.run([sys.executable, "-m", "ftvm", "demo", "--level", str(level), "-o", "json",
                         "--lab-dir", str(tmp_path / "lab")], capture_output=True, text=True, timeout=300,
                        env=os.environ | {"COLUMNS": "100"})
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
+    assert summary["level"] == level
     assert summary["lost"] == 0
     assert summary["acknowledged"] >= 200
+    if level == 2:
+        assert summary["disk_failure_stall_s"] < 5  # masked: the guest carried on
+        assert summary["resync_bytes"] >= 64 << 20  # the returning old primary: full resync
     assert summary["max_copies"] == 1
     for key in ("outage_s", "detection_s", "restart_s"):
         assert summary[key] > 0

@@ -21,6 +21,7 @@ from ftvm.lab import lab as labmod
 from ftvm.lab import topology as topo
 from ftvm.lab.faults import fail_disk
 from ftvm.lab.observer import CopyObserver
+from ftvm.guest.ledger_format import read_records
 from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk
 
 pytestmark = pytest.mark.lab
@@ -207,3 +208,53 @@ def test_outdated_replica_is_never_promoted_without_the_flag(l2vm, lab: labmod.L
     assert pool.wait_running(name, 60) == "h2"
     forced = [e for e in pool.events() if e.vm == name and e.kind == "force"]
     assert forced and "accepting data loss" in forced[0].message
+
+
+def test_two_level2_vms_share_a_pair_each_with_its_own_copies(l2vm, lab: labmod.LabState, guest_image) -> None:
+    pool, first, _ = l2vm
+    second = "duo"
+    pool.define_ledger_vm(second, 45, Level.COMPONENT, guest_image, host="h1")
+    try:
+        pool.wait_for("second VM mirrored", in_sync(second, "h2"), 60)
+        ip2 = topo.vm_addr(45).split("/")[0]
+        pool.wait_answering(ip2, 60)
+        labmod.fail_host(lab, "h2")
+        pool.ask(ip2, "W while-apart")  # only the second VM writes
+        snap = pool.wait_for("both replicas outdated", lambda s: all(
+            copy_state(s, v, "h2") is CopyState.OUTDATED for v in (first, second)), 30)
+        copies = {v: snap.vms[v].copies for v in (first, second)}
+        assert all(c is not None for c in copies.values())
+        labmod.restore_host(lab, "h2")
+        pool.wait_for("both back in sync", lambda s: in_sync(first, "h2")(s) and in_sync(second, "h2")(s), 60)
+        syncs = [e for e in pool.events() if e.kind == "in-sync" and e.vm in (first, second)]
+        assert {e.vm for e in syncs} == {first, second}
+    finally:
+        pool.stop_and_remove(second)
+
+
+def test_stopped_level1_vm_raised_to_level2_keeps_its_data(lab: labmod.LabState, guest_image) -> None:
+    pool = LabPool(lab)
+    name, ip = "up2", topo.vm_addr(46).split("/")[0]
+    pool.define_ledger_vm(name, 46, Level.RESTART, guest_image, host="h1")
+    try:
+        pool.wait_running(name, 60)
+        pool.wait_answering(ip, 60)
+        acks = [pool.ask(ip, f"W kept-{i}") for i in range(5)]
+        base = [sys.executable, "-m", "ftvm", "--lab-dir", lab.dir]
+        r = subprocess.run(base[:3] + ["vm", "set", name, "--level", "2", "--lab-dir", lab.dir],
+                           capture_output=True, text=True)
+        assert r.returncode == 4 and "not stopped" in r.stderr  # refused while it runs
+        for args in (["vm", "stop", name, "--wait"], ["vm", "set", name, "--level", "2"],
+                     ["vm", "start", name, "--wait"]):
+            r = subprocess.run(base[:3] + args + ["--lab-dir", lab.dir], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+        pool.wait_answering(ip, 60)
+        assert pool.ask(ip, "W after").startswith("OK 6 ")  # resumed after the 5 imported records
+        pool.wait_for("partner copy synced in full", in_sync(name, "h2"), 60)
+        done = [e for e in pool.events() if e.vm == name and e.kind == "in-sync"]
+        assert "(full)" in done[-1].message
+        records = {r.seq: r.payload for r in read_records(pool.copy_as_raw(name, "h2", Path(lab.dir) / "up2.raw"))}
+        assert [records[i + 1] for i in range(5)] == [f"kept-{i}".encode() for i in range(5)]
+        assert acks[0].startswith("OK 1 ")
+    finally:
+        pool.stop_and_remove(name)

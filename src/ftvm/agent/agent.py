@@ -29,12 +29,12 @@ from typing import Any
 from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide, eligible_hosts
 from ..core.model import Export as ExportRecord
 from ..core.model import HostInfo, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec, VmStatus
-from ..core.replication import Copies, CopyState, claim_copies
+from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, claim_copies
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from ..qemu.cmdline import VmPaths
 from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuError, QemuVm
-from ..qemu.storage_daemon import StorageDaemon, StorageDaemonError, ensure_image
+from ..qemu.storage_daemon import StorageDaemon, StorageDaemonError, ensure_image, import_image
 from ..store.etcd import EtcdClient, EtcdError
 from ..store.pool import Event, PoolStore
 from .config import AgentConfig
@@ -273,7 +273,8 @@ class Agent:
                 others = [h for h in eligible_hosts(snapshot, view) if h != self.cfg.name]
                 others += sorted(h for h in snapshot.hosts if h != self.cfg.name and h not in others)
                 copies_new = claim_copies(view.copies, self.cfg.name, view.home, others[0] if others else None,
-                                          time.time(), forced=view.force_host == self.cfg.name)
+                                          time.time(), forced=view.force_host == self.cfg.name,
+                                          imported=any(disk.path for disk in view.spec.disks))
             token = await self.store.claim(d.vm, self.cfg.name, self.lease, view.copies, copies_new)
             if token is not None:
                 extra = ""
@@ -383,14 +384,17 @@ class Agent:
         """This host's copy of each disk. An empty one is made only for a brand-new VM;
         a current copy that is missing on disk is an error, never silently replaced."""
         mine = copies.state_of(self.cfg.name) if copies else None
-        brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason == "new disk"
+        brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason in (NEW_DISK, IMPORTED)
         images = []
         for i, disk in enumerate(spec.disks):
             image = self._image(spec, i)
             if not os.path.exists(image.path):
                 if not brand_new:
                     raise StorageDaemonError(f"this host's copy {image.path} is missing")
-                ensure_image(image, disk.size)
+                if disk.path:
+                    import_image(disk.path, disk.format, image)
+                else:
+                    ensure_image(image, disk.size)
             images.append(image)
         return images
 
@@ -410,7 +414,8 @@ class Agent:
             self.event(d.vm, "error", f"cannot serve this host's copy: {e}")
             return
         self.exports[d.vm] = daemon
-        await self.store.publish_export(d.vm, ExportRecord(self.cfg.name, daemon.addr, daemon.port), self.lease)
+        await self.store.publish_export(d.vm, ExportRecord(self.cfg.name, daemon.addr, daemon.port, fresh),
+                                        self.lease)
         self.event(d.vm, "export", f"{d.reason} on {daemon.addr}:{daemon.port}"
                                    + (" (new empty copy: needs a full resync)" if fresh else ""))
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..core.model import Export as ExportRecord
 from ..core.model import SyncProgress
-from ..core.replication import Copies, CopyState, mark
+from ..core.replication import Copies, CopyState, mark, needs_full_resync
 from ..qemu.blockgraph import DiskGraph, Export, LocalImage, Mode, add_remote, drop_child, mirror, node_kind
 from ..qemu.process import QemuVm
 from ..qemu.storage_daemon import export_name
@@ -125,7 +125,7 @@ class ReplicaManager:
                     c = copies.state_of(partner)
                     # a failed copy comes back as storage that works again: resynced in full
                     if c is not None and c.state in (CopyState.OUTDATED, CopyState.SYNCING, CopyState.FAILED):
-                        await self._resync(copies, partner, export, c.full or c.state is CopyState.FAILED)
+                        await self._resync(copies, partner, export, needs_full_resync(c, export.fresh))
             except asyncio.CancelledError:
                 raise
             except EtcdError as e:

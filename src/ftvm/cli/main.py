@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, default=1, help="protection level (0, 1 or 2)")
     p.add_argument("--memory", type=int, default=256, help="MiB")
     p.add_argument("--vcpus", type=int, default=1)
-    p.add_argument("--disk", action="append", help="levels 0/1: PATH[,format=raw|qcow2] (repeatable)")
+    p.add_argument("--disk", action="append",
+                   help="PATH[,format=raw|qcow2] (repeatable); level 2: imported into the hosts' copies")
     p.add_argument("--disk-size", action="append",
                    help="level 2: size of a disk kept on each host's local storage, e.g. 64M (repeatable)")
     p.add_argument("--mac", action="append", help="NIC MAC address (repeatable; default derived from name)")
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--accept-data-loss", action="store_true",
                            help="level 2: start from a copy that is not current (recorded in the event log)")
             p.add_argument("--host", help="with --accept-data-loss: the host whose copy to start from")
+    p = cmd(vm, "set", pool_cmds.cmd_vm_set, "change a stopped VM's protection level")
+    p.add_argument("name")
+    p.add_argument("--level", type=int, required=True, choices=(0, 1, 2))
     p = cmd(vm, "remove", pool_cmds.cmd_vm_remove, "remove a stopped VM (its disks are kept)")
     p.add_argument("name")
     p = cmd(vm, "show", pool_cmds.cmd_vm_show, "show one VM")

@@ -130,18 +130,64 @@ def parse_size(text: str) -> int:
         raise CliError(f"bad size {text!r}: use e.g. 64M or 2G", BAD_INPUT) from None
 
 
+def with_image_size(disk: DiskSpec) -> DiskSpec:
+    """A level 2 disk imported from an image: its size is the image's."""
+    from ..qemu.blockgraph import LocalImage
+    from ..qemu.storage_daemon import StorageDaemonError, image_size
+    if not os.path.isfile(disk.path):
+        raise CliError(f"disk image {disk.path} does not exist", BAD_INPUT)
+    try:
+        return replace(disk, size=image_size(LocalImage(disk.path, disk.format)))
+    except StorageDaemonError as e:
+        raise CliError(f"cannot read disk image {disk.path}: {e}", BAD_INPUT) from None
+
+
+def cmd_vm_set(args: Any) -> int:
+    """Change a stopped VM's protection level."""
+    async def change(store: PoolStore) -> tuple[int, int]:
+        snap, view = await _get_view(store, args.name)
+        got = await store.spec(args.name)
+        assert got is not None
+        spec, rev = got
+        if view.owner is not None or spec.desired is Desired.RUNNING:
+            raise CliError(f"VM {args.name} is not stopped: changing the level of a running VM is not "
+                           "available yet; stop it first", REFUSED)
+        old = int(spec.level)
+        if args.level == old:
+            return old, old
+        if old == 2:
+            raise CliError("lowering a level 2 VM is not available yet: its data lives in the hosts' "
+                           "local copies, not on shared storage", REFUSED)
+        disks = spec.disks
+        if args.level == 2:
+            disks = tuple(with_image_size(d) for d in spec.disks)
+        new = replace(spec, level=Level(args.level), disks=disks)
+        others = PoolSnapshot(snap.revision, snap.hosts, {n: v for n, v in snap.vms.items() if n != args.name})
+        problem = check_new_vm(new, others, os.path.isfile)
+        if problem:
+            raise CliError(problem, BAD_INPUT)
+        if not await store.update_spec(new, rev):
+            raise CliError(f"VM {args.name} changed meanwhile; nothing changed", REFUSED)
+        return old, args.level
+
+    old, new = with_store(args, change)
+    if is_json(args):
+        emit_json({"vm": args.name, "level": new, "previous_level": old})
+    else:
+        console.print(f"VM {args.name}: level {old} -> {new}" + (" (unchanged)" if old == new else ""))
+    return OK
+
+
 def spec_from_args(args: Any) -> VmSpec:
     disks = []
-    if args.level == 2:
-        if args.disk:
-            raise CliError("level 2 keeps a copy on each host's local storage: give --disk-size, "
-                           "not --disk", BAD_INPUT)
-        disks = [DiskSpec(size=parse_size(s)) for s in args.disk_size or []]
-    elif args.disk_size:
+    if args.disk_size and args.level != 2:
         raise CliError("--disk-size is for level 2; levels 0 and 1 take --disk PATH", BAD_INPUT)
     for d in args.disk or []:
         path, _, fmt = d.partition(",format=")
-        disks.append(DiskSpec(os.path.abspath(path), fmt or ("qcow2" if path.endswith(".qcow2") else "raw")))
+        disk = DiskSpec(os.path.abspath(path), fmt or ("qcow2" if path.endswith(".qcow2") else "raw"))
+        # level 2: the image is imported into the first host's copy
+        disks.append(with_image_size(disk) if args.level == 2 else disk)
+    disks += [DiskSpec(size=parse_size(s)) for s in args.disk_size or []]
     macs = args.mac or [default_mac(args.name)]
     for mac in macs:
         problem = check_mac(mac)

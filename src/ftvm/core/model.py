@@ -167,6 +167,7 @@ class Export:
     host: str
     addr: str
     port: int
+    fresh: bool = False  # the partner had no image and made an empty one
 
 
 @dataclass(frozen=True)

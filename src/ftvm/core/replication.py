@@ -75,14 +75,25 @@ class Copies:
         return self.copies.get(host)
 
 
-def new_copies(primary: str, partner: str | None, now: float) -> Copies:
-    """First start: both copies are the same empty disk. The partner's is marked
-    outdated at once because the primary starts writing before it is connected;
-    an incremental resync (what the guest wrote since start) brings it up."""
-    copies = {primary: Copy(CopyState.CURRENT, now, "new disk")}
+NEW_DISK = "new disk"
+IMPORTED = "imported from an image"
+NEW_REPLICA = "new replica, not yet connected"
+
+
+def new_copies(primary: str, partner: str | None, now: float, imported: bool = False) -> Copies:
+    """First start. Empty disks: both copies are the same zeroes, so the partner's is
+    resynced from the bitmap the primary starts with (what the guest wrote since).
+    An imported image exists only on the primary: the partner's copy is resynced in full."""
+    copies = {primary: Copy(CopyState.CURRENT, now, IMPORTED if imported else NEW_DISK)}
     if partner is not None:
-        copies[partner] = Copy(CopyState.OUTDATED, now, "new replica, not yet connected")
+        copies[partner] = Copy(CopyState.OUTDATED, now, NEW_REPLICA, full=imported)
     return Copies(1, copies)
+
+
+def needs_full_resync(copy: Copy, fresh_image: bool) -> bool:
+    """A partner that had to create an empty image lost whatever its copy held: unless
+    it is the brand-new replica of an empty disk, only a full resync is right."""
+    return copy.full or copy.state is CopyState.FAILED or (fresh_image and copy.reason != NEW_REPLICA)
 
 
 def may_start_on(copies: Copies | None, host: str) -> tuple[bool, str]:
@@ -136,11 +147,11 @@ def start_primary(copies: Copies, primary: str, now: float) -> Copies:
 
 
 def claim_copies(copies: Copies | None, me: str, last_host: str | None, partner: str | None,
-                 now: float, forced: bool = False) -> Copies:
+                 now: float, forced: bool = False, imported: bool = False) -> Copies:
     """The copies record written in the claim transaction of a level 2 VM, before the
     guest can write anything: every copy but the claimer's stops being current."""
     if copies is None:
-        return new_copies(me, partner, now)
+        return new_copies(me, partner, now, imported)
     if last_host not in (None, me) or forced:
         return take_over(copies, me, now, forced)
     return start_primary(copies, me, now)

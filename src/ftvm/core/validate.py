@@ -37,8 +37,10 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
         return "a VM needs a disk or a kernel to boot"
     if spec.level is Level.COMPONENT:
         if not spec.disks:
-            return "level 2 mirrors disks: give at least one --disk-size"
+            return "level 2 mirrors disks: give at least one --disk-size (or --disk IMAGE to import)"
         for disk in spec.disks:
+            if disk.path and not file_exists(disk.path):
+                return f"disk image {disk.path} does not exist"
             if disk.size < 1 << 20 or disk.size % 512:
                 return f"disk size {disk.size} must be at least 1 MiB and a multiple of 512 bytes"
         if len(snapshot.hosts) < 2:

@@ -72,6 +72,17 @@ def ensure_image(image: LocalImage, size: int) -> bool:
     return True
 
 
+def import_image(source: str, source_format: str, image: LocalImage) -> None:
+    """A level 2 VM's first copy, made from an existing image (the partner's is then
+    resynced in full)."""
+    Path(image.path).parent.mkdir(parents=True, exist_ok=True)
+    opts = ["-o", "preallocation=metadata"] if image.format == "qcow2" else []
+    proc = subprocess.run(["qemu-img", "convert", "-q", "-f", source_format, "-O", image.format, *opts,
+                           source, image.path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StorageDaemonError(f"importing {source}: {proc.stderr.strip()}")
+
+
 def image_size(image: LocalImage) -> int:
     proc = subprocess.run(["qemu-img", "info", "-U", "--output=json", "-f", image.format, image.path],
                           capture_output=True, text=True)

@@ -159,7 +159,8 @@ class PoolStore:
 
     async def publish_export(self, vm: str, export: Export, lease: int) -> None:
         await self.etcd.put(self.vm_key(vm, f"export/{export.host}"),
-                            json.dumps({"host": export.host, "addr": export.addr, "port": export.port}).encode(),
+                            json.dumps({"host": export.host, "addr": export.addr, "port": export.port,
+                                        "fresh": export.fresh}).encode(),
                             lease)
 
     async def withdraw_export(self, vm: str, host: str) -> None:
