@@ -72,6 +72,18 @@ def single_connection(client: LabClient) -> None:
     assert [e["kind"] for e in other] == ["connect"], other
 
 
+def no_guest_io_error(client: LabClient, lab: labmod.LabState, vm: str) -> None:
+    """The ledger never answered ERR (it does on a failed write) and the guest kernel
+    logged no I/O error on its console."""
+    from ftvm.lab.client import read_log
+    _, other = read_log(client.log)
+    assert not [e for e in other if "unexpected reply" in str(e.get("error"))], other
+    for host in lab.hosts:
+        serial = lab.host_dir(host) / "state" / "vms" / vm / "serial.log"
+        if serial.exists():
+            assert "I/O error" not in serial.read_text(errors="replace")
+
+
 def test_partner_loss_is_masked_then_resynced_incrementally(l2vm, lab: labmod.LabState) -> None:
     pool, name, ip = l2vm
     client = LabClient(lab, ip, name)
@@ -92,6 +104,7 @@ def test_partner_loss_is_masked_then_resynced_incrementally(l2vm, lab: labmod.La
     finally:
         acks = client.stop()
     single_connection(client)
+    no_guest_io_error(client, lab, name)
     events = [e for e in pool.events() if e.vm == name]
     masked = [e for e in events if e.kind == "masked"]
     assert masked and "replication to h2 failed" in masked[-1].message
@@ -142,6 +155,7 @@ def test_local_disk_failure_is_masked(l2vm, lab: labmod.LabState) -> None:
     finally:
         acks = client.stop()
     single_connection(client)
+    no_guest_io_error(client, lab, name)
     assert "local disk on h1 failed; running on the copy on h2" in protection_of(pool, name)
     _, lost = check_acked_on_disk(pool.copy_as_raw(name, "h2", Path(lab.dir) / f"{name}.raw"), acks)
     assert lost == []
@@ -155,8 +169,13 @@ def test_one_a_link_down_replication_carries_on(l2vm, lab: labmod.LabState) -> N
         t = time.time()
         labmod.set_a_link(lab, "h1", "h2", 1, up=False)
         client.wait_acks(150, 30, after=t)
-        assert protection_of(pool, name) == "Protected"
+        # the VM is still mirrored, but one more failure would cost the replica: said so
+        pool.wait_for("the A-link reported down", lambda s: s.a_links_down("h1", "h2")[0] == ["a1-h2"], 10)
+        assert protection_of(pool, name) == "Not protected: A-link a1-h2 from h1 to h2 down; replicating over a2-h2"
         assert copy_state(pool.snapshot(), name, "h2") is CopyState.CURRENT
+        labmod.set_a_link(lab, "h1", "h2", 1, up=True)
+        pool.wait_for("the A-link back", lambda s: not s.a_links_down("h1", "h2")[0], 10)
+        assert protection_of(pool, name) == "Protected"
     finally:
         acks = client.stop()
     single_connection(client)
@@ -258,3 +277,41 @@ def test_stopped_level1_vm_raised_to_level2_keeps_its_data(lab: labmod.LabState,
         assert acks[0].startswith("OK 1 ")
     finally:
         pool.stop_and_remove(name)
+
+
+def _storage_daemon_pid(vm: str) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"qemu-storage-daemon") and f"name={vm}-d0".encode() in cmd:
+                return int(entry.name)
+    raise AssertionError(f"no storage daemon for {vm}")
+
+
+def test_hung_partner_daemon_is_detected_and_masked(l2vm, lab: labmod.LabState) -> None:
+    """A partner whose daemon hangs (SIGSTOP) still accepts TCP: the probe wants the NBD
+    greeting, so the replica is recorded outdated and the guest carries on."""
+    import os
+    import signal
+    pool, name, ip = l2vm
+    pid = _storage_daemon_pid(name)
+    client = LabClient(lab, ip, name)
+    try:
+        client.wait_acks(50, 30)
+        t = time.time()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            pool.wait_for("replica outdated", lambda s: copy_state(s, name, "h2") is CopyState.OUTDATED, 30)
+            client.wait_acks(50, 30, after=t)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        acks = client.stop()
+    # the guest waits for the hung write until the probe gives up on the partner (~2 s), so the
+    # client may time out and reconnect; what must not happen is an I/O error in the guest
+    no_guest_io_error(client, lab, name)
+    _, lost = check_acked_on_disk(pool.copy_as_raw(name, "h1", Path(lab.dir) / f"{name}.raw"), acks)
+    assert lost == []

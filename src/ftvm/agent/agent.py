@@ -254,8 +254,22 @@ class Agent:
         for decision in report.actions():
             await self._execute(decision, snapshot)
         await self._report_status(snapshot)
+        await self._report_links(snapshot)
         await self._flush_events()
         return report
+
+    async def _report_links(self, snapshot: PoolSnapshot) -> None:
+        """Monitor this host's A-links (operstate) and publish them when they change."""
+        if not self.cfg.a_links:
+            return
+        links = {peer: {i: _link_up(i) for i in ifs} for peer, ifs in self.cfg.a_links}
+        if snapshot.links.get(self.cfg.name) != links:
+            before = snapshot.links.get(self.cfg.name, {})
+            await self.store.report_links(self.cfg.name, links, self.lease)
+            for peer, ifs in links.items():
+                for i, up in ifs.items():
+                    if before and before.get(peer, {}).get(i) != up:
+                        self.event("", "a-link", f"A-link {i} to {peer} is {'up' if up else 'DOWN'}")
 
     async def _execute(self, d: Decision, snapshot: PoolSnapshot) -> None:
         if d.action is Action.KILL:
@@ -501,3 +515,11 @@ class Agent:
 def _copies_summary(copies: Copies) -> str:
     return ", ".join(f"{h} {c.state.value}" + (" (full resync)" if c.full else "")
                      for h, c in sorted(copies.copies.items())) + f" (gen {copies.gen})"
+
+
+def _link_up(interface: str) -> bool:
+    try:
+        with open(f"/sys/class/net/{interface}/operstate") as f:
+            return f.read().strip() == "up"
+    except OSError:
+        return False

@@ -32,12 +32,13 @@ class AgentConfig:
     local_format: str = "raw"           # raw or qcow2, per host
     replication_addr: str = ""          # serves level 2 copies on this address (A-links)
     debug_qmp: bool = False             # a second QMP socket per VM, for lab fault injection
+    a_links: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (peer host, its A-link interfaces here)
     timing: Timing = Timing()
 
 
 _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
           "shared_storage", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
-          "local_format", "replication_addr", "debug_qmp"}
+          "local_format", "replication_addr", "debug_qmp", "a_links"}
 
 
 def parse_config(data: dict[str, Any]) -> AgentConfig:
@@ -74,6 +75,10 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
     local = data.get("local_storage")
     if local is not None and not (isinstance(local, str) and local.startswith("/")):
         raise ConfigError("local_storage must be an absolute path")
+    a_links = data.get("a_links", {})
+    if not isinstance(a_links, dict) or not all(
+            isinstance(v, list) and all(isinstance(i, str) for i in v) for v in a_links.values()):
+        raise ConfigError('a_links must map a peer host to its interface names, e.g. {h2 = ["a1-h2", "a2-h2"]}')
     return AgentConfig(
         name=data["name"], pool=data["pool"], etcd=tuple(etcd), state_dir=Path(data["state_dir"]),
         bridge=data["bridge"], memory_mib=data["memory_mib"], vcpus=data["vcpus"],
@@ -82,6 +87,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         stop_grace=float(data.get("stop_grace", 0.0)), timing=timing,
         local_storage=Path(local) if local else None, local_format=data.get("local_format", "raw"),
         replication_addr=data.get("replication_addr", ""), debug_qmp=bool(data.get("debug_qmp", False)),
+        a_links=tuple((peer, tuple(ifs)) for peer, ifs in sorted(a_links.items())),
     )
 
 

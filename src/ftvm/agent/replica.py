@@ -43,7 +43,7 @@ BITMAP_GRANULARITY = 4096
 FINAL_PASS_BYTES = 4 << 20   # stop the guest for the last pass once this little is left
 MAX_PASSES = 8
 PROBE_INTERVAL = 0.5
-PROBE_FAILURES = 3
+PROBE_FAILURES = 2
 
 
 @dataclass
@@ -115,6 +115,7 @@ class ReplicaManager:
                 if self.mode is Mode.MIRRORED:
                     if export is None or not await _port_answers(export):
                         probe_failures += 1
+                        log.info("%s: partner %s probe failed (%d)", self.vm, partner, probe_failures)
                     else:
                         probe_failures = 0
                     if probe_failures >= PROBE_FAILURES or (export is None and probe_failures):
@@ -123,8 +124,12 @@ class ReplicaManager:
                 elif (self.mode is Mode.LOCAL_ONLY and status == "running" and copies is not None
                       and partner is not None and export is not None):
                     c = copies.state_of(partner)
-                    # a failed copy comes back as storage that works again: resynced in full
-                    if c is not None and c.state in (CopyState.OUTDATED, CopyState.SYNCING, CopyState.FAILED):
+                    # a failed copy comes back as storage that works again: resynced in full.
+                    # Only a partner that greets is connected: QEMU 7.2's blockdev-add of an NBD
+                    # node waits, with no timeout and its main loop stuck, for a server that
+                    # accepts but never speaks (a hung daemon).
+                    if (c is not None and c.state in (CopyState.OUTDATED, CopyState.SYNCING, CopyState.FAILED)
+                            and await _port_answers(export)):
                         await self._resync(copies, partner, export, needs_full_resync(c, export.fresh))
             except asyncio.CancelledError:
                 raise
@@ -350,11 +355,18 @@ class ReplicaManager:
 
 
 async def _port_answers(export: ExportRecord, timeout: float = 0.5) -> bool:
+    """The partner's NBD server greets within `timeout`. A TCP accept alone is not
+    enough: the kernel accepts for a daemon that is frozen or hung."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(export.addr, export.port), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(export.addr, export.port), timeout)
     except (OSError, asyncio.TimeoutError):
         return False
-    writer.close()
-    with suppress(Exception):
-        await writer.wait_closed()
-    return True
+    try:
+        greeting = await asyncio.wait_for(reader.readexactly(16), timeout)
+        return greeting == b"NBDMAGICIHAVEOPT"
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        writer.close()
+        with suppress(Exception):
+            await writer.wait_closed()

@@ -201,6 +201,13 @@ class PoolSnapshot:
     revision: int
     hosts: dict[str, HostInfo]
     vms: dict[str, VmView]
+    # A-link health reported by each host: host -> peer -> interface -> up?
+    links: dict[str, dict[str, dict[str, bool]]] = field(default_factory=dict)
+
+    def a_links_down(self, host: str, peer: str) -> tuple[list[str], list[str]]:
+        """(down, up) A-link interfaces of `host` toward `peer`, as `host` reports them."""
+        links = self.links.get(host, {}).get(peer, {})
+        return sorted(i for i, up in links.items() if not up), sorted(i for i, up in links.items() if up)
 
     def used_memory(self, host: str) -> int:
         return sum(v.spec.memory_mib for v in self.vms.values() if v.owner and v.owner.host == host)

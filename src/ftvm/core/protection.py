@@ -80,5 +80,9 @@ def _component(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:
     if theirs.state is CopyState.CURRENT:
         if not any(e.host == partner for e in view.exports):
             return Protection(False, f"partner {partner} is not serving its copy")
+        down, up = snapshot.a_links_down(here, partner)
+        if down:
+            return Protection(False, f"A-link {', '.join(down)} from {here} to {partner} down; "
+                                     f"replicating over {', '.join(up) or 'nothing'}")
         return Protection(True, f"every write on {here} and {partner}")
     return Protection(False, f"replica on {partner} {replica_text(view)} ({theirs.reason})")

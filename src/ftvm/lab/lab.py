@@ -260,6 +260,11 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None) -> 
         f'local_format = "{"raw" if topo.host_index(host) % 2 else "qcow2"}"',
         f'replication_addr = "{topo.replication_addr(host)}"', "debug_qmp = true",
     ]
+    peers: dict[str, list[str]] = {}
+    for link in topo.a_links(state.hosts):
+        if host in (link.a, link.b):
+            peers.setdefault(link.b if host == link.a else link.a, []).append(link.ifname(host))
+    lines.append("a_links = { " + ", ".join(f'{p} = {ifs!r}'.replace("'", '"') for p, ifs in peers.items()) + " }")
     if probe_kernel:
         lines.append(f'probe_kernel = "{probe_kernel}"')
     lines.append("[timing]")

@@ -117,11 +117,13 @@ class StorageDaemon:
         finally:
             listener.close()  # the daemon has its own copy
         daemon = StorageDaemon(vm, proc, addr, port, len(images))
-        for _ in range(100):  # ready once the NBD port accepts connections
+        for _ in range(100):  # ready once it greets (the kernel accepts on our listener before that)
             if proc.returncode is not None:
                 raise StorageDaemonError(f"{QSD} exited (code {proc.returncode}); see {log_path}")
-            with suppress(OSError), socket.create_connection((addr, port), timeout=0.2):
-                return daemon
+            with suppress(OSError), socket.create_connection((addr, port), timeout=0.2) as probe:
+                probe.settimeout(0.2)
+                if probe.recv(16, socket.MSG_WAITALL) == b"NBDMAGICIHAVEOPT":
+                    return daemon
             await asyncio.sleep(0.05)
         await daemon.stop()
         raise StorageDaemonError(f"{QSD} for {vm} did not listen on {addr}:{port}")

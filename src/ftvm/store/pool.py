@@ -15,6 +15,7 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/vms/<vm>/export/<h> Export      lease: h's; h serves its copy over NBD
     state/vms/<vm>/sync       progress    lease: the owner's; resync of the partner's copy
     state/vms/<vm>/force      {host}      no lease; operator accepted data loss to start there
+    state/links/<host>        A-links     lease: the host's; {peer: {interface: up?}}
     events/<time>-<host>-<n>  Event       no lease; trimmed to the newest MAX_EVENTS
 
 What must be atomic (each is one etcd transaction):
@@ -81,6 +82,7 @@ class PoolStore:
         """The whole pool state at one revision."""
         kvs, revision = await self.etcd.get_prefix(self.state)
         hosts: dict[str, HostInfo] = {}
+        links: dict[str, dict[str, dict[str, bool]]] = {}
         parts: dict[str, dict[str, Any]] = {}
         for kv in kvs:
             rest = kv.key[len(self.state):].split("/")
@@ -88,6 +90,8 @@ class PoolStore:
                 hosts[rest[1]] = HostInfo.from_json(kv.json())
             elif rest[0] == "vms" and len(rest) == 3:
                 parts.setdefault(rest[1], {})[rest[2]] = kv
+            elif rest[0] == "links" and len(rest) == 2:
+                links[rest[1]] = kv.json()
             elif rest[0] == "vms" and len(rest) == 4 and rest[2] == "export":
                 parts.setdefault(rest[1], {}).setdefault("exports", []).append(kv)
         vms: dict[str, VmView] = {}
@@ -105,7 +109,7 @@ class PoolStore:
                 sync=SyncProgress(**p["sync"].json()) if "sync" in p else None,
                 force_host=p["force"].json()["host"] if "force" in p else None,
             )
-        return PoolSnapshot(revision=revision, hosts=hosts, vms=vms)
+        return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links)
 
     async def spec(self, vm: str) -> tuple[VmSpec, int] | None:
         kv = await self.etcd.get(self.vm_key(vm, "spec"))
@@ -156,6 +160,9 @@ class PoolStore:
     async def get_copies(self, vm: str) -> Copies | None:
         kv = await self.etcd.get(self.vm_key(vm, "copies"))
         return Copies.from_json(kv.json(), kv.mod_revision) if kv else None
+
+    async def report_links(self, host: str, links: dict[str, dict[str, bool]], lease: int) -> None:
+        await self.etcd.put(f"{self.state}links/{host}", json.dumps(links, sort_keys=True).encode(), lease)
 
     async def publish_export(self, vm: str, export: Export, lease: int) -> None:
         await self.etcd.put(self.vm_key(vm, f"export/{export.host}"),
