@@ -6,8 +6,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,17 +34,9 @@ def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
          "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
         stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if b"true" in r.read():
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f"etcd did not start; see {data}/etcd.log")
-            time.sleep(0.1)
+        from ftvm.lab.lab import wait_etcd_healthy
+        if not wait_etcd_healthy(url, 20):
+            pytest.fail(f"etcd did not start; see {data}/etcd.log")
         yield url
     finally:
         proc.kill()

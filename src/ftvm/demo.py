@@ -75,28 +75,30 @@ class LiveView:
         self._stop.set()
 
 
-def _summary_table(r: FailoverResult | Level2Result) -> Table:
-    t = Table(title="Summary", title_justify="left", show_header=False)
+def _summary_rows(r: FailoverResult | Level2Result) -> list[tuple[str, str]]:
+    lost = f"[{'green' if r.lost == 0 else 'red'}]{r.lost}[/]"
+    copies = f"{r.max_copies} ({r.copy_samples} samples of /proc)"
     if isinstance(r, Level2Result):
-        rows = [("local disk failure", f"masked: longest wait for an answer {r.disk_failure_stall_s:.2f} s"),
+        return [("local disk failure", f"masked: longest wait for an answer {r.disk_failure_stall_s:.2f} s"),
                 ("VM moved (power loss)", f"{r.failed_host} -> {r.new_host}"),
                 ("outage seen by the client", f"{r.outage_s:.2f} s"),
                 ("detection / restart", f"{r.detection_s:.2f} s / {r.restart_s:.2f} s"),
                 ("acknowledged records checked", str(r.acknowledged)),
-                ("acknowledged records lost", f"[{'green' if r.lost == 0 else 'red'}]{r.lost}[/]"),
+                ("acknowledged records lost", lost),
                 ("resync of the returning host", f"{r.resync_bytes / 2**20:.1f} MiB in {r.resync_s:.1f} s"),
-                ("most copies running at once", f"{r.max_copies} ({r.copy_samples} samples of /proc)")]
-        for k, v in rows:
-            t.add_row(k, v)
-        return t
-    rows = [("VM moved", f"{r.failed_host} -> {r.new_host}"),
+                ("most copies running at once", copies)]
+    return [("VM moved", f"{r.failed_host} -> {r.new_host}"),
             ("outage seen by the client", f"{r.outage_s:.2f} s"),
             ("detection (power loss -> claim)", f"{r.detection_s:.2f} s (lease TTL {r.lease_ttl_s:g} s)"),
             ("restart (claim -> first answer)", f"{r.restart_s:.2f} s"),
             ("acknowledged records checked", str(r.acknowledged)),
-            ("acknowledged records lost", f"[{'green' if r.lost == 0 else 'red'}]{r.lost}[/]"),
-            ("most copies running at once", f"{r.max_copies} ({r.copy_samples} samples of /proc)")]
-    for k, v in rows:
+            ("acknowledged records lost", lost),
+            ("most copies running at once", copies)]
+
+
+def _summary_table(r: FailoverResult | Level2Result) -> Table:
+    t = Table(title="Summary", title_justify="left", show_header=False)
+    for k, v in _summary_rows(r):
         t.add_row(k, v)
     return t
 

@@ -491,7 +491,10 @@ class Agent:
             view = snapshot.vms.get(name)
             if view is None or view.owner is None or view.owner.host != self.cfg.name:
                 continue
-            status = VmStatus(self.cfg.name, rec.state, rec.token, rec.since, rec.detail)
+            detail = rec.detail
+            if rec.replica is not None and rec.replica.problem:
+                detail = f"PAUSED: {rec.replica.problem}"
+            status = VmStatus(self.cfg.name, rec.state, rec.token, rec.since, detail)
             if view.status == status:
                 continue
             if await self.store.report_status(name, status, self.lease):

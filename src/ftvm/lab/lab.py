@@ -234,16 +234,21 @@ def _start_etcd(state: LabState) -> None:
         "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
         "--initial-cluster", "quorum=http://127.0.0.1:2380",
         "--heartbeat-interval", "100", "--election-timeout", "1000"], Path(state.dir) / "etcd.log")
-    deadline = time.monotonic() + 20
+    if not wait_etcd_healthy(url, 20):
+        raise LabError(f"etcd did not become healthy; see {state.dir}/etcd.log")
+
+
+def wait_etcd_healthy(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if b'"true"' in r.read():
-                    return
+                    return True
         except OSError:
             pass
         time.sleep(0.1)
-    raise LabError(f"etcd did not become healthy; see {state.dir}/etcd.log")
+    return False
 
 
 def _write_host_config(state: LabState, host: str, probe_kernel: str | None) -> None:
