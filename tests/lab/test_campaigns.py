@@ -30,3 +30,34 @@ def test_repeated_level1_failover_back_and_forth(lab: labmod.LabState, guest_ima
         for h in list(lab.failed):
             labmod.restore_host(lab, h)
         pool.stop_and_remove("camp")
+
+
+def test_repeated_level2_failover_back_and_forth(lab: labmod.LabState, guest_image) -> None:
+    """One level 2 VM, six primary power losses alternating between the hosts, the old
+    primary resynced in full each time before the next: nothing acknowledged is lost."""
+    from ftvm.core.replication import CopyState
+    pool = LabPool(lab)
+    spec = pool.define_ledger_vm("camp2", 6, Level.COMPONENT, guest_image, host="h1")
+
+    def current(host: str):
+        def check(snap) -> bool:
+            c = snap.vms["camp2"].copies
+            return c is not None and c.state_of(host) is not None and c.state_of(host).state is CopyState.CURRENT
+        return check
+
+    try:
+        pool.wait_running("camp2", 60)
+        pool.wait_for("mirrored", current("h2"), 60)
+        results = []
+        for _ in range(6):
+            r = host_failure(pool, spec)
+            results.append(r)
+            labmod.restore_host(lab, r.failed_host)
+            pool.wait_for("old primary resynced", current(r.failed_host), 120)
+        assert [r.lost for r in results] == [0] * 6
+        assert max(r.max_copies for r in results) == 1
+        assert [r.failed_host for r in results] == ["h1", "h2"] * 3
+    finally:
+        for h in list(lab.failed):
+            labmod.restore_host(lab, h)
+        pool.stop_and_remove("camp2")

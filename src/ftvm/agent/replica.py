@@ -113,6 +113,10 @@ class ReplicaManager:
                 partner = copies.partner_of(self.me) if copies else None
                 export = next((e for e in exports if e.host == partner), None)
                 if self.mode is Mode.MIRRORED:
+                    c = copies.state_of(partner) if copies and partner else None
+                    if partner and c is not None and c.state is not CopyState.CURRENT and status == "running":
+                        # mirrored since the last resync pass, but the record was not written then
+                        await self._mark_partner_current(partner)
                     if export is None or not await _port_answers(export):
                         probe_failures += 1
                         log.info("%s: partner %s probe failed (%d)", self.vm, partner, probe_failures)
@@ -157,6 +161,9 @@ class ReplicaManager:
             except EtcdError as e:
                 log.warning("%s: cannot record the copies' state yet (%s); VM kept as is", self.vm, e)
                 await asyncio.sleep(0.2)
+
+    async def _mark_partner_current(self, partner: str) -> None:
+        await self._update_copies(lambda c: mark(c, partner, CopyState.CURRENT, "in sync", time.time()))
 
     # --- failures ----------------------------------------------------------------
     async def _handle_io_error(self) -> None:
@@ -281,8 +288,7 @@ class ReplicaManager:
                 wr_now = await self._written_bytes()
                 if self._apart_since_wr is not None:
                     figures.written_apart = wr_now - self._apart_since_wr
-                await self._update_copies(lambda c: mark(c, partner, CopyState.CURRENT,
-                                                         "in sync", time.time()))
+                await self._mark_partner_current(partner)
             finally:
                 await self.qemu.execute("cont")
         except Exception:
