@@ -24,7 +24,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..core.model import Export as ExportRecord
@@ -109,6 +109,9 @@ class ReplicaManager:
                 if status == "io-error":
                     await self._handle_io_error()
                     continue
+                if status == "paused" and self._pending_drop:
+                    await self._drop_copy(self._pending_drop)  # an earlier attempt failed midway
+                    continue
                 copies, exports = self.snapshot_copies()
                 partner = copies.partner_of(self.me) if copies else None
                 export = next((e for e in exports if e.host == partner), None)
@@ -192,8 +195,12 @@ class ReplicaManager:
         else:
             await self.qemu.execute("cont")
 
+    _pending_drop: str | None = None
+
     async def _drop_copy(self, failed: str) -> None:
-        """With the guest stopped: record the failed copy, drop it from the graph, continue."""
+        """With the guest stopped: record the failed copy, drop it from the graph, continue.
+        If this fails midway the guest stays stopped and the loop tries again."""
+        self._pending_drop = failed
         copies, exports = self.snapshot_copies()
         partner = copies.partner_of(self.me) if copies else None
         if partner is None:
@@ -208,6 +215,7 @@ class ReplicaManager:
         wr_before = await self._written_bytes()
         for i, g in enumerate(self.graphs):
             if g.mode is Mode.MIRRORED:
+                g = self.graphs[i] = replace(g, serial=g.serial + 2)  # fresh node names if this is a retry
                 new, steps = drop_child(g, failed, self.images[i], self._export_for(exports, partner, i))
                 await self._run_steps(steps)
                 self.graphs[i] = new
@@ -218,6 +226,7 @@ class ReplicaManager:
             self._apart_since_wr = wr_before
         self.failed_nodes.clear()
         self.problem = ""
+        self._pending_drop = None
         await self.qemu.execute("cont")
         survivor = "its local copy" if failed == "remote" else f"the copy on {partner}"
         self.event("masked", f"{why}: copy recorded {'outdated' if failed == 'remote' else 'failed'} "
