@@ -164,3 +164,15 @@ def test_running_local_vm_blocks_export_on_same_host() -> None:
                                                           copies=current_both())})
     d = decide(s, LocalView("h2", vms={"web": LocalVm("web", RunState.RUNNING, 3)}))
     assert [x.action for x in d.decisions] == [Action.KILL]
+
+
+def test_replica_text_shows_sync_progress_and_eta() -> None:
+    from ftvm.core.model import SyncProgress
+    from ftvm.core.protection import replica_text
+    syncing = mark(current_both(), "h2", CopyState.SYNCING, "resync of changed blocks", 5.0)
+    v = VmView(spec(), owner=Ownership("h1", 7), home="h1", copies=syncing,
+               sync=SyncProgress("h2", 25 << 20, 100 << 20, 10 << 20, False))
+    assert replica_text(v) == "syncing 25% (ETA 8 s)"
+    assert replica_text(VmView(spec(), owner=Ownership("h1", 7), copies=current_both())) == "in sync"
+    outdated = mark(current_both(), "h2", CopyState.OUTDATED, "x", 5.0)
+    assert replica_text(VmView(spec(), owner=Ownership("h1", 7), copies=outdated)).startswith("outdated since ")
