@@ -159,6 +159,19 @@ def test_local_disk_failure_is_masked(l2vm, lab: labmod.LabState) -> None:
     assert "local disk on h1 failed; running on the copy on h2" in protection_of(pool, name)
     _, lost = check_acked_on_disk(pool.copy_as_raw(name, "h2", Path(lab.dir) / f"{name}.raw"), acks)
     assert lost == []
+    # the operator replaces the disk: the local copy is rebuilt while the guest runs, then mirrored
+    r = subprocess.run([sys.executable, "-m", "ftvm", "vm", "repair-disk", name, "--host", "h1",
+                        "--lab-dir", lab.dir], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    client = LabClient(lab, ip, name)
+    try:
+        pool.wait_for("local copy rebuilt", lambda s: copy_state(s, name, "h1") is CopyState.CURRENT, 60)
+        client.wait_acks(30, 30, after=time.time())
+    finally:
+        client.stop()
+    single_connection(client)
+    assert protection_of(pool, name) == "Protected"
+    assert_copies_identical(pool, lab, name)
 
 
 def test_one_a_link_down_replication_carries_on(l2vm, lab: labmod.LabState) -> None:

@@ -176,3 +176,18 @@ def test_replica_text_shows_sync_progress_and_eta() -> None:
     assert replica_text(VmView(spec(), owner=Ownership("h1", 7), copies=current_both())) == "in sync"
     outdated = mark(current_both(), "h2", CopyState.OUTDATED, "x", 5.0)
     assert replica_text(VmView(spec(), owner=Ownership("h1", 7), copies=outdated)).startswith("outdated since ")
+
+
+def test_remote_only_back_to_mirrored_after_local_repair() -> None:
+    from ftvm.qemu.blockgraph import add_local, mirror_back
+    g, _ = local_only_start(0, IMG)
+    g, _, spare = add_remote(g, EXP)
+    g, _ = mirror(g, spare, IMG)
+    g, _ = drop_child(g, "local", IMG, EXP)
+    g2, steps, local = add_local(g, IMG)
+    assert steps[0][1]["file"]["filename"] == IMG.path
+    g3, steps = mirror_back(g2, local, EXP)
+    assert g3.mode is Mode.MIRRORED and g3.local == local
+    quorum = next(a for c, a in steps if c == "blockdev-add" and a["driver"] == "quorum")
+    assert quorum["children"][0] == local  # reads go to the local copy first again
+    assert steps[-1] == ("blockdev-del", {"node-name": g2.remote})

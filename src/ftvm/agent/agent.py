@@ -374,7 +374,8 @@ class Agent:
                                                                "granularity": BITMAP_GRANULARITY})
             rec.replica = ReplicaManager(
                 d.vm, token, self.cfg.name, qemu, images, graphs, self.store, lambda: self.lease,
-                lambda: self._copies_view(d.vm), self.event)
+                lambda: self._copies_view(d.vm), self.event,
+                repair_requested=lambda: self._repair_requested(d.vm))
             await qemu.execute("cont")
             rec.replica.start()
         try:
@@ -383,6 +384,10 @@ class Agent:
             log.warning("%s: announce-self failed: %s", d.vm, e)
         rec.state, rec.detail, rec.since = RunState.RUNNING, f"pid {qemu.pid}, {self.accel.accel}", time.time()
         self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid} started (token {token})")
+
+    def _repair_requested(self, vm: str) -> bool:
+        view = self.snapshot.vms.get(vm) if self.snapshot else None
+        return view is not None and view.repair_host == self.cfg.name
 
     def _copies_view(self, vm: str) -> tuple[Copies | None, tuple[ExportRecord, ...]]:
         view = self.snapshot.vms.get(vm) if self.snapshot else None

@@ -30,9 +30,10 @@ from typing import Any
 from ..core.model import Export as ExportRecord
 from ..core.model import SyncProgress
 from ..core.replication import Copies, CopyState, mark, needs_full_resync
-from ..qemu.blockgraph import DiskGraph, Export, LocalImage, Mode, add_remote, drop_child, mirror, node_kind
+from ..qemu.blockgraph import (DiskGraph, Export, LocalImage, Mode, add_local, add_remote, drop_child, mirror,
+                               mirror_back, node_kind)
 from ..qemu.process import QemuVm
-from ..qemu.storage_daemon import export_name
+from ..qemu.storage_daemon import ensure_image, export_name
 from ..store.etcd import EtcdError
 from ..store.pool import PoolStore
 
@@ -58,7 +59,8 @@ class ReplicaManager:
     def __init__(self, vm: str, token: int, me: str, qemu: QemuVm, images: list[LocalImage],
                  graphs: list[DiskGraph], store: PoolStore, lease: Callable[[], int],
                  snapshot_copies: Callable[[], tuple[Copies | None, tuple[ExportRecord, ...]]],
-                 event: Callable[[str, str, str], None]) -> None:
+                 event: Callable[[str, str, str], None],
+                 repair_requested: Callable[[], bool] = lambda: False) -> None:
         self.vm, self.token, self.me = vm, token, me
         self.qemu = qemu
         self.images = images
@@ -67,6 +69,7 @@ class ReplicaManager:
         self.lease = lease
         self.snapshot_copies = snapshot_copies
         self.event = lambda kind, msg: event(vm, kind, msg)
+        self.repair_requested = repair_requested
         self.failed_nodes: set[str] = set()
         self.wake = asyncio.Event()
         self.jobs: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -128,6 +131,17 @@ class ReplicaManager:
                     if probe_failures >= PROBE_FAILURES or (export is None and probe_failures):
                         probe_failures = 0
                         await self._partner_lost(partner)
+                elif self.mode is Mode.REMOTE_ONLY and status == "running" and copies is not None:
+                    mine = copies.state_of(self.me)
+                    if mine is not None and mine.state is CopyState.FAILED and self.repair_requested():
+                        await self._update_copies(lambda c: mark(
+                            c, self.me, CopyState.OUTDATED, "local disk replaced by the operator", time.time(),
+                            full=True))
+                        await self.store.clear_repair(self.vm)
+                        self.event("repair", f"operator replaced the local disk on {self.me}: full resync follows")
+                    elif (mine is not None and mine.state in (CopyState.OUTDATED, CopyState.SYNCING)
+                          and partner is not None and export is not None):
+                        await self._resync_local(partner, export)
                 elif (self.mode is Mode.LOCAL_ONLY and status == "running" and copies is not None
                       and partner is not None and export is not None):
                     c = copies.state_of(partner)
@@ -280,16 +294,17 @@ class ReplicaManager:
                                                  time.time(), full=full))
         self.event("resync", f"resync of the copy on {partner} started ({'full' if full else 'changed blocks'})")
         figures = ResyncFigures(full=full)
+        sources = [g.local or "" for g in self.graphs]
         try:
             first = True
             for _ in range(MAX_PASSES):
-                figures.copied += await self._pass(spares, full and first, partner)
+                figures.copied += await self._pass(sources, spares, full and first, partner)
                 first = False
-                if await self._dirty_bytes() <= FINAL_PASS_BYTES:
+                if await self._dirty_bytes(sources) <= FINAL_PASS_BYTES:
                     break
             await self.qemu.execute("stop")
             try:
-                figures.copied += await self._pass(spares, False, partner)
+                figures.copied += await self._pass(sources, spares, False, partner)
                 for i, g in enumerate(self.graphs):
                     new, steps = mirror(g, spares[i], self.images[i])
                     await self._run_steps(steps)
@@ -318,31 +333,87 @@ class ReplicaManager:
                               f"({'full' if full else f'{figures.written_apart} bytes written while apart'}) "
                               f"in {figures.seconds:.1f}s; disks mirrored")
 
-    async def _dirty_bytes(self) -> int:
+    async def _resync_local(self, partner: str, rec: ExportRecord) -> None:
+        """REMOTE_ONLY after the operator replaced the local disk: copy the partner's copy
+        (which the guest runs on) into a local one, then mirror again."""
+        t0 = time.time()
+        spares: list[str] = []
+        for i, g in enumerate(self.graphs):
+            ensure_image(self.images[i], await self._disk_size(i))
+            new, steps, spare = add_local(g, self.images[i])
+            await self._run_steps(steps)
+            self.graphs[i] = new
+            spares.append(spare)
+        await self._update_copies(lambda c: mark(c, self.me, CopyState.SYNCING, "full resync of the local copy",
+                                                 time.time(), full=True))
+        self.event("resync", f"full resync of the local copy on {self.me} from {partner} started")
+        sources = [g.remote or "" for g in self.graphs]
+        copied = 0
+        try:
+            copied += await self._pass(sources, spares, True, self.me, new_bitmap=True)
+            for _ in range(MAX_PASSES):
+                if await self._dirty_bytes(sources) <= FINAL_PASS_BYTES:
+                    break
+                copied += await self._pass(sources, spares, False, self.me)
+            await self.qemu.execute("stop")
+            try:
+                copied += await self._pass(sources, spares, False, self.me)
+                for i, g in enumerate(self.graphs):
+                    new, steps = mirror_back(g, spares[i], Export(rec.addr, rec.port, export_name(self.vm, i)))
+                    await self._run_steps(steps)
+                    self.graphs[i] = new
+                await self._update_copies(lambda c: mark(c, self.me, CopyState.CURRENT, "in sync", time.time()))
+            finally:
+                await self.qemu.execute("cont")
+        except Exception:
+            for i, g in enumerate(self.graphs):
+                if g.mode is Mode.REMOTE_ONLY:
+                    with suppress(Exception):
+                        await self.qemu.execute("blockdev-del", {"node-name": spares[i]})
+            await self._update_copies(lambda c: mark(c, self.me, CopyState.OUTDATED, "local resync interrupted",
+                                                     time.time(), full=True))
+            raise
+        finally:
+            with suppress(EtcdError):
+                await self.store.report_sync(self.vm, self.token, None, self.lease())
+        self.event("in-sync", f"local copy on {self.me} in sync: resync copied {copied} bytes (full) "
+                              f"in {time.time() - t0:.1f}s; disks mirrored")
+
+    async def _disk_size(self, index: int) -> int:
+        for n in await self.qemu.execute("query-named-block-nodes", {"flat": True}):
+            if n.get("node-name") == f"disk{index}":
+                return int(n["image"]["virtual-size"])
+        raise RuntimeError(f"disk{index} not found")
+
+    async def _dirty_bytes(self, sources: list[str]) -> int:
         total = 0
         nodes = await self.qemu.execute("query-named-block-nodes", {"flat": True})
-        locals_ = {g.local for g in self.graphs}
         for n in nodes:
-            if n.get("node-name") in locals_:
+            if n.get("node-name") in sources:
                 total += sum(int(b.get("count", 0)) for b in n.get("dirty-bitmaps", [])
                              if b.get("name") == BITMAP)
         return total
 
-    async def _pass(self, spares: list[str], full: bool, partner: str) -> int:
-        """One backup pass per disk (dirty blocks, or all of it); returns bytes copied."""
+    async def _pass(self, sources: list[str], spares: list[str], full: bool, partner: str,
+                    new_bitmap: bool = False) -> int:
+        """One backup pass per disk from the node the guest writes through to the spare
+        (dirty blocks, or all of it); returns bytes copied. A full pass clears the
+        bitmap (or, `new_bitmap`, creates it) in the same transaction that starts it."""
         copied = 0
-        for i, g in enumerate(self.graphs):
-            assert g.local is not None
+        for i, source in enumerate(sources):
             job = f"resync-{self.vm}-d{i}"
             fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self.jobs[job] = fut
-            backup: dict[str, Any] = {"job-id": job, "device": g.local, "target": spares[i],
+            backup: dict[str, Any] = {"job-id": job, "device": source, "target": spares[i],
                                       "auto-dismiss": True}
             if full:
                 backup["sync"] = "full"
+                bitmap = ({"type": "block-dirty-bitmap-add", "data": {
+                              "node": source, "name": BITMAP, "granularity": BITMAP_GRANULARITY}}
+                          if new_bitmap else
+                          {"type": "block-dirty-bitmap-clear", "data": {"node": source, "name": BITMAP}})
                 await self.qemu.execute("transaction", {"actions": [
-                    {"type": "block-dirty-bitmap-clear", "data": {"node": g.local, "name": BITMAP}},
-                    {"type": "blockdev-backup", "data": backup}]})
+                    bitmap, {"type": "blockdev-backup", "data": backup}]})
             else:
                 backup.update(sync="bitmap", bitmap=BITMAP, **{"bitmap-mode": "on-success"})
                 await self.qemu.execute("blockdev-backup", backup)

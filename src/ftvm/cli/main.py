@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(vm, "set", pool_cmds.cmd_vm_set, "change a stopped VM's protection level")
     p.add_argument("name")
     p.add_argument("--level", type=int, required=True, choices=(0, 1, 2))
+    p = cmd(vm, "repair-disk", pool_cmds.cmd_vm_repair_disk,
+            "level 2: a failed copy's storage works again (replaced disk): resync it and mirror again")
+    p.add_argument("name")
+    p.add_argument("--host", required=True)
     p = cmd(vm, "remove", pool_cmds.cmd_vm_remove, "remove a stopped VM (its disks are kept)")
     p.add_argument("name")
     p = cmd(vm, "show", pool_cmds.cmd_vm_show, "show one VM")

@@ -300,6 +300,29 @@ def cmd_vm_start(args: Any) -> int:
     return _set_desired(args, Desired.RUNNING)
 
 
+def cmd_vm_repair_disk(args: Any) -> int:
+    """Tell ftvm a failed level 2 copy sits on working storage again: it is resynced in
+    full from the partner while the VM runs, then mirrored."""
+    async def repair(store: PoolStore) -> None:
+        _, view = await _get_view(store, args.name)
+        copy = view.copies.state_of(args.host) if view.copies else None
+        if view.spec.level is not Level.COMPONENT or copy is None:
+            raise CliError(f"{args.host} holds no level 2 copy of {args.name}", BAD_INPUT)
+        if copy.state.value != "failed":
+            raise CliError(f"the copy on {args.host} has not failed (it is {copy.state.value})", REFUSED)
+        if not await store.request_repair(args.name, args.host):
+            raise CliError(f"VM {args.name} changed meanwhile; nothing done", REFUSED)
+        await store.add_event(Event(time.time(), "operator", args.name, "repair",
+                                    f"storage of the copy on {args.host} declared repaired"))
+
+    with_store(args, repair)
+    if is_json(args):
+        emit_json({"vm": args.name, "host": args.host, "repair": "requested"})
+    else:
+        console.print(f"VM {args.name}: the copy on {args.host} will be resynced in full, then mirrored")
+    return OK
+
+
 def _force_start(args: Any) -> None:
     """Let a level 2 VM start from a copy that is not current: the operator accepts
     losing what that copy lacks. Recorded in the event log."""

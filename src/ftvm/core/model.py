@@ -194,6 +194,7 @@ class VmView:
     exports: tuple[Export, ...] = ()    # level 2: partners serving their copy
     sync: SyncProgress | None = None    # level 2: resync in progress
     force_host: str | None = None       # operator accepted data loss to start here
+    repair_host: str | None = None      # operator: this host's failed copy can be resynced
 
 
 @dataclass(frozen=True)

@@ -172,3 +172,26 @@ def node_kind(g: DiskGraph, node: str) -> str | None:
     if node == g.remote:
         return "remote"
     return None
+
+
+def add_local(g: DiskGraph, image: LocalImage) -> tuple[DiskGraph, list[QmpStep], str]:
+    """REMOTE_ONLY: a node on the (repaired) local copy, the target of its full resync."""
+    if g.mode is not Mode.REMOTE_ONLY:
+        raise ValueError(f"disk{g.index} is not remote-only")
+    name, spec = local_node(g.index, g.serial, image, locking=False)
+    return replace(g, serial=g.serial + 1), [("blockdev-add", spec)], name
+
+
+def mirror_back(g: DiskGraph, local: str, export: Export) -> tuple[DiskGraph, list[QmpStep]]:
+    """REMOTE_ONLY with an in-sync local node -> MIRRORED. Run with the VM stopped."""
+    if g.mode is not Mode.REMOTE_ONLY or g.remote is None:
+        raise ValueError(f"disk{g.index} is not remote-only")
+    remote, remote_spec = remote_node(g.index, g.serial, export)
+    quorum, quorum_spec = quorum_node(g.index, g.serial, [local, remote])
+    steps: list[QmpStep] = [
+        ("blockdev-add", remote_spec),
+        ("blockdev-add", quorum_spec),
+        ("blockdev-reopen", {"options": [top_node(g.index, quorum)]}),
+        ("blockdev-del", {"node-name": g.remote}),
+    ]
+    return DiskGraph(g.index, Mode.MIRRORED, g.serial + 1, local, remote, quorum), steps

@@ -15,6 +15,7 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/vms/<vm>/export/<h> Export      lease: h's; h serves its copy over NBD
     state/vms/<vm>/sync       progress    lease: the owner's; resync of the partner's copy
     state/vms/<vm>/force      {host}      no lease; operator accepted data loss to start there
+    state/vms/<vm>/repair     {host}      no lease; operator: host's failed copy has working storage again
     state/links/<host>        A-links     lease: the host's; {peer: {interface: up?}}
     events/<time>-<host>-<n>  Event       no lease; trimmed to the newest MAX_EVENTS
 
@@ -108,6 +109,7 @@ class PoolStore:
                 exports=tuple(Export(**e.json()) for e in p.get("exports", [])),
                 sync=SyncProgress(**p["sync"].json()) if "sync" in p else None,
                 force_host=p["force"].json()["host"] if "force" in p else None,
+                repair_host=p["repair"].json()["host"] if "repair" in p else None,
             )
         return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links)
 
@@ -177,6 +179,15 @@ class PoolStore:
         key = self.vm_key(vm, "sync")
         op = put_json(key, progress.__dict__, lease) if progress else Delete(key)
         await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token)], [op])
+
+    async def request_repair(self, vm: str, host: str) -> bool:
+        """Operator: `host`'s failed copy sits on storage that works again."""
+        r = await self.etcd.txn([present(self.vm_key(vm, "spec"))],
+                                [put_json(self.vm_key(vm, "repair"), {"host": host})])
+        return r.succeeded
+
+    async def clear_repair(self, vm: str) -> None:
+        await self.etcd.delete(self.vm_key(vm, "repair"))
 
     async def force_start(self, vm: str, host: str) -> bool:
         """Operator: allow `host` to start the VM from its copy even if outdated."""
