@@ -25,6 +25,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,7 +122,7 @@ static long long fill(unsigned long kib, unsigned long chunk_kib) {
             uint64_t v = (fill_counter << 32) ^ (i * 0x9E3779B97F4A7C15ull) ^ 0x5555555555555555ull;
             memcpy(chunk + i, &v, 8);
         }
-        if (scratch_off + n > scratch_len) scratch_off = 0;
+        if (scratch_off + n > scratch_len) scratch_off = 0; /* wraps (child: within its stretch) */
         if (pwrite(disk_fd, chunk, n, (off_t)(scratch_start + scratch_off)) != (ssize_t)n) return -1;
         scratch_off += n;
         left -= n;
@@ -158,9 +159,22 @@ static void handle_line(int fd, char *line, size_t len) {
         char *end;
         unsigned long kib = strtoul(line + 2, &end, 10);
         unsigned long chunk_kib = strtoul(end, NULL, 10);
-        long long usec = fill(kib, chunk_kib);
-        if (usec < 0) snprintf(out, sizeof out, "ERR %s\n", strerror(errno));
-        else snprintf(out, sizeof out, "OK F %llu %lld\n", (unsigned long long)kib * 1024, usec);
+        /* Each bulk write runs in a child process on its own stretch of the scratch area,
+           so several clients' bulk writes proceed concurrently (queue depth > 1). */
+        uint64_t bytes = (uint64_t)kib * 1024;
+        if (scratch_off + bytes > scratch_len) scratch_off = 0;
+        uint64_t my_off = scratch_off;
+        scratch_off += bytes;
+        fill_counter += 1000003;
+        if (fork() == 0) {
+            scratch_off = my_off;
+            long long usec = fill(kib, chunk_kib);
+            if (usec < 0) snprintf(out, sizeof out, "ERR %s\n", strerror(errno));
+            else snprintf(out, sizeof out, "OK F %llu %lld\n", (unsigned long long)bytes, usec);
+            reply(fd, out);
+            _exit(0);
+        }
+        return;
     } else if (len >= 1 && line[0] == 'P') {
         snprintf(out, sizeof out, "PONG\n");
     } else {
@@ -171,6 +185,7 @@ static void handle_line(int fd, char *line, size_t len) {
 
 int main(int argc, char **argv) {
     if (argc != 3) { fprintf(stderr, "usage: ledger DEVICE PORT\n"); return 2; }
+    signal(SIGCHLD, SIG_IGN); /* bulk-write children reap themselves */
     disk_fd = open(argv[1], O_RDWR | O_DSYNC);
     if (disk_fd < 0) { perror("open disk"); return 1; }
     recover();

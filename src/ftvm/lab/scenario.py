@@ -157,6 +157,20 @@ class LabPool:
             raise ScenarioError(f"bulk write failed: {' '.join(reply)}")
         return int(reply[3]) / 1e6
 
+    def parallel_bulk_write(self, ip: str, writers: int, mib_each: int, chunk_kib: int = 1024) -> float:
+        """`writers` bulk writes at once (queue depth `writers`); returns MiB/s over the wall time."""
+        code = ("import socket,sys,time; n=int(sys.argv[2]); socks=[socket.create_connection((sys.argv[1],7000),"
+                "timeout=600) for _ in range(n)]; t=time.perf_counter()\n"
+                "for s in socks: s.sendall(sys.argv[3].encode()+b'\\n')\n"
+                "r=[s.makefile().readline() for s in socks]; w=time.perf_counter()-t\n"
+                "assert all(x.startswith('OK F') for x in r), r\n"
+                "print(w)")
+        proc = subprocess.run(["ip", "netns", "exec", topo.CLIENT_NS, sys.executable, "-c", code, ip, str(writers),
+                               f"F {mib_each * 1024} {chunk_kib}"], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise ScenarioError(f"parallel bulk write failed: {proc.stderr.strip()[-300:]}")
+        return writers * mib_each / float(proc.stdout)
+
     def wait_answering(self, ip: str, timeout: float) -> float:
         """Wait until the ledger answers a ping from the client namespace; returns when."""
         deadline = time.monotonic() + timeout
