@@ -39,7 +39,7 @@ from ..store.etcd import EtcdClient, EtcdError
 from ..store.pool import Event, PoolStore
 from .config import AgentConfig
 from .fence import FenceGuard
-from .replica import BITMAP, BITMAP_GRANULARITY, ReplicaManager
+from .replica import ReplicaManager
 
 log = logging.getLogger("ftvm.agent")
 
@@ -368,16 +368,11 @@ class Agent:
         self.guard.register(d.vm, qemu.pidfd)
         asyncio.create_task(self._watch_process(rec, qemu))
         if blockdevs is not None:
-            # Level 2: track every guest write from the first one (the partner's resync needs them).
-            for g in graphs:
-                await qemu.execute("block-dirty-bitmap-add", {"node": g.local, "name": BITMAP,
-                                                               "granularity": BITMAP_GRANULARITY})
             rec.replica = ReplicaManager(
                 d.vm, token, self.cfg.name, qemu, images, graphs, self.store, lambda: self.lease,
                 lambda: self._copies_view(d.vm), self.event,
                 repair_requested=lambda: self._repair_requested(d.vm))
-            await qemu.execute("cont")
-            rec.replica.start()
+            await rec.replica.begin()
         try:
             await qemu.announce()
         except Exception as e:  # the guest still runs; the LAN learns from its traffic

@@ -79,8 +79,18 @@ class ReplicaManager:
         self.problem = ""  # why the VM is paused, if it is
 
     # --- plumbing ----------------------------------------------------------------
-    def start(self) -> None:
+    async def begin(self) -> None:
+        """The VM was started paused on its local copies: track every guest write from the
+        first one (the partner's resync needs them), let the guest run, start the loop."""
+        for g in self.graphs:
+            assert g.local is not None
+            await self._add_bitmap(g.local)
+        await self.qemu.execute("cont")
         self._task = asyncio.create_task(self._run(), name=f"replica-{self.vm}")
+
+    async def _add_bitmap(self, node: str) -> None:
+        await self.qemu.execute("block-dirty-bitmap-add", {"node": node, "name": BITMAP,
+                                                            "granularity": BITMAP_GRANULARITY})
 
     def stop(self) -> None:
         if self._task:
@@ -234,8 +244,7 @@ class ReplicaManager:
                 await self._run_steps(steps)
                 self.graphs[i] = new
                 if new.mode is Mode.LOCAL_ONLY and new.local:
-                    await self.qemu.execute("block-dirty-bitmap-add", {
-                        "node": new.local, "name": BITMAP, "granularity": BITMAP_GRANULARITY})
+                    await self._add_bitmap(new.local)
         if failed == "remote":
             self._apart_since_wr = wr_before
         self.failed_nodes.clear()
