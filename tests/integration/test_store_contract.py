@@ -109,8 +109,11 @@ async def test_update_spec_is_compare_and_set(store: PoolStore) -> None:
 async def test_events_keep_order(store: PoolStore) -> None:
     for i in range(3):
         await store.add_event(Event(1000.0 + i, "h1", "web", "kind", f"m{i}"))
-    events, _ = await store.events()
+    events, rev = await store.events()
     assert [e.message for e in events] == ["m0", "m1", "m2"]
+    assert [e.message for e in (await store.events(limit=2))[0]] == ["m1", "m2"]  # the newest, in order
+    await store.add_event(Event(1003.0, "h1", "web", "kind", "m3"))
+    assert [e.message for e in (await store.events(since_revision=rev))[0]] == ["m3"]
 
 
 async def test_watch_sees_changes(store: PoolStore) -> None:
@@ -131,3 +134,12 @@ async def test_unreachable_endpoint_is_reported_as_such() -> None:
     async with EtcdClient(["http://127.0.0.1:9"], timeout=0.5) as c:
         with pytest.raises(EtcdUnavailable):
             await c.get("x")
+
+
+async def test_trim_keeps_the_newest_events(store: PoolStore, monkeypatch) -> None:
+    import ftvm.store.pool as pool_mod
+    monkeypatch.setattr(pool_mod, "MAX_EVENTS", 3)
+    for i in range(5):
+        await store.add_event(Event(2000.0 + i, "h1", "web", "kind", f"e{i}"))
+    assert await store.trim_events() == 2
+    assert [e.message for e in (await store.events())[0]] == ["e2", "e3", "e4"]

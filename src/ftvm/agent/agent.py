@@ -36,7 +36,7 @@ from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuError, QemuVm
 from ..qemu.storage_daemon import StorageDaemon, StorageDaemonError, ensure_image, import_image
 from ..store.etcd import EtcdClient, EtcdError
-from ..store.pool import Event, PoolStore
+from ..store.pool import MAX_EVENTS, Event, PoolStore
 from .config import AgentConfig
 from .fence import FenceGuard
 from .replica import ReplicaManager
@@ -65,6 +65,7 @@ class LocalRecord:
     replica: ReplicaManager | None = None  # level 2 data plane
 
 
+EVENT_TRIM_INTERVAL = 300.0  # seconds between trims of the event log to its newest MAX_EVENTS
 START_BACKOFF_MAX = 30.0
 HEALTHY_RUN_S = 30.0  # a run this long resets the failure count
 
@@ -86,6 +87,7 @@ class Agent:
         self.exports: dict[str, StorageDaemon] = {}  # level 2 copies this host serves
         self._pending_events: deque[Event] = deque(maxlen=1000)
         self._quorum_ok = True
+        self._next_trim = 0.0
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -256,6 +258,11 @@ class Agent:
         await self._report_status(snapshot)
         await self._report_links(snapshot)
         await self._flush_events()
+        if time.monotonic() > self._next_trim:
+            self._next_trim = time.monotonic() + EVENT_TRIM_INTERVAL
+            trimmed = await self.store.trim_events()
+            if trimmed:
+                log.info("trimmed %d old events (keeping the newest %d)", trimmed, MAX_EVENTS)
         return report
 
     async def _report_links(self, snapshot: PoolSnapshot) -> None:

@@ -201,12 +201,20 @@ class EtcdClient:
         kvs = data.get("kvs", [])
         return KeyValue.parse(kvs[0]) if kvs else None
 
-    async def get_prefix(self, prefix: str, revision: int = 0) -> tuple[list[KeyValue], int]:
+    async def get_prefix(self, prefix: str, revision: int = 0, last: int = 0,
+                         min_mod_revision: int = 0) -> tuple[list[KeyValue], int]:
+        """Keys under `prefix` in key order; `last` > 0 keeps only the last N keys (etcd sorts
+        and limits), `min_mod_revision` only keys changed at or after that revision."""
         body: dict[str, Any] = {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))}
         if revision:
             body["revision"] = str(revision)
+        if last:
+            body.update(limit=str(last), sort_order="DESCEND", sort_target="KEY")
+        if min_mod_revision:
+            body["min_mod_revision"] = str(min_mod_revision)
         data = await self._post("/v3/kv/range", body)
-        return [KeyValue.parse(kv) for kv in data.get("kvs", [])], int(data["header"]["revision"])
+        kvs = [KeyValue.parse(kv) for kv in data.get("kvs", [])]
+        return (kvs[::-1] if last else kvs), int(data["header"]["revision"])
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         data = await self._post("/v3/kv/put", Put(key, value, lease).body()["request_put"])

@@ -229,11 +229,13 @@ class PoolStore:
         await self.etcd.put(key, json.dumps(asdict(event)).encode())
 
     async def events(self, limit: int = 50, since_revision: int = 0) -> tuple[list[Event], int]:
-        kvs, revision = await self.etcd.get_prefix(self.root + "events/")
-        kvs = [kv for kv in kvs if kv.mod_revision > since_revision]
-        return [Event(**kv.json()) for kv in kvs[-limit:]], revision
+        """The newest `limit` events (changed after `since_revision`), oldest first."""
+        kvs, revision = await self.etcd.get_prefix(self.root + "events/", last=limit,
+                                                   min_mod_revision=since_revision + 1 if since_revision else 0)
+        return [Event(**kv.json()) for kv in kvs], revision
 
     async def trim_events(self) -> int:
+        """Delete all but the newest MAX_EVENTS events. Returns how many went."""
         kvs, _ = await self.etcd.get_prefix(self.root + "events/")
         old = kvs[:-MAX_EVENTS] if len(kvs) > MAX_EVENTS else []
         for kv in old:
