@@ -95,7 +95,7 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
     from .core.model import Level
     from .core.replication import CopyState
     from .lab import topology as topo
-    from .lab.scenario import host_failure
+    from .lab.scenario import copy_is, host_failure
 
     image = build_guest(log=lambda m: None)
     state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel))
@@ -109,12 +109,7 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
             pool.wait_running(spec.name, 60)
             pool.wait_answering(ips[lvl], 60)
 
-        def copy_state(h: str) -> CopyState | None:
-            v = pool.snapshot().vms["mirror"]
-            c = v.copies.state_of(h) if v.copies else None
-            return c.state if c else None
-
-        pool.wait_for("mirror in sync", lambda s: copy_state("h2") is CopyState.CURRENT, 60)
+        pool.wait_for("mirror in sync", copy_is("mirror", "h2", CopyState.CURRENT), 60)
         progress("level 0 and level 2 VMs on h1 (level 2 mirrored to h2); same workload on both, interleaved")
         for lvl in (0, 2):  # steady state: every block of the scratch area allocated on every copy
             pool.bulk_write(ips[lvl], 32, 1024)
@@ -141,11 +136,11 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
 
         progress("resync: partner h2 loses power, the guest writes, h2 returns")
         labmod.fail_host(state, "h2")
-        pool.wait_for("replica outdated", lambda s: copy_state("h2") is CopyState.OUTDATED, 30)
+        pool.wait_for("replica outdated", copy_is("mirror", "h2", CopyState.OUTDATED), 30)
         pool.bulk_write(ips[2], write_mib)
         t_back = time.time()
         labmod.restore_host(state, "h2")
-        pool.wait_for("replica in sync", lambda s: copy_state("h2") is CopyState.CURRENT, 120)
+        pool.wait_for("replica in sync", copy_is("mirror", "h2", CopyState.CURRENT), 120)
         done = [e for e in pool.events() if e.vm == "mirror" and e.kind == "in-sync" and e.time > t_back][-1]
         copied = int(done.message.split("resync copied ")[1].split()[0])
         written = int(done.message.split("(")[1].split()[0])
@@ -159,7 +154,7 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
             results.append(r)
             progress(f"failover {i + 1}: outage {r.outage_s:.2f}s, lost {r.lost}/{r.acknowledged}")
             labmod.restore_host(state, r.failed_host)
-            pool.wait_for("old primary resynced", _copy_current(copy_state, r.failed_host), 120)
+            pool.wait_for("old primary resynced", copy_is("mirror", r.failed_host, CopyState.CURRENT), 120)
         outages = [r.outage_s for r in results]
         out["failover"] = {"runs": [{"outage_s": r.outage_s, "detection_s": r.detection_s, "restart_s": r.restart_s,
                                      "lost": r.lost, "acknowledged": r.acknowledged} for r in results],
@@ -168,11 +163,6 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
     finally:
         labmod.down(lab_dir)
     return out
-
-
-def _copy_current(copy_state: Callable[[str], Any], host: str) -> Callable[[Any], bool]:
-    from .core.replication import CopyState
-    return lambda _snap: copy_state(host) is CopyState.CURRENT
 
 
 def print_level2(out: dict[str, Any]) -> None:

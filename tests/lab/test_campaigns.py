@@ -6,7 +6,7 @@ import pytest
 
 from ftvm.core.model import Level
 from ftvm.lab import lab as labmod
-from ftvm.lab.scenario import LabPool, host_failure
+from ftvm.lab.scenario import LabPool, copy_is, host_failure
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -39,21 +39,15 @@ def test_repeated_level2_failover_back_and_forth(lab: labmod.LabState, guest_ima
     pool = LabPool(lab)
     spec = pool.define_ledger_vm("camp2", 6, Level.COMPONENT, guest_image, host="h1")
 
-    def current(host: str):
-        def check(snap) -> bool:
-            c = snap.vms["camp2"].copies
-            return c is not None and c.state_of(host) is not None and c.state_of(host).state is CopyState.CURRENT
-        return check
-
     try:
         pool.wait_running("camp2", 60)
-        pool.wait_for("mirrored", current("h2"), 60)
+        pool.wait_for("mirrored", copy_is("camp2", "h2", CopyState.CURRENT), 60)
         results = []
         for _ in range(6):
             r = host_failure(pool, spec)
             results.append(r)
             labmod.restore_host(lab, r.failed_host)
-            pool.wait_for("old primary resynced", current(r.failed_host), 120)
+            pool.wait_for("old primary resynced", copy_is("camp2", r.failed_host, CopyState.CURRENT), 120)
         assert [r.lost for r in results] == [0] * 6
         assert max(r.max_copies for r in results) == 1
         assert [r.failed_host for r in results] == ["h1", "h2"] * 3

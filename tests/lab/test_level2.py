@@ -22,20 +22,18 @@ from ftvm.lab import topology as topo
 from ftvm.lab.faults import fail_disk
 from ftvm.lab.observer import CopyObserver
 from ftvm.guest.ledger_format import read_records
-from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk
+from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk, copy_is
 
 pytestmark = pytest.mark.lab
 _indexes = itertools.count(20)
 
 
 def copy_state(snap: PoolSnapshot, vm: str, host: str) -> CopyState | None:
-    view = snap.vms[vm]
-    c = view.copies.state_of(host) if view.copies else None
-    return c.state if c else None
+    return snap.vms[vm].copy_state(host)
 
 
 def in_sync(vm: str, partner: str):
-    return lambda s: copy_state(s, vm, partner) is CopyState.CURRENT and s.vms[vm].status is not None
+    return lambda s: copy_is(vm, partner, CopyState.CURRENT)(s) and s.vms[vm].status is not None
 
 
 @pytest.fixture

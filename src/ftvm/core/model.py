@@ -13,7 +13,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .replication import Copies
+    from .replication import Copies, CopyState
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -195,6 +195,11 @@ class VmView:
     sync: SyncProgress | None = None    # level 2: resync in progress
     force_host: str | None = None       # operator accepted data loss to start here
     repair_host: str | None = None      # operator: this host's failed copy can be resynced
+
+    def copy_state(self, host: str) -> "CopyState | None":
+        """Level 2: the state of `host`'s copy, None if it holds none."""
+        c = self.copies.state_of(host) if self.copies else None
+        return c.state if c else None
 
 
 @dataclass(frozen=True)

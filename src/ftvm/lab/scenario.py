@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.replication import CopyState
 from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec
 from ..guest.build import GuestImage, make_ledger_disk
 from ..guest.ledger_format import read_records
@@ -223,6 +224,11 @@ class LabClient:
         return self.acks()
 
 
+def copy_is(vm: str, host: str, state: CopyState) -> Callable[[PoolSnapshot], bool]:
+    """A `LabPool.wait_for` condition: `host`'s level 2 copy of `vm` is in `state`."""
+    return lambda snap: snap.vms[vm].copy_state(host) is state
+
+
 def check_acked_on_disk(image: Path, acks: list[Ack]) -> tuple[int, list[Ack]]:
     """(records on disk, acknowledged records missing or different on disk)."""
     records = {r.seq: r for r in read_records(image)}
@@ -338,7 +344,6 @@ def level2_story(pool: LabPool, image: GuestImage, name: str = "db", index: int 
     """The Level 2 demo: mirrored disks; the primary's disk fails (masked), then the
     primary loses power (restart on the partner from its copy, nothing lost), then the
     old primary returns and is resynced as the new replica."""
-    from ..core.replication import CopyState
     from .faults import fail_disk
 
     state = pool.state
@@ -348,15 +353,8 @@ def level2_story(pool: LabPool, image: GuestImage, name: str = "db", index: int 
     host = pool.wait_running(name, 60)
     pool.wait_answering(ip, 60)
 
-    def copy_is(h: str, st: CopyState) -> Callable[[PoolSnapshot], bool]:
-        def check(s: PoolSnapshot) -> bool:
-            v = s.vms[name]
-            c = v.copies.state_of(h) if v.copies else None
-            return c is not None and c.state is st
-        return check
-
     partner = "h2" if host == "h1" else "h1"
-    pool.wait_for("the replica in sync", copy_is(partner, CopyState.CURRENT), 60)
+    pool.wait_for("the replica in sync", copy_is(name, partner, CopyState.CURRENT), 60)
     progress(f"VM {name} on {host}, every write mirrored to {partner}: Protected")
     with CopyObserver(name) as observer:
         client = LabClient(state, ip, name)
@@ -365,7 +363,7 @@ def level2_story(pool: LabPool, image: GuestImage, name: str = "db", index: int 
             progress(f"the local disk of {host} fails (every I/O returns EIO)")
             disk_failed_at = time.time()
             fail_disk(state, name, host)
-            pool.wait_for("the failed copy recorded", copy_is(host, CopyState.FAILED), 30)
+            pool.wait_for("the failed copy recorded", copy_is(name, host, CopyState.FAILED), 30)
             client.wait_acks(100, 30, after=disk_failed_at)
             progress(f"masked: the VM carries on using the copy on {partner}; now {host} loses power")
             failed_at = labmod.fail_host(state, host)
@@ -374,7 +372,7 @@ def level2_story(pool: LabPool, image: GuestImage, name: str = "db", index: int 
             client.wait_acks(100, 60, after=failed_at)
             progress(f"{host} powers on and becomes the replica: full resync of its copy")
             labmod.restore_host(state, host)
-            resynced = pool.wait_for("the old primary resynced", copy_is(host, CopyState.CURRENT), 120)
+            pool.wait_for("the old primary resynced", copy_is(name, host, CopyState.CURRENT), 120)
             client.wait_acks(20, 30, after=time.time())
         finally:
             acks = client.stop()
@@ -388,7 +386,6 @@ def level2_story(pool: LabPool, image: GuestImage, name: str = "db", index: int 
     raw = pool.copy_as_raw(name, new_host, Path(state.dir) / f"{name}-check.raw")
     on_disk, lost = check_acked_on_disk(raw, acks)
     progress(f"checked {len(acks)} acknowledged records against {on_disk} on disk: {len(lost)} lost")
-    del resynced
     first_after = min(a.t for a in acks if a.t > failed_at)
     return Level2Result(
         vm=name, disk_failure_stall_s=_gap_around(acks, disk_failed_at), failed_host=host, new_host=new_host,
