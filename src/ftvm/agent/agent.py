@@ -22,7 +22,7 @@ import signal
 import time
 from collections import deque
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,8 @@ class Agent:
             await self.etcd.lease_revoke(old)
         lease, ttl = await self.etcd.lease_grant(self.t.lease_ttl)
         sent = time.monotonic()
-        self.lease = lease
-        if not await self.store.register_host(self.info, lease):
+        # the lease becomes the agent's only once the host is registered under it
+        if not await self.store.register_host(replace(self.info, lease_id=lease), lease):
             await self.etcd.lease_revoke(lease)
             raise AgentStartError(f"another agent is live as host {self.cfg.name} in pool {self.cfg.pool}")
         self._lease_file.write_text(json.dumps({"lease": lease}))
