@@ -22,7 +22,7 @@ import asyncio
 import logging
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 from ..core.model import Export as ExportRecord
 from ..core.model import SyncProgress
 from ..core.replication import Copies, CopyState, mark, needs_full_resync
-from ..qemu.blockgraph import (DiskGraph, Export, LocalImage, Mode, add_local, add_remote, drop_child, mirror,
+from ..qemu.blockgraph import (DiskGraph, Export, LocalImage, Mode, QmpStep, add_local, add_remote, drop_child, mirror,
                                mirror_back, node_kind)
 from ..qemu.process import QemuVm
 from ..qemu.storage_daemon import ensure_image, export_name
@@ -161,7 +161,7 @@ class ReplicaManager:
                     # accepts but never speaks (a hung daemon).
                     if (c is not None and c.state in (CopyState.OUTDATED, CopyState.SYNCING, CopyState.FAILED)
                             and await _port_answers(export)):
-                        await self._resync(copies, partner, export, needs_full_resync(c, export.fresh))
+                        await self._resync(partner, export, needs_full_resync(c, export.fresh))
             except asyncio.CancelledError:
                 raise
             except EtcdError as e:
@@ -282,7 +282,7 @@ class ReplicaManager:
             await self.qemu.execute(cmd, args)
 
     # --- resync ------------------------------------------------------------------
-    async def _resync(self, copies: Copies, partner: str, rec: ExportRecord, full: bool) -> None:
+    async def _resync(self, partner: str, rec: ExportRecord, full: bool) -> None:
         t0 = time.time()
         self._last_addr, self._last_port = rec.addr, rec.port
         spares: list[str] = []
@@ -303,32 +303,17 @@ class ReplicaManager:
                                                  time.time(), full=full))
         self.event("resync", f"resync of the copy on {partner} started ({'full' if full else 'changed blocks'})")
         figures = ResyncFigures(full=full)
-        sources = [g.local or "" for g in self.graphs]
+
+        async def commit() -> None:
+            if self._apart_since_wr is not None:
+                figures.written_apart = await self._written_bytes() - self._apart_since_wr
+            await self._mark_partner_current(partner)
+
         try:
-            first = True
-            for _ in range(MAX_PASSES):
-                figures.copied += await self._pass(sources, spares, full and first, partner)
-                first = False
-                if await self._dirty_bytes(sources) <= FINAL_PASS_BYTES:
-                    break
-            await self.qemu.execute("stop")
-            try:
-                figures.copied += await self._pass(sources, spares, False, partner)
-                for i, g in enumerate(self.graphs):
-                    new, steps = mirror(g, spares[i], self.images[i])
-                    await self._run_steps(steps)
-                    self.graphs[i] = new
-                wr_now = await self._written_bytes()
-                if self._apart_since_wr is not None:
-                    figures.written_apart = wr_now - self._apart_since_wr
-                await self._mark_partner_current(partner)
-            finally:
-                await self.qemu.execute("cont")
+            figures.copied = await self._sync_and_mirror(
+                [g.local or "" for g in self.graphs], spares, full, False, partner, Mode.LOCAL_ONLY,
+                lambda i, g, spare: mirror(g, spare, self.images[i]), commit)
         except Exception:
-            for i, g in enumerate(self.graphs):
-                if g.mode is Mode.LOCAL_ONLY:
-                    with suppress(Exception):
-                        await self.qemu.execute("blockdev-del", {"node-name": spares[i]})
             await self._update_copies(lambda c: mark(c, partner, CopyState.OUTDATED, "resync interrupted",
                                                      time.time(), full=full))
             raise
@@ -356,29 +341,16 @@ class ReplicaManager:
         await self._update_copies(lambda c: mark(c, self.me, CopyState.SYNCING, "full resync of the local copy",
                                                  time.time(), full=True))
         self.event("resync", f"full resync of the local copy on {self.me} from {partner} started")
-        sources = [g.remote or "" for g in self.graphs]
-        copied = 0
+
+        async def commit() -> None:
+            await self._update_copies(lambda c: mark(c, self.me, CopyState.CURRENT, "in sync", time.time()))
+
         try:
-            copied += await self._pass(sources, spares, True, self.me, new_bitmap=True)
-            for _ in range(MAX_PASSES):
-                if await self._dirty_bytes(sources) <= FINAL_PASS_BYTES:
-                    break
-                copied += await self._pass(sources, spares, False, self.me)
-            await self.qemu.execute("stop")
-            try:
-                copied += await self._pass(sources, spares, False, self.me)
-                for i, g in enumerate(self.graphs):
-                    new, steps = mirror_back(g, spares[i], Export(rec.addr, rec.port, export_name(self.vm, i)))
-                    await self._run_steps(steps)
-                    self.graphs[i] = new
-                await self._update_copies(lambda c: mark(c, self.me, CopyState.CURRENT, "in sync", time.time()))
-            finally:
-                await self.qemu.execute("cont")
+            copied = await self._sync_and_mirror(
+                [g.remote or "" for g in self.graphs], spares, True, True, self.me, Mode.REMOTE_ONLY,
+                lambda i, g, spare: mirror_back(g, spare, Export(rec.addr, rec.port, export_name(self.vm, i))),
+                commit)
         except Exception:
-            for i, g in enumerate(self.graphs):
-                if g.mode is Mode.REMOTE_ONLY:
-                    with suppress(Exception):
-                        await self.qemu.execute("blockdev-del", {"node-name": spares[i]})
             await self._update_copies(lambda c: mark(c, self.me, CopyState.OUTDATED, "local resync interrupted",
                                                      time.time(), full=True))
             raise
@@ -387,6 +359,39 @@ class ReplicaManager:
                 await self.store.report_sync(self.vm, self.token, None, self.lease())
         self.event("in-sync", f"local copy on {self.me} in sync: resync copied {copied} bytes (full) "
                               f"in {time.time() - t0:.1f}s; disks mirrored")
+
+    async def _sync_and_mirror(self, sources: list[str], spares: list[str], full: bool, new_bitmap: bool,
+                               host: str, spare_mode: Mode,
+                               switch: Callable[[int, DiskGraph, str], tuple[DiskGraph, list[QmpStep]]],
+                               commit: Callable[[], Awaitable[None]]) -> int:
+        """Backup passes from `sources` (the nodes the guest writes through) to `spares` while
+        the guest runs, the first full or from the bitmap, until little is dirty; then, with the
+        guest stopped, a last pass, the switch of every disk to MIRRORED and `commit` (the store
+        records the copy current), and the guest continues. Returns the bytes copied. On failure
+        the spares not yet mirrored are removed and the error propagates."""
+        try:
+            copied = await self._pass(sources, spares, full, host, new_bitmap=new_bitmap)
+            for _ in range(MAX_PASSES - 1):
+                if await self._dirty_bytes(sources) <= FINAL_PASS_BYTES:
+                    break
+                copied += await self._pass(sources, spares, False, host)
+            await self.qemu.execute("stop")
+            try:
+                copied += await self._pass(sources, spares, False, host)
+                for i, g in enumerate(self.graphs):
+                    new, steps = switch(i, g, spares[i])
+                    await self._run_steps(steps)
+                    self.graphs[i] = new
+                await commit()
+            finally:
+                await self.qemu.execute("cont")
+        except Exception:
+            for i, g in enumerate(self.graphs):
+                if g.mode is spare_mode:
+                    with suppress(Exception):
+                        await self.qemu.execute("blockdev-del", {"node-name": spares[i]})
+            raise
+        return copied
 
     async def _disk_size(self, index: int) -> int:
         for n in await self.qemu.execute("query-named-block-nodes", {"flat": True}):

@@ -155,14 +155,7 @@ def mirror(g: DiskGraph, remote: str, image: LocalImage) -> tuple[DiskGraph, lis
     if g.mode is not Mode.LOCAL_ONLY or g.local is None:
         raise ValueError(f"disk{g.index} is not local-only")
     local, local_spec = local_node(g.index, g.serial, image, locking=False)
-    quorum, quorum_spec = quorum_node(g.index, g.serial, [local, remote])
-    steps: list[QmpStep] = [
-        ("blockdev-add", local_spec),
-        ("blockdev-add", quorum_spec),
-        ("blockdev-reopen", {"options": [top_node(g.index, quorum)]}),
-        ("blockdev-del", {"node-name": g.local}),
-    ]
-    return DiskGraph(g.index, Mode.MIRRORED, g.serial + 1, local, remote, quorum), steps
+    return _to_quorum(g, local, remote, local_spec, g.local)
 
 
 def node_kind(g: DiskGraph, node: str) -> str | None:
@@ -187,11 +180,18 @@ def mirror_back(g: DiskGraph, local: str, export: Export) -> tuple[DiskGraph, li
     if g.mode is not Mode.REMOTE_ONLY or g.remote is None:
         raise ValueError(f"disk{g.index} is not remote-only")
     remote, remote_spec = remote_node(g.index, g.serial, export)
+    return _to_quorum(g, local, remote, remote_spec, g.remote)
+
+
+def _to_quorum(g: DiskGraph, local: str, remote: str, new_path: dict[str, Any],
+               old_path: str) -> tuple[DiskGraph, list[QmpStep]]:
+    """Add a new path to the copy the guest runs on (the other is the synced spare), put
+    both under a quorum, point the top at it and drop the old single path."""
     quorum, quorum_spec = quorum_node(g.index, g.serial, [local, remote])
     steps: list[QmpStep] = [
-        ("blockdev-add", remote_spec),
+        ("blockdev-add", new_path),
         ("blockdev-add", quorum_spec),
         ("blockdev-reopen", {"options": [top_node(g.index, quorum)]}),
-        ("blockdev-del", {"node-name": g.remote}),
+        ("blockdev-del", {"node-name": old_path}),
     ]
     return DiskGraph(g.index, Mode.MIRRORED, g.serial + 1, local, remote, quorum), steps
