@@ -31,7 +31,8 @@ from ..core.model import Export as ExportRecord
 from ..core.model import HostInfo, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec, VmStatus
 from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, claim_copies
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
-from ..qemu.cmdline import VmPaths
+from ..l3.standby import read_committed
+from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
 from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuError, QemuVm
 from ..qemu.storage_daemon import StorageDaemon, StorageDaemonError, ensure_image, import_image
@@ -39,6 +40,7 @@ from ..store.etcd import EtcdClient, EtcdError
 from ..store.pool import MAX_EVENTS, Event, PoolStore
 from .config import AgentConfig
 from .fence import FenceGuard
+from .l3 import L3Partner, L3Primary, replica_paths
 from .replica import ReplicaManager
 
 log = logging.getLogger("ftvm.agent")
@@ -63,6 +65,7 @@ class LocalRecord:
     failures: int = 0       # consecutive starts that failed or died young
     retry_at: float = 0.0   # monotonic time before which no new start is tried
     replica: ReplicaManager | None = None  # level 2 data plane
+    l3: L3Primary | None = None            # level 3 checkpointing
 
 
 EVENT_TRIM_INTERVAL = 300.0  # seconds between trims of the event log to its newest MAX_EVENTS
@@ -85,6 +88,7 @@ class Agent:
         self.last_report: TickReport | None = None
         self.snapshot: PoolSnapshot | None = None
         self.exports: dict[str, StorageDaemon] = {}  # level 2 copies this host serves
+        self.l3_partner: L3Partner | None = None       # level 3 standbys this host keeps
         self._pending_events: deque[Event] = deque(maxlen=1000)
         self._quorum_ok = True
         self._next_trim = 0.0
@@ -139,6 +143,7 @@ class Agent:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         await self._join()
         self.guard.start()
+        await self._start_l3_partner()
         self.event("", "agent", f"agent up (lease {self.lease:x}, ttl {self.lease_ttl}s, "
                                 f"accel {self.accel.accel})")
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -151,6 +156,23 @@ class Agent:
             for t in tasks:
                 t.cancel()
             await self._shutdown()
+
+    async def _start_l3_partner(self) -> None:
+        if not (self.cfg.replication_addr and self.cfg.local_storage):
+            return
+        self.l3_partner = L3Partner(
+            self.cfg.name, self.cfg.replication_addr, self.cfg.checkpoint_port, self._l3_files, self.store,
+            lambda: self.lease, lambda: self.snapshot, self.t, self.event, lambda vm: self.wake.set())
+        try:
+            await self.l3_partner.start()
+        except OSError as e:
+            self.l3_partner = None
+            self.event("", "error", f"cannot listen for level 3 checkpoints on "
+                                    f"{self.cfg.replication_addr}:{self.cfg.checkpoint_port}: {e}")
+
+    def _l3_files(self, spec: VmSpec):  # type: ignore[no-untyped-def]
+        assert self.cfg.local_storage is not None
+        return replica_paths(spec, self.cfg.guest_ram_dir, self.cfg.local_storage, self.cfg.state_dir)
 
     def _request_stop(self) -> None:
         self._stopping = True
@@ -167,6 +189,8 @@ class Agent:
                 except EtcdError:
                     pass
         self.guard.close()
+        if self.l3_partner is not None:
+            await self.l3_partner.close()
         try:
             await self._flush_events()
             await self.etcd.lease_revoke(self.lease)
@@ -290,7 +314,7 @@ class Agent:
                 return
             view = snapshot.vms[d.vm]
             copies_new = None
-            if view.spec.level is Level.COMPONENT:
+            if view.spec.level.has_copies:
                 others = [h for h in eligible_hosts(snapshot, view) if h != self.cfg.name]
                 others += sorted(h for h in snapshot.hosts if h != self.cfg.name and h not in others)
                 copies_new = claim_copies(view.copies, self.cfg.name, view.home, others[0] if others else None,
@@ -348,8 +372,14 @@ class Agent:
         graphs: list[DiskGraph] = []
         blockdevs = None
         images: list[LocalImage] = []
+        l3: L3Primary | None = None
+        checkpointed: Checkpointed | None = None
+        resume = False
         try:
-            if spec.level is Level.COMPONENT:
+            if spec.level is Level.SYSTEM:
+                l3, checkpointed, blockdevs = await self._prepare_l3(spec, view.copies, token, paths)
+                rec.l3, resume = l3, checkpointed.incoming
+            elif spec.level is Level.COMPONENT:
                 daemon = self.exports.pop(d.vm, None)  # promoted partner: release the image first
                 if daemon is not None:
                     await daemon.stop()
@@ -364,8 +394,21 @@ class Agent:
             qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
                                       on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
                                       blockdevs=blockdevs, paused=blockdevs is not None,
-                                      debug_qmp=self.cfg.debug_qmp)
-        except (QemuError, StorageDaemonError, OSError) as e:
+                                      debug_qmp=self.cfg.debug_qmp, checkpointed=checkpointed)
+            if l3 is not None:
+                if resume:
+                    try:
+                        await l3.resume_from_replica(qemu)
+                    except Exception:
+                        qemu.kill()
+                        await qemu.wait()
+                        raise
+                else:
+                    await qemu.execute("cont")
+        except (QemuError, StorageDaemonError, OSError, RuntimeError) as e:
+            if l3 is not None:
+                await l3.close()
+                rec.l3 = None
             rec.state, rec.detail, rec.exit_code = RunState.CRASHED, str(e), None
             self._back_off(rec)
             self.event(d.vm, "error", f"start failed: {e}; next try in "
@@ -380,12 +423,46 @@ class Agent:
                 lambda: self._copies_view(d.vm), self.event,
                 repair_requested=lambda: self._repair_requested(d.vm))
             await rec.replica.begin()
+        if l3 is not None:
+            l3.begin(qemu)
         try:
             await qemu.announce()
         except Exception as e:  # the guest still runs; the LAN learns from its traffic
             log.warning("%s: announce-self failed: %s", d.vm, e)
         rec.state, rec.detail, rec.since = RunState.RUNNING, f"pid {qemu.pid}, {self.accel.accel}", time.time()
-        self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid} started (token {token})")
+        how = " resumed from the replica's last checkpoint (guest carries on)" if resume else " started"
+        self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid}{how} (token {token})")
+
+    async def _prepare_l3(self, spec: VmSpec, copies: Copies | None, token: int,
+                          paths: VmPaths) -> tuple[L3Primary, Checkpointed, list[list[dict[str, Any]]]]:
+        """Level 3: this host's files, and whether to resume from a committed checkpoint.
+        The checkpoint record is consumed by the start that uses it (a later restart on
+        this host boots from the disk, which has moved on since)."""
+        if self.cfg.local_storage is None:
+            raise StorageDaemonError("this host has no local_storage configured for level 3 copies")
+        files = self._l3_files(spec)
+        if self.l3_partner is not None:
+            self.l3_partner.drop(spec.name)
+        committed = read_committed(files)
+        files.meta.unlink(missing_ok=True)
+        mine = copies.state_of(self.cfg.name) if copies else None
+        brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason == NEW_DISK
+        resume = committed is not None and not brand_new and files.device_state.exists() and files.ram.exists()
+        for i, disk in enumerate(spec.disks):
+            image = LocalImage(str(files.disks[i]), "raw")
+            if not os.path.exists(image.path):
+                if not brand_new:
+                    raise StorageDaemonError(f"this host's copy {image.path} is missing")
+                ensure_image(image, disk.size)
+        if not resume:
+            files.ram.unlink(missing_ok=True)  # a cold boot starts from fresh RAM
+        files.ram.parent.mkdir(parents=True, exist_ok=True)
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        l3 = L3Primary(spec, token, self.cfg.name, paths, files, self.store, lambda: self.lease,
+                       lambda: self.snapshot, self.event, self.t, self.cfg.checkpoint_port)
+        await l3.open_relays(self.cfg.bridge)
+        blockdevs = [checkpointed_disk_nodes(i, str(p)) for i, p in enumerate(files.disks)]
+        return l3, Checkpointed(str(files.ram), incoming=resume), blockdevs
 
     def _repair_requested(self, vm: str) -> bool:
         view = self.snapshot.vms.get(vm) if self.snapshot else None
@@ -460,6 +537,8 @@ class Agent:
         rec = self.vms.get(vm)
         if rec is not None and rec.replica is not None:
             rec.replica.on_qemu_event(name, data)
+        if rec is not None and rec.l3 is not None and name in ("STOP", "RESUME"):
+            return  # level 3 stops the guest at every checkpoint: not news
         if name in self.NOTABLE_QEMU_EVENTS:
             detail = ", ".join(f"{k}={v}" for k, v in sorted(data.items()) if not isinstance(v, dict))
             self.event(vm, "qemu", f"QEMU event {name}" + (f" ({detail})" if detail else ""))
@@ -470,6 +549,8 @@ class Agent:
         self.guard.unregister(rec.name)  # before the pidfd is closed
         if rec.replica is not None:
             rec.replica.stop()
+        if rec.l3 is not None:
+            await rec.l3.close()
         await qemu.wait()
         if self.vms.get(rec.name) is not rec:
             return

@@ -33,12 +33,18 @@ class AgentConfig:
     replication_addr: str = ""          # serves level 2 copies on this address (A-links)
     debug_qmp: bool = False             # a second QMP socket per VM, for lab fault injection
     a_links: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (peer host, its A-link interfaces here)
+    ram_dir: Path | None = None         # level 3 guest RAM files (default /dev/shm/ftvm/<name>)
+    checkpoint_port: int = 7410         # level 3 checkpoint stream, on replication_addr
     timing: Timing = Timing()
+
+    @property
+    def guest_ram_dir(self) -> Path:
+        return self.ram_dir or Path("/dev/shm/ftvm") / self.name
 
 
 _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
           "shared_storage", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
-          "local_format", "replication_addr", "debug_qmp", "a_links"}
+          "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port"}
 
 
 def parse_config(data: dict[str, Any]) -> AgentConfig:
@@ -75,6 +81,12 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
     local = data.get("local_storage")
     if local is not None and not (isinstance(local, str) and local.startswith("/")):
         raise ConfigError("local_storage must be an absolute path")
+    ram_dir = data.get("ram_dir")
+    if ram_dir is not None and not (isinstance(ram_dir, str) and ram_dir.startswith("/")):
+        raise ConfigError("ram_dir must be an absolute path (a tmpfs such as /dev/shm/ftvm)")
+    port = data.get("checkpoint_port", 7410)
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError("checkpoint_port must be a TCP port number")
     a_links = data.get("a_links", {})
     if not isinstance(a_links, dict) or not all(
             isinstance(v, list) and all(isinstance(i, str) for i in v) for v in a_links.values()):
@@ -88,6 +100,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         local_storage=Path(local) if local else None, local_format=data.get("local_format", "raw"),
         replication_addr=data.get("replication_addr", ""), debug_qmp=bool(data.get("debug_qmp", False)),
         a_links=tuple((peer, tuple(ifs)) for peer, ifs in sorted(a_links.items())),
+        ram_dir=Path(ram_dir) if ram_dir else None, checkpoint_port=port,
     )
 
 

@@ -41,13 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     vm = sub.add_parser("vm", help="virtual machines").add_subparsers(dest="sub", required=True)
     p = cmd(vm, "add", pool_cmds.cmd_vm_add, "define a VM")
     p.add_argument("name")
-    p.add_argument("--level", type=int, default=1, help="protection level (0, 1 or 2)")
+    p.add_argument("--level", type=int, default=1, help="protection level (0, 1, 2 or 3)")
+    p.add_argument("--checkpoint-ms", type=int, default=100,
+                   help="level 3: longest time the guest runs between checkpoints (output waits up to this long)")
+    p.add_argument("--checkpoint-on-output", action="store_true",
+                   help="level 3: also checkpoint as soon as the guest sends (lower latency, more pauses)")
     p.add_argument("--memory", type=int, default=256, help="MiB")
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--disk", action="append",
                    help="PATH[,format=raw|qcow2] (repeatable); level 2: imported into the hosts' copies")
     p.add_argument("--disk-size", action="append",
-                   help="level 2: size of a disk kept on each host's local storage, e.g. 64M (repeatable)")
+                   help="levels 2, 3: size of a disk kept on each host's local storage, e.g. 64M (repeatable)")
     p.add_argument("--mac", action="append", help="NIC MAC address (repeatable; default derived from name)")
     p.add_argument("--ip", help="ADDR/PREFIX given to the demo guest on its kernel command line")
     p.add_argument("--kernel")

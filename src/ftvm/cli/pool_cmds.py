@@ -42,6 +42,7 @@ def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
             "partner": partner, "replica": replica_text(view),
             "copies": view.copies.to_json() if view.copies else None,
             "sync": view.sync.__dict__ if view.sync else None,
+            "checkpoints": view.checkpoints.__dict__ if view.checkpoints else None,
             "desired": view.spec.desired.value, "protected": prot.protected,
             "protection": str(prot), "detail": (st.detail if st else waiting) or "",
             "memory_mib": view.spec.memory_mib, "vcpus": view.spec.vcpus,
@@ -155,9 +156,12 @@ def cmd_vm_set(args: Any) -> int:
         old = int(spec.level)
         if args.level == old:
             return old, old
-        if old == 2:
-            raise CliError("lowering a level 2 VM is not available yet: its data lives in the hosts' "
+        if old in (2, 3):
+            raise CliError(f"lowering a level {old} VM is not available yet: its data lives in the hosts' "
                            "local copies, not on shared storage", REFUSED)
+        if args.level == 3:
+            raise CliError("a VM becomes level 3 only when added (its disks are new raw images on each "
+                           "host); add a new level 3 VM", REFUSED)
         disks = spec.disks
         if args.level == 2:
             disks = tuple(with_image_size(d) for d in spec.disks)
@@ -180,8 +184,8 @@ def cmd_vm_set(args: Any) -> int:
 
 def spec_from_args(args: Any) -> VmSpec:
     disks = []
-    if args.disk_size and args.level != 2:
-        raise CliError("--disk-size is for level 2; levels 0 and 1 take --disk PATH", BAD_INPUT)
+    if args.disk_size and args.level not in (2, 3):
+        raise CliError("--disk-size is for levels 2 and 3; levels 0 and 1 take --disk PATH", BAD_INPUT)
     for d in args.disk or []:
         path, _, fmt = d.partition(",format=")
         disk = DiskSpec(os.path.abspath(path), fmt or ("qcow2" if path.endswith(".qcow2") else "raw"))
@@ -202,10 +206,11 @@ def spec_from_args(args: Any) -> VmSpec:
         except GuestBuildError as e:
             raise CliError(f"demo guest: {e}", BAD_INPUT) from None
         kernel, initrd, append = str(image.kernel), str(image.initrd), image.append
-    if args.level not in (0, 1, 2):
-        raise CliError(f"level {args.level} is not available yet (0, 1 or 2)", BAD_INPUT)
+    if args.level not in (0, 1, 2, 3):
+        raise CliError(f"level {args.level} does not exist (0, 1, 2 or 3)", BAD_INPUT)
     return VmSpec(name=args.name, level=Level(args.level), memory_mib=args.memory, vcpus=args.vcpus,
-                  disks=tuple(disks), nics=nics,
+                  disks=tuple(disks), nics=nics, checkpoint_ms=args.checkpoint_ms,
+                  checkpoint_on_output=args.checkpoint_on_output,
                   boot=BootSpec(os.path.abspath(kernel) if kernel else None,
                                 os.path.abspath(initrd) if initrd else None, append),
                   desired=Desired.RUNNING if args.start else Desired.STOPPED,
@@ -388,6 +393,13 @@ def cmd_vm_show(args: Any) -> int:
     for k in ("level", "desired", "state", "host", "home", "protection", "detail", "memory_mib", "vcpus",
               "macs", "fencing_token"):
         t.add_row(k, str(data[k]))
+    if view.spec.level is Level.SYSTEM:
+        t.add_row("checkpoint interval", f"{view.spec.checkpoint_ms} ms")
+    if view.checkpoints is not None:
+        c = view.checkpoints
+        t.add_row("checkpoints", f"{c.per_s:.1f}/s to {c.partner}, pause p50 {c.pause_p50_ms:.0f} ms "
+                                 f"p99 {c.pause_p99_ms:.0f} ms, {c.dirty_pages_p50:.0f} dirty pages/epoch, "
+                                 f"{c.link_bytes_per_s / 2**20:.2f} MiB/s on the A-link, epoch {c.epoch}")
     for d in view.spec.disks:
         t.add_row("disk", f"{d.path} ({d.format})")
     console.print(t)

@@ -151,7 +151,7 @@ def eligible_hosts(snapshot: PoolSnapshot, view: VmView) -> list[str]:
     def reaches(h: str) -> bool:
         if spec.level is Level.RESTART:
             return snapshot.hosts[h].can_reach(spec)
-        if spec.level is Level.COMPONENT:
+        if spec.level.has_copies:
             return view.force_host == h or may_start_on(view.copies, h)[0]
         return True
 
@@ -190,6 +190,6 @@ def choose_host(snapshot: PoolSnapshot, view: VmView) -> tuple[str | None, str]:
         return None, f"level 0: waits for its host {view.home}"
     if eligible:
         return eligible[0], f"host {view.home} lost; restarting on {eligible[0]}"
-    if spec.level is Level.COMPONENT:
+    if spec.level.has_copies:
         return None, f"host {view.home} lost; " + _no_copy_reason(view)
     return None, f"host {view.home} lost and no live host can take it (room or shared storage)"

@@ -23,6 +23,13 @@ class Level(int, Enum):
     UNPROTECTED = 0
     RESTART = 1
     COMPONENT = 2  # disks mirrored synchronously to a partner host
+    SYSTEM = 3     # RAM, CPU and disks checkpointed continuously to a partner host (output commit)
+
+    @property
+    def has_copies(self) -> bool:
+        """Each host keeps its own copy of the disks (levels 2 and 3): a host may run the
+        VM only from a current copy (core/replication.py)."""
+        return self in (Level.COMPONENT, Level.SYSTEM)
 
 
 class Desired(str, Enum):
@@ -76,6 +83,8 @@ class VmSpec:
     boot: BootSpec = BootSpec()
     desired: Desired = Desired.STOPPED
     preferred_host: str | None = None
+    checkpoint_ms: int = 100  # level 3: longest time the guest runs between checkpoints
+    checkpoint_on_output: bool = False  # level 3: also checkpoint as soon as the guest sends
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,6 +104,8 @@ class VmSpec:
             boot=BootSpec(**d.get("boot", {})),
             desired=Desired(d.get("desired", "stopped")),
             preferred_host=d.get("preferred_host"),
+            checkpoint_ms=int(d.get("checkpoint_ms", 100)),
+            checkpoint_on_output=bool(d.get("checkpoint_on_output", False)),
         )
 
 
@@ -185,6 +196,22 @@ class SyncProgress:
 
 
 @dataclass(frozen=True)
+class CheckpointFigures:
+    """Level 3 engine figures, published by the primary every few seconds (lease-bound)."""
+
+    partner: str
+    state: str                # "protected" | "syncing" | "unprotected"
+    reason: str = ""          # why not protected
+    per_s: float = 0.0        # checkpoints per second
+    pause_p50_ms: float = 0.0
+    pause_p99_ms: float = 0.0
+    dirty_pages_p50: float = 0.0
+    link_bytes_per_s: float = 0.0
+    epoch: int = 0            # last checkpoint acknowledged by the partner
+    sync_done: float = 0.0    # pre-copy progress while syncing (0..1)
+
+
+@dataclass(frozen=True)
 class VmView:
     spec: VmSpec
     owner: Ownership | None = None
@@ -195,6 +222,7 @@ class VmView:
     sync: SyncProgress | None = None    # level 2: resync in progress
     force_host: str | None = None       # operator accepted data loss to start here
     repair_host: str | None = None      # operator: this host's failed copy can be resynced
+    checkpoints: CheckpointFigures | None = None  # level 3: the engine's figures
 
     def copy_state(self, host: str) -> "CopyState | None":
         """Level 2: the state of `host`'s copy, None if it holds none."""

@@ -30,6 +30,8 @@ def protection(snapshot: PoolSnapshot, view: VmView) -> Protection:
     here = view.owner.host
     if spec.level is Level.COMPONENT:
         return _component(snapshot, view, here)
+    if spec.level is Level.SYSTEM:
+        return _system(snapshot, view, here)
     host = snapshot.hosts.get(here)
     if host is None or not host.can_reach(spec):
         return Protection(False, "disks are not on shared storage")
@@ -46,7 +48,7 @@ def protection(snapshot: PoolSnapshot, view: VmView) -> Protection:
 def replica_text(view: VmView) -> str:
     """The partner copy's state in words: in sync / syncing N% (ETA) / outdated since ..."""
     copies, here = view.copies, view.owner.host if view.owner else view.home
-    if view.spec.level is not Level.COMPONENT or copies is None or here is None:
+    if not view.spec.level.has_copies or copies is None or here is None:
         return ""
     partner = copies.partner_of(here)
     if partner is None:
@@ -55,6 +57,8 @@ def replica_text(view: VmView) -> str:
     if c.state is CopyState.CURRENT:
         return "in sync"
     if c.state is CopyState.SYNCING:
+        if view.checkpoints is not None and view.checkpoints.state == "syncing":
+            return f"syncing {100 * view.checkpoints.sync_done:.0f}% (pre-copy while the guest runs)"
         sync = view.sync
         if sync is not None and sync.total:
             eta = sync.eta()
@@ -63,6 +67,26 @@ def replica_text(view: VmView) -> str:
         return "syncing"
     stamp = time.strftime("%H:%M:%S", time.localtime(c.since))
     return f"{c.state.value} since {stamp}"
+
+
+def _system(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:
+    """Level 3: protected while the partner's replica is current (recorded in etcd) and the
+    engine reports it checkpointing with acknowledgements."""
+    copies, figures = view.copies, view.checkpoints
+    partner = copies.partner_of(here) if copies else None
+    if copies is None or partner is None:
+        return Protection(False, "no partner host holds a replica")
+    theirs = copies.copies[partner]
+    if partner not in snapshot.hosts:
+        return Protection(False, f"partner {partner} is down; replica {theirs.state.value} ({theirs.reason})")
+    if figures is None:
+        return Protection(False, "checkpointing has not started")
+    if figures.state == "syncing":
+        return Protection(False, f"first copy to {partner} under way ({100 * figures.sync_done:.0f}%)")
+    if theirs.state is not CopyState.CURRENT or figures.state != "protected":
+        return Protection(False, figures.reason or f"replica on {partner} {theirs.state.value} ({theirs.reason})")
+    return Protection(True, f"checkpointed to {partner} every {view.spec.checkpoint_ms} ms "
+                            f"({figures.per_s:.1f}/s, pause p50 {figures.pause_p50_ms:.0f} ms)")
 
 
 def _component(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:

@@ -27,6 +27,12 @@ class Timing:
     self_fence_margin: float = 1.5     # kill VMs this long before the lease can expire
     fence_check: float = 0.05          # how often the fence guard looks at the deadline
     kill_timeout: float = 0.5          # time allowed for a SIGKILLed QEMU to be gone
+    # Level 3: the primary gives up on a silent partner after `l3_partner_lost` (and records
+    # its replica outdated before releasing output); the partner takes over from a silent
+    # primary after `l3_takeover_after`, later, so a primary that merely lost the A-link
+    # usually records first and keeps the VM (either order is safe: one etcd write wins).
+    l3_partner_lost: float = 0.4
+    l3_takeover_after: float = 0.6
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Timing:
@@ -56,6 +62,9 @@ class Timing:
             out.append(
                 f"self_fence_margin ({self.self_fence_margin:g}s) must be >= fence_check + kill_timeout "
                 f"+ {CLOCK_SLOP_S}s ({need:g}s): VMs might outlive the lease")
+        if self.l3_takeover_after < self.l3_partner_lost + 0.1:
+            out.append(f"l3_takeover_after ({self.l3_takeover_after:g}s) must be >= l3_partner_lost + 0.1s "
+                       f"({self.l3_partner_lost + 0.1:g}s): the primary should get the first word")
         if self.tick > self.lease_ttl / 2:
             out.append(f"tick ({self.tick:g}s) must be <= lease_ttl/2 ({self.lease_ttl / 2:g}s)")
         return out

@@ -35,17 +35,27 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
         return f"{spec.vcpus} vCPUs is more than any host has ({most_cpus})"
     if not spec.disks and not spec.boot.kernel:
         return "a VM needs a disk or a kernel to boot"
-    if spec.level is Level.COMPONENT:
+    if spec.level is Level.SYSTEM:
+        if not 20 <= spec.checkpoint_ms <= 10_000:
+            return f"checkpoint interval {spec.checkpoint_ms} ms must be between 20 and 10000"
+        if not spec.nics:
+            return "level 3 commits output through the VM's NIC: give at least one NIC"
+        if any(disk.path for disk in spec.disks):
+            return "level 3 disks are new raw images on each host: give --disk-size, not --disk"
+        if any(disk.size % 4096 for disk in spec.disks):
+            return "level 3 disk sizes must be a multiple of 4096 bytes (checkpoints copy whole pages)"
+    if spec.level.has_copies:
         if not spec.disks:
-            return "level 2 mirrors disks: give at least one --disk-size (or --disk IMAGE to import)"
+            return f"level {int(spec.level)} keeps a copy of the disks on a partner: give at least one " \
+                   "--disk-size (or --disk IMAGE to import, level 2)"
         for disk in spec.disks:
             if disk.path and not file_exists(disk.path):
                 return f"disk image {disk.path} does not exist"
             if disk.size < 1 << 20 or disk.size % 512:
                 return f"disk size {disk.size} must be at least 1 MiB and a multiple of 512 bytes"
         if len(snapshot.hosts) < 2:
-            return "level 2 needs a partner host: fewer than 2 hosts are up"
-    for disk in (spec.disks if spec.level is not Level.COMPONENT else ()):
+            return f"level {int(spec.level)} needs a partner host: fewer than 2 hosts are up"
+    for disk in (spec.disks if not spec.level.has_copies else ()):
         if not disk.path.startswith("/"):
             return f"disk path {disk.path!r} must be absolute"
         if not file_exists(disk.path):

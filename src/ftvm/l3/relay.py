@@ -1,4 +1,4 @@
-"""Output-commit packet relay for Level 3 (groundwork: not yet wired into the agent).
+"""Output-commit packet relay for Level 3.
 
 QEMU's NIC backend is `-netdev stream` connected to this relay's Unix socket
 (frames are a 4-byte big-endian length then the Ethernet frame); the relay
@@ -20,6 +20,7 @@ import os
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class OutputCommitRelay:
         self._writer: asyncio.StreamWriter | None = None
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_held: Callable[[], None] | None = None  # output-triggered checkpoints
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -111,6 +113,8 @@ class OutputCommitRelay:
                 if self.gated:
                     self.held.append((self.epoch, frame))
                     self.stats.held_max = max(self.stats.held_max, len(self.held))
+                    if self.on_held is not None:
+                        self.on_held()
                 else:
                     self._to_tap(frame, self.epoch)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -124,6 +128,8 @@ class OutputCommitRelay:
             os.write(self.tap_fd, frame)
         except BlockingIOError:
             return  # the tap queue is full: drop, as a NIC would
+        except OSError:
+            return  # the tap is down (EIO): the frame is lost, as on an unplugged cable
         self.stats.released += 1
         self.stats.release_log.append((epoch, time.monotonic()))
 

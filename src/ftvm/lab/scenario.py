@@ -57,8 +57,9 @@ class LabPool:
         return self._run(lambda s: s.events(limit=limit))[0]
 
     def define_ledger_vm(self, name: str, index: int, level: Level, image: GuestImage,
-                         host: str | None = None, memory_mib: int = 256, start: bool = True) -> VmSpec:
-        if level is Level.COMPONENT:  # each host keeps its own copy in its local storage
+                         host: str | None = None, memory_mib: int = 256, start: bool = True,
+                         checkpoint_ms: int = 100, on_output: bool = False) -> VmSpec:
+        if level.has_copies:  # each host keeps its own copy in its local storage
             disks: tuple[DiskSpec, ...] = (DiskSpec(size=64 << 20),)
         else:
             disk = self.state.shared_dir / f"{name}.img"
@@ -67,7 +68,8 @@ class LabPool:
         spec = VmSpec(name=name, level=level, memory_mib=memory_mib, vcpus=1, disks=disks,
                       nics=(NicSpec(f"52:54:00:77:00:{index:02x}", topo.vm_addr(index)),),
                       boot=BootSpec(str(image.kernel), str(image.initrd), image.append),
-                      desired=Desired.RUNNING if start else Desired.STOPPED, preferred_host=host)
+                      desired=Desired.RUNNING if start else Desired.STOPPED, preferred_host=host,
+                      checkpoint_ms=checkpoint_ms, checkpoint_on_output=on_output)
         if not self._run(lambda s: s.define_vm(spec)):
             raise ScenarioError(f"VM {name} already defined")
         return spec
@@ -112,8 +114,10 @@ class LabPool:
             time.sleep(0.1)
 
     def copy_path(self, vm: str, host: str) -> tuple[Path, str]:
-        """(image, format) of `host`'s level 2 copy of the VM's first disk."""
-        fmt = "raw" if topo.host_index(host) % 2 else "qcow2"
+        """(image, format) of `host`'s level 2 or 3 copy of the VM's first disk."""
+        view = self.snapshot().vms.get(vm)
+        level3 = view is not None and view.spec.level is Level.SYSTEM
+        fmt = "raw" if level3 or topo.host_index(host) % 2 else "qcow2"
         ext = "img" if fmt == "raw" else "qcow2"
         return self.state.host_dir(host) / "local" / vm / f"disk0.{ext}", fmt
 
@@ -190,19 +194,24 @@ class LabPool:
 class LabClient:
     """The ledger client running in the client namespace, logging to a file."""
 
-    def __init__(self, state: labmod.LabState, ip: str, name: str, interval: float = 0.02) -> None:
+    def __init__(self, state: labmod.LabState, ip: str, name: str, interval: float = 0.02,
+                 reply_timeout: float = 2.0) -> None:
         self.log = Path(state.dir) / f"client-{name}.jsonl"
         self.log.unlink(missing_ok=True)
         self.log.touch()
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", topo.CLIENT_NS, sys.executable, "-m", "ftvm.lab.client",
              "--target", f"{ip}:7000", "--out", str(self.log), "--interval", str(interval),
-             "--prefix", name],
+             "--prefix", name, "--reply-timeout", str(reply_timeout)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
 
     def acks(self) -> list[Ack]:
         return read_log(self.log)[0]
+
+    def other_events(self) -> list[dict[str, object]]:
+        """Connects and errors, in order."""
+        return read_log(self.log)[1]
 
     def wait_acks(self, count: int, timeout: float, after: float = 0.0) -> list[Ack]:
         deadline = time.monotonic() + timeout

@@ -34,6 +34,28 @@ class VmPaths:
         return self.run_dir / "qmp-debug.sock"
 
 
+    def nic_socket(self, index: int) -> Path:
+        """Level 3: the relay's socket QEMU's NIC `index` connects to."""
+        return self.run_dir / f"nic{index}.sock"
+
+
+@dataclass(frozen=True)
+class Checkpointed:
+    """Level 3 launch: the guest's RAM file and whether QEMU waits for a device state."""
+
+    ram_file: str
+    incoming: bool = False
+
+
+def checkpointed_disk_nodes(index: int, path: str) -> list[dict[str, Any]]:
+    """A level 3 disk: a raw file through the host page cache (the checkpoint compares the
+    file itself; guest flushes still reach the disk), its cache kept across the device-state
+    save so `cont` stays cheap (FACTS.md)."""
+    return [{"driver": "file", "node-name": f"disk{index}-file", "filename": path,
+             "cache": {"direct": False}, "drop-cache": False},
+            {"driver": "raw", "node-name": f"disk{index}", "file": f"disk{index}-file"}]
+
+
 def tap_name(vm: str) -> str:
     """Interface names are limited to 15 bytes; keep short names readable."""
     if len(vm) <= 12:
@@ -43,17 +65,25 @@ def tap_name(vm: str) -> str:
 
 def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
                   blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
-                  debug_qmp: bool = False) -> list[str]:
-    """`blockdevs` (level 2): per disk, the -blockdev nodes, the last one named disk<i>.
-    Those disks stop the VM on an I/O error (werror/rerror=stop) so the agent can act."""
+                  debug_qmp: bool = False, checkpointed: Checkpointed | None = None) -> list[str]:
+    """`blockdevs` (levels 2, 3): per disk, the -blockdev nodes, the last one named disk<i>.
+    Those disks stop the VM on an I/O error (werror/rerror=stop) so the agent can act.
+    `checkpointed` (level 3): RAM in a shared file, NICs through the output-commit relay,
+    and, to resume a replica, an incoming device state."""
     cmd = [
         QEMU, "-name", f"guest={spec.name},process=ftvm-{spec.name}",
-        "-machine", "pc", "-accel", accel.accel, "-cpu", accel.cpu,
-        "-m", str(spec.memory_mib), "-smp", str(spec.vcpus),
+        "-machine", "pc" + (",memory-backend=ram0" if checkpointed else ""),
+        "-accel", accel.accel, "-cpu", accel.cpu,
+        "-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
         "-chardev", f"file,id=ser0,path={paths.serial}", "-serial", "chardev:ser0",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
     ]
+    if checkpointed is not None:
+        cmd += ["-object", f"memory-backend-file,id=ram0,size={spec.memory_mib}M,"
+                           f"mem-path={checkpointed.ram_file},share=on"]
+        if checkpointed.incoming:
+            cmd += ["-incoming", "defer"]
     if debug_qmp:
         cmd += ["-qmp", f"unix:{paths.debug_qmp},server=on,wait=off"]
     if paused:
@@ -77,8 +107,11 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
         cmd += ["-drive", f"if=none,id=disk{i},file={disk.path},format={disk.format},cache=none,aio=threads",
                 "-device", f"virtio-blk-pci,drive=disk{i}{boot}"]
     for i, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
-        cmd += ["-netdev", f"tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off",
-                "-device", f"virtio-net-pci,netdev=net{i},mac={nic.mac},romfile="]
+        if checkpointed is not None:  # frames go through the relay, which owns the tap
+            netdev = f"stream,id=net{i},server=off,addr.type=unix,addr.path={paths.nic_socket(i)}"
+        else:
+            netdev = f"tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off"
+        cmd += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net{i},mac={nic.mac},romfile="]
     return cmd
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from ..core.model import VmSpec
-from .cmdline import VmPaths, build_cmdline, tap_names
+from .cmdline import Checkpointed, VmPaths, build_cmdline, tap_names
 from .probe import Accel
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ class QemuVm:
     async def start(spec: VmSpec, paths: VmPaths, accel: Accel, bridge: str,
                     on_event: Callable[[str, dict[str, Any]], None] | None = None,
                     blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
-                    debug_qmp: bool = False) -> QemuVm:
+                    debug_qmp: bool = False, checkpointed: Checkpointed | None = None) -> QemuVm:
+        """`checkpointed` (level 3): the caller owns the taps (its relay listens on
+        `paths.nic_socket(i)` before this is called)."""
         if blockdevs is None:
             for disk in spec.disks:
                 if not Path(disk.path).exists():
@@ -86,16 +88,17 @@ class QemuVm:
         paths.qmp.unlink(missing_ok=True)
         paths.debug_qmp.unlink(missing_ok=True)
         taps = tap_names(spec)
-        for tap in taps:
-            ensure_tap(tap, bridge)
-        cmd = build_cmdline(spec, paths, accel, taps, blockdevs, paused, debug_qmp)
+        if checkpointed is None:
+            for tap in taps:
+                ensure_tap(tap, bridge)
+        cmd = build_cmdline(spec, paths, accel, taps, blockdevs, paused, debug_qmp, checkpointed)
         log.info("starting %s: %s", spec.name, " ".join(cmd))
         stderr = open(paths.run_dir / "qemu.log", "ab")
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
             preexec_fn=die_with_parent, start_new_session=True)
         stderr.close()
-        vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps)
+        vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps if checkpointed is None else [])
         try:
             await vm._connect_qmp(timeout=10.0)
         except Exception:

@@ -14,6 +14,7 @@ Key layout under /ftvm/<pool>/ (values are JSON):
                                           under its token, or in the claim transaction
     state/vms/<vm>/export/<h> Export      lease: h's; h serves its copy over NBD
     state/vms/<vm>/sync       progress    lease: the owner's; resync of the partner's copy
+    state/vms/<vm>/checkpoints figures    lease: the owner's; level 3 engine figures
     state/vms/<vm>/force      {host}      no lease; operator accepted data loss to start there
     state/vms/<vm>/repair     {host}      no lease; operator: host's failed copy has working storage again
     state/links/<host>        A-links     lease: the host's; {peer: {interface: up?}}
@@ -26,6 +27,10 @@ What must be atomic (each is one etcd transaction):
              outdated. A host whose lease expired cannot claim; two claimers cannot both
              win; a copy that became stale meanwhile cannot be promoted.
   * copies:  only if owner.create_revision == token AND copies unchanged (compare-and-set).
+  * take over (level 3 partner, fast failover): owner.create_revision == old token AND
+             copies unchanged (still naming the partner current) -> delete owner + status,
+             put copies with the partner as the only current copy. Races the primary's
+             "partner lost" copies write: exactly one wins.
   * status, release: only if owner.create_revision == token (a stale owner changes nothing).
   * define:  spec absent -> put spec.   remove: spec unchanged AND owner absent -> delete.
   * register host: host key absent (or held by our own lease) -> put with our lease.
@@ -43,7 +48,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..core.model import Export, HostInfo, Ownership, PoolSnapshot, SyncProgress, VmSpec, VmStatus, VmView
+from ..core.model import (CheckpointFigures, Export, HostInfo, Ownership, PoolSnapshot, SyncProgress, VmSpec,
+                          VmStatus, VmView)
 from ..core.replication import Copies
 from .etcd import Compare, EtcdClient, absent, created_at, modified_at, present, put_json, Delete, Get, Put
 
@@ -110,6 +116,7 @@ class PoolStore:
                 sync=SyncProgress(**p["sync"].json()) if "sync" in p else None,
                 force_host=p["force"].json()["host"] if "force" in p else None,
                 repair_host=p["repair"].json()["host"] if "repair" in p else None,
+                checkpoints=CheckpointFigures(**p["checkpoints"].json()) if "checkpoints" in p else None,
             )
         return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links)
 
@@ -179,6 +186,25 @@ class PoolStore:
         key = self.vm_key(vm, "sync")
         op = put_json(key, progress.__dict__, lease) if progress else Delete(key)
         await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token)], [op])
+
+    async def report_checkpoints(self, vm: str, token: int, figures: CheckpointFigures | None,
+                                 lease: int) -> None:
+        key = self.vm_key(vm, "checkpoints")
+        op = put_json(key, figures.__dict__, lease) if figures else Delete(key)
+        await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token)], [op])
+
+    async def take_over(self, vm: str, old_token: int, copies_seen: Copies, copies_new: Copies) -> bool:
+        """Level 3 partner: end the old primary's ownership while its lease may still live,
+        if it still owns the VM under `old_token` and the copies record (which says this
+        host's replica is current) is unchanged. The primary's own record of losing its
+        partner changes that record, so exactly one of the two wins. The caller then
+        claims the VM as usual (owner absent)."""
+        r = await self.etcd.txn(
+            [created_at(self.vm_key(vm, "owner"), old_token), self._copies_unchanged(vm, copies_seen)],
+            [Delete(self.vm_key(vm, "owner")), Delete(self.vm_key(vm, "status")),
+             Delete(self.vm_key(vm, "checkpoints")),
+             put_json(self.vm_key(vm, "copies"), copies_new.to_json())])
+        return r.succeeded
 
     async def request_repair(self, vm: str, host: str) -> bool:
         """Operator: `host`'s failed copy sits on storage that works again."""

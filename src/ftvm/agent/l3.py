@@ -1,0 +1,346 @@
+"""Level 3 in the agent: the owner's checkpointing runtime and the partner's standby.
+
+Owner (`L3Primary`, one per running VM): the output-commit relays own the VM's
+taps and listen before QEMU starts; QEMU runs with its RAM in a shared file.
+A protection loop connects to the partner named in the copies record, pre-copies
+while the guest runs, and checkpoints every `checkpoint_ms`. The partner's copy
+becomes *current* in etcd after its first acknowledged checkpoint. When the
+partner falls silent or the link fails, held output stays held until the copy
+is recorded *outdated* under our fencing token; only then does output flow
+unprotected. If that write fails because we no longer own the VM (the partner
+took over), QEMU is killed: the held output never leaves.
+
+Partner (`L3Partner`, one per agent): a listener on the replication address
+feeds one `Standby` per VM it protects. A primary silent for
+`l3_takeover_after` with a committed checkpoint here is taken over: freeze the
+standby, end the old owner's ownership in one transaction that also names this
+copy the only current one (it fails if the primary recorded us outdated
+first), claim, and resume QEMU from the replica (`-incoming defer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+
+from ..core.model import CheckpointFigures, Level, PoolSnapshot, VmSpec
+from ..core.replication import Copies, CopyState, mark, take_over
+from ..core.timing import Timing
+from ..l3.primary import Checkpointer, percentile
+from ..l3.relay import OutputCommitRelay, open_tap
+from ..l3.standby import ReplicaPaths, Standby, StandbyServer
+from ..qemu.cmdline import VmPaths, tap_names
+from ..qemu.process import QemuVm, ensure_tap, remove_tap
+from ..store.etcd import EtcdError
+from ..store.pool import PoolStore
+
+log = logging.getLogger("ftvm.agent.l3")
+
+EventFn = Callable[[str, str, str], None]
+RETRY_S = 2.0
+FIGURES_S = 2.0
+
+
+def replica_paths(spec: VmSpec, ram_dir: Path, local_storage: Path, state_dir: Path) -> ReplicaPaths:
+    """Where a host keeps its level 3 copy of a VM: the same files it runs the VM from."""
+    return ReplicaPaths(ram=ram_dir / spec.name / "ram",
+                        disks=tuple(local_storage / spec.name / f"disk{i}.img" for i in range(len(spec.disks))),
+                        device_state=state_dir / "vms" / spec.name / "l3-device-state",
+                        meta=state_dir / "vms" / spec.name / "l3-committed.json")
+
+
+def is_partner(snapshot: PoolSnapshot, me: str, vm: str) -> bool:
+    """Whether this host should keep a standby for `vm`: level 3, running elsewhere,
+    and this host holds one of its copies."""
+    view = snapshot.vms.get(vm)
+    return (view is not None and view.spec.level is Level.SYSTEM and view.owner is not None
+            and view.owner.host != me and view.copies is not None and me in view.copies.copies)
+
+
+class _OwnershipLost(Exception):
+    pass
+
+
+class L3Primary:
+    def __init__(self, spec: VmSpec, token: int, me: str, paths: VmPaths, files: ReplicaPaths,
+                 store: PoolStore, lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
+                 event: EventFn, timing: Timing, port: int) -> None:
+        self.spec, self.token, self.me = spec, token, me
+        self.paths, self.files = paths, files
+        self.store, self.lease, self.snapshot, self.event = store, lease, snapshot, event
+        self.timing, self.port = timing, port
+        self.relays: list[OutputCommitRelay] = []
+        self._tap_fds: list[int] = []
+        self.qemu: QemuVm | None = None
+        self.checkpointer: Checkpointer | None = None
+        self.state, self.reason, self.partner = "unprotected", "checkpointing has not started", ""
+        self.sync_done = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._figures_sent_bytes = (0.0, 0)
+
+    # --- launch ------------------------------------------------------------------------
+    async def open_relays(self, bridge: str) -> None:
+        """The relays listen before QEMU starts (QEMU 7.2's stream netdev does not reconnect)."""
+        for i, tap in enumerate(tap_names(self.spec)):
+            ensure_tap(tap, bridge)
+            fd = open_tap(tap)
+            self._tap_fds.append(fd)
+            relay = OutputCommitRelay(self.paths.nic_socket(i), fd, gated=False)
+            await relay.start()
+            self.relays.append(relay)
+
+    async def resume_from_replica(self, qemu: QemuVm) -> None:
+        """QEMU was started with `-incoming defer -S` on the replica files: load the last
+        committed device state, run, and tell the LAN where the VM now is."""
+        await qemu.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        await qemu.execute("migrate-incoming", {"uri": f"exec:cat {self.files.device_state}"})
+        deadline = time.monotonic() + 30
+        while True:
+            info = await qemu.execute("query-migrate")
+            if info.get("status") == "completed":
+                break
+            if info.get("status") == "failed" or time.monotonic() > deadline:
+                raise RuntimeError(f"loading the replica's device state failed: {info}")
+            await asyncio.sleep(0.002)
+        await qemu.execute("cont")
+
+    def begin(self, qemu: QemuVm) -> None:
+        self.qemu = qemu
+        self._tasks = [asyncio.create_task(self._protect_loop(), name=f"l3-protect-{self.spec.name}"),
+                       asyncio.create_task(self._publish_loop(), name=f"l3-figures-{self.spec.name}")]
+
+    # --- protection loop ------------------------------------------------------------------
+    async def _protect_loop(self) -> None:
+        assert self.qemu is not None
+        while not self._closed and self.qemu.alive:
+            snap = self.snapshot()
+            view = snap.vms.get(self.spec.name) if snap else None
+            partner = view.copies.partner_of(self.me) if view and view.copies else None
+            host = snap.hosts.get(partner) if snap and partner else None
+            if partner is None or host is None or not host.replication_addr:
+                self._set("unprotected", f"partner {partner} is down" if partner else "no partner host")
+                await asyncio.sleep(RETRY_S)
+                continue
+            self.partner = partner
+            await self._session(partner, host.replication_addr)
+            if not self._closed:
+                await asyncio.sleep(RETRY_S)
+
+    async def _session(self, partner: str, addr: str) -> None:
+        assert self.qemu is not None
+        cp = Checkpointer(self.spec.name, self.qemu, self.relays, self.files.ram, list(self.files.disks),
+                          self.paths.run_dir, self.spec.checkpoint_ms / 1000, self.timing.l3_partner_lost,
+                          on_output=self.spec.checkpoint_on_output)
+        self.checkpointer = cp
+        try:
+            await cp.connect(addr, self.port)
+        except (OSError, TimeoutError) as e:
+            self._set("unprotected", f"cannot reach partner {partner} at {addr}:{self.port}: {e}")
+            await cp.close()
+            self.checkpointer = None
+            return
+        try:
+            if not await self._record(partner, CopyState.SYNCING, "first copy (pre-copy) under way"):
+                raise _OwnershipLost
+            self._set("syncing", "first copy under way")
+            await cp.prepare_qemu()
+            t0 = time.monotonic()
+            await cp.protect(uuid.uuid4().hex, self._progress)
+            if not await self._record(partner, CopyState.CURRENT, f"checkpoint {cp.stats.acked} acknowledged"):
+                raise _OwnershipLost
+            self._set("protected", "")
+            self.event(self.spec.name, "protected",
+                       f"replica on {partner} in sync after {time.monotonic() - t0:.1f}s (pre-copy "
+                       f"{cp.stats.precopy_bytes / 2**20:.0f} MiB while the guest ran, then checkpoint 1); "
+                       f"checkpointing every {self.spec.checkpoint_ms} ms")
+            await cp.run()
+            why = cp.lost or "checkpointing stopped"
+            kept = not self._closed and await self._partner_lost(cp, partner, why)
+        except _OwnershipLost:
+            kept = False
+        except (OSError, TimeoutError, RuntimeError, EtcdError) as e:
+            why = cp.lost or f"{type(e).__name__}: {e}"
+            kept = not self._closed and await self._partner_lost(cp, partner, why)
+        if not kept and not self._closed:
+            self.event(self.spec.name, "fence", f"lost ownership while checkpointing to {partner} (it took "
+                                                "over): killing this copy, held output discarded")
+            for relay in self.relays:
+                relay.discard()
+            self.qemu.kill()
+        await cp.close()
+        self.checkpointer = None
+
+    async def _partner_lost(self, cp: Checkpointer, partner: str, why: str) -> bool:
+        """Output stays held until the partner's copy is recorded outdated under our token;
+        then it flows unprotected. False if we no longer own the VM."""
+        self._set("unprotected", f"replica on {partner} lost: {why}")
+        if not await self._record(partner, CopyState.OUTDATED, f"partner lost: {why}", until_done=True):
+            return False
+        released = cp.unprotect()
+        self.event(self.spec.name, "unprotected", f"replica on {partner} recorded outdated ({why}); "
+                                                  f"running on unprotected, {released} held frames released")
+        return True
+
+    async def _record(self, partner: str, state: CopyState, reason: str, until_done: bool = False) -> bool:
+        """Write the partner copy's state under our token. False if we lost ownership.
+        `until_done`: keep trying while etcd is unreachable (the fence guard kills the VM
+        if that lasts); held output waits meanwhile."""
+        while not self._closed:
+            try:
+                seen = await self.store.get_copies(self.spec.name)
+                if seen is None:
+                    return False
+                current = seen.state_of(partner)
+                if current is not None and current.state is state and state is not CopyState.OUTDATED:
+                    return True
+                new = mark(seen, partner, state, reason, time.time(), full=state is CopyState.OUTDATED)
+                if await self.store.set_copies(self.spec.name, self.token, seen, new) is not None:
+                    return True
+                snap = await self.store.snapshot()
+                view = snap.vms.get(self.spec.name)
+                if view is None or view.owner is None or view.owner.token != self.token:
+                    return False
+            except EtcdError as e:
+                if not until_done:
+                    raise
+                log.warning("%s: cannot record the replica %s yet: %s", self.spec.name, state.value, e)
+                await asyncio.sleep(0.1)
+        return False
+
+    def _progress(self, done: float) -> None:
+        self.sync_done = done
+
+    def _set(self, state: str, reason: str) -> None:
+        self.state, self.reason = state, reason
+
+    # --- figures ------------------------------------------------------------------------
+    def figures(self) -> CheckpointFigures:
+        cp = self.checkpointer
+        if cp is None:
+            return CheckpointFigures(self.partner, self.state, self.reason)
+        s = cp.stats
+        window = [t for t in s.ack_times if t > time.monotonic() - 10]
+        per_s = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 2 else 0.0
+        t0, b0 = self._figures_sent_bytes
+        now = time.monotonic()
+        rate = (s.sent_bytes - b0) / (now - t0) if t0 else 0.0
+        self._figures_sent_bytes = (now, s.sent_bytes)
+        return CheckpointFigures(
+            partner=self.partner, state=self.state, reason=self.reason, per_s=round(per_s, 2),
+            pause_p50_ms=round(percentile(s.pauses, 0.5) * 1000, 1),
+            pause_p99_ms=round(percentile(s.pauses, 0.99) * 1000, 1),
+            dirty_pages_p50=percentile([float(x) for x in s.dirty_pages], 0.5),
+            link_bytes_per_s=round(rate), epoch=s.acked, sync_done=round(self.sync_done, 3))
+
+    async def _publish_loop(self) -> None:
+        last: CheckpointFigures | None = None
+        while not self._closed:
+            fig = self.figures()
+            if fig != last:
+                with suppress(EtcdError):
+                    await self.store.report_checkpoints(self.spec.name, self.token, fig, self.lease())
+                    last = fig
+            await asyncio.sleep(FIGURES_S if self.state == "protected" else 0.5)
+
+    async def close(self) -> None:
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        if self.checkpointer is not None:
+            await self.checkpointer.close()
+        for relay in self.relays:
+            relay.discard()
+            await relay.close()
+        for fd in self._tap_fds:
+            with suppress(OSError):
+                os.close(fd)
+        for tap in tap_names(self.spec):
+            remove_tap(tap)
+
+
+class L3Partner:
+    """The partner duties of one agent for every level 3 VM it protects."""
+
+    def __init__(self, me: str, addr: str, port: int, paths_for: Callable[[VmSpec], ReplicaPaths],
+                 store: PoolStore, lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
+                 timing: Timing, event: EventFn, claimed: Callable[[str], None]) -> None:
+        self.me, self.paths_for, self.store, self.snapshot = me, paths_for, store, snapshot
+        self.lease = lease
+        self.timing, self.event, self.claimed = timing, event, claimed
+        self.standbys: dict[str, Standby] = {}
+        self.server = StandbyServer(addr, port, self._lookup)
+        self._task: asyncio.Task[None] | None = None
+        self._taking_over: set[str] = set()
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._task = asyncio.create_task(self._watch(), name="l3-partner")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.server.close()
+
+    def _lookup(self, vm: str) -> Standby | None:
+        snap = self.snapshot()
+        if snap is None or not is_partner(snap, self.me, vm):
+            return None
+        standby = self.standbys.get(vm)
+        if standby is None:
+            standby = Standby(vm, self.paths_for(snap.vms[vm].spec))
+            self.standbys[vm] = standby
+        standby.thaw()
+        return standby
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            for vm, standby in list(self.standbys.items()):
+                if vm in self._taking_over or standby.committed is None:
+                    continue
+                if standby.silent_for() > self.timing.l3_takeover_after:
+                    self._taking_over.add(vm)
+                    try:
+                        await self._take_over(vm, standby)
+                    except EtcdError as e:
+                        log.warning("%s: takeover attempt failed: %s", vm, e)
+                        standby.thaw()
+                    finally:
+                        self._taking_over.discard(vm)
+
+    async def _take_over(self, vm: str, standby: Standby) -> None:
+        silent = standby.silent_for()
+        held = await standby.freeze()
+        snap = await self.store.snapshot()
+        view = snap.vms.get(vm)
+        mine = view.copies.state_of(self.me) if view and view.copies else None
+        if held is None or view is None or view.owner is None or view.owner.host == self.me \
+                or mine is None or mine.state is not CopyState.CURRENT or view.copies is None:
+            standby.committed = None  # nothing here to take over from; wait for a new session
+            standby.thaw()
+            return
+        new: Copies = take_over(view.copies, self.me, time.time())
+        if not await self.store.take_over(vm, view.owner.token, view.copies, new):
+            standby.committed = None  # the primary recorded us outdated first: it keeps the VM
+            standby.thaw()
+            self.event(vm, "takeover", f"{view.owner.host} silent for {silent:.2f}s but it recorded this "
+                                       "replica outdated first: it keeps the VM")
+            return
+        del self.standbys[vm]
+        self.event(vm, "takeover", f"{view.owner.host} silent for {silent:.2f}s on the checkpoint link: "
+                                   f"ended its ownership; resuming from checkpoint {held[1]} here")
+        token = await self.store.claim(vm, self.me, self.lease(), None, None)
+        if token is not None:
+            self.claimed(vm)
+
+    def drop(self, vm: str) -> None:
+        """This host now runs the VM itself: its replica files are its own."""
+        self.standbys.pop(vm, None)

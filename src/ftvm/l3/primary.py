@@ -1,0 +1,343 @@
+"""Level 3, primary side: checkpoint a running VM to its partner, epoch after epoch.
+
+One epoch (`checkpoint()`):
+
+    stop ── migrate device state (x-ignore-shared) to our socket ─┬─ cont ── send checkpoint N
+            compare RAM and disk files with the last copy ────────┘         (partner commits, ACK N)
+                                                                            -> relay.release(N)
+
+The guest's frames of epoch N stay in the relay until ACK N (output commit).
+Protection starts with a full copy sent while the guest runs (pre-copy rounds);
+the first stopped checkpoint then makes the replica consistent.
+
+This class never decides what happens when the partner is lost: it reports
+`lost` (the reason) and stops checkpointing, leaving held output held. The
+agent records the partner's copy outdated in etcd first (under its fencing
+token) and only then calls `unprotect()`, which lets output flow again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .pages import PageTracker
+from .relay import OutputCommitRelay
+from .wire import Checkpoint, Msg, decode_ack, encode_checkpoint, encode_heartbeat, encode_hello, \
+    encode_precopy, read_message, write_message
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.1
+MIN_EPOCH_S = 0.002  # output-triggered: the guest runs at least this long between checkpoints
+PRECOPY_ROUNDS = 3
+PRECOPY_DONE_PAGES = 2048  # stop pre-copying once a round finds fewer dirty pages than this
+
+
+class Qmp(Protocol):
+    """What the checkpointer needs from QEMU (QemuVm provides it)."""
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any: ...
+
+
+@dataclass
+class CheckpointStats:
+    """Figures for status and metrics (seconds, bytes, pages)."""
+
+    epochs: int = 0
+    acked: int = 0
+    pauses: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    diff_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    devstate_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    dirty_pages: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
+    disk_pages: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
+    sent_bytes: int = 0
+    precopy_bytes: int = 0
+    precopy_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    paused_total: float = 0.0
+    ack_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
+    ack_log: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=100_000))  # (epoch, when)
+
+
+def percentile(values: list[float] | deque[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class DeviceStateSink:
+    """A Unix socket QEMU's `migrate` writes the device state to (RAM is shared: not sent)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+        self._next: asyncio.Future[bytes] | None = None
+
+    async def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+
+    def expect(self) -> asyncio.Future[bytes]:
+        self._next = asyncio.get_running_loop().create_future()
+        return self._next
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read()
+        writer.close()
+        if self._next is not None and not self._next.done():
+            self._next.set_result(data)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self.path.unlink(missing_ok=True)
+
+
+class Checkpointer:
+    def __init__(self, vm: str, qmp: Qmp, relays: list[OutputCommitRelay], ram: Path, disks: list[Path],
+                 run_dir: Path, interval_s: float, timeout_s: float = 0.5, on_output: bool = False) -> None:
+        """`interval_s`: longest time the guest runs between checkpoints. `on_output`: also
+        checkpoint as soon as the guest sends a frame (held output waits less)."""
+        self.vm = vm
+        self.qmp = qmp
+        self.relays = relays  # one per NIC
+        self.files = [ram, *disks]
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.sink = DeviceStateSink(run_dir / "devstate.sock")
+        self.stats = CheckpointStats()
+        self.epoch = 0
+        self.lost: str | None = None           # why the partner is gone (None: it is not)
+        self.lost_event = asyncio.Event()
+        self.first_ack = asyncio.Event()
+        self._trackers: list[PageTracker] = []
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_heard = time.monotonic()
+        self._last_sent = time.monotonic()
+        self._lock = asyncio.Lock()  # one checkpoint at a time
+        self._closed = False
+        self.on_output = on_output
+        self._output = asyncio.Event()
+        if on_output:
+            for relay in relays:
+                relay.on_held = self._output.set
+
+    # --- set-up ----------------------------------------------------------------------
+    async def prepare_qemu(self) -> None:
+        """Once per QEMU: device state only (shared RAM is skipped), at full speed."""
+        await self.qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        await self.sink.start()
+
+    async def connect(self, addr: str, port: int) -> None:
+        """Open the checkpoint link (OSError/TimeoutError if the partner is unreachable)."""
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(addr, port), 2.0)
+        self._reader, self._writer = reader, writer
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def protect(self, session: str, on_progress: Callable[[float], None] | None = None) -> None:
+        """Pre-copy everything while the guest runs, then take the first stopped checkpoint.
+        Returns once the partner acknowledged it: the replica is consistent from then on.
+        Raises OSError/TimeoutError if the partner fails."""
+        reader, writer = self._reader, self._writer
+        assert reader is not None and writer is not None, "connect() first"
+        self._trackers = [await asyncio.to_thread(PageTracker, f) for f in self.files]
+        write_message(writer, encode_hello({"vm": self.vm, "session": session, "files": [
+            {"name": f.name, "size": t.size} for f, t in zip(self.files, self._trackers, strict=True)]}))
+        self._tasks.append(asyncio.create_task(self._read_partner(reader), name=f"l3-acks-{self.vm}"))
+        t0 = time.monotonic()
+        total = sum(t.size for t in self._trackers)
+        done = 0
+        for index, tracker in enumerate(self._trackers):
+            chunks = tracker.precopy_chunks()
+            while True:
+                delta = await asyncio.to_thread(next, chunks, None)
+                if delta is None:
+                    break
+                await self._send(encode_precopy(index, delta))
+                self.stats.precopy_bytes += delta.nbytes
+                done += delta.nbytes
+                if on_progress:
+                    on_progress(min(0.99, done / total))
+        for _ in range(PRECOPY_ROUNDS):  # re-send what the running guest changed meanwhile
+            dirty = 0
+            for index, tracker in enumerate(self._trackers):
+                delta = await asyncio.to_thread(tracker.diff)
+                dirty += len(delta.pages)
+                await self._send(encode_precopy(index, delta))
+                self.stats.precopy_bytes += delta.nbytes
+            if dirty < PRECOPY_DONE_PAGES:
+                break
+        self.stats.precopy_s = time.monotonic() - t0
+        self._tasks.append(asyncio.create_task(self._heartbeats(), name=f"l3-heartbeat-{self.vm}"))
+        await self.checkpoint()
+        for relay in self.relays:  # from the epoch after the first checkpoint on, output waits for acks
+            relay.gated = True
+        await asyncio.wait_for(self._wait_first_ack(), max(5.0, self.timeout_s * 4))
+        log.info("%s: pre-copy %.1f MiB in %.2fs; first checkpoint acknowledged", self.vm,
+                 self.stats.precopy_bytes / 2**20, self.stats.precopy_s)
+
+    async def _wait_first_ack(self) -> None:
+        lost = asyncio.create_task(self.lost_event.wait())
+        first = asyncio.create_task(self.first_ack.wait())
+        await asyncio.wait({lost, first}, return_when=asyncio.FIRST_COMPLETED)
+        lost.cancel()
+        first.cancel()
+        if self.lost:
+            raise OSError(self.lost)
+
+    async def run(self) -> None:
+        """Checkpoint every interval until the partner is lost or `close()`."""
+        while not self._closed and self.lost is None:
+            if self.on_output:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._output.wait(), self.interval_s)
+                await asyncio.sleep(MIN_EPOCH_S)
+                self._output.clear()
+            else:
+                await asyncio.sleep(self.interval_s)
+            if self._closed or self.lost is not None:
+                return
+            await self.checkpoint()
+
+    # --- one epoch ----------------------------------------------------------------------
+    async def checkpoint(self, resume: bool = True) -> None:
+        """One epoch. `resume=False` leaves the guest stopped afterwards (fidelity checks)."""
+        async with self._lock:
+            if self.lost is not None or self._writer is None:
+                return
+            epoch = self.epoch + 1
+            t0 = time.monotonic()
+            await self.qmp.execute("stop")
+            try:
+                deltas, diff_s, device_state, dev_s = await self._capture()
+            except Exception as e:
+                # no checkpoint this epoch: the guest must not stay stopped, the partner is behind
+                self._set_lost(f"checkpoint {epoch} failed: {e}")
+                await self.qmp.execute("cont")
+                return
+            for relay in self.relays:  # what the guest sends from now on is epoch N+1's
+                relay.begin_epoch(epoch + 1)
+            if resume:
+                await self.qmp.execute("cont")
+            pause = time.monotonic() - t0
+            self.epoch = epoch
+            cp = Checkpoint(epoch, deltas, device_state)
+            s = self.stats
+            s.epochs += 1
+            s.pauses.append(pause)
+            s.paused_total += pause
+            s.diff_s.append(diff_s)
+            s.devstate_s.append(dev_s)
+            s.dirty_pages.append(len(deltas[0].pages))
+            s.disk_pages.append(sum(len(d.pages) for i, d in deltas.items() if i))
+            await self._send(encode_checkpoint(cp))
+            s.sent_bytes += cp.nbytes
+
+    async def _capture(self) -> tuple[dict[int, Any], float, bytes, float]:
+        """With the guest stopped: the device state (QEMU) and the changed pages (us), at once."""
+        state = self.sink.expect()
+        await self.qmp.execute("migrate", {"uri": f"unix:{self.sink.path}"})
+        diff = asyncio.create_task(asyncio.to_thread(self._diff_all))
+        t_dev = time.monotonic()
+        try:
+            device_state = await asyncio.wait_for(state, 10.0)
+            await self._wait_migrated()
+        finally:
+            deltas, diff_s = await diff
+        return deltas, diff_s, device_state, time.monotonic() - t_dev
+
+    def _diff_all(self) -> tuple[dict[int, Any], float]:
+        t = time.monotonic()
+        deltas = {i: tracker.diff() for i, tracker in enumerate(self._trackers)}
+        return deltas, time.monotonic() - t
+
+    async def _wait_migrated(self) -> None:
+        while True:
+            info = await self.qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise RuntimeError(f"device state save {status}: {info.get('error-desc', '')}")
+            await asyncio.sleep(0.001)
+
+    # --- the partner link -----------------------------------------------------------------
+    async def _send(self, parts: list[bytes]) -> None:
+        if self._writer is None or self.lost is not None:
+            return
+        try:
+            write_message(self._writer, parts)
+            self._last_sent = time.monotonic()
+            await asyncio.wait_for(self._writer.drain(), self.timeout_s * 4 + sum(map(len, parts)) / 20e6)
+        except (OSError, TimeoutError) as e:
+            self._set_lost(f"checkpoint link to the partner failed: {e or type(e).__name__}")
+
+    async def _read_partner(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                kind, payload = await read_message(reader)
+                self._last_heard = time.monotonic()
+                if kind is Msg.ACK:
+                    epoch = decode_ack(payload)
+                    self.stats.ack_log.append((epoch, time.monotonic()))  # before any release
+                    self.stats.ack_times.append(self._last_heard)
+                    self.stats.acked = epoch
+                    for relay in self.relays:
+                        relay.release(epoch)
+                    self.first_ack.set()
+        except (OSError, asyncio.IncompleteReadError, RuntimeError) as e:
+            self._set_lost(f"partner closed the checkpoint link ({type(e).__name__})")
+
+    async def _heartbeats(self) -> None:
+        while self.lost is None and not self._closed:
+            await asyncio.sleep(HEARTBEAT_S / 2)
+            now = time.monotonic()
+            if now - self._last_heard > self.timeout_s:
+                self._set_lost(f"partner silent for {now - self._last_heard:.2f}s")
+                return
+            if now - self._last_sent >= HEARTBEAT_S and not self._lock.locked():
+                await self._send(encode_heartbeat())
+
+    def _set_lost(self, why: str) -> None:
+        if self.lost is None and not self._closed:
+            self.lost = why
+            log.warning("%s: %s", self.vm, why)
+            self.lost_event.set()
+
+    # --- endings --------------------------------------------------------------------------
+    def unprotect(self) -> int:
+        """The partner's copy is recorded outdated: output flows without acks again.
+        Returns how many held frames were let out."""
+        released = 0
+        for relay in self.relays:
+            relay.gated = False
+            released += relay.release(1 << 62)
+        return released
+
+    async def close(self) -> None:
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
+        await self.sink.close()
