@@ -18,10 +18,12 @@ from .cli.pool_cmds import _hosts_table, _vms_table, status_data
 from .guest.build import GuestBuildError, build_guest
 from .lab import lab as labmod
 from .lab.client import read_log
-from .lab.scenario import (FailoverResult, LabPool, Level2Result, ScenarioError, ensure_root, level1_failover,
-                           level2_story)
+from .lab.scenario import (FailoverResult, LabPool, Level2Result, Level3Story, ScenarioError, ensure_root,
+                           level1_failover, level2_story, level3_story)
 
-TITLES = {1: "ftvm demo: Level 1 restart", 2: "ftvm demo: Level 2 component fault tolerance"}
+TITLES = {1: "ftvm demo: Level 1 restart", 2: "ftvm demo: Level 2 component fault tolerance",
+          3: "ftvm demo: Level 3 system fault tolerance (beside Level 1)"}
+Result = FailoverResult | Level2Result | Level3Story
 
 
 class LiveView:
@@ -75,9 +77,27 @@ class LiveView:
         self._stop.set()
 
 
-def _summary_rows(r: FailoverResult | Level2Result) -> list[tuple[str, str]]:
+def _summary_rows(story: Result) -> list[tuple[str, str]]:
+    r = story.level3 if isinstance(story, Level3Story) else story
     lost = f"[{'green' if r.lost == 0 else 'red'}]{r.lost}[/]"
     copies = f"{r.max_copies} ({r.copy_samples} samples of /proc)"
+    if isinstance(story, Level3Story):
+        r3 = story.level3
+        kept = "[green]yes[/]" if r3.connection_kept else f"[red]no[/] ({r3.connections} connections)"
+        return [("VM carried on (power loss)", f"{r3.failed_host} -> {r3.new_host}"),
+                ("pause seen by the client", f"{r3.pause_s:.2f} s (next reply {r3.reply_after_loss_s:.2f} s "
+                                             "after the power loss)"),
+                ("takeover (power loss -> partner took over)", f"{r3.takeover_s:.2f} s"),
+                ("client's TCP connection kept", kept),
+                ("acknowledged records checked", str(r3.acknowledged)),
+                ("acknowledged records lost", lost),
+                ("gaps / repeats in the sequence", f"{r3.seq_gaps} / {r3.seq_repeats}"),
+                ("guest console after failover", "clean" if not r3.guest_problems else
+                 f"[red]{len(r3.guest_problems)} oops/panic lines[/]"),
+                ("protected again after the host returned", f"{story.reprotect_s:.1f} s"),
+                ("Level 1 VM beside it", f"outage {story.level1_outage_s:.2f} s, client reconnected "
+                                         f"({story.level1_connections} connections): rebooted, state lost"),
+                ("most copies running at once", copies)]
     if isinstance(r, Level2Result):
         return [("local disk failure", f"masked: longest wait for an answer {r.disk_failure_stall_s:.2f} s"),
                 ("VM moved (power loss)", f"{r.failed_host} -> {r.new_host}"),
@@ -87,6 +107,7 @@ def _summary_rows(r: FailoverResult | Level2Result) -> list[tuple[str, str]]:
                 ("acknowledged records lost", lost),
                 ("resync of the returning host", f"{r.resync_bytes / 2**20:.1f} MiB in {r.resync_s:.1f} s"),
                 ("most copies running at once", copies)]
+    assert isinstance(r, FailoverResult)
     return [("VM moved", f"{r.failed_host} -> {r.new_host}"),
             ("outage seen by the client", f"{r.outage_s:.2f} s"),
             ("detection (power loss -> claim)", f"{r.detection_s:.2f} s (lease TTL {r.lease_ttl_s:g} s)"),
@@ -96,7 +117,7 @@ def _summary_rows(r: FailoverResult | Level2Result) -> list[tuple[str, str]]:
             ("most copies running at once", copies)]
 
 
-def _summary_table(r: FailoverResult | Level2Result) -> Table:
+def _summary_table(r: Result) -> Table:
     t = Table(title="Summary", title_justify="left", show_header=False)
     for k, v in _summary_rows(r):
         t.add_row(k, v)
@@ -114,7 +135,7 @@ def cmd_demo(args: Any) -> int:
         raise CliError("a lab is already up: the demo builds its own; run `ftvm lab down` first", BAD_INPUT)
     view = LiveView(None, TITLES[args.level])
     poller = threading.Thread(target=view.poll, daemon=True)
-    result: FailoverResult | Level2Result | None = None
+    result: Result | None = None
     try:
         with Live(view.render(), console=console, refresh_per_second=4, transient=False,
                   get_renderable=view.render) if not is_json(args) else _NullLive():
@@ -123,7 +144,10 @@ def cmd_demo(args: Any) -> int:
             view.pool = LabPool(state)
             poller.start()
             view.step(f"hosts {', '.join(state.hosts)} joined; quorum at {state.etcd_endpoint}")
-            if args.level == 2:
+            if args.level == 3:
+                result = level3_story(view.pool, image, progress=view.step)
+                time.sleep(1.0)
+            elif args.level == 2:
                 result = level2_story(view.pool, image, progress=view.step)
                 time.sleep(1.0)
             else:
@@ -147,7 +171,11 @@ def cmd_demo(args: Any) -> int:
         console.print(_summary_table(result))
         if args.keep:
             console.print("lab left up (--keep): try `ftvm status`, `ftvm events`; `ftvm lab down` ends it")
-    return OK if result.lost == 0 and result.max_copies <= 1 else FAILED
+    r = result.level3 if isinstance(result, Level3Story) else result
+    ok = r.lost == 0 and r.max_copies <= 1
+    if isinstance(result, Level3Story):
+        ok = ok and result.level3.connection_kept and not result.level3.guest_problems
+    return OK if ok else FAILED
 
 
 class _NullLive:

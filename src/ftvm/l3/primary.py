@@ -186,9 +186,9 @@ class Checkpointer:
                 break
         self.stats.precopy_s = time.monotonic() - t0
         self._tasks.append(asyncio.create_task(self._heartbeats(), name=f"l3-heartbeat-{self.vm}"))
-        await self.checkpoint()
-        for relay in self.relays:  # from the epoch after the first checkpoint on, output waits for acks
+        for relay in self.relays:  # from now on output waits for the acks of its checkpoints
             relay.gated = True
+        await self.checkpoint()
         await asyncio.wait_for(self._wait_first_ack(), max(5.0, self.timeout_s * 4))
         log.info("%s: pre-copy %.1f MiB in %.2fs; first checkpoint acknowledged", self.vm,
                  self.stats.precopy_bytes / 2**20, self.stats.precopy_s)

@@ -401,3 +401,141 @@ def level2_story(pool: LabPool, image: GuestImage, name: str = "db", index: int 
         outage_s=_gap_around(acks, failed_at), detection_s=round(claims[0].time - failed_at, 3),
         restart_s=round(first_after - claims[0].time, 3), acknowledged=len(acks), lost=len(lost),
         resync_bytes=copied, resync_s=seconds, max_copies=observer.max_copies, copy_samples=observer.samples)
+
+
+# --- Level 3 -----------------------------------------------------------------------------
+
+PANIC_MARKERS = ("Kernel panic", "Oops", "BUG:", "general protection fault", "Call Trace")
+
+
+def l3_protected(vm: str) -> Callable[[PoolSnapshot], bool]:
+    """A `LabPool.wait_for` condition: the level 3 VM is checkpointed to a current replica."""
+    def check(snap: PoolSnapshot) -> bool:
+        view = snap.vms.get(vm)
+        if view is None or view.owner is None or view.checkpoints is None:
+            return False
+        partner = view.checkpoints.partner
+        return view.checkpoints.state == "protected" and view.copy_state(partner) is CopyState.CURRENT
+    return check
+
+
+def serial_problems(state: labmod.LabState, host: str, vm: str) -> list[str]:
+    """Lines of the guest's serial console on `host` that show a kernel oops or panic."""
+    path = state.host_dir(host) / "state" / "vms" / vm / "serial.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return [line for line in text.splitlines() if any(m in line for m in PANIC_MARKERS)]
+
+
+@dataclass
+class Level3Result:
+    vm: str
+    failed_host: str
+    new_host: str
+    failed_at: float             # wall-clock time of the power loss
+    pause_s: float               # the client's longest wait for a reply around the power loss
+    reply_after_loss_s: float    # power loss -> the client's next reply
+    takeover_s: float            # power loss -> the partner ended the old ownership
+    connections: int             # TCP connections the client opened (1: never reset)
+    connection_kept: bool
+    client_errors: int
+    acknowledged: int
+    lost: int                    # acknowledged records missing from the new primary's disk
+    seq_gaps: int                # breaks in the acknowledged sequence (must be 0)
+    seq_repeats: int
+    guest_problems: list[str]    # oops/panic lines on the new host's serial console
+    max_copies: int
+    copy_samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sequence_breaks(acks: list[Ack]) -> tuple[int, int]:
+    """(gaps, repeats) in the ledger sequence numbers the client saw acknowledged."""
+    seqs = [a.seq for a in acks]
+    steps = [b - a for a, b in zip(seqs, seqs[1:], strict=False)]
+    return sum(1 for d in steps if d > 1), sum(1 for d in steps if d < 1)
+
+
+def level3_failover(pool: LabPool, spec: VmSpec, progress: Progress = lambda m: None,
+                    healthy_s: float = 10.0, client_interval: float = 0.02) -> Level3Result:
+    """With one client connection writing, cut the power of the VM's host: the partner
+    carries on from the last checkpoint. Checks the connection, the sequence, the disk and
+    the guest's console for `healthy_s` after. Leaves the failed host down."""
+    state, name = pool.state, spec.name
+    ip = spec.nics[0].ip.split("/")[0] if spec.nics[0].ip else ""
+    host = pool.wait_running(name, 60)
+    pool.wait_answering(ip, 60)
+    pool.wait_for("level 3 protection", l3_protected(name), 120)
+    progress(f"VM {name} on {host}, checkpointed to its partner: Protected")
+    with CopyObserver(name) as observer:
+        client = LabClient(state, ip, name, client_interval, reply_timeout=120)
+        try:
+            client.wait_acks(50, 30)
+            progress(f"one client connection writing to {ip}; now {host} loses power")
+            failed_at = labmod.fail_host(state, host)
+            client.wait_acks(1, 60, after=failed_at)
+            new_host = pool.wait_running(name, 30, not_on=host)
+            progress(f"the VM carries on on {new_host}; watching the guest for {healthy_s:g}s")
+            time.sleep(healthy_s)
+            client.wait_acks(20, 30, after=time.time() - healthy_s)
+        finally:
+            acks = client.stop()
+    other = client.other_events()
+    connects = sum(1 for e in other if e.get("kind") == "connect")
+    errors = [e for e in other if e.get("kind") == "error"]
+    gaps, repeats = sequence_breaks(acks)
+    first_after = min(a.t for a in acks if a.t > failed_at)
+    takeovers = [e for e in pool.events() if e.vm == name and e.kind == "takeover" and e.time > failed_at]
+    raw, _ = pool.copy_path(name, new_host)
+    on_disk, lost = check_acked_on_disk(raw, acks)
+    progress(f"{len(acks)} acknowledged records, {len(lost)} missing on {new_host}'s disk ({on_disk} there); "
+             f"{connects} connection(s), {gaps} gaps, {repeats} repeats")
+    return Level3Result(
+        vm=name, failed_host=host, new_host=new_host, failed_at=failed_at, pause_s=_gap_around(acks, failed_at),
+        reply_after_loss_s=round(first_after - failed_at, 3),
+        takeover_s=round(takeovers[0].time - failed_at, 3) if takeovers else float("nan"),
+        connections=connects, connection_kept=connects == 1 and not errors, client_errors=len(errors),
+        acknowledged=len(acks), lost=len(lost), seq_gaps=gaps, seq_repeats=repeats,
+        guest_problems=serial_problems(state, new_host, name), max_copies=observer.max_copies,
+        copy_samples=observer.samples)
+
+
+@dataclass
+class Level3Story:
+    level3: Level3Result
+    reprotect_s: float           # the old primary back -> Protected again (pre-copy while running)
+    level1_vm: str               # a Level 1 VM on the same host, for comparison
+    level1_outage_s: float
+    level1_connections: int      # the Level 1 client had to reconnect (its connection died)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.level3.to_json(), "reprotect_s": self.reprotect_s, "level1_vm": self.level1_vm,
+                "level1_outage_s": self.level1_outage_s, "level1_connections": self.level1_connections}
+
+
+def level3_story(pool: LabPool, image: GuestImage, name: str = "trade", index: int = 3,
+                 progress: Progress = lambda m: None) -> Level3Story:
+    """The Level 3 demo, beside a Level 1 VM on the same host: the host loses power; the
+    Level 3 VM carries on on the partner with its client's connection open, the Level 1 VM
+    reboots there; the old primary returns and Level 3 protection comes back."""
+    progress(f"defining Level 3 VM {name} (checkpointed every 100 ms from h1 to h2) and, beside it, "
+             "Level 1 VM web (restart on failure)")
+    spec = pool.define_ledger_vm(name, index, Level.SYSTEM, image, host="h1")
+    web = pool.define_ledger_vm("web", 0, Level.RESTART, image, host="h1")
+    web_ip = (web.nics[0].ip or "").split("/")[0]
+    pool.wait_running("web", 60)
+    pool.wait_answering(web_ip, 60)
+    web_client = LabClient(pool.state, web_ip, "web", 0.02)
+    try:
+        result = level3_failover(pool, spec, progress)
+        web_acks = web_client.wait_acks(1, 60, after=result.failed_at)
+    finally:
+        web_acks = web_client.stop()
+    web_connects = sum(1 for e in web_client.other_events() if e.get("kind") == "connect")
+    progress(f"{result.failed_host} powers on; the VM is protected again by a full copy made while it runs")
+    t0 = time.monotonic()
+    labmod.restore_host(pool.state, result.failed_host)
+    pool.wait_for("level 3 protection again", l3_protected(name), 120)
+    return Level3Story(result, round(time.monotonic() - t0, 1), "web",
+                       _gap_around(web_acks, result.failed_at), web_connects)

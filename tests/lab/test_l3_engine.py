@@ -1,0 +1,183 @@
+"""The Level 3 checkpoint engine with a real QEMU in a lab host, the lab client writing:
+
+  * fidelity: after many checkpoints under load, stop the guest, take one more checkpoint,
+    and the partner's RAM file and disk equal the primary's byte for byte;
+  * output commit: every frame the guest sent in a checkpointed epoch left the relay only
+    after the partner had acknowledged that epoch's checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import filecmp
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ftvm.core.model import BootSpec, DiskSpec, Level, NicSpec, VmSpec
+from ftvm.l3.primary import Checkpointer
+from ftvm.l3.relay import OutputCommitRelay, open_tap
+from ftvm.l3.standby import ReplicaPaths, Standby, StandbyServer
+from ftvm.lab import lab as labmod
+from ftvm.lab import topology as topo
+from ftvm.lab.scenario import LabClient, LabPool
+from ftvm.qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
+from ftvm.qemu.probe import choose_accel
+from ftvm.qemu.process import QemuVm, ensure_tap, remove_tap
+
+pytestmark = pytest.mark.lab
+INDEX = 52
+TAP = "ft-l3eng"
+
+
+def _enter_netns(host: str) -> None:
+    fd = os.open(f"/run/netns/{topo.host_ns(host)}", os.O_RDONLY)
+    try:
+        assert ctypes.CDLL("libc.so.6", use_errno=True).setns(fd, 0x40000000) == 0
+    finally:
+        os.close(fd)
+
+
+class Engine:
+    """Primary and standby in one lab host (the standby on loopback), driven from the test thread."""
+
+    def __init__(self, guest_image: Any, tmp: Path) -> None:
+        self.tmp = tmp
+        self.shm = Path("/dev/shm") / f"ftvm-test-{os.getpid()}"
+        self.shm.mkdir()
+        self.disk = tmp / "primary-disk0.img"
+        with open(self.disk, "wb") as f:
+            f.truncate(64 << 20)
+        self.ram = self.shm / "primary-ram"
+        self.replica = ReplicaPaths(self.shm / "replica-ram", (tmp / "replica-disk0.img",),
+                                    tmp / "replica-state", tmp / "replica-meta.json")
+        self.spec = VmSpec("l3eng", Level.SYSTEM, 256, 1, (DiskSpec(size=64 << 20),),
+                           (NicSpec(f"52:54:00:77:00:{INDEX:02x}", topo.vm_addr(INDEX)),),
+                           BootSpec(str(guest_image.kernel), str(guest_image.initrd), guest_image.append))
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._thread, daemon=True)
+        self.qemu: QemuVm | None = None
+        self.cp: Checkpointer | None = None
+        self.relay: OutputCommitRelay | None = None
+        self.standby: Standby | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def _thread(self) -> None:
+        _enter_netns("h1")
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._main())
+        except BaseException as e:  # reported to the test thread
+            self.error = e
+            self.ready.set()
+
+    async def _main(self) -> None:
+        ensure_tap(TAP, "br0")
+        tap_fd = open_tap(TAP)
+        paths = VmPaths(self.tmp / "run")
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        self.relay = OutputCommitRelay(paths.nic_socket(0), tap_fd)
+        self.relay.gated = False
+        await self.relay.start()
+        self.standby = Standby("l3eng", self.replica)
+        server = StandbyServer("127.0.0.1", 0, lambda vm: self.standby)
+        await server.start()
+        accel = choose_accel("tcg", None)
+        self.qemu = await QemuVm.start(self.spec, paths, accel, "br0",
+                                       blockdevs=[checkpointed_disk_nodes(0, str(self.disk))],
+                                       checkpointed=Checkpointed(str(self.ram)), paused=True)
+        try:
+            await self.qemu.execute("cont")
+            self.cp = Checkpointer("l3eng", self.qemu, [self.relay], self.ram, [self.disk], paths.run_dir,
+                                   interval_s=0.05, timeout_s=2.0)
+            await self.cp.prepare_qemu()
+            await self.cp.connect("127.0.0.1", server.port)
+            await self.cp.protect("s1")
+            self._run_task = asyncio.create_task(self.cp.run())
+            self.ready.set()
+            await self._stop.wait()
+        finally:
+            if self.cp is not None:
+                await self.cp.close()
+            self.qemu.kill()
+            await self.qemu.wait()
+            await self.relay.close()
+            await server.close()
+            os.close(tap_fd)
+            remove_tap(TAP)
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _stopped_checkpoint(self) -> None:
+        """Pause the checkpoint loop, stop the guest, take one more checkpoint (guest kept stopped)."""
+        assert self.cp is not None and self._run_task is not None and self.qemu is not None
+        self.cp._closed = True          # the loop ends after its current epoch
+        await self._run_task
+        self.cp._closed = False
+        await self.qemu.execute("stop")
+        await self.cp.checkpoint(resume=False)
+        while self.cp.stats.acked < self.cp.epoch:  # committed on the partner
+            await asyncio.sleep(0.01)
+
+    async def _resume(self) -> None:
+        assert self.cp is not None and self.qemu is not None
+        await self.qemu.execute("cont")
+        self._run_task = asyncio.create_task(self.cp.run())
+
+    def stopped_checkpoint(self) -> None:
+        self.call(self._stopped_checkpoint())
+
+    def resume(self) -> None:
+        self.call(self._resume())
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self.thread.join(30)
+        shutil.rmtree(self.shm, ignore_errors=True)
+
+
+def test_replica_is_byte_identical_and_output_waits_for_acks(lab: labmod.LabState, guest_image,
+                                                            tmp_path: Path) -> None:
+    engine = Engine(guest_image, tmp_path)
+    engine.thread.start()
+    pool = LabPool(lab)
+    ip = topo.vm_addr(INDEX).split("/")[0]
+    client = None
+    try:
+        assert engine.ready.wait(90) and engine.error is None, engine.error
+        pool.wait_answering(ip, 60)
+        client = LabClient(lab, ip, "l3eng", interval=0.0, reply_timeout=60)
+        compared = 0
+        for _ in range(3):
+            client.wait_acks(30, 60, after=max([a.t for a in client.acks()], default=0.0))
+            engine.stopped_checkpoint()
+            for ours, theirs in ((engine.ram, engine.replica.ram), (engine.disk, engine.replica.disks[0])):
+                assert filecmp.cmp(ours, theirs, shallow=False), f"{theirs} differs from {ours}"
+            compared += 1
+            engine.resume()
+        acks = client.stop()
+        assert engine.cp is not None and engine.relay is not None
+        assert engine.cp.stats.epochs > 20 and compared == 3
+        assert max(engine.cp.stats.dirty_pages) > 0 and max(engine.cp.stats.disk_pages) > 0
+        assert len(acks) > 90
+        # output commit: each frame of a gated epoch left only after that epoch was acknowledged
+        acked_at = {epoch: t for epoch, t in engine.cp.stats.ack_log}
+        released = [(e, t) for e, t in engine.relay.stats.release_log if e >= 2]
+        assert len(released) > 90
+        early = [(e, t) for e, t in released if e not in acked_at or t < acked_at[e]]
+        assert not early, f"{len(early)} frames left before their checkpoint was acknowledged: {early[:5]}"
+    finally:
+        if client is not None:
+            client.stop()
+        engine.close()
+    assert engine.error is None, engine.error
