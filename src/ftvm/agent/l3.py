@@ -331,7 +331,7 @@ class L3Partner:
         if not await self.store.take_over(vm, view.owner.token, view.copies, new):
             standby.committed = None  # the primary recorded us outdated first: it keeps the VM
             standby.thaw()
-            self.event(vm, "takeover", f"{view.owner.host} silent for {silent:.2f}s but it recorded this "
+            self.event(vm, "no-takeover", f"{view.owner.host} silent for {silent:.2f}s but it recorded this "
                                        "replica outdated first: it keeps the VM")
             return
         del self.standbys[vm]

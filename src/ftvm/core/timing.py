@@ -31,8 +31,8 @@ class Timing:
     # its replica outdated before releasing output); the partner takes over from a silent
     # primary after `l3_takeover_after`, later, so a primary that merely lost the A-link
     # usually records first and keeps the VM (either order is safe: one etcd write wins).
-    l3_partner_lost: float = 0.4
-    l3_takeover_after: float = 0.6
+    l3_partner_lost: float = 0.3
+    l3_takeover_after: float = 0.45
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Timing:
