@@ -31,6 +31,8 @@ def cmd_bench(args: Any) -> int:
         raise CliError("--runs must be at least 1", BAD_INPUT)
     if args.level == 2:
         return _cmd_bench_level2(args)
+    if args.level == 3:
+        return _cmd_bench_level3(args)
     try:
         ensure_root()
         image = build_guest(log=lambda m: None)
@@ -209,3 +211,29 @@ def _cmd_bench_level2(args: Any) -> int:
     else:
         print_level2(out)
     return OK
+
+
+def _cmd_bench_level3(args: Any) -> int:
+    from .bench_l3 import check_failed, print_level3, run_level3_bench
+    try:
+        ensure_root()
+    except ScenarioError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    lab_dir = Path(args.lab_dir) if args.lab_dir else labmod.DEFAULT_DIR
+    if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
+        raise CliError("a lab is already up: the benchmark builds its own; run `ftvm lab down` first", BAD_INPUT)
+    quiet = is_json(args)
+
+    def progress(message: str) -> None:
+        if not quiet:
+            console.print(f"[dim]{message}[/]", highlight=False)
+
+    try:
+        out = run_level3_bench(lab_dir, args.runs, progress)
+    except (ScenarioError, labmod.LabError, GuestBuildError) as e:
+        raise CliError(f"benchmark failed: {e}", FAILED) from None
+    if quiet:
+        emit_json({"level": 3} | out)
+    else:
+        print_level3(out)
+    return FAILED if check_failed(out) else OK

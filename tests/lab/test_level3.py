@@ -52,7 +52,7 @@ def test_a_link_loss_leaves_the_primary_running_unprotected_then_protection_retu
     carries on unprotected, with its client answered throughout; the partner never starts a
     copy. Links back: protection returns by itself."""
     pool = LabPool(lab)
-    spec = pool.define_ledger_vm("l3link", 41, Level.SYSTEM, guest_image, host="h1")
+    pool.define_ledger_vm("l3link", 41, Level.SYSTEM, guest_image, host="h1")
     ip = topo.vm_addr(41).split("/")[0]
     client = None
     try:

@@ -32,7 +32,7 @@ from pathlib import Path
 from ..core.model import CheckpointFigures, Level, PoolSnapshot, VmSpec
 from ..core.replication import Copies, CopyState, mark, take_over
 from ..core.timing import Timing
-from ..l3.primary import Checkpointer, percentile
+from ..l3.primary import Checkpointer
 from ..l3.relay import OutputCommitRelay, open_tap
 from ..l3.standby import ReplicaPaths, Standby, StandbyServer
 from ..qemu.cmdline import VmPaths, tap_names
@@ -44,7 +44,8 @@ log = logging.getLogger("ftvm.agent.l3")
 
 EventFn = Callable[[str, str, str], None]
 RETRY_S = 2.0
-FIGURES_S = 2.0
+FIGURES_S = 2.0           # how often the figures are published while protected
+FIGURES_WINDOW_S = 10.0   # ... computed over the epochs of this many seconds
 
 
 def replica_paths(spec: VmSpec, ram_dir: Path, local_storage: Path, state_dir: Path) -> ReplicaPaths:
@@ -83,7 +84,6 @@ class L3Primary:
         self.sync_done = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self._figures_sent_bytes = (0.0, 0)
 
     # --- launch ------------------------------------------------------------------------
     async def open_relays(self, bridge: str) -> None:
@@ -226,29 +226,42 @@ class L3Primary:
         cp = self.checkpointer
         if cp is None:
             return CheckpointFigures(self.partner, self.state, self.reason)
-        s = cp.stats
-        window = [t for t in s.ack_times if t > time.monotonic() - 10]
-        per_s = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 2 else 0.0
-        t0, b0 = self._figures_sent_bytes
-        now = time.monotonic()
-        rate = (s.sent_bytes - b0) / (now - t0) if t0 else 0.0
-        self._figures_sent_bytes = (now, s.sent_bytes)
+        w = cp.stats.window(FIGURES_WINDOW_S)
+        if not w["epochs"]:
+            return CheckpointFigures(self.partner, self.state, self.reason, sync_done=round(self.sync_done, 3))
         return CheckpointFigures(
-            partner=self.partner, state=self.state, reason=self.reason, per_s=round(per_s, 2),
-            pause_p50_ms=round(percentile(s.pauses, 0.5) * 1000, 1),
-            pause_p99_ms=round(percentile(s.pauses, 0.99) * 1000, 1),
-            dirty_pages_p50=percentile([float(x) for x in s.dirty_pages], 0.5),
-            link_bytes_per_s=round(rate), epoch=s.acked, sync_done=round(self.sync_done, 3))
+            partner=self.partner, state=self.state, reason=self.reason, per_s=w["per_s"],
+            pause_p50_ms=w["pause_p50_ms"], pause_p99_ms=w["pause_p99_ms"],
+            ram_diff_p50_ms=w["ram_diff_p50_ms"], disk_diff_p50_ms=w["disk_diff_p50_ms"],
+            device_state_p50_ms=w["device_state_p50_ms"], running_fraction=w["running_fraction"],
+            dirty_pages_p50=w["dirty_pages_p50"], disk_pages_p50=w["disk_pages_p50"],
+            link_bytes_per_s=w["bytes_per_s"], epoch=cp.stats.acked, sync_done=round(self.sync_done, 3))
 
     async def _publish_loop(self) -> None:
         last: CheckpointFigures | None = None
         while not self._closed:
+            self._follow_spec()
             fig = self.figures()
             if fig != last:
                 with suppress(EtcdError):
                     await self.store.report_checkpoints(self.spec.name, self.token, fig, self.lease())
                     last = fig
             await asyncio.sleep(FIGURES_S if self.state == "protected" else 0.5)
+
+    def _follow_spec(self) -> None:
+        """The checkpoint interval and trigger may change while the VM runs (`vm set`)."""
+        snap = self.snapshot()
+        view = snap.vms.get(self.spec.name) if snap else None
+        cp = self.checkpointer
+        if view is None or cp is None:
+            return
+        spec = view.spec
+        if (spec.checkpoint_ms, spec.checkpoint_on_output) != (self.spec.checkpoint_ms,
+                                                               self.spec.checkpoint_on_output):
+            self.spec = spec
+            cp.set_interval(spec.checkpoint_ms / 1000, spec.checkpoint_on_output)
+            self.event(spec.name, "checkpoints", f"checkpoint interval now {spec.checkpoint_ms} ms"
+                                                 + (", and on output" if spec.checkpoint_on_output else ""))
 
     async def close(self) -> None:
         self._closed = True

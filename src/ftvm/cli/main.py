@@ -72,9 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--accept-data-loss", action="store_true",
                            help="level 2: start from a copy that is not current (recorded in the event log)")
             p.add_argument("--host", help="with --accept-data-loss: the host whose copy to start from")
-    p = cmd(vm, "set", pool_cmds.cmd_vm_set, "change a stopped VM's protection level")
+    p = cmd(vm, "set", pool_cmds.cmd_vm_set,
+            "change a stopped VM's protection level, or a level 3 VM's checkpointing (also while it runs)")
     p.add_argument("name")
-    p.add_argument("--level", type=int, required=True, choices=(0, 1, 2))
+    p.add_argument("--level", type=int, choices=(0, 1, 2, 3))
+    p.add_argument("--checkpoint-ms", type=int, help="level 3: longest time between checkpoints")
+    p.add_argument("--checkpoint-on-output", choices=("on", "off"),
+                   help="level 3: also checkpoint as soon as the guest sends")
     p = cmd(vm, "repair-disk", pool_cmds.cmd_vm_repair_disk,
             "level 2: a failed copy's storage works again (replaced disk): resync it and mirror again")
     p.add_argument("name")

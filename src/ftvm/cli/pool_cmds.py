@@ -144,7 +144,14 @@ def with_image_size(disk: DiskSpec) -> DiskSpec:
 
 
 def cmd_vm_set(args: Any) -> int:
-    """Change a stopped VM's protection level."""
+    """Change a stopped VM's protection level, or a level 3 VM's checkpointing."""
+    if args.level is None and args.checkpoint_ms is None and args.checkpoint_on_output is None:
+        raise CliError("nothing to change: give --level, --checkpoint-ms or --checkpoint-on-output", BAD_INPUT)
+    if args.level is None:
+        return _set_checkpointing(args)
+    if args.checkpoint_ms is not None or args.checkpoint_on_output is not None:
+        raise CliError("change the level and the checkpointing in two commands", BAD_INPUT)
+
     async def change(store: PoolStore) -> tuple[int, int]:
         snap, view = await _get_view(store, args.name)
         got = await store.spec(args.name)
@@ -179,6 +186,34 @@ def cmd_vm_set(args: Any) -> int:
         emit_json({"vm": args.name, "level": new, "previous_level": old})
     else:
         console.print(f"VM {args.name}: level {old} -> {new}" + (" (unchanged)" if old == new else ""))
+    return OK
+
+
+def _set_checkpointing(args: Any) -> int:
+    """A level 3 VM's checkpoint interval/trigger; a running VM follows within seconds."""
+    async def change(store: PoolStore) -> VmSpec:
+        snap, view = await _get_view(store, args.name)
+        got = await store.spec(args.name)
+        assert got is not None
+        spec, rev = got
+        if spec.level is not Level.SYSTEM:
+            raise CliError(f"VM {args.name} is level {int(spec.level)}: checkpointing is for level 3", BAD_INPUT)
+        new = replace(spec, checkpoint_ms=spec.checkpoint_ms if args.checkpoint_ms is None else args.checkpoint_ms,
+                      checkpoint_on_output=spec.checkpoint_on_output if args.checkpoint_on_output is None
+                      else args.checkpoint_on_output == "on")
+        if not 20 <= new.checkpoint_ms <= 10_000:
+            raise CliError(f"checkpoint interval {new.checkpoint_ms} ms must be between 20 and 10000", BAD_INPUT)
+        if not await store.update_spec(new, rev):
+            raise CliError(f"VM {args.name} changed meanwhile; nothing changed", REFUSED)
+        return new
+
+    new = with_store(args, change)
+    if is_json(args):
+        emit_json({"vm": args.name, "checkpoint_ms": new.checkpoint_ms,
+                   "checkpoint_on_output": new.checkpoint_on_output})
+    else:
+        console.print(f"VM {args.name}: checkpoint every {new.checkpoint_ms} ms"
+                      + (" and on output" if new.checkpoint_on_output else ""))
     return OK
 
 

@@ -205,7 +205,12 @@ class CheckpointFigures:
     per_s: float = 0.0        # checkpoints per second
     pause_p50_ms: float = 0.0
     pause_p99_ms: float = 0.0
+    ram_diff_p50_ms: float = 0.0       # the pause broken down (RAM and disk compares run beside
+    disk_diff_p50_ms: float = 0.0      # the device-state save, so they overlap)
+    device_state_p50_ms: float = 0.0
+    running_fraction: float = 1.0      # share of the time the guest ran (not paused)
     dirty_pages_p50: float = 0.0
+    disk_pages_p50: float = 0.0
     link_bytes_per_s: float = 0.0
     epoch: int = 0            # last checkpoint acknowledged by the partner
     sync_done: float = 0.0    # pre-copy progress while syncing (0..1)

@@ -48,24 +48,59 @@ class Qmp(Protocol):
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any: ...
 
 
+@dataclass(frozen=True)
+class EpochRecord:
+    """One checkpoint, as the primary saw it (seconds, pages, bytes)."""
+
+    end: float          # monotonic time the guest ran again
+    pause: float        # stop -> cont: what the guest lost
+    stop: float         # the `stop` command (drains block I/O)
+    ram_diff: float     # compare of the RAM file (runs beside the device-state save)
+    disk_diff: float    # compare of the disk files (same)
+    device_state: float  # migrate of the device state until QEMU reports it complete
+    cont: float
+    dirty_pages: int    # RAM pages in the checkpoint
+    disk_pages: int     # disk pages (4 KiB) in the checkpoint
+    nbytes: int         # the whole checkpoint message
+
+
 @dataclass
 class CheckpointStats:
-    """Figures for status and metrics (seconds, bytes, pages)."""
+    """Figures for status, metrics and benchmarks."""
 
     epochs: int = 0
     acked: int = 0
-    pauses: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
-    diff_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
-    devstate_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
-    dirty_pages: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
-    disk_pages: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
+    records: deque[EpochRecord] = field(default_factory=lambda: deque(maxlen=20_000))
     sent_bytes: int = 0
     precopy_bytes: int = 0
     precopy_s: float = 0.0
-    started: float = field(default_factory=time.monotonic)
-    paused_total: float = 0.0
     ack_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
     ack_log: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=100_000))  # (epoch, when)
+
+    def window(self, seconds: float, now: float | None = None) -> dict[str, float]:
+        """Summary of the epochs that ended in the last `seconds`: percentiles in ms, rates per s,
+        and the share of the time the guest ran (not paused for a checkpoint)."""
+        now = time.monotonic() if now is None else now
+        recs = [r for r in self.records if r.end > now - seconds]
+        if not recs:
+            return {"epochs": 0}
+        start = max(now - seconds, recs[0].end - recs[0].pause)  # protection may be younger
+        span = max(now - start, 1e-3)
+
+        def p(attr: str, q: float) -> float:
+            return round(percentile([getattr(r, attr) for r in recs], q) * 1000, 2)
+        return {
+            "epochs": len(recs), "per_s": round(len(recs) / span, 2),
+            "pause_p50_ms": p("pause", 0.5), "pause_p99_ms": p("pause", 0.99),
+            "stop_p50_ms": p("stop", 0.5), "ram_diff_p50_ms": p("ram_diff", 0.5),
+            "disk_diff_p50_ms": p("disk_diff", 0.5), "device_state_p50_ms": p("device_state", 0.5),
+            "cont_p50_ms": p("cont", 0.5),
+            "dirty_pages_p50": percentile([float(r.dirty_pages) for r in recs], 0.5),
+            "dirty_pages_max": float(max(r.dirty_pages for r in recs)),
+            "disk_pages_p50": percentile([float(r.disk_pages) for r in recs], 0.5),
+            "bytes_per_s": round(sum(r.nbytes for r in recs) / span),
+            "running_fraction": round(max(0.0, 1 - sum(r.pause for r in recs) / span), 3),
+        }
 
 
 def percentile(values: list[float] | deque[float], q: float) -> float:
@@ -129,11 +164,15 @@ class Checkpointer:
         self._last_sent = time.monotonic()
         self._lock = asyncio.Lock()  # one checkpoint at a time
         self._closed = False
-        self.on_output = on_output
         self._output = asyncio.Event()
-        if on_output:
-            for relay in relays:
-                relay.on_held = self._output.set
+        self.on_output = False
+        self.set_interval(interval_s, on_output)
+
+    def set_interval(self, interval_s: float, on_output: bool) -> None:
+        """Change the epoch length and trigger; the next epoch uses them."""
+        self.interval_s, self.on_output = interval_s, on_output
+        for relay in self.relays:
+            relay.on_held = self._output.set if on_output else None
 
     # --- set-up ----------------------------------------------------------------------
     async def prepare_qemu(self) -> None:
@@ -225,8 +264,9 @@ class Checkpointer:
             epoch = self.epoch + 1
             t0 = time.monotonic()
             await self.qmp.execute("stop")
+            t_stop = time.monotonic()
             try:
-                deltas, diff_s, device_state, dev_s = await self._capture()
+                deltas, times, device_state, dev_s = await self._capture()
             except Exception as e:
                 # no checkpoint this epoch: the guest must not stay stopped, the partner is behind
                 self._set_lost(f"checkpoint {epoch} failed: {e}")
@@ -234,23 +274,21 @@ class Checkpointer:
                 return
             for relay in self.relays:  # what the guest sends from now on is epoch N+1's
                 relay.begin_epoch(epoch + 1)
+            t_cont = time.monotonic()
             if resume:
                 await self.qmp.execute("cont")
-            pause = time.monotonic() - t0
+            end = time.monotonic()
             self.epoch = epoch
             cp = Checkpoint(epoch, deltas, device_state)
-            s = self.stats
-            s.epochs += 1
-            s.pauses.append(pause)
-            s.paused_total += pause
-            s.diff_s.append(diff_s)
-            s.devstate_s.append(dev_s)
-            s.dirty_pages.append(len(deltas[0].pages))
-            s.disk_pages.append(sum(len(d.pages) for i, d in deltas.items() if i))
+            self.stats.epochs += 1
+            self.stats.records.append(EpochRecord(
+                end=end, pause=end - t0, stop=t_stop - t0, ram_diff=times[0], disk_diff=sum(times[1:]),
+                device_state=dev_s, cont=end - t_cont, dirty_pages=len(deltas[0].pages),
+                disk_pages=sum(len(d.pages) for i, d in deltas.items() if i), nbytes=cp.nbytes))
             await self._send(encode_checkpoint(cp))
-            s.sent_bytes += cp.nbytes
+            self.stats.sent_bytes += cp.nbytes
 
-    async def _capture(self) -> tuple[dict[int, Any], float, bytes, float]:
+    async def _capture(self) -> tuple[dict[int, Any], list[float], bytes, float]:
         """With the guest stopped: the device state (QEMU) and the changed pages (us), at once."""
         state = self.sink.expect()
         await self.qmp.execute("migrate", {"uri": f"unix:{self.sink.path}"})
@@ -260,13 +298,17 @@ class Checkpointer:
             device_state = await asyncio.wait_for(state, 10.0)
             await self._wait_migrated()
         finally:
-            deltas, diff_s = await diff
-        return deltas, diff_s, device_state, time.monotonic() - t_dev
+            deltas, times = await diff
+        return deltas, times, device_state, time.monotonic() - t_dev
 
-    def _diff_all(self) -> tuple[dict[int, Any], float]:
-        t = time.monotonic()
-        deltas = {i: tracker.diff() for i, tracker in enumerate(self._trackers)}
-        return deltas, time.monotonic() - t
+    def _diff_all(self) -> tuple[dict[int, Any], list[float]]:
+        """Changed pages of every file, and the seconds each compare took."""
+        deltas, times = {}, []
+        for i, tracker in enumerate(self._trackers):
+            t = time.monotonic()
+            deltas[i] = tracker.diff()
+            times.append(time.monotonic() - t)
+        return deltas, times
 
     async def _wait_migrated(self) -> None:
         while True:

@@ -85,6 +85,19 @@ class LabPool:
             time.sleep(0.1)
         raise ScenarioError(f"VM {name} not running within {timeout:g}s")
 
+    def set_checkpointing(self, name: str, interval_ms: int, on_output: bool) -> None:
+        """A level 3 VM's checkpoint interval and trigger (the agent follows within seconds)."""
+        async def change(store: PoolStore) -> bool:
+            from dataclasses import replace
+            got = await store.spec(name)
+            if got is None:
+                return False
+            spec, rev = got
+            return await store.update_spec(replace(spec, checkpoint_ms=interval_ms,
+                                                   checkpoint_on_output=on_output), rev)
+        if not self._run(change):
+            raise ScenarioError(f"could not change the checkpointing of {name}")
+
     def stop_and_remove(self, name: str, timeout: float = 30) -> None:
         async def stop(store: PoolStore) -> None:
             from dataclasses import replace
@@ -539,3 +552,32 @@ def level3_story(pool: LabPool, image: GuestImage, name: str = "trade", index: i
     pool.wait_for("level 3 protection again", l3_protected(name), 120)
     return Level3Story(result, round(time.monotonic() - t0, 1), "web",
                        _gap_around(web_acks, result.failed_at), web_connects)
+
+
+def closed_loop(ip: str, connections: int, seconds: float) -> dict[str, float]:
+    """`connections` clients, each writing a ledger record and waiting for the reply, again
+    and again, for `seconds` (from the client namespace). Requests/s and latency percentiles."""
+    code = (
+        "import json,socket,sys,threading,time\n"
+        "ip,n,secs=sys.argv[1],int(sys.argv[2]),float(sys.argv[3]); lat=[]; lock=threading.Lock()\n"
+        "socks=[socket.create_connection((ip,7000),timeout=60) for _ in range(n)]\n"
+        "end=time.perf_counter()+secs\n"
+        "def run(i,s):\n"
+        " f=s.makefile('rw'); k=0\n"
+        " while time.perf_counter()<end:\n"
+        "  t=time.perf_counter(); f.write('W cl-%d-%d\\n'%(i,k)); f.flush(); r=f.readline(); k+=1\n"
+        "  assert r.startswith('OK'), r\n"
+        "  with lock: lat.append(time.perf_counter()-t)\n"
+        "ts=[threading.Thread(target=run,args=(i,s)) for i,s in enumerate(socks)]\n"
+        "t0=time.perf_counter()\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print(json.dumps({'n':len(lat),'wall':time.perf_counter()-t0,'lat':sorted(lat)}))")
+    proc = subprocess.run(["ip", "netns", "exec", topo.CLIENT_NS, sys.executable, "-c", code, ip,
+                           str(connections), str(seconds)], capture_output=True, text=True, timeout=seconds + 120)
+    if proc.returncode != 0:
+        raise ScenarioError(f"closed-loop run failed: {proc.stderr.strip()[-300:]}")
+    d = json.loads(proc.stdout)
+    lat = d["lat"] or [0.0]
+    return {"connections": connections, "requests_per_s": round(d["n"] / d["wall"], 1),
+            "p50_ms": round(lat[len(lat) // 2] * 1000, 1), "p99_ms": round(lat[min(len(lat) - 1,
+                                                                                 int(0.99 * len(lat)))] * 1000, 1)}
