@@ -143,3 +143,51 @@ async def test_trim_keeps_the_newest_events(store: PoolStore, monkeypatch) -> No
         await store.add_event(Event(2000.0 + i, "h1", "web", "kind", f"e{i}"))
     assert await store.trim_events() == 2
     assert [e.message for e in (await store.events())[0]] == ["e2", "e3", "e4"]
+
+
+async def _level3_pair(store: PoolStore) -> tuple[int, int, int]:
+    """A level 3 VM owned by h1 (both leases live) whose replica on h2 is current."""
+    from ftvm.core.replication import CopyState, mark, new_copies
+    spec = replace(vm("l3"), level=Level.SYSTEM, disks=(DiskSpec(size=1 << 20),))
+    await store.define_vm(spec)
+    l1, l2 = await live_host(store, "h1"), await live_host(store, "h2")
+    token = await store.claim("l3", "h1", l1, None, new_copies("h1", "h2", 0.0))
+    assert token is not None
+    seen = await store.get_copies("l3")
+    assert seen is not None
+    assert await store.set_copies("l3", token, seen, mark(seen, "h2", CopyState.CURRENT, "ack 1", 1.0))
+    return token, l1, l2
+
+
+async def test_level3_takeover_and_partner_lost_race_has_one_winner(store: PoolStore) -> None:
+    """The primary recording 'partner lost' and the partner taking over, both from the same
+    copies record: exactly one wins, whichever order etcd sees them in."""
+    from ftvm.core.replication import CopyState, mark, take_over
+    token, l1, l2 = await _level3_pair(store)
+    seen = await store.get_copies("l3")
+    assert seen is not None
+    lost, took = await asyncio.gather(
+        store.set_copies("l3", token, seen, mark(seen, "h2", CopyState.OUTDATED, "partner lost", 2.0)),
+        store.take_over("l3", token, seen, take_over(seen, "h2", 2.0)))
+    assert (lost is not None) != took
+    snap = await store.snapshot()
+    view = snap.vms["l3"]
+    if took:  # the old owner's ownership ended while its lease lives; its token is dead
+        assert view.owner is None and view.copy_state("h2") is CopyState.CURRENT
+        assert view.copy_state("h1") is CopyState.OUTDATED
+        assert not await store.report_status("l3", VmStatus("h1", RunState.RUNNING, token, 0.0), l1)
+        new = await store.claim("l3", "h2", l2)
+        assert new is not None and new != token
+    else:
+        assert view.owner is not None and view.owner.token == token
+        assert view.copy_state("h2") is CopyState.OUTDATED
+
+
+async def test_level3_takeover_needs_the_owner_it_saw(store: PoolStore) -> None:
+    from ftvm.core.replication import take_over
+    token, _, _ = await _level3_pair(store)
+    seen = await store.get_copies("l3")
+    assert seen is not None
+    assert not await store.take_over("l3", token + 1000, seen, take_over(seen, "h2", 2.0))
+    snap = await store.snapshot()
+    assert snap.vms["l3"].owner is not None and snap.vms["l3"].owner.token == token

@@ -104,6 +104,13 @@ def decode_precopy(payload: bytes) -> tuple[int, Delta]:
 
 
 def decode_checkpoint(payload: bytes) -> Checkpoint:
+    try:
+        return _decode_checkpoint(payload)
+    except (struct.error, ValueError) as e:
+        raise WireError(f"malformed checkpoint message: {e}") from None
+
+
+def _decode_checkpoint(payload: bytes) -> Checkpoint:
     buf = memoryview(payload)
     epoch, nfiles = struct.unpack_from(">QH", buf, 0)
     pos = 10

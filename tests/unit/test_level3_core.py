@@ -1,0 +1,128 @@
+"""Level 3 pure parts: the checkpoint wire format, the epoch figures, protection, decisions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from ftvm.core.decide import Action, decide
+from ftvm.core.model import (CheckpointFigures, Desired, DiskSpec, HostInfo, Level, LocalView, NicSpec, Ownership,
+                             PoolSnapshot, RunState, VmSpec, VmStatus, VmView)
+from ftvm.core.protection import protection
+from ftvm.core.replication import CopyState, mark, new_copies, take_over
+from ftvm.core.validate import check_new_vm
+from ftvm.agent.l3 import is_partner
+from ftvm.l3.pages import PAGE, Delta
+from ftvm.l3.primary import CheckpointStats, EpochRecord
+from ftvm.l3.wire import (Checkpoint, Msg, WireError, decode_checkpoint, decode_precopy, encode_checkpoint,
+                          encode_precopy, read_message)
+
+
+def spec(**kw) -> VmSpec:
+    base = dict(name="trade", level=Level.SYSTEM, memory_mib=256, vcpus=1, disks=(DiskSpec(size=64 << 20),),
+                nics=(NicSpec("52:54:00:00:00:03"),), desired=Desired.RUNNING)
+    return VmSpec(**(base | kw))
+
+
+def delta(pages: list[int], fill: int) -> Delta:
+    return Delta(np.array(pages, dtype=np.int64), bytes([fill]) * (PAGE * len(pages)))
+
+
+def test_checkpoint_round_trips_through_the_stream() -> None:
+    cp = Checkpoint(7, {0: delta([0, 5, 65535], 1), 1: delta([], 0), 2: delta([3], 9)}, b"device-state")
+    async def read_two() -> list[tuple[Msg, bytes]]:
+        reader = asyncio.StreamReader()
+        for part in encode_checkpoint(cp) + encode_precopy(1, delta([2], 4)):
+            reader.feed_data(part)
+        reader.feed_eof()
+        seen: list[int] = []
+        first = await read_message(reader, lambda: seen.append(1))
+        return [first, await read_message(reader)]
+
+    (k1, p1), (k2, p2) = asyncio.run(read_two())
+    assert (k1, k2) == (Msg.CHECKPOINT, Msg.PRECOPY)
+    back = decode_checkpoint(p1)
+    assert back.epoch == 7 and back.device_state == b"device-state"
+    assert {i: list(d.pages) for i, d in back.deltas.items()} == {0: [0, 5, 65535], 1: [], 2: [3]}
+    assert back.deltas[2].data == bytes([9]) * PAGE
+    index, d = decode_precopy(p2)
+    assert index == 1 and list(d.pages) == [2] and d.data == bytes([4]) * PAGE
+
+
+def test_a_truncated_checkpoint_is_never_decoded() -> None:
+    payload = b"".join(encode_checkpoint(Checkpoint(1, {0: delta([1, 2], 1)}, b"state"))[1:])
+    with pytest.raises(WireError):
+        decode_checkpoint(payload[:-3])
+
+    async def read_torn() -> None:
+        reader = asyncio.StreamReader()
+        parts = encode_checkpoint(Checkpoint(1, {0: delta([1], 1)}, b"s"))
+        reader.feed_data(b"".join(parts)[:-100])  # the primary died mid-message
+        reader.feed_eof()
+        await read_message(reader)
+
+    with pytest.raises(asyncio.IncompleteReadError):
+        asyncio.run(read_torn())
+
+
+def test_epoch_window_breaks_the_pause_down_and_counts_run_time() -> None:
+    stats = CheckpointStats()
+    for i in range(10):  # one 40 ms pause every 100 ms, ending at t = 100.1 .. 101.0
+        stats.records.append(EpochRecord(end=100.1 + i * 0.1, pause=0.04, stop=0.002, ram_diff=0.02,
+                                         disk_diff=0.005, device_state=0.03, cont=0.002, dirty_pages=10 * i,
+                                         disk_pages=1, nbytes=1000))
+    w = stats.window(10, now=101.0)
+    assert w["epochs"] == 10 and w["pause_p50_ms"] == 40 and w["ram_diff_p50_ms"] == 20
+    assert w["per_s"] == pytest.approx(10 / 0.94, rel=0.01)
+    assert w["running_fraction"] == pytest.approx(1 - 0.4 / 0.94, abs=0.01)
+    assert stats.window(0.25, now=101.0)["epochs"] == 3
+    assert stats.window(1, now=200.0) == {"epochs": 0}
+
+
+def test_level3_protection_needs_a_current_replica_and_a_working_engine() -> None:
+    copies = mark(new_copies("h1", "h2", 0.0), "h2", CopyState.CURRENT, "checkpoint 1 acknowledged", 1.0)
+    running = VmStatus("h1", RunState.RUNNING, 7, 0.0)
+
+    def prot(figures: CheckpointFigures | None, live: tuple[str, ...] = ("h1", "h2"), c=copies) -> str:
+        v = VmView(spec(), owner=Ownership("h1", 7), status=running, home="h1", copies=c, checkpoints=figures)
+        return str(protection(PoolSnapshot(1, {h: HostInfo(h, 1024, 4) for h in live}, {"trade": v}), v))
+
+    good = CheckpointFigures("h2", "protected", per_s=9.5, pause_p50_ms=30)
+    assert prot(good) == "Protected"
+    v = VmView(spec(), owner=Ownership("h1", 7), status=running, home="h1", copies=copies, checkpoints=good)
+    p = protection(PoolSnapshot(1, {h: HostInfo(h, 1024, 4) for h in ("h1", "h2")}, {"trade": v}), v)
+    assert p.protected and "every 100 ms" in p.reason
+    assert "partner h2 is down" in prot(good, live=("h1",))
+    assert "not started" in prot(None)
+    assert "first copy" in prot(CheckpointFigures("h2", "syncing", sync_done=0.4))
+    lost = CheckpointFigures("h2", "unprotected", reason="replica on h2 lost: partner silent for 0.31s")
+    assert "partner silent" in prot(lost, c=mark(copies, "h2", CopyState.OUTDATED, "partner lost", 2.0))
+
+
+def test_partner_duty_and_takeover_rules() -> None:
+    copies = mark(new_copies("h1", "h2", 0.0), "h2", CopyState.CURRENT, "ok", 1.0)
+    v = VmView(spec(), owner=Ownership("h1", 7), home="h1", copies=copies)
+    snap = PoolSnapshot(1, {h: HostInfo(h, 1024, 4) for h in ("h1", "h2", "h3")}, {"trade": v})
+    assert is_partner(snap, "h2", "trade") and not is_partner(snap, "h1", "trade")
+    assert not is_partner(snap, "h3", "trade")  # holds no copy
+    after = take_over(copies, "h2", 5.0)
+    assert after.copies["h2"].state is CopyState.CURRENT
+    assert after.copies["h1"].state is CopyState.OUTDATED and after.copies["h1"].full
+    # after the takeover, with the owner gone, only h2 may claim; h1 (back, outdated) waits
+    gone = PoolSnapshot(2, snap.hosts, {"trade": VmView(spec(), home="h1", copies=after)})
+    acts = {h: decide(gone, LocalView(h)).decisions[0].action for h in ("h1", "h2", "h3")}
+    assert acts == {"h1": Action.WAIT, "h2": Action.CLAIM, "h3": Action.WAIT}
+
+
+def test_level3_validation() -> None:
+    hosts = PoolSnapshot(1, {h: HostInfo(h, 4096, 4) for h in ("h1", "h2")}, {})
+    ok = lambda p: True  # noqa: E731
+    assert check_new_vm(spec(), hosts, ok) is None
+    assert "checkpoint interval" in (check_new_vm(spec(checkpoint_ms=5), hosts, ok) or "")
+    assert "NIC" in (check_new_vm(spec(nics=()), hosts, ok) or "")
+    assert "4096" in (check_new_vm(spec(disks=(DiskSpec(size=(64 << 20) + 512),)), hosts, ok) or "")
+    assert "--disk-size" in (check_new_vm(spec(disks=(DiskSpec(path="/x.img", size=1 << 20),)), hosts, ok) or "")
+    one = PoolSnapshot(1, {"h1": HostInfo("h1", 4096, 4)}, {})
+    assert "partner" in (check_new_vm(spec(), one, ok) or "")
