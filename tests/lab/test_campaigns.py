@@ -55,3 +55,28 @@ def test_repeated_level2_failover_back_and_forth(lab: labmod.LabState, guest_ima
         for h in list(lab.failed):
             labmod.restore_host(lab, h)
         pool.stop_and_remove("camp2")
+
+
+def test_repeated_level3_failover_back_and_forth(lab: labmod.LabState, guest_image) -> None:
+    """One level 3 VM, ten primary power losses alternating between the hosts, protection
+    rebuilt between: the client's one connection survives every one, no gap or repeat in
+    the acknowledged sequence, every record on the disk, the guest healthy for 60 s after each."""
+    from ftvm.lab.scenario import l3_protected, level3_failover
+    pool = LabPool(lab)
+    spec = pool.define_ledger_vm("camp3", 7, Level.SYSTEM, guest_image, host="h1")
+    try:
+        results = []
+        for _ in range(10):
+            r = level3_failover(pool, spec, healthy_s=60)
+            results.append(r)
+            labmod.restore_host(lab, r.failed_host)
+            pool.wait_for("protected again", l3_protected("camp3"), 120)
+        assert all(r.connection_kept for r in results), [r.connections for r in results]
+        assert [(r.lost, r.seq_gaps, r.seq_repeats) for r in results] == [(0, 0, 0)] * 10
+        assert [r.guest_problems for r in results] == [[]] * 10
+        assert max(r.max_copies for r in results) == 1
+        assert [r.failed_host for r in results] == ["h1", "h2"] * 5
+    finally:
+        for h in list(lab.failed):
+            labmod.restore_host(lab, h)
+        pool.stop_and_remove("camp3")

@@ -43,7 +43,7 @@ def test_down_cleans_up_after_a_crash_without_state(tmp_path: Path, guest_image)
     assert not lab_dir.exists()
 
 
-@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("level", [1, 2, 3])
 def test_demo_prints_summary_as_json(tmp_path: Path, level: int) -> None:
     if labmod.existing_namespaces():
         pytest.fail("a lab is already up")
@@ -54,12 +54,19 @@ def test_demo_prints_summary_as_json(tmp_path: Path, level: int) -> None:
     summary = json.loads(r.stdout)
     assert summary["level"] == level
     assert summary["lost"] == 0
+    assert summary["max_copies"] == 1
+    assert _leftovers() == {"namespaces": [], "mgmt": False}  # the demo tore its lab down
+    if level == 3:  # carried on: one connection, a pause, the Level 1 VM beside it rebooted
+        assert summary["connection_kept"] is True and summary["connections"] == 1
+        assert summary["acknowledged"] >= 100 and summary["seq_gaps"] == summary["seq_repeats"] == 0
+        assert 0 < summary["pause_s"] < summary["level1_outage_s"]
+        assert summary["level1_connections"] >= 2 and summary["guest_problems"] == []
+        assert summary["reprotect_s"] > 0
+        return
     assert summary["acknowledged"] >= 200
     if level == 2:
         assert summary["disk_failure_stall_s"] < 5  # masked: the guest carried on
         assert summary["resync_bytes"] >= 64 << 20  # the returning old primary: full resync
-    assert summary["max_copies"] == 1
     for key in ("outage_s", "detection_s", "restart_s"):
         assert summary[key] > 0
     assert summary["outage_s"] >= summary["detection_s"]
-    assert _leftovers() == {"namespaces": [], "mgmt": False}  # the demo tore its lab down

@@ -91,3 +91,56 @@ def test_a_link_loss_leaves_the_primary_running_unprotected_then_protection_retu
         for k in (1, 2):
             labmod.set_a_link(lab, "h1", "h2", k, up=True)
         pool.stop_and_remove("l3link")
+
+
+def test_primary_cut_from_quorum_and_partner_stops_and_the_partner_carries_on(
+        lab: labmod.LabState, guest_image) -> None:
+    """h1 loses its quorum link and both A-links at once (it still reaches the LAN): h1
+    cannot record its partner outdated, so its guest stops and releases nothing; h2, which
+    holds quorum, takes over from the last checkpoint. The client's connection survives,
+    nothing acknowledged is lost, and h1's copy is killed before its lease runs out."""
+    from ftvm.lab.observer import find_copies
+    pool = LabPool(lab)
+    pool.define_ledger_vm("l3q", 42, Level.SYSTEM, guest_image, host="h1")
+    ip = topo.vm_addr(42).split("/")[0]
+    client = None
+    cut = False
+    try:
+        pool.wait_running("l3q", 60)
+        pool.wait_answering(ip, 60)
+        pool.wait_for("protected", l3_protected("l3q"), 120)
+        client = LabClient(lab, ip, "l3q", 0.02, reply_timeout=60)
+        client.wait_acks(30, 30)
+        cut_at = time.time()
+        labmod.partition(lab, "h1", "quorum")
+        for k in (1, 2):
+            labmod.set_a_link(lab, "h1", "h2", k, up=False)
+        cut = True
+        assert pool.wait_running("l3q", 30, not_on="h1") == "h2"
+        client.wait_acks(30, 30, after=time.time())
+        deadline = time.monotonic() + lab.timing["lease_ttl"] + 2
+        while any(ns == topo.host_ns("h1") for _, ns in find_copies("l3q")):
+            assert time.monotonic() < deadline, "h1's copy outlived its lease"
+            time.sleep(0.1)
+        acks = client.stop()
+        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert sequence_breaks(acks) == (0, 0)
+        raw, _ = pool.copy_path("l3q", "h2")
+        from ftvm.lab.scenario import check_acked_on_disk
+        assert check_acked_on_disk(raw, acks)[1] == []
+        labmod.heal(lab, "h1", "quorum")
+        for k in (1, 2):
+            labmod.set_a_link(lab, "h1", "h2", k, up=True)
+        cut = False
+        pool.wait_for("protected again, now by h1", l3_protected("l3q"), 120)
+        events = [e for e in pool.events() if e.vm == "l3q" and e.time > cut_at]
+        assert any(e.kind == "takeover" and e.host == "h2" for e in events)
+    finally:
+        if client is not None:
+            client.stop()
+        if cut:
+            labmod.heal(lab, "h1", "quorum")
+            for k in (1, 2):
+                labmod.set_a_link(lab, "h1", "h2", k, up=True)
+        labmod.wait_for_hosts(lab, lab.hosts, 30)
+        pool.stop_and_remove("l3q")

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections import deque
@@ -28,8 +29,8 @@ from typing import Any
 
 from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide, eligible_hosts
 from ..core.model import Export as ExportRecord
-from ..core.model import HostInfo, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec, VmStatus
-from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, claim_copies
+from ..core.model import Desired, HostInfo, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec, VmStatus
+from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, claim_copies, mark
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from ..l3.standby import read_committed
 from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
@@ -340,7 +341,7 @@ class Agent:
             rec.state = RunState.STOPPING
             self.event(d.vm, "stop", d.reason)
             if rec.qemu:
-                asyncio.create_task(rec.qemu.stop(self.cfg.stop_grace))
+                asyncio.create_task(self._stop_vm(rec, rec.qemu))
         elif d.action is Action.EXPORT:
             await self._export(d, snapshot)
         elif d.action is Action.UNEXPORT:
@@ -355,6 +356,12 @@ class Agent:
             if await self.store.release(d.vm, d.token):
                 self.vms.pop(d.vm, None)
                 self.event(d.vm, "release", d.reason)
+
+    async def _stop_vm(self, rec: LocalRecord, qemu: QemuVm) -> None:
+        if rec.l3 is not None:  # the partner must not take over a VM being stopped
+            with suppress(EtcdError):
+                await rec.l3.retire(f"VM stopped on {self.cfg.name}: its own copy is the latest")
+        await qemu.stop(self.cfg.stop_grace)
 
     async def _start(self, d: Decision, snapshot: PoolSnapshot, failures: int) -> None:
         view = snapshot.vms[d.vm]
@@ -443,6 +450,7 @@ class Agent:
         files = self._l3_files(spec)
         if self.l3_partner is not None:
             self.l3_partner.drop(spec.name)
+        copies = await self._outdate_other_copies(spec.name, token, copies)
         committed = read_committed(files)
         files.meta.unlink(missing_ok=True)
         mine = copies.state_of(self.cfg.name) if copies else None
@@ -463,6 +471,28 @@ class Agent:
         await l3.open_relays(self.cfg.bridge)
         blockdevs = [checkpointed_disk_nodes(i, str(p)) for i, p in enumerate(files.disks)]
         return l3, Checkpointed(str(files.ram), incoming=resume), blockdevs
+
+    async def _outdate_other_copies(self, vm: str, token: int, copies: Copies | None) -> Copies | None:
+        """Level 3: before this host's QEMU can send anything, no other copy may still be
+        recorded current (a partner would otherwise take over from a checkpoint older than
+        what this start will make visible). Fails if the partner took over meanwhile."""
+        while copies is not None:
+            others = [h for h, c in copies.copies.items() if h != self.cfg.name and c.state is CopyState.CURRENT]
+            if not others:
+                return copies
+            new = copies
+            for h in others:
+                new = mark(new, h, CopyState.OUTDATED, f"VM (re)started on {self.cfg.name}", time.time(),
+                           full=True)
+            done = await self.store.set_copies(vm, token, copies, new)
+            if done is not None:
+                return done
+            copies = await self.store.get_copies(vm)
+            snap = await self.store.snapshot()
+            view = snap.vms.get(vm)
+            if view is None or view.owner is None or view.owner.token != token:
+                raise StorageDaemonError("ownership lost before the start (the partner took over)")
+        return copies
 
     def _repair_requested(self, vm: str) -> bool:
         view = self.snapshot.vms.get(vm) if self.snapshot else None
@@ -517,8 +547,26 @@ class Agent:
         self.event(d.vm, "export", f"{d.reason} on {daemon.addr}:{daemon.port}"
                                    + (" (new empty copy: needs a full resync)" if fresh else ""))
 
+    def _drop_stale_guest_ram(self, snapshot: PoolSnapshot) -> None:
+        """Level 3 RAM files (tmpfs: real memory) of VMs removed or stopped and not run here."""
+        root = self.cfg.guest_ram_dir
+        if not root.is_dir():
+            return
+        for d in root.iterdir():
+            view = snapshot.vms.get(d.name)
+            rec = self.vms.get(d.name)
+            if rec is not None and rec.state in ACTIVE_STATES:
+                continue
+            if view is None or (view.spec.desired is Desired.STOPPED and view.owner is None):
+                if self.l3_partner is not None:
+                    self.l3_partner.drop(d.name)
+                shutil.rmtree(d, ignore_errors=True)
+                log.info("removed the level 3 RAM file of %s (%s)", d.name,
+                         "VM removed" if view is None else "VM stopped")
+
     def _forget_finished(self, snapshot: PoolSnapshot) -> None:
         """Drop records of VMs no longer running here and owned elsewhere (or by nobody)."""
+        self._drop_stale_guest_ram(snapshot)
         for name, rec in list(self.vms.items()):
             view = snapshot.vms.get(name)
             owned_here = view is not None and view.owner is not None and view.owner.host == self.cfg.name
@@ -566,6 +614,10 @@ class Agent:
                 self._back_off(rec)
             else:
                 rec.failures = 0
+            if rec.l3 is not None and rec.l3.partner_current():
+                # the partner holds the guest's last checkpoint: give it the chance to carry on
+                # with the guest's state before this host reboots the guest from its disk
+                rec.retry_at = max(rec.retry_at, time.monotonic() + self.t.l3_takeover_after + 1.0)
             self.event(rec.name, "exit", why)
         self.wake.set()
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
-from ..core.model import CheckpointFigures, Level, PoolSnapshot, VmSpec
+from ..core.model import CheckpointFigures, Desired, Level, PoolSnapshot, VmSpec
 from ..core.replication import Copies, CopyState, mark, take_over
 from ..core.timing import Timing
 from ..l3.primary import Checkpointer
@@ -182,9 +182,18 @@ class L3Primary:
         """Output stays held until the partner's copy is recorded outdated under our token;
         then it flows unprotected. False if we no longer own the VM."""
         self._set("unprotected", f"replica on {partner} lost: {why}")
-        if not await self._record(partner, CopyState.OUTDATED, f"partner lost: {why}", until_done=True):
-            return False
+        # The partner may be taking over right now: the guest stops executing until this
+        # host's claim to carry on is recorded (one etcd write, ~10 ms, when quorum is there).
+        # Without quorum it stays stopped and the fence guard kills it before the lease ends.
+        assert self.qemu is not None
+        with suppress(Exception):
+            await self.qemu.execute("stop")
+        recorded = await self._record(partner, CopyState.OUTDATED, f"partner lost: {why}", until_done=True)
+        if not recorded:
+            return False  # the partner carries on: this copy is killed, still stopped
         released = cp.unprotect()
+        if not self._closed and self.qemu.alive:
+            await self.qemu.execute("cont")
         self.event(self.spec.name, "unprotected", f"replica on {partner} recorded outdated ({why}); "
                                                   f"running on unprotected, {released} held frames released")
         return True
@@ -263,6 +272,27 @@ class L3Primary:
             self.event(spec.name, "checkpoints", f"checkpoint interval now {spec.checkpoint_ms} ms"
                                                  + (", and on output" if spec.checkpoint_on_output else ""))
 
+    def partner_current(self) -> bool:
+        snap = self.snapshot()
+        view = snap.vms.get(self.spec.name) if snap else None
+        return bool(view and self.partner and view.copy_state(self.partner) is CopyState.CURRENT)
+
+    async def retire(self, why: str) -> None:
+        """A stop was asked: end checkpointing and record the partner's copy outdated (this
+        host's copy becomes the only current one), so the partner never takes over."""
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        if self.checkpointer is not None:
+            await self.checkpointer.close()
+            self.checkpointer = None
+        if self.partner:
+            self._closed = False
+            try:
+                await self._record(self.partner, CopyState.OUTDATED, why)
+            finally:
+                self._closed = True
+
     async def close(self) -> None:
         self._closed = True
         for t in self._tasks:
@@ -336,7 +366,8 @@ class L3Partner:
         view = snap.vms.get(vm)
         mine = view.copies.state_of(self.me) if view and view.copies else None
         if held is None or view is None or view.owner is None or view.owner.host == self.me \
-                or mine is None or mine.state is not CopyState.CURRENT or view.copies is None:
+                or mine is None or mine.state is not CopyState.CURRENT or view.copies is None \
+                or view.spec.desired is not Desired.RUNNING:
             standby.committed = None  # nothing here to take over from; wait for a new session
             standby.thaw()
             return

@@ -85,8 +85,11 @@ def _system(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:
         return Protection(False, f"first copy to {partner} under way ({100 * figures.sync_done:.0f}%)")
     if theirs.state is not CopyState.CURRENT or figures.state != "protected":
         return Protection(False, figures.reason or f"replica on {partner} {theirs.state.value} ({theirs.reason})")
-    return Protection(True, f"checkpointed to {partner} every {view.spec.checkpoint_ms} ms "
-                            f"({figures.per_s:.1f}/s, pause p50 {figures.pause_p50_ms:.0f} ms)")
+    trigger = " and on output" if view.spec.checkpoint_on_output else ""
+    return Protection(True, f"checkpointed to {partner} every {view.spec.checkpoint_ms} ms{trigger} "
+                            f"({figures.per_s:.1f}/s, pause p50 {figures.pause_p50_ms:.0f}/p99 "
+                            f"{figures.pause_p99_ms:.0f} ms, {figures.dirty_pages_p50:.0f} dirty pages, "
+                            f"{figures.link_bytes_per_s / 2**20:.1f} MiB/s)")
 
 
 def _component(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:
