@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import time
 import uuid
 from collections.abc import Callable
@@ -98,10 +99,10 @@ class L3Primary:
 
     async def resume_from_replica(self, qemu: QemuVm) -> None:
         """QEMU was started with `-incoming defer -S` on the replica files: load the last
-        committed device state, run, and tell the LAN where the VM now is."""
+        committed device state and run (the agent then announces the VM's MACs)."""
         await qemu.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True}]})
-        await qemu.execute("migrate-incoming", {"uri": f"exec:cat {self.files.device_state}"})
+        await qemu.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(self.files.device_state))}"})
         deadline = time.monotonic() + 30
         while True:
             info = await qemu.execute("query-migrate")
