@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .cli.common import BAD_INPUT, FAILED, OK, CliError, console, emit_json, is_json
-from .cli.pool_cmds import _hosts_table, _vms_table, status_data
+from .cli.pool_cmds import _hosts_table, _vms_table
+from .views import status_data
 from .guest.build import GuestBuildError, build_guest
 from .lab import lab as labmod
 from .lab.client import read_log

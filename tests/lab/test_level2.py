@@ -226,7 +226,7 @@ def test_outdated_replica_is_never_promoted_without_the_flag(l2vm, lab: labmod.L
     time.sleep(3)  # several ticks of h2's agent
     snap = pool.snapshot()
     assert snap.vms[name].owner is None, "an outdated copy was promoted"
-    from ftvm.cli.pool_cmds import vm_row
+    from ftvm.views import vm_row
     row = vm_row(snap, snap.vms[name])
     assert "copy on h2 is outdated" in row["detail"] and "--accept-data-loss" in row["detail"]
     r = subprocess.run([sys.executable, "-m", "ftvm", "vm", "start", name, "--lab-dir", lab.dir],

@@ -40,6 +40,7 @@ from ..qemu.storage_daemon import StorageDaemon, StorageDaemonError, ensure_imag
 from ..store.etcd import EtcdClient, EtcdError
 from ..store.pool import MAX_EVENTS, Event, PoolStore
 from .config import AgentConfig
+from ..api.metrics import AgentCounters, AgentHealth
 from .fence import FenceGuard
 from .l3 import L3Partner, L3Primary, replica_paths
 from .replica import ReplicaManager
@@ -90,6 +91,8 @@ class Agent:
         self.snapshot: PoolSnapshot | None = None
         self.exports: dict[str, StorageDaemon] = {}  # level 2 copies this host serves
         self.l3_partner: L3Partner | None = None       # level 3 standbys this host keeps
+        self.counters = AgentCounters()
+        self._api: Any = None                           # the REST API + /metrics runner
         self._pending_events: deque[Event] = deque(maxlen=1000)
         self._quorum_ok = True
         self._next_trim = 0.0
@@ -145,6 +148,7 @@ class Agent:
         await self._join()
         self.guard.start()
         await self._start_l3_partner()
+        await self._start_api()
         self.event("", "agent", f"agent up (lease {self.lease:x}, ttl {self.lease_ttl}s, "
                                 f"accel {self.accel.accel})")
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -157,6 +161,22 @@ class Agent:
             for t in tasks:
                 t.cancel()
             await self._shutdown()
+
+    async def _start_api(self) -> None:
+        if self.cfg.api_listen is None:
+            return
+        from ..api.server import ApiContext, make_app, serve
+        addr, port = self.cfg.api_listen
+        ctx = ApiContext(store=self.store, pool=self.cfg.pool, endpoints=list(self.cfg.etcd),
+                         token=self.cfg.api_token, snapshot=self.store.snapshot, health=self._health,
+                         counters=self.counters)
+        try:
+            self._api = await serve(make_app(ctx), addr, port)
+        except OSError as e:
+            self.event("", "error", f"cannot serve the API on {addr}:{port}: {e}")
+
+    def _health(self) -> AgentHealth:
+        return AgentHealth(self.cfg.name, self._quorum_ok, float(self.lease_ttl), self.guard.remaining())
 
     async def _start_l3_partner(self) -> None:
         if not (self.cfg.replication_addr and self.cfg.local_storage):
@@ -192,6 +212,8 @@ class Agent:
         self.guard.close()
         if self.l3_partner is not None:
             await self.l3_partner.close()
+        if self._api is not None:
+            await self._api.cleanup()
         try:
             await self._flush_events()
             await self.etcd.lease_revoke(self.lease)
@@ -233,6 +255,7 @@ class Agent:
 
     def _record_fence(self, names: list[str], at: float) -> None:
         for name in names:
+            self.counters.fences += 1
             rec = self.vms.get(name)
             if rec is not None:
                 rec.detail = "self-fenced"
@@ -438,6 +461,8 @@ class Agent:
             log.warning("%s: announce-self failed: %s", d.vm, e)
         rec.state, rec.detail, rec.since = RunState.RUNNING, f"pid {qemu.pid}, {self.accel.accel}", time.time()
         how = " resumed from the replica's last checkpoint (guest carries on)" if resume else " started"
+        if resume or d.reason.startswith("taking over"):
+            self.counters.failovers[d.vm] = self.counters.failovers.get(d.vm, 0) + 1
         self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid}{how} (token {token})")
 
     async def _prepare_l3(self, spec: VmSpec, copies: Copies | None, token: int,
@@ -466,8 +491,10 @@ class Agent:
             files.ram.unlink(missing_ok=True)  # a cold boot starts from fresh RAM
         files.ram.parent.mkdir(parents=True, exist_ok=True)
         paths.run_dir.mkdir(parents=True, exist_ok=True)
+        def count(n: int, vm: str = spec.name) -> None:
+            self.counters.checkpoints[vm] = self.counters.checkpoints.get(vm, 0) + n
         l3 = L3Primary(spec, token, self.cfg.name, paths, files, self.store, lambda: self.lease,
-                       lambda: self.snapshot, self.event, self.t, self.cfg.checkpoint_port)
+                       lambda: self.snapshot, self.event, self.t, self.cfg.checkpoint_port, count)
         await l3.open_relays(self.cfg.bridge)
         blockdevs = [checkpointed_disk_nodes(i, str(p)) for i, p in enumerate(files.disks)]
         return l3, Checkpointed(str(files.ram), incoming=resume), blockdevs

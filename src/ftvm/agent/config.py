@@ -35,6 +35,8 @@ class AgentConfig:
     a_links: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (peer host, its A-link interfaces here)
     ram_dir: Path | None = None         # level 3 guest RAM files (default /dev/shm/ftvm/<name>)
     checkpoint_port: int = 7410         # level 3 checkpoint stream, on replication_addr
+    api_listen: tuple[str, int] | None = None  # REST API + /metrics ("addr:port"); off if unset
+    api_token: str = ""                 # read from api_token_file
     timing: Timing = Timing()
 
     @property
@@ -44,7 +46,8 @@ class AgentConfig:
 
 _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
           "shared_storage", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
-          "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port"}
+          "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port",
+          "api_listen", "api_token_file"}
 
 
 def parse_config(data: dict[str, Any]) -> AgentConfig:
@@ -87,6 +90,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
     port = data.get("checkpoint_port", 7410)
     if not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError("checkpoint_port must be a TCP port number")
+    api_listen, api_token = _api_settings(data)
     a_links = data.get("a_links", {})
     if not isinstance(a_links, dict) or not all(
             isinstance(v, list) and all(isinstance(i, str) for i in v) for v in a_links.values()):
@@ -101,7 +105,27 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         replication_addr=data.get("replication_addr", ""), debug_qmp=bool(data.get("debug_qmp", False)),
         a_links=tuple((peer, tuple(ifs)) for peer, ifs in sorted(a_links.items())),
         ram_dir=Path(ram_dir) if ram_dir else None, checkpoint_port=port,
+        api_listen=api_listen, api_token=api_token,
     )
+
+
+def _api_settings(data: dict[str, Any]) -> tuple[tuple[str, int] | None, str]:
+    listen = data.get("api_listen")
+    if listen is None:
+        return None, ""
+    addr, _, port = str(listen).rpartition(":")
+    if not addr or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"api_listen {listen!r} must be ADDRESS:PORT, e.g. 10.0.0.1:7400")
+    token_file = data.get("api_token_file")
+    if not token_file:
+        raise ConfigError("api_listen needs api_token_file (a file holding the pool's API token)")
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read api_token_file {token_file}: {e.strerror}") from None
+    if len(token) < 16:
+        raise ConfigError(f"the API token in {token_file} is too short (at least 16 characters)")
+    return (addr.strip("[]"), int(port)), token
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -72,8 +72,12 @@ class _OwnershipLost(Exception):
 class L3Primary:
     def __init__(self, spec: VmSpec, token: int, me: str, paths: VmPaths, files: ReplicaPaths,
                  store: PoolStore, lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
-                 event: EventFn, timing: Timing, port: int) -> None:
+                 event: EventFn, timing: Timing, port: int,
+                 count_checkpoints: Callable[[int], None] = lambda n: None) -> None:
         self.spec, self.token, self.me = spec, token, me
+        self.count_checkpoints = count_checkpoints  # metrics: checkpoints taken (a counter)
+        self._counted = 0  # checkpoints counted (metrics) of the session `_counted_in`
+        self._counted_in: Checkpointer | None = None
         self.paths, self.files = paths, files
         self.store, self.lease, self.snapshot, self.event = store, lease, snapshot, event
         self.timing, self.port = timing, port
@@ -251,6 +255,12 @@ class L3Primary:
         last: CheckpointFigures | None = None
         while not self._closed:
             self._follow_spec()
+            cp = self.checkpointer
+            if cp is not None:
+                if cp is not self._counted_in:  # a new session counts from 0
+                    self._counted_in, self._counted = cp, 0
+                self.count_checkpoints(cp.stats.epochs - self._counted)
+                self._counted = cp.stats.epochs
             fig = self.figures()
             if fig != last:
                 with suppress(EtcdError):

@@ -16,22 +16,14 @@ from ..store.etcd import EtcdClient, EtcdError, EtcdUnavailable
 from ..store.pool import PoolStore
 
 # Stable exit codes (documented in the README).
-OK = 0
-FAILED = 1        # the operation was tried and did not succeed
-BAD_INPUT = 2     # usage error, invalid value, missing file; nothing changed
-NOT_FOUND = 3     # unknown VM or host
-REFUSED = 4       # refused as unsafe or conflicting; nothing changed
-NO_QUORUM = 5     # the quorum service (etcd) cannot be reached
+from ..errors import BAD_INPUT, FAILED, NO_QUORUM, NOT_FOUND, OK, REFUSED, FtvmError  # noqa: F401
 
 T = TypeVar("T")
 console = Console()
 err_console = Console(stderr=True)
 
 
-class CliError(Exception):
-    def __init__(self, message: str, code: int = FAILED) -> None:
-        super().__init__(message)
-        self.code = code
+CliError = FtvmError  # the CLI's errors are the shared ones: exit code = outcome code
 
 
 def emit_json(obj: Any) -> None:

@@ -12,56 +12,16 @@ from typing import Any
 from rich.table import Table
 
 from ..core.decide import choose_host
-from ..core.model import (BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec,
-                          VmView)
-from ..core.protection import protection, replica_text
+from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec, VmView
+from .. import ops
+from ..views import host_rows, status_data, vm_row
 from ..core.validate import check_mac, check_new_vm
 from ..store.pool import Event, PoolStore
-from .common import (BAD_INPUT, NOT_FOUND, OK, REFUSED, CliError, console, emit_json, endpoints,
+from .common import (BAD_INPUT, OK, REFUSED, CliError, console, emit_json, endpoints,
                      is_json, with_store)
 
 
 # --- status --------------------------------------------------------------------------
-
-def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
-    st = view.status
-    prot = protection(snap, view)
-    where = view.owner.host if view.owner else None
-    if st is not None:
-        state = st.state.value
-    elif view.spec.desired is Desired.RUNNING:
-        state = "pending"
-    else:
-        state = "stopped"
-    waiting = None
-    if view.owner is None and view.spec.desired is Desired.RUNNING:
-        waiting = choose_host(snap, view)[1]
-    here = where or view.home
-    partner = view.copies.partner_of(here) if view.copies and here else None
-    return {"name": view.spec.name, "level": int(view.spec.level), "host": where, "state": state,
-            "partner": partner, "replica": replica_text(view),
-            "copies": view.copies.to_json() if view.copies else None,
-            "sync": view.sync.__dict__ if view.sync else None,
-            "checkpoints": view.checkpoints.__dict__ if view.checkpoints else None,
-            "desired": view.spec.desired.value, "protected": prot.protected,
-            "protection": str(prot), "detail": (st.detail if st else waiting) or "",
-            "memory_mib": view.spec.memory_mib, "vcpus": view.spec.vcpus,
-            "macs": [n.mac for n in view.spec.nics], "home": view.home}
-
-
-def host_rows(snap: PoolSnapshot) -> list[dict[str, Any]]:
-    return [{"name": h.name, "state": "up", "memory_mib": h.memory_mib,
-             "memory_used_mib": snap.used_memory(h.name), "vcpus": h.vcpus,
-             "vcpus_used": snap.used_vcpus(h.name), "shared_storage": list(h.shared_storage),
-             "vms": sorted(v.spec.name for v in snap.vms.values() if v.owner and v.owner.host == h.name)}
-            for h in sorted(snap.hosts.values(), key=lambda h: h.name)]
-
-
-def status_data(snap: PoolSnapshot, urls: list[str], pool: str) -> dict[str, Any]:
-    return {"pool": pool, "quorum": {"reachable": True, "endpoints": urls, "revision": snap.revision},
-            "hosts": host_rows(snap),
-            "vms": [vm_row(snap, snap.vms[n]) for n in sorted(snap.vms)]}
-
 
 def cmd_status(args: Any) -> int:
     urls, pool = endpoints(args)
@@ -191,23 +151,8 @@ def cmd_vm_set(args: Any) -> int:
 
 def _set_checkpointing(args: Any) -> int:
     """A level 3 VM's checkpoint interval/trigger; a running VM follows within seconds."""
-    async def change(store: PoolStore) -> VmSpec:
-        snap, view = await _get_view(store, args.name)
-        got = await store.spec(args.name)
-        assert got is not None
-        spec, rev = got
-        if spec.level is not Level.SYSTEM:
-            raise CliError(f"VM {args.name} is level {int(spec.level)}: checkpointing is for level 3", BAD_INPUT)
-        new = replace(spec, checkpoint_ms=spec.checkpoint_ms if args.checkpoint_ms is None else args.checkpoint_ms,
-                      checkpoint_on_output=spec.checkpoint_on_output if args.checkpoint_on_output is None
-                      else args.checkpoint_on_output == "on")
-        if not 20 <= new.checkpoint_ms <= 10_000:
-            raise CliError(f"checkpoint interval {new.checkpoint_ms} ms must be between 20 and 10000", BAD_INPUT)
-        if not await store.update_spec(new, rev):
-            raise CliError(f"VM {args.name} changed meanwhile; nothing changed", REFUSED)
-        return new
-
-    new = with_store(args, change)
+    on_output = None if args.checkpoint_on_output is None else args.checkpoint_on_output == "on"
+    new = with_store(args, lambda store: ops.set_checkpointing(store, args.name, args.checkpoint_ms, on_output))
     if is_json(args):
         emit_json({"vm": args.name, "checkpoint_ms": new.checkpoint_ms,
                    "checkpoint_on_output": new.checkpoint_on_output})
@@ -255,15 +200,7 @@ def spec_from_args(args: Any) -> VmSpec:
 def cmd_vm_add(args: Any) -> int:
     spec = spec_from_args(args)
 
-    async def add(store: PoolStore) -> None:
-        snap = await store.snapshot()
-        problem = check_new_vm(spec, snap, os.path.isfile)
-        if problem:
-            raise CliError(problem, REFUSED if "already" in problem else BAD_INPUT)
-        if not await store.define_vm(spec):
-            raise CliError(f"VM {spec.name} already exists", REFUSED)
-
-    with_store(args, add)
+    with_store(args, lambda store: ops.define(store, spec))
     if is_json(args):
         emit_json({"added": spec.to_json()})
     else:
@@ -273,26 +210,11 @@ def cmd_vm_add(args: Any) -> int:
     return OK
 
 
-async def _get_view(store: PoolStore, name: str) -> tuple[PoolSnapshot, VmView]:
-    snap = await store.snapshot()
-    if name not in snap.vms:
-        raise CliError(f"unknown VM {name!r}", NOT_FOUND)
-    return snap, snap.vms[name]
+_get_view = ops.get_view
 
 
 def _set_desired(args: Any, desired: Desired) -> int:
-    async def change(store: PoolStore) -> bool:
-        while True:
-            await _get_view(store, args.name)
-            spec, rev = await store.spec(args.name) or (None, 0)
-            if spec is None:
-                raise CliError(f"unknown VM {args.name!r}", NOT_FOUND)
-            if spec.desired is desired:
-                return False
-            if await store.update_spec(replace(spec, desired=desired), rev):
-                return True
-
-    changed = with_store(args, change)
+    changed = with_store(args, lambda store: ops.set_desired(store, args.name, desired))
     if not is_json(args):
         console.print(f"VM {args.name}: desired state {desired.value}" + ("" if changed else " (unchanged)"))
         if desired is Desired.RUNNING:
@@ -399,16 +321,7 @@ def cmd_vm_stop(args: Any) -> int:
 
 
 def cmd_vm_remove(args: Any) -> int:
-    async def remove(store: PoolStore) -> None:
-        _, view = await _get_view(store, args.name)
-        if view.owner is not None or view.spec.desired is Desired.RUNNING:
-            raise CliError(f"VM {args.name} is not stopped: run `ftvm vm stop {args.name} --wait` first",
-                           REFUSED)
-        got = await store.spec(args.name)
-        if got is None or not await store.remove_vm(args.name, got[1]):
-            raise CliError(f"VM {args.name} changed while being removed; nothing removed", REFUSED)
-
-    with_store(args, remove)
+    with_store(args, lambda store: ops.remove(store, args.name))
     if is_json(args):
         emit_json({"removed": args.name})
     else:

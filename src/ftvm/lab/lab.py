@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import secrets
 import signal
 import subprocess
 import sys
@@ -94,6 +95,15 @@ class LabState:
     def shared_dir(self) -> Path:
         return Path(self.dir) / "shared"
 
+    @property
+    def api_token_file(self) -> Path:
+        """The pool's API token (made at `lab up`, readable by root only)."""
+        return Path(self.dir) / "api-token"
+
+    def api_url(self, host: str) -> str:
+        """A host agent's REST API, reached from the root namespace over the management link."""
+        return f"http://{topo.host_quorum_addr(host).split('/')[0]}:{topo.API_PORT}"
+
     def host_dir(self, host: str) -> Path:
         return Path(self.dir) / host
 
@@ -151,6 +161,10 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
     try:
         _build_network(hosts)
         state.shared_dir.mkdir(exist_ok=True)
+        if not state.api_token_file.exists():
+            fd = os.open(state.api_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(24) + "\n")
         _start_etcd(state)
         for h in hosts:
             _write_host_config(state, h, probe_kernel)
@@ -264,6 +278,8 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None) -> 
         # the hosts' storage differs on purpose: level 2 copies are raw on odd hosts, qcow2 on even
         f'local_format = "{"raw" if topo.host_index(host) % 2 else "qcow2"}"',
         f'replication_addr = "{topo.replication_addr(host)}"', "debug_qmp = true",
+        f'api_listen = "{topo.host_quorum_addr(host).split("/")[0]}:{topo.API_PORT}"',
+        f'api_token_file = "{state.api_token_file}"',
     ]
     peers: dict[str, list[str]] = {}
     for link in topo.a_links(state.hosts):

@@ -24,6 +24,7 @@ MGMT_IF = "ftvm-mgmt"          # root-namespace end of the management link
 MGMT_ADDR = "10.77.1.254/24"
 ETCD_ADDR = "10.77.1.1"
 ETCD_PORT = 2379
+API_PORT = 7400                # each agent's REST API and /metrics, on its quorum-side address
 CLIENT_ADDR = "10.77.0.2/24"
 VM_SUBNET_FIRST = 100          # demo VMs get 10.77.0.100 and up
 A_LINKS_PER_PAIR = 2

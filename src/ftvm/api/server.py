@@ -1,0 +1,252 @@
+"""The agent's HTTP service: the REST API (`/api/v1`, described in `openapi.json`) and the
+Prometheus endpoint (`/metrics`).
+
+Every request needs `Authorization: Bearer <token>` (the pool's API token, from the
+file named by `api_token_file`); without it the answer is 401 and nothing changes.
+Mutating requests answer 202 with a job (`/api/v1/jobs/<id>`) whose state and
+progress can be followed: the change is recorded in the store at once, the job then
+follows the agents acting on it. Errors are JSON `{"error", "code"}` with the same
+outcome codes as the CLI's exit codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from .. import ops
+from ..core.model import Desired, PoolSnapshot, RunState, VmSpec
+from ..errors import BAD_INPUT, HTTP_STATUS, NO_QUORUM, NOT_FOUND, FtvmError
+from ..store.etcd import EtcdError, EtcdUnavailable
+from ..store.pool import PoolStore
+from ..views import host_rows, status_data, vm_row
+from . import metrics
+
+JOB_TIMEOUT_S = 300.0
+KEEP_JOBS = 500
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    vm: str
+    state: str = "running"      # running | succeeded | failed
+    progress: str = "accepted"
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Jobs:
+    """This agent's jobs (in memory: a job id is valid on the agent that accepted it)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+
+    def start(self, kind: str, vm: str, work: Callable[[Job], Awaitable[None]]) -> Job:
+        job = Job(uuid.uuid4().hex[:12], kind, vm)
+        self.jobs[job.id] = job
+        while len(self.jobs) > KEEP_JOBS:
+            self.jobs.pop(next(iter(self.jobs)))
+
+        async def run() -> None:
+            try:
+                await asyncio.wait_for(work(job), JOB_TIMEOUT_S)
+                job.state = "succeeded"
+            except TimeoutError:
+                job.state, job.error = "failed", f"not done within {JOB_TIMEOUT_S:g}s"
+            except (FtvmError, EtcdError) as e:
+                job.state, job.error = "failed", str(e)
+            job.finished = time.time()
+        asyncio.create_task(run(), name=f"job-{job.id}")
+        return job
+
+
+@dataclass
+class ApiContext:
+    """What the service needs from its agent."""
+
+    store: PoolStore
+    pool: str
+    endpoints: list[str]
+    token: str
+    snapshot: Callable[[], Awaitable[PoolSnapshot]]
+    health: Callable[[], metrics.AgentHealth]
+    counters: metrics.AgentCounters
+
+
+def _error(message: str, code: int) -> web.Response:
+    return web.json_response({"error": message, "code": code}, status=HTTP_STATUS.get(code, 500))
+
+
+def make_app(ctx: ApiContext) -> web.Application:
+    jobs = Jobs()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "")
+        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), ctx.token.encode()):
+            return web.json_response({"error": "missing or wrong API token", "code": 401}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="ftvm"'})
+        try:
+            return await handler(request)
+        except FtvmError as e:
+            return _error(str(e), e.code)
+        except EtcdUnavailable as e:
+            return _error(f"quorum service unreachable: {e}", NO_QUORUM)
+        except EtcdError as e:
+            return _error(f"quorum service error: {e}", 1)
+
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(status_data(await ctx.snapshot(), ctx.endpoints, ctx.pool))
+
+    async def vms(_: web.Request) -> web.Response:
+        snap = await ctx.snapshot()
+        return web.json_response([vm_row(snap, snap.vms[n]) for n in sorted(snap.vms)])
+
+    async def vm(request: web.Request) -> web.Response:
+        snap, view = await ops.get_view(ctx.store, request.match_info["name"])
+        return web.json_response(vm_row(snap, view) | {
+            "spec": view.spec.to_json(), "status": view.status.to_json() if view.status else None,
+            "checkpoints": view.checkpoints.__dict__ if view.checkpoints else None,
+            "fencing_token": view.owner.token if view.owner else None})
+
+    async def hosts(_: web.Request) -> web.Response:
+        return web.json_response(host_rows(await ctx.snapshot()))
+
+    async def events(request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "100"))
+            since = int(request.query.get("since_revision", "0"))
+        except ValueError:
+            raise FtvmError("limit and since_revision must be integers", BAD_INPUT) from None
+        evs, rev = await ctx.store.events(limit=max(1, min(limit, 10_000)), since_revision=since)
+        return web.json_response({"revision": rev, "events": [e.__dict__ for e in evs]})
+
+    async def get_metrics(_: web.Request) -> web.Response:
+        text = metrics.render(await ctx.snapshot(), ctx.health(), ctx.counters)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def openapi(_: web.Request) -> web.Response:
+        text = resources.files("ftvm.api").joinpath("openapi.json").read_text()
+        return web.json_response(json.loads(text))
+
+    def accepted(job: Job) -> web.Response:
+        return web.json_response(job.to_json(), status=202, headers={"Location": f"/api/v1/jobs/{job.id}"})
+
+    async def add_vm(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            spec = VmSpec.from_json(body)
+        except (ValueError, KeyError, TypeError) as e:
+            raise FtvmError(f"the body must be a VM spec (JSON): {e}", BAD_INPUT) from None
+        await ops.define(ctx.store, spec)
+
+        async def follow(job: Job) -> None:
+            job.progress = "defined"
+            if spec.desired is Desired.RUNNING:
+                await _wait_running(ctx, job, spec.name)
+        return accepted(jobs.start("add", spec.name, follow))
+
+    async def start_stop(request: web.Request) -> web.Response:
+        name, action = request.match_info["name"], request.match_info["action"]
+        desired = {"start": Desired.RUNNING, "stop": Desired.STOPPED}[action]
+        await ops.set_desired(ctx.store, name, desired)
+
+        async def follow(job: Job) -> None:
+            if desired is Desired.RUNNING:
+                await _wait_running(ctx, job, name)
+            else:
+                await _wait_released(ctx, job, name)
+        return accepted(jobs.start(action, name, follow))
+
+    async def patch_vm(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            body = await request.json()
+        except ValueError:
+            raise FtvmError("the body must be JSON", BAD_INPUT) from None
+        unknown = set(body) - {"checkpoint_ms", "checkpoint_on_output"}
+        if unknown or not body:
+            raise FtvmError("only checkpoint_ms and checkpoint_on_output can be changed here"
+                            + (f" (not {', '.join(sorted(unknown))})" if unknown else ""), BAD_INPUT)
+        await ops.set_checkpointing(ctx.store, name, body.get("checkpoint_ms"), body.get("checkpoint_on_output"))
+
+        async def done(job: Job) -> None:
+            job.progress = "recorded; the agent running the VM follows within seconds"
+        return accepted(jobs.start("set", name, done))
+
+    async def delete_vm(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        await ops.remove(ctx.store, name)
+
+        async def done(job: Job) -> None:
+            job.progress = "removed (disk images are kept)"
+        return accepted(jobs.start("remove", name, done))
+
+    async def get_job(request: web.Request) -> web.Response:
+        job = jobs.jobs.get(request.match_info["id"])
+        if job is None:
+            raise FtvmError(f"unknown job {request.match_info['id']!r} (jobs live on the agent that "
+                            "accepted them)", NOT_FOUND)
+        return web.json_response(job.to_json())
+
+    app = web.Application(middlewares=[guard])
+    app.add_routes([
+        web.get("/metrics", get_metrics),
+        web.get("/api/v1/openapi.json", openapi),
+        web.get("/api/v1/status", status),
+        web.get("/api/v1/hosts", hosts),
+        web.get("/api/v1/vms", vms),
+        web.post("/api/v1/vms", add_vm),
+        web.get("/api/v1/vms/{name}", vm),
+        web.patch("/api/v1/vms/{name}", patch_vm),
+        web.delete("/api/v1/vms/{name}", delete_vm),
+        web.post("/api/v1/vms/{name}/{action:start|stop}", start_stop),
+        web.get("/api/v1/events", events),
+        web.get("/api/v1/jobs/{id}", get_job),
+    ])
+    return app
+
+
+async def _wait_running(ctx: ApiContext, job: Job, name: str) -> None:
+    while True:
+        _, view = await ops.get_view(ctx.store, name)
+        state = view.status.state if view.status else None
+        job.progress = (f"{state.value} on {view.owner.host}" if state and view.owner
+                        else "waiting for a host to claim it")
+        if state is RunState.RUNNING:
+            return
+        await asyncio.sleep(0.3)
+
+
+async def _wait_released(ctx: ApiContext, job: Job, name: str) -> None:
+    while True:
+        _, view = await ops.get_view(ctx.store, name)
+        if view.owner is None:
+            job.progress = "stopped"
+            return
+        job.progress = f"stopping on {view.owner.host}"
+        await asyncio.sleep(0.3)
+
+
+async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

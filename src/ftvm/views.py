@@ -1,0 +1,50 @@
+"""The pool as plain data (pure): what `ftvm status -o json`, the REST API and the
+dashboard show. One place, so every front end says the same thing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .core.decide import choose_host
+from .core.model import Desired, PoolSnapshot, VmView
+from .core.protection import protection, replica_text
+
+
+def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
+    st = view.status
+    prot = protection(snap, view)
+    where = view.owner.host if view.owner else None
+    if st is not None:
+        state = st.state.value
+    elif view.spec.desired is Desired.RUNNING:
+        state = "pending"
+    else:
+        state = "stopped"
+    waiting = None
+    if view.owner is None and view.spec.desired is Desired.RUNNING:
+        waiting = choose_host(snap, view)[1]
+    here = where or view.home
+    partner = view.copies.partner_of(here) if view.copies and here else None
+    return {"name": view.spec.name, "level": int(view.spec.level), "host": where, "state": state,
+            "partner": partner, "replica": replica_text(view),
+            "copies": view.copies.to_json() if view.copies else None,
+            "sync": view.sync.__dict__ if view.sync else None,
+            "checkpoints": view.checkpoints.__dict__ if view.checkpoints else None,
+            "desired": view.spec.desired.value, "protected": prot.protected,
+            "protection": str(prot), "detail": (st.detail if st else waiting) or "",
+            "memory_mib": view.spec.memory_mib, "vcpus": view.spec.vcpus,
+            "macs": [n.mac for n in view.spec.nics], "home": view.home}
+
+
+def host_rows(snap: PoolSnapshot) -> list[dict[str, Any]]:
+    return [{"name": h.name, "state": "up", "memory_mib": h.memory_mib,
+             "memory_used_mib": snap.used_memory(h.name), "vcpus": h.vcpus,
+             "vcpus_used": snap.used_vcpus(h.name), "shared_storage": list(h.shared_storage),
+             "vms": sorted(v.spec.name for v in snap.vms.values() if v.owner and v.owner.host == h.name)}
+            for h in sorted(snap.hosts.values(), key=lambda h: h.name)]
+
+
+def status_data(snap: PoolSnapshot, urls: list[str], pool: str) -> dict[str, Any]:
+    return {"pool": pool, "quorum": {"reachable": True, "endpoints": urls, "revision": snap.revision},
+            "hosts": host_rows(snap),
+            "vms": [vm_row(snap, snap.vms[n]) for n in sorted(snap.vms)]}

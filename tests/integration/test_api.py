@@ -1,0 +1,136 @@
+"""The REST API and /metrics against a real etcd: authentication, reads, jobs, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+
+import httpx
+import pytest
+
+from ftvm.api.metrics import AgentCounters, AgentHealth
+from ftvm.api.server import ApiContext, make_app, serve
+from ftvm.core.model import DiskSpec, HostInfo, Level, NicSpec, VmSpec
+from ftvm.store.etcd import EtcdClient
+from ftvm.store.pool import PoolStore
+
+TOKEN = "test-token-0123456789abcdef"
+_pools = itertools.count()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def api(etcd_url: str):
+    async with EtcdClient([etcd_url]) as client:
+        store = PoolStore(client, f"api{next(_pools)}")
+        for h in ("h1", "h2"):
+            lease, _ = await client.lease_grant(30)
+            assert await store.register_host(HostInfo(h, 4096, 4, ("/s",)), lease)
+        counters = AgentCounters(failovers={"web": 2})
+        ctx = ApiContext(store, "p", [etcd_url], TOKEN, store.snapshot,
+                         lambda: AgentHealth("h1", True, 5.0, 3.2), counters)
+        port = _free_port()
+        runner = await serve(make_app(ctx), "127.0.0.1", port)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                         headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+                yield http, store
+        finally:
+            await runner.cleanup()
+
+
+def spec_json(name: str = "web", **kw) -> dict:
+    spec = VmSpec(name, Level.UNPROTECTED, 256, 1, (), (NicSpec("52:54:00:00:10:01"),))
+    d = spec.to_json() | {"boot": {"kernel": "/etc/hostname", "initrd": None, "append": ""}}
+    return d | kw
+
+
+async def test_without_the_token_every_request_is_401_and_changes_nothing(api) -> None:
+    http, store = api
+    for token in (None, "Bearer wrong-token-0123456789", "Basic " + TOKEN):
+        headers = {"Authorization": token} if token else {}
+        r = await http.post("/api/v1/vms", json=spec_json(), headers=headers | {"Authorization": token or ""})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+        for path in ("/api/v1/status", "/metrics", "/api/v1/openapi.json"):
+            assert (await http.get(path, headers={"Authorization": token or ""})).status_code == 401
+    assert (await store.snapshot()).vms == {}
+
+
+async def test_define_follow_the_job_read_patch_and_remove(api) -> None:
+    http, store = api
+    r = await http.post("/api/v1/vms", json=spec_json())
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["Location"] == f"/api/v1/jobs/{job['id']}"
+    for _ in range(50):
+        job = (await http.get(f"/api/v1/jobs/{job['id']}")).json()
+        if job["state"] != "running":
+            break
+        await asyncio.sleep(0.05)
+    assert job["state"] == "succeeded" and job["vm"] == "web"
+    vms = (await http.get("/api/v1/vms")).json()
+    assert [v["name"] for v in vms] == ["web"] and vms[0]["protected"] is False
+    one = (await http.get("/api/v1/vms/web")).json()
+    assert one["spec"]["level"] == 0 and one["fencing_token"] is None
+    status = (await http.get("/api/v1/status")).json()
+    assert [h["name"] for h in status["hosts"]] == ["h1", "h2"] and status["quorum"]["reachable"]
+    # errors carry the CLI's outcome codes
+    r = await http.post("/api/v1/vms", json=spec_json())
+    assert r.status_code == 409 and r.json()["code"] == 4
+    r = await http.patch("/api/v1/vms/web", json={"checkpoint_ms": 250})
+    assert r.status_code == 400 and "level 3" in r.json()["error"]
+    assert (await http.get("/api/v1/vms/nope")).status_code == 404
+    r = await http.post("/api/v1/vms", json={"name": "bad"})
+    assert r.status_code == 400
+    r = await http.delete("/api/v1/vms/web")
+    assert r.status_code == 202
+    assert (await store.snapshot()).vms == {}
+    events = (await http.get("/api/v1/events", params={"limit": 5})).json()
+    assert "revision" in events and isinstance(events["events"], list)
+    assert (await http.get("/api/v1/jobs/nope")).status_code == 404
+
+
+async def test_level3_checkpointing_is_patched_and_bad_values_refused(api) -> None:
+    http, store = api
+    l3 = VmSpec("trade", Level.SYSTEM, 256, 1, (DiskSpec(size=64 << 20),), (NicSpec("52:54:00:00:10:03"),))
+    assert await store.define_vm(l3)
+    assert (await http.patch("/api/v1/vms/trade", json={"checkpoint_ms": 5})).status_code == 400
+    assert (await http.patch("/api/v1/vms/trade", json={"level": 1})).status_code == 400
+    r = await http.patch("/api/v1/vms/trade", json={"checkpoint_ms": 250, "checkpoint_on_output": True})
+    assert r.status_code == 202
+    spec, _ = await store.spec("trade")
+    assert (spec.checkpoint_ms, spec.checkpoint_on_output) == (250, True)
+
+
+async def test_metrics_use_prometheus_names_and_units(api) -> None:
+    http, store = api
+    l3 = VmSpec("trade", Level.SYSTEM, 512, 1, (DiskSpec(size=64 << 20),), (NicSpec("52:54:00:00:10:03"),))
+    assert await store.define_vm(l3)
+    r = await http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert '# TYPE ftvm_failovers_total counter' in text
+    assert 'ftvm_failovers_total{host="h1",vm="web"} 2' in text
+    assert 'ftvm_host_memory_bytes{host="h1"} 4294967296' in text
+    assert 'ftvm_vm_level{vm="trade"} 3' in text and 'ftvm_vm_protected{vm="trade"} 0' in text
+    assert 'ftvm_quorum_reachable{host="h1"} 1' in text and 'ftvm_lease_remaining_seconds{host="h1"} 3.2' in text
+    for line in text.splitlines():  # every sample: name{labels} value, names from the family list
+        if line and not line.startswith("#"):
+            name = line.split("{")[0].split(" ")[0]
+            assert name.startswith("ftvm_") and f"# TYPE {name} " in text, line
+            float(line.rsplit(" ", 1)[1])
+
+
+async def test_openapi_describes_every_route(api) -> None:
+    http, _ = api
+    doc = (await http.get("/api/v1/openapi.json")).json()
+    assert doc["openapi"].startswith("3.")
+    for path in ("/api/v1/status", "/api/v1/vms", "/api/v1/vms/{name}", "/api/v1/vms/{name}/start",
+                 "/api/v1/jobs/{id}", "/api/v1/events", "/metrics"):
+        assert path in doc["paths"]
