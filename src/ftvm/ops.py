@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from .core.availability import Report, report
 from .core.model import Desired, Level, PoolSnapshot, VmSpec, VmView
 from .core.validate import check_new_vm
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError
@@ -51,6 +52,38 @@ async def remove(store: PoolStore, name: str) -> None:
     got = await store.spec(name)
     if got is None or not await store.remove_vm(name, got[1]):
         raise FtvmError(f"VM {name} changed while being removed; nothing removed", REFUSED)
+
+
+async def set_sla(store: PoolStore, name: str, percent: float | None) -> VmSpec:
+    """The availability target reports compare with (None: no target)."""
+    if percent is not None and not 0 < percent <= 100:
+        raise FtvmError(f"SLA target {percent}% must be above 0 and at most 100", BAD_INPUT)
+    while True:
+        got = await store.spec(name)
+        if got is None:
+            raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
+        spec, rev = got
+        new = replace(spec, sla_percent=percent)
+        if await store.update_spec(new, rev):
+            return new
+
+
+async def availability(store: PoolStore, start: float, end: float,
+                       names: list[str] | None = None) -> list[Report]:
+    """Availability reports of the given VMs (default: every defined VM) over [start, end)."""
+    if end <= start:
+        raise FtvmError("the report period is empty", BAD_INPUT)
+    snap = await store.snapshot()
+    wanted = names or sorted(snap.vms)
+    unknown = [n for n in wanted if n not in snap.vms]
+    history = await store.history()
+    if unknown and not all(n in history for n in unknown):
+        raise FtvmError(f"unknown VM {', '.join(repr(n) for n in unknown if n not in history)}", NOT_FOUND)
+    out = []
+    for name in wanted:
+        sla = snap.vms[name].spec.sla_percent if name in snap.vms else None
+        out.append(report(name, history.get(name, []), start, end, sla))
+    return out
 
 
 async def set_checkpointing(store: PoolStore, name: str, interval_ms: int | None,

@@ -134,3 +134,27 @@ async def test_openapi_describes_every_route(api) -> None:
     for path in ("/api/v1/status", "/api/v1/vms", "/api/v1/vms/{name}", "/api/v1/vms/{name}/start",
                  "/api/v1/jobs/{id}", "/api/v1/events", "/metrics"):
         assert path in doc["paths"]
+
+
+async def test_availability_from_the_stored_history_against_the_sla(api) -> None:
+    import time
+
+    from ftvm.core.availability import HistoryRecord
+    http, store = api
+    assert (await http.post("/api/v1/vms", json=spec_json())).status_code == 202
+    r = await http.patch("/api/v1/vms/web", json={"sla_percent": 99.9})
+    assert r.status_code == 202
+    now = time.time()
+    for rec in (HistoryRecord(now - 3000, "up", "h1"), HistoryRecord(now - 2000, "down", "h1", "host h1 lost"),
+                HistoryRecord(now - 1992, "up", "h2"), HistoryRecord(now - 1000, "down", "h1", "self-fenced")):
+        await store.add_history("web", rec)
+    r = await http.get("/api/v1/vms/web/availability", params={"days": 3600 / 86400})
+    assert r.status_code == 200, r.text
+    (rep,) = r.json()["reports"]
+    assert rep["failovers"] == 1 and len(rep["outages"]) == 1  # h1's late self-fence is not an outage
+    assert rep["unplanned_down_s"] == pytest.approx(8, abs=0.01)
+    assert rep["sla_target_percent"] == 99.9 and rep["meets_sla"] is False  # 8 s of the last hour
+    assert (await http.get("/api/v1/vms/nope/availability")).status_code == 404
+    assert (await http.get("/api/v1/availability", params={"days": "-1"})).status_code == 400
+    assert await store.trim_history(now - 1500) == 2  # keeps the newest old record (the state then)
+    assert [r.kind for r in (await store.history("web"))["web"]] == ["up", "down"]

@@ -38,7 +38,8 @@ from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuError, QemuVm
 from ..qemu.storage_daemon import StorageDaemon, StorageDaemonError, ensure_image, import_image
 from ..store.etcd import EtcdClient, EtcdError
-from ..store.pool import MAX_EVENTS, Event, PoolStore
+from ..core.availability import HistoryRecord
+from ..store.pool import HISTORY_DAYS, MAX_EVENTS, Event, PoolStore
 from .config import AgentConfig
 from ..api.metrics import AgentCounters, AgentHealth
 from .fence import FenceGuard
@@ -94,6 +95,7 @@ class Agent:
         self.counters = AgentCounters()
         self._api: Any = None                           # the REST API + /metrics runner
         self._pending_events: deque[Event] = deque(maxlen=1000)
+        self._pending_history: deque[tuple[str, HistoryRecord]] = deque(maxlen=10_000)
         self._quorum_ok = True
         self._next_trim = 0.0
         self._stopping = False
@@ -183,7 +185,8 @@ class Agent:
             return
         self.l3_partner = L3Partner(
             self.cfg.name, self.cfg.replication_addr, self.cfg.checkpoint_port, self._l3_files, self.store,
-            lambda: self.lease, lambda: self.snapshot, self.t, self.event, lambda vm: self.wake.set())
+            lambda: self.lease, lambda: self.snapshot, self.t, self.event, lambda vm: self.wake.set(),
+            self.history)
         try:
             await self.l3_partner.start()
         except OSError as e:
@@ -311,6 +314,7 @@ class Agent:
             trimmed = await self.store.trim_events()
             if trimmed:
                 log.info("trimmed %d old events (keeping the newest %d)", trimmed, MAX_EVENTS)
+            await self.store.trim_history(time.time() - HISTORY_DAYS * 86400)
         return report
 
     async def _report_links(self, snapshot: PoolSnapshot) -> None:
@@ -346,6 +350,10 @@ class Agent:
                                           imported=any(disk.path for disk in view.spec.disks))
             token = await self.store.claim(d.vm, self.cfg.name, self.lease, view.copies, copies_new)
             if token is not None:
+                if view.home not in (None, self.cfg.name) and view.home not in snapshot.hosts:
+                    # the host was lost about a lease TTL before its lease expired (now)
+                    self.history(d.vm, "down", f"host {view.home} lost", at=time.time() - self.t.lease_ttl,
+                                 host=view.home)
                 extra = ""
                 if view.force_host == self.cfg.name:
                     extra = "; OPERATOR FORCED THIS START, ACCEPTING DATA LOSS"
@@ -363,6 +371,7 @@ class Agent:
             rec = self.vms[d.vm]
             rec.state = RunState.STOPPING
             self.event(d.vm, "stop", d.reason)
+            self.history(d.vm, "stopped", d.reason)
             if rec.qemu:
                 asyncio.create_task(self._stop_vm(rec, rec.qemu))
         elif d.action is Action.EXPORT:
@@ -461,6 +470,7 @@ class Agent:
             log.warning("%s: announce-self failed: %s", d.vm, e)
         rec.state, rec.detail, rec.since = RunState.RUNNING, f"pid {qemu.pid}, {self.accel.accel}", time.time()
         how = " resumed from the replica's last checkpoint (guest carries on)" if resume else " started"
+        self.history(d.vm, "up", "resumed from the last checkpoint" if resume else d.reason)
         if resume or d.reason.startswith("taking over"):
             self.counters.failovers[d.vm] = self.counters.failovers.get(d.vm, 0) + 1
         self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid}{how} (token {token})")
@@ -630,12 +640,13 @@ class Agent:
         if self.vms.get(rec.name) is not rec:
             return
         rec.exit_code = code
-        if qemu.stop_requested or rec.state is RunState.STOPPING:
+        if qemu.stop_requested or rec.state is RunState.STOPPING or (rec.l3 is not None and rec.l3.superseded):
             rec.state = RunState.STOPPED
             self.event(rec.name, "stopped", f"QEMU exited (code {code})")
         else:
             rec.state = RunState.CRASHED
             why = rec.detail if rec.detail == "self-fenced" else f"QEMU exited unasked (code {code})"
+            self.history(rec.name, "down", why)
             rec.detail = why
             if time.time() - qemu.started_at < HEALTHY_RUN_S:
                 self._back_off(rec)
@@ -673,7 +684,18 @@ class Agent:
         log.info("event %s", ev)
         self._pending_events.append(ev)
 
+    def history(self, vm: str, kind: str, cause: str = "", at: float | None = None, host: str | None = None) -> None:
+        """A VM's service went up/down/stopped on `host` (default: here), for availability reports."""
+        self._pending_history.append((vm, HistoryRecord(at or time.time(), kind, host or self.cfg.name, cause)))
+
     async def _flush_events(self) -> None:
+        while self._pending_history:
+            vm, rec = self._pending_history[0]
+            try:
+                await self.store.add_history(vm, rec)
+            except EtcdError:
+                return
+            self._pending_history.popleft()
         while self._pending_events:
             try:
                 await self.store.add_event(self._pending_events[0])

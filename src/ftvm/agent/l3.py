@@ -87,6 +87,7 @@ class L3Primary:
         self.checkpointer: Checkpointer | None = None
         self.state, self.reason, self.partner = "unprotected", "checkpointing has not started", ""
         self.sync_done = 0.0
+        self.superseded = False  # the partner took over: this copy was killed on purpose
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -179,6 +180,7 @@ class L3Primary:
                                                 "over): killing this copy, held output discarded")
             for relay in self.relays:
                 relay.discard()
+            self.superseded = True
             self.qemu.kill()
         await cp.close()
         self.checkpointer = None
@@ -325,9 +327,11 @@ class L3Partner:
 
     def __init__(self, me: str, addr: str, port: int, paths_for: Callable[[VmSpec], ReplicaPaths],
                  store: PoolStore, lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
-                 timing: Timing, event: EventFn, claimed: Callable[[str], None]) -> None:
+                 timing: Timing, event: EventFn, claimed: Callable[[str], None],
+                 history: Callable[..., None] = lambda *a, **k: None) -> None:
         self.me, self.paths_for, self.store, self.snapshot = me, paths_for, store, snapshot
         self.lease = lease
+        self.history = history  # availability records: the outage starts when the primary fell silent
         self.timing, self.event, self.claimed = timing, event, claimed
         self.standbys: dict[str, Standby] = {}
         self.server = StandbyServer(addr, port, self._lookup)
@@ -390,6 +394,8 @@ class L3Partner:
                                        "replica outdated first: it keeps the VM")
             return
         del self.standbys[vm]
+        self.history(vm, "down", f"{view.owner.host} lost (silent {silent:.2f}s)", at=time.time() - silent,
+                     host=view.owner.host)
         self.event(vm, "takeover", f"{view.owner.host} silent for {silent:.2f}s on the checkpoint link: "
                                    f"ended its ownership; resuming from checkpoint {held[1]} here")
         token = await self.store.claim(vm, self.me, self.lease(), None, None)

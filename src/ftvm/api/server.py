@@ -181,11 +181,15 @@ def make_app(ctx: ApiContext) -> web.Application:
             body = await request.json()
         except ValueError:
             raise FtvmError("the body must be JSON", BAD_INPUT) from None
-        unknown = set(body) - {"checkpoint_ms", "checkpoint_on_output"}
+        unknown = set(body) - {"checkpoint_ms", "checkpoint_on_output", "sla_percent"}
         if unknown or not body:
-            raise FtvmError("only checkpoint_ms and checkpoint_on_output can be changed here"
+            raise FtvmError("only checkpoint_ms, checkpoint_on_output and sla_percent can be changed here"
                             + (f" (not {', '.join(sorted(unknown))})" if unknown else ""), BAD_INPUT)
-        await ops.set_checkpointing(ctx.store, name, body.get("checkpoint_ms"), body.get("checkpoint_on_output"))
+        if "sla_percent" in body:
+            await ops.set_sla(ctx.store, name, body["sla_percent"])
+        if {"checkpoint_ms", "checkpoint_on_output"} & set(body):
+            await ops.set_checkpointing(ctx.store, name, body.get("checkpoint_ms"),
+                                        body.get("checkpoint_on_output"))
 
         async def done(job: Job) -> None:
             job.progress = "recorded; the agent running the VM follows within seconds"
@@ -198,6 +202,18 @@ def make_app(ctx: ApiContext) -> web.Application:
         async def done(job: Job) -> None:
             job.progress = "removed (disk images are kept)"
         return accepted(jobs.start("remove", name, done))
+
+    async def availability(request: web.Request) -> web.Response:
+        try:
+            days = float(request.query.get("days", "30"))
+        except ValueError:
+            raise FtvmError("days must be a number", BAD_INPUT) from None
+        if days <= 0:
+            raise FtvmError("days must be positive", BAD_INPUT)
+        name = request.match_info.get("name")
+        end = time.time()
+        reports = await ops.availability(ctx.store, end - days * 86400, end, [name] if name else None)
+        return web.json_response({"days": days, "reports": [r.to_json() for r in reports]})
 
     async def get_job(request: web.Request) -> web.Response:
         job = jobs.jobs.get(request.match_info["id"])
@@ -219,6 +235,8 @@ def make_app(ctx: ApiContext) -> web.Application:
         web.delete("/api/v1/vms/{name}", delete_vm),
         web.post("/api/v1/vms/{name}/{action:start|stop}", start_stop),
         web.get("/api/v1/events", events),
+        web.get("/api/v1/availability", availability),
+        web.get("/api/v1/vms/{name}/availability", availability),
         web.get("/api/v1/jobs/{id}", get_job),
     ])
     return app

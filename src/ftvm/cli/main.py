@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level 3: longest time the guest runs between checkpoints (output waits up to this long)")
     p.add_argument("--checkpoint-on-output", action="store_true",
                    help="level 3: also checkpoint as soon as the guest sends (lower latency, more pauses)")
+    p.add_argument("--sla", type=float, help="availability target in percent, e.g. 99.99 (for reports)")
     p.add_argument("--memory", type=int, default=256, help="MiB")
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--disk", action="append",
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-ms", type=int, help="level 3: longest time between checkpoints")
     p.add_argument("--checkpoint-on-output", choices=("on", "off"),
                    help="level 3: also checkpoint as soon as the guest sends")
+    p.add_argument("--sla", type=float, help="availability target in percent for reports (0: none)")
     p = cmd(vm, "repair-disk", pool_cmds.cmd_vm_repair_disk,
             "level 2: a failed copy's storage works again (replaced disk): resync it and mirror again")
     p.add_argument("name")
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     cmd(vm, "list", pool_cmds.cmd_vm_list, "list VMs")
 
+    p = cmd(sub, "report", pool_cmds.cmd_report, "availability per VM (uptime, outages, failovers, SLA)")
+    p.add_argument("vm", nargs="*", help="VMs (default: all); with names, each outage is listed")
+    p.add_argument("--days", type=float, default=30, help="the period: the last N days")
     p = cmd(sub, "events", pool_cmds.cmd_events, "the event log: every decision with its reason")
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("-f", "--follow", action="store_true")

@@ -105,8 +105,19 @@ def with_image_size(disk: DiskSpec) -> DiskSpec:
 
 def cmd_vm_set(args: Any) -> int:
     """Change a stopped VM's protection level, or a level 3 VM's checkpointing."""
+    if args.sla is not None:
+        if args.level is not None or args.checkpoint_ms is not None or args.checkpoint_on_output is not None:
+            raise CliError("change the SLA target in a command of its own", BAD_INPUT)
+        new_spec = with_store(args, lambda store: ops.set_sla(store, args.name, args.sla or None))
+        if is_json(args):
+            emit_json({"vm": args.name, "sla_percent": new_spec.sla_percent})
+        else:
+            console.print(f"VM {args.name}: SLA target " + (f"{new_spec.sla_percent:g}%" if new_spec.sla_percent
+                                                             else "none"))
+        return OK
     if args.level is None and args.checkpoint_ms is None and args.checkpoint_on_output is None:
-        raise CliError("nothing to change: give --level, --checkpoint-ms or --checkpoint-on-output", BAD_INPUT)
+        raise CliError("nothing to change: give --level, --checkpoint-ms, --checkpoint-on-output or --sla",
+                       BAD_INPUT)
     if args.level is None:
         return _set_checkpointing(args)
     if args.checkpoint_ms is not None or args.checkpoint_on_output is not None:
@@ -190,7 +201,7 @@ def spec_from_args(args: Any) -> VmSpec:
         raise CliError(f"level {args.level} does not exist (0, 1, 2 or 3)", BAD_INPUT)
     return VmSpec(name=args.name, level=Level(args.level), memory_mib=args.memory, vcpus=args.vcpus,
                   disks=tuple(disks), nics=nics, checkpoint_ms=args.checkpoint_ms,
-                  checkpoint_on_output=args.checkpoint_on_output,
+                  checkpoint_on_output=args.checkpoint_on_output, sla_percent=args.sla,
                   boot=BootSpec(os.path.abspath(kernel) if kernel else None,
                                 os.path.abspath(initrd) if initrd else None, append),
                   desired=Desired.RUNNING if args.start else Desired.STOPPED,
@@ -361,6 +372,38 @@ def cmd_vm_list(args: Any) -> int:
         emit_json(rows)
     else:
         console.print(_vms_table(rows))
+    return OK
+
+
+# --- availability ----------------------------------------------------------------------
+
+def cmd_report(args: Any) -> int:
+    """Availability per VM over a period, against each VM's SLA target."""
+    if args.days <= 0:
+        raise CliError("--days must be positive", BAD_INPUT)
+    end = time.time()
+    reports = with_store(args, lambda store: ops.availability(store, end - args.days * 86400, end, args.vm or None))
+    data = [r.to_json() for r in reports]
+    if is_json(args):
+        emit_json({"days": args.days, "reports": data})
+        return OK
+    t = Table(title=f"Availability over the last {args.days:g} days", title_justify="left")
+    for col in ("VM", "Availability", "SLA", "Met", "Outages", "Failovers", "Longest recovery", "Down (unplanned)"):
+        t.add_column(col)
+    for d in data:
+        avail = "-" if d["availability_percent"] is None else f"{d['availability_percent']:.4f}%"
+        met = {None: "-", True: "[green]yes[/]", False: "[red]no[/]"}[d["meets_sla"]]
+        longest = "-" if d["time_to_recover_max_s"] is None else f"{d['time_to_recover_max_s']:.2f} s"
+        t.add_row(d["vm"], avail, f"{d['sla_target_percent']:g}%" if d["sla_target_percent"] else "-", met,
+                  str(len(d["outages"])), str(d["failovers"]), longest, f"{d['unplanned_down_s']:.2f} s")
+    console.print(t)
+    if args.vm:
+        for d in data:
+            for o in d["outages"]:
+                end_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(o["end"])) if o["end"] else "ongoing"
+                console.print(f"{d['vm']}: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(o['start']))} -> "
+                              f"{end_text} ({o['seconds']:.2f} s) {o['cause']}"
+                              + (f", failover {o['from']} -> {o['to']}" if o["failover"] else ""), highlight=False)
     return OK
 
 

@@ -85,6 +85,7 @@ class VmSpec:
     preferred_host: str | None = None
     checkpoint_ms: int = 100  # level 3: longest time the guest runs between checkpoints
     checkpoint_on_output: bool = False  # level 3: also checkpoint as soon as the guest sends
+    sla_percent: float | None = None  # availability target the reports compare with, e.g. 99.99
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,6 +107,7 @@ class VmSpec:
             preferred_host=d.get("preferred_host"),
             checkpoint_ms=int(d.get("checkpoint_ms", 100)),
             checkpoint_on_output=bool(d.get("checkpoint_on_output", False)),
+            sla_percent=float(d["sla_percent"]) if d.get("sla_percent") is not None else None,
         )
 
 

@@ -35,6 +35,8 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
         return f"{spec.vcpus} vCPUs is more than any host has ({most_cpus})"
     if not spec.disks and not spec.boot.kernel:
         return "a VM needs a disk or a kernel to boot"
+    if spec.sla_percent is not None and not 0 < spec.sla_percent <= 100:
+        return f"SLA target {spec.sla_percent}% must be above 0 and at most 100"
     if spec.level is Level.SYSTEM:
         if not 20 <= spec.checkpoint_ms <= 10_000:
             return f"checkpoint interval {spec.checkpoint_ms} ms must be between 20 and 10000"

@@ -19,6 +19,8 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/vms/<vm>/repair     {host}      no lease; operator: host's failed copy has working storage again
     state/links/<host>        A-links     lease: the host's; {peer: {interface: up?}}
     events/<time>-<host>-<n>  Event       no lease; trimmed to the newest MAX_EVENTS
+    history/<vm>/<time>-<host>-<n>  HistoryRecord  no lease; up/down/stopped of each VM, kept
+                                          HISTORY_DAYS for availability reports (core/availability.py)
 
 What must be atomic (each is one etcd transaction):
   * claim:   owner absent AND claimer's host key present AND (level 2) copies unchanged
@@ -50,10 +52,12 @@ from typing import Any
 
 from ..core.model import (CheckpointFigures, Export, HostInfo, Ownership, PoolSnapshot, SyncProgress, VmSpec,
                           VmStatus, VmView)
+from ..core.availability import HistoryRecord
 from ..core.replication import Copies
 from .etcd import Compare, EtcdClient, absent, created_at, modified_at, present, put_json, Delete, Get, Put
 
 MAX_EVENTS = 5000
+HISTORY_DAYS = 400
 
 
 @dataclass(frozen=True)
@@ -267,6 +271,32 @@ class PoolStore:
         for kv in old:
             await self.etcd.delete(kv.key)
         return len(old)
+
+
+    # --- history (availability) ----------------------------------------------------
+    async def add_history(self, vm: str, rec: HistoryRecord) -> None:
+        key = f"{self.root}history/{vm}/{int(rec.t * 1e6):020d}-{rec.host}-{next(self._seq)}"
+        await self.etcd.put(key, json.dumps(rec.to_json()).encode())
+
+    async def history(self, vm: str | None = None) -> dict[str, list[HistoryRecord]]:
+        """Every VM's (or one VM's) history records, oldest first."""
+        kvs, _ = await self.etcd.get_prefix(f"{self.root}history/{vm + '/' if vm else ''}")
+        out: dict[str, list[HistoryRecord]] = {}
+        for kv in kvs:
+            name = kv.key[len(self.root + "history/"):].split("/")[0]
+            out.setdefault(name, []).append(HistoryRecord.from_json(kv.json()))
+        return out
+
+    async def trim_history(self, older_than: float) -> int:
+        """Delete history records older than `older_than` (epoch seconds), keeping each VM's
+        newest older record (it gives the VM's state at the start of what is kept)."""
+        gone = 0
+        for vm, recs in (await self.history()).items():
+            old = [r for r in recs if r.t < older_than][:-1]
+            for r in old:
+                await self.etcd.delete(f"{self.root}history/{vm}/{int(r.t * 1e6):020d}-{r.host}-", prefix=True)
+                gone += 1
+        return gone
 
 
 __all__ = ["PoolStore", "Event", "Put", "MAX_EVENTS"]
