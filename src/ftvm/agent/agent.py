@@ -390,10 +390,12 @@ class Agent:
                 self.event(d.vm, "release", d.reason)
 
     async def _stop_vm(self, rec: LocalRecord, qemu: QemuVm) -> None:
-        if rec.l3 is not None:  # the partner must not take over a VM being stopped
-            with suppress(EtcdError):
-                await rec.l3.retire(f"VM stopped on {self.cfg.name}: its own copy is the latest")
-        await qemu.stop(self.cfg.stop_grace)
+        try:
+            if rec.l3 is not None:  # the partner must not take over a VM being stopped
+                with suppress(EtcdError):
+                    await rec.l3.retire(f"VM stopped on {self.cfg.name}: its own copy is the latest")
+        finally:
+            await qemu.stop(self.cfg.stop_grace)
 
     async def _start(self, d: Decision, snapshot: PoolSnapshot, failures: int) -> None:
         view = snapshot.vms[d.vm]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shlex
 import time
 import uuid
 from collections.abc import Callable
@@ -107,7 +106,14 @@ class L3Primary:
         committed device state and run (the agent then announces the VM's MACs)."""
         await qemu.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True}]})
-        await qemu.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(self.files.device_state))}"})
+        # QEMU listens, we send the committed device state (no shell, no forked helper)
+        sock = self.paths.run_dir / "incoming.sock"
+        sock.unlink(missing_ok=True)
+        await qemu.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+        _, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(await asyncio.to_thread(self.files.device_state.read_bytes))
+        await writer.drain()
+        writer.close()
         deadline = time.monotonic() + 30
         while True:
             info = await qemu.execute("query-migrate")

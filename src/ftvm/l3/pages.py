@@ -70,7 +70,10 @@ class PageTracker:
 
     def close(self) -> None:
         del self.live
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:  # a view is still alive somewhere: the map goes with it
+            pass
         self._file.close()
 
     def _diff_chunk(self, start: int) -> np.ndarray:

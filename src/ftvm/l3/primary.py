@@ -159,6 +159,7 @@ class Checkpointer:
         self._trackers: list[PageTracker] = []
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
+        self._diff_task: asyncio.Task[Any] | None = None  # a compare thread maps the files
         self._tasks: list[asyncio.Task[None]] = []
         self._last_heard = time.monotonic()
         self._last_sent = time.monotonic()
@@ -293,6 +294,7 @@ class Checkpointer:
         state = self.sink.expect()
         await self.qmp.execute("migrate", {"uri": f"unix:{self.sink.path}"})
         diff = asyncio.create_task(asyncio.to_thread(self._diff_all))
+        self._diff_task = diff
         t_dev = time.monotonic()
         try:
             device_state = await asyncio.wait_for(state, 10.0)
@@ -379,6 +381,9 @@ class Checkpointer:
             t.cancel()
         if self._writer is not None:
             self._writer.close()
+        if self._diff_task is not None:  # a compare under way still reads the mapped files
+            with suppress(Exception):
+                await asyncio.shield(self._diff_task)
         for tracker in self._trackers:
             tracker.close()
         self._trackers = []

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -301,7 +302,7 @@ def start_agent(state: LabState, host: str) -> None:
 
 
 def wait_for_hosts(state: LabState, hosts: list[str], timeout: float) -> None:
-    """Wait until each host's agent has registered in etcd."""
+    """Wait until each host's agent has registered in etcd and serves its API."""
     import asyncio
 
     from ..store.etcd import EtcdClient
@@ -311,15 +312,25 @@ def wait_for_hosts(state: LabState, hosts: list[str], timeout: float) -> None:
         async with EtcdClient([state.etcd_endpoint]) as c:
             return set((await PoolStore(c, POOL).snapshot()).hosts)
 
+    def api_answers(host: str) -> bool:  # any HTTP answer (401 without a token) will do
+        try:
+            urllib.request.urlopen(state.api_url(host) + "/api/v1/status", timeout=1)
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+        return True
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if set(hosts) <= asyncio.run(registered()):
+            if set(hosts) <= asyncio.run(registered()) and all(api_answers(h) for h in hosts):
                 return
         except Exception:
             pass
         time.sleep(0.2)
-    raise LabError(f"agents did not register within {timeout:g}s: see {state.dir}/hN/agent.log")
+    raise LabError(f"agents did not register (and serve their API) within {timeout:g}s: "
+                   f"see {state.dir}/hN/agent.log")
 
 
 # --- failures ----------------------------------------------------------------------

@@ -458,6 +458,7 @@ class Level3Result:
     guest_problems: list[str]    # oops/panic lines on the new host's serial console
     max_copies: int
     copy_samples: int
+    overlaps: list[str] = field(default_factory=list)  # when more than one copy was seen, and where
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -511,7 +512,8 @@ def level3_failover(pool: LabPool, spec: VmSpec, progress: Progress = lambda m: 
         connections=connects, connection_kept=connects == 1 and not errors, client_errors=len(errors),
         acknowledged=len(acks), lost=len(lost), seq_gaps=gaps, seq_repeats=repeats,
         guest_problems=serial_problems(state, new_host, name), max_copies=observer.max_copies,
-        copy_samples=observer.samples)
+        copy_samples=observer.samples,
+        overlaps=[f"{t - failed_at:+.3f}s {copies}" for t, copies in observer.overlaps[:5]])
 
 
 @dataclass
