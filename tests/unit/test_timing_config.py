@@ -53,3 +53,20 @@ def test_bad_toml_names_file(tmp_path: Path) -> None:
     p.write_text("name = ")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(p)
+
+
+def test_api_settings_need_a_readable_long_token(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="api_token_file"):
+        parse_config(BASE | {"api_listen": "127.0.0.1:7400"})
+    with pytest.raises(ConfigError, match="ADDRESS:PORT"):
+        parse_config(BASE | {"api_listen": "7400", "api_token_file": "/x"})
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_config(BASE | {"api_listen": "127.0.0.1:7400", "api_token_file": str(tmp_path / "none")})
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    with pytest.raises(ConfigError, match="too short"):
+        parse_config(BASE | {"api_listen": "127.0.0.1:7400", "api_token_file": str(short)})
+    good = tmp_path / "token"
+    good.write_text("0123456789abcdef0123\n")
+    cfg = parse_config(BASE | {"api_listen": "127.0.0.1:7400", "api_token_file": str(good)})
+    assert cfg.api_listen == ("127.0.0.1", 7400) and cfg.api_token == "0123456789abcdef0123"
