@@ -98,6 +98,8 @@ def make_app(ctx: ApiContext) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:
+        if request.path == "/" and request.method == "GET":
+            return await handler(request)  # the dashboard's page holds no data; its requests need the token
         given = request.headers.get("Authorization", "")
         if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), ctx.token.encode()):
             return web.json_response({"error": "missing or wrong API token", "code": 401}, status=401,
@@ -141,6 +143,13 @@ def make_app(ctx: ApiContext) -> web.Application:
         text = metrics.render(await ctx.snapshot(), ctx.health(), ctx.counters)
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
+
+    async def dashboard(_: web.Request) -> web.Response:
+        page = resources.files("ftvm.api").joinpath("dashboard.html").read_text()
+        return web.Response(text=page, content_type="text/html", charset="utf-8",
+                            headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                                                                "style-src 'unsafe-inline'; connect-src 'self'",
+                                     "Cache-Control": "no-store"})
 
     async def openapi(_: web.Request) -> web.Response:
         text = resources.files("ftvm.api").joinpath("openapi.json").read_text()
@@ -224,6 +233,7 @@ def make_app(ctx: ApiContext) -> web.Application:
 
     app = web.Application(middlewares=[guard])
     app.add_routes([
+        web.get("/", dashboard),
         web.get("/metrics", get_metrics),
         web.get("/api/v1/openapi.json", openapi),
         web.get("/api/v1/status", status),
