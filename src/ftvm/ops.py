@@ -7,10 +7,11 @@ nothing. Waiting for the agents to act on a change is the caller's business.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 
 from .core.availability import Report, report
-from .core.model import Desired, Level, PoolSnapshot, VmSpec, VmView
+from .core.model import Desired, Level, Migration, PoolSnapshot, RunState, VmSpec, VmView
 from .core.validate import check_new_vm
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError
 from .store.pool import PoolStore
@@ -103,3 +104,92 @@ async def set_checkpointing(store: PoolStore, name: str, interval_ms: int | None
     if not await store.update_spec(new, rev):
         raise FtvmError(f"VM {name} changed meanwhile; nothing changed", REFUSED)
     return new
+
+
+LIVE_MIGRATION_LEVELS = (Level.UNPROTECTED, Level.RESTART)
+
+
+def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | None:
+    """Why `view` cannot move live to `target` now (None: it can)."""
+    spec = view.spec
+    if spec.level not in LIVE_MIGRATION_LEVELS:
+        return (f"live migration of level {int(spec.level)} VMs is not available yet (levels 0 and 1 only): "
+                "their copies would have to move with them")
+    if view.owner is None or view.status is None or view.status.state is not RunState.RUNNING:
+        return f"VM {spec.name} is not running"
+    if view.migration is not None:
+        return f"VM {spec.name} is already migrating to {view.migration.to}"
+    if target == view.owner.host:
+        return f"VM {spec.name} already runs on {target}"
+    host = snap.hosts.get(target)
+    if host is None:
+        return f"host {target} is not a live host of the pool"
+    if target in snap.maintenance:
+        return f"host {target} is in maintenance"
+    if not host.replication_addr:
+        return f"host {target} has no replication_addr to receive migrations on"
+    if not host.can_reach(spec):
+        return f"host {target} cannot reach the VM's disks (they must be on storage both hosts share)"
+    if not snap.has_room(target, spec):
+        return f"host {target} has no room for {spec.memory_mib} MiB / {spec.vcpus} vCPU"
+    return None
+
+
+async def migrate(store: PoolStore, name: str, target: str) -> Migration:
+    snap, view = await get_view(store, name)
+    problem = migration_problem(snap, view, target)
+    if problem:
+        raise FtvmError(problem, NOT_FOUND if "not a live host" in problem else REFUSED)
+    assert view.owner is not None
+    m = Migration(to=target, source=view.owner.host, token=view.owner.token, started=time.time())
+    if not await store.request_migration(name, view.owner.token, m, snap.hosts[view.owner.host].lease_id):
+        raise FtvmError(f"VM {name} changed meanwhile (or is already migrating); nothing changed", REFUSED)
+    return m
+
+
+def plan_evacuation(snap: PoolSnapshot, host: str) -> tuple[dict[str, str], list[str]]:
+    """Where each VM running on `host` would go (most free memory first, room counted as
+    VMs are placed), and the reasons for those that cannot move."""
+    from .core.decide import eligible_hosts
+    planned: dict[str, str] = {}
+    extra: dict[str, int] = {}
+    problems = []
+    for name, view in sorted(snap.vms.items()):
+        if view.owner is None or view.owner.host != host:
+            continue
+        if view.spec.level not in LIVE_MIGRATION_LEVELS:
+            problems.append(f"{name}: " + (migration_problem(snap, view, host) or "cannot move"))
+            continue
+        candidates = [h for h in eligible_hosts(snap, view) if h != host]
+        candidates.sort(key=lambda h: -(snap.hosts[h].memory_mib - snap.used_memory(h) - extra.get(h, 0)))
+        fits = [h for h in candidates if snap.hosts[h].memory_mib - snap.used_memory(h) - extra.get(h, 0)
+                >= view.spec.memory_mib and migration_problem(snap, view, h) is None]
+        if not fits:
+            why = migration_problem(snap, view, candidates[0]) if candidates else "no other host can take it"
+            problems.append(f"{name}: {why}")
+            continue
+        planned[name] = fits[0]
+        extra[fits[0]] = extra.get(fits[0], 0) + view.spec.memory_mib
+    return planned, problems
+
+
+async def start_maintenance(store: PoolStore, host: str, reason: str) -> dict[str, str]:
+    """Move every VM off `host` live, then keep it empty. Refused, changing nothing, if
+    any VM cannot move."""
+    snap = await store.snapshot()
+    if host not in snap.hosts:
+        raise FtvmError(f"host {host} is not a live host of the pool", NOT_FOUND)
+    planned, problems = plan_evacuation(snap, host)
+    if problems:
+        raise FtvmError(f"cannot empty {host}: " + "; ".join(problems), REFUSED)
+    await store.set_maintenance(host, True, reason)
+    for name, target in planned.items():
+        await migrate(store, name, target)
+    return planned
+
+
+async def end_maintenance(store: PoolStore, host: str) -> None:
+    snap = await store.snapshot()
+    if host not in snap.maintenance:
+        raise FtvmError(f"host {host} is not in maintenance", REFUSED)
+    await store.set_maintenance(host, False)

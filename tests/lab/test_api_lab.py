@@ -51,6 +51,12 @@ def test_api_starts_and_stops_a_vm_and_metrics_follow(lab: labmod.LabState, gues
         assert 'ftvm_host_up{host="h1"} 1' in text and 'ftvm_quorum_reachable{host="h2"} 1' in text
         r = http.delete("/api/v1/vms/apivm")
         assert r.status_code == 409 and "not stopped" in r.json()["error"]
+        r = http.post("/api/v1/vms/apivm/migrate", json={"to": "h2"})
+        assert r.status_code == 202, r.text
+        job = _follow(http, r.json(), 60)
+        assert job["state"] == "succeeded" and job["progress"] == "apivm on h2", job
+        assert http.post("/api/v1/vms/apivm/migrate", json={"to": "h2"}).status_code == 409
+        assert 'ftvm_migrations_total{host="h2",vm="apivm"} 1' in http.get("/metrics").text
         job = _follow(http, http.post("/api/v1/vms/apivm/stop").json(), 60)
         assert job["state"] == "succeeded" and job["progress"] == "stopped"
         assert http.delete("/api/v1/vms/apivm").status_code == 202

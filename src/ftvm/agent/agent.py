@@ -42,6 +42,7 @@ from ..core.availability import HistoryRecord
 from ..store.pool import HISTORY_DAYS, MAX_EVENTS, Event, PoolStore
 from .config import AgentConfig
 from ..api.metrics import AgentCounters, AgentHealth
+from . import migration
 from .fence import FenceGuard
 from .l3 import L3Partner, L3Primary, replica_paths
 from .replica import ReplicaManager
@@ -99,6 +100,7 @@ class Agent:
         self._quorum_ok = True
         self._next_trim = 0.0
         self._stopping = False
+        self._migrating: set[str] = set()  # VMs this host is sending away
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- start-up ----------------------------------------------------------------
@@ -361,9 +363,18 @@ class Agent:
                     extra += f"; copies: {_copies_summary(copies_new)}"
                 self.event(d.vm, "claim", f"{d.reason} (fencing token {token}){extra}")
                 self.wake.set()
+        elif d.action is Action.PREPARE_INCOMING:
+            await self._prepare_incoming(d, snapshot)
+        elif d.action is Action.MIGRATE:
+            if d.vm not in self._migrating:
+                self._migrating.add(d.vm)
+                asyncio.create_task(self._migrate_out(d, snapshot))
         elif d.action is Action.START:
             assert d.token is not None
             prev = self.vms.get(d.vm)
+            if prev is not None and prev.state is RunState.INCOMING:
+                await self._resume_incoming(d, prev)
+                return
             if prev is not None and time.monotonic() < prev.retry_at:
                 return  # backing off after failed starts
             await self._start(d, snapshot, prev.failures if prev else 0)
@@ -388,6 +399,79 @@ class Agent:
             if await self.store.release(d.vm, d.token):
                 self.vms.pop(d.vm, None)
                 self.event(d.vm, "release", d.reason)
+
+    # --- live migration (agent/migration.py) -----------------------------------------------
+    async def _prepare_incoming(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        """Target: a paused QEMU listening for the VM, announced under this host's lease."""
+        spec = snapshot.vms[d.vm].spec
+        assert self.accel is not None
+        if not self.cfg.replication_addr:
+            self.event(d.vm, "error", "cannot receive a live migration: no replication_addr configured")
+            return
+        paths = VmPaths(self.cfg.state_dir / "vms" / d.vm)
+        try:
+            qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
+                                      on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
+                                      incoming=True, debug_qmp=self.cfg.debug_qmp)
+        except (QemuError, OSError) as e:
+            self.event(d.vm, "error", f"cannot start the migration target: {e}")
+            return
+        rec = LocalRecord(d.vm, 0, RunState.INCOMING, qemu=qemu, detail="receiving a live migration")
+        self.vms[d.vm] = rec
+        asyncio.create_task(self._watch_process(rec, qemu))
+        try:
+            incoming = await migration.listen_for(qemu, self.cfg.replication_addr)
+            published = await self.store.publish_incoming(
+                d.vm, replace(incoming, host=self.cfg.name), self.lease)
+        except Exception as e:
+            published = False
+            self.event(d.vm, "error", f"cannot listen for the migration: {e}")
+        if not published:
+            rec.state = RunState.STOPPING
+            qemu.kill()
+            return
+        self.event(d.vm, "incoming", f"{d.reason}: QEMU pid {qemu.pid} listens on "
+                                     f"{incoming.addr}:{incoming.port}")
+
+    async def _migrate_out(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        view = snapshot.vms[d.vm]
+        rec = self.vms.get(d.vm)
+        try:
+            if rec is None or rec.qemu is None or view.migration is None or view.incoming is None:
+                return
+            assert d.token is not None
+            moved = await migration.send(d.vm, d.token, rec.qemu, view.migration, view.incoming, self.store,
+                                         lambda: self.lease, lambda: self.snapshot, self.event)
+            if moved:
+                rec.state, rec.detail = RunState.STOPPING, f"migrated to {view.migration.to}"
+                rec.qemu.kill()  # paused since the migration completed; the target runs the VM
+        finally:
+            self._migrating.discard(d.vm)
+            self.wake.set()
+
+    async def _resume_incoming(self, d: Decision, rec: LocalRecord) -> None:
+        """Target, after the handover and our claim: run the received VM."""
+        assert d.token is not None and rec.qemu is not None
+        qemu = rec.qemu
+        starting = VmStatus(self.cfg.name, RunState.STARTING, d.token, time.time(), d.reason)
+        if not self.guard.may_run() or not await self.store.report_status(d.vm, starting, self.lease):
+            return
+        try:
+            await migration.wait_received(qemu)
+            await qemu.execute("cont")
+        except Exception as e:
+            rec.state, rec.detail = RunState.CRASHED, f"resuming the migrated VM failed: {e}"
+            qemu.kill()
+            self.event(d.vm, "error", rec.detail)
+            return
+        self.guard.register(d.vm, qemu.pidfd)
+        with suppress(Exception):
+            await qemu.announce()
+        rec.token, rec.state, rec.since = d.token, RunState.RUNNING, time.time()
+        rec.detail = f"pid {qemu.pid}, {self.accel.accel if self.accel else ''}"
+        self.counters.migrations[d.vm] = self.counters.migrations.get(d.vm, 0) + 1
+        self.history(d.vm, "up", "live migration")
+        self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid} runs the migrated VM (token {d.token})")
 
     async def _stop_vm(self, rec: LocalRecord, qemu: QemuVm) -> None:
         try:
@@ -609,7 +693,8 @@ class Agent:
         for name, rec in list(self.vms.items()):
             view = snapshot.vms.get(name)
             owned_here = view is not None and view.owner is not None and view.owner.host == self.cfg.name
-            if rec.state not in ACTIVE_STATES and not owned_here:
+            waiting = rec.state is RunState.INCOMING and rec.qemu is not None and rec.qemu.alive
+            if rec.state not in ACTIVE_STATES and not owned_here and not waiting:
                 del self.vms[name]
         for name, daemon in list(self.exports.items()):
             if not daemon.alive:
@@ -648,7 +733,8 @@ class Agent:
         else:
             rec.state = RunState.CRASHED
             why = rec.detail if rec.detail == "self-fenced" else f"QEMU exited unasked (code {code})"
-            self.history(rec.name, "down", why)
+            if rec.token:  # a VM this host ran (not a migration target that never ran it)
+                self.history(rec.name, "down", why)
             rec.detail = why
             if time.time() - qemu.started_at < HEALTHY_RUN_S:
                 self._back_off(rec)

@@ -224,6 +224,32 @@ def make_app(ctx: ApiContext) -> web.Application:
         reports = await ops.availability(ctx.store, end - days * 86400, end, [name] if name else None)
         return web.json_response({"days": days, "reports": [r.to_json() for r in reports]})
 
+    async def migrate_vm(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            target = str((await request.json())["to"])
+        except (ValueError, KeyError, TypeError):
+            raise FtvmError('the body must be {"to": HOST}', BAD_INPUT) from None
+        m = await ops.migrate(ctx.store, name, target)
+
+        async def follow(job: Job) -> None:
+            await _wait_moved(ctx, job, {name: m.to})
+        return accepted(jobs.start("migrate", name, follow))
+
+    async def maintenance(request: web.Request) -> web.Response:
+        host, action = request.match_info["host"], request.match_info["action"]
+        if action == "resume":
+            await ops.end_maintenance(ctx.store, host)
+
+            async def resumed(job: Job) -> None:
+                job.progress = f"{host} back in service"
+            return accepted(jobs.start("resume", host, resumed))
+        moves = await ops.start_maintenance(ctx.store, host, "maintenance (API)")
+
+        async def follow(job: Job) -> None:
+            await _wait_moved(ctx, job, moves)
+        return accepted(jobs.start("maintenance", host, follow))
+
     async def get_job(request: web.Request) -> web.Response:
         job = jobs.jobs.get(request.match_info["id"])
         if job is None:
@@ -244,6 +270,8 @@ def make_app(ctx: ApiContext) -> web.Application:
         web.patch("/api/v1/vms/{name}", patch_vm),
         web.delete("/api/v1/vms/{name}", delete_vm),
         web.post("/api/v1/vms/{name}/{action:start|stop}", start_stop),
+        web.post("/api/v1/vms/{name}/migrate", migrate_vm),
+        web.post("/api/v1/hosts/{host}/{action:maintenance|resume}", maintenance),
         web.get("/api/v1/events", events),
         web.get("/api/v1/availability", availability),
         web.get("/api/v1/vms/{name}/availability", availability),
@@ -270,6 +298,33 @@ async def _wait_released(ctx: ApiContext, job: Job, name: str) -> None:
             job.progress = "stopped"
             return
         job.progress = f"stopping on {view.owner.host}"
+        await asyncio.sleep(0.3)
+
+
+async def _wait_moved(ctx: ApiContext, job: Job, moves: dict[str, str]) -> None:
+    """Follow live migrations until every VM runs on its target (or stayed: failed)."""
+    while True:
+        snap = await ctx.snapshot()
+        left, failed, parts = [], [], []
+        for vm, to in moves.items():
+            view = snap.vms.get(vm)
+            if view is None:
+                failed.append(vm)
+            elif view.owner is not None and view.owner.host == to and view.status is not None \
+                    and view.status.state is RunState.RUNNING:
+                parts.append(f"{vm} on {to}")
+            elif view.migration is None and view.handover_host is None and view.owner is not None:
+                failed.append(vm)
+            else:
+                m = view.migration
+                pct = f" {100 * m.done // m.total}%" if m is not None and m.total else ""
+                left.append(vm)
+                parts.append(f"{vm} -> {to}{pct}")
+        job.progress = ", ".join(parts) or "no VMs to move"
+        if failed:
+            raise FtvmError(f"did not move: {', '.join(failed)} (see the events)")
+        if not left:
+            return
         await asyncio.sleep(0.3)
 
 

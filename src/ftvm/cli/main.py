@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import lab_cmds, pool_cmds
+from . import lab_cmds, move_cmds, pool_cmds
 from .common import BAD_INPUT, main_guard
 
 
@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     host = sub.add_parser("host", help="hosts of the pool").add_subparsers(dest="sub", required=True)
     cmd(host, "list", pool_cmds.cmd_host_list, "list live hosts")
+    p = cmd(host, "maintenance", move_cmds.cmd_host_maintenance,
+            "move every VM off a host live, then place nothing on it")
+    p.add_argument("host")
+    p.add_argument("--reason", default="maintenance")
+    p.add_argument("--wait", action="store_true", help="follow the migrations (a progress bar per VM)")
+    p.add_argument("--timeout", type=float, default=300)
+    p = cmd(host, "resume", move_cmds.cmd_host_resume, "end a host's maintenance")
+    p.add_argument("host")
 
     vm = sub.add_parser("vm", help="virtual machines").add_subparsers(dest="sub", required=True)
     p = cmd(vm, "add", pool_cmds.cmd_vm_add, "define a VM")
@@ -85,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
             "level 2: a failed copy's storage works again (replaced disk): resync it and mirror again")
     p.add_argument("name")
     p.add_argument("--host", required=True)
+    p = cmd(vm, "migrate", move_cmds.cmd_vm_migrate, "move a running VM to another host live")
+    p.add_argument("name")
+    p.add_argument("--to", required=True, help="the target host")
+    p.add_argument("--wait", action="store_true", help="follow it (a progress bar)")
+    p.add_argument("--timeout", type=float, default=300)
     p = cmd(vm, "remove", pool_cmds.cmd_vm_remove, "remove a stopped VM (its disks are kept)")
     p.add_argument("name")
     p = cmd(vm, "show", pool_cmds.cmd_vm_show, "show one VM")

@@ -34,6 +34,8 @@ class Action(str, Enum):
     KILL = "kill"        # SIGKILL now: running without valid ownership
     EXPORT = "export"    # level 2 partner: serve this host's copy to the primary
     UNEXPORT = "unexport"  # level 2: stop serving it (the VM stopped, moved here, or is gone)
+    PREPARE_INCOMING = "prepare-incoming"  # migration target: start a QEMU that waits for the VM
+    MIGRATE = "migrate"  # migration source: send the running VM to the target, then hand it over
     WAIT = "wait"        # nothing to do
 
 
@@ -105,10 +107,21 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decisi
     me, spec, owner = local.host, view.spec, view.owner
     lv = local.vms.get(spec.name)
     running_here = lv is not None and lv.state in ACTIVE_STATES
+    incoming_here = lv is not None and lv.state is RunState.INCOMING
+    migration = view.migration
 
     if owner is None:
         if running_here:
             return Decision(spec.name, Action.KILL, "running here without ownership (lease lost)")
+        handover = view.handover_host
+        if handover == me:
+            return Decision(spec.name, Action.CLAIM, "live migration handed the VM over to this host")
+        if handover is not None and handover in snapshot.hosts:
+            if incoming_here:
+                return Decision(spec.name, Action.KILL, f"the migration went to {handover}")
+            return Decision(spec.name, Action.WAIT, f"migrated to {handover}, which takes it over")
+        if incoming_here:
+            return Decision(spec.name, Action.KILL, "migration abandoned (no handover to this host)")
         if spec.desired is Desired.STOPPED:
             return Decision(spec.name, Action.WAIT, "stopped")
         target, why = choose_host(snapshot, view)
@@ -119,6 +132,14 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decisi
     if owner.host != me:
         if running_here:
             return Decision(spec.name, Action.KILL, f"owned by {owner.host}: never two copies")
+        moving_here = migration is not None and migration.to == me and migration.source == owner.host
+        if incoming_here:
+            if moving_here:
+                return Decision(spec.name, Action.WAIT, f"receiving the live migration from {owner.host}")
+            return Decision(spec.name, Action.KILL, "migration abandoned")
+        if moving_here and view.incoming is None:
+            return Decision(spec.name, Action.PREPARE_INCOMING,
+                            f"live migration from {owner.host} asked: preparing to receive it")
         return Decision(spec.name, Action.WAIT, f"runs on {owner.host}")
 
     # This host owns the VM.
@@ -127,7 +148,14 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decisi
                         f"fencing token {lv.token} is stale (owner token {owner.token})")
     if spec.desired is Desired.RUNNING:
         if running_here:
+            if (migration is not None and migration.source == me and view.incoming is not None
+                    and view.incoming.host == migration.to):
+                return Decision(spec.name, Action.MIGRATE, f"live migration to {migration.to}",
+                                token=owner.token)
             return Decision(spec.name, Action.WAIT, "running")
+        if incoming_here:
+            return Decision(spec.name, Action.START, "migrated here: resuming the received VM",
+                            token=owner.token)
         if lv is not None and lv.state is RunState.CRASHED and lv.token == owner.token:
             why = f"QEMU exited unasked (code {lv.exit_code}); starting again"
         elif view.home not in (None, me):
@@ -143,7 +171,7 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decisi
 
 
 def eligible_hosts(snapshot: PoolSnapshot, view: VmView) -> list[str]:
-    """Live hosts with room that can reach the VM's disks, best first
+    """Live hosts not in maintenance, with room, that can reach the VM's disks, best first
     (most free memory, then name, so every agent computes the same order).
     Level 2: only hosts holding a current copy (or the one an operator forced)."""
     spec = view.spec
@@ -155,7 +183,8 @@ def eligible_hosts(snapshot: PoolSnapshot, view: VmView) -> list[str]:
             return view.force_host == h or may_start_on(view.copies, h)[0]
         return True
 
-    hosts = [h for h in snapshot.hosts if snapshot.has_room(h, spec) and reaches(h)]
+    hosts = [h for h in snapshot.hosts
+             if h not in snapshot.maintenance and snapshot.has_room(h, spec) and reaches(h)]
     return sorted(hosts, key=lambda h: (-(snapshot.hosts[h].memory_mib - snapshot.used_memory(h)), h))
 
 

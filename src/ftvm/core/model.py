@@ -45,6 +45,7 @@ class RunState(str, Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     CRASHED = "crashed"  # QEMU exited without being asked to
+    INCOMING = "incoming"  # (not owned) QEMU waits for a live migration into this host
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,28 @@ class CheckpointFigures:
 
 
 @dataclass(frozen=True)
+class Migration:
+    """A live migration the owner was asked to make (lease: the owner's)."""
+
+    to: str
+    source: str
+    token: int            # the source's fencing token when it was requested
+    started: float
+    phase: str = "requested"   # requested | transferring | handing over
+    done: int = 0              # bytes of RAM sent so far / to send (progress)
+    total: int = 0
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """The target of a migration is ready to receive it (lease: the target's)."""
+
+    host: str
+    addr: str
+    port: int
+
+
+@dataclass(frozen=True)
 class VmView:
     spec: VmSpec
     owner: Ownership | None = None
@@ -230,6 +253,9 @@ class VmView:
     force_host: str | None = None       # operator accepted data loss to start here
     repair_host: str | None = None      # operator: this host's failed copy can be resynced
     checkpoints: CheckpointFigures | None = None  # level 3: the engine's figures
+    migration: Migration | None = None  # live migration requested / under way
+    incoming: Incoming | None = None    # its target is listening
+    handover_host: str | None = None    # migrated: only this host may claim it now
 
     def copy_state(self, host: str) -> "CopyState | None":
         """Level 2: the state of `host`'s copy, None if it holds none."""
@@ -244,6 +270,7 @@ class PoolSnapshot:
     vms: dict[str, VmView]
     # A-link health reported by each host: host -> peer -> interface -> up?
     links: dict[str, dict[str, dict[str, bool]]] = field(default_factory=dict)
+    maintenance: frozenset[str] = frozenset()  # hosts an operator put in maintenance: nothing placed there
 
     def a_links_down(self, host: str, peer: str) -> tuple[list[str], list[str]]:
         """(down, up) A-link interfaces of `host` toward `peer`, as `host` reports them."""

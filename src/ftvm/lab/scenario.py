@@ -50,6 +50,10 @@ class LabPool:
                 return await fn(PoolStore(c, labmod.POOL))
         return asyncio.run(go())
 
+    def run(self, fn: Callable[[PoolStore], Any]) -> Any:
+        """Run `fn(store)` against the lab's pool (for ops calls in tests and benchmarks)."""
+        return self._run(fn)
+
     def snapshot(self) -> PoolSnapshot:
         return self._run(lambda s: s.snapshot())
 

@@ -65,7 +65,8 @@ def tap_name(vm: str) -> str:
 
 def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
                   blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
-                  debug_qmp: bool = False, checkpointed: Checkpointed | None = None) -> list[str]:
+                  debug_qmp: bool = False, checkpointed: Checkpointed | None = None,
+                  incoming: bool = False) -> list[str]:
     """`blockdevs` (levels 2, 3): per disk, the -blockdev nodes, the last one named disk<i>.
     Those disks stop the VM on an I/O error (werror/rerror=stop) so the agent can act.
     `checkpointed` (level 3): RAM in a shared file, NICs through the output-commit relay,
@@ -84,6 +85,8 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
                            f"mem-path={checkpointed.ram_file},share=on"]
         if checkpointed.incoming:
             cmd += ["-incoming", "defer"]
+    if incoming and not (checkpointed and checkpointed.incoming):  # a live migration's target
+        cmd += ["-incoming", "defer"]
     if debug_qmp:
         cmd += ["-qmp", f"unix:{paths.debug_qmp},server=on,wait=off"]
     if paused:

@@ -77,7 +77,8 @@ class QemuVm:
     async def start(spec: VmSpec, paths: VmPaths, accel: Accel, bridge: str,
                     on_event: Callable[[str, dict[str, Any]], None] | None = None,
                     blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
-                    debug_qmp: bool = False, checkpointed: Checkpointed | None = None) -> QemuVm:
+                    debug_qmp: bool = False, checkpointed: Checkpointed | None = None,
+                    incoming: bool = False) -> QemuVm:
         """`checkpointed` (level 3): the caller owns the taps (its relay listens on
         `paths.nic_socket(i)` before this is called)."""
         if blockdevs is None:
@@ -91,7 +92,8 @@ class QemuVm:
         if checkpointed is None:
             for tap in taps:
                 ensure_tap(tap, bridge)
-        cmd = build_cmdline(spec, paths, accel, taps, blockdevs, paused, debug_qmp, checkpointed)
+        cmd = build_cmdline(spec, paths, accel, taps, blockdevs, paused or incoming, debug_qmp, checkpointed,
+                            incoming)
         log.info("starting %s: %s", spec.name, " ".join(cmd))
         stderr = open(paths.run_dir / "qemu.log", "ab")
         proc = await asyncio.create_subprocess_exec(

@@ -15,6 +15,10 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/vms/<vm>/export/<h> Export      lease: h's; h serves its copy over NBD
     state/vms/<vm>/sync       progress    lease: the owner's; resync of the partner's copy
     state/vms/<vm>/checkpoints figures    lease: the owner's; level 3 engine figures
+    state/vms/<vm>/migration  Migration   lease: the owner's; a live migration asked / under way
+    state/vms/<vm>/incoming   Incoming    lease: the target's; it listens for the migration
+    state/vms/<vm>/handover   {host}      lease: the target's; migrated: only it may claim the VM
+    state/maintenance/<host>  {since}     no lease; nothing is placed on the host
     state/vms/<vm>/force      {host}      no lease; operator accepted data loss to start there
     state/vms/<vm>/repair     {host}      no lease; operator: host's failed copy has working storage again
     state/links/<host>        A-links     lease: the host's; {peer: {interface: up?}}
@@ -29,6 +33,9 @@ What must be atomic (each is one etcd transaction):
              outdated. A host whose lease expired cannot claim; two claimers cannot both
              win; a copy that became stale meanwhile cannot be promoted.
   * copies:  only if owner.create_revision == token AND copies unchanged (compare-and-set).
+  * hand over (live migration, source): owner.create_revision == token AND incoming
+             present -> delete owner, status, migration, incoming; put handover (target's
+             lease). The claim transaction deletes handover.
   * take over (level 3 partner, fast failover): owner.create_revision == old token AND
              copies unchanged (still naming the partner current) -> delete owner + status,
              put copies with the partner as the only current copy. Races the primary's
@@ -50,8 +57,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..core.model import (CheckpointFigures, Export, HostInfo, Ownership, PoolSnapshot, SyncProgress, VmSpec,
-                          VmStatus, VmView)
+from ..core.model import (CheckpointFigures, Export, HostInfo, Incoming, Migration, Ownership, PoolSnapshot,
+                          SyncProgress, VmSpec, VmStatus, VmView)
 from ..core.availability import HistoryRecord
 from ..core.replication import Copies
 from .etcd import Compare, EtcdClient, absent, created_at, modified_at, present, put_json, Delete, Get, Put
@@ -95,6 +102,7 @@ class PoolStore:
         hosts: dict[str, HostInfo] = {}
         links: dict[str, dict[str, dict[str, bool]]] = {}
         parts: dict[str, dict[str, Any]] = {}
+        maintenance: set[str] = set()
         for kv in kvs:
             rest = kv.key[len(self.state):].split("/")
             if rest[0] == "hosts" and len(rest) == 2:
@@ -103,6 +111,8 @@ class PoolStore:
                 parts.setdefault(rest[1], {})[rest[2]] = kv
             elif rest[0] == "links" and len(rest) == 2:
                 links[rest[1]] = kv.json()
+            elif rest[0] == "maintenance" and len(rest) == 2:
+                maintenance.add(rest[1])
             elif rest[0] == "vms" and len(rest) == 4 and rest[2] == "export":
                 parts.setdefault(rest[1], {}).setdefault("exports", []).append(kv)
         vms: dict[str, VmView] = {}
@@ -121,8 +131,12 @@ class PoolStore:
                 force_host=p["force"].json()["host"] if "force" in p else None,
                 repair_host=p["repair"].json()["host"] if "repair" in p else None,
                 checkpoints=CheckpointFigures(**p["checkpoints"].json()) if "checkpoints" in p else None,
+                migration=Migration(**p["migration"].json()) if "migration" in p else None,
+                incoming=Incoming(**p["incoming"].json()) if "incoming" in p else None,
+                handover_host=p["handover"].json()["host"] if "handover" in p else None,
             )
-        return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links)
+        return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links,
+                            maintenance=frozenset(maintenance))
 
     async def spec(self, vm: str) -> tuple[VmSpec, int] | None:
         kv = await self.etcd.get(self.vm_key(vm, "spec"))
@@ -151,6 +165,7 @@ class PoolStore:
         compare = [absent(owner), present(self.host_key(host)), present(self.vm_key(vm, "spec"))]
         success: list[Put | Delete | Get] = [put_json(owner, {"host": host}, lease),
                                              put_json(self.vm_key(vm, "home"), {"host": host})]
+        success.append(Delete(self.vm_key(vm, "handover")))
         if copies_new is not None:
             compare.append(self._copies_unchanged(vm, copies_seen))
             success.append(put_json(self.vm_key(vm, "copies"), copies_new.to_json()))
@@ -209,6 +224,51 @@ class PoolStore:
              Delete(self.vm_key(vm, "checkpoints")),
              put_json(self.vm_key(vm, "copies"), copies_new.to_json())])
         return r.succeeded
+
+    # --- live migration ----------------------------------------------------------------
+    async def request_migration(self, vm: str, owner_token: int, migration: Migration, lease: int) -> bool:
+        """Operator: move the running VM. Only while the owner still has `owner_token` and no
+        other migration is pending; lease-bound to the owner (a lost owner drops it)."""
+        key = self.vm_key(vm, "migration")
+        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), owner_token), absent(key)],
+                                [put_json(key, migration.__dict__, lease)])
+        return r.succeeded
+
+    async def update_migration(self, vm: str, token: int, migration: Migration, lease: int) -> bool:
+        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token),
+                                 present(self.vm_key(vm, "migration"))],
+                                [put_json(self.vm_key(vm, "migration"), migration.__dict__, lease)])
+        return r.succeeded
+
+    async def end_migration(self, vm: str) -> None:
+        await self.etcd.delete(self.vm_key(vm, "migration"))
+
+    async def publish_incoming(self, vm: str, incoming: Incoming, lease: int) -> bool:
+        """Target: listening for the migration (only while it is still requested)."""
+        r = await self.etcd.txn([present(self.vm_key(vm, "migration"))],
+                                [put_json(self.vm_key(vm, "incoming"), incoming.__dict__, lease)])
+        return r.succeeded
+
+    async def withdraw_incoming(self, vm: str) -> None:
+        await self.etcd.delete(self.vm_key(vm, "incoming"))
+
+    async def hand_over(self, vm: str, token: int, target: str, target_lease: int) -> bool:
+        """Source, its guest paused with every byte sent: give the VM to `target`, if we still
+        own it and the target still listens. Only the target may claim it next (the handover
+        key lives on the target's lease: if the target dies, the VM fails over as usual)."""
+        r = await self.etcd.txn(
+            [created_at(self.vm_key(vm, "owner"), token), present(self.vm_key(vm, "incoming"))],
+            [Delete(self.vm_key(vm, "owner")), Delete(self.vm_key(vm, "status")),
+             Delete(self.vm_key(vm, "migration")), Delete(self.vm_key(vm, "incoming")),
+             put_json(self.vm_key(vm, "handover"), {"host": target}, target_lease)])
+        return r.succeeded
+
+    async def set_maintenance(self, host: str, on: bool, reason: str = "") -> None:
+        key = f"{self.state}maintenance/{host}"
+        if on:
+            await self.etcd.put(key, json.dumps({"since": time.time(), "reason": reason}).encode())
+        else:
+            await self.etcd.delete(key)
 
     async def request_repair(self, vm: str, host: str) -> bool:
         """Operator: `host`'s failed copy sits on storage that works again."""

@@ -1,0 +1,112 @@
+"""Live migration in the agent (levels 0 and 1: disks on storage both hosts reach).
+
+    operator ── migration record (owner's lease) ──► target: QEMU -incoming, listening;
+                                                     incoming record (target's lease)
+    source: migrate ──► completed (guest paused here, every byte sent)
+    source: hand over = one txn: still owner with its token AND target still listening
+            -> owner, status, migration, incoming deleted; handover {target} (target's lease)
+    target: claims (only it may: handover), waits for QEMU to finish loading, cont, announce
+    source: kills its paused copy
+
+If the target dies before the handover, the source's guest runs on (the txn fails
+on `incoming`; it resumes). If the source dies, the migration and incoming records
+go with its lease: the target's QEMU is killed (no handover) and the VM fails
+over as usual. If the target dies after the handover, the handover key goes with
+its lease and the VM fails over from storage, as for any lost host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from ..core.model import Incoming, Migration, PoolSnapshot
+from ..qemu.process import QemuVm
+from ..store.etcd import EtcdError
+from ..store.pool import PoolStore
+
+log = logging.getLogger("ftvm.agent.migration")
+
+MAX_BANDWIDTH = 1 << 30      # bytes/s: keep migrations short (FACTS: a 2 MB/s TCG migration once lost pages)
+DOWNTIME_LIMIT_MS = 300
+PROGRESS_EVERY_S = 0.5
+
+
+def free_port(addr: str) -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return int(s.getsockname()[1])
+
+
+async def listen_for(qemu: QemuVm, addr: str) -> Incoming:
+    """Target: QEMU (started with -incoming defer) listens for the migration stream."""
+    port = free_port(addr)
+    await qemu.execute("migrate-incoming", {"uri": f"tcp:{addr}:{port}"})
+    return Incoming(host="", addr=addr, port=port)
+
+
+async def wait_received(qemu: QemuVm, timeout: float = 30.0) -> None:
+    """Target, after the handover: QEMU has loaded every byte the source sent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await qemu.execute("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+            raise RuntimeError(f"incoming migration {status or 'not done'}: {info.get('error-desc', '')}")
+        await asyncio.sleep(0.005)
+
+
+async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming: Incoming, store: PoolStore,
+               lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
+               event: Callable[[str, str, str], None]) -> bool:
+    """Source: migrate, then hand over. True if the VM now belongs to the target (the caller
+    kills this paused copy); False if it still runs here (the migration failed or the
+    target vanished), with the migration record removed."""
+    t0 = time.monotonic()
+    try:
+        await qemu.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH,
+                                                      "downtime-limit": DOWNTIME_LIMIT_MS})
+        await qemu.execute("migrate", {"uri": f"tcp:{incoming.addr}:{incoming.port}"})
+        last = 0.0
+        while True:
+            info = await qemu.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise RuntimeError(f"migration {status}: {info.get('error-desc', '')}")
+            ram = info.get("ram", {})
+            if time.monotonic() - last > PROGRESS_EVERY_S:
+                last = time.monotonic()
+                total = int(ram.get("total", 0))
+                done = total - int(ram.get("remaining", total))
+                await store.update_migration(vm, token, replace(migration, phase="transferring", done=done,
+                                                                total=total), lease())
+            await asyncio.sleep(0.01)
+        downtime = (await qemu.execute("query-migrate")).get("downtime", 0)
+        snap = snapshot()
+        target = snap.hosts.get(migration.to) if snap else None
+        if target is not None and await store.hand_over(vm, token, migration.to, target.lease_id):
+            event(vm, "migrate", f"live migration to {migration.to} done in {time.monotonic() - t0:.2f}s "
+                                 f"(QEMU downtime {downtime} ms); handed over")
+            return True
+        raise RuntimeError(f"{migration.to} no longer listens (or this host lost the VM)")
+    except Exception as e:  # QMP, etcd, network: whatever failed, the VM must run on here
+        event(vm, "migrate", f"live migration to {migration.to} failed: {e}; the VM stays here")
+        try:
+            status = await qemu.execute("query-status")
+            if status.get("status") in ("postmigrate", "paused", "finish-migrate"):
+                await qemu.execute("cont")
+        except Exception as e2:
+            log.warning("%s: could not resume after a failed migration: %s", vm, e2)
+        try:
+            await store.end_migration(vm)
+        except EtcdError:
+            pass
+        return False

@@ -1,0 +1,92 @@
+"""`ftvm vm migrate`, `ftvm host maintenance`, `ftvm host resume`: moving running VMs live."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .. import ops
+from ..core.model import PoolSnapshot, RunState
+from ..store.pool import PoolStore
+from .common import FAILED, OK, console, emit_json, is_json, with_store
+
+
+def _arrived(snap: PoolSnapshot, vm: str, target: str) -> bool:
+    view = snap.vms.get(vm)
+    return (view is not None and view.owner is not None and view.owner.host == target
+            and view.status is not None and view.status.state is RunState.RUNNING)
+
+
+async def _follow(store: PoolStore, moves: dict[str, str], timeout: float, show: bool) -> dict[str, dict[str, Any]]:
+    """Wait until every VM runs on its target; a progress bar per VM (bytes of RAM sent)."""
+    results: dict[str, dict[str, Any]] = {vm: {"to": to, "done": False} for vm, to in moves.items()}
+    deadline = time.monotonic() + timeout
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console, disable=not show, transient=False) as progress:
+        tasks = {vm: progress.add_task(f"{vm} -> {to}", total=100) for vm, to in moves.items()}
+        t0 = time.monotonic()
+        while time.monotonic() < deadline:
+            snap = await store.snapshot()
+            for vm, to in moves.items():
+                r = results[vm]
+                if r["done"]:
+                    continue
+                view = snap.vms.get(vm)
+                if _arrived(snap, vm, to):
+                    r.update(done=True, seconds=round(time.monotonic() - t0, 2))
+                    progress.update(tasks[vm], completed=100)
+                elif view is not None and view.migration is not None and view.migration.total:
+                    progress.update(tasks[vm], completed=90 * view.migration.done / view.migration.total)
+                elif view is not None and view.migration is None and view.handover_host is None \
+                        and view.owner is not None and view.owner.host != to:
+                    r.update(done=True, failed=True)  # the migration ended and the VM stayed
+            if all(r["done"] for r in results.values()):
+                break
+            await asyncio.sleep(0.2)
+    return results
+
+
+def _report(args: Any, results: dict[str, dict[str, Any]], extra: dict[str, Any]) -> int:
+    failed = [vm for vm, r in results.items() if r.get("failed") or not r["done"]]
+    if is_json(args):
+        emit_json(extra | {"moves": results})
+    for vm in failed:
+        console.print(f"[red]{vm} did not move to {results[vm]['to']}[/] (see `ftvm events`)", highlight=False)
+    return FAILED if failed else OK
+
+
+def cmd_vm_migrate(args: Any) -> int:
+    m = with_store(args, lambda store: ops.migrate(store, args.name, args.to))
+    if not is_json(args):
+        console.print(f"VM {args.name}: live migration {m.source} -> {m.to} requested")
+    if not args.wait:
+        if is_json(args):
+            emit_json({"vm": args.name, "from": m.source, "to": m.to, "requested": True})
+        return OK
+    results = with_store(args, lambda store: _follow(store, {args.name: args.to}, args.timeout, not is_json(args)))
+    return _report(args, results, {"vm": args.name, "from": m.source})
+
+
+def cmd_host_maintenance(args: Any) -> int:
+    moves = with_store(args, lambda store: ops.start_maintenance(store, args.host, args.reason))
+    if not is_json(args):
+        console.print(f"host {args.host} in maintenance: nothing will be placed on it; moving "
+                      + (", ".join(f"{vm} -> {to}" for vm, to in moves.items()) or "no VMs"))
+    if not args.wait or not moves:
+        if is_json(args):
+            emit_json({"host": args.host, "maintenance": True, "moves": moves})
+        return OK
+    results = with_store(args, lambda store: _follow(store, moves, args.timeout, not is_json(args)))
+    return _report(args, results, {"host": args.host, "maintenance": True})
+
+
+def cmd_host_resume(args: Any) -> int:
+    with_store(args, lambda store: ops.end_maintenance(store, args.host))
+    if is_json(args):
+        emit_json({"host": args.host, "maintenance": False})
+    else:
+        console.print(f"host {args.host} is back in service (VMs are not moved back automatically)")
+    return OK

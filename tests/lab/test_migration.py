@@ -1,0 +1,98 @@
+"""Live migration and host maintenance in a lab pool: one client connection stays open,
+nothing acknowledged is lost, the VM ends on the target, and the host stays empty."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from ftvm import ops
+from ftvm.core.model import Level
+from ftvm.errors import FtvmError
+from ftvm.lab import lab as labmod
+from ftvm.lab import topology as topo
+from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk, sequence_breaks
+
+pytestmark = pytest.mark.lab
+
+
+def _run(pool: LabPool, fn):  # an ops call against the lab's store
+    return pool.run(fn)
+
+
+def _wait_on(pool: LabPool, vm: str, host: str, timeout: float) -> None:
+    pool.wait_for(f"{vm} running on {host}", lambda s: s.vms[vm].owner is not None
+                  and s.vms[vm].owner.host == host and s.vms[vm].status is not None
+                  and s.vms[vm].status.state.value == "running", timeout)
+
+
+def test_live_migration_keeps_the_connection_and_every_record(lab: labmod.LabState, guest_image) -> None:
+    pool = LabPool(lab)
+    spec = pool.define_ledger_vm("mig", 50, Level.RESTART, guest_image, host="h1")
+    ip = topo.vm_addr(50).split("/")[0]
+    client = None
+    try:
+        pool.wait_running("mig", 60)
+        pool.wait_answering(ip, 60)
+        client = LabClient(lab, ip, "mig", 0.01, reply_timeout=60)
+        client.wait_acks(50, 30)
+        moves = []
+        for target in ("h2", "h1"):
+            t0 = time.time()
+            _run(pool, lambda s, t=target: ops.migrate(s, "mig", t))
+            _wait_on(pool, "mig", target, 60)
+            client.wait_acks(30, 30, after=time.time())
+            moves.append(t0)
+        acks = client.stop()
+        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert sequence_breaks(acks) == (0, 0)
+        assert check_acked_on_disk(Path(spec.disks[0].path), acks)[1] == []
+        pauses = [max((b.t - a.t for a, b in zip(acks, acks[1:], strict=False) if b.t > t0), default=0)
+                  for t0 in moves]
+        assert max(pauses) < 3, pauses
+        events = [e for e in pool.events() if e.vm == "mig"]
+        assert sum(1 for e in events if e.kind == "migrate" and "handed over" in e.message) == 2
+        # refusals change nothing
+        with pytest.raises(FtvmError, match="already runs on"):
+            _run(pool, lambda s: ops.migrate(s, "mig", "h1"))
+        with pytest.raises(FtvmError, match="not a live host"):
+            _run(pool, lambda s: ops.migrate(s, "mig", "h9"))
+    finally:
+        if client is not None:
+            client.stop()
+        pool.stop_and_remove("mig")
+
+
+def test_maintenance_empties_the_host_and_nothing_is_placed_there(lab: labmod.LabState, guest_image) -> None:
+    pool = LabPool(lab)
+    pool.define_ledger_vm("mnt", 51, Level.RESTART, guest_image, host="h1")
+    l2 = None
+    try:
+        pool.wait_running("mnt", 60)
+        pool.wait_answering(topo.vm_addr(51).split("/")[0], 60)
+        # a level 2 VM on h1 cannot move yet: maintenance is refused, nothing changes
+        l2 = pool.define_ledger_vm("mnt2", 52, Level.COMPONENT, guest_image, host="h1")
+        pool.wait_running("mnt2", 60)
+        with pytest.raises(FtvmError, match="level 2"):
+            _run(pool, lambda s: ops.start_maintenance(s, "h1", "test"))
+        assert pool.snapshot().maintenance == frozenset()
+        pool.stop_and_remove("mnt2")
+        l2 = None
+        moves = _run(pool, lambda s: ops.start_maintenance(s, "h1", "test"))
+        assert moves == {"mnt": "h2"}
+        _wait_on(pool, "mnt", "h2", 60)
+        snap = pool.snapshot()
+        assert snap.maintenance == frozenset({"h1"})
+        # a VM started now is not placed on h1, although it prefers it
+        pool.define_ledger_vm("mnt3", 53, Level.RESTART, guest_image, host="h1")
+        assert pool.wait_running("mnt3", 60) == "h2"
+        _run(pool, lambda s: ops.end_maintenance(s, "h1"))
+        assert pool.snapshot().maintenance == frozenset()
+        pool.stop_and_remove("mnt3")
+    finally:
+        if l2 is not None:
+            pool.stop_and_remove("mnt2")
+        pool.stop_and_remove("mnt")
+        _run(pool, lambda s: s.set_maintenance("h1", False))
