@@ -96,3 +96,41 @@ def test_maintenance_empties_the_host_and_nothing_is_placed_there(lab: labmod.La
             pool.stop_and_remove("mnt2")
         pool.stop_and_remove("mnt")
         _run(pool, lambda s: s.set_maintenance("h1", False))
+
+
+def test_rolling_upgrade_keeps_every_vm_answering(lab: labmod.LabState, guest_image) -> None:
+    """Maintenance h1, restart h1's agent, resume h1; then the same for h2: two VMs keep
+    answering their clients on one connection each, nothing acknowledged is lost."""
+    pool = LabPool(lab)
+    specs = [pool.define_ledger_vm(f"ru{i}", 54 + i, Level.RESTART, guest_image, host=h)
+             for i, h in enumerate(("h1", "h2"))]
+    clients = []
+    try:
+        for s in specs:
+            pool.wait_running(s.name, 60)
+            pool.wait_answering(topo.vm_addr(54 + specs.index(s)).split("/")[0], 60)
+        clients = [LabClient(lab, topo.vm_addr(54 + i).split("/")[0], s.name, 0.02, reply_timeout=60)
+                   for i, s in enumerate(specs)]
+        for c in clients:
+            c.wait_acks(20, 30)
+        for host in ("h1", "h2"):
+            moves = pool.run(lambda s, h=host: ops.start_maintenance(s, h, "upgrade"))
+            for vm, to in moves.items():
+                _wait_on(pool, vm, to, 60)
+            assert not any(v.owner and v.owner.host == host for v in pool.snapshot().vms.values())
+            labmod.restart_agent(lab, host)
+            pool.run(lambda s, h=host: ops.end_maintenance(s, h))
+            for c in clients:  # every VM still answers after each step
+                c.wait_acks(10, 30, after=time.time())
+        for s, c in zip(specs, clients, strict=True):
+            acks = c.stop()
+            assert [e.get("kind") for e in c.other_events()] == ["connect"], s.name
+            assert sequence_breaks(acks) == (0, 0)
+            assert check_acked_on_disk(Path(s.disks[0].path), acks)[1] == []
+            gaps = [b.t - a.t for a, b in zip(acks, acks[1:], strict=False)]
+            assert max(gaps) < 3, (s.name, max(gaps))
+    finally:
+        for c in clients:
+            c.stop()
+        for s in specs:
+            pool.stop_and_remove(s.name)

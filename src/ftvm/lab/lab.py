@@ -375,6 +375,29 @@ def restore_host(state: LabState, host: str) -> None:
     state.save()
 
 
+def restart_agent(state: LabState, host: str, timeout: float = 30) -> None:
+    """An orderly agent restart (as an upgrade would do): SIGTERM, wait, start again.
+    The agent stops the VMs it runs on the way out: empty the host first."""
+    _check_host(state, host)
+    pid = state.pids.get(f"agent-{host}")
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.1)
+    start_agent(state, host)
+    state.save()
+    wait_for_hosts(state, [host], timeout)
+
+
 def set_a_link(state: LabState, a: str, b: str, k: int, up: bool) -> None:
     """Take one A-link between two hosts down (both ends, as a cut cable) or up again."""
     _check_host(state, a)
