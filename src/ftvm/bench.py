@@ -29,6 +29,8 @@ def summarize(results: list[FailoverResult]) -> dict[str, Any]:
 def cmd_bench(args: Any) -> int:
     if args.runs < 1:
         raise CliError("--runs must be at least 1", BAD_INPUT)
+    if args.what == "migration":
+        return _cmd_bench_migration(args)
     if args.level == 2:
         return _cmd_bench_level2(args)
     if args.level == 3:
@@ -237,3 +239,29 @@ def _cmd_bench_level3(args: Any) -> int:
     else:
         print_level3(out)
     return FAILED if check_failed(out) else OK
+
+
+def _cmd_bench_migration(args: Any) -> int:
+    from .bench_ops import print_migration, run_migration_bench
+    try:
+        ensure_root()
+    except ScenarioError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    lab_dir = Path(args.lab_dir) if args.lab_dir else labmod.DEFAULT_DIR
+    if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
+        raise CliError("a lab is already up: the benchmark builds its own; run `ftvm lab down` first", BAD_INPUT)
+    quiet = is_json(args)
+
+    def progress(message: str) -> None:
+        if not quiet:
+            console.print(f"[dim]{message}[/]", highlight=False)
+
+    try:
+        out = run_migration_bench(lab_dir, args.runs, progress)
+    except (ScenarioError, labmod.LabError, GuestBuildError) as e:
+        raise CliError(f"benchmark failed: {e}", FAILED) from None
+    if quiet:
+        emit_json(out)
+    else:
+        print_migration(out)
+    return OK if out["connections"] == 1 and out["sequence_breaks"] == 0 else FAILED
