@@ -31,6 +31,8 @@ def cmd_bench(args: Any) -> int:
         raise CliError("--runs must be at least 1", BAD_INPUT)
     if args.what == "migration":
         return _cmd_bench_migration(args)
+    if args.what == "control-plane":
+        return _cmd_bench_control_plane(args)
     if args.level == 2:
         return _cmd_bench_level2(args)
     if args.level == 3:
@@ -265,3 +267,29 @@ def _cmd_bench_migration(args: Any) -> int:
     else:
         print_migration(out)
     return OK if out["connections"] == 1 and out["sequence_breaks"] == 0 else FAILED
+
+
+def _cmd_bench_control_plane(args: Any) -> int:
+    from .bench_ops import print_control_plane, run_control_plane_bench
+    try:
+        ensure_root()
+    except ScenarioError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    lab_dir = Path(args.lab_dir) if args.lab_dir else labmod.DEFAULT_DIR
+    if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
+        raise CliError("a lab is already up: the benchmark builds its own; run `ftvm lab down` first", BAD_INPUT)
+    quiet = is_json(args)
+
+    def progress(message: str) -> None:
+        if not quiet:
+            console.print(f"[dim]{message}[/]", highlight=False)
+
+    try:
+        out = run_control_plane_bench(lab_dir, (0, 10, 50), 10.0, progress)
+    except (ScenarioError, labmod.LabError, GuestBuildError, OSError) as e:
+        raise CliError(f"benchmark failed: {e}", FAILED) from None
+    if quiet:
+        emit_json(out)
+    else:
+        print_control_plane(out)
+    return OK

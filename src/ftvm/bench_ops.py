@@ -105,3 +105,78 @@ def print_migration(out: dict[str, Any]) -> None:
     console.print(t)
     console.print(f"one client connection throughout: {out['connections'] == 1}; {out['acknowledged']} "
                   f"acknowledged writes, {out['sequence_breaks']} breaks in their sequence", highlight=False)
+
+
+# --- control-plane cost ---------------------------------------------------------------------
+
+def _scrape(url: str, token: str) -> dict[tuple[str, str], float]:
+    """(metric, host label) -> value, from one agent's /metrics."""
+    import urllib.request
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for m in re.finditer(r'^(ftvm_(?:tick_seconds|ticks_total|etcd_requests_total))\{host="([^"]+)"\} (\S+)$',
+                         text, re.M):
+        out[(m.group(1), m.group(2))] = float(m.group(3))
+    return out
+
+
+def run_control_plane_bench(lab_dir: Path, steps: tuple[int, ...], window_s: float,
+                            progress: Callable[[str], None]) -> dict[str, Any]:
+    """A 4-host pool with 2 running VMs, then 10, 50... defined (stopped) VMs: what each
+    agent's reconcile tick costs and how many requests the agents make to etcd."""
+    from .core.model import BootSpec, Desired, DiskSpec, NicSpec, VmSpec
+    image = build_guest(log=lambda m: None)
+    state = labmod.up(4, lab_dir, probe_kernel=str(image.kernel))
+    token = state.api_token_file.read_text().strip()
+    rows = []
+    try:
+        pool = LabPool(state)
+        for i, host in enumerate(("h1", "h2")):
+            pool.define_ledger_vm(f"busy{i}", 70 + i, Level.RESTART, image, host=host)
+            pool.wait_running(f"busy{i}", 60)
+        defined = 0
+        for n in steps:
+            while defined < n:
+                disk = state.shared_dir / f"idle{defined}.img"
+                with open(disk, "wb") as f:
+                    f.truncate(64 << 20)
+                spec = VmSpec(f"idle{defined}", Level.RESTART, 256, 1, (DiskSpec(str(disk)),),
+                              (NicSpec(f"52:54:00:78:{defined // 256:02x}:{defined % 256:02x}"),),
+                              BootSpec(str(image.kernel), str(image.initrd), image.append),
+                              desired=Desired.STOPPED)
+                pool.run(lambda store: store.define_vm(spec))  # noqa: B023 - run now
+                defined += 1
+            time.sleep(3)
+            before = {h: _scrape(state.api_url(h), token) for h in state.hosts}
+            time.sleep(window_s)
+            after = {h: _scrape(state.api_url(h), token) for h in state.hosts}
+            per_host = {}
+            for h in state.hosts:
+                reqs = after[h][("ftvm_etcd_requests_total", h)] - before[h][("ftvm_etcd_requests_total", h)]
+                ticks = after[h][("ftvm_ticks_total", h)] - before[h][("ftvm_ticks_total", h)]
+                per_host[h] = {"etcd_requests_per_s": round(reqs / window_s, 1),
+                               "ticks_per_s": round(ticks / window_s, 2),
+                               "tick_ms": round(1000 * after[h][("ftvm_tick_seconds", h)], 2)}
+            row = {"vms_defined": n + 2, "vms_running": 2, "hosts": len(state.hosts),
+                   "etcd_requests_per_s": round(sum(p["etcd_requests_per_s"] for p in per_host.values()), 1),
+                   "tick_ms_mean": round(statistics.mean(p["tick_ms"] for p in per_host.values()), 2),
+                   "tick_ms_max": max(p["tick_ms"] for p in per_host.values()), "per_host": per_host}
+            rows.append(row)
+            progress(f"{row['vms_defined']} VMs defined: {row['etcd_requests_per_s']} etcd requests/s from 4 agents, "
+                     f"tick {row['tick_ms_mean']} ms mean ({row['tick_ms_max']} ms on the busiest agent)")
+    finally:
+        labmod.down(lab_dir)
+    return {"window_s": window_s, "steps": rows}
+
+
+def print_control_plane(out: dict[str, Any]) -> None:
+    t = Table(title=f"Control-plane cost of a 4-host pool (measured over {out['window_s']:g} s per step)",
+              title_justify="left")
+    for col in ("VMs defined", "running", "etcd req/s (4 agents)", "tick ms (mean)", "tick ms (max agent)"):
+        t.add_column(col, justify="right")
+    for r in out["steps"]:
+        t.add_row(str(r["vms_defined"]), str(r["vms_running"]), f"{r['etcd_requests_per_s']:.1f}",
+                  f"{r['tick_ms_mean']:.2f}", f"{r['tick_ms_max']:.2f}")
+    console.print(t)

@@ -101,6 +101,8 @@ class Agent:
         self._next_trim = 0.0
         self._stopping = False
         self._migrating: set[str] = set()  # VMs this host is sending away
+        self._tick_seconds: deque[float] = deque(maxlen=100)  # control-plane cost figures
+        self._ticks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- start-up ----------------------------------------------------------------
@@ -180,7 +182,10 @@ class Agent:
             self.event("", "error", f"cannot serve the API on {addr}:{port}: {e}")
 
     def _health(self) -> AgentHealth:
-        return AgentHealth(self.cfg.name, self._quorum_ok, float(self.lease_ttl), self.guard.remaining())
+        ticks = list(self._tick_seconds)
+        return AgentHealth(self.cfg.name, self._quorum_ok, float(self.lease_ttl), self.guard.remaining(),
+                           tick_seconds=sum(ticks) / len(ticks) if ticks else 0.0, ticks=self._ticks,
+                           etcd_requests=self.etcd.requests)
 
     async def _start_l3_partner(self) -> None:
         if not (self.cfg.replication_addr and self.cfg.local_storage):
@@ -299,6 +304,14 @@ class Agent:
             frozenset(self.exports))
 
     async def tick(self) -> TickReport:
+        t0 = time.monotonic()
+        try:
+            return await self._tick()
+        finally:
+            self._ticks += 1
+            self._tick_seconds.append(time.monotonic() - t0)
+
+    async def _tick(self) -> TickReport:
         snapshot = await self.store.snapshot()
         self.snapshot = snapshot
         self._forget_finished(snapshot)
@@ -476,8 +489,11 @@ class Agent:
     async def _stop_vm(self, rec: LocalRecord, qemu: QemuVm) -> None:
         try:
             if rec.l3 is not None:  # the partner must not take over a VM being stopped
-                with suppress(EtcdError):
-                    await rec.l3.retire(f"VM stopped on {self.cfg.name}: its own copy is the latest")
+                try:
+                    await asyncio.wait_for(
+                        rec.l3.retire(f"VM stopped on {self.cfg.name}: its own copy is the latest"), 5.0)
+                except (EtcdError, TimeoutError) as e:
+                    log.warning("%s: ending level 3 protection before the stop: %s", rec.name, e)
         finally:
             await qemu.stop(self.cfg.stop_grace)
 
@@ -722,7 +738,10 @@ class Agent:
         if rec.replica is not None:
             rec.replica.stop()
         if rec.l3 is not None:
-            await rec.l3.close()
+            try:
+                await asyncio.wait_for(rec.l3.close(), 5.0)
+            except TimeoutError:
+                log.warning("%s: level 3 runtime did not close within 5 s", rec.name)
         await qemu.wait()
         if self.vms.get(rec.name) is not rec:
             return

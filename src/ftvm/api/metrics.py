@@ -32,6 +32,9 @@ class AgentHealth:
     quorum_reachable: bool
     lease_ttl_s: float
     lease_remaining_s: float   # before the fence guard kills this host's VMs
+    tick_seconds: float = 0.0  # mean duration of the agent's recent reconcile ticks
+    ticks: int = 0             # ticks since the agent started (a counter)
+    etcd_requests: int = 0     # requests to etcd since the agent started (a counter)
 
 
 def _escape(value: str) -> str:
@@ -74,6 +77,11 @@ def render(snapshot: PoolSnapshot, health: AgentHealth, counters: AgentCounters)
     fam("ftvm_lease_remaining_seconds", "gauge",
         "time before this host's VMs are self-fenced unless the lease is renewed").add(
         max(0.0, health.lease_remaining_s), host=health.host)
+    fam("ftvm_tick_seconds", "gauge", "mean duration of the agent's recent reconcile ticks").add(
+        health.tick_seconds, host=health.host)
+    fam("ftvm_ticks_total", "counter", "reconcile ticks this agent ran").add(health.ticks, host=health.host)
+    fam("ftvm_etcd_requests_total", "counter", "requests this agent made to etcd").add(
+        health.etcd_requests, host=health.host)
     fam("ftvm_fences_total", "counter", "VMs this agent killed because its lease could not be renewed").add(
         counters.fences, host=health.host)
     for h, info in sorted(snapshot.hosts.items()):

@@ -150,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, default=1, choices=(1, 2, 3))
     p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     p = cmd(sub, "bench", bench.cmd_bench, "benchmarks in a lab pool")
-    p.add_argument("what", choices=("failover", "migration"),
+    p.add_argument("what", choices=("failover", "migration", "control-plane"),
                    help="failover: failover figures at --level 1, 2 or 3 (2: also L0 vs L2 writes and resync; "
-                        "3: L0/L2/L3 requests and the checkpoint engine); migration: live migration of a loaded VM")
+                        "3: L0/L2/L3 requests and the checkpoint engine); migration: live migration of a loaded VM; "
+                        "control-plane: tick time and etcd requests/s of a 4-host pool with 2, 12, 52 VMs")
     p.add_argument("--level", type=int, default=1, choices=(1, 2, 3))
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--write-mib", type=int, default=16, help="level 2: MiB per bulk write round")

@@ -113,7 +113,12 @@ class LabPool:
             deadline = time.monotonic() + timeout
             while (await store.snapshot()).vms[name].owner is not None:
                 if time.monotonic() > deadline:
-                    raise ScenarioError(f"VM {name} did not stop within {timeout:g}s")
+                    view = (await store.snapshot()).vms[name]
+                    host = view.owner.host if view.owner else "?"
+                    log = self.state.host_dir(host) / "agent.log"
+                    tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+                    raise ScenarioError(f"VM {name} did not stop within {timeout:g}s (status {view.status}); "
+                                        f"{host}'s agent log ends:\n" + "\n".join(tail))
                 await asyncio.sleep(0.1)
             got = await store.spec(name)
             assert got is not None
