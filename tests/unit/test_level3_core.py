@@ -126,3 +126,23 @@ def test_level3_validation() -> None:
     assert "--disk-size" in (check_new_vm(spec(disks=(DiskSpec(path="/x.img", size=1 << 20),)), hosts, ok) or "")
     one = PoolSnapshot(1, {"h1": HostInfo("h1", 4096, 4)}, {})
     assert "partner" in (check_new_vm(spec(), one, ok) or "")
+
+
+def test_closing_after_a_checkpoint_was_cancelled_mid_compare_does_not_raise(tmp_path) -> None:
+    """A stop can cancel a checkpoint while its page compare runs: closing must still end
+    cleanly (it once raised CancelledError, so the agent never recorded the VM stopped)."""
+    from ftvm.l3.primary import Checkpointer
+
+    class NoQmp:
+        async def execute(self, cmd: str, args: dict | None = None) -> dict:
+            return {}
+
+    async def scenario() -> None:
+        cp = Checkpointer("vm", NoQmp(), [], tmp_path / "ram", [], tmp_path, 0.1)
+        compare = asyncio.create_task(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        compare.cancel()
+        cp._diff_task = compare
+        await cp.close()
+
+    asyncio.run(scenario())

@@ -740,8 +740,8 @@ class Agent:
         if rec.l3 is not None:
             try:
                 await asyncio.wait_for(rec.l3.close(), 5.0)
-            except TimeoutError:
-                log.warning("%s: level 3 runtime did not close within 5 s", rec.name)
+            except (TimeoutError, Exception) as e:  # the VM's exit must be recorded whatever happens
+                log.warning("%s: closing the level 3 runtime: %s", rec.name, e or type(e).__name__)
         await qemu.wait()
         if self.vms.get(rec.name) is not rec:
             return

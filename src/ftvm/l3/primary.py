@@ -381,9 +381,11 @@ class Checkpointer:
             t.cancel()
         if self._writer is not None:
             self._writer.close()
-        if self._diff_task is not None:  # a compare under way still reads the mapped files
-            with suppress(Exception):
-                await asyncio.shield(self._diff_task)
+        if self._diff_task is not None:
+            # A compare under way still reads the mapped files: let it end. asyncio.wait never
+            # raises the task's own outcome (it may have been cancelled with its checkpoint, its
+            # thread still running: the trackers then leave their maps to the garbage collector).
+            await asyncio.wait({self._diff_task})
         for tracker in self._trackers:
             tracker.close()
         self._trackers = []
