@@ -313,8 +313,9 @@ async def _wait_moved(ctx: ApiContext, job: Job, moves: dict[str, str]) -> None:
             elif view.owner is not None and view.owner.host == to and view.status is not None \
                     and view.status.state is RunState.RUNNING:
                 parts.append(f"{vm} on {to}")
-            elif view.migration is None and view.handover_host is None and view.owner is not None:
-                failed.append(vm)
+            elif view.migration is None and view.handover_host is None and view.owner is not None \
+                    and view.owner.host != to:
+                failed.append(vm)  # the migration ended and the VM stayed where it was
             else:
                 m = view.migration
                 pct = f" {100 * m.done // m.total}%" if m is not None and m.total else ""
