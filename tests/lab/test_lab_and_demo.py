@@ -18,7 +18,7 @@ pytestmark = pytest.mark.lab
 
 def _leftovers() -> dict[str, object]:
     return {"namespaces": labmod.existing_namespaces(),
-            "mgmt": Path(f"/sys/class/net/{topo.MGMT_IF}").exists()}
+            "mgmt": Path(f"/sys/class/net/{topo.MGMT_IF}").exists(), "ram": topo.LAB_RAM_DIR.exists()}
 
 
 def test_down_cleans_up_after_a_crash_without_state(tmp_path: Path, guest_image) -> None:
@@ -33,7 +33,7 @@ def test_down_cleans_up_after_a_crash_without_state(tmp_path: Path, guest_image)
     finally:
         removed = labmod.down(lab_dir)
     assert "ftvm-h1" in removed
-    assert _leftovers() == {"namespaces": [], "mgmt": False}
+    assert _leftovers() == {"namespaces": [], "mgmt": False, "ram": False}
     for pid in pids:  # etcd and agents are gone (zombies of ours aside)
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
@@ -55,7 +55,7 @@ def test_demo_prints_summary_as_json(tmp_path: Path, level: int) -> None:
     assert summary["level"] == level
     assert summary["lost"] == 0
     assert summary["max_copies"] == 1
-    assert _leftovers() == {"namespaces": [], "mgmt": False}  # the demo tore its lab down
+    assert _leftovers() == {"namespaces": [], "mgmt": False, "ram": False}  # the demo tore its lab down
     if level == 3:  # carried on: one connection, a pause, the Level 1 VM beside it rebooted
         assert summary["connection_kept"] is True and summary["connections"] == 1
         assert summary["acknowledged"] >= 100 and summary["seq_gaps"] == summary["seq_repeats"] == 0

@@ -15,6 +15,7 @@ Every host reaches the quorum site over its own link, so one path can be cut
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 PREFIX = "ftvm-"
 LAN_NS = PREFIX + "lan"
@@ -25,6 +26,7 @@ MGMT_ADDR = "10.77.1.254/24"
 ETCD_ADDR = "10.77.1.1"
 ETCD_PORT = 2379
 API_PORT = 7400                # each agent's REST API and /metrics, on its quorum-side address
+LAB_RAM_DIR = Path("/dev/shm/ftvm-lab")  # level 3 guest RAM files of the lab's hosts
 CLIENT_ADDR = "10.77.0.2/24"
 VM_SUBNET_FIRST = 100          # demo VMs get 10.77.0.100 and up
 A_LINKS_PER_PAIR = 2
