@@ -192,7 +192,11 @@ def print_level2(out: dict[str, Any]) -> None:
                   f"max {f['outage_max_s']:.2f} s; acknowledged records lost: {f['lost_total']}", highlight=False)
 
 
-def _cmd_bench_level2(args: Any) -> int:
+def _lab_bench(args: Any, run: Callable[[Path, Callable[[str], None]], dict[str, Any]],
+               show: Callable[[dict[str, Any]], None], failed: Callable[[dict[str, Any]], bool] = lambda out: False,
+               json_extra: dict[str, Any] | None = None) -> int:
+    """The frame every lab benchmark shares: root, a lab of its own, progress lines unless
+    JSON was asked, the figures printed or emitted, exit code FAILED when `failed(out)`."""
     try:
         ensure_root()
     except ScenarioError as e:
@@ -204,92 +208,37 @@ def _cmd_bench_level2(args: Any) -> int:
 
     def progress(message: str) -> None:
         if not quiet:
-            console.print(f"[dim]{message}[/]")
+            console.print(f"[dim]{message}[/]", highlight=False)
 
     try:
-        out = run_level2_bench(lab_dir, args.runs, args.write_mib, progress)
-    except (ScenarioError, labmod.LabError, GuestBuildError) as e:
+        out = run(lab_dir, progress)
+    except (ScenarioError, labmod.LabError, GuestBuildError, OSError) as e:
         raise CliError(f"benchmark failed: {e}", FAILED) from None
     if quiet:
-        emit_json(out)
+        emit_json((json_extra or {}) | out)
     else:
-        print_level2(out)
-    return OK
+        show(out)
+    return FAILED if failed(out) else OK
+
+
+def _cmd_bench_level2(args: Any) -> int:
+    return _lab_bench(args, lambda lab_dir, progress: run_level2_bench(lab_dir, args.runs, args.write_mib, progress),
+                      print_level2)
 
 
 def _cmd_bench_level3(args: Any) -> int:
     from .bench_l3 import check_failed, print_level3, run_level3_bench
-    try:
-        ensure_root()
-    except ScenarioError as e:
-        raise CliError(str(e), BAD_INPUT) from None
-    lab_dir = Path(args.lab_dir) if args.lab_dir else labmod.DEFAULT_DIR
-    if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
-        raise CliError("a lab is already up: the benchmark builds its own; run `ftvm lab down` first", BAD_INPUT)
-    quiet = is_json(args)
-
-    def progress(message: str) -> None:
-        if not quiet:
-            console.print(f"[dim]{message}[/]", highlight=False)
-
-    try:
-        out = run_level3_bench(lab_dir, args.runs, progress)
-    except (ScenarioError, labmod.LabError, GuestBuildError) as e:
-        raise CliError(f"benchmark failed: {e}", FAILED) from None
-    if quiet:
-        emit_json({"level": 3} | out)
-    else:
-        print_level3(out)
-    return FAILED if check_failed(out) else OK
+    return _lab_bench(args, lambda lab_dir, progress: run_level3_bench(lab_dir, args.runs, progress), print_level3,
+                      check_failed, json_extra={"level": 3})
 
 
 def _cmd_bench_migration(args: Any) -> int:
     from .bench_ops import print_migration, run_migration_bench
-    try:
-        ensure_root()
-    except ScenarioError as e:
-        raise CliError(str(e), BAD_INPUT) from None
-    lab_dir = Path(args.lab_dir) if args.lab_dir else labmod.DEFAULT_DIR
-    if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
-        raise CliError("a lab is already up: the benchmark builds its own; run `ftvm lab down` first", BAD_INPUT)
-    quiet = is_json(args)
-
-    def progress(message: str) -> None:
-        if not quiet:
-            console.print(f"[dim]{message}[/]", highlight=False)
-
-    try:
-        out = run_migration_bench(lab_dir, args.runs, progress)
-    except (ScenarioError, labmod.LabError, GuestBuildError) as e:
-        raise CliError(f"benchmark failed: {e}", FAILED) from None
-    if quiet:
-        emit_json(out)
-    else:
-        print_migration(out)
-    return OK if out["connections"] == 1 and out["sequence_breaks"] == 0 else FAILED
+    return _lab_bench(args, lambda lab_dir, progress: run_migration_bench(lab_dir, args.runs, progress),
+                      print_migration, lambda out: out["connections"] != 1 or out["sequence_breaks"] != 0)
 
 
 def _cmd_bench_control_plane(args: Any) -> int:
     from .bench_ops import print_control_plane, run_control_plane_bench
-    try:
-        ensure_root()
-    except ScenarioError as e:
-        raise CliError(str(e), BAD_INPUT) from None
-    lab_dir = Path(args.lab_dir) if args.lab_dir else labmod.DEFAULT_DIR
-    if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
-        raise CliError("a lab is already up: the benchmark builds its own; run `ftvm lab down` first", BAD_INPUT)
-    quiet = is_json(args)
-
-    def progress(message: str) -> None:
-        if not quiet:
-            console.print(f"[dim]{message}[/]", highlight=False)
-
-    try:
-        out = run_control_plane_bench(lab_dir, (0, 10, 50), 10.0, progress)
-    except (ScenarioError, labmod.LabError, GuestBuildError, OSError) as e:
-        raise CliError(f"benchmark failed: {e}", FAILED) from None
-    if quiet:
-        emit_json(out)
-    else:
-        print_control_plane(out)
-    return OK
+    return _lab_bench(args, lambda lab_dir, progress: run_control_plane_bench(lab_dir, (0, 10, 50), 10.0, progress),
+                      print_control_plane)

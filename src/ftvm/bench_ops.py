@@ -20,19 +20,14 @@ from rich.table import Table
 
 from . import ops
 from .cli.common import console
-from .core.model import Level, PoolSnapshot, RunState
+from .core.model import Level
 from .guest.build import build_guest
 from .lab import lab as labmod
 from .lab import topology as topo
 from .lab.scenario import LabClient, LabPool, ScenarioError, sequence_breaks
+from .views import runs_on
 
 INDEX = 60
-
-
-def _runs_on(snap: PoolSnapshot, host: str) -> bool:
-    view = snap.vms["mover"]
-    return (view.owner is not None and view.owner.host == host and view.status is not None
-            and view.status.state is RunState.RUNNING)
 
 
 def run_migration_bench(lab_dir: Path, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -65,7 +60,7 @@ def run_migration_bench(lab_dir: Path, runs: int, progress: Callable[[str], None
                 target = "h2" if host == "h1" else "h1"
                 t0 = time.time()
                 pool.run(lambda store: ops.migrate(store, "mover", target))  # noqa: B023 - run now
-                pool.wait_for(f"mover on {target}", lambda snap: _runs_on(snap, target), 120)  # noqa: B023
+                pool.wait_for(f"mover on {target}", lambda snap: runs_on(snap, "mover", target), 120)  # noqa: B023
                 moved = time.time() - t0
                 client.wait_acks(20, 30, after=time.time())
                 acks = [a for a in client.acks() if a.t > t0 - 1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .core.decide import choose_host
-from .core.model import Desired, PoolSnapshot, VmView
+from .core.model import Desired, PoolSnapshot, RunState, VmView
 from .core.protection import protection, replica_text
 
 
@@ -48,3 +48,25 @@ def status_data(snap: PoolSnapshot, urls: list[str], pool: str) -> dict[str, Any
     return {"pool": pool, "quorum": {"reachable": True, "endpoints": urls, "revision": snap.revision},
             "hosts": host_rows(snap),
             "vms": [vm_row(snap, snap.vms[n]) for n in sorted(snap.vms)]}
+
+
+def runs_on(snap: PoolSnapshot, vm: str, host: str) -> bool:
+    """The VM is owned by `host` and reported running there."""
+    view = snap.vms.get(vm)
+    return (view is not None and view.owner is not None and view.owner.host == host
+            and view.status is not None and view.status.state is RunState.RUNNING)
+
+
+def move_progress(snap: PoolSnapshot, vm: str, target: str) -> tuple[str, float]:
+    """A live migration of `vm` to `target` as the store shows it: "arrived", "moving" or
+    "failed" (the VM is gone, or the migration ended with the VM elsewhere), and the
+    share of its RAM sent so far."""
+    view = snap.vms.get(vm)
+    if view is None:
+        return "failed", 0.0
+    if runs_on(snap, vm, target):
+        return "arrived", 1.0
+    m = view.migration
+    if m is None and view.handover_host is None and view.owner is not None and view.owner.host != target:
+        return "failed", 0.0
+    return "moving", (m.done / m.total if m is not None and m.total else 0.0)

@@ -14,6 +14,7 @@ from ftvm.errors import FtvmError
 from ftvm.lab import lab as labmod
 from ftvm.lab import topology as topo
 from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk, sequence_breaks
+from ftvm.views import runs_on
 
 pytestmark = pytest.mark.lab
 
@@ -23,9 +24,7 @@ def _run(pool: LabPool, fn):  # an ops call against the lab's store
 
 
 def _wait_on(pool: LabPool, vm: str, host: str, timeout: float) -> None:
-    pool.wait_for(f"{vm} running on {host}", lambda s: s.vms[vm].owner is not None
-                  and s.vms[vm].owner.host == host and s.vms[vm].status is not None
-                  and s.vms[vm].status.state.value == "running", timeout)
+    pool.wait_for(f"{vm} running on {host}", lambda s: runs_on(s, vm, host), timeout)
 
 
 def test_live_migration_keeps_the_connection_and_every_record(lab: labmod.LabState, guest_image) -> None:

@@ -28,7 +28,7 @@ from ..core.model import Desired, PoolSnapshot, RunState, VmSpec
 from ..errors import BAD_INPUT, HTTP_STATUS, NO_QUORUM, NOT_FOUND, FtvmError
 from ..store.etcd import EtcdError, EtcdUnavailable
 from ..store.pool import PoolStore
-from ..views import host_rows, status_data, vm_row
+from ..views import host_rows, move_progress, status_data, vm_row
 from . import metrics
 
 JOB_TIMEOUT_S = 300.0
@@ -307,20 +307,14 @@ async def _wait_moved(ctx: ApiContext, job: Job, moves: dict[str, str]) -> None:
         snap = await ctx.snapshot()
         left, failed, parts = [], [], []
         for vm, to in moves.items():
-            view = snap.vms.get(vm)
-            if view is None:
+            state, sent = move_progress(snap, vm, to)
+            if state == "failed":
                 failed.append(vm)
-            elif view.owner is not None and view.owner.host == to and view.status is not None \
-                    and view.status.state is RunState.RUNNING:
+            elif state == "arrived":
                 parts.append(f"{vm} on {to}")
-            elif view.migration is None and view.handover_host is None and view.owner is not None \
-                    and view.owner.host != to:
-                failed.append(vm)  # the migration ended and the VM stayed where it was
             else:
-                m = view.migration
-                pct = f" {100 * m.done // m.total}%" if m is not None and m.total else ""
                 left.append(vm)
-                parts.append(f"{vm} -> {to}{pct}")
+                parts.append(f"{vm} -> {to}" + (f" {int(100 * sent)}%" if sent else ""))
         job.progress = ", ".join(parts) or "no VMs to move"
         if failed:
             raise FtvmError(f"did not move: {', '.join(failed)} (see the events)")

@@ -9,15 +9,9 @@ from typing import Any
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import ops
-from ..core.model import PoolSnapshot, RunState
 from ..store.pool import PoolStore
+from ..views import move_progress
 from .common import FAILED, OK, console, emit_json, is_json, with_store
-
-
-def _arrived(snap: PoolSnapshot, vm: str, target: str) -> bool:
-    view = snap.vms.get(vm)
-    return (view is not None and view.owner is not None and view.owner.host == target
-            and view.status is not None and view.status.state is RunState.RUNNING)
 
 
 async def _follow(store: PoolStore, moves: dict[str, str], timeout: float, show: bool) -> dict[str, dict[str, Any]]:
@@ -34,15 +28,14 @@ async def _follow(store: PoolStore, moves: dict[str, str], timeout: float, show:
                 r = results[vm]
                 if r["done"]:
                     continue
-                view = snap.vms.get(vm)
-                if _arrived(snap, vm, to):
+                state, sent = move_progress(snap, vm, to)
+                if state == "arrived":
                     r.update(done=True, seconds=round(time.monotonic() - t0, 2))
                     progress.update(tasks[vm], completed=100)
-                elif view is not None and view.migration is not None and view.migration.total:
-                    progress.update(tasks[vm], completed=90 * view.migration.done / view.migration.total)
-                elif view is not None and view.migration is None and view.handover_host is None \
-                        and view.owner is not None and view.owner.host != to:
-                    r.update(done=True, failed=True)  # the migration ended and the VM stayed
+                elif state == "failed":
+                    r.update(done=True, failed=True)
+                else:
+                    progress.update(tasks[vm], completed=90 * sent)
             if all(r["done"] for r in results.values()):
                 break
             await asyncio.sleep(0.2)
