@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from .core.availability import Report, report
 from .core.model import Desired, Level, Migration, PoolSnapshot, RunState, VmSpec, VmView
+from .core.replication import may_start_on
 from .core.validate import check_new_vm
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError
 from .store.pool import PoolStore
@@ -106,14 +107,18 @@ async def set_checkpointing(store: PoolStore, name: str, interval_ms: int | None
     return new
 
 
-LIVE_MIGRATION_LEVELS = (Level.UNPROTECTED, Level.RESTART)
+LIVE_MIGRATION_LEVELS = (Level.UNPROTECTED, Level.RESTART, Level.COMPONENT)
 
 
 def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | None:
-    """Why `view` cannot move live to `target` now (None: it can)."""
+    """Why `view` cannot move live to `target` now (None: it can).
+    Level 2 moves only to a host whose copy of the disks is current (its partner): the
+    target runs on that copy and the old host's copy becomes the replica, so the disks
+    never travel and the VM is protected again as soon as the few blocks written since
+    the move are resynced."""
     spec = view.spec
     if spec.level not in LIVE_MIGRATION_LEVELS:
-        return (f"live migration of level {int(spec.level)} VMs is not available yet (levels 0 and 1 only): "
+        return (f"live migration of level {int(spec.level)} VMs is not available yet (levels 0-2 only): "
                 "their copies would have to move with them")
     if view.owner is None or view.status is None or view.status.state is not RunState.RUNNING:
         return f"VM {spec.name} is not running"
@@ -128,7 +133,13 @@ def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | No
         return f"host {target} is in maintenance"
     if not host.replication_addr:
         return f"host {target} has no replication_addr to receive migrations on"
-    if not host.can_reach(spec):
+    if spec.level is Level.COMPONENT:
+        ok, why = may_start_on(view.copies, target)
+        if not ok:
+            holders = ", ".join(view.copies.current_hosts()) if view.copies else "none"
+            return (f"a level 2 VM moves live only to a host with a current copy of its disks "
+                    f"(current: {holders}); {why}")
+    elif not host.can_reach(spec):
         return f"host {target} cannot reach the VM's disks (they must be on storage both hosts share)"
     if not snap.has_room(target, spec):
         return f"host {target} has no room for {spec.memory_mib} MiB / {spec.vcpus} vCPU"

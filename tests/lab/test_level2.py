@@ -326,3 +326,35 @@ def test_hung_partner_daemon_is_detected_and_masked(l2vm, lab: labmod.LabState) 
     no_guest_io_error(client, lab, name)
     _, lost = check_acked_on_disk(pool.copy_as_raw(name, "h1", Path(lab.dir) / f"{name}.raw"), acks)
     assert lost == []
+
+
+def test_live_migration_keeps_replication(l2vm, lab: labmod.LabState) -> None:
+    """Moved live to its partner and back: one client connection, no I/O error, nothing
+    lost; each time the old host's copy becomes the replica and is resynced from the new
+    host's bitmap (a few blocks, not the disk), and the copies end identical."""
+    from ftvm import ops
+    from ftvm.views import runs_on
+    pool, name, ip = l2vm
+    client = LabClient(lab, ip, name, 0.01, reply_timeout=60)
+    try:
+        client.wait_acks(50, 30)
+        for target, old in (("h2", "h1"), ("h1", "h2")):
+            t0 = time.time()
+            pool.run(lambda s, t=target: ops.migrate(s, name, t))
+            pool.wait_for(f"running on {target}", lambda s, t=target: runs_on(s, name, t), 60)
+            pool.wait_for(f"{old}'s copy resynced as the replica", in_sync(name, old), 60)
+            assert protection_of(pool, name) == "Protected"
+            client.wait_acks(30, 30, after=time.time())
+            syncs = [e for e in pool.events() if e.vm == name and e.kind == "in-sync" and e.time > t0]
+            assert syncs and "(full)" not in syncs[-1].message, syncs
+            copied = int(syncs[-1].message.split("resync copied ")[1].split()[0])
+            assert copied < 8 << 20, syncs[-1].message  # what was written since the move, not 64 MiB
+    finally:
+        acks = client.stop()
+    single_connection(client)
+    no_guest_io_error(client, lab, name)
+    events = [e for e in pool.events() if e.vm == name]
+    assert sum(1 for e in events if e.kind == "migrate" and "handed over" in e.message) == 2
+    _, lost = check_acked_on_disk(pool.copy_as_raw(name, "h1", Path(lab.dir) / f"{name}.raw"), acks)
+    assert lost == []
+    assert_copies_identical(pool, lab, name)

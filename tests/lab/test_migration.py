@@ -65,23 +65,24 @@ def test_live_migration_keeps_the_connection_and_every_record(lab: labmod.LabSta
 
 
 def test_maintenance_empties_the_host_and_nothing_is_placed_there(lab: labmod.LabState, guest_image) -> None:
+    """Maintenance moves a level 1 VM and a level 2 VM (to its partner, replication kept);
+    nothing new is placed on the host while it lasts."""
+    from ftvm.core.replication import CopyState
+    from ftvm.lab.scenario import copy_is
     pool = LabPool(lab)
     pool.define_ledger_vm("mnt", 51, Level.RESTART, guest_image, host="h1")
-    l2 = None
+    pool.define_ledger_vm("mnt2", 52, Level.COMPONENT, guest_image, host="h1")
     try:
         pool.wait_running("mnt", 60)
         pool.wait_answering(topo.vm_addr(51).split("/")[0], 60)
-        # a level 2 VM on h1 cannot move yet: maintenance is refused, nothing changes
-        l2 = pool.define_ledger_vm("mnt2", 52, Level.COMPONENT, guest_image, host="h1")
         pool.wait_running("mnt2", 60)
-        with pytest.raises(FtvmError, match="level 2"):
-            _run(pool, lambda s: ops.start_maintenance(s, "h1", "test"))
-        assert pool.snapshot().maintenance == frozenset()
-        pool.stop_and_remove("mnt2")
-        l2 = None
+        pool.wait_for("mnt2 mirrored", copy_is("mnt2", "h2", CopyState.CURRENT), 60)
         moves = _run(pool, lambda s: ops.start_maintenance(s, "h1", "test"))
-        assert moves == {"mnt": "h2"}
+        assert moves == {"mnt": "h2", "mnt2": "h2"}
         _wait_on(pool, "mnt", "h2", 60)
+        _wait_on(pool, "mnt2", "h2", 60)
+        # h1 still serves its copy: the level 2 VM is mirrored again, h1's copy the replica
+        pool.wait_for("mnt2 mirrored to h1", copy_is("mnt2", "h1", CopyState.CURRENT), 60)
         snap = pool.snapshot()
         assert snap.maintenance == frozenset({"h1"})
         # a VM started now is not placed on h1, although it prefers it
@@ -91,8 +92,7 @@ def test_maintenance_empties_the_host_and_nothing_is_placed_there(lab: labmod.La
         assert pool.snapshot().maintenance == frozenset()
         pool.stop_and_remove("mnt3")
     finally:
-        if l2 is not None:
-            pool.stop_and_remove("mnt2")
+        pool.stop_and_remove("mnt2")
         pool.stop_and_remove("mnt")
         _run(pool, lambda s: s.set_maintenance("h1", False))
 

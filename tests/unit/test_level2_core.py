@@ -191,3 +191,37 @@ def test_remote_only_back_to_mirrored_after_local_repair() -> None:
     quorum = next(a for c, a in steps if c == "blockdev-add" and a["driver"] == "quorum")
     assert quorum["children"][0] == local  # reads go to the local copy first again
     assert steps[-1] == ("blockdev-del", {"node-name": g2.remote})
+
+
+# --- live migration ------------------------------------------------------------------
+
+def _mirrored() -> Copies:
+    return mark(new_copies("h1", "h2", 1.0), "h2", CopyState.CURRENT, "in sync", 2.0)
+
+
+def test_migration_claim_outdates_the_old_copy_incrementally() -> None:
+    """The old primary's copy was identical when the source paused: resync from the bitmap."""
+    c = claim_copies(_mirrored(), "h2", "h1", "h1", 5.0, migrated=True)
+    assert c.current_hosts() == ["h2"]
+    assert c.copies["h1"].state is CopyState.OUTDATED and not c.copies["h1"].full
+    assert "moved live" in c.copies["h1"].reason
+    # a failover (not a migration) of the same record resyncs the old primary in full
+    assert claim_copies(_mirrored(), "h2", "h1", "h1", 5.0).copies["h1"].full
+
+
+def test_level2_migrates_only_to_a_current_copy() -> None:
+    from ftvm.ops import migration_problem
+    hs = {n: HostInfo(n, 1024, 4, replication_addr=f"10.79.0.{i}") for i, n in enumerate(("h1", "h2", "h3"), 1)}
+    running = VmStatus("h1", RunState.RUNNING, 5, 1.0)
+
+    def view(copies: Copies) -> VmView:
+        return VmView(spec(), Ownership("h1", 5), running, home="h1", copies=copies)
+
+    ok = view(_mirrored())
+    snap = PoolSnapshot(9, hs, {"web": ok})
+    assert migration_problem(snap, ok, "h2") is None
+    problem = migration_problem(snap, ok, "h3")
+    assert problem is not None and "h3 holds no copy" in problem
+    behind = view(new_copies("h1", "h2", 1.0))
+    problem = migration_problem(PoolSnapshot(9, hs, {"web": behind}), behind, "h2")
+    assert problem is not None and "copy on h2 is outdated" in problem and "current: h1" in problem

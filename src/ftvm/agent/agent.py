@@ -30,7 +30,7 @@ from typing import Any
 from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide, eligible_hosts
 from ..core.model import Export as ExportRecord
 from ..core.model import Desired, HostInfo, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec, VmStatus
-from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, claim_copies, mark
+from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, claim_copies, mark, may_start_on
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from ..l3.standby import read_committed
 from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
@@ -54,6 +54,15 @@ class AgentStartError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class IncomingDisks:
+    """A level 2 migration target's disks: this host's copies, opened local-only."""
+
+    images: list[LocalImage]
+    graphs: list[DiskGraph]
+    blockdevs: list[list[dict[str, Any]]]
+
+
 @dataclass
 class LocalRecord:
     """What this agent knows about a VM it runs (or ran)."""
@@ -69,6 +78,7 @@ class LocalRecord:
     failures: int = 0       # consecutive starts that failed or died young
     retry_at: float = 0.0   # monotonic time before which no new start is tried
     replica: ReplicaManager | None = None  # level 2 data plane
+    incoming_disks: IncomingDisks | None = None  # level 2 migration target: the copy it opened
     l3: L3Primary | None = None            # level 3 checkpointing
 
 
@@ -362,7 +372,8 @@ class Agent:
                 others += sorted(h for h in snapshot.hosts if h != self.cfg.name and h not in others)
                 copies_new = claim_copies(view.copies, self.cfg.name, view.home, others[0] if others else None,
                                           time.time(), forced=view.force_host == self.cfg.name,
-                                          imported=any(disk.path for disk in view.spec.disks))
+                                          imported=any(disk.path for disk in view.spec.disks),
+                                          migrated=view.handover_host == self.cfg.name)
             token = await self.store.claim(d.vm, self.cfg.name, self.lease, view.copies, copies_new)
             if token is not None:
                 if view.home not in (None, self.cfg.name) and view.home not in snapshot.hosts:
@@ -422,18 +433,23 @@ class Agent:
             self.event(d.vm, "error", "cannot receive a live migration: no replication_addr configured")
             return
         paths = VmPaths(self.cfg.state_dir / "vms" / d.vm)
+        disks: IncomingDisks | None = None
         try:
+            if spec.level is Level.COMPONENT:
+                disks = self._incoming_disks(spec, snapshot.vms[d.vm].copies)
             qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
                                       on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
-                                      incoming=True, debug_qmp=self.cfg.debug_qmp)
-        except (QemuError, OSError) as e:
+                                      incoming=True, debug_qmp=self.cfg.debug_qmp,
+                                      blockdevs=disks.blockdevs if disks else None)
+        except (QemuError, StorageDaemonError, OSError) as e:
             self.event(d.vm, "error", f"cannot start the migration target: {e}")
             return
-        rec = LocalRecord(d.vm, 0, RunState.INCOMING, qemu=qemu, detail="receiving a live migration")
+        rec = LocalRecord(d.vm, 0, RunState.INCOMING, qemu=qemu, detail="receiving a live migration",
+                          incoming_disks=disks)
         self.vms[d.vm] = rec
         asyncio.create_task(self._watch_process(rec, qemu))
         try:
-            incoming = await migration.listen_for(qemu, self.cfg.replication_addr)
+            incoming = await migration.listen_for(qemu, self.cfg.replication_addr, late_activation=disks is not None)
             published = await self.store.publish_incoming(
                 d.vm, replace(incoming, host=self.cfg.name), self.lease)
         except Exception as e:
@@ -446,6 +462,30 @@ class Agent:
         self.event(d.vm, "incoming", f"{d.reason}: QEMU pid {qemu.pid} listens on "
                                      f"{incoming.addr}:{incoming.port}")
 
+    def _incoming_disks(self, spec: VmSpec, copies: Copies | None) -> IncomingDisks:
+        """Level 2 target: the QEMU receiving the VM opens this host's copy, which must be
+        current (the source checks it again in the handover)."""
+        ok, why = may_start_on(copies, self.cfg.name)
+        if not ok:
+            raise StorageDaemonError(f"cannot receive the VM on its disks: {why}")
+        images = [self._image(spec, i) for i in range(len(spec.disks))]
+        graphs, blockdevs = [], []
+        for i, image in enumerate(images):
+            if not os.path.exists(image.path):
+                raise StorageDaemonError(f"this host's copy {image.path} is missing")
+            g, nodes = local_only_start(i, image)
+            graphs.append(g)
+            blockdevs.append(nodes)
+        return IncomingDisks(images, graphs, blockdevs)
+
+    async def _stop_export(self, vm: str) -> None:
+        """This host is to run the VM on the copy it served: release the image first."""
+        daemon = self.exports.pop(vm, None)
+        if daemon is not None:
+            await daemon.stop()
+            with suppress(EtcdError):
+                await self.store.withdraw_export(vm, self.cfg.name)
+
     async def _migrate_out(self, d: Decision, snapshot: PoolSnapshot) -> None:
         view = snapshot.vms[d.vm]
         rec = self.vms.get(d.vm)
@@ -454,7 +494,8 @@ class Agent:
                 return
             assert d.token is not None
             moved = await migration.send(d.vm, d.token, rec.qemu, view.migration, view.incoming, self.store,
-                                         lambda: self.lease, lambda: self.snapshot, self.event)
+                                         lambda: self.lease, lambda: self.snapshot, self.event,
+                                         keep_copies=view.spec.level is Level.COMPONENT)
             if moved:
                 rec.state, rec.detail = RunState.STOPPING, f"migrated to {view.migration.to}"
                 rec.qemu.kill()  # paused since the migration completed; the target runs the VM
@@ -469,11 +510,22 @@ class Agent:
         starting = VmStatus(self.cfg.name, RunState.STARTING, d.token, time.time(), d.reason)
         if not self.guard.may_run() or not await self.store.report_status(d.vm, starting, self.lease):
             return
+        disks = rec.incoming_disks
         try:
             await migration.wait_received(qemu)
-            await qemu.execute("cont")
+            if disks is None:
+                await qemu.execute("cont")
+            else:  # level 2: on this host's copy, tracking every write for the old host's resync
+                await self._stop_export(d.vm)
+                rec.replica = ReplicaManager(
+                    d.vm, d.token, self.cfg.name, qemu, disks.images, disks.graphs, self.store,
+                    lambda: self.lease, lambda: self._copies_view(d.vm), self.event,
+                    repair_requested=lambda: self._repair_requested(d.vm))
+                await rec.replica.begin()
         except Exception as e:
             rec.state, rec.detail = RunState.CRASHED, f"resuming the migrated VM failed: {e}"
+            if rec.replica is not None:
+                rec.replica.stop()
             qemu.kill()
             self.event(d.vm, "error", rec.detail)
             return
@@ -521,11 +573,7 @@ class Agent:
                 l3, checkpointed, blockdevs = await self._prepare_l3(spec, view.copies, token, paths)
                 rec.l3, resume = l3, checkpointed.incoming
             elif spec.level is Level.COMPONENT:
-                daemon = self.exports.pop(d.vm, None)  # promoted partner: release the image first
-                if daemon is not None:
-                    await daemon.stop()
-                    with suppress(EtcdError):
-                        await self.store.withdraw_export(d.vm, self.cfg.name)
+                await self._stop_export(d.vm)  # promoted partner: release the image first
                 images = self._prepare_images(spec, view.copies)
                 blockdevs = []
                 for i, image in enumerate(images):

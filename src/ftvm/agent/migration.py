@@ -1,4 +1,6 @@
-"""Live migration in the agent (levels 0 and 1: disks on storage both hosts reach).
+"""Live migration in the agent. Levels 0 and 1: disks on storage both hosts reach.
+Level 2: to the partner, whose current copy the target QEMU opens (replication kept:
+the old host's copy becomes the replica, resynced from the target's dirty bitmap).
 
     operator ── migration record (owner's lease) ──► target: QEMU -incoming, listening;
                                                      incoming record (target's lease)
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..core.model import Incoming, Migration, PoolSnapshot
+from ..core.replication import may_start_on
 from ..qemu.process import QemuVm
 from ..store.etcd import EtcdError
 from ..store.pool import PoolStore
@@ -42,9 +45,15 @@ def free_port(addr: str) -> int:
         return int(s.getsockname()[1])
 
 
-async def listen_for(qemu: QemuVm, addr: str) -> Incoming:
-    """Target: QEMU (started with -incoming defer) listens for the migration stream."""
+async def listen_for(qemu: QemuVm, addr: str, late_activation: bool = False) -> Incoming:
+    """Target: QEMU (started with -incoming defer) listens for the migration stream.
+    `late_activation` (level 2: the target's disk is the copy this host's storage daemon
+    still serves to the source): QEMU takes the image's write lock only at `cont`, after
+    the agent stopped serving it, not when the stream ends."""
     port = free_port(addr)
+    if late_activation:
+        await qemu.execute("migrate-set-capabilities",
+                           {"capabilities": [{"capability": "late-block-activate", "state": True}]})
     await qemu.execute("migrate-incoming", {"uri": f"tcp:{addr}:{port}"})
     return Incoming(host="", addr=addr, port=port)
 
@@ -64,10 +73,13 @@ async def wait_received(qemu: QemuVm, timeout: float = 30.0) -> None:
 
 async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming: Incoming, store: PoolStore,
                lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
-               event: Callable[[str, str, str], None]) -> bool:
+               event: Callable[[str, str, str], None], keep_copies: bool = False) -> bool:
     """Source: migrate, then hand over. True if the VM now belongs to the target (the caller
     kills this paused copy); False if it still runs here (the migration failed or the
-    target vanished), with the migration record removed."""
+    target vanished), with the migration record removed.
+    `keep_copies` (level 2): the target runs on its own copy, so the handover also requires
+    that copy to be still recorded current, unchanged since it was checked (a replication
+    failure during the transfer outdates it: the guest then stays here)."""
     t0 = time.monotonic()
     try:
         await qemu.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH,
@@ -92,7 +104,10 @@ async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming
         downtime = (await qemu.execute("query-migrate")).get("downtime", 0)
         snap = snapshot()
         target = snap.hosts.get(migration.to) if snap else None
-        if target is not None and await store.hand_over(vm, token, migration.to, target.lease_id):
+        copies = await store.get_copies(vm) if keep_copies else None
+        if keep_copies and not may_start_on(copies, migration.to)[0]:
+            raise RuntimeError(f"{migration.to}'s copy of the disks is no longer current")
+        if target is not None and await store.hand_over(vm, token, migration.to, target.lease_id, copies):
             event(vm, "migrate", f"live migration to {migration.to} done in {time.monotonic() - t0:.2f}s "
                                  f"(QEMU downtime {downtime} ms); handed over")
             return True

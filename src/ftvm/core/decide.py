@@ -111,9 +111,11 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decisi
     migration = view.migration
 
     if owner is None:
-        if running_here:
-            return Decision(spec.name, Action.KILL, "running here without ownership (lease lost)")
         handover = view.handover_host
+        if running_here:
+            if handover not in (None, me):
+                return Decision(spec.name, Action.KILL, f"live migration handed the VM over to {handover}")
+            return Decision(spec.name, Action.KILL, "running here without ownership (lease lost)")
         if handover == me:
             return Decision(spec.name, Action.CLAIM, "live migration handed the VM over to this host")
         if handover is not None and handover in snapshot.hosts:

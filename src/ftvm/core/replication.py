@@ -134,12 +134,26 @@ def start_primary(copies: Copies, primary: str, now: float) -> Copies:
     """A (re)start of the VM on `primary` that last ran there: a current copy is
     outdated first and resynced from the bitmap the primary starts with; a copy
     that was already behind is resynced in full (its bitmap died with the old QEMU)."""
+    return _new_bitmap(copies, primary, now, f"VM started on {primary}; replica reconnecting")
+
+
+def moved_copies(copies: Copies, new_primary: str, now: float) -> Copies:
+    """A live migration handed the VM to `new_primary`, which runs on its own current
+    copy. Every guest write reached both copies until the source paused with its I/O
+    drained, so the old primary's copy is identical at the handover: outdated, and
+    resynced from the bitmap the new primary starts before the guest continues (only
+    what was written since the move). Copies that were already behind are resynced in
+    full (the bitmap that knew their gap died with the source's QEMU)."""
+    return _new_bitmap(copies, new_primary, now, f"VM moved live to {new_primary}; replica reconnecting")
+
+
+def _new_bitmap(copies: Copies, primary: str, now: float, why_current: str) -> Copies:
     out = copies
     for h, c in copies.copies.items():
         if h == primary or c.state is CopyState.FAILED:
             continue
         if c.state is CopyState.CURRENT:
-            out = mark(out, h, CopyState.OUTDATED, f"VM started on {primary}; replica reconnecting", now)
+            out = mark(out, h, CopyState.OUTDATED, why_current, now)
         else:
             out = mark(out, h, CopyState.OUTDATED, f"VM restarted on {primary} while this copy was behind",
                        now, full=True)
@@ -147,11 +161,15 @@ def start_primary(copies: Copies, primary: str, now: float) -> Copies:
 
 
 def claim_copies(copies: Copies | None, me: str, last_host: str | None, partner: str | None,
-                 now: float, forced: bool = False, imported: bool = False) -> Copies:
+                 now: float, forced: bool = False, imported: bool = False, migrated: bool = False) -> Copies:
     """The copies record written in the claim transaction of a level 2 VM, before the
-    guest can write anything: every copy but the claimer's stops being current."""
+    guest can write anything: every copy but the claimer's stops being current.
+    `migrated`: a live migration handed the VM to `me` (the source checked, in the
+    handover, that `me`'s copy was current)."""
     if copies is None:
         return new_copies(me, partner, now, imported)
+    if migrated and not forced:
+        return moved_copies(copies, me, now)
     if last_host not in (None, me) or forced:
         return take_over(copies, me, now, forced)
     return start_primary(copies, me, now)

@@ -252,12 +252,17 @@ class PoolStore:
     async def withdraw_incoming(self, vm: str) -> None:
         await self.etcd.delete(self.vm_key(vm, "incoming"))
 
-    async def hand_over(self, vm: str, token: int, target: str, target_lease: int) -> bool:
+    async def hand_over(self, vm: str, token: int, target: str, target_lease: int,
+                        copies_seen: Copies | None = None) -> bool:
         """Source, its guest paused with every byte sent: give the VM to `target`, if we still
-        own it and the target still listens. Only the target may claim it next (the handover
-        key lives on the target's lease: if the target dies, the VM fails over as usual)."""
+        own it and the target still listens (and, level 2, the copies record is still
+        `copies_seen`). Only the target may claim it next (the handover key lives on the
+        target's lease: if the target dies, the VM fails over as usual)."""
+        compare = [created_at(self.vm_key(vm, "owner"), token), present(self.vm_key(vm, "incoming"))]
+        if copies_seen is not None:
+            compare.append(self._copies_unchanged(vm, copies_seen))
         r = await self.etcd.txn(
-            [created_at(self.vm_key(vm, "owner"), token), present(self.vm_key(vm, "incoming"))],
+            compare,
             [Delete(self.vm_key(vm, "owner")), Delete(self.vm_key(vm, "status")),
              Delete(self.vm_key(vm, "migration")), Delete(self.vm_key(vm, "incoming")),
              put_json(self.vm_key(vm, "handover"), {"host": target}, target_lease)])
