@@ -107,19 +107,14 @@ async def set_checkpointing(store: PoolStore, name: str, interval_ms: int | None
     return new
 
 
-LIVE_MIGRATION_LEVELS = (Level.UNPROTECTED, Level.RESTART, Level.COMPONENT)
-
-
 def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | None:
     """Why `view` cannot move live to `target` now (None: it can).
     Level 2 moves only to a host whose copy of the disks is current (its partner): the
     target runs on that copy and the old host's copy becomes the replica, so the disks
     never travel and the VM is protected again as soon as the few blocks written since
-    the move are resynced."""
+    the move are resynced. Level 3 moves only to its partner, whose replica must be in
+    step (checkpoints acknowledged): a planned switchover from a final checkpoint."""
     spec = view.spec
-    if spec.level not in LIVE_MIGRATION_LEVELS:
-        return (f"live migration of level {int(spec.level)} VMs is not available yet (levels 0-2 only): "
-                "their copies would have to move with them")
     if view.owner is None or view.status is None or view.status.state is not RunState.RUNNING:
         return f"VM {spec.name} is not running"
     if view.migration is not None:
@@ -133,12 +128,15 @@ def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | No
         return f"host {target} is in maintenance"
     if not host.replication_addr:
         return f"host {target} has no replication_addr to receive migrations on"
-    if spec.level is Level.COMPONENT:
+    if spec.level.has_copies:
         ok, why = may_start_on(view.copies, target)
         if not ok:
             holders = ", ".join(view.copies.current_hosts()) if view.copies else "none"
-            return (f"a level 2 VM moves live only to a host with a current copy of its disks "
+            return (f"a level {int(spec.level)} VM moves live only to a host with a current copy "
                     f"(current: {holders}); {why}")
+        if spec.level is Level.SYSTEM and (view.checkpoints is None or view.checkpoints.state != "protected"):
+            state = view.checkpoints.state if view.checkpoints else "no figures yet"
+            return f"the level 3 replica on {target} is not in step ({state}): wait until the VM is protected"
     elif not host.can_reach(spec):
         return f"host {target} cannot reach the VM's disks (they must be on storage both hosts share)"
     if not snap.has_room(target, spec):
@@ -168,15 +166,13 @@ def plan_evacuation(snap: PoolSnapshot, host: str) -> tuple[dict[str, str], list
     for name, view in sorted(snap.vms.items()):
         if view.owner is None or view.owner.host != host:
             continue
-        if view.spec.level not in LIVE_MIGRATION_LEVELS:
-            problems.append(f"{name}: " + (migration_problem(snap, view, host) or "cannot move"))
-            continue
         candidates = [h for h in eligible_hosts(snap, view) if h != host]
         candidates.sort(key=lambda h: -(snap.hosts[h].memory_mib - snap.used_memory(h) - extra.get(h, 0)))
         fits = [h for h in candidates if snap.hosts[h].memory_mib - snap.used_memory(h) - extra.get(h, 0)
                 >= view.spec.memory_mib and migration_problem(snap, view, h) is None]
         if not fits:
-            why = migration_problem(snap, view, candidates[0]) if candidates else "no other host can take it"
+            others = candidates or sorted(h for h in snap.hosts if h != host)
+            why = migration_problem(snap, view, others[0]) if others else "no other host is up"
             problems.append(f"{name}: {why}")
             continue
         planned[name] = fits[0]

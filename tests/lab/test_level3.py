@@ -144,3 +144,51 @@ def test_primary_cut_from_quorum_and_partner_stops_and_the_partner_carries_on(
                 labmod.set_a_link(lab, "h1", "h2", k, up=True)
         labmod.wait_for_hosts(lab, lab.hosts, 30)
         pool.stop_and_remove("l3q")
+
+
+def test_live_migration_is_a_switchover_from_a_final_checkpoint(lab: labmod.LabState, guest_image) -> None:
+    """`vm migrate` to the partner and back: the guest stops, a final checkpoint is
+    acknowledged, the partner resumes from it and protects the VM back to the old host.
+    One client connection, no gap or repeat, every acknowledged record on the disk,
+    never two copies."""
+    from pathlib import Path
+
+    from ftvm import ops
+    from ftvm.lab.observer import CopyObserver
+    from ftvm.lab.scenario import check_acked_on_disk, serial_problems
+    from ftvm.views import runs_on
+    pool = LabPool(lab)
+    pool.define_ledger_vm("l3mig", 42, Level.SYSTEM, guest_image, host="h1")
+    ip = topo.vm_addr(42).split("/")[0]
+    client = None
+    try:
+        pool.wait_running("l3mig", 60)
+        pool.wait_answering(ip, 60)
+        pool.wait_for("protected", l3_protected("l3mig"), 120)
+        client = LabClient(lab, ip, "l3mig", 0.02, reply_timeout=60)
+        client.wait_acks(30, 30)
+        moves = []
+        with CopyObserver("l3mig") as observer:
+            for target in ("h2", "h1"):
+                moves.append(time.time())
+                pool.run(lambda s, t=target: ops.migrate(s, "l3mig", t))
+                pool.wait_for(f"on {target}", lambda s, t=target: runs_on(s, "l3mig", t), 60)
+                pool.wait_for("protected again", l3_protected("l3mig"), 120)
+                client.wait_acks(20, 30, after=time.time())
+        acks = client.stop()
+        assert observer.max_copies == 1, observer.overlaps
+        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert sequence_breaks(acks) == (0, 0)
+        raw, _ = pool.copy_path("l3mig", "h1")
+        assert check_acked_on_disk(Path(raw), acks)[1] == []
+        assert serial_problems(lab, "h1", "l3mig") == []
+        pauses = [max((b.t - a.t for a, b in zip(acks, acks[1:], strict=False) if b.t > t0), default=0)
+                  for t0 in moves]
+        assert max(pauses) < 3, pauses
+        events = [e for e in pool.events() if e.vm == "l3mig"]
+        assert sum(1 for e in events if e.kind == "migrate" and "handed over" in e.message) == 2
+        assert not [e for e in events if e.kind in ("takeover", "fence")], events
+    finally:
+        if client is not None:
+            client.stop()
+        pool.stop_and_remove("l3mig")

@@ -146,3 +146,20 @@ def test_closing_after_a_checkpoint_was_cancelled_mid_compare_does_not_raise(tmp
         await cp.close()
 
     asyncio.run(scenario())
+
+
+def test_level3_migrates_only_to_a_partner_in_step() -> None:
+    from ftvm.ops import migration_problem
+    hs = {n: HostInfo(n, 2048, 4, replication_addr=f"10.79.0.{i}") for i, n in enumerate(("h1", "h2", "h3"), 1)}
+    copies = mark(new_copies("h1", "h2", 1.0), "h2", CopyState.CURRENT, "checkpoint 1 acknowledged", 2.0)
+
+    def view(state: str) -> VmView:
+        return VmView(spec(desired=Desired.RUNNING), Ownership("h1", 5), VmStatus("h1", RunState.RUNNING, 5, 1.0),
+                      home="h1", copies=copies, checkpoints=CheckpointFigures("h2", state))
+
+    for state, problem in (("protected", None), ("syncing", "not in step (syncing)")):
+        v = view(state)
+        got = migration_problem(PoolSnapshot(3, hs, {v.spec.name: v}), v, "h2")
+        assert got == problem if problem is None else problem in (got or ""), got
+    v = view("protected")
+    assert "h3 holds no copy" in (migration_problem(PoolSnapshot(3, hs, {v.spec.name: v}), v, "h3") or "")

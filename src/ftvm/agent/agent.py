@@ -29,7 +29,8 @@ from typing import Any
 
 from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide, eligible_hosts
 from ..core.model import Export as ExportRecord
-from ..core.model import Desired, HostInfo, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec, VmStatus
+from ..core.model import (Desired, HostInfo, Incoming, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec,
+                          VmStatus)
 from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, claim_copies, mark, may_start_on
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from ..l3.standby import read_committed
@@ -111,6 +112,7 @@ class Agent:
         self._next_trim = 0.0
         self._stopping = False
         self._migrating: set[str] = set()  # VMs this host is sending away
+        self._arriving: set[str] = set()   # VMs a live migration handed to this host, not yet started
         self._tick_seconds: deque[float] = deque(maxlen=100)  # control-plane cost figures
         self._ticks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -376,6 +378,8 @@ class Agent:
                                           migrated=view.handover_host == self.cfg.name)
             token = await self.store.claim(d.vm, self.cfg.name, self.lease, view.copies, copies_new)
             if token is not None:
+                if view.handover_host == self.cfg.name:
+                    self._arriving.add(d.vm)
                 if view.home not in (None, self.cfg.name) and view.home not in snapshot.hosts:
                     # the host was lost about a lease TTL before its lease expired (now)
                     self.history(d.vm, "down", f"host {view.home} lost", at=time.time() - self.t.lease_ttl,
@@ -426,11 +430,19 @@ class Agent:
 
     # --- live migration (agent/migration.py) -----------------------------------------------
     async def _prepare_incoming(self, d: Decision, snapshot: PoolSnapshot) -> None:
-        """Target: a paused QEMU listening for the VM, announced under this host's lease."""
+        """Target: a paused QEMU listening for the VM, announced under this host's lease.
+        Level 3: the standby holding a committed checkpoint is what is announced."""
         spec = snapshot.vms[d.vm].spec
         assert self.accel is not None
         if not self.cfg.replication_addr:
             self.event(d.vm, "error", "cannot receive a live migration: no replication_addr configured")
+            return
+        if spec.level is Level.SYSTEM:
+            if self.l3_partner is None or not self.l3_partner.holds_checkpoint(d.vm):
+                return  # not yet: the next tick looks again (the source refuses if it never comes)
+            ready = Incoming(self.cfg.name, self.cfg.replication_addr, self.cfg.checkpoint_port)
+            if await self.store.publish_incoming(d.vm, ready, self.lease):
+                self.event(d.vm, "incoming", f"{d.reason}: the replica here is current, ready for the switchover")
             return
         paths = VmPaths(self.cfg.state_dir / "vms" / d.vm)
         disks: IncomingDisks | None = None
@@ -493,9 +505,15 @@ class Agent:
             if rec is None or rec.qemu is None or view.migration is None or view.incoming is None:
                 return
             assert d.token is not None
-            moved = await migration.send(d.vm, d.token, rec.qemu, view.migration, view.incoming, self.store,
-                                         lambda: self.lease, lambda: self.snapshot, self.event,
-                                         keep_copies=view.spec.level is Level.COMPONENT)
+            if rec.l3 is not None:
+                moved = await migration.switch_over(d.vm, d.token, rec.l3, view.migration, self.store,
+                                                    lambda: self.lease, lambda: self.snapshot, self.event)
+                if moved:
+                    await rec.l3.hand_off()
+            else:
+                moved = await migration.send(d.vm, d.token, rec.qemu, view.migration, view.incoming,
+                                             self.store, lambda: self.lease, lambda: self.snapshot, self.event,
+                                             keep_copies=view.spec.level is Level.COMPONENT)
             if moved:
                 rec.state, rec.detail = RunState.STOPPING, f"migrated to {view.migration.to}"
                 rec.qemu.kill()  # paused since the migration completed; the target runs the VM
@@ -619,10 +637,17 @@ class Agent:
         except Exception as e:  # the guest still runs; the LAN learns from its traffic
             log.warning("%s: announce-self failed: %s", d.vm, e)
         rec.state, rec.detail, rec.since = RunState.RUNNING, f"pid {qemu.pid}, {self.accel.accel}", time.time()
+        arrived = d.vm in self._arriving
+        self._arriving.discard(d.vm)
         how = " resumed from the replica's last checkpoint (guest carries on)" if resume else " started"
-        self.history(d.vm, "up", "resumed from the last checkpoint" if resume else d.reason)
-        if resume or d.reason.startswith("taking over"):
-            self.counters.failovers[d.vm] = self.counters.failovers.get(d.vm, 0) + 1
+        if arrived:
+            how = " resumed from the final checkpoint of the switchover (live migration)"
+            self.counters.migrations[d.vm] = self.counters.migrations.get(d.vm, 0) + 1
+            self.history(d.vm, "up", "live migration")
+        else:
+            self.history(d.vm, "up", "resumed from the last checkpoint" if resume else d.reason)
+            if resume or d.reason.startswith("taking over"):
+                self.counters.failovers[d.vm] = self.counters.failovers.get(d.vm, 0) + 1
         self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid}{how} (token {token})")
 
     async def _prepare_l3(self, spec: VmSpec, copies: Copies | None, token: int,

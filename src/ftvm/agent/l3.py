@@ -296,6 +296,27 @@ class L3Primary:
         view = snap.vms.get(self.spec.name) if snap else None
         return bool(view and self.partner and view.copy_state(self.partner) is CopyState.CURRENT)
 
+    async def final_checkpoint(self) -> tuple[str, int]:
+        """Planned switchover to the partner (live migration): stop the guest, checkpoint,
+        wait for the partner's ACK. Returns (partner, epoch). On RuntimeError the guest
+        may be stopped: call `resume_after_switchover_failed()`."""
+        cp = self.checkpointer
+        if cp is None or self.state != "protected":
+            raise RuntimeError(f"the replica is not in sync ({self.state}: {self.reason or 'no session'})")
+        return self.partner, await cp.final_checkpoint()
+
+    async def resume_after_switchover_failed(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.cancel_final()
+        if self.qemu is not None and self.qemu.alive and not self._closed:
+            await self.qemu.execute("cont")
+
+    async def hand_off(self) -> None:
+        """The partner now owns the VM, resumed from the final checkpoint: end quietly
+        (every frame was released by its ACK; this host's paused copy is killed next)."""
+        self.superseded = True
+        await self.close()
+
     async def retire(self, why: str) -> None:
         """A stop was asked: end checkpointing and record the partner's copy outdated (this
         host's copy becomes the only current one), so the partner never takes over."""
@@ -313,6 +334,8 @@ class L3Primary:
                 self._closed = True
 
     async def close(self) -> None:
+        if self._closed and not self.relays:
+            return
         self._closed = True
         for t in self._tasks:
             t.cancel()
@@ -326,6 +349,7 @@ class L3Primary:
                 os.close(fd)
         for tap in tap_names(self.spec):
             remove_tap(tap)
+        self.relays, self._tap_fds = [], []
 
 
 class L3Partner:
@@ -407,6 +431,10 @@ class L3Partner:
         token = await self.store.claim(vm, self.me, self.lease(), None, None)
         if token is not None:
             self.claimed(vm)
+
+    def holds_checkpoint(self, vm: str) -> bool:
+        standby = self.standbys.get(vm)
+        return standby is not None and standby.committed is not None
 
     def drop(self, vm: str) -> None:
         """This host now runs the VM itself: its replica files are its own."""

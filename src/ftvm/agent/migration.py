@@ -1,6 +1,11 @@
 """Live migration in the agent. Levels 0 and 1: disks on storage both hosts reach.
 Level 2: to the partner, whose current copy the target QEMU opens (replication kept:
 the old host's copy becomes the replica, resynced from the target's dirty bitmap).
+Level 3: a planned switchover to the partner (`switch_over`): no QEMU migration
+stream, the partner already holds the guest's state: the source stops the guest,
+takes a final checkpoint, and hands over once the partner acknowledged it; the
+partner resumes from that exact instant (as in a failover, but with nothing
+lost to detection time), then protects the VM back to the old host.
 
     operator ── migration record (owner's lease) ──► target: QEMU -incoming, listening;
                                                      incoming record (target's lease)
@@ -28,6 +33,7 @@ from dataclasses import replace
 
 from ..core.model import Incoming, Migration, PoolSnapshot
 from ..core.replication import may_start_on
+from .l3 import L3Primary
 from ..qemu.process import QemuVm
 from ..store.etcd import EtcdError
 from ..store.pool import PoolStore
@@ -120,6 +126,43 @@ async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming
                 await qemu.execute("cont")
         except Exception as e2:
             log.warning("%s: could not resume after a failed migration: %s", vm, e2)
+        try:
+            await store.end_migration(vm)
+        except EtcdError:
+            pass
+        return False
+
+
+async def switch_over(vm: str, token: int, l3: L3Primary, migration: Migration, store: PoolStore,
+                      lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
+                      event: Callable[[str, str, str], None]) -> bool:
+    """Level 3 source: final checkpoint (guest stopped, acknowledged), then the handover
+    (still owner, target's standby announced, copies record unchanged: the target's copy
+    current). True: the target owns the VM (the caller kills this paused copy). False:
+    the guest runs on here, the migration record removed."""
+    t0 = time.monotonic()
+    try:
+        await store.update_migration(vm, token, replace(migration, phase="handing over"), lease())
+        partner, epoch = await l3.final_checkpoint()
+        if partner != migration.to:
+            raise RuntimeError(f"the replica is on {partner}, not {migration.to}")
+        copies = await store.get_copies(vm)
+        if not may_start_on(copies, migration.to)[0]:
+            raise RuntimeError(f"{migration.to}'s replica is no longer current")
+        snap = snapshot()
+        target = snap.hosts.get(migration.to) if snap else None
+        if target is not None and await store.hand_over(vm, token, migration.to, target.lease_id, copies):
+            event(vm, "migrate", f"switched over to {migration.to} at checkpoint {epoch} in "
+                                 f"{time.monotonic() - t0:.2f}s (guest stopped since the final checkpoint); "
+                                 "handed over")
+            return True
+        raise RuntimeError(f"{migration.to} is no longer ready (or this host lost the VM)")
+    except Exception as e:  # the VM must run on here
+        event(vm, "migrate", f"switchover to {migration.to} failed: {e}; the VM stays here")
+        try:
+            await l3.resume_after_switchover_failed()
+        except Exception as e2:
+            log.warning("%s: could not resume after a failed switchover: %s", vm, e2)
         try:
             await store.end_migration(vm)
         except EtcdError:

@@ -165,6 +165,7 @@ class Checkpointer:
         self._last_sent = time.monotonic()
         self._lock = asyncio.Lock()  # one checkpoint at a time
         self._closed = False
+        self._final = False  # a planned switchover took the last checkpoint: the guest stays stopped
         self._output = asyncio.Event()
         self.on_output = False
         self.set_interval(interval_s, on_output)
@@ -257,11 +258,37 @@ class Checkpointer:
             await self.checkpoint()
 
     # --- one epoch ----------------------------------------------------------------------
-    async def checkpoint(self, resume: bool = True) -> None:
-        """One epoch. `resume=False` leaves the guest stopped afterwards (fidelity checks)."""
+    async def final_checkpoint(self, timeout_s: float = 5.0) -> int:
+        """Planned switchover: a last checkpoint with the guest left stopped, returned once
+        the partner acknowledged it (so every frame the guest sent has been released and
+        the partner's replica is this exact instant). No further epoch starts until
+        `cancel_final()`. Raises RuntimeError if the partner did not acknowledge it."""
+        await self.checkpoint(resume=False, final=True)
+        epoch = self.epoch
+        deadline = time.monotonic() + timeout_s
+        while self.stats.acked < epoch:
+            if self.lost is not None:
+                raise RuntimeError(f"final checkpoint {epoch} not acknowledged: {self.lost}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"final checkpoint {epoch} not acknowledged within {timeout_s:.0f}s")
+            await asyncio.sleep(0.001)
+        return epoch
+
+    def cancel_final(self) -> None:
+        """The switchover did not happen: epochs go on (the caller resumes the guest)."""
+        self._final = False
+
+    async def checkpoint(self, resume: bool = True, final: bool = False) -> None:
+        """One epoch. `resume=False` leaves the guest stopped afterwards (fidelity checks,
+        switchover). After a `final` one, no epoch runs (it would resume the guest)."""
         async with self._lock:
             if self.lost is not None or self._writer is None:
+                if final:
+                    raise RuntimeError(f"no checkpoint link: {self.lost or 'not connected'}")
                 return
+            if self._final:
+                return
+            self._final = final
             epoch = self.epoch + 1
             t0 = time.monotonic()
             await self.qmp.execute("stop")
@@ -271,7 +298,10 @@ class Checkpointer:
             except Exception as e:
                 # no checkpoint this epoch: the guest must not stay stopped, the partner is behind
                 self._set_lost(f"checkpoint {epoch} failed: {e}")
+                self._final = False
                 await self.qmp.execute("cont")
+                if final:
+                    raise RuntimeError(f"final checkpoint failed: {e}") from e
                 return
             for relay in self.relays:  # what the guest sends from now on is epoch N+1's
                 relay.begin_epoch(epoch + 1)
