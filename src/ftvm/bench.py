@@ -233,9 +233,9 @@ def _cmd_bench_level3(args: Any) -> int:
 
 
 def _cmd_bench_migration(args: Any) -> int:
-    from .bench_ops import print_migration, run_migration_bench
+    from .bench_ops import migration_failed, print_migration, run_migration_bench
     return _lab_bench(args, lambda lab_dir, progress: run_migration_bench(lab_dir, args.runs, progress),
-                      print_migration, lambda out: out["connections"] != 1 or out["sequence_breaks"] != 0)
+                      print_migration, migration_failed)
 
 
 def _cmd_bench_control_plane(args: Any) -> int:

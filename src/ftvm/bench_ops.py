@@ -1,9 +1,13 @@
-"""`ftvm bench migration --runs N`: live migration of a loaded VM, back and forth, in a lab pool.
+"""`ftvm bench migration --runs N`: live migration of a loaded VM, back and forth, in a lab
+pool, at levels 1, 2 and 3 side by side in one run (one VM at a time, same lab).
 
-The VM (level 1, 256 MiB) answers a client writing a ledger record every 10 ms on one
-TCP connection, while a second client keeps the guest busy with bulk disk writes. Per
-run: the client's longest wait for a reply around the move (client-visible pause), the
-time from the request to the VM running on the target, QEMU's own downtime figure.
+Each VM (256 MiB) answers a client writing a ledger record every 10 ms on one TCP
+connection, while a second client keeps the guest busy with bulk disk writes. Per run:
+the client's longest wait for a reply around the move (client-visible pause), the time
+from the request to the VM running on the target, QEMU's downtime figure (levels 1-2;
+level 3 moves by a switchover from a final checkpoint, no migration stream), and, for
+levels 2 and 3, the time until the VM is protected again (level 2: the old host's copy
+resynced from the bitmap; level 3: a new pre-copy to the old host).
 """
 
 from __future__ import annotations
@@ -20,29 +24,53 @@ from rich.table import Table
 
 from . import ops
 from .cli.common import console
-from .core.model import Level
-from .guest.build import build_guest
+from .core.model import Level, PoolSnapshot
+from .core.protection import protection
+from .guest.build import GuestImage, build_guest
 from .lab import lab as labmod
 from .lab import topology as topo
 from .lab.scenario import LabClient, LabPool, ScenarioError, sequence_breaks
 from .views import runs_on
 
 INDEX = 60
+LEVELS = (Level.RESTART, Level.COMPONENT, Level.SYSTEM)
 
 
-def run_migration_bench(lab_dir: Path, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
+def run_migration_bench(lab_dir: Path, runs: int, progress: Callable[[str], None],
+                        levels: tuple[Level, ...] = LEVELS) -> dict[str, Any]:
     image = build_guest(log=lambda m: None)
     state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel))
     try:
         pool = LabPool(state)
-        ip = topo.vm_addr(INDEX).split("/")[0]
-        pool.define_ledger_vm("mover", INDEX, Level.RESTART, image, host="h1")
-        pool.wait_running("mover", 60)
+        out: dict[str, Any] = {"runs_per_level": runs, "levels": {}}
+        for i, level in enumerate(levels):
+            out["levels"][str(int(level))] = _bench_level(pool, image, level, INDEX + i, runs, progress)
+        return out
+    finally:
+        labmod.down(lab_dir)
+
+
+def _protected(vm: str) -> Callable[[PoolSnapshot], bool]:
+    def check(snap: PoolSnapshot) -> bool:
+        view = snap.vms.get(vm)
+        return view is not None and view.owner is not None and protection(snap, view).protected
+    return check
+
+
+def _bench_level(pool: LabPool, image: GuestImage, level: Level, index: int, runs: int,
+                 progress: Callable[[str], None]) -> dict[str, Any]:
+    name = f"mover{int(level)}"
+    ip = topo.vm_addr(index).split("/")[0]
+    pool.define_ledger_vm(name, index, level, image, host="h1")
+    try:
+        pool.wait_running(name, 60)
         pool.wait_answering(ip, 60)
-        client = LabClient(state, ip, "mover", 0.01, reply_timeout=60)
+        if level.has_copies:
+            pool.wait_for(f"{name} protected", _protected(name), 120)
+        client = LabClient(pool.state, ip, name, 0.01, reply_timeout=60)
         stop_load = threading.Event()
 
-        def load() -> None:  # bulk writes keep the guest's CPU and RAM busy during the moves
+        def load() -> None:  # bulk writes keep the guest's CPU, RAM and disk busy during the moves
             while not stop_load.is_set():
                 try:
                     pool.bulk_write(ip, 8, 256)
@@ -56,23 +84,29 @@ def run_migration_bench(lab_dir: Path, runs: int, progress: Callable[[str], None
             loader.start()
             time.sleep(2)
             for i in range(runs):
-                host = pool.snapshot().vms["mover"].owner.host  # type: ignore[union-attr]
+                host = pool.snapshot().vms[name].owner.host  # type: ignore[union-attr]
                 target = "h2" if host == "h1" else "h1"
                 t0 = time.time()
-                pool.run(lambda store: ops.migrate(store, "mover", target))  # noqa: B023 - run now
-                pool.wait_for(f"mover on {target}", lambda snap: runs_on(snap, "mover", target), 120)  # noqa: B023
+                pool.run(lambda store: ops.migrate(store, name, target))  # noqa: B023 - run now
+                pool.wait_for(f"{name} on {target}", lambda snap: runs_on(snap, name, target), 120)  # noqa: B023
                 moved = time.time() - t0
+                reprotect = None
+                if level.has_copies:
+                    pool.wait_for(f"{name} protected again", _protected(name), 120)
+                    reprotect = round(time.time() - t0, 2)
                 client.wait_acks(20, 30, after=time.time())
                 acks = [a for a in client.acks() if a.t > t0 - 1]
                 pause = max((b.t - a.t for a, b in zip(acks, acks[1:], strict=False) if b.t > t0), default=0.0)
-                ev = [e for e in pool.events() if e.vm == "mover" and e.kind == "migrate" and e.time > t0]
+                ev = [e for e in pool.events() if e.vm == name and e.kind == "migrate" and e.time > t0]
                 m = re.search(r"QEMU downtime (\d+) ms", ev[-1].message) if ev else None
                 r = {"from": host, "to": target, "client_pause_s": round(pause, 3),
-                     "migration_s": round(moved, 2), "qemu_downtime_ms": int(m.group(1)) if m else None}
+                     "migration_s": round(moved, 2), "qemu_downtime_ms": int(m.group(1)) if m else None,
+                     "protected_again_s": reprotect}
                 results.append(r)
-                progress(f"run {i + 1}: {host} -> {target}: client pause {r['client_pause_s']:.3f} s, "
-                         f"request -> running on {target} {r['migration_s']:.2f} s, "
-                         f"QEMU downtime {r['qemu_downtime_ms']} ms")
+                progress(f"level {int(level)} run {i + 1}: {host} -> {target}: client pause "
+                         f"{r['client_pause_s']:.3f} s, request -> running {r['migration_s']:.2f} s"
+                         + (f", QEMU downtime {r['qemu_downtime_ms']} ms" if m else "")
+                         + (f", protected again after {reprotect:.1f} s" if reprotect is not None else ""))
         finally:
             stop_load.set()
             acks = client.stop()
@@ -80,26 +114,42 @@ def run_migration_bench(lab_dir: Path, runs: int, progress: Callable[[str], None
         connects = sum(1 for e in client.other_events() if e.get("kind") == "connect")
         pauses = [float(r["client_pause_s"]) for r in results]
         times = [float(r["migration_s"]) for r in results]
+        again = [float(r["protected_again_s"]) for r in results if r["protected_again_s"] is not None]
         return {"runs": results, "connections": connects, "acknowledged": len(acks),
                 "sequence_breaks": sum(sequence_breaks(acks)),
                 "client_pause_median_s": statistics.median(pauses), "client_pause_max_s": max(pauses),
-                "migration_median_s": statistics.median(times), "migration_max_s": max(times)}
+                "migration_median_s": statistics.median(times), "migration_max_s": max(times),
+                "protected_again_median_s": statistics.median(again) if again else None}
     finally:
-        labmod.down(lab_dir)
+        pool.stop_and_remove(name)
+
+
+def migration_failed(out: dict[str, Any]) -> bool:
+    return any(r["connections"] != 1 or r["sequence_breaks"] != 0 for r in out["levels"].values())
 
 
 def print_migration(out: dict[str, Any]) -> None:
-    t = Table(title="Live migration of a loaded level 1 VM", title_justify="left")
-    for col in ("run", "from -> to", "client pause s", "request -> running s", "QEMU downtime ms"):
+    t = Table(title="Live migration of a loaded VM (256 MiB, client every 10 ms + bulk disk writes)",
+              title_justify="left")
+    for col in ("level", "run", "from -> to", "client pause s", "request -> running s", "QEMU downtime ms",
+                "protected again s"):
         t.add_column(col, justify="right")
-    for i, r in enumerate(out["runs"], 1):
-        t.add_row(str(i), f"{r['from']} -> {r['to']}", f"{r['client_pause_s']:.3f}", f"{r['migration_s']:.2f}",
-                  str(r["qemu_downtime_ms"]))
-    t.add_row("median", "", f"{out['client_pause_median_s']:.3f}", f"{out['migration_median_s']:.2f}", "")
-    t.add_row("max", "", f"{out['client_pause_max_s']:.3f}", f"{out['migration_max_s']:.2f}", "")
+    for level, fig in out["levels"].items():
+        for i, r in enumerate(fig["runs"], 1):
+            t.add_row(level, str(i), f"{r['from']} -> {r['to']}", f"{r['client_pause_s']:.3f}",
+                      f"{r['migration_s']:.2f}", "-" if r["qemu_downtime_ms"] is None else str(r["qemu_downtime_ms"]),
+                      "-" if r["protected_again_s"] is None else f"{r['protected_again_s']:.1f}")
+        t.add_row(level, "median", "", f"{fig['client_pause_median_s']:.3f}", f"{fig['migration_median_s']:.2f}",
+                  "", "-" if fig["protected_again_median_s"] is None else f"{fig['protected_again_median_s']:.1f}")
+        t.add_row(level, "max", "", f"{fig['client_pause_max_s']:.3f}", f"{fig['migration_max_s']:.2f}", "", "")
     console.print(t)
-    console.print(f"one client connection throughout: {out['connections'] == 1}; {out['acknowledged']} "
-                  f"acknowledged writes, {out['sequence_breaks']} breaks in their sequence", highlight=False)
+    base = out["levels"].get("1")
+    for level, fig in out["levels"].items():
+        ratio = (f", pause {fig['client_pause_median_s'] / base['client_pause_median_s']:.1f} x level 1"
+                 if base and level != "1" and base["client_pause_median_s"] > 0 else "")
+        console.print(f"level {level}: one client connection throughout: {fig['connections'] == 1}; "
+                      f"{fig['acknowledged']} acknowledged writes, {fig['sequence_breaks']} breaks in their "
+                      f"sequence{ratio}", highlight=False)
 
 
 # --- control-plane cost ---------------------------------------------------------------------
