@@ -11,7 +11,7 @@ import time
 from dataclasses import replace
 
 from .core.availability import Report, report
-from .core.model import Desired, Level, Migration, PoolSnapshot, RunState, VmSpec, VmView
+from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, RunState, VmSpec, VmView
 from .core.replication import may_start_on
 from .core.validate import check_new_vm
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError
@@ -54,6 +54,95 @@ async def remove(store: PoolStore, name: str) -> None:
     got = await store.spec(name)
     if got is None or not await store.remove_vm(name, got[1]):
         raise FtvmError(f"VM {name} changed while being removed; nothing removed", REFUSED)
+
+
+ONLINE_LEVEL_CHANGE_3 = ("a level 3 VM needs its RAM in a shared file and its NICs behind the output-commit relay "
+                         "from boot: level 3 is chosen when a VM is added, and a level 3 VM cannot change level")
+
+
+async def change_level(store: PoolStore, name: str, level: int,
+                       disk_paths: tuple[str, ...] = ()) -> tuple[int, bool]:
+    """Change a VM's protection level. A stopped VM's spec changes at once; a running VM
+    changes without a restart (its owner's agent does the work: agent/levels.py).
+    Returns (previous level, whether the change is online and still under way)."""
+    if level not in (0, 1, 2, 3):
+        raise FtvmError(f"level {level} does not exist (0, 1, 2 or 3)", BAD_INPUT)
+    snap, view = await get_view(store, name)
+    got = await store.spec(name)
+    if got is None:
+        raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
+    spec, rev = got
+    old = int(spec.level)
+    if level == old:
+        return old, False
+    if 3 in (old, level):
+        raise FtvmError(ONLINE_LEVEL_CHANGE_3, REFUSED)
+    if view.owner is None and spec.desired is Desired.STOPPED:
+        await _change_stopped_level(store, snap, spec, rev, level)
+        return old, False
+    if view.owner is None or view.status is None or view.status.state is not RunState.RUNNING:
+        raise FtvmError(f"VM {name} is starting or stopping: change its level once it runs (or is stopped)", REFUSED)
+    if view.migration is not None:
+        raise FtvmError(f"VM {name} is migrating to {view.migration.to}: change its level afterwards", REFUSED)
+    if view.level_change is not None:
+        raise FtvmError(f"VM {name} is already changing to level {view.level_change.level}", REFUSED)
+    owner = view.owner.host
+    if {old, level} <= {0, 1}:  # the disks stay where they are: only the spec changes
+        new = replace(spec, level=Level(level))
+        if level == 1:
+            others = [h for h in snap.hosts.values() if h.name != owner and h.can_reach(new)]
+            if not others:
+                raise FtvmError(f"level 1 restarts the VM on another host from shared storage, and no other live "
+                                f"host reaches {', '.join(d.path for d in spec.disks)}", REFUSED)
+        if not await store.update_spec(new, rev):
+            raise FtvmError(f"VM {name} changed meanwhile; nothing changed", REFUSED)
+        return old, False
+    if level == 2:
+        from .core.placement import partner_with_room
+        partner, why = partner_with_room(snap, replace(spec, level=Level.COMPONENT), owner)
+        if partner is None:
+            raise FtvmError(f"cannot raise {name} to level 2: {why}", REFUSED)
+    paths: tuple[str, ...] = ()
+    if level == 1:
+        paths = disk_paths or tuple(d.path for d in spec.disks)
+        if len(paths) != len(spec.disks) or not all(paths):
+            raise FtvmError(f"level 1 keeps the disks on shared storage: give one image path per disk "
+                            f"({len(spec.disks)}) with --disk-path", BAD_INPUT)
+        moved = replace(spec, level=Level.RESTART, disks=tuple(replace(d, path=p) for d, p in zip(
+            spec.disks, paths, strict=True)))
+        if not snap.hosts[owner].can_reach(moved):
+            raise FtvmError(f"{', '.join(paths)}: not on storage {owner} shares "
+                            f"({', '.join(snap.hosts[owner].shared_storage) or 'none'})", BAD_INPUT)
+    change = LevelChange(level=level, source=owner, token=view.owner.token, requested=time.time(), disk_paths=paths)
+    if not await store.request_level_change(name, change, snap.hosts[owner].lease_id):
+        raise FtvmError(f"VM {name} changed meanwhile (moved, or another change began); nothing changed", REFUSED)
+    return old, True
+
+
+async def _change_stopped_level(store: PoolStore, snap: PoolSnapshot, spec: VmSpec, rev: int, level: int) -> None:
+    if spec.level.has_copies:
+        raise FtvmError(f"lowering a stopped level {int(spec.level)} VM is not available: its data lives in the "
+                        "hosts' local copies; start it and lower the level while it runs", REFUSED)
+    disks = spec.disks
+    if level == 2:
+        disks = tuple(_with_image_size(d) for d in spec.disks)
+    new = replace(spec, level=Level(level), disks=disks)
+    others = PoolSnapshot(snap.revision, snap.hosts, {n: v for n, v in snap.vms.items() if n != spec.name})
+    problem = check_new_vm(new, others, os.path.isfile)
+    if problem:
+        raise FtvmError(problem, BAD_INPUT)
+    if not await store.update_spec(new, rev):
+        raise FtvmError(f"VM {spec.name} changed meanwhile; nothing changed", REFUSED)
+
+
+def _with_image_size(disk: DiskSpec) -> DiskSpec:
+    """A level 2 disk imported from an image: its size is the image's."""
+    from .qemu.blockgraph import LocalImage
+    from .qemu.storage_daemon import StorageDaemonError, image_size
+    try:
+        return replace(disk, size=image_size(LocalImage(disk.path, disk.format)))
+    except StorageDaemonError as e:
+        raise FtvmError(f"cannot read disk image {disk.path}: {e}", BAD_INPUT) from None
 
 
 async def set_sla(store: PoolStore, name: str, percent: float | None) -> VmSpec:
@@ -119,6 +208,8 @@ def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | No
         return f"VM {spec.name} is not running"
     if view.migration is not None:
         return f"VM {spec.name} is already migrating to {view.migration.to}"
+    if view.level_change is not None:
+        return f"VM {spec.name} is changing to level {view.level_change.level}: move it afterwards"
     if target == view.owner.host:
         return f"VM {spec.name} already runs on {target}"
     host = snap.hosts.get(target)

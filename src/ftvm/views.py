@@ -70,3 +70,27 @@ def move_progress(snap: PoolSnapshot, vm: str, target: str) -> tuple[str, float]
     if m is None and view.handover_host is None and view.owner is not None and view.owner.host != target:
         return "failed", 0.0
     return "moving", (m.done / m.total if m is not None and m.total else 0.0)
+
+
+def level_progress(snap: PoolSnapshot, vm: str, level: int) -> tuple[str, float, str]:
+    """An online level change of `vm` to `level` as the store shows it: ("changing" |
+    "protecting" | "done" | "failed", share done 0..1, what is happening). Raising to 2 is
+    done when the partner's copy is in sync (Protected); the disks' copy is the first half."""
+    view = snap.vms.get(vm)
+    if view is None:
+        return "failed", 0.0, "VM removed"
+    change = view.level_change
+    if change is not None:
+        frac = change.done / change.total if change.total else 0.0
+        return "changing", (0.5 if level == 2 else 0.9) * frac, f"level {int(view.spec.level)} -> {level}: " \
+                                                                   f"{change.phase}"
+    if int(view.spec.level) != level:
+        return "failed", 0.0, "the change was abandoned (see the events)"
+    if level != 2:
+        return "done", 1.0, f"level {level}"
+    p = protection(snap, view)
+    if p.protected:
+        return "done", 1.0, "level 2, Protected"
+    sync = view.sync
+    frac = sync.done / sync.total if sync and sync.total else 0.0
+    return "protecting", 0.5 + 0.5 * frac, f"level 2, building the replica ({p.reason})"

@@ -101,7 +101,9 @@ async def test_level3_checkpointing_is_patched_and_bad_values_refused(api) -> No
     l3 = VmSpec("trade", Level.SYSTEM, 256, 1, (DiskSpec(size=64 << 20),), (NicSpec("52:54:00:00:10:03"),))
     assert await store.define_vm(l3)
     assert (await http.patch("/api/v1/vms/trade", json={"checkpoint_ms": 5})).status_code == 400
-    assert (await http.patch("/api/v1/vms/trade", json={"level": 1})).status_code == 400
+    r = await http.patch("/api/v1/vms/trade", json={"level": 1})  # level 3 never changes level: refused
+    assert r.status_code == 409 and "level 3" in r.json()["error"]
+    assert (await http.patch("/api/v1/vms/trade", json={"level": 1, "sla_percent": 99})).status_code == 400
     r = await http.patch("/api/v1/vms/trade", json={"checkpoint_ms": 250, "checkpoint_on_output": True})
     assert r.status_code == 202
     spec, _ = await store.spec("trade")

@@ -271,9 +271,6 @@ def test_stopped_level1_vm_raised_to_level2_keeps_its_data(lab: labmod.LabState,
         pool.wait_answering(ip, 60)
         acks = [pool.ask(ip, f"W kept-{i}") for i in range(5)]
         base = [sys.executable, "-m", "ftvm", "--lab-dir", lab.dir]
-        r = subprocess.run(base[:3] + ["vm", "set", name, "--level", "2", "--lab-dir", lab.dir],
-                           capture_output=True, text=True)
-        assert r.returncode == 4 and "not stopped" in r.stderr  # refused while it runs
         for args in (["vm", "stop", name, "--wait"], ["vm", "set", name, "--level", "2"],
                      ["vm", "start", name, "--wait"]):
             r = subprocess.run(base[:3] + args + ["--lab-dir", lab.dir], capture_output=True, text=True)
@@ -358,3 +355,60 @@ def test_live_migration_keeps_replication(l2vm, lab: labmod.LabState) -> None:
     _, lost = check_acked_on_disk(pool.copy_as_raw(name, "h1", Path(lab.dir) / f"{name}.raw"), acks)
     assert lost == []
     assert_copies_identical(pool, lab, name)
+
+
+def test_online_level_changes_keep_the_guest_running(lab: labmod.LabState, guest_image) -> None:
+    """A running VM goes 1 -> 2 -> 1 -> 2 -> 0 with `vm set --level --wait`: no restart (one
+    QEMU process, one client connection), no I/O error, nothing acknowledged lost; at level 2
+    it is Protected only once the partner's copy is in sync and the copies are identical;
+    lowered, the partner stops serving its copy."""
+    from ftvm.lab.client import read_log
+    pool = LabPool(lab)
+    name, index = "lvl", 47
+    ip = topo.vm_addr(index).split("/")[0]
+    spec = pool.define_ledger_vm(name, index, Level.RESTART, guest_image, host="h1")
+    shared = spec.disks[0].path
+    base = [sys.executable, "-m", "ftvm", "--lab-dir", lab.dir]
+
+    def set_level(level: int) -> None:
+        r = subprocess.run(base[:3] + ["vm", "set", name, "--level", str(level), "--wait", "--timeout", "120",
+                                       "--lab-dir", lab.dir], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    client = None
+    try:
+        pool.wait_running(name, 60)
+        pool.wait_answering(ip, 60)
+        pid = pool.snapshot().vms[name].status.detail  # "pid N, tcg"
+        client = LabClient(lab, ip, name, 0.01, reply_timeout=60)
+        client.wait_acks(30, 30)
+        for level in (2, 1, 2, 0):
+            set_level(level)
+            snap = pool.snapshot()
+            view = snap.vms[name]
+            assert int(view.spec.level) == level and view.level_change is None
+            if level == 2:
+                assert protection_of(pool, name) == "Protected"
+                assert copy_state(snap, name, "h2") is CopyState.CURRENT
+                assert_copies_identical(pool, lab, name)
+            else:
+                assert view.copies is None
+                pool.wait_for("partner stopped serving", lambda s: not s.vms[name].exports, 30)
+            pool.ask(ip, "F 1024")  # 1 MiB more between changes
+            client.wait_acks(20, 30, after=time.time())
+        assert pool.snapshot().vms[name].status.detail == pid  # the same QEMU all along
+        acks = client.stop()
+        final = Path(pool.snapshot().vms[name].spec.disks[0].path)  # level 0: h1's local copy
+        assert final == Path(lab.host_dir("h1")) / "local" / name / "disk0.img"
+        _, lost = check_acked_on_disk(final, acks)
+        assert lost == [] and len(acks) > 100
+        assert Path(shared).exists()
+    finally:
+        if client is not None:
+            client.stop()
+        pool.stop_and_remove(name)
+    _, other = read_log(client.log)
+    assert [e["kind"] for e in other] == ["connect"], other
+    no_guest_io_error(client, lab, name)
+    events = [e.message for e in pool.events() if e.vm == name and e.kind == "level"]
+    assert len(events) == 4 and all("while running" in m for m in events), events

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 from ftvm.core.model import BootSpec, DiskSpec, HostInfo, Level, NicSpec, PoolSnapshot, VmSpec, VmView
@@ -68,7 +70,10 @@ def test_cmdline_has_identity_disk_and_net() -> None:
     cmd = build_cmdline(spec, VmPaths(Path("/run/x")), Accel("tcg", "qemu64", ""), ["ft-web"])
     line = " ".join(cmd)
     assert "guest=web," in line and "-accel tcg" in line
-    assert "file=/shared/w.img,format=raw,cache=none" in line
+    nodes = [json.loads(cmd[i + 1]) for i, a in enumerate(cmd) if a == "-blockdev"]
+    # the image under a raw top node disk0 (so an online level change can re-point it), O_DIRECT
+    assert nodes[-1] == {"driver": "raw", "node-name": "disk0", "file": "d0-img0"}
+    assert nodes[0]["file"]["filename"] == "/shared/w.img" and nodes[0]["file"]["cache"]["direct"] is True
     assert "mac=52:54:00:00:00:01" in line and "ifname=ft-web" in line
     assert cmd[cmd.index("-append") + 1] == "console=ttyS0 ftvm.ip=10.0.0.5/24"
     assert "bootindex" not in line  # direct kernel boot: no disk boot index

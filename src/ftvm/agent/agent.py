@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide, eligible_hosts
+from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide
+from ..core.placement import choose_partner
 from ..core.model import Export as ExportRecord
 from ..core.model import (Desired, HostInfo, Incoming, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec,
                           VmStatus)
@@ -43,7 +44,7 @@ from ..core.availability import HistoryRecord
 from ..store.pool import HISTORY_DAYS, MAX_EVENTS, Event, PoolStore
 from .config import AgentConfig
 from ..api.metrics import AgentCounters, AgentHealth
-from . import migration
+from . import levels, migration
 from .fence import FenceGuard
 from .l3 import L3Partner, L3Primary, replica_paths
 from .replica import ReplicaManager
@@ -370,9 +371,8 @@ class Agent:
             view = snapshot.vms[d.vm]
             copies_new = None
             if view.spec.level.has_copies:
-                others = [h for h in eligible_hosts(snapshot, view) if h != self.cfg.name]
-                others += sorted(h for h in snapshot.hosts if h != self.cfg.name and h not in others)
-                copies_new = claim_copies(view.copies, self.cfg.name, view.home, others[0] if others else None,
+                copies_new = claim_copies(view.copies, self.cfg.name, view.home,
+                                          choose_partner(snapshot, view.spec, self.cfg.name),
                                           time.time(), forced=view.force_host == self.cfg.name,
                                           imported=any(disk.path for disk in view.spec.disks),
                                           migrated=view.handover_host == self.cfg.name)
@@ -393,6 +393,10 @@ class Agent:
                 self.wake.set()
         elif d.action is Action.PREPARE_INCOMING:
             await self._prepare_incoming(d, snapshot)
+        elif d.action is Action.CHANGE_LEVEL:
+            if d.vm not in self._migrating:
+                self._migrating.add(d.vm)
+                asyncio.create_task(self._change_level(d, snapshot))
         elif d.action is Action.MIGRATE:
             if d.vm not in self._migrating:
                 self._migrating.add(d.vm)
@@ -517,6 +521,44 @@ class Agent:
             if moved:
                 rec.state, rec.detail = RunState.STOPPING, f"migrated to {view.migration.to}"
                 rec.qemu.kill()  # paused since the migration completed; the target runs the VM
+        finally:
+            self._migrating.discard(d.vm)
+            self.wake.set()
+
+    async def _change_level(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        """Raise or lower a running VM's level (agent/levels.py); a failure leaves it as it was."""
+        view = snapshot.vms[d.vm]
+        rec = self.vms.get(d.vm)
+        change = view.level_change
+        try:
+            if rec is None or rec.qemu is None or change is None or d.token is None:
+                return
+            qemu, token = rec.qemu, d.token
+            ctx = levels.LevelContext(
+                d.vm, token, self.cfg.name, qemu, self.store, lambda: self.lease, lambda: self.snapshot,
+                self.event, self._image,
+                lambda images, graphs: ReplicaManager(
+                    d.vm, token, self.cfg.name, qemu, images, graphs, self.store, lambda: self.lease,
+                    lambda: self._copies_view(d.vm), self.event,
+                    repair_requested=lambda: self._repair_requested(d.vm)))
+            spec = view.spec
+            if change.level == Level.COMPONENT and spec.level in (Level.UNPROTECTED, Level.RESTART):
+                rec.replica = await levels.raise_to_component(ctx, spec, change)
+            elif spec.level is Level.COMPONENT and change.level in (0, 1) and rec.replica is not None:
+                await levels.lower_from_component(ctx, spec, change, rec.replica)
+                rec.replica = None
+            else:
+                raise RuntimeError(f"level {int(spec.level)} -> {change.level} cannot be made while running")
+        except levels.OwnershipLost as e:
+            self.event(d.vm, "kill", f"level change: {e}; killing this copy")
+            if rec is not None and rec.qemu is not None:
+                rec.qemu.kill()
+        except Exception as e:
+            log.exception("%s: level change failed", d.vm)
+            self.event(d.vm, "level", f"level {int(view.spec.level)} -> {change.level if change else '?'} "
+                                      f"failed: {e}; the VM runs on at level {int(view.spec.level)}")
+            with suppress(EtcdError):
+                await self.store.end_level_change(d.vm)
         finally:
             self._migrating.discard(d.vm)
             self.wake.set()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -95,6 +96,51 @@ class ReplicaManager:
     def stop(self) -> None:
         if self._task:
             self._task.cancel()
+
+    def restart(self) -> None:
+        """The loop again, after a `release()` that was given up."""
+        self._task = asyncio.create_task(self._run(), name=f"replica-{self.vm}")
+
+    async def release(self) -> list[DiskGraph]:
+        """Lowering the level: stop keeping the partner's copy. The loop ends, a resync under
+        way is cancelled and its spare nodes removed. Returns the disks' graphs (MIRRORED
+        or LOCAL_ONLY; the caller drops the partner from a mirrored one with the guest
+        stopped). RuntimeError if the VM runs on the partner's copy (its own failed)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+        for job in await self.qemu.execute("query-block-jobs"):
+            if str(job.get("device", "")).startswith("resync-"):
+                with suppress(Exception):
+                    await self.qemu.execute("block-job-cancel", {"device": job["device"], "force": True})
+        for _ in range(500):
+            jobs = await self.qemu.execute("query-block-jobs")
+            if not any(str(j.get("device", "")).startswith("resync-") for j in jobs):
+                break
+            await asyncio.sleep(0.01)
+        in_use = {n for g in self.graphs for n in (g.local, g.remote, g.quorum) if n}
+        for node in await self.qemu.execute("query-named-block-nodes", {"flat": True}):
+            name = str(node.get("node-name", ""))
+            if re.fullmatch(r"d\d+-(remote|local)\d+", name) and name not in in_use:
+                with suppress(Exception):
+                    await self.qemu.execute("blockdev-del", {"node-name": name})
+        if any(g.mode is Mode.REMOTE_ONLY for g in self.graphs):
+            self.restart()
+            raise RuntimeError(f"the VM runs on the partner's copy (its local disk on {self.me} failed): "
+                               f"repair it first (`ftvm vm repair-disk {self.vm} --host {self.me}`)")
+        return self.graphs
+
+    async def partner_outdated(self, why: str) -> None:
+        """Record the partner's copy outdated, to be resynced in full (retried until done)."""
+        copies, _ = self.snapshot_copies()
+        partner = copies.partner_of(self.me) if copies else None
+        if partner is not None:
+            await self._update_copies(lambda c: mark(c, partner, CopyState.OUTDATED, why, time.time(), full=True))
+
+    def partner_export(self, index: int) -> Export:
+        copies, exports = self.snapshot_copies()
+        partner = copies.partner_of(self.me) if copies else None
+        return self._export_for(exports, partner or "", index)
 
     def on_qemu_event(self, name: str, data: dict[str, Any]) -> None:
         if name == "QUORUM_REPORT_BAD" and data.get("node-name"):

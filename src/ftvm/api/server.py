@@ -28,7 +28,7 @@ from ..core.model import Desired, PoolSnapshot, RunState, VmSpec
 from ..errors import BAD_INPUT, HTTP_STATUS, NO_QUORUM, NOT_FOUND, FtvmError
 from ..store.etcd import EtcdError, EtcdUnavailable
 from ..store.pool import PoolStore
-from ..views import host_rows, move_progress, status_data, vm_row
+from ..views import level_progress, host_rows, move_progress, status_data, vm_row
 from . import metrics
 
 JOB_TIMEOUT_S = 300.0
@@ -190,10 +190,14 @@ def make_app(ctx: ApiContext) -> web.Application:
             body = await request.json()
         except ValueError:
             raise FtvmError("the body must be JSON", BAD_INPUT) from None
+        if not isinstance(body, dict):
+            raise FtvmError("the body must be a JSON object", BAD_INPUT)
+        if "level" in body:
+            return await patch_level(name, body)
         unknown = set(body) - {"checkpoint_ms", "checkpoint_on_output", "sla_percent"}
         if unknown or not body:
-            raise FtvmError("only checkpoint_ms, checkpoint_on_output and sla_percent can be changed here"
-                            + (f" (not {', '.join(sorted(unknown))})" if unknown else ""), BAD_INPUT)
+            raise FtvmError("only level (+ disk_paths), checkpoint_ms, checkpoint_on_output and sla_percent can "
+                            "be changed here" + (f" (not {', '.join(sorted(unknown))})" if unknown else ""), BAD_INPUT)
         if "sla_percent" in body:
             await ops.set_sla(ctx.store, name, body["sla_percent"])
         if {"checkpoint_ms", "checkpoint_on_output"} & set(body):
@@ -203,6 +207,27 @@ def make_app(ctx: ApiContext) -> web.Application:
         async def done(job: Job) -> None:
             job.progress = "recorded; the agent running the VM follows within seconds"
         return accepted(jobs.start("set", name, done))
+
+    async def patch_level(name: str, body: dict[str, Any]) -> web.Response:
+        if set(body) - {"level", "disk_paths"}:
+            raise FtvmError("change the level (with disk_paths) in a request of its own", BAD_INPUT)
+        try:
+            level = int(body["level"])
+            paths = tuple(str(p) for p in body.get("disk_paths") or ())
+        except (TypeError, ValueError):
+            raise FtvmError("level must be an integer, disk_paths a list of paths", BAD_INPUT) from None
+        await ops.change_level(ctx.store, name, level, paths)
+
+        async def follow(job: Job) -> None:
+            while True:
+                state, frac, detail = level_progress(await ctx.snapshot(), name, level)
+                job.progress = f"{detail} ({int(100 * frac)}%)"
+                if state == "done":
+                    return
+                if state == "failed":
+                    raise FtvmError(detail)
+                await asyncio.sleep(0.3)
+        return accepted(jobs.start("level", name, follow))
 
     async def delete_vm(request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -82,9 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="level 2: start from a copy that is not current (recorded in the event log)")
             p.add_argument("--host", help="with --accept-data-loss: the host whose copy to start from")
     p = cmd(vm, "set", pool_cmds.cmd_vm_set,
-            "change a stopped VM's protection level, or a level 3 VM's checkpointing (also while it runs)")
+            "change a VM's protection level (a running VM: online, no restart), a level 3 VM's "
+            "checkpointing, or its SLA target")
     p.add_argument("name")
     p.add_argument("--level", type=int, choices=(0, 1, 2, 3))
+    p.add_argument("--disk-path", action="append",
+                   help="level 2 -> 1: the shared-storage image a disk moves to (once per disk; default: "
+                        "the image it was imported from)")
+    p.add_argument("--wait", action="store_true", help="follow an online change until done (raise: protected)")
+    p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--checkpoint-ms", type=int, help="level 3: longest time between checkpoints")
     p.add_argument("--checkpoint-on-output", choices=("on", "off"),
                    help="level 3: also checkpoint as soon as the guest sends")

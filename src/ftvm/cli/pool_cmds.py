@@ -12,12 +12,12 @@ from typing import Any
 from rich.table import Table
 
 from ..core.decide import choose_host
-from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec, VmView
+from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, RunState, VmSpec, VmView
 from .. import ops
 from ..views import host_rows, status_data, vm_row
-from ..core.validate import check_mac, check_new_vm
+from ..core.validate import check_mac
 from ..store.pool import Event, PoolStore
-from .common import (BAD_INPUT, OK, REFUSED, CliError, console, emit_json, endpoints,
+from .common import (BAD_INPUT, FAILED, OK, REFUSED, CliError, console, emit_json, endpoints,
                      is_json, with_store)
 
 
@@ -104,7 +104,7 @@ def with_image_size(disk: DiskSpec) -> DiskSpec:
 
 
 def cmd_vm_set(args: Any) -> int:
-    """Change a stopped VM's protection level, or a level 3 VM's checkpointing."""
+    """Change a VM's protection level (a running VM online), or a level 3 VM's checkpointing."""
     if args.sla is not None:
         if args.level is not None or args.checkpoint_ms is not None or args.checkpoint_on_output is not None:
             raise CliError("change the SLA target in a command of its own", BAD_INPUT)
@@ -123,41 +123,54 @@ def cmd_vm_set(args: Any) -> int:
     if args.checkpoint_ms is not None or args.checkpoint_on_output is not None:
         raise CliError("change the level and the checkpointing in two commands", BAD_INPUT)
 
-    async def change(store: PoolStore) -> tuple[int, int]:
-        snap, view = await _get_view(store, args.name)
-        got = await store.spec(args.name)
-        assert got is not None
-        spec, rev = got
-        if view.owner is not None or spec.desired is Desired.RUNNING:
-            raise CliError(f"VM {args.name} is not stopped: changing the level of a running VM is not "
-                           "available yet; stop it first", REFUSED)
-        old = int(spec.level)
-        if args.level == old:
-            return old, old
-        if old in (2, 3):
-            raise CliError(f"lowering a level {old} VM is not available yet: its data lives in the hosts' "
-                           "local copies, not on shared storage", REFUSED)
-        if args.level == 3:
-            raise CliError("a VM becomes level 3 only when added (its disks are new raw images on each "
-                           "host); add a new level 3 VM", REFUSED)
-        disks = spec.disks
-        if args.level == 2:
-            disks = tuple(with_image_size(d) for d in spec.disks)
-        new = replace(spec, level=Level(args.level), disks=disks)
-        others = PoolSnapshot(snap.revision, snap.hosts, {n: v for n, v in snap.vms.items() if n != args.name})
-        problem = check_new_vm(new, others, os.path.isfile)
-        if problem:
-            raise CliError(problem, BAD_INPUT)
-        if not await store.update_spec(new, rev):
-            raise CliError(f"VM {args.name} changed meanwhile; nothing changed", REFUSED)
-        return old, args.level
-
-    old, new = with_store(args, change)
+    old, online = with_store(args, lambda store: ops.change_level(store, args.name, args.level,
+                                                                  tuple(args.disk_path or ())))
+    new = args.level
+    if not online:
+        if is_json(args):
+            emit_json({"vm": args.name, "level": new, "previous_level": old})
+        else:
+            console.print(f"VM {args.name}: level {old} -> {new}" + (" (unchanged)" if old == new else ""))
+        return OK
+    if not is_json(args):
+        console.print(f"VM {args.name}: level {old} -> {new} asked while it runs (no restart)")
+    if not args.wait:
+        if is_json(args):
+            emit_json({"vm": args.name, "level": new, "previous_level": old, "under_way": True})
+        return OK
+    done, why = with_store(args, lambda store: _follow_level(store, args.name, old, new, args.timeout,
+                                                             not is_json(args)))
     if is_json(args):
-        emit_json({"vm": args.name, "level": new, "previous_level": old})
-    else:
-        console.print(f"VM {args.name}: level {old} -> {new}" + (" (unchanged)" if old == new else ""))
-    return OK
+        emit_json({"vm": args.name, "level": new if done else old, "previous_level": old, "done": done,
+                   "detail": why})
+    elif not done:
+        console.print(f"[red]VM {args.name}: the level change did not complete[/]: {why}", highlight=False)
+    return OK if done else FAILED
+
+
+async def _follow_level(store: PoolStore, name: str, old: int, new: int, timeout: float,
+                        show: bool) -> tuple[bool, str]:
+    """Until the running VM is at the new level (raising: and protected again), with a
+    progress bar: the disks' copy, then the partner's resync."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..views import level_progress
+    deadline = time.monotonic() + timeout
+    t0 = time.time()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console, disable=not show) as progress:
+        task = progress.add_task(f"{name}: level {old} -> {new}", total=100)
+        while time.monotonic() < deadline:
+            state, frac, detail = level_progress(await store.snapshot(), name, new)
+            progress.update(task, completed=100 * frac, description=f"{name}: {detail}")
+            if state == "done":
+                return True, detail
+            if state == "failed":
+                events = [e for e in (await store.events(200))[0]
+                          if e.vm == name and e.kind == "level" and e.time >= t0]
+                return False, events[-1].message if events else detail
+            await asyncio.sleep(0.2)
+    return False, f"not done after {timeout:.0f}s"
 
 
 def _set_checkpointing(args: Any) -> int:

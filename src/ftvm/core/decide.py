@@ -36,6 +36,7 @@ class Action(str, Enum):
     UNEXPORT = "unexport"  # level 2: stop serving it (the VM stopped, moved here, or is gone)
     PREPARE_INCOMING = "prepare-incoming"  # migration target: start a QEMU that waits for the VM
     MIGRATE = "migrate"  # migration source: send the running VM to the target, then hand it over
+    CHANGE_LEVEL = "change-level"  # owner: raise or lower the running VM's protection level
     WAIT = "wait"        # nothing to do
 
 
@@ -154,6 +155,10 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decisi
                     and view.incoming.host == migration.to):
                 return Decision(spec.name, Action.MIGRATE, f"live migration to {migration.to}",
                                 token=owner.token)
+            change = view.level_change
+            if change is not None and change.token == owner.token and change.level != int(spec.level):
+                return Decision(spec.name, Action.CHANGE_LEVEL,
+                                f"level {int(spec.level)} -> {change.level} asked while running", token=owner.token)
             return Decision(spec.name, Action.WAIT, "running")
         if incoming_here:
             return Decision(spec.name, Action.START, "migrated here: resuming the received VM",

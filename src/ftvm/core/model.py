@@ -233,6 +233,30 @@ class Migration:
 
 
 @dataclass(frozen=True)
+class LevelChange:
+    """An online change of a running VM's protection level (lease: the owner's).
+    `disk_paths`: lowering to level 1, the shared-storage images the disks move to."""
+
+    level: int
+    source: str           # the owner when it was asked
+    token: int            # ... and its fencing token
+    requested: float
+    disk_paths: tuple[str, ...] = ()
+    phase: str = "requested"   # requested | copying | switching
+    done: int = 0              # bytes copied so far / to copy (progress)
+    total: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["disk_paths"] = list(self.disk_paths)
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> LevelChange:
+        return LevelChange(**(d | {"disk_paths": tuple(d.get("disk_paths", ()))}))
+
+
+@dataclass(frozen=True)
 class Incoming:
     """The target of a migration is ready to receive it (lease: the target's)."""
 
@@ -256,6 +280,7 @@ class VmView:
     migration: Migration | None = None  # live migration requested / under way
     incoming: Incoming | None = None    # its target is listening
     handover_host: str | None = None    # migrated: only this host may claim it now
+    level_change: LevelChange | None = None  # online protection level change asked / under way
 
     def copy_state(self, host: str) -> "CopyState | None":
         """Level 2: the state of `host`'s copy, None if it holds none."""

@@ -74,11 +74,7 @@ def _name(index: int, kind: str, serial: int) -> str:
 
 def local_node(index: int, serial: int, image: LocalImage, locking: bool) -> tuple[str, dict[str, Any]]:
     name = _name(index, "local", serial)
-    return name, {
-        "driver": image.format, "node-name": name,
-        "file": {"driver": "file", "node-name": name + "-f", "filename": image.path,
-                 "cache": {"direct": True, "no-flush": False}, "locking": "on" if locking else "off"},
-    }
+    return name, file_image_node(name, image.path, image.format, locking)
 
 
 def remote_node(index: int, serial: int, export: Export) -> tuple[str, dict[str, Any]]:
@@ -95,6 +91,28 @@ def quorum_node(index: int, serial: int, children: list[str]) -> tuple[str, dict
 
 def top_node(index: int, child: str) -> dict[str, Any]:
     return {"driver": "raw", "node-name": f"disk{index}", "file": child}
+
+
+def image_node_name(index: int) -> str:
+    return f"d{index}-img0"
+
+
+def image_nodes(index: int, path: str, fmt: str) -> list[dict[str, Any]]:
+    """Levels 0/1: the disk image (shared storage for level 1) under the same raw top node
+    `disk<i>` as level 2, so an online level change can re-point `disk<i>` while the guest
+    runs. O_DIRECT: a write the guest flushed is on the disk, not in the host's page cache."""
+    name = image_node_name(index)
+    return [{"driver": fmt, "node-name": name,
+             "file": {"driver": "file", "node-name": name + "-f", "filename": path,
+                      "cache": {"direct": True, "no-flush": False}, "aio": "threads"}},
+            top_node(index, name)]
+
+
+def file_image_node(name: str, path: str, fmt: str, locking: bool = True) -> dict[str, Any]:
+    """A node on an image file, the target of an online move of a disk."""
+    return {"driver": fmt, "node-name": name,
+            "file": {"driver": "file", "node-name": name + "-f", "filename": path,
+                     "cache": {"direct": True, "no-flush": False}, "locking": "on" if locking else "off"}}
 
 
 def local_only_start(index: int, image: LocalImage) -> tuple[DiskGraph, list[dict[str, Any]]]:

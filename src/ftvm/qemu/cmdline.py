@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.model import VmSpec
+from .blockgraph import image_nodes
 from .probe import Accel
 
 QEMU = "qemu-system-x86_64"
@@ -106,9 +107,8 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
             cmd += [x for node in blockdevs[i] for x in ("-blockdev", json.dumps(node))]
             cmd += ["-device", f"virtio-blk-pci,drive=disk{i},werror=stop,rerror=stop{boot}"]
             continue
-        # cache=none: a write the guest flushed is on the host's disk, not in its page cache.
-        cmd += ["-drive", f"if=none,id=disk{i},file={disk.path},format={disk.format},cache=none,aio=threads",
-                "-device", f"virtio-blk-pci,drive=disk{i}{boot}"]
+        cmd += [x for node in image_nodes(i, disk.path, disk.format) for x in ("-blockdev", json.dumps(node))]
+        cmd += ["-device", f"virtio-blk-pci,drive=disk{i}{boot}"]
     for i, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
         if checkpointed is not None:  # frames go through the relay, which owns the tap
             netdev = f"stream,id=net{i},server=off,addr.type=unix,addr.path={paths.nic_socket(i)}"

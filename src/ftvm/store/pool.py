@@ -18,6 +18,7 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/vms/<vm>/migration  Migration   lease: the owner's; a live migration asked / under way
     state/vms/<vm>/incoming   Incoming    lease: the target's; it listens for the migration
     state/vms/<vm>/handover   {host}      lease: the target's; migrated: only it may claim the VM
+    state/vms/<vm>/level      LevelChange lease: the owner's; an online level change asked / under way
     state/maintenance/<host>  {since}     no lease; nothing is placed on the host
     state/vms/<vm>/force      {host}      no lease; operator accepted data loss to start there
     state/vms/<vm>/repair     {host}      no lease; operator: host's failed copy has working storage again
@@ -57,8 +58,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..core.model import (CheckpointFigures, Export, HostInfo, Incoming, Migration, Ownership, PoolSnapshot,
-                          SyncProgress, VmSpec, VmStatus, VmView)
+from ..core.model import (CheckpointFigures, Export, HostInfo, Incoming, LevelChange, Migration, Ownership,
+                          PoolSnapshot, SyncProgress, VmSpec, VmStatus, VmView)
 from ..core.availability import HistoryRecord
 from ..core.replication import Copies
 from .etcd import Compare, EtcdClient, absent, created_at, modified_at, present, put_json, Delete, Get, Put
@@ -134,6 +135,7 @@ class PoolStore:
                 migration=Migration(**p["migration"].json()) if "migration" in p else None,
                 incoming=Incoming(**p["incoming"].json()) if "incoming" in p else None,
                 handover_host=p["handover"].json()["host"] if "handover" in p else None,
+                level_change=LevelChange.from_json(p["level"].json()) if "level" in p else None,
             )
         return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links,
                             maintenance=frozenset(maintenance))
@@ -225,12 +227,44 @@ class PoolStore:
              put_json(self.vm_key(vm, "copies"), copies_new.to_json())])
         return r.succeeded
 
+    # --- online level changes -----------------------------------------------------------
+    async def request_level_change(self, vm: str, change: LevelChange, lease: int) -> bool:
+        """Operator: change a running VM's level. Only while the owner still has the token
+        and nothing else is under way (no other change, no migration)."""
+        key = self.vm_key(vm, "level")
+        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), change.token), absent(key),
+                                 absent(self.vm_key(vm, "migration"))],
+                                [put_json(key, change.to_json(), lease)])
+        return r.succeeded
+
+    async def update_level_change(self, vm: str, token: int, change: LevelChange, lease: int) -> bool:
+        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token), present(self.vm_key(vm, "level"))],
+                                [put_json(self.vm_key(vm, "level"), change.to_json(), lease)])
+        return r.succeeded
+
+    async def end_level_change(self, vm: str) -> None:
+        await self.etcd.delete(self.vm_key(vm, "level"))
+
+    async def commit_level_change(self, vm: str, token: int, spec: VmSpec, spec_revision: int,
+                                  copies: Copies | None) -> bool:
+        """Owner, guest stopped at the switch: the new spec and the copies record that goes
+        with it (None: the VM keeps no copies any more), in one transaction, while it still
+        owns the VM and the spec is the one it read."""
+        ops: list[Put | Delete | Get] = [put_json(self.vm_key(vm, "spec"), spec.to_json()),
+                                         Delete(self.vm_key(vm, "level")), Delete(self.vm_key(vm, "sync"))]
+        ops.append(put_json(self.vm_key(vm, "copies"), copies.to_json()) if copies is not None
+                   else Delete(self.vm_key(vm, "copies")))
+        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token),
+                                 modified_at(self.vm_key(vm, "spec"), spec_revision)], ops)
+        return r.succeeded
+
     # --- live migration ----------------------------------------------------------------
     async def request_migration(self, vm: str, owner_token: int, migration: Migration, lease: int) -> bool:
         """Operator: move the running VM. Only while the owner still has `owner_token` and no
         other migration is pending; lease-bound to the owner (a lost owner drops it)."""
         key = self.vm_key(vm, "migration")
-        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), owner_token), absent(key)],
+        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), owner_token), absent(key),
+                                 absent(self.vm_key(vm, "level"))],
                                 [put_json(key, migration.__dict__, lease)])
         return r.succeeded
 

@@ -1,0 +1,261 @@
+"""Online protection level changes of a running VM, on its owner (no guest restart).
+
+Raise to level 2 (from 0 or 1): each disk is copied to this host's local storage by a
+mirror job in write-blocking mode while the guest runs (a guest write completes only
+once the image and the new local copy both have it, so the copy converges under any
+load). Once every disk is in sync: stop the guest, end the jobs (the copies are now
+identical), commit in ONE etcd transaction the new spec and the copies record (this
+host's copy current; the partner's outdated, to be built in full), point `disk<i>` at
+the local copy, hand the disks to a `ReplicaManager` (dirty bitmap first, then `cont`).
+The partner's copy is then built while the guest runs; *Protected* only when in sync.
+
+Lower from level 2 (to 0 or 1): the replica manager stops (a resync under way is
+cancelled); to level 1 each disk is first mirrored to its shared-storage image, as
+above. Then, guest stopped: the partner's copy is dropped from the block graph, the
+spec (level 0: the disks are this host's local copies; level 1: the shared images) is
+committed with the copies record deleted, `disk<i>` points at the shared image (level
+1), `cont`. The partner stops serving its copy when it sees the new spec.
+
+Before the commit any failure cancels the change (jobs cancelled, new nodes removed,
+guest continued at the old level). The commit compares the owner's fencing token and
+the spec's revision; it is retried on a spec changed meanwhile (e.g. an SLA update);
+if ownership is lost, the caller kills QEMU (never two copies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, replace
+
+from ..core.model import DiskSpec, Level, LevelChange, PoolSnapshot, VmSpec
+from ..core.placement import choose_partner
+from ..core.replication import NEW_REPLICA, Copies, Copy, CopyState
+from ..qemu.blockgraph import (DiskGraph, LocalImage, Mode, drop_child, file_image_node, image_node_name,
+                               top_node)
+from ..qemu.process import QemuVm
+from ..qemu.storage_daemon import ensure_image
+from ..store.pool import PoolStore
+from .replica import ReplicaManager
+
+log = logging.getLogger("ftvm.agent.levels")
+
+RAISED = "level raised online"
+PROGRESS_EVERY_S = 0.5
+READY_TIMEOUT_S = 600.0
+
+
+class OwnershipLost(Exception):
+    """The commit found another owner token: this copy must die."""
+
+
+@dataclass
+class LevelContext:
+    """What the change needs from the agent."""
+
+    vm: str
+    token: int
+    me: str
+    qemu: QemuVm
+    store: PoolStore
+    lease: Callable[[], int]
+    snapshot: Callable[[], PoolSnapshot | None]
+    event: Callable[[str, str, str], None]
+    local_image: Callable[[VmSpec, int], LocalImage]
+    make_replica: Callable[[list[LocalImage], list[DiskGraph]], ReplicaManager]
+
+
+async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChange) -> ReplicaManager:
+    """Level 0/1 -> 2. Returns the running replica manager."""
+    snap = ctx.snapshot()
+    partner = choose_partner(snap, replace(spec, level=Level.COMPONENT), ctx.me) if snap else None
+    if partner is None:
+        raise RuntimeError("no partner host is up to keep the copy")
+    sizes = [await _disk_size(ctx.qemu, i) for i in range(len(spec.disks))]
+    images = [ctx.local_image(spec, i) for i in range(len(spec.disks))]
+    targets: list[str | None] = []
+    try:
+        for i, (disk, image) in enumerate(zip(spec.disks, images, strict=True)):
+            if disk.path and os.path.exists(image.path) and os.path.samefile(disk.path, image.path):
+                targets.append(None)  # already this host's local copy (lowered to 0 earlier)
+                continue
+            with suppress(FileNotFoundError):
+                os.unlink(image.path)  # whatever an earlier life left there is not this disk
+            ensure_image(image, sizes[i])
+            name = f"d{i}-lvl{int(time.time() * 1000) % 100000}"
+            await ctx.qemu.execute("blockdev-add", file_image_node(name, image.path, image.format))
+            targets.append(name)
+        await _mirror(ctx, change, targets)
+    except Exception:
+        await _cancel(ctx.qemu, targets)
+        raise
+    await ctx.qemu.execute("stop")
+    try:
+        await _end_jobs(ctx.qemu, targets)
+        now = time.time()
+        copies = Copies(1, {ctx.me: Copy(CopyState.CURRENT, now, RAISED),
+                            partner: Copy(CopyState.OUTDATED, now, NEW_REPLICA, full=True)})
+        disks = tuple(replace(d, size=sizes[i]) for i, d in enumerate(spec.disks))
+        await _commit(ctx, lambda s: replace(s, level=Level.COMPONENT, disks=disks), copies)
+    except OwnershipLost:
+        raise
+    except Exception:
+        await _cancel(ctx.qemu, targets)
+        await ctx.qemu.execute("cont")
+        raise
+    # committed: the guest must never write to the old image again
+    graphs = []
+    for i, target in enumerate(targets):
+        if target is not None:
+            await ctx.qemu.execute("blockdev-reopen", {"options": [top_node(i, target)]})
+            with suppress(Exception):
+                await ctx.qemu.execute("blockdev-del", {"node-name": image_node_name(i)})
+        graphs.append(DiskGraph(i, Mode.LOCAL_ONLY, 1, target or image_node_name(i), None, None))
+    replica = ctx.make_replica(images, graphs)
+    await replica.begin()  # bitmap, then cont
+    ctx.event(ctx.vm, "level", f"level {int(spec.level)} -> 2 while running: disks on {ctx.me}'s local "
+                               f"storage, partner {partner} syncing in full (Protected when in sync)")
+    return replica
+
+
+async def lower_from_component(ctx: LevelContext, spec: VmSpec, change: LevelChange,
+                               replica: ReplicaManager) -> None:
+    """Level 2 -> 0 (disks stay this host's local copies) or -> 1 (moved to shared images)."""
+    graphs = await replica.release()
+    targets: list[str | None] = []
+    try:
+        if change.level == 1:
+            for i, path in enumerate(change.disk_paths):
+                fmt = spec.disks[i].format if spec.disks[i].path == path else "raw"
+                ensure_image(LocalImage(path, fmt), await _disk_size(ctx.qemu, i))
+                name = f"d{i}-lvl{int(time.time() * 1000) % 100000}"
+                await ctx.qemu.execute("blockdev-add", file_image_node(name, path, fmt))
+                targets.append(name)
+            await _mirror(ctx, change, targets)
+    except Exception:
+        await _cancel(ctx.qemu, targets)
+        replica.restart()
+        raise
+    await ctx.qemu.execute("stop")
+    try:
+        await _end_jobs(ctx.qemu, targets)
+        for i, g in enumerate(graphs):
+            if g.mode is Mode.MIRRORED:
+                new, steps = drop_child(g, "remote", replica.images[i], replica.partner_export(i))
+                for cmd, args in steps:
+                    await ctx.qemu.execute(cmd, args)
+                graphs[i] = new
+        if change.level == 1:
+            disks = tuple(DiskSpec(path=p, format=spec.disks[i].format if spec.disks[i].path == p else "raw",
+                                   size=spec.disks[i].size) for i, p in enumerate(change.disk_paths))
+        else:
+            disks = tuple(DiskSpec(path=img.path, format=img.format, size=spec.disks[i].size)
+                          for i, img in enumerate(replica.images))
+        await _commit(ctx, lambda s: replace(s, level=Level(change.level), disks=disks), None)
+    except OwnershipLost:
+        raise
+    except Exception as e:
+        # still level 2 in the store, but the partner may have been dropped from the graph:
+        # its copy is recorded outdated (full resync) before the guest writes again
+        await _cancel(ctx.qemu, targets)
+        if any(g.mode is not Mode.MIRRORED for g in graphs):
+            await replica.partner_outdated(f"lowering the level failed midway: {e}")
+        replica.restart()
+        await ctx.qemu.execute("cont")
+        raise
+    for i, target in enumerate(targets):
+        if target is None:
+            continue
+        await ctx.qemu.execute("blockdev-reopen", {"options": [top_node(i, target)]})
+        if graphs[i].local:
+            with suppress(Exception):
+                await ctx.qemu.execute("blockdev-del", {"node-name": graphs[i].local})
+    await ctx.qemu.execute("cont")
+    where = "shared images " + ", ".join(change.disk_paths) if change.level == 1 else f"{ctx.me}'s local copy"
+    ctx.event(ctx.vm, "level", f"level 2 -> {change.level} while running: replica released, disks on {where}")
+
+
+async def _disk_size(qemu: QemuVm, index: int) -> int:
+    for n in await qemu.execute("query-named-block-nodes", {"flat": True}):
+        if n.get("node-name") == f"disk{index}":
+            return int(n["image"]["virtual-size"])
+    raise RuntimeError(f"disk{index} not found")
+
+
+async def _mirror(ctx: LevelContext, change: LevelChange, targets: list[str | None]) -> None:
+    """Start a write-blocking mirror of every disk to its target; return once all are ready
+    (in sync, and kept in sync by every guest write), reporting progress meanwhile."""
+    for i, target in enumerate(targets):
+        if target is not None:
+            await ctx.qemu.execute("blockdev-mirror", {
+                "job-id": f"level-d{i}", "device": f"disk{i}", "target": target, "sync": "full",
+                "copy-mode": "write-blocking", "auto-dismiss": True})
+    t0 = last = time.monotonic()
+    wanted = {f"level-d{i}" for i, t in enumerate(targets) if t is not None}
+    while wanted:
+        jobs = {j["device"]: j for j in await ctx.qemu.execute("query-block-jobs") if j["device"] in wanted}
+        missing = wanted - set(jobs)
+        if missing:
+            raise RuntimeError(f"copy job {', '.join(sorted(missing))} ended early (I/O error?)")
+        if all(j.get("ready") for j in jobs.values()):
+            return
+        if time.monotonic() - last > PROGRESS_EVERY_S:
+            last = time.monotonic()
+            done = sum(int(j.get("offset", 0)) for j in jobs.values())
+            total = sum(int(j.get("len", 0)) for j in jobs.values())
+            with suppress(Exception):
+                await ctx.store.update_level_change(ctx.vm, ctx.token, replace(change, phase="copying", done=done,
+                                                                               total=total), ctx.lease())
+        if time.monotonic() - t0 > READY_TIMEOUT_S:
+            raise RuntimeError("copying the disks did not converge")
+        await asyncio.sleep(0.05)
+
+
+async def _end_jobs(qemu: QemuVm, targets: list[str | None]) -> None:
+    """Guest stopped, mirrors ready: cancelling a ready mirror leaves its target identical."""
+    names = {f"level-d{i}" for i, t in enumerate(targets) if t is not None}
+    for name in names:
+        await qemu.execute("block-job-cancel", {"device": name})
+    for _ in range(1000):
+        if not any(j["device"] in names for j in await qemu.execute("query-block-jobs")):
+            return
+        await asyncio.sleep(0.01)
+    raise RuntimeError("the copy jobs did not end")
+
+
+async def _cancel(qemu: QemuVm, targets: list[str | None]) -> None:
+    for i, target in enumerate(targets):
+        if target is None:
+            continue
+        with suppress(Exception):
+            await qemu.execute("block-job-cancel", {"device": f"level-d{i}", "force": True})
+    for _ in range(200):
+        try:
+            if not any(j["device"].startswith("level-d") for j in await qemu.execute("query-block-jobs")):
+                break
+        except Exception:
+            break
+        await asyncio.sleep(0.01)
+    for target in targets:
+        if target is not None:
+            with suppress(Exception):
+                await qemu.execute("blockdev-del", {"node-name": target})
+
+
+async def _commit(ctx: LevelContext, change_spec: Callable[[VmSpec], VmSpec], copies: Copies | None) -> None:
+    while True:
+        got = await ctx.store.spec(ctx.vm)
+        if got is None:
+            raise OwnershipLost("the VM was removed")
+        spec, rev = got
+        if await ctx.store.commit_level_change(ctx.vm, ctx.token, change_spec(spec), rev, copies):
+            return
+        snap = await ctx.store.snapshot()
+        view = snap.vms.get(ctx.vm)
+        if view is None or view.owner is None or view.owner.token != ctx.token:
+            raise OwnershipLost("this host no longer owns the VM")
+

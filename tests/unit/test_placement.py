@@ -1,0 +1,51 @@
+"""Partner placement in 3-4 host pools (pure)."""
+
+from __future__ import annotations
+
+from ftvm.core.model import DiskSpec, HostInfo, Level, NicSpec, Ownership, PoolSnapshot, VmSpec, VmView
+from ftvm.core.placement import choose_partner, failover_reserve, partner_with_room
+from ftvm.core.replication import CopyState, mark, new_copies
+
+
+def spec(name: str, mem: int = 512) -> VmSpec:
+    return VmSpec(name, Level.COMPONENT, mem, 1, (DiskSpec(size=1 << 20),), (NicSpec("52:54:00:00:00:01"),))
+
+
+def hosts(*names: str, mem: int = 2048) -> dict[str, HostInfo]:
+    return {n: HostInfo(n, mem, 8, replication_addr=f"10.79.0.{i}") for i, n in enumerate(names, 1)}
+
+
+def running(name: str, host: str, partner: str, mem: int = 512) -> VmView:
+    copies = mark(new_copies(host, partner, 1.0), partner, CopyState.CURRENT, "in sync", 2.0)
+    return VmView(spec(name, mem), Ownership(host, 1), copies=copies)
+
+
+def test_partners_are_spread_over_the_other_hosts() -> None:
+    snap = PoolSnapshot(1, hosts("h1", "h2", "h3", "h4"), {"a": running("a", "h1", "h2")})
+    # h2 already keeps a copy for h1's VM: the next goes elsewhere
+    assert choose_partner(snap, spec("b"), "h1") in ("h3", "h4")
+    snap2 = PoolSnapshot(1, snap.hosts, {"a": running("a", "h1", "h2"), "b": running("b", "h1", "h3")})
+    assert choose_partner(snap2, spec("c"), "h1") == "h4"
+
+
+def test_partner_needs_room_for_what_it_would_take_over() -> None:
+    """h2 has room for one 1 GiB VM: it already backs one of h1's; a second goes to h3
+    even though h2 has more free memory now."""
+    hs = hosts("h1", "h2", "h3")
+    hs["h2"] = HostInfo("h2", 1536, 8, replication_addr="10.79.0.2")
+    snap = PoolSnapshot(1, hs, {"a": running("a", "h1", "h2", mem=1024)})
+    assert failover_reserve(snap, "h2", "h1") == (1024, 1)
+    assert choose_partner(snap, spec("b", 1024), "h1") == "h3"
+
+
+def test_no_room_anywhere_is_refused_with_the_reason() -> None:
+    snap = PoolSnapshot(1, hosts("h1", "h2", mem=1024), {"a": running("a", "h1", "h2", mem=768)})
+    partner, why = partner_with_room(snap, spec("b", 512), "h1")
+    assert partner is None and "no partner has room" in why and "h2" in why
+    alone = PoolSnapshot(1, hosts("h1"), {})
+    assert partner_with_room(alone, spec("b"), "h1")[0] is None
+
+
+def test_hosts_in_maintenance_are_never_partners() -> None:
+    snap = PoolSnapshot(1, hosts("h1", "h2", "h3"), {}, maintenance=frozenset({"h2"}))
+    assert choose_partner(snap, spec("b"), "h1") == "h3"
