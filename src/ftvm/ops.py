@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from .core.availability import Report, report
 from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, RunState, VmSpec, VmView
+from .core.placement import overcommit_problem
 from .core.replication import may_start_on
 from .core.validate import check_new_vm
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError
@@ -30,6 +31,10 @@ async def define(store: PoolStore, spec: VmSpec) -> None:
     problem = check_new_vm(spec, snap, os.path.isfile)
     if problem:
         raise FtvmError(problem, REFUSED if "already" in problem else BAD_INPUT)
+    if spec.desired is Desired.RUNNING:
+        problem = overcommit_problem(snap, spec)
+        if problem:
+            raise FtvmError(problem + "; nothing defined", REFUSED)
     if not await store.define_vm(spec):
         raise FtvmError(f"VM {spec.name} already exists", REFUSED)
 
@@ -43,6 +48,12 @@ async def set_desired(store: PoolStore, name: str, desired: Desired) -> bool:
         spec, rev = got
         if spec.desired is desired:
             return False
+        if desired is Desired.RUNNING:
+            snap = await store.snapshot()
+            view = snap.vms.get(name)
+            problem = overcommit_problem(snap, spec) if view is not None and view.owner is None else None
+            if problem:
+                raise FtvmError(problem, REFUSED)
         if await store.update_spec(replace(spec, desired=desired), rev):
             return True
 

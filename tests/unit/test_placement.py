@@ -49,3 +49,45 @@ def test_no_room_anywhere_is_refused_with_the_reason() -> None:
 def test_hosts_in_maintenance_are_never_partners() -> None:
     snap = PoolSnapshot(1, hosts("h1", "h2", "h3"), {}, maintenance=frozenset({"h2"}))
     assert choose_partner(snap, spec("b"), "h1") == "h3"
+
+
+def test_overcommit_is_refused_with_what_is_free() -> None:
+    from dataclasses import replace
+
+    from ftvm.core.model import Desired
+    from ftvm.core.placement import overcommit_problem
+    snap = PoolSnapshot(1, hosts("h1", "h2", mem=1024), {"a": running("a", "h1", "h2", mem=768)})
+    problem = overcommit_problem(snap, replace(spec("big", 2048), level=Level.RESTART))
+    assert problem is not None and problem.startswith("overcommit") and "h1 256 MiB" in problem
+    # fits on h2 by memory, but nobody could take a level 2 VM over: unprotected, refused
+    problem = overcommit_problem(snap, spec("b", 512))
+    assert problem is not None and "no partner has room" in problem
+    assert overcommit_problem(snap, replace(spec("c", 200), level=Level.RESTART)) is None
+    # VMs already waiting for room count
+    waiting = VmView(replace(spec("w", 1100), level=Level.RESTART, desired=Desired.RUNNING))
+    snap2 = PoolSnapshot(1, snap.hosts, {**snap.vms, "w": waiting})
+    problem = overcommit_problem(snap2, replace(spec("c", 200), level=Level.RESTART))
+    assert problem is not None and "1 VM(s) already waiting" in problem
+
+
+def test_a_partner_down_too_long_is_replaced_on_another_host() -> None:
+    from dataclasses import replace
+
+    from ftvm.core.decide import Action, decide
+    from ftvm.core.model import Desired, LocalView, LocalVm, RunState
+    from ftvm.core.replication import take_over
+    copies = take_over(mark(new_copies("h1", "h2", 1.0), "h2", CopyState.CURRENT, "in sync", 2.0), "h2", 100.0)
+    view = VmView(replace(spec("a"), desired=Desired.RUNNING), Ownership("h2", 7), copies=copies, home="h2")
+    snap = PoolSnapshot(1, hosts("h2", "h3"), {"a": view})  # h1 (the old primary, now partner) is down
+    local = {"a": LocalVm("a", RunState.RUNNING, 7)}
+
+    def action(now: float, s: PoolSnapshot = snap) -> tuple[Action, str | None]:
+        d = decide(s, LocalView("h2", local, now=now), replace_partner_after=30.0).decisions[0]
+        return d.action, d.target
+
+    assert action(120.0) == (Action.WAIT, None)           # down 20 s: it may come back
+    assert action(131.0) == (Action.REPLACE_PARTNER, "h3")
+    back = PoolSnapshot(1, hosts("h1", "h2", "h3"), {"a": view})
+    assert action(131.0, back)[0] is Action.WAIT           # it came back: resynced, not replaced
+    alone = PoolSnapshot(1, hosts("h2"), {"a": view})
+    assert action(131.0, alone)[0] is Action.WAIT          # nowhere to build one

@@ -32,7 +32,8 @@ from ..core.placement import choose_partner
 from ..core.model import Export as ExportRecord
 from ..core.model import (Desired, HostInfo, Incoming, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec,
                           VmStatus)
-from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, claim_copies, mark, may_start_on
+from ..core.replication import (IMPORTED, NEW_DISK, Copies, CopyState, claim_copies, mark, may_start_on,
+                                replace_partner)
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from ..l3.standby import read_committed
 from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
@@ -314,7 +315,7 @@ class Agent:
     def local_view(self) -> LocalView:
         return LocalView(self.cfg.name, {
             name: LocalVm(name, rec.state, rec.token, rec.exit_code) for name, rec in self.vms.items()},
-            frozenset(self.exports))
+            frozenset(self.exports), now=time.time())
 
     async def tick(self) -> TickReport:
         t0 = time.monotonic()
@@ -328,7 +329,7 @@ class Agent:
         snapshot = await self.store.snapshot()
         self.snapshot = snapshot
         self._forget_finished(snapshot)
-        report = decide(snapshot, self.local_view())
+        report = decide(snapshot, self.local_view(), self.t.partner_replace_after)
         self.last_report = report
         if report.actions():
             log.info("%s", report.summary())
@@ -393,6 +394,8 @@ class Agent:
                 self.wake.set()
         elif d.action is Action.PREPARE_INCOMING:
             await self._prepare_incoming(d, snapshot)
+        elif d.action is Action.REPLACE_PARTNER:
+            await self._replace_partner(d, snapshot)
         elif d.action is Action.CHANGE_LEVEL:
             if d.vm not in self._migrating:
                 self._migrating.add(d.vm)
@@ -523,6 +526,20 @@ class Agent:
                 rec.qemu.kill()  # paused since the migration completed; the target runs the VM
         finally:
             self._migrating.discard(d.vm)
+            self.wake.set()
+
+    async def _replace_partner(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        """The partner is gone for good: a new replica on `d.target` (built in full by the
+        replica manager or, level 3, by a new pre-copy)."""
+        copies = snapshot.vms[d.vm].copies
+        if copies is None or d.token is None or d.target is None:
+            return
+        old = copies.partner_of(self.cfg.name)
+        if old is None:
+            return
+        new = replace_partner(copies, old, d.target, time.time())
+        if await self.store.set_copies(d.vm, d.token, copies, new) is not None:
+            self.event(d.vm, "replace-partner", f"{d.reason}; {old}'s copy forgotten")
             self.wake.set()
 
     async def _change_level(self, d: Decision, snapshot: PoolSnapshot) -> None:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .model import Desired, Level, LocalView, PoolSnapshot, RunState, VmView
-from .replication import may_start_on
+from .placement import choose_partner
+from .replication import CopyState, may_start_on
 
 ACTIVE_STATES = (RunState.STARTING, RunState.RUNNING, RunState.STOPPING)
 
@@ -37,6 +38,7 @@ class Action(str, Enum):
     PREPARE_INCOMING = "prepare-incoming"  # migration target: start a QEMU that waits for the VM
     MIGRATE = "migrate"  # migration source: send the running VM to the target, then hand it over
     CHANGE_LEVEL = "change-level"  # owner: raise or lower the running VM's protection level
+    REPLACE_PARTNER = "replace-partner"  # owner: the partner is gone for good, build a replica elsewhere
     WAIT = "wait"        # nothing to do
 
 
@@ -46,6 +48,7 @@ class Decision:
     action: Action
     reason: str
     token: int | None = None
+    target: str | None = None  # REPLACE_PARTNER: the new partner host
 
     def __str__(self) -> str:
         return f"{self.vm}: {self.action.value} ({self.reason})"
@@ -68,7 +71,9 @@ class TickReport:
         return f"{self.host}@{self.revision}: " + "; ".join(str(d) for d in acts)
 
 
-def decide(snapshot: PoolSnapshot, local: LocalView) -> TickReport:
+def decide(snapshot: PoolSnapshot, local: LocalView, replace_partner_after: float = 60.0) -> TickReport:
+    """`replace_partner_after`: seconds a level 2/3 VM's partner may stay down (its copy
+    outdated) before the owner builds a new replica on another host (`local.now`)."""
     me = local.host
     names = sorted(set(snapshot.vms) | set(local.vms))
     decisions = []
@@ -79,7 +84,7 @@ def decide(snapshot: PoolSnapshot, local: LocalView) -> TickReport:
             if lv.state in ACTIVE_STATES:
                 decisions.append(Decision(name, Action.KILL, "VM no longer defined in the pool"))
             continue
-        decisions.append(_decide_vm(snapshot, local, view))
+        decisions.append(_decide_vm(snapshot, local, view, replace_partner_after))
     for name in sorted(set(snapshot.vms) | local.exports):
         export = _decide_export(snapshot, local, name)
         if export is not None:
@@ -104,7 +109,7 @@ def _decide_export(snapshot: PoolSnapshot, local: LocalView, name: str) -> Decis
     return None
 
 
-def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decision:
+def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_partner_after: float) -> Decision:
     me, spec, owner = local.host, view.spec, view.owner
     lv = local.vms.get(spec.name)
     running_here = lv is not None and lv.state in ACTIVE_STATES
@@ -159,6 +164,9 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decisi
             if change is not None and change.token == owner.token and change.level != int(spec.level):
                 return Decision(spec.name, Action.CHANGE_LEVEL,
                                 f"level {int(spec.level)} -> {change.level} asked while running", token=owner.token)
+            replacement = _partner_replacement(snapshot, view, me, local.now, replace_partner_after)
+            if replacement is not None:
+                return replacement
             return Decision(spec.name, Action.WAIT, "running")
         if incoming_here:
             return Decision(spec.name, Action.START, "migrated here: resuming the received VM",
@@ -175,6 +183,27 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView) -> Decisi
             return Decision(spec.name, Action.WAIT, "stopping")
         return Decision(spec.name, Action.STOP, "desired state is stopped", token=owner.token)
     return Decision(spec.name, Action.RELEASE, "stopped; releasing ownership", token=owner.token)
+
+
+def _partner_replacement(snapshot: PoolSnapshot, view: VmView, me: str, now: float,
+                         after: float) -> Decision | None:
+    """Level 2/3 owner: its partner host has been down for `after` seconds (its copy
+    outdated since then) and another host could keep a copy: build a new replica there."""
+    copies = view.copies
+    if not view.spec.level.has_copies or copies is None or not now:
+        return None
+    partner = copies.partner_of(me)
+    c = copies.state_of(partner) if partner else None
+    if partner is None or c is None or partner in snapshot.hosts or c.state is CopyState.CURRENT:
+        return None
+    if now - c.since < after:
+        return None
+    new = choose_partner(snapshot, view.spec, me)
+    if new is None:
+        return None
+    return Decision(view.spec.name, Action.REPLACE_PARTNER,
+                    f"partner {partner} down for {now - c.since:.0f}s: building a new replica on {new}",
+                    token=view.owner.token if view.owner else None, target=new)
 
 
 def eligible_hosts(snapshot: PoolSnapshot, view: VmView) -> list[str]:

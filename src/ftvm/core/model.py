@@ -329,3 +329,4 @@ class LocalView:
     host: str
     vms: dict[str, LocalVm] = field(default_factory=dict)
     exports: frozenset[str] = frozenset()  # level 2 VMs whose copy this host serves
+    now: float = 0.0  # wall clock of this look (0: rules that need the time are off)

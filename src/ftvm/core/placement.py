@@ -65,3 +65,29 @@ def partner_with_room(snapshot: PoolSnapshot, spec: VmSpec, primary: str) -> tup
                       f"{info.memory_mib - snapshot.used_memory(best) - mem} MiB free after its failover reserve, "
                       f"{spec.memory_mib} MiB needed")
     return best, f"partner {best}"
+
+
+def overcommit_problem(snapshot: PoolSnapshot, spec: VmSpec) -> str | None:
+    """Why starting `spec` now would overcommit the pool (None: it fits). Counts the VMs
+    already asked to run but not placed yet; levels 2-3 also need a partner with room to
+    take the VM over."""
+    from .model import Desired
+    hosts = [h for h in sorted(snapshot.hosts) if h not in snapshot.maintenance]
+    pending = [v.spec for v in snapshot.vms.values()
+               if v.spec.desired is Desired.RUNNING and v.owner is None and v.spec.name != spec.name]
+    free_mem = sum(snapshot.hosts[h].memory_mib - snapshot.used_memory(h) for h in hosts)
+    need = spec.memory_mib + sum(p.memory_mib for p in pending)
+    fits = [h for h in hosts if snapshot.has_room(h, spec)]
+    if not fits or free_mem < need:
+        free = ", ".join(f"{h} {snapshot.hosts[h].memory_mib - snapshot.used_memory(h)} MiB/"
+                         f"{snapshot.hosts[h].vcpus - snapshot.used_vcpus(h)} vCPU" for h in hosts) or "no host"
+        waiting = f"; {len(pending)} VM(s) already waiting for room" if pending else ""
+        return (f"overcommit: {spec.name} needs {spec.memory_mib} MiB / {spec.vcpus} vCPU and no live host has "
+                f"that free (free: {free}{waiting}); stop or move a VM, or add a host")
+    if spec.level.has_copies:
+        primary = spec.preferred_host if spec.preferred_host in fits else max(
+            fits, key=lambda h: snapshot.hosts[h].memory_mib - snapshot.used_memory(h))
+        partner, why = partner_with_room(snapshot, spec, primary)
+        if partner is None:
+            return f"overcommit: {spec.name} on {primary} would be unprotected: {why}"
+    return None

@@ -33,6 +33,9 @@ class Timing:
     # usually records first and keeps the VM (either order is safe: one etcd write wins).
     l3_partner_lost: float = 0.3
     l3_takeover_after: float = 0.45
+    # Levels 2-3 in pools of 3-4 hosts: a partner down this long is replaced by a new replica
+    # on another host (a returning partner resyncs only what changed; a new one copies all).
+    partner_replace_after: float = 60.0
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Timing:

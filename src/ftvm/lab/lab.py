@@ -25,6 +25,7 @@ from ..core.timing import Timing
 from . import topology as topo
 
 DEFAULT_DIR = Path(os.environ.get("FTVM_LAB_DIR", "/var/lib/ftvm/lab"))
+LAB_PARTNER_REPLACE_AFTER = 8.0  # seconds: lab pools replace a lost level 2/3 partner quickly
 POOL = "lab"
 
 
@@ -152,7 +153,7 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
     for tool in ("ip", "etcd", "qemu-system-x86_64"):
         if shutil.which(tool) is None:
             raise LabError(f"{tool} not found: run the install step from the README")
-    timing = timing or Timing()
+    timing = timing or Timing(partner_replace_after=LAB_PARTNER_REPLACE_AFTER)
     timing.check()
     hosts = topo.host_names(n_hosts)
     lab_dir.mkdir(parents=True, exist_ok=True)
