@@ -55,16 +55,26 @@ def guest_image():
     return build_guest(log=lambda m: None)
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
-    """A 2-host lab pool with real etcd, agents and QEMU; torn down even when tests fail."""
+def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int) -> Iterator[object]:
     from ftvm.lab import lab as labmod
     needs_root()
     if labmod.existing_namespaces():
         pytest.fail("a lab is already up on this machine: run `ftvm lab down` before the tests")
     lab_dir = Path(tmp_path_factory.mktemp("lab"))
     try:
-        state = labmod.up(2, lab_dir, probe_kernel=str(guest_image.kernel))
+        state = labmod.up(hosts, lab_dir, probe_kernel=str(guest_image.kernel))
         yield state
     finally:
         labmod.down(lab_dir)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
+    """A 2-host lab pool with real etcd, agents and QEMU; torn down even when tests fail."""
+    yield from _lab(tmp_path_factory, guest_image, 2)
+
+
+@pytest.fixture(scope="module")
+def lab3(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
+    """A 3-host lab pool."""
+    yield from _lab(tmp_path_factory, guest_image, 3)
