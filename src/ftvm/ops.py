@@ -12,8 +12,7 @@ from dataclasses import replace
 
 from .core.availability import Report, report
 from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, RunState, VmSpec, VmView
-from .core.placement import overcommit_problem
-from .core.replication import may_start_on
+from .core.placement import migration_problem, overcommit_problem
 from .core.validate import check_new_vm
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError
 from .store.pool import PoolStore
@@ -170,6 +169,21 @@ async def set_sla(store: PoolStore, name: str, percent: float | None) -> VmSpec:
             return new
 
 
+async def set_failback(store: PoolStore, name: str, on: bool) -> VmSpec:
+    """Failback policy: move the VM back live to its preferred host whenever that host can
+    run it again (after maintenance or a failure; levels 2-3 once its copy there is current)."""
+    while True:
+        got = await store.spec(name)
+        if got is None:
+            raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
+        spec, rev = got
+        if on and spec.preferred_host is None:
+            raise FtvmError(f"VM {name} has no preferred host to fail back to (`vm add --host H`)", BAD_INPUT)
+        new = replace(spec, failback=on)
+        if await store.update_spec(new, rev):
+            return new
+
+
 async def availability(store: PoolStore, start: float, end: float,
                        names: list[str] | None = None) -> list[Report]:
     """Availability reports of the given VMs (default: every defined VM) over [start, end)."""
@@ -205,45 +219,6 @@ async def set_checkpointing(store: PoolStore, name: str, interval_ms: int | None
     if not await store.update_spec(new, rev):
         raise FtvmError(f"VM {name} changed meanwhile; nothing changed", REFUSED)
     return new
-
-
-def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | None:
-    """Why `view` cannot move live to `target` now (None: it can).
-    Level 2 moves only to a host whose copy of the disks is current (its partner): the
-    target runs on that copy and the old host's copy becomes the replica, so the disks
-    never travel and the VM is protected again as soon as the few blocks written since
-    the move are resynced. Level 3 moves only to its partner, whose replica must be in
-    step (checkpoints acknowledged): a planned switchover from a final checkpoint."""
-    spec = view.spec
-    if view.owner is None or view.status is None or view.status.state is not RunState.RUNNING:
-        return f"VM {spec.name} is not running"
-    if view.migration is not None:
-        return f"VM {spec.name} is already migrating to {view.migration.to}"
-    if view.level_change is not None:
-        return f"VM {spec.name} is changing to level {view.level_change.level}: move it afterwards"
-    if target == view.owner.host:
-        return f"VM {spec.name} already runs on {target}"
-    host = snap.hosts.get(target)
-    if host is None:
-        return f"host {target} is not a live host of the pool"
-    if target in snap.maintenance:
-        return f"host {target} is in maintenance"
-    if not host.replication_addr:
-        return f"host {target} has no replication_addr to receive migrations on"
-    if spec.level.has_copies:
-        ok, why = may_start_on(view.copies, target)
-        if not ok:
-            holders = ", ".join(view.copies.current_hosts()) if view.copies else "none"
-            return (f"a level {int(spec.level)} VM moves live only to a host with a current copy "
-                    f"(current: {holders}); {why}")
-        if spec.level is Level.SYSTEM and (view.checkpoints is None or view.checkpoints.state != "protected"):
-            state = view.checkpoints.state if view.checkpoints else "no figures yet"
-            return f"the level 3 replica on {target} is not in step ({state}): wait until the VM is protected"
-    elif not host.can_reach(spec):
-        return f"host {target} cannot reach the VM's disks (they must be on storage both hosts share)"
-    if not snap.has_room(target, spec):
-        return f"host {target} has no room for {spec.memory_mib} MiB / {spec.vcpus} vCPU"
-    return None
 
 
 async def migrate(store: PoolStore, name: str, target: str) -> Migration:

@@ -88,8 +88,17 @@ def test_maintenance_empties_the_host_and_nothing_is_placed_there(lab: labmod.La
         # a VM started now is not placed on h1, although it prefers it
         pool.define_ledger_vm("mnt3", 53, Level.RESTART, guest_image, host="h1")
         assert pool.wait_running("mnt3", 60) == "h2"
+        # failback policy: on for mnt2 only. Resumed, h1 gets mnt2 back (live, replication kept);
+        # mnt stays on h2
+        _run(pool, lambda s: ops.set_failback(s, "mnt2", True))
+        time.sleep(2)
+        assert runs_on(pool.snapshot(), "mnt2", "h2")  # nothing moves while h1 is in maintenance
         _run(pool, lambda s: ops.end_maintenance(s, "h1"))
         assert pool.snapshot().maintenance == frozenset()
+        _wait_on(pool, "mnt2", "h1", 60)
+        pool.wait_for("mnt2 mirrored to h2", copy_is("mnt2", "h2", CopyState.CURRENT), 60)
+        assert runs_on(pool.snapshot(), "mnt", "h2")
+        assert any(e.kind == "failback" for e in pool.events() if e.vm == "mnt2")
         pool.stop_and_remove("mnt3")
     finally:
         pool.stop_and_remove("mnt2")

@@ -210,7 +210,7 @@ def test_migration_claim_outdates_the_old_copy_incrementally() -> None:
 
 
 def test_level2_migrates_only_to_a_current_copy() -> None:
-    from ftvm.ops import migration_problem
+    from ftvm.core.placement import migration_problem
     hs = {n: HostInfo(n, 1024, 4, replication_addr=f"10.79.0.{i}") for i, n in enumerate(("h1", "h2", "h3"), 1)}
     running = VmStatus("h1", RunState.RUNNING, 5, 1.0)
 

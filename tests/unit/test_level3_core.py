@@ -149,7 +149,7 @@ def test_closing_after_a_checkpoint_was_cancelled_mid_compare_does_not_raise(tmp
 
 
 def test_level3_migrates_only_to_a_partner_in_step() -> None:
-    from ftvm.ops import migration_problem
+    from ftvm.core.placement import migration_problem
     hs = {n: HostInfo(n, 2048, 4, replication_addr=f"10.79.0.{i}") for i, n in enumerate(("h1", "h2", "h3"), 1)}
     copies = mark(new_copies("h1", "h2", 1.0), "h2", CopyState.CURRENT, "checkpoint 1 acknowledged", 2.0)
 

@@ -91,3 +91,25 @@ def test_a_partner_down_too_long_is_replaced_on_another_host() -> None:
     assert action(131.0, back)[0] is Action.WAIT           # it came back: resynced, not replaced
     alone = PoolSnapshot(1, hosts("h2"), {"a": view})
     assert action(131.0, alone)[0] is Action.WAIT          # nowhere to build one
+
+
+def test_failback_asks_a_migration_home_only_when_the_home_can_run_it() -> None:
+    from dataclasses import replace
+
+    from ftvm.core.decide import Action, decide
+    from ftvm.core.model import Desired, LocalView, LocalVm, RunState, VmStatus
+    base = replace(spec("a"), level=Level.RESTART, disks=(DiskSpec("/shared/a.img"),), desired=Desired.RUNNING,
+                   preferred_host="h1", failback=True)
+    hs = {n: HostInfo(n, 2048, 8, ("/shared",), replication_addr=f"10.79.0.{i}") for i, n in enumerate(("h1", "h2"), 1)}
+    view = VmView(base, Ownership("h2", 4), VmStatus("h2", RunState.RUNNING, 4, 1.0), home="h2")
+    local = LocalView("h2", {"a": LocalVm("a", RunState.RUNNING, 4)}, now=100.0)
+
+    def act(snap: PoolSnapshot) -> tuple[Action, str | None]:
+        d = decide(snap, local).decisions[0]
+        return d.action, d.target
+
+    assert act(PoolSnapshot(1, hs, {"a": view})) == (Action.FAILBACK, "h1")
+    assert act(PoolSnapshot(1, hs, {"a": view}, maintenance=frozenset({"h1"})))[0] is Action.WAIT
+    assert act(PoolSnapshot(1, {"h2": hs["h2"]}, {"a": view}))[0] is Action.WAIT  # home down
+    off = replace(view, spec=replace(base, failback=False))
+    assert act(PoolSnapshot(1, hs, {"a": off}))[0] is Action.WAIT

@@ -30,8 +30,8 @@ from typing import Any
 from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide
 from ..core.placement import choose_partner
 from ..core.model import Export as ExportRecord
-from ..core.model import (Desired, HostInfo, Incoming, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec,
-                          VmStatus)
+from ..core.model import (Desired, HostInfo, Incoming, Level, LocalView, LocalVm, Migration, PoolSnapshot, RunState,
+                          VmSpec, VmStatus)
 from ..core.replication import (IMPORTED, NEW_DISK, Copies, CopyState, claim_copies, mark, may_start_on,
                                 replace_partner)
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
@@ -88,6 +88,7 @@ class LocalRecord:
 EVENT_TRIM_INTERVAL = 300.0  # seconds between trims of the event log to its newest MAX_EVENTS
 START_BACKOFF_MAX = 30.0
 HEALTHY_RUN_S = 30.0  # a run this long resets the failure count
+FAILBACK_RETRY_S = 30.0  # a failback migration is asked at most this often per VM
 
 
 class Agent:
@@ -115,6 +116,7 @@ class Agent:
         self._stopping = False
         self._migrating: set[str] = set()  # VMs this host is sending away
         self._arriving: set[str] = set()   # VMs a live migration handed to this host, not yet started
+        self._failback_at: dict[str, float] = {}  # monotonic time before which no failback is asked again
         self._tick_seconds: deque[float] = deque(maxlen=100)  # control-plane cost figures
         self._ticks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -394,6 +396,8 @@ class Agent:
                 self.wake.set()
         elif d.action is Action.PREPARE_INCOMING:
             await self._prepare_incoming(d, snapshot)
+        elif d.action is Action.FAILBACK:
+            await self._failback(d, snapshot)
         elif d.action is Action.REPLACE_PARTNER:
             await self._replace_partner(d, snapshot)
         elif d.action is Action.CHANGE_LEVEL:
@@ -526,6 +530,17 @@ class Agent:
                 rec.qemu.kill()  # paused since the migration completed; the target runs the VM
         finally:
             self._migrating.discard(d.vm)
+            self.wake.set()
+
+    async def _failback(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        """Ask the live migration back to the preferred host (not again for a while if one
+        was asked recently: a failing move must not repeat every tick)."""
+        if d.token is None or d.target is None or time.monotonic() < self._failback_at.get(d.vm, 0.0):
+            return
+        self._failback_at[d.vm] = time.monotonic() + FAILBACK_RETRY_S
+        m = Migration(to=d.target, source=self.cfg.name, token=d.token, started=time.time())
+        if await self.store.request_migration(d.vm, d.token, m, self.lease):
+            self.event(d.vm, "failback", f"{d.reason}: live migration back to {d.target} asked")
             self.wake.set()
 
     async def _replace_partner(self, d: Decision, snapshot: PoolSnapshot) -> None:

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-on-output", action="store_true",
                    help="level 3: also checkpoint as soon as the guest sends (lower latency, more pauses)")
     p.add_argument("--sla", type=float, help="availability target in percent, e.g. 99.99 (for reports)")
+    p.add_argument("--failback", action="store_true",
+                   help="move the VM back live to --host whenever that host can run it again")
     p.add_argument("--memory", type=int, default=256, help="MiB")
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--disk", action="append",
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-on-output", choices=("on", "off"),
                    help="level 3: also checkpoint as soon as the guest sends")
     p.add_argument("--sla", type=float, help="availability target in percent for reports (0: none)")
+    p.add_argument("--failback", choices=("on", "off"),
+                   help="move the VM back live to its preferred host whenever that host can run it again")
     p = cmd(vm, "repair-disk", pool_cmds.cmd_vm_repair_disk,
             "level 2: a failed copy's storage works again (replaced disk): resync it and mirror again")
     p.add_argument("name")

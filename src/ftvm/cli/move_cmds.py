@@ -81,5 +81,6 @@ def cmd_host_resume(args: Any) -> int:
     if is_json(args):
         emit_json({"host": args.host, "maintenance": False})
     else:
-        console.print(f"host {args.host} is back in service (VMs are not moved back automatically)")
+        console.print(f"host {args.host} is back in service; VMs that prefer it and have failback on move back "
+                      "live (level 2-3: once their copy there is current)")
     return OK

@@ -105,6 +105,16 @@ def with_image_size(disk: DiskSpec) -> DiskSpec:
 
 def cmd_vm_set(args: Any) -> int:
     """Change a VM's protection level (a running VM online), or a level 3 VM's checkpointing."""
+    if args.failback is not None:
+        if any(x is not None for x in (args.level, args.checkpoint_ms, args.checkpoint_on_output, args.sla)):
+            raise CliError("change the failback policy in a command of its own", BAD_INPUT)
+        new_spec = with_store(args, lambda store: ops.set_failback(store, args.name, args.failback == "on"))
+        if is_json(args):
+            emit_json({"vm": args.name, "failback": new_spec.failback})
+        else:
+            console.print(f"VM {args.name}: failback to {new_spec.preferred_host} "
+                          + ("on" if new_spec.failback else "off"))
+        return OK
     if args.sla is not None:
         if args.level is not None or args.checkpoint_ms is not None or args.checkpoint_on_output is not None:
             raise CliError("change the SLA target in a command of its own", BAD_INPUT)
@@ -116,7 +126,8 @@ def cmd_vm_set(args: Any) -> int:
                                                              else "none"))
         return OK
     if args.level is None and args.checkpoint_ms is None and args.checkpoint_on_output is None:
-        raise CliError("nothing to change: give --level, --checkpoint-ms, --checkpoint-on-output or --sla",
+        raise CliError("nothing to change: give --level, --checkpoint-ms, --checkpoint-on-output, --sla or "
+                       "--failback",
                        BAD_INPUT)
     if args.level is None:
         return _set_checkpointing(args)
@@ -212,13 +223,15 @@ def spec_from_args(args: Any) -> VmSpec:
         kernel, initrd, append = str(image.kernel), str(image.initrd), image.append
     if args.level not in (0, 1, 2, 3):
         raise CliError(f"level {args.level} does not exist (0, 1, 2 or 3)", BAD_INPUT)
+    if args.failback and not args.host:
+        raise CliError("--failback moves the VM back to its preferred host: give --host", BAD_INPUT)
     return VmSpec(name=args.name, level=Level(args.level), memory_mib=args.memory, vcpus=args.vcpus,
                   disks=tuple(disks), nics=nics, checkpoint_ms=args.checkpoint_ms,
                   checkpoint_on_output=args.checkpoint_on_output, sla_percent=args.sla,
                   boot=BootSpec(os.path.abspath(kernel) if kernel else None,
                                 os.path.abspath(initrd) if initrd else None, append),
                   desired=Desired.RUNNING if args.start else Desired.STOPPED,
-                  preferred_host=args.host)
+                  preferred_host=args.host, failback=args.failback)
 
 
 def cmd_vm_add(args: Any) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .model import Desired, Level, LocalView, PoolSnapshot, RunState, VmView
-from .placement import choose_partner
+from .placement import choose_partner, migration_problem
 from .replication import CopyState, may_start_on
 
 ACTIVE_STATES = (RunState.STARTING, RunState.RUNNING, RunState.STOPPING)
@@ -39,6 +39,7 @@ class Action(str, Enum):
     MIGRATE = "migrate"  # migration source: send the running VM to the target, then hand it over
     CHANGE_LEVEL = "change-level"  # owner: raise or lower the running VM's protection level
     REPLACE_PARTNER = "replace-partner"  # owner: the partner is gone for good, build a replica elsewhere
+    FAILBACK = "failback"  # owner: ask a live migration back to the VM's preferred host
     WAIT = "wait"        # nothing to do
 
 
@@ -48,7 +49,7 @@ class Decision:
     action: Action
     reason: str
     token: int | None = None
-    target: str | None = None  # REPLACE_PARTNER: the new partner host
+    target: str | None = None  # REPLACE_PARTNER: the new partner host; FAILBACK: the preferred host
 
     def __str__(self) -> str:
         return f"{self.vm}: {self.action.value} ({self.reason})"
@@ -167,6 +168,11 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_p
             replacement = _partner_replacement(snapshot, view, me, local.now, replace_partner_after)
             if replacement is not None:
                 return replacement
+            home = spec.preferred_host
+            if (spec.failback and home not in (None, me) and migration is None and view.level_change is None
+                    and migration_problem(snapshot, view, home) is None):
+                return Decision(spec.name, Action.FAILBACK, f"failback policy: {home} can run it again",
+                                token=owner.token, target=home)
             return Decision(spec.name, Action.WAIT, "running")
         if incoming_here:
             return Decision(spec.name, Action.START, "migrated here: resuming the received VM",

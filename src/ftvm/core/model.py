@@ -87,6 +87,7 @@ class VmSpec:
     checkpoint_ms: int = 100  # level 3: longest time the guest runs between checkpoints
     checkpoint_on_output: bool = False  # level 3: also checkpoint as soon as the guest sends
     sla_percent: float | None = None  # availability target the reports compare with, e.g. 99.99
+    failback: bool = False  # move back live to preferred_host whenever it can run the VM again
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -109,6 +110,7 @@ class VmSpec:
             checkpoint_ms=int(d.get("checkpoint_ms", 100)),
             checkpoint_on_output=bool(d.get("checkpoint_on_output", False)),
             sla_percent=float(d["sla_percent"]) if d.get("sla_percent") is not None else None,
+            failback=bool(d.get("failback", False)),
         )
 
 

@@ -9,7 +9,8 @@ one with most free memory, then by name (every agent computes the same answer).
 
 from __future__ import annotations
 
-from .model import PoolSnapshot, VmSpec
+from .model import Level, PoolSnapshot, RunState, VmSpec, VmView
+from .replication import may_start_on
 
 
 def partner_duties(snapshot: PoolSnapshot, host: str) -> int:
@@ -90,4 +91,43 @@ def overcommit_problem(snapshot: PoolSnapshot, spec: VmSpec) -> str | None:
         partner, why = partner_with_room(snapshot, spec, primary)
         if partner is None:
             return f"overcommit: {spec.name} on {primary} would be unprotected: {why}"
+    return None
+
+
+def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | None:
+    """Why `view` cannot move live to `target` now (None: it can).
+    Level 2 moves only to a host whose copy of the disks is current (its partner): the
+    target runs on that copy and the old host's copy becomes the replica, so the disks
+    never travel and the VM is protected again as soon as the few blocks written since
+    the move are resynced. Level 3 moves only to its partner, whose replica must be in
+    step (checkpoints acknowledged): a planned switchover from a final checkpoint."""
+    spec = view.spec
+    if view.owner is None or view.status is None or view.status.state is not RunState.RUNNING:
+        return f"VM {spec.name} is not running"
+    if view.migration is not None:
+        return f"VM {spec.name} is already migrating to {view.migration.to}"
+    if view.level_change is not None:
+        return f"VM {spec.name} is changing to level {view.level_change.level}: move it afterwards"
+    if target == view.owner.host:
+        return f"VM {spec.name} already runs on {target}"
+    host = snap.hosts.get(target)
+    if host is None:
+        return f"host {target} is not a live host of the pool"
+    if target in snap.maintenance:
+        return f"host {target} is in maintenance"
+    if not host.replication_addr:
+        return f"host {target} has no replication_addr to receive migrations on"
+    if spec.level.has_copies:
+        ok, why = may_start_on(view.copies, target)
+        if not ok:
+            holders = ", ".join(view.copies.current_hosts()) if view.copies else "none"
+            return (f"a level {int(spec.level)} VM moves live only to a host with a current copy "
+                    f"(current: {holders}); {why}")
+        if spec.level is Level.SYSTEM and (view.checkpoints is None or view.checkpoints.state != "protected"):
+            state = view.checkpoints.state if view.checkpoints else "no figures yet"
+            return f"the level 3 replica on {target} is not in step ({state}): wait until the VM is protected"
+    elif not host.can_reach(spec):
+        return f"host {target} cannot reach the VM's disks (they must be on storage both hosts share)"
+    if not snap.has_room(target, spec):
+        return f"host {target} has no room for {spec.memory_mib} MiB / {spec.vcpus} vCPU"
     return None
