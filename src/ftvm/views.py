@@ -33,15 +33,45 @@ def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
             "desired": view.spec.desired.value, "protected": prot.protected,
             "protection": str(prot), "detail": (st.detail if st else waiting) or "",
             "memory_mib": view.spec.memory_mib, "vcpus": view.spec.vcpus,
-            "macs": [n.mac for n in view.spec.nics], "home": view.home}
+            "macs": [n.mac for n in view.spec.nics], "home": view.home,
+            "migration": _move(view), "level_change": _level_change(view),
+            "preferred_host": view.spec.preferred_host, "failback": view.spec.failback}
+
+
+def _move(view: VmView) -> dict[str, Any] | None:
+    m = view.migration
+    if m is None:
+        return None
+    return {"to": m.to, "from": m.source, "phase": m.phase,
+            "fraction": round(m.done / m.total, 3) if m.total else 0.0}
+
+
+def _level_change(view: VmView) -> dict[str, Any] | None:
+    c = view.level_change
+    if c is None:
+        return None
+    return {"to": c.level, "from": int(view.spec.level), "phase": c.phase,
+            "fraction": round(c.done / c.total, 3) if c.total else 0.0}
 
 
 def host_rows(snap: PoolSnapshot) -> list[dict[str, Any]]:
-    return [{"name": h.name, "state": "up", "memory_mib": h.memory_mib,
-             "memory_used_mib": snap.used_memory(h.name), "vcpus": h.vcpus,
+    """Live hosts ("up" or "maintenance"), then hosts the pool still refers to (a VM's last
+    host, a copy, a preferred host, maintenance) that are not live: "down"."""
+    rows = [{"name": h.name, "state": "maintenance" if h.name in snap.maintenance else "up",
+             "memory_mib": h.memory_mib, "memory_used_mib": snap.used_memory(h.name), "vcpus": h.vcpus,
              "vcpus_used": snap.used_vcpus(h.name), "shared_storage": list(h.shared_storage),
              "vms": sorted(v.spec.name for v in snap.vms.values() if v.owner and v.owner.host == h.name)}
             for h in sorted(snap.hosts.values(), key=lambda h: h.name)]
+    known: set[str] = set(snap.maintenance)
+    for v in snap.vms.values():
+        known.update(h for h in (v.home, v.spec.preferred_host) if h)
+        if v.copies:
+            known.update(v.copies.copies)
+    for name in sorted(known - set(snap.hosts)):
+        copies = sorted(v.spec.name for v in snap.vms.values() if v.copies and name in v.copies.copies)
+        rows.append({"name": name, "state": "down", "memory_mib": 0, "memory_used_mib": 0, "vcpus": 0,
+                     "vcpus_used": 0, "shared_storage": [], "vms": [], "copies_of": copies})
+    return rows
 
 
 def status_data(snap: PoolSnapshot, urls: list[str], pool: str) -> dict[str, Any]:

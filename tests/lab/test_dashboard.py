@@ -96,6 +96,13 @@ def test_dashboard_shows_the_pool_and_a_failover(lab: labmod.LabState, guest_ima
         dom = chromium(url, tmp_path / "p3", "--dump-dom")
         assert 'data-vm="dash" data-host="h2" data-protected="false"' in dom, dom[-3000:]
         assert "taking over" in dom or "lost" in dom  # the failover's decision, with its reason
+        assert 'data-host="h1" data-state="down"' in dom  # the lost host is shown down
+        # the availability panel counts the outage and the failover
+        row = dom[dom.index('data-avail="dash"'):]
+        row = row[:row.index("</tr>")]
+        cells = [c.split(">", 1)[1] for c in row.split("<td")[1:]]
+        assert cells[4:6] == ["1</td>", "1</td>"], cells
+        assert "host h1 lost" in cells[7], cells
         after = tmp_path / "after.png"
         chromium(url, tmp_path / "p4", f"--screenshot={after}")
         w, h, px_after = png_pixels(after)

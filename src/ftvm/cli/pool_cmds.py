@@ -46,9 +46,14 @@ def _hosts_table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title="Hosts", title_justify="left")
     for col in ("Host", "State", "Memory", "vCPUs", "VMs"):
         t.add_column(col)
+    colours = {"up": "green", "maintenance": "yellow", "down": "red"}
     for h in rows:
-        t.add_row(h["name"], f"[green]{h['state']}[/]", f"{h['memory_used_mib']}/{h['memory_mib']} MiB",
-                  f"{h['vcpus_used']}/{h['vcpus']}", ", ".join(h["vms"]) or "-")
+        if h["state"] == "down":
+            t.add_row(h["name"], "[red]down[/]", "-", "-", "copies of " + (", ".join(h["copies_of"]) or "-"))
+            continue
+        t.add_row(h["name"], f"[{colours[h['state']]}]{h['state']}[/]",
+                  f"{h['memory_used_mib']}/{h['memory_mib']} MiB", f"{h['vcpus_used']}/{h['vcpus']}",
+                  ", ".join(h["vms"]) or "-")
     return t
 
 
