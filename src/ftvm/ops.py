@@ -15,7 +15,7 @@ from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSn
 from .core.placement import migration_problem, overcommit_problem
 from .core.validate import check_new_vm
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError
-from .store.pool import PoolStore
+from .store.pool import Event, PoolStore
 
 
 async def get_view(store: PoolStore, name: str) -> tuple[PoolSnapshot, VmView]:
@@ -167,6 +167,47 @@ async def set_sla(store: PoolStore, name: str, percent: float | None) -> VmSpec:
         new = replace(spec, sla_percent=percent)
         if await store.update_spec(new, rev):
             return new
+
+
+async def force_start(store: PoolStore, name: str, host: str | None) -> str:
+    """Let a level 2 VM start from a copy that is not current: the operator accepts losing
+    what that copy lacks. Recorded in the event log. Returns the host whose copy is used."""
+    snap, view = await get_view(store, name)
+    if view.spec.level is not Level.COMPONENT or view.copies is None:
+        raise FtvmError("--accept-data-loss is for level 2 VMs that have copies", BAD_INPUT)
+    if view.owner is not None:
+        raise FtvmError(f"VM {name} is running on {view.owner.host}: nothing to force", REFUSED)
+    holders = sorted(h for h in view.copies.copies if h in snap.hosts)
+    host = host or (holders[0] if len(holders) == 1 else None)
+    if host is None:
+        raise FtvmError(f"say which copy to start from: --host one of {', '.join(holders) or '(none up)'}",
+                        BAD_INPUT)
+    if host not in view.copies.copies:
+        raise FtvmError(f"{host} holds no copy of {name}", BAD_INPUT)
+    if host not in snap.hosts:
+        raise FtvmError(f"host {host} is not up", REFUSED)
+    copy = view.copies.copies[host]
+    if not await store.force_start(name, host):
+        raise FtvmError(f"VM {name} changed meanwhile; nothing forced", REFUSED)
+    await store.add_event(Event(time.time(), "operator", name, "force",
+                                f"start on {host} forced, accepting data loss: its copy is "
+                                f"{copy.state.value} ({copy.reason})"))
+    return host
+
+
+async def repair_disk(store: PoolStore, name: str, host: str) -> None:
+    """A failed level 2 copy sits on working storage again: it is resynced in full from the
+    partner while the VM runs, then mirrored."""
+    _, view = await get_view(store, name)
+    copy = view.copies.state_of(host) if view.copies else None
+    if view.spec.level is not Level.COMPONENT or copy is None:
+        raise FtvmError(f"{host} holds no level 2 copy of {name}", BAD_INPUT)
+    if copy.state.value != "failed":
+        raise FtvmError(f"the copy on {host} has not failed (it is {copy.state.value})", REFUSED)
+    if not await store.request_repair(name, host):
+        raise FtvmError(f"VM {name} changed meanwhile; nothing done", REFUSED)
+    await store.add_event(Event(time.time(), "operator", name, "repair",
+                                f"storage of the copy on {host} declared repaired"))
 
 
 async def set_failback(store: PoolStore, name: str, on: bool) -> VmSpec:

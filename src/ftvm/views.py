@@ -20,9 +20,10 @@ def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
         state = "pending"
     else:
         state = "stopped"
-    waiting = None
+    waiting = cannot_start = None
     if view.owner is None and view.spec.desired is Desired.RUNNING:
-        waiting = choose_host(snap, view)[1]
+        target, waiting = choose_host(snap, view)
+        cannot_start = waiting if target is None else None
     here = where or view.home
     partner = view.copies.partner_of(here) if view.copies and here else None
     return {"name": view.spec.name, "level": int(view.spec.level), "host": where, "state": state,
@@ -35,7 +36,15 @@ def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
             "memory_mib": view.spec.memory_mib, "vcpus": view.spec.vcpus,
             "macs": [n.mac for n in view.spec.nics], "home": view.home,
             "migration": _move(view), "level_change": _level_change(view),
-            "preferred_host": view.spec.preferred_host, "failback": view.spec.failback}
+            "preferred_host": view.spec.preferred_host, "failback": view.spec.failback,
+            "cannot_start": cannot_start}
+
+
+def vm_detail(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
+    """One VM in full (`vm show`, GET /vms/{name})."""
+    return vm_row(snap, view) | {
+        "spec": view.spec.to_json(), "status": view.status.to_json() if view.status else None,
+        "fencing_token": view.owner.token if view.owner else None}
 
 
 def _move(view: VmView) -> dict[str, Any] | None:
@@ -80,6 +89,11 @@ def status_data(snap: PoolSnapshot, urls: list[str], pool: str) -> dict[str, Any
             "vms": [vm_row(snap, snap.vms[n]) for n in sorted(snap.vms)]}
 
 
+def row_of(snap: PoolSnapshot, vm: str) -> dict[str, Any] | None:
+    view = snap.vms.get(vm)
+    return vm_row(snap, view) if view is not None else None
+
+
 def runs_on(snap: PoolSnapshot, vm: str, host: str) -> bool:
     """The VM is owned by `host` and reported running there."""
     view = snap.vms.get(vm)
@@ -87,40 +101,36 @@ def runs_on(snap: PoolSnapshot, vm: str, host: str) -> bool:
             and view.status is not None and view.status.state is RunState.RUNNING)
 
 
-def move_progress(snap: PoolSnapshot, vm: str, target: str) -> tuple[str, float]:
-    """A live migration of `vm` to `target` as the store shows it: "arrived", "moving" or
-    "failed" (the VM is gone, or the migration ended with the VM elsewhere), and the
-    share of its RAM sent so far."""
-    view = snap.vms.get(vm)
-    if view is None:
+def move_progress(row: dict[str, Any] | None, target: str) -> tuple[str, float]:
+    """A live migration to `target`, from the VM's row (`vm_row`, or the API's): "arrived",
+    "moving" or "failed" (the VM is gone, or the migration ended with the VM elsewhere),
+    and the share of its RAM sent so far."""
+    if row is None:
         return "failed", 0.0
-    if runs_on(snap, vm, target):
+    if row["host"] == target and row["state"] == RunState.RUNNING.value:
         return "arrived", 1.0
-    m = view.migration
-    if m is None and view.handover_host is None and view.owner is not None and view.owner.host != target:
+    m = row.get("migration")
+    if m is None and row["host"] is not None and row["host"] != target:
         return "failed", 0.0
-    return "moving", (m.done / m.total if m is not None and m.total else 0.0)
+    return "moving", (float(m["fraction"]) if m else 0.0)
 
 
-def level_progress(snap: PoolSnapshot, vm: str, level: int) -> tuple[str, float, str]:
-    """An online level change of `vm` to `level` as the store shows it: ("changing" |
-    "protecting" | "done" | "failed", share done 0..1, what is happening). Raising to 2 is
-    done when the partner's copy is in sync (Protected); the disks' copy is the first half."""
-    view = snap.vms.get(vm)
-    if view is None:
+def level_progress(row: dict[str, Any] | None, level: int) -> tuple[str, float, str]:
+    """An online level change to `level`, from the VM's row: ("changing" | "protecting" |
+    "done" | "failed", share done 0..1, what is happening). Raising to 2 is done when the
+    partner's copy is in sync (Protected); the disks' copy is the first half."""
+    if row is None:
         return "failed", 0.0, "VM removed"
-    change = view.level_change
+    change = row.get("level_change")
     if change is not None:
-        frac = change.done / change.total if change.total else 0.0
-        return "changing", (0.5 if level == 2 else 0.9) * frac, f"level {int(view.spec.level)} -> {level}: " \
-                                                                   f"{change.phase}"
-    if int(view.spec.level) != level:
+        return ("changing", (0.5 if level == 2 else 0.9) * float(change["fraction"]),
+                f"level {change['from']} -> {level}: {change['phase']}")
+    if row["level"] != level:
         return "failed", 0.0, "the change was abandoned (see the events)"
     if level != 2:
         return "done", 1.0, f"level {level}"
-    p = protection(snap, view)
-    if p.protected:
+    if row["protected"]:
         return "done", 1.0, "level 2, Protected"
-    sync = view.sync
-    frac = sync.done / sync.total if sync and sync.total else 0.0
-    return "protecting", 0.5 + 0.5 * frac, f"level 2, building the replica ({p.reason})"
+    sync = row.get("sync")
+    frac = sync["done"] / sync["total"] if sync and sync["total"] else 0.0
+    return "protecting", 0.5 + 0.5 * frac, f"level 2, building the replica ({row['protection']})"

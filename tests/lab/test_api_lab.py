@@ -61,3 +61,55 @@ def test_api_starts_and_stops_a_vm_and_metrics_follow(lab: labmod.LabState, gues
         assert job["state"] == "succeeded" and job["progress"] == "stopped"
         assert http.delete("/api/v1/vms/apivm").status_code == 202
         assert "apivm" not in [v["name"] for v in http.get("/api/v1/vms").json()]
+
+
+def test_the_cli_works_through_the_api(lab: labmod.LabState, guest_image, tmp_path) -> None:
+    """With --api and a token the CLI needs no access to etcd at all (a dead etcd URL is
+    given): it adds, starts, shows and stops a VM through the agents; a wrong token is
+    refused with nothing changed; a first URL that does not answer is skipped."""
+    import os
+    import subprocess
+    import sys
+    disk = lab.shared_dir / "clivm.img"
+    make_ledger_disk(disk)
+    good = tmp_path / "token"
+    good.write_text(lab.api_token_file.read_text())
+    bad = tmp_path / "bad"
+    bad.write_text("not-the-token\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTVM_")}
+
+    def cli(*args: str, token=good, api: str | None = None) -> subprocess.CompletedProcess[str]:
+        api = api or f"http://127.0.0.1:9,{lab.api_url('h2')}"  # the first never answers
+        return subprocess.run([sys.executable, "-m", "ftvm", *args, "--api", api, "--api-token-file", str(token),
+                               "--etcd", "http://127.0.0.1:9"], capture_output=True, text=True, env=env,
+                              timeout=120)
+
+    r = cli("vm", "add", "clivm", "--level", "1", "--memory", "256", "--disk", str(disk), "--demo-guest",
+            "--ip", topo.vm_addr(91), "--host", "h1", token=bad)
+    assert r.returncode == 2 and "token" in r.stderr, r.stderr
+    assert "clivm" not in LabPool(lab).snapshot().vms
+    r = cli("vm", "add", "clivm", "--level", "1", "--memory", "256", "--disk", str(disk), "--demo-guest",
+            "--ip", topo.vm_addr(91), "--host", "h1")
+    assert r.returncode == 0, r.stderr
+    try:
+        r = cli("vm", "start", "clivm", "--wait", "--timeout", "60")
+        assert r.returncode == 0 and "running on h1" in r.stdout, r.stdout + r.stderr
+        r = cli("status")
+        assert r.returncode == 0 and "via API" in r.stdout and "clivm" in r.stdout, r.stdout
+        r = cli("vm", "show", "clivm", "-o", "json")
+        import json
+        assert json.loads(r.stdout)["host"] == "h1"
+        r = cli("vm", "migrate", "clivm", "--to", "h2", "--wait", "--timeout", "60")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert LabPool(lab).snapshot().vms["clivm"].owner.host == "h2"  # type: ignore[union-attr]
+        r = cli("vm", "stop", "clivm", "--wait", "--timeout", "60")
+        assert r.returncode == 0, r.stderr
+        r = cli("vm", "remove", "clivm")
+        assert r.returncode == 0, r.stderr
+        assert "clivm" not in LabPool(lab).snapshot().vms
+        r = cli("vm", "show", "clivm")
+        assert r.returncode == 3 and "unknown VM" in r.stderr  # the API's NOT_FOUND, the CLI's exit code
+    finally:
+        pool = LabPool(lab)
+        if "clivm" in pool.snapshot().vms:
+            pool.stop_and_remove("clivm")

@@ -28,7 +28,7 @@ from ..core.model import Desired, PoolSnapshot, RunState, VmSpec
 from ..errors import BAD_INPUT, HTTP_STATUS, NO_QUORUM, NOT_FOUND, FtvmError
 from ..store.etcd import EtcdError, EtcdUnavailable
 from ..store.pool import PoolStore
-from ..views import level_progress, host_rows, move_progress, status_data, vm_row
+from ..views import host_rows, level_progress, move_progress, row_of, status_data, vm_detail, vm_row
 from . import metrics
 
 JOB_TIMEOUT_S = 300.0
@@ -122,10 +122,7 @@ def make_app(ctx: ApiContext) -> web.Application:
 
     async def vm(request: web.Request) -> web.Response:
         snap, view = await ops.get_view(ctx.store, request.match_info["name"])
-        return web.json_response(vm_row(snap, view) | {
-            "spec": view.spec.to_json(), "status": view.status.to_json() if view.status else None,
-            "checkpoints": view.checkpoints.__dict__ if view.checkpoints else None,
-            "fencing_token": view.owner.token if view.owner else None})
+        return web.json_response(vm_detail(snap, view))
 
     async def hosts(_: web.Request) -> web.Response:
         return web.json_response(host_rows(await ctx.snapshot()))
@@ -155,8 +152,8 @@ def make_app(ctx: ApiContext) -> web.Application:
         text = resources.files("ftvm.api").joinpath("openapi.json").read_text()
         return web.json_response(json.loads(text))
 
-    def accepted(job: Job) -> web.Response:
-        return web.json_response(job.to_json(), status=202, headers={"Location": f"/api/v1/jobs/{job.id}"})
+    def accepted(job: Job, **extra: Any) -> web.Response:
+        return web.json_response(job.to_json() | extra, status=202, headers={"Location": f"/api/v1/jobs/{job.id}"})
 
     async def add_vm(request: web.Request) -> web.Response:
         try:
@@ -175,14 +172,39 @@ def make_app(ctx: ApiContext) -> web.Application:
     async def start_stop(request: web.Request) -> web.Response:
         name, action = request.match_info["name"], request.match_info["action"]
         desired = {"start": Desired.RUNNING, "stop": Desired.STOPPED}[action]
-        await ops.set_desired(ctx.store, name, desired)
+        body: dict[str, Any] = {}
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                raise FtvmError("the body must be JSON", BAD_INPUT) from None
+            if not isinstance(body, dict) or set(body) - {"accept_data_loss", "host"}:
+                raise FtvmError('the body may only be {"accept_data_loss": true, "host": H} (start)', BAD_INPUT)
+        forced = None
+        if body.get("accept_data_loss") is True and action == "start":
+            forced = await ops.force_start(ctx.store, name, body.get("host"))
+        elif body:
+            raise FtvmError('"host" goes with "accept_data_loss": true, on start only', BAD_INPUT)
+        changed = await ops.set_desired(ctx.store, name, desired)
 
         async def follow(job: Job) -> None:
             if desired is Desired.RUNNING:
                 await _wait_running(ctx, job, name)
             else:
                 await _wait_released(ctx, job, name)
-        return accepted(jobs.start(action, name, follow))
+        return accepted(jobs.start(action, name, follow), changed=changed, forced_host=forced)
+
+    async def repair(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            host = str((await request.json())["host"])
+        except (ValueError, KeyError, TypeError):
+            raise FtvmError('the body must be {"host": HOST}', BAD_INPUT) from None
+        await ops.repair_disk(ctx.store, name, host)
+
+        async def done(job: Job) -> None:
+            job.progress = f"the copy on {host} will be resynced in full, then mirrored"
+        return accepted(jobs.start("repair-disk", name, done))
 
     async def patch_vm(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -221,18 +243,18 @@ def make_app(ctx: ApiContext) -> web.Application:
             paths = tuple(str(p) for p in body.get("disk_paths") or ())
         except (TypeError, ValueError):
             raise FtvmError("level must be an integer, disk_paths a list of paths", BAD_INPUT) from None
-        await ops.change_level(ctx.store, name, level, paths)
+        previous, online = await ops.change_level(ctx.store, name, level, paths)
 
         async def follow(job: Job) -> None:
             while True:
-                state, frac, detail = level_progress(await ctx.snapshot(), name, level)
+                state, frac, detail = level_progress(row_of(await ctx.snapshot(), name), level)
                 job.progress = f"{detail} ({int(100 * frac)}%)"
                 if state == "done":
                     return
                 if state == "failed":
                     raise FtvmError(detail)
                 await asyncio.sleep(0.3)
-        return accepted(jobs.start("level", name, follow))
+        return accepted(jobs.start("level", name, follow), previous_level=previous, online=online)
 
     async def delete_vm(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -264,7 +286,7 @@ def make_app(ctx: ApiContext) -> web.Application:
 
         async def follow(job: Job) -> None:
             await _wait_moved(ctx, job, {name: m.to})
-        return accepted(jobs.start("migrate", name, follow))
+        return accepted(jobs.start("migrate", name, follow), **{"from": m.source, "to": m.to})
 
     async def maintenance(request: web.Request) -> web.Response:
         host, action = request.match_info["host"], request.match_info["action"]
@@ -274,11 +296,17 @@ def make_app(ctx: ApiContext) -> web.Application:
             async def resumed(job: Job) -> None:
                 job.progress = f"{host} back in service"
             return accepted(jobs.start("resume", host, resumed))
-        moves = await ops.start_maintenance(ctx.store, host, "maintenance (API)")
+        reason = "maintenance (API)"
+        if request.can_read_body:
+            try:
+                reason = str((await request.json()).get("reason") or reason)
+            except (ValueError, AttributeError):
+                raise FtvmError('the body may only be {"reason": TEXT}', BAD_INPUT) from None
+        moves = await ops.start_maintenance(ctx.store, host, reason)
 
         async def follow(job: Job) -> None:
             await _wait_moved(ctx, job, moves)
-        return accepted(jobs.start("maintenance", host, follow))
+        return accepted(jobs.start("maintenance", host, follow), moves=moves)
 
     async def get_job(request: web.Request) -> web.Response:
         job = jobs.jobs.get(request.match_info["id"])
@@ -301,6 +329,7 @@ def make_app(ctx: ApiContext) -> web.Application:
         web.delete("/api/v1/vms/{name}", delete_vm),
         web.post("/api/v1/vms/{name}/{action:start|stop}", start_stop),
         web.post("/api/v1/vms/{name}/migrate", migrate_vm),
+        web.post("/api/v1/vms/{name}/repair-disk", repair),
         web.post("/api/v1/hosts/{host}/{action:maintenance|resume}", maintenance),
         web.get("/api/v1/events", events),
         web.get("/api/v1/availability", availability),
@@ -337,7 +366,7 @@ async def _wait_moved(ctx: ApiContext, job: Job, moves: dict[str, str]) -> None:
         snap = await ctx.snapshot()
         left, failed, parts = [], [], []
         for vm, to in moves.items():
-            state, sent = move_progress(snap, vm, to)
+            state, sent = move_progress(row_of(snap, vm), to)
             if state == "failed":
                 failed.append(vm)
             elif state == "arrived":

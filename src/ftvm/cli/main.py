@@ -16,6 +16,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--etcd", help="quorum service endpoint(s), comma separated (default: FTVM_ETCD or the lab)")
     p.add_argument("--pool", help="pool name (default: FTVM_POOL or 'lab')")
     p.add_argument("--lab-dir", help=argparse.SUPPRESS)
+    p.add_argument("--api", help="agent API URL(s), comma separated (default: FTVM_API, or the lab's agents); "
+                                 "the CLI then works through the API")
+    p.add_argument("--api-token-file", help="file holding the API token (default: FTVM_API_TOKEN_FILE, "
+                                            "FTVM_API_TOKEN, or the lab's)")
+    p.add_argument("--direct", action="store_true",
+                   help="talk to the quorum service (etcd) directly, not through an agent's API")
 
 
 def build_parser() -> argparse.ArgumentParser:

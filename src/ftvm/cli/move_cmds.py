@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .. import ops
-from ..store.pool import PoolStore
 from ..views import move_progress
-from .common import FAILED, OK, console, emit_json, is_json, with_store
+from .client import PoolClient, pool_client
+from .common import FAILED, OK, console, emit_json, is_json
 
 
-async def _follow(store: PoolStore, moves: dict[str, str], timeout: float, show: bool) -> dict[str, dict[str, Any]]:
+def _follow(client: PoolClient, moves: dict[str, str], timeout: float, show: bool) -> dict[str, dict[str, Any]]:
     """Wait until every VM runs on its target; a progress bar per VM (bytes of RAM sent)."""
     results: dict[str, dict[str, Any]] = {vm: {"to": to, "done": False} for vm, to in moves.items()}
     deadline = time.monotonic() + timeout
@@ -23,12 +21,12 @@ async def _follow(store: PoolStore, moves: dict[str, str], timeout: float, show:
         tasks = {vm: progress.add_task(f"{vm} -> {to}", total=100) for vm, to in moves.items()}
         t0 = time.monotonic()
         while time.monotonic() < deadline:
-            snap = await store.snapshot()
+            rows = {r["name"]: r for r in client.vms()}
             for vm, to in moves.items():
                 r = results[vm]
                 if r["done"]:
                     continue
-                state, sent = move_progress(snap, vm, to)
+                state, sent = move_progress(rows.get(vm), to)
                 if state == "arrived":
                     r.update(done=True, seconds=round(time.monotonic() - t0, 2))
                     progress.update(tasks[vm], completed=100)
@@ -38,7 +36,7 @@ async def _follow(store: PoolStore, moves: dict[str, str], timeout: float, show:
                     progress.update(tasks[vm], completed=90 * sent)
             if all(r["done"] for r in results.values()):
                 break
-            await asyncio.sleep(0.2)
+            time.sleep(0.2)
     return results
 
 
@@ -52,19 +50,21 @@ def _report(args: Any, results: dict[str, dict[str, Any]], extra: dict[str, Any]
 
 
 def cmd_vm_migrate(args: Any) -> int:
-    m = with_store(args, lambda store: ops.migrate(store, args.name, args.to))
+    client = pool_client(args)
+    source = client.migrate(args.name, args.to)
     if not is_json(args):
-        console.print(f"VM {args.name}: live migration {m.source} -> {m.to} requested")
+        console.print(f"VM {args.name}: live migration {source} -> {args.to} requested")
     if not args.wait:
         if is_json(args):
-            emit_json({"vm": args.name, "from": m.source, "to": m.to, "requested": True})
+            emit_json({"vm": args.name, "from": source, "to": args.to, "requested": True})
         return OK
-    results = with_store(args, lambda store: _follow(store, {args.name: args.to}, args.timeout, not is_json(args)))
-    return _report(args, results, {"vm": args.name, "from": m.source})
+    results = _follow(client, {args.name: args.to}, args.timeout, not is_json(args))
+    return _report(args, results, {"vm": args.name, "from": source})
 
 
 def cmd_host_maintenance(args: Any) -> int:
-    moves = with_store(args, lambda store: ops.start_maintenance(store, args.host, args.reason))
+    client = pool_client(args)
+    moves = client.start_maintenance(args.host, args.reason)
     if not is_json(args):
         console.print(f"host {args.host} in maintenance: nothing will be placed on it; moving "
                       + (", ".join(f"{vm} -> {to}" for vm, to in moves.items()) or "no VMs"))
@@ -72,12 +72,12 @@ def cmd_host_maintenance(args: Any) -> int:
         if is_json(args):
             emit_json({"host": args.host, "maintenance": True, "moves": moves})
         return OK
-    results = with_store(args, lambda store: _follow(store, moves, args.timeout, not is_json(args)))
+    results = _follow(client, moves, args.timeout, not is_json(args))
     return _report(args, results, {"host": args.host, "maintenance": True})
 
 
 def cmd_host_resume(args: Any) -> int:
-    with_store(args, lambda store: ops.end_maintenance(store, args.host))
+    pool_client(args).end_maintenance(args.host)
     if is_json(args):
         emit_json({"host": args.host, "maintenance": False})
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import time
@@ -11,32 +10,30 @@ from typing import Any
 
 from rich.table import Table
 
-from ..core.decide import choose_host
-from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, RunState, VmSpec, VmView
-from .. import ops
-from ..views import host_rows, status_data, vm_row
+from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, RunState, VmSpec
 from ..core.validate import check_mac
-from ..store.pool import Event, PoolStore
-from .common import (BAD_INPUT, FAILED, OK, REFUSED, CliError, console, emit_json, endpoints,
-                     is_json, with_store)
+from ..store.pool import Event
+from .client import PoolClient, pool_client
+from .common import BAD_INPUT, FAILED, NO_QUORUM, NOT_FOUND, OK, CliError, console, emit_json, is_json
 
 
 # --- status --------------------------------------------------------------------------
 
 def cmd_status(args: Any) -> int:
-    urls, pool = endpoints(args)
+    client = pool_client(args)
     try:
-        snap = with_store(args, lambda s: s.snapshot())
+        data = client.status()
     except CliError as e:
-        if is_json(args) and e.code == 5:
-            emit_json({"pool": pool, "quorum": {"reachable": False, "endpoints": urls, "error": str(e)}})
+        if is_json(args) and e.code == NO_QUORUM:
+            emit_json({"quorum": {"reachable": False, "error": str(e)}, "via": client.where})
         raise
-    data = status_data(snap, urls, pool)
     if is_json(args):
         emit_json(data)
         return OK
-    console.print(f"[bold]Pool[/] {pool}   [bold]Quorum[/] [green]reachable[/] ({', '.join(urls)}, "
-                  f"revision {snap.revision})   [bold]Hosts up[/] {len(snap.hosts)}", highlight=False)
+    q = data["quorum"]
+    up = sum(1 for h in data["hosts"] if h["state"] != "down")
+    console.print(f"[bold]Pool[/] {data['pool']}   [bold]Quorum[/] [green]reachable[/] ({', '.join(q['endpoints'])}, "
+                  f"revision {q['revision']})   [bold]Hosts up[/] {up}   [dim]via {client.where}[/]", highlight=False)
     console.print(_hosts_table(data["hosts"]))
     console.print(_vms_table(data["vms"]))
     return OK
@@ -69,8 +66,7 @@ def _vms_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def cmd_host_list(args: Any) -> int:
-    snap = with_store(args, lambda s: s.snapshot())
-    rows = host_rows(snap)
+    rows = pool_client(args).hosts()
     if is_json(args):
         emit_json(rows)
     else:
@@ -113,22 +109,22 @@ def cmd_vm_set(args: Any) -> int:
     if args.failback is not None:
         if any(x is not None for x in (args.level, args.checkpoint_ms, args.checkpoint_on_output, args.sla)):
             raise CliError("change the failback policy in a command of its own", BAD_INPUT)
-        new_spec = with_store(args, lambda store: ops.set_failback(store, args.name, args.failback == "on"))
+        new_spec = pool_client(args).patch(args.name, {"failback": args.failback == "on"})
         if is_json(args):
-            emit_json({"vm": args.name, "failback": new_spec.failback})
+            emit_json({"vm": args.name, "failback": new_spec["failback"]})
         else:
-            console.print(f"VM {args.name}: failback to {new_spec.preferred_host} "
-                          + ("on" if new_spec.failback else "off"))
+            console.print(f"VM {args.name}: failback to {new_spec['preferred_host']} "
+                          + ("on" if new_spec["failback"] else "off"))
         return OK
     if args.sla is not None:
         if args.level is not None or args.checkpoint_ms is not None or args.checkpoint_on_output is not None:
             raise CliError("change the SLA target in a command of its own", BAD_INPUT)
-        new_spec = with_store(args, lambda store: ops.set_sla(store, args.name, args.sla or None))
+        new_spec = pool_client(args).patch(args.name, {"sla_percent": args.sla or None})
+        sla = new_spec["sla_percent"]
         if is_json(args):
-            emit_json({"vm": args.name, "sla_percent": new_spec.sla_percent})
+            emit_json({"vm": args.name, "sla_percent": sla})
         else:
-            console.print(f"VM {args.name}: SLA target " + (f"{new_spec.sla_percent:g}%" if new_spec.sla_percent
-                                                             else "none"))
+            console.print(f"VM {args.name}: SLA target " + (f"{sla:g}%" if sla else "none"))
         return OK
     if args.level is None and args.checkpoint_ms is None and args.checkpoint_on_output is None:
         raise CliError("nothing to change: give --level, --checkpoint-ms, --checkpoint-on-output, --sla or "
@@ -139,8 +135,8 @@ def cmd_vm_set(args: Any) -> int:
     if args.checkpoint_ms is not None or args.checkpoint_on_output is not None:
         raise CliError("change the level and the checkpointing in two commands", BAD_INPUT)
 
-    old, online = with_store(args, lambda store: ops.change_level(store, args.name, args.level,
-                                                                  tuple(args.disk_path or ())))
+    client = pool_client(args)
+    old, online = client.change_level(args.name, args.level, tuple(args.disk_path or ()))
     new = args.level
     if not online:
         if is_json(args):
@@ -154,8 +150,7 @@ def cmd_vm_set(args: Any) -> int:
         if is_json(args):
             emit_json({"vm": args.name, "level": new, "previous_level": old, "under_way": True})
         return OK
-    done, why = with_store(args, lambda store: _follow_level(store, args.name, old, new, args.timeout,
-                                                             not is_json(args)))
+    done, why = _follow_level(client, args.name, old, new, args.timeout, not is_json(args))
     if is_json(args):
         emit_json({"vm": args.name, "level": new if done else old, "previous_level": old, "done": done,
                    "detail": why})
@@ -164,8 +159,8 @@ def cmd_vm_set(args: Any) -> int:
     return OK if done else FAILED
 
 
-async def _follow_level(store: PoolStore, name: str, old: int, new: int, timeout: float,
-                        show: bool) -> tuple[bool, str]:
+def _follow_level(client: PoolClient, name: str, old: int, new: int, timeout: float,
+                  show: bool) -> tuple[bool, str]:
     """Until the running VM is at the new level (raising: and protected again), with a
     progress bar: the disks' copy, then the partner's resync."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -177,22 +172,27 @@ async def _follow_level(store: PoolStore, name: str, old: int, new: int, timeout
                   TimeElapsedColumn(), console=console, disable=not show) as progress:
         task = progress.add_task(f"{name}: level {old} -> {new}", total=100)
         while time.monotonic() < deadline:
-            state, frac, detail = level_progress(await store.snapshot(), name, new)
+            state, frac, detail = level_progress(client.row(name), new)
             progress.update(task, completed=100 * frac, description=f"{name}: {detail}")
             if state == "done":
                 return True, detail
             if state == "failed":
-                events = [e for e in (await store.events(200))[0]
-                          if e.vm == name and e.kind == "level" and e.time >= t0]
+                events = [e for e in client.events(200)[0] if e.vm == name and e.kind == "level" and e.time >= t0]
                 return False, events[-1].message if events else detail
-            await asyncio.sleep(0.2)
+            time.sleep(0.2)
     return False, f"not done after {timeout:.0f}s"
 
 
 def _set_checkpointing(args: Any) -> int:
     """A level 3 VM's checkpoint interval/trigger; a running VM follows within seconds."""
     on_output = None if args.checkpoint_on_output is None else args.checkpoint_on_output == "on"
-    new = with_store(args, lambda store: ops.set_checkpointing(store, args.name, args.checkpoint_ms, on_output))
+    changes: dict[str, Any] = {}
+    if args.checkpoint_ms is not None:
+        changes["checkpoint_ms"] = args.checkpoint_ms
+    if on_output is not None:
+        changes["checkpoint_on_output"] = on_output
+    got = pool_client(args).patch(args.name, changes)
+    new = VmSpec.from_json(got)
     if is_json(args):
         emit_json({"vm": args.name, "checkpoint_ms": new.checkpoint_ms,
                    "checkpoint_on_output": new.checkpoint_on_output})
@@ -242,7 +242,7 @@ def spec_from_args(args: Any) -> VmSpec:
 def cmd_vm_add(args: Any) -> int:
     spec = spec_from_args(args)
 
-    with_store(args, lambda store: ops.define(store, spec))
+    pool_client(args).define(spec)
     if is_json(args):
         emit_json({"added": spec.to_json()})
     else:
@@ -252,18 +252,15 @@ def cmd_vm_add(args: Any) -> int:
     return OK
 
 
-_get_view = ops.get_view
-
-
 def _set_desired(args: Any, desired: Desired) -> int:
-    changed = with_store(args, lambda store: ops.set_desired(store, args.name, desired))
+    client = pool_client(args)
+    changed = client.set_desired(args.name, desired)
     if not is_json(args):
         console.print(f"VM {args.name}: desired state {desired.value}" + ("" if changed else " (unchanged)"))
         if desired is Desired.RUNNING:
-            snap, view = with_store(args, lambda s: _get_view(s, args.name))
-            target, why = choose_host(snap, view) if view.owner is None else (view.owner.host, "")
-            if target is None:
-                console.print(f"[yellow]it cannot start now:[/] {why}", highlight=False)
+            row = client.row(args.name)
+            if row is not None and row.get("cannot_start"):
+                console.print(f"[yellow]it cannot start now:[/] {row['cannot_start']}", highlight=False)
     if args.wait:
         return _wait_state(args, args.name, RunState.RUNNING if desired is Desired.RUNNING else None)
     if is_json(args):
@@ -274,25 +271,27 @@ def _set_desired(args: Any, desired: Desired) -> int:
 def _wait_state(args: Any, name: str, want: RunState | None) -> int:
     """Wait until the VM runs (want RUNNING) or is released (want None)."""
     deadline = time.monotonic() + args.timeout
+    client = pool_client(args)
 
-    async def poll(store: PoolStore) -> VmView:
-        while True:
-            _, view = await _get_view(store, name)
-            done = (view.status is not None and view.status.state is want) if want else view.owner is None
-            if done or time.monotonic() > deadline:
-                return view
-            await asyncio.sleep(0.2)
+    def reached(row: dict[str, Any]) -> bool:
+        return row["state"] == want.value and row["host"] is not None if want else row["host"] is None
 
-    view = with_store(args, poll)
-    ok = (view.status is not None and view.status.state is want) if want else view.owner is None
+    while True:
+        row = client.row(name)
+        if row is None:
+            raise CliError(f"unknown VM {name!r}", NOT_FOUND)
+        if reached(row) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    ok = reached(row)
     if is_json(args):
-        emit_json({"vm": name, "reached": ok, "host": view.owner.host if view.owner else None,
-                   "state": view.status.state.value if view.status else "stopped"})
+        emit_json({"vm": name, "reached": ok, "host": row["host"],
+                   "state": row["state"] if row["host"] else "stopped"})
     if not ok:
         raise CliError(f"VM {name} did not reach {want.value if want else 'stopped'} within "
                        f"{args.timeout:g}s", 1)
     if not is_json(args):
-        console.print(f"VM {name} is {'running on ' + view.owner.host if view.owner else 'stopped'}")
+        console.print(f"VM {name} is {'running on ' + row['host'] if row['host'] else 'stopped'}")
     return OK
 
 
@@ -307,19 +306,7 @@ def cmd_vm_start(args: Any) -> int:
 def cmd_vm_repair_disk(args: Any) -> int:
     """Tell ftvm a failed level 2 copy sits on working storage again: it is resynced in
     full from the partner while the VM runs, then mirrored."""
-    async def repair(store: PoolStore) -> None:
-        _, view = await _get_view(store, args.name)
-        copy = view.copies.state_of(args.host) if view.copies else None
-        if view.spec.level is not Level.COMPONENT or copy is None:
-            raise CliError(f"{args.host} holds no level 2 copy of {args.name}", BAD_INPUT)
-        if copy.state.value != "failed":
-            raise CliError(f"the copy on {args.host} has not failed (it is {copy.state.value})", REFUSED)
-        if not await store.request_repair(args.name, args.host):
-            raise CliError(f"VM {args.name} changed meanwhile; nothing done", REFUSED)
-        await store.add_event(Event(time.time(), "operator", args.name, "repair",
-                                    f"storage of the copy on {args.host} declared repaired"))
-
-    with_store(args, repair)
+    pool_client(args).repair_disk(args.name, args.host)
     if is_json(args):
         emit_json({"vm": args.name, "host": args.host, "repair": "requested"})
     else:
@@ -328,32 +315,7 @@ def cmd_vm_repair_disk(args: Any) -> int:
 
 
 def _force_start(args: Any) -> None:
-    """Let a level 2 VM start from a copy that is not current: the operator accepts
-    losing what that copy lacks. Recorded in the event log."""
-    async def force(store: PoolStore) -> str:
-        snap, view = await _get_view(store, args.name)
-        if view.spec.level is not Level.COMPONENT or view.copies is None:
-            raise CliError("--accept-data-loss is for level 2 VMs that have copies", BAD_INPUT)
-        if view.owner is not None:
-            raise CliError(f"VM {args.name} is running on {view.owner.host}: nothing to force", REFUSED)
-        holders = sorted(h for h in view.copies.copies if h in snap.hosts)
-        host = args.host or (holders[0] if len(holders) == 1 else None)
-        if host is None:
-            raise CliError(f"say which copy to start from: --host one of {', '.join(holders) or '(none up)'}",
-                           BAD_INPUT)
-        if host not in view.copies.copies:
-            raise CliError(f"{host} holds no copy of {args.name}", BAD_INPUT)
-        if host not in snap.hosts:
-            raise CliError(f"host {host} is not up", REFUSED)
-        copy = view.copies.copies[host]
-        if not await store.force_start(args.name, host):
-            raise CliError(f"VM {args.name} changed meanwhile; nothing forced", REFUSED)
-        await store.add_event(Event(time.time(), "operator", args.name, "force",
-                                    f"start on {host} forced, accepting data loss: its copy is "
-                                    f"{copy.state.value} ({copy.reason})"))
-        return host
-
-    host = with_store(args, force)
+    host = pool_client(args).force_start(args.name, args.host)
     if not is_json(args):
         console.print(f"VM {args.name}: start on {host} forced (data loss accepted, recorded in the event log)")
 
@@ -363,7 +325,7 @@ def cmd_vm_stop(args: Any) -> int:
 
 
 def cmd_vm_remove(args: Any) -> int:
-    with_store(args, lambda store: ops.remove(store, args.name))
+    pool_client(args).remove(args.name)
     if is_json(args):
         emit_json({"removed": args.name})
     else:
@@ -372,10 +334,8 @@ def cmd_vm_remove(args: Any) -> int:
 
 
 def cmd_vm_show(args: Any) -> int:
-    snap, view = with_store(args, lambda s: _get_view(s, args.name))
-    data = vm_row(snap, view) | {"spec": view.spec.to_json(),
-                                 "status": view.status.to_json() if view.status else None,
-                                 "fencing_token": view.owner.token if view.owner else None}
+    data = pool_client(args).vm(args.name)
+    spec = VmSpec.from_json(data["spec"])
     if is_json(args):
         emit_json(data)
         return OK
@@ -383,22 +343,23 @@ def cmd_vm_show(args: Any) -> int:
     for k in ("level", "desired", "state", "host", "home", "protection", "detail", "memory_mib", "vcpus",
               "macs", "fencing_token"):
         t.add_row(k, str(data[k]))
-    if view.spec.level is Level.SYSTEM:
-        t.add_row("checkpoint interval", f"{view.spec.checkpoint_ms} ms")
-    if view.checkpoints is not None:
-        c = view.checkpoints
-        t.add_row("checkpoints", f"{c.per_s:.1f}/s to {c.partner}, pause p50 {c.pause_p50_ms:.0f} ms "
-                                 f"p99 {c.pause_p99_ms:.0f} ms, {c.dirty_pages_p50:.0f} dirty pages/epoch, "
-                                 f"{c.link_bytes_per_s / 2**20:.2f} MiB/s on the A-link, epoch {c.epoch}")
-    for d in view.spec.disks:
+    if spec.preferred_host:
+        t.add_row("preferred host", spec.preferred_host + (" (failback on)" if spec.failback else ""))
+    if spec.level is Level.SYSTEM:
+        t.add_row("checkpoint interval", f"{spec.checkpoint_ms} ms")
+    c = data.get("checkpoints")
+    if c:
+        t.add_row("checkpoints", f"{c['per_s']:.1f}/s to {c['partner']}, pause p50 {c['pause_p50_ms']:.0f} ms "
+                                 f"p99 {c['pause_p99_ms']:.0f} ms, {c['dirty_pages_p50']:.0f} dirty pages/epoch, "
+                                 f"{c['link_bytes_per_s'] / 2**20:.2f} MiB/s on the A-link, epoch {c['epoch']}")
+    for d in spec.disks:
         t.add_row("disk", f"{d.path} ({d.format})")
     console.print(t)
     return OK
 
 
 def cmd_vm_list(args: Any) -> int:
-    snap = with_store(args, lambda s: s.snapshot())
-    rows = [vm_row(snap, snap.vms[n]) for n in sorted(snap.vms)]
+    rows = pool_client(args).vms()
     if is_json(args):
         emit_json(rows)
     else:
@@ -412,9 +373,7 @@ def cmd_report(args: Any) -> int:
     """Availability per VM over a period, against each VM's SLA target."""
     if args.days <= 0:
         raise CliError("--days must be positive", BAD_INPUT)
-    end = time.time()
-    reports = with_store(args, lambda store: ops.availability(store, end - args.days * 86400, end, args.vm or None))
-    data = [r.to_json() for r in reports]
+    data = pool_client(args).availability(args.days, args.vm or [])
     if is_json(args):
         emit_json({"days": args.days, "reports": data})
         return OK
@@ -441,20 +400,17 @@ def cmd_report(args: Any) -> int:
 # --- events --------------------------------------------------------------------------
 
 def cmd_events(args: Any) -> int:
-    async def show(store: PoolStore) -> None:
-        events, rev = await store.events(limit=args.limit)
-        _print_events(args, events)
-        while args.follow:
-            await asyncio.sleep(0.5)
-            events, new_rev = await store.events(limit=10_000, since_revision=rev)
-            rev = max(rev, new_rev)
-            _print_events(args, events)
-
+    client = pool_client(args)
+    events, rev = client.events(args.limit)
     if is_json(args) and not args.follow:
-        events, _ = with_store(args, lambda s: s.events(limit=args.limit))
         emit_json([e.__dict__ for e in events])
         return OK
-    with_store(args, show)
+    _print_events(args, events)
+    while args.follow:
+        time.sleep(0.5)
+        events, new_rev = client.events(10_000, since_revision=rev)
+        rev = max(rev, new_rev)
+        _print_events(args, events)
     return OK
 
 

@@ -1,0 +1,268 @@
+"""How the CLI reaches the pool.
+
+Through an agent's REST API wherever one is configured: `--api URL[,URL...]` (or
+`FTVM_API`) with the token from `--api-token-file` / `FTVM_API_TOKEN_FILE` /
+`FTVM_API_TOKEN`, or the running lab's agents. The URLs are tried in order (a host
+down costs one connect timeout, then the answering agent is kept). Given only etcd
+endpoints (`--etcd` / `FTVM_ETCD`), or with `--direct`, the CLI talks to the store
+itself, through the same `ops` the API runs: a recovery path that needs no agent.
+
+Both return plain data (the `views` rows), so the commands print the same either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+
+from .. import ops
+from ..core.model import Desired, VmSpec
+from ..errors import BAD_INPUT, FAILED, NO_QUORUM, FtvmError
+from ..store.pool import Event
+from ..views import host_rows, row_of, status_data, vm_detail
+from .common import endpoints, with_store
+
+CONNECT_TIMEOUT_S = 1.5
+REQUEST_TIMEOUT_S = 30.0
+
+
+class PoolClient(Protocol):
+    where: str  # for messages: "API http://..." or "etcd http://..."
+
+    def status(self) -> dict[str, Any]: ...
+    def hosts(self) -> list[dict[str, Any]]: ...
+    def vms(self) -> list[dict[str, Any]]: ...
+    def vm(self, name: str) -> dict[str, Any]: ...
+    def row(self, name: str) -> dict[str, Any] | None: ...
+    def define(self, spec: VmSpec) -> None: ...
+    def set_desired(self, name: str, desired: Desired) -> bool: ...
+    def force_start(self, name: str, host: str | None) -> str: ...
+    def repair_disk(self, name: str, host: str) -> None: ...
+    def remove(self, name: str) -> None: ...
+    def patch(self, name: str, changes: dict[str, Any]) -> dict[str, Any]: ...
+    def change_level(self, name: str, level: int, disk_paths: tuple[str, ...]) -> tuple[int, bool]: ...
+    def migrate(self, name: str, to: str) -> str: ...
+    def start_maintenance(self, host: str, reason: str) -> dict[str, str]: ...
+    def end_maintenance(self, host: str) -> None: ...
+    def events(self, limit: int, since_revision: int = 0) -> tuple[list[Event], int]: ...
+    def availability(self, days: float, names: list[str]) -> list[dict[str, Any]]: ...
+
+
+def pool_client(args: Any) -> PoolClient:
+    """The API if one is configured or the lab runs agents serving it, else the store."""
+    api = getattr(args, "api", None) or os.environ.get("FTVM_API")
+    if getattr(args, "direct", False):
+        return DirectClient(args)
+    if api:
+        return HttpClient(api.split(","), _token(args))
+    if getattr(args, "etcd", None) or os.environ.get("FTVM_ETCD"):
+        return DirectClient(args)
+    from ..lab.lab import DEFAULT_DIR, LabError, load_state
+    try:
+        state = load_state(Path(getattr(args, "lab_dir", None) or DEFAULT_DIR))
+    except LabError:
+        return DirectClient(args)  # raises the "no quorum service given" error on first use
+    if not state.api_token_file.exists():
+        return DirectClient(args)
+    alive = [h for h in state.hosts if h not in state.failed] + [h for h in state.failed]
+    return HttpClient([state.api_url(h) for h in alive], state.api_token_file.read_text().strip())
+
+
+def _token(args: Any) -> str:
+    path = getattr(args, "api_token_file", None) or os.environ.get("FTVM_API_TOKEN_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as e:
+            raise FtvmError(f"cannot read the API token file {path}: {e}", BAD_INPUT) from None
+    token = os.environ.get("FTVM_API_TOKEN", "")
+    if not token:
+        raise FtvmError("the API needs a token: --api-token-file FILE, FTVM_API_TOKEN_FILE or FTVM_API_TOKEN",
+                        BAD_INPUT)
+    return token
+
+
+class DirectClient:
+    """Straight to the store, with the same `ops` as the API."""
+
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.where = "etcd"
+
+    def _snap(self):  # type: ignore[no-untyped-def]
+        return with_store(self.args, lambda s: s.snapshot())
+
+    def status(self) -> dict[str, Any]:
+        urls, pool = endpoints(self.args)
+        return status_data(self._snap(), urls, pool)
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return host_rows(self._snap())
+
+    def vms(self) -> list[dict[str, Any]]:
+        return self.status()["vms"]
+
+    def vm(self, name: str) -> dict[str, Any]:
+        snap, view = with_store(self.args, lambda s: ops.get_view(s, name))
+        return vm_detail(snap, view)
+
+    def row(self, name: str) -> dict[str, Any] | None:
+        return row_of(self._snap(), name)
+
+    def define(self, spec: VmSpec) -> None:
+        with_store(self.args, lambda s: ops.define(s, spec))
+
+    def set_desired(self, name: str, desired: Desired) -> bool:
+        return with_store(self.args, lambda s: ops.set_desired(s, name, desired))
+
+    def force_start(self, name: str, host: str | None) -> str:
+        return with_store(self.args, lambda s: ops.force_start(s, name, host))
+
+    def repair_disk(self, name: str, host: str) -> None:
+        with_store(self.args, lambda s: ops.repair_disk(s, name, host))
+
+    def remove(self, name: str) -> None:
+        with_store(self.args, lambda s: ops.remove(s, name))
+
+    def patch(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        async def apply(s):  # type: ignore[no-untyped-def]
+            spec = None
+            if "failback" in changes:
+                spec = await ops.set_failback(s, name, changes["failback"])
+            if "sla_percent" in changes:
+                spec = await ops.set_sla(s, name, changes["sla_percent"])
+            if "checkpoint_ms" in changes or "checkpoint_on_output" in changes:
+                spec = await ops.set_checkpointing(s, name, changes.get("checkpoint_ms"),
+                                                   changes.get("checkpoint_on_output"))
+            assert spec is not None
+            return spec.to_json()
+        return with_store(self.args, apply)
+
+    def change_level(self, name: str, level: int, disk_paths: tuple[str, ...]) -> tuple[int, bool]:
+        return with_store(self.args, lambda s: ops.change_level(s, name, level, disk_paths))
+
+    def migrate(self, name: str, to: str) -> str:
+        return with_store(self.args, lambda s: ops.migrate(s, name, to)).source
+
+    def start_maintenance(self, host: str, reason: str) -> dict[str, str]:
+        return with_store(self.args, lambda s: ops.start_maintenance(s, host, reason))
+
+    def end_maintenance(self, host: str) -> None:
+        with_store(self.args, lambda s: ops.end_maintenance(s, host))
+
+    def events(self, limit: int, since_revision: int = 0) -> tuple[list[Event], int]:
+        return with_store(self.args, lambda s: s.events(limit=limit, since_revision=since_revision))
+
+    def availability(self, days: float, names: list[str]) -> list[dict[str, Any]]:
+        import time
+        end = time.time()
+        reports = with_store(self.args, lambda s: ops.availability(s, end - days * 86400, end, names or None))
+        return [r.to_json() for r in reports]
+
+
+class HttpClient:
+    """The agents' REST API (`src/ftvm/api/openapi.json`)."""
+
+    def __init__(self, urls: list[str], token: str) -> None:
+        self.urls = [u.rstrip("/") for u in urls]
+        self.token = token
+        self.where = f"API {self.urls[0]}"
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        errors = []
+        for i, base in enumerate(list(self.urls)):
+            req = urllib.request.Request(base + path, data=data, method=method, headers={
+                "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+            try:
+                # connect within CONNECT_TIMEOUT_S: a lost host must not hold the command up
+                with urllib.request.urlopen(req, timeout=CONNECT_TIMEOUT_S if i < len(self.urls) - 1
+                                            else REQUEST_TIMEOUT_S) as r:
+                    text = r.read().decode()
+            except urllib.error.HTTPError as e:
+                try:
+                    err = json.loads(e.read().decode())
+                except ValueError:
+                    err = {"error": f"HTTP {e.code}", "code": FAILED}
+                if e.code == 401:
+                    raise FtvmError(f"API {base}: {err.get('error', 'unauthorized')}", BAD_INPUT) from None
+                raise FtvmError(str(err.get("error", e.reason)), int(err.get("code", FAILED))) from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                errors.append(f"{base}: {getattr(e, 'reason', e)}")
+                continue
+            if i:  # keep the agent that answered first in line
+                self.urls.insert(0, self.urls.pop(i))
+                self.where = f"API {self.urls[0]}"
+            return json.loads(text) if text else None
+        raise FtvmError("no agent API answered (" + "; ".join(errors) + ")", NO_QUORUM)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/api/v1/status"))
+
+    def hosts(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/v1/hosts"))
+
+    def vms(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/v1/vms"))
+
+    def vm(self, name: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/api/v1/vms/{_q(name)}"))
+
+    def row(self, name: str) -> dict[str, Any] | None:
+        return next((r for r in self.vms() if r["name"] == name), None)
+
+    def define(self, spec: VmSpec) -> None:
+        self._call("POST", "/api/v1/vms", spec.to_json())
+
+    def set_desired(self, name: str, desired: Desired) -> bool:
+        action = "start" if desired is Desired.RUNNING else "stop"
+        return bool(self._call("POST", f"/api/v1/vms/{_q(name)}/{action}").get("changed", True))
+
+    def force_start(self, name: str, host: str | None) -> str:
+        r = self._call("POST", f"/api/v1/vms/{_q(name)}/start", {"accept_data_loss": True, "host": host})
+        return str(r["forced_host"])
+
+    def repair_disk(self, name: str, host: str) -> None:
+        self._call("POST", f"/api/v1/vms/{_q(name)}/repair-disk", {"host": host})
+
+    def remove(self, name: str) -> None:
+        self._call("DELETE", f"/api/v1/vms/{_q(name)}")
+
+    def patch(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        self._call("PATCH", f"/api/v1/vms/{_q(name)}", changes)
+        return dict(self.vm(name)["spec"])
+
+    def change_level(self, name: str, level: int, disk_paths: tuple[str, ...]) -> tuple[int, bool]:
+        before = self.vm(name)
+        job = self._call("PATCH", f"/api/v1/vms/{_q(name)}", {"level": level, "disk_paths": list(disk_paths)})
+        return int(before["level"]), job.get("online", True)
+
+    def migrate(self, name: str, to: str) -> str:
+        source = self.vm(name)["host"]
+        self._call("POST", f"/api/v1/vms/{_q(name)}/migrate", {"to": to})
+        return str(source)
+
+    def start_maintenance(self, host: str, reason: str) -> dict[str, str]:
+        return dict(self._call("POST", f"/api/v1/hosts/{_q(host)}/maintenance", {"reason": reason})["moves"])
+
+    def end_maintenance(self, host: str) -> None:
+        self._call("POST", f"/api/v1/hosts/{_q(host)}/resume")
+
+    def events(self, limit: int, since_revision: int = 0) -> tuple[list[Event], int]:
+        r = self._call("GET", f"/api/v1/events?limit={limit}&since_revision={since_revision}")
+        return [Event(**e) for e in r["events"]], int(r["revision"])
+
+    def availability(self, days: float, names: list[str]) -> list[dict[str, Any]]:
+        if not names:
+            return list(self._call("GET", f"/api/v1/availability?days={days}")["reports"])
+        return [rep for n in names
+                for rep in self._call("GET", f"/api/v1/vms/{_q(n)}/availability?days={days}")["reports"]]
+
+
+def _q(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
