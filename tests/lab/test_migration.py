@@ -107,21 +107,30 @@ def test_maintenance_empties_the_host_and_nothing_is_placed_there(lab: labmod.La
 
 
 def test_rolling_upgrade_keeps_every_vm_answering(lab: labmod.LabState, guest_image) -> None:
-    """Maintenance h1, restart h1's agent, resume h1; then the same for h2: two VMs keep
-    answering their clients on one connection each, nothing acknowledged is lost."""
+    """Maintenance h1, restart h1's agent, resume h1; then the same for h2: VMs of levels 1, 2
+    and 3 keep answering their clients on one connection each, nothing acknowledged is lost.
+    Before each maintenance the operator waits until every VM is protected (a level 2/3 VM
+    moves only to a current copy)."""
+    from ftvm.core.protection import protection
     pool = LabPool(lab)
-    specs = [pool.define_ledger_vm(f"ru{i}", 54 + i, Level.RESTART, guest_image, host=h)
-             for i, h in enumerate(("h1", "h2"))]
+    levels = (Level.RESTART, Level.RESTART, Level.COMPONENT, Level.SYSTEM)
+    specs = [pool.define_ledger_vm(f"ru{i}", 54 + i, level, guest_image, host=("h1", "h2")[i % 2])
+             for i, level in enumerate(levels)]
     clients = []
+
+    def all_protected(snap) -> bool:
+        return all(snap.vms[s.name].owner is not None and protection(snap, snap.vms[s.name]).protected
+                   for s in specs)
     try:
-        for s in specs:
+        for i, s in enumerate(specs):
             pool.wait_running(s.name, 60)
-            pool.wait_answering(topo.vm_addr(54 + specs.index(s)).split("/")[0], 60)
+            pool.wait_answering(topo.vm_addr(54 + i).split("/")[0], 60)
         clients = [LabClient(lab, topo.vm_addr(54 + i).split("/")[0], s.name, 0.02, reply_timeout=60)
                    for i, s in enumerate(specs)]
         for c in clients:
             c.wait_acks(20, 30)
         for host in ("h1", "h2"):
+            pool.wait_for("every VM protected", all_protected, 120)
             moves = pool.run(lambda s, h=host: ops.start_maintenance(s, h, "upgrade"))
             for vm, to in moves.items():
                 _wait_on(pool, vm, to, 60)
@@ -134,7 +143,10 @@ def test_rolling_upgrade_keeps_every_vm_answering(lab: labmod.LabState, guest_im
             acks = c.stop()
             assert [e.get("kind") for e in c.other_events()] == ["connect"], s.name
             assert sequence_breaks(acks) == (0, 0)
-            assert check_acked_on_disk(Path(s.disks[0].path), acks)[1] == []
+            host = pool.snapshot().vms[s.name].owner.host  # type: ignore[union-attr]
+            disk = (Path(s.disks[0].path) if not s.level.has_copies
+                    else pool.copy_as_raw(s.name, host, Path(lab.dir) / f"{s.name}.raw"))
+            assert check_acked_on_disk(disk, acks)[1] == [], s.name
             gaps = [b.t - a.t for a, b in zip(acks, acks[1:], strict=False)]
             assert max(gaps) < 3, (s.name, max(gaps))
     finally:
