@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 async def api(etcd_url: str):
-    async with EtcdClient([etcd_url]) as client:
+    async with EtcdClient([etcd_url], timeout=5.0) as client:
         store = PoolStore(client, f"api{next(_pools)}")
         for h in ("h1", "h2"):
             lease, _ = await client.lease_grant(30)

@@ -17,7 +17,7 @@ _pools = itertools.count()
 
 @pytest.fixture
 async def store(etcd_url: str):
-    async with EtcdClient([etcd_url]) as client:
+    async with EtcdClient([etcd_url], timeout=5.0) as client:
         yield PoolStore(client, f"t{next(_pools)}")
 
 
