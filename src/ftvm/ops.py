@@ -67,7 +67,7 @@ async def remove(store: PoolStore, name: str) -> None:
 
 
 ONLINE_LEVEL_CHANGE_3 = ("a level 3 VM needs its RAM in a shared file and its NICs behind the output-commit relay "
-                         "from boot: level 3 is chosen when a VM is added, and a level 3 VM cannot change level")
+                         "from boot: level 3 is chosen when a VM is added; a running level 3 VM can be lowered")
 
 
 async def change_level(store: PoolStore, name: str, level: int,
@@ -85,9 +85,10 @@ async def change_level(store: PoolStore, name: str, level: int,
     old = int(spec.level)
     if level == old:
         return old, False
-    if 3 in (old, level):
+    stopped = view.owner is None and spec.desired is Desired.STOPPED
+    if level == 3 or (old == 3 and stopped):
         raise FtvmError(ONLINE_LEVEL_CHANGE_3, REFUSED)
-    if view.owner is None and spec.desired is Desired.STOPPED:
+    if stopped:
         await _change_stopped_level(store, snap, spec, rev, level)
         return old, False
     if view.owner is None or view.status is None or view.status.state is not RunState.RUNNING:

@@ -192,3 +192,60 @@ def test_live_migration_is_a_switchover_from_a_final_checkpoint(lab: labmod.LabS
         if client is not None:
             client.stop()
         pool.stop_and_remove("l3mig")
+
+
+def test_a_running_level3_vm_is_lowered_without_a_restart(lab: labmod.LabState, guest_image) -> None:
+    """3 -> 2 -> 0 while a client writes on one connection: checkpointing ends with the
+    partner's copy recorded outdated before held output is released, the level 2 replica is
+    built (Protected), then released; the same QEMU throughout, nothing acknowledged lost,
+    and the partner drops its replica of the guest's RAM."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ftvm.lab.scenario import check_acked_on_disk
+    pool = LabPool(lab)
+    pool.define_ledger_vm("l3low", 43, Level.SYSTEM, guest_image, host="h1")
+    ip = topo.vm_addr(43).split("/")[0]
+    client = None
+    base = [sys.executable, "-m", "ftvm"]
+    try:
+        pool.wait_running("l3low", 60)
+        pool.wait_answering(ip, 60)
+        pool.wait_for("protected", l3_protected("l3low"), 120)
+        pid = pool.snapshot().vms["l3low"].status.detail  # type: ignore[union-attr]
+        partner_ram = Path("/dev/shm/ftvm-lab/h2/l3low")
+        assert partner_ram.exists()
+        client = LabClient(lab, ip, "l3low", 0.02, reply_timeout=60)
+        client.wait_acks(30, 30)
+        r = subprocess.run(base + ["vm", "set", "l3low", "--level", "3", "--lab-dir", lab.dir],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "unchanged" in r.stdout, r.stdout + r.stderr
+        for level in (2, 0):
+            r = subprocess.run(base + ["vm", "set", "l3low", "--level", str(level), "--wait", "--timeout", "120",
+                                       "--lab-dir", lab.dir], capture_output=True, text=True)
+            assert r.returncode == 0, r.stdout + r.stderr
+            snap = pool.snapshot()
+            view = snap.vms["l3low"]
+            assert int(view.spec.level) == level and view.checkpoints is None
+            assert str(protection(snap, view)) == ("Protected" if level == 2 else "Not protected: level 0 "
+                                                                                 "(unprotected)")
+            if level == 2:  # the level 2 replica really holds the disk
+                assert pool.copies_identical("l3low", "h1", "h2") is None
+            client.wait_acks(20, 30, after=time.time())
+        r = subprocess.run(base + ["vm", "set", "l3low", "--level", "3", "--lab-dir", lab.dir],
+                           capture_output=True, text=True)
+        assert r.returncode == 4 and "level 3" in r.stderr  # never raised to 3 while running
+        assert pool.snapshot().vms["l3low"].status.detail == pid  # the same QEMU all along
+        pool.wait_for("the partner dropped its RAM replica", lambda s: not partner_ram.exists(), 30)
+        acks = client.stop()
+        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert sequence_breaks(acks) == (0, 0)
+        disk = Path(pool.snapshot().vms["l3low"].spec.disks[0].path)
+        assert check_acked_on_disk(disk, acks)[1] == [] and len(acks) > 60
+        events = [e for e in pool.events() if e.vm == "l3low"]
+        assert not [e for e in events if e.kind in ("takeover", "fence")], events
+    finally:
+        if client is not None:
+            client.stop()
+        pool.stop_and_remove("l3low")

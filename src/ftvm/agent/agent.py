@@ -579,6 +579,14 @@ class Agent:
             elif spec.level is Level.COMPONENT and change.level in (0, 1) and rec.replica is not None:
                 await levels.lower_from_component(ctx, spec, change, rec.replica)
                 rec.replica = None
+            elif spec.level is Level.SYSTEM and change.level in (0, 1, 2) and rec.l3 is not None:
+                try:
+                    await rec.l3.end_protection(f"level 3 -> {change.level} asked")
+                except RuntimeError as e:
+                    raise levels.OwnershipLost(str(e)) from None
+                current = [levels.RunningDisk(str(p), "raw", f"disk{i}-file")
+                           for i, p in enumerate(self._l3_files(spec).disks)]
+                rec.replica = await levels.lower_from_system(ctx, spec, change, current)
             else:
                 raise RuntimeError(f"level {int(spec.level)} -> {change.level} cannot be made while running")
         except levels.OwnershipLost as e:
@@ -698,7 +706,7 @@ class Agent:
         rec.qemu = qemu
         self.guard.register(d.vm, qemu.pidfd)
         asyncio.create_task(self._watch_process(rec, qemu))
-        if blockdevs is not None:
+        if spec.level is Level.COMPONENT:  # (level 3 disks are blockdevs too, but checkpointed, not mirrored)
             rec.replica = ReplicaManager(
                 d.vm, token, self.cfg.name, qemu, images, graphs, self.store, lambda: self.lease,
                 lambda: self._copies_view(d.vm), self.event,
@@ -843,7 +851,8 @@ class Agent:
             rec = self.vms.get(d.name)
             if rec is not None and rec.state in ACTIVE_STATES:
                 continue
-            if view is None or (view.spec.desired is Desired.STOPPED and view.owner is None):
+            if view is None or (view.spec.desired is Desired.STOPPED and view.owner is None) or (
+                    view.spec.level is not Level.SYSTEM and rec is None):  # lowered from 3 while running
                 if self.l3_partner is not None:
                     self.l3_partner.drop(d.name)
                 shutil.rmtree(d, ignore_errors=True)

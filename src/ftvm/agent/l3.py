@@ -317,6 +317,33 @@ class L3Primary:
         self.superseded = True
         await self.close()
 
+    async def end_protection(self, why: str) -> None:
+        """Lowering the level while the guest runs: no checkpoint under way, the partner's
+        copy recorded outdated under our token (it can no longer take over), then held
+        output released and the relays left as plain pass-throughs for this QEMU's life.
+        RuntimeError if ownership was lost (the caller kills QEMU)."""
+        cp = self.checkpointer
+        if cp is not None:
+            await cp.hold()  # the current epoch ends; no new one starts
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.partner and not await self._record(self.partner, CopyState.OUTDATED, why, until_done=True):
+            raise RuntimeError("this host no longer owns the VM")
+        released = 0
+        for relay in self.relays:
+            relay.gated = False
+            released += relay.release(1 << 62)
+        if cp is not None:
+            await cp.close()
+            self.checkpointer = None
+        if self.qemu is not None and (await self.qemu.execute("query-status"))["status"] == "paused":
+            await self.qemu.execute("cont")
+        self.partner = ""  # nothing to retire at a stop any more
+        self._set("unprotected", why)
+        self.event(self.spec.name, "unprotected", f"{why}: checkpointing ended, {released} held frames released")
+
     async def retire(self, why: str) -> None:
         """A stop was asked: end checkpointing and record the partner's copy outdated (this
         host's copy becomes the only current one), so the partner never takes over."""

@@ -69,8 +69,24 @@ class LevelContext:
     make_replica: Callable[[list[LocalImage], list[DiskGraph]], ReplicaManager]
 
 
-async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChange) -> ReplicaManager:
-    """Level 0/1 -> 2. Returns the running replica manager."""
+@dataclass(frozen=True)
+class RunningDisk:
+    """Where a running disk lives now: its image file and the node `disk<i>` points at."""
+
+    path: str
+    format: str
+    node: str
+
+
+def running_disks(spec: VmSpec) -> list[RunningDisk]:
+    """Levels 0/1: the spec's images, under the nodes `image_nodes` made."""
+    return [RunningDisk(d.path, d.format, image_node_name(i)) for i, d in enumerate(spec.disks)]
+
+
+async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChange,
+                             current: list[RunningDisk] | None = None) -> ReplicaManager:
+    """Level 0/1 (or 3, checkpointing already ended) -> 2. Returns the running replica manager."""
+    current = current or running_disks(spec)
     snap = ctx.snapshot()
     partner = choose_partner(snap, replace(spec, level=Level.COMPONENT), ctx.me) if snap else None
     if partner is None:
@@ -79,9 +95,11 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
     images = [ctx.local_image(spec, i) for i in range(len(spec.disks))]
     targets: list[str | None] = []
     try:
-        for i, (disk, image) in enumerate(zip(spec.disks, images, strict=True)):
+        for i, (disk, image) in enumerate(zip(current, images, strict=True)):
             if disk.path and os.path.exists(image.path) and os.path.samefile(disk.path, image.path):
-                targets.append(None)  # already this host's local copy (lowered to 0 earlier)
+                if disk.format != image.format:
+                    raise RuntimeError(f"{image.path} is {disk.format}, this host keeps {image.format} copies")
+                targets.append(None)  # already this host's local copy (lowered to 0, or level 3 on raw)
                 continue
             with suppress(FileNotFoundError):
                 os.unlink(image.path)  # whatever an earlier life left there is not this disk
@@ -100,7 +118,8 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
         copies = Copies(1, {ctx.me: Copy(CopyState.CURRENT, now, RAISED),
                             partner: Copy(CopyState.OUTDATED, now, NEW_REPLICA, full=True)})
         disks = tuple(replace(d, size=sizes[i]) for i, d in enumerate(spec.disks))
-        await _commit(ctx, lambda s: replace(s, level=Level.COMPONENT, disks=disks), copies)
+        await _commit(ctx, lambda s: replace(s, level=Level.COMPONENT, disks=disks, checkpoint_on_output=False),
+                      copies)
     except OwnershipLost:
         raise
     except Exception:
@@ -113,8 +132,8 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
         if target is not None:
             await ctx.qemu.execute("blockdev-reopen", {"options": [top_node(i, target)]})
             with suppress(Exception):
-                await ctx.qemu.execute("blockdev-del", {"node-name": image_node_name(i)})
-        graphs.append(DiskGraph(i, Mode.LOCAL_ONLY, 1, target or image_node_name(i), None, None))
+                await ctx.qemu.execute("blockdev-del", {"node-name": current[i].node})
+        graphs.append(DiskGraph(i, Mode.LOCAL_ONLY, 1, target or current[i].node, None, None))
     replica = ctx.make_replica(images, graphs)
     await replica.begin()  # bitmap, then cont
     ctx.event(ctx.vm, "level", f"level {int(spec.level)} -> 2 while running: disks on {ctx.me}'s local "
@@ -177,6 +196,50 @@ async def lower_from_component(ctx: LevelContext, spec: VmSpec, change: LevelCha
     await ctx.qemu.execute("cont")
     where = "shared images " + ", ".join(change.disk_paths) if change.level == 1 else f"{ctx.me}'s local copy"
     ctx.event(ctx.vm, "level", f"level 2 -> {change.level} while running: replica released, disks on {where}")
+
+
+async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange,
+                            current: list[RunningDisk]) -> ReplicaManager | None:
+    """Level 3 -> 2, 1 or 0, checkpointing already ended (the partner's copy recorded
+    outdated, output flowing unprotected). The guest's RAM stays in its file and its NICs
+    behind the relay (now a plain pass-through) until the next restart."""
+    if change.level == 2:
+        return await raise_to_component(ctx, spec, change, current)
+    targets: list[str | None] = []
+    sizes = [await _disk_size(ctx.qemu, i) for i in range(len(spec.disks))]
+    if change.level == 1:
+        try:
+            for i, path in enumerate(change.disk_paths):
+                ensure_image(LocalImage(path, "raw"), sizes[i])
+                name = f"d{i}-lvl{int(time.time() * 1000) % 100000}"
+                await ctx.qemu.execute("blockdev-add", file_image_node(name, path, "raw"))
+                targets.append(name)
+            await _mirror(ctx, change, targets)
+        except Exception:
+            await _cancel(ctx.qemu, targets)
+            raise
+    await ctx.qemu.execute("stop")
+    try:
+        await _end_jobs(ctx.qemu, targets)
+        paths = change.disk_paths if change.level == 1 else tuple(d.path for d in current)
+        disks = tuple(DiskSpec(path=p, format="raw", size=sizes[i]) for i, p in enumerate(paths))
+        await _commit(ctx, lambda s: replace(s, level=Level(change.level), disks=disks, checkpoint_on_output=False),
+                      None)
+    except OwnershipLost:
+        raise
+    except Exception:
+        await _cancel(ctx.qemu, targets)
+        await ctx.qemu.execute("cont")
+        raise
+    for i, target in enumerate(targets):
+        if target is not None:
+            await ctx.qemu.execute("blockdev-reopen", {"options": [top_node(i, target)]})
+            with suppress(Exception):
+                await ctx.qemu.execute("blockdev-del", {"node-name": current[i].node})
+    await ctx.qemu.execute("cont")
+    where = "shared images " + ", ".join(change.disk_paths) if change.level == 1 else f"{ctx.me}'s local copy"
+    ctx.event(ctx.vm, "level", f"level 3 -> {change.level} while running: checkpointing ended, disks on {where}")
+    return None
 
 
 async def _disk_size(qemu: QemuVm, index: int) -> int:

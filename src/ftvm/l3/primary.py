@@ -274,6 +274,11 @@ class Checkpointer:
             await asyncio.sleep(0.001)
         return epoch
 
+    async def hold(self) -> None:
+        """Wait for a checkpoint under way, then take no more (checkpointing is ending)."""
+        async with self._lock:
+            self._final = True
+
     def cancel_final(self) -> None:
         """The switchover did not happen: epochs go on (the caller resumes the guest)."""
         self._final = False

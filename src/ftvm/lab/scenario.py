@@ -150,6 +150,32 @@ class LabPool:
                        check=True, capture_output=True)
         return dest
 
+    def copies_identical(self, vm: str, a: str, b: str) -> str | None:
+        """Quiesce the guest (`stop` on the lab's debug QMP socket of the host running it),
+        compare host `a`'s and `b`'s copies block by block, resume. None if identical, else
+        what qemu-img said."""
+        import asyncio
+
+        from qemu.qmp import QMPClient
+        view = self.snapshot().vms[vm]
+        assert view.owner is not None
+        sock = self.state.host_dir(view.owner.host) / "state" / "vms" / vm / "qmp-debug.sock"
+
+        async def qmp(cmd: str) -> None:
+            q = QMPClient("lab")
+            await q.connect(str(sock))
+            await q.execute(cmd)
+            await q.disconnect()
+
+        asyncio.run(qmp("stop"))
+        try:
+            (pa, fa), (pb, fb) = self.copy_path(vm, a), self.copy_path(vm, b)
+            r = subprocess.run(["qemu-img", "compare", "-U", "-f", fa, "-F", fb, str(pa), str(pb)],
+                               capture_output=True, text=True)
+            return None if r.returncode == 0 else (r.stdout + r.stderr).strip()
+        finally:
+            asyncio.run(qmp("cont"))
+
     def ask(self, ip: str, line: str, timeout: float = 60) -> str:
         """One request to the ledger from the client namespace; returns the reply line."""
         proc = subprocess.run(

@@ -251,7 +251,8 @@ class PoolStore:
         with it (None: the VM keeps no copies any more), in one transaction, while it still
         owns the VM and the spec is the one it read."""
         ops: list[Put | Delete | Get] = [put_json(self.vm_key(vm, "spec"), spec.to_json()),
-                                         Delete(self.vm_key(vm, "level")), Delete(self.vm_key(vm, "sync"))]
+                                         Delete(self.vm_key(vm, "level")), Delete(self.vm_key(vm, "sync")),
+                                         Delete(self.vm_key(vm, "checkpoints"))]
         ops.append(put_json(self.vm_key(vm, "copies"), copies.to_json()) if copies is not None
                    else Delete(self.vm_key(vm, "copies")))
         r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token),
