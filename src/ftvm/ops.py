@@ -66,8 +66,8 @@ async def remove(store: PoolStore, name: str) -> None:
         raise FtvmError(f"VM {name} changed while being removed; nothing removed", REFUSED)
 
 
-ONLINE_LEVEL_CHANGE_3 = ("a level 3 VM needs its RAM in a shared file and its NICs behind the output-commit relay "
-                         "from boot: level 3 is chosen when a VM is added; a running level 3 VM can be lowered")
+ONLINE_LEVEL_CHANGE_3 = ("level 3 changes are made on a running VM (it moves live into, or out of, a "
+                         "checkpointed QEMU): start it first, or add a new level 3 VM")
 
 
 async def change_level(store: PoolStore, name: str, level: int,
@@ -86,7 +86,7 @@ async def change_level(store: PoolStore, name: str, level: int,
     if level == old:
         return old, False
     stopped = view.owner is None and spec.desired is Desired.STOPPED
-    if level == 3 or (old == 3 and stopped):
+    if 3 in (old, level) and stopped:
         raise FtvmError(ONLINE_LEVEL_CHANGE_3, REFUSED)
     if stopped:
         await _change_stopped_level(store, snap, spec, rev, level)
@@ -108,11 +108,11 @@ async def change_level(store: PoolStore, name: str, level: int,
         if not await store.update_spec(new, rev):
             raise FtvmError(f"VM {name} changed meanwhile; nothing changed", REFUSED)
         return old, False
-    if level == 2:
+    if level in (2, 3):
         from .core.placement import partner_with_room
-        partner, why = partner_with_room(snap, replace(spec, level=Level.COMPONENT), owner)
+        partner, why = partner_with_room(snap, replace(spec, level=Level(level)), owner)
         if partner is None:
-            raise FtvmError(f"cannot raise {name} to level 2: {why}", REFUSED)
+            raise FtvmError(f"cannot raise {name} to level {level}: {why}", REFUSED)
     paths: tuple[str, ...] = ()
     if level == 1:
         paths = disk_paths or tuple(d.path for d in spec.disks)

@@ -123,14 +123,15 @@ def level_progress(row: dict[str, Any] | None, level: int) -> tuple[str, float, 
         return "failed", 0.0, "VM removed"
     change = row.get("level_change")
     if change is not None:
-        return ("changing", (0.5 if level == 2 else 0.9) * float(change["fraction"]),
+        return ("changing", (0.5 if level >= 2 else 0.9) * float(change["fraction"]),
                 f"level {change['from']} -> {level}: {change['phase']}")
     if row["level"] != level:
         return "failed", 0.0, "the change was abandoned (see the events)"
-    if level != 2:
+    if level < 2:
         return "done", 1.0, f"level {level}"
     if row["protected"]:
-        return "done", 1.0, "level 2, Protected"
-    sync = row.get("sync")
-    frac = sync["done"] / sync["total"] if sync and sync["total"] else 0.0
-    return "protecting", 0.5 + 0.5 * frac, f"level 2, building the replica ({row['protection']})"
+        return "done", 1.0, f"level {level}, Protected"
+    sync, ckpt = row.get("sync"), row.get("checkpoints")
+    frac = (sync["done"] / sync["total"] if sync and sync["total"]
+            else float(ckpt.get("sync_done", 0.0)) if ckpt else 0.0)
+    return "protecting", 0.5 + 0.5 * frac, f"level {level}, building the replica ({row['protection']})"

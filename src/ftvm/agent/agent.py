@@ -30,8 +30,8 @@ from typing import Any
 from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide
 from ..core.placement import choose_partner
 from ..core.model import Export as ExportRecord
-from ..core.model import (Desired, HostInfo, Incoming, Level, LocalView, LocalVm, Migration, PoolSnapshot, RunState,
-                          VmSpec, VmStatus)
+from ..core.model import (Desired, HostInfo, Incoming, Level, LevelChange, LocalView, LocalVm, Migration,
+                          PoolSnapshot, RunState, VmSpec, VmStatus)
 from ..core.replication import (IMPORTED, NEW_DISK, Copies, CopyState, claim_copies, mark, may_start_on,
                                 replace_partner)
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
@@ -563,6 +563,9 @@ class Agent:
         rec = self.vms.get(d.vm)
         change = view.level_change
         try:
+            fresh = (await self.store.snapshot()).vms.get(d.vm)
+            if fresh is None or fresh.level_change != change:
+                return  # ended (e.g. a failed attempt deleted it) since this tick's snapshot
             if rec is None or rec.qemu is None or change is None or d.token is None:
                 return
             qemu, token = rec.qemu, d.token
@@ -579,6 +582,8 @@ class Agent:
             elif spec.level is Level.COMPONENT and change.level in (0, 1) and rec.replica is not None:
                 await levels.lower_from_component(ctx, spec, change, rec.replica)
                 rec.replica = None
+            elif change.level == Level.SYSTEM and spec.level is not Level.SYSTEM:
+                await self._raise_to_system(d, ctx, spec, change, rec)
             elif spec.level is Level.SYSTEM and change.level in (0, 1, 2) and rec.l3 is not None:
                 try:
                     await rec.l3.end_protection(f"level 3 -> {change.level} asked")
@@ -602,6 +607,63 @@ class Agent:
         finally:
             self._migrating.discard(d.vm)
             self.wake.set()
+
+    async def _raise_to_system(self, d: Decision, ctx: levels.LevelContext, spec: VmSpec, change: LevelChange,
+                               rec: LocalRecord) -> None:
+        """Level 0/1/2 -> 3 while running: the VM moves live into a new QEMU on this host
+        (agent/levels.py, `raise_to_system`); this is the switch from the old QEMU to it."""
+        assert d.token is not None and rec.qemu is not None and self.accel is not None
+        token, accel = d.token, self.accel
+        replica = rec.replica
+        if spec.level is Level.COMPONENT and replica is not None:
+            current = await levels.end_replication(replica, "level 3 asked: the replica is rebuilt by checkpoints")
+        else:
+            current = levels.running_disks(spec)
+        files = self._l3_files(spec)
+        run_dir = self.cfg.state_dir / "vms" / d.vm / "l3"
+        paths = VmPaths(run_dir)
+
+        def count(n: int, vm: str = d.vm) -> None:
+            self.counters.checkpoints[vm] = self.counters.checkpoints.get(vm, 0) + n
+
+        target = levels.SystemTarget(
+            files=files, run_dir=run_dir, bridge=self.cfg.bridge,
+            start_qemu=lambda new_spec, blockdevs: QemuVm.start(
+                new_spec, paths, accel, self.cfg.bridge,
+                on_event=lambda name, data: self._on_qemu_event(d.vm, name, data), blockdevs=blockdevs,
+                debug_qmp=self.cfg.debug_qmp, checkpointed=Checkpointed(str(files.ram)), incoming=True),
+            make_l3=lambda new_spec: L3Primary(new_spec, token, self.cfg.name, paths, files, self.store,
+                                               lambda: self.lease, lambda: self.snapshot, self.event, self.t,
+                                               self.cfg.checkpoint_port, count))
+        try:
+            new_qemu, l3 = await levels.raise_to_system(ctx, spec, change, current, target)
+        except Exception:
+            if replica is not None:
+                replica.restart()  # still level 2: the partner's copy is resynced in full
+            raise
+        old, old_l3 = rec.qemu, rec.l3
+        rec.qemu, rec.replica = new_qemu, None  # the old QEMU's watcher sees it was replaced
+        old.taps = []  # its taps become the relays' (its watcher must not remove them when it ends)
+        old.kill()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(old.proc.wait(), 5.0)  # its tap is free once it is gone
+        if old_l3 is not None:  # lowered from level 3 earlier: its relays held the taps
+            await old_l3.close()
+        if not self.guard.may_run():
+            new_qemu.kill()
+            raise levels.OwnershipLost("the host lease ran out during the switch")
+        self.guard.register(d.vm, new_qemu.pidfd)
+        asyncio.create_task(self._watch_process(rec, new_qemu))
+        l3.attach_taps(self.cfg.bridge)
+        await new_qemu.execute("cont")
+        rec.l3 = l3
+        l3.begin(new_qemu)
+        with suppress(Exception):
+            await new_qemu.announce()
+        rec.detail = f"pid {new_qemu.pid}, {accel.accel}"
+        for sock in ("qmp.sock", "qmp-debug.sock"):  # where tools look for this VM's QEMU
+            if (run_dir / sock).exists():
+                os.replace(run_dir / sock, run_dir.parent / sock)
 
     async def _resume_incoming(self, d: Decision, rec: LocalRecord) -> None:
         """Target, after the handover and our claim: run the received VM."""
@@ -890,6 +952,9 @@ class Agent:
 
     async def _watch_process(self, rec: LocalRecord, qemu: QemuVm) -> None:
         code = await qemu.proc.wait()
+        if rec.qemu is not None and rec.qemu is not qemu:  # replaced by a new QEMU (raised to level 3)
+            await qemu.wait()
+            return
         self.guard.unregister(rec.name)  # before the pidfd is closed
         if rec.replica is not None:
             rec.replica.stop()

@@ -91,15 +91,29 @@ class L3Primary:
         self._closed = False
 
     # --- launch ------------------------------------------------------------------------
-    async def open_relays(self, bridge: str) -> None:
-        """The relays listen before QEMU starts (QEMU 7.2's stream netdev does not reconnect)."""
+    async def open_relays(self, bridge: str, attach: bool = True) -> None:
+        """The relays listen before QEMU starts (QEMU 7.2's stream netdev does not reconnect).
+        `attach=False`: the taps are attached later (`attach_taps`), once free."""
         for i, tap in enumerate(tap_names(self.spec)):
-            ensure_tap(tap, bridge)
-            fd = open_tap(tap)
-            self._tap_fds.append(fd)
+            fd = -1
+            if attach:
+                ensure_tap(tap, bridge)
+                fd = open_tap(tap)
+                self._tap_fds.append(fd)
             relay = OutputCommitRelay(self.paths.nic_socket(i), fd, gated=False)
             await relay.start()
             self.relays.append(relay)
+
+    def attach_taps(self, bridge: str) -> None:
+        """The old QEMU is gone (its taps with it, or left behind): the relays open them and
+        put them on the bridge."""
+        for relay, tap in zip(self.relays, tap_names(self.spec), strict=True):
+            # a fresh tap: the old QEMU's may still be being torn down by the kernel, and an fd
+            # on a dying device would carry nothing (seen as a silent NIC after the switch)
+            ensure_tap(tap, bridge)
+            fd = open_tap(tap)
+            self._tap_fds.append(fd)
+            relay.attach_tap(fd)
 
     async def resume_from_replica(self, qemu: QemuVm) -> None:
         """QEMU was started with `-incoming defer -S` on the replica files: load the last

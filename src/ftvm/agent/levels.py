@@ -28,18 +28,22 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from ..core.model import DiskSpec, Level, LevelChange, PoolSnapshot, VmSpec
 from ..core.placement import choose_partner
 from ..core.replication import NEW_REPLICA, Copies, Copy, CopyState
 from ..qemu.blockgraph import (DiskGraph, LocalImage, Mode, drop_child, file_image_node, image_node_name,
                                top_node)
+from ..qemu.cmdline import checkpointed_disk_nodes
 from ..qemu.process import QemuVm
 from ..qemu.storage_daemon import ensure_image
 from ..store.pool import PoolStore
+from .l3 import L3Primary
 from .replica import ReplicaManager
 
 log = logging.getLogger("ftvm.agent.levels")
@@ -322,3 +326,140 @@ async def _commit(ctx: LevelContext, change_spec: Callable[[VmSpec], VmSpec], co
         if view is None or view.owner is None or view.owner.token != ctx.token:
             raise OwnershipLost("this host no longer owns the VM")
 
+
+
+async def end_replication(replica: ReplicaManager, why: str) -> list[RunningDisk]:
+    """Level 2, before becoming level 3: stop replicating (the partner's copy recorded
+    outdated before the guest writes on one copy) and say where the disks run now. On a
+    later failure the caller restarts the replica manager (a full resync follows)."""
+    graphs = await replica.release()
+    qemu = replica.qemu
+    if any(g.mode is Mode.MIRRORED for g in graphs):
+        await qemu.execute("stop")
+        try:
+            for i, g in enumerate(graphs):
+                if g.mode is Mode.MIRRORED:
+                    new, steps = drop_child(g, "remote", replica.images[i], replica.partner_export(i))
+                    for cmd, args in steps:
+                        await qemu.execute(cmd, args)
+                    graphs[i] = new
+            await replica.partner_outdated(why)
+        finally:
+            await qemu.execute("cont")
+    else:
+        await replica.partner_outdated(why)
+    return [RunningDisk(img.path, img.format, g.local or "") for img, g in zip(replica.images, graphs, strict=True)]
+
+
+# --- raise to level 3: a live migration into a new QEMU on this host ------------------------
+
+@dataclass
+class SystemTarget:
+    """What raising to level 3 needs from the agent: where the files go, how to start the
+    new QEMU (RAM in a shared file, NICs through the relays), the checkpointing runtime."""
+
+    files: Any                     # l3.standby.ReplicaPaths: this host's level 3 files
+    run_dir: Path                  # the new QEMU's runtime directory
+    start_qemu: Callable[[VmSpec, list[list[dict[str, Any]]]], Awaitable[QemuVm]]
+    make_l3: Callable[[VmSpec], L3Primary]
+    bridge: str
+
+
+async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, current: list[RunningDisk],
+                          target: SystemTarget) -> tuple[QemuVm, L3Primary]:
+    """Level 0/1 (2: replication already released) -> 3 without a guest restart. A level 3
+    guest needs its RAM in a shared file and its NICs behind the output-commit relay, which
+    a running QEMU cannot change: so the disks are mirrored (write-blocking) to raw files at
+    this host's level 3 paths, a new QEMU with the level 3 configuration waits for the VM
+    (`-incoming`, late block activation), and the VM migrates into it over a Unix socket.
+    The source stops before the switchover (`pause-before-switchover`) so the mirrors end
+    with the disks identical; then the device state follows, the spec and copies record
+    (this host current, the partner outdated: a full pre-copy) are committed, and the
+    caller kills the old QEMU, hands the taps to the relays and runs the new one.
+    Returns the new (paused) QEMU and its checkpointing runtime (not begun)."""
+    snap = ctx.snapshot()
+    disks = tuple([DiskSpec(size=await _disk_size(ctx.qemu, i)) for i in range(len(spec.disks))])
+    new_spec = replace(spec, level=Level.SYSTEM, disks=disks)
+    partner = choose_partner(snap, new_spec, ctx.me) if snap else None
+    if partner is None:
+        raise RuntimeError("no partner host is up to keep the checkpoints")
+    targets: list[str | None] = []
+    new_qemu: QemuVm | None = None
+    l3: L3Primary | None = None
+    source_migrating = False
+    try:
+        for i, disk in enumerate(current):
+            path = str(target.files.disks[i])
+            if disk.format == "raw" and os.path.exists(path) and os.path.samefile(disk.path, path):
+                targets.append(None)  # already there (level 2 on a raw host): a shared-storage move
+                continue
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+            ensure_image(LocalImage(path, "raw"), disks[i].size)
+            name = f"d{i}-lvl{int(time.time() * 1000) % 100000}"
+            await ctx.qemu.execute("blockdev-add", file_image_node(name, path, "raw"))
+            targets.append(name)
+        await _mirror(ctx, change, targets)
+        target.run_dir.mkdir(parents=True, exist_ok=True)
+        Path(target.files.ram).parent.mkdir(parents=True, exist_ok=True)
+        Path(target.files.ram).unlink(missing_ok=True)
+        l3 = target.make_l3(new_spec)
+        await l3.open_relays(target.bridge, attach=False)
+        new_qemu = await target.start_qemu(new_spec, [checkpointed_disk_nodes(i, str(p))
+                                                      for i, p in enumerate(target.files.disks)])
+        sock = target.run_dir / "migrate.sock"
+        sock.unlink(missing_ok=True)
+        await new_qemu.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "late-block-activate", "state": True}]})
+        await new_qemu.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+        await ctx.qemu.execute("migrate-set-capabilities", {"capabilities": [  # (a VM lowered from level 3
+            {"capability": "pause-before-switchover", "state": True},        # has its RAM in a shared file:
+            {"capability": "x-ignore-shared", "state": False}]})              # it must travel too)
+        await ctx.qemu.execute("migrate-set-parameters", {"max-bandwidth": 1 << 32, "downtime-limit": 300})
+        await ctx.qemu.execute("migrate", {"uri": f"unix:{sock}"})
+        source_migrating = True
+        await _wait_migration(ctx.qemu, ("pre-switchover",))
+        await _end_jobs(ctx.qemu, targets)  # guest paused: the mirrors end with the disks identical
+        for node in targets:
+            if node is not None:
+                await ctx.qemu.execute("blockdev-del", {"node-name": node})
+        await ctx.qemu.execute("migrate-continue", {"state": "pre-switchover"})
+        await _wait_migration(ctx.qemu, ("completed",))
+        await _wait_migration(new_qemu, ("completed",))
+        now = time.time()
+        copies = Copies(1, {ctx.me: Copy(CopyState.CURRENT, now, RAISED),
+                            partner: Copy(CopyState.OUTDATED, now, NEW_REPLICA, full=True)})
+        await _commit(ctx, lambda s: replace(s, level=Level.SYSTEM, disks=disks), copies)
+    except BaseException as e:
+        if new_qemu is not None:
+            new_qemu.kill()
+            with suppress(Exception):
+                await new_qemu.wait()
+        if l3 is not None:
+            with suppress(Exception):
+                await l3.close()
+        if not isinstance(e, OwnershipLost):  # the guest goes on in the old QEMU, at the old level
+            await _cancel(ctx.qemu, targets)
+            with suppress(Exception):
+                if source_migrating:
+                    await ctx.qemu.execute("migrate_cancel")
+                await ctx.qemu.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "pause-before-switchover", "state": False}]})
+                if (await ctx.qemu.execute("query-status"))["status"] != "running":
+                    await ctx.qemu.execute("cont")
+        raise
+    ctx.event(ctx.vm, "level", f"level {int(spec.level)} -> 3 while running: moved live into a checkpointed "
+                               f"QEMU on {ctx.me}; partner {partner} gets a full pre-copy (Protected when acked)")
+    return new_qemu, l3
+
+
+async def _wait_migration(qemu: QemuVm, states: tuple[str, ...], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await qemu.execute("query-migrate")
+        status = info.get("status")
+        if status in states:
+            return
+        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+            raise RuntimeError(f"migration into the level 3 QEMU {status}: {info.get('error-desc', '')}")
+        await asyncio.sleep(0.01)

@@ -65,13 +65,21 @@ class OutputCommitRelay:
         self.on_held: Callable[[], None] | None = None  # output-triggered checkpoints
 
     async def start(self) -> None:
+        """Listen for QEMU. A relay made with tap_fd -1 gets its tap later (`attach_tap`):
+        raising a running VM to level 3, the tap is the old QEMU's until it is gone."""
         self._loop = asyncio.get_running_loop()
         self.socket_path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
-        self._loop.add_reader(self.tap_fd, self._from_tap)
+        if self.tap_fd >= 0:
+            self._loop.add_reader(self.tap_fd, self._from_tap)
+
+    def attach_tap(self, fd: int) -> None:
+        assert self._loop is not None and self.tap_fd < 0
+        self.tap_fd = fd
+        self._loop.add_reader(fd, self._from_tap)
 
     async def close(self) -> None:
-        if self._loop is not None:
+        if self._loop is not None and self.tap_fd >= 0:
             self._loop.remove_reader(self.tap_fd)
         if self._server is not None:
             self._server.close()
@@ -138,6 +146,10 @@ class OutputCommitRelay:
             try:
                 frame = os.read(self.tap_fd, MAX_FRAME)
             except BlockingIOError:
+                return
+            except OSError:  # the tap went away (EBADFD): stop reading it rather than spin
+                if self._loop is not None:
+                    self._loop.remove_reader(self.tap_fd)
                 return
             if self._writer is None:
                 continue  # no guest connected: the frame is lost, as on an unplugged NIC

@@ -74,7 +74,9 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
     and, to resume a replica, an incoming device state."""
     cmd = [
         QEMU, "-name", f"guest={spec.name},process=ftvm-{spec.name}",
-        "-machine", "pc" + (",memory-backend=ram0" if checkpointed else ""),
+        # the RAM block keeps the name "pc.ram" that plain `-m` gives it, so a running VM can
+        # migrate into a checkpointed QEMU (raised to level 3 online) and back
+        "-machine", "pc" + (",memory-backend=pc.ram" if checkpointed else ""),
         "-accel", accel.accel, "-cpu", accel.cpu,
         "-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
@@ -82,7 +84,7 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
     ]
     if checkpointed is not None:
-        cmd += ["-object", f"memory-backend-file,id=ram0,size={spec.memory_mib}M,"
+        cmd += ["-object", f"memory-backend-file,id=pc.ram,size={spec.memory_mib}M,"
                            f"mem-path={checkpointed.ram_file},share=on"]
         if checkpointed.incoming:
             cmd += ["-incoming", "defer"]
@@ -113,7 +115,9 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
         if checkpointed is not None:  # frames go through the relay, which owns the tap
             netdev = f"stream,id=net{i},server=off,addr.type=unix,addr.path={paths.nic_socket(i)}"
         else:
-            netdev = f"tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off"
+            # vnet_hdr=off: the NIC's state then matches a stream netdev's, so a running VM can
+            # move into a checkpointed QEMU (raised to level 3 online)
+            netdev = f"tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off,vnet_hdr=off"
         cmd += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net{i},mac={nic.mac},romfile="]
     return cmd
 
