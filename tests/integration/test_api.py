@@ -160,3 +160,44 @@ async def test_availability_from_the_stored_history_against_the_sla(api) -> None
     assert (await http.get("/api/v1/availability", params={"days": "-1"})).status_code == 400
     assert await store.trim_history(now - 1500) == 2  # keeps the newest old record (the state then)
     assert [r.kind for r in (await store.history("web"))["web"]] == ["up", "down"]
+
+
+async def test_a_level_change_that_cannot_be_made_is_refused_and_changes_nothing(etcd_url: str) -> None:
+    """Against a real etcd: a running 768 MiB VM cannot be raised to 2 or 3 when the only
+    other host could not take it over (512 MiB); a stopped VM is not changed to 3; nothing
+    is recorded. A possible change is recorded as a request under the owner's lease."""
+    from dataclasses import replace
+
+    from ftvm import ops
+    from ftvm.core.model import Desired, RunState, VmStatus
+    from ftvm.errors import BAD_INPUT, REFUSED, FtvmError
+    async with EtcdClient([etcd_url], timeout=5.0) as client:
+        store = PoolStore(client, f"lvl{next(_pools)}")
+        leases = {}
+        for h, mem in (("h1", 2048), ("h2", 512)):
+            leases[h], _ = await client.lease_grant(30)
+            assert await store.register_host(HostInfo(h, mem, 4, ("/s",), leases[h], "10.79.0.1"), leases[h])
+        spec = VmSpec("big", Level.RESTART, 768, 1, (DiskSpec("/s/big.img"),), (NicSpec("52:54:00:00:10:02"),),
+                      desired=Desired.RUNNING)
+        assert await store.define_vm(spec)
+        token = await store.claim("big", "h1", leases["h1"])
+        assert token is not None
+        assert await store.report_status("big", VmStatus("h1", RunState.RUNNING, token, 1.0), leases["h1"])
+        before = await store.snapshot()
+        for level in (2, 3):
+            with pytest.raises(FtvmError, match="no partner has room") as e:
+                await ops.change_level(store, "big", level)
+            assert e.value.code == REFUSED
+        with pytest.raises(FtvmError) as e:
+            await ops.change_level(store, "big", 5)
+        assert e.value.code == BAD_INPUT
+        after = await store.snapshot()
+        assert after.vms["big"].level_change is None and after.vms["big"].spec == before.vms["big"].spec
+        # a stopped VM is not made level 3 (it would be added anew)
+        assert await store.define_vm(replace(spec, name="cold", desired=Desired.STOPPED))
+        with pytest.raises(FtvmError, match="running VM") as e:
+            await ops.change_level(store, "cold", 3)
+        assert e.value.code == REFUSED
+        # 1 -> 0 while running is only a spec change
+        assert await ops.change_level(store, "big", 0) == (1, False)
+        assert (await store.snapshot()).vms["big"].spec.level is Level.UNPROTECTED
