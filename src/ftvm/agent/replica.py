@@ -86,6 +86,7 @@ class ReplicaManager:
         for g in self.graphs:
             assert g.local is not None
             await self._add_bitmap(g.local)
+        self._apart_since_wr = await self._written_bytes()  # the partner is behind from here on
         await self.qemu.execute("cont")
         self._task = asyncio.create_task(self._run(), name=f"replica-{self.vm}")
 
