@@ -142,3 +142,4 @@ def make_ledger_disk(path: Path, size_mib: int = 64) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.truncate(size_mib * 1024 * 1024)
+        os.posix_fallocate(f.fileno(), 0, size_mib * 1024 * 1024)  # allocated, as ftvm's own copies are
