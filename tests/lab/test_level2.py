@@ -188,7 +188,7 @@ def test_host_failure_restarts_on_partner_with_no_acknowledged_write_lost(l2vm, 
             acks = client.stop()
     assert observer.max_copies == 1, observer.overlaps
     _, lost = check_acked_on_disk(pool.copy_as_raw(name, "h2", Path(lab.dir) / f"{name}.raw"), acks)
-    assert len(acks) > 150 and lost == []
+    assert len(acks) >= 150 and lost == []  # 100 before the power loss, 50 after
     copies = pool.snapshot().vms[name].copies
     assert copies is not None and copies.copies["h1"].full  # old primary: full resync when back
     labmod.restore_host(lab, "h1")
