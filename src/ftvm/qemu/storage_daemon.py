@@ -62,9 +62,9 @@ def ensure_image(image: LocalImage, size: int) -> bool:
     if Path(image.path).exists():
         return False
     Path(image.path).parent.mkdir(parents=True, exist_ok=True)
-    # Space allocated up front (qcow2: its metadata too): no block or cluster allocation
+    # Space allocated up front (qcow2: its clusters too): no block or cluster allocation
     # (file-system journal commits at each guest flush) on the synchronous write path later.
-    opts = ["-o", "preallocation=metadata" if image.format == "qcow2" else "preallocation=falloc"]
+    opts = ["-o", "preallocation=falloc"]
     proc = subprocess.run(["qemu-img", "create", "-q", "-f", image.format, *opts, image.path, str(size)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
