@@ -80,3 +80,52 @@ def test_repeated_level3_failover_back_and_forth(lab: labmod.LabState, guest_ima
         for h in list(lab.failed):
             labmod.restore_host(lab, h)
         pool.stop_and_remove("camp3")
+
+
+def test_moves_and_level_changes_campaign(lab: labmod.LabState, guest_image) -> None:
+    """One VM under a client on one connection goes round and round: at each of levels 1,
+    2 and 3 it migrates to the other host and back, then its level changes online to the
+    next (1 -> 2 -> 3 -> 2 -> 1), three times over. Nothing acknowledged is lost, the
+    connection is never dropped, the ledger sequence never breaks, and at levels 2-3 it is
+    Protected before each move."""
+    import time
+    from pathlib import Path
+
+    from ftvm import ops
+    from ftvm.core.protection import protection
+    from ftvm.lab import topology as topo
+    from ftvm.lab.scenario import LabClient, check_acked_on_disk, sequence_breaks
+    from ftvm.views import level_progress, row_of, runs_on
+    pool = LabPool(lab)
+    spec = pool.define_ledger_vm("round", 7, Level.RESTART, guest_image, host="h1")
+    ip = topo.vm_addr(7).split("/")[0]
+    client = None
+    try:
+        pool.wait_running("round", 60)
+        pool.wait_answering(ip, 60)
+        client = LabClient(lab, ip, "round", 0.02, reply_timeout=60)
+        client.wait_acks(20, 30)
+        for _ in range(3):
+            for level in (1, 2, 3, 2, 1):
+                snap = pool.snapshot()
+                if int(snap.vms["round"].spec.level) != level:
+                    pool.run(lambda s, lv=level: ops.change_level(
+                        s, "round", lv, (spec.disks[0].path,) if lv == 1 else ()))
+                pool.wait_for(f"level {level} done", lambda s, lv=level: level_progress(
+                    row_of(s, "round"), lv)[0] == "done", 120)
+                if level >= 2:
+                    pool.wait_for("protected", lambda s: protection(s, s.vms["round"]).protected, 120)
+                for target in ("h2", "h1"):
+                    pool.run(lambda s, t=target: ops.migrate(s, "round", t))
+                    pool.wait_for(f"on {target}", lambda s, t=target: runs_on(s, "round", t), 60)
+                    if level >= 2:
+                        pool.wait_for("protected", lambda s: protection(s, s.vms["round"]).protected, 120)
+                client.wait_acks(10, 30, after=time.time())
+        acks = client.stop()
+        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert sequence_breaks(acks) == (0, 0)
+        assert check_acked_on_disk(Path(spec.disks[0].path), acks)[1] == []
+    finally:
+        if client is not None:
+            client.stop()
+        pool.stop_and_remove("round")

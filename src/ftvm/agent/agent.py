@@ -516,7 +516,8 @@ class Agent:
             if rec is None or rec.qemu is None or view.migration is None or view.incoming is None:
                 return
             assert d.token is not None
-            if rec.l3 is not None:
+            # (a VM lowered from level 3 keeps its relays: it migrates like any other of its level)
+            if view.spec.level is Level.SYSTEM and rec.l3 is not None:
                 moved = await migration.switch_over(d.vm, d.token, rec.l3, view.migration, self.store,
                                                     lambda: self.lease, lambda: self.snapshot, self.event)
                 if moved:

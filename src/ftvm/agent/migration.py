@@ -90,6 +90,10 @@ async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming
     try:
         await qemu.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH,
                                                       "downtime-limit": DOWNTIME_LIMIT_MS})
+        # a VM lowered from level 3 has its RAM in a shared file and its checkpointer had set
+        # x-ignore-shared: here the RAM must travel
+        await qemu.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": False}]})
         await qemu.execute("migrate", {"uri": f"tcp:{incoming.addr}:{incoming.port}"})
         last = 0.0
         while True:
