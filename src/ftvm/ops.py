@@ -136,7 +136,7 @@ async def _change_stopped_level(store: PoolStore, snap: PoolSnapshot, spec: VmSp
                         "hosts' local copies; start it and lower the level while it runs", REFUSED)
     disks = spec.disks
     if level == 2:
-        disks = tuple(_with_image_size(d) for d in spec.disks)
+        disks = tuple(with_image_size(d) for d in spec.disks)
     new = replace(spec, level=Level(level), disks=disks)
     others = PoolSnapshot(snap.revision, snap.hosts, {n: v for n, v in snap.vms.items() if n != spec.name})
     problem = check_new_vm(new, others, os.path.isfile)
@@ -146,10 +146,12 @@ async def _change_stopped_level(store: PoolStore, snap: PoolSnapshot, spec: VmSp
         raise FtvmError(f"VM {spec.name} changed meanwhile; nothing changed", REFUSED)
 
 
-def _with_image_size(disk: DiskSpec) -> DiskSpec:
+def with_image_size(disk: DiskSpec) -> DiskSpec:
     """A level 2 disk imported from an image: its size is the image's."""
     from .qemu.blockgraph import LocalImage
     from .qemu.storage_daemon import StorageDaemonError, image_size
+    if not os.path.isfile(disk.path):
+        raise FtvmError(f"disk image {disk.path} does not exist", BAD_INPUT)
     try:
         return replace(disk, size=image_size(LocalImage(disk.path, disk.format)))
     except StorageDaemonError as e:

@@ -95,7 +95,7 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
     partner = choose_partner(snap, replace(spec, level=Level.COMPONENT), ctx.me) if snap else None
     if partner is None:
         raise RuntimeError("no partner host is up to keep the copy")
-    sizes = [await _disk_size(ctx.qemu, i) for i in range(len(spec.disks))]
+    sizes = [await ctx.qemu.disk_size(i) for i in range(len(spec.disks))]
     images = [ctx.local_image(spec, i) for i in range(len(spec.disks))]
     targets: list[str | None] = []
     try:
@@ -107,10 +107,7 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
                 continue
             with suppress(FileNotFoundError):
                 os.unlink(image.path)  # whatever an earlier life left there is not this disk
-            ensure_image(image, sizes[i])
-            name = f"d{i}-lvl{int(time.time() * 1000) % 100000}"
-            await ctx.qemu.execute("blockdev-add", file_image_node(name, image.path, image.format))
-            targets.append(name)
+            targets.append(await _add_target(ctx.qemu, i, image.path, image.format, sizes[i]))
         await _mirror(ctx, change, targets)
     except Exception:
         await _cancel(ctx.qemu, targets)
@@ -131,13 +128,9 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
         await ctx.qemu.execute("cont")
         raise
     # committed: the guest must never write to the old image again
-    graphs = []
-    for i, target in enumerate(targets):
-        if target is not None:
-            await ctx.qemu.execute("blockdev-reopen", {"options": [top_node(i, target)]})
-            with suppress(Exception):
-                await ctx.qemu.execute("blockdev-del", {"node-name": current[i].node})
-        graphs.append(DiskGraph(i, Mode.LOCAL_ONLY, 1, target or current[i].node, None, None))
+    await _point_at(ctx.qemu, targets, [d.node for d in current])
+    graphs = [DiskGraph(i, Mode.LOCAL_ONLY, 1, target or current[i].node, None, None)
+              for i, target in enumerate(targets)]
     replica = ctx.make_replica(images, graphs)
     await replica.begin()  # bitmap, then cont
     ctx.event(ctx.vm, "level", f"level {int(spec.level)} -> 2 while running: disks on {ctx.me}'s local "
@@ -154,10 +147,7 @@ async def lower_from_component(ctx: LevelContext, spec: VmSpec, change: LevelCha
         if change.level == 1:
             for i, path in enumerate(change.disk_paths):
                 fmt = spec.disks[i].format if spec.disks[i].path == path else "raw"
-                ensure_image(LocalImage(path, fmt), await _disk_size(ctx.qemu, i))
-                name = f"d{i}-lvl{int(time.time() * 1000) % 100000}"
-                await ctx.qemu.execute("blockdev-add", file_image_node(name, path, fmt))
-                targets.append(name)
+                targets.append(await _add_target(ctx.qemu, i, path, fmt, await ctx.qemu.disk_size(i)))
             await _mirror(ctx, change, targets)
     except Exception:
         await _cancel(ctx.qemu, targets)
@@ -166,12 +156,7 @@ async def lower_from_component(ctx: LevelContext, spec: VmSpec, change: LevelCha
     await ctx.qemu.execute("stop")
     try:
         await _end_jobs(ctx.qemu, targets)
-        for i, g in enumerate(graphs):
-            if g.mode is Mode.MIRRORED:
-                new, steps = drop_child(g, "remote", replica.images[i], replica.partner_export(i))
-                for cmd, args in steps:
-                    await ctx.qemu.execute(cmd, args)
-                graphs[i] = new
+        await _drop_partner(ctx.qemu, replica, graphs)
         if change.level == 1:
             disks = tuple(DiskSpec(path=p, format=spec.disks[i].format if spec.disks[i].path == p else "raw",
                                    size=spec.disks[i].size) for i, p in enumerate(change.disk_paths))
@@ -190,13 +175,7 @@ async def lower_from_component(ctx: LevelContext, spec: VmSpec, change: LevelCha
         replica.restart()
         await ctx.qemu.execute("cont")
         raise
-    for i, target in enumerate(targets):
-        if target is None:
-            continue
-        await ctx.qemu.execute("blockdev-reopen", {"options": [top_node(i, target)]})
-        if graphs[i].local:
-            with suppress(Exception):
-                await ctx.qemu.execute("blockdev-del", {"node-name": graphs[i].local})
+    await _point_at(ctx.qemu, targets, [g.local for g in graphs])
     await ctx.qemu.execute("cont")
     where = "shared images " + ", ".join(change.disk_paths) if change.level == 1 else f"{ctx.me}'s local copy"
     ctx.event(ctx.vm, "level", f"level 2 -> {change.level} while running: replica released, disks on {where}")
@@ -210,14 +189,11 @@ async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange
     if change.level == 2:
         return await raise_to_component(ctx, spec, change, current)
     targets: list[str | None] = []
-    sizes = [await _disk_size(ctx.qemu, i) for i in range(len(spec.disks))]
+    sizes = [await ctx.qemu.disk_size(i) for i in range(len(spec.disks))]
     if change.level == 1:
         try:
             for i, path in enumerate(change.disk_paths):
-                ensure_image(LocalImage(path, "raw"), sizes[i])
-                name = f"d{i}-lvl{int(time.time() * 1000) % 100000}"
-                await ctx.qemu.execute("blockdev-add", file_image_node(name, path, "raw"))
-                targets.append(name)
+                targets.append(await _add_target(ctx.qemu, i, path, "raw", sizes[i]))
             await _mirror(ctx, change, targets)
         except Exception:
             await _cancel(ctx.qemu, targets)
@@ -235,22 +211,40 @@ async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange
         await _cancel(ctx.qemu, targets)
         await ctx.qemu.execute("cont")
         raise
-    for i, target in enumerate(targets):
-        if target is not None:
-            await ctx.qemu.execute("blockdev-reopen", {"options": [top_node(i, target)]})
-            with suppress(Exception):
-                await ctx.qemu.execute("blockdev-del", {"node-name": current[i].node})
+    await _point_at(ctx.qemu, targets, [d.node for d in current])
     await ctx.qemu.execute("cont")
     where = "shared images " + ", ".join(change.disk_paths) if change.level == 1 else f"{ctx.me}'s local copy"
     ctx.event(ctx.vm, "level", f"level 3 -> {change.level} while running: checkpointing ended, disks on {where}")
     return None
 
 
-async def _disk_size(qemu: QemuVm, index: int) -> int:
-    for n in await qemu.execute("query-named-block-nodes", {"flat": True}):
-        if n.get("node-name") == f"disk{index}":
-            return int(n["image"]["virtual-size"])
-    raise RuntimeError(f"disk{index} not found")
+async def _add_target(qemu: QemuVm, index: int, path: str, fmt: str, size: int) -> str:
+    """A node on `path` (created, space reserved, if missing): where disk `index` is copied to."""
+    ensure_image(LocalImage(path, fmt), size)
+    name = f"d{index}-lvl{int(time.time() * 1000) % 100000}"
+    await qemu.execute("blockdev-add", file_image_node(name, path, fmt))
+    return name
+
+
+async def _drop_partner(qemu: QemuVm, replica: ReplicaManager, graphs: list[DiskGraph]) -> None:
+    """Guest stopped: each mirrored disk goes on alone on this host's copy (`graphs` updated)."""
+    for i, g in enumerate(graphs):
+        if g.mode is Mode.MIRRORED:
+            new, steps = drop_child(g, "remote", replica.images[i], replica.partner_export(i))
+            for cmd, args in steps:
+                await qemu.execute(cmd, args)
+            graphs[i] = new
+
+
+async def _point_at(qemu: QemuVm, targets: list[str | None], old_nodes: list[str | None]) -> None:
+    """Guest stopped, copies identical: `disk<i>` reads and writes its target from now on."""
+    for i, target in enumerate(targets):
+        if target is None:
+            continue
+        await qemu.execute("blockdev-reopen", {"options": [top_node(i, target)]})
+        if old_nodes[i]:
+            with suppress(Exception):
+                await qemu.execute("blockdev-del", {"node-name": old_nodes[i]})
 
 
 async def _mirror(ctx: LevelContext, change: LevelChange, targets: list[str | None]) -> None:
@@ -337,12 +331,7 @@ async def end_replication(replica: ReplicaManager, why: str) -> list[RunningDisk
     if any(g.mode is Mode.MIRRORED for g in graphs):
         await qemu.execute("stop")
         try:
-            for i, g in enumerate(graphs):
-                if g.mode is Mode.MIRRORED:
-                    new, steps = drop_child(g, "remote", replica.images[i], replica.partner_export(i))
-                    for cmd, args in steps:
-                        await qemu.execute(cmd, args)
-                    graphs[i] = new
+            await _drop_partner(qemu, replica, graphs)
             await replica.partner_outdated(why)
         finally:
             await qemu.execute("cont")
@@ -378,7 +367,7 @@ async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, 
     caller kills the old QEMU, hands the taps to the relays and runs the new one.
     Returns the new (paused) QEMU and its checkpointing runtime (not begun)."""
     snap = ctx.snapshot()
-    disks = tuple([DiskSpec(size=await _disk_size(ctx.qemu, i)) for i in range(len(spec.disks))])
+    disks = tuple([DiskSpec(size=await ctx.qemu.disk_size(i)) for i in range(len(spec.disks))])
     new_spec = replace(spec, level=Level.SYSTEM, disks=disks)
     partner = choose_partner(snap, new_spec, ctx.me) if snap else None
     if partner is None:
@@ -395,10 +384,7 @@ async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, 
                 continue
             with suppress(FileNotFoundError):
                 os.unlink(path)
-            ensure_image(LocalImage(path, "raw"), disks[i].size)
-            name = f"d{i}-lvl{int(time.time() * 1000) % 100000}"
-            await ctx.qemu.execute("blockdev-add", file_image_node(name, path, "raw"))
-            targets.append(name)
+            targets.append(await _add_target(ctx.qemu, i, path, "raw", disks[i].size))
         await _mirror(ctx, change, targets)
         target.run_dir.mkdir(parents=True, exist_ok=True)
         Path(target.files.ram).parent.mkdir(parents=True, exist_ok=True)

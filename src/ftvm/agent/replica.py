@@ -380,7 +380,7 @@ class ReplicaManager:
         t0 = time.time()
         spares: list[str] = []
         for i, g in enumerate(self.graphs):
-            ensure_image(self.images[i], await self._disk_size(i))
+            ensure_image(self.images[i], await self.qemu.disk_size(i))
             new, steps, spare = add_local(g, self.images[i])
             await self._run_steps(steps)
             self.graphs[i] = new
@@ -439,12 +439,6 @@ class ReplicaManager:
                         await self.qemu.execute("blockdev-del", {"node-name": spares[i]})
             raise
         return copied
-
-    async def _disk_size(self, index: int) -> int:
-        for n in await self.qemu.execute("query-named-block-nodes", {"flat": True}):
-            if n.get("node-name") == f"disk{index}":
-                return int(n["image"]["virtual-size"])
-        raise RuntimeError(f"disk{index} not found")
 
     async def _dirty_bytes(self, sources: list[str]) -> int:
         total = 0

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import replace
 from typing import Any
 
 from rich.table import Table
 
 from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, RunState, VmSpec
+from .. import ops
 from ..core.validate import check_mac
 from ..store.pool import Event
 from .client import PoolClient, pool_client
@@ -90,18 +90,6 @@ def parse_size(text: str) -> int:
         return int(t)
     except ValueError:
         raise CliError(f"bad size {text!r}: use e.g. 64M or 2G", BAD_INPUT) from None
-
-
-def with_image_size(disk: DiskSpec) -> DiskSpec:
-    """A level 2 disk imported from an image: its size is the image's."""
-    from ..qemu.blockgraph import LocalImage
-    from ..qemu.storage_daemon import StorageDaemonError, image_size
-    if not os.path.isfile(disk.path):
-        raise CliError(f"disk image {disk.path} does not exist", BAD_INPUT)
-    try:
-        return replace(disk, size=image_size(LocalImage(disk.path, disk.format)))
-    except StorageDaemonError as e:
-        raise CliError(f"cannot read disk image {disk.path}: {e}", BAD_INPUT) from None
 
 
 def cmd_vm_set(args: Any) -> int:
@@ -210,7 +198,7 @@ def spec_from_args(args: Any) -> VmSpec:
         path, _, fmt = d.partition(",format=")
         disk = DiskSpec(os.path.abspath(path), fmt or ("qcow2" if path.endswith(".qcow2") else "raw"))
         # level 2: the image is imported into the first host's copy
-        disks.append(with_image_size(disk) if args.level == 2 else disk)
+        disks.append(ops.with_image_size(disk) if args.level == 2 else disk)
     disks += [DiskSpec(size=parse_size(s)) for s in args.disk_size or []]
     macs = args.mac or [default_mac(args.name)]
     for mac in macs:

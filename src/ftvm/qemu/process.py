@@ -142,6 +142,13 @@ class QemuVm:
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         return await self.qmp.execute(cmd, args)
 
+    async def disk_size(self, index: int) -> int:
+        """The guest-visible size of disk `index` (its top node `disk<i>`), in bytes."""
+        for n in await self.execute("query-named-block-nodes", {"flat": True}):
+            if n.get("node-name") == f"disk{index}":
+                return int(n["image"]["virtual-size"])
+        raise RuntimeError(f"disk{index} not found")
+
     async def announce(self) -> None:
         """Tell the LAN where the VM's MACs now live (gratuitous RARP from QEMU)."""
         await self.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
