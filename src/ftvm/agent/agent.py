@@ -22,6 +22,7 @@ import shutil
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -624,9 +625,6 @@ class Agent:
         run_dir = self.cfg.state_dir / "vms" / d.vm / "l3"
         paths = VmPaths(run_dir)
 
-        def count(n: int, vm: str = d.vm) -> None:
-            self.counters.checkpoints[vm] = self.counters.checkpoints.get(vm, 0) + n
-
         target = levels.SystemTarget(
             files=files, run_dir=run_dir, bridge=self.cfg.bridge,
             start_qemu=lambda new_spec, blockdevs: QemuVm.start(
@@ -635,7 +633,7 @@ class Agent:
                 debug_qmp=self.cfg.debug_qmp, checkpointed=Checkpointed(str(files.ram)), incoming=True),
             make_l3=lambda new_spec: L3Primary(new_spec, token, self.cfg.name, paths, files, self.store,
                                                lambda: self.lease, lambda: self.snapshot, self.event, self.t,
-                                               self.cfg.checkpoint_port, count))
+                                               self.cfg.checkpoint_port, self._checkpoint_counter(d.vm)))
         try:
             new_qemu, l3 = await levels.raise_to_system(ctx, spec, change, current, target)
         except Exception:
@@ -821,13 +819,18 @@ class Agent:
             files.ram.unlink(missing_ok=True)  # a cold boot starts from fresh RAM
         files.ram.parent.mkdir(parents=True, exist_ok=True)
         paths.run_dir.mkdir(parents=True, exist_ok=True)
-        def count(n: int, vm: str = spec.name) -> None:
-            self.counters.checkpoints[vm] = self.counters.checkpoints.get(vm, 0) + n
         l3 = L3Primary(spec, token, self.cfg.name, paths, files, self.store, lambda: self.lease,
-                       lambda: self.snapshot, self.event, self.t, self.cfg.checkpoint_port, count)
+                       lambda: self.snapshot, self.event, self.t, self.cfg.checkpoint_port,
+                       self._checkpoint_counter(spec.name))
         await l3.open_relays(self.cfg.bridge)
         blockdevs = [checkpointed_disk_nodes(i, str(p)) for i, p in enumerate(files.disks)]
         return l3, Checkpointed(str(files.ram), incoming=resume), blockdevs
+
+    def _checkpoint_counter(self, vm: str) -> Callable[[int], None]:
+        """Adds a level 3 VM's new checkpoints to this agent's metrics counter."""
+        def count(n: int) -> None:
+            self.counters.checkpoints[vm] = self.counters.checkpoints.get(vm, 0) + n
+        return count
 
     async def _outdate_other_copies(self, vm: str, token: int, copies: Copies | None) -> Copies | None:
         """Level 3: before this host's QEMU can send anything, no other copy may still be

@@ -28,7 +28,8 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import replace
 
 from ..core.model import Incoming, Migration, PoolSnapshot
@@ -124,17 +125,23 @@ async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming
         raise RuntimeError(f"{migration.to} no longer listens (or this host lost the VM)")
     except Exception as e:  # QMP, etcd, network: whatever failed, the VM must run on here
         event(vm, "migrate", f"live migration to {migration.to} failed: {e}; the VM stays here")
-        try:
+
+        async def resume() -> None:
             status = await qemu.execute("query-status")
             if status.get("status") in ("postmigrate", "paused", "finish-migrate"):
                 await qemu.execute("cont")
-        except Exception as e2:
-            log.warning("%s: could not resume after a failed migration: %s", vm, e2)
-        try:
-            await store.end_migration(vm)
-        except EtcdError:
-            pass
+        await _stay_here(vm, store, resume)
         return False
+
+
+async def _stay_here(vm: str, store: PoolStore, resume: Callable[[], Awaitable[None]]) -> None:
+    """A move failed before the handover: the guest goes on here and the request is dropped."""
+    try:
+        await resume()
+    except Exception as e:
+        log.warning("%s: could not resume after a failed move: %s", vm, e)
+    with suppress(EtcdError):
+        await store.end_migration(vm)
 
 
 async def switch_over(vm: str, token: int, l3: L3Primary, migration: Migration, store: PoolStore,
@@ -163,12 +170,5 @@ async def switch_over(vm: str, token: int, l3: L3Primary, migration: Migration, 
         raise RuntimeError(f"{migration.to} is no longer ready (or this host lost the VM)")
     except Exception as e:  # the VM must run on here
         event(vm, "migrate", f"switchover to {migration.to} failed: {e}; the VM stays here")
-        try:
-            await l3.resume_after_switchover_failed()
-        except Exception as e2:
-            log.warning("%s: could not resume after a failed switchover: %s", vm, e2)
-        try:
-            await store.end_migration(vm)
-        except EtcdError:
-            pass
+        await _stay_here(vm, store, l3.resume_after_switchover_failed)
         return False

@@ -196,10 +196,7 @@ def make_app(ctx: ApiContext) -> web.Application:
 
     async def repair(request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        try:
-            host = str((await request.json())["host"])
-        except (ValueError, KeyError, TypeError):
-            raise FtvmError('the body must be {"host": HOST}', BAD_INPUT) from None
+        host = await _body_field(request, "host")
         await ops.repair_disk(ctx.store, name, host)
 
         async def done(job: Job) -> None:
@@ -278,10 +275,7 @@ def make_app(ctx: ApiContext) -> web.Application:
 
     async def migrate_vm(request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        try:
-            target = str((await request.json())["to"])
-        except (ValueError, KeyError, TypeError):
-            raise FtvmError('the body must be {"to": HOST}', BAD_INPUT) from None
+        target = await _body_field(request, "to")
         m = await ops.migrate(ctx.store, name, target)
 
         async def follow(job: Job) -> None:
@@ -358,6 +352,14 @@ async def _wait_released(ctx: ApiContext, job: Job, name: str) -> None:
             return
         job.progress = f"stopping on {view.owner.host}"
         await asyncio.sleep(0.3)
+
+
+async def _body_field(request: web.Request, key: str) -> str:
+    """The one field a request's JSON body must carry (a host name)."""
+    try:
+        return str((await request.json())[key])
+    except (ValueError, KeyError, TypeError):
+        raise FtvmError(f'the body must be {{"{key}": HOST}}', BAD_INPUT) from None
 
 
 async def _wait_moved(ctx: ApiContext, job: Job, moves: dict[str, str]) -> None:
