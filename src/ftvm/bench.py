@@ -147,7 +147,8 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
         t_back = time.time()
         labmod.restore_host(state, "h2")
         pool.wait_for("replica in sync", copy_is("mirror", "h2", CopyState.CURRENT), 120)
-        done = [e for e in pool.events() if e.vm == "mirror" and e.kind == "in-sync" and e.time > t_back][-1]
+        done = pool.wait_events("resync done", lambda e: e.vm == "mirror" and e.kind == "in-sync"
+                                and e.time > t_back)[-1]
         copied = int(done.message.split("resync copied ")[1].split()[0])
         written = int(done.message.split("(")[1].split()[0])
         out["resync"] = {"bytes_copied": copied, "bytes_written_apart": written,

@@ -103,10 +103,10 @@ def test_partner_loss_is_masked_then_resynced_incrementally(l2vm, lab: labmod.La
         acks = client.stop()
     single_connection(client)
     no_guest_io_error(client, lab, name)
-    events = [e for e in pool.events() if e.vm == name]
-    masked = [e for e in events if e.kind == "masked"]
+    masked = [e for e in pool.events() if e.vm == name and e.kind == "masked"]
     assert masked and "replication to h2 failed" in masked[-1].message
-    [done] = [e for e in events if e.kind == "in-sync" and e.time > masked[-1].time]
+    [done] = pool.wait_events("resync done", lambda e: e.vm == name and e.kind == "in-sync"
+                              and e.time > masked[-1].time)
     copied = int(done.message.split("resync copied ")[1].split()[0])
     written = int(done.message.split("(")[1].split()[0])
     assert 8 << 20 <= written and copied <= 1.1 * written, done.message  # only what changed
@@ -236,8 +236,9 @@ def test_two_level2_vms_share_a_pair_each_with_its_own_copies(l2vm, lab: labmod.
         assert all(c is not None for c in copies.values())
         labmod.restore_host(lab, "h2")
         pool.wait_for("both back in sync", lambda s: in_sync(first, "h2")(s) and in_sync(second, "h2")(s), 60)
-        syncs = [e for e in pool.events() if e.kind == "in-sync" and e.vm in (first, second)]
-        assert {e.vm for e in syncs} == {first, second}
+        pool.wait_events(f"{first} resynced", lambda e: e.kind == "in-sync" and e.vm == first)
+        syncs = pool.wait_events(f"{second} resynced", lambda e: e.kind == "in-sync" and e.vm == second)
+        assert syncs
     finally:
         pool.stop_and_remove(second)
 
@@ -258,7 +259,7 @@ def test_stopped_level1_vm_raised_to_level2_keeps_its_data(lab: labmod.LabState,
         pool.wait_answering(ip, 60)
         assert pool.ask(ip, "W after").startswith("OK 6 ")  # resumed after the 5 imported records
         pool.wait_for("partner copy synced in full", in_sync(name, "h2"), 60)
-        done = [e for e in pool.events() if e.vm == name and e.kind == "in-sync"]
+        done = pool.wait_events("resync done", lambda e: e.vm == name and e.kind == "in-sync")
         assert "(full)" in done[-1].message
         records = {r.seq: r.payload for r in read_records(pool.copy_as_raw(name, "h2", Path(lab.dir) / "up2.raw"))}
         assert [records[i + 1] for i in range(5)] == [f"kept-{i}".encode() for i in range(5)]
@@ -322,8 +323,9 @@ def test_live_migration_keeps_replication(l2vm, lab: labmod.LabState) -> None:
             pool.wait_for(f"{old}'s copy resynced as the replica", in_sync(name, old), 60)
             assert protection_of(pool, name) == "Protected"
             client.wait_acks(30, 30, after=time.time())
-            syncs = [e for e in pool.events() if e.vm == name and e.kind == "in-sync" and e.time > t0]
-            assert syncs and "(full)" not in syncs[-1].message, syncs
+            syncs = pool.wait_events("resync done", lambda e, t0=t0: e.vm == name and e.kind == "in-sync"
+                                     and e.time > t0)
+            assert "(full)" not in syncs[-1].message, syncs
             copied = int(syncs[-1].message.split("resync copied ")[1].split()[0])
             assert copied < 8 << 20, syncs[-1].message  # what was written since the move, not 64 MiB
     finally:
@@ -392,3 +394,44 @@ def test_online_level_changes_keep_the_guest_running(lab: labmod.LabState, guest
     no_guest_io_error(client, lab, name)
     events = [e.message for e in pool.events() if e.vm == name and e.kind == "level"]
     assert len(events) == 4 and all("while running" in m for m in events), events
+
+
+def _block_nodes(lab: labmod.LabState, host: str, vm: str) -> dict[str, dict]:
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    async def query() -> list[dict]:
+        qmp = QMPClient("test")
+        await qmp.connect(str(lab.host_dir(host) / "state" / "vms" / vm / "qmp-debug.sock"))
+        try:
+            return await qmp.execute("query-named-block-nodes", {"flat": True})  # type: ignore[return-value]
+        finally:
+            await qmp.disconnect()
+    return {n["node-name"]: n for n in asyncio.run(query())}
+
+
+def test_copies_are_write_through_and_kept_so(l2vm, lab: labmod.LabState) -> None:
+    """Both copies carry the synchronous-write attribute, so the primary's node on its copy
+    and the partner's daemon skip flushes; an attribute cleared behind the agent's back is
+    set again within seconds, with an event saying so."""
+    import json
+
+    from ftvm.qemu.writethrough import is_write_through
+    pool, name, _ = l2vm
+    local, _ = pool.copy_path(name, "h1")
+    remote, _ = pool.copy_path(name, "h2")
+    assert is_write_through(str(local)) and is_write_through(str(remote))
+    nodes = _block_nodes(lab, "h1", name)
+    quorum = next(n for n in nodes.values() if n["drv"] == "quorum")
+    on_copy = [n for n in nodes.values() if n["drv"] == "file" and n["file"] == str(local)]
+    assert on_copy and all(n["cache"]["no-flush"] for n in on_copy), on_copy
+    assert quorum["node-name"].startswith("d0-q")
+    qsd = (Path("/proc") / str(_storage_daemon_pid(name)) / "cmdline").read_bytes().split(b"\0")
+    files = [json.loads(a) for a in qsd if a.startswith(b"{") and b'"driver": "file"' in a]
+    assert [f["cache"]["no-flush"] for f in files] == [True], files
+    t = time.time()
+    subprocess.run(["chattr", "-S", str(local)], check=True)
+    pool.wait_events("attribute restored", lambda e: e.vm == name and e.kind == "warning"
+                     and e.time > t and str(local) in e.message, 15)
+    assert is_write_through(str(local))

@@ -43,6 +43,13 @@ def test_config_parses_and_checks() -> None:
         parse_config({"name": "h1"})
 
 
+def test_write_through_copies_is_on_unless_turned_off() -> None:
+    assert parse_config(BASE).write_through_copies
+    assert not parse_config(BASE | {"write_through_copies": False}).write_through_copies
+    with pytest.raises(ConfigError, match="write_through_copies must be true or false"):
+        parse_config(BASE | {"write_through_copies": "yes"})
+
+
 def test_shipped_example_config_is_valid() -> None:
     cfg = load_config(Path(__file__).parents[2] / "etc" / "host.toml.example")
     assert cfg.timing.violations() == []

@@ -40,7 +40,8 @@ from ..l3.standby import read_committed
 from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
 from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuError, QemuVm
-from ..qemu.storage_daemon import StorageDaemon, StorageDaemonError, ensure_image, import_image
+from ..qemu.storage_daemon import (StorageDaemon, StorageDaemonError, ensure_image, import_image,
+                                   restore_write_through, writable_copy)
 from ..store.etcd import EtcdClient, EtcdError
 from ..core.availability import HistoryRecord
 from ..store.pool import HISTORY_DAYS, MAX_EVENTS, Event, PoolStore
@@ -87,6 +88,7 @@ class LocalRecord:
 
 
 EVENT_TRIM_INTERVAL = 300.0  # seconds between trims of the event log to its newest MAX_EVENTS
+WRITE_THROUGH_CHECK_INTERVAL = 5.0  # seconds between checks that write-through copies still are
 START_BACKOFF_MAX = 30.0
 HEALTHY_RUN_S = 30.0  # a run this long resets the failure count
 FAILBACK_RETRY_S = 30.0  # a failback migration is asked at most this often per VM
@@ -114,6 +116,7 @@ class Agent:
         self._pending_history: deque[tuple[str, HistoryRecord]] = deque(maxlen=10_000)
         self._quorum_ok = True
         self._next_trim = 0.0
+        self._next_write_through_check = 0.0
         self._stopping = False
         self._migrating: set[str] = set()  # VMs this host is sending away
         self._arriving: set[str] = set()   # VMs a live migration handed to this host, not yet started
@@ -340,6 +343,7 @@ class Agent:
             await self._execute(decision, snapshot)
         await self._report_status(snapshot)
         await self._report_links(snapshot)
+        self._check_write_through()
         await self._flush_events()
         if time.monotonic() > self._next_trim:
             self._next_trim = time.monotonic() + EVENT_TRIM_INTERVAL
@@ -348,6 +352,18 @@ class Agent:
                 log.info("trimmed %d old events (keeping the newest %d)", trimmed, MAX_EVENTS)
             await self.store.trim_history(time.time() - HISTORY_DAYS * 86400)
         return report
+
+    def _check_write_through(self) -> None:
+        """Every few seconds: the write-through copies (ours and those we serve) still are."""
+        if time.monotonic() < self._next_write_through_check:
+            return
+        self._next_write_through_check = time.monotonic() + WRITE_THROUGH_CHECK_INTERVAL
+        held = [(name, rec.replica.images) for name, rec in self.vms.items() if rec.replica is not None]
+        held += [(name, daemon.images) for name, daemon in self.exports.items()]
+        for vm, images in held:
+            for path in restore_write_through(images):
+                self.event(vm, "warning", f"{path} had lost its synchronous-write attribute: set again "
+                                          "and synced (its nodes skip flushes; see qemu/writethrough.py)")
 
     async def _report_links(self, snapshot: PoolSnapshot) -> None:
         """Monitor this host's A-links (operstate) and publish them when they change."""
@@ -497,6 +513,7 @@ class Agent:
         for i, image in enumerate(images):
             if not os.path.exists(image.path):
                 raise StorageDaemonError(f"this host's copy {image.path} is missing")
+            image = images[i] = self._writable(image)
             g, nodes = local_only_start(i, image)
             graphs.append(g)
             blockdevs.append(nodes)
@@ -573,7 +590,7 @@ class Agent:
             qemu, token = rec.qemu, d.token
             ctx = levels.LevelContext(
                 d.vm, token, self.cfg.name, qemu, self.store, lambda: self.lease, lambda: self.snapshot,
-                self.event, self._image,
+                self.event, self._image, self._writable,
                 lambda images, graphs: ReplicaManager(
                     d.vm, token, self.cfg.name, qemu, images, graphs, self.store, lambda: self.lease,
                     lambda: self._copies_view(d.vm), self.event,
@@ -883,8 +900,11 @@ class Agent:
                     import_image(disk.path, disk.format, image)
                 else:
                     ensure_image(image, disk.size)
-            images.append(image)
+            images.append(self._writable(image))
         return images
+
+    def _writable(self, image: LocalImage) -> LocalImage:
+        return writable_copy(image, self.cfg.write_through_copies)
 
     async def _export(self, d: Decision, snapshot: PoolSnapshot) -> None:
         """Partner: serve this host's copy (made empty if it has none: the primary is then
@@ -895,7 +915,8 @@ class Agent:
             return
         try:
             images = [self._image(spec, i) for i in range(len(spec.disks))]
-            fresh = any(ensure_image(img, disk.size) for img, disk in zip(images, spec.disks, strict=True))
+            fresh = any([ensure_image(img, disk.size) for img, disk in zip(images, spec.disks, strict=True)])
+            images = [self._writable(img) for img in images]
             daemon = await StorageDaemon.start(d.vm, images, self.cfg.replication_addr,
                                                self.cfg.state_dir / "vms" / d.vm / "export.log")
         except StorageDaemonError as e:

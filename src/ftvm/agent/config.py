@@ -31,6 +31,7 @@ class AgentConfig:
     local_storage: Path | None = None   # level 2 copies live here
     local_format: str = "raw"           # raw or qcow2, per host
     replication_addr: str = ""          # serves level 2 copies on this address (A-links)
+    write_through_copies: bool = True   # level 2 copies written synchronously (qemu/writethrough.py)
     debug_qmp: bool = False             # a second QMP socket per VM, for lab fault injection
     a_links: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (peer host, its A-link interfaces here)
     ram_dir: Path | None = None         # level 3 guest RAM files (default /dev/shm/ftvm/<name>)
@@ -47,7 +48,7 @@ class AgentConfig:
 _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
           "shared_storage", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
           "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port",
-          "api_listen", "api_token_file"}
+          "api_listen", "api_token_file", "write_through_copies"}
 
 
 def parse_config(data: dict[str, Any]) -> AgentConfig:
@@ -90,6 +91,9 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
     port = data.get("checkpoint_port", 7410)
     if not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError("checkpoint_port must be a TCP port number")
+    write_through = data.get("write_through_copies", True)
+    if not isinstance(write_through, bool):
+        raise ConfigError("write_through_copies must be true or false")
     api_listen, api_token = _api_settings(data)
     a_links = data.get("a_links", {})
     if not isinstance(a_links, dict) or not all(
@@ -102,7 +106,8 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         probe_kernel=Path(data["probe_kernel"]) if data.get("probe_kernel") else None,
         stop_grace=float(data.get("stop_grace", 0.0)), timing=timing,
         local_storage=Path(local) if local else None, local_format=data.get("local_format", "raw"),
-        replication_addr=data.get("replication_addr", ""), debug_qmp=bool(data.get("debug_qmp", False)),
+        replication_addr=data.get("replication_addr", ""), write_through_copies=write_through,
+        debug_qmp=bool(data.get("debug_qmp", False)),
         a_links=tuple((peer, tuple(ifs)) for peer, ifs in sorted(a_links.items())),
         ram_dir=Path(ram_dir) if ram_dir else None, checkpoint_port=port,
         api_listen=api_listen, api_token=api_token,

@@ -70,6 +70,7 @@ class LevelContext:
     snapshot: Callable[[], PoolSnapshot | None]
     event: Callable[[str, str, str], None]
     local_image: Callable[[VmSpec, int], LocalImage]
+    writable: Callable[[LocalImage], LocalImage]  # storage_daemon.writable_copy with the host's choice
     make_replica: Callable[[list[LocalImage], list[DiskGraph]], ReplicaManager]
 
 
@@ -104,10 +105,14 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
                 if disk.format != image.format:
                     raise RuntimeError(f"{image.path} is {disk.format}, this host keeps {image.format} copies")
                 targets.append(None)  # already this host's local copy (lowered to 0, or level 3 on raw)
+                images[i] = ctx.writable(image)  # for the nodes made from now on
                 continue
             with suppress(FileNotFoundError):
                 os.unlink(image.path)  # whatever an earlier life left there is not this disk
-            targets.append(await _add_target(ctx.qemu, i, image.path, image.format, sizes[i]))
+            ensure_image(image, sizes[i])
+            images[i] = ctx.writable(image)
+            targets.append(await _add_target(ctx.qemu, i, images[i].path, image.format, sizes[i],
+                                             images[i].write_through))
         await _mirror(ctx, change, targets)
     except Exception:
         await _cancel(ctx.qemu, targets)
@@ -218,11 +223,13 @@ async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange
     return None
 
 
-async def _add_target(qemu: QemuVm, index: int, path: str, fmt: str, size: int) -> str:
-    """A node on `path` (created, space reserved, if missing): where disk `index` is copied to."""
+async def _add_target(qemu: QemuVm, index: int, path: str, fmt: str, size: int,
+                      write_through: bool = False) -> str:
+    """A node on `path` (created, space reserved, if missing): where disk `index` is copied to.
+    `write_through`: a level 2 copy verified write-through (its node skips flushes)."""
     ensure_image(LocalImage(path, fmt), size)
     name = f"d{index}-lvl{int(time.time() * 1000) % 100000}"
-    await qemu.execute("blockdev-add", file_image_node(name, path, fmt))
+    await qemu.execute("blockdev-add", file_image_node(name, path, fmt, write_through=write_through))
     return name
 
 

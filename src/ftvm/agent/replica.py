@@ -34,7 +34,7 @@ from ..core.replication import Copies, CopyState, mark, needs_full_resync
 from ..qemu.blockgraph import (DiskGraph, Export, LocalImage, Mode, QmpStep, add_local, add_remote, drop_child, mirror,
                                mirror_back, node_kind)
 from ..qemu.process import QemuVm
-from ..qemu.storage_daemon import ensure_image, export_name
+from ..qemu.storage_daemon import ensure_image, export_name, writable_copy
 from ..store.etcd import EtcdError
 from ..store.pool import PoolStore
 
@@ -381,6 +381,8 @@ class ReplicaManager:
         spares: list[str] = []
         for i, g in enumerate(self.graphs):
             ensure_image(self.images[i], await self.qemu.disk_size(i))
+            # a replaced disk's new file is made write-through again (if this copy was)
+            self.images[i] = writable_copy(self.images[i], self.images[i].write_through)
             new, steps, spare = add_local(g, self.images[i])
             await self._run_steps(steps)
             self.graphs[i] = new

@@ -60,6 +60,19 @@ class LabPool:
     def events(self, limit: int = 500) -> list[Event]:
         return self._run(lambda s: s.events(limit=limit))[0]
 
+    def wait_events(self, what: str, match: Callable[[Event], bool], timeout: float = 10.0) -> list[Event]:
+        """The events `match` selects, once there is at least one. An agent writes its events
+        to the store at its next tick, after the state change they describe: a scenario that
+        saw the state must still wait for the event."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events() if match(e)]
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise ScenarioError(f"timed out after {timeout:g}s waiting for the event: {what}")
+            time.sleep(0.1)
+
     def define_ledger_vm(self, name: str, index: int, level: Level, image: GuestImage,
                          host: str | None = None, memory_mib: int = 256, start: bool = True,
                          checkpoint_ms: int = 100, on_output: bool = False) -> VmSpec:
@@ -433,11 +446,10 @@ def level2_story(pool: LabPool, image: GuestImage, name: str = "db", index: int 
             client.wait_acks(20, 30, after=time.time())
         finally:
             acks = client.stop()
-    events = pool.events()
-    claims = [e for e in events if e.vm == name and e.kind == "claim" and e.time > failed_at]
-    syncs = [e for e in events if e.vm == name and e.kind == "in-sync" and e.time > failed_at]
-    if not claims or not syncs:
-        raise ScenarioError("missing claim or resync events")
+    syncs = pool.wait_events("resync done", lambda e: e.vm == name and e.kind == "in-sync" and e.time > failed_at)
+    claims = [e for e in pool.events() if e.vm == name and e.kind == "claim" and e.time > failed_at]
+    if not claims:
+        raise ScenarioError("missing claim event")
     copied = int(syncs[-1].message.split("resync copied ")[1].split()[0])
     seconds = float(syncs[-1].message.rsplit(" in ", 1)[1].split("s")[0])
     raw = pool.copy_as_raw(name, new_host, Path(state.dir) / f"{name}-check.raw")

@@ -41,6 +41,9 @@ class Mode(str, Enum):
 class LocalImage:
     path: str
     format: str  # raw or qcow2: the two hosts' storage may differ
+    # every write to the file is synchronous (writethrough.py), so its nodes skip flushes;
+    # True only once verified on the file (storage_daemon.writable_copy)
+    write_through: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def _name(index: int, kind: str, serial: int) -> str:
 
 def local_node(index: int, serial: int, image: LocalImage, locking: bool) -> tuple[str, dict[str, Any]]:
     name = _name(index, "local", serial)
-    return name, file_image_node(name, image.path, image.format, locking)
+    return name, file_image_node(name, image.path, image.format, locking, image.write_through)
 
 
 def remote_node(index: int, serial: int, export: Export) -> tuple[str, dict[str, Any]]:
@@ -108,11 +111,13 @@ def image_nodes(index: int, path: str, fmt: str) -> list[dict[str, Any]]:
             top_node(index, name)]
 
 
-def file_image_node(name: str, path: str, fmt: str, locking: bool = True) -> dict[str, Any]:
-    """A node on an image file, the target of an online move of a disk."""
+def file_image_node(name: str, path: str, fmt: str, locking: bool = True,
+                    write_through: bool = False) -> dict[str, Any]:
+    """A node on an image file (a level 2 copy, or the target of an online move of a disk).
+    A write-through file's node skips flushes: each write was already synchronous."""
     return {"driver": fmt, "node-name": name,
             "file": {"driver": "file", "node-name": name + "-f", "filename": path,
-                     "cache": {"direct": True, "no-flush": False}, "locking": "on" if locking else "off"}}
+                     "cache": {"direct": True, "no-flush": write_through}, "locking": "on" if locking else "off"}}
 
 
 def local_only_start(index: int, image: LocalImage) -> tuple[DiskGraph, list[dict[str, Any]]]:

@@ -15,10 +15,12 @@ import signal
 import socket
 import subprocess
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 
 from .blockgraph import Export, LocalImage
 from .process import die_with_parent
+from .writethrough import is_write_through, make_write_through
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,10 @@ def build_qsd_cmdline(vm: str, images: list[LocalImage], listen_fd: int) -> list
     QEMU 7.2's NBD server delays its replies (Nagle) and large writes crawl."""
     cmd = [QSD]
     for i, img in enumerate(images):
+        # a write-through copy: NBD flushes need no fdatasync (writes were synchronous)
+        cache = {"direct": True, "no-flush": img.write_through}
         cmd += ["--blockdev", json.dumps({"driver": "file", "node-name": f"f{i}", "filename": img.path,
-                                          "cache": {"direct": True}}),
+                                          "cache": cache}),
                 "--blockdev", json.dumps({"driver": img.format, "node-name": f"rep{i}", "file": f"f{i}"})]
     cmd += ["--nbd-server", f"addr.type=fd,addr.str={listen_fd}"]
     for i in range(len(images)):
@@ -73,6 +77,29 @@ def ensure_image(image: LocalImage, size: int) -> bool:
     return True
 
 
+def writable_copy(image: LocalImage, want_write_through: bool) -> LocalImage:
+    """The copy as its nodes may open it: write-through (flushes skipped) only if wanted and
+    verified on the file now. Called right before nodes or a daemon open the file, since
+    a copy made again (a replaced disk) starts without the attribute."""
+    ok = want_write_through and make_write_through(image.path)
+    if want_write_through and not ok:
+        log.warning("%s: the file system does not keep the synchronous-write attribute; "
+                    "the copy is flushed as usual", image.path)
+    return replace(image, write_through=ok)
+
+
+def restore_write_through(images: list[LocalImage]) -> list[str]:
+    """Write-through copies whose attribute was cleared behind our back (`chattr -S`, a
+    restored file): set it again, which also syncs what was written meanwhile. Returns
+    the paths that needed it. Their nodes skip flushes, so this must not stay unnoticed."""
+    fixed = []
+    for image in images:
+        if image.write_through and os.path.exists(image.path) and not is_write_through(image.path):
+            make_write_through(image.path)
+            fixed.append(image.path)
+    return fixed
+
+
 def import_image(source: str, source_format: str, image: LocalImage) -> None:
     """A level 2 VM's first copy, made from an existing image (the partner's is then
     resynced in full)."""
@@ -93,12 +120,14 @@ def image_size(image: LocalImage) -> int:
 
 
 class StorageDaemon:
-    def __init__(self, vm: str, proc: asyncio.subprocess.Process, addr: str, port: int, disks: int) -> None:
+    def __init__(self, vm: str, proc: asyncio.subprocess.Process, addr: str, port: int,
+                 images: list[LocalImage]) -> None:
         self.vm = vm
         self.proc = proc
         self.addr = addr
         self.port = port
-        self.disks = disks
+        self.images = images
+        self.disks = len(images)
 
     def exports(self) -> list[Export]:
         return [Export(self.addr, self.port, export_name(self.vm, i)) for i in range(self.disks)]
@@ -117,7 +146,7 @@ class StorageDaemon:
                     preexec_fn=die_with_parent, start_new_session=True)
         finally:
             listener.close()  # the daemon has its own copy
-        daemon = StorageDaemon(vm, proc, addr, port, len(images))
+        daemon = StorageDaemon(vm, proc, addr, port, images)
         for _ in range(100):  # ready once it greets (the kernel accepts on our listener before that)
             if proc.returncode is not None:
                 raise StorageDaemonError(f"{QSD} exited (code {proc.returncode}); see {log_path}")
