@@ -418,7 +418,7 @@ def test_copies_are_write_through_and_kept_so(l2vm, lab: labmod.LabState) -> Non
     import json
 
     from ftvm.qemu.writethrough import is_write_through
-    pool, name, _ = l2vm
+    pool, name, ip = l2vm
     local, _ = pool.copy_path(name, "h1")
     remote, _ = pool.copy_path(name, "h2")
     assert is_write_through(str(local)) and is_write_through(str(remote))
@@ -435,3 +435,7 @@ def test_copies_are_write_through_and_kept_so(l2vm, lab: labmod.LabState) -> Non
     pool.wait_events("attribute restored", lambda e: e.vm == name and e.kind == "warning"
                      and e.time > t and str(local) in e.message, 15)
     assert is_write_through(str(local))
+    # writes that skip the flushes land on both copies alike, synchronous or through the page cache
+    pool.bulk_write(ip, 8, 64)
+    pool.bulk_write(ip, 8, 1024, buffered=True)
+    assert_copies_identical(pool, lab, name)

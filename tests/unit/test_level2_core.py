@@ -225,3 +225,41 @@ def test_level2_migrates_only_to_a_current_copy() -> None:
     behind = view(new_copies("h1", "h2", 1.0))
     problem = migration_problem(PoolSnapshot(9, hs, {"web": behind}), behind, "h2")
     assert problem is not None and "copy on h2 is outdated" in problem and "current: h1" in problem
+
+
+# --- the partner probe -----------------------------------------------------------------
+
+def test_partner_probe_wants_the_greeting_and_ends_the_handshake_cleanly() -> None:
+    """A daemon that greets answers, and the probe ends the negotiation with NBD_OPT_ABORT
+    (a bare close has QEMU's server log an error at every probe); one that accepts but
+    never greets (hung) does not answer."""
+    import asyncio
+    import struct
+
+    from ftvm.agent.replica import _port_answers
+    from ftvm.core.model import Export as ExportRecord
+
+    async def run() -> tuple[bool, bytes, bool]:
+        received = bytearray()
+
+        async def greeting_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"NBDMAGICIHAVEOPT\x00\x03")
+            received.extend(await reader.readexactly(20))
+            writer.write(struct.pack(">QIII", 0x3e889045565a9, 2, 1, 0))
+            await writer.drain()
+            writer.close()
+
+        async def silent_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(2)
+            writer.close()
+
+        good = await asyncio.start_server(greeting_server, "127.0.0.1", 0)
+        hung = await asyncio.start_server(silent_server, "127.0.0.1", 0)
+        async with good, hung:
+            ok = await _port_answers(ExportRecord("h2", "127.0.0.1", good.sockets[0].getsockname()[1]))
+            silent = await _port_answers(ExportRecord("h2", "127.0.0.1", hung.sockets[0].getsockname()[1]), 0.2)
+        return ok, bytes(received), silent
+
+    ok, received, silent = asyncio.run(run())
+    assert ok and not silent
+    assert received == struct.pack(">I", 1) + b"IHAVEOPT" + struct.pack(">II", 2, 0)

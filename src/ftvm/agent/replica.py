@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import struct
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,8 @@ FINAL_PASS_BYTES = 4 << 20   # stop the guest for the last pass once this little
 MAX_PASSES = 8
 PROBE_INTERVAL = 0.5
 PROBE_FAILURES = 2
+NBD_FLAG_C_FIXED_NEWSTYLE = 1
+NBD_OPT_ABORT = 2
 
 
 @dataclass
@@ -505,8 +508,15 @@ async def _port_answers(export: ExportRecord, timeout: float = 0.5) -> bool:
     except (OSError, asyncio.TimeoutError):
         return False
     try:
-        greeting = await asyncio.wait_for(reader.readexactly(16), timeout)
-        return greeting == b"NBDMAGICIHAVEOPT"
+        greeting = await asyncio.wait_for(reader.readexactly(18), timeout)
+        if greeting[:16] != b"NBDMAGICIHAVEOPT":
+            return False
+        # end the handshake as the protocol asks (client flags, then NBD_OPT_ABORT): a bare
+        # close makes the daemon log "option negotiation failed" at every probe (twice a second)
+        writer.write(struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE) + b"IHAVEOPT" + struct.pack(">II", NBD_OPT_ABORT, 0))
+        with suppress(OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            await asyncio.wait_for(reader.readexactly(20), timeout)  # the server's acknowledgement
+        return True
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
         return False
     finally:

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "control-plane: tick time and etcd requests/s of a 4-host pool with 2, 12, 52 VMs")
     p.add_argument("--level", type=int, default=1, choices=(1, 2, 3))
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--write-mib", type=int, default=16, help="level 2: MiB per bulk write round")
+    p.add_argument("--write-mib", type=int, default=64, help="level 2: MiB per bulk write round")
     return top
 
 

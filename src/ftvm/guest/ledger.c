@@ -18,6 +18,9 @@
  *   <chunk_kib> KiB (default 64, at most 1024) to the scratch area (the second half of
  *   the disk, wrapping), replies "OK F <bytes> <usec>": a bulk write workload for
  *   benchmarks and resync tests.
+ * "B <kib> [<chunk_kib>]" -> the same through the page cache (no O_DSYNC) and one
+ *   fdatasync at the end (counted in <usec>), replies "OK B <bytes> <usec>": how a
+ *   guest that flushes rarely writes.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -40,6 +43,7 @@
 #define LINE_MAX_LEN 1024
 
 static int disk_fd;
+static const char *disk_path;
 static uint64_t last_seq;
 static uint64_t capacity; /* records */
 static uint64_t scratch_start, scratch_len, scratch_off; /* bytes */
@@ -108,8 +112,9 @@ static int append(const char *payload, size_t len, uint32_t *sum_out) {
     return 0;
 }
 
-/* Bulk write of `kib` KiB into the scratch area; returns microseconds taken, -1 on error. */
-static long long fill(unsigned long kib, unsigned long chunk_kib) {
+/* Bulk write of `kib` KiB into the scratch area through `fd`; returns microseconds taken
+   (a final fdatasync included when `sync_at_end`), -1 on error. */
+static long long fill(int fd, unsigned long kib, unsigned long chunk_kib, int sync_at_end) {
     static unsigned char chunk[1024 * 1024];
     size_t chunk_len = (chunk_kib >= 1 && chunk_kib <= 1024 ? chunk_kib : 64) * 1024;
     struct timeval t0, t1;
@@ -123,10 +128,11 @@ static long long fill(unsigned long kib, unsigned long chunk_kib) {
             memcpy(chunk + i, &v, 8);
         }
         if (scratch_off + n > scratch_len) scratch_off = 0; /* wraps (child: within its stretch) */
-        if (pwrite(disk_fd, chunk, n, (off_t)(scratch_start + scratch_off)) != (ssize_t)n) return -1;
+        if (pwrite(fd, chunk, n, (off_t)(scratch_start + scratch_off)) != (ssize_t)n) return -1;
         scratch_off += n;
         left -= n;
     }
+    if (sync_at_end && fdatasync(fd) != 0) return -1;
     gettimeofday(&t1, NULL);
     return (long long)(t1.tv_sec - t0.tv_sec) * 1000000 + (t1.tv_usec - t0.tv_usec);
 }
@@ -155,7 +161,8 @@ static void handle_line(int fd, char *line, size_t len) {
         }
     } else if (len >= 1 && line[0] == 'S') {
         snprintf(out, sizeof out, "SEQ %llu\n", (unsigned long long)last_seq);
-    } else if (len >= 3 && line[0] == 'F') {
+    } else if (len >= 3 && (line[0] == 'F' || line[0] == 'B')) {
+        int buffered = line[0] == 'B';
         char *end;
         unsigned long kib = strtoul(line + 2, &end, 10);
         unsigned long chunk_kib = strtoul(end, NULL, 10);
@@ -168,9 +175,10 @@ static void handle_line(int fd, char *line, size_t len) {
         fill_counter += 1000003;
         if (fork() == 0) {
             scratch_off = my_off;
-            long long usec = fill(kib, chunk_kib);
+            int wfd = buffered ? open(disk_path, O_RDWR) : disk_fd;
+            long long usec = wfd < 0 ? -1 : fill(wfd, kib, chunk_kib, buffered);
             if (usec < 0) snprintf(out, sizeof out, "ERR %s\n", strerror(errno));
-            else snprintf(out, sizeof out, "OK F %llu %lld\n", (unsigned long long)bytes, usec);
+            else snprintf(out, sizeof out, "OK %c %llu %lld\n", line[0], (unsigned long long)bytes, usec);
             reply(fd, out);
             _exit(0);
         }
@@ -186,6 +194,7 @@ static void handle_line(int fd, char *line, size_t len) {
 int main(int argc, char **argv) {
     if (argc != 3) { fprintf(stderr, "usage: ledger DEVICE PORT\n"); return 2; }
     signal(SIGCHLD, SIG_IGN); /* bulk-write children reap themselves */
+    disk_path = argv[1];
     disk_fd = open(argv[1], O_RDWR | O_DSYNC);
     if (disk_fd < 0) { perror("open disk"); return 1; }
     recover();
