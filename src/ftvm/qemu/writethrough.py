@@ -6,7 +6,7 @@ its fdatasync), and that serial flush cost more than a third of a small synchron
 With both copies written through, each child's write already includes its sync (in
 parallel with the other child's), so the quorum's flush can skip the local node and is a
 bare round trip on the partner. Measured on the lab (November 2026), 64 KiB O_DSYNC
-guest writes went from 0.70 to 0.87-0.93 of the unprotected disk's throughput.
+guest writes went from 0.65-0.72 to 0.82-0.93 of the unprotected disk's throughput.
 
 How: Linux's per-file synchronous-update attribute (FS_SYNC_FL, what `chattr +S` sets).
 The kernel treats every write to such a file, O_DIRECT ones included, as O_DSYNC
