@@ -44,6 +44,9 @@ def test_writable_copy_follows_the_hosts_choice(copy_file: Path) -> None:
     assert not off.write_through and not is_write_through(str(copy_file))
     on = writable_copy(LocalImage(str(copy_file), "raw"), want_write_through=True)
     assert on.write_through and is_write_through(str(copy_file))
+    # turned off again (host.toml): the file writes as usual again
+    off = writable_copy(LocalImage(str(copy_file), "raw"), want_write_through=False)
+    assert not off.write_through and not is_write_through(str(copy_file))
 
 
 def test_a_cleared_attribute_is_set_again(copy_file: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .blockgraph import Export, LocalImage
 from .process import die_with_parent
-from .writethrough import is_write_through, make_write_through
+from .writethrough import clear_write_through, is_write_through, make_write_through
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,14 @@ def ensure_image(image: LocalImage, size: int) -> bool:
 def writable_copy(image: LocalImage, want_write_through: bool) -> LocalImage:
     """The copy as its nodes may open it: write-through (flushes skipped) only if wanted and
     verified on the file now. Called right before nodes or a daemon open the file, since
-    a copy made again (a replaced disk) starts without the attribute."""
-    ok = want_write_through and make_write_through(image.path)
-    if want_write_through and not ok:
+    a copy made again (a replaced disk) starts without the attribute. Not wanted (the host
+    turned it off: its agent restarted, and its QEMUs with it): the attribute is cleared."""
+    if not want_write_through:
+        if clear_write_through(image.path):
+            log.info("%s: write-through turned off for this host: synchronous-write attribute cleared", image.path)
+        return replace(image, write_through=False)
+    ok = make_write_through(image.path)
+    if not ok:
         log.warning("%s: the file system does not keep the synchronous-write attribute; "
                     "the copy is flushed as usual", image.path)
     return replace(image, write_through=ok)

@@ -68,3 +68,18 @@ def make_write_through(path: str) -> bool:
     finally:
         os.close(fd)
 
+
+def clear_write_through(path: str) -> bool:
+    """Ordinary writes again (a host that turned write-through off). Only for a file no node
+    opened with flushes skipped is using. Returns whether the attribute was set."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        flags = _flags(fd)
+        if flags & FS_SYNC_FL:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, array.array("i", [flags & ~FS_SYNC_FL]), True)
+            return True
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
