@@ -109,10 +109,13 @@ async def change_level(store: PoolStore, name: str, level: int,
             raise FtvmError(f"VM {name} changed meanwhile; nothing changed", REFUSED)
         return old, False
     if level in (2, 3):
-        from .core.placement import partner_with_room
+        from .core.placement import partner_with_room, raise_to_system_problem
         partner, why = partner_with_room(snap, replace(spec, level=Level(level)), owner)
         if partner is None:
             raise FtvmError(f"cannot raise {name} to level {level}: {why}", REFUSED)
+        problem = raise_to_system_problem(snap, spec, owner) if level == 3 else None
+        if problem:
+            raise FtvmError(f"cannot raise {name} to level 3: {problem}", REFUSED)
     paths: tuple[str, ...] = ()
     if level == 1:
         paths = disk_paths or tuple(d.path for d in spec.disks)

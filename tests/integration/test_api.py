@@ -201,3 +201,30 @@ async def test_a_level_change_that_cannot_be_made_is_refused_and_changes_nothing
         # 1 -> 0 while running is only a spec change
         assert await ops.change_level(store, "big", 0) == (1, False)
         assert (await store.snapshot()).vms["big"].spec.level is Level.UNPROTECTED
+
+
+async def test_raising_to_level3_needs_room_for_the_guest_twice_on_its_host(etcd_url: str) -> None:
+    """The raise moves the VM into a second QEMU on its own host: a host without the VM's
+    memory free on top of its use refuses it with the figures, and nothing is recorded;
+    level 2 (no second QEMU) is still possible there."""
+    from ftvm import ops
+    from ftvm.core.model import Desired, RunState, VmStatus
+    from ftvm.errors import REFUSED, FtvmError
+    async with EtcdClient([etcd_url], timeout=5.0) as client:
+        store = PoolStore(client, f"lvl{next(_pools)}")
+        leases = {}
+        for h, mem in (("h1", 1024), ("h2", 2048)):
+            leases[h], _ = await client.lease_grant(30)
+            assert await store.register_host(HostInfo(h, mem, 4, ("/s",), leases[h], f"10.79.0.{h[1]}"), leases[h])
+        spec = VmSpec("mid", Level.RESTART, 768, 1, (DiskSpec("/s/mid.img"),), (NicSpec("52:54:00:00:10:03"),),
+                      desired=Desired.RUNNING)
+        assert await store.define_vm(spec)
+        token = await store.claim("mid", "h1", leases["h1"])
+        assert token is not None
+        assert await store.report_status("mid", VmStatus("h1", RunState.RUNNING, token, 1.0), leases["h1"])
+        with pytest.raises(FtvmError, match="768 MiB more needed, h1 has 256 MiB free") as e:
+            await ops.change_level(store, "mid", 3)
+        assert e.value.code == REFUSED
+        assert (await store.snapshot()).vms["mid"].level_change is None
+        assert await ops.change_level(store, "mid", 2) == (1, True)
+        assert (await store.snapshot()).vms["mid"].level_change is not None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ftvm.core.model import DiskSpec, HostInfo, Level, NicSpec, Ownership, PoolSnapshot, VmSpec, VmView
-from ftvm.core.placement import choose_partner, failover_reserve, partner_with_room
+from ftvm.core.placement import choose_partner, failover_reserve, partner_with_room, raise_to_system_problem
 from ftvm.core.replication import CopyState, mark, new_copies
 
 
@@ -113,3 +113,15 @@ def test_failback_asks_a_migration_home_only_when_the_home_can_run_it() -> None:
     assert act(PoolSnapshot(1, {"h2": hs["h2"]}, {"a": view}))[0] is Action.WAIT  # home down
     off = replace(view, spec=replace(base, failback=False))
     assert act(PoolSnapshot(1, hs, {"a": off}))[0] is Action.WAIT
+
+
+def test_raising_to_level3_needs_room_for_the_guests_ram_twice() -> None:
+    """The raise moves the VM into a second QEMU on the same host: for a moment the host
+    holds the guest's RAM twice, so it needs the VM's memory free on top of its use."""
+    hs = hosts("h1", "h2", mem=2048)
+    snap = PoolSnapshot(1, hs, {"a": running("a", "h1", "h2", mem=1024), "b": running("b", "h1", "h2", mem=512)})
+    assert raise_to_system_problem(snap, spec("b", 512), "h1") is None  # 1536 used, 512 free
+    snap2 = PoolSnapshot(1, hs, {"a": running("a", "h1", "h2", mem=1024), "b": running("b", "h1", "h2", mem=768)})
+    problem = raise_to_system_problem(snap2, spec("b", 768), "h1")
+    assert problem and "768 MiB more needed, h1 has 256 MiB free" in problem
+    assert "not a live host" in (raise_to_system_problem(snap, spec("b"), "h9") or "")

@@ -131,3 +131,17 @@ def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | No
     if not snap.has_room(target, spec):
         return f"host {target} has no room for {spec.memory_mib} MiB / {spec.vcpus} vCPU"
     return None
+
+
+def raise_to_system_problem(snap: PoolSnapshot, spec: VmSpec, owner: str) -> str | None:
+    """Why a running VM cannot be raised to level 3 on `owner` now (None: it can), as far as
+    memory goes. It moves live into a second QEMU on the same host whose RAM is a shared
+    file: until the old QEMU exits the host holds the guest's RAM twice."""
+    info = snap.hosts.get(owner)
+    if info is None:
+        return f"host {owner} is not a live host of the pool"
+    free = info.memory_mib - snap.used_memory(owner)
+    if free < spec.memory_mib:
+        return (f"the VM moves live into a second QEMU on {owner}, which holds the guest's RAM twice "
+                f"until the move ends: {spec.memory_mib} MiB more needed, {owner} has {free} MiB free")
+    return None
