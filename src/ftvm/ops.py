@@ -291,8 +291,8 @@ def plan_evacuation(snap: PoolSnapshot, host: str) -> tuple[dict[str, str], list
         if view.owner is None or view.owner.host != host:
             continue
         candidates = [h for h in eligible_hosts(snap, view) if h != host]
-        candidates.sort(key=lambda h: -(snap.hosts[h].memory_mib - snap.used_memory(h) - extra.get(h, 0)))
-        fits = [h for h in candidates if snap.hosts[h].memory_mib - snap.used_memory(h) - extra.get(h, 0)
+        candidates.sort(key=lambda h: -(snap.hosts[h].memory_mib - snap.used_memory(h, name) - extra.get(h, 0)))
+        fits = [h for h in candidates if snap.hosts[h].memory_mib - snap.used_memory(h, name) - extra.get(h, 0)
                 >= view.spec.memory_mib and migration_problem(snap, view, h) is None]
         if not fits:
             others = candidates or sorted(h for h in snap.hosts if h != host)

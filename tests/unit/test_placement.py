@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ftvm.core.model import DiskSpec, HostInfo, Level, NicSpec, Ownership, PoolSnapshot, VmSpec, VmView
 from ftvm.core.placement import choose_partner, failover_reserve, partner_with_room, raise_to_system_problem
 from ftvm.core.replication import CopyState, mark, new_copies
@@ -125,3 +127,35 @@ def test_raising_to_level3_needs_room_for_the_guests_ram_twice() -> None:
     problem = raise_to_system_problem(snap2, spec("b", 768), "h1")
     assert problem and "768 MiB more needed, h1 has 256 MiB free" in problem
     assert "not a live host" in (raise_to_system_problem(snap, spec("b"), "h9") or "")
+
+
+def l3(name: str, host: str, partner: str, mem: int) -> VmView:
+    from dataclasses import replace
+    view = running(name, host, partner, mem)
+    return replace(view, spec=replace(view.spec, level=Level.SYSTEM))
+
+
+def test_a_level3_partner_counts_the_ram_replica_it_keeps() -> None:
+    """A level 3 partner keeps the guest's RAM in a tmpfs file: memory it really uses, so
+    nothing else may be placed in it; the VM itself, moving or failing over there, finds
+    that memory already its own (counted once)."""
+    from ftvm.core.decide import eligible_hosts
+    from ftvm.core.model import CheckpointFigures, RunState, VmStatus
+    from ftvm.core.placement import migration_problem, overcommit_problem
+    hs = hosts("h1", "h2", mem=1024)
+    x = replace(l3("x", "h1", "h2", 768), status=VmStatus("h1", RunState.RUNNING, 1, 1.0),
+                checkpoints=CheckpointFigures("h2", "protected"))
+    snap = PoolSnapshot(1, hs, {"x": x})
+    assert snap.replica_memory("h2") == 768 and snap.used_memory("h2") == 768
+    assert snap.used_memory("h2", exclude="x") == 0 and snap.replica_memory("h1") == 0
+    assert not snap.has_room("h2", spec("y", 512))  # 768 of h2's 1024 MiB hold x's replica
+    assert failover_reserve(snap, "h2", "h1") == (0, 1)  # x's memory is held already, not reserved again
+    problem = overcommit_problem(snap, replace(spec("y", 512), level=Level.RESTART))
+    assert problem and "no live host has that free" in problem  # h1 runs x, h2 holds its replica
+    # x itself may switch over to h2, or fail over there: its replica becomes its RAM
+    assert snap.has_room("h2", x.spec) and migration_problem(snap, x, "h2") is None
+    lost = PoolSnapshot(2, {"h2": hs["h2"]}, {"x": replace(x, owner=None, status=None)})
+    assert eligible_hosts(lost, lost.vms["x"]) == ["h2"]
+    # level 2 copies are disks only: no memory held on the partner, the failover reserve counts it
+    snap2 = PoolSnapshot(1, hs, {"x": running("x", "h1", "h2", 768)})
+    assert snap2.used_memory("h2") == 0 and failover_reserve(snap2, "h2", "h1") == (768, 1)

@@ -87,7 +87,8 @@ def render(snapshot: PoolSnapshot, health: AgentHealth, counters: AgentCounters)
     for h, info in sorted(snapshot.hosts.items()):
         fam("ftvm_host_up", "gauge", "1 for every host holding a live lease").add(1, host=h)
         fam("ftvm_host_memory_bytes", "gauge", "memory a host offers to VMs").add(info.memory_mib << 20, host=h)
-        fam("ftvm_host_memory_used_bytes", "gauge", "memory of the VMs a host owns").add(
+        fam("ftvm_host_memory_used_bytes", "gauge",
+            "memory of the VMs a host runs and of the level 3 RAM replicas it keeps").add(
             snapshot.used_memory(h) << 20, host=h)
         fam("ftvm_host_vcpus", "gauge", "vCPUs a host offers to VMs").add(info.vcpus, host=h)
         fam("ftvm_host_vcpus_used", "gauge", "vCPUs of the VMs a host owns").add(snapshot.used_vcpus(h), host=h)

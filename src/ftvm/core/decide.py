@@ -227,7 +227,7 @@ def eligible_hosts(snapshot: PoolSnapshot, view: VmView) -> list[str]:
 
     hosts = [h for h in snapshot.hosts
              if h not in snapshot.maintenance and snapshot.has_room(h, spec) and reaches(h)]
-    return sorted(hosts, key=lambda h: (-(snapshot.hosts[h].memory_mib - snapshot.used_memory(h)), h))
+    return sorted(hosts, key=lambda h: (-(snapshot.hosts[h].memory_mib - snapshot.used_memory(h, spec.name)), h))
 
 
 def _no_copy_reason(view: VmView) -> str:

@@ -304,15 +304,25 @@ class PoolSnapshot:
         links = self.links.get(host, {}).get(peer, {})
         return sorted(i for i, up in links.items() if not up), sorted(i for i, up in links.items() if up)
 
-    def used_memory(self, host: str) -> int:
-        return sum(v.spec.memory_mib for v in self.vms.values() if v.owner and v.owner.host == host)
+    def replica_memory(self, host: str, exclude: str = "") -> int:
+        """MiB of the level 3 RAM replicas `host` keeps for VMs running elsewhere (files in a
+        tmpfs: real memory), `exclude`'s not counted."""
+        return sum(v.spec.memory_mib for name, v in self.vms.items()
+                   if name != exclude and v.spec.level is Level.SYSTEM and v.owner is not None
+                   and v.owner.host != host and v.copies is not None and host in v.copies.copies)
+
+    def used_memory(self, host: str, exclude: str = "") -> int:
+        """MiB of the VMs `host` runs and of the level 3 RAM replicas it keeps; `exclude`'s
+        replica is left out (when that VM moves or fails over there, its replica becomes its RAM)."""
+        owned = sum(v.spec.memory_mib for v in self.vms.values() if v.owner and v.owner.host == host)
+        return owned + self.replica_memory(host, exclude)
 
     def used_vcpus(self, host: str) -> int:
         return sum(v.spec.vcpus for v in self.vms.values() if v.owner and v.owner.host == host)
 
     def has_room(self, host: str, spec: VmSpec) -> bool:
         info = self.hosts[host]
-        return (self.used_memory(host) + spec.memory_mib <= info.memory_mib
+        return (self.used_memory(host, exclude=spec.name) + spec.memory_mib <= info.memory_mib
                 and self.used_vcpus(host) + spec.vcpus <= info.vcpus)
 
 

@@ -22,13 +22,15 @@ def partner_duties(snapshot: PoolSnapshot, host: str) -> int:
 
 def failover_reserve(snapshot: PoolSnapshot, host: str, primary: str, exclude: str = "") -> tuple[int, int]:
     """Memory (MiB) and vCPUs `host` would have to take over if `primary` were lost: the
-    VMs running on `primary` whose partner is `host`."""
+    VMs running on `primary` whose partner is `host`. A level 3 VM's memory is not in it:
+    its RAM replica already holds that memory on `host` (`PoolSnapshot.used_memory`)."""
     mem = cpus = 0
     for name, v in snapshot.vms.items():
         if name == exclude or v.owner is None or v.owner.host != primary or v.copies is None:
             continue
         if v.copies.partner_of(primary) == host:
-            mem += v.spec.memory_mib
+            if v.spec.level is not Level.SYSTEM:
+                mem += v.spec.memory_mib
             cpus += v.spec.vcpus
     return mem, cpus
 
@@ -38,7 +40,7 @@ def partner_candidates(snapshot: PoolSnapshot, spec: VmSpec, primary: str) -> li
     def room(h: str) -> bool:
         info = snapshot.hosts[h]
         mem, cpus = failover_reserve(snapshot, h, primary, exclude=spec.name)
-        return (snapshot.used_memory(h) + mem + spec.memory_mib <= info.memory_mib
+        return (snapshot.used_memory(h, exclude=spec.name) + mem + spec.memory_mib <= info.memory_mib
                 and snapshot.used_vcpus(h) + cpus + spec.vcpus <= info.vcpus)
 
     hosts = [h for h in snapshot.hosts
@@ -60,10 +62,11 @@ def partner_with_room(snapshot: PoolSnapshot, spec: VmSpec, primary: str) -> tup
     best = candidates[0]
     info = snapshot.hosts[best]
     mem, cpus = failover_reserve(snapshot, best, primary, exclude=spec.name)
-    if (snapshot.used_memory(best) + mem + spec.memory_mib > info.memory_mib
+    used = snapshot.used_memory(best, exclude=spec.name)
+    if (used + mem + spec.memory_mib > info.memory_mib
             or snapshot.used_vcpus(best) + cpus + spec.vcpus > info.vcpus):
         return None, (f"no partner has room to take the VM over: {best} has "
-                      f"{info.memory_mib - snapshot.used_memory(best) - mem} MiB free after its failover reserve, "
+                      f"{info.memory_mib - used - mem} MiB free after its failover reserve, "
                       f"{spec.memory_mib} MiB needed")
     return best, f"partner {best}"
 
