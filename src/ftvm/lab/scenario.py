@@ -163,31 +163,41 @@ class LabPool:
                        check=True, capture_output=True)
         return dest
 
-    def copies_identical(self, vm: str, a: str, b: str) -> str | None:
-        """Quiesce the guest (`stop` on the lab's debug QMP socket of the host running it),
-        compare host `a`'s and `b`'s copies block by block, resume. None if identical, else
-        what qemu-img said."""
-        import asyncio
-
+    def debug_qmp(self, vm: str, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """One QMP command on the lab's debug socket of the QEMU running `vm` (the agent's
+        own connection is untouched)."""
         from qemu.qmp import QMPClient
         view = self.snapshot().vms[vm]
         assert view.owner is not None
         sock = self.state.host_dir(view.owner.host) / "state" / "vms" / vm / "qmp-debug.sock"
 
-        async def qmp(cmd: str) -> None:
+        async def run() -> Any:
             q = QMPClient("lab")
             await q.connect(str(sock))
-            await q.execute(cmd)
-            await q.disconnect()
+            try:
+                return await q.execute(cmd, args)
+            finally:
+                await q.disconnect()
+        return asyncio.run(run())
 
-        asyncio.run(qmp("stop"))
+    def disk_stats(self, vm: str) -> dict[str, int]:
+        """QEMU's counters for the VM's first disk as the guest sees it (operations and
+        total nanoseconds of writes and flushes, from submission to completion)."""
+        stats = self.debug_qmp(vm, "query-blockstats", {"query-nodes": False})
+        return {k: int(v) for k, v in stats[0]["stats"].items() if isinstance(v, int) and not isinstance(v, bool)}
+
+    def copies_identical(self, vm: str, a: str, b: str) -> str | None:
+        """Quiesce the guest (`stop` on the lab's debug QMP socket of the host running it),
+        compare host `a`'s and `b`'s copies block by block, resume. None if identical, else
+        what qemu-img said."""
+        self.debug_qmp(vm, "stop")
         try:
             (pa, fa), (pb, fb) = self.copy_path(vm, a), self.copy_path(vm, b)
             r = subprocess.run(["qemu-img", "compare", "-U", "-f", fa, "-F", fb, str(pa), str(pb)],
                                capture_output=True, text=True)
             return None if r.returncode == 0 else (r.stdout + r.stderr).strip()
         finally:
-            asyncio.run(qmp("cont"))
+            self.debug_qmp(vm, "cont")
 
     def ask(self, ip: str, line: str, timeout: float = 60) -> str:
         """One request to the ledger from the client namespace; returns the reply line."""
