@@ -436,6 +436,11 @@ def test_copies_are_write_through_and_kept_so(l2vm, lab: labmod.LabState) -> Non
                      and e.time > t and str(local) in e.message, 15)
     assert is_write_through(str(local))
     # writes that skip the flushes land on both copies alike, synchronous or through the page cache
+    before = pool.disk_stats(name)
     pool.bulk_write(ip, 8, 64)
+    after = pool.disk_stats(name)
     pool.bulk_write(ip, 8, 1024, buffered=True)
     assert_copies_identical(pool, lab, name)
+    # each 64 KiB O_DSYNC write reached QEMU as a write and a flush (what the bench times)
+    assert after["wr_operations"] - before["wr_operations"] >= 128
+    assert after["flush_operations"] - before["flush_operations"] >= 128
