@@ -162,6 +162,24 @@ async def test_availability_from_the_stored_history_against_the_sla(api) -> None
     assert [r.kind for r in (await store.history("web"))["web"]] == ["up", "down"]
 
 
+async def _running_768_mib_vm(client: EtcdClient, name: str, hosts: dict[str, int]) -> tuple[PoolStore, VmSpec]:
+    """A new pool of `hosts` (name: MiB, each with a replication address) where a 768 MiB
+    level 1 VM `name` runs on h1."""
+    from ftvm.core.model import Desired, RunState, VmStatus
+    store = PoolStore(client, f"lvl{next(_pools)}")
+    leases = {}
+    for i, (h, mem) in enumerate(hosts.items(), 1):
+        leases[h], _ = await client.lease_grant(30)
+        assert await store.register_host(HostInfo(h, mem, 4, ("/s",), leases[h], f"10.79.0.{i}"), leases[h])
+    spec = VmSpec(name, Level.RESTART, 768, 1, (DiskSpec(f"/s/{name}.img"),), (NicSpec("52:54:00:00:10:02"),),
+                  desired=Desired.RUNNING)
+    assert await store.define_vm(spec)
+    token = await store.claim(name, "h1", leases["h1"])
+    assert token is not None
+    assert await store.report_status(name, VmStatus("h1", RunState.RUNNING, token, 1.0), leases["h1"])
+    return store, spec
+
+
 async def test_a_level_change_that_cannot_be_made_is_refused_and_changes_nothing(etcd_url: str) -> None:
     """Against a real etcd: a running 768 MiB VM cannot be raised to 2 or 3 when the only
     other host could not take it over (512 MiB); a stopped VM is not changed to 3; nothing
@@ -169,20 +187,10 @@ async def test_a_level_change_that_cannot_be_made_is_refused_and_changes_nothing
     from dataclasses import replace
 
     from ftvm import ops
-    from ftvm.core.model import Desired, RunState, VmStatus
+    from ftvm.core.model import Desired
     from ftvm.errors import BAD_INPUT, REFUSED, FtvmError
     async with EtcdClient([etcd_url], timeout=5.0) as client:
-        store = PoolStore(client, f"lvl{next(_pools)}")
-        leases = {}
-        for h, mem in (("h1", 2048), ("h2", 512)):
-            leases[h], _ = await client.lease_grant(30)
-            assert await store.register_host(HostInfo(h, mem, 4, ("/s",), leases[h], "10.79.0.1"), leases[h])
-        spec = VmSpec("big", Level.RESTART, 768, 1, (DiskSpec("/s/big.img"),), (NicSpec("52:54:00:00:10:02"),),
-                      desired=Desired.RUNNING)
-        assert await store.define_vm(spec)
-        token = await store.claim("big", "h1", leases["h1"])
-        assert token is not None
-        assert await store.report_status("big", VmStatus("h1", RunState.RUNNING, token, 1.0), leases["h1"])
+        store, spec = await _running_768_mib_vm(client, "big", {"h1": 2048, "h2": 512})
         before = await store.snapshot()
         for level in (2, 3):
             with pytest.raises(FtvmError, match="no partner has room") as e:
@@ -208,20 +216,9 @@ async def test_raising_to_level3_needs_room_for_the_guest_twice_on_its_host(etcd
     memory free on top of its use refuses it with the figures, and nothing is recorded;
     level 2 (no second QEMU) is still possible there."""
     from ftvm import ops
-    from ftvm.core.model import Desired, RunState, VmStatus
     from ftvm.errors import REFUSED, FtvmError
     async with EtcdClient([etcd_url], timeout=5.0) as client:
-        store = PoolStore(client, f"lvl{next(_pools)}")
-        leases = {}
-        for h, mem in (("h1", 1024), ("h2", 2048)):
-            leases[h], _ = await client.lease_grant(30)
-            assert await store.register_host(HostInfo(h, mem, 4, ("/s",), leases[h], f"10.79.0.{h[1]}"), leases[h])
-        spec = VmSpec("mid", Level.RESTART, 768, 1, (DiskSpec("/s/mid.img"),), (NicSpec("52:54:00:00:10:03"),),
-                      desired=Desired.RUNNING)
-        assert await store.define_vm(spec)
-        token = await store.claim("mid", "h1", leases["h1"])
-        assert token is not None
-        assert await store.report_status("mid", VmStatus("h1", RunState.RUNNING, token, 1.0), leases["h1"])
+        store, _ = await _running_768_mib_vm(client, "mid", {"h1": 1024, "h2": 2048})
         with pytest.raises(FtvmError, match="768 MiB more needed, h1 has 256 MiB free") as e:
             await ops.change_level(store, "mid", 3)
         assert e.value.code == REFUSED
