@@ -109,10 +109,9 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
                 continue
             with suppress(FileNotFoundError):
                 os.unlink(image.path)  # whatever an earlier life left there is not this disk
-            ensure_image(image, sizes[i])
-            images[i] = ctx.writable(image)
-            targets.append(await _add_target(ctx.qemu, i, images[i].path, image.format, sizes[i],
-                                             images[i].write_through))
+            ensure_image(image, sizes[i])  # the attribute is set on the file, so it must exist first
+            image = images[i] = ctx.writable(image)
+            targets.append(await _add_target(ctx.qemu, i, image.path, image.format, sizes[i], image.write_through))
         await _mirror(ctx, change, targets)
     except Exception:
         await _cancel(ctx.qemu, targets)

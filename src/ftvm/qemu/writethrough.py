@@ -51,15 +51,22 @@ def is_write_through(path: str) -> bool:
         os.close(fd)
 
 
+def _set_flag(fd: int, on: bool) -> bool:
+    """Set or clear FS_SYNC_FL on an open file; returns whether it was set before."""
+    flags = _flags(fd)
+    wanted = flags | FS_SYNC_FL if on else flags & ~FS_SYNC_FL
+    if wanted != flags:
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, array.array("i", [wanted]), True)
+    return bool(flags & FS_SYNC_FL)
+
+
 def make_write_through(path: str) -> bool:
     """Set the synchronous-update attribute on `path` and sync what was written before it
     was set; True only if the attribute reads back set (the file system supports it)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
-            flags = _flags(fd)
-            if not flags & FS_SYNC_FL:
-                fcntl.ioctl(fd, FS_IOC_SETFLAGS, array.array("i", [flags | FS_SYNC_FL]), True)
+            _set_flag(fd, True)
             ok = bool(_flags(fd) & FS_SYNC_FL)
         except OSError:
             ok = False
@@ -74,11 +81,7 @@ def clear_write_through(path: str) -> bool:
     opened with flushes skipped is using. Returns whether the attribute was set."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        flags = _flags(fd)
-        if flags & FS_SYNC_FL:
-            fcntl.ioctl(fd, FS_IOC_SETFLAGS, array.array("i", [flags & ~FS_SYNC_FL]), True)
-            return True
-        return False
+        return _set_flag(fd, False)
     except OSError:
         return False
     finally:
