@@ -89,7 +89,7 @@ def cmd_bench(args: Any) -> int:
 
 # --- level 2 ---------------------------------------------------------------------------
 
-ROUNDS = 7
+ROUNDS = 11
 RESYNC_MIB = 16  # written while the partner is away: less than the 32 MiB scratch area, so no block twice
 
 
@@ -153,6 +153,8 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
                          "latency_p99_ms": 1000 * _pct(lat[lvl], 0.99),
                          # where a 1 MiB write's time goes: the disk as the guest sees it, per request
                          "device_write_us": _mean_us(device[lvl], "wr"),
+                         "device_write_kib": device[lvl].get("wr_bytes", 0) / 1024
+                         / max(1, device[lvl].get("wr_operations", 0)),
                          "device_flush_us": _mean_us(device[lvl], "flush")} for lvl in (0, 2)}
         out["level0"], out["level2"] = figures[0], figures[2]
         out["ratios"] = {k: figures[2][k] / figures[0][k] for k in figures[0]}
@@ -202,6 +204,7 @@ def print_level2(out: dict[str, Any]) -> None:
                      ("latency_p50_ms", "ledger write+reply latency p50 ms"),
                      ("latency_p99_ms", "ledger write+reply latency p99 ms"),
                      ("device_write_us", "1 MiB runs: disk write request, submission to completion, us"),
+                     ("device_write_kib", "1 MiB runs: disk write request size, KiB (mean)"),
                      ("device_flush_us", "1 MiB runs: disk flush request, us")):
         t.add_row(label, f"{out['level0'][k]:.2f}", f"{out['level2'][k]:.2f}", f"{out['ratios'][k]:.2f}")
     console.print(t)

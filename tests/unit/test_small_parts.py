@@ -115,7 +115,7 @@ def test_topology_addresses_are_distinct() -> None:
 def test_disk_boot_when_no_kernel_given() -> None:
     cmd = build_cmdline(vm(), VmPaths(Path("/run/x")), Accel("tcg", "qemu64", ""), ["ft-web"])
     assert "-kernel" not in cmd
-    assert "virtio-blk-pci,drive=disk0,bootindex=0" in cmd
+    assert "virtio-blk-pci,drive=disk0,queue-size=64,bootindex=0" in cmd
 
 
 def test_guest_cache_key_follows_every_input(tmp_path: Path, monkeypatch) -> None:

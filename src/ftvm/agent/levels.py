@@ -37,7 +37,7 @@ from typing import Any
 from ..core.model import DiskSpec, Level, LevelChange, PoolSnapshot, VmSpec
 from ..core.placement import choose_partner
 from ..core.replication import NEW_REPLICA, Copies, Copy, CopyState
-from ..qemu.blockgraph import (DiskGraph, LocalImage, Mode, drop_child, file_image_node, image_node_name,
+from ..qemu.blockgraph import (COPY_AIO, DiskGraph, LocalImage, Mode, drop_child, file_image_node, image_node_name,
                                top_node)
 from ..qemu.cmdline import checkpointed_disk_nodes
 from ..qemu.process import QemuVm
@@ -111,7 +111,8 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
                 os.unlink(image.path)  # whatever an earlier life left there is not this disk
             ensure_image(image, sizes[i])  # the attribute is set on the file, so it must exist first
             image = images[i] = ctx.writable(image)
-            targets.append(await _add_target(ctx.qemu, i, image.path, image.format, sizes[i], image.write_through))
+            targets.append(await _add_target(ctx.qemu, i, image.path, image.format, sizes[i],
+                                             image.write_through, local_copy=True))
         await _mirror(ctx, change, targets)
     except Exception:
         await _cancel(ctx.qemu, targets)
@@ -223,12 +224,14 @@ async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange
 
 
 async def _add_target(qemu: QemuVm, index: int, path: str, fmt: str, size: int,
-                      write_through: bool = False) -> str:
+                      write_through: bool = False, local_copy: bool = False) -> str:
     """A node on `path` (created, space reserved, if missing): where disk `index` is copied to.
-    `write_through`: a level 2 copy verified write-through (its node skips flushes)."""
+    `local_copy`: a level 2 copy (written as copies are, COPY_AIO); `write_through`: verified
+    write-through (its node skips flushes)."""
     ensure_image(LocalImage(path, fmt), size)
     name = f"d{index}-lvl{int(time.time() * 1000) % 100000}"
-    await qemu.execute("blockdev-add", file_image_node(name, path, fmt, write_through=write_through))
+    await qemu.execute("blockdev-add", file_image_node(name, path, fmt, write_through=write_through,
+                                                       aio=COPY_AIO if local_copy else "threads"))
     return name
 
 

@@ -75,9 +75,18 @@ def _name(index: int, kind: str, serial: int) -> str:
     return f"d{index}-{kind}{serial}"
 
 
+# How a Level 2 copy's file is written: Linux AIO, submitted and completed in QEMU's event
+# loop. The thread pool's hand-offs cost CPU the NBD transfer to the partner needs at the
+# same moment (measured, 2 x 512 KiB writes + flush over quorum: 1.41-1.61 -> 1.16-1.42 ms
+# per MiB; a lone image measured the same either way). Copies are always files on the host's
+# own storage, opened O_DIRECT, which Linux AIO requires; levels 0/1 images, possibly on
+# network file systems where io_submit can block, keep the thread pool.
+COPY_AIO = "native"
+
+
 def local_node(index: int, serial: int, image: LocalImage, locking: bool) -> tuple[str, dict[str, Any]]:
     name = _name(index, "local", serial)
-    return name, file_image_node(name, image.path, image.format, locking, image.write_through)
+    return name, file_image_node(name, image.path, image.format, locking, image.write_through, COPY_AIO)
 
 
 def remote_node(index: int, serial: int, export: Export) -> tuple[str, dict[str, Any]]:
@@ -112,11 +121,11 @@ def image_nodes(index: int, path: str, fmt: str) -> list[dict[str, Any]]:
 
 
 def file_image_node(name: str, path: str, fmt: str, locking: bool = True,
-                    write_through: bool = False) -> dict[str, Any]:
+                    write_through: bool = False, aio: str = "threads") -> dict[str, Any]:
     """A node on an image file (a level 2 copy, or the target of an online move of a disk).
     A write-through file's node skips flushes: each write was already synchronous."""
     return {"driver": fmt, "node-name": name,
-            "file": {"driver": "file", "node-name": name + "-f", "filename": path,
+            "file": {"driver": "file", "node-name": name + "-f", "filename": path, "aio": aio,
                      "cache": {"direct": True, "no-flush": write_through}, "locking": "on" if locking else "off"}}
 
 

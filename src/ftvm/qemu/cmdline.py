@@ -14,6 +14,15 @@ from .probe import Accel
 
 QEMU = "qemu-system-x86_64"
 
+# Every VM's disks, at every level (a VM changes level while running, and a migration needs
+# the same device on both ends): 64 descriptors, so the guest sees at most 62 segments per
+# request (QEMU's seg-max-adjust) and splits a large write into ~248 KiB requests (with 4 KiB
+# pages). At level 2 the partner then writes the first part while the rest is still on the
+# wire. Measured on the lab, 1 MiB O_DSYNC writes, L2/L0 throughput: 256 (QEMU's default,
+# 512 KiB requests) 0.79; 128: 0.82; 64: 0.90; 32: 0.80. Level 0 alone was unchanged (271
+# vs 276-280 MiB/s), and 64 requests in flight per disk stay well above what guests queue.
+DISK_QUEUE_SIZE = 64
+
 
 @dataclass(frozen=True)
 class VmPaths:
@@ -104,13 +113,15 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
             cmd += ["-initrd", spec.boot.initrd]
         cmd += ["-append", append]
     for i, disk in enumerate(spec.disks):
-        boot = ",bootindex=0" if i == 0 and not spec.boot.kernel else ""
+        device = f"virtio-blk-pci,drive=disk{i},queue-size={DISK_QUEUE_SIZE}"
+        if i == 0 and not spec.boot.kernel:
+            device += ",bootindex=0"
         if blockdevs is not None:
             cmd += [x for node in blockdevs[i] for x in ("-blockdev", json.dumps(node))]
-            cmd += ["-device", f"virtio-blk-pci,drive=disk{i},werror=stop,rerror=stop{boot}"]
+            cmd += ["-device", device + ",werror=stop,rerror=stop"]
             continue
         cmd += [x for node in image_nodes(i, disk.path, disk.format) for x in ("-blockdev", json.dumps(node))]
-        cmd += ["-device", f"virtio-blk-pci,drive=disk{i}{boot}"]
+        cmd += ["-device", device]
     for i, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
         if checkpointed is not None:  # frames go through the relay, which owns the tap
             netdev = f"stream,id=net{i},server=off,addr.type=unix,addr.path={paths.nic_socket(i)}"

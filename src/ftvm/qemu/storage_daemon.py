@@ -18,7 +18,7 @@ from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
-from .blockgraph import Export, LocalImage
+from .blockgraph import COPY_AIO, Export, LocalImage
 from .process import die_with_parent
 from .writethrough import clear_write_through, is_write_through, make_write_through
 
@@ -41,15 +41,30 @@ def build_qsd_cmdline(vm: str, images: list[LocalImage], listen_fd: int) -> list
     QEMU 7.2's NBD server delays its replies (Nagle) and large writes crawl."""
     cmd = [QSD]
     for i, img in enumerate(images):
-        # a write-through copy: NBD flushes need no fdatasync (writes were synchronous)
+        # a write-through copy: NBD flushes need no fdatasync (writes were synchronous).
+        # Written as the primary writes its copy (COPY_AIO): no hand-off to a worker thread
+        # and back per request (measured, 1 MiB NBD writes, with the heap below: 1.40 -> 1.08 ms).
         cache = {"direct": True, "no-flush": img.write_through}
         cmd += ["--blockdev", json.dumps({"driver": "file", "node-name": f"f{i}", "filename": img.path,
-                                          "cache": cache}),
+                                          "cache": cache, "aio": COPY_AIO}),
                 "--blockdev", json.dumps({"driver": img.format, "node-name": f"rep{i}", "file": f"f{i}"})]
     cmd += ["--nbd-server", f"addr.type=fd,addr.str={listen_fd}"]
     for i in range(len(images)):
         cmd += ["--export", f"type=nbd,id=e{i},node-name=rep{i},name={export_name(vm, i)},writable=on"]
     return cmd
+
+
+# QEMU's NBD server allocates a buffer per write request. glibc serves allocations above
+# its mmap threshold with a fresh mmap, so every large write faulted in (zeroed) new pages
+# and unmapped them after the reply. From the heap, and kept there, buffers are reused.
+# 32 MiB: the largest NBD request, and glibc's ceiling for the threshold.
+QSD_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+
+
+def qsd_environment(base: dict[str, str]) -> dict[str, str]:
+    env = dict(base)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (base.get("GLIBC_TUNABLES", ""), QSD_MALLOC_TUNABLES) if t)
+    return env
 
 
 def listening_socket(addr: str) -> socket.socket:
@@ -148,6 +163,7 @@ class StorageDaemon:
             with open(log_path, "ab") as out:
                 proc = await asyncio.create_subprocess_exec(
                     *cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(listener.fileno(),),
+                    env=qsd_environment(dict(os.environ)),
                     preexec_fn=die_with_parent, start_new_session=True)
         finally:
             listener.close()  # the daemon has its own copy
