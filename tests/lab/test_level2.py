@@ -343,8 +343,9 @@ def test_online_level_changes_keep_the_guest_running(lab: labmod.LabState, guest
     """A running VM goes 1 -> 2 -> 1 -> 2 -> 0 with `vm set --level --wait`: no restart (one
     QEMU process, one client connection), no I/O error, nothing acknowledged lost; at level 2
     it is Protected only once the partner's copy is in sync and the copies are identical;
-    lowered, the partner stops serving its copy."""
+    lowered, the partner stops serving its copy; lowered to 0, its copy stays write-through."""
     from ftvm.lab.client import read_log
+    from ftvm.qemu.writethrough import is_write_through
     pool = LabPool(lab)
     name, index = "lvl", 47
     ip = topo.vm_addr(index).split("/")[0]
@@ -379,9 +380,16 @@ def test_online_level_changes_keep_the_guest_running(lab: labmod.LabState, guest
             pool.ask(ip, "F 1024")  # 1 MiB more between changes
             client.wait_acks(20, 30, after=time.time())
         assert pool.snapshot().vms[name].status.detail == pid  # the same QEMU all along
-        acks = client.stop()
         final = Path(pool.snapshot().vms[name].spec.disks[0].path)  # level 0: h1's local copy
         assert final == Path(lab.host_dir("h1")) / "local" / name / "disk0.img"
+        # lowered to 0, the guest still runs on its copy's node that skips flushes: the
+        # copy's synchronous-write attribute stays watched while this QEMU runs
+        t = time.time()
+        subprocess.run(["chattr", "-S", str(final)], check=True)
+        pool.wait_events("attribute restored", lambda e: e.vm == name and e.kind == "warning"
+                         and e.time > t and str(final) in e.message, 15)
+        assert is_write_through(str(final))
+        acks = client.stop()
         _, lost = check_acked_on_disk(final, acks)
         assert lost == [] and len(acks) > 100
         assert Path(shared).exists()

@@ -83,6 +83,9 @@ class LocalRecord:
     failures: int = 0       # consecutive starts that failed or died young
     retry_at: float = 0.0   # monotonic time before which no new start is tried
     replica: ReplicaManager | None = None  # level 2 data plane
+    # copies a running 2 -> 0 lowering left this QEMU on: their nodes still skip flushes,
+    # so they stay checked (_check_write_through) until the QEMU ends
+    kept_write_through: list[LocalImage] = field(default_factory=list)
     incoming_disks: IncomingDisks | None = None  # level 2 migration target: the copy it opened
     l3: L3Primary | None = None            # level 3 checkpointing
 
@@ -343,7 +346,7 @@ class Agent:
             await self._execute(decision, snapshot)
         await self._report_status(snapshot)
         await self._report_links(snapshot)
-        self._check_write_through()
+        await self._check_write_through()
         await self._flush_events()
         if time.monotonic() > self._next_trim:
             self._next_trim = time.monotonic() + EVENT_TRIM_INTERVAL
@@ -353,15 +356,17 @@ class Agent:
             await self.store.trim_history(time.time() - HISTORY_DAYS * 86400)
         return report
 
-    def _check_write_through(self) -> None:
-        """Every few seconds: the write-through copies (ours and those we serve) still are."""
+    async def _check_write_through(self) -> None:
+        """Every few seconds: the write-through copies (ours and those we serve) still are.
+        In a thread: restoring the attribute syncs the file, which must not stall the loop."""
         if time.monotonic() < self._next_write_through_check:
             return
         self._next_write_through_check = time.monotonic() + WRITE_THROUGH_CHECK_INTERVAL
         held = [(name, rec.replica.images) for name, rec in self.vms.items() if rec.replica is not None]
+        held += [(name, rec.kept_write_through) for name, rec in self.vms.items() if rec.kept_write_through]
         held += [(name, daemon.images) for name, daemon in self.exports.items()]
         for vm, images in held:
-            for path in restore_write_through(images):
+            for path in await asyncio.to_thread(restore_write_through, images):
                 self.event(vm, "warning", f"{path} had lost its synchronous-write attribute: set again "
                                           "and synced (its nodes skip flushes; see qemu/writethrough.py)")
 
@@ -600,6 +605,8 @@ class Agent:
                 rec.replica = await levels.raise_to_component(ctx, spec, change)
             elif spec.level is Level.COMPONENT and change.level in (0, 1) and rec.replica is not None:
                 await levels.lower_from_component(ctx, spec, change, rec.replica)
+                if change.level == Level.UNPROTECTED:
+                    rec.kept_write_through = [img for img in rec.replica.images if img.write_through]
                 rec.replica = None
             elif change.level == Level.SYSTEM and spec.level is not Level.SYSTEM:
                 await self._raise_to_system(d, ctx, spec, change, rec)
@@ -659,6 +666,7 @@ class Agent:
             raise
         old, old_l3 = rec.qemu, rec.l3
         rec.qemu, rec.replica = new_qemu, None  # the old QEMU's watcher sees it was replaced
+        rec.kept_write_through = []
         old.taps = []  # its taps become the relays' (its watcher must not remove them when it ends)
         old.kill()
         with suppress(TimeoutError):
@@ -981,6 +989,7 @@ class Agent:
             await qemu.wait()
             return
         self.guard.unregister(rec.name)  # before the pidfd is closed
+        rec.kept_write_through = []
         if rec.replica is not None:
             rec.replica.stop()
         if rec.l3 is not None:
