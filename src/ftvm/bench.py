@@ -158,6 +158,12 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
                          "device_flush_us": _mean_us(device[lvl], "flush")} for lvl in (0, 2)}
         out["level0"], out["level2"] = figures[0], figures[2]
         out["ratios"] = {k: figures[2][k] / figures[0][k] for k in figures[0]}
+        # each round ran both levels back to back: the spread of its L2/L0 ratios shows how
+        # much of a median ratio is the shared machine's noise
+        per_round = {"throughput_mib_s": tput, "throughput_qd4_mib_s": deep, "throughput_64k_mib_s": small,
+                     "throughput_buffered_mib_s": buffered}
+        out["ratio_range"] = {k: [min(r), max(r)] for k, v in per_round.items()
+                              for r in [[b / a for a, b in zip(v[0], v[2], strict=True)]]}
         pool.stop_and_remove("plain")
 
         progress("resync: partner h2 loses power, the guest writes, h2 returns")
@@ -195,7 +201,7 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
 def print_level2(out: dict[str, Any]) -> None:
     t = Table(title=f"Level 0 vs Level 2 on the same hosts, interleaved: {ROUNDS} rounds of {out['write_mib']} MiB "
                     "bulk writes each way and 200 ledger writes (medians; latency over all)", title_justify="left")
-    for col in ("figure", "level 0", "level 2", "L2 / L0"):
+    for col in ("figure", "level 0", "level 2", "L2 / L0", "rounds' L2 / L0"):
         t.add_column(col, justify="right")
     for k, label in (("throughput_mib_s", "write throughput MiB/s (1 MiB O_DSYNC writes, one writer)"),
                      ("throughput_qd4_mib_s", "write throughput MiB/s (1 MiB O_DSYNC writes, 4 writers)"),
@@ -206,7 +212,9 @@ def print_level2(out: dict[str, Any]) -> None:
                      ("device_write_us", "1 MiB runs: disk write request, submission to completion, us"),
                      ("device_write_kib", "1 MiB runs: disk write request size, KiB (mean)"),
                      ("device_flush_us", "1 MiB runs: disk flush request, us")):
-        t.add_row(label, f"{out['level0'][k]:.2f}", f"{out['level2'][k]:.2f}", f"{out['ratios'][k]:.2f}")
+        lo_hi = out["ratio_range"].get(k)
+        t.add_row(label, f"{out['level0'][k]:.2f}", f"{out['level2'][k]:.2f}", f"{out['ratios'][k]:.2f}",
+                  f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}" if lo_hi else "")
     console.print(t)
     r = out["resync"]
     console.print(f"resync after the partner was away: copied {r['bytes_copied'] / 2**20:.1f} MiB for "
