@@ -162,8 +162,8 @@ def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callabl
         # much of a median ratio is the shared machine's noise
         per_round = {"throughput_mib_s": tput, "throughput_qd4_mib_s": deep, "throughput_64k_mib_s": small,
                      "throughput_buffered_mib_s": buffered}
-        out["ratio_range"] = {k: [min(r), max(r)] for k, v in per_round.items()
-                              for r in [[b / a for a, b in zip(v[0], v[2], strict=True)]]}
+        round_ratios = {k: [l2 / l0 for l0, l2 in zip(v[0], v[2], strict=True)] for k, v in per_round.items()}
+        out["ratio_range"] = {k: [min(r), max(r)] for k, r in round_ratios.items()}
         pool.stop_and_remove("plain")
 
         progress("resync: partner h2 loses power, the guest writes, h2 returns")

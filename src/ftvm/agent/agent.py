@@ -923,6 +923,7 @@ class Agent:
             return
         try:
             images = [self._image(spec, i) for i in range(len(spec.disks))]
+            # a list, not a generator: any() would stop at the first image made and skip the rest
             fresh = any([ensure_image(img, disk.size) for img, disk in zip(images, spec.disks, strict=True)])
             images = [self._writable(img) for img in images]
             daemon = await StorageDaemon.start(d.vm, images, self.cfg.replication_addr,
