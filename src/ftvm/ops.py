@@ -20,6 +20,9 @@ from .store.pool import Event, PoolStore
 
 async def get_view(store: PoolStore, name: str) -> tuple[PoolSnapshot, VmView]:
     snap = await store.snapshot()
+    if name in snap.frozen:
+        f = snap.frozen[name]
+        raise FtvmError(f"VM {name}: {f.reason}; fix or delete {f.problem.key} (nothing changed)", REFUSED)
     if name not in snap.vms:
         raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
     return snap, snap.vms[name]
@@ -71,7 +74,7 @@ ONLINE_LEVEL_CHANGE_3 = ("level 3 changes are made on a running VM (it moves liv
 
 
 async def change_level(store: PoolStore, name: str, level: int,
-                       disk_paths: tuple[str, ...] = ()) -> tuple[int, bool]:
+                       disk_paths: tuple[str, ...] = (), overwrite: bool = False) -> tuple[int, bool]:
     """Change a VM's protection level. A stopped VM's spec changes at once; a running VM
     changes without a restart (its owner's agent does the work: agent/levels.py).
     Returns (previous level, whether the change is online and still under way)."""
@@ -127,7 +130,12 @@ async def change_level(store: PoolStore, name: str, level: int,
         if not snap.hosts[owner].can_reach(moved):
             raise FtvmError(f"{', '.join(paths)}: not on storage {owner} shares "
                             f"({', '.join(snap.hosts[owner].shared_storage) or 'none'})", BAD_INPUT)
-    change = LevelChange(level=level, source=owner, token=view.owner.token, requested=time.time(), disk_paths=paths)
+        clobbered = [p for p in paths if os.path.exists(p) and p not in {d.path for d in spec.disks}]
+        if clobbered and not overwrite:
+            raise FtvmError(f"{', '.join(clobbered)} already exists: give --overwrite to replace it (its contents "
+                            "are lost), or another --disk-path; nothing changed", REFUSED)
+    change = LevelChange(level=level, source=owner, token=view.owner.token, requested=time.time(), disk_paths=paths,
+                         overwrite=overwrite)
     if not await store.request_level_change(name, change, snap.hosts[owner].lease_id):
         raise FtvmError(f"VM {name} changed meanwhile (moved, or another change began); nothing changed", REFUSED)
     return old, True

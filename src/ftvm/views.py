@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .core.decide import choose_host
-from .core.model import Desired, PoolSnapshot, RunState, VmView
+from .core.model import Desired, FrozenVm, PoolSnapshot, RunState, VmView
 from .core.protection import protection, replica_text
 
 
@@ -38,6 +38,23 @@ def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
             "migration": _move(view), "level_change": _level_change(view),
             "preferred_host": view.spec.preferred_host, "failback": view.spec.failback,
             "cannot_start": cannot_start}
+
+
+def frozen_row(frozen: FrozenVm) -> dict[str, Any]:
+    """A VM one of whose records cannot be read: the same keys as `vm_row`, what is known."""
+    return {"name": frozen.name, "level": None, "host": None, "state": "unknown", "partner": None,
+            "replica": None, "copies": None, "sync": None, "checkpoints": None, "desired": None,
+            "protected": False, "protection": f"Not protected: {frozen.reason}", "detail":
+            f"nothing is done to it until {frozen.problem.key} is fixed", "memory_mib": 0, "vcpus": 0,
+            "macs": [], "home": None, "migration": None, "level_change": None, "preferred_host": None,
+            "failback": False, "cannot_start": frozen.reason, "frozen": True}
+
+
+def vm_rows(snap: PoolSnapshot) -> list[dict[str, Any]]:
+    """Every VM, by name; frozen ones (unreadable records) included."""
+    rows = {n: vm_row(snap, v) for n, v in snap.vms.items() if n not in snap.frozen}
+    rows |= {n: frozen_row(f) for n, f in snap.frozen.items()}
+    return [rows[n] for n in sorted(rows)]
 
 
 def vm_detail(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
@@ -86,10 +103,12 @@ def host_rows(snap: PoolSnapshot) -> list[dict[str, Any]]:
 def status_data(snap: PoolSnapshot, urls: list[str], pool: str) -> dict[str, Any]:
     return {"pool": pool, "quorum": {"reachable": True, "endpoints": urls, "revision": snap.revision},
             "hosts": host_rows(snap),
-            "vms": [vm_row(snap, snap.vms[n]) for n in sorted(snap.vms)]}
+            "vms": vm_rows(snap)}
 
 
 def row_of(snap: PoolSnapshot, vm: str) -> dict[str, Any] | None:
+    if vm in snap.frozen:
+        return frozen_row(snap.frozen[vm])
     view = snap.vms.get(vm)
     return vm_row(snap, view) if view is not None else None
 

@@ -13,7 +13,7 @@ from ftvm.lab import topology as topo
 from ftvm.qemu.cmdline import VmPaths, build_cmdline, tap_name
 from ftvm.qemu.probe import Accel
 
-POOL = PoolSnapshot(1, {"h1": HostInfo("h1", 1024, 2, ("/shared",))}, {})
+POOL = PoolSnapshot(1, {"h1": HostInfo("h1", 1024, 2, ("/shared",), image_roots=("/local",))}, {})
 
 
 def vm(**kw) -> VmSpec:
@@ -52,6 +52,11 @@ def test_level1_requires_shared_storage() -> None:
     assert problem and "shared storage" in problem
     assert check_new_vm(vm(level=Level.UNPROTECTED, disks=(DiskSpec("/local/w.img"),)), POOL,
                         lambda p: True) is None
+    # level 0 disks and boot files: under some host's shared storage or image roots, once normalized
+    for spec in (vm(level=Level.UNPROTECTED, disks=(DiskSpec("/etc/shadow"),)),
+                 vm(boot=BootSpec("/root/k")), vm(disks=(DiskSpec("/shared/../etc/shadow"),))):
+        problem = check_new_vm(spec, POOL, lambda p: True)
+        assert problem and ("roots" in problem or "shared storage" in problem or "normalized" in problem), problem
 
 
 def test_duplicate_name_and_mac() -> None:
@@ -79,9 +84,12 @@ def test_cmdline_has_identity_disk_and_net() -> None:
     assert "bootindex" not in line  # direct kernel boot: no disk boot index
 
 
-def test_tap_names_fit_ifnamsiz() -> None:
-    assert tap_name("web") == "ft-web"
-    assert len(tap_name("a-very-long-vm-name-indeed")) <= 15
+def test_tap_names_fit_ifnamsiz_and_never_collide() -> None:
+    assert tap_name("web") == "ft-web" and tap_name("web", 1) == "ft-web.1"
+    assert tap_name("web", 1) != tap_name("web1")  # they were both ft-web1
+    names = ["web", "web1", "a" * 10, "a" * 11, "a" * 12, "a" * 13, "a-very-long-vm-name-indeed", "x"]
+    taps = [tap_name(n, i) for n in names for i in range(8)]
+    assert len(set(taps)) == len(taps) and all(len(t) <= 15 for t in taps)
 
 
 def test_ledger_records_roundtrip(tmp_path: Path) -> None:

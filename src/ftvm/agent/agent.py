@@ -36,7 +36,8 @@ from ..core.model import (Desired, HostInfo, Incoming, Level, LevelChange, Local
 from ..core.replication import (IMPORTED, NEW_DISK, Copies, CopyState, claim_copies, mark, may_start_on,
                                 replace_partner)
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
-from ..l3.standby import read_committed
+from .paths import resolved_spec
+from ..l3.standby import RAM_DIR_MARKER, make_guest_ram_dir, read_committed
 from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
 from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuError, QemuVm
@@ -126,12 +127,15 @@ class Agent:
         self._failback_at: dict[str, float] = {}  # monotonic time before which no failback is asked again
         self._tick_seconds: deque[float] = deque(maxlen=100)  # control-plane cost figures
         self._ticks = 0
+        self._loop_error_quiet: dict[str, float] = {}  # loop -> no new event before (monotonic)
+        self._bad_seen: set[tuple[str, int]] = set()   # unreadable records already reported
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- start-up ----------------------------------------------------------------
     @property
     def info(self) -> HostInfo:
         return HostInfo(name=self.cfg.name, memory_mib=self.cfg.memory_mib, vcpus=self.cfg.vcpus,
+                        image_roots=self.cfg.image_roots,
                         shared_storage=self.cfg.shared_storage, lease_id=self.lease,
                         replication_addr=self.cfg.replication_addr)
 
@@ -256,31 +260,52 @@ class Agent:
 
     # --- lease -------------------------------------------------------------------
     async def _keepalive_loop(self) -> None:
+        """Renews the lease until the agent stops. It must outlive any error: if it ended,
+        the fence guard would kill every VM here when the lease ran short."""
         while True:
-            sent = time.monotonic()
             try:
-                ttl = await self.etcd.lease_keepalive(self.lease)
-            except EtcdError as e:
-                if self._quorum_ok:
-                    self._quorum_ok = False
-                    log.warning("quorum service unreachable (%s); fencing in %.1fs unless it returns",
-                                e, self.guard.remaining())
-                await asyncio.sleep(min(self.t.keepalive_interval, max(0.05, self.guard.remaining() / 2)))
-                continue
-            if ttl <= 0:
-                log.error("host lease expired in etcd: fencing all VMs, then rejoining")
-                self.guard.disarm()
-                self.event("", "fence", "host lease expired: all VMs killed before any other host "
-                                        "could start them")
-                await self._join()
+                pause = await self._keepalive_once()
+            except Exception as e:  # noqa: BLE001 - the loop must go on; the error is logged
+                self._loop_error("keepalive", e)
+                pause = min(self.t.keepalive_interval, max(0.05, self.guard.remaining() / 2))
+            await asyncio.sleep(pause)
+
+    async def _keepalive_once(self) -> float:
+        """One renewal; returns how long to wait before the next."""
+        sent = time.monotonic()
+        try:
+            ttl = await self.etcd.lease_keepalive(self.lease)
+        except EtcdError as e:
+            if self._quorum_ok:
+                self._quorum_ok = False
+                log.warning("quorum service unreachable (%s); fencing in %.1fs unless it returns",
+                            e, self.guard.remaining())
+            return min(self.t.keepalive_interval, max(0.05, self.guard.remaining() / 2))
+        if ttl <= 0:
+            log.error("host lease expired in etcd: fencing all VMs, then rejoining")
+            self.guard.disarm()
+            self.event("", "fence", "host lease expired: all VMs killed before any other host "
+                                    "could start them")
+            await self._join()
+            self.wake.set()
+        else:
+            self.guard.arm(sent + self.lease_ttl - self.t.self_fence_margin)
+            if not self._quorum_ok:
+                self._quorum_ok = True
+                self.event("", "quorum", "quorum service reachable again")
                 self.wake.set()
-            else:
-                self.guard.arm(sent + self.lease_ttl - self.t.self_fence_margin)
-                if not self._quorum_ok:
-                    self._quorum_ok = True
-                    self.event("", "quorum", "quorum service reachable again")
-                    self.wake.set()
-            await asyncio.sleep(self.t.keepalive_interval)
+        return self.t.keepalive_interval
+
+    def _loop_error(self, loop: str, e: Exception) -> None:
+        """An unexpected error in one of the agent's loops: logged in full, an event at most
+        once a minute per loop, and the loop carries on."""
+        self.counters.loop_errors += 1
+        log.exception("%s loop: unexpected error (the loop carries on)", loop, exc_info=e)
+        now = time.monotonic()
+        if now >= self._loop_error_quiet.get(loop, 0.0):
+            self._loop_error_quiet[loop] = now + 60.0
+            self.event("", "agent-error", f"{loop} loop: {type(e).__name__}: {e} (it carries on; "
+                                          "see the agent log)")
 
     def _on_fence(self, names: list[str], at: float) -> None:  # called from the guard thread
         if self._loop is not None:
@@ -304,6 +329,8 @@ class Agent:
                     self.wake.set()
             except EtcdError:
                 pass
+            except Exception as e:  # noqa: BLE001 - the loop must go on; the error is logged
+                self._loop_error("watch", e)
             await asyncio.sleep(self.t.tick)
 
     # --- reconcile ---------------------------------------------------------------
@@ -320,6 +347,9 @@ class Agent:
                 await self.tick()
             except EtcdError as e:
                 log.debug("tick skipped: %s", e)
+            except Exception as e:  # noqa: BLE001 - one bad tick must not stop every VM here
+                self._loop_error("reconcile", e)
+                await asyncio.sleep(self.t.tick)
 
     def local_view(self) -> LocalView:
         return LocalView(self.cfg.name, {
@@ -335,8 +365,9 @@ class Agent:
             self._tick_seconds.append(time.monotonic() - t0)
 
     async def _tick(self) -> TickReport:
-        snapshot = await self.store.snapshot()
+        snapshot = (await self.store.snapshot()).holding_frozen(self.snapshot)
         self.snapshot = snapshot
+        self._report_bad_records(snapshot)
         self._forget_finished(snapshot)
         report = decide(snapshot, self.local_view(), self.t.partner_replace_after)
         self.last_report = report
@@ -599,7 +630,8 @@ class Agent:
                 lambda images, graphs: ReplicaManager(
                     d.vm, token, self.cfg.name, qemu, images, graphs, self.store, lambda: self.lease,
                     lambda: self._copies_view(d.vm), self.event,
-                    repair_requested=lambda: self._repair_requested(d.vm)))
+                    repair_requested=lambda: self._repair_requested(d.vm)),
+                shared_storage=self.cfg.shared_storage)
             spec = view.spec
             if change.level == Level.COMPONENT and spec.level in (Level.UNPROTECTED, Level.RESTART):
                 rec.replica = await levels.raise_to_component(ctx, spec, change)
@@ -755,6 +787,8 @@ class Agent:
         checkpointed: Checkpointed | None = None
         resume = False
         try:
+            spec = resolved_spec(spec, self.cfg.shared_storage, self.cfg.image_roots + (
+                (str(self.cfg.local_storage),) if self.cfg.local_storage else ()))  # level 0: lowered from 2
             if spec.level is Level.SYSTEM:
                 l3, checkpointed, blockdevs = await self._prepare_l3(spec, view.copies, token, paths)
                 rec.l3, resume = l3, checkpointed.incoming
@@ -842,7 +876,7 @@ class Agent:
                 ensure_image(image, disk.size)
         if not resume:
             files.ram.unlink(missing_ok=True)  # a cold boot starts from fresh RAM
-        files.ram.parent.mkdir(parents=True, exist_ok=True)
+        make_guest_ram_dir(files.ram)
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         l3 = L3Primary(spec, token, self.cfg.name, paths, files, self.store, lambda: self.lease,
                        lambda: self.snapshot, self.event, self.t, self.cfg.checkpoint_port,
@@ -943,6 +977,10 @@ class Agent:
         if not root.is_dir():
             return
         for d in root.iterdir():
+            if d.name in snapshot.frozen:
+                continue  # its records say nothing certain: keep the replica
+            if not (d / RAM_DIR_MARKER).is_file():
+                continue  # not made by ftvm (or by an older one): never delete it
             view = snapshot.vms.get(d.name)
             rec = self.vms.get(d.name)
             if rec is not None and rec.state in ACTIVE_STATES:
@@ -954,6 +992,24 @@ class Agent:
                 shutil.rmtree(d, ignore_errors=True)
                 log.info("removed the level 3 RAM file of %s (%s)", d.name,
                          "VM removed" if view is None else "VM stopped")
+
+    def _report_bad_records(self, snapshot: PoolSnapshot) -> None:
+        """One event per unreadable value (key and revision), written by one host: the VM's
+        owner if known, else the first live host by name."""
+        for bad in snapshot.bad:
+            if (bad.key, bad.revision) in self._bad_seen:
+                continue
+            self._bad_seen.add((bad.key, bad.revision))
+            log.warning("unreadable record %s (revision %d): %s", bad.key, bad.revision, bad.reason)
+            vm = bad.key[len(self.store.state) + len("vms/"):].split("/")[0] if "/vms/" in bad.key else ""
+            frozen = snapshot.frozen.get(vm)
+            view = snapshot.vms.get(vm)
+            owner = view.owner.host if view is not None and view.owner is not None else None
+            reporter = owner or min(snapshot.hosts, default=self.cfg.name)
+            if reporter == self.cfg.name:
+                what = f"{frozen.reason}; nothing is done to this VM until the record is fixed" if frozen \
+                    else f"record {bad.key} unreadable, read as absent: {bad.reason}"
+                self.event(vm if frozen else "", "bad-record", what)
 
     def _forget_finished(self, snapshot: PoolSnapshot) -> None:
         """Drop records of VMs no longer running here and owned elsewhere (or by nobody)."""

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.model import NAME_RE
+from ..core.model import valid_name
 from ..core.timing import Timing, TimingError
+
+
+DEFAULT_IMAGE_ROOTS = ("/var/lib/ftvm/images", "/var/cache/ftvm")
 
 
 class ConfigError(ValueError):
@@ -25,6 +29,7 @@ class AgentConfig:
     memory_mib: int
     vcpus: int
     shared_storage: tuple[str, ...]
+    image_roots: tuple[str, ...] = DEFAULT_IMAGE_ROOTS  # level 0 disks and boot files may live here too
     accel: str = "auto"
     probe_kernel: Path | None = None
     stop_grace: float = 0.0
@@ -46,70 +51,121 @@ class AgentConfig:
 
 
 _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
-          "shared_storage", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
+          "shared_storage", "image_roots", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
           "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port",
           "api_listen", "api_token_file", "write_through_copies"}
 
 
+class _Settings:
+    """Typed reads of host.toml settings; each wrong value is a ConfigError naming it."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def string(self, key: str, default: str | None = None) -> str:
+        v = self.data.get(key, default)
+        if not isinstance(v, str) or "\x00" in v or len(v) > 4096:
+            raise ConfigError(f"{key} must be a string")
+        return v
+
+    def name(self, key: str) -> str:
+        v = self.data.get(key)
+        if not valid_name(v):
+            raise ConfigError(f"{key} {v!r} must be lowercase letters, digits and '-', starting with a letter")
+        return str(v)
+
+    def positive_int(self, key: str, default: int | None = None, most: int = 1 << 40) -> int:
+        v = self.data.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= most:
+            raise ConfigError(f"{key} must be a positive integer (at most {most})")
+        return v
+
+    def number(self, key: str, default: float) -> float:
+        v = self.data.get(key, default)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 86400:
+            raise ConfigError(f"{key} must be a number of seconds (0 to 86400)")
+        return float(v)
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self.data.get(key, default)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{key} must be true or false")
+        return v
+
+    def path(self, key: str, what: str = "an absolute path") -> Path | None:
+        v = self.data.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v.startswith("/") or "\x00" in v:
+            raise ConfigError(f"{key} must be {what}")
+        return Path(v)
+
+    def paths(self, key: str) -> tuple[str, ...]:
+        v = self.data.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(p, str) and p.startswith("/") and "\x00" not in p
+                                              for p in v):
+            raise ConfigError(f"{key} must be a list of absolute paths")
+        return tuple(p.rstrip("/") or "/" for p in v)
+
+    def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
+        v = self.data.get(key, default)
+        if v not in options:
+            raise ConfigError(f"{key} must be {' or '.join(options)}")
+        return str(v)
+
+
 def parse_config(data: dict[str, Any]) -> AgentConfig:
-    unknown = sorted(set(data) - _KNOWN)
+    unknown = sorted(map(str, set(data) - _KNOWN))
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
     missing = [k for k in ("name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus")
                if k not in data]
     if missing:
         raise ConfigError(f"missing setting(s): {', '.join(missing)}")
-    for key in ("name", "pool"):
-        if not isinstance(data[key], str) or not NAME_RE.match(data[key]):
-            raise ConfigError(f"{key} {data[key]!r} must be lowercase letters, digits and '-', "
-                              "starting with a letter")
+    c = _Settings(data)
     etcd = data["etcd"]
     if isinstance(etcd, str):
         etcd = [etcd]
-    if not etcd or not all(isinstance(e, str) and e.startswith(("http://", "https://")) for e in etcd):
+    if not isinstance(etcd, list) or not etcd or not all(
+            isinstance(e, str) and e.startswith(("http://", "https://")) for e in etcd):
         raise ConfigError("etcd must be a list of http(s):// endpoints")
-    for key in ("memory_mib", "vcpus"):
-        if not isinstance(data[key], int) or data[key] <= 0:
-            raise ConfigError(f"{key} must be a positive integer")
-    if data.get("accel", "auto") not in ("auto", "kvm", "tcg"):
-        raise ConfigError("accel must be auto, kvm or tcg")
     try:
         timing = Timing.from_dict(data.get("timing", {}))
     except TimingError as e:
         raise ConfigError(str(e)) from None
-    shared = data.get("shared_storage", [])
-    if not all(isinstance(p, str) and p.startswith("/") for p in shared):
-        raise ConfigError("shared_storage must be a list of absolute paths")
-    if data.get("local_format", "raw") not in ("raw", "qcow2"):
-        raise ConfigError("local_format must be raw or qcow2")
-    local = data.get("local_storage")
-    if local is not None and not (isinstance(local, str) and local.startswith("/")):
-        raise ConfigError("local_storage must be an absolute path")
-    ram_dir = data.get("ram_dir")
-    if ram_dir is not None and not (isinstance(ram_dir, str) and ram_dir.startswith("/")):
-        raise ConfigError("ram_dir must be an absolute path (a tmpfs such as /dev/shm/ftvm)")
-    port = data.get("checkpoint_port", 7410)
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError("checkpoint_port must be a TCP port number")
-    write_through = data.get("write_through_copies", True)
-    if not isinstance(write_through, bool):
-        raise ConfigError("write_through_copies must be true or false")
+    state_dir = c.path("state_dir")
+    assert state_dir is not None
+    port = c.positive_int("checkpoint_port", 7410, most=65535)
+    replication_addr = c.string("replication_addr", "")
+    if replication_addr:
+        try:
+            ipaddress.ip_address(replication_addr)
+        except ValueError:
+            raise ConfigError(f"replication_addr {replication_addr!r} must be an IP address") from None
     api_listen, api_token = _api_settings(data)
     a_links = data.get("a_links", {})
     if not isinstance(a_links, dict) or not all(
-            isinstance(v, list) and all(isinstance(i, str) for i in v) for v in a_links.values()):
+            valid_name(peer) and isinstance(v, list) and all(isinstance(i, str) and 0 < len(i) < 16 for i in v)
+            for peer, v in a_links.items()):
         raise ConfigError('a_links must map a peer host to its interface names, e.g. {h2 = ["a1-h2", "a2-h2"]}')
+    bridge = c.string("bridge")
+    if not 0 < len(bridge) < 16 or "/" in bridge or bridge.strip() != bridge:
+        raise ConfigError(f"bridge {bridge!r} must be a network interface name")
     return AgentConfig(
-        name=data["name"], pool=data["pool"], etcd=tuple(etcd), state_dir=Path(data["state_dir"]),
-        bridge=data["bridge"], memory_mib=data["memory_mib"], vcpus=data["vcpus"],
-        shared_storage=tuple(p.rstrip("/") for p in shared), accel=data.get("accel", "auto"),
-        probe_kernel=Path(data["probe_kernel"]) if data.get("probe_kernel") else None,
-        stop_grace=float(data.get("stop_grace", 0.0)), timing=timing,
-        local_storage=Path(local) if local else None, local_format=data.get("local_format", "raw"),
-        replication_addr=data.get("replication_addr", ""), write_through_copies=write_through,
-        debug_qmp=bool(data.get("debug_qmp", False)),
+        name=c.name("name"), pool=c.name("pool"), etcd=tuple(etcd), state_dir=state_dir,
+        bridge=bridge, memory_mib=c.positive_int("memory_mib"), vcpus=c.positive_int("vcpus", most=4096),
+        shared_storage=c.paths("shared_storage"),
+        image_roots=c.paths("image_roots") if "image_roots" in data else DEFAULT_IMAGE_ROOTS,
+        accel=c.choice("accel", "auto", ("auto", "kvm", "tcg")),
+        probe_kernel=c.path("probe_kernel"), stop_grace=c.number("stop_grace", 0.0), timing=timing,
+        local_storage=c.path("local_storage"), local_format=c.choice("local_format", "raw", ("raw", "qcow2")),
+        replication_addr=replication_addr, write_through_copies=c.flag("write_through_copies", True),
+        debug_qmp=c.flag("debug_qmp", False),
         a_links=tuple((peer, tuple(ifs)) for peer, ifs in sorted(a_links.items())),
-        ram_dir=Path(ram_dir) if ram_dir else None, checkpoint_port=port,
+        ram_dir=c.path("ram_dir", "an absolute path (a tmpfs such as /dev/shm/ftvm)"), checkpoint_port=port,
         api_listen=api_listen, api_token=api_token,
     )
 
@@ -118,16 +174,18 @@ def _api_settings(data: dict[str, Any]) -> tuple[tuple[str, int] | None, str]:
     listen = data.get("api_listen")
     if listen is None:
         return None, ""
-    addr, _, port = str(listen).rpartition(":")
+    if not isinstance(listen, str):
+        raise ConfigError(f"api_listen {listen!r} must be ADDRESS:PORT, e.g. 10.0.0.1:7400")
+    addr, _, port = listen.rpartition(":")
     if not addr or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"api_listen {listen!r} must be ADDRESS:PORT, e.g. 10.0.0.1:7400")
     token_file = data.get("api_token_file")
-    if not token_file:
+    if not token_file or not isinstance(token_file, str):
         raise ConfigError("api_listen needs api_token_file (a file holding the pool's API token)")
     try:
         token = Path(token_file).read_text().strip()
-    except OSError as e:
-        raise ConfigError(f"cannot read api_token_file {token_file}: {e.strerror}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"cannot read api_token_file {token_file}: {getattr(e, 'strerror', None) or e}") from None
     if len(token) < 16:
         raise ConfigError(f"the API token in {token_file} is too short (at least 16 characters)")
     return (addr.strip("[]"), int(port)), token
@@ -138,6 +196,8 @@ def load_config(path: Path) -> AgentConfig:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:

@@ -40,6 +40,8 @@ from ..core.replication import NEW_REPLICA, Copies, Copy, CopyState
 from ..qemu.blockgraph import (COPY_AIO, DiskGraph, LocalImage, Mode, drop_child, file_image_node, image_node_name,
                                top_node)
 from ..qemu.cmdline import checkpointed_disk_nodes
+from ..l3.standby import make_guest_ram_dir
+from .paths import under
 from ..qemu.process import QemuVm
 from ..qemu.storage_daemon import ensure_image
 from ..store.pool import PoolStore
@@ -72,6 +74,7 @@ class LevelContext:
     local_image: Callable[[VmSpec, int], LocalImage]
     writable: Callable[[LocalImage], LocalImage]  # storage_daemon.writable_copy with the host's choice
     make_replica: Callable[[list[LocalImage], list[DiskGraph]], ReplicaManager]
+    shared_storage: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ async def lower_from_component(ctx: LevelContext, spec: VmSpec, change: LevelCha
     targets: list[str | None] = []
     try:
         if change.level == 1:
-            for i, path in enumerate(change.disk_paths):
+            for i, path in enumerate(_shared_targets(ctx, spec, change)):
                 fmt = spec.disks[i].format if spec.disks[i].path == path else "raw"
                 targets.append(await _add_target(ctx.qemu, i, path, fmt, await ctx.qemu.disk_size(i)))
             await _mirror(ctx, change, targets)
@@ -197,7 +200,7 @@ async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange
     sizes = [await ctx.qemu.disk_size(i) for i in range(len(spec.disks))]
     if change.level == 1:
         try:
-            for i, path in enumerate(change.disk_paths):
+            for i, path in enumerate(_shared_targets(ctx, spec, change)):
                 targets.append(await _add_target(ctx.qemu, i, path, "raw", sizes[i]))
             await _mirror(ctx, change, targets)
         except Exception:
@@ -221,6 +224,18 @@ async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange
     where = "shared images " + ", ".join(change.disk_paths) if change.level == 1 else f"{ctx.me}'s local copy"
     ctx.event(ctx.vm, "level", f"level 3 -> {change.level} while running: checkpointing ended, disks on {where}")
     return None
+
+
+def _shared_targets(ctx: LevelContext, spec: VmSpec, change: LevelChange) -> tuple[str, ...]:
+    """Lowering to level 1: the images the disks move to, checked on this host (the request
+    was checked where it was made): on shared storage once resolved, and not replacing an
+    existing image unless the operator said so."""
+    paths = tuple(under(p, ctx.shared_storage) for p in change.disk_paths)
+    own = {d.path for d in spec.disks}
+    clobbered = [p for p in paths if os.path.exists(p) and p not in own]
+    if clobbered and not change.overwrite:
+        raise RuntimeError(f"{', '.join(clobbered)} already exists and overwriting it was not asked")
+    return paths
 
 
 async def _add_target(qemu: QemuVm, index: int, path: str, fmt: str, size: int,
@@ -396,7 +411,7 @@ async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, 
             targets.append(await _add_target(ctx.qemu, i, path, "raw", disks[i].size))
         await _mirror(ctx, change, targets)
         target.run_dir.mkdir(parents=True, exist_ok=True)
-        Path(target.files.ram).parent.mkdir(parents=True, exist_ok=True)
+        make_guest_ram_dir(Path(target.files.ram))
         Path(target.files.ram).unlink(missing_ok=True)
         l3 = target.make_l3(new_spec)
         await l3.open_relays(target.bridge, attach=False)

@@ -24,6 +24,7 @@ class AgentCounters:
     migrations: dict[str, int] = field(default_factory=dict)   # VM moved here live
     checkpoints: dict[str, int] = field(default_factory=dict)  # level 3 checkpoints taken here
     fences: int = 0                                              # VMs killed by the fence guard
+    loop_errors: int = 0                                         # unexpected errors the agent's loops survived
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ def render(snapshot: PoolSnapshot, health: AgentHealth, counters: AgentCounters)
         health.etcd_requests, host=health.host)
     fam("ftvm_fences_total", "counter", "VMs this agent killed because its lease could not be renewed").add(
         counters.fences, host=health.host)
+    fam("ftvm_agent_loop_errors_total", "counter",
+        "unexpected errors the agent's loops survived (each is in the agent log)").add(
+        counters.loop_errors, host=health.host)
+    fam("ftvm_records_unreadable", "gauge", "values in the store no agent can read (see events)").add(
+        len(snapshot.bad), host=health.host)
     for h, info in sorted(snapshot.hosts.items()):
         fam("ftvm_host_up", "gauge", "1 for every host holding a live lease").add(1, host=h)
         fam("ftvm_host_memory_bytes", "gauge", "memory a host offers to VMs").add(info.memory_mib << 20, host=h)

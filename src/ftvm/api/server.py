@@ -25,10 +25,10 @@ from aiohttp import web
 
 from .. import ops
 from ..core.model import Desired, PoolSnapshot, RunState, VmSpec
-from ..errors import BAD_INPUT, HTTP_STATUS, NO_QUORUM, NOT_FOUND, FtvmError
+from ..errors import BAD_INPUT, HTTP_STATUS, NO_QUORUM, NOT_FOUND, REFUSED, FtvmError
 from ..store.etcd import EtcdError, EtcdUnavailable
-from ..store.pool import PoolStore
-from ..views import host_rows, level_progress, move_progress, row_of, status_data, vm_detail, vm_row
+from ..store.pool import PoolStore, UnreadableRecord
+from ..views import host_rows, level_progress, move_progress, row_of, status_data, vm_detail, vm_rows
 from . import metrics
 
 JOB_TIMEOUT_S = 300.0
@@ -110,6 +110,8 @@ def make_app(ctx: ApiContext) -> web.Application:
             return _error(str(e), e.code)
         except EtcdUnavailable as e:
             return _error(f"quorum service unreachable: {e}", NO_QUORUM)
+        except UnreadableRecord as e:
+            return _error(f"{e} (nothing changed)", REFUSED)
         except EtcdError as e:
             return _error(f"quorum service error: {e}", 1)
 
@@ -118,7 +120,7 @@ def make_app(ctx: ApiContext) -> web.Application:
 
     async def vms(_: web.Request) -> web.Response:
         snap = await ctx.snapshot()
-        return web.json_response([vm_row(snap, snap.vms[n]) for n in sorted(snap.vms)])
+        return web.json_response(vm_rows(snap))
 
     async def vm(request: web.Request) -> web.Response:
         snap, view = await ops.get_view(ctx.store, request.match_info["name"])
@@ -233,14 +235,14 @@ def make_app(ctx: ApiContext) -> web.Application:
         return accepted(jobs.start("set", name, done))
 
     async def patch_level(name: str, body: dict[str, Any]) -> web.Response:
-        if set(body) - {"level", "disk_paths"}:
-            raise FtvmError("change the level (with disk_paths) in a request of its own", BAD_INPUT)
-        try:
-            level = int(body["level"])
-            paths = tuple(str(p) for p in body.get("disk_paths") or ())
-        except (TypeError, ValueError):
-            raise FtvmError("level must be an integer, disk_paths a list of paths", BAD_INPUT) from None
-        previous, online = await ops.change_level(ctx.store, name, level, paths)
+        if set(body) - {"level", "disk_paths", "overwrite"}:
+            raise FtvmError("change the level (with disk_paths, overwrite) in a request of its own", BAD_INPUT)
+        level, paths, overwrite = body["level"], body.get("disk_paths") or [], body.get("overwrite", False)
+        if (not isinstance(level, int) or isinstance(level, bool) or not isinstance(paths, list)
+                or not all(isinstance(p, str) for p in paths) or not isinstance(overwrite, bool)):
+            raise FtvmError("level must be an integer, disk_paths a list of paths, overwrite true or false",
+                            BAD_INPUT)
+        previous, online = await ops.change_level(ctx.store, name, level, tuple(paths), overwrite)
 
         async def follow(job: Job) -> None:
             while True:

@@ -45,7 +45,8 @@ class PoolClient(Protocol):
     def repair_disk(self, name: str, host: str) -> None: ...
     def remove(self, name: str) -> None: ...
     def patch(self, name: str, changes: dict[str, Any]) -> dict[str, Any]: ...
-    def change_level(self, name: str, level: int, disk_paths: tuple[str, ...]) -> tuple[int, bool]: ...
+    def change_level(self, name: str, level: int, disk_paths: tuple[str, ...],
+                     overwrite: bool = False) -> tuple[int, bool]: ...
     def migrate(self, name: str, to: str) -> str: ...
     def start_maintenance(self, host: str, reason: str) -> dict[str, str]: ...
     def end_maintenance(self, host: str) -> None: ...
@@ -143,8 +144,9 @@ class DirectClient:
             return spec.to_json()
         return with_store(self.args, apply)
 
-    def change_level(self, name: str, level: int, disk_paths: tuple[str, ...]) -> tuple[int, bool]:
-        return with_store(self.args, lambda s: ops.change_level(s, name, level, disk_paths))
+    def change_level(self, name: str, level: int, disk_paths: tuple[str, ...],
+                     overwrite: bool = False) -> tuple[int, bool]:
+        return with_store(self.args, lambda s: ops.change_level(s, name, level, disk_paths, overwrite))
 
     def migrate(self, name: str, to: str) -> str:
         return with_store(self.args, lambda s: ops.migrate(s, name, to)).source
@@ -237,9 +239,11 @@ class HttpClient:
         self._call("PATCH", f"/api/v1/vms/{_q(name)}", changes)
         return dict(self.vm(name)["spec"])
 
-    def change_level(self, name: str, level: int, disk_paths: tuple[str, ...]) -> tuple[int, bool]:
+    def change_level(self, name: str, level: int, disk_paths: tuple[str, ...],
+                     overwrite: bool = False) -> tuple[int, bool]:
         before = self.vm(name)
-        job = self._call("PATCH", f"/api/v1/vms/{_q(name)}", {"level": level, "disk_paths": list(disk_paths)})
+        job = self._call("PATCH", f"/api/v1/vms/{_q(name)}", {"level": level, "disk_paths": list(disk_paths),
+                                                               "overwrite": overwrite})
         return int(before["level"]), job.get("online", True)
 
     def migrate(self, name: str, to: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 
 from ..store.etcd import EtcdClient, EtcdError, EtcdUnavailable
-from ..store.pool import PoolStore
+from ..store.pool import PoolStore, UnreadableRecord
 
 # Stable exit codes (documented in the README).
 from ..errors import BAD_INPUT, FAILED, NO_QUORUM, NOT_FOUND, OK, REFUSED, FtvmError  # noqa: F401
@@ -56,6 +56,8 @@ def with_store(args: Any, fn: Callable[[PoolStore], Awaitable[T]]) -> T:
         return asyncio.run(run())
     except EtcdUnavailable as e:
         raise CliError(f"quorum service unreachable: {e}", NO_QUORUM) from None
+    except UnreadableRecord as e:
+        raise CliError(f"{e} (nothing changed)", REFUSED) from None
     except EtcdError as e:
         raise CliError(f"quorum service error: {e}", FAILED) from None
 

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-path", action="append",
                    help="level 2 -> 1: the shared-storage image a disk moves to (once per disk; default: "
                         "the image it was imported from)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --disk-path: replace an image that already exists there (its contents are lost)")
     p.add_argument("--wait", action="store_true", help="follow an online change until done (raise: protected)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--checkpoint-ms", type=int, help="level 3: longest time between checkpoints")

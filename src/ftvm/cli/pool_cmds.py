@@ -60,7 +60,8 @@ def _vms_table(rows: list[dict[str, Any]]) -> Table:
         t.add_column(col)
     for v in rows:
         colour = "green" if v["protected"] else "yellow"
-        t.add_row(v["name"], f"L{v['level']}", v["host"] or "-", v["partner"] or "-", v["state"],
+        level = f"L{v['level']}" if v["level"] is not None else "?"
+        t.add_row(v["name"], level, v["host"] or "-", v["partner"] or "-", v["state"],
                   v["replica"] or "-", f"[{colour}]{v['protection']}[/]", v["detail"])
     return t
 
@@ -124,7 +125,8 @@ def cmd_vm_set(args: Any) -> int:
         raise CliError("change the level and the checkpointing in two commands", BAD_INPUT)
 
     client = pool_client(args)
-    old, online = client.change_level(args.name, args.level, tuple(args.disk_path or ()))
+    paths = tuple(os.path.realpath(p) for p in args.disk_path or ())
+    old, online = client.change_level(args.name, args.level, paths, args.overwrite)
     new = args.level
     if not online:
         if is_json(args):

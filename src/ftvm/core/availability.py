@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .records import from_fields
+
 
 @dataclass(frozen=True)
 class HistoryRecord:
@@ -33,8 +35,8 @@ class HistoryRecord:
         return {"t": self.t, "kind": self.kind, "host": self.host, "cause": self.cause}
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> HistoryRecord:
-        return HistoryRecord(float(d["t"]), str(d["kind"]), str(d.get("host", "")), str(d.get("cause", "")))
+    def from_json(d: object) -> HistoryRecord:
+        return from_fields(HistoryRecord, d, "history record")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from .model import Desired, Level, LocalView, PoolSnapshot, RunState, VmView
+from .model import Desired, FrozenVm, Level, LocalView, PoolSnapshot, RunState, VmView
 from .placement import choose_partner, migration_problem
 from .replication import CopyState, may_start_on
 
@@ -76,9 +76,12 @@ def decide(snapshot: PoolSnapshot, local: LocalView, replace_partner_after: floa
     """`replace_partner_after`: seconds a level 2/3 VM's partner may stay down (its copy
     outdated) before the owner builds a new replica on another host (`local.now`)."""
     me = local.host
-    names = sorted(set(snapshot.vms) | set(local.vms))
+    names = sorted(set(snapshot.vms) | set(local.vms) | set(snapshot.frozen))
     decisions = []
     for name in names:
+        if name in snapshot.frozen:
+            decisions.append(_decide_frozen(snapshot.frozen[name], local))
+            continue
         view = snapshot.vms.get(name)
         if view is None:
             lv = local.vms[name]
@@ -86,11 +89,25 @@ def decide(snapshot: PoolSnapshot, local: LocalView, replace_partner_after: floa
                 decisions.append(Decision(name, Action.KILL, "VM no longer defined in the pool"))
             continue
         decisions.append(_decide_vm(snapshot, local, view, replace_partner_after))
-    for name in sorted(set(snapshot.vms) | local.exports):
+    for name in sorted((set(snapshot.vms) | local.exports) - set(snapshot.frozen)):
         export = _decide_export(snapshot, local, name)
         if export is not None:
             decisions.append(export)
     return TickReport(host=me, revision=snapshot.revision, decisions=tuple(decisions))
+
+
+def _decide_frozen(frozen: FrozenVm, local: LocalView) -> Decision:
+    """A record of the VM cannot be read: change nothing, except that the safety rule
+    still holds (the owner key's token is readable even when its value is not)."""
+    lv = local.vms.get(frozen.name)
+    if lv is not None and lv.state in ACTIVE_STATES:
+        if frozen.owner_token is None:
+            return Decision(frozen.name, Action.KILL, "running here without ownership (lease lost)")
+        if frozen.owner_token != lv.token:
+            return Decision(frozen.name, Action.KILL,
+                            f"fencing token {lv.token} is stale (owner token {frozen.owner_token})")
+        return Decision(frozen.name, Action.WAIT, f"left running as it is: {frozen.reason}")
+    return Decision(frozen.name, Action.WAIT, f"nothing done until fixed: {frozen.reason}")
 
 
 def _decide_export(snapshot: PoolSnapshot, local: LocalView, name: str) -> Decision | None:

@@ -7,16 +7,78 @@ to and from plain JSON so that the store, the CLI and the tests share it.
 
 from __future__ import annotations
 
+import ipaddress
+import posixpath
 import re
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
+
+from .records import RECORD_VERSION, RecordError, as_object, check_version, from_fields
 
 if TYPE_CHECKING:
     from .replication import Copies, CopyState
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
-MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+# Always used with fullmatch(): `$` alone would let "web\n" through.
+NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
+MAX_DISKS = 16
+MAX_NICS = 8  # interface names must stay unique within 15 bytes (qemu/cmdline.tap_names)
+
+
+def valid_name(name: object) -> bool:
+    """A VM, host or pool name: it becomes part of paths, keys and interface names."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
+def check_nic_ip(ip: str) -> str | None:
+    """A NIC's "addr/prefix" (handed to the guest on its kernel command line)."""
+    try:
+        iface = ipaddress.ip_interface(ip)
+    except ValueError:
+        return f"NIC address {ip!r} is not ADDRESS/PREFIX (e.g. 10.77.0.10/24)"
+    if "/" not in ip:
+        return f"NIC address {ip!r} needs a prefix length (e.g. {ip}/24)"
+    if iface.ip.is_multicast or iface.ip.is_unspecified:
+        return f"NIC address {ip} is not a host address"
+    return None
+
+
+def _normal_absolute(path: str) -> bool:
+    return path.startswith("/") and posixpath.normpath(path) == path
+
+
+def spec_problem(spec: VmSpec) -> str | None:
+    """What makes a spec unusable by any agent, whoever wrote it (checked on every read
+    from the store; `core/validate.py` adds the checks that need the pool)."""
+    if not valid_name(spec.name):
+        return f"invalid VM name {spec.name!r}"
+    if not 1 <= spec.memory_mib <= 1 << 22 or not 1 <= spec.vcpus <= 1024:
+        return f"memory {spec.memory_mib} MiB / {spec.vcpus} vCPUs out of range"
+    if len(spec.disks) > MAX_DISKS:
+        return f"{len(spec.disks)} disks: at most {MAX_DISKS}"
+    if len(spec.nics) > MAX_NICS:
+        return f"{len(spec.nics)} NICs: at most {MAX_NICS}"
+    for disk in spec.disks:
+        if disk.path and not _normal_absolute(disk.path):
+            return f"disk path {disk.path!r} is not a normalized absolute path"
+        if disk.format not in ("raw", "qcow2"):
+            return f"disk format {disk.format!r} is not raw or qcow2"
+        if not 0 <= disk.size <= 1 << 50:
+            return f"disk size {disk.size} out of range"
+    for nic in spec.nics:
+        if not MAC_RE.fullmatch(nic.mac):
+            return f"malformed MAC address {nic.mac!r}"
+        if nic.ip is not None and check_nic_ip(nic.ip):
+            return check_nic_ip(nic.ip)
+    for path in (spec.boot.kernel, spec.boot.initrd):
+        if path is not None and not _normal_absolute(path):
+            return f"boot file {path!r} is not a normalized absolute path"
+    if not 1 <= spec.checkpoint_ms <= 3_600_000:
+        return f"checkpoint interval {spec.checkpoint_ms} ms out of range"
+    if spec.preferred_host is not None and not valid_name(spec.preferred_host):
+        return f"invalid preferred host {spec.preferred_host!r}"
+    return None
 
 
 class Level(int, Enum):
@@ -93,25 +155,28 @@ class VmSpec:
         d = asdict(self)
         d["level"] = int(self.level)
         d["desired"] = self.desired.value
+        d["v"] = RECORD_VERSION
         return d
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> VmSpec:
-        return VmSpec(
-            name=d["name"],
-            level=Level(d["level"]),
-            memory_mib=int(d["memory_mib"]),
-            vcpus=int(d["vcpus"]),
-            disks=tuple(DiskSpec(**x) for x in d["disks"]),
-            nics=tuple(NicSpec(**x) for x in d["nics"]),
-            boot=BootSpec(**d.get("boot", {})),
-            desired=Desired(d.get("desired", "stopped")),
-            preferred_host=d.get("preferred_host"),
-            checkpoint_ms=int(d.get("checkpoint_ms", 100)),
-            checkpoint_on_output=bool(d.get("checkpoint_on_output", False)),
-            sla_percent=float(d["sla_percent"]) if d.get("sla_percent") is not None else None,
-            failback=bool(d.get("failback", False)),
-        )
+    def from_json(d: object) -> VmSpec:
+        """Raises RecordError on a spec no agent can use (types, version, spec_problem)."""
+        obj = as_object(d, "spec")
+        check_version(obj, "spec")
+        nested: dict[str, Any] = {}
+        for key, cls in (("disks", DiskSpec), ("nics", NicSpec)):
+            items = obj.get(key, [])
+            if not isinstance(items, (list, tuple)) or len(items) > 64:
+                raise RecordError(f"spec.{key}: expected a list")
+            nested[key] = tuple(from_fields(cls, x, f"spec.{key}[{i}]") for i, x in enumerate(items))
+        nested["boot"] = from_fields(BootSpec, obj.get("boot", {}), "spec.boot")
+        if isinstance(obj.get("level"), bool):
+            raise RecordError("spec.level: expected an integer")
+        spec = from_fields(VmSpec, obj, "spec", **nested)
+        problem = spec_problem(spec)
+        if problem:
+            raise RecordError(f"spec: {problem}")
+        return spec
 
 
 @dataclass(frozen=True)
@@ -124,19 +189,35 @@ class HostInfo:
     shared_storage: tuple[str, ...] = ()
     lease_id: int = 0
     replication_addr: str = ""  # where this host serves its Level 2 copies (A-links)
+    image_roots: tuple[str, ...] = ()  # besides shared storage, where level 0 disks and boot files may be
+
+    def may_open(self, path: str) -> bool:
+        """Whether this host accepts a level 0 disk or a boot file at `path` (lexically; the
+        agent checks the resolved path again: agent/paths.py)."""
+        return any(_under(path, root) for root in self.shared_storage + self.image_roots)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["shared_storage"] = list(self.shared_storage)
+        d["image_roots"] = list(self.image_roots)
+        d["v"] = RECORD_VERSION
         return d
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> HostInfo:
-        return HostInfo(
-            name=d["name"], memory_mib=int(d["memory_mib"]), vcpus=int(d["vcpus"]),
-            shared_storage=tuple(d.get("shared_storage", ())), lease_id=int(d.get("lease_id", 0)),
-            replication_addr=d.get("replication_addr", ""),
-        )
+    def from_json(d: object) -> HostInfo:
+        obj = as_object(d, "host")
+        check_version(obj, "host")
+        info = from_fields(HostInfo, obj, "host")
+        if not valid_name(info.name):
+            raise RecordError(f"host: invalid name {info.name!r}")
+        if not all(r.startswith("/") for r in info.shared_storage + info.image_roots):
+            raise RecordError("host.shared_storage: paths must be absolute")
+        if info.replication_addr:
+            try:
+                ipaddress.ip_address(info.replication_addr)
+            except ValueError:
+                raise RecordError(f"host.replication_addr: {info.replication_addr!r} is not an IP address") from None
+        return info
 
     def can_reach(self, spec: VmSpec) -> bool:
         """Whether every disk of `spec` lies on storage this host shares."""
@@ -144,8 +225,9 @@ class HostInfo:
 
 
 def _under(path: str, root: str) -> bool:
-    root = root.rstrip("/") + "/"
-    return path.startswith(root)
+    """Lexically: `..` is resolved first. The agent checks the resolved path (symlinks)
+    again before it opens anything (agent/paths.py)."""
+    return posixpath.normpath(path).startswith(posixpath.normpath(root).rstrip("/") + "/")
 
 
 @dataclass(frozen=True)
@@ -171,9 +253,8 @@ class VmStatus:
         return d
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> VmStatus:
-        return VmStatus(host=d["host"], state=RunState(d["state"]), token=int(d["token"]),
-                        since=float(d["since"]), detail=d.get("detail", ""))
+    def from_json(d: object) -> VmStatus:
+        return from_fields(VmStatus, d, "status")
 
 
 @dataclass(frozen=True)
@@ -247,6 +328,7 @@ class LevelChange:
     phase: str = "requested"   # requested | copying | switching
     done: int = 0              # bytes copied so far / to copy (progress)
     total: int = 0
+    overwrite: bool = False    # the operator allowed disk_paths to replace existing images
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -254,8 +336,8 @@ class LevelChange:
         return d
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> LevelChange:
-        return LevelChange(**(d | {"disk_paths": tuple(d.get("disk_paths", ()))}))
+    def from_json(d: object) -> LevelChange:
+        return from_fields(LevelChange, d, "level change")
 
 
 @dataclass(frozen=True)
@@ -291,6 +373,30 @@ class VmView:
 
 
 @dataclass(frozen=True)
+class BadRecord:
+    """A value in the store no agent can use (malformed, or from a newer ftvm)."""
+
+    key: str
+    revision: int   # its mod_revision: one event per bad value, not per tick
+    reason: str
+
+
+@dataclass(frozen=True)
+class FrozenVm:
+    """A VM with a record that decides what may be done to it (spec, owner, copies,
+    exports, ...) that cannot be read. Nothing is started, claimed or moved until the
+    record is fixed; a copy running here keeps running while this host still owns it."""
+
+    name: str
+    problem: BadRecord
+    owner_token: int | None = None   # the owner key's create_revision, readable even when its value is not
+
+    @property
+    def reason(self) -> str:
+        return f"record {self.problem.key.rsplit('/', 1)[-1]} unreadable: {self.problem.reason}"
+
+
+@dataclass(frozen=True)
 class PoolSnapshot:
     revision: int
     hosts: dict[str, HostInfo]
@@ -298,6 +404,17 @@ class PoolSnapshot:
     # A-link health reported by each host: host -> peer -> interface -> up?
     links: dict[str, dict[str, dict[str, bool]]] = field(default_factory=dict)
     maintenance: frozenset[str] = frozenset()  # hosts an operator put in maintenance: nothing placed there
+    frozen: dict[str, FrozenVm] = field(default_factory=dict)  # VMs left alone: a record is unreadable
+    bad: tuple[BadRecord, ...] = ()  # every unreadable value (frozen VMs' and those read as absent)
+
+    def holding_frozen(self, previous: PoolSnapshot | None) -> PoolSnapshot:
+        """This snapshot with each frozen VM's last readable view kept (from `previous`), so
+        that what already runs for it (replication, checkpoints) carries on unchanged; the
+        decision core still sees it frozen and starts nothing new."""
+        if not self.frozen or previous is None:
+            return self
+        kept = {n: previous.vms[n] for n in self.frozen if n in previous.vms}
+        return replace(self, vms=self.vms | kept) if kept else self
 
     def a_links_down(self, host: str, peer: str) -> tuple[list[str], list[str]]:
         """(down, up) A-link interfaces of `host` toward `peer`, as `host` reports them."""

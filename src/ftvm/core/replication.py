@@ -28,6 +28,9 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
+from .model import valid_name
+from .records import MAX_ITEMS, RECORD_VERSION, RecordError, as_object, check_version, from_fields
+
 
 class CopyState(str, Enum):
     CURRENT = "current"
@@ -47,8 +50,8 @@ class Copy:
         return {"state": self.state.value, "since": self.since, "reason": self.reason, "full": self.full}
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "Copy":
-        return Copy(CopyState(d["state"]), float(d["since"]), d.get("reason", ""), bool(d.get("full", False)))
+    def from_json(d: object, what: str = "copy") -> "Copy":
+        return from_fields(Copy, d, what)
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,20 @@ class Copies:
     revision: int = 0  # etcd mod_revision of the record (0: not stored yet)
 
     def to_json(self) -> dict[str, Any]:
-        return {"gen": self.gen, "copies": {h: c.to_json() for h, c in sorted(self.copies.items())}}
+        return {"v": RECORD_VERSION, "gen": self.gen,
+                "copies": {h: c.to_json() for h, c in sorted(self.copies.items())}}
 
     @staticmethod
-    def from_json(d: dict[str, Any], revision: int = 0) -> "Copies":
-        return Copies(int(d["gen"]), {h: Copy.from_json(c) for h, c in d["copies"].items()}, revision)
+    def from_json(d: object, revision: int = 0) -> "Copies":
+        obj = as_object(d, "copies")
+        check_version(obj, "copies")
+        hosts = obj.get("copies")
+        if not isinstance(hosts, dict) or len(hosts) > MAX_ITEMS:
+            raise RecordError("copies.copies: expected an object of hosts")
+        if not all(valid_name(h) for h in hosts):
+            raise RecordError(f"copies.copies: invalid host name among {sorted(map(repr, hosts))[:4]}")
+        copies = {h: Copy.from_json(c, f"copies.{h}") for h, c in hosts.items()}
+        return from_fields(Copies, obj, "copies", copies=copies, revision=revision)
 
     def current_hosts(self) -> list[str]:
         return sorted(h for h, c in self.copies.items() if c.state is CopyState.CURRENT)

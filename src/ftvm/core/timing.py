@@ -8,6 +8,7 @@ receipt), and kills its VMs `self_fence_margin` before the lease can expire.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -39,14 +40,17 @@ class Timing:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Timing:
+        if not isinstance(d, dict):
+            raise TimingError("timing must be a table of settings")
         known = {f.name for f in fields(Timing)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(map(str, set(d) - known))
         if unknown:
             raise TimingError(f"unknown timing setting(s): {', '.join(unknown)}")
-        try:
-            t = Timing(**{k: float(v) for k, v in d.items()})
-        except (TypeError, ValueError) as e:
-            raise TimingError(f"timing settings must be numbers: {e}") from None
+        bad = sorted(k for k, v in d.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+                     or not math.isfinite(v) or abs(v) > 1e6)
+        if bad:
+            raise TimingError(f"timing settings must be numbers of seconds: {', '.join(bad)}")
+        t = Timing(**{k: float(v) for k, v in d.items()})
         t.check()
         return t
 

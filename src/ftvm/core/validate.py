@@ -5,19 +5,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .model import MAC_RE, NAME_RE, Level, PoolSnapshot, VmSpec
+from .model import MAC_RE, Level, PoolSnapshot, VmSpec, check_nic_ip, spec_problem, valid_name
 
 
 def check_mac(mac: str) -> str | None:
-    if not MAC_RE.match(mac):
+    if not MAC_RE.fullmatch(mac):
         return f"malformed MAC address {mac!r}: expected six lowercase hex pairs like 52:54:00:12:34:56"
     if int(mac[:2], 16) & 1:
         return f"MAC address {mac} is a multicast address"
     return None
 
 
+def _roots(snapshot: PoolSnapshot) -> str:
+    roots = sorted({r for h in snapshot.hosts.values() for r in h.shared_storage + h.image_roots})
+    return ", ".join(roots) or "none"
+
+
 def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[str], bool]) -> str | None:
-    if not NAME_RE.match(spec.name):
+    if not valid_name(spec.name):
         return f"invalid VM name {spec.name!r}: lowercase letters, digits and '-', starting with a letter"
     if spec.name in snapshot.vms:
         return f"VM {spec.name} already exists"
@@ -67,6 +72,12 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
     for label, path in (("kernel", spec.boot.kernel), ("initrd", spec.boot.initrd)):
         if path is not None and not file_exists(path):
             return f"{label} {path} does not exist"
+        if path is not None and not any(h.may_open(path) for h in snapshot.hosts.values()):
+            return f"{label} {path} is under no host's shared storage or image roots ({_roots(snapshot)})"
+    if spec.level is Level.UNPROTECTED:
+        for disk in spec.disks:
+            if not any(h.may_open(disk.path) for h in snapshot.hosts.values()):
+                return f"disk {disk.path} is under no host's shared storage or image roots ({_roots(snapshot)})"
     if spec.boot.initrd and not spec.boot.kernel:
         return "an initrd needs a kernel"
     if spec.level is Level.RESTART:
@@ -83,6 +94,12 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
             return problem
         if nic.mac in seen_macs:
             return f"MAC address {nic.mac} is already used by another VM"
+    for nic in spec.nics:
+        if nic.ip is not None and check_nic_ip(nic.ip):
+            return check_nic_ip(nic.ip)
+    problem = spec_problem(spec)  # what any agent reading it back would refuse
+    if problem:
+        return problem
     if spec.preferred_host is not None and spec.preferred_host not in snapshot.hosts:
         return f"host {spec.preferred_host} is not a live host of the pool"
     return None

@@ -40,6 +40,17 @@ class ReplicaPaths:
         return [self.ram, *self.disks]
 
 
+RAM_DIR_MARKER = ".ftvm-guest-ram"
+
+
+def make_guest_ram_dir(ram_file: Path) -> None:
+    """The directory of a level 3 RAM file, private (0700), marked as ftvm's: the agent's
+    clean-up of stale RAM files removes only marked directories."""
+    d = ram_file.parent
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (d / RAM_DIR_MARKER).touch(mode=0o600, exist_ok=True)
+
+
 @dataclass(frozen=True)
 class Committed:
     session: str
@@ -91,6 +102,7 @@ class Standby:
         self.paths.meta.parent.mkdir(parents=True, exist_ok=True)
         self.paths.device_state.parent.mkdir(parents=True, exist_ok=True)
         self.paths.meta.unlink(missing_ok=True)  # the files stop describing any checkpoint now
+        make_guest_ram_dir(self.paths.ram)
         replicas = [ReplicaFile(p, int(f["size"])) for p, f in zip(self.paths.files, files, strict=True)]
         for r in replicas:
             await asyncio.to_thread(r.zero)

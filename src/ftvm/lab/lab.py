@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..core.timing import Timing
+from ..guest.build import default_cache_dir
 from . import topology as topo
 
 DEFAULT_DIR = Path(os.environ.get("FTVM_LAB_DIR", "/var/lib/ftvm/lab"))
@@ -276,6 +277,8 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None) -> 
         f'state_dir = "{d / "state"}"', 'bridge = "br0"',
         f"memory_mib = {state.host_memory_mib}", f"vcpus = {state.host_vcpus}",
         f'shared_storage = ["{state.shared_dir}"]', 'accel = "auto"',
+        # level 0 disks and boot files: the demo guest's cache and the lab's own directory
+        f'image_roots = ["{default_cache_dir().parent}", "{state.dir}"]',
         f'local_storage = "{d / "local"}"',
         # the hosts' storage differs on purpose: level 2 copies are raw on odd hosts, qcow2 on even
         f'local_format = "{"raw" if topo.host_index(host) % 2 else "qcow2"}"',

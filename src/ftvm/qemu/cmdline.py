@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.model import VmSpec
+from ..core.model import MAX_NICS, VmSpec
 from .blockgraph import image_nodes
 from .probe import Accel
 
@@ -66,11 +66,17 @@ def checkpointed_disk_nodes(index: int, path: str) -> list[dict[str, Any]]:
             {"driver": "raw", "node-name": f"disk{index}", "file": f"disk{index}-file"}]
 
 
-def tap_name(vm: str) -> str:
-    """Interface names are limited to 15 bytes; keep short names readable."""
-    if len(vm) <= 12:
-        return f"ft-{vm}"
-    return "ft-" + hashlib.sha1(vm.encode()).hexdigest()[:12]
+def tap_name(vm: str, nic: int = 0) -> str:
+    """The tap of NIC `nic`: unique across every VM and NIC within the kernel's 15 bytes.
+    Readable names start "ft-" (VM names hold no "."), hashed ones "ft" + hex (never "-"),
+    and only a second or later NIC has a ".<n>": no two forms can meet.
+      NIC 0:  ft-<name> (name up to 12)      else ft<13 hex>
+      NIC n:  ft-<name>.<n> (name up to 10)  else ft<11 hex>.<n>"""
+    assert 0 <= nic < MAX_NICS <= 10
+    digest = hashlib.sha1(vm.encode()).hexdigest()
+    if nic == 0:
+        return f"ft-{vm}" if len(vm) <= 12 else f"ft{digest[:13]}"
+    return f"ft-{vm}.{nic}" if len(vm) <= 10 else f"ft{digest[:11]}.{nic}"
 
 
 def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
@@ -134,5 +140,4 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
 
 
 def tap_names(spec: VmSpec) -> list[str]:
-    base = tap_name(spec.name)
-    return [base if i == 0 else f"{base[:13]}{i}" for i in range(len(spec.nics))]
+    return [tap_name(spec.name, i) for i in range(len(spec.nics))]

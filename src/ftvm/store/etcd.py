@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,12 +26,22 @@ class EtcdUnavailable(EtcdError):
     """No endpoint answered in time: treat as loss of quorum."""
 
 
+@contextmanager
+def _reply(what: str) -> Iterator[None]:
+    """A reply that does not have the shape etcd gives is an etcd error (the caller's
+    retry and quorum-loss handling apply), never an exception that ends a loop."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise EtcdError(f"etcd {what}: malformed reply ({type(e).__name__}: {e})") from None
+
+
 def _b64(s: str | bytes) -> str:
     return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
 
 
 def _unb64(s: str) -> bytes:
-    return base64.b64decode(s)
+    return base64.b64decode(s, validate=True)
 
 
 def prefix_end(prefix: str) -> bytes:
@@ -146,8 +157,9 @@ class TxnResult:
     responses: list[dict[str, Any]] = field(default_factory=list)
 
     def range_kvs(self, index: int) -> list[KeyValue]:
-        r = self.responses[index].get("response_range", {})
-        return [KeyValue.parse(kv) for kv in r.get("kvs", [])]
+        with _reply("txn range"):
+            r = self.responses[index].get("response_range", {})
+            return [KeyValue.parse(kv) for kv in r.get("kvs", [])]
 
 
 @dataclass(frozen=True)
@@ -189,7 +201,10 @@ class EtcdClient:
                 last = e
                 continue
             self._preferred = idx
-            data = r.json()
+            with _reply(path):
+                data = r.json()
+                if not isinstance(data, dict):
+                    raise TypeError("not a JSON object")
             if r.status_code != 200 or "error" in data:
                 raise EtcdError(f"etcd {path}: {data.get('message') or data.get('error') or r.status_code}")
             return data
@@ -198,8 +213,9 @@ class EtcdClient:
     # --- key/value ---------------------------------------------------------------
     async def get(self, key: str) -> KeyValue | None:
         data = await self._post("/v3/kv/range", {"key": _b64(key)})
-        kvs = data.get("kvs", [])
-        return KeyValue.parse(kvs[0]) if kvs else None
+        with _reply("range"):
+            kvs = data.get("kvs", [])
+            return KeyValue.parse(kvs[0]) if kvs else None
 
     async def get_prefix(self, prefix: str, revision: int = 0, last: int = 0,
                          min_mod_revision: int = 0) -> tuple[list[KeyValue], int]:
@@ -213,16 +229,19 @@ class EtcdClient:
         if min_mod_revision:
             body["min_mod_revision"] = str(min_mod_revision)
         data = await self._post("/v3/kv/range", body)
-        kvs = [KeyValue.parse(kv) for kv in data.get("kvs", [])]
-        return (kvs[::-1] if last else kvs), int(data["header"]["revision"])
+        with _reply("range"):
+            kvs = [KeyValue.parse(kv) for kv in data.get("kvs", [])]
+            return (kvs[::-1] if last else kvs), int(data["header"]["revision"])
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         data = await self._post("/v3/kv/put", Put(key, value, lease).body()["request_put"])
-        return int(data["header"]["revision"])
+        with _reply("put"):
+            return int(data["header"]["revision"])
 
     async def delete(self, key: str, prefix: bool = False) -> int:
         data = await self._post("/v3/kv/deleterange", Delete(key, prefix).body()["request_delete_range"])
-        return int(data.get("deleted", 0))
+        with _reply("deleterange"):
+            return int(data.get("deleted", 0))
 
     async def txn(self, compare: list[Compare], success: list[Put | Delete | Get],
                   failure: list[Put | Delete | Get] | None = None) -> TxnResult:
@@ -230,19 +249,22 @@ class EtcdClient:
                 "success": [op.body() for op in success],
                 "failure": [op.body() for op in (failure or [])]}
         data = await self._post("/v3/kv/txn", body)
-        return TxnResult(succeeded=bool(data.get("succeeded", False)),
-                         revision=int(data["header"]["revision"]),
-                         responses=data.get("responses", []))
+        with _reply("txn"):
+            return TxnResult(succeeded=bool(data.get("succeeded", False)),
+                             revision=int(data["header"]["revision"]),
+                             responses=list(data.get("responses", [])))
 
     # --- leases ------------------------------------------------------------------
     async def lease_grant(self, ttl: float) -> tuple[int, int]:
         data = await self._post("/v3/lease/grant", {"TTL": str(max(1, round(ttl)))})
-        return int(data["ID"]), int(data["TTL"])
+        with _reply("lease grant"):
+            return int(data["ID"]), int(data["TTL"])
 
     async def lease_keepalive(self, lease_id: int) -> int:
         """Renew a lease; returns its TTL, 0 if it has already expired."""
         data = await self._post("/v3/lease/keepalive", {"ID": str(lease_id)})
-        return int(data.get("result", {}).get("TTL", 0))
+        with _reply("lease keepalive"):
+            return int(data.get("result", {}).get("TTL", 0))
 
     async def lease_revoke(self, lease_id: int) -> None:
         try:
@@ -265,9 +287,10 @@ class EtcdClient:
                 async for line in r.aiter_lines():
                     if not line.strip():
                         continue
-                    result = json.loads(line).get("result", {})
-                    events = [WatchEvent(type=e.get("type", "PUT"), kv=KeyValue.parse(e["kv"]))
-                              for e in result.get("events", [])]
+                    with _reply("watch"):
+                        result = json.loads(line).get("result", {})
+                        events = [WatchEvent(type=e.get("type", "PUT"), kv=KeyValue.parse(e["kv"]))
+                                  for e in result.get("events", [])]
                     if events:
                         yield events
         except httpx.HTTPError as e:

@@ -54,17 +54,25 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from ..core.model import (CheckpointFigures, Export, HostInfo, Incoming, LevelChange, Migration, Ownership,
-                          PoolSnapshot, SyncProgress, VmSpec, VmStatus, VmView)
+from ..core.model import (BadRecord, CheckpointFigures, Export, FrozenVm, HostInfo, Incoming, LevelChange,
+                          Migration, Ownership, PoolSnapshot, SyncProgress, VmSpec, VmStatus, VmView, valid_name)
 from ..core.availability import HistoryRecord
+from ..core.records import RecordError, as_object, from_fields, value
 from ..core.replication import Copies
-from .etcd import Compare, EtcdClient, absent, created_at, modified_at, present, put_json, Delete, Get, Put
+from .etcd import (Compare, EtcdClient, EtcdError, KeyValue, absent, created_at, modified_at, present, put_json, Delete,
+                   Get, Put)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_EVENTS = 5000
+MAX_VALUE = 1 << 20  # no record ftvm writes comes near this
 HISTORY_DAYS = 400
 
 
@@ -79,6 +87,12 @@ class Event:
     def __str__(self) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(self.time)) + f".{int(self.time * 1000) % 1000:03d}"
         return f"{stamp} {self.host:<6} {self.vm or '-':<10} {self.kind:<10} {self.message}"
+
+
+class UnreadableRecord(EtcdError):
+    """A record read on its own (spec, copies) that cannot be used. An EtcdError, so the
+    agent's loops treat it like a store they cannot read now: they change nothing and
+    try again later; front ends show the reason."""
 
 
 class PoolStore:
@@ -98,51 +112,15 @@ class PoolStore:
 
     # --- reading -----------------------------------------------------------------
     async def snapshot(self) -> PoolSnapshot:
-        """The whole pool state at one revision."""
+        """The whole pool state at one revision. Each value is parsed on its own: one that
+        cannot be read freezes its VM (or, for a host, leaves that host out) and is listed
+        in `bad`; it never stops the others from being read (core/records.py)."""
         kvs, revision = await self.etcd.get_prefix(self.state)
-        hosts: dict[str, HostInfo] = {}
-        links: dict[str, dict[str, dict[str, bool]]] = {}
-        parts: dict[str, dict[str, Any]] = {}
-        maintenance: set[str] = set()
-        for kv in kvs:
-            rest = kv.key[len(self.state):].split("/")
-            if rest[0] == "hosts" and len(rest) == 2:
-                hosts[rest[1]] = HostInfo.from_json(kv.json())
-            elif rest[0] == "vms" and len(rest) == 3:
-                parts.setdefault(rest[1], {})[rest[2]] = kv
-            elif rest[0] == "links" and len(rest) == 2:
-                links[rest[1]] = kv.json()
-            elif rest[0] == "maintenance" and len(rest) == 2:
-                maintenance.add(rest[1])
-            elif rest[0] == "vms" and len(rest) == 4 and rest[2] == "export":
-                parts.setdefault(rest[1], {}).setdefault("exports", []).append(kv)
-        vms: dict[str, VmView] = {}
-        for name, p in parts.items():
-            if "spec" not in p:
-                continue  # leftovers of a VM being removed
-            owner = p.get("owner")
-            vms[name] = VmView(
-                spec=VmSpec.from_json(p["spec"].json()),
-                owner=Ownership(owner.json()["host"], owner.create_revision) if owner else None,
-                status=VmStatus.from_json(p["status"].json()) if "status" in p else None,
-                home=p["home"].json()["host"] if "home" in p else None,
-                copies=Copies.from_json(p["copies"].json(), p["copies"].mod_revision) if "copies" in p else None,
-                exports=tuple(Export(**e.json()) for e in p.get("exports", [])),
-                sync=SyncProgress(**p["sync"].json()) if "sync" in p else None,
-                force_host=p["force"].json()["host"] if "force" in p else None,
-                repair_host=p["repair"].json()["host"] if "repair" in p else None,
-                checkpoints=CheckpointFigures(**p["checkpoints"].json()) if "checkpoints" in p else None,
-                migration=Migration(**p["migration"].json()) if "migration" in p else None,
-                incoming=Incoming(**p["incoming"].json()) if "incoming" in p else None,
-                handover_host=p["handover"].json()["host"] if "handover" in p else None,
-                level_change=LevelChange.from_json(p["level"].json()) if "level" in p else None,
-            )
-        return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links,
-                            maintenance=frozenset(maintenance))
+        return parse_snapshot(self.state, kvs, revision)
 
     async def spec(self, vm: str) -> tuple[VmSpec, int] | None:
         kv = await self.etcd.get(self.vm_key(vm, "spec"))
-        return (VmSpec.from_json(kv.json()), kv.mod_revision) if kv else None
+        return (_parsed(kv, VmSpec.from_json), kv.mod_revision) if kv else None
 
     # --- hosts -------------------------------------------------------------------
     async def register_host(self, info: HostInfo, lease: int) -> bool:
@@ -189,7 +167,7 @@ class PoolStore:
 
     async def get_copies(self, vm: str) -> Copies | None:
         kv = await self.etcd.get(self.vm_key(vm, "copies"))
-        return Copies.from_json(kv.json(), kv.mod_revision) if kv else None
+        return _parsed(kv, lambda d: Copies.from_json(d, kv.mod_revision)) if kv else None
 
     async def report_links(self, host: str, links: dict[str, dict[str, bool]], lease: int) -> None:
         await self.etcd.put(f"{self.state}links/{host}", json.dumps(links, sort_keys=True).encode(), lease)
@@ -362,7 +340,7 @@ class PoolStore:
         """The newest `limit` events (changed after `since_revision`), oldest first."""
         kvs, revision = await self.etcd.get_prefix(self.root + "events/", last=limit,
                                                    min_mod_revision=since_revision + 1 if since_revision else 0)
-        return [Event(**kv.json()) for kv in kvs], revision
+        return [e for e in map(_event, kvs) if e is not None], revision
 
     async def trim_events(self) -> int:
         """Delete all but the newest MAX_EVENTS events. Returns how many went."""
@@ -384,7 +362,10 @@ class PoolStore:
         out: dict[str, list[HistoryRecord]] = {}
         for kv in kvs:
             name = kv.key[len(self.root + "history/"):].split("/")[0]
-            out.setdefault(name, []).append(HistoryRecord.from_json(kv.json()))
+            try:
+                out.setdefault(name, []).append(HistoryRecord.from_json(_json(kv)))
+            except RecordError as e:
+                log.warning("history record %s skipped: %s", kv.key, e)
         return out
 
     async def trim_history(self, older_than: float) -> int:
@@ -399,4 +380,130 @@ class PoolStore:
         return gone
 
 
-__all__ = ["PoolStore", "Event", "Put", "MAX_EVENTS"]
+def _json(kv: KeyValue) -> Any:
+    if len(kv.value) > MAX_VALUE:
+        raise RecordError(f"{len(kv.value)} bytes is larger than any record ({MAX_VALUE})")
+    try:
+        return json.loads(kv.value)
+    except ValueError as e:
+        raise RecordError(f"not JSON ({e})") from None
+
+
+def _parsed(kv: KeyValue, parse: Callable[[Any], T]) -> T:
+    try:
+        return parse(_json(kv))
+    except RecordError as e:
+        raise UnreadableRecord(f"record {kv.key} is unreadable: {e}; fix or delete it") from None
+
+
+def _event(kv: KeyValue) -> Event | None:
+    try:
+        return from_fields(Event, _json(kv), "event")
+    except RecordError as e:
+        log.warning("event %s skipped: %s", kv.key, e)
+        return None
+
+
+def _host_of(d: object, what: str) -> str:
+    """The {"host": name} records (owner, home, force, repair, handover)."""
+    host = value(str, as_object(d, what).get("host"), f"{what}.host")
+    if not valid_name(host):
+        raise RecordError(f"{what}.host: invalid host name {host!r}")
+    return str(host)
+
+
+# The parts of a VM that only its owner writes, for display and figures: an unreadable one
+# is read as absent (the owner writes it again). Every other part decides what may be done
+# to the VM: an unreadable one freezes it.
+_ADVISORY = frozenset({"status", "sync", "checkpoints"})
+
+
+def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> PoolSnapshot:
+    hosts: dict[str, HostInfo] = {}
+    links: dict[str, dict[str, dict[str, bool]]] = {}
+    parts: dict[str, dict[str, Any]] = {}
+    maintenance: set[str] = set()
+    bad: list[BadRecord] = []
+    for kv in kvs:
+        rest = kv.key[len(state_prefix):].split("/")
+        try:
+            if rest[0] == "hosts" and len(rest) == 2:
+                info = HostInfo.from_json(_json(kv))
+                if info.name != rest[1]:
+                    raise RecordError(f"names host {info.name!r}, not {rest[1]!r}")
+                hosts[rest[1]] = info
+            elif rest[0] == "links" and len(rest) == 2:
+                links[rest[1]] = value(dict[str, dict[str, bool]], _json(kv), "links")
+            elif rest[0] == "maintenance" and len(rest) == 2:
+                maintenance.add(rest[1])
+            elif rest[0] == "vms" and len(rest) in (3, 4):
+                if not valid_name(rest[1]):
+                    raise RecordError(f"invalid VM name {rest[1]!r} in the key")
+                part = rest[2] if len(rest) == 3 else f"export/{rest[3]}"
+                parts.setdefault(rest[1], {})[part] = kv
+        except RecordError as e:
+            bad.append(BadRecord(kv.key, kv.mod_revision, str(e)))
+    vms: dict[str, VmView] = {}
+    frozen: dict[str, FrozenVm] = {}
+    for name, p in parts.items():
+        if "spec" not in p:
+            continue  # leftovers of a VM being removed
+        try:
+            vms[name] = _parse_vm(name, p, bad)
+        except _Frozen as f:
+            owner = p.get("owner")
+            frozen[name] = FrozenVm(name, f.problem, owner.create_revision if owner else None)
+            bad.append(f.problem)
+    return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links,
+                        maintenance=frozenset(maintenance), frozen=frozen, bad=tuple(bad))
+
+
+class _Frozen(Exception):
+    def __init__(self, problem: BadRecord) -> None:
+        self.problem = problem
+
+
+def _parse_vm(name: str, p: dict[str, KeyValue], bad: list[BadRecord]) -> VmView:
+    def read(part: str, parse: Callable[..., Any], *extra: Any) -> Any:
+        kv = p.get(part)
+        if kv is None:
+            return None
+        try:
+            return parse(_json(kv), *extra)
+        except RecordError as e:
+            problem = BadRecord(kv.key, kv.mod_revision, str(e))
+            if part in _ADVISORY:
+                bad.append(problem)
+                return None
+            raise _Frozen(problem) from None
+
+    spec = read("spec", VmSpec.from_json)
+    if spec.name != name:
+        raise _Frozen(BadRecord(p["spec"].key, p["spec"].mod_revision, f"names VM {spec.name!r}, not {name!r}"))
+    owner_host = read("owner", _host_of, "owner")
+    exports = []
+    for part in sorted(k for k in p if k.startswith("export/")):
+        export = read(part, lambda d: from_fields(Export, d, "export"))
+        if export.host != part.split("/", 1)[1]:
+            raise _Frozen(BadRecord(p[part].key, p[part].mod_revision, f"names host {export.host!r}"))
+        exports.append(export)
+    copies_kv = p.get("copies")
+    return VmView(
+        spec=spec,
+        owner=Ownership(owner_host, p["owner"].create_revision) if owner_host else None,
+        status=read("status", VmStatus.from_json),
+        home=read("home", _host_of, "home"),
+        copies=read("copies", Copies.from_json, copies_kv.mod_revision) if copies_kv else None,
+        exports=tuple(exports),
+        sync=read("sync", lambda d: from_fields(SyncProgress, d, "sync")),
+        force_host=read("force", _host_of, "force"),
+        repair_host=read("repair", _host_of, "repair"),
+        checkpoints=read("checkpoints", lambda d: from_fields(CheckpointFigures, d, "checkpoints")),
+        migration=read("migration", lambda d: from_fields(Migration, d, "migration")),
+        incoming=read("incoming", lambda d: from_fields(Incoming, d, "incoming")),
+        handover_host=read("handover", _host_of, "handover"),
+        level_change=read("level", LevelChange.from_json),
+    )
+
+
+__all__ = ["PoolStore", "Event", "Put", "MAX_EVENTS", "parse_snapshot", "UnreadableRecord"]
