@@ -13,6 +13,7 @@ resynced from the bitmap; level 3: a new pre-copy to the old host).
 from __future__ import annotations
 
 import re
+import ssl
 import statistics
 import threading
 import time
@@ -154,11 +155,11 @@ def print_migration(out: dict[str, Any]) -> None:
 
 # --- control-plane cost ---------------------------------------------------------------------
 
-def _scrape(url: str, token: str) -> dict[tuple[str, str], float]:
+def _scrape(url: str, token: str, tls: ssl.SSLContext) -> dict[tuple[str, str], float]:
     """(metric, host label) -> value, from one agent's /metrics."""
     import urllib.request
     req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=5) as r:
+    with urllib.request.urlopen(req, timeout=5, context=tls) as r:
         text = r.read().decode()
     out = {}
     for m in re.finditer(r'^(ftvm_(?:tick_seconds|ticks_total|etcd_requests_total))\{host="([^"]+)"\} (\S+)$',
@@ -194,9 +195,9 @@ def run_control_plane_bench(lab_dir: Path, steps: tuple[int, ...], window_s: flo
                 pool.run(lambda store: store.define_vm(spec))  # noqa: B023 - run now
                 defined += 1
             time.sleep(3)
-            before = {h: _scrape(state.api_url(h), token) for h in state.hosts}
+            before = {h: _scrape(state.api_url(h), token, state.https()) for h in state.hosts}
             time.sleep(window_s)
-            after = {h: _scrape(state.api_url(h), token) for h in state.hosts}
+            after = {h: _scrape(state.api_url(h), token, state.https()) for h in state.hosts}
             per_host = {}
             for h in state.hosts:
                 reqs = after[h][("ftvm_etcd_requests_total", h)] - before[h][("ftvm_etcd_requests_total", h)]

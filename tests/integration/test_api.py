@@ -31,12 +31,12 @@ async def api(etcd_url: str):
         store = PoolStore(client, f"api{next(_pools)}")
         for h in ("h1", "h2"):
             lease, _ = await client.lease_grant(30)
-            assert await store.register_host(HostInfo(h, 4096, 4, ("/s",)), lease)
+            assert await store.register_host(HostInfo(h, 4096, 4, ("/s",), image_roots=("/etc",)), lease)
         counters = AgentCounters(failovers={"web": 2})
         ctx = ApiContext(store, "p", [etcd_url], TOKEN, store.snapshot,
                          lambda: AgentHealth("h1", True, 5.0, 3.2), counters)
         port = _free_port()
-        runner = await serve(make_app(ctx), "127.0.0.1", port)
+        runner = await serve(make_app(ctx), "127.0.0.1", port, None)
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
                                          headers={"Authorization": f"Bearer {TOKEN}"}) as http:

@@ -26,7 +26,16 @@ def _follow(http: httpx.Client, job: dict, timeout: float) -> dict:
 
 def test_api_starts_and_stops_a_vm_and_metrics_follow(lab: labmod.LabState, guest_image) -> None:
     token = lab.api_token_file.read_text().strip()
-    assert httpx.get(lab.api_url("h2") + "/api/v1/status").status_code == 401
+    reader = lab.api_read_token_file.read_text().strip()
+    tls = lab.https()
+    assert httpx.get(lab.api_url("h2") + "/api/v1/status", verify=tls).status_code == 401
+    with pytest.raises(httpx.HTTPError):  # https only: a plain-HTTP request gets no answer
+        httpx.get(lab.api_url("h2").replace("https://", "http://") + "/api/v1/status",
+                  headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    with httpx.Client(base_url=lab.api_url("h2"), headers={"Authorization": f"Bearer {reader}"},
+                      verify=tls, timeout=10) as ro:  # the read-only token reads, never writes
+        assert ro.get("/metrics").status_code == 200 and ro.get("/api/v1/status").status_code == 200
+        assert ro.post("/api/v1/vms", json={}).status_code == 403
     disk = lab.shared_dir / "apivm.img"
     make_ledger_disk(disk)
     nic = NicSpec("52:54:00:77:00:9a", topo.vm_addr(90))
@@ -34,7 +43,7 @@ def test_api_starts_and_stops_a_vm_and_metrics_follow(lab: labmod.LabState, gues
                   BootSpec(str(guest_image.kernel), str(guest_image.initrd), guest_image.append),
                   preferred_host="h1")
     with httpx.Client(base_url=lab.api_url("h2"), headers={"Authorization": f"Bearer {token}"},
-                      timeout=10) as http:
+                      verify=tls, timeout=10) as http:
         status = http.get("/api/v1/status").json()
         assert sorted(h["name"] for h in status["hosts"]) == sorted(lab.hosts)
         r = http.post("/api/v1/vms", json=spec.to_json())
@@ -81,7 +90,8 @@ def test_the_cli_works_through_the_api(lab: labmod.LabState, guest_image, tmp_pa
     def cli(*args: str, token=good, api: str | None = None) -> subprocess.CompletedProcess[str]:
         api = api or f"http://127.0.0.1:9,{lab.api_url('h2')}"  # the first never answers
         return subprocess.run([sys.executable, "-m", "ftvm", *args, "--api", api, "--api-token-file", str(token),
-                               "--etcd", "http://127.0.0.1:9"], capture_output=True, text=True, env=env,
+                               "--ca", str(lab.pki_dir / "ca.crt"), "--etcd", "http://127.0.0.1:9"],
+                              capture_output=True, text=True, env=env,
                               timeout=120)
 
     r = cli("vm", "add", "clivm", "--level", "1", "--memory", "256", "--disk", str(disk), "--demo-guest",

@@ -109,8 +109,8 @@ def test_moves_and_level_changes_campaign(lab: labmod.LabState, guest_image) -> 
             for level in (1, 2, 3, 2, 1):
                 snap = pool.snapshot()
                 if int(snap.vms["round"].spec.level) != level:
-                    pool.run(lambda s, lv=level: ops.change_level(
-                        s, "round", lv, (spec.disks[0].path,) if lv == 1 else ()))
+                    pool.run(lambda s, lv=level: ops.change_level(  # back onto its first image
+                        s, "round", lv, (spec.disks[0].path,) if lv == 1 else (), overwrite=lv == 1))
                 pool.wait_for(f"level {level} done", lambda s, lv=level: level_progress(
                     row_of(s, "round"), lv)[0] == "done", 120)
                 if level >= 2:

@@ -13,6 +13,7 @@ import pytest
 
 from ftvm.core.model import Level
 from ftvm.lab import lab as labmod
+from ftvm.pki import spki_sha256
 from ftvm.lab.scenario import LabPool
 
 pytestmark = pytest.mark.lab
@@ -21,14 +22,17 @@ RED = (0xB3, 0x26, 0x1E)    # .bad: Not protected
 GREEN = (0x0A, 0x7A, 0x2F)  # .ok
 
 
-def chromium(url: str, profile: Path, *extra: str) -> str:
+def chromium(url: str, profile: Path, *extra: str, pin: Path | None = None) -> str:
+    """`pin`: the agent's certificate, whose key chromium is told to trust (its CA is the
+    pool's own, which the browser does not know)."""
     exe = shutil.which("chromium")
     if exe is None:
         pytest.fail("chromium not installed: run ./setup.sh test (the README's test command)")
     proc = subprocess.run(
         [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-         "--virtual-time-budget=4000", "--window-size=1400,1000", *extra, url],
+         "--virtual-time-budget=4000", "--window-size=1400,1000", *extra,
+         *([f"--ignore-certificate-errors-spki-list={spki_sha256(pin)}"] if pin else []), url],
         capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
@@ -78,22 +82,23 @@ def count_colour(pixels: list[tuple[int, int, int]], rgb: tuple[int, int, int], 
 def test_dashboard_shows_the_pool_and_a_failover(lab: labmod.LabState, guest_image, tmp_path: Path) -> None:
     pool = LabPool(lab)
     pool.define_ledger_vm("dash", 30, Level.RESTART, guest_image, host="h1")
-    token = lab.api_token_file.read_text().strip()
+    token = lab.api_read_token_file.read_text().strip()  # the dashboard only reads
     url = lab.api_url("h2") + f"/#token={token}"
+    pin = lab.pki_dir / "hosts" / "h2.crt"
     try:
         pool.wait_running("dash", 60)
         pool.wait_for("protected", lambda s: s.vms["dash"].status is not None, 30)
-        dom = chromium(url, tmp_path / "p1", "--dump-dom")
+        dom = chromium(url, tmp_path / "p1", "--dump-dom", pin=pin)
         assert 'data-vm="dash" data-host="h1" data-protected="true"' in dom, dom[-3000:]
         assert "reachable" in dom and "claim" in dom  # quorum line and the live event log
         before = tmp_path / "before.png"
-        chromium(url, tmp_path / "p2", f"--screenshot={before}")
+        chromium(url, tmp_path / "p2", f"--screenshot={before}", pin=pin)
         _, _, px_before = png_pixels(before)
         assert count_colour(px_before, GREEN) > 50 and count_colour(px_before, RED) == 0
 
         labmod.fail_host(lab, "h1")
         pool.wait_running("dash", 60, not_on="h1")
-        dom = chromium(url, tmp_path / "p3", "--dump-dom")
+        dom = chromium(url, tmp_path / "p3", "--dump-dom", pin=pin)
         assert 'data-vm="dash" data-host="h2" data-protected="false"' in dom, dom[-3000:]
         assert "taking over" in dom or "lost" in dom  # the failover's decision, with its reason
         assert 'data-host="h1" data-state="down"' in dom  # the lost host is shown down
@@ -104,12 +109,12 @@ def test_dashboard_shows_the_pool_and_a_failover(lab: labmod.LabState, guest_ima
         assert cells[4:6] == ["1</td>", "1</td>"], cells
         assert "host h1 lost" in cells[7], cells
         after = tmp_path / "after.png"
-        chromium(url, tmp_path / "p4", f"--screenshot={after}")
+        chromium(url, tmp_path / "p4", f"--screenshot={after}", pin=pin)
         w, h, px_after = png_pixels(after)
         assert (w, h) == (1400, 1000)
         assert count_colour(px_after, RED) > 50  # "Not protected: ..." now shows in red
         # without the token the page asks for it and shows no pool data
-        dom = chromium(lab.api_url("h2") + "/", tmp_path / "p5", "--dump-dom")
+        dom = chromium(lab.api_url("h2") + "/", tmp_path / "p5", "--dump-dom", pin=pin)
         assert 'data-vm="dash"' not in dom and 'id="login" style="display: block;"' in dom
     finally:
         for h in list(lab.failed):

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from ftvm.core.model import BootSpec, DiskSpec, Level, NicSpec, VmSpec
+from ftvm.l3.channel import LinkConfig
 from ftvm.l3.primary import Checkpointer
 from ftvm.l3.relay import OutputCommitRelay, open_tap
 from ftvm.l3.standby import ReplicaPaths, Standby, StandbyServer
@@ -88,7 +89,8 @@ class Engine:
         self.relay.gated = False
         await self.relay.start()
         self.standby = Standby("l3eng", self.replica)
-        server = StandbyServer("127.0.0.1", 0, lambda vm: self.standby)
+        key = os.urandom(32)
+        server = StandbyServer("127.0.0.1", 0, key, lambda vm, peer, hello: self.standby, live_within=1.0)
         await server.start()
         accel = choose_accel("tcg", None)
         self.qemu = await QemuVm.start(self.spec, paths, accel, "br0",
@@ -99,8 +101,8 @@ class Engine:
             self.cp = Checkpointer("l3eng", self.qemu, [self.relay], self.ram, [self.disk], paths.run_dir,
                                    interval_s=0.05, timeout_s=2.0)
             await self.cp.prepare_qemu()
-            await self.cp.connect("127.0.0.1", server.port)
-            await self.cp.protect("s1")
+            await self.cp.connect("127.0.0.1", LinkConfig(server.port, key), "s1")
+            await self.cp.protect()
             self._run_task = asyncio.create_task(self.cp.run())
             self.ready.set()
             await self._stop.wait()

@@ -110,7 +110,7 @@ def test_host_cut_off_from_quorum_stops_its_vm_before_the_other_starts_it(
         _, lost = check_acked_on_disk(Path(spec.disks[0].path), acks)
         assert lost == []
         # h1, back in the pool, leaves the VM where it is
-        time.sleep(2)
+        pool.wait_ticks(["h1", "h2"])
         view = pool.snapshot().vms[name]
         assert view.owner is not None and view.owner.host == "h2"
         assert [ns for _, ns in find_copies(name)] == ["ftvm-h2"]

@@ -203,7 +203,7 @@ def test_outdated_replica_is_never_promoted_without_the_flag(l2vm, lab: labmod.L
     pool.wait_for("replica outdated", lambda s: copy_state(s, name, "h2") is CopyState.OUTDATED, 30)
     labmod.fail_host(lab, "h1")
     snap = pool.wait_for("h1 gone", lambda s: "h1" not in s.hosts, 30)
-    time.sleep(3)  # several ticks of h2's agent
+    pool.wait_ticks(["h2"])  # h2 has decided, from a pool without h1
     snap = pool.snapshot()
     assert snap.vms[name].owner is None, "an outdated copy was promoted"
     from ftvm.views import vm_row

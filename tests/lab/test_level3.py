@@ -272,9 +272,16 @@ def test_a_running_vm_is_raised_to_level3_without_a_restart(lab: labmod.LabState
         # waits paused for the migration, so two processes exist for a moment by design; a second
         # *running* guest would show in the client's sequence as repeats or a broken connection)
         for level in (3, 2, 3, 1):
+            back = ["--disk-path", spec.disks[0].path] if level == 1 else []
+            if level == 1:  # back onto the image it started from: it exists, so only with --overwrite
+                r = subprocess.run(base + ["vm", "set", "up3", "--level", "1", *back, "--lab-dir", lab.dir],
+                                   capture_output=True, text=True)
+                assert r.returncode == 4 and "--overwrite" in r.stderr, r.stdout + r.stderr
+                unchanged = pool.snapshot().vms["up3"]
+                assert int(unchanged.spec.level) == 3 and unchanged.level_change is None
+                back.append("--overwrite")
             r = subprocess.run(base + ["vm", "set", "up3", "--level", str(level), "--wait", "--timeout", "120"]
-                               + (["--disk-path", spec.disks[0].path] if level == 1 else [])
-                               + ["--lab-dir", lab.dir], capture_output=True, text=True)
+                               + back + ["--lab-dir", lab.dir], capture_output=True, text=True)
             assert r.returncode == 0, r.stdout + r.stderr
             snap = pool.snapshot()
             view = snap.vms["up3"]

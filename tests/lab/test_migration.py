@@ -91,7 +91,7 @@ def test_maintenance_empties_the_host_and_nothing_is_placed_there(lab: labmod.La
         # failback policy: on for mnt2 only. Resumed, h1 gets mnt2 back (live, replication kept);
         # mnt stays on h2
         _run(pool, lambda s: ops.set_failback(s, "mnt2", True))
-        time.sleep(2)
+        pool.wait_ticks(["h1", "h2"])
         assert runs_on(pool.snapshot(), "mnt2", "h2")  # nothing moves while h1 is in maintenance
         _run(pool, lambda s: ops.end_maintenance(s, "h1"))
         assert pool.snapshot().maintenance == frozenset()

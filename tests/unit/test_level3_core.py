@@ -17,7 +17,9 @@ from ftvm.agent.l3 import is_partner
 from ftvm.l3.pages import PAGE, Delta
 from ftvm.l3.primary import CheckpointStats, EpochRecord
 from ftvm.l3.wire import (Checkpoint, Msg, WireError, decode_checkpoint, decode_precopy, encode_checkpoint,
-                          encode_precopy, read_message)
+                          encode_precopy, read_message, standby_limits)
+
+ANY = standby_limits([1 << 16, 1 << 16, 1 << 16])
 
 
 def spec(**kw) -> VmSpec:
@@ -38,8 +40,8 @@ def test_checkpoint_round_trips_through_the_stream() -> None:
             reader.feed_data(part)
         reader.feed_eof()
         seen: list[int] = []
-        first = await read_message(reader, lambda: seen.append(1))
-        return [first, await read_message(reader)]
+        first = await read_message(reader, ANY, lambda: seen.append(1))
+        return [first, await read_message(reader, ANY)]
 
     (k1, p1), (k2, p2) = asyncio.run(read_two())
     assert (k1, k2) == (Msg.CHECKPOINT, Msg.PRECOPY)
@@ -61,7 +63,7 @@ def test_a_truncated_checkpoint_is_never_decoded() -> None:
         parts = encode_checkpoint(Checkpoint(1, {0: delta([1], 1)}, b"s"))
         reader.feed_data(b"".join(parts)[:-100])  # the primary died mid-message
         reader.feed_eof()
-        await read_message(reader)
+        await read_message(reader, ANY)
 
     with pytest.raises(asyncio.IncompleteReadError):
         asyncio.run(read_torn())

@@ -37,6 +37,8 @@ from ..core.replication import (IMPORTED, NEW_DISK, Copies, CopyState, claim_cop
                                 replace_partner)
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from .paths import resolved_spec
+from ..l3.channel import LinkConfig
+from ..secret import derive
 from ..l3.standby import RAM_DIR_MARKER, make_guest_ram_dir, read_committed
 from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
 from ..qemu.probe import Accel, choose_accel
@@ -102,7 +104,8 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.cfg = config
         self.t = config.timing
-        self.etcd = EtcdClient(list(config.etcd), timeout=self.t.etcd_timeout)
+        self.etcd = EtcdClient(list(config.etcd), timeout=self.t.etcd_timeout,
+                               tls=config.etcd_tls.client_context() if config.etcd_tls else None)
         self.store = PoolStore(self.etcd, config.pool)
         self.accel: Accel | None = None
         self.lease = 0
@@ -202,9 +205,10 @@ class Agent:
         addr, port = self.cfg.api_listen
         ctx = ApiContext(store=self.store, pool=self.cfg.pool, endpoints=list(self.cfg.etcd),
                          token=self.cfg.api_token, snapshot=self.store.snapshot, health=self._health,
-                         counters=self.counters)
+                         counters=self.counters, read_token=self.cfg.api_read_token)
+        assert self.cfg.api_tls is not None  # the config refuses api_listen without a certificate
         try:
-            self._api = await serve(make_app(ctx), addr, port)
+            self._api = await serve(make_app(ctx), addr, port, self.cfg.api_tls.server_context())
         except OSError as e:
             self.event("", "error", f"cannot serve the API on {addr}:{port}: {e}")
 
@@ -218,7 +222,8 @@ class Agent:
         if not (self.cfg.replication_addr and self.cfg.local_storage):
             return
         self.l3_partner = L3Partner(
-            self.cfg.name, self.cfg.replication_addr, self.cfg.checkpoint_port, self._l3_files, self.store,
+            self.cfg.name, self.cfg.replication_addr, self.cfg.checkpoint_port, self._l3_link.key, self._l3_files,
+            self.store,
             lambda: self.lease, lambda: self.snapshot, self.t, self.event, lambda vm: self.wake.set(),
             self.history)
         try:
@@ -227,6 +232,11 @@ class Agent:
             self.l3_partner = None
             self.event("", "error", f"cannot listen for level 3 checkpoints on "
                                     f"{self.cfg.replication_addr}:{self.cfg.checkpoint_port}: {e}")
+
+    @property
+    def _l3_link(self) -> LinkConfig:
+        return LinkConfig(self.cfg.checkpoint_port, derive(self.cfg.pool_secret, "checkpoint stream"),
+                          self.cfg.replication_addr)
 
     def _l3_files(self, spec: VmSpec):  # type: ignore[no-untyped-def]
         assert self.cfg.local_storage is not None
@@ -689,7 +699,7 @@ class Agent:
                 debug_qmp=self.cfg.debug_qmp, checkpointed=Checkpointed(str(files.ram)), incoming=True),
             make_l3=lambda new_spec: L3Primary(new_spec, token, self.cfg.name, paths, files, self.store,
                                                lambda: self.lease, lambda: self.snapshot, self.event, self.t,
-                                               self.cfg.checkpoint_port, self._checkpoint_counter(d.vm)))
+                                               self._l3_link, self._checkpoint_counter(d.vm)))
         try:
             new_qemu, l3 = await levels.raise_to_system(ctx, spec, change, current, target)
         except Exception:
@@ -879,7 +889,7 @@ class Agent:
         make_guest_ram_dir(files.ram)
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         l3 = L3Primary(spec, token, self.cfg.name, paths, files, self.store, lambda: self.lease,
-                       lambda: self.snapshot, self.event, self.t, self.cfg.checkpoint_port,
+                       lambda: self.snapshot, self.event, self.t, self._l3_link,
                        self._checkpoint_counter(spec.name))
         await l3.open_relays(self.cfg.bridge)
         blockdevs = [checkpointed_disk_nodes(i, str(p)) for i, p in enumerate(files.disks)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 from ..core.model import valid_name
 from ..core.timing import Timing, TimingError
+from ..pki import TlsFiles
+from ..secret import SecretError, load_secret
 
 
 DEFAULT_IMAGE_ROOTS = ("/var/lib/ftvm/images", "/var/cache/ftvm")
@@ -43,6 +46,10 @@ class AgentConfig:
     checkpoint_port: int = 7410         # level 3 checkpoint stream, on replication_addr
     api_listen: tuple[str, int] | None = None  # REST API + /metrics ("addr:port"); off if unset
     api_token: str = ""                 # read from api_token_file
+    pool_secret: bytes = b""            # read from pool_secret_file (ftvm/secret.py)
+    etcd_tls: TlsFiles | None = None    # etcd_ca, etcd_cert, etcd_key: the pool CA, our client cert
+    api_tls: TlsFiles | None = None     # the API's certificate (api_cert/api_key, default the etcd one)
+    api_read_token: str = ""            # read from api_read_token_file: /metrics and the dashboard only
     timing: Timing = Timing()
 
     @property
@@ -53,7 +60,8 @@ class AgentConfig:
 _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
           "shared_storage", "image_roots", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
           "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port",
-          "api_listen", "api_token_file", "write_through_copies"}
+          "api_listen", "api_token_file", "write_through_copies", "pool_secret_file",
+          "etcd_ca", "etcd_cert", "etcd_key", "api_cert", "api_key", "api_read_token_file"}
 
 
 class _Settings:
@@ -132,6 +140,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
     if not isinstance(etcd, list) or not etcd or not all(
             isinstance(e, str) and e.startswith(("http://", "https://")) for e in etcd):
         raise ConfigError("etcd must be a list of http(s):// endpoints")
+    etcd_tls = _etcd_tls(c, etcd)
     try:
         timing = Timing.from_dict(data.get("timing", {}))
     except TimingError as e:
@@ -146,6 +155,16 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         except ValueError:
             raise ConfigError(f"replication_addr {replication_addr!r} must be an IP address") from None
     api_listen, api_token = _api_settings(data)
+    pool_secret = b""
+    secret_file = c.path("pool_secret_file")
+    if secret_file is not None:
+        try:
+            pool_secret = load_secret(secret_file)
+        except SecretError as e:
+            raise ConfigError(str(e)) from None
+    elif replication_addr:
+        raise ConfigError("replication_addr needs pool_secret_file: every channel between hosts is "
+                          "authenticated with the pool secret (`ftvm pool init`, docs/security.md)")
     a_links = data.get("a_links", {})
     if not isinstance(a_links, dict) or not all(
             valid_name(peer) and isinstance(v, list) and all(isinstance(i, str) and 0 < len(i) < 16 for i in v)
@@ -166,8 +185,75 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         debug_qmp=c.flag("debug_qmp", False),
         a_links=tuple((peer, tuple(ifs)) for peer, ifs in sorted(a_links.items())),
         ram_dir=c.path("ram_dir", "an absolute path (a tmpfs such as /dev/shm/ftvm)"), checkpoint_port=port,
-        api_listen=api_listen, api_token=api_token,
+        api_listen=api_listen, api_token=api_token, pool_secret=pool_secret, etcd_tls=etcd_tls,
+        api_tls=_api_tls(c, etcd_tls) if api_listen else None,
+        api_read_token=_read_token(data, api_token) if api_listen else "",
     )
+
+
+def _read_token(data: dict[str, Any], admin: str) -> str:
+    token = _token_file(data, "api_read_token_file")
+    if token == admin:
+        raise ConfigError("api_read_token_file holds the admin token: the read-only token must differ")
+    return token
+
+
+def _etcd_tls(c: _Settings, etcd: list[str]) -> TlsFiles | None:
+    """https endpoints need the pool CA and this host's client certificate. Plain http is
+    accepted only on the loopback address (a quorum service on this very host)."""
+    files = [c.path(k) for k in ("etcd_ca", "etcd_cert", "etcd_key")]
+    for e in etcd:
+        if e.startswith("http://"):
+            host = e[len("http://"):].split("/")[0].rsplit(":", 1)[0].strip("[]")
+            if host != "localhost" and not _loopback(host):
+                raise ConfigError(f"etcd endpoint {e} is plain http: the quorum service must be reached over "
+                                  "https with client certificates (etcd_ca, etcd_cert, etcd_key)")
+    if not any(e.startswith("https://") for e in etcd):
+        return None
+    if any(f is None for f in files):
+        raise ConfigError("https etcd endpoints need etcd_ca, etcd_cert and etcd_key (`ftvm pool init`)")
+    ca, cert, key = files
+    assert ca and cert and key
+    tls = TlsFiles(ca, cert, key)
+    try:
+        tls.client_context()
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the etcd CA or client certificate: {e}") from None
+    return tls
+
+
+def _api_tls(c: _Settings, etcd_tls: TlsFiles | None) -> TlsFiles:
+    cert, key = c.path("api_cert"), c.path("api_key")
+    if cert is None and etcd_tls is not None:
+        cert, key = etcd_tls.cert, etcd_tls.key
+    if cert is None or key is None:
+        raise ConfigError("api_listen needs api_cert and api_key (the API is served over https only)")
+    tls = TlsFiles(etcd_tls.ca if etcd_tls else cert, cert, key)
+    try:
+        tls.server_context()
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load the API certificate {cert}: {e}") from None
+    return tls
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _token_file(data: dict[str, Any], key: str) -> str:
+    path = data.get(key)
+    if not path or not isinstance(path, str):
+        raise ConfigError(f"api_listen needs {key}")
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"cannot read {key} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(token) < 16:
+        raise ConfigError(f"the token in {path} is too short (at least 16 characters)")
+    return token
 
 
 def _api_settings(data: dict[str, Any]) -> tuple[tuple[str, int] | None, str]:
@@ -179,16 +265,7 @@ def _api_settings(data: dict[str, Any]) -> tuple[tuple[str, int] | None, str]:
     addr, _, port = listen.rpartition(":")
     if not addr or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"api_listen {listen!r} must be ADDRESS:PORT, e.g. 10.0.0.1:7400")
-    token_file = data.get("api_token_file")
-    if not token_file or not isinstance(token_file, str):
-        raise ConfigError("api_listen needs api_token_file (a file holding the pool's API token)")
-    try:
-        token = Path(token_file).read_text().strip()
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"cannot read api_token_file {token_file}: {getattr(e, 'strerror', None) or e}") from None
-    if len(token) < 16:
-        raise ConfigError(f"the API token in {token_file} is too short (at least 16 characters)")
-    return (addr.strip("[]"), int(port)), token
+    return (addr.strip("[]"), int(port)), _token_file(data, "api_token_file")
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -29,12 +29,16 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
-from ..core.model import CheckpointFigures, Desired, Level, PoolSnapshot, VmSpec
+from typing import Any
+
+from ..core.model import CheckpointFigures, Desired, Level, PoolSnapshot, VmSpec, valid_name
 from ..core.replication import Copies, CopyState, mark, take_over
 from ..core.timing import Timing
 from ..l3.primary import Checkpointer
 from ..l3.relay import OutputCommitRelay, open_tap
+from ..l3.channel import LinkConfig
 from ..l3.standby import ReplicaPaths, Standby, StandbyServer
+from ..l3.wire import WireError
 from ..qemu.cmdline import VmPaths, tap_names
 from ..qemu.process import QemuVm, ensure_tap, remove_tap
 from ..store.etcd import EtcdError
@@ -71,7 +75,7 @@ class _OwnershipLost(Exception):
 class L3Primary:
     def __init__(self, spec: VmSpec, token: int, me: str, paths: VmPaths, files: ReplicaPaths,
                  store: PoolStore, lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
-                 event: EventFn, timing: Timing, port: int,
+                 event: EventFn, timing: Timing, link: LinkConfig,
                  count_checkpoints: Callable[[int], None] = lambda n: None) -> None:
         self.spec, self.token, self.me = spec, token, me
         self.count_checkpoints = count_checkpoints  # metrics: checkpoints taken (a counter)
@@ -79,7 +83,7 @@ class L3Primary:
         self._counted_in: Checkpointer | None = None
         self.paths, self.files = paths, files
         self.store, self.lease, self.snapshot, self.event = store, lease, snapshot, event
-        self.timing, self.port = timing, port
+        self.timing, self.link = timing, link
         self.relays: list[OutputCommitRelay] = []
         self._tap_fds: list[int] = []
         self.qemu: QemuVm | None = None
@@ -167,9 +171,10 @@ class L3Primary:
                           on_output=self.spec.checkpoint_on_output)
         self.checkpointer = cp
         try:
-            await cp.connect(addr, self.port)
-        except (OSError, TimeoutError) as e:
-            self._set("unprotected", f"cannot reach partner {partner} at {addr}:{self.port}: {e}")
+            await cp.connect(addr, self.link, uuid.uuid4().hex)
+        except (OSError, TimeoutError, WireError) as e:
+            self._set("unprotected", f"cannot reach partner {partner} at {addr}:{self.link.port}: "
+                                     f"{e or type(e).__name__}")
             await cp.close()
             self.checkpointer = None
             return
@@ -179,7 +184,7 @@ class L3Primary:
             self._set("syncing", "first copy under way")
             await cp.prepare_qemu()
             t0 = time.monotonic()
-            await cp.protect(uuid.uuid4().hex, self._progress)
+            await cp.protect(self._progress)
             if not await self._record(partner, CopyState.CURRENT, f"checkpoint {cp.stats.acked} acknowledged"):
                 raise _OwnershipLost
             self._set("protected", "")
@@ -396,7 +401,7 @@ class L3Primary:
 class L3Partner:
     """The partner duties of one agent for every level 3 VM it protects."""
 
-    def __init__(self, me: str, addr: str, port: int, paths_for: Callable[[VmSpec], ReplicaPaths],
+    def __init__(self, me: str, addr: str, port: int, key: bytes, paths_for: Callable[[VmSpec], ReplicaPaths],
                  store: PoolStore, lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
                  timing: Timing, event: EventFn, claimed: Callable[[str], None],
                  history: Callable[..., None] = lambda *a, **k: None) -> None:
@@ -405,7 +410,7 @@ class L3Partner:
         self.history = history  # availability records: the outage starts when the primary fell silent
         self.timing, self.event, self.claimed = timing, event, claimed
         self.standbys: dict[str, Standby] = {}
-        self.server = StandbyServer(addr, port, self._lookup)
+        self.server = StandbyServer(addr, port, key, self._admit, live_within=timing.l3_partner_lost)
         self._task: asyncio.Task[None] | None = None
         self._taking_over: set[str] = set()
 
@@ -418,15 +423,35 @@ class L3Partner:
             self._task.cancel()
         await self.server.close()
 
-    def _lookup(self, vm: str) -> Standby | None:
+    def _admit(self, vm: str, peer: str, hello: dict[str, Any]) -> Standby:
+        """The Standby a new checkpoint session may feed, or WireError saying why not: this
+        host must be the VM's partner, the peer its owner's replication address, and the
+        files the sizes the spec gives (a replica is never resized to a peer's liking)."""
         snap = self.snapshot()
+        if not valid_name(vm):
+            raise WireError("HELLO names no valid VM")
         if snap is None or not is_partner(snap, self.me, vm):
-            return None
+            raise WireError(f"{self.me} is not the partner of VM {vm}")
+        if vm in self._taking_over:
+            raise WireError(f"{self.me} is taking VM {vm} over")
+        view = snap.vms[vm]
+        assert view.owner is not None
+        owner = snap.hosts.get(view.owner.host)
+        if owner is None or peer != owner.replication_addr:
+            raise WireError(f"VM {vm} runs on {view.owner.host}, whose replication address is "
+                            f"{owner.replication_addr if owner else 'unknown'}, not {peer}")
+        files = hello.get("files")
+        want = [view.spec.memory_mib << 20] + [d.size for d in view.spec.disks]
+        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files) or \
+                [f.get("size") for f in files] != want:
+            raise WireError(f"HELLO file sizes do not match VM {vm}'s spec ({want})")
+        session = hello.get("session")
+        if not isinstance(session, str) or not 0 < len(session) <= 64:
+            raise WireError("HELLO without a valid session id")
         standby = self.standbys.get(vm)
         if standby is None:
-            standby = Standby(vm, self.paths_for(snap.vms[vm].spec))
+            standby = Standby(vm, self.paths_for(view.spec))
             self.standbys[vm] = standby
-        standby.thaw()
         return standby
 
     async def _watch(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -82,10 +83,11 @@ class ApiContext:
     store: PoolStore
     pool: str
     endpoints: list[str]
-    token: str
+    token: str                # the admin token: any request
     snapshot: Callable[[], Awaitable[PoolSnapshot]]
     health: Callable[[], metrics.AgentHealth]
     counters: metrics.AgentCounters
+    read_token: str = ""      # read-only: GET requests (status, /metrics, the dashboard), which change nothing
 
 
 def _error(message: str, code: int) -> web.Response:
@@ -101,9 +103,15 @@ def make_app(ctx: ApiContext) -> web.Application:
         if request.path == "/" and request.method == "GET":
             return await handler(request)  # the dashboard's page holds no data; its requests need the token
         given = request.headers.get("Authorization", "")
-        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), ctx.token.encode()):
+        token = given[7:].encode() if given.startswith("Bearer ") else b""
+        admin = hmac.compare_digest(token, ctx.token.encode())
+        reader = bool(ctx.read_token) and hmac.compare_digest(token, ctx.read_token.encode())
+        if not (admin or reader):
             return web.json_response({"error": "missing or wrong API token", "code": 401}, status=401,
                                      headers={"WWW-Authenticate": 'Bearer realm="ftvm"'})
+        if not admin and request.method not in ("GET", "HEAD"):
+            return web.json_response({"error": "the read-only token cannot change anything", "code": 403},
+                                     status=403)
         try:
             return await handler(request)
         except FtvmError as e:
@@ -386,8 +394,9 @@ async def _wait_moved(ctx: ApiContext, job: Job, moves: dict[str, str]) -> None:
         await asyncio.sleep(0.3)
 
 
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext | None) -> web.AppRunner:
+    """`tls` None only in tests on the loopback address: the agent always serves https."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=tls).start()
     return runner

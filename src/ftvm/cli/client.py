@@ -25,7 +25,8 @@ from ..core.model import Desired, VmSpec
 from ..errors import BAD_INPUT, FAILED, NO_QUORUM, FtvmError
 from ..store.pool import Event
 from ..views import host_rows, row_of, status_data, vm_detail
-from .common import endpoints, with_store
+from ..pki import TlsFiles
+from .common import endpoints, pool_ca, with_store
 
 CONNECT_TIMEOUT_S = 1.5
 REQUEST_TIMEOUT_S = 30.0
@@ -60,7 +61,7 @@ def pool_client(args: Any) -> PoolClient:
     if getattr(args, "direct", False):
         return DirectClient(args)
     if api:
-        return HttpClient(api.split(","), _token(args))
+        return HttpClient(api.split(","), _token(args), pool_ca(args))
     if getattr(args, "etcd", None) or os.environ.get("FTVM_ETCD"):
         return DirectClient(args)
     from ..lab.lab import DEFAULT_DIR, LabError, load_state
@@ -71,7 +72,8 @@ def pool_client(args: Any) -> PoolClient:
     if not state.api_token_file.exists():
         return DirectClient(args)
     alive = [h for h in state.hosts if h not in state.failed] + [h for h in state.failed]
-    return HttpClient([state.api_url(h) for h in alive], state.api_token_file.read_text().strip())
+    return HttpClient([state.api_url(h) for h in alive], state.api_token_file.read_text().strip(),
+                      state.pki_dir / "ca.crt")
 
 
 def _token(args: Any) -> str:
@@ -170,9 +172,11 @@ class DirectClient:
 class HttpClient:
     """The agents' REST API (`src/ftvm/api/openapi.json`)."""
 
-    def __init__(self, urls: list[str], token: str) -> None:
+    def __init__(self, urls: list[str], token: str, ca: Path | None = None) -> None:
+        """`ca`: the pool CA the agents' certificates are checked against (https)."""
         self.urls = [u.rstrip("/") for u in urls]
         self.token = token
+        self._tls = TlsFiles(ca).client_context() if ca is not None else None
         self.where = f"API {self.urls[0]}"
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
@@ -184,7 +188,7 @@ class HttpClient:
             try:
                 # connect within CONNECT_TIMEOUT_S: a lost host must not hold the command up
                 with urllib.request.urlopen(req, timeout=CONNECT_TIMEOUT_S if i < len(self.urls) - 1
-                                            else REQUEST_TIMEOUT_S) as r:
+                                            else REQUEST_TIMEOUT_S, context=self._tls) as r:
                     text = r.read().decode()
             except urllib.error.HTTPError as e:
                 try:

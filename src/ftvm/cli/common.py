@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,6 +31,43 @@ def emit_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def _lab_state(args: Any) -> Any:
+    from ..lab.lab import DEFAULT_DIR, LabError, load_state
+    try:
+        return load_state(Path(getattr(args, "lab_dir", None) or DEFAULT_DIR))
+    except LabError:
+        return None
+
+
+def pool_ca(args: Any) -> Path | None:
+    """The pool CA that verifies etcd and the agents' APIs: --ca, FTVM_CA, or the lab's."""
+    given = getattr(args, "ca", None) or os.environ.get("FTVM_CA")
+    if given:
+        return Path(given)
+    state = _lab_state(args)
+    return state.pki_dir / "ca.crt" if state is not None else None
+
+
+def etcd_tls(args: Any) -> ssl.SSLContext | None:
+    """For https endpoints: the pool CA and a client certificate (--etcd-cert / FTVM_ETCD_CERT,
+    its key beside it as .key; in the lab, the admin certificate)."""
+    from ..pki import TlsFiles
+    cert = getattr(args, "etcd_cert", None) or os.environ.get("FTVM_ETCD_CERT")
+    explicit = getattr(args, "etcd", None) or os.environ.get("FTVM_ETCD")
+    state = None if explicit else _lab_state(args)
+    if state is not None:
+        files = state.etcd_tls
+    else:
+        ca = pool_ca(args)
+        if ca is None:
+            return None
+        files = TlsFiles(ca, Path(cert) if cert else None, Path(cert).with_suffix(".key") if cert else None)
+    try:
+        return files.client_context()
+    except (OSError, ssl.SSLError) as e:
+        raise CliError(f"cannot load the pool CA or the etcd client certificate: {e}", BAD_INPUT) from None
+
+
 def endpoints(args: Any) -> tuple[list[str], str]:
     """etcd endpoints and pool name: --etcd/--pool, then FTVM_ETCD/FTVM_POOL, then the lab."""
     pool = getattr(args, "pool", None) or os.environ.get("FTVM_POOL")
@@ -49,7 +87,11 @@ def with_store(args: Any, fn: Callable[[PoolStore], Awaitable[T]]) -> T:
     urls, pool = endpoints(args)
 
     async def run() -> T:
-        async with EtcdClient(urls, timeout=2.0) as client:
+        try:
+            client = EtcdClient(urls, timeout=2.0, tls=etcd_tls(args))
+        except ValueError as e:
+            raise CliError(f"{e}: give --ca and --etcd-cert (or FTVM_CA, FTVM_ETCD_CERT)", BAD_INPUT) from None
+        async with client:
             return await fn(PoolStore(client, pool))
 
     try:

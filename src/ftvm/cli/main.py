@@ -20,6 +20,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                                  "the CLI then works through the API")
     p.add_argument("--api-token-file", help="file holding the API token (default: FTVM_API_TOKEN_FILE, "
                                             "FTVM_API_TOKEN, or the lab's)")
+    p.add_argument("--ca", help="the pool CA, to verify etcd and the API over https (default: FTVM_CA, "
+                                "or the lab's)")
+    p.add_argument("--etcd-cert", help="with --etcd: the client certificate etcd asks for (default: "
+                                       "FTVM_ETCD_CERT); its key in the same path with .key")
     p.add_argument("--direct", action="store_true",
                    help="talk to the quorum service (etcd) directly, not through an agent's API")
 

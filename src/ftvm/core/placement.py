@@ -126,7 +126,8 @@ def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | No
             holders = ", ".join(view.copies.current_hosts()) if view.copies else "none"
             return (f"a level {int(spec.level)} VM moves live only to a host with a current copy "
                     f"(current: {holders}); {why}")
-        if spec.level is Level.SYSTEM and (view.checkpoints is None or view.checkpoints.state != "protected"):
+        if spec.level is Level.SYSTEM and (view.checkpoints is None or view.checkpoints.state != "protected"
+                                           or view.checkpoints.partner != target):
             state = view.checkpoints.state if view.checkpoints else "no figures yet"
             return f"the level 3 replica on {target} is not in step ({state}): wait until the VM is protected"
     elif not host.can_reach(spec):

@@ -79,7 +79,7 @@ def _system(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:
     theirs = copies.copies[partner]
     if partner not in snapshot.hosts:
         return Protection(False, f"partner {partner} is down; replica {theirs.state.value} ({theirs.reason})")
-    if figures is None:
+    if figures is None or figures.partner != partner:  # none yet, or another owner's (before a move)
         return Protection(False, "checkpointing has not started")
     if figures.state == "syncing":
         return Protection(False, f"first copy to {partner} under way ({100 * figures.sync_done:.0f}%)")

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 RECORD_VERSION = 1
 MAX_STRING = 4096          # longest string field accepted (paths, reasons, details)
 MAX_ITEMS = 256            # longest list or map accepted (disks, NICs, copies, ...)
-MAX_INT = 1 << 62          # beyond any size, revision or count ftvm stores
+MAX_INT = 1 << 64          # etcd lease ids and revisions are 64-bit
 
 T = TypeVar("T")
 

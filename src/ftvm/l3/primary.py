@@ -19,6 +19,7 @@ token) and only then calls `unprotect()`, which lets output flow again.
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import socket
 import time
@@ -31,8 +32,8 @@ from typing import Any, Protocol
 
 from .pages import PageTracker
 from .relay import OutputCommitRelay
-from .wire import Checkpoint, Msg, decode_ack, encode_checkpoint, encode_heartbeat, encode_hello, \
-    encode_precopy, read_message, write_message
+from .channel import Channel, LinkConfig, open_session
+from .wire import PRIMARY_LIMITS, Checkpoint, Msg, decode_ack, encode_checkpoint, encode_heartbeat, encode_precopy
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,9 @@ class Checkpointer:
         self.first_ack = asyncio.Event()
         self._trackers: list[PageTracker] = []
         self._writer: asyncio.StreamWriter | None = None
-        self._reader: asyncio.StreamReader | None = None
+        self._channel: Channel | None = None
+        self._sizes: list[int] = []
+        self._sent_epoch = 0  # the last epoch whose CHECKPOINT was sent
         self._diff_task: asyncio.Task[Any] | None = None  # a compare thread maps the files
         self._tasks: list[asyncio.Task[None]] = []
         self._last_heard = time.monotonic()
@@ -184,24 +187,30 @@ class Checkpointer:
         await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
         await self.sink.start()
 
-    async def connect(self, addr: str, port: int) -> None:
-        """Open the checkpoint link (OSError/TimeoutError if the partner is unreachable)."""
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(addr, port), 2.0)
-        self._reader, self._writer = reader, writer
+    async def connect(self, addr: str, link: LinkConfig, session: str) -> None:
+        """Open the checkpoint link and authenticate both ends (l3/channel.py): OSError or
+        TimeoutError if the partner is unreachable, AuthError if it refuses or cannot prove
+        it holds the pool's key."""
+        local = (link.local_addr, 0) if link.local_addr else None
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(addr, link.port, local_addr=local), 2.0)
+        self._writer = writer
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sizes = [os.path.getsize(f) for f in self.files]
+        self._channel = await open_session(reader, writer, link.key, {"vm": self.vm, "session": session, "files": [
+            {"name": f.name, "size": size} for f, size in zip(self.files, self._sizes, strict=True)]})
 
-    async def protect(self, session: str, on_progress: Callable[[float], None] | None = None) -> None:
+    async def protect(self, on_progress: Callable[[float], None] | None = None) -> None:
         """Pre-copy everything while the guest runs, then take the first stopped checkpoint.
         Returns once the partner acknowledged it: the replica is consistent from then on.
         Raises OSError/TimeoutError if the partner fails."""
-        reader, writer = self._reader, self._writer
-        assert reader is not None and writer is not None, "connect() first"
+        channel = self._channel
+        assert channel is not None, "connect() first"
         self._trackers = [await asyncio.to_thread(PageTracker, f) for f in self.files]
-        write_message(writer, encode_hello({"vm": self.vm, "session": session, "files": [
-            {"name": f.name, "size": t.size} for f, t in zip(self.files, self._trackers, strict=True)]}))
-        self._tasks.append(asyncio.create_task(self._read_partner(reader), name=f"l3-acks-{self.vm}"))
+        if [t.size for t in self._trackers] != self._sizes:
+            raise RuntimeError("a replicated file changed size since the session began")
+        self._tasks.append(asyncio.create_task(self._read_partner(channel), name=f"l3-acks-{self.vm}"))
         t0 = time.monotonic()
         total = sum(t.size for t in self._trackers)
         done = 0
@@ -321,6 +330,7 @@ class Checkpointer:
                 end=end, pause=end - t0, stop=t_stop - t0, ram_diff=times[0], disk_diff=sum(times[1:]),
                 device_state=dev_s, cont=end - t_cont, dirty_pages=len(deltas[0].pages),
                 disk_pages=sum(len(d.pages) for i, d in deltas.items() if i), nbytes=cp.nbytes))
+            self._sent_epoch = epoch
             await self._send(encode_checkpoint(cp))
             self.stats.sent_bytes += cp.nbytes
 
@@ -359,22 +369,28 @@ class Checkpointer:
 
     # --- the partner link -----------------------------------------------------------------
     async def _send(self, parts: list[bytes]) -> None:
-        if self._writer is None or self.lost is not None:
+        if self._writer is None or self._channel is None or self.lost is not None:
             return
         try:
-            write_message(self._writer, parts)
+            await self._channel.send(parts)
             self._last_sent = time.monotonic()
             await asyncio.wait_for(self._writer.drain(), self.timeout_s * 4 + sum(map(len, parts)) / 20e6)
         except (OSError, TimeoutError) as e:
             self._set_lost(f"checkpoint link to the partner failed: {e or type(e).__name__}")
 
-    async def _read_partner(self, reader: asyncio.StreamReader) -> None:
+    async def _read_partner(self, channel: Channel) -> None:
         try:
             while True:
-                kind, payload = await read_message(reader)
+                kind, payload = await channel.receive(PRIMARY_LIMITS)
                 self._last_heard = time.monotonic()
                 if kind is Msg.ACK:
                     epoch = decode_ack(payload)
+                    if not self.stats.acked < epoch <= self._sent_epoch:
+                        # never sent, or acknowledged already: releasing on it could let out
+                        # output whose checkpoint the partner does not hold
+                        log.warning("%s: ignored an ACK for epoch %d (sent up to %d, acknowledged %d)",
+                                    self.vm, epoch, self._sent_epoch, self.stats.acked)
+                        continue
                     self.stats.ack_log.append((epoch, time.monotonic()))  # before any release
                     self.stats.ack_times.append(self._last_heard)
                     self.stats.acked = epoch

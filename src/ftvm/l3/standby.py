@@ -4,8 +4,9 @@ The replica files are the very files the partner's QEMU will use if it takes
 over: the RAM file (`memory-backend-file`) and the raw disk images, plus the
 device state of the last committed checkpoint. A checkpoint is applied only
 after its whole message arrived (commit), then acknowledged; a partial one is
-never applied. A HELLO starts a new session: the replica is invalid
-(`committed` None) until that session's first checkpoint commits.
+never applied. An authenticated HELLO (l3/channel.py) starts a new session: the replica
+is invalid (`committed` None) until that session's first checkpoint commits. Nothing in
+the files changes before the primary has proved it holds the pool's key.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .pages import ReplicaFile
-from .wire import Msg, WireError, decode_checkpoint, decode_precopy, encode_ack, encode_heartbeat, \
-    read_message, write_message
+from .channel import Channel, accept_session, read_hello, refuse
+from .pages import PAGE, ReplicaFile
+from .wire import Msg, WireError, decode_checkpoint, decode_precopy, encode_ack, encode_heartbeat, standby_limits
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class Standby:
         self.primary_addr = ""
         self._frozen = False  # a takeover began: nothing more is applied or acknowledged
         self._commit_lock = asyncio.Lock()
+        self._starting = False  # a new session's handshake is under way
+        self._channel: Channel | None = None
+        self._session_done = asyncio.Event()
 
     async def freeze(self) -> tuple[str, int] | None:
         """Stop applying and acknowledging (before a takeover). Waits for a commit under
@@ -93,50 +97,81 @@ class Standby:
     def thaw(self) -> None:
         self._frozen = False
 
-    async def serve(self, hello: dict, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Run one session from its HELLO until the connection ends."""
-        files = hello["files"]
-        if len(files) != len(self.paths.files):
-            raise WireError(f"primary sends {len(files)} files, this replica has {len(self.paths.files)}")
+    def live(self, within: float) -> bool:
+        """A session is connected and was heard from in the last `within` seconds (or one is
+        being set up): a second one is refused meanwhile."""
+        return self._starting or (self.connected and self.silent_for() < within)
+
+    def begin_handshake(self) -> None:
+        self._starting = True
+
+    def end_handshake(self) -> None:
+        self._starting = False
+
+    async def end_stale_session(self) -> None:
+        """A new, authenticated session replaces one its primary no longer feeds (a link cut
+        leaves the old connection half open): close the old one and wait for its files."""
+        if self._channel is not None:
+            self._channel.close()
+            await self._session_done.wait()
+
+    async def serve(self, hello: dict, channel: Channel) -> None:
+        """Run one authenticated session from its HELLO until the connection ends. The HELLO
+        was checked against the VM's spec (agent/l3.py admit): file count and sizes."""
+        sizes = [int(f["size"]) for f in hello["files"]]
+        if len(sizes) != len(self.paths.files):
+            raise WireError(f"primary sends {len(sizes)} files, this replica has {len(self.paths.files)}")
+        self._channel, self._session_done = channel, asyncio.Event()
         self.session, self.committed = str(hello["session"]), None
-        self.paths.meta.parent.mkdir(parents=True, exist_ok=True)
-        self.paths.device_state.parent.mkdir(parents=True, exist_ok=True)
-        self.paths.meta.unlink(missing_ok=True)  # the files stop describing any checkpoint now
-        make_guest_ram_dir(self.paths.ram)
-        replicas = [ReplicaFile(p, int(f["size"])) for p, f in zip(self.paths.files, files, strict=True)]
-        for r in replicas:
-            await asyncio.to_thread(r.zero)
-        self.connected, self.last_heard = True, time.monotonic()
-        self.primary_addr = str(writer.get_extra_info("peername"))
-        beat = asyncio.create_task(self._heartbeats(writer))
+        self._frozen = False  # an authenticated primary feeds it again
+        replicas: list[ReplicaFile] = []
+        beat: asyncio.Task[None] | None = None
         try:
+            self.paths.meta.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.paths.device_state.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.paths.meta.unlink(missing_ok=True)  # the files stop describing any checkpoint now
+            make_guest_ram_dir(self.paths.ram)
+            for path, size in zip(self.paths.files, sizes, strict=True):
+                replicas.append(ReplicaFile(path, size))
+            npages = [size // PAGE for size in sizes]
+            limits = standby_limits(npages)
+            for r in replicas:
+                await asyncio.to_thread(r.zero)
+            self.connected, self.last_heard, self._starting = True, time.monotonic(), False
+            self.primary_addr = str(channel.writer.get_extra_info("peername"))
+            beat = asyncio.create_task(self._heartbeats(channel))
             while True:
-                kind, payload = await read_message(reader, self._heard)
+                kind, payload = await channel.receive(limits, self._heard)
                 self._heard()
                 self.bytes_received += len(payload)
                 if self._frozen:
                     continue
                 if kind is Msg.PRECOPY:
-                    index, delta = decode_precopy(payload)
+                    index, delta = decode_precopy(payload, npages)
                     await asyncio.to_thread(replicas[index].apply, delta)
                 elif kind is Msg.CHECKPOINT:
-                    cp = decode_checkpoint(payload)
+                    cp = decode_checkpoint(payload, npages)
                     async with self._commit_lock:
                         if self._frozen:
                             continue
                         await asyncio.to_thread(self._commit, replicas, cp.deltas, cp.device_state, cp.epoch)
                         self.committed = Committed(self.session, cp.epoch, time.monotonic())
-                        write_message(writer, encode_ack(cp.epoch))
+                        await channel.send(encode_ack(cp.epoch))
                     if cp.epoch == 1 and self.on_change:
                         self.on_change()
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
             log.info("%s: checkpoint link closed (%s: %s)", self.vm, type(e).__name__, e)
+        except WireError as e:  # the stream is not to be trusted any further; the replica holds
+            log.warning("%s: checkpoint link dropped: %s", self.vm, e)  # its last commit (meta)
         finally:
-            beat.cancel()
+            if beat is not None:
+                beat.cancel()
             self.connected = False
             for r in replicas:
                 r.close()
-            writer.close()
+            channel.close()
+            self._channel = None
+            self._session_done.set()
             if self.on_change:
                 self.on_change()
 
@@ -150,14 +185,14 @@ class Standby:
         meta.write_text(json.dumps({"session": self.session, "epoch": epoch}))
         os.replace(meta, self.paths.meta)
 
-    async def _heartbeats(self, writer: asyncio.StreamWriter) -> None:
+    async def _heartbeats(self, channel: Channel) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             if self._frozen:
                 continue  # a partner taking over goes silent: the primary stops releasing output
-            write_message(writer, encode_heartbeat())
             try:
-                await writer.drain()
+                await channel.send(encode_heartbeat())
+                await channel.writer.drain()
             except (ConnectionError, OSError):
                 return
 
@@ -169,12 +204,18 @@ class Standby:
 
 
 class StandbyServer:
-    """The partner agent's listener for every Level 3 VM it protects (on its replication address).
-    `lookup(vm, peer)` returns the VM's Standby if this host is its partner, else None."""
+    """The partner agent's listener for every level 3 VM it protects (on its replication
+    address). `admit(vm, peer_ip, hello)` returns the VM's Standby if this host is its
+    partner and the HELLO comes from the owner's replication address with the spec's
+    sizes, else raises WireError with the reason (sent back to the peer). `live_within`:
+    a session heard from within that many seconds is live, and a second one is refused."""
 
-    def __init__(self, addr: str, port: int, lookup: Callable[[str], Standby | None]) -> None:
-        self.addr, self.port, self.lookup = addr, port, lookup
+    def __init__(self, addr: str, port: int, key: bytes, admit: Callable[[str, str, dict], Standby],
+                 live_within: float) -> None:
+        self.addr, self.port, self.key, self.admit = addr, port, key, admit
+        self.live_within = live_within
         self._server: asyncio.AbstractServer | None = None
+        self.refused = 0  # connections turned away (forged, unexpected or malformed)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, self.addr, self.port)
@@ -190,15 +231,28 @@ class StandbyServer:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = str((writer.get_extra_info("peername") or ("?",))[0])
+        standby: Standby | None = None
         try:
-            kind, payload = await asyncio.wait_for(read_message(reader), 5.0)
-            if kind is not Msg.HELLO:
-                raise WireError("the first message must be HELLO")
-            hello = json.loads(payload)
-            standby = self.lookup(str(hello["vm"]))
-            if standby is None:
-                raise WireError(f"not a partner of VM {hello['vm']!r} here")
-            await standby.serve(hello, reader, writer)
-        except (WireError, ValueError, KeyError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
-            log.warning("refused a checkpoint connection: %s", e)
+            hello, body = await read_hello(reader)
+            try:
+                standby = self.admit(str(hello.get("vm")), peer, hello)
+                if standby.live(self.live_within):
+                    raise WireError(f"a session for VM {standby.vm} is live")
+            except WireError as e:
+                self.refused += 1
+                log.warning("refused a checkpoint session from %s: %s", peer, e)
+                standby = None
+                await refuse(writer, str(e))
+                return
+            standby.begin_handshake()
+            channel = await accept_session(reader, writer, self.key, body)
+            await standby.end_stale_session()
+            await standby.serve(hello, channel)  # live from here: the handshake flag ends there
+        except (WireError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
+            self.refused += 1
+            log.warning("refused a checkpoint connection from %s: %s", peer, e)
             writer.close()
+        finally:
+            if standby is not None:
+                standby.end_handshake()

@@ -3,11 +3,19 @@
 One TCP connection per protected VM, primary -> partner. Every message is a
 9-byte header (type, payload length) then the payload:
 
-    HELLO       P->S  JSON: vm, session, files [{name, size}]   (a new protection session)
+    HELLO       P->S  JSON: v, vm, session, files [{name, size}], nonce   (a new session)
+    CHALLENGE   S->P  JSON: nonce, proof         (the partner proves it holds the pool key)
+    AUTH        P->S  proof                      (the primary proves it too: l3/channel.py)
+    REFUSED     S->P  why, as text               (instead of CHALLENGE; then the link closes)
     PRECOPY     P->S  file index, pages, data        (full copy while the guest runs)
     CHECKPOINT  P->S  epoch, per file (index, pages, data), device state
     ACK         S->P  epoch                          (checkpoint committed on the partner)
     HEARTBEAT   both  (nothing)                      (the link and the peer are alive)
+
+After AUTH, every message is followed by a 32-byte MAC (l3/channel.py). Each side reads
+only the types it expects, each with its own size limit: an ACK is 8 bytes, a checkpoint
+at most the replica's size plus a device state, and every page index is checked against
+its file before anything is written.
 
 A CHECKPOINT is applied only once its whole message has arrived: a primary
 that dies halfway through leaves the partner at the previous checkpoint.
@@ -28,7 +36,11 @@ import numpy as np
 from .pages import PAGE, Delta
 
 HEADER = struct.Struct(">BQ")
-MAX_PAYLOAD = 1 << 34  # a checkpoint can hold a whole RAM; anything larger is corrupt
+MAX_HELLO = 64 << 10
+MAX_SMALL = 1024               # CHALLENGE, AUTH, REFUSED
+MAX_DEVICE_STATE = 256 << 20   # QEMU's device state (RAM excluded) is a few MiB at most
+DELTA_HEAD = 10                # file index (2), page count (8)
+PAGE_COST = 8 + PAGE           # page index + page
 
 
 class Msg(IntEnum):
@@ -37,6 +49,19 @@ class Msg(IntEnum):
     CHECKPOINT = 3
     ACK = 4
     HEARTBEAT = 5
+    CHALLENGE = 6
+    AUTH = 7
+    REFUSED = 8
+
+
+def standby_limits(npages: list[int]) -> dict[Msg, int]:
+    """What the partner accepts once a session is up, and how large (files of `npages`)."""
+    whole = sum(DELTA_HEAD + n * PAGE_COST for n in npages)
+    return {Msg.PRECOPY: DELTA_HEAD + max(npages, default=0) * PAGE_COST,
+            Msg.CHECKPOINT: 10 + whole + 8 + MAX_DEVICE_STATE, Msg.HEARTBEAT: 0}
+
+
+PRIMARY_LIMITS = {Msg.ACK: 8, Msg.HEARTBEAT: 0}
 
 
 class WireError(RuntimeError):
@@ -58,11 +83,22 @@ def _delta_parts(index: int, delta: Delta) -> list[bytes]:
     return [struct.pack(">HQ", index, len(delta.pages)), delta.pages.astype(">i8").tobytes(), delta.data]
 
 
-def _read_delta(buf: memoryview, pos: int) -> tuple[int, Delta, int]:
+def _read_delta(buf: memoryview, pos: int, npages: list[int] | None) -> tuple[int, Delta, int]:
+    """One file's pages. With `npages` (the receiving side), the index names a file of the
+    session and every page lies inside it; else nothing would stop a write past a replica."""
     index, n = struct.unpack_from(">HQ", buf, pos)
     pos += 10
+    if n > (len(buf) - pos) // PAGE_COST:
+        raise WireError(f"delta of {n} pages is longer than its message")
+    if npages is not None:
+        if index >= len(npages):
+            raise WireError(f"file index {index}: the session has {len(npages)} files")
+        if n > npages[index]:
+            raise WireError(f"{n} pages for file {index} of {npages[index]} pages")
     pages = np.frombuffer(buf[pos:pos + 8 * n], dtype=">i8").astype(np.int64)
     pos += 8 * n
+    if npages is not None and n and (pages.min() < 0 or pages.max() >= npages[index]):
+        raise WireError(f"page index outside file {index} ({npages[index]} pages)")
     data = bytes(buf[pos:pos + n * PAGE])
     pos += n * PAGE
     if len(data) != n * PAGE:
@@ -73,6 +109,10 @@ def _read_delta(buf: memoryview, pos: int) -> tuple[int, Delta, int]:
 def encode_hello(info: dict[str, Any]) -> list[bytes]:
     body = json.dumps(info).encode()
     return [HEADER.pack(Msg.HELLO, len(body)), body]
+
+
+def encode(kind: Msg, *parts: bytes) -> list[bytes]:
+    return [HEADER.pack(kind, sum(map(len, parts))), *parts]
 
 
 def encode_precopy(index: int, delta: Delta) -> list[bytes]:
@@ -96,30 +136,39 @@ def encode_heartbeat() -> list[bytes]:
     return [HEADER.pack(Msg.HEARTBEAT, 0)]
 
 
-def decode_precopy(payload: bytes) -> tuple[int, Delta]:
-    index, delta, pos = _read_delta(memoryview(payload), 0)
+def decode_precopy(payload: bytes, npages: list[int] | None = None) -> tuple[int, Delta]:
+    try:
+        index, delta, pos = _read_delta(memoryview(payload), 0, npages)
+    except (struct.error, ValueError) as e:
+        raise WireError(f"malformed precopy message: {e}") from None
     if pos != len(payload):
         raise WireError("trailing bytes after a precopy message")
     return index, delta
 
 
-def decode_checkpoint(payload: bytes) -> Checkpoint:
+def decode_checkpoint(payload: bytes, npages: list[int] | None = None) -> Checkpoint:
     try:
-        return _decode_checkpoint(payload)
+        return _decode_checkpoint(payload, npages)
     except (struct.error, ValueError) as e:
         raise WireError(f"malformed checkpoint message: {e}") from None
 
 
-def _decode_checkpoint(payload: bytes) -> Checkpoint:
+def _decode_checkpoint(payload: bytes, npages: list[int] | None) -> Checkpoint:
     buf = memoryview(payload)
     epoch, nfiles = struct.unpack_from(">QH", buf, 0)
+    if npages is not None and nfiles > len(npages):
+        raise WireError(f"checkpoint of {nfiles} files: the session has {len(npages)}")
     pos = 10
     deltas = {}
     for _ in range(nfiles):
-        index, delta, pos = _read_delta(buf, pos)
+        index, delta, pos = _read_delta(buf, pos, npages)
+        if index in deltas:
+            raise WireError(f"file {index} twice in one checkpoint")
         deltas[index] = delta
     (n,) = struct.unpack_from(">Q", buf, pos)
     pos += 8
+    if n > MAX_DEVICE_STATE:
+        raise WireError(f"device state of {n} bytes")
     state = bytes(buf[pos:pos + n])
     if len(state) != n or pos + n != len(payload):
         raise WireError("checkpoint message has the wrong length")
@@ -127,30 +176,46 @@ def _decode_checkpoint(payload: bytes) -> Checkpoint:
 
 
 def decode_ack(payload: bytes) -> int:
+    if len(payload) != 8:
+        raise WireError(f"ACK of {len(payload)} bytes")
     return int(struct.unpack(">Q", payload)[0])
 
 
 READ_PIECE = 1 << 20
 
 
-async def read_message(reader: asyncio.StreamReader,
-                       alive: Callable[[], None] | None = None) -> tuple[Msg, bytes]:
-    """One whole message. `alive` is called as each MiB of a large one arrives, so a peer
-    busy sending a big checkpoint is not taken for a silent one."""
-    kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
-    if length > MAX_PAYLOAD:
-        raise WireError(f"message of {length} bytes: corrupt stream")
+async def read_header(reader: asyncio.StreamReader, limits: dict[Msg, int]) -> tuple[Msg, int, bytes]:
+    """A header of one of the types in `limits`, its length within that type's limit."""
+    header = await reader.readexactly(HEADER.size)
+    kind, length = HEADER.unpack(header)
     try:
         msg = Msg(kind)
-    except ValueError as e:
-        raise WireError(f"unknown message type {kind}") from e
+    except ValueError:
+        raise WireError(f"unknown message type {kind}") from None
+    if msg not in limits:
+        raise WireError(f"unexpected {msg.name} message")
+    if length > limits[msg]:
+        raise WireError(f"{msg.name} message of {length} bytes (at most {limits[msg]})")
+    return msg, length, header
+
+
+async def read_message(reader: asyncio.StreamReader, limits: dict[Msg, int],
+                       alive: Callable[[], None] | None = None) -> tuple[Msg, bytes]:
+    """One whole message of a type in `limits`. `alive` is called as each MiB of a large
+    one arrives, so a peer busy sending a big checkpoint is not taken for a silent one."""
+    msg, length, _ = await read_header(reader, limits)
+    return msg, await read_payload(reader, length, alive)
+
+
+async def read_payload(reader: asyncio.StreamReader, length: int,
+                       alive: Callable[[], None] | None = None) -> bytes:
     if length <= READ_PIECE or alive is None:
-        return msg, await reader.readexactly(length) if length else b""
+        return await reader.readexactly(length) if length else b""
     buf = bytearray()
     while len(buf) < length:
         buf += await reader.readexactly(min(READ_PIECE, length - len(buf)))
         alive()
-    return msg, bytes(buf)
+    return bytes(buf)
 
 
 def write_message(writer: asyncio.StreamWriter, parts: list[bytes]) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +23,8 @@ from pathlib import Path
 
 from ..core.timing import Timing
 from ..guest.build import default_cache_dir
+from ..pki import TlsFiles, init_pool
+from ..store.etcd import EtcdClient
 from . import topology as topo
 
 DEFAULT_DIR = Path(os.environ.get("FTVM_LAB_DIR", "/var/lib/ftvm/lab"))
@@ -92,20 +94,45 @@ class LabState:
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"http://{topo.ETCD_ADDR}:{topo.ETCD_PORT}"
+        return f"https://{topo.ETCD_ADDR}:{topo.ETCD_PORT}"
 
     @property
     def shared_dir(self) -> Path:
         return Path(self.dir) / "shared"
 
     @property
+    def pki_dir(self) -> Path:
+        """What `ftvm pool init` makes for a pool (pki.py): CA, certificates, secret, tokens."""
+        return Path(self.dir) / "pki"
+
+    @property
+    def pool_secret_file(self) -> Path:
+        return self.pki_dir / "pool.secret"
+
+    @property
     def api_token_file(self) -> Path:
-        """The pool's API token (made at `lab up`, readable by root only)."""
-        return Path(self.dir) / "api-token"
+        """The pool's API admin token (made at `lab up`, readable by root only)."""
+        return self.pki_dir / "api-token"
+
+    @property
+    def api_read_token_file(self) -> Path:
+        return self.pki_dir / "api-read-token"
+
+    @property
+    def etcd_tls(self) -> TlsFiles:
+        """The CLI's and the tests' way into the lab's etcd: the pool CA and the admin certificate."""
+        return TlsFiles(self.pki_dir / "ca.crt", self.pki_dir / "admin.crt", self.pki_dir / "admin.key")
+
+    def etcd_client(self, timeout: float = 2.0) -> EtcdClient:
+        return EtcdClient([self.etcd_endpoint], timeout=timeout, tls=self.etcd_tls.client_context())
+
+    def https(self) -> ssl.SSLContext:
+        """For urllib/httpx calls to the agents' APIs: verifies them against the pool CA."""
+        return TlsFiles(self.pki_dir / "ca.crt").client_context()
 
     def api_url(self, host: str) -> str:
         """A host agent's REST API, reached from the root namespace over the management link."""
-        return f"http://{topo.host_quorum_addr(host).split('/')[0]}:{topo.API_PORT}"
+        return f"https://{topo.host_quorum_addr(host).split('/')[0]}:{topo.API_PORT}"
 
     def host_dir(self, host: str) -> Path:
         return Path(self.dir) / host
@@ -164,10 +191,9 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
     try:
         _build_network(hosts)
         state.shared_dir.mkdir(exist_ok=True)
-        if not state.api_token_file.exists():
-            fd = os.open(state.api_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(24) + "\n")
+        if not state.pki_dir.exists():  # what `ftvm pool init` makes; the lab's hosts share one copy
+            init_pool(state.pki_dir, POOL, [topo.ETCD_ADDR, "127.0.0.1"],
+                      {h: topo.host_quorum_addr(h).split("/")[0] for h in hosts})
         _start_etcd(state)
         for h in hosts:
             _write_host_config(state, h, probe_kernel)
@@ -236,30 +262,39 @@ def _route_replication(link: topo.ALink) -> None:
 
 def _spawn(ns: str, cmd: list[str], log: Path) -> int:
     with open(log, "ab") as out:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdin=subprocess.DEVNULL,
+        # The control plane (etcd, agents) runs ahead of the guests, as a host's agent must
+        # (etc/ftvm-agent.service: Nice=-10; QEMU drops back to 0, qemu/process.py).
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, "nice", "-n", "-10", *cmd], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out, start_new_session=True)
     return proc.pid  # `ip netns exec` execs the command: this is its PID
 
 
 def _start_etcd(state: LabState) -> None:
-    data = Path(state.dir) / "etcd"
-    url = state.etcd_endpoint
+    # On tmpfs: the lab's quorum service stands for a dedicated one, and on one shared
+    # machine its fsyncs would queue behind the guests' disk writes (a slow keepalive is a
+    # self-fence). The lab's RAM directory is removed by `down`.
+    data = topo.LAB_RAM_DIR / "etcd"
+    url, pki = state.etcd_endpoint, state.pki_dir
     state.pids["etcd"] = _spawn(topo.QUORUM_NS, [
         "etcd", "--name", "quorum", "--data-dir", str(data),
         "--listen-client-urls", url, "--advertise-client-urls", url,
+        # clients must present a certificate of the pool CA; the single member's peer URL is
+        # its own loopback
+        "--cert-file", str(pki / "etcd.crt"), "--key-file", str(pki / "etcd.key"),
+        "--client-cert-auth", "--trusted-ca-file", str(pki / "ca.crt"),
         "--listen-peer-urls", "http://127.0.0.1:2380",
         "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
         "--initial-cluster", "quorum=http://127.0.0.1:2380",
         "--heartbeat-interval", "100", "--election-timeout", "1000"], Path(state.dir) / "etcd.log")
-    if not wait_etcd_healthy(url, 20):
+    if not wait_etcd_healthy(url, 20, state.etcd_tls.client_context()):
         raise LabError(f"etcd did not become healthy; see {state.dir}/etcd.log")
 
 
-def wait_etcd_healthy(url: str, timeout: float) -> bool:
+def wait_etcd_healthy(url: str, timeout: float, tls: ssl.SSLContext | None = None) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+            with urllib.request.urlopen(url + "/health", timeout=1, context=tls) as r:
                 if b'"true"' in r.read():
                     return True
         except OSError:
@@ -286,6 +321,11 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None) -> 
         f'ram_dir = "{topo.LAB_RAM_DIR / host}"',
         f'api_listen = "{topo.host_quorum_addr(host).split("/")[0]}:{topo.API_PORT}"',
         f'api_token_file = "{state.api_token_file}"',
+        f'api_read_token_file = "{state.api_read_token_file}"',
+        f'etcd_ca = "{state.pki_dir / "ca.crt"}"',
+        f'etcd_cert = "{state.pki_dir / "hosts" / (host + ".crt")}"',
+        f'etcd_key = "{state.pki_dir / "hosts" / (host + ".key")}"',
+        f'pool_secret_file = "{state.pool_secret_file}"',
     ]
     peers: dict[str, list[str]] = {}
     for link in topo.a_links(state.hosts):
@@ -310,16 +350,17 @@ def wait_for_hosts(state: LabState, hosts: list[str], timeout: float) -> None:
     """Wait until each host's agent has registered in etcd and serves its API."""
     import asyncio
 
-    from ..store.etcd import EtcdClient
     from ..store.pool import PoolStore
 
     async def registered() -> set[str]:
-        async with EtcdClient([state.etcd_endpoint]) as c:
+        async with state.etcd_client() as c:
             return set((await PoolStore(c, POOL).snapshot()).hosts)
+
+    https = state.https()
 
     def api_answers(host: str) -> bool:  # any HTTP answer (401 without a token) will do
         try:
-            urllib.request.urlopen(state.api_url(host) + "/api/v1/status", timeout=1)
+            urllib.request.urlopen(state.api_url(host) + "/api/v1/status", timeout=1, context=https)
         except urllib.error.HTTPError:
             return True
         except OSError:

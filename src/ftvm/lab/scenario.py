@@ -24,7 +24,6 @@ from ..core.replication import CopyState
 from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec
 from ..guest.build import GuestImage, make_ledger_disk
 from ..guest.ledger_format import read_records
-from ..store.etcd import EtcdClient
 from ..store.pool import Event, PoolStore
 from . import lab as labmod
 from . import topology as topo
@@ -46,7 +45,7 @@ class LabPool:
 
     def _run(self, fn: Callable[[PoolStore], Any]) -> Any:
         async def go() -> Any:
-            async with EtcdClient([self.state.etcd_endpoint], timeout=2.0) as c:
+            async with self.state.etcd_client() as c:
                 return await fn(PoolStore(c, labmod.POOL))
         return asyncio.run(go())
 
@@ -146,6 +145,30 @@ class LabPool:
                 return snap
             if time.monotonic() > deadline:
                 raise ScenarioError(f"timed out after {timeout:g}s waiting for {what}")
+            time.sleep(0.1)
+
+    def agent_ticks(self, host: str) -> int:
+        """How many reconcile ticks `host`'s agent has run (its /metrics)."""
+        import re
+        import urllib.request
+        req = urllib.request.Request(self.state.api_url(host) + "/metrics", headers={
+            "Authorization": f"Bearer {self.state.api_token_file.read_text().strip()}"})
+        with urllib.request.urlopen(req, timeout=5, context=self.state.https()) as r:
+            text = r.read().decode()
+        m = re.search(r'^ftvm_ticks_total\{host="%s"\} (\d+)' % re.escape(host), text, re.M)
+        if m is None:
+            raise ScenarioError(f"{host}'s metrics have no tick counter")
+        return int(m.group(1))
+
+    def wait_ticks(self, hosts: list[str], n: int = 4, timeout: float = 120) -> None:
+        """Until each agent in `hosts` has run `n` more reconcile ticks: whatever they were
+        going to decide from the state as it is now, they have decided (instead of a sleep,
+        which a loaded machine can outlast)."""
+        start = {h: self.agent_ticks(h) for h in hosts}
+        deadline = time.monotonic() + timeout
+        while any(self.agent_ticks(h) < start[h] + n for h in hosts):
+            if time.monotonic() > deadline:
+                raise ScenarioError(f"agents {hosts} did not run {n} ticks in {timeout:g}s")
             time.sleep(0.1)
 
     def copy_path(self, vm: str, host: str) -> tuple[Path, str]:
@@ -487,7 +510,9 @@ def l3_protected(vm: str) -> Callable[[PoolSnapshot], bool]:
         if view is None or view.owner is None or view.checkpoints is None:
             return False
         partner = view.checkpoints.partner
-        return view.checkpoints.state == "protected" and view.copy_state(partner) is CopyState.CURRENT
+        current_partner = view.copies.partner_of(view.owner.host) if view.copies else None
+        return (view.checkpoints.state == "protected" and partner == current_partner
+                and view.copy_state(partner) is CopyState.CURRENT)
     return check
 
 

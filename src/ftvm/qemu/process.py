@@ -34,6 +34,13 @@ def die_with_parent() -> None:  # runs in the child between fork and exec
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def guest_process() -> None:  # runs in the child between fork and exec
+    """A QEMU: dies with the agent, and drops back to nice 0 from the agent's -10 (the
+    agent renews the lease and must never wait behind a guest's vCPUs)."""
+    die_with_parent()
+    _LIBC.setpriority(0, 0, 0)  # PRIO_PROCESS, this process, nice 0
+
+
 class QemuError(RuntimeError):
     pass
 
@@ -98,7 +105,7 @@ class QemuVm:
         stderr = open(paths.run_dir / "qemu.log", "ab")
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-            preexec_fn=die_with_parent, start_new_session=True)
+            preexec_fn=guest_process, start_new_session=True)
         stderr.close()
         vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps if checkpointed is None else [])
         try:

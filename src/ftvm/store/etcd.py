@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -170,12 +171,17 @@ class WatchEvent:
 
 class EtcdClient:
     def __init__(self, endpoints: list[str], timeout: float = 1.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: verifies https endpoints against the pool CA and presents our client
+        certificate (pki.TlsFiles.client_context); needed for any https:// endpoint."""
         if not endpoints:
             raise ValueError("no etcd endpoint given")
         self.endpoints = [e.rstrip("/") for e in endpoints]
+        if any(e.startswith("https://") for e in self.endpoints) and tls is None:
+            raise ValueError("https etcd endpoints need the pool CA and a client certificate")
         self.timeout = timeout
-        self._http = httpx.AsyncClient(timeout=timeout, transport=transport)
+        self._http = httpx.AsyncClient(timeout=timeout, transport=transport,
+                                       verify=tls if tls is not None else True)
         self._preferred = 0
         self.requests = 0  # for the control-plane cost figures
 

@@ -35,8 +35,8 @@ What must be atomic (each is one etcd transaction):
              win; a copy that became stale meanwhile cannot be promoted.
   * copies:  only if owner.create_revision == token AND copies unchanged (compare-and-set).
   * hand over (live migration, source): owner.create_revision == token AND incoming
-             present -> delete owner, status, migration, incoming; put handover (target's
-             lease). The claim transaction deletes handover.
+             present -> delete owner, status, migration, incoming, checkpoints, sync; put
+             handover (target's lease). The claim transaction deletes handover.
   * take over (level 3 partner, fast failover): owner.create_revision == old token AND
              copies unchanged (still naming the partner current) -> delete owner + status,
              put copies with the partner as the only current copy. Races the primary's
@@ -278,6 +278,9 @@ class PoolStore:
             compare,
             [Delete(self.vm_key(vm, "owner")), Delete(self.vm_key(vm, "status")),
              Delete(self.vm_key(vm, "migration")), Delete(self.vm_key(vm, "incoming")),
+             # the source's own figures go with its ownership: read after the move, they
+             # would describe a replica the new owner has not built yet
+             Delete(self.vm_key(vm, "checkpoints")), Delete(self.vm_key(vm, "sync")),
              put_json(self.vm_key(vm, "handover"), {"host": target}, target_lease)])
         return r.succeeded
 
