@@ -31,6 +31,15 @@ install_system() {
     fi
 }
 
+# QEMU and its storage daemons run as this unprivileged user, never as root (src/ftvm/qemu/runas.py);
+# in group kvm where there is one, for /dev/kvm.
+ensure_qemu_user() {
+    id ftvm-qemu >/dev/null 2>&1 && return
+    local groups=()
+    if getent group kvm >/dev/null; then groups=(--groups kvm); fi
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "${groups[@]}" ftvm-qemu
+}
+
 install_python() {
     [ -x .venv/bin/python ] || python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
@@ -44,12 +53,14 @@ fi
 case "${1:-}" in
     demo)
         install_system
+        ensure_qemu_user
         install_python
         shift
         exec .venv/bin/ftvm demo --level 1 "$@"
         ;;
     test)
         install_system
+        ensure_qemu_user
         install_python
         shift
         .venv/bin/ruff check src tests

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ftvm.qemu.tls import QemuTls
 from ftvm.qemu.storage_daemon import (QSD_MALLOC_TUNABLES, StorageDaemon, ensure_image, qsd_environment,
                                       writable_copy)
 from ftvm.qemu.blockgraph import LocalImage
@@ -32,12 +33,27 @@ async def test_writes_over_nbd_land_in_the_copy(tmp_path: Path, fmt: str) -> Non
     image = LocalImage(str(tmp_path / f"copy.{fmt}"), fmt)
     assert ensure_image(image, 64 << 20)
     image = writable_copy(image, True)
-    daemon = await StorageDaemon.start("web", [image], "127.0.0.1", tmp_path / "export.log")
+    tls = QemuTls.from_secret(os.urandom(32))
+    daemon = await StorageDaemon.start("web", [image], "127.0.0.1", tmp_path / "export.log", tls)
     try:
         export = daemon.exports()[0]
-        url = f"nbd://{export.host}:{export.port}/{export.name}"
+        tls.write(tmp_path / "client-tls")
+        creds = QemuTls.qemu_objects(tmp_path / "client-tls")[1]  # the NBD client's object
+        url = (f"driver=raw,file.driver=nbd,file.host={export.host},file.port={export.port},"
+               f"file.export={export.name},file.tls-creds=ftvm-nbd")
+        # without the key: refused before any NBD option (no TLS, or TLS with another key); the
+        # region they tried to write is read back as zeros below
+        wrong = QemuTls.from_secret(os.urandom(32))
+        wrong.write(tmp_path / "wrong-tls")
+        for objects in ([], ["--object", QemuTls.qemu_objects(tmp_path / "wrong-tls")[1]]):
+            target = url if objects else url.replace(",file.tls-creds=ftvm-nbd", "")
+            proc = subprocess.run(["qemu-io", *objects, "--image-opts", "-c", "write -P 0x66 2M 1M", target],
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode != 0 or "error" in (proc.stdout + proc.stderr).lower(), proc.stdout
+            assert "wrote" not in proc.stdout
         # 1 MiB writes (the size that used to cost a fresh mmap per request) and a flush
-        _qemu_io("-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0xa5 1M 1M", "-c", "flush", url)
+        _qemu_io("--object", creds, "--image-opts", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0xa5 1M 1M",
+                 "-c", "flush", url)
     finally:
         await daemon.stop()
     assert not daemon.alive

@@ -38,6 +38,8 @@ from ..core.replication import (IMPORTED, NEW_DISK, Copies, CopyState, claim_cop
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from .paths import resolved_spec
 from ..l3.channel import LinkConfig
+from ..qemu.runas import RunAs
+from ..qemu.tls import QemuTls
 from ..secret import derive
 from ..l3.standby import RAM_DIR_MARKER, make_guest_ram_dir, read_committed
 from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
@@ -101,7 +103,9 @@ FAILBACK_RETRY_S = 30.0  # a failback migration is asked at most this often per 
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, run_as: RunAs | None = None) -> None:
+        """`run_as`: the unprivileged user QEMU and the storage daemons run as (None: root)."""
+        self.run_as = run_as
         self.cfg = config
         self.t = config.timing
         self.etcd = EtcdClient(list(config.etcd), timeout=self.t.etcd_timeout,
@@ -232,6 +236,11 @@ class Agent:
             self.l3_partner = None
             self.event("", "error", f"cannot listen for level 3 checkpoints on "
                                     f"{self.cfg.replication_addr}:{self.cfg.checkpoint_port}: {e}")
+
+    @property
+    def _qemu_tls(self) -> QemuTls | None:
+        """Keys of QEMU's NBD and migration TLS, derived from the pool secret (qemu/tls.py)."""
+        return QemuTls.from_secret(self.cfg.pool_secret) if self.cfg.pool_secret else None
 
     @property
     def _l3_link(self) -> LinkConfig:
@@ -526,7 +535,8 @@ class Agent:
             qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
                                       on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
                                       incoming=True, debug_qmp=self.cfg.debug_qmp,
-                                      blockdevs=disks.blockdevs if disks else None)
+                                      blockdevs=disks.blockdevs if disks else None, tls=self._qemu_tls,
+                                      run_as=self.run_as)
         except (QemuError, StorageDaemonError, OSError) as e:
             self.event(d.vm, "error", f"cannot start the migration target: {e}")
             return
@@ -696,7 +706,8 @@ class Agent:
             start_qemu=lambda new_spec, blockdevs: QemuVm.start(
                 new_spec, paths, accel, self.cfg.bridge,
                 on_event=lambda name, data: self._on_qemu_event(d.vm, name, data), blockdevs=blockdevs,
-                debug_qmp=self.cfg.debug_qmp, checkpointed=Checkpointed(str(files.ram)), incoming=True),
+                debug_qmp=self.cfg.debug_qmp, checkpointed=Checkpointed(str(files.ram)), incoming=True,
+                tls=self._qemu_tls, run_as=self.run_as),
             make_l3=lambda new_spec: L3Primary(new_spec, token, self.cfg.name, paths, files, self.store,
                                                lambda: self.lease, lambda: self.snapshot, self.event, self.t,
                                                self._l3_link, self._checkpoint_counter(d.vm)))
@@ -813,7 +824,8 @@ class Agent:
             qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
                                       on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
                                       blockdevs=blockdevs, paused=blockdevs is not None,
-                                      debug_qmp=self.cfg.debug_qmp, checkpointed=checkpointed)
+                                      debug_qmp=self.cfg.debug_qmp, checkpointed=checkpointed, tls=self._qemu_tls,
+                                      run_as=self.run_as)
             if l3 is not None:
                 if resume:
                     try:
@@ -970,8 +982,10 @@ class Agent:
             # a list, not a generator: any() would stop at the first image made and skip the rest
             fresh = any([ensure_image(img, disk.size) for img, disk in zip(images, spec.disks, strict=True)])
             images = [self._writable(img) for img in images]
+            assert self._qemu_tls is not None  # replication_addr needs the pool secret (config)
             daemon = await StorageDaemon.start(d.vm, images, self.cfg.replication_addr,
-                                               self.cfg.state_dir / "vms" / d.vm / "export.log")
+                                               self.cfg.state_dir / "vms" / d.vm / "export.log", self._qemu_tls,
+                                               self.run_as)
         except StorageDaemonError as e:
             self.event(d.vm, "error", f"cannot serve this host's copy: {e}")
             return

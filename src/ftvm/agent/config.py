@@ -12,6 +12,7 @@ from typing import Any
 from ..core.model import valid_name
 from ..core.timing import Timing, TimingError
 from ..pki import TlsFiles
+from ..qemu.runas import DEFAULT_USER
 from ..secret import SecretError, load_secret
 
 
@@ -47,6 +48,7 @@ class AgentConfig:
     api_listen: tuple[str, int] | None = None  # REST API + /metrics ("addr:port"); off if unset
     api_token: str = ""                 # read from api_token_file
     pool_secret: bytes = b""            # read from pool_secret_file (ftvm/secret.py)
+    qemu_user: str = DEFAULT_USER       # QEMU and the storage daemons run as this user (qemu/runas.py)
     etcd_tls: TlsFiles | None = None    # etcd_ca, etcd_cert, etcd_key: the pool CA, our client cert
     api_tls: TlsFiles | None = None     # the API's certificate (api_cert/api_key, default the etcd one)
     api_read_token: str = ""            # read from api_read_token_file: /metrics and the dashboard only
@@ -61,7 +63,7 @@ _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
           "shared_storage", "image_roots", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
           "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port",
           "api_listen", "api_token_file", "write_through_copies", "pool_secret_file",
-          "etcd_ca", "etcd_cert", "etcd_key", "api_cert", "api_key", "api_read_token_file"}
+          "etcd_ca", "etcd_cert", "etcd_key", "qemu_user", "api_cert", "api_key", "api_read_token_file"}
 
 
 class _Settings:
@@ -186,6 +188,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         a_links=tuple((peer, tuple(ifs)) for peer, ifs in sorted(a_links.items())),
         ram_dir=c.path("ram_dir", "an absolute path (a tmpfs such as /dev/shm/ftvm)"), checkpoint_port=port,
         api_listen=api_listen, api_token=api_token, pool_secret=pool_secret, etcd_tls=etcd_tls,
+        qemu_user=c.string("qemu_user", DEFAULT_USER),
         api_tls=_api_tls(c, etcd_tls) if api_listen else None,
         api_read_token=_read_token(data, api_token) if api_listen else "",
     )

@@ -40,7 +40,7 @@ from ..l3.channel import LinkConfig
 from ..l3.standby import ReplicaPaths, Standby, StandbyServer
 from ..l3.wire import WireError
 from ..qemu.cmdline import VmPaths, tap_names
-from ..qemu.process import QemuVm, ensure_tap, remove_tap
+from ..qemu.process import QemuVm, ensure_tap, remove_tap, set_migration_tls
 from ..store.etcd import EtcdError
 from ..store.pool import PoolStore
 
@@ -127,6 +127,7 @@ class L3Primary:
         # QEMU listens, we send the committed device state (no shell, no forked helper)
         sock = self.paths.run_dir / "incoming.sock"
         sock.unlink(missing_ok=True)
+        await set_migration_tls(qemu, "")
         await qemu.execute("migrate-incoming", {"uri": f"unix:{sock}"})
         _, writer = await asyncio.open_unix_connection(str(sock))
         writer.write(await asyncio.to_thread(self.files.device_state.read_bytes))

@@ -42,7 +42,7 @@ from ..qemu.blockgraph import (COPY_AIO, DiskGraph, LocalImage, Mode, drop_child
 from ..qemu.cmdline import checkpointed_disk_nodes
 from ..l3.standby import make_guest_ram_dir
 from .paths import under
-from ..qemu.process import QemuVm
+from ..qemu.process import QemuVm, set_migration_tls
 from ..qemu.storage_daemon import ensure_image
 from ..store.pool import PoolStore
 from .l3 import L3Primary
@@ -244,6 +244,7 @@ async def _add_target(qemu: QemuVm, index: int, path: str, fmt: str, size: int,
     `local_copy`: a level 2 copy (written as copies are, COPY_AIO); `write_through`: verified
     write-through (its node skips flushes)."""
     ensure_image(LocalImage(path, fmt), size)
+    qemu.give(path)
     name = f"d{index}-lvl{int(time.time() * 1000) % 100000}"
     await qemu.execute("blockdev-add", file_image_node(name, path, fmt, write_through=write_through,
                                                        aio=COPY_AIO if local_copy else "threads"))
@@ -421,11 +422,13 @@ async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, 
         sock.unlink(missing_ok=True)
         await new_qemu.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "late-block-activate", "state": True}]})
+        await set_migration_tls(new_qemu, "")  # local: no TLS
         await new_qemu.execute("migrate-incoming", {"uri": f"unix:{sock}"})
         await ctx.qemu.execute("migrate-set-capabilities", {"capabilities": [  # (a VM lowered from level 3
             {"capability": "pause-before-switchover", "state": True},        # has its RAM in a shared file:
             {"capability": "x-ignore-shared", "state": False}]})              # it must travel too)
         await ctx.qemu.execute("migrate-set-parameters", {"max-bandwidth": 1 << 32, "downtime-limit": 300})
+        await set_migration_tls(ctx.qemu, "")
         await ctx.qemu.execute("migrate", {"uri": f"unix:{sock}"})
         source_migrating = True
         await _wait_migration(ctx.qemu, ("pre-switchover",))

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from .agent import Agent, AgentStartError
+from ..qemu.runas import RunAs, RunAsError
 from .config import ConfigError, load_config
 
 
@@ -17,11 +18,15 @@ def run_agent(config_path: Path, verbose: bool = False) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         cfg = load_config(config_path)
-    except ConfigError as e:
+        run_as = RunAs.lookup(cfg.qemu_user)
+    except (ConfigError, RunAsError) as e:
         logging.getLogger("ftvm.agent").error("%s", e)
         return 2
+    if run_as is None:
+        logging.getLogger("ftvm.agent").warning("qemu_user = \"root\": QEMU runs with every privilege; a guest "
+                                                "that escapes it owns the host")
     try:
-        asyncio.run(Agent(cfg).run())
+        asyncio.run(Agent(cfg, run_as).run())
     except AgentStartError as e:
         logging.getLogger("ftvm.agent").error("%s", e)
         return 5

@@ -35,7 +35,8 @@ from dataclasses import replace
 from ..core.model import Incoming, Migration, PoolSnapshot
 from ..core.replication import may_start_on
 from .l3 import L3Primary
-from ..qemu.process import QemuVm
+from ..qemu.process import QemuVm, set_migration_tls
+from ..qemu.tls import MIGRATION_CLIENT, MIGRATION_SERVER
 from ..store.etcd import EtcdError
 from ..store.pool import PoolStore
 
@@ -61,6 +62,7 @@ async def listen_for(qemu: QemuVm, addr: str, late_activation: bool = False) -> 
     if late_activation:
         await qemu.execute("migrate-set-capabilities",
                            {"capabilities": [{"capability": "late-block-activate", "state": True}]})
+    await set_migration_tls(qemu, MIGRATION_SERVER)  # only a source holding the migration key gets in
     await qemu.execute("migrate-incoming", {"uri": f"tcp:{addr}:{port}"})
     return Incoming(host="", addr=addr, port=port)
 
@@ -95,6 +97,7 @@ async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming
         # x-ignore-shared: here the RAM must travel
         await qemu.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": False}]})
+        await set_migration_tls(qemu, MIGRATION_CLIENT)
         await qemu.execute("migrate", {"uri": f"tcp:{incoming.addr}:{incoming.port}"})
         last = 0.0
         while True:

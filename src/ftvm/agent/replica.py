@@ -384,6 +384,7 @@ class ReplicaManager:
         spares: list[str] = []
         for i, g in enumerate(self.graphs):
             ensure_image(self.images[i], await self.qemu.disk_size(i))
+            self.qemu.give(self.images[i].path)
             # a replaced disk's new file is made write-through again (if this copy was)
             self.images[i] = writable_copy(self.images[i], self.images[i].write_through)
             new, steps, spare = add_local(g, self.images[i])

@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=None)
 
+    pool = sub.add_parser("pool", help="making a pool").add_subparsers(dest="sub", required=True)
+    p = cmd(pool, "init", pool_cmds.cmd_pool_init,
+            "make a new pool's CA, certificates, secret and API tokens in DIR (docs/security.md)")
+    p.add_argument("dir")
+    p.add_argument("--etcd-addr", dest="etcd_addr", action="append", default=[], metavar="ADDR",
+                   help="an address (IP or DNS name) of the quorum service, for its certificate (repeat)")
+    p.add_argument("--host", dest="hosts", action="append", default=[], metavar="NAME=ADDR",
+                   help="a host and the address its API listens on (repeat)")
     host = sub.add_parser("host", help="hosts of the pool").add_subparsers(dest="sub", required=True)
     cmd(host, "list", pool_cmds.cmd_host_list, "list live hosts")
     p = cmd(host, "maintenance", move_cmds.cmd_host_maintenance,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
@@ -14,7 +15,37 @@ from .. import ops
 from ..core.validate import check_mac
 from ..store.pool import Event
 from .client import PoolClient, pool_client
-from .common import BAD_INPUT, FAILED, NO_QUORUM, NOT_FOUND, OK, CliError, console, emit_json, is_json
+from .common import BAD_INPUT, FAILED, NO_QUORUM, NOT_FOUND, OK, REFUSED, CliError, console, emit_json, is_json
+
+
+# --- pool init -----------------------------------------------------------------------
+
+def cmd_pool_init(args: Any) -> int:
+    from ..core.model import valid_name
+    from ..pki import PkiError, init_pool
+    hosts: dict[str, str] = {}
+    for item in args.hosts:
+        name, _, addr = item.partition("=")
+        if not valid_name(name) or not addr:
+            raise CliError(f"--host {item!r}: give NAME=ADDRESS, NAME lowercase letters, digits and '-'", BAD_INPUT)
+        hosts[name] = addr
+    pool = getattr(args, "pool", None) or "prod"
+    if not valid_name(pool):
+        raise CliError(f"invalid pool name {pool!r}", BAD_INPUT)
+    if not args.etcd_addr or not hosts:
+        raise CliError("give the quorum service's addresses (--etcd-addr ADDR) and every host (--host NAME=ADDR)",
+                       BAD_INPUT)
+    d = Path(args.dir)
+    try:
+        init_pool(d, pool, args.etcd_addr, hosts)
+    except PkiError as e:
+        raise CliError(str(e), REFUSED) from None
+    if is_json(args):
+        emit_json({"dir": str(d), "pool": pool, "hosts": sorted(hosts)})
+    else:
+        console.print(f"pool {pool}: CA, certificates for etcd and {', '.join(sorted(hosts))}, pool secret and "
+                      f"API tokens in {d}. Copy them as docs/security.md says; keep {d / 'ca.key'} offline.")
+    return OK
 
 
 # --- status --------------------------------------------------------------------------

@@ -393,7 +393,8 @@ class FrozenVm:
 
     @property
     def reason(self) -> str:
-        return f"record {self.problem.key.rsplit('/', 1)[-1]} unreadable: {self.problem.reason}"
+        part = self.problem.key.split("/vms/", 1)[-1].split("/", 1)[-1]  # spec, owner, export/h2, ...
+        return f"record {part} unreadable: {self.problem.reason}"
 
 
 @dataclass(frozen=True)

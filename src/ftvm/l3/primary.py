@@ -122,6 +122,9 @@ class DeviceStateSink:
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        # QEMU (its own user) connects: the socket's directory, the VM's private run
+        # directory, is what keeps everyone else out
+        os.chmod(self.path, 0o666)
 
     def expect(self) -> asyncio.Future[bytes]:
         self._next = asyncio.get_running_loop().create_future()
@@ -184,7 +187,9 @@ class Checkpointer:
         """Once per QEMU: device state only (shared RAM is skipped), at full speed."""
         await self.qmp.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True}]})
-        await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+        # device state only, to a local socket: no TLS (a VM that came in by live migration
+        # still has the migration's TLS credentials set)
+        await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40, "tls-creds": ""})
         await self.sink.start()
 
     async def connect(self, addr: str, link: LinkConfig, session: str) -> None:

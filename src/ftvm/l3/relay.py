@@ -15,7 +15,6 @@ QEMU starts and must outlive it.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import struct
 import time
@@ -24,21 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TUNSETIFF = 0x400454CA
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
+from ..qemu.process import open_tap
+
 MAX_FRAME = 65536
-
-
-def open_tap(name: str) -> int:
-    """Attach to (or create) tap `name`; returns a non-blocking fd."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+__all__ = ["OutputCommitRelay", "RelayStats", "open_tap"]
 
 
 @dataclass

@@ -185,6 +185,7 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
     timing.check()
     hosts = topo.host_names(n_hosts)
     lab_dir.mkdir(parents=True, exist_ok=True)
+    _traversable(lab_dir)
     state = LabState(dir=str(lab_dir), hosts=hosts, timing=asdict(timing),
                      host_memory_mib=host_memory_mib, host_vcpus=host_vcpus)
     state.save()
@@ -260,6 +261,17 @@ def _route_replication(link: topo.ALink) -> None:
             pass  # that end is down
 
 
+def _traversable(d: Path) -> None:
+    """The lab's hosts keep their VMs' files under `d`, and their QEMUs run as an
+    unprivileged user that must reach them: every directory above `d` gets search
+    permission for others (not read: nothing can be listed). pytest's own temporary
+    directory is private otherwise."""
+    for p in [d.resolve(), *d.resolve().parents]:
+        mode = p.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(p, (mode & 0o7777) | 0o001)
+
+
 def _spawn(ns: str, cmd: list[str], log: Path) -> int:
     with open(log, "ab") as out:
         # The control plane (etcd, agents) runs ahead of the guests, as a host's agent must
@@ -274,6 +286,8 @@ def _start_etcd(state: LabState) -> None:
     # machine its fsyncs would queue behind the guests' disk writes (a slow keepalive is a
     # self-fence). The lab's RAM directory is removed by `down`.
     data = topo.LAB_RAM_DIR / "etcd"
+    topo.LAB_RAM_DIR.mkdir(exist_ok=True)  # (etcd would make it 0700: the hosts' QEMUs keep RAM under it)
+    os.chmod(topo.LAB_RAM_DIR, 0o755)
     url, pki = state.etcd_endpoint, state.pki_dir
     state.pids["etcd"] = _spawn(topo.QUORUM_NS, [
         "etcd", "--name", "quorum", "--data-dir", str(data),

@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
+from .tls import NBD_CLIENT
+
 QmpStep = tuple[str, dict[str, Any]]
 
 
@@ -91,7 +93,7 @@ def local_node(index: int, serial: int, image: LocalImage, locking: bool) -> tup
 
 def remote_node(index: int, serial: int, export: Export) -> tuple[str, dict[str, Any]]:
     name = _name(index, "remote", serial)
-    return name, {"driver": "nbd", "node-name": name, "export": export.name,
+    return name, {"driver": "nbd", "node-name": name, "export": export.name, "tls-creds": NBD_CLIENT,
                   "server": {"type": "inet", "host": export.host, "port": str(export.port)}}
 
 

@@ -11,6 +11,8 @@ from typing import Any
 from ..core.model import MAX_NICS, VmSpec
 from .blockgraph import image_nodes
 from .probe import Accel
+from .runas import SANDBOX
+from .tls import QemuTls
 
 QEMU = "qemu-system-x86_64"
 
@@ -82,7 +84,8 @@ def tap_name(vm: str, nic: int = 0) -> str:
 def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
                   blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
                   debug_qmp: bool = False, checkpointed: Checkpointed | None = None,
-                  incoming: bool = False) -> list[str]:
+                  incoming: bool = False, tls_dir: Path | None = None, tap_fds: list[int] | None = None
+                  ) -> list[str]:
     """`blockdevs` (levels 2, 3): per disk, the -blockdev nodes, the last one named disk<i>.
     Those disks stop the VM on an I/O error (werror/rerror=stop) so the agent can act.
     `checkpointed` (level 3): RAM in a shared file, NICs through the output-commit relay,
@@ -97,7 +100,10 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
         "-chardev", f"file,id=ser0,path={paths.serial}", "-serial", "chardev:ser0",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-sandbox", SANDBOX,
     ]
+    if tls_dir is not None:  # NBD to partners' copies and live migration: TLS-PSK (qemu/tls.py)
+        cmd += QemuTls.qemu_objects(tls_dir)
     if checkpointed is not None:
         cmd += ["-object", f"memory-backend-file,id=pc.ram,size={spec.memory_mib}M,"
                            f"mem-path={checkpointed.ram_file},share=on"]
@@ -134,7 +140,10 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
         else:
             # vnet_hdr=off: the NIC's state then matches a stream netdev's, so a running VM can
             # move into a checkpointed QEMU (raised to level 3 online)
-            netdev = f"tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off,vnet_hdr=off"
+            # the tap opened by the agent and passed as `fd` (an unprivileged QEMU cannot open
+            # /dev/net/tun; opened without IFF_VNET_HDR, it has no vnet header either), else by name
+            where = f"fd={tap_fds[i]}" if tap_fds else f"ifname={tap},script=no,downscript=no,vnet_hdr=off"
+            netdev = f"tap,id=net{i},{where},vhost=off"
         cmd += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net{i},mac={nic.mac},romfile="]
     return cmd
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import fcntl
 import os
 import signal
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -22,6 +24,8 @@ from qemu.qmp import QMPClient
 
 from ..core.model import VmSpec
 from .cmdline import Checkpointed, VmPaths, build_cmdline, tap_names
+from .runas import RunAs, popen_as
+from .tls import QemuTls
 from .probe import Accel
 
 log = logging.getLogger(__name__)
@@ -45,18 +49,43 @@ class QemuError(RuntimeError):
     pass
 
 
+async def set_migration_tls(qemu: Any, creds: str) -> None:
+    """Before every `migrate`/`migrate-incoming`: TLS on a stream between hosts (`creds`, an
+    object id from qemu/tls.py), none on a local unix socket (""). QEMU keeps the
+    parameter, so a VM that came in over TLS must drop it before its next local one."""
+    await qemu.execute("migrate-set-parameters", {"tls-creds": creds})
+
+
 def _ip(*args: str) -> None:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise QemuError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
 
 
-def ensure_tap(tap: str, bridge: str) -> None:
-    """A persistent tap on the host bridge (recreated so no stale state survives)."""
+def ensure_tap(tap: str, bridge: str, user: int | None = None) -> None:
+    """A persistent tap on the host bridge (recreated so no stale state survives), owned by
+    `user` (QEMU's): an unprivileged QEMU may attach to it, and to no other interface."""
     if Path(f"/sys/class/net/{tap}").exists():
         _ip("link", "del", tap)
-    _ip("tuntap", "add", "dev", tap, "mode", "tap")
+    _ip("tuntap", "add", "dev", tap, "mode", "tap", *(("user", str(user)) if user is not None else ()))
     _ip("link", "set", tap, "master", bridge, "up")
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+
+def open_tap(name: str) -> int:
+    """Attach to (or create) tap `name`; returns a non-blocking fd. The agent opens the
+    taps and passes them to QEMU: an unprivileged QEMU cannot open /dev/net/tun itself."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def remove_tap(tap: str) -> None:
@@ -64,12 +93,29 @@ def remove_tap(tap: str) -> None:
         subprocess.run(["ip", "link", "del", tap], capture_output=True)
 
 
+def _files_opened(spec: VmSpec, blockdevs: list[list[dict[str, Any]]] | None,
+                  checkpointed: Checkpointed | None) -> list[str]:
+    """The files a QEMU started with these arguments opens itself."""
+    def file_nodes(node: Any) -> list[str]:  # file nodes may sit inside format nodes
+        if not isinstance(node, dict):
+            return []
+        here = [str(node["filename"])] if node.get("driver") == "file" and "filename" in node else []
+        return here + [f for v in node.values() for f in file_nodes(v)]
+
+    files = [d.path for d in spec.disks] if blockdevs is None else [
+        f for nodes in blockdevs for node in nodes for f in file_nodes(node)]
+    if checkpointed is not None:
+        files.append(checkpointed.ram_file)
+    return files
+
+
 class QemuVm:
     """One running QEMU. Create with `await QemuVm.start(...)`."""
 
     def __init__(self, spec: VmSpec, paths: VmPaths, proc: asyncio.subprocess.Process,
-                 pidfd: int, taps: list[str]) -> None:
+                 pidfd: int, taps: list[str], run_as: RunAs | None = None) -> None:
         self.spec = spec
+        self.run_as = run_as  # the user this QEMU runs as (None: root)
         self.paths = paths
         self.proc = proc
         self.pid = proc.pid
@@ -85,29 +131,46 @@ class QemuVm:
                     on_event: Callable[[str, dict[str, Any]], None] | None = None,
                     blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
                     debug_qmp: bool = False, checkpointed: Checkpointed | None = None,
-                    incoming: bool = False) -> QemuVm:
+                    incoming: bool = False, tls: QemuTls | None = None, run_as: RunAs | None = None) -> QemuVm:
         """`checkpointed` (level 3): the caller owns the taps (its relay listens on
-        `paths.nic_socket(i)` before this is called)."""
+        `paths.nic_socket(i)` before this is called). `run_as`: the unprivileged user
+        QEMU runs as; it is handed the files this QEMU opens (qemu/runas.py)."""
         if blockdevs is None:
             for disk in spec.disks:
                 if not Path(disk.path).exists():
                     raise QemuError(f"disk image {disk.path} does not exist")
-        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        if run_as is not None:
+            run_as.private_dir(paths.run_dir)
+            run_as.own(*_files_opened(spec, blockdevs, checkpointed), paths.serial,
+                       *(paths.nic_socket(i) for i in range(len(spec.nics))))
+            if checkpointed is not None:
+                run_as.own(Path(checkpointed.ram_file).parent)
+        else:
+            paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         paths.qmp.unlink(missing_ok=True)
         paths.debug_qmp.unlink(missing_ok=True)
         taps = tap_names(spec)
+        tap_fds: list[int] = []
         if checkpointed is None:
             for tap in taps:
-                ensure_tap(tap, bridge)
+                ensure_tap(tap, bridge, run_as.uid if run_as else None)
+                tap_fds.append(open_tap(tap))
+        tls_dir = paths.run_dir / "tls" if tls is not None else None
+        if tls is not None and tls_dir is not None:
+            tls.write(tls_dir, (run_as.uid, run_as.gid) if run_as else None)
         cmd = build_cmdline(spec, paths, accel, taps, blockdevs, paused or incoming, debug_qmp, checkpointed,
-                            incoming)
+                            incoming, tls_dir, tap_fds)
         log.info("starting %s: %s", spec.name, " ".join(cmd))
         stderr = open(paths.run_dir / "qemu.log", "ab")
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-            preexec_fn=guest_process, start_new_session=True)
-        stderr.close()
-        vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps if checkpointed is None else [])
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, pass_fds=tap_fds,
+                preexec_fn=guest_process, start_new_session=True, **popen_as(run_as))
+        finally:
+            stderr.close()
+            for fd in tap_fds:  # QEMU holds its own copies; a tap held here could not be reopened
+                os.close(fd)
+        vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps if checkpointed is None else [], run_as)
         try:
             await vm._connect_qmp(timeout=10.0)
         except Exception:
@@ -145,6 +208,11 @@ class QemuVm:
             raise
         except Exception:  # connection gone: the process watcher reports the exit
             pass
+
+    def give(self, *paths: str | Path) -> None:
+        """Files this QEMU is about to open (a node added while it runs): hand them to its user."""
+        if self.run_as is not None:
+            self.run_as.own(*paths)
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         return await self.qmp.execute(cmd, args)

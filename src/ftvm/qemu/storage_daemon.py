@@ -20,6 +20,8 @@ from pathlib import Path
 
 from .blockgraph import COPY_AIO, Export, LocalImage
 from .process import die_with_parent
+from .runas import RunAs, popen_as
+from .tls import NBD_SERVER, QemuTls
 from .writethrough import clear_write_through, is_write_through, make_write_through
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,11 @@ def export_name(vm: str, index: int) -> str:
     return f"{vm}-d{index}"
 
 
-def build_qsd_cmdline(vm: str, images: list[LocalImage], listen_fd: int) -> list[str]:
+def build_qsd_cmdline(vm: str, images: list[LocalImage], listen_fd: int, tls_dir: Path) -> list[str]:
     """The daemon serves on a listening socket the agent made and passes in (fd), so the
     agent picks the port and sets TCP_NODELAY, which accepted sockets inherit: without it
     QEMU 7.2's NBD server delays its replies (Nagle) and large writes crawl."""
-    cmd = [QSD]
+    cmd = [QSD, *QemuTls.qsd_objects(tls_dir)]  # only a client holding the NBD key gets past TLS
     for i, img in enumerate(images):
         # a write-through copy: NBD flushes need no fdatasync (writes were synchronous).
         # Written as the primary writes its copy (COPY_AIO): no hand-off to a worker thread
@@ -48,7 +50,7 @@ def build_qsd_cmdline(vm: str, images: list[LocalImage], listen_fd: int) -> list
         cmd += ["--blockdev", json.dumps({"driver": "file", "node-name": f"f{i}", "filename": img.path,
                                           "cache": cache, "aio": COPY_AIO}),
                 "--blockdev", json.dumps({"driver": img.format, "node-name": f"rep{i}", "file": f"f{i}"})]
-    cmd += ["--nbd-server", f"addr.type=fd,addr.str={listen_fd}"]
+    cmd += ["--nbd-server", f"addr.type=fd,addr.str={listen_fd},tls-creds={NBD_SERVER}"]
     for i in range(len(images)):
         cmd += ["--export", f"type=nbd,id=e{i},node-name=rep{i},name={export_name(vm, i)},writable=on"]
     return cmd
@@ -153,10 +155,15 @@ class StorageDaemon:
         return [Export(self.addr, self.port, export_name(self.vm, i)) for i in range(self.disks)]
 
     @staticmethod
-    async def start(vm: str, images: list[LocalImage], addr: str, log_path: Path) -> "StorageDaemon":
+    async def start(vm: str, images: list[LocalImage], addr: str, log_path: Path, tls: QemuTls,
+                    run_as: RunAs | None = None) -> "StorageDaemon":
         listener = listening_socket(addr)
         port = int(listener.getsockname()[1])
-        cmd = build_qsd_cmdline(vm, images, listener.fileno())
+        tls_dir = log_path.parent / "tls-export"
+        tls.write(tls_dir, (run_as.uid, run_as.gid) if run_as else None)
+        if run_as is not None:
+            run_as.own(*(img.path for img in images))
+        cmd = build_qsd_cmdline(vm, images, listener.fileno(), tls_dir)
         log.info("exporting %s on %s:%d: %s", vm, addr, port, " ".join(cmd))
         log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -164,7 +171,7 @@ class StorageDaemon:
                 proc = await asyncio.create_subprocess_exec(
                     *cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(listener.fileno(),),
                     env=qsd_environment(dict(os.environ)),
-                    preexec_fn=die_with_parent, start_new_session=True)
+                    preexec_fn=die_with_parent, start_new_session=True, **popen_as(run_as))
         finally:
             listener.close()  # the daemon has its own copy
         daemon = StorageDaemon(vm, proc, addr, port, images)
