@@ -41,14 +41,17 @@ async def define(store: PoolStore, spec: VmSpec) -> None:
         raise FtvmError(f"VM {spec.name} already exists", REFUSED)
 
 
-async def set_desired(store: PoolStore, name: str, desired: Desired) -> bool:
-    """Returns whether anything changed."""
+async def set_desired(store: PoolStore, name: str, desired: Desired, force: bool = False) -> bool:
+    """Returns whether anything changed. `force` (stop only): power the guest off at once
+    instead of asking it first; it also hurries a stop already under way."""
+    if force and desired is not Desired.STOPPED:
+        raise FtvmError("force goes with a stop only", BAD_INPUT)
     while True:
         got = await store.spec(name)
         if got is None:
             raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
         spec, rev = got
-        if spec.desired is desired:
+        if spec.desired is desired and spec.stop_force >= force:
             return False
         if desired is Desired.RUNNING:
             snap = await store.snapshot()
@@ -56,7 +59,7 @@ async def set_desired(store: PoolStore, name: str, desired: Desired) -> bool:
             problem = overcommit_problem(snap, spec) if view is not None and view.owner is None else None
             if problem:
                 raise FtvmError(problem, REFUSED)
-        if await store.update_spec(replace(spec, desired=desired), rev):
+        if await store.update_spec(replace(spec, desired=desired, stop_force=force), rev):
             return True
 
 

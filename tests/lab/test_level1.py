@@ -51,6 +51,37 @@ def test_vm_answers_client_and_is_protected(lab: labmod.LabState, guest_image) -
         pool.stop_and_remove("web1")
 
 
+def test_vm_stop_asks_the_guest_first_and_force_powers_off_at_once(lab: labmod.LabState, guest_image) -> None:
+    """`vm stop` presses the ACPI power button and the guest powers itself off; `--force`
+    powers off at once; both are said in the events."""
+    pool = LabPool(lab)
+    name, index = "acpi1", 71
+    pool.define_ledger_vm(name, index, Level.RESTART, guest_image, host="h1")
+    ip = topo.vm_addr(index).split("/")[0]
+    serial = Path(lab.host_dir("h1")) / "state" / "vms" / name / "serial.log"
+    try:
+        pool.wait_answering(ip, 60)
+        t = time.time()
+        r = ftvm(lab, "vm", "stop", name, "--wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "power button, powering off" in serial.read_text(errors="replace")
+        pool.wait_events("guest powered off", lambda e: e.vm == name and e.time > t
+                         and "the guest powered off after" in e.message, 15)
+        r = ftvm(lab, "vm", "start", name, "--wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        pool.wait_answering(ip, 60)
+        t = time.time()
+        r = ftvm(lab, "vm", "stop", name, "--force", "--wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "power button" not in serial.read_text(errors="replace")  # a new QEMU, a new log
+        pool.wait_events("powered off at once", lambda e: e.vm == name and e.time > t
+                         and "powered off at once" in e.message, 15)
+        r = ftvm(lab, "vm", "start", name, "--wait")
+        assert r.returncode == 0 and not pool.snapshot().vms[name].spec.stop_force  # a start clears it
+    finally:
+        pool.stop_and_remove(name)
+
+
 def test_host_failure_restarts_vm_elsewhere_without_losing_acknowledged_records(
         lab: labmod.LabState, guest_image) -> None:
     pool = LabPool(lab)

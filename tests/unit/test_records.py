@@ -294,3 +294,14 @@ def test_agent_resolves_paths_and_refuses_escapes(tmp_path) -> None:
                 VmSpec("a", Level.UNPROTECTED, 256, 1, (), (), boot=BootSpec(str(outside / "shadow")))):
         with pytest.raises(PathRefused):
             resolved_spec(bad, *roots)
+
+
+def test_stop_force_round_trips_and_older_specs_read_as_a_graceful_stop() -> None:
+    from dataclasses import replace
+    forced = replace(spec("web"), stop_force=True)
+    assert VmSpec.from_json(json.loads(json.dumps(forced.to_json()))).stop_force is True
+    older = spec("web").to_json()
+    del older["stop_force"]  # written by an agent that did not know the field
+    assert VmSpec.from_json(older).stop_force is False
+    with pytest.raises(RecordError):
+        VmSpec.from_json(forced.to_json() | {"stop_force": "yes"})

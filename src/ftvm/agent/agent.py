@@ -93,6 +93,7 @@ class LocalRecord:
     kept_write_through: list[LocalImage] = field(default_factory=list)
     incoming_disks: IncomingDisks | None = None  # level 2 migration target: the copy it opened
     l3: L3Primary | None = None            # level 3 checkpointing
+    stop_hurry: asyncio.Event = field(default_factory=asyncio.Event)  # `vm stop --force` during a stop
 
 
 EVENT_TRIM_INTERVAL = 300.0  # seconds between trims of the event log to its newest MAX_EVENTS
@@ -257,14 +258,18 @@ class Agent:
 
     async def _shutdown(self) -> None:
         """Orderly stop: VMs stopped and released, lease revoked, so peers take over at once."""
-        for rec in list(self.vms.values()):
-            if rec.qemu and rec.qemu.alive:
-                await rec.qemu.stop(self.cfg.stop_grace)
-                self.guard.unregister(rec.name)
-                try:
-                    await self.store.release(rec.name, rec.token)
-                except EtcdError:
-                    pass
+        async def stop_and_release(rec: LocalRecord, qemu: QemuVm) -> None:
+            # level 3: no shutdown, the partner carries on from the last checkpoint (a guest
+            # caught half-way through shutting down would carry on shutting down there)
+            await qemu.stop(0.0 if rec.l3 is not None else self.cfg.stop_grace, rec.stop_hurry)
+            self.guard.unregister(rec.name)
+            try:
+                await self.store.release(rec.name, rec.token)
+            except EtcdError:
+                pass
+        # all at once: each guest gets the whole grace, not a turn in a queue
+        await asyncio.gather(*(stop_and_release(rec, rec.qemu) for rec in list(self.vms.values())
+                               if rec.qemu and rec.qemu.alive))
         self.guard.close()
         if self.l3_partner is not None:
             await self.l3_partner.close()
@@ -394,6 +399,10 @@ class Agent:
             log.info("%s", report.summary())
         for decision in report.actions():
             await self._execute(decision, snapshot)
+        for name, rec in self.vms.items():  # `vm stop --force` while the guest shuts down
+            view = snapshot.vms.get(name)
+            if rec.state is RunState.STOPPING and (view is None or view.spec.stop_force):
+                rec.stop_hurry.set()
         await self._report_status(snapshot)
         await self._report_links(snapshot)
         await self._check_write_through()
@@ -492,10 +501,13 @@ class Agent:
         elif d.action is Action.STOP:
             rec = self.vms[d.vm]
             rec.state = RunState.STOPPING
-            self.event(d.vm, "stop", d.reason)
+            stopping = snapshot.vms.get(d.vm)
+            grace = 0.0 if stopping is None or stopping.spec.stop_force else self.cfg.stop_grace
+            how = f"the guest is asked to power off, up to {grace:g} s" if grace > 0 else "powered off at once"
+            self.event(d.vm, "stop", f"{d.reason}: {how}")
             self.history(d.vm, "stopped", d.reason)
             if rec.qemu:
-                asyncio.create_task(self._stop_vm(rec, rec.qemu))
+                asyncio.create_task(self._stop_vm(rec, rec.qemu, grace))
         elif d.action is Action.EXPORT:
             await self._export(d, snapshot)
         elif d.action is Action.UNEXPORT:
@@ -777,7 +789,7 @@ class Agent:
         self.history(d.vm, "up", "live migration")
         self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid} runs the migrated VM (token {d.token})")
 
-    async def _stop_vm(self, rec: LocalRecord, qemu: QemuVm) -> None:
+    async def _stop_vm(self, rec: LocalRecord, qemu: QemuVm, grace: float) -> None:
         try:
             if rec.l3 is not None:  # the partner must not take over a VM being stopped
                 try:
@@ -786,7 +798,15 @@ class Agent:
                 except (EtcdError, TimeoutError) as e:
                     log.warning("%s: ending level 3 protection before the stop: %s", rec.name, e)
         finally:
-            await qemu.stop(self.cfg.stop_grace)
+            t0 = time.monotonic()
+            await qemu.stop(grace, rec.stop_hurry)
+            took = time.monotonic() - t0
+            if grace > 0:
+                outcome = {"guest": f"the guest powered off after {took:.1f} s",
+                           "grace expired": f"the guest did not power off within {grace:g} s: powered off",
+                           "hurried": f"powered off after {took:.1f} s (forced)"}.get(
+                               qemu.stop_outcome, f"QEMU ended ({qemu.stop_outcome})")
+                self.event(rec.name, "stop", outcome)
 
     async def _start(self, d: Decision, snapshot: PoolSnapshot, failures: int) -> None:
         view = snapshot.vms[d.vm]

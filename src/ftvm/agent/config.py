@@ -36,7 +36,7 @@ class AgentConfig:
     image_roots: tuple[str, ...] = DEFAULT_IMAGE_ROOTS  # level 0 disks and boot files may live here too
     accel: str = "auto"
     probe_kernel: Path | None = None
-    stop_grace: float = 0.0
+    stop_grace: float = 60.0  # seconds a guest gets to power off (ACPI) before QEMU is quit
     local_storage: Path | None = None   # level 2 copies live here
     local_format: str = "raw"           # raw or qcow2, per host
     replication_addr: str = ""          # serves level 2 copies on this address (A-links)
@@ -181,7 +181,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         shared_storage=c.paths("shared_storage"),
         image_roots=c.paths("image_roots") if "image_roots" in data else DEFAULT_IMAGE_ROOTS,
         accel=c.choice("accel", "auto", ("auto", "kvm", "tcg")),
-        probe_kernel=c.path("probe_kernel"), stop_grace=c.number("stop_grace", 0.0), timing=timing,
+        probe_kernel=c.path("probe_kernel"), stop_grace=c.number("stop_grace", 60.0), timing=timing,
         local_storage=c.path("local_storage"), local_format=c.choice("local_format", "raw", ("raw", "qcow2")),
         replication_addr=replication_addr, write_through_copies=c.flag("write_through_copies", True),
         debug_qmp=c.flag("debug_qmp", False),

@@ -188,14 +188,19 @@ def make_app(ctx: ApiContext) -> web.Application:
                 body = await request.json()
             except ValueError:
                 raise FtvmError("the body must be JSON", BAD_INPUT) from None
-            if not isinstance(body, dict) or set(body) - {"accept_data_loss", "host"}:
-                raise FtvmError('the body may only be {"accept_data_loss": true, "host": H} (start)', BAD_INPUT)
+            if not isinstance(body, dict) or set(body) - {"accept_data_loss", "host", "force"}:
+                raise FtvmError('the body may only be {"accept_data_loss": true, "host": H} (start) '
+                                'or {"force": true} (stop)', BAD_INPUT)
         forced = None
+        force = body.pop("force", False) if action == "stop" else False
+        if force not in (True, False):
+            raise FtvmError('"force" must be true or false', BAD_INPUT)
         if body.get("accept_data_loss") is True and action == "start":
             forced = await ops.force_start(ctx.store, name, body.get("host"))
         elif body:
-            raise FtvmError('"host" goes with "accept_data_loss": true, on start only', BAD_INPUT)
-        changed = await ops.set_desired(ctx.store, name, desired)
+            raise FtvmError('"host" goes with "accept_data_loss": true, on start only; "force" with stop',
+                            BAD_INPUT)
+        changed = await ops.set_desired(ctx.store, name, desired, force=bool(force))
 
         async def follow(job: Job) -> None:
             if desired is Desired.RUNNING:

@@ -41,7 +41,7 @@ class PoolClient(Protocol):
     def vm(self, name: str) -> dict[str, Any]: ...
     def row(self, name: str) -> dict[str, Any] | None: ...
     def define(self, spec: VmSpec) -> None: ...
-    def set_desired(self, name: str, desired: Desired) -> bool: ...
+    def set_desired(self, name: str, desired: Desired, force: bool = False) -> bool: ...
     def force_start(self, name: str, host: str | None) -> str: ...
     def repair_disk(self, name: str, host: str) -> None: ...
     def remove(self, name: str) -> None: ...
@@ -120,8 +120,8 @@ class DirectClient:
     def define(self, spec: VmSpec) -> None:
         with_store(self.args, lambda s: ops.define(s, spec))
 
-    def set_desired(self, name: str, desired: Desired) -> bool:
-        return with_store(self.args, lambda s: ops.set_desired(s, name, desired))
+    def set_desired(self, name: str, desired: Desired, force: bool = False) -> bool:
+        return with_store(self.args, lambda s: ops.set_desired(s, name, desired, force))
 
     def force_start(self, name: str, host: str | None) -> str:
         return with_store(self.args, lambda s: ops.force_start(s, name, host))
@@ -225,9 +225,10 @@ class HttpClient:
     def define(self, spec: VmSpec) -> None:
         self._call("POST", "/api/v1/vms", spec.to_json())
 
-    def set_desired(self, name: str, desired: Desired) -> bool:
+    def set_desired(self, name: str, desired: Desired, force: bool = False) -> bool:
         action = "start" if desired is Desired.RUNNING else "stop"
-        return bool(self._call("POST", f"/api/v1/vms/{_q(name)}/{action}").get("changed", True))
+        body = {"force": True} if force else None
+        return bool(self._call("POST", f"/api/v1/vms/{_q(name)}/{action}", body).get("changed", True))
 
     def force_start(self, name: str, host: str | None) -> str:
         r = self._call("POST", f"/api/v1/vms/{_q(name)}/start", {"accept_data_loss": True, "host": host})

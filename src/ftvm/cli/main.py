@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("name")
         p.add_argument("--wait", action="store_true", help="wait until done")
         p.add_argument("--timeout", type=float, default=60)
+        if name == "stop":
+            p.add_argument("--force", action="store_true",
+                           help="power off at once (default: ACPI power button, then the agent's stop_grace)")
         if name == "start":
             p.add_argument("--accept-data-loss", action="store_true",
                            help="level 2: start from a copy that is not current (recorded in the event log)")

@@ -275,9 +275,12 @@ def cmd_vm_add(args: Any) -> int:
 
 def _set_desired(args: Any, desired: Desired) -> int:
     client = pool_client(args)
-    changed = client.set_desired(args.name, desired)
+    force = bool(getattr(args, "force", False))
+    changed = client.set_desired(args.name, desired, force)
     if not is_json(args):
-        console.print(f"VM {args.name}: desired state {desired.value}" + ("" if changed else " (unchanged)"))
+        how = " (power off at once)" if force else " (the guest is asked to shut down first)" \
+            if desired is Desired.STOPPED else ""
+        console.print(f"VM {args.name}: desired state {desired.value}" + (how if changed else " (unchanged)"))
         if desired is Desired.RUNNING:
             row = client.row(args.name)
             if row is not None and row.get("cannot_start"):

@@ -150,6 +150,9 @@ class VmSpec:
     checkpoint_on_output: bool = False  # level 3: also checkpoint as soon as the guest sends
     sla_percent: float | None = None  # availability target the reports compare with, e.g. 99.99
     failback: bool = False  # move back live to preferred_host whenever it can run the VM again
+    # how the next stop ends the guest: False asks it first (ACPI power button, the agent's
+    # stop_grace), True powers it off at once (`vm stop --force`); cleared by a start
+    stop_force: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -20,9 +20,10 @@ from pathlib import Path
 GUEST_SRC = Path(__file__).parent
 BUSYBOX = Path("/bin/busybox")
 # Load order follows each module's depends= line (the package has no modules.dep).
-VIRTIO_MODULES = [
+# evdev and button: the ACPI power button, so `vm stop` shuts the guest down cleanly.
+GUEST_MODULES = [
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-    "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_blk",
+    "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_blk", "evdev", "button",
 ]
 
 
@@ -73,7 +74,7 @@ def _sha(path: Path) -> str:
 
 def input_digest(kernel_pkg: str, kernel_version: str) -> str:
     h = hashlib.sha256()
-    for part in (kernel_pkg, kernel_version, _sha(BUSYBOX),
+    for part in (kernel_pkg, kernel_version, _sha(BUSYBOX), " ".join(GUEST_MODULES),
                  _sha(GUEST_SRC / "ledger.c"), _sha(GUEST_SRC / "init.sh")):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]
@@ -111,7 +112,7 @@ def build_guest(cache_dir: Path | None = None, log=print) -> GuestImage:
         for d in ("bin", "dev", "proc", "sys", "lib/modules"):
             (root / d).mkdir(parents=True, exist_ok=True)
         shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-        for name in VIRTIO_MODULES:
+        for name in GUEST_MODULES:
             found = list((tmp / "kernel" / "lib" / "modules").rglob(f"{name}.ko"))
             if not found:
                 raise GuestBuildError(f"kernel package {pkg} has no module {name}.ko")
@@ -125,7 +126,7 @@ def build_guest(cache_dir: Path | None = None, log=print) -> GuestImage:
         shutil.copy2(vmlinuz, staged / "vmlinuz")
         (staged / "initramfs.cpio.gz").write_bytes(gzip.compress(_cpio_newc(root), 6))
         (staged / "manifest.json").write_text(json.dumps(
-            {"kernel_package": pkg, "kernel_version": version, "modules": VIRTIO_MODULES}, indent=2))
+            {"kernel_package": pkg, "kernel_version": version, "modules": GUEST_MODULES}, indent=2))
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)  # atomic: a half-built guest is never seen as cached

@@ -7,9 +7,15 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 # Order follows each module's depends= (the package ships no modules.dep).
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
-         failover net_failover virtio_net virtio_blk; do
+         failover net_failover virtio_net virtio_blk evdev button; do
     insmod /lib/modules/$m.ko || echo "ftvm-init: insmod $m failed"
 done
+# The ACPI power button (`ftvm vm stop`): busybox acpid runs /etc/acpi/PWRF/00000080;
+# -f because PID 1 is this script, not an init that poweroff could signal.
+mkdir -p /etc/acpi/PWRF /var/log
+printf '#!/bin/sh\necho "ftvm-init: power button, powering off" > /dev/console\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+acpid -c /etc/acpi -l /dev/null || echo "ftvm-init: acpid failed"
 IP=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in ftvm.ip=*) IP="${arg#ftvm.ip=}" ;; esac

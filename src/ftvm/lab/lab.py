@@ -332,6 +332,7 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None) -> 
         # the hosts' storage differs on purpose: level 2 copies are raw on odd hosts, qcow2 on even
         f'local_format = "{"raw" if topo.host_index(host) % 2 else "qcow2"}"',
         f'replication_addr = "{topo.replication_addr(host)}"', "debug_qmp = true",
+        "stop_grace = 20",  # the demo guest powers off within a second of the ACPI button
         f'ram_dir = "{topo.LAB_RAM_DIR / host}"',
         f'api_listen = "{topo.host_quorum_addr(host).split("/")[0]}:{topo.API_PORT}"',
         f'api_token_file = "{state.api_token_file}"',

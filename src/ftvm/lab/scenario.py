@@ -121,7 +121,7 @@ class LabPool:
             if got is None:
                 return
             spec, rev = got
-            await store.update_spec(replace(spec, desired=Desired.STOPPED), rev)
+            await store.update_spec(replace(spec, desired=Desired.STOPPED, stop_force=True), rev)
             deadline = time.monotonic() + timeout
             while (await store.snapshot()).vms[name].owner is not None:
                 if time.monotonic() > deadline:

@@ -124,6 +124,7 @@ class QemuVm:
         self.qmp = QMPClient(spec.name)
         self.started_at = time.time()
         self.stop_requested = False
+        self.stop_outcome = ""  # how stop() ended it: guest, quit, grace expired, hurried, killed
         self._event_task: asyncio.Task[None] | None = None
 
     @staticmethod
@@ -244,22 +245,31 @@ class QemuVm:
         await self._cleanup()
         return code
 
-    async def stop(self, grace: float) -> int:
-        """Ask the guest to power off; after `grace` seconds, quit QEMU; then kill."""
+    async def stop(self, grace: float, hurry: asyncio.Event | None = None) -> int:
+        """Ask the guest to power off (the ACPI power button); after `grace` seconds, or
+        as soon as `hurry` is set, quit QEMU; then kill. `stop_outcome` says which ended it."""
         self.stop_requested = True
+        self.stop_outcome = "quit"
         try:
             if grace > 0:
                 await self.execute("system_powerdown")
-                try:
-                    return await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
-                except TimeoutError:
-                    pass
+                waits = [asyncio.ensure_future(asyncio.shield(self.proc.wait()))]
+                if hurry is not None:
+                    waits.append(asyncio.ensure_future(hurry.wait()))
+                done, pending = await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+                for w in pending:
+                    w.cancel()
+                if self.proc.returncode is not None:
+                    self.stop_outcome = "guest"
+                    return await self.wait()
+                self.stop_outcome = "hurried" if hurry is not None and hurry.is_set() else "grace expired"
             await asyncio.wait_for(self.execute("quit"), 2.0)
         except Exception:
             pass
         try:
             await asyncio.wait_for(asyncio.shield(self.proc.wait()), 5.0)
         except TimeoutError:
+            self.stop_outcome = "killed"
             self.kill()
         return await self.wait()
 
