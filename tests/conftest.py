@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,17 +56,41 @@ def guest_image():
     return build_guest(log=lambda m: None)
 
 
+# Labs live outside pytest's own temporary directory: pytest makes /tmp/pytest-of-<user>
+# private (0700) again whenever any pytest session starts, and a lab's QEMUs run as an
+# unprivileged user that must reach their files.
+LAB_ROOT = Path("/var/tmp/ftvm-test-labs")
+
+
+def new_lab_parent() -> Path:
+    LAB_ROOT.mkdir(parents=True, exist_ok=True)
+    os.chmod(LAB_ROOT, 0o711)
+    d = Path(tempfile.mkdtemp(prefix="lab-", dir=LAB_ROOT))
+    os.chmod(d, 0o711)
+    return d
+
+
+@pytest.fixture
+def lab_parent() -> Iterator[Path]:
+    """A directory for a lab a test brings up itself (removed afterwards)."""
+    d = new_lab_parent()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int) -> Iterator[object]:
     from ftvm.lab import lab as labmod
     needs_root()
     if labmod.existing_namespaces():
         pytest.fail("a lab is already up on this machine: run `ftvm lab down` before the tests")
-    lab_dir = Path(tmp_path_factory.mktemp("lab"))
+    parent = new_lab_parent()
+    lab_dir = parent / "lab"
     try:
         state = labmod.up(hosts, lab_dir, probe_kernel=str(guest_image.kernel))
         yield state
     finally:
         labmod.down(lab_dir)
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

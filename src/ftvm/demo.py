@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from .lab.scenario import (FailoverResult, LabPool, Level2Result, Level3Story, S
 TITLES = {1: "ftvm demo: Level 1 restart", 2: "ftvm demo: Level 2 component fault tolerance",
           3: "ftvm demo: Level 3 system fault tolerance (beside Level 1)"}
 Result = FailoverResult | Level2Result | Level3Story
+
+log = logging.getLogger("ftvm.demo")
 
 
 class LiveView:
@@ -160,6 +163,10 @@ def cmd_demo(args: Any) -> int:
     except (ScenarioError, labmod.LabError) as e:
         raise CliError(f"demo failed: {e} (lab left up for inspection: `ftvm lab down` removes it)",
                        FAILED) from None
+    except Exception as e:  # noqa: BLE001 - anything else (a QMP error, ...) is a failed demo too
+        log.exception("demo failed")
+        raise CliError(f"demo failed: {type(e).__name__}: {e} (lab left up for inspection: "
+                       "`ftvm lab down` removes it)", FAILED) from None
     finally:
         view.stop()
         if result is not None and not args.keep:

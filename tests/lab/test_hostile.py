@@ -6,6 +6,7 @@ switches over to it afterwards with its connection and every acknowledged record
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ def test_hostile_peers_are_refused_and_change_nothing(lab: labmod.LabState, gues
     try:
         pool.wait_for("hx3 protected", l3_protected("hx3"), 120)
         pool.wait_for("hx2 protected", lambda s: protection(s, s.vms["hx2"]).protected, 120)
+        pool.wait_answering(ip, 60)
         client = LabClient(lab, ip, "hx3", 0.02, reply_timeout=60)
         client.wait_acks(30, 30)
         partner = topo.replication_addr("h2")
@@ -78,6 +80,11 @@ def test_hostile_peers_are_refused_and_change_nothing(lab: labmod.LabState, gues
         r = attack(None, "api", lab.api_url("h2"), str(lab.pki_dir / "ca.crt"), read_token)
         assert not r["plain_reply"].startswith("HTTP/1.1 2"), r
         assert (r["no_token"], r["read_token_delete"]) == (401, 403), r
+        # the copies and the level 3 replica are readable by their owner only (root or QEMU's user)
+        private = [pool.copy_path(vm, h)[0] for vm in ("hx2", "hx3") for h in ("h1", "h2")]
+        for path in private:
+            st = path.stat()
+            assert stat.S_IMODE(st.st_mode) & 0o077 == 0, (path, oct(st.st_mode))
         # nothing changed: both agents up, both VMs protected, the client never noticed
         snap = pool.snapshot()
         assert set(snap.hosts) == {"h1", "h2"}

@@ -21,10 +21,10 @@ def _leftovers() -> dict[str, object]:
             "mgmt": Path(f"/sys/class/net/{topo.MGMT_IF}").exists(), "ram": topo.LAB_RAM_DIR.exists()}
 
 
-def test_down_cleans_up_after_a_crash_without_state(tmp_path: Path, guest_image) -> None:
+def test_down_cleans_up_after_a_crash_without_state(lab_parent: Path, guest_image) -> None:
     if labmod.existing_namespaces():
         pytest.fail("a lab is already up")
-    lab_dir = tmp_path / "lab"
+    lab_dir = lab_parent / "lab"
     try:
         state = labmod.up(2, lab_dir, probe_kernel=str(guest_image.kernel))
         pids = list(state.pids.values())
@@ -44,12 +44,15 @@ def test_down_cleans_up_after_a_crash_without_state(tmp_path: Path, guest_image)
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])
-def test_demo_prints_summary_as_json(tmp_path: Path, level: int) -> None:
+def test_demo_prints_summary_as_json(lab_parent: Path, level: int) -> None:
     if labmod.existing_namespaces():
         pytest.fail("a lab is already up")
-    r = subprocess.run([sys.executable, "-m", "ftvm", "demo", "--level", str(level), "-o", "json",
-                        "--lab-dir", str(tmp_path / "lab")], capture_output=True, text=True, timeout=300,
-                       env=os.environ | {"COLUMNS": "100"})
+    try:
+        r = subprocess.run([sys.executable, "-m", "ftvm", "demo", "--level", str(level), "-o", "json",
+                            "--lab-dir", str(lab_parent / "lab")], capture_output=True, text=True, timeout=300,
+                           env=os.environ | {"COLUMNS": "100"})
+    finally:  # a failed demo leaves its lab up for inspection: not here, the next test needs the machine
+        labmod.down(lab_parent / "lab")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["level"] == level

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ftvm.core.model import Level, PoolSnapshot
+from ftvm.core.protection import protection
 from ftvm.core.replication import CopyState
 from ftvm.lab import lab as labmod
 from ftvm.lab import topology as topo
@@ -452,3 +453,35 @@ def test_copies_are_write_through_and_kept_so(l2vm, lab: labmod.LabState) -> Non
     # each 64 KiB O_DSYNC write reached QEMU as a write and a flush (what the bench times)
     assert after["wr_operations"] - before["wr_operations"] >= 128
     assert after["flush_operations"] - before["flush_operations"] >= 128
+
+
+def test_a_vm_defined_again_under_a_removed_name_never_gets_the_old_images(
+        lab: labmod.LabState, guest_image) -> None:
+    """`vm remove` keeps the copies; a new VM of the same name is another VM: each host sets
+    the old copy aside (renamed, with an event) and the new VM starts on fresh disks."""
+    pool = LabPool(lab)
+    name, index = "again", 72
+    ip = topo.vm_addr(index).split("/")[0]
+    pool.define_ledger_vm(name, index, Level.COMPONENT, guest_image, host="h1")
+    try:
+        pool.wait_for("protected", lambda s: protection(s, s.vms[name]).protected, 120)
+        pool.wait_answering(ip, 60)
+        for i in range(5):
+            assert pool.ask(ip, f"W old-{i}").startswith("OK")
+        assert pool.ask(ip, "S") == "SEQ 5"
+    finally:
+        pool.stop_and_remove(name)
+    t = time.time()
+    pool.define_ledger_vm(name, index, Level.COMPONENT, guest_image, host="h1")
+    try:
+        pool.wait_for("protected again", lambda s: protection(s, s.vms[name]).protected, 120)
+        pool.wait_answering(ip, 60)
+        assert pool.ask(ip, "S") == "SEQ 0"  # a fresh disk, not the removed VM's ledger
+        for host in ("h1", "h2"):
+            pool.wait_events(f"set aside on {host}", lambda e, h=host: e.vm == name and e.host == h
+                             and e.time > t and "set aside" in e.message, 30)
+            aside = [p for p in (lab.host_dir(host) / "local").iterdir() if p.name.startswith(f"{name}.removed-")]
+            assert len(aside) == 1 and any(aside[0].glob("disk0.*")), aside
+        assert_copies_identical(pool, lab, name)
+    finally:
+        pool.stop_and_remove(name)

@@ -50,6 +50,7 @@ from ..qemu.storage_daemon import (StorageDaemon, StorageDaemonError, ensure_ima
 from ..store.etcd import EtcdClient, EtcdError
 from ..core.availability import HistoryRecord
 from ..store.pool import HISTORY_DAYS, MAX_EVENTS, Event, PoolStore
+from .copydir import claim_copy_dir
 from .config import AgentConfig
 from ..api.metrics import AgentCounters, AgentHealth
 from . import levels, migration
@@ -121,6 +122,7 @@ class Agent:
         self.last_report: TickReport | None = None
         self.snapshot: PoolSnapshot | None = None
         self.exports: dict[str, StorageDaemon] = {}  # level 2 copies this host serves
+        self._claimed_dirs: set[tuple[str, str]] = set()  # (VM, definition) copy dirs checked
         self.l3_partner: L3Partner | None = None       # level 3 standbys this host keeps
         self.counters = AgentCounters()
         self._api: Any = None                           # the REST API + /metrics runner
@@ -250,7 +252,21 @@ class Agent:
 
     def _l3_files(self, spec: VmSpec):  # type: ignore[no-untyped-def]
         assert self.cfg.local_storage is not None
+        self._copy_dir(spec)
         return replica_paths(spec, self.cfg.guest_ram_dir, self.cfg.local_storage, self.cfg.state_dir)
+
+    def _copy_dir(self, spec: VmSpec) -> Path:
+        """This host's directory of the VM's copies, made sure to be this definition's: the
+        images of an earlier VM of the same name are set aside first (agent/copydir.py)."""
+        assert self.cfg.local_storage is not None
+        d = self.cfg.local_storage / spec.name
+        if (spec.name, spec.definition) not in self._claimed_dirs:
+            moved = claim_copy_dir(d, spec.definition)
+            if moved is not None:
+                self.event(spec.name, "warning", f"{d} held the images of an earlier VM named {spec.name}: "
+                                                 f"set aside as {moved} (not deleted)")
+            self._claimed_dirs.add((spec.name, spec.definition))
+        return d
 
     def _request_stop(self) -> None:
         self._stopping = True
@@ -967,7 +983,7 @@ class Agent:
         if self.cfg.local_storage is None:
             raise StorageDaemonError("this host has no local_storage configured for level 2 copies")
         ext = "qcow2" if self.cfg.local_format == "qcow2" else "img"
-        return LocalImage(str(self.cfg.local_storage / spec.name / f"disk{index}.{ext}"), self.cfg.local_format)
+        return LocalImage(str(self._copy_dir(spec) / f"disk{index}.{ext}"), self.cfg.local_format)
 
     def _prepare_images(self, spec: VmSpec, copies: Copies | None) -> list[LocalImage]:
         """This host's copy of each disk. An empty one is made only for a brand-new VM;

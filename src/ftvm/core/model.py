@@ -57,6 +57,8 @@ def spec_problem(spec: VmSpec) -> str | None:
         return f"memory {spec.memory_mib} MiB / {spec.vcpus} vCPUs out of range"
     if len(spec.disks) > MAX_DISKS:
         return f"{len(spec.disks)} disks: at most {MAX_DISKS}"
+    if not re.fullmatch(r"[0-9a-f]{0,32}", spec.definition):
+        return "definition: expected up to 32 hex digits"
     if len(spec.nics) > MAX_NICS:
         return f"{len(spec.nics)} NICs: at most {MAX_NICS}"
     for disk in spec.disks:
@@ -153,6 +155,9 @@ class VmSpec:
     # how the next stop ends the guest: False asks it first (ACPI power button, the agent's
     # stop_grace), True powers it off at once (`vm stop --force`); cleared by a start
     stop_force: bool = False
+    # made when the VM is defined (store.define_vm): a later VM of the same name is another
+    # VM, whose copies never reuse this one's images (agent/copydir.py); "" for older specs
+    definition: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import mmap
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -110,8 +111,9 @@ class ReplicaFile:
     def __init__(self, path: Path, size: int) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as f:  # create if absent, never shrink a longer one below
-            pass
+        # create if absent (guest memory and disk: private), never shrink a longer one below
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         if self.path.stat().st_size != size:
             with open(self.path, "r+b") as f:
                 f.truncate(size)

@@ -91,6 +91,7 @@ def ensure_image(image: LocalImage, size: int) -> bool:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise StorageDaemonError(f"qemu-img create {image.path}: {proc.stderr.strip()}")
+    os.chmod(image.path, 0o600)  # a guest's disk is no one else's to read
     return True
 
 
@@ -131,6 +132,7 @@ def import_image(source: str, source_format: str, image: LocalImage) -> None:
                            source, image.path], capture_output=True, text=True)
     if proc.returncode != 0:
         raise StorageDaemonError(f"importing {source}: {proc.stderr.strip()}")
+    os.chmod(image.path, 0o600)
 
 
 def image_size(image: LocalImage) -> int:

@@ -54,10 +54,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 from ..core.model import (BadRecord, CheckpointFigures, Export, FrozenVm, HostInfo, Incoming, LevelChange,
@@ -318,6 +319,9 @@ class PoolStore:
 
     # --- VM definitions ----------------------------------------------------------
     async def define_vm(self, spec: VmSpec) -> bool:
+        """Define a new VM (False if the name is taken), with a fresh definition id."""
+        if not spec.definition:
+            spec = replace(spec, definition=os.urandom(8).hex())
         key = self.vm_key(spec.name, "spec")
         r = await self.etcd.txn([absent(key)], [put_json(key, spec.to_json())])
         return r.succeeded
