@@ -78,6 +78,15 @@ def lab_parent() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _keep_logs(lab_dir: Path) -> None:
+    """The lab's logs (agents, QEMU, storage daemons) outlive it, for a failure's post-mortem."""
+    keep = LAB_ROOT / "logs" / lab_dir.parent.name
+    for log in [*lab_dir.glob("*/*.log"), *lab_dir.glob("*/state/vms/*/*.log")]:
+        dest = keep / log.relative_to(lab_dir)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(log, dest)
+
+
 def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int) -> Iterator[object]:
     from ftvm.lab import lab as labmod
     needs_root()
@@ -89,6 +98,7 @@ def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int) -> I
         state = labmod.up(hosts, lab_dir, probe_kernel=str(guest_image.kernel))
         yield state
     finally:
+        _keep_logs(lab_dir)
         labmod.down(lab_dir)
         shutil.rmtree(parent, ignore_errors=True)
 

@@ -11,7 +11,7 @@ import pytest
 
 from ftvm.api.metrics import AgentCounters, AgentHealth
 from ftvm.api.server import ApiContext, make_app, serve
-from ftvm.core.model import DiskSpec, HostInfo, Level, NicSpec, VmSpec
+from ftvm.core.model import Desired, DiskSpec, HostInfo, Level, NicSpec, VmSpec
 from ftvm.store.etcd import EtcdClient
 from ftvm.store.pool import PoolStore
 
@@ -94,6 +94,25 @@ async def test_define_follow_the_job_read_patch_and_remove(api) -> None:
     events = (await http.get("/api/v1/events", params={"limit": 5})).json()
     assert "revision" in events and isinstance(events["events"], list)
     assert (await http.get("/api/v1/jobs/nope")).status_code == 404
+
+
+async def test_stop_asks_the_guest_unless_forced_and_a_start_clears_force(api) -> None:
+    http, store = api
+    assert await store.define_vm(VmSpec("st", Level.UNPROTECTED, 256, 1, (), (NicSpec("52:54:00:00:10:04"),),
+                                        desired=Desired.RUNNING))
+    for bad in ({"force": "yes"}, {"force": True, "host": "h1"}, {"hurry": True}):
+        assert (await http.post("/api/v1/vms/st/stop", json=bad)).status_code == 400, bad
+    spec, _ = await store.spec("st")
+    assert spec.desired is Desired.RUNNING and not spec.stop_force  # refused: nothing changed
+    assert (await http.post("/api/v1/vms/st/stop")).status_code == 202
+    spec, _ = await store.spec("st")
+    assert spec.desired is Desired.STOPPED and not spec.stop_force and spec.definition  # defined with an id
+    r = await http.post("/api/v1/vms/st/stop", json={"force": True})  # hurries the stop under way
+    assert r.status_code == 202 and r.json()["changed"] is True
+    assert (await store.spec("st"))[0].stop_force
+    assert (await http.post("/api/v1/vms/st/start")).status_code == 202
+    spec, _ = await store.spec("st")
+    assert spec.desired is Desired.RUNNING and not spec.stop_force
 
 
 async def test_level3_checkpointing_is_patched_and_bad_values_refused(api) -> None:

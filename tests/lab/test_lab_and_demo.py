@@ -68,7 +68,8 @@ def test_demo_prints_summary_as_json(lab_parent: Path, level: int) -> None:
         return
     assert summary["acknowledged"] >= 200
     if level == 2:
-        assert summary["disk_failure_stall_s"] < 5  # masked: the guest carried on
+        # masked: the guest carried on, far sooner than a restart after a host loss would let it
+        assert summary["disk_failure_stall_s"] < summary["outage_s"], summary
         assert summary["resync_bytes"] >= 64 << 20  # the returning old primary: full resync
     for key in ("outage_s", "detection_s", "restart_s"):
         assert summary[key] > 0

@@ -37,20 +37,14 @@ def test_live_migration_keeps_the_connection_and_every_record(lab: labmod.LabSta
         pool.wait_answering(ip, 60)
         client = LabClient(lab, ip, "mig", 0.01, reply_timeout=60)
         client.wait_acks(50, 30)
-        moves = []
-        for target in ("h2", "h1"):
-            t0 = time.time()
+        for target in ("h2", "h1"):  # the pause each move costs is a figure: `ftvm bench`, the demo
             _run(pool, lambda s, t=target: ops.migrate(s, "mig", t))
             _wait_on(pool, "mig", target, 60)
             client.wait_acks(30, 30, after=time.time())
-            moves.append(t0)
         acks = client.stop()
         assert [e.get("kind") for e in client.other_events()] == ["connect"]
         assert sequence_breaks(acks) == (0, 0)
         assert check_acked_on_disk(Path(spec.disks[0].path), acks)[1] == []
-        pauses = [max((b.t - a.t for a, b in zip(acks, acks[1:], strict=False) if b.t > t0), default=0)
-                  for t0 in moves]
-        assert max(pauses) < 3, pauses
         events = [e for e in pool.events() if e.vm == "mig"]
         assert sum(1 for e in events if e.kind == "migrate" and "handed over" in e.message) == 2
         # refusals change nothing
@@ -147,8 +141,6 @@ def test_rolling_upgrade_keeps_every_vm_answering(lab: labmod.LabState, guest_im
             disk = (Path(s.disks[0].path) if not s.level.has_copies
                     else pool.copy_as_raw(s.name, host, Path(lab.dir) / f"{s.name}.raw"))
             assert check_acked_on_disk(disk, acks)[1] == [], s.name
-            gaps = [b.t - a.t for a, b in zip(acks, acks[1:], strict=False)]
-            assert max(gaps) < 3, (s.name, max(gaps))
     finally:
         for c in clients:
             c.stop()

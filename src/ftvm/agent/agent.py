@@ -1021,7 +1021,7 @@ class Agent:
             assert self._qemu_tls is not None  # replication_addr needs the pool secret (config)
             daemon = await StorageDaemon.start(d.vm, images, self.cfg.replication_addr,
                                                self.cfg.state_dir / "vms" / d.vm / "export.log", self._qemu_tls,
-                                               self.run_as)
+                                               self.run_as, self.cfg.state_dir / "export-tls" / d.vm)
         except StorageDaemonError as e:
             self.event(d.vm, "error", f"cannot serve this host's copy: {e}")
             return

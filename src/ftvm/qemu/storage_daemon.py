@@ -158,10 +158,15 @@ class StorageDaemon:
 
     @staticmethod
     async def start(vm: str, images: list[LocalImage], addr: str, log_path: Path, tls: QemuTls,
-                    run_as: RunAs | None = None) -> "StorageDaemon":
+                    run_as: RunAs | None = None, tls_dir: Path | None = None) -> "StorageDaemon":
         listener = listening_socket(addr)
         port = int(listener.getsockname()[1])
-        tls_dir = log_path.parent / "tls-export"
+        # its keys in a directory of its own, which its user can reach (the agent passes one
+        # outside the VM's state directory: that may be the level 3 partner's, private to it)
+        tls_dir = tls_dir or log_path.parent / "tls-export"
+        tls_dir.parent.mkdir(parents=True, exist_ok=True)
+        if run_as is not None:
+            run_as.private_dir(tls_dir)
         tls.write(tls_dir, (run_as.uid, run_as.gid) if run_as else None)
         if run_as is not None:
             run_as.own(*(img.path for img in images))
