@@ -22,7 +22,8 @@ import pytest
 from ftvm.core.model import BootSpec, DiskSpec, Level, NicSpec, VmSpec
 from ftvm.l3.channel import LinkConfig
 from ftvm.l3.primary import Checkpointer
-from ftvm.l3.relay import OutputCommitRelay, open_tap
+from ftvm.l3.relay import OutputCommitRelay
+from ftvm.qemu.process import open_tap
 from ftvm.l3.standby import ReplicaPaths, Standby, StandbyServer
 from ftvm.lab import lab as labmod
 from ftvm.lab import topology as topo

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ftvm.l3.relay import OutputCommitRelay, open_tap
+from ftvm.l3.relay import OutputCommitRelay
+from ftvm.qemu.process import open_tap
 from ftvm.lab import lab as labmod
 from ftvm.lab import topology as topo
 from ftvm.lab.scenario import LabPool, ScenarioError

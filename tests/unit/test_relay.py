@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ftvm.l3.relay import OutputCommitRelay, open_tap
+from ftvm.l3.relay import OutputCommitRelay
+from ftvm.qemu.process import open_tap
 
 
 def frame(n: int) -> bytes:

@@ -110,6 +110,8 @@ class Agent:
         self.run_as = run_as
         self.cfg = config
         self.t = config.timing
+        # keys of QEMU's NBD and migration TLS, derived from the pool secret (qemu/tls.py)
+        self.qemu_tls = QemuTls.from_secret(config.pool_secret) if config.pool_secret else None
         self.etcd = EtcdClient(list(config.etcd), timeout=self.t.etcd_timeout,
                                tls=config.etcd_tls.client_context() if config.etcd_tls else None)
         self.store = PoolStore(self.etcd, config.pool)
@@ -239,11 +241,6 @@ class Agent:
             self.l3_partner = None
             self.event("", "error", f"cannot listen for level 3 checkpoints on "
                                     f"{self.cfg.replication_addr}:{self.cfg.checkpoint_port}: {e}")
-
-    @property
-    def _qemu_tls(self) -> QemuTls | None:
-        """Keys of QEMU's NBD and migration TLS, derived from the pool secret (qemu/tls.py)."""
-        return QemuTls.from_secret(self.cfg.pool_secret) if self.cfg.pool_secret else None
 
     @property
     def _l3_link(self) -> LinkConfig:
@@ -563,7 +560,7 @@ class Agent:
             qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
                                       on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
                                       incoming=True, debug_qmp=self.cfg.debug_qmp,
-                                      blockdevs=disks.blockdevs if disks else None, tls=self._qemu_tls,
+                                      blockdevs=disks.blockdevs if disks else None, tls=self.qemu_tls,
                                       run_as=self.run_as)
         except (QemuError, StorageDaemonError, OSError) as e:
             self.event(d.vm, "error", f"cannot start the migration target: {e}")
@@ -735,7 +732,7 @@ class Agent:
                 new_spec, paths, accel, self.cfg.bridge,
                 on_event=lambda name, data: self._on_qemu_event(d.vm, name, data), blockdevs=blockdevs,
                 debug_qmp=self.cfg.debug_qmp, checkpointed=Checkpointed(str(files.ram)), incoming=True,
-                tls=self._qemu_tls, run_as=self.run_as),
+                tls=self.qemu_tls, run_as=self.run_as),
             make_l3=lambda new_spec: L3Primary(new_spec, token, self.cfg.name, paths, files, self.store,
                                                lambda: self.lease, lambda: self.snapshot, self.event, self.t,
                                                self._l3_link, self._checkpoint_counter(d.vm)))
@@ -860,7 +857,7 @@ class Agent:
             qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
                                       on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
                                       blockdevs=blockdevs, paused=blockdevs is not None,
-                                      debug_qmp=self.cfg.debug_qmp, checkpointed=checkpointed, tls=self._qemu_tls,
+                                      debug_qmp=self.cfg.debug_qmp, checkpointed=checkpointed, tls=self.qemu_tls,
                                       run_as=self.run_as)
             if l3 is not None:
                 if resume:
@@ -1018,9 +1015,9 @@ class Agent:
             # a list, not a generator: any() would stop at the first image made and skip the rest
             fresh = any([ensure_image(img, disk.size) for img, disk in zip(images, spec.disks, strict=True)])
             images = [self._writable(img) for img in images]
-            assert self._qemu_tls is not None  # replication_addr needs the pool secret (config)
+            assert self.qemu_tls is not None  # replication_addr needs the pool secret (config)
             daemon = await StorageDaemon.start(d.vm, images, self.cfg.replication_addr,
-                                               self.cfg.state_dir / "vms" / d.vm / "export.log", self._qemu_tls,
+                                               self.cfg.state_dir / "vms" / d.vm / "export.log", self.qemu_tls,
                                                self.run_as, self.cfg.state_dir / "export-tls" / d.vm)
         except StorageDaemonError as e:
             self.event(d.vm, "error", f"cannot serve this host's copy: {e}")

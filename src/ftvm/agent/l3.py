@@ -35,12 +35,12 @@ from ..core.model import CheckpointFigures, Desired, Level, PoolSnapshot, VmSpec
 from ..core.replication import Copies, CopyState, mark, take_over
 from ..core.timing import Timing
 from ..l3.primary import Checkpointer
-from ..l3.relay import OutputCommitRelay, open_tap
+from ..l3.relay import OutputCommitRelay
 from ..l3.channel import LinkConfig
 from ..l3.standby import ReplicaPaths, Standby, StandbyServer
 from ..l3.wire import WireError
 from ..qemu.cmdline import VmPaths, tap_names
-from ..qemu.process import QemuVm, ensure_tap, remove_tap, set_migration_tls
+from ..qemu.process import QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls
 from ..store.etcd import EtcdError
 from ..store.pool import PoolStore
 

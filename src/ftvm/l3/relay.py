@@ -23,10 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..qemu.process import open_tap
-
 MAX_FRAME = 65536
-__all__ = ["OutputCommitRelay", "RelayStats", "open_tap"]
 
 
 @dataclass

@@ -256,7 +256,7 @@ class QemuVm:
                 waits = [asyncio.ensure_future(asyncio.shield(self.proc.wait()))]
                 if hurry is not None:
                     waits.append(asyncio.ensure_future(hurry.wait()))
-                done, pending = await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+                _, pending = await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
                 for w in pending:
                     w.cancel()
                 if self.proc.returncode is not None:
