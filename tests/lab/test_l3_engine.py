@@ -48,8 +48,8 @@ def _enter_netns(host: str) -> None:
 class Engine:
     """Primary and standby in one lab host (the standby on loopback), driven from the test thread."""
 
-    def __init__(self, guest_image: Any, tmp: Path) -> None:
-        self.tmp = tmp
+    def __init__(self, guest_image: Any, tmp: Path, tap: str = TAP) -> None:
+        self.tmp, self.tap = tmp, tap
         self.shm = Path("/dev/shm") / f"ftvm-test-{os.getpid()}"
         self.shm.mkdir()
         self.disk = tmp / "primary-disk0.img"
@@ -82,8 +82,8 @@ class Engine:
             self.ready.set()
 
     async def _main(self) -> None:
-        ensure_tap(TAP, "br0")
-        tap_fd = open_tap(TAP)
+        ensure_tap(self.tap, "br0")
+        tap_fd = open_tap(self.tap)
         paths = VmPaths(self.tmp / "run")
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         self.relay = OutputCommitRelay(paths.nic_socket(0), tap_fd)
@@ -115,7 +115,7 @@ class Engine:
             await self.relay.close()
             await server.close()
             os.close(tap_fd)
-            remove_tap(TAP)
+            remove_tap(self.tap)
 
     def call(self, coro: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -183,5 +183,50 @@ def test_replica_is_byte_identical_and_output_waits_for_acks(lab: labmod.LabStat
     finally:
         if client is not None:
             client.stop()
+        engine.close()
+    assert engine.error is None, engine.error
+
+
+async def _silence_during_slow_checkpoint(engine: Engine, delay: float) -> float:
+    """Make the checkpoint loop's next capture take `delay` longer (a loaded or hung host)
+    and return the longest silence the standby saw from the primary until it was done."""
+    cp, standby = engine.cp, engine.standby
+    assert cp is not None and standby is not None
+    capture = cp._capture
+    done = asyncio.Event()
+
+    async def slow_capture():  # type: ignore[no-untyped-def]
+        try:
+            await asyncio.sleep(delay)
+            return await capture()
+        finally:
+            cp._capture = capture  # type: ignore[method-assign]
+            done.set()
+
+    cp._capture = slow_capture  # type: ignore[method-assign]
+    longest = 0.0
+    while not done.is_set():
+        longest = max(longest, standby.silent_for())
+        await asyncio.sleep(0.01)
+    return longest
+
+
+def test_a_slow_checkpoint_is_not_a_silent_primary_but_a_stuck_one_is(lab: labmod.LabState, guest_image,
+                                                                       tmp_path: Path) -> None:
+    """The partner takes over from a primary that falls silent. A checkpoint that is slow
+    (a loaded host) keeps heartbeating, so it is not mistaken for a dead primary (issue 13:
+    a lab under load saw a takeover with both links up); one stuck past `stall_s` (QEMU
+    hung) stops them, so the partner does take over."""
+    engine = Engine(guest_image, tmp_path, tap="ft-l3eng2")  # the first test's tap may still be going
+    engine.thread.start()
+    try:
+        assert engine.ready.wait(90) and engine.error is None, engine.error
+        assert engine.cp is not None
+        engine.cp.stall_s = 1.0
+        slow = engine.call(_silence_during_slow_checkpoint(engine, 0.8))
+        assert slow < 0.5, f"the standby heard nothing for {slow:.2f}s during a 0.8 s checkpoint"
+        stuck = engine.call(_silence_during_slow_checkpoint(engine, 2.5))
+        assert stuck > 1.2, f"a checkpoint stuck 2.5 s (stall limit 1 s) still heartbeated ({stuck:.2f}s silence)"
+    finally:
         engine.close()
     assert engine.error is None, engine.error

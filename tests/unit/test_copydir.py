@@ -28,3 +28,27 @@ def test_directories_from_before_markers_are_adopted(tmp_path: Path) -> None:
     assert (d / "disk0.img").exists() and (d / MARKER).read_text().strip() == "cc33"
     assert claim_copy_dir(tmp_path / "legacy", "") is None  # a spec without a definition
     assert not (tmp_path / "legacy" / MARKER).exists()
+
+
+def test_a_level3_checkpoint_record_goes_aside_with_its_definitions_images(tmp_path: Path) -> None:
+    """A partner's committed checkpoint (device state and record) lives in the copy
+    directory: a VM defined again under the name finds no checkpoint to resume from."""
+    from ftvm.agent.l3 import replica_paths
+    from ftvm.core.model import Desired, DiskSpec, Level, NicSpec, VmSpec
+    from ftvm.l3.standby import read_committed
+
+    def spec(definition: str) -> VmSpec:
+        return VmSpec("trade", Level.SYSTEM, 256, 1, (DiskSpec(size=1 << 20),), (NicSpec("52:54:00:00:00:03"),),
+                      desired=Desired.RUNNING, definition=definition)
+
+    storage = tmp_path / "local"
+    old = replica_paths(spec("aa11"), tmp_path / "ram", storage)
+    assert old.meta.parent == old.device_state.parent == old.disks[0].parent == storage / "trade"
+    claim_copy_dir(storage / "trade", "aa11")
+    old.device_state.write_bytes(b"old device state")
+    old.meta.write_text('{"session": "s1", "epoch": 9}')
+    assert read_committed(old) == ("s1", 9)
+    new = replica_paths(spec("bb22"), tmp_path / "ram", storage)
+    moved = claim_copy_dir(storage / "trade", "bb22")
+    assert read_committed(new) is None and not new.device_state.exists()
+    assert moved is not None and (moved / "l3-committed.json").exists()  # set aside with the images

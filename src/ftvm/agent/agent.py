@@ -41,7 +41,7 @@ from ..l3.channel import LinkConfig
 from ..qemu.runas import RunAs
 from ..qemu.tls import QemuTls
 from ..secret import derive
-from ..l3.standby import RAM_DIR_MARKER, make_guest_ram_dir, read_committed
+from ..l3.standby import RAM_DIR_MARKER, ReplicaPaths, make_guest_ram_dir, read_committed
 from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
 from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuError, QemuVm
@@ -247,10 +247,10 @@ class Agent:
         return LinkConfig(self.cfg.checkpoint_port, derive(self.cfg.pool_secret, "checkpoint stream"),
                           self.cfg.replication_addr)
 
-    def _l3_files(self, spec: VmSpec):  # type: ignore[no-untyped-def]
+    def _l3_files(self, spec: VmSpec) -> ReplicaPaths:
         assert self.cfg.local_storage is not None
         self._copy_dir(spec)
-        return replica_paths(spec, self.cfg.guest_ram_dir, self.cfg.local_storage, self.cfg.state_dir)
+        return replica_paths(spec, self.cfg.guest_ram_dir, self.cfg.local_storage)
 
     def _copy_dir(self, spec: VmSpec) -> Path:
         """This host's directory of the VM's copies, made sure to be this definition's: the

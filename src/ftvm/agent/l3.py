@@ -52,12 +52,17 @@ FIGURES_S = 2.0           # how often the figures are published while protected
 FIGURES_WINDOW_S = 10.0   # ... computed over the epochs of this many seconds
 
 
-def replica_paths(spec: VmSpec, ram_dir: Path, local_storage: Path, state_dir: Path) -> ReplicaPaths:
-    """Where a host keeps its level 3 copy of a VM: the same files it runs the VM from."""
+def replica_paths(spec: VmSpec, ram_dir: Path, local_storage: Path) -> ReplicaPaths:
+    """Where a host keeps its level 3 copy of a VM: the same files it runs the VM from.
+    The committed device state and its record sit in the copy directory beside the disks,
+    so they belong to the same VM definition (agent/copydir.py): a VM defined again under
+    the name can never resume from the old one's checkpoint. The RAM file is used only
+    with that record, and replaced by a cold boot."""
+    copy_dir = local_storage / spec.name
     return ReplicaPaths(ram=ram_dir / spec.name / "ram",
-                        disks=tuple(local_storage / spec.name / f"disk{i}.img" for i in range(len(spec.disks))),
-                        device_state=state_dir / "vms" / spec.name / "l3-device-state",
-                        meta=state_dir / "vms" / spec.name / "l3-committed.json")
+                        disks=tuple(copy_dir / f"disk{i}.img" for i in range(len(spec.disks))),
+                        device_state=copy_dir / "l3-device-state",
+                        meta=copy_dir / "l3-committed.json")
 
 
 def is_partner(snapshot: PoolSnapshot, me: str, vm: str) -> bool:
@@ -161,7 +166,17 @@ class L3Primary:
                 await asyncio.sleep(RETRY_S)
                 continue
             self.partner = partner
-            await self._session(partner, host.replication_addr)
+            try:
+                await self._session(partner, host.replication_addr)
+            except Exception as e:  # a defect here must not leave the VM unprotected for good
+                log.exception("%s: level 3 session with %s failed", self.spec.name, partner)
+                self._set("unprotected", f"checkpointing to {partner} failed: {type(e).__name__}: {e}")
+                self.event(self.spec.name, "warning", f"level 3 session with {partner} failed "
+                                                      f"({type(e).__name__}: {e}): retrying")
+                if self.checkpointer is not None:
+                    with suppress(Exception):
+                        await self.checkpointer.close()
+                    self.checkpointer = None
             if not self._closed:
                 await asyncio.sleep(RETRY_S)
 
@@ -169,7 +184,7 @@ class L3Primary:
         assert self.qemu is not None
         cp = Checkpointer(self.spec.name, self.qemu, self.relays, self.files.ram, list(self.files.disks),
                           self.paths.run_dir, self.spec.checkpoint_ms / 1000, self.timing.l3_partner_lost,
-                          on_output=self.spec.checkpoint_on_output)
+                          on_output=self.spec.checkpoint_on_output, stall_s=self.timing.l3_checkpoint_stall)
         self.checkpointer = cp
         try:
             await cp.connect(addr, self.link, uuid.uuid4().hex)
@@ -462,6 +477,11 @@ class L3Partner:
                 if vm in self._taking_over or standby.committed is None:
                     continue
                 if standby.silent_for() > self.timing.l3_takeover_after:
+                    # this agent's own loop may have been late: let its readers take in what
+                    # the primary sent meanwhile before calling the primary silent
+                    await asyncio.sleep(0.02)
+                    if standby.silent_for() <= self.timing.l3_takeover_after or vm in self._taking_over:
+                        continue
                     self._taking_over.add(vm)
                     try:
                         await self._take_over(vm, standby)

@@ -30,10 +30,15 @@ class Timing:
     kill_timeout: float = 0.5          # time allowed for a SIGKILLed QEMU to be gone
     # Level 3: the primary gives up on a silent partner after `l3_partner_lost` (and records
     # its replica outdated before releasing output); the partner takes over from a silent
-    # primary after `l3_takeover_after`, later, so a primary that merely lost the A-link
-    # usually records first and keeps the VM (either order is safe: one etcd write wins).
+    # primary after `l3_takeover_after`. Either order is safe (one etcd write wins), but a
+    # primary that merely lost the A-links should keep its VM: the gap between the two is
+    # its time to write to etcd, so it must cover a slow etcd write on a loaded host (at
+    # 0.15 s a lab under load lost the race; 0.5 s costs a lost host 0.35 s more outage).
+    # The primary heartbeats during a checkpoint too, for at most `l3_checkpoint_stall`:
+    # a checkpoint stuck longer (QEMU hung) is a failed primary.
     l3_partner_lost: float = 0.3
-    l3_takeover_after: float = 0.45
+    l3_takeover_after: float = 0.8
+    l3_checkpoint_stall: float = 2.0
     # Levels 2-3 in pools of 3-4 hosts: a partner down this long is replaced by a new replica
     # on another host (a returning partner resyncs only what changed; a new one copies all).
     partner_replace_after: float = 60.0

@@ -145,9 +145,11 @@ class DeviceStateSink:
 
 class Checkpointer:
     def __init__(self, vm: str, qmp: Qmp, relays: list[OutputCommitRelay], ram: Path, disks: list[Path],
-                 run_dir: Path, interval_s: float, timeout_s: float = 0.5, on_output: bool = False) -> None:
+                 run_dir: Path, interval_s: float, timeout_s: float = 0.5, on_output: bool = False,
+                 stall_s: float = 2.0) -> None:
         """`interval_s`: longest time the guest runs between checkpoints. `on_output`: also
-        checkpoint as soon as the guest sends a frame (held output waits less)."""
+        checkpoint as soon as the guest sends a frame (held output waits less). `stall_s`: a
+        checkpoint under way longer stops the heartbeats (the partner takes over)."""
         self.vm = vm
         self.qmp = qmp
         self.relays = relays  # one per NIC
@@ -170,6 +172,8 @@ class Checkpointer:
         self._last_heard = time.monotonic()
         self._last_sent = time.monotonic()
         self._lock = asyncio.Lock()  # one checkpoint at a time
+        self._checkpoint_since: float | None = None  # when the checkpoint under way began
+        self.stall_s = stall_s
         self._closed = False
         self._final = False  # a planned switchover took the last checkpoint: the guest stays stopped
         self._output = asyncio.Event()
@@ -310,34 +314,38 @@ class Checkpointer:
             self._final = final
             epoch = self.epoch + 1
             t0 = time.monotonic()
-            await self.qmp.execute("stop")
-            t_stop = time.monotonic()
+            self._checkpoint_since = t0
             try:
-                deltas, times, device_state, dev_s = await self._capture()
-            except Exception as e:
-                # no checkpoint this epoch: the guest must not stay stopped, the partner is behind
-                self._set_lost(f"checkpoint {epoch} failed: {e}")
-                self._final = False
-                await self.qmp.execute("cont")
-                if final:
-                    raise RuntimeError(f"final checkpoint failed: {e}") from e
-                return
-            for relay in self.relays:  # what the guest sends from now on is epoch N+1's
-                relay.begin_epoch(epoch + 1)
-            t_cont = time.monotonic()
-            if resume:
-                await self.qmp.execute("cont")
-            end = time.monotonic()
-            self.epoch = epoch
-            cp = Checkpoint(epoch, deltas, device_state)
-            self.stats.epochs += 1
-            self.stats.records.append(EpochRecord(
-                end=end, pause=end - t0, stop=t_stop - t0, ram_diff=times[0], disk_diff=sum(times[1:]),
-                device_state=dev_s, cont=end - t_cont, dirty_pages=len(deltas[0].pages),
-                disk_pages=sum(len(d.pages) for i, d in deltas.items() if i), nbytes=cp.nbytes))
-            self._sent_epoch = epoch
-            await self._send(encode_checkpoint(cp))
-            self.stats.sent_bytes += cp.nbytes
+                await self.qmp.execute("stop")
+                t_stop = time.monotonic()
+                try:
+                    deltas, times, device_state, dev_s = await self._capture()
+                except Exception as e:
+                    # no checkpoint this epoch: the guest must not stay stopped, the partner is behind
+                    self._set_lost(f"checkpoint {epoch} failed: {e}")
+                    self._final = False
+                    await self.qmp.execute("cont")
+                    if final:
+                        raise RuntimeError(f"final checkpoint failed: {e}") from e
+                    return
+                for relay in self.relays:  # what the guest sends from now on is epoch N+1's
+                    relay.begin_epoch(epoch + 1)
+                t_cont = time.monotonic()
+                if resume:
+                    await self.qmp.execute("cont")
+                end = time.monotonic()
+                self.epoch = epoch
+                cp = Checkpoint(epoch, deltas, device_state)
+                self.stats.epochs += 1
+                self.stats.records.append(EpochRecord(
+                    end=end, pause=end - t0, stop=t_stop - t0, ram_diff=times[0], disk_diff=sum(times[1:]),
+                    device_state=dev_s, cont=end - t_cont, dirty_pages=len(deltas[0].pages),
+                    disk_pages=sum(len(d.pages) for i, d in deltas.items() if i), nbytes=cp.nbytes))
+                self._sent_epoch = epoch
+                await self._send(encode_checkpoint(cp))
+                self.stats.sent_bytes += cp.nbytes
+            finally:
+                self._checkpoint_since = None
 
     async def _capture(self) -> tuple[dict[int, Any], list[float], bytes, float]:
         """With the guest stopped: the device state (QEMU) and the changed pages (us), at once."""
@@ -412,7 +420,12 @@ class Checkpointer:
             if now - self._last_heard > self.timeout_s:
                 self._set_lost(f"partner silent for {now - self._last_heard:.2f}s")
                 return
-            if now - self._last_sent >= HEARTBEAT_S and not self._lock.locked():
+            # a checkpoint under way still heartbeats (the partner would otherwise take a
+            # slow epoch on a loaded host for a dead primary), but only up to `stall_s`: a
+            # checkpoint stuck longer (QEMU hung) is a failed primary, which the partner
+            # replaces from the last committed checkpoint
+            busy = self._checkpoint_since
+            if now - self._last_sent >= HEARTBEAT_S and (busy is None or now - busy < self.stall_s):
                 await self._send(encode_heartbeat())
 
     def _set_lost(self, why: str) -> None:

@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,16 @@ def read_committed(paths: ReplicaPaths) -> tuple[str, int] | None:
         return None
 
 
+def _replace_private(path: Path, data: bytes) -> None:
+    """Write `path` whole (a reader sees the old file or the new one), readable only by the
+    agent: the device state is the guest's."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 class Standby:
     """One VM's replica on the partner, fed by one connection at a time."""
 
@@ -82,6 +93,7 @@ class Standby:
         self.bytes_received = 0
         self.primary_addr = ""
         self._frozen = False  # a takeover began: nothing more is applied or acknowledged
+        self._applying = False  # applying a received pre-copy or checkpoint (see silent_for)
         self._commit_lock = asyncio.Lock()
         self._starting = False  # a new session's handshake is under way
         self._channel: Channel | None = None
@@ -148,13 +160,15 @@ class Standby:
                     continue
                 if kind is Msg.PRECOPY:
                     index, delta = decode_precopy(payload, npages)
-                    await asyncio.to_thread(replicas[index].apply, delta)
+                    async with self._busy():
+                        await asyncio.to_thread(replicas[index].apply, delta)
                 elif kind is Msg.CHECKPOINT:
                     cp = decode_checkpoint(payload, npages)
                     async with self._commit_lock:
                         if self._frozen:
                             continue
-                        await asyncio.to_thread(self._commit, replicas, cp.deltas, cp.device_state, cp.epoch)
+                        async with self._busy():
+                            await asyncio.to_thread(self._commit, replicas, cp.deltas, cp.device_state, cp.epoch)
                         self.committed = Committed(self.session, cp.epoch, time.monotonic())
                         await channel.send(encode_ack(cp.epoch))
                     if cp.epoch == 1 and self.on_change:
@@ -178,12 +192,8 @@ class Standby:
     def _commit(self, replicas: list[ReplicaFile], deltas: dict, device_state: bytes, epoch: int) -> None:
         for index, delta in deltas.items():
             replicas[index].apply(delta)
-        tmp = self.paths.device_state.with_suffix(".tmp")
-        tmp.write_bytes(device_state)
-        os.replace(tmp, self.paths.device_state)
-        meta = self.paths.meta.with_suffix(".tmp")
-        meta.write_text(json.dumps({"session": self.session, "epoch": epoch}))
-        os.replace(meta, self.paths.meta)
+        _replace_private(self.paths.device_state, device_state)
+        _replace_private(self.paths.meta, json.dumps({"session": self.session, "epoch": epoch}).encode())
 
     async def _heartbeats(self, channel: Channel) -> None:
         while True:
@@ -199,7 +209,21 @@ class Standby:
     def _heard(self) -> None:
         self.last_heard = time.monotonic()
 
+    @asynccontextmanager
+    async def _busy(self) -> AsyncIterator[None]:
+        """This side applying what it received: the primary, waiting on us, is not silent.
+        Its clock restarts when we can listen again (what it sent meanwhile is queued)."""
+        self._applying = True
+        try:
+            yield
+        finally:
+            self._applying = False
+            self._heard()
+
     def silent_for(self) -> float:
+        """How long the primary has sent nothing, not counting time this side spent applying."""
+        if self._applying:
+            return 0.0
         return time.monotonic() - self.last_heard if self.last_heard else float("inf")
 
 
