@@ -191,3 +191,39 @@ async def test_level3_takeover_needs_the_owner_it_saw(store: PoolStore) -> None:
     assert not await store.take_over("l3", token + 1000, seen, take_over(seen, "h2", 2.0))
     snap = await store.snapshot()
     assert snap.vms["l3"].owner is not None and snap.vms["l3"].owner.token == token
+
+
+async def test_update_copies_retries_a_concurrent_change_and_stops_at_a_lost_token(store: PoolStore,
+                                                                                   monkeypatch) -> None:
+    """The owner's read-modify-write of the copies record: a change made by someone else
+    between its read and its write is re-read and the change applied on top of it; a
+    change of None writes nothing; once the token is dead it raises OwnershipLost and
+    writes nothing."""
+    from ftvm.core.replication import CopyState, mark, take_over
+    from ftvm.store.pool import OwnershipLost
+    token, _, _ = await _level3_pair(store)
+    real_set = store.set_copies
+    seen_by_change = []
+
+    async def set_after_someone_else(vm, tok, seen, new):  # type: ignore[no-untyped-def]
+        if len(seen_by_change) == 1:  # the first attempt: another writer gets in first
+            assert await real_set(vm, tok, seen, mark(seen, "h1", CopyState.CURRENT, "meanwhile", 2.0))
+        return await real_set(vm, tok, seen, new)
+
+    def outdate(seen):  # type: ignore[no-untyped-def]
+        seen_by_change.append(seen)
+        return mark(seen, "h2", CopyState.OUTDATED, "partner lost", 3.0)
+
+    monkeypatch.setattr(store, "set_copies", set_after_someone_else)
+    result = await store.update_copies("l3", token, outdate)
+    monkeypatch.setattr(store, "set_copies", real_set)
+    assert len(seen_by_change) == 2  # re-read after the compare failed
+    assert result.state_of("h2").state is CopyState.OUTDATED  # type: ignore[union-attr]
+    assert result.state_of("h1").reason == "meanwhile"  # type: ignore[union-attr]  # applied on top
+    assert (await store.update_copies("l3", token, lambda s: None)).revision == result.revision
+    fresh = await store.get_copies("l3")
+    assert fresh is not None and await store.take_over("l3", token, fresh, take_over(fresh, "h2", 4.0))
+    before = await store.get_copies("l3")
+    with pytest.raises(OwnershipLost):
+        await store.update_copies("l3", token, lambda s: mark(s, "h2", CopyState.OUTDATED, "too late", 5.0))
+    assert await store.get_copies("l3") == before

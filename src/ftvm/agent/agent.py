@@ -49,7 +49,7 @@ from ..qemu.storage_daemon import (StorageDaemon, StorageDaemonError, ensure_ima
                                    restore_write_through, writable_copy)
 from ..store.etcd import EtcdClient, EtcdError
 from ..core.availability import HistoryRecord
-from ..store.pool import HISTORY_DAYS, MAX_EVENTS, Event, PoolStore
+from ..store.pool import HISTORY_DAYS, MAX_EVENTS, Event, OwnershipLost, PoolStore
 from .copydir import claim_copy_dir
 from .config import AgentConfig
 from ..api.metrics import AgentCounters, AgentHealth
@@ -691,13 +691,13 @@ class Agent:
                 try:
                     await rec.l3.end_protection(f"level 3 -> {change.level} asked")
                 except RuntimeError as e:
-                    raise levels.OwnershipLost(str(e)) from None
+                    raise OwnershipLost(str(e)) from None
                 current = [levels.RunningDisk(str(p), "raw", f"disk{i}-file")
                            for i, p in enumerate(self._l3_files(spec).disks)]
                 rec.replica = await levels.lower_from_system(ctx, spec, change, current)
             else:
                 raise RuntimeError(f"level {int(spec.level)} -> {change.level} cannot be made while running")
-        except levels.OwnershipLost as e:
+        except OwnershipLost as e:
             self.event(d.vm, "kill", f"level change: {e}; killing this copy")
             if rec is not None and rec.qemu is not None:
                 rec.qemu.kill()
@@ -753,7 +753,7 @@ class Agent:
             await old_l3.close()
         if not self.guard.may_run():
             new_qemu.kill()
-            raise levels.OwnershipLost("the host lease ran out during the switch")
+            raise OwnershipLost("the host lease ran out during the switch")
         self.guard.register(d.vm, new_qemu.pidfd)
         asyncio.create_task(self._watch_process(rec, new_qemu))
         l3.attach_taps(self.cfg.bridge)
@@ -950,23 +950,19 @@ class Agent:
         """Level 3: before this host's QEMU can send anything, no other copy may still be
         recorded current (a partner would otherwise take over from a checkpoint older than
         what this start will make visible). Fails if the partner took over meanwhile."""
-        while copies is not None:
-            others = [h for h, c in copies.copies.items() if h != self.cfg.name and c.state is CopyState.CURRENT]
-            if not others:
-                return copies
-            new = copies
+        if copies is None:
+            return None
+
+        def outdate_others(seen: Copies) -> Copies | None:
+            others = [h for h, c in seen.copies.items() if h != self.cfg.name and c.state is CopyState.CURRENT]
+            new = seen
             for h in others:
-                new = mark(new, h, CopyState.OUTDATED, f"VM (re)started on {self.cfg.name}", time.time(),
-                           full=True)
-            done = await self.store.set_copies(vm, token, copies, new)
-            if done is not None:
-                return done
-            copies = await self.store.get_copies(vm)
-            snap = await self.store.snapshot()
-            view = snap.vms.get(vm)
-            if view is None or view.owner is None or view.owner.token != token:
-                raise StorageDaemonError("ownership lost before the start (the partner took over)")
-        return copies
+                new = mark(new, h, CopyState.OUTDATED, f"VM (re)started on {self.cfg.name}", time.time(), full=True)
+            return new if others else None
+        try:
+            return await self.store.update_copies(vm, token, outdate_others)
+        except OwnershipLost as e:
+            raise StorageDaemonError(f"ownership lost before the start (the partner took over?): {e}") from None
 
     def _repair_requested(self, vm: str) -> bool:
         view = self.snapshot.vms.get(vm) if self.snapshot else None

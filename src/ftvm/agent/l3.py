@@ -34,6 +34,7 @@ from typing import Any
 from ..core.model import CheckpointFigures, Desired, Level, PoolSnapshot, VmSpec, valid_name
 from ..core.replication import Copies, CopyState, mark, take_over
 from ..core.timing import Timing
+from ..qemu.migrate import wait_migration
 from ..l3.primary import Checkpointer
 from ..l3.relay import OutputCommitRelay
 from ..l3.channel import LinkConfig
@@ -42,7 +43,7 @@ from ..l3.wire import WireError
 from ..qemu.cmdline import VmPaths, tap_names
 from ..qemu.process import QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls
 from ..store.etcd import EtcdError
-from ..store.pool import PoolStore
+from ..store.pool import OwnershipLost, PoolStore
 
 log = logging.getLogger("ftvm.agent.l3")
 
@@ -71,10 +72,6 @@ def is_partner(snapshot: PoolSnapshot, me: str, vm: str) -> bool:
     view = snapshot.vms.get(vm)
     return (view is not None and view.spec.level is Level.SYSTEM and view.owner is not None
             and view.owner.host != me and view.copies is not None and me in view.copies.copies)
-
-
-class _OwnershipLost(Exception):
-    pass
 
 
 class L3Primary:
@@ -138,14 +135,7 @@ class L3Primary:
         writer.write(await asyncio.to_thread(self.files.device_state.read_bytes))
         await writer.drain()
         writer.close()
-        deadline = time.monotonic() + 30
-        while True:
-            info = await qemu.execute("query-migrate")
-            if info.get("status") == "completed":
-                break
-            if info.get("status") == "failed" or time.monotonic() > deadline:
-                raise RuntimeError(f"loading the replica's device state failed: {info}")
-            await asyncio.sleep(0.002)
+        await wait_migration(qemu, "loading the replica's device state", timeout=30, poll=0.002)
         await qemu.execute("cont")
 
     def begin(self, qemu: QemuVm) -> None:
@@ -196,13 +186,13 @@ class L3Primary:
             return
         try:
             if not await self._record(partner, CopyState.SYNCING, "first copy (pre-copy) under way"):
-                raise _OwnershipLost
+                raise OwnershipLost("the partner's copy could not be recorded: no longer the owner")
             self._set("syncing", "first copy under way")
             await cp.prepare_qemu()
             t0 = time.monotonic()
             await cp.protect(self._progress)
             if not await self._record(partner, CopyState.CURRENT, f"checkpoint {cp.stats.acked} acknowledged"):
-                raise _OwnershipLost
+                raise OwnershipLost("the partner's copy could not be recorded: no longer the owner")
             self._set("protected", "")
             self.event(self.spec.name, "protected",
                        f"replica on {partner} in sync after {time.monotonic() - t0:.1f}s (pre-copy "
@@ -211,7 +201,7 @@ class L3Primary:
             await cp.run()
             why = cp.lost or "checkpointing stopped"
             kept = not self._closed and await self._partner_lost(cp, partner, why)
-        except _OwnershipLost:
+        except OwnershipLost:
             kept = False
         except (OSError, TimeoutError, RuntimeError, EtcdError) as e:
             why = cp.lost or f"{type(e).__name__}: {e}"
@@ -250,21 +240,17 @@ class L3Primary:
         """Write the partner copy's state under our token. False if we lost ownership.
         `until_done`: keep trying while etcd is unreachable (the fence guard kills the VM
         if that lasts); held output waits meanwhile."""
+        def record(seen: Copies) -> Copies | None:
+            current = seen.state_of(partner)
+            if current is not None and current.state is state and state is not CopyState.OUTDATED:
+                return None
+            return mark(seen, partner, state, reason, time.time(), full=state is CopyState.OUTDATED)
         while not self._closed:
             try:
-                seen = await self.store.get_copies(self.spec.name)
-                if seen is None:
-                    return False
-                current = seen.state_of(partner)
-                if current is not None and current.state is state and state is not CopyState.OUTDATED:
-                    return True
-                new = mark(seen, partner, state, reason, time.time(), full=state is CopyState.OUTDATED)
-                if await self.store.set_copies(self.spec.name, self.token, seen, new) is not None:
-                    return True
-                snap = await self.store.snapshot()
-                view = snap.vms.get(self.spec.name)
-                if view is None or view.owner is None or view.owner.token != self.token:
-                    return False
+                await self.store.update_copies(self.spec.name, self.token, record)
+                return True
+            except OwnershipLost:
+                return False
             except EtcdError as e:
                 if not until_done:
                     raise

@@ -42,9 +42,10 @@ from ..qemu.blockgraph import (COPY_AIO, DiskGraph, LocalImage, Mode, drop_child
 from ..qemu.cmdline import checkpointed_disk_nodes
 from ..l3.standby import make_guest_ram_dir
 from .paths import under
+from ..qemu.migrate import wait_migration
 from ..qemu.process import QemuVm, set_migration_tls
 from ..qemu.storage_daemon import ensure_image
-from ..store.pool import PoolStore
+from ..store.pool import OwnershipLost, PoolStore
 from .l3 import L3Primary
 from .replica import ReplicaManager
 
@@ -53,10 +54,6 @@ log = logging.getLogger("ftvm.agent.levels")
 RAISED = "level raised online"
 PROGRESS_EVERY_S = 0.5
 READY_TIMEOUT_S = 600.0
-
-
-class OwnershipLost(Exception):
-    """The commit found another owner token: this copy must die."""
 
 
 @dataclass
@@ -467,12 +464,4 @@ async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, 
 
 
 async def _wait_migration(qemu: QemuVm, states: tuple[str, ...], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = await qemu.execute("query-migrate")
-        status = info.get("status")
-        if status in states:
-            return
-        if status in ("failed", "cancelled") or time.monotonic() > deadline:
-            raise RuntimeError(f"migration into the level 3 QEMU {status}: {info.get('error-desc', '')}")
-        await asyncio.sleep(0.01)
+    await wait_migration(qemu, "migration into the level 3 QEMU", states, timeout)

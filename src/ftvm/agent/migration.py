@@ -24,17 +24,18 @@ its lease and the VM fails over from storage, as for any lost host.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import replace
+from typing import Any
 
 from ..core.model import Incoming, Migration, PoolSnapshot
 from ..core.replication import may_start_on
 from .l3 import L3Primary
+from ..qemu.migrate import wait_migration
 from ..qemu.process import QemuVm, set_migration_tls
 from ..qemu.tls import MIGRATION_CLIENT, MIGRATION_SERVER
 from ..store.etcd import EtcdError
@@ -69,15 +70,7 @@ async def listen_for(qemu: QemuVm, addr: str, late_activation: bool = False) -> 
 
 async def wait_received(qemu: QemuVm, timeout: float = 30.0) -> None:
     """Target, after the handover: QEMU has loaded every byte the source sent."""
-    deadline = time.monotonic() + timeout
-    while True:
-        info = await qemu.execute("query-migrate")
-        status = info.get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled") or time.monotonic() > deadline:
-            raise RuntimeError(f"incoming migration {status or 'not done'}: {info.get('error-desc', '')}")
-        await asyncio.sleep(0.005)
+    await wait_migration(qemu, "incoming migration", timeout=timeout, poll=0.005)
 
 
 async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming: Incoming, store: PoolStore,
@@ -100,22 +93,17 @@ async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming
         await set_migration_tls(qemu, MIGRATION_CLIENT)
         await qemu.execute("migrate", {"uri": f"tcp:{incoming.addr}:{incoming.port}"})
         last = 0.0
-        while True:
-            info = await qemu.execute("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                break
-            if status in ("failed", "cancelled"):
-                raise RuntimeError(f"migration {status}: {info.get('error-desc', '')}")
-            ram = info.get("ram", {})
+
+        async def report(info: dict[str, Any]) -> None:
+            nonlocal last
             if time.monotonic() - last > PROGRESS_EVERY_S:
                 last = time.monotonic()
+                ram = info.get("ram", {})
                 total = int(ram.get("total", 0))
                 done = total - int(ram.get("remaining", total))
                 await store.update_migration(vm, token, replace(migration, phase="transferring", done=done,
                                                                 total=total), lease())
-            await asyncio.sleep(0.01)
-        downtime = (await qemu.execute("query-migrate")).get("downtime", 0)
+        downtime = (await wait_migration(qemu, "migration", progress=report)).get("downtime", 0)
         snap = snapshot()
         target = snap.hosts.get(migration.to) if snap else None
         copies = await store.get_copies(vm) if keep_copies else None

@@ -226,15 +226,7 @@ class ReplicaManager:
         etcd answers (the VM stays stopped meanwhile when that matters)."""
         while True:
             try:
-                current = await self.store.get_copies(self.vm)
-                if current is None:
-                    raise RuntimeError("copies record missing")
-                stored = await self.store.set_copies(self.vm, self.token, current, change(current))
-                if stored is not None:
-                    return stored
-                snap_owner = await self.store.etcd.get(self.store.vm_key(self.vm, "owner"))
-                if snap_owner is None or snap_owner.create_revision != self.token:
-                    raise RuntimeError("no longer the owner: not changing the copies record")
+                return await self.store.update_copies(self.vm, self.token, change)
             except EtcdError as e:
                 log.warning("%s: cannot record the copies' state yet (%s); VM kept as is", self.vm, e)
                 await asyncio.sleep(0.2)

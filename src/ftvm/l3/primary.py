@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..qemu.migrate import wait_migration
 from .pages import PageTracker
 from .relay import OutputCommitRelay
 from .channel import Channel, LinkConfig, open_session
@@ -371,14 +372,7 @@ class Checkpointer:
         return deltas, times
 
     async def _wait_migrated(self) -> None:
-        while True:
-            info = await self.qmp.execute("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                return
-            if status in ("failed", "cancelled"):
-                raise RuntimeError(f"device state save {status}: {info.get('error-desc', '')}")
-            await asyncio.sleep(0.001)
+        await wait_migration(self.qmp, "device state save", poll=0.001)
 
     # --- the partner link -----------------------------------------------------------------
     async def _send(self, parts: list[bytes]) -> None:

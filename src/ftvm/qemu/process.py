@@ -171,7 +171,15 @@ class QemuVm:
             stderr.close()
             for fd in tap_fds:  # QEMU holds its own copies; a tap held here could not be reopened
                 os.close(fd)
-        vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps if checkpointed is None else [], run_as)
+        return await QemuVm.attach(spec, paths, proc, taps if checkpointed is None else [], run_as, on_event)
+
+    @staticmethod
+    async def attach(spec: VmSpec, paths: VmPaths, proc: asyncio.subprocess.Process, taps: list[str],
+                     run_as: RunAs | None = None,
+                     on_event: Callable[[str, dict[str, Any]], None] | None = None) -> QemuVm:
+        """A QemuVm for a process just started, once its QMP socket (`paths.qmp`) answers.
+        `start` uses it; so do tests, with a fake QEMU (tests/fake_qemu.py)."""
+        vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps, run_as)
         try:
             await vm._connect_qmp(timeout=10.0)
         except Exception:

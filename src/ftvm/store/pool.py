@@ -90,6 +90,11 @@ class Event:
         return f"{stamp} {self.host:<6} {self.vm or '-':<10} {self.kind:<10} {self.message}"
 
 
+class OwnershipLost(RuntimeError):
+    """An owner's write found that it no longer owns the VM under its fencing token (or the
+    record it meant to change is gone): whatever it runs of the VM must stop."""
+
+
 class UnreadableRecord(EtcdError):
     """A record read on its own (spec, copies) that cannot be used. An EtcdError, so the
     agent's loops treat it like a store they cannot read now: they change nothing and
@@ -165,6 +170,25 @@ class PoolStore:
         if not r.succeeded:
             return None
         return Copies(new.gen, new.copies, r.revision)
+
+    async def update_copies(self, vm: str, token: int, change: Callable[[Copies], Copies | None]) -> Copies:
+        """The owner's read-modify-write of the copies record: `change` gets the record as
+        stored and returns the new one (None: nothing to change). Retried when the record
+        changed meanwhile; OwnershipLost once this token no longer owns the VM or the record
+        is gone. EtcdError is the caller's to retry or not."""
+        while True:
+            seen = await self.get_copies(vm)
+            if seen is None:
+                raise OwnershipLost(f"VM {vm} has no copies record")
+            new = change(seen)
+            if new is None:
+                return seen
+            stored = await self.set_copies(vm, token, seen, new)
+            if stored is not None:
+                return stored
+            owner = await self.etcd.get(self.vm_key(vm, "owner"))
+            if owner is None or owner.create_revision != token:
+                raise OwnershipLost(f"this host no longer owns VM {vm} under token {token}")
 
     async def get_copies(self, vm: str) -> Copies | None:
         kv = await self.etcd.get(self.vm_key(vm, "copies"))
