@@ -62,6 +62,19 @@ def test_level1_vm_restarts_on_survivor_when_home_host_lost() -> None:
     assert d.action is Action.CLAIM and "h1 lost" in d.reason
 
 
+def test_a_start_after_another_host_lost_the_vm_is_a_failover() -> None:
+    """Counted as a failover (metrics, reports) from the decision, not from its wording."""
+    lost = snap([host("h2")], VmView(spec(), owner=Ownership("h2", 7), home="h1"))
+    d = only(decide(lost, local("h2")))
+    assert (d.action, d.failover) == (Action.START, True)
+    at_home = snap([host("h1")], VmView(spec(), owner=Ownership("h1", 7), home="h1"))
+    d = only(decide(at_home, local("h1")))
+    assert (d.action, d.failover) == (Action.START, False)
+    crashed = local("h1", LocalVm("web", RunState.CRASHED, 7, -9))
+    d = only(decide(at_home, crashed))
+    assert (d.action, d.failover) == (Action.START, False) and "exited unasked" in d.reason
+
+
 def test_level0_vm_waits_for_its_own_host() -> None:
     s = snap([host("h2")], VmView(spec(level=Level.UNPROTECTED), owner=None, home="h1"))
     d = only(decide(s, local("h2")))
@@ -144,3 +157,11 @@ def test_not_protected_reasons() -> None:
     assert "level 0" in str(prot(snap([host("h1"), host("h2")], v)))
     v = VmView(spec(), owner=Ownership("h1", 9), status=VmStatus("h1", RunState.STARTING, 9, 0.0))
     assert str(prot(snap([host("h1"), host("h2")], v))) == "Not protected: not running"
+
+
+def test_the_agent_executes_every_action_decide_can_return() -> None:
+    """The executor is a table from action to handler: a new action without a handler
+    would be decided and never done."""
+    from ftvm.agent.agent import Agent
+    table = Agent._handlers(object.__new__(Agent))
+    assert set(table) == set(Action) - {Action.WAIT}

@@ -263,3 +263,52 @@ def test_partner_probe_wants_the_greeting_and_ends_the_handshake_cleanly() -> No
     ok, received, silent = asyncio.run(run())
     assert ok and not silent
     assert received == struct.pack(">I", 1) + b"IHAVEOPT" + struct.pack(">II", 2, 0)
+
+
+@pytest.mark.parametrize("case, view_kw, me, expect", [
+    # (what, VmView fields, claimer, {host: (state, full)} of the record written; None: no record)
+    ("level 1: no copies", dict(level=Level.RESTART), "h1", None),
+    ("a new VM: a partner is named, outdated", dict(), "h1",
+     {"h1": (CopyState.CURRENT, False), "h2": (CopyState.OUTDATED, False)}),
+    ("failover: the old primary's copy goes outdated in full", dict(current=("h1", "h2"), home="h1"), "h2",
+     {"h1": (CopyState.OUTDATED, True), "h2": (CopyState.CURRENT, False)}),
+    ("restart at home: the partner catches up incrementally", dict(current=("h1", "h2"), home="h1"), "h1",
+     {"h1": (CopyState.CURRENT, False), "h2": (CopyState.OUTDATED, False)}),
+    ("migrated here: the source's copy catches up incrementally",
+     dict(current=("h1", "h2"), home="h1", handover_host="h2"), "h2",
+     {"h1": (CopyState.OUTDATED, False), "h2": (CopyState.CURRENT, False)}),
+    ("forced start on an outdated copy", dict(current=("h1",), home="h1", force_host="h2"), "h2",
+     {"h1": (CopyState.OUTDATED, True), "h2": (CopyState.CURRENT, False)}),
+])
+def test_claim_plan(case: str, view_kw: dict, me: str, expect: dict | None) -> None:  # type: ignore[type-arg]
+    from dataclasses import replace
+    from ftvm.core.placement import claim_plan
+    kw = dict(view_kw)
+    s = replace(spec(), level=kw.pop("level", Level.COMPONENT))
+    current = kw.pop("current", None)
+    copies = None
+    if current is not None:
+        copies = new_copies("h1", "h2", 1.0)
+        for h in ("h1", "h2"):
+            copies = mark(copies, h, CopyState.CURRENT if h in current else CopyState.OUTDATED, "x", 2.0)
+    snap = PoolSnapshot(hosts={n: HostInfo(n, 1024, 4, replication_addr=f"10.79.0.{i}")
+                               for i, n in enumerate(("h1", "h2"), 1)}, vms={}, revision=1)
+    plan = claim_plan(snap, VmView(s, copies=copies, **kw), me, 3.0)
+    if expect is None:
+        assert plan is None, case
+        return
+    assert plan is not None, case
+    assert {h: (c.state, c.full) for h, c in plan.copies.items()} == expect, case
+
+
+def test_every_level_pair_has_its_online_transition_or_none() -> None:
+    from ftvm.core.transitions import Transition as T
+    from ftvm.core.transitions import transition
+    L0, L1, L2, L3 = Level.UNPROTECTED, Level.RESTART, Level.COMPONENT, Level.SYSTEM
+    table = {(L0, L1): None, (L1, L0): None, (L0, L2): T.RAISE_TO_COMPONENT, (L1, L2): T.RAISE_TO_COMPONENT,
+             (L2, L0): T.LOWER_FROM_COMPONENT, (L2, L1): T.LOWER_FROM_COMPONENT, (L0, L3): T.RAISE_TO_SYSTEM,
+             (L1, L3): T.RAISE_TO_SYSTEM, (L2, L3): T.RAISE_TO_SYSTEM, (L3, L0): T.LOWER_FROM_SYSTEM,
+             (L3, L1): T.LOWER_FROM_SYSTEM, (L3, L2): T.LOWER_FROM_SYSTEM}
+    for a in Level:
+        for b in Level:
+            assert transition(a, b) == (None if a == b else table[(a, b)]), (a, b)

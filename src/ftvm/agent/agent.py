@@ -15,25 +15,26 @@ Safety lives in three places:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide
-from ..core.placement import choose_partner
+from ..core.placement import claim_plan
+from ..core.restart import after_exit, backoff
+from ..core.transitions import Transition, transition
 from ..core.model import Export as ExportRecord
 from ..core.model import (Desired, HostInfo, Incoming, Level, LevelChange, LocalView, LocalVm, Migration,
                           PoolSnapshot, RunState, VmSpec, VmStatus)
-from ..core.replication import (IMPORTED, NEW_DISK, Copies, CopyState, claim_copies, mark, may_start_on,
+from ..core.replication import (IMPORTED, NEW_DISK, Copies, CopyState, mark, may_start_on,
                                 replace_partner)
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from .paths import resolved_spec
@@ -48,21 +49,18 @@ from ..qemu.process import QemuError, QemuVm
 from ..qemu.storage_daemon import (StorageDaemon, StorageDaemonError, ensure_image, import_image,
                                    restore_write_through, writable_copy)
 from ..store.etcd import EtcdClient, EtcdError
-from ..core.availability import HistoryRecord
-from ..store.pool import HISTORY_DAYS, MAX_EVENTS, Event, OwnershipLost, PoolStore
+from ..store.pool import HISTORY_DAYS, MAX_EVENTS, OwnershipLost, PoolStore
 from .copydir import claim_copy_dir
 from .config import AgentConfig
 from ..api.metrics import AgentCounters, AgentHealth
 from . import levels, migration
 from .fence import FenceGuard
+from .journal import Journal
+from .lease import HostLease
 from .l3 import L3Partner, L3Primary, replica_paths
 from .replica import ReplicaManager
 
 log = logging.getLogger("ftvm.agent")
-
-
-class AgentStartError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -99,9 +97,10 @@ class LocalRecord:
 
 EVENT_TRIM_INTERVAL = 300.0  # seconds between trims of the event log to its newest MAX_EVENTS
 WRITE_THROUGH_CHECK_INTERVAL = 5.0  # seconds between checks that write-through copies still are
-START_BACKOFF_MAX = 30.0
-HEALTHY_RUN_S = 30.0  # a run this long resets the failure count
 FAILBACK_RETRY_S = 30.0  # a failback migration is asked at most this often per VM
+
+
+Handler = Callable[[Decision, PoolSnapshot], Awaitable[None]]
 
 
 class Agent:
@@ -116,21 +115,21 @@ class Agent:
                                tls=config.etcd_tls.client_context() if config.etcd_tls else None)
         self.store = PoolStore(self.etcd, config.pool)
         self.accel: Accel | None = None
-        self.lease = 0
-        self.lease_ttl = 0
         self.vms: dict[str, LocalRecord] = {}
         self.guard = FenceGuard(self.t.fence_check, self._on_fence)
         self.wake = asyncio.Event()
-        self.last_report: TickReport | None = None
         self.snapshot: PoolSnapshot | None = None
         self.exports: dict[str, StorageDaemon] = {}  # level 2 copies this host serves
         self._claimed_dirs: set[tuple[str, str]] = set()  # (VM, definition) copy dirs checked
         self.l3_partner: L3Partner | None = None       # level 3 standbys this host keeps
         self.counters = AgentCounters()
         self._api: Any = None                           # the REST API + /metrics runner
-        self._pending_events: deque[Event] = deque(maxlen=1000)
-        self._pending_history: deque[tuple[str, HistoryRecord]] = deque(maxlen=10_000)
-        self._quorum_ok = True
+        self.journal = Journal(config.name, self.store, self.counters)
+        self.event, self.history = self.journal.event, self.journal.history
+        self.host_lease = HostLease(self.etcd, self.store, config.name, config.pool, config.state_dir, self.t,
+                                    lambda lease: replace(self.info, lease_id=lease), self.guard, self.journal,
+                                    self.wake.set)
+        self.handlers = self._handlers()
         self._next_trim = 0.0
         self._next_write_through_check = 0.0
         self._stopping = False
@@ -139,11 +138,13 @@ class Agent:
         self._failback_at: dict[str, float] = {}  # monotonic time before which no failback is asked again
         self._tick_seconds: deque[float] = deque(maxlen=100)  # control-plane cost figures
         self._ticks = 0
-        self._loop_error_quiet: dict[str, float] = {}  # loop -> no new event before (monotonic)
-        self._bad_seen: set[tuple[str, int]] = set()   # unreadable records already reported
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- start-up ----------------------------------------------------------------
+    @property
+    def lease(self) -> int:
+        return self.host_lease.id
+
     @property
     def info(self) -> HostInfo:
         return HostInfo(name=self.cfg.name, memory_mib=self.cfg.memory_mib, vcpus=self.cfg.vcpus,
@@ -151,54 +152,20 @@ class Agent:
                         shared_storage=self.cfg.shared_storage, lease_id=self.lease,
                         replication_addr=self.cfg.replication_addr)
 
-    @property
-    def _lease_file(self) -> Path:
-        return self.cfg.state_dir / "lease.json"
-
-    async def _acquire_lease(self) -> None:
-        """Grant a lease and publish this host under it. A previous lease of this same agent
-        (recorded in state_dir) is revoked first: its VMs died with it (PDEATHSIG)."""
-        try:
-            old = json.loads(self._lease_file.read_text())["lease"]
-        except (OSError, ValueError, KeyError):
-            old = 0
-        kv = await self.etcd.get(self.store.host_key(self.cfg.name))
-        if kv is not None and old and kv.lease == old:
-            await self.etcd.lease_revoke(old)
-        lease, ttl = await self.etcd.lease_grant(self.t.lease_ttl)
-        sent = time.monotonic()
-        # the lease becomes the agent's only once the host is registered under it
-        if not await self.store.register_host(replace(self.info, lease_id=lease), lease):
-            await self.etcd.lease_revoke(lease)
-            raise AgentStartError(f"another agent is live as host {self.cfg.name} in pool {self.cfg.pool}")
-        self._lease_file.write_text(json.dumps({"lease": lease}))
-        self.lease, self.lease_ttl = lease, ttl
-        self.guard.arm(sent + ttl - self.t.self_fence_margin)
-
-    async def _join(self) -> None:
-        """Acquire the host lease, retrying until the quorum service answers."""
-        while True:
-            try:
-                await self._acquire_lease()
-                return
-            except (EtcdError, AgentStartError) as e:
-                log.error("cannot join the pool yet: %s; retrying", e)
-                await asyncio.sleep(max(1.0, self.t.keepalive_interval))
-
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.accel = await asyncio.to_thread(choose_accel, self.cfg.accel, self.cfg.probe_kernel)
         log.info("accelerator: %s (%s)", self.accel.accel, self.accel.reason)
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        await self._join()
+        await self.host_lease.join()
         self.guard.start()
         await self._start_l3_partner()
         await self._start_api()
-        self.event("", "agent", f"agent up (lease {self.lease:x}, ttl {self.lease_ttl}s, "
+        self.event("", "agent", f"agent up (lease {self.lease:x}, ttl {self.host_lease.ttl}s, "
                                 f"accel {self.accel.accel})")
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._request_stop)
-        tasks = [asyncio.create_task(self._keepalive_loop(), name="keepalive"),
+        tasks = [asyncio.create_task(self.host_lease.keep_alive(), name="keepalive"),
                  asyncio.create_task(self._watch_loop(), name="watch")]
         try:
             await self._reconcile_loop()
@@ -223,7 +190,7 @@ class Agent:
 
     def _health(self) -> AgentHealth:
         ticks = list(self._tick_seconds)
-        return AgentHealth(self.cfg.name, self._quorum_ok, float(self.lease_ttl), self.guard.remaining(),
+        return AgentHealth(self.cfg.name, self.host_lease.quorum_ok, float(self.host_lease.ttl), self.guard.remaining(),
                            tick_seconds=sum(ticks) / len(ticks) if ticks else 0.0, ticks=self._ticks,
                            etcd_requests=self.etcd.requests)
 
@@ -289,60 +256,11 @@ class Agent:
         if self._api is not None:
             await self._api.cleanup()
         try:
-            await self._flush_events()
-            await self.etcd.lease_revoke(self.lease)
+            await self.journal.flush()
+            await self.host_lease.revoke()
         except EtcdError:
             pass
         await self.etcd.close()
-
-    # --- lease -------------------------------------------------------------------
-    async def _keepalive_loop(self) -> None:
-        """Renews the lease until the agent stops. It must outlive any error: if it ended,
-        the fence guard would kill every VM here when the lease ran short."""
-        while True:
-            try:
-                pause = await self._keepalive_once()
-            except Exception as e:  # noqa: BLE001 - the loop must go on; the error is logged
-                self._loop_error("keepalive", e)
-                pause = min(self.t.keepalive_interval, max(0.05, self.guard.remaining() / 2))
-            await asyncio.sleep(pause)
-
-    async def _keepalive_once(self) -> float:
-        """One renewal; returns how long to wait before the next."""
-        sent = time.monotonic()
-        try:
-            ttl = await self.etcd.lease_keepalive(self.lease)
-        except EtcdError as e:
-            if self._quorum_ok:
-                self._quorum_ok = False
-                log.warning("quorum service unreachable (%s); fencing in %.1fs unless it returns",
-                            e, self.guard.remaining())
-            return min(self.t.keepalive_interval, max(0.05, self.guard.remaining() / 2))
-        if ttl <= 0:
-            log.error("host lease expired in etcd: fencing all VMs, then rejoining")
-            self.guard.disarm()
-            self.event("", "fence", "host lease expired: all VMs killed before any other host "
-                                    "could start them")
-            await self._join()
-            self.wake.set()
-        else:
-            self.guard.arm(sent + self.lease_ttl - self.t.self_fence_margin)
-            if not self._quorum_ok:
-                self._quorum_ok = True
-                self.event("", "quorum", "quorum service reachable again")
-                self.wake.set()
-        return self.t.keepalive_interval
-
-    def _loop_error(self, loop: str, e: Exception) -> None:
-        """An unexpected error in one of the agent's loops: logged in full, an event at most
-        once a minute per loop, and the loop carries on."""
-        self.counters.loop_errors += 1
-        log.exception("%s loop: unexpected error (the loop carries on)", loop, exc_info=e)
-        now = time.monotonic()
-        if now >= self._loop_error_quiet.get(loop, 0.0):
-            self._loop_error_quiet[loop] = now + 60.0
-            self.event("", "agent-error", f"{loop} loop: {type(e).__name__}: {e} (it carries on; "
-                                          "see the agent log)")
 
     def _on_fence(self, names: list[str], at: float) -> None:  # called from the guard thread
         if self._loop is not None:
@@ -367,7 +285,7 @@ class Agent:
             except EtcdError:
                 pass
             except Exception as e:  # noqa: BLE001 - the loop must go on; the error is logged
-                self._loop_error("watch", e)
+                self.journal.loop_error("watch", e)
             await asyncio.sleep(self.t.tick)
 
     # --- reconcile ---------------------------------------------------------------
@@ -385,7 +303,7 @@ class Agent:
             except EtcdError as e:
                 log.debug("tick skipped: %s", e)
             except Exception as e:  # noqa: BLE001 - one bad tick must not stop every VM here
-                self._loop_error("reconcile", e)
+                self.journal.loop_error("reconcile", e)
                 await asyncio.sleep(self.t.tick)
 
     def local_view(self) -> LocalView:
@@ -404,10 +322,9 @@ class Agent:
     async def _tick(self) -> TickReport:
         snapshot = (await self.store.snapshot()).holding_frozen(self.snapshot)
         self.snapshot = snapshot
-        self._report_bad_records(snapshot)
+        self.journal.bad_records(snapshot)
         self._forget_finished(snapshot)
         report = decide(snapshot, self.local_view(), self.t.partner_replace_after)
-        self.last_report = report
         if report.actions():
             log.info("%s", report.summary())
         for decision in report.actions():
@@ -419,7 +336,7 @@ class Agent:
         await self._report_status(snapshot)
         await self._report_links(snapshot)
         await self._check_write_through()
-        await self._flush_events()
+        await self.journal.flush()
         if time.monotonic() > self._next_trim:
             self._next_trim = time.monotonic() + EVENT_TRIM_INTERVAL
             trimmed = await self.store.trim_events()
@@ -455,86 +372,91 @@ class Agent:
                     if before and before.get(peer, {}).get(i) != up:
                         self.event("", "a-link", f"A-link {i} to {peer} is {'up' if up else 'DOWN'}")
 
+    # --- the executor: one handler per decision ------------------------------------------
+    def _handlers(self) -> dict[Action, Handler]:
+        """What each of `decide`'s actions does here (every action but WAIT has one)."""
+        return {Action.KILL: self._kill, Action.CLAIM: self._claim, Action.START: self._start_or_resume,
+                Action.STOP: self._stop, Action.RELEASE: self._release, Action.EXPORT: self._export,
+                Action.UNEXPORT: self._unexport, Action.PREPARE_INCOMING: self._prepare_incoming,
+                Action.MIGRATE: self._begin_migrate_out, Action.CHANGE_LEVEL: self._begin_change_level,
+                Action.REPLACE_PARTNER: self._replace_partner, Action.FAILBACK: self._failback}
+
     async def _execute(self, d: Decision, snapshot: PoolSnapshot) -> None:
-        if d.action is Action.KILL:
-            rec = self.vms[d.vm]
-            if rec.qemu and rec.qemu.alive:
-                rec.qemu.kill()
-            rec.state, rec.detail = RunState.STOPPING, d.reason
-            self.event(d.vm, "kill", d.reason)
-        elif d.action is Action.CLAIM:
-            if not self.guard.may_run():
-                return
-            view = snapshot.vms[d.vm]
-            copies_new = None
-            if view.spec.level.has_copies:
-                copies_new = claim_copies(view.copies, self.cfg.name, view.home,
-                                          choose_partner(snapshot, view.spec, self.cfg.name),
-                                          time.time(), forced=view.force_host == self.cfg.name,
-                                          imported=any(disk.path for disk in view.spec.disks),
-                                          migrated=view.handover_host == self.cfg.name)
-            token = await self.store.claim(d.vm, self.cfg.name, self.lease, view.copies, copies_new)
-            if token is not None:
-                if view.handover_host == self.cfg.name:
-                    self._arriving.add(d.vm)
-                if view.home not in (None, self.cfg.name) and view.home not in snapshot.hosts:
-                    # the host was lost about a lease TTL before its lease expired (now)
-                    self.history(d.vm, "down", f"host {view.home} lost", at=time.time() - self.t.lease_ttl,
-                                 host=view.home)
-                extra = ""
-                if view.force_host == self.cfg.name:
-                    extra = "; OPERATOR FORCED THIS START, ACCEPTING DATA LOSS"
-                if copies_new is not None:
-                    extra += f"; copies: {_copies_summary(copies_new)}"
-                self.event(d.vm, "claim", f"{d.reason} (fencing token {token}){extra}")
-                self.wake.set()
-        elif d.action is Action.PREPARE_INCOMING:
-            await self._prepare_incoming(d, snapshot)
-        elif d.action is Action.FAILBACK:
-            await self._failback(d, snapshot)
-        elif d.action is Action.REPLACE_PARTNER:
-            await self._replace_partner(d, snapshot)
-        elif d.action is Action.CHANGE_LEVEL:
-            if d.vm not in self._migrating:
-                self._migrating.add(d.vm)
-                asyncio.create_task(self._change_level(d, snapshot))
-        elif d.action is Action.MIGRATE:
-            if d.vm not in self._migrating:
-                self._migrating.add(d.vm)
-                asyncio.create_task(self._migrate_out(d, snapshot))
-        elif d.action is Action.START:
-            assert d.token is not None
-            prev = self.vms.get(d.vm)
-            if prev is not None and prev.state is RunState.INCOMING:
-                await self._resume_incoming(d, prev)
-                return
-            if prev is not None and time.monotonic() < prev.retry_at:
-                return  # backing off after failed starts
-            await self._start(d, snapshot, prev.failures if prev else 0)
-        elif d.action is Action.STOP:
-            rec = self.vms[d.vm]
-            rec.state = RunState.STOPPING
-            stopping = snapshot.vms.get(d.vm)
-            grace = 0.0 if stopping is None or stopping.spec.stop_force else self.cfg.stop_grace
-            how = f"the guest is asked to power off, up to {grace:g} s" if grace > 0 else "powered off at once"
-            self.event(d.vm, "stop", f"{d.reason}: {how}")
-            self.history(d.vm, "stopped", d.reason)
-            if rec.qemu:
-                asyncio.create_task(self._stop_vm(rec, rec.qemu, grace))
-        elif d.action is Action.EXPORT:
-            await self._export(d, snapshot)
-        elif d.action is Action.UNEXPORT:
-            daemon = self.exports.pop(d.vm, None)
-            if daemon is not None:
-                await daemon.stop()
-            with suppress(EtcdError):
-                await self.store.withdraw_export(d.vm, self.cfg.name)
-            self.event(d.vm, "unexport", f"stopped serving this host's copy: {d.reason}")
-        elif d.action is Action.RELEASE:
-            assert d.token is not None
-            if await self.store.release(d.vm, d.token):
-                self.vms.pop(d.vm, None)
-                self.event(d.vm, "release", d.reason)
+        await self.handlers[d.action](d, snapshot)
+
+    async def _kill(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        rec = self.vms[d.vm]
+        if rec.qemu and rec.qemu.alive:
+            rec.qemu.kill()
+        rec.state, rec.detail = RunState.STOPPING, d.reason
+        self.event(d.vm, "kill", d.reason)
+
+    async def _claim(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        if not self.guard.may_run():
+            return
+        view = snapshot.vms[d.vm]
+        copies_new = claim_plan(snapshot, view, self.cfg.name, time.time())
+        token = await self.store.claim(d.vm, self.cfg.name, self.lease, view.copies, copies_new)
+        if token is None:
+            return
+        if view.handover_host == self.cfg.name:
+            self._arriving.add(d.vm)
+        if view.home not in (None, self.cfg.name) and view.home not in snapshot.hosts:
+            # the host was lost about a lease TTL before its lease expired (now)
+            self.history(d.vm, "down", f"host {view.home} lost", at=time.time() - self.t.lease_ttl,
+                         host=view.home)
+        extra = ""
+        if view.force_host == self.cfg.name:
+            extra = "; OPERATOR FORCED THIS START, ACCEPTING DATA LOSS"
+        if copies_new is not None:
+            extra += f"; copies: {_copies_summary(copies_new)}"
+        self.event(d.vm, "claim", f"{d.reason} (fencing token {token}){extra}")
+        self.wake.set()
+
+    async def _begin_change_level(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        if d.vm not in self._migrating:
+            self._migrating.add(d.vm)
+            asyncio.create_task(self._change_level(d, snapshot))
+
+    async def _begin_migrate_out(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        if d.vm not in self._migrating:
+            self._migrating.add(d.vm)
+            asyncio.create_task(self._migrate_out(d, snapshot))
+
+    async def _start_or_resume(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        assert d.token is not None
+        prev = self.vms.get(d.vm)
+        if prev is not None and prev.state is RunState.INCOMING:
+            await self._resume_incoming(d, prev)
+            return
+        if prev is not None and time.monotonic() < prev.retry_at:
+            return  # backing off after failed starts
+        await self._start(d, snapshot, prev.failures if prev else 0)
+
+    async def _stop(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        rec = self.vms[d.vm]
+        rec.state = RunState.STOPPING
+        stopping = snapshot.vms.get(d.vm)
+        grace = 0.0 if stopping is None or stopping.spec.stop_force else self.cfg.stop_grace
+        how = f"the guest is asked to power off, up to {grace:g} s" if grace > 0 else "powered off at once"
+        self.event(d.vm, "stop", f"{d.reason}: {how}")
+        self.history(d.vm, "stopped", d.reason)
+        if rec.qemu:
+            asyncio.create_task(self._stop_vm(rec, rec.qemu, grace))
+
+    async def _unexport(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        daemon = self.exports.pop(d.vm, None)
+        if daemon is not None:
+            await daemon.stop()
+        with suppress(EtcdError):
+            await self.store.withdraw_export(d.vm, self.cfg.name)
+        self.event(d.vm, "unexport", f"stopped serving this host's copy: {d.reason}")
+
+    async def _release(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        assert d.token is not None
+        if await self.store.release(d.vm, d.token):
+            self.vms.pop(d.vm, None)
+            self.event(d.vm, "release", d.reason)
 
     # --- live migration (agent/migration.py) -----------------------------------------------
     async def _prepare_incoming(self, d: Decision, snapshot: PoolSnapshot) -> None:
@@ -678,16 +600,17 @@ class Agent:
                     repair_requested=lambda: self._repair_requested(d.vm)),
                 shared_storage=self.cfg.shared_storage)
             spec = view.spec
-            if change.level == Level.COMPONENT and spec.level in (Level.UNPROTECTED, Level.RESTART):
+            step = transition(spec.level, Level(change.level))
+            if step is Transition.RAISE_TO_COMPONENT:
                 rec.replica = await levels.raise_to_component(ctx, spec, change)
-            elif spec.level is Level.COMPONENT and change.level in (0, 1) and rec.replica is not None:
+            elif step is Transition.LOWER_FROM_COMPONENT and rec.replica is not None:
                 await levels.lower_from_component(ctx, spec, change, rec.replica)
                 if change.level == Level.UNPROTECTED:
                     rec.kept_write_through = [img for img in rec.replica.images if img.write_through]
                 rec.replica = None
-            elif change.level == Level.SYSTEM and spec.level is not Level.SYSTEM:
+            elif step is Transition.RAISE_TO_SYSTEM:
                 await self._raise_to_system(d, ctx, spec, change, rec)
-            elif spec.level is Level.SYSTEM and change.level in (0, 1, 2) and rec.l3 is not None:
+            elif step is Transition.LOWER_FROM_SYSTEM and rec.l3 is not None:
                 try:
                     await rec.l3.end_protection(f"level 3 -> {change.level} asked")
                 except RuntimeError as e:
@@ -874,7 +797,8 @@ class Agent:
                 await l3.close()
                 rec.l3 = None
             rec.state, rec.detail, rec.exit_code = RunState.CRASHED, str(e), None
-            self._back_off(rec)
+            retry = backoff(rec.failures, time.monotonic())
+            rec.failures, rec.retry_at = retry.failures, retry.at
             self.event(d.vm, "error", f"start failed: {e}; next try in "
                                       f"{rec.retry_at - time.monotonic():.1f}s")
             return
@@ -903,7 +827,7 @@ class Agent:
             self.history(d.vm, "up", "live migration")
         else:
             self.history(d.vm, "up", "resumed from the last checkpoint" if resume else d.reason)
-            if resume or d.reason.startswith("taking over"):
+            if resume or d.failover:
                 self.counters.failovers[d.vm] = self.counters.failovers.get(d.vm, 0) + 1
         self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid}{how} (token {token})")
 
@@ -1046,24 +970,6 @@ class Agent:
                 log.info("removed the level 3 RAM file of %s (%s)", d.name,
                          "VM removed" if view is None else "VM stopped")
 
-    def _report_bad_records(self, snapshot: PoolSnapshot) -> None:
-        """One event per unreadable value (key and revision), written by one host: the VM's
-        owner if known, else the first live host by name."""
-        for bad in snapshot.bad:
-            if (bad.key, bad.revision) in self._bad_seen:
-                continue
-            self._bad_seen.add((bad.key, bad.revision))
-            log.warning("unreadable record %s (revision %d): %s", bad.key, bad.revision, bad.reason)
-            vm = bad.key[len(self.store.state) + len("vms/"):].split("/")[0] if "/vms/" in bad.key else ""
-            frozen = snapshot.frozen.get(vm)
-            view = snapshot.vms.get(vm)
-            owner = view.owner.host if view is not None and view.owner is not None else None
-            reporter = owner or min(snapshot.hosts, default=self.cfg.name)
-            if reporter == self.cfg.name:
-                what = f"{frozen.reason}; nothing is done to this VM until the record is fixed" if frozen \
-                    else f"record {bad.key} unreadable, read as absent: {bad.reason}"
-                self.event(vm if frozen else "", "bad-record", what)
-
     def _forget_finished(self, snapshot: PoolSnapshot) -> None:
         """Drop records of VMs no longer running here and owned elsewhere (or by nobody)."""
         self._drop_stale_guest_ram(snapshot)
@@ -1120,21 +1026,11 @@ class Agent:
             if rec.token:  # a VM this host ran (not a migration target that never ran it)
                 self.history(rec.name, "down", why)
             rec.detail = why
-            if time.time() - qemu.started_at < HEALTHY_RUN_S:
-                self._back_off(rec)
-            else:
-                rec.failures = 0
-            if rec.l3 is not None and rec.l3.partner_current():
-                # the partner holds the guest's last checkpoint: give it the chance to carry on
-                # with the guest's state before this host reboots the guest from its disk
-                rec.retry_at = max(rec.retry_at, time.monotonic() + self.t.l3_takeover_after + 1.0)
+            partner = self.t.l3_takeover_after if rec.l3 is not None and rec.l3.partner_current() else None
+            retry = after_exit(rec.failures, time.time() - qemu.started_at, time.monotonic(), partner)
+            rec.failures, rec.retry_at = retry.failures, retry.at
             self.event(rec.name, "exit", why)
         self.wake.set()
-
-    @staticmethod
-    def _back_off(rec: LocalRecord) -> None:
-        rec.retry_at = time.monotonic() + min(START_BACKOFF_MAX, 0.5 * 2 ** rec.failures)
-        rec.failures += 1
 
     async def _report_status(self, snapshot: PoolSnapshot) -> None:
         for name, rec in self.vms.items():
@@ -1149,31 +1045,6 @@ class Agent:
                 continue
             if await self.store.report_status(name, status, self.lease):
                 rec.reported = status
-
-    # --- events ------------------------------------------------------------------
-    def event(self, vm: str, kind: str, message: str, at: float | None = None) -> None:
-        ev = Event(time=at or time.time(), host=self.cfg.name, vm=vm, kind=kind, message=message)
-        log.info("event %s", ev)
-        self._pending_events.append(ev)
-
-    def history(self, vm: str, kind: str, cause: str = "", at: float | None = None, host: str | None = None) -> None:
-        """A VM's service went up/down/stopped on `host` (default: here), for availability reports."""
-        self._pending_history.append((vm, HistoryRecord(at or time.time(), kind, host or self.cfg.name, cause)))
-
-    async def _flush_events(self) -> None:
-        while self._pending_history:
-            vm, rec = self._pending_history[0]
-            try:
-                await self.store.add_history(vm, rec)
-            except EtcdError:
-                return
-            self._pending_history.popleft()
-        while self._pending_events:
-            try:
-                await self.store.add_event(self._pending_events[0])
-            except EtcdError:
-                return
-            self._pending_events.popleft()
 
 
 def _copies_summary(copies: Copies) -> str:

@@ -6,7 +6,8 @@ import asyncio
 import logging
 from pathlib import Path
 
-from .agent import Agent, AgentStartError
+from .agent import Agent
+from .lease import AgentStartError
 from ..qemu.runas import RunAs, RunAsError
 from .config import ConfigError, load_config
 

@@ -50,6 +50,7 @@ class Decision:
     reason: str
     token: int | None = None
     target: str | None = None  # REPLACE_PARTNER: the new partner host; FAILBACK: the preferred host
+    failover: bool = False     # START: the VM comes up here after another host lost it (counted as such)
 
     def __str__(self) -> str:
         return f"{self.vm}: {self.action.value} ({self.reason})"
@@ -194,13 +195,14 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_p
         if incoming_here:
             return Decision(spec.name, Action.START, "migrated here: resuming the received VM",
                             token=owner.token)
+        failover = False
         if lv is not None and lv.state is RunState.CRASHED and lv.token == owner.token:
             why = f"QEMU exited unasked (code {lv.exit_code}); starting again"
         elif view.home not in (None, me):
-            why = f"taking over from {view.home}"
+            why, failover = f"taking over from {view.home}", True
         else:
             why = "owned here, not running"
-        return Decision(spec.name, Action.START, why, token=owner.token)
+        return Decision(spec.name, Action.START, why, token=owner.token, failover=failover)
     if running_here and lv is not None:
         if lv.state is RunState.STOPPING:
             return Decision(spec.name, Action.WAIT, "stopping")

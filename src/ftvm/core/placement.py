@@ -10,7 +10,7 @@ one with most free memory, then by name (every agent computes the same answer).
 from __future__ import annotations
 
 from .model import Level, PoolSnapshot, RunState, VmSpec, VmView
-from .replication import may_start_on
+from .replication import Copies, claim_copies, may_start_on
 
 
 def partner_duties(snapshot: PoolSnapshot, host: str) -> int:
@@ -52,6 +52,18 @@ def partner_candidates(snapshot: PoolSnapshot, spec: VmSpec, primary: str) -> li
 def choose_partner(snapshot: PoolSnapshot, spec: VmSpec, primary: str) -> str | None:
     candidates = partner_candidates(snapshot, spec, primary)
     return candidates[0] if candidates else None
+
+
+def claim_plan(snapshot: PoolSnapshot, view: VmView, me: str, now: float) -> Copies | None:
+    """The copies record `me`'s claim of a level 2/3 VM writes (None: a level without
+    copies): every other copy stops being current, and a partner is named if none is.
+    A forced start (`vm start --force-host`), an import (`--disk` given) and the target of a
+    live migration's handover each write their own (core/replication.py, `claim_copies`)."""
+    if not view.spec.level.has_copies:
+        return None
+    return claim_copies(view.copies, me, view.home, choose_partner(snapshot, view.spec, me), now,
+                        forced=view.force_host == me, imported=any(d.path for d in view.spec.disks),
+                        migrated=view.handover_host == me)
 
 
 def partner_with_room(snapshot: PoolSnapshot, spec: VmSpec, primary: str) -> tuple[str | None, str]:
