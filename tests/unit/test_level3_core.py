@@ -118,6 +118,30 @@ def test_partner_duty_and_takeover_rules() -> None:
     assert acts == {"h1": Action.WAIT, "h2": Action.CLAIM, "h3": Action.WAIT}
 
 
+@pytest.mark.parametrize("case, standby, copy, desired, expect", [
+    ("silent primary, committed checkpoint, current copy", (9, 0.9), CopyState.CURRENT, Desired.RUNNING, True),
+    ("not silent long enough", (9, 0.5), CopyState.CURRENT, Desired.RUNNING, False),
+    ("no checkpoint of this session", (None, 5.0), CopyState.CURRENT, Desired.RUNNING, False),
+    ("copy recorded outdated (the primary got there first)", (9, 5.0), CopyState.OUTDATED, Desired.RUNNING, False),
+    ("VM being stopped", (9, 5.0), CopyState.CURRENT, Desired.STOPPED, False),
+    ("no standby here", None, CopyState.CURRENT, Desired.RUNNING, False),
+])
+def test_a_level3_partner_takes_over_only_from_a_silent_primary_with_its_checkpoint_current(
+        case: str, standby: tuple | None, copy: CopyState, desired: Desired, expect: bool) -> None:  # type: ignore[type-arg]
+    from ftvm.core.model import LocalStandby
+    copies = mark(new_copies("h1", "h2", 0.0), "h2", copy, "x", 1.0)
+    v = VmView(spec(desired=desired), owner=Ownership("h1", 7), home="h1", copies=copies)
+    snap = PoolSnapshot(1, {h: HostInfo(h, 1024, 4) for h in ("h1", "h2")}, {"trade": v})
+    standbys = {"trade": LocalStandby("trade", *standby)} if standby else {}
+    [d] = decide(snap, LocalView("h2", standbys=standbys), takeover_after=0.8).decisions
+    assert (d.action is Action.TAKE_OVER) is expect, (case, d)
+    if expect:
+        assert d.token == 7 and d.failover and "h1 silent for 0.90s" in d.reason
+    # the owner itself never takes over from itself, whatever its local view says
+    [own] = decide(snap, LocalView("h1", standbys=standbys), takeover_after=0.8).decisions
+    assert own.action is not Action.TAKE_OVER
+
+
 def test_level3_validation() -> None:
     hosts = PoolSnapshot(1, {h: HostInfo(h, 4096, 4) for h in ("h1", "h2")}, {})
     ok = lambda p: True  # noqa: E731

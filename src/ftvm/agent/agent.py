@@ -101,6 +101,7 @@ FAILBACK_RETRY_S = 30.0  # a failback migration is asked at most this often per 
 
 
 Handler = Callable[[Decision, PoolSnapshot], Awaitable[None]]
+URGENT = frozenset({Action.KILL, Action.TAKE_OVER})
 
 
 class Agent:
@@ -309,7 +310,7 @@ class Agent:
     def local_view(self) -> LocalView:
         return LocalView(self.cfg.name, {
             name: LocalVm(name, rec.state, rec.token, rec.exit_code) for name, rec in self.vms.items()},
-            frozenset(self.exports), now=time.time())
+            frozenset(self.exports), self.l3_partner.local_standbys() if self.l3_partner else {}, now=time.time())
 
     async def tick(self) -> TickReport:
         t0 = time.monotonic()
@@ -324,10 +325,11 @@ class Agent:
         self.snapshot = snapshot
         self.journal.bad_records(snapshot)
         self._forget_finished(snapshot)
-        report = decide(snapshot, self.local_view(), self.t.partner_replace_after)
+        report = decide(snapshot, self.local_view(), self.t.partner_replace_after, self.t.l3_takeover_after)
         if report.actions():
             log.info("%s", report.summary())
-        for decision in report.actions():
+        # kills (never two copies) and takeovers (a guest waits) before the rest
+        for decision in sorted(report.actions(), key=lambda d: d.action not in URGENT):
             await self._execute(decision, snapshot)
         for name, rec in self.vms.items():  # `vm stop --force` while the guest shuts down
             view = snapshot.vms.get(name)
@@ -379,7 +381,8 @@ class Agent:
                 Action.STOP: self._stop, Action.RELEASE: self._release, Action.EXPORT: self._export,
                 Action.UNEXPORT: self._unexport, Action.PREPARE_INCOMING: self._prepare_incoming,
                 Action.MIGRATE: self._begin_migrate_out, Action.CHANGE_LEVEL: self._begin_change_level,
-                Action.REPLACE_PARTNER: self._replace_partner, Action.FAILBACK: self._failback}
+                Action.REPLACE_PARTNER: self._replace_partner, Action.FAILBACK: self._failback,
+                Action.TAKE_OVER: self._take_over}
 
     async def _execute(self, d: Decision, snapshot: PoolSnapshot) -> None:
         await self.handlers[d.action](d, snapshot)
@@ -412,6 +415,10 @@ class Agent:
             extra += f"; copies: {_copies_summary(copies_new)}"
         self.event(d.vm, "claim", f"{d.reason} (fencing token {token}){extra}")
         self.wake.set()
+
+    async def _take_over(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        if self.l3_partner is not None and self.guard.may_run():
+            await self.l3_partner.take_over(d.vm)
 
     async def _begin_change_level(self, d: Decision, snapshot: PoolSnapshot) -> None:
         if d.vm not in self._migrating:

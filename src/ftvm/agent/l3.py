@@ -12,8 +12,8 @@ took over), QEMU is killed: the held output never leaves.
 
 Partner (`L3Partner`, one per agent): a listener on the replication address
 feeds one `Standby` per VM it protects. A primary silent for
-`l3_takeover_after` with a committed checkpoint here is taken over: freeze the
-standby, end the old owner's ownership in one transaction that also names this
+`l3_takeover_after` with a committed checkpoint here is taken over (decided by
+`decide`, carried out here): freeze the standby, end the old owner's ownership in one transaction that also names this
 copy the only current one (it fails if the primary recorded us outdated
 first), claim, and resume QEMU from the replica (`-incoming defer`).
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from typing import Any
 
-from ..core.model import CheckpointFigures, Desired, Level, PoolSnapshot, VmSpec, valid_name
+from ..core.model import CheckpointFigures, Desired, Level, LocalStandby, PoolSnapshot, VmSpec, valid_name
 from ..core.replication import Copies, CopyState, mark, take_over
 from ..core.timing import Timing
 from ..qemu.migrate import wait_migration
@@ -457,25 +457,39 @@ class L3Partner:
         return standby
 
     async def _watch(self) -> None:
+        """Wakes the agent's reconcile loop as soon as a primary falls silent: `decide` then
+        proposes the takeover (core/decide.py, `may_take_over`) and the agent carries it out
+        (`take_over`), first among the tick's actions."""
+        noticed: set[str] = set()
         while True:
             await asyncio.sleep(0.05)
             for vm, standby in list(self.standbys.items()):
-                if vm in self._taking_over or standby.committed is None:
-                    continue
-                if standby.silent_for() > self.timing.l3_takeover_after:
-                    # this agent's own loop may have been late: let its readers take in what
-                    # the primary sent meanwhile before calling the primary silent
-                    await asyncio.sleep(0.02)
-                    if standby.silent_for() <= self.timing.l3_takeover_after or vm in self._taking_over:
-                        continue
-                    self._taking_over.add(vm)
-                    try:
-                        await self._take_over(vm, standby)
-                    except EtcdError as e:
-                        log.warning("%s: takeover attempt failed: %s", vm, e)
-                        standby.thaw()
-                    finally:
-                        self._taking_over.discard(vm)
+                if standby.committed is not None and standby.silent_for() > self.timing.l3_takeover_after:
+                    if vm not in noticed:
+                        noticed.add(vm)
+                        self.claimed(vm)
+                else:
+                    noticed.discard(vm)
+
+    def local_standbys(self) -> dict[str, LocalStandby]:
+        """What `decide` needs to know of the replicas kept here (none being taken over now)."""
+        return {vm: LocalStandby(vm, s.committed.epoch if s.committed else None, s.silent_for())
+                for vm, s in self.standbys.items() if vm not in self._taking_over}
+
+    async def take_over(self, vm: str) -> None:
+        """Carry out a TAKE_OVER decision: freeze the standby, end the old owner's ownership
+        in one transaction (it fails if the primary recorded this copy outdated first), claim."""
+        standby = self.standbys.get(vm)
+        if standby is None or vm in self._taking_over:
+            return
+        self._taking_over.add(vm)
+        try:
+            await self._take_over(vm, standby)
+        except EtcdError as e:
+            log.warning("%s: takeover attempt failed: %s", vm, e)
+            standby.thaw()
+        finally:
+            self._taking_over.discard(vm)
 
     async def _take_over(self, vm: str, standby: Standby) -> None:
         silent = standby.silent_for()

@@ -39,6 +39,7 @@ class Action(str, Enum):
     MIGRATE = "migrate"  # migration source: send the running VM to the target, then hand it over
     CHANGE_LEVEL = "change-level"  # owner: raise or lower the running VM's protection level
     REPLACE_PARTNER = "replace-partner"  # owner: the partner is gone for good, build a replica elsewhere
+    TAKE_OVER = "take-over"  # level 3 partner: the primary fell silent, carry on from the last checkpoint
     FAILBACK = "failback"  # owner: ask a live migration back to the VM's preferred host
     WAIT = "wait"        # nothing to do
 
@@ -73,9 +74,11 @@ class TickReport:
         return f"{self.host}@{self.revision}: " + "; ".join(str(d) for d in acts)
 
 
-def decide(snapshot: PoolSnapshot, local: LocalView, replace_partner_after: float = 60.0) -> TickReport:
+def decide(snapshot: PoolSnapshot, local: LocalView, replace_partner_after: float = 60.0,
+           takeover_after: float = 0.8) -> TickReport:
     """`replace_partner_after`: seconds a level 2/3 VM's partner may stay down (its copy
-    outdated) before the owner builds a new replica on another host (`local.now`)."""
+    outdated) before the owner builds a new replica on another host (`local.now`).
+    `takeover_after`: seconds of silence after which a level 3 partner takes over."""
     me = local.host
     names = sorted(set(snapshot.vms) | set(local.vms) | set(snapshot.frozen))
     decisions = []
@@ -89,7 +92,7 @@ def decide(snapshot: PoolSnapshot, local: LocalView, replace_partner_after: floa
             if lv.state in ACTIVE_STATES:
                 decisions.append(Decision(name, Action.KILL, "VM no longer defined in the pool"))
             continue
-        decisions.append(_decide_vm(snapshot, local, view, replace_partner_after))
+        decisions.append(_decide_vm(snapshot, local, view, replace_partner_after, takeover_after))
     for name in sorted((set(snapshot.vms) | local.exports) - set(snapshot.frozen)):
         export = _decide_export(snapshot, local, name)
         if export is not None:
@@ -128,7 +131,24 @@ def _decide_export(snapshot: PoolSnapshot, local: LocalView, name: str) -> Decis
     return None
 
 
-def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_partner_after: float) -> Decision:
+def may_take_over(view: VmView, local: LocalView, takeover_after: float) -> str | None:
+    """Level 3 partner: why this host should take the VM over from its silent primary, or
+    None. It keeps a committed checkpoint of the session now feeding it, its copy is
+    recorded current, and the primary has sent nothing for `takeover_after`. The primary
+    may only have lost the link: the takeover transaction then fails if it recorded this
+    copy outdated first (store/pool.py), so this is a proposal, never the last word."""
+    me, spec, owner = local.host, view.spec, view.owner
+    standby = local.standbys.get(spec.name)
+    if (spec.level is not Level.SYSTEM or spec.desired is not Desired.RUNNING or owner is None
+            or owner.host == me or standby is None or standby.committed_epoch is None
+            or standby.silent_s <= takeover_after or view.copy_state(me) is not CopyState.CURRENT):
+        return None
+    return (f"{owner.host} silent for {standby.silent_s:.2f}s on the checkpoint link: "
+            f"taking over from checkpoint {standby.committed_epoch}")
+
+
+def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_partner_after: float,
+               takeover_after: float) -> Decision:
     me, spec, owner = local.host, view.spec, view.owner
     lv = local.vms.get(spec.name)
     running_here = lv is not None and lv.state in ACTIVE_STATES
@@ -159,6 +179,9 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_p
     if owner.host != me:
         if running_here:
             return Decision(spec.name, Action.KILL, f"owned by {owner.host}: never two copies")
+        takeover = may_take_over(view, local, takeover_after)
+        if takeover is not None:
+            return Decision(spec.name, Action.TAKE_OVER, takeover, token=owner.token, failover=True)
         moving_here = migration is not None and migration.to == me and migration.source == owner.host
         if incoming_here:
             if moving_here:

@@ -463,8 +463,18 @@ class LocalVm:
 
 
 @dataclass(frozen=True)
+class LocalStandby:
+    """A level 3 replica this host keeps for a VM running elsewhere (agent/l3.py)."""
+
+    name: str
+    committed_epoch: int | None  # the checkpoint its files hold, of the session now feeding it
+    silent_s: float              # how long the primary has sent nothing (its own work not counted)
+
+
+@dataclass(frozen=True)
 class LocalView:
     host: str
     vms: dict[str, LocalVm] = field(default_factory=dict)
     exports: frozenset[str] = frozenset()  # level 2 VMs whose copy this host serves
+    standbys: dict[str, LocalStandby] = field(default_factory=dict)  # level 3 replicas kept here
     now: float = 0.0  # wall clock of this look (0: rules that need the time are off)
