@@ -55,6 +55,7 @@ from .config import AgentConfig
 from ..api.metrics import AgentCounters, AgentHealth
 from . import levels, migration
 from .fence import FenceGuard
+from .context import HostContext
 from .journal import Journal
 from .lease import HostLease
 from .l3 import L3Partner, L3Primary, replica_paths
@@ -130,6 +131,8 @@ class Agent:
         self.host_lease = HostLease(self.etcd, self.store, config.name, config.pool, config.state_dir, self.t,
                                     lambda lease: replace(self.info, lease_id=lease), self.guard, self.journal,
                                     self.wake.set)
+        self.ctx = HostContext(config.name, self.store, self.host_lease, self.journal, lambda: self.snapshot,
+                               self.wake.set, self.t)
         self.handlers = self._handlers()
         self._next_trim = 0.0
         self._next_write_through_check = 0.0
@@ -198,11 +201,8 @@ class Agent:
     async def _start_l3_partner(self) -> None:
         if not (self.cfg.replication_addr and self.cfg.local_storage):
             return
-        self.l3_partner = L3Partner(
-            self.cfg.name, self.cfg.replication_addr, self.cfg.checkpoint_port, self._l3_link.key, self._l3_files,
-            self.store,
-            lambda: self.lease, lambda: self.snapshot, self.t, self.event, lambda vm: self.wake.set(),
-            self.history)
+        self.l3_partner = L3Partner(self.ctx, self.cfg.replication_addr, self.cfg.checkpoint_port,
+                                    self._l3_link.key, self._l3_files)
         try:
             await self.l3_partner.start()
         except OSError as e:
@@ -546,14 +546,12 @@ class Agent:
             assert d.token is not None
             # (a VM lowered from level 3 keeps its relays: it migrates like any other of its level)
             if view.spec.level is Level.SYSTEM and rec.l3 is not None:
-                moved = await migration.switch_over(d.vm, d.token, rec.l3, view.migration, self.store,
-                                                    lambda: self.lease, lambda: self.snapshot, self.event)
+                moved = await migration.switch_over(self.ctx.for_vm(d.vm, d.token), rec.l3, view.migration)
                 if moved:
                     await rec.l3.hand_off()
             else:
-                moved = await migration.send(d.vm, d.token, rec.qemu, view.migration, view.incoming,
-                                             self.store, lambda: self.lease, lambda: self.snapshot, self.event,
-                                             keep_copies=view.spec.level is Level.COMPONENT)
+                moved = await migration.send(self.ctx.for_vm(d.vm, d.token), rec.qemu, view.migration,
+                                             view.incoming, keep_copies=view.spec.level is Level.COMPONENT)
             if moved:
                 rec.state, rec.detail = RunState.STOPPING, f"migrated to {view.migration.to}"
                 rec.qemu.kill()  # paused since the migration completed; the target runs the VM
@@ -598,13 +596,10 @@ class Agent:
             if rec is None or rec.qemu is None or change is None or d.token is None:
                 return
             qemu, token = rec.qemu, d.token
+            owner = self.ctx.for_vm(d.vm, token)
             ctx = levels.LevelContext(
-                d.vm, token, self.cfg.name, qemu, self.store, lambda: self.lease, lambda: self.snapshot,
-                self.event, self._image, self._writable,
-                lambda images, graphs: ReplicaManager(
-                    d.vm, token, self.cfg.name, qemu, images, graphs, self.store, lambda: self.lease,
-                    lambda: self._copies_view(d.vm), self.event,
-                    repair_requested=lambda: self._repair_requested(d.vm)),
+                owner, qemu, self._image, self._writable,
+                lambda images, graphs: ReplicaManager(owner, qemu, images, graphs),
                 shared_storage=self.cfg.shared_storage)
             spec = view.spec
             step = transition(spec.level, Level(change.level))
@@ -663,8 +658,7 @@ class Agent:
                 on_event=lambda name, data: self._on_qemu_event(d.vm, name, data), blockdevs=blockdevs,
                 debug_qmp=self.cfg.debug_qmp, checkpointed=Checkpointed(str(files.ram)), incoming=True,
                 tls=self.qemu_tls, run_as=self.run_as),
-            make_l3=lambda new_spec: L3Primary(new_spec, token, self.cfg.name, paths, files, self.store,
-                                               lambda: self.lease, lambda: self.snapshot, self.event, self.t,
+            make_l3=lambda new_spec: L3Primary(self.ctx.for_vm(d.vm, token), new_spec, paths, files,
                                                self._l3_link, self._checkpoint_counter(d.vm)))
         try:
             new_qemu, l3 = await levels.raise_to_system(ctx, spec, change, current, target)
@@ -711,10 +705,7 @@ class Agent:
                 await qemu.execute("cont")
             else:  # level 2: on this host's copy, tracking every write for the old host's resync
                 await self._stop_export(d.vm)
-                rec.replica = ReplicaManager(
-                    d.vm, d.token, self.cfg.name, qemu, disks.images, disks.graphs, self.store,
-                    lambda: self.lease, lambda: self._copies_view(d.vm), self.event,
-                    repair_requested=lambda: self._repair_requested(d.vm))
+                rec.replica = ReplicaManager(self.ctx.for_vm(d.vm, d.token), qemu, disks.images, disks.graphs)
                 await rec.replica.begin()
         except Exception as e:
             rec.state, rec.detail = RunState.CRASHED, f"resuming the migrated VM failed: {e}"
@@ -813,10 +804,7 @@ class Agent:
         self.guard.register(d.vm, qemu.pidfd)
         asyncio.create_task(self._watch_process(rec, qemu))
         if spec.level is Level.COMPONENT:  # (level 3 disks are blockdevs too, but checkpointed, not mirrored)
-            rec.replica = ReplicaManager(
-                d.vm, token, self.cfg.name, qemu, images, graphs, self.store, lambda: self.lease,
-                lambda: self._copies_view(d.vm), self.event,
-                repair_requested=lambda: self._repair_requested(d.vm))
+            rec.replica = ReplicaManager(self.ctx.for_vm(d.vm, token), qemu, images, graphs)
             await rec.replica.begin()
         if l3 is not None:
             l3.begin(qemu)
@@ -864,8 +852,7 @@ class Agent:
             files.ram.unlink(missing_ok=True)  # a cold boot starts from fresh RAM
         make_guest_ram_dir(files.ram)
         paths.run_dir.mkdir(parents=True, exist_ok=True)
-        l3 = L3Primary(spec, token, self.cfg.name, paths, files, self.store, lambda: self.lease,
-                       lambda: self.snapshot, self.event, self.t, self._l3_link,
+        l3 = L3Primary(self.ctx.for_vm(spec.name, token), spec, paths, files, self._l3_link,
                        self._checkpoint_counter(spec.name))
         await l3.open_relays(self.cfg.bridge)
         blockdevs = [checkpointed_disk_nodes(i, str(p)) for i, p in enumerate(files.disks)]
@@ -894,14 +881,6 @@ class Agent:
             return await self.store.update_copies(vm, token, outdate_others)
         except OwnershipLost as e:
             raise StorageDaemonError(f"ownership lost before the start (the partner took over?): {e}") from None
-
-    def _repair_requested(self, vm: str) -> bool:
-        view = self.snapshot.vms.get(vm) if self.snapshot else None
-        return view is not None and view.repair_host == self.cfg.name
-
-    def _copies_view(self, vm: str) -> tuple[Copies | None, tuple[ExportRecord, ...]]:
-        view = self.snapshot.vms.get(vm) if self.snapshot else None
-        return (view.copies, view.exports) if view else (None, ())
 
     def _image(self, spec: VmSpec, index: int) -> LocalImage:
         if self.cfg.local_storage is None:

@@ -33,7 +33,6 @@ from typing import Any
 
 from ..core.model import CheckpointFigures, Desired, Level, LocalStandby, PoolSnapshot, VmSpec, valid_name
 from ..core.replication import Copies, CopyState, mark, take_over
-from ..core.timing import Timing
 from ..qemu.migrate import wait_migration
 from ..l3.primary import Checkpointer
 from ..l3.relay import OutputCommitRelay
@@ -43,7 +42,8 @@ from ..l3.wire import WireError
 from ..qemu.cmdline import VmPaths, tap_names
 from ..qemu.process import QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls
 from ..store.etcd import EtcdError
-from ..store.pool import OwnershipLost, PoolStore
+from ..store.pool import OwnershipLost
+from .context import HostContext, VmContext
 
 log = logging.getLogger("ftvm.agent.l3")
 
@@ -75,17 +75,16 @@ def is_partner(snapshot: PoolSnapshot, me: str, vm: str) -> bool:
 
 
 class L3Primary:
-    def __init__(self, spec: VmSpec, token: int, me: str, paths: VmPaths, files: ReplicaPaths,
-                 store: PoolStore, lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
-                 event: EventFn, timing: Timing, link: LinkConfig,
+    def __init__(self, ctx: VmContext, spec: VmSpec, paths: VmPaths, files: ReplicaPaths, link: LinkConfig,
                  count_checkpoints: Callable[[int], None] = lambda n: None) -> None:
-        self.spec, self.token, self.me = spec, token, me
+        self.ctx = ctx
+        self.spec, self.token, self.me = spec, ctx.token, ctx.me
         self.count_checkpoints = count_checkpoints  # metrics: checkpoints taken (a counter)
         self._counted = 0  # checkpoints counted (metrics) of the session `_counted_in`
         self._counted_in: Checkpointer | None = None
         self.paths, self.files = paths, files
-        self.store, self.lease, self.snapshot, self.event = store, lease, snapshot, event
-        self.timing, self.link = timing, link
+        self.store, self.snapshot, self.event = ctx.store, ctx.snapshot, ctx.event
+        self.timing, self.link = ctx.host.timing, link
         self.relays: list[OutputCommitRelay] = []
         self._tap_fds: list[int] = []
         self.qemu: QemuVm | None = None
@@ -161,7 +160,7 @@ class L3Primary:
             except Exception as e:  # a defect here must not leave the VM unprotected for good
                 log.exception("%s: level 3 session with %s failed", self.spec.name, partner)
                 self._set("unprotected", f"checkpointing to {partner} failed: {type(e).__name__}: {e}")
-                self.event(self.spec.name, "warning", f"level 3 session with {partner} failed "
+                self.event("warning", f"level 3 session with {partner} failed "
                                                       f"({type(e).__name__}: {e}): retrying")
                 if self.checkpointer is not None:
                     with suppress(Exception):
@@ -194,7 +193,7 @@ class L3Primary:
             if not await self._record(partner, CopyState.CURRENT, f"checkpoint {cp.stats.acked} acknowledged"):
                 raise OwnershipLost("the partner's copy could not be recorded: no longer the owner")
             self._set("protected", "")
-            self.event(self.spec.name, "protected",
+            self.event("protected",
                        f"replica on {partner} in sync after {time.monotonic() - t0:.1f}s (pre-copy "
                        f"{cp.stats.precopy_bytes / 2**20:.0f} MiB while the guest ran, then checkpoint 1); "
                        f"checkpointing every {self.spec.checkpoint_ms} ms")
@@ -207,7 +206,7 @@ class L3Primary:
             why = cp.lost or f"{type(e).__name__}: {e}"
             kept = not self._closed and await self._partner_lost(cp, partner, why)
         if not kept and not self._closed:
-            self.event(self.spec.name, "fence", f"lost ownership while checkpointing to {partner} (it took "
+            self.event("fence", f"lost ownership while checkpointing to {partner} (it took "
                                                 "over): killing this copy, held output discarded")
             for relay in self.relays:
                 relay.discard()
@@ -232,7 +231,7 @@ class L3Primary:
         released = cp.unprotect()
         if not self._closed and self.qemu.alive:
             await self.qemu.execute("cont")
-        self.event(self.spec.name, "unprotected", f"replica on {partner} recorded outdated ({why}); "
+        self.event("unprotected", f"replica on {partner} recorded outdated ({why}); "
                                                   f"running on unprotected, {released} held frames released")
         return True
 
@@ -293,7 +292,7 @@ class L3Primary:
             fig = self.figures()
             if fig != last:
                 with suppress(EtcdError):
-                    await self.store.report_checkpoints(self.spec.name, self.token, fig, self.lease())
+                    await self.store.report_checkpoints(self.spec.name, self.token, fig, self.ctx.lease)
                     last = fig
             await asyncio.sleep(FIGURES_S if self.state == "protected" else 0.5)
 
@@ -309,7 +308,7 @@ class L3Primary:
                                                                self.spec.checkpoint_on_output):
             self.spec = spec
             cp.set_interval(spec.checkpoint_ms / 1000, spec.checkpoint_on_output)
-            self.event(spec.name, "checkpoints", f"checkpoint interval now {spec.checkpoint_ms} ms"
+            self.event("checkpoints", f"checkpoint interval now {spec.checkpoint_ms} ms"
                                                  + (", and on output" if spec.checkpoint_on_output else ""))
 
     def partner_current(self) -> bool:
@@ -363,7 +362,7 @@ class L3Primary:
             await self.qemu.execute("cont")
         self.partner = ""  # nothing to retire at a stop any more
         self._set("unprotected", why)
-        self.event(self.spec.name, "unprotected", f"{why}: checkpointing ended, {released} held frames released")
+        self.event("unprotected", f"{why}: checkpointing ended, {released} held frames released")
 
     async def retire(self, why: str) -> None:
         """A stop was asked: end checkpointing and record the partner's copy outdated (this
@@ -403,16 +402,14 @@ class L3Primary:
 class L3Partner:
     """The partner duties of one agent for every level 3 VM it protects."""
 
-    def __init__(self, me: str, addr: str, port: int, key: bytes, paths_for: Callable[[VmSpec], ReplicaPaths],
-                 store: PoolStore, lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
-                 timing: Timing, event: EventFn, claimed: Callable[[str], None],
-                 history: Callable[..., None] = lambda *a, **k: None) -> None:
-        self.me, self.paths_for, self.store, self.snapshot = me, paths_for, store, snapshot
-        self.lease = lease
-        self.history = history  # availability records: the outage starts when the primary fell silent
-        self.timing, self.event, self.claimed = timing, event, claimed
+    def __init__(self, host: HostContext, addr: str, port: int, key: bytes,
+                 paths_for: Callable[[VmSpec], ReplicaPaths]) -> None:
+        self.host, self.me, self.paths_for = host, host.me, paths_for
+        self.store, self.snapshot = host.store, host.latest
+        self.history = host.journal.history  # availability records: the outage starts when the primary fell silent
+        self.timing, self.event = host.timing, host.journal.event
         self.standbys: dict[str, Standby] = {}
-        self.server = StandbyServer(addr, port, key, self._admit, live_within=timing.l3_partner_lost)
+        self.server = StandbyServer(addr, port, key, self._admit, live_within=host.timing.l3_partner_lost)
         self._task: asyncio.Task[None] | None = None
         self._taking_over: set[str] = set()
 
@@ -467,7 +464,7 @@ class L3Partner:
                 if standby.committed is not None and standby.silent_for() > self.timing.l3_takeover_after:
                     if vm not in noticed:
                         noticed.add(vm)
-                        self.claimed(vm)
+                        self.host.wake()
                 else:
                     noticed.discard(vm)
 
@@ -515,9 +512,9 @@ class L3Partner:
                      host=view.owner.host)
         self.event(vm, "takeover", f"{view.owner.host} silent for {silent:.2f}s on the checkpoint link: "
                                    f"ended its ownership; resuming from checkpoint {held[1]} here")
-        token = await self.store.claim(vm, self.me, self.lease(), None, None)
+        token = await self.store.claim(vm, self.me, self.host.lease, None, None)
         if token is not None:
-            self.claimed(vm)
+            self.host.wake()
 
     def holds_checkpoint(self, vm: str) -> bool:
         standby = self.standbys.get(vm)

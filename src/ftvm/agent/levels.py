@@ -46,6 +46,7 @@ from ..qemu.migrate import wait_migration
 from ..qemu.process import QemuVm, set_migration_tls
 from ..qemu.storage_daemon import ensure_image
 from ..store.pool import OwnershipLost, PoolStore
+from .context import VmContext
 from .l3 import L3Primary
 from .replica import ReplicaManager
 
@@ -58,20 +59,37 @@ READY_TIMEOUT_S = 600.0
 
 @dataclass
 class LevelContext:
-    """What the change needs from the agent."""
+    """What the change needs from the agent: the VM (its owner's context), its QEMU, and
+    how this host makes copies and replicas."""
 
-    vm: str
-    token: int
-    me: str
+    owner: VmContext
     qemu: QemuVm
-    store: PoolStore
-    lease: Callable[[], int]
-    snapshot: Callable[[], PoolSnapshot | None]
-    event: Callable[[str, str, str], None]
     local_image: Callable[[VmSpec, int], LocalImage]
     writable: Callable[[LocalImage], LocalImage]  # storage_daemon.writable_copy with the host's choice
     make_replica: Callable[[list[LocalImage], list[DiskGraph]], ReplicaManager]
     shared_storage: tuple[str, ...] = ()
+
+    @property
+    def vm(self) -> str:
+        return self.owner.vm
+
+    @property
+    def token(self) -> int:
+        return self.owner.token
+
+    @property
+    def me(self) -> str:
+        return self.owner.me
+
+    @property
+    def store(self) -> PoolStore:
+        return self.owner.store
+
+    def snapshot(self) -> PoolSnapshot | None:
+        return self.owner.snapshot()
+
+    def event(self, kind: str, message: str) -> None:
+        self.owner.event(kind, message)
 
 
 @dataclass(frozen=True)
@@ -138,7 +156,7 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
               for i, target in enumerate(targets)]
     replica = ctx.make_replica(images, graphs)
     await replica.begin()  # bitmap, then cont
-    ctx.event(ctx.vm, "level", f"level {int(spec.level)} -> 2 while running: disks on {ctx.me}'s local "
+    ctx.event("level", f"level {int(spec.level)} -> 2 while running: disks on {ctx.me}'s local "
                                f"storage, partner {partner} syncing in full (Protected when in sync)")
     return replica
 
@@ -183,7 +201,7 @@ async def lower_from_component(ctx: LevelContext, spec: VmSpec, change: LevelCha
     await _point_at(ctx.qemu, targets, [g.local for g in graphs])
     await ctx.qemu.execute("cont")
     where = "shared images " + ", ".join(change.disk_paths) if change.level == 1 else f"{ctx.me}'s local copy"
-    ctx.event(ctx.vm, "level", f"level 2 -> {change.level} while running: replica released, disks on {where}")
+    ctx.event("level", f"level 2 -> {change.level} while running: replica released, disks on {where}")
 
 
 async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange,
@@ -219,7 +237,7 @@ async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange
     await _point_at(ctx.qemu, targets, [d.node for d in current])
     await ctx.qemu.execute("cont")
     where = "shared images " + ", ".join(change.disk_paths) if change.level == 1 else f"{ctx.me}'s local copy"
-    ctx.event(ctx.vm, "level", f"level 3 -> {change.level} while running: checkpointing ended, disks on {where}")
+    ctx.event("level", f"level 3 -> {change.level} while running: checkpointing ended, disks on {where}")
     return None
 
 
@@ -292,7 +310,7 @@ async def _mirror(ctx: LevelContext, change: LevelChange, targets: list[str | No
             total = sum(int(j.get("len", 0)) for j in jobs.values())
             with suppress(Exception):
                 await ctx.store.update_level_change(ctx.vm, ctx.token, replace(change, phase="copying", done=done,
-                                                                               total=total), ctx.lease())
+                                                                               total=total), ctx.owner.lease)
         if time.monotonic() - t0 > READY_TIMEOUT_S:
             raise RuntimeError("copying the disks did not converge")
         await asyncio.sleep(0.05)
@@ -458,7 +476,7 @@ async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, 
                 if (await ctx.qemu.execute("query-status"))["status"] != "running":
                     await ctx.qemu.execute("cont")
         raise
-    ctx.event(ctx.vm, "level", f"level {int(spec.level)} -> 3 while running: moved live into a checkpointed "
+    ctx.event("level", f"level {int(spec.level)} -> 3 while running: moved live into a checkpointed "
                                f"QEMU on {ctx.me}; partner {partner} gets a full pre-copy (Protected when acked)")
     return new_qemu, l3
 

@@ -32,7 +32,7 @@ from contextlib import suppress
 from dataclasses import replace
 from typing import Any
 
-from ..core.model import Incoming, Migration, PoolSnapshot
+from ..core.model import Incoming, Migration
 from ..core.replication import may_start_on
 from .l3 import L3Primary
 from ..qemu.migrate import wait_migration
@@ -40,6 +40,7 @@ from ..qemu.process import QemuVm, set_migration_tls
 from ..qemu.tls import MIGRATION_CLIENT, MIGRATION_SERVER
 from ..store.etcd import EtcdError
 from ..store.pool import PoolStore
+from .context import VmContext
 
 log = logging.getLogger("ftvm.agent.migration")
 
@@ -73,9 +74,8 @@ async def wait_received(qemu: QemuVm, timeout: float = 30.0) -> None:
     await wait_migration(qemu, "incoming migration", timeout=timeout, poll=0.005)
 
 
-async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming: Incoming, store: PoolStore,
-               lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
-               event: Callable[[str, str, str], None], keep_copies: bool = False) -> bool:
+async def send(ctx: VmContext, qemu: QemuVm, migration: Migration, incoming: Incoming,
+               keep_copies: bool = False) -> bool:
     """Source: migrate, then hand over. True if the VM now belongs to the target (the caller
     kills this paused copy); False if it still runs here (the migration failed or the
     target vanished), with the migration record removed.
@@ -101,27 +101,27 @@ async def send(vm: str, token: int, qemu: QemuVm, migration: Migration, incoming
                 ram = info.get("ram", {})
                 total = int(ram.get("total", 0))
                 done = total - int(ram.get("remaining", total))
-                await store.update_migration(vm, token, replace(migration, phase="transferring", done=done,
-                                                                total=total), lease())
+                await ctx.store.update_migration(ctx.vm, ctx.token, replace(migration, phase="transferring", done=done,
+                                                                total=total), ctx.lease)
         downtime = (await wait_migration(qemu, "migration", progress=report)).get("downtime", 0)
-        snap = snapshot()
+        snap = ctx.snapshot()
         target = snap.hosts.get(migration.to) if snap else None
-        copies = await store.get_copies(vm) if keep_copies else None
+        copies = await ctx.store.get_copies(ctx.vm) if keep_copies else None
         if keep_copies and not may_start_on(copies, migration.to)[0]:
             raise RuntimeError(f"{migration.to}'s copy of the disks is no longer current")
-        if target is not None and await store.hand_over(vm, token, migration.to, target.lease_id, copies):
-            event(vm, "migrate", f"live migration to {migration.to} done in {time.monotonic() - t0:.2f}s "
+        if target is not None and await ctx.store.hand_over(ctx.vm, ctx.token, migration.to, target.lease_id, copies):
+            ctx.event("migrate", f"live migration to {migration.to} done in {time.monotonic() - t0:.2f}s "
                                  f"(QEMU downtime {downtime} ms); handed over")
             return True
         raise RuntimeError(f"{migration.to} no longer listens (or this host lost the VM)")
     except Exception as e:  # QMP, etcd, network: whatever failed, the VM must run on here
-        event(vm, "migrate", f"live migration to {migration.to} failed: {e}; the VM stays here")
+        ctx.event("migrate", f"live migration to {migration.to} failed: {e}; the VM stays here")
 
         async def resume() -> None:
             status = await qemu.execute("query-status")
             if status.get("status") in ("postmigrate", "paused", "finish-migrate"):
                 await qemu.execute("cont")
-        await _stay_here(vm, store, resume)
+        await _stay_here(ctx.vm, ctx.store, resume)
         return False
 
 
@@ -135,31 +135,29 @@ async def _stay_here(vm: str, store: PoolStore, resume: Callable[[], Awaitable[N
         await store.end_migration(vm)
 
 
-async def switch_over(vm: str, token: int, l3: L3Primary, migration: Migration, store: PoolStore,
-                      lease: Callable[[], int], snapshot: Callable[[], PoolSnapshot | None],
-                      event: Callable[[str, str, str], None]) -> bool:
+async def switch_over(ctx: VmContext, l3: L3Primary, migration: Migration) -> bool:
     """Level 3 source: final checkpoint (guest stopped, acknowledged), then the handover
     (still owner, target's standby announced, copies record unchanged: the target's copy
     current). True: the target owns the VM (the caller kills this paused copy). False:
     the guest runs on here, the migration record removed."""
     t0 = time.monotonic()
     try:
-        await store.update_migration(vm, token, replace(migration, phase="handing over"), lease())
+        await ctx.store.update_migration(ctx.vm, ctx.token, replace(migration, phase="handing over"), ctx.lease)
         partner, epoch = await l3.final_checkpoint()
         if partner != migration.to:
             raise RuntimeError(f"the replica is on {partner}, not {migration.to}")
-        copies = await store.get_copies(vm)
+        copies = await ctx.store.get_copies(ctx.vm)
         if not may_start_on(copies, migration.to)[0]:
             raise RuntimeError(f"{migration.to}'s replica is no longer current")
-        snap = snapshot()
+        snap = ctx.snapshot()
         target = snap.hosts.get(migration.to) if snap else None
-        if target is not None and await store.hand_over(vm, token, migration.to, target.lease_id, copies):
-            event(vm, "migrate", f"switched over to {migration.to} at checkpoint {epoch} in "
+        if target is not None and await ctx.store.hand_over(ctx.vm, ctx.token, migration.to, target.lease_id, copies):
+            ctx.event("migrate", f"switched over to {migration.to} at checkpoint {epoch} in "
                                  f"{time.monotonic() - t0:.2f}s (guest stopped since the final checkpoint); "
                                  "handed over")
             return True
         raise RuntimeError(f"{migration.to} is no longer ready (or this host lost the VM)")
     except Exception as e:  # the VM must run on here
-        event(vm, "migrate", f"switchover to {migration.to} failed: {e}; the VM stays here")
-        await _stay_here(vm, store, l3.resume_after_switchover_failed)
+        ctx.event("migrate", f"switchover to {migration.to} failed: {e}; the VM stays here")
+        await _stay_here(ctx.vm, ctx.store, l3.resume_after_switchover_failed)
         return False

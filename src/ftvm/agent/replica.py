@@ -37,7 +37,7 @@ from ..qemu.blockgraph import (DiskGraph, Export, LocalImage, Mode, QmpStep, add
 from ..qemu.process import QemuVm
 from ..qemu.storage_daemon import ensure_image, export_name, writable_copy
 from ..store.etcd import EtcdError
-from ..store.pool import PoolStore
+from .context import VmContext
 
 log = logging.getLogger("ftvm.replica")
 
@@ -60,20 +60,14 @@ class ResyncFigures:
 
 
 class ReplicaManager:
-    def __init__(self, vm: str, token: int, me: str, qemu: QemuVm, images: list[LocalImage],
-                 graphs: list[DiskGraph], store: PoolStore, lease: Callable[[], int],
-                 snapshot_copies: Callable[[], tuple[Copies | None, tuple[ExportRecord, ...]]],
-                 event: Callable[[str, str, str], None],
-                 repair_requested: Callable[[], bool] = lambda: False) -> None:
-        self.vm, self.token, self.me = vm, token, me
+    def __init__(self, ctx: VmContext, qemu: QemuVm, images: list[LocalImage], graphs: list[DiskGraph]) -> None:
+        self.ctx = ctx
+        self.vm, self.token, self.me = ctx.vm, ctx.token, ctx.me
         self.qemu = qemu
         self.images = images
         self.graphs = graphs
-        self.store = store
-        self.lease = lease
-        self.snapshot_copies = snapshot_copies
-        self.event = lambda kind, msg: event(vm, kind, msg)
-        self.repair_requested = repair_requested
+        self.store = ctx.store
+        self.event = ctx.event
         self.failed_nodes: set[str] = set()
         self.wake = asyncio.Event()
         self.jobs: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -83,6 +77,16 @@ class ReplicaManager:
         self.problem = ""  # why the VM is paused, if it is
 
     # --- plumbing ----------------------------------------------------------------
+    def _copies_view(self) -> tuple[Copies | None, tuple[ExportRecord, ...]]:
+        """The copies record and the partners' exports, as the last tick saw them."""
+        view = self.ctx.view()
+        return (view.copies, view.exports) if view else (None, ())
+
+    def _repair_requested(self) -> bool:
+        """The operator said this host's failed copy was replaced (`vm repair-disk`)."""
+        view = self.ctx.view()
+        return view is not None and view.repair_host == self.me
+
     async def begin(self) -> None:
         """The VM was started paused on its local copies: track every guest write from the
         first one (the partner's resync needs them), let the guest run, start the loop."""
@@ -136,13 +140,13 @@ class ReplicaManager:
 
     async def partner_outdated(self, why: str) -> None:
         """Record the partner's copy outdated, to be resynced in full (retried until done)."""
-        copies, _ = self.snapshot_copies()
+        copies, _ = self._copies_view()
         partner = copies.partner_of(self.me) if copies else None
         if partner is not None:
             await self._update_copies(lambda c: mark(c, partner, CopyState.OUTDATED, why, time.time(), full=True))
 
     def partner_export(self, index: int) -> Export:
-        copies, exports = self.snapshot_copies()
+        copies, exports = self._copies_view()
         partner = copies.partner_of(self.me) if copies else None
         return self._export_for(exports, partner or "", index)
 
@@ -175,7 +179,7 @@ class ReplicaManager:
                 if status == "paused" and self._pending_drop:
                     await self._drop_copy(self._pending_drop)  # an earlier attempt failed midway
                     continue
-                copies, exports = self.snapshot_copies()
+                copies, exports = self._copies_view()
                 partner = copies.partner_of(self.me) if copies else None
                 export = next((e for e in exports if e.host == partner), None)
                 if self.mode is Mode.MIRRORED:
@@ -193,7 +197,7 @@ class ReplicaManager:
                         await self._partner_lost(partner)
                 elif self.mode is Mode.REMOTE_ONLY and status == "running" and copies is not None:
                     mine = copies.state_of(self.me)
-                    if mine is not None and mine.state is CopyState.FAILED and self.repair_requested():
+                    if mine is not None and mine.state is CopyState.FAILED and self._repair_requested():
                         await self._update_copies(lambda c: mark(
                             c, self.me, CopyState.OUTDATED, "local disk replaced by the operator", time.time(),
                             full=True))
@@ -267,7 +271,7 @@ class ReplicaManager:
         """With the guest stopped: record the failed copy, drop it from the graph, continue.
         If this fails midway the guest stays stopped and the loop tries again."""
         self._pending_drop = failed
-        copies, exports = self.snapshot_copies()
+        copies, exports = self._copies_view()
         partner = copies.partner_of(self.me) if copies else None
         if partner is None:
             raise RuntimeError("mirrored disk without a partner")
@@ -300,7 +304,7 @@ class ReplicaManager:
     def _abort_replication(self, partner: str | None) -> None:
         """Kill the TCP connections to the partner's replication address: in-flight
         writes fail at once and are handled like any other replica failure."""
-        _, exports = self.snapshot_copies()
+        _, exports = self._copies_view()
         addr = next((e.addr for e in exports if e.host == partner), None) or self._last_addr
         if not addr:
             return
@@ -361,7 +365,7 @@ class ReplicaManager:
             raise
         finally:
             with suppress(EtcdError):
-                await self.store.report_sync(self.vm, self.token, None, self.lease())
+                await self.store.report_sync(self.vm, self.token, None, self.ctx.lease)
         figures.seconds = round(time.time() - t0, 3)
         self._apart_since_wr = None
         self.last_resync = figures
@@ -401,7 +405,7 @@ class ReplicaManager:
             raise
         finally:
             with suppress(EtcdError):
-                await self.store.report_sync(self.vm, self.token, None, self.lease())
+                await self.store.report_sync(self.vm, self.token, None, self.ctx.lease)
         self.event("in-sync", f"local copy on {self.me} in sync: resync copied {copied} bytes (full) "
                               f"in {time.time() - t0:.1f}s; disks mirrored")
 
@@ -490,7 +494,7 @@ class ReplicaManager:
                 rate = done / max(0.001, time.time() - t0)
                 with suppress(EtcdError):
                     await self.store.report_sync(self.vm, self.token,
-                                                 SyncProgress(partner, done, total, rate, full), self.lease())
+                                                 SyncProgress(partner, done, total, rate, full), self.ctx.lease)
 
 
 async def _port_answers(export: ExportRecord, timeout: float = 0.5) -> bool:
