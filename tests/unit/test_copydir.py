@@ -52,3 +52,10 @@ def test_a_level3_checkpoint_record_goes_aside_with_its_definitions_images(tmp_p
     moved = claim_copy_dir(storage / "trade", "bb22")
     assert read_committed(new) is None and not new.device_state.exists()
     assert moved is not None and (moved / "l3-committed.json").exists()  # set aside with the images
+
+
+def test_one_rule_names_every_copy(tmp_path: Path) -> None:
+    from ftvm.agent.copydir import copy_image
+    assert copy_image(tmp_path, "web", 1, "qcow2").path == str(tmp_path / "web" / "disk1.qcow2")
+    assert copy_image(tmp_path, "web", 0, "raw").path == str(tmp_path / "web" / "disk0.img")
+    assert copy_image(tmp_path, "web", 0, "raw").format == "raw"

@@ -50,7 +50,7 @@ from ..qemu.storage_daemon import (StorageDaemon, StorageDaemonError, ensure_ima
                                    restore_write_through, writable_copy)
 from ..store.etcd import EtcdClient, EtcdError
 from ..store.pool import HISTORY_DAYS, MAX_EVENTS, OwnershipLost, PoolStore
-from .copydir import claim_copy_dir
+from .copydir import claim_copy_dir, copy_image
 from .config import AgentConfig
 from ..api.metrics import AgentCounters, AgentHealth
 from . import levels, migration
@@ -885,8 +885,8 @@ class Agent:
     def _image(self, spec: VmSpec, index: int) -> LocalImage:
         if self.cfg.local_storage is None:
             raise StorageDaemonError("this host has no local_storage configured for level 2 copies")
-        ext = "qcow2" if self.cfg.local_format == "qcow2" else "img"
-        return LocalImage(str(self._copy_dir(spec) / f"disk{index}.{ext}"), self.cfg.local_format)
+        self._copy_dir(spec)
+        return copy_image(self.cfg.local_storage, spec.name, index, self.cfg.local_format)
 
     def _prepare_images(self, spec: VmSpec, copies: Copies | None) -> list[LocalImage]:
         """This host's copy of each disk. An empty one is made only for a brand-new VM;

@@ -14,7 +14,16 @@ import os
 import time
 from pathlib import Path
 
+from ..qemu.blockgraph import LocalImage
+
 MARKER = ".ftvm-definition"
+
+
+def copy_image(local_storage: Path, vm: str, index: int, fmt: str) -> LocalImage:
+    """The one rule for where a host keeps its copy of a VM's disk `index`: levels 2 and 3
+    (level 3 copies are always raw), the agent and the lab alike."""
+    ext = "qcow2" if fmt == "qcow2" else "img"
+    return LocalImage(str(local_storage / vm / f"disk{index}.{ext}"), fmt)
 
 
 def claim_copy_dir(d: Path, definition: str) -> Path | None:

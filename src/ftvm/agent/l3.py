@@ -44,6 +44,7 @@ from ..qemu.process import QemuVm, ensure_tap, open_tap, remove_tap, set_migrati
 from ..store.etcd import EtcdError
 from ..store.pool import OwnershipLost
 from .context import HostContext, VmContext
+from .copydir import copy_image
 
 log = logging.getLogger("ftvm.agent.l3")
 
@@ -61,7 +62,8 @@ def replica_paths(spec: VmSpec, ram_dir: Path, local_storage: Path) -> ReplicaPa
     with that record, and replaced by a cold boot."""
     copy_dir = local_storage / spec.name
     return ReplicaPaths(ram=ram_dir / spec.name / "ram",
-                        disks=tuple(copy_dir / f"disk{i}.img" for i in range(len(spec.disks))),
+                        disks=tuple(Path(copy_image(local_storage, spec.name, i, "raw").path)
+                                    for i in range(len(spec.disks))),
                         device_state=copy_dir / "l3-device-state",
                         meta=copy_dir / "l3-committed.json")
 

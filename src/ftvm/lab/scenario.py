@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..agent.copydir import copy_image
 from ..core.replication import CopyState
 from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec
 from ..guest.build import GuestImage, make_ledger_disk
@@ -176,8 +177,7 @@ class LabPool:
         view = self.snapshot().vms.get(vm)
         level3 = view is not None and view.spec.level is Level.SYSTEM
         fmt = "raw" if level3 or topo.host_index(host) % 2 else "qcow2"
-        ext = "img" if fmt == "raw" else "qcow2"
-        return self.state.host_dir(host) / "local" / vm / f"disk0.{ext}", fmt
+        return Path(copy_image(self.state.host_dir(host) / "local", vm, 0, fmt).path), fmt
 
     def copy_as_raw(self, vm: str, host: str, dest: Path) -> Path:
         """A raw snapshot of a host's copy (readable while in use), for the ledger reader."""
