@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 from dataclasses import replace
 
 from .core.availability import Report, report
@@ -335,3 +336,28 @@ async def end_maintenance(store: PoolStore, host: str) -> None:
     if host not in snap.maintenance:
         raise FtvmError(f"host {host} is not in maintenance", REFUSED)
     await store.set_maintenance(host, False)
+
+
+PATCHABLE = ("checkpoint_ms", "checkpoint_on_output", "sla_percent", "failback")
+
+
+async def patch(store: PoolStore, name: str, changes: dict[str, Any]) -> VmSpec:
+    """Change a VM's settings from a {field: value} object (the API's PATCH, the CLI's
+    `vm set`), each checked as its own operation checks it. The level is changed apart
+    (`change_level`): it starts an operation of its own."""
+    unknown = set(changes) - set(PATCHABLE)
+    if unknown or not changes:
+        raise FtvmError("only level (+ disk_paths), " + ", ".join(PATCHABLE[:-1]) + f" and {PATCHABLE[-1]} "
+                        "can be changed here" + (f" (not {', '.join(sorted(unknown))})" if unknown else ""),
+                        BAD_INPUT)
+    spec: VmSpec | None = None
+    if "failback" in changes:
+        if not isinstance(changes["failback"], bool):
+            raise FtvmError("failback must be true or false", BAD_INPUT)
+        spec = await set_failback(store, name, changes["failback"])
+    if "sla_percent" in changes:
+        spec = await set_sla(store, name, changes["sla_percent"])
+    if {"checkpoint_ms", "checkpoint_on_output"} & set(changes):
+        spec = await set_checkpointing(store, name, changes.get("checkpoint_ms"), changes.get("checkpoint_on_output"))
+    assert spec is not None
+    return spec

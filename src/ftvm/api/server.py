@@ -228,20 +228,7 @@ def make_app(ctx: ApiContext) -> web.Application:
             raise FtvmError("the body must be a JSON object", BAD_INPUT)
         if "level" in body:
             return await patch_level(name, body)
-        unknown = set(body) - {"checkpoint_ms", "checkpoint_on_output", "sla_percent", "failback"}
-        if unknown or not body:
-            raise FtvmError("only level (+ disk_paths), checkpoint_ms, checkpoint_on_output, sla_percent and failback "
-                            "can be changed here" + (f" (not {', '.join(sorted(unknown))})" if unknown else ""),
-                            BAD_INPUT)
-        if "failback" in body:
-            if not isinstance(body["failback"], bool):
-                raise FtvmError("failback must be true or false", BAD_INPUT)
-            await ops.set_failback(ctx.store, name, body["failback"])
-        if "sla_percent" in body:
-            await ops.set_sla(ctx.store, name, body["sla_percent"])
-        if {"checkpoint_ms", "checkpoint_on_output"} & set(body):
-            await ops.set_checkpointing(ctx.store, name, body.get("checkpoint_ms"),
-                                        body.get("checkpoint_on_output"))
+        await ops.patch(ctx.store, name, body)
 
         async def done(job: Job) -> None:
             job.progress = "recorded; the agent running the VM follows within seconds"

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from .. import ops
 from ..core.model import Desired, VmSpec
 from ..errors import BAD_INPUT, FAILED, NO_QUORUM, FtvmError
-from ..store.pool import Event
+from ..store.pool import Event, PoolStore
 from ..views import host_rows, row_of, status_data, vm_detail
 from ..pki import TlsFiles
 from .common import endpoints, pool_ca, with_store
@@ -133,17 +133,8 @@ class DirectClient:
         with_store(self.args, lambda s: ops.remove(s, name))
 
     def patch(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
-        async def apply(s):  # type: ignore[no-untyped-def]
-            spec = None
-            if "failback" in changes:
-                spec = await ops.set_failback(s, name, changes["failback"])
-            if "sla_percent" in changes:
-                spec = await ops.set_sla(s, name, changes["sla_percent"])
-            if "checkpoint_ms" in changes or "checkpoint_on_output" in changes:
-                spec = await ops.set_checkpointing(s, name, changes.get("checkpoint_ms"),
-                                                   changes.get("checkpoint_on_output"))
-            assert spec is not None
-            return spec.to_json()
+        async def apply(s: PoolStore) -> dict[str, Any]:
+            return (await ops.patch(s, name, changes)).to_json()
         return with_store(self.args, apply)
 
     def change_level(self, name: str, level: int, disk_paths: tuple[str, ...],
