@@ -18,3 +18,16 @@ class FtvmError(Exception):
     def __init__(self, message: str, code: int = FAILED) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Problem(str):
+    """Why a request is refused, as the pure checks (core/) say it, with the outcome it is:
+    BAD_INPUT unless the check says otherwise (a name taken: REFUSED; an unknown host:
+    NOT_FOUND). A str, so it reads and joins like the message it is."""
+
+    code: int
+
+    def __new__(cls, message: str, code: int = BAD_INPUT) -> Problem:
+        obj = super().__new__(cls, message)
+        obj.code = code
+        return obj

@@ -15,7 +15,7 @@ from .core.availability import Report, report
 from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, RunState, VmSpec, VmView
 from .core.placement import migration_problem, overcommit_problem
 from .core.validate import check_new_vm
-from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError
+from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError, Problem
 from .store.pool import Event, PoolStore
 
 
@@ -33,7 +33,7 @@ async def define(store: PoolStore, spec: VmSpec) -> None:
     snap = await store.snapshot()
     problem = check_new_vm(spec, snap, os.path.isfile)
     if problem:
-        raise FtvmError(problem, REFUSED if "already" in problem else BAD_INPUT)
+        raise FtvmError(problem, problem.code if isinstance(problem, Problem) else BAD_INPUT)
     if spec.desired is Desired.RUNNING:
         problem = overcommit_problem(snap, spec)
         if problem:
@@ -284,7 +284,7 @@ async def migrate(store: PoolStore, name: str, target: str) -> Migration:
     snap, view = await get_view(store, name)
     problem = migration_problem(snap, view, target)
     if problem:
-        raise FtvmError(problem, NOT_FOUND if "not a live host" in problem else REFUSED)
+        raise FtvmError(problem, problem.code if isinstance(problem, Problem) else REFUSED)
     assert view.owner is not None
     m = Migration(to=target, source=view.owner.host, token=view.owner.token, started=time.time())
     if not await store.request_migration(name, view.owner.token, m, snap.hosts[view.owner.host].lease_id):

@@ -227,3 +227,14 @@ async def test_update_copies_retries_a_concurrent_change_and_stops_at_a_lost_tok
     with pytest.raises(OwnershipLost):
         await store.update_copies("l3", token, lambda s: mark(s, "h2", CopyState.OUTDATED, "too late", 5.0))
     assert await store.get_copies("l3") == before
+
+
+async def test_revoking_a_lease_etcd_forgot_is_not_an_error(store: PoolStore) -> None:
+    """Told apart by etcd's status code (NOT_FOUND), not by its wording."""
+    from ftvm.store.etcd import GRPC_NOT_FOUND, EtcdError
+    lease, _ = await store.etcd.lease_grant(5)
+    await store.etcd.lease_revoke(lease)
+    await store.etcd.lease_revoke(lease)  # again: already gone
+    with pytest.raises(EtcdError) as e:
+        await store.etcd._post("/v3/lease/revoke", {"ID": "not-a-number"})
+    assert e.value.code != GRPC_NOT_FOUND

@@ -9,6 +9,7 @@ one with most free memory, then by name (every agent computes the same answer).
 
 from __future__ import annotations
 
+from ..errors import NOT_FOUND, Problem
 from .model import Level, PoolSnapshot, RunState, VmSpec, VmView
 from .replication import Copies, claim_copies, may_start_on
 
@@ -127,7 +128,7 @@ def migration_problem(snap: PoolSnapshot, view: VmView, target: str) -> str | No
         return f"VM {spec.name} already runs on {target}"
     host = snap.hosts.get(target)
     if host is None:
-        return f"host {target} is not a live host of the pool"
+        return Problem(f"host {target} is not a live host of the pool", NOT_FOUND)
     if target in snap.maintenance:
         return f"host {target} is in maintenance"
     if not host.replication_addr:

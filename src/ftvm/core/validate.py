@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import REFUSED, Problem
 from .model import MAC_RE, Level, PoolSnapshot, VmSpec, check_nic_ip, spec_problem, valid_name
 
 
@@ -25,7 +26,7 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
     if not valid_name(spec.name):
         return f"invalid VM name {spec.name!r}: lowercase letters, digits and '-', starting with a letter"
     if spec.name in snapshot.vms:
-        return f"VM {spec.name} already exists"
+        return Problem(f"VM {spec.name} already exists", REFUSED)
     if spec.memory_mib < 16:
         return f"memory {spec.memory_mib} MiB is too small (at least 16)"
     if spec.vcpus < 1:

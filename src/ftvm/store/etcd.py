@@ -20,7 +20,15 @@ import httpx
 
 
 class EtcdError(Exception):
-    """Base of every error this client raises."""
+    """Base of every error this client raises. `code`: the gRPC status code etcd gave
+    (NOT_FOUND, ...), 0 when it gave none."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+GRPC_NOT_FOUND = 5
 
 
 class EtcdUnavailable(EtcdError):
@@ -212,7 +220,9 @@ class EtcdClient:
                 if not isinstance(data, dict):
                     raise TypeError("not a JSON object")
             if r.status_code != 200 or "error" in data:
-                raise EtcdError(f"etcd {path}: {data.get('message') or data.get('error') or r.status_code}")
+                code = data.get("code")
+                raise EtcdError(f"etcd {path}: {data.get('message') or data.get('error') or r.status_code}",
+                                code if isinstance(code, int) and not isinstance(code, bool) else 0)
             return data
         raise EtcdUnavailable(f"no etcd endpoint answered ({', '.join(self.endpoints)}): {last!r}")
 
@@ -276,7 +286,7 @@ class EtcdClient:
         try:
             await self._post("/v3/lease/revoke", {"ID": str(lease_id)})
         except EtcdError as e:
-            if "not found" not in str(e):
+            if e.code != GRPC_NOT_FOUND:  # an unknown lease is revoked already
                 raise
 
     # --- watch -------------------------------------------------------------------
