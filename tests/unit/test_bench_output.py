@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftvm.bench import print_level2
+from ftvm.showcase.bench import print_level2
 from ftvm.cli.common import console
 
 FIGURES = ("throughput_mib_s", "throughput_qd4_mib_s", "throughput_64k_mib_s", "throughput_buffered_mib_s",

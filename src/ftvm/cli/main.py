@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     guest = sub.add_parser("guest", help="the demo guest").add_subparsers(dest="sub", required=True)
     cmd(guest, "build", lab_cmds.cmd_guest_build, "build (or find cached) the demo guest")
 
-    from .. import bench, demo
+    from ..showcase import bench, demo
     p = cmd(sub, "demo", demo.cmd_demo, "the live demo in a lab pool")
     p.add_argument("--level", type=int, default=1, choices=(1, 2, 3))
     p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")

@@ -65,12 +65,12 @@ def cmd_status(args: Any) -> int:
     up = sum(1 for h in data["hosts"] if h["state"] != "down")
     console.print(f"[bold]Pool[/] {data['pool']}   [bold]Quorum[/] [green]reachable[/] ({', '.join(q['endpoints'])}, "
                   f"revision {q['revision']})   [bold]Hosts up[/] {up}   [dim]via {client.where}[/]", highlight=False)
-    console.print(_hosts_table(data["hosts"]))
-    console.print(_vms_table(data["vms"]))
+    console.print(hosts_table(data["hosts"]))
+    console.print(vms_table(data["vms"]))
     return OK
 
 
-def _hosts_table(rows: list[dict[str, Any]]) -> Table:
+def hosts_table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title="Hosts", title_justify="left")
     for col in ("Host", "State", "Memory", "vCPUs", "VMs"):
         t.add_column(col)
@@ -85,7 +85,7 @@ def _hosts_table(rows: list[dict[str, Any]]) -> Table:
     return t
 
 
-def _vms_table(rows: list[dict[str, Any]]) -> Table:
+def vms_table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title="VMs", title_justify="left")
     for col in ("VM", "Level", "Host", "Partner", "State", "Replica", "Protection", "Detail"):
         t.add_column(col)
@@ -102,7 +102,7 @@ def cmd_host_list(args: Any) -> int:
     if is_json(args):
         emit_json(rows)
     else:
-        console.print(_hosts_table(rows))
+        console.print(hosts_table(rows))
     return OK
 
 
@@ -387,7 +387,7 @@ def cmd_vm_list(args: Any) -> int:
     if is_json(args):
         emit_json(rows)
     else:
-        console.print(_vms_table(rows))
+        console.print(vms_table(rows))
     return OK
 
 

@@ -23,15 +23,15 @@ from typing import Any
 
 from rich.table import Table
 
-from . import ops
-from .cli.common import console
-from .core.model import Level, PoolSnapshot
-from .core.protection import protection
-from .guest.build import GuestImage, build_guest
-from .lab import lab as labmod
-from .lab import topology as topo
-from .lab.scenario import LabClient, LabPool, ScenarioError, sequence_breaks
-from .views import runs_on
+from .. import ops
+from ..cli.common import console
+from ..core.model import Level, PoolSnapshot
+from ..core.protection import protection
+from ..guest.build import GuestImage, build_guest
+from ..lab import lab as labmod
+from ..lab import topology as topo
+from ..lab.scenario import LabClient, LabPool, ScenarioError, sequence_breaks
+from ..views import runs_on
 
 INDEX = 60
 LEVELS = (Level.RESTART, Level.COMPONENT, Level.SYSTEM)
@@ -172,7 +172,7 @@ def run_control_plane_bench(lab_dir: Path, steps: tuple[int, ...], window_s: flo
                             progress: Callable[[str], None]) -> dict[str, Any]:
     """A 4-host pool with 2 running VMs, then 10, 50... defined (stopped) VMs: what each
     agent's reconcile tick costs and how many requests the agents make to etcd."""
-    from .core.model import BootSpec, Desired, DiskSpec, NicSpec, VmSpec
+    from ..core.model import BootSpec, Desired, DiskSpec, NicSpec, VmSpec
     image = build_guest(log=lambda m: None)
     state = labmod.up(4, lab_dir, probe_kernel=str(image.kernel))
     token = state.api_token_file.read_text().strip()

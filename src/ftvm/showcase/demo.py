@@ -14,13 +14,13 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .cli.common import BAD_INPUT, FAILED, OK, CliError, console, emit_json, is_json
-from .cli.pool_cmds import _hosts_table, _vms_table
-from .views import status_data
-from .guest.build import GuestBuildError, build_guest
-from .lab import lab as labmod
-from .lab.client import read_log
-from .lab.scenario import (FailoverResult, LabPool, Level2Result, Level3Story, ScenarioError, ensure_root,
+from ..cli.common import BAD_INPUT, FAILED, OK, CliError, console, emit_json, is_json
+from ..cli.pool_cmds import hosts_table, vms_table
+from ..views import status_data
+from ..guest.build import GuestBuildError, build_guest
+from ..lab import lab as labmod
+from ..lab.client import read_log
+from ..lab.scenario import (FailoverResult, LabPool, Level2Result, Level3Story, ScenarioError, ensure_root,
                            level1_failover, level2_story, level3_story)
 
 TITLES = {1: "ftvm demo: Level 1 restart", 2: "ftvm demo: Level 2 component fault tolerance",
@@ -52,7 +52,7 @@ class LiveView:
             self._client = self._client_line()
             try:
                 data = status_data(self.pool.snapshot(), [self.pool.state.etcd_endpoint], labmod.POOL)
-                self._status = Group(_hosts_table(data["hosts"]), _vms_table(data["vms"]))
+                self._status = Group(hosts_table(data["hosts"]), vms_table(data["vms"]))
             except Exception as e:  # keep the demo going while etcd is briefly away
                 self._status = Text(f"status unavailable: {e}")
 

@@ -10,10 +10,10 @@ from typing import Any
 
 from rich.table import Table
 
-from .cli.common import BAD_INPUT, FAILED, OK, CliError, console, emit_json, is_json
-from .guest.build import GuestBuildError, build_guest
-from .lab import lab as labmod
-from .lab.scenario import FailoverResult, LabPool, ScenarioError, ensure_root, level1_failover
+from ..cli.common import BAD_INPUT, FAILED, OK, CliError, console, emit_json, is_json
+from ..guest.build import GuestBuildError, build_guest
+from ..lab import lab as labmod
+from ..lab.scenario import FailoverResult, LabPool, ScenarioError, ensure_root, level1_failover
 
 FIGURES = ("detection_s", "restart_s", "outage_s", "lost")
 
@@ -104,10 +104,10 @@ def _mean_us(stats: dict[str, int], op: str) -> float:
 
 
 def run_level2_bench(lab_dir: Path, runs: int, write_mib: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    from .core.model import Level
-    from .core.replication import CopyState
-    from .lab import topology as topo
-    from .lab.scenario import copy_is, host_failure
+    from ..core.model import Level
+    from ..core.replication import CopyState
+    from ..lab import topology as topo
+    from ..lab.scenario import copy_is, host_failure
 
     image = build_guest(log=lambda m: None)
     state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel))

@@ -25,13 +25,13 @@ from typing import Any
 
 from rich.table import Table
 
-from .cli.common import console
-from .core.model import CheckpointFigures, Level
-from .core.replication import CopyState
-from .guest.build import build_guest
-from .lab import lab as labmod
-from .lab import topology as topo
-from .lab.scenario import (LabClient, LabPool, closed_loop, copy_is, l3_protected, level3_failover)
+from ..cli.common import console
+from ..core.model import CheckpointFigures, Level
+from ..core.replication import CopyState
+from ..guest.build import build_guest
+from ..lab import lab as labmod
+from ..lab import topology as topo
+from ..lab.scenario import (LabClient, LabPool, closed_loop, copy_is, l3_protected, level3_failover)
 
 CONFIGS: list[tuple[str, int, tuple[int, bool] | None]] = [
     ("L0", 0, None), ("L2", 2, None), ("L3 100 ms", 3, (100, False)), ("L3 250 ms", 3, (250, False)),
