@@ -9,11 +9,11 @@ from ftvm.core.model import (Desired, DiskSpec, Export, HostInfo, Level, LocalVi
                              PoolSnapshot, RunState, VmSpec, VmStatus, VmView)
 from ftvm.core.protection import protection
 from ftvm.core.replication import Copies, CopyState, claim_copies, may_start_on, mark, new_copies
-from ftvm.qemu.blockgraph import Export as NbdExport
+from ftvm.qemu.blockgraph import NbdTarget
 from ftvm.qemu.blockgraph import LocalImage, Mode, add_remote, drop_child, local_only_start, mirror, node_kind
 
 IMG = LocalImage("/l/disk0.img", "raw")
-EXP = NbdExport("10.79.0.2", 10809, "web-d0")
+EXP = NbdTarget("10.79.0.2", 10809, "web-d0")
 
 
 def spec(desired: Desired = Desired.RUNNING) -> VmSpec:

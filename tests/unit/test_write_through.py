@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftvm.qemu.blockgraph import Export, LocalImage, drop_child, local_only_start, mirror
+from ftvm.qemu.blockgraph import LocalImage, NbdTarget, drop_child, local_only_start, mirror
 from ftvm.qemu.storage_daemon import build_qsd_cmdline, restore_write_through, writable_copy
 from ftvm.qemu.writethrough import is_write_through, make_write_through
 
@@ -68,7 +68,7 @@ def _no_flush(node: dict) -> bool:
 @pytest.mark.parametrize("write_through", [True, False])
 def test_every_node_on_a_copy_skips_flushes_only_if_write_through(write_through: bool) -> None:
     image = LocalImage("/l/disk0.img", "qcow2", write_through=write_through)
-    export = Export("10.79.0.2", 10809, "web-d0")
+    export = NbdTarget("10.79.0.2", 10809, "web-d0")
     g, nodes = local_only_start(0, image)
     assert _no_flush(nodes[0]) is write_through
     g, steps = mirror(g, "d0-remote9", image)

@@ -31,8 +31,8 @@ from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide
 from ..core.placement import claim_plan
 from ..core.restart import after_exit, backoff
 from ..core.transitions import Transition, transition
-from ..core.model import Export as ExportRecord
-from ..core.model import (Desired, HostInfo, Incoming, Level, LevelChange, LocalView, LocalVm, Migration,
+
+from ..core.model import (Desired, Export, HostInfo, Incoming, Level, LevelChange, LocalView, LocalVm, Migration,
                           PoolSnapshot, RunState, VmSpec, VmStatus)
 from ..core.replication import (IMPORTED, NEW_DISK, Copies, CopyState, mark, may_start_on,
                                 replace_partner)
@@ -929,7 +929,7 @@ class Agent:
             self.event(d.vm, "error", f"cannot serve this host's copy: {e}")
             return
         self.exports[d.vm] = daemon
-        await self.store.publish_export(d.vm, ExportRecord(self.cfg.name, daemon.addr, daemon.port, fresh),
+        await self.store.publish_export(d.vm, Export(self.cfg.name, daemon.addr, daemon.port, fresh),
                                         self.lease)
         self.event(d.vm, "export", f"{d.reason} on {daemon.addr}:{daemon.port}"
                                    + (" (new empty copy: needs a full resync)" if fresh else ""))

@@ -29,11 +29,11 @@ from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..core.model import Export as ExportRecord
+from ..core.model import Export
 from ..core.model import SyncProgress
 from ..core.replication import Copies, CopyState, mark, needs_full_resync
-from ..qemu.blockgraph import (DiskGraph, Export, LocalImage, Mode, QmpStep, add_local, add_remote, drop_child, mirror,
-                               mirror_back, node_kind)
+from ..qemu.blockgraph import (DiskGraph, LocalImage, Mode, NbdTarget, QmpStep, add_local, add_remote, drop_child,
+                               mirror, mirror_back, node_kind)
 from ..qemu.process import QemuVm
 from ..qemu.storage_daemon import ensure_image, export_name, writable_copy
 from ..store.etcd import EtcdError
@@ -77,7 +77,7 @@ class ReplicaManager:
         self.problem = ""  # why the VM is paused, if it is
 
     # --- plumbing ----------------------------------------------------------------
-    def _copies_view(self) -> tuple[Copies | None, tuple[ExportRecord, ...]]:
+    def _copies_view(self) -> tuple[Copies | None, tuple[Export, ...]]:
         """The copies record and the partners' exports, as the last tick saw them."""
         view = self.ctx.view()
         return (view.copies, view.exports) if view else (None, ())
@@ -145,7 +145,7 @@ class ReplicaManager:
         if partner is not None:
             await self._update_copies(lambda c: mark(c, partner, CopyState.OUTDATED, why, time.time(), full=True))
 
-    def partner_export(self, index: int) -> Export:
+    def partner_export(self, index: int) -> NbdTarget:
         copies, exports = self._copies_view()
         partner = copies.partner_of(self.me) if copies else None
         return self._export_for(exports, partner or "", index)
@@ -314,10 +314,10 @@ class ReplicaManager:
     _last_addr = ""
     _last_port = 0
 
-    def _export_for(self, exports: tuple[ExportRecord, ...], host: str, index: int) -> Export:
+    def _export_for(self, exports: tuple[Export, ...], host: str, index: int) -> NbdTarget:
         rec = next((e for e in exports if e.host == host), None)
         addr, port = (rec.addr, rec.port) if rec else (self._last_addr, self._last_port)
-        return Export(addr, port, export_name(self.vm, index))
+        return NbdTarget(addr, port, export_name(self.vm, index))
 
     async def _written_bytes(self) -> int:
         stats = await self.qemu.execute("query-blockstats", {"query-nodes": False})
@@ -328,12 +328,12 @@ class ReplicaManager:
             await self.qemu.execute(cmd, args)
 
     # --- resync ------------------------------------------------------------------
-    async def _resync(self, partner: str, rec: ExportRecord, full: bool) -> None:
+    async def _resync(self, partner: str, rec: Export, full: bool) -> None:
         t0 = time.time()
         self._last_addr, self._last_port = rec.addr, rec.port
         spares: list[str] = []
         for i, g in enumerate(self.graphs):
-            new, steps, spare = add_remote(g, Export(rec.addr, rec.port, export_name(self.vm, i)))
+            new, steps, spare = add_remote(g, NbdTarget(rec.addr, rec.port, export_name(self.vm, i)))
             try:
                 await self._run_steps(steps)
             except Exception as e:
@@ -373,7 +373,7 @@ class ReplicaManager:
                               f"({'full' if full else f'{figures.written_apart} bytes written while apart'}) "
                               f"in {figures.seconds:.1f}s; disks mirrored")
 
-    async def _resync_local(self, partner: str, rec: ExportRecord) -> None:
+    async def _resync_local(self, partner: str, rec: Export) -> None:
         """REMOTE_ONLY after the operator replaced the local disk: copy the partner's copy
         (which the guest runs on) into a local one, then mirror again."""
         t0 = time.time()
@@ -397,7 +397,7 @@ class ReplicaManager:
         try:
             copied = await self._sync_and_mirror(
                 [g.remote or "" for g in self.graphs], spares, True, True, self.me, Mode.REMOTE_ONLY,
-                lambda i, g, spare: mirror_back(g, spare, Export(rec.addr, rec.port, export_name(self.vm, i))),
+                lambda i, g, spare: mirror_back(g, spare, NbdTarget(rec.addr, rec.port, export_name(self.vm, i))),
                 commit)
         except Exception:
             await self._update_copies(lambda c: mark(c, self.me, CopyState.OUTDATED, "local resync interrupted",
@@ -497,7 +497,7 @@ class ReplicaManager:
                                                  SyncProgress(partner, done, total, rate, full), self.ctx.lease)
 
 
-async def _port_answers(export: ExportRecord, timeout: float = 0.5) -> bool:
+async def _port_answers(export: Export, timeout: float = 0.5) -> bool:
     """The partner's NBD server greets within `timeout`. A TCP accept alone is not
     enough: the kernel accepts for a daemon that is frozen or hung."""
     try:

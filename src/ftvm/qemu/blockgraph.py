@@ -49,8 +49,9 @@ class LocalImage:
 
 
 @dataclass(frozen=True)
-class Export:
-    """A partner's NBD export of its copy of one disk."""
+class NbdTarget:
+    """Where QEMU reaches a partner's copy of one disk: its NBD export (the store's
+    record of that export is `core.model.NbdTarget`)."""
 
     host: str
     port: int
@@ -91,7 +92,7 @@ def local_node(index: int, serial: int, image: LocalImage, locking: bool) -> tup
     return name, file_image_node(name, image.path, image.format, locking, image.write_through, COPY_AIO)
 
 
-def remote_node(index: int, serial: int, export: Export) -> tuple[str, dict[str, Any]]:
+def remote_node(index: int, serial: int, export: NbdTarget) -> tuple[str, dict[str, Any]]:
     name = _name(index, "remote", serial)
     return name, {"driver": "nbd", "node-name": name, "export": export.name, "tls-creds": NBD_CLIENT,
                   "server": {"type": "inet", "host": export.host, "port": str(export.port)}}
@@ -139,7 +140,7 @@ def local_only_start(index: int, image: LocalImage) -> tuple[DiskGraph, list[dic
             [spec, top_node(index, local)])
 
 
-def drop_child(g: DiskGraph, failed: str, image: LocalImage, export: Export) -> tuple[DiskGraph, list[QmpStep]]:
+def drop_child(g: DiskGraph, failed: str, image: LocalImage, export: NbdTarget) -> tuple[DiskGraph, list[QmpStep]]:
     """MIRRORED -> the surviving copy alone, `failed` being "local" or "remote".
     Run while the VM is stopped (it is: werror=stop)."""
     if g.mode is not Mode.MIRRORED or g.quorum is None or g.local is None or g.remote is None:
@@ -175,7 +176,7 @@ def drop_child(g: DiskGraph, failed: str, image: LocalImage, export: Export) -> 
     return new, steps
 
 
-def add_remote(g: DiskGraph, export: Export) -> tuple[DiskGraph, list[QmpStep], str]:
+def add_remote(g: DiskGraph, export: NbdTarget) -> tuple[DiskGraph, list[QmpStep], str]:
     """LOCAL_ONLY: connect the partner's export as a spare node (the resync target)."""
     if g.mode is not Mode.LOCAL_ONLY:
         raise ValueError(f"disk{g.index} is not local-only")
@@ -209,7 +210,7 @@ def add_local(g: DiskGraph, image: LocalImage) -> tuple[DiskGraph, list[QmpStep]
     return replace(g, serial=g.serial + 1), [("blockdev-add", spec)], name
 
 
-def mirror_back(g: DiskGraph, local: str, export: Export) -> tuple[DiskGraph, list[QmpStep]]:
+def mirror_back(g: DiskGraph, local: str, export: NbdTarget) -> tuple[DiskGraph, list[QmpStep]]:
     """REMOTE_ONLY with an in-sync local node -> MIRRORED. Run with the VM stopped."""
     if g.mode is not Mode.REMOTE_ONLY or g.remote is None:
         raise ValueError(f"disk{g.index} is not remote-only")

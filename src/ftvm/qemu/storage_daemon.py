@@ -18,7 +18,7 @@ from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
-from .blockgraph import COPY_AIO, Export, LocalImage
+from .blockgraph import COPY_AIO, LocalImage, NbdTarget
 from .process import die_with_parent
 from .runas import RunAs, popen_as
 from .tls import NBD_SERVER, QemuTls
@@ -153,8 +153,8 @@ class StorageDaemon:
         self.images = images
         self.disks = len(images)
 
-    def exports(self) -> list[Export]:
-        return [Export(self.addr, self.port, export_name(self.vm, i)) for i in range(self.disks)]
+    def exports(self) -> list[NbdTarget]:
+        return [NbdTarget(self.addr, self.port, export_name(self.vm, i)) for i in range(self.disks)]
 
     @staticmethod
     async def start(vm: str, images: list[LocalImage], addr: str, log_path: Path, tls: QemuTls,
