@@ -106,6 +106,71 @@ def running_disks(spec: VmSpec) -> list[RunningDisk]:
     return [RunningDisk(d.path, d.format, image_node_name(i)) for i, d in enumerate(spec.disks)]
 
 
+class DiskMove:
+    """The template every online level change follows for its disks, as one context:
+
+        async with DiskMove(ctx, change) as move:
+            await move.add(i, path, fmt, size) / move.keep()   # per disk: a new image, or none
+            await move.copy()      # write-blocking mirrors, until every disk is in sync
+            await move.stop()      # guest stopped; the mirrors end with the disks identical
+            await _commit(...)     # the new spec (and copies record) in one etcd transaction
+            move.committed()
+        await move.switch(old_nodes)  # `disk<i>` on its new image; `cont`
+
+    Any exception before `committed()` undoes the move: copy jobs cancelled, new nodes
+    removed, the `undo` steps the caller registered (newest first), the guest continued if
+    it was stopped. OwnershipLost undoes nothing: the caller kills this copy."""
+
+    def __init__(self, ctx: LevelContext, change: LevelChange) -> None:
+        self.ctx, self.change = ctx, change
+        self.targets: list[str | None] = []
+        self.stopped = False
+        self._committed = False
+        self._undo: list[Callable[[BaseException], Awaitable[None]]] = []
+
+    async def __aenter__(self) -> DiskMove:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: Any) -> bool:
+        if e is None or self._committed or isinstance(e, OwnershipLost):
+            return False
+        await _cancel(self.ctx.qemu, self.targets)
+        for undo in reversed(self._undo):
+            await undo(e)
+        if self.stopped:
+            await self.ctx.qemu.execute("cont")
+        return False
+
+    def undo(self, step: Callable[[BaseException], Awaitable[None]]) -> None:
+        """Also do `step` if the move fails (after the jobs are cancelled, before `cont`)."""
+        self._undo.append(step)
+
+    async def add(self, index: int, path: str, fmt: str, size: int, write_through: bool = False,
+                  local_copy: bool = False) -> None:
+        self.targets.append(await _add_target(self.ctx.qemu, index, path, fmt, size, write_through, local_copy))
+
+    def keep(self) -> None:
+        """This disk is already where it goes."""
+        self.targets.append(None)
+
+    async def copy(self) -> None:
+        await _mirror(self.ctx, self.change, self.targets)
+
+    async def stop(self) -> None:
+        await self.ctx.qemu.execute("stop")
+        self.stopped = True
+        await _end_jobs(self.ctx.qemu, self.targets)
+
+    def committed(self) -> None:
+        """The change is in the store: from here on it is carried through, never undone."""
+        self._committed = True
+
+    async def switch(self, old_nodes: list[str | None], resume: bool = True) -> None:
+        await _point_at(self.ctx.qemu, self.targets, old_nodes)
+        if resume:
+            await self.ctx.qemu.execute("cont")
+
+
 async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChange,
                              current: list[RunningDisk] | None = None) -> ReplicaManager:
     """Level 0/1 (or 3, checkpointing already ended) -> 2. Returns the running replica manager."""
@@ -116,48 +181,36 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
         raise RuntimeError("no partner host is up to keep the copy")
     sizes = [await ctx.qemu.disk_size(i) for i in range(len(spec.disks))]
     images = [ctx.local_image(spec, i) for i in range(len(spec.disks))]
-    targets: list[str | None] = []
-    try:
+    async with DiskMove(ctx, change) as move:
         for i, (disk, image) in enumerate(zip(current, images, strict=True)):
             if disk.path and os.path.exists(image.path) and os.path.samefile(disk.path, image.path):
                 if disk.format != image.format:
                     raise RuntimeError(f"{image.path} is {disk.format}, this host keeps {image.format} copies")
-                targets.append(None)  # already this host's local copy (lowered to 0, or level 3 on raw)
+                move.keep()  # already this host's local copy (lowered to 0, or level 3 on raw)
                 images[i] = ctx.writable(image)  # for the nodes made from now on
                 continue
             with suppress(FileNotFoundError):
                 os.unlink(image.path)  # whatever an earlier life left there is not this disk
             ensure_image(image, sizes[i])  # the attribute is set on the file, so it must exist first
             image = images[i] = ctx.writable(image)
-            targets.append(await _add_target(ctx.qemu, i, image.path, image.format, sizes[i],
-                                             image.write_through, local_copy=True))
-        await _mirror(ctx, change, targets)
-    except Exception:
-        await _cancel(ctx.qemu, targets)
-        raise
-    await ctx.qemu.execute("stop")
-    try:
-        await _end_jobs(ctx.qemu, targets)
+            await move.add(i, image.path, image.format, sizes[i], image.write_through, local_copy=True)
+        await move.copy()
+        await move.stop()
         now = time.time()
         copies = Copies(1, {ctx.me: Copy(CopyState.CURRENT, now, RAISED),
                             partner: Copy(CopyState.OUTDATED, now, NEW_REPLICA, full=True)})
         disks = tuple(replace(d, size=sizes[i]) for i, d in enumerate(spec.disks))
         await _commit(ctx, lambda s: replace(s, level=Level.COMPONENT, disks=disks, checkpoint_on_output=False),
                       copies)
-    except OwnershipLost:
-        raise
-    except Exception:
-        await _cancel(ctx.qemu, targets)
-        await ctx.qemu.execute("cont")
-        raise
+        move.committed()
     # committed: the guest must never write to the old image again
-    await _point_at(ctx.qemu, targets, [d.node for d in current])
+    await move.switch([d.node for d in current], resume=False)
     graphs = [DiskGraph(i, Mode.LOCAL_ONLY, 1, target or current[i].node, None, None)
-              for i, target in enumerate(targets)]
+              for i, target in enumerate(move.targets)]
     replica = ctx.make_replica(images, graphs)
     await replica.begin()  # bitmap, then cont
     ctx.event("level", f"level {int(spec.level)} -> 2 while running: disks on {ctx.me}'s local "
-                               f"storage, partner {partner} syncing in full (Protected when in sync)")
+                       f"storage, partner {partner} syncing in full (Protected when in sync)")
     return replica
 
 
@@ -165,20 +218,25 @@ async def lower_from_component(ctx: LevelContext, spec: VmSpec, change: LevelCha
                                replica: ReplicaManager) -> None:
     """Level 2 -> 0 (disks stay this host's local copies) or -> 1 (moved to shared images)."""
     graphs = await replica.release()
-    targets: list[str | None] = []
-    try:
+
+    async def replicate_again(e: BaseException) -> None:
+        replica.restart()
+
+    async def partner_behind(e: BaseException) -> None:
+        # still level 2 in the store, but the partner may have been dropped from the graph:
+        # its copy is recorded outdated (full resync) before the guest writes again
+        if any(g.mode is not Mode.MIRRORED for g in graphs):
+            await replica.partner_outdated(f"lowering the level failed midway: {e}")
+
+    async with DiskMove(ctx, change) as move:
+        move.undo(replicate_again)
         if change.level == 1:
             for i, path in enumerate(_shared_targets(ctx, spec, change)):
                 fmt = spec.disks[i].format if spec.disks[i].path == path else "raw"
-                targets.append(await _add_target(ctx.qemu, i, path, fmt, await ctx.qemu.disk_size(i)))
-            await _mirror(ctx, change, targets)
-    except Exception:
-        await _cancel(ctx.qemu, targets)
-        replica.restart()
-        raise
-    await ctx.qemu.execute("stop")
-    try:
-        await _end_jobs(ctx.qemu, targets)
+                await move.add(i, path, fmt, await ctx.qemu.disk_size(i))
+            await move.copy()
+        await move.stop()
+        move.undo(partner_behind)
         await _drop_partner(ctx.qemu, replica, graphs)
         if change.level == 1:
             disks = tuple(DiskSpec(path=p, format=spec.disks[i].format if spec.disks[i].path == p else "raw",
@@ -187,19 +245,8 @@ async def lower_from_component(ctx: LevelContext, spec: VmSpec, change: LevelCha
             disks = tuple(DiskSpec(path=img.path, format=img.format, size=spec.disks[i].size)
                           for i, img in enumerate(replica.images))
         await _commit(ctx, lambda s: replace(s, level=Level(change.level), disks=disks), None)
-    except OwnershipLost:
-        raise
-    except Exception as e:
-        # still level 2 in the store, but the partner may have been dropped from the graph:
-        # its copy is recorded outdated (full resync) before the guest writes again
-        await _cancel(ctx.qemu, targets)
-        if any(g.mode is not Mode.MIRRORED for g in graphs):
-            await replica.partner_outdated(f"lowering the level failed midway: {e}")
-        replica.restart()
-        await ctx.qemu.execute("cont")
-        raise
-    await _point_at(ctx.qemu, targets, [g.local for g in graphs])
-    await ctx.qemu.execute("cont")
+        move.committed()
+    await move.switch([g.local for g in graphs])
     where = "shared images " + ", ".join(change.disk_paths) if change.level == 1 else f"{ctx.me}'s local copy"
     ctx.event("level", f"level 2 -> {change.level} while running: replica released, disks on {where}")
 
@@ -211,31 +258,19 @@ async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange
     behind the relay (now a plain pass-through) until the next restart."""
     if change.level == 2:
         return await raise_to_component(ctx, spec, change, current)
-    targets: list[str | None] = []
     sizes = [await ctx.qemu.disk_size(i) for i in range(len(spec.disks))]
-    if change.level == 1:
-        try:
+    async with DiskMove(ctx, change) as move:
+        if change.level == 1:
             for i, path in enumerate(_shared_targets(ctx, spec, change)):
-                targets.append(await _add_target(ctx.qemu, i, path, "raw", sizes[i]))
-            await _mirror(ctx, change, targets)
-        except Exception:
-            await _cancel(ctx.qemu, targets)
-            raise
-    await ctx.qemu.execute("stop")
-    try:
-        await _end_jobs(ctx.qemu, targets)
+                await move.add(i, path, "raw", sizes[i])
+            await move.copy()
+        await move.stop()
         paths = change.disk_paths if change.level == 1 else tuple(d.path for d in current)
         disks = tuple(DiskSpec(path=p, format="raw", size=sizes[i]) for i, p in enumerate(paths))
         await _commit(ctx, lambda s: replace(s, level=Level(change.level), disks=disks, checkpoint_on_output=False),
                       None)
-    except OwnershipLost:
-        raise
-    except Exception:
-        await _cancel(ctx.qemu, targets)
-        await ctx.qemu.execute("cont")
-        raise
-    await _point_at(ctx.qemu, targets, [d.node for d in current])
-    await ctx.qemu.execute("cont")
+        move.committed()
+    await move.switch([d.node for d in current])
     where = "shared images " + ", ".join(change.disk_paths) if change.level == 1 else f"{ctx.me}'s local copy"
     ctx.event("level", f"level 3 -> {change.level} while running: checkpointing ended, disks on {where}")
     return None

@@ -1,0 +1,130 @@
+"""The disk move every online level change makes (agent/levels.py, DiskMove), against the
+fake QEMU: what it asks QEMU in order, and how each failure is undone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fake_qemu import FakeQemu
+from ftvm.agent.levels import DiskMove, LevelContext
+from ftvm.core.model import DiskSpec, Level, LevelChange, NicSpec, VmSpec
+from ftvm.store.pool import OwnershipLost
+
+SPEC = VmSpec("web", Level.RESTART, 256, 1, (DiskSpec("/s/web.img"),), (NicSpec("52:54:00:00:00:01"),))
+CHANGE = LevelChange(level=2, source="h1", token=7, requested=0.0)
+
+
+class Owner:
+    """The VM's context as the move sees it (no store is needed below 0.5 s of copying)."""
+    vm, token, me = "web", 7, "h1"
+
+    def event(self, kind: str, message: str) -> None:
+        pass
+
+
+def script_block_jobs(fake: FakeQemu, vanish: bool = False) -> None:
+    """blockdev-mirror starts a job that is ready at once; block-job-cancel ends it (or,
+    `vanish`, the job is gone before it is ready: an I/O error on the target)."""
+    jobs: dict[str, dict[str, Any]] = {}
+
+    def mirror(args: dict[str, Any]) -> dict[str, Any]:
+        if not vanish:
+            jobs[args["job-id"]] = {"device": args["job-id"], "ready": True, "offset": 1, "len": 1}
+        return {}
+
+    def cancel(args: dict[str, Any]) -> dict[str, Any]:
+        jobs.pop(args["device"], None)
+        return {}
+    fake.on("blockdev-mirror", mirror)
+    fake.on("block-job-cancel", cancel)
+    fake.on("query-block-jobs", lambda args: list(jobs.values()))
+    for cmd in ("blockdev-add", "blockdev-del", "blockdev-reopen"):
+        fake.on(cmd, lambda args: {})
+
+
+async def start(tmp_path: Path, vanish: bool = False) -> tuple[FakeQemu, LevelContext, str]:
+    fake = FakeQemu(tmp_path / "run")
+    script_block_jobs(fake, vanish)
+    qemu = await fake.start_vm(SPEC)
+    target = tmp_path / "local" / "disk0.img"
+    target.parent.mkdir()
+    target.write_bytes(b"")  # exists: nothing to create
+    ctx = LevelContext(Owner(), qemu, lambda spec, i: None, lambda img: img, lambda i, g: None)  # type: ignore[arg-type]
+    return fake, ctx, str(target)
+
+
+async def test_a_move_copies_stops_commits_then_switches(tmp_path: Path) -> None:
+    fake, ctx, target = await start(tmp_path)
+    try:
+        async with DiskMove(ctx, CHANGE) as move:
+            await move.add(0, target, "raw", 1 << 20)
+            await move.copy()
+            await move.stop()
+            move.committed()
+        await move.switch(["disk0-image"])
+        assert fake.commands() == ["blockdev-add", "blockdev-mirror", "query-block-jobs", "stop",
+                                   "block-job-cancel", "query-block-jobs", "blockdev-reopen", "blockdev-del", "cont"]
+        assert dict(fake.calls)["blockdev-mirror"]["copy-mode"] == "write-blocking"
+    finally:
+        await fake.close()
+
+
+async def test_a_copy_that_fails_is_cancelled_and_the_guest_never_stopped(tmp_path: Path) -> None:
+    fake, ctx, target = await start(tmp_path, vanish=True)
+    undone: list[str] = []
+
+    async def undo(e: BaseException) -> None:
+        undone.append(str(e))
+    try:
+        with pytest.raises(RuntimeError, match="ended early"):
+            async with DiskMove(ctx, CHANGE) as move:
+                move.undo(undo)
+                await move.add(0, target, "raw", 1 << 20)
+                await move.copy()
+        assert "stop" not in fake.commands() and "cont" not in fake.commands()
+        assert fake.commands()[-1] == "blockdev-del"  # the new node removed
+        assert undone and "ended early" in undone[0]
+    finally:
+        await fake.close()
+
+
+async def test_a_failed_commit_undoes_in_order_and_the_guest_continues(tmp_path: Path) -> None:
+    fake, ctx, target = await start(tmp_path)
+    order: list[str] = []
+
+    def step(name: str):  # type: ignore[no-untyped-def]
+        async def undo(e: BaseException) -> None:
+            order.append(name)
+        return undo
+    try:
+        with pytest.raises(RuntimeError, match="etcd said no"):
+            async with DiskMove(ctx, CHANGE) as move:
+                move.undo(step("first registered"))
+                await move.add(0, target, "raw", 1 << 20)
+                await move.copy()
+                await move.stop()
+                move.undo(step("second registered"))
+                raise RuntimeError("etcd said no")
+        assert order == ["second registered", "first registered"]
+        assert fake.commands()[-1] == "cont" and fake.status == "running"
+    finally:
+        await fake.close()
+
+
+async def test_ownership_lost_undoes_nothing_the_guest_stays_stopped(tmp_path: Path) -> None:
+    """The caller kills this copy: continuing the guest would let a second copy write."""
+    fake, ctx, target = await start(tmp_path)
+    try:
+        with pytest.raises(OwnershipLost):
+            async with DiskMove(ctx, CHANGE) as move:
+                await move.add(0, target, "raw", 1 << 20)
+                await move.copy()
+                await move.stop()
+                raise OwnershipLost("another host owns the VM")
+        assert fake.status == "paused" and "cont" not in fake.commands()
+        assert fake.commands().count("blockdev-del") == 0
+    finally:
+        await fake.close()
