@@ -79,9 +79,10 @@ def lab_parent() -> Iterator[Path]:
 
 
 def _keep_logs(lab_dir: Path) -> None:
-    """The lab's logs (agents, QEMU, storage daemons) outlive it, for a failure's post-mortem."""
+    """The lab's logs (agents, QEMU, storage daemons, lab clients) outlive it, for a failure's post-mortem."""
     keep = LAB_ROOT / "logs" / lab_dir.parent.name
-    for log in [*lab_dir.glob("*/*.log"), *lab_dir.glob("*/state/vms/*/*.log")]:
+    for log in [*lab_dir.glob("*/*.log"), *lab_dir.glob("*/state/vms/*/*.log"), *lab_dir.glob("*/state/vms/*/l3/*.log"),
+                *lab_dir.glob("client-*.jsonl")]:
         dest = keep / log.relative_to(lab_dir)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(log, dest)

@@ -122,7 +122,7 @@ def test_moves_and_level_changes_campaign(lab: labmod.LabState, guest_image) -> 
                         pool.wait_for("protected", lambda s: protection(s, s.vms["round"]).protected, 120)
                 client.wait_acks(10, 30, after=time.time())
         acks = client.stop()
-        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert [e.get("kind") for e in client.other_events()] == ["connect"], client.other_events()
         assert sequence_breaks(acks) == (0, 0)
         assert check_acked_on_disk(Path(spec.disks[0].path), acks)[1] == []
     finally:

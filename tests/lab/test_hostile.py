@@ -95,7 +95,7 @@ def test_hostile_peers_are_refused_and_change_nothing(lab: labmod.LabState, gues
         pool.wait_for("on h2", lambda s: runs_on(s, "hx3", "h2"), 60)
         client.wait_acks(20, 30, after=time.time())
         acks = client.stop()
-        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert [e.get("kind") for e in client.other_events()] == ["connect"], client.other_events()
         assert sequence_breaks(acks) == (0, 0)
         raw, _ = pool.copy_path("hx3", "h2")
         assert check_acked_on_disk(raw, acks)[1] == []

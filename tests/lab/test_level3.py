@@ -83,7 +83,7 @@ def test_a_link_loss_leaves_the_primary_running_unprotected_then_protection_retu
         acks = client.stop()
         view = pool.snapshot().vms["l3link"]
         assert view.owner is not None and (view.owner.host, view.owner.token) == ("h1", token)
-        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert [e.get("kind") for e in client.other_events()] == ["connect"], client.other_events()
         assert sequence_breaks(acks) == (0, 0)
         # answered while both links were down, without waiting for the partner
         assert sum(1 for a in acks if cut_at < a.t < restored_at) >= 50
@@ -125,7 +125,7 @@ def test_primary_cut_from_quorum_and_partner_stops_and_the_partner_carries_on(
         pool.wait_for("h1's copy gone", lambda s: not any(ns == topo.host_ns("h1") for _, ns in find_copies("l3q")),
                       60)
         acks = client.stop()
-        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert [e.get("kind") for e in client.other_events()] == ["connect"], client.other_events()
         assert sequence_breaks(acks) == (0, 0)
         raw, _ = pool.copy_path("l3q", "h2")
         from ftvm.lab.scenario import check_acked_on_disk
@@ -183,7 +183,7 @@ def test_live_migration_is_a_switchover_from_a_final_checkpoint(lab: labmod.LabS
                 client.wait_acks(20, 30, after=time.time())
         acks = client.stop()
         assert observer.max_copies == 1, observer.overlaps
-        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert [e.get("kind") for e in client.other_events()] == ["connect"], client.other_events()
         assert sequence_breaks(acks) == (0, 0)
         raw, _ = pool.copy_path("l3mig", "h1")
         assert check_acked_on_disk(Path(raw), acks)[1] == []
@@ -239,7 +239,7 @@ def test_a_running_level3_vm_is_lowered_without_a_restart(lab: labmod.LabState, 
         assert pool.snapshot().vms["l3low"].status.detail == pid  # the same QEMU all along
         pool.wait_for("the partner dropped its RAM replica", lambda s: not partner_ram.exists(), 30)
         acks = client.stop()
-        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert [e.get("kind") for e in client.other_events()] == ["connect"], client.other_events()
         assert sequence_breaks(acks) == (0, 0)
         disk = Path(pool.snapshot().vms["l3low"].spec.disks[0].path)
         assert check_acked_on_disk(disk, acks)[1] == [] and len(acks) > 60
@@ -293,7 +293,7 @@ def test_a_running_vm_is_raised_to_level3_without_a_restart(lab: labmod.LabState
                 assert str(protection(snap, view)) == "Protected"
             client.wait_acks(20, 30, after=time.time())
         acks = client.stop()
-        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert [e.get("kind") for e in client.other_events()] == ["connect"], client.other_events()
         assert sequence_breaks(acks) == (0, 0)  # no reboot: the sequence carries on
         assert check_acked_on_disk(Path(spec.disks[0].path), acks)[1] == [] and len(acks) > 80
         events = [e.message for e in pool.events() if e.vm == "up3" and e.kind == "level"]

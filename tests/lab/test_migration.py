@@ -42,7 +42,7 @@ def test_live_migration_keeps_the_connection_and_every_record(lab: labmod.LabSta
             _wait_on(pool, "mig", target, 60)
             client.wait_acks(30, 30, after=time.time())
         acks = client.stop()
-        assert [e.get("kind") for e in client.other_events()] == ["connect"]
+        assert [e.get("kind") for e in client.other_events()] == ["connect"], client.other_events()
         assert sequence_breaks(acks) == (0, 0)
         assert check_acked_on_disk(Path(spec.disks[0].path), acks)[1] == []
         events = [e for e in pool.events() if e.vm == "mig"]
