@@ -1,0 +1,106 @@
+"""Every branch of `decide` for one VM (core/decide.py, `_decide_vm`), as a table: the pool
+as the snapshot says, what this host runs, and the one decision that must come out."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from ftvm.core.decide import Action, decide
+from ftvm.core.model import (Desired, DiskSpec, HostInfo, Incoming, Level, LevelChange, LocalView, LocalVm,
+                             Migration, NicSpec, Ownership, PoolSnapshot, RunState, VmSpec, VmStatus, VmView)
+from ftvm.core.replication import CopyState, mark, new_copies
+
+SHARED = "/srv/shared"
+HOSTS = {h: HostInfo(h, 4096, 4, (SHARED,), replication_addr=f"10.79.0.{i}") for i, h in enumerate(("h1", "h2"), 1)}
+SPEC = VmSpec("web", Level.RESTART, 256, 1, (DiskSpec(f"{SHARED}/web.img"),), (NicSpec("52:54:00:00:00:01"),),
+              desired=Desired.RUNNING, preferred_host="h1")
+OWNED = Ownership("h1", 7)
+MIGRATION = Migration(to="h2", source="h1", token=7, started=1.0)
+INCOMING = Incoming("h2", "10.79.0.2", 4444)
+
+
+def running(token: int = 7, state: RunState = RunState.RUNNING) -> dict[str, LocalVm]:
+    return {"web": LocalVm("web", state, token)}
+
+
+L2_COPIES = mark(new_copies("h1", "h2", 0.0), "h2", CopyState.OUTDATED, "h2 down", 1.0)
+
+CASES: list[tuple[str, str, dict[str, Any], dict[str, LocalVm], Action, str]] = [
+    # (case, this host, VmView fields, what this host runs, decision, in its reason)
+    # --- nobody owns it
+    ("unowned, running here after a handover", "h1", dict(owner=None, handover_host="h2"), running(),
+     Action.KILL, "handed the VM over to h2"),
+    ("unowned, running here: lease lost", "h1", dict(owner=None), running(), Action.KILL, "without ownership"),
+    ("handed over to this host", "h2", dict(owner=None, handover_host="h2"), {}, Action.CLAIM, "handed the VM over"),
+    ("target of a migration that went elsewhere", "h1",
+     dict(owner=None, handover_host="h2"), running(0, RunState.INCOMING), Action.KILL, "the migration went to h2"),
+    ("another host takes it over after a handover", "h1", dict(owner=None, handover_host="h2"), {},
+     Action.WAIT, "migrated to h2"),
+    ("a waiting migration target with no handover", "h2", dict(owner=None), running(0, RunState.INCOMING),
+     Action.KILL, "migration abandoned"),
+    ("unowned and stopped", "h1", dict(owner=None, spec=replace(SPEC, desired=Desired.STOPPED)), {},
+     Action.WAIT, "stopped"),
+    ("unowned, this host chosen", "h1", dict(owner=None), {}, Action.CLAIM, "home host h1"),
+    ("unowned, another host chosen", "h2", dict(owner=None), {}, Action.WAIT, "h1"),
+    # --- another host owns it
+    ("owned elsewhere, running here", "h2", dict(), running(7), Action.KILL, "never two copies"),
+    ("receiving its live migration", "h2", dict(migration=MIGRATION, incoming=INCOMING),
+     running(0, RunState.INCOMING), Action.WAIT, "receiving the live migration"),
+    ("a migration target no longer asked for", "h2", dict(), running(0, RunState.INCOMING), Action.KILL,
+     "migration abandoned"),
+    ("asked to receive a live migration", "h2", dict(migration=MIGRATION), {}, Action.PREPARE_INCOMING,
+     "preparing to receive"),
+    ("owned elsewhere", "h2", dict(), {}, Action.WAIT, "runs on h1"),
+    # --- this host owns it
+    ("running here under a stale token", "h1", dict(), running(6), Action.KILL, "stale"),
+    ("its migration target listens", "h1", dict(migration=MIGRATION, incoming=INCOMING), running(),
+     Action.MIGRATE, "live migration to h2"),
+    ("a level change asked", "h1", dict(level_change=LevelChange(2, "h1", 7, 1.0)), running(),
+     Action.CHANGE_LEVEL, "level 1 -> 2"),
+    ("a level change asked under another token is not this owner's", "h1",
+     dict(level_change=LevelChange(2, "h1", 5, 1.0)), running(), Action.WAIT, "running"),
+    ("failback to its preferred host", "h2",
+     dict(owner=Ownership("h2", 7), spec=replace(SPEC, failback=True),
+          status=VmStatus("h2", RunState.RUNNING, 7, 1.0)), running(), Action.FAILBACK, "h1"),
+    ("running", "h1", dict(), running(), Action.WAIT, "running"),
+    ("received by live migration: resume it", "h1", dict(), running(7, RunState.INCOMING), Action.START,
+     "resuming the received VM"),
+    ("crashed: start again", "h1", dict(), {"web": LocalVm("web", RunState.CRASHED, 7, -9)}, Action.START,
+     "exited unasked"),
+    ("claimed after another host lost it", "h1", dict(home="h2"), {}, Action.START, "taking over from h2"),
+    ("claimed at home", "h1", dict(home="h1"), {}, Action.START, "owned here, not running"),
+    ("desired stopped, being stopped", "h1", dict(spec=replace(SPEC, desired=Desired.STOPPED)),
+     running(7, RunState.STOPPING), Action.WAIT, "stopping"),
+    ("desired stopped, running", "h1", dict(spec=replace(SPEC, desired=Desired.STOPPED)), running(),
+     Action.STOP, "desired state is stopped"),
+    ("desired stopped, QEMU gone", "h1", dict(spec=replace(SPEC, desired=Desired.STOPPED)), {},
+     Action.RELEASE, "releasing ownership"),
+]
+
+
+@pytest.mark.parametrize("case, me, fields, vms, action, why", CASES, ids=[c[0] for c in CASES])
+def test_decide(case: str, me: str, fields: dict[str, Any], vms: dict[str, LocalVm], action: Action,
+                why: str) -> None:
+    view = VmView(**({"spec": SPEC, "owner": OWNED, "home": "h1"} | fields))
+    snap = PoolSnapshot(5, HOSTS, {"web": view})
+    [d] = [d for d in decide(snap, LocalView(me, vms, now=1000.0)).decisions if d.vm == "web"]
+    assert d.action is action and why in d.reason, d
+    if action in (Action.START, Action.STOP, Action.RELEASE, Action.MIGRATE, Action.CHANGE_LEVEL,
+                  Action.FAILBACK):
+        assert d.token == (view.owner.token if view.owner else None)  # every owner action is fenced
+
+
+def test_replace_partner_when_a_level2_partner_stays_down() -> None:
+    """Level 2 owner whose partner host left the pool long enough ago: a new replica elsewhere."""
+    hosts = HOSTS | {"h3": HostInfo("h3", 4096, 4, (SHARED,), replication_addr="10.79.0.3")}
+    hosts.pop("h2")
+    spec = replace(SPEC, level=Level.COMPONENT, disks=(DiskSpec(size=64 << 20),))
+    view = VmView(spec, owner=OWNED, home="h1", copies=L2_COPIES)
+    snap = PoolSnapshot(5, hosts, {"web": view})
+    [d] = [d for d in decide(snap, LocalView("h1", running(), now=1000.0), 60.0).decisions if d.vm == "web"]
+    assert (d.action, d.target) == (Action.REPLACE_PARTNER, "h3") and "h2 down" in d.reason
+    [early] = [d for d in decide(snap, LocalView("h1", running(), now=30.0), 60.0).decisions if d.vm == "web"]
+    assert early.action is Action.WAIT
