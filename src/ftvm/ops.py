@@ -12,8 +12,9 @@ from typing import Any
 from dataclasses import replace
 
 from .core.availability import Report, report
-from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, RunState, VmSpec, VmView
+from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, VmSpec, VmView
 from .core.placement import migration_problem, overcommit_problem
+from .core.transitions import How, plan_level_change
 from .core.validate import check_new_vm
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError, Problem
 from .store.pool import Event, PoolStore
@@ -73,14 +74,11 @@ async def remove(store: PoolStore, name: str) -> None:
         raise FtvmError(f"VM {name} changed while being removed; nothing removed", REFUSED)
 
 
-ONLINE_LEVEL_CHANGE_3 = ("level 3 changes are made on a running VM (it moves live into, or out of, a "
-                         "checkpointed QEMU): start it first, or add a new level 3 VM")
-
-
 async def change_level(store: PoolStore, name: str, level: int,
                        disk_paths: tuple[str, ...] = (), overwrite: bool = False) -> tuple[int, bool]:
     """Change a VM's protection level. A stopped VM's spec changes at once; a running VM
-    changes without a restart (its owner's agent does the work: agent/levels.py).
+    changes without a restart (its owner's agent does the work: agent/levels.py). The rules
+    are core/transitions.py's `plan_level_change`.
     Returns (previous level, whether the change is online and still under way)."""
     if level not in (0, 1, 2, 3):
         raise FtvmError(f"level {level} does not exist (0, 1, 2 or 3)", BAD_INPUT)
@@ -89,57 +87,23 @@ async def change_level(store: PoolStore, name: str, level: int,
     if got is None:
         raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
     spec, rev = got
+    plan = plan_level_change(snap, view, spec, Level(level), disk_paths, overwrite, os.path.exists)
+    if isinstance(plan, Problem):
+        raise FtvmError(plan, plan.code)
     old = int(spec.level)
-    if level == old:
+    if plan.how is How.NOTHING:
         return old, False
-    stopped = view.owner is None and spec.desired is Desired.STOPPED
-    if 3 in (old, level) and stopped:
-        raise FtvmError(ONLINE_LEVEL_CHANGE_3, REFUSED)
-    if stopped:
+    if plan.how is How.STOPPED:
         await _change_stopped_level(store, snap, spec, rev, level)
         return old, False
-    if view.owner is None or view.status is None or view.status.state is not RunState.RUNNING:
-        raise FtvmError(f"VM {name} is starting or stopping: change its level once it runs (or is stopped)", REFUSED)
-    if view.migration is not None:
-        raise FtvmError(f"VM {name} is migrating to {view.migration.to}: change its level afterwards", REFUSED)
-    if view.level_change is not None:
-        raise FtvmError(f"VM {name} is already changing to level {view.level_change.level}", REFUSED)
-    owner = view.owner.host
-    if {old, level} <= {0, 1}:  # the disks stay where they are: only the spec changes
-        new = replace(spec, level=Level(level))
-        if level == 1:
-            others = [h for h in snap.hosts.values() if h.name != owner and h.can_reach(new)]
-            if not others:
-                raise FtvmError(f"level 1 restarts the VM on another host from shared storage, and no other live "
-                                f"host reaches {', '.join(d.path for d in spec.disks)}", REFUSED)
-        if not await store.update_spec(new, rev):
+    if plan.how is How.SPEC:
+        if not await store.update_spec(plan.spec, rev):
             raise FtvmError(f"VM {name} changed meanwhile; nothing changed", REFUSED)
         return old, False
-    if level in (2, 3):
-        from .core.placement import partner_with_room, raise_to_system_problem
-        partner, why = partner_with_room(snap, replace(spec, level=Level(level)), owner)
-        if partner is None:
-            raise FtvmError(f"cannot raise {name} to level {level}: {why}", REFUSED)
-        problem = raise_to_system_problem(snap, spec, owner) if level == 3 else None
-        if problem:
-            raise FtvmError(f"cannot raise {name} to level 3: {problem}", REFUSED)
-    paths: tuple[str, ...] = ()
-    if level == 1:
-        paths = disk_paths or tuple(d.path for d in spec.disks)
-        if len(paths) != len(spec.disks) or not all(paths):
-            raise FtvmError(f"level 1 keeps the disks on shared storage: give one image path per disk "
-                            f"({len(spec.disks)}) with --disk-path", BAD_INPUT)
-        moved = replace(spec, level=Level.RESTART, disks=tuple(replace(d, path=p) for d, p in zip(
-            spec.disks, paths, strict=True)))
-        if not snap.hosts[owner].can_reach(moved):
-            raise FtvmError(f"{', '.join(paths)}: not on storage {owner} shares "
-                            f"({', '.join(snap.hosts[owner].shared_storage) or 'none'})", BAD_INPUT)
-        clobbered = [p for p in paths if os.path.exists(p) and p not in {d.path for d in spec.disks}]
-        if clobbered and not overwrite:
-            raise FtvmError(f"{', '.join(clobbered)} already exists: give --overwrite to replace it (its contents "
-                            "are lost), or another --disk-path; nothing changed", REFUSED)
-    change = LevelChange(level=level, source=owner, token=view.owner.token, requested=time.time(), disk_paths=paths,
-                         overwrite=overwrite)
+    assert view.owner is not None
+    owner = view.owner.host
+    change = LevelChange(level=level, source=owner, token=view.owner.token, requested=time.time(),
+                         disk_paths=plan.disk_paths, overwrite=overwrite)
     if not await store.request_level_change(name, change, snap.hosts[owner].lease_id):
         raise FtvmError(f"VM {name} changed meanwhile (moved, or another change began); nothing changed", REFUSED)
     return old, True

@@ -104,3 +104,49 @@ def test_replace_partner_when_a_level2_partner_stays_down() -> None:
     assert (d.action, d.target) == (Action.REPLACE_PARTNER, "h3") and "h2 down" in d.reason
     [early] = [d for d in decide(snap, LocalView("h1", running(), now=30.0), 60.0).decisions if d.vm == "web"]
     assert early.action is Action.WAIT
+
+
+def _plan(level: Level, fields: dict[str, Any] | None = None, spec: VmSpec = SPEC, paths: tuple[str, ...] = (),
+          overwrite: bool = False, exists: frozenset[str] = frozenset()):  # type: ignore[no-untyped-def]
+    from ftvm.core.transitions import plan_level_change
+    status = VmStatus("h1", RunState.RUNNING, 7, 1.0)
+    view = VmView(**({"spec": spec, "owner": OWNED, "home": "h1", "status": status} | (fields or {})))
+    return plan_level_change(PoolSnapshot(5, HOSTS, {"web": view}), view, spec, level, paths, overwrite,
+                             lambda p: p in exists)
+
+
+def test_level_change_admission() -> None:
+    """`vm set --level`: what each request becomes, or the outcome and reason it is refused."""
+    from ftvm.core.transitions import How
+    from ftvm.errors import BAD_INPUT, REFUSED, Problem
+    stopped = replace(SPEC, desired=Desired.STOPPED)
+    l3 = replace(SPEC, level=Level.SYSTEM, disks=(DiskSpec(size=64 << 20),))
+    starting = {"status": VmStatus("h1", RunState.STARTING, 7, 1.0)}
+    rows: list[tuple[str, Any, How | tuple[int, str]]] = [
+        ("same level", _plan(Level.RESTART), How.NOTHING),
+        ("a stopped VM", _plan(Level.COMPONENT, {"owner": None}, stopped), How.STOPPED),
+        ("a stopped VM to level 3", _plan(Level.SYSTEM, {"owner": None}, stopped), (REFUSED, "running VM")),
+        ("while starting", _plan(Level.COMPONENT, starting), (REFUSED, "starting or stopping")),
+        ("while migrating", _plan(Level.COMPONENT, {"migration": MIGRATION}), (REFUSED, "migrating to h2")),
+        ("while another change runs", _plan(Level.COMPONENT, {"level_change": LevelChange(2, "h1", 7, 1.0)}),
+         (REFUSED, "already changing")),
+        ("1 -> 0: the spec only", _plan(Level.UNPROTECTED), How.SPEC),
+        ("1 -> 2 online", _plan(Level.COMPONENT), How.ONLINE),
+        ("1 -> 3 online", _plan(Level.SYSTEM), How.ONLINE),
+        ("3 -> 1 onto an existing image", _plan(Level.RESTART, spec=l3, paths=(f"{SHARED}/x.img",),
+                                                exists=frozenset({f"{SHARED}/x.img"})), (REFUSED, "--overwrite")),
+        ("3 -> 1 onto it with --overwrite", _plan(Level.RESTART, spec=l3, paths=(f"{SHARED}/x.img",),
+                                                  overwrite=True, exists=frozenset({f"{SHARED}/x.img"})),
+         How.ONLINE),
+        ("3 -> 1 off shared storage", _plan(Level.RESTART, spec=l3, paths=("/etc/x.img",)),
+         (BAD_INPUT, "not on storage h1 shares")),
+        ("3 -> 1 without paths", _plan(Level.RESTART, spec=replace(l3, disks=(DiskSpec(size=1 << 20),))),
+         (BAD_INPUT, "--disk-path")),
+    ]
+    for case, got, want in rows:
+        if isinstance(want, How):
+            assert not isinstance(got, Problem) and got.how is want, (case, got)
+        else:
+            assert isinstance(got, Problem) and got.code == want[0] and want[1] in got, (case, got)
+    online = _plan(Level.RESTART, spec=l3, paths=(f"{SHARED}/x.img",))
+    assert not isinstance(online, Problem) and online.disk_paths == (f"{SHARED}/x.img",)
