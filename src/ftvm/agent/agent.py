@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide
@@ -32,25 +31,24 @@ from ..core.placement import claim_plan
 from ..core.restart import after_exit, backoff
 from ..core.transitions import Transition, transition
 
-from ..core.model import (Desired, Export, HostInfo, Incoming, Level, LevelChange, LocalView, LocalVm, Migration,
+from ..core.model import (Desired, HostInfo, Incoming, Level, LevelChange, LocalView, LocalVm, Migration,
                           PoolSnapshot, RunState, VmSpec, VmStatus)
-from ..core.replication import (IMPORTED, NEW_DISK, Copies, CopyState, mark, may_start_on,
-                                replace_partner)
+from ..core.replication import (NEW_DISK, Copies, CopyState, mark, replace_partner)
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from .paths import resolved_spec
 from ..l3.channel import LinkConfig
 from ..qemu.runas import RunAs
 from ..qemu.tls import QemuTls
 from ..secret import derive
-from ..l3.standby import RAM_DIR_MARKER, ReplicaPaths, make_guest_ram_dir, read_committed
+from ..l3.standby import RAM_DIR_MARKER, make_guest_ram_dir, read_committed
 from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
 from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuError, QemuVm
-from ..qemu.storage_daemon import (StorageDaemon, StorageDaemonError, ensure_image, import_image,
-                                   restore_write_through, writable_copy)
+from ..qemu.storage_daemon import (StorageDaemonError, ensure_image, restore_write_through)
 from ..store.etcd import EtcdClient, EtcdError
 from ..store.pool import HISTORY_DAYS, MAX_EVENTS, OwnershipLost, PoolStore
-from .copydir import claim_copy_dir, copy_image
+from .disks import HostDisks, IncomingDisks
+from .exports import Exports
 from .config import AgentConfig
 from ..api.metrics import AgentCounters, AgentHealth
 from . import levels, migration
@@ -58,19 +56,10 @@ from .fence import FenceGuard
 from .context import HostContext
 from .journal import Journal
 from .lease import HostLease
-from .l3 import L3Partner, L3Primary, replica_paths
+from .l3 import L3Partner, L3Primary
 from .replica import ReplicaManager
 
 log = logging.getLogger("ftvm.agent")
-
-
-@dataclass(frozen=True)
-class IncomingDisks:
-    """A level 2 migration target's disks: this host's copies, opened local-only."""
-
-    images: list[LocalImage]
-    graphs: list[DiskGraph]
-    blockdevs: list[list[dict[str, Any]]]
 
 
 @dataclass
@@ -121,18 +110,18 @@ class Agent:
         self.guard = FenceGuard(self.t.fence_check, self._on_fence)
         self.wake = asyncio.Event()
         self.snapshot: PoolSnapshot | None = None
-        self.exports: dict[str, StorageDaemon] = {}  # level 2 copies this host serves
-        self._claimed_dirs: set[tuple[str, str]] = set()  # (VM, definition) copy dirs checked
         self.l3_partner: L3Partner | None = None       # level 3 standbys this host keeps
         self.counters = AgentCounters()
         self._api: Any = None                           # the REST API + /metrics runner
         self.journal = Journal(config.name, self.store, self.counters)
+        self.disks = HostDisks(config, self.journal)
         self.event, self.history = self.journal.event, self.journal.history
         self.host_lease = HostLease(self.etcd, self.store, config.name, config.pool, config.state_dir, self.t,
                                     lambda lease: replace(self.info, lease_id=lease), self.guard, self.journal,
                                     self.wake.set)
         self.ctx = HostContext(config.name, self.store, self.host_lease, self.journal, lambda: self.snapshot,
                                self.wake.set, self.t)
+        self.exports = Exports(config, self.ctx, self.disks, self.qemu_tls, run_as)  # level 2 copies served
         self.handlers = self._handlers()
         self._next_trim = 0.0
         self._next_write_through_check = 0.0
@@ -202,7 +191,7 @@ class Agent:
         if not (self.cfg.replication_addr and self.cfg.local_storage):
             return
         self.l3_partner = L3Partner(self.ctx, self.cfg.replication_addr, self.cfg.checkpoint_port,
-                                    self._l3_link.key, self._l3_files)
+                                    self._l3_link.key, self.disks.l3_files)
         try:
             await self.l3_partner.start()
         except OSError as e:
@@ -214,24 +203,6 @@ class Agent:
     def _l3_link(self) -> LinkConfig:
         return LinkConfig(self.cfg.checkpoint_port, derive(self.cfg.pool_secret, "checkpoint stream"),
                           self.cfg.replication_addr)
-
-    def _l3_files(self, spec: VmSpec) -> ReplicaPaths:
-        assert self.cfg.local_storage is not None
-        self._copy_dir(spec)
-        return replica_paths(spec, self.cfg.guest_ram_dir, self.cfg.local_storage)
-
-    def _copy_dir(self, spec: VmSpec) -> Path:
-        """This host's directory of the VM's copies, made sure to be this definition's: the
-        images of an earlier VM of the same name are set aside first (agent/copydir.py)."""
-        assert self.cfg.local_storage is not None
-        d = self.cfg.local_storage / spec.name
-        if (spec.name, spec.definition) not in self._claimed_dirs:
-            moved = claim_copy_dir(d, spec.definition)
-            if moved is not None:
-                self.event(spec.name, "warning", f"{d} held the images of an earlier VM named {spec.name}: "
-                                                 f"set aside as {moved} (not deleted)")
-            self._claimed_dirs.add((spec.name, spec.definition))
-        return d
 
     def _request_stop(self) -> None:
         self._stopping = True
@@ -310,7 +281,7 @@ class Agent:
     def local_view(self) -> LocalView:
         return LocalView(self.cfg.name, {
             name: LocalVm(name, rec.state, rec.token, rec.exit_code) for name, rec in self.vms.items()},
-            frozenset(self.exports), self.l3_partner.local_standbys() if self.l3_partner else {}, now=time.time())
+            self.exports.names(), self.l3_partner.local_standbys() if self.l3_partner else {}, now=time.time())
 
     async def tick(self) -> TickReport:
         t0 = time.monotonic()
@@ -355,7 +326,7 @@ class Agent:
         self._next_write_through_check = time.monotonic() + WRITE_THROUGH_CHECK_INTERVAL
         held = [(name, rec.replica.images) for name, rec in self.vms.items() if rec.replica is not None]
         held += [(name, rec.kept_write_through) for name, rec in self.vms.items() if rec.kept_write_through]
-        held += [(name, daemon.images) for name, daemon in self.exports.items()]
+        held += self.exports.images()
         for vm, images in held:
             for path in await asyncio.to_thread(restore_write_through, images):
                 self.event(vm, "warning", f"{path} had lost its synchronous-write attribute: set again "
@@ -451,13 +422,11 @@ class Agent:
         if rec.qemu:
             asyncio.create_task(self._stop_vm(rec, rec.qemu, grace))
 
+    async def _export(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        await self.exports.serve(snapshot.vms[d.vm].spec, d.reason)
+
     async def _unexport(self, d: Decision, snapshot: PoolSnapshot) -> None:
-        daemon = self.exports.pop(d.vm, None)
-        if daemon is not None:
-            await daemon.stop()
-        with suppress(EtcdError):
-            await self.store.withdraw_export(d.vm, self.cfg.name)
-        self.event(d.vm, "unexport", f"stopped serving this host's copy: {d.reason}")
+        await self.exports.withdraw(d.vm, d.reason)
 
     async def _release(self, d: Decision, snapshot: PoolSnapshot) -> None:
         assert d.token is not None
@@ -485,7 +454,7 @@ class Agent:
         disks: IncomingDisks | None = None
         try:
             if spec.level is Level.COMPONENT:
-                disks = self._incoming_disks(spec, snapshot.vms[d.vm].copies)
+                disks = self.disks.incoming(spec, snapshot.vms[d.vm].copies)
             qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
                                       on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
                                       incoming=True, debug_qmp=self.cfg.debug_qmp,
@@ -511,31 +480,6 @@ class Agent:
             return
         self.event(d.vm, "incoming", f"{d.reason}: QEMU pid {qemu.pid} listens on "
                                      f"{incoming.addr}:{incoming.port}")
-
-    def _incoming_disks(self, spec: VmSpec, copies: Copies | None) -> IncomingDisks:
-        """Level 2 target: the QEMU receiving the VM opens this host's copy, which must be
-        current (the source checks it again in the handover)."""
-        ok, why = may_start_on(copies, self.cfg.name)
-        if not ok:
-            raise StorageDaemonError(f"cannot receive the VM on its disks: {why}")
-        images = [self._image(spec, i) for i in range(len(spec.disks))]
-        graphs, blockdevs = [], []
-        for i, image in enumerate(images):
-            if not os.path.exists(image.path):
-                raise StorageDaemonError(f"this host's copy {image.path} is missing")
-            image = images[i] = self._writable(image)
-            g, nodes = local_only_start(i, image)
-            graphs.append(g)
-            blockdevs.append(nodes)
-        return IncomingDisks(images, graphs, blockdevs)
-
-    async def _stop_export(self, vm: str) -> None:
-        """This host is to run the VM on the copy it served: release the image first."""
-        daemon = self.exports.pop(vm, None)
-        if daemon is not None:
-            await daemon.stop()
-            with suppress(EtcdError):
-                await self.store.withdraw_export(vm, self.cfg.name)
 
     async def _migrate_out(self, d: Decision, snapshot: PoolSnapshot) -> None:
         view = snapshot.vms[d.vm]
@@ -598,7 +542,7 @@ class Agent:
             qemu, token = rec.qemu, d.token
             owner = self.ctx.for_vm(d.vm, token)
             ctx = levels.LevelContext(
-                owner, qemu, self._image, self._writable,
+                owner, qemu, self.disks.image, self.disks.writable,
                 lambda images, graphs: ReplicaManager(owner, qemu, images, graphs),
                 shared_storage=self.cfg.shared_storage)
             spec = view.spec
@@ -618,7 +562,7 @@ class Agent:
                 except RuntimeError as e:
                     raise OwnershipLost(str(e)) from None
                 current = [levels.RunningDisk(str(p), "raw", f"disk{i}-file")
-                           for i, p in enumerate(self._l3_files(spec).disks)]
+                           for i, p in enumerate(self.disks.l3_files(spec).disks)]
                 rec.replica = await levels.lower_from_system(ctx, spec, change, current)
             else:
                 raise RuntimeError(f"level {int(spec.level)} -> {change.level} cannot be made while running")
@@ -647,7 +591,7 @@ class Agent:
             current = await levels.end_replication(replica, "level 3 asked: the replica is rebuilt by checkpoints")
         else:
             current = levels.running_disks(spec)
-        files = self._l3_files(spec)
+        files = self.disks.l3_files(spec)
         run_dir = self.cfg.state_dir / "vms" / d.vm / "l3"
         paths = VmPaths(run_dir)
 
@@ -704,7 +648,7 @@ class Agent:
             if disks is None:
                 await qemu.execute("cont")
             else:  # level 2: on this host's copy, tracking every write for the old host's resync
-                await self._stop_export(d.vm)
+                await self.exports.withdraw(d.vm)
                 rec.replica = ReplicaManager(self.ctx.for_vm(d.vm, d.token), qemu, disks.images, disks.graphs)
                 await rec.replica.begin()
         except Exception as e:
@@ -768,8 +712,8 @@ class Agent:
                 l3, checkpointed, blockdevs = await self._prepare_l3(spec, view.copies, token, paths)
                 rec.l3, resume = l3, checkpointed.incoming
             elif spec.level is Level.COMPONENT:
-                await self._stop_export(d.vm)  # promoted partner: release the image first
-                images = self._prepare_images(spec, view.copies)
+                await self.exports.withdraw(d.vm)  # promoted partner: release the image first
+                images = self.disks.prepare(spec, view.copies)
                 blockdevs = []
                 for i, image in enumerate(images):
                     g, nodes = local_only_start(i, image)
@@ -833,7 +777,7 @@ class Agent:
         this host boots from the disk, which has moved on since)."""
         if self.cfg.local_storage is None:
             raise StorageDaemonError("this host has no local_storage configured for level 3 copies")
-        files = self._l3_files(spec)
+        files = self.disks.l3_files(spec)
         if self.l3_partner is not None:
             self.l3_partner.drop(spec.name)
         copies = await self._outdate_other_copies(spec.name, token, copies)
@@ -882,58 +826,6 @@ class Agent:
         except OwnershipLost as e:
             raise StorageDaemonError(f"ownership lost before the start (the partner took over?): {e}") from None
 
-    def _image(self, spec: VmSpec, index: int) -> LocalImage:
-        if self.cfg.local_storage is None:
-            raise StorageDaemonError("this host has no local_storage configured for level 2 copies")
-        self._copy_dir(spec)
-        return copy_image(self.cfg.local_storage, spec.name, index, self.cfg.local_format)
-
-    def _prepare_images(self, spec: VmSpec, copies: Copies | None) -> list[LocalImage]:
-        """This host's copy of each disk. An empty one is made only for a brand-new VM;
-        a current copy that is missing on disk is an error, never silently replaced."""
-        mine = copies.state_of(self.cfg.name) if copies else None
-        brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason in (NEW_DISK, IMPORTED)
-        images = []
-        for i, disk in enumerate(spec.disks):
-            image = self._image(spec, i)
-            if not os.path.exists(image.path):
-                if not brand_new:
-                    raise StorageDaemonError(f"this host's copy {image.path} is missing")
-                if disk.path:
-                    import_image(disk.path, disk.format, image)
-                else:
-                    ensure_image(image, disk.size)
-            images.append(self._writable(image))
-        return images
-
-    def _writable(self, image: LocalImage) -> LocalImage:
-        return writable_copy(image, self.cfg.write_through_copies)
-
-    async def _export(self, d: Decision, snapshot: PoolSnapshot) -> None:
-        """Partner: serve this host's copy (made empty if it has none: the primary is then
-        told, and resyncs it in full)."""
-        spec = snapshot.vms[d.vm].spec
-        if not self.cfg.replication_addr:
-            self.event(d.vm, "error", "cannot serve a level 2 copy: no replication_addr configured")
-            return
-        try:
-            images = [self._image(spec, i) for i in range(len(spec.disks))]
-            # a list, not a generator: any() would stop at the first image made and skip the rest
-            fresh = any([ensure_image(img, disk.size) for img, disk in zip(images, spec.disks, strict=True)])
-            images = [self._writable(img) for img in images]
-            assert self.qemu_tls is not None  # replication_addr needs the pool secret (config)
-            daemon = await StorageDaemon.start(d.vm, images, self.cfg.replication_addr,
-                                               self.cfg.state_dir / "vms" / d.vm / "export.log", self.qemu_tls,
-                                               self.run_as, self.cfg.state_dir / "export-tls" / d.vm)
-        except StorageDaemonError as e:
-            self.event(d.vm, "error", f"cannot serve this host's copy: {e}")
-            return
-        self.exports[d.vm] = daemon
-        await self.store.publish_export(d.vm, Export(self.cfg.name, daemon.addr, daemon.port, fresh),
-                                        self.lease)
-        self.event(d.vm, "export", f"{d.reason} on {daemon.addr}:{daemon.port}"
-                                   + (" (new empty copy: needs a full resync)" if fresh else ""))
-
     def _drop_stale_guest_ram(self, snapshot: PoolSnapshot) -> None:
         """Level 3 RAM files (tmpfs: real memory) of VMs removed or stopped and not run here."""
         root = self.cfg.guest_ram_dir
@@ -965,10 +857,7 @@ class Agent:
             waiting = rec.state is RunState.INCOMING and rec.qemu is not None and rec.qemu.alive
             if rec.state not in ACTIVE_STATES and not owned_here and not waiting:
                 del self.vms[name]
-        for name, daemon in list(self.exports.items()):
-            if not daemon.alive:
-                self.exports.pop(name)
-                self.event(name, "error", "the storage daemon serving this host's copy died")
+        self.exports.forget_dead()
 
     # QMP events worth an entry in the event log; exits are seen by _watch_process.
     NOTABLE_QEMU_EVENTS = frozenset({"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED",
