@@ -31,7 +31,8 @@ from typing import Any
 
 from ..core.model import Export
 from ..core.model import SyncProgress
-from ..core.replication import Copies, CopyState, mark, needs_full_resync
+from ..core.replica_steps import Step, next_step
+from ..core.replication import Copies, CopyState, mark
 from ..qemu.blockgraph import (DiskGraph, LocalImage, Mode, NbdTarget, QmpStep, add_local, add_remote, drop_child,
                                mirror, mirror_back, node_kind)
 from ..qemu.process import QemuVm
@@ -173,49 +174,40 @@ class ReplicaManager:
             self.wake.clear()
             try:
                 status = (await self.qemu.execute("query-status"))["status"]
-                if status == "io-error":
-                    await self._handle_io_error()
-                    continue
-                if status == "paused" and self._pending_drop:
-                    await self._drop_copy(self._pending_drop)  # an earlier attempt failed midway
-                    continue
                 copies, exports = self._copies_view()
-                partner = copies.partner_of(self.me) if copies else None
-                export = next((e for e in exports if e.host == partner), None)
-                if self.mode is Mode.MIRRORED:
-                    c = copies.state_of(partner) if copies and partner else None
-                    if partner and c is not None and c.state is not CopyState.CURRENT and status == "running":
+                step = next_step(status, self.mode.value, bool(self._pending_drop), copies, exports, self.me,
+                                 self._repair_requested())
+                if step.step is Step.IO_ERROR:
+                    await self._handle_io_error()
+                elif step.step is Step.FINISH_DROP and self._pending_drop:
+                    await self._drop_copy(self._pending_drop)  # an earlier attempt failed midway
+                elif step.step is Step.WATCH_PARTNER:
+                    if step.mark_current and step.partner:
                         # mirrored since the last resync pass, but the record was not written then
-                        await self._mark_partner_current(partner)
-                    if export is None or not await _port_answers(export):
+                        await self._mark_partner_current(step.partner)
+                    if step.export is None or not await _port_answers(step.export):
                         probe_failures += 1
-                        log.info("%s: partner %s probe failed (%d)", self.vm, partner, probe_failures)
+                        log.info("%s: partner %s probe failed (%d)", self.vm, step.partner, probe_failures)
                     else:
                         probe_failures = 0
-                    if probe_failures >= PROBE_FAILURES or (export is None and probe_failures):
+                    if probe_failures >= PROBE_FAILURES or (step.export is None and probe_failures):
                         probe_failures = 0
-                        await self._partner_lost(partner)
-                elif self.mode is Mode.REMOTE_ONLY and status == "running" and copies is not None:
-                    mine = copies.state_of(self.me)
-                    if mine is not None and mine.state is CopyState.FAILED and self._repair_requested():
-                        await self._update_copies(lambda c: mark(
-                            c, self.me, CopyState.OUTDATED, "local disk replaced by the operator", time.time(),
-                            full=True))
-                        await self.store.clear_repair(self.vm)
-                        self.event("repair", f"operator replaced the local disk on {self.me}: full resync follows")
-                    elif (mine is not None and mine.state in (CopyState.OUTDATED, CopyState.SYNCING)
-                          and partner is not None and export is not None):
-                        await self._resync_local(partner, export)
-                elif (self.mode is Mode.LOCAL_ONLY and status == "running" and copies is not None
-                      and partner is not None and export is not None):
-                    c = copies.state_of(partner)
-                    # a failed copy comes back as storage that works again: resynced in full.
+                        await self._partner_lost(step.partner)
+                elif step.step is Step.RECORD_REPAIR:
+                    await self._update_copies(lambda c: mark(
+                        c, self.me, CopyState.OUTDATED, "local disk replaced by the operator", time.time(), full=True))
+                    await self.store.clear_repair(self.vm)
+                    self.event("repair", f"operator replaced the local disk on {self.me}: full resync follows")
+                elif step.step is Step.RESYNC_LOCAL:
+                    assert step.partner is not None and step.export is not None
+                    await self._resync_local(step.partner, step.export)
+                elif step.step is Step.RESYNC_PARTNER:
+                    assert step.partner is not None and step.export is not None
                     # Only a partner that greets is connected: QEMU 7.2's blockdev-add of an NBD
                     # node waits, with no timeout and its main loop stuck, for a server that
                     # accepts but never speaks (a hung daemon).
-                    if (c is not None and c.state in (CopyState.OUTDATED, CopyState.SYNCING, CopyState.FAILED)
-                            and await _port_answers(export)):
-                        await self._resync(partner, export, needs_full_resync(c, export.fresh))
+                    if await _port_answers(step.export):
+                        await self._resync(step.partner, step.export, step.full)
             except asyncio.CancelledError:
                 raise
             except EtcdError as e:
