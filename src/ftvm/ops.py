@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from .core.availability import Report, report
 from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, VmSpec, VmView
-from .core.placement import migration_problem, overcommit_problem
+from .core.placement import migration_problem, overcommit_problem, plan_evacuation
 from .core.transitions import How, plan_level_change
 from .core.validate import check_new_vm
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError, Problem
@@ -254,30 +254,6 @@ async def migrate(store: PoolStore, name: str, target: str) -> Migration:
     if not await store.request_migration(name, view.owner.token, m, snap.hosts[view.owner.host].lease_id):
         raise FtvmError(f"VM {name} changed meanwhile (or is already migrating); nothing changed", REFUSED)
     return m
-
-
-def plan_evacuation(snap: PoolSnapshot, host: str) -> tuple[dict[str, str], list[str]]:
-    """Where each VM running on `host` would go (most free memory first, room counted as
-    VMs are placed), and the reasons for those that cannot move."""
-    from .core.decide import eligible_hosts
-    planned: dict[str, str] = {}
-    extra: dict[str, int] = {}
-    problems = []
-    for name, view in sorted(snap.vms.items()):
-        if view.owner is None or view.owner.host != host:
-            continue
-        candidates = [h for h in eligible_hosts(snap, view) if h != host]
-        candidates.sort(key=lambda h: -(snap.hosts[h].memory_mib - snap.used_memory(h, name) - extra.get(h, 0)))
-        fits = [h for h in candidates if snap.hosts[h].memory_mib - snap.used_memory(h, name) - extra.get(h, 0)
-                >= view.spec.memory_mib and migration_problem(snap, view, h) is None]
-        if not fits:
-            others = candidates or sorted(h for h in snap.hosts if h != host)
-            why = migration_problem(snap, view, others[0]) if others else "no other host is up"
-            problems.append(f"{name}: {why}")
-            continue
-        planned[name] = fits[0]
-        extra[fits[0]] = extra.get(fits[0], 0) + view.spec.memory_mib
-    return planned, problems
 
 
 async def start_maintenance(store: PoolStore, host: str, reason: str) -> dict[str, str]:

@@ -159,3 +159,23 @@ def test_a_level3_partner_counts_the_ram_replica_it_keeps() -> None:
     # level 2 copies are disks only: no memory held on the partner, the failover reserve counts it
     snap2 = PoolSnapshot(1, hs, {"x": running("x", "h1", "h2", 768)})
     assert snap2.used_memory("h2") == 0 and failover_reserve(snap2, "h2", "h1") == (768, 1)
+
+
+def test_evacuation_plan_places_each_vm_counting_what_it_already_placed() -> None:
+    """Maintenance of h1: every VM it runs goes live to the host with most room left, room
+    counted as the plan fills hosts; a VM that fits nowhere is named with the reason."""
+    from ftvm.core.model import (DiskSpec, HostInfo, Level, NicSpec, Ownership, PoolSnapshot, RunState, VmSpec,
+                                 VmStatus, VmView)
+    from ftvm.core.placement import plan_evacuation
+    shared = "/srv/shared"
+
+    def vm(name: str, mib: int) -> VmView:
+        spec = VmSpec(name, Level.RESTART, mib, 1, (DiskSpec(f"{shared}/{name}.img"),), (NicSpec("52:54:00:00:00:01"),))
+        return VmView(spec, owner=Ownership("h1", 3), home="h1", status=VmStatus("h1", RunState.RUNNING, 3, 1.0))
+    hosts = {h: HostInfo(h, mib, 8, (shared,), replication_addr=f"10.79.0.{i}")
+             for i, (h, mib) in enumerate((("h1", 4096), ("h2", 1024), ("h3", 1536)), 1)}
+    snap = PoolSnapshot(1, hosts, {"a": vm("a", 1024), "b": vm("b", 768), "c": vm("c", 1024)})
+    planned, problems = plan_evacuation(snap, "h1")
+    assert planned == {"a": "h3", "b": "h2"}  # a takes h3 (most room), then b fits only on h2
+    assert len(problems) == 1 and problems[0].startswith("c: ")
+    assert plan_evacuation(PoolSnapshot(1, hosts, {"a": vm("a", 256)}), "h2") == ({}, [])  # runs nothing there

@@ -162,3 +162,27 @@ def raise_to_system_problem(snap: PoolSnapshot, spec: VmSpec, owner: str) -> str
         return (f"the VM moves live into a second QEMU on {owner}, which holds the guest's RAM twice "
                 f"until the move ends: {spec.memory_mib} MiB more needed, {owner} has {free} MiB free")
     return None
+
+
+def plan_evacuation(snap: PoolSnapshot, host: str) -> tuple[dict[str, str], list[str]]:
+    """Where each VM running on `host` would go (most free memory first, room counted as
+    VMs are placed), and the reasons for those that cannot move."""
+    from .decide import eligible_hosts  # (decide imports this module)
+    planned: dict[str, str] = {}
+    extra: dict[str, int] = {}
+    problems = []
+    for name, view in sorted(snap.vms.items()):
+        if view.owner is None or view.owner.host != host:
+            continue
+        candidates = [h for h in eligible_hosts(snap, view) if h != host]
+        candidates.sort(key=lambda h: -(snap.hosts[h].memory_mib - snap.used_memory(h, name) - extra.get(h, 0)))
+        fits = [h for h in candidates if snap.hosts[h].memory_mib - snap.used_memory(h, name) - extra.get(h, 0)
+                >= view.spec.memory_mib and migration_problem(snap, view, h) is None]
+        if not fits:
+            others = candidates or sorted(h for h in snap.hosts if h != host)
+            why = migration_problem(snap, view, others[0]) if others else "no other host is up"
+            problems.append(f"{name}: {why}")
+            continue
+        planned[name] = fits[0]
+        extra[fits[0]] = extra.get(fits[0], 0) + view.spec.memory_mib
+    return planned, problems
