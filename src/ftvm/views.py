@@ -3,14 +3,57 @@ dashboard show. One place, so every front end says the same thing."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NotRequired, TypedDict
 
 from .core.decide import choose_host
 from .core.model import Desired, FrozenVm, PoolSnapshot, RunState, VmView
 from .core.protection import protection, replica_text
 
 
-def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
+class VmRow(TypedDict):
+    """One VM as every front end shows it (JSON: `status -o json`, GET /api/v1/vms)."""
+    name: str
+    level: int | None
+    host: str | None
+    state: str                     # a RunState value, "pending", "stopped" or "unknown" (frozen)
+    partner: str | None
+    replica: str | None
+    copies: dict[str, Any] | None
+    sync: dict[str, Any] | None
+    checkpoints: dict[str, Any] | None
+    desired: str | None
+    protected: bool
+    protection: str                # "Protected" or "Not protected: <reason>"
+    detail: str
+    memory_mib: int
+    vcpus: int
+    macs: list[str]
+    home: str | None
+    migration: dict[str, Any] | None
+    level_change: dict[str, Any] | None
+    preferred_host: str | None
+    failback: bool
+    cannot_start: str | None
+    frozen: NotRequired[bool]      # a record of it cannot be read
+    spec: NotRequired[dict[str, Any]]          # vm_detail only
+    status: NotRequired[dict[str, Any] | None]
+    fencing_token: NotRequired[int | None]
+
+
+class HostRow(TypedDict):
+    name: str
+    state: str                     # "up", "maintenance" or "down"
+    memory_mib: int
+    memory_used_mib: int
+    vcpus: int
+    vcpus_used: int
+    shared_storage: list[str]
+    vms: list[str]
+    copies_of: NotRequired[list[str]]   # a host that is down: the VMs it holds a copy of
+
+
+def vm_row(snap: PoolSnapshot, view: VmView) -> VmRow:
     st = view.status
     prot = protection(snap, view)
     where = view.owner.host if view.owner else None
@@ -40,7 +83,7 @@ def vm_row(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
             "cannot_start": cannot_start}
 
 
-def frozen_row(frozen: FrozenVm) -> dict[str, Any]:
+def frozen_row(frozen: FrozenVm) -> VmRow:
     """A VM one of whose records cannot be read: the same keys as `vm_row`, what is known."""
     return {"name": frozen.name, "level": None, "host": None, "state": "unknown", "partner": None,
             "replica": None, "copies": None, "sync": None, "checkpoints": None, "desired": None,
@@ -50,18 +93,20 @@ def frozen_row(frozen: FrozenVm) -> dict[str, Any]:
             "failback": False, "cannot_start": frozen.reason, "frozen": True}
 
 
-def vm_rows(snap: PoolSnapshot) -> list[dict[str, Any]]:
+def vm_rows(snap: PoolSnapshot) -> list[VmRow]:
     """Every VM, by name; frozen ones (unreadable records) included."""
     rows = {n: vm_row(snap, v) for n, v in snap.vms.items() if n not in snap.frozen}
     rows |= {n: frozen_row(f) for n, f in snap.frozen.items()}
     return [rows[n] for n in sorted(rows)]
 
 
-def vm_detail(snap: PoolSnapshot, view: VmView) -> dict[str, Any]:
+def vm_detail(snap: PoolSnapshot, view: VmView) -> VmRow:
     """One VM in full (`vm show`, GET /vms/{name})."""
-    return vm_row(snap, view) | {
-        "spec": view.spec.to_json(), "status": view.status.to_json() if view.status else None,
-        "fencing_token": view.owner.token if view.owner else None}
+    row = vm_row(snap, view)
+    row["spec"] = view.spec.to_json()
+    row["status"] = view.status.to_json() if view.status else None
+    row["fencing_token"] = view.owner.token if view.owner else None
+    return row
 
 
 def _move(view: VmView) -> dict[str, Any] | None:
@@ -80,10 +125,10 @@ def _level_change(view: VmView) -> dict[str, Any] | None:
             "fraction": round(c.done / c.total, 3) if c.total else 0.0}
 
 
-def host_rows(snap: PoolSnapshot) -> list[dict[str, Any]]:
+def host_rows(snap: PoolSnapshot) -> list[HostRow]:
     """Live hosts ("up" or "maintenance"), then hosts the pool still refers to (a VM's last
     host, a copy, a preferred host, maintenance) that are not live: "down"."""
-    rows = [{"name": h.name, "state": "maintenance" if h.name in snap.maintenance else "up",
+    rows: list[HostRow] = [{"name": h.name, "state": "maintenance" if h.name in snap.maintenance else "up",
              "memory_mib": h.memory_mib, "memory_used_mib": snap.used_memory(h.name), "vcpus": h.vcpus,
              "vcpus_used": snap.used_vcpus(h.name), "shared_storage": list(h.shared_storage),
              "vms": sorted(v.spec.name for v in snap.vms.values() if v.owner and v.owner.host == h.name)}
@@ -106,7 +151,7 @@ def status_data(snap: PoolSnapshot, urls: list[str], pool: str) -> dict[str, Any
             "vms": vm_rows(snap)}
 
 
-def row_of(snap: PoolSnapshot, vm: str) -> dict[str, Any] | None:
+def row_of(snap: PoolSnapshot, vm: str) -> VmRow | None:
     if vm in snap.frozen:
         return frozen_row(snap.frozen[vm])
     view = snap.vms.get(vm)
@@ -120,7 +165,7 @@ def runs_on(snap: PoolSnapshot, vm: str, host: str) -> bool:
             and view.status is not None and view.status.state is RunState.RUNNING)
 
 
-def move_progress(row: dict[str, Any] | None, target: str) -> tuple[str, float]:
+def move_progress(row: Mapping[str, Any] | None, target: str) -> tuple[str, float]:
     """A live migration to `target`, from the VM's row (`vm_row`, or the API's): "arrived",
     "moving" or "failed" (the VM is gone, or the migration ended with the VM elsewhere),
     and the share of its RAM sent so far."""
@@ -134,7 +179,7 @@ def move_progress(row: dict[str, Any] | None, target: str) -> tuple[str, float]:
     return "moving", (float(m["fraction"]) if m else 0.0)
 
 
-def level_progress(row: dict[str, Any] | None, level: int) -> tuple[str, float, str]:
+def level_progress(row: Mapping[str, Any] | None, level: int) -> tuple[str, float, str]:
     """An online level change to `level`, from the VM's row: ("changing" | "protecting" |
     "done" | "failed", share done 0..1, what is happening). Raising to 2 is done when the
     partner's copy is in sync (Protected); the disks' copy is the first half."""

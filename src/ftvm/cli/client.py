@@ -18,13 +18,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .. import ops
 from ..core.model import Desired, VmSpec
 from ..errors import BAD_INPUT, FAILED, NO_QUORUM, FtvmError
 from ..store.pool import Event, PoolStore
-from ..views import host_rows, row_of, status_data, vm_detail
+from ..views import HostRow, VmRow, host_rows, row_of, status_data, vm_detail
 from ..pki import TlsFiles
 from .common import endpoints, pool_ca, with_store
 
@@ -36,10 +36,10 @@ class PoolClient(Protocol):
     where: str  # for messages: "API http://..." or "etcd http://..."
 
     def status(self) -> dict[str, Any]: ...
-    def hosts(self) -> list[dict[str, Any]]: ...
-    def vms(self) -> list[dict[str, Any]]: ...
-    def vm(self, name: str) -> dict[str, Any]: ...
-    def row(self, name: str) -> dict[str, Any] | None: ...
+    def hosts(self) -> list[HostRow]: ...
+    def vms(self) -> list[VmRow]: ...
+    def vm(self, name: str) -> VmRow: ...
+    def row(self, name: str) -> VmRow | None: ...
     def define(self, spec: VmSpec) -> None: ...
     def set_desired(self, name: str, desired: Desired, force: bool = False) -> bool: ...
     def force_start(self, name: str, host: str | None) -> str: ...
@@ -104,17 +104,17 @@ class DirectClient:
         urls, pool = endpoints(self.args)
         return status_data(self._snap(), urls, pool)
 
-    def hosts(self) -> list[dict[str, Any]]:
+    def hosts(self) -> list[HostRow]:
         return host_rows(self._snap())
 
-    def vms(self) -> list[dict[str, Any]]:
+    def vms(self) -> list[VmRow]:
         return self.status()["vms"]
 
-    def vm(self, name: str) -> dict[str, Any]:
+    def vm(self, name: str) -> VmRow:
         snap, view = with_store(self.args, lambda s: ops.get_view(s, name))
         return vm_detail(snap, view)
 
-    def row(self, name: str) -> dict[str, Any] | None:
+    def row(self, name: str) -> VmRow | None:
         return row_of(self._snap(), name)
 
     def define(self, spec: VmSpec) -> None:
@@ -201,16 +201,16 @@ class HttpClient:
     def status(self) -> dict[str, Any]:
         return dict(self._call("GET", "/api/v1/status"))
 
-    def hosts(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/api/v1/hosts"))
+    def hosts(self) -> list[HostRow]:
+        return cast(list[HostRow], self._call("GET", "/api/v1/hosts"))  # views.host_rows, as JSON
 
-    def vms(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/api/v1/vms"))
+    def vms(self) -> list[VmRow]:
+        return cast(list[VmRow], self._call("GET", "/api/v1/vms"))  # views.vm_rows, as JSON
 
-    def vm(self, name: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/api/v1/vms/{_q(name)}"))
+    def vm(self, name: str) -> VmRow:
+        return cast(VmRow, self._call("GET", f"/api/v1/vms/{_q(name)}"))  # views.vm_detail, as JSON
 
-    def row(self, name: str) -> dict[str, Any] | None:
+    def row(self, name: str) -> VmRow | None:
         return next((r for r in self.vms() if r["name"] == name), None)
 
     def define(self, spec: VmSpec) -> None:
@@ -240,7 +240,7 @@ class HttpClient:
         before = self.vm(name)
         job = self._call("PATCH", f"/api/v1/vms/{_q(name)}", {"level": level, "disk_paths": list(disk_paths),
                                                                "overwrite": overwrite})
-        return int(before["level"]), job.get("online", True)
+        return int(job.get("previous_level", before["level"] or 0)), job.get("online", True)
 
     def migrate(self, name: str, to: str) -> str:
         source = self.vm(name)["host"]

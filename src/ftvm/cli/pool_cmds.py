@@ -6,6 +6,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.table import Table
@@ -70,7 +71,7 @@ def cmd_status(args: Any) -> int:
     return OK
 
 
-def hosts_table(rows: list[dict[str, Any]]) -> Table:
+def hosts_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     t = Table(title="Hosts", title_justify="left")
     for col in ("Host", "State", "Memory", "vCPUs", "VMs"):
         t.add_column(col)
@@ -85,7 +86,7 @@ def hosts_table(rows: list[dict[str, Any]]) -> Table:
     return t
 
 
-def vms_table(rows: list[dict[str, Any]]) -> Table:
+def vms_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     t = Table(title="VMs", title_justify="left")
     for col in ("VM", "Level", "Host", "Partner", "State", "Replica", "Protection", "Detail"):
         t.add_column(col)
@@ -297,7 +298,7 @@ def _wait_state(args: Any, name: str, want: RunState | None) -> int:
     deadline = time.monotonic() + args.timeout
     client = pool_client(args)
 
-    def reached(row: dict[str, Any]) -> bool:
+    def reached(row: Mapping[str, Any]) -> bool:
         return row["state"] == want.value and row["host"] is not None if want else row["host"] is None
 
     while True:
