@@ -80,6 +80,9 @@ def test_a_link_loss_leaves_the_primary_running_unprotected_then_protection_retu
         for k in (1, 2):
             labmod.set_a_link(lab, "h1", "h2", k, up=True)
         pool.wait_for("protected again", l3_protected("l3link"), 120)
+        # a second session's output is released by its own acks (it once waited for the new
+        # session's epochs to catch up with the first's)
+        client.wait_acks(30, 30, after=time.time())
         acks = client.stop()
         view = pool.snapshot().vms["l3link"]
         assert view.owner is not None and (view.owner.host, view.owner.token) == ("h1", token)

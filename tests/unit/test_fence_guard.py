@@ -9,25 +9,37 @@ import time
 from ftvm.agent.fence import FenceGuard
 
 
-def test_guard_kills_after_deadline_only() -> None:
-    fenced: list[list[str]] = []
-    guard = FenceGuard(0.02, lambda names, at: fenced.append(names))
+def _sleeper() -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(["sleep", "30"])
-    pidfd = os.pidfd_open(proc.pid)
+    return proc, os.pidfd_open(proc.pid)
+
+
+def test_guard_kills_after_deadline_only() -> None:
+    """Not before: a guard armed a minute ahead leaves its VM alone through many looks.
+    After: one whose deadline passes kills its VM, then reports it."""
+    calm, far = FenceGuard(0.02, lambda names, at: None), _sleeper()
+    fenced: list[list[str]] = []
+    due, near = FenceGuard(0.02, lambda names, at: fenced.append(names)), _sleeper()
     try:
-        guard.arm(time.monotonic() + 0.5)
-        guard.register("vm1", pidfd)
-        guard.start()
-        time.sleep(0.2)
-        assert proc.poll() is None and fenced == []
-        proc.wait(timeout=3)
-        assert proc.returncode == -9
+        calm.arm(time.monotonic() + 60)  # far off: a loaded machine cannot reach it by accident
+        calm.register("vm0", far[1])
+        calm.start()
+        due.arm(time.monotonic() + 0.3)
+        due.register("vm1", near[1])
+        due.start()
+        near[0].wait(timeout=30)
+        assert near[0].returncode == -9
+        deadline = time.monotonic() + 30
+        while not fenced and time.monotonic() < deadline:  # the report follows the kill
+            time.sleep(0.01)
         assert fenced == [["vm1"]]
+        assert far[0].poll() is None  # the other guard looked every 20 ms all along
     finally:
-        guard.close()
-        proc.kill()
-        proc.wait()
-        os.close(pidfd)
+        for guard, (proc, pidfd) in ((calm, far), (due, near)):
+            guard.close()
+            proc.kill()
+            proc.wait()
+            os.close(pidfd)
 
 
 def test_registering_after_deadline_kills_at_once() -> None:

@@ -247,6 +247,11 @@ class Checkpointer:
         self.stats.precopy_s = time.monotonic() - t0
         self._tasks.append(asyncio.create_task(self._heartbeats(), name=f"l3-heartbeat-{self.vm}"))
         for relay in self.relays:  # from now on output waits for the acks of its checkpoints
+            # what the guest sends until the first checkpoint is that checkpoint's: a relay
+            # that served an earlier session still counts that session's epochs, and output
+            # tagged with them would wait for this session to get as far (seen: a client
+            # stalled for tens of seconds after the partner came back)
+            relay.begin_epoch(1)
             relay.gated = True
         await self.checkpoint()
         await asyncio.wait_for(self._wait_first_ack(), max(5.0, self.timeout_s * 4))

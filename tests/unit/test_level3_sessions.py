@@ -1,0 +1,98 @@
+"""The level 3 checkpoint engine without QEMU: a Checkpointer on real files and a real
+output-commit relay, driven by the fake QEMU (tests/fake_qemu.py), checkpointing to a
+real Standby over loopback. Here: a second session after the partner came back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from pathlib import Path
+
+from fake_qemu import FakeQemu
+from ftvm.core.model import DiskSpec, Level, NicSpec, VmSpec
+from ftvm.l3.channel import LinkConfig
+from ftvm.l3.primary import Checkpointer
+from ftvm.l3.relay import OutputCommitRelay
+from ftvm.l3.standby import ReplicaPaths, Standby, StandbyServer
+
+SPEC = VmSpec("trade", Level.SYSTEM, 1, 1, (DiskSpec(size=1 << 20),), (NicSpec("52:54:00:00:00:03"),))
+
+
+def script_device_state(fake: FakeQemu) -> None:
+    """`migrate` to the checkpointer's Unix socket: the fake QEMU writes a device state."""
+    def migrate(args: dict) -> dict:  # type: ignore[type-arg]
+        async def send() -> None:
+            _, w = await asyncio.open_unix_connection(args["uri"].removeprefix("unix:"))
+            w.write(b"device state")
+            await w.drain()
+            w.close()
+        asyncio.get_running_loop().create_task(send())
+        return {}
+    fake.on("migrate", migrate)
+
+
+async def test_a_second_session_releases_output_on_its_own_acks(tmp_path: Path) -> None:
+    """After the partner comes back, a new session checkpoints from epoch 1 again. Output the
+    guest sends before that session's first checkpoint is released by its first ack: the
+    relay, which served the first session, must not tag it with that session's epochs (it
+    did, and a client stalled until the new session had counted as far)."""
+    ram, disk = tmp_path / "ram", tmp_path / "disk0.img"
+    for f in (ram, disk):
+        with open(f, "wb") as fh:
+            fh.truncate(1 << 20)
+    fake = FakeQemu(tmp_path / "run")
+    script_device_state(fake)
+    qemu = await fake.start_vm(SPEC)
+    tap, tap_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap.setblocking(False)
+    relay = OutputCommitRelay(tmp_path / "run" / "nic0.sock", tap.fileno(), gated=False)
+    await relay.start()
+    _, guest = await asyncio.open_unix_connection(str(tmp_path / "run" / "nic0.sock"))
+    replica = ReplicaPaths(tmp_path / "r-ram", (tmp_path / "r-disk0.img",), tmp_path / "r-state", tmp_path / "r-meta")
+    standby = Standby("trade", replica)
+    key = os.urandom(32)
+    server = StandbyServer("127.0.0.1", 0, key, lambda vm, peer, hello: standby, live_within=0.3)
+    await server.start()
+    link = LinkConfig(server.port, key, "127.0.0.1")
+
+    async def session(name: str, epochs: int) -> Checkpointer:
+        cp = Checkpointer("trade", qemu, [relay], ram, [disk], tmp_path / "run", 0.05, timeout_s=5.0)
+        await cp.prepare_qemu()
+        await cp.connect("127.0.0.1", link, name)
+        await cp.protect()
+        for _ in range(epochs - 1):
+            await cp.checkpoint()
+        while cp.stats.acked < cp.epoch:
+            await asyncio.sleep(0.01)
+        return cp
+
+    def send_frame(frame: bytes) -> None:
+        guest.write(struct.pack(">I", len(frame)) + frame)
+
+    try:
+        first = await session("s1", 20)
+        assert relay.epoch == 21  # the relay counts the first session's epochs
+        first.unprotect()  # the partner was lost: output flows unprotected
+        await first.close()
+        while standby.connected:
+            await asyncio.sleep(0.01)
+        # the guest speaks just as the new session gates its output, before its first checkpoint
+        fake.on("stop", lambda args: send_frame(b"said during checkpoint 1") or {})
+        second = Checkpointer("trade", qemu, [relay], ram, [disk], tmp_path / "run", 0.05, timeout_s=5.0)
+        await second.prepare_qemu()
+        await second.connect("127.0.0.1", link, "s2")
+        await second.protect()  # returns once checkpoint 1 is acknowledged
+        fake.handlers.pop("stop")
+        loop = asyncio.get_running_loop()
+        got = await asyncio.wait_for(loop.sock_recv(tap_peer, 2048), 10)
+        assert got == b"said during checkpoint 1" and second.stats.acked == 1
+        await second.close()
+    finally:
+        guest.close()
+        await relay.close()
+        await server.close()
+        tap.close()
+        tap_peer.close()
+        await fake.close()
