@@ -89,6 +89,8 @@ async def test_a_second_session_releases_output_on_its_own_acks(tmp_path: Path) 
         got = await asyncio.wait_for(loop.sock_recv(tap_peer, 2048), 10)
         assert got == b"said during checkpoint 1" and second.stats.acked == 1
         await second.close()
+        while standby.connected:  # its session ends with the connection, before the loop does
+            await asyncio.sleep(0.01)
     finally:
         guest.close()
         await relay.close()
