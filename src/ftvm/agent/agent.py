@@ -455,11 +455,7 @@ class Agent:
         try:
             if spec.level is Level.COMPONENT:
                 disks = self.disks.incoming(spec, snapshot.vms[d.vm].copies)
-            qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
-                                      on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
-                                      incoming=True, debug_qmp=self.cfg.debug_qmp,
-                                      blockdevs=disks.blockdevs if disks else None, tls=self.qemu_tls,
-                                      run_as=self.run_as)
+            qemu = await self._launch(spec, paths, incoming=True, blockdevs=disks.blockdevs if disks else None)
         except (QemuError, StorageDaemonError, OSError) as e:
             self.event(d.vm, "error", f"cannot start the migration target: {e}")
             return
@@ -597,11 +593,8 @@ class Agent:
 
         target = levels.SystemTarget(
             files=files, run_dir=run_dir, bridge=self.cfg.bridge,
-            start_qemu=lambda new_spec, blockdevs: QemuVm.start(
-                new_spec, paths, accel, self.cfg.bridge,
-                on_event=lambda name, data: self._on_qemu_event(d.vm, name, data), blockdevs=blockdevs,
-                debug_qmp=self.cfg.debug_qmp, checkpointed=Checkpointed(str(files.ram)), incoming=True,
-                tls=self.qemu_tls, run_as=self.run_as),
+            start_qemu=lambda new_spec, blockdevs: self._launch(
+                new_spec, paths, blockdevs=blockdevs, checkpointed=Checkpointed(str(files.ram)), incoming=True),
             make_l3=lambda new_spec: L3Primary(self.ctx.for_vm(d.vm, token), new_spec, paths, files,
                                                self._l3_link, self._checkpoint_counter(d.vm)))
         try:
@@ -667,6 +660,16 @@ class Agent:
         self.history(d.vm, "up", "live migration")
         self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid} runs the migrated VM (token {d.token})")
 
+    async def _launch(self, spec: VmSpec, paths: VmPaths, **how: Any) -> QemuVm:
+        """Start a QEMU for `spec` the way this host runs them (accelerator, bridge, TLS keys,
+        QEMU's user, the lab's debug socket), its events reported as the VM's; `how`: the
+        rest of `QemuVm.start`'s arguments (disks as block nodes, paused, incoming, ...)."""
+        assert self.accel is not None
+        vm = spec.name
+        return await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
+                                  on_event=lambda name, data: self._on_qemu_event(vm, name, data),
+                                  debug_qmp=self.cfg.debug_qmp, tls=self.qemu_tls, run_as=self.run_as, **how)
+
     async def _stop_vm(self, rec: LocalRecord, qemu: QemuVm, grace: float) -> None:
         try:
             if rec.l3 is not None:  # the partner must not take over a VM being stopped
@@ -719,11 +722,8 @@ class Agent:
                     g, nodes = local_only_start(i, image)
                     graphs.append(g)
                     blockdevs.append(nodes)
-            qemu = await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
-                                      on_event=lambda name, data: self._on_qemu_event(d.vm, name, data),
-                                      blockdevs=blockdevs, paused=blockdevs is not None,
-                                      debug_qmp=self.cfg.debug_qmp, checkpointed=checkpointed, tls=self.qemu_tls,
-                                      run_as=self.run_as)
+            qemu = await self._launch(spec, paths, blockdevs=blockdevs, paused=blockdevs is not None,
+                                      checkpointed=checkpointed)
             if l3 is not None:
                 if resume:
                     try:
