@@ -138,3 +138,21 @@ def test_guest_cache_key_follows_every_input(tmp_path: Path, monkeypatch) -> Non
     assert build.input_digest("linux-image-x", "2") != base
     (src / "ledger.c").write_text((src / "ledger.c").read_text() + "\n/* changed */\n")
     assert build.input_digest("linux-image-x", "1") != base
+
+
+def test_guest_cache_keeps_builds_in_use_and_prunes_only_stale_ones(tmp_path) -> None:
+    """Another checkout's guest build may be booting: only builds unused for a week go."""
+    import os
+    from ftvm.guest.build import KEEP_UNUSED_DAYS, prune_unused
+    now = 1_000_000_000.0
+    builds = {}
+    for name, age_days in (("mine", 30), ("other-checkout", 1), ("stale", KEEP_UNUSED_DAYS + 1)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text("{}")
+        os.utime(d / "manifest.json", (now - age_days * 86400,) * 2)
+        builds[name] = d
+    (tmp_path / "tmpbuild").mkdir()  # a build under way has no manifest yet
+    removed = prune_unused(tmp_path, keep=builds["mine"], now=now)
+    assert removed == [builds["stale"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "other-checkout", "tmpbuild"]

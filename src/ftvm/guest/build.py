@@ -7,6 +7,7 @@ only when one of them changes.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -14,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +101,8 @@ def build_guest(cache_dir: Path | None = None, log=print) -> GuestImage:
     manifest = out / "manifest.json"
     image = GuestImage(out / "vmlinuz", out / "initramfs.cpio.gz", "console=ttyS0 quiet panic=-1")
     if manifest.exists():
+        with contextlib.suppress(OSError):  # (a read-only cache is still usable)
+            os.utime(manifest)  # in use: kept by `prune_unused` for another KEEP_UNUSED_DAYS
         return image
     log(f"building demo guest ({pkg} {version}) in {out}")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -130,10 +134,27 @@ def build_guest(cache_dir: Path | None = None, log=print) -> GuestImage:
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)  # atomic: a half-built guest is never seen as cached
-    for old in cache_dir.iterdir():  # builds from older inputs are never used again
-        if old != out and old.is_dir() and (old / "manifest.json").exists():
-            shutil.rmtree(old, ignore_errors=True)
+    prune_unused(cache_dir, keep=out)
     return image
+
+
+KEEP_UNUSED_DAYS = 7.0
+
+
+def prune_unused(cache_dir: Path, keep: Path, now: float | None = None) -> list[Path]:
+    """Remove cached builds nobody used for KEEP_UNUSED_DAYS (each use touches its manifest).
+    Not every other build: another checkout on this machine (other guest sources) may be
+    booting its own right now."""
+    now = time.time() if now is None else now
+    removed = []
+    for old in cache_dir.iterdir():
+        manifest = old / "manifest.json"
+        if old == keep or not old.is_dir() or not manifest.exists():
+            continue
+        if now - manifest.stat().st_mtime > KEEP_UNUSED_DAYS * 86400:
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    return removed
 
 
 def make_ledger_disk(path: Path, size_mib: int = 64) -> None:
