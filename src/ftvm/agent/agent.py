@@ -491,7 +491,8 @@ class Agent:
                     await rec.l3.hand_off()
             else:
                 moved = await migration.send(self.ctx.for_vm(d.vm, d.token), rec.qemu, view.migration,
-                                             view.incoming, keep_copies=view.spec.level is Level.COMPONENT)
+                                             view.incoming, keep_copies=view.spec.level is Level.COMPONENT,
+                                             stopped_copy=self._inexact_dirty_tracking)
             if moved:
                 rec.state, rec.detail = RunState.STOPPING, f"migrated to {view.migration.to}"
                 rec.qemu.kill()  # paused since the migration completed; the target runs the VM
@@ -592,7 +593,7 @@ class Agent:
         paths = VmPaths(run_dir)
 
         target = levels.SystemTarget(
-            files=files, run_dir=run_dir, bridge=self.cfg.bridge,
+            files=files, run_dir=run_dir, bridge=self.cfg.bridge, stopped_copy=self._inexact_dirty_tracking,
             start_qemu=lambda new_spec, blockdevs: self._launch(
                 new_spec, paths, blockdevs=blockdevs, checkpointed=Checkpointed(str(files.ram)), incoming=True),
             make_l3=lambda new_spec: L3Primary(self.ctx.for_vm(d.vm, token), new_spec, paths, files,
@@ -659,6 +660,11 @@ class Agent:
         self.counters.migrations[d.vm] = self.counters.migrations.get(d.vm, 0) + 1
         self.history(d.vm, "up", "live migration")
         self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid} runs the migrated VM (token {d.token})")
+
+    @property
+    def _inexact_dirty_tracking(self) -> bool:
+        """QEMU's own dirty tracking misses writes here (TCG): migration.STOPPED_COPY_WHY."""
+        return self.accel is None or self.accel.accel != "kvm"
 
     async def _launch(self, spec: VmSpec, paths: VmPaths, **how: Any) -> QemuVm:
         """Start a QEMU for `spec` the way this host runs them (accelerator, bridge, TLS keys,

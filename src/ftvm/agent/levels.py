@@ -427,6 +427,7 @@ class SystemTarget:
     start_qemu: Callable[[VmSpec, list[list[dict[str, Any]]]], Awaitable[QemuVm]]
     make_l3: Callable[[VmSpec], L3Primary]
     bridge: str
+    stopped_copy: bool = False     # copy the RAM with the guest stopped (migration.STOPPED_COPY_WHY)
 
 
 async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, current: list[RunningDisk],
@@ -479,6 +480,8 @@ async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, 
             {"capability": "x-ignore-shared", "state": False}]})              # it must travel too)
         await ctx.qemu.execute("migrate-set-parameters", {"max-bandwidth": 1 << 32, "downtime-limit": 300})
         await set_migration_tls(ctx.qemu, "")
+        if target.stopped_copy:
+            await ctx.qemu.execute("stop")  # resumed in the new QEMU (or, on failure, here)
         await ctx.qemu.execute("migrate", {"uri": f"unix:{sock}"})
         source_migrating = True
         await _wait_migration(ctx.qemu, ("pre-switchover",))
