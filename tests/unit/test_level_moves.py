@@ -17,12 +17,14 @@ SPEC = VmSpec("web", Level.RESTART, 256, 1, (DiskSpec("/s/web.img"),), (NicSpec(
 CHANGE = LevelChange(level=2, source="h1", token=7, requested=0.0)
 
 
-class Owner:
-    """The VM's context as the move sees it (no store is needed below 0.5 s of copying)."""
-    vm, token, me = "web", 7, "h1"
-
-    def event(self, kind: str, message: str) -> None:
+class Journal:
+    def event(self, vm: str, kind: str, message: str) -> None:
         pass
+
+
+class Host:
+    """The host's context as the move sees it (no store is needed below 0.5 s of copying)."""
+    me, journal, store = "h1", Journal(), None
 
 
 def script_block_jobs(fake: FakeQemu, vanish: bool = False) -> None:
@@ -52,7 +54,8 @@ async def start(tmp_path: Path, vanish: bool = False) -> tuple[FakeQemu, LevelCo
     target = tmp_path / "local" / "disk0.img"
     target.parent.mkdir()
     target.write_bytes(b"")  # exists: nothing to create
-    ctx = LevelContext(Owner(), qemu, lambda spec, i: None, lambda img: img, lambda i, g: None)  # type: ignore[arg-type]
+    ctx = LevelContext(Host(), "web", 7, qemu, lambda spec, i: None, lambda img: img,  # type: ignore[arg-type]
+                       lambda i, g: None)
     return fake, ctx, str(target)
 
 

@@ -539,7 +539,7 @@ class Agent:
             qemu, token = rec.qemu, d.token
             owner = self.ctx.for_vm(d.vm, token)
             ctx = levels.LevelContext(
-                owner, qemu, self.disks.image, self.disks.writable,
+                self.ctx, d.vm, token, qemu, self.disks.image, self.disks.writable,
                 lambda images, graphs: ReplicaManager(owner, qemu, images, graphs),
                 shared_storage=self.cfg.shared_storage)
             spec = view.spec

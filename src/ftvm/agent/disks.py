@@ -50,15 +50,11 @@ class HostDisks:
 
     def image(self, spec: VmSpec, index: int) -> LocalImage:
         """This host's level 2 copy of disk `index`."""
-        self.copy_dir(spec)
-        assert self.cfg.local_storage is not None
-        return copy_image(self.cfg.local_storage, spec.name, index, self.cfg.local_format)
+        return copy_image(self.copy_dir(spec).parent, spec.name, index, self.cfg.local_format)
 
     def l3_files(self, spec: VmSpec) -> ReplicaPaths:
         """This host's level 3 files of the VM (RAM, disks, committed checkpoint)."""
-        self.copy_dir(spec)
-        assert self.cfg.local_storage is not None
-        return replica_paths(spec, self.cfg.guest_ram_dir, self.cfg.local_storage)
+        return replica_paths(spec, self.cfg.guest_ram_dir, self.copy_dir(spec).parent)
 
     def writable(self, image: LocalImage) -> LocalImage:
         return writable_copy(image, self.cfg.write_through_copies)

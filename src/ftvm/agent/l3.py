@@ -13,9 +13,10 @@ took over), QEMU is killed: the held output never leaves.
 Partner (`L3Partner`, one per agent): a listener on the replication address
 feeds one `Standby` per VM it protects. A primary silent for
 `l3_takeover_after` with a committed checkpoint here is taken over (decided by
-`decide`, carried out here): freeze the standby, end the old owner's ownership in one transaction that also names this
-copy the only current one (it fails if the primary recorded us outdated
-first), claim, and resume QEMU from the replica (`-incoming defer`).
+`decide`, carried out here): freeze the standby, end the old owner's ownership
+in one transaction that also names this copy the only current one (it fails if
+the primary recorded us outdated first), claim, and resume QEMU from the
+replica (`-incoming defer`).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class L3Primary:
                 log.exception("%s: level 3 session with %s failed", self.spec.name, partner)
                 self._set("unprotected", f"checkpointing to {partner} failed: {type(e).__name__}: {e}")
                 self.event("warning", f"level 3 session with {partner} failed "
-                                                      f"({type(e).__name__}: {e}): retrying")
+                                      f"({type(e).__name__}: {e}): retrying")
                 if self.checkpointer is not None:
                     with suppress(Exception):
                         await self.checkpointer.close()
@@ -209,7 +210,7 @@ class L3Primary:
             kept = not self._closed and await self._partner_lost(cp, partner, why)
         if not kept and not self._closed:
             self.event("fence", f"lost ownership while checkpointing to {partner} (it took "
-                                                "over): killing this copy, held output discarded")
+                                "over): killing this copy, held output discarded")
             for relay in self.relays:
                 relay.discard()
             self.superseded = True
@@ -234,7 +235,7 @@ class L3Primary:
         if not self._closed and self.qemu.alive:
             await self.qemu.execute("cont")
         self.event("unprotected", f"replica on {partner} recorded outdated ({why}); "
-                                                  f"running on unprotected, {released} held frames released")
+                                  f"running on unprotected, {released} held frames released")
         return True
 
     async def _record(self, partner: str, state: CopyState, reason: str, until_done: bool = False) -> bool:
@@ -311,7 +312,7 @@ class L3Primary:
             self.spec = spec
             cp.set_interval(spec.checkpoint_ms / 1000, spec.checkpoint_on_output)
             self.event("checkpoints", f"checkpoint interval now {spec.checkpoint_ms} ms"
-                                                 + (", and on output" if spec.checkpoint_on_output else ""))
+                                      + (", and on output" if spec.checkpoint_on_output else ""))
 
     def partner_current(self) -> bool:
         snap = self.snapshot()

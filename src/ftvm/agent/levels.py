@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.model import DiskSpec, Level, LevelChange, PoolSnapshot, VmSpec
+from ..core.model import DiskSpec, Level, LevelChange, VmSpec
 from ..core.placement import choose_partner
 from ..core.replication import NEW_REPLICA, Copies, Copy, CopyState
 from ..qemu.blockgraph import (COPY_AIO, DiskGraph, LocalImage, Mode, drop_child, file_image_node, image_node_name,
@@ -45,7 +45,7 @@ from .paths import under
 from ..qemu.migrate import wait_migration
 from ..qemu.process import QemuVm, set_migration_tls
 from ..qemu.storage_daemon import ensure_image
-from ..store.pool import OwnershipLost, PoolStore
+from ..store.pool import OwnershipLost
 from .context import VmContext
 from .l3 import L3Primary
 from .replica import ReplicaManager
@@ -57,39 +57,16 @@ PROGRESS_EVERY_S = 0.5
 READY_TIMEOUT_S = 600.0
 
 
-@dataclass
-class LevelContext:
-    """What the change needs from the agent: the VM (its owner's context), its QEMU, and
-    how this host makes copies and replicas."""
+@dataclass(frozen=True)
+class LevelContext(VmContext):
+    """What the change needs from the agent: the VM's context (who, under which token),
+    its QEMU, and how this host makes copies and replicas."""
 
-    owner: VmContext
     qemu: QemuVm
     local_image: Callable[[VmSpec, int], LocalImage]
     writable: Callable[[LocalImage], LocalImage]  # storage_daemon.writable_copy with the host's choice
     make_replica: Callable[[list[LocalImage], list[DiskGraph]], ReplicaManager]
     shared_storage: tuple[str, ...] = ()
-
-    @property
-    def vm(self) -> str:
-        return self.owner.vm
-
-    @property
-    def token(self) -> int:
-        return self.owner.token
-
-    @property
-    def me(self) -> str:
-        return self.owner.me
-
-    @property
-    def store(self) -> PoolStore:
-        return self.owner.store
-
-    def snapshot(self) -> PoolSnapshot | None:
-        return self.owner.snapshot()
-
-    def event(self, kind: str, message: str) -> None:
-        self.owner.event(kind, message)
 
 
 @dataclass(frozen=True)
@@ -345,7 +322,7 @@ async def _mirror(ctx: LevelContext, change: LevelChange, targets: list[str | No
             total = sum(int(j.get("len", 0)) for j in jobs.values())
             with suppress(Exception):
                 await ctx.store.update_level_change(ctx.vm, ctx.token, replace(change, phase="copying", done=done,
-                                                                               total=total), ctx.owner.lease)
+                                                                               total=total), ctx.lease)
         if time.monotonic() - t0 > READY_TIMEOUT_S:
             raise RuntimeError("copying the disks did not converge")
         await asyncio.sleep(0.05)
