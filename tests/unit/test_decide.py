@@ -162,6 +162,10 @@ def test_not_protected_reasons() -> None:
 def test_the_agent_executes_every_action_decide_can_return() -> None:
     """The executor is a table from action to handler: a new action without a handler
     would be decided and never done."""
+    from pathlib import Path
+
     from ftvm.agent.agent import Agent
-    table = Agent._handlers(object.__new__(Agent))
+    from ftvm.agent.config import AgentConfig
+    agent = Agent(AgentConfig("h1", "p", ("http://127.0.0.1:9",), Path("/nonexistent"), "br0", 1024, 1, ()))
+    table = agent.handlers
     assert set(table) == set(Action) - {Action.WAIT}

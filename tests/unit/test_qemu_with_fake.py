@@ -76,14 +76,15 @@ async def test_stop_asks_the_guest_first_and_says_how_it_ended(tmp_path: Path) -
 
 
 async def test_qemu_events_reach_the_agent_and_errors_are_qmp_errors(fake: FakeQemu) -> None:
-    from qemu.qmp import ExecuteError
+    from ftvm.qemu.process import QmpError
     events: list[tuple[str, dict]] = []  # type: ignore[type-arg]
     vm = await fake.start_vm(SPEC, on_event=lambda name, data: events.append((name, data)))
     fake.emit("BLOCK_IO_ERROR", {"device": "", "node-name": "disk0-file", "operation": "write", "action": "stop"})
     await vm.execute("stop")
     fake.fail("blockdev-add", "Could not open '/x': No such file or directory")
-    with pytest.raises(ExecuteError, match="Could not open"):
+    with pytest.raises(QmpError, match="blockdev-add: Could not open") as refused:
         await vm.execute("blockdev-add", {"node-name": "n"})
+    assert refused.value.error_class == "GenericError"
     for _ in range(100):
         if len(events) >= 2:
             break

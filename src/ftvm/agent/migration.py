@@ -32,15 +32,25 @@ from contextlib import suppress
 from dataclasses import replace
 from typing import Any
 
-from ..core.model import Incoming, Migration
+from ..api.metrics import AgentCounters
+from ..core.decide import Decision
+from ..core.model import Incoming, Level, Migration, PoolSnapshot, RunState, VmStatus
 from ..core.replication import may_start_on
-from .l3 import L3Primary
+from ..qemu.cmdline import VmPaths
 from ..qemu.migrate import wait_migration
-from ..qemu.process import QemuVm, set_migration_tls
+from ..qemu.process import QemuError, QemuVm, set_migration_tls
+from ..qemu.storage_daemon import StorageDaemonError
 from ..qemu.tls import MIGRATION_CLIENT, MIGRATION_SERVER
 from ..store.etcd import EtcdError
 from ..store.pool import PoolStore
-from .context import VmContext
+from .config import AgentConfig
+from .context import HostContext, VmContext
+from .disks import HostDisks, IncomingDisks
+from .exports import Exports
+from .l3 import L3Partner, L3Primary
+from .local import LocalRecord
+from .processes import Processes
+from .replica import ReplicaManager
 
 log = logging.getLogger("ftvm.agent.migration")
 
@@ -174,3 +184,139 @@ async def switch_over(ctx: VmContext, l3: L3Primary, migration: Migration) -> bo
         ctx.event("migrate", f"switchover to {migration.to} failed: {e}; the VM stays here")
         await _stay_here(ctx.vm, ctx.store, l3.resume_after_switchover_failed)
         return False
+
+
+FAILBACK_RETRY_S = 30.0  # a failback migration is asked at most this often per VM
+
+
+class Migrations:
+    """This host's part in live migrations and level 3 switchovers, as either side: the
+    target's listening QEMU (or, level 3, its announced standby) and its resume after the
+    handover; the source's transfer and handover; failbacks to a preferred host."""
+
+    def __init__(self, host: HostContext, cfg: AgentConfig, procs: Processes, disks: HostDisks, exports: Exports,
+                 counters: AgentCounters, l3_partner: Callable[[], L3Partner | None]) -> None:
+        self.host, self.cfg, self.procs = host, cfg, procs
+        self.disks, self.exports, self.counters = disks, exports, counters
+        self.l3_partner = l3_partner
+        self.store, self.me = host.store, host.me
+        self._arriving: set[str] = set()          # handed to this host, not yet running here
+        self._failback_at: dict[str, float] = {}  # monotonic time before which no failback is asked again
+
+    def expect(self, vm: str) -> None:
+        """This host claimed `vm` on a handover: its start is the end of a migration."""
+        self._arriving.add(vm)
+
+    def arrived(self, vm: str) -> bool:
+        """Whether the start under way ends a migration here (asked once per start)."""
+        arrived = vm in self._arriving
+        self._arriving.discard(vm)
+        return arrived
+
+    def event(self, vm: str, kind: str, message: str) -> None:
+        self.host.journal.event(vm, kind, message)
+
+    async def prepare_incoming(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        """Target: a paused QEMU listening for the VM, announced under this host's lease.
+        Level 3: the standby holding a committed checkpoint is what is announced."""
+        view = snapshot.vms[d.vm]
+        spec = view.spec
+        if not self.cfg.replication_addr:
+            self.event(d.vm, "error", "cannot receive a live migration: no replication_addr configured")
+            return
+        if spec.level is Level.SYSTEM:
+            partner = self.l3_partner()
+            if partner is None or not partner.holds_checkpoint(d.vm):
+                return  # not yet: the next tick looks again (the source refuses if it never comes)
+            ready = Incoming(self.me, self.cfg.replication_addr, self.cfg.checkpoint_port)
+            if await self.store.publish_incoming(d.vm, ready, self.host.lease):
+                self.event(d.vm, "incoming", f"{d.reason}: the replica here is current, ready for the switchover")
+            return
+        paths = VmPaths(self.cfg.state_dir / "vms" / d.vm)
+        disks: IncomingDisks | None = None
+        try:
+            if spec.level is Level.COMPONENT:
+                disks = self.disks.incoming(spec, view.copies)
+            qemu = await self.procs.launch(spec, paths, incoming=True, blockdevs=disks.blockdevs if disks else None)
+        except (QemuError, StorageDaemonError, OSError) as e:
+            self.event(d.vm, "error", f"cannot start the migration target: {e}")
+            return
+        rec = LocalRecord(d.vm, 0, RunState.INCOMING, qemu=qemu, detail="receiving a live migration",
+                          incoming_disks=disks)
+        self.procs.vms[d.vm] = rec
+        self.procs.watch(rec, qemu)
+        try:
+            incoming = await listen_for(qemu, self.cfg.replication_addr, late_activation=disks is not None)
+            published = await self.store.publish_incoming(d.vm, replace(incoming, host=self.me), self.host.lease)
+        except (QemuError, EtcdError) as e:
+            published = False
+            self.event(d.vm, "error", f"cannot listen for the migration: {e}")
+        if not published:
+            rec.state = RunState.STOPPING
+            qemu.kill()
+            return
+        self.event(d.vm, "incoming", f"{d.reason}: QEMU pid {qemu.pid} listens on {incoming.addr}:{incoming.port}")
+
+    async def migrate_out(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        """Source: move the VM to the target that announced itself, or go on here."""
+        view = snapshot.vms[d.vm]
+        rec = self.procs.vms.get(d.vm)
+        if rec is None or rec.qemu is None or view.migration is None or view.incoming is None:
+            return
+        assert d.token is not None
+        ctx = self.host.for_vm(d.vm, d.token)
+        # (a VM lowered from level 3 keeps its relays: it migrates like any other of its level)
+        if view.spec.level is Level.SYSTEM and rec.l3 is not None:
+            moved = await switch_over(ctx, rec.l3, view.migration)
+            if moved:
+                await rec.l3.hand_off()
+        else:
+            moved = await send(ctx, rec.qemu, view.migration, view.incoming,
+                               keep_copies=view.spec.level is Level.COMPONENT,
+                               stopped_copy=self.procs.inexact_dirty_tracking)
+        if moved:
+            rec.state, rec.detail = RunState.STOPPING, f"migrated to {view.migration.to}"
+            rec.qemu.kill()  # paused since the migration completed; the target runs the VM
+
+    async def resume_incoming(self, d: Decision, rec: LocalRecord) -> None:
+        """Target, after the handover and this host's claim: run the received VM."""
+        assert d.token is not None and rec.qemu is not None
+        qemu = rec.qemu
+        starting = VmStatus(self.me, RunState.STARTING, d.token, time.time(), d.reason)
+        if not self.procs.guard.may_run() or not await self.store.report_status(d.vm, starting, self.host.lease):
+            return
+        disks = rec.incoming_disks
+        try:
+            await wait_received(qemu)
+            if disks is None:
+                await qemu.execute("cont")
+            else:  # level 2: on this host's copy, tracking every write for the old host's resync
+                await self.exports.withdraw(d.vm)
+                rec.replica = ReplicaManager(self.host.for_vm(d.vm, d.token), qemu, disks.images, disks.graphs)
+                await rec.replica.begin()
+        except Exception as e:  # noqa: BLE001 - QMP, NBD, etcd: whatever failed, this copy must not run
+            rec.state, rec.detail = RunState.CRASHED, f"resuming the migrated VM failed: {e}"
+            if rec.replica is not None:
+                rec.replica.stop()
+            qemu.kill()
+            self.event(d.vm, "error", rec.detail)
+            return
+        self.procs.guard.register(d.vm, qemu.pidfd)
+        with suppress(QemuError):
+            await qemu.announce()
+        rec.token, rec.state, rec.since = d.token, RunState.RUNNING, time.time()
+        rec.detail = self.procs.describe(qemu)
+        self.counters.migrations[d.vm] = self.counters.migrations.get(d.vm, 0) + 1
+        self.host.journal.history(d.vm, "up", "live migration")
+        self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid} runs the migrated VM (token {d.token})")
+
+    async def ask_failback(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        """Ask the live migration back to the preferred host (not again for a while if one
+        was asked recently: a failing move must not repeat every tick)."""
+        if d.token is None or d.target is None or time.monotonic() < self._failback_at.get(d.vm, 0.0):
+            return
+        self._failback_at[d.vm] = time.monotonic() + FAILBACK_RETRY_S
+        m = Migration(to=d.target, source=self.me, token=d.token, started=time.time())
+        if await self.store.request_migration(d.vm, d.token, m, self.host.lease):
+            self.event(d.vm, "failback", f"{d.reason}: live migration back to {d.target} asked")
+            self.host.wake()

@@ -9,10 +9,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from .process import QemuError
+
 FAILED_STATES = frozenset({"failed", "cancelled"})
 
 
-class MigrationFailed(RuntimeError):
+class MigrationFailed(QemuError):
     """The migration failed, was cancelled, or did not reach the state in time."""
 
     def __init__(self, what: str, status: str, info: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from ..core.model import VmSpec
 from .cmdline import Checkpointed, VmPaths, build_cmdline, tap_names
@@ -46,7 +46,16 @@ def guest_process() -> None:  # runs in the child between fork and exec
 
 
 class QemuError(RuntimeError):
-    pass
+    """QEMU could not be started, or did not do what it was asked."""
+
+
+class QmpError(QemuError):
+    """A QMP command failed: QEMU refused it (`error_class`: the class QEMU named, e.g.
+    "GenericError", "DeviceNotFound"), or the connection is gone (`error_class` None)."""
+
+    def __init__(self, cmd: str, message: str, error_class: str | None = None) -> None:
+        super().__init__(f"{cmd}: {message}")
+        self.cmd, self.error_class = cmd, error_class
 
 
 async def set_migration_tls(qemu: Any, creds: str) -> None:
@@ -224,7 +233,13 @@ class QemuVm:
             self.run_as.own(*paths)
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        return await self.qmp.execute(cmd, args)
+        """One QMP command; every failure is a QmpError (callers catch QemuError, not Exception)."""
+        try:
+            return await self.qmp.execute(cmd, args)
+        except ExecuteError as e:
+            raise QmpError(cmd, str(e), e.error_class) from e
+        except (QMPError, OSError, EOFError) as e:
+            raise QmpError(cmd, f"QMP connection lost ({e or type(e).__name__})") from e
 
     async def disk_size(self, index: int) -> int:
         """The guest-visible size of disk `index` (its top node `disk<i>`), in bytes."""
