@@ -1,8 +1,11 @@
-"""The host agent: lease, reconcile loop, QEMU processes, events.
+"""The host agent: the reconcile loop and its executor.
 
 One agent per host. Each tick it reads the pool snapshot, asks the decision
-core what to do (`core.decide`), does it, and reports what its VMs are doing.
-Besides the tick, store changes (watch) and QEMU exits wake the loop early.
+core what to do (`core.decide`), hands each decision to its handler (the table
+in `_handlers`), and reports what its VMs are doing. Besides the tick, store
+changes (watch) and QEMU exits wake the loop early. The work lives in rooms:
+lease.py, processes.py (QEMU), starts.py, disks.py, exports.py, replica.py
+(level 2), l3.py (level 3), migration.py, level_changes.py + levels.py, journal.py.
 
 Safety lives in three places:
   * the host lease, renewed every `keepalive_interval`; the fence guard
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import signal
 import time
@@ -25,39 +27,35 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
+from ..api.metrics import AgentCounters, AgentHealth
 from ..core.decide import ACTIVE_STATES, Action, Decision, TickReport, decide
+from ..core.model import Desired, HostInfo, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec, VmStatus
 from ..core.placement import claim_plan
-from ..core.restart import backoff
-
-from ..core.model import (Desired, HostInfo, Level, LocalView, LocalVm, PoolSnapshot, RunState, VmSpec, VmStatus)
-from ..core.replication import (NEW_DISK, Copies, CopyState, mark, replace_partner)
-from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
-from .paths import resolved_spec
+from ..core.replication import Copies, replace_partner
 from ..l3.channel import LinkConfig
+from ..l3.standby import RAM_DIR_MARKER, ReplicaPaths
+from ..qemu.cmdline import VmPaths
+from ..qemu.probe import Accel, choose_accel
+from ..qemu.process import QemuVm
 from ..qemu.runas import RunAs
+from ..qemu.storage_daemon import restore_write_through
 from ..qemu.tls import QemuTls
 from ..secret import derive
-from ..l3.standby import RAM_DIR_MARKER, ReplicaPaths, make_guest_ram_dir, read_committed
-from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
-from ..qemu.probe import Accel, choose_accel
-from ..qemu.process import QemuError, QemuVm
-from ..qemu.storage_daemon import (StorageDaemonError, ensure_image, restore_write_through)
 from ..store.etcd import EtcdClient, EtcdError
-from ..store.pool import HISTORY_DAYS, MAX_EVENTS, OwnershipLost, PoolStore
+from ..store.pool import HISTORY_DAYS, MAX_EVENTS, PoolStore
+from .config import AgentConfig
+from .context import HostContext
 from .disks import HostDisks
 from .exports import Exports
-from .config import AgentConfig
-from ..api.metrics import AgentCounters, AgentHealth
 from .fence import FenceGuard
-from .context import HostContext
 from .journal import Journal
-from .lease import HostLease
 from .l3 import L3Partner, L3Primary
+from .lease import HostLease
 from .level_changes import LevelChanges
 from .local import LocalRecord, spawn
 from .migration import Migrations
 from .processes import Processes
-from .replica import ReplicaManager
+from .starts import Starts
 
 log = logging.getLogger("ftvm.agent")
 
@@ -101,6 +99,8 @@ class Agent:
         self.migrations = Migrations(self.ctx, config, self.procs, self.disks, self.exports, self.counters,
                                      lambda: self.l3_partner)
         self.level_changes = LevelChanges(self.ctx, config, self.procs, self.disks, self._new_l3)
+        self.starts = Starts(self.ctx, config, self.procs, self.disks, self.exports, self.migrations, self.counters,
+                             lambda: self.l3_partner, self._new_l3)
         self.handlers = self._handlers()
         self._next_trim = 0.0
         self._next_write_through_check = 0.0
@@ -402,7 +402,7 @@ class Agent:
             return
         if prev is not None and time.monotonic() < prev.retry_at:
             return  # backing off after failed starts
-        await self._start(d, snapshot, prev.failures if prev else 0)
+        await self.starts.start(d, snapshot, prev.failures if prev else 0)
 
     async def _stop(self, d: Decision, snapshot: PoolSnapshot) -> None:
         rec = self.vms[d.vm]
@@ -441,140 +441,12 @@ class Agent:
             self.event(d.vm, "replace-partner", f"{d.reason}; {old}'s copy forgotten")
             self.wake.set()
 
-    async def _start(self, d: Decision, snapshot: PoolSnapshot, failures: int) -> None:
-        view = snapshot.vms[d.vm]
-        spec = view.spec
-        token = d.token
-        assert token is not None
-        # Fencing: the start is recorded only if we still own the VM under this token.
-        starting = VmStatus(self.cfg.name, RunState.STARTING, token, time.time(), d.reason)
-        if not self.guard.may_run() or not await self.store.report_status(d.vm, starting, self.lease):
-            log.warning("%s: not starting, ownership token %s no longer valid", d.vm, token)
-            return
-        rec = LocalRecord(d.vm, token, RunState.STARTING, reported=starting, failures=failures)
-        self.vms[d.vm] = rec
-        paths = VmPaths(self.cfg.state_dir / "vms" / d.vm)
-        graphs: list[DiskGraph] = []
-        blockdevs = None
-        images: list[LocalImage] = []
-        l3: L3Primary | None = None
-        checkpointed: Checkpointed | None = None
-        resume = False
-        try:
-            spec = resolved_spec(spec, self.cfg.shared_storage, self.cfg.image_roots + (
-                (str(self.cfg.local_storage),) if self.cfg.local_storage else ()))  # level 0: lowered from 2
-            if spec.level is Level.SYSTEM:
-                l3, checkpointed, blockdevs = await self._prepare_l3(spec, view.copies, token, paths)
-                rec.l3, resume = l3, checkpointed.incoming
-            elif spec.level is Level.COMPONENT:
-                await self.exports.withdraw(d.vm)  # promoted partner: release the image first
-                images = self.disks.prepare(spec, view.copies)
-                blockdevs = []
-                for i, image in enumerate(images):
-                    g, nodes = local_only_start(i, image)
-                    graphs.append(g)
-                    blockdevs.append(nodes)
-            qemu = await self.procs.launch(spec, paths, blockdevs=blockdevs, paused=blockdevs is not None,
-                                           checkpointed=checkpointed)
-            if l3 is not None:
-                if resume:
-                    try:
-                        await l3.resume_from_replica(qemu)
-                    except BaseException:  # a QEMU that could not take the replica's state
-                        qemu.kill()
-                        await qemu.wait()
-                        raise
-                else:
-                    await qemu.execute("cont")
-        except (QemuError, StorageDaemonError, OSError, RuntimeError) as e:
-            if l3 is not None:
-                await l3.close()
-                rec.l3 = None
-            rec.state, rec.detail, rec.exit_code = RunState.CRASHED, str(e), None
-            retry = backoff(rec.failures, time.monotonic())
-            rec.failures, rec.retry_at = retry.failures, retry.at
-            self.event(d.vm, "error", f"start failed: {e}; next try in "
-                                      f"{rec.retry_at - time.monotonic():.1f}s")
-            return
-        rec.qemu = qemu
-        self.procs.adopt(rec, qemu)
-        if spec.level is Level.COMPONENT:  # (level 3 disks are blockdevs too, but checkpointed, not mirrored)
-            rec.replica = ReplicaManager(self.ctx.for_vm(d.vm, token), qemu, images, graphs)
-            await rec.replica.begin()
-        if l3 is not None:
-            l3.begin(qemu)
-        try:
-            await qemu.announce()
-        except QemuError as e:  # the guest still runs; the LAN learns from its traffic
-            log.warning("%s: announce-self failed: %s", d.vm, e)
-        rec.state, rec.detail, rec.since = RunState.RUNNING, self.procs.describe(qemu), time.time()
-        arrived = self.migrations.arrived(d.vm)
-        how = " resumed from the replica's last checkpoint (guest carries on)" if resume else " started"
-        if arrived:
-            how = " resumed from the final checkpoint of the switchover (live migration)"
-            self.counters.migrations[d.vm] = self.counters.migrations.get(d.vm, 0) + 1
-            self.history(d.vm, "up", "live migration")
-        else:
-            self.history(d.vm, "up", "resumed from the last checkpoint" if resume else d.reason)
-            if resume or d.failover:
-                self.counters.failovers[d.vm] = self.counters.failovers.get(d.vm, 0) + 1
-        self.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid}{how} (token {token})")
-
-    async def _prepare_l3(self, spec: VmSpec, copies: Copies | None, token: int,
-                          paths: VmPaths) -> tuple[L3Primary, Checkpointed, list[list[dict[str, Any]]]]:
-        """Level 3: this host's files, and whether to resume from a committed checkpoint.
-        The checkpoint record is consumed by the start that uses it (a later restart on
-        this host boots from the disk, which has moved on since)."""
-        if self.cfg.local_storage is None:
-            raise StorageDaemonError("this host has no local_storage configured for level 3 copies")
-        files = self.disks.l3_files(spec)
-        if self.l3_partner is not None:
-            self.l3_partner.drop(spec.name)
-        copies = await self._outdate_other_copies(spec.name, token, copies)
-        committed = read_committed(files)
-        files.meta.unlink(missing_ok=True)
-        mine = copies.state_of(self.cfg.name) if copies else None
-        brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason == NEW_DISK
-        resume = committed is not None and not brand_new and files.device_state.exists() and files.ram.exists()
-        for i, disk in enumerate(spec.disks):
-            image = LocalImage(str(files.disks[i]), "raw")
-            if not os.path.exists(image.path):
-                if not brand_new:
-                    raise StorageDaemonError(f"this host's copy {image.path} is missing")
-                ensure_image(image, disk.size)
-        if not resume:
-            files.ram.unlink(missing_ok=True)  # a cold boot starts from fresh RAM
-        make_guest_ram_dir(files.ram)
-        paths.run_dir.mkdir(parents=True, exist_ok=True)
-        l3 = self._new_l3(spec.name, token, spec, paths, files)
-        await l3.open_relays(self.cfg.bridge)
-        blockdevs = [checkpointed_disk_nodes(i, str(p)) for i, p in enumerate(files.disks)]
-        return l3, Checkpointed(str(files.ram), incoming=resume), blockdevs
-
     def _new_l3(self, vm: str, token: int, spec: VmSpec, paths: VmPaths, files: ReplicaPaths) -> L3Primary:
         """The checkpointing runtime of a level 3 VM this host runs, its checkpoints counted
         in this agent's metrics."""
         def count(n: int) -> None:
             self.counters.checkpoints[vm] = self.counters.checkpoints.get(vm, 0) + n
         return L3Primary(self.ctx.for_vm(vm, token), spec, paths, files, self._l3_link, count)
-
-    async def _outdate_other_copies(self, vm: str, token: int, copies: Copies | None) -> Copies | None:
-        """Level 3: before this host's QEMU can send anything, no other copy may still be
-        recorded current (a partner would otherwise take over from a checkpoint older than
-        what this start will make visible). Fails if the partner took over meanwhile."""
-        if copies is None:
-            return None
-
-        def outdate_others(seen: Copies) -> Copies | None:
-            others = [h for h, c in seen.copies.items() if h != self.cfg.name and c.state is CopyState.CURRENT]
-            new = seen
-            for h in others:
-                new = mark(new, h, CopyState.OUTDATED, f"VM (re)started on {self.cfg.name}", time.time(), full=True)
-            return new if others else None
-        try:
-            return await self.store.update_copies(vm, token, outdate_others)
-        except OwnershipLost as e:
-            raise StorageDaemonError(f"ownership lost before the start (the partner took over?): {e}") from None
 
     def _drop_stale_guest_ram(self, snapshot: PoolSnapshot) -> None:
         """Level 3 RAM files (tmpfs: real memory) of VMs removed or stopped and not run here."""

@@ -41,7 +41,7 @@ from ..l3.channel import LinkConfig
 from ..l3.standby import ReplicaPaths, Standby, StandbyServer
 from ..l3.wire import WireError
 from ..qemu.cmdline import VmPaths, tap_names
-from ..qemu.process import QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls
+from ..qemu.process import QemuError, QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls
 from ..store.etcd import EtcdError
 from ..store.pool import OwnershipLost
 from .context import HostContext, VmContext
@@ -226,7 +226,7 @@ class L3Primary:
         # host's claim to carry on is recorded (one etcd write, ~10 ms, when quorum is there).
         # Without quorum it stays stopped and the fence guard kills it before the lease ends.
         assert self.qemu is not None
-        with suppress(Exception):
+        with suppress(QemuError):
             await self.qemu.execute("stop")
         recorded = await self._record(partner, CopyState.OUTDATED, f"partner lost: {why}", until_done=True)
         if not recorded:

@@ -8,13 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
 from contextlib import suppress
 
 from ..core.decide import Decision
 from ..core.model import Level, LevelChange, PoolSnapshot, VmSpec
 from ..core.transitions import Transition, transition
-from ..l3.standby import ReplicaPaths
 from ..qemu.cmdline import Checkpointed, VmPaths
 from ..qemu.process import QemuError
 from ..store.etcd import EtcdError
@@ -23,14 +21,12 @@ from . import levels
 from .config import AgentConfig
 from .context import HostContext
 from .disks import HostDisks
-from .l3 import L3Primary
 from .local import LocalRecord
 from .processes import Processes
 from .replica import ReplicaManager
+from .starts import NewL3
 
 log = logging.getLogger("ftvm.agent.level_changes")
-
-NewL3 = Callable[[str, int, VmSpec, VmPaths, ReplicaPaths], L3Primary]  # vm, token, spec, paths, files
 
 
 class LevelChanges:

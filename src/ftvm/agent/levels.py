@@ -43,7 +43,8 @@ from ..qemu.cmdline import checkpointed_disk_nodes
 from ..l3.standby import make_guest_ram_dir
 from .paths import under
 from ..qemu.migrate import wait_migration
-from ..qemu.process import QemuVm, set_migration_tls
+from ..qemu.process import QemuError, QemuVm, set_migration_tls
+from ..store.etcd import EtcdError
 from ..qemu.storage_daemon import ensure_image
 from ..store.pool import OwnershipLost
 from .context import VmContext
@@ -295,7 +296,7 @@ async def _point_at(qemu: QemuVm, targets: list[str | None], old_nodes: list[str
             continue
         await qemu.execute("blockdev-reopen", {"options": [top_node(i, target)]})
         if old_nodes[i]:
-            with suppress(Exception):
+            with suppress(QemuError):
                 await qemu.execute("blockdev-del", {"node-name": old_nodes[i]})
 
 
@@ -320,7 +321,7 @@ async def _mirror(ctx: LevelContext, change: LevelChange, targets: list[str | No
             last = time.monotonic()
             done = sum(int(j.get("offset", 0)) for j in jobs.values())
             total = sum(int(j.get("len", 0)) for j in jobs.values())
-            with suppress(Exception):
+            with suppress(EtcdError):  # progress figures only
                 await ctx.store.update_level_change(ctx.vm, ctx.token, replace(change, phase="copying", done=done,
                                                                                total=total), ctx.lease)
         if time.monotonic() - t0 > READY_TIMEOUT_S:
@@ -344,18 +345,18 @@ async def _cancel(qemu: QemuVm, targets: list[str | None]) -> None:
     for i, target in enumerate(targets):
         if target is None:
             continue
-        with suppress(Exception):
+        with suppress(QemuError):
             await qemu.execute("block-job-cancel", {"device": f"level-d{i}", "force": True})
     for _ in range(200):
         try:
             if not any(j["device"].startswith("level-d") for j in await qemu.execute("query-block-jobs")):
                 break
-        except Exception:
+        except QemuError:
             break
         await asyncio.sleep(0.01)
     for target in targets:
         if target is not None:
-            with suppress(Exception):
+            with suppress(QemuError):
                 await qemu.execute("blockdev-del", {"node-name": target})
 
 
@@ -476,14 +477,13 @@ async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, 
     except BaseException as e:
         if new_qemu is not None:
             new_qemu.kill()
-            with suppress(Exception):
-                await new_qemu.wait()
+            await new_qemu.wait()
         if l3 is not None:
-            with suppress(Exception):
+            with suppress(Exception):  # noqa: BLE001 - undoing: the first error is the one to report
                 await l3.close()
         if not isinstance(e, OwnershipLost):  # the guest goes on in the old QEMU, at the old level
             await _cancel(ctx.qemu, targets)
-            with suppress(Exception):
+            with suppress(QemuError):
                 if source_migrating:
                     await ctx.qemu.execute("migrate_cancel")
                 await ctx.qemu.execute("migrate-set-capabilities", {"capabilities": [

@@ -152,7 +152,7 @@ async def _stay_here(vm: str, store: PoolStore, resume: Callable[[], Awaitable[N
     """A move failed before the handover: the guest goes on here and the request is dropped."""
     try:
         await resume()
-    except Exception as e:
+    except QemuError as e:
         log.warning("%s: could not resume after a failed move: %s", vm, e)
     with suppress(EtcdError):
         await store.end_migration(vm)

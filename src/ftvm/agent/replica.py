@@ -35,7 +35,7 @@ from ..core.replica_steps import Step, next_step
 from ..core.replication import Copies, CopyState, mark
 from ..qemu.blockgraph import (DiskGraph, LocalImage, Mode, NbdTarget, QmpStep, add_local, add_remote, drop_child,
                                mirror, mirror_back, node_kind)
-from ..qemu.process import QemuVm
+from ..qemu.process import QemuError, QemuVm
 from ..qemu.storage_daemon import ensure_image, export_name, writable_copy
 from ..store.etcd import EtcdError
 from .context import VmContext
@@ -120,7 +120,7 @@ class ReplicaManager:
             await asyncio.wait({self._task})
         for job in await self.qemu.execute("query-block-jobs"):
             if str(job.get("device", "")).startswith("resync-"):
-                with suppress(Exception):
+                with suppress(QemuError):
                     await self.qemu.execute("block-job-cancel", {"device": job["device"], "force": True})
         for _ in range(500):
             jobs = await self.qemu.execute("query-block-jobs")
@@ -131,7 +131,7 @@ class ReplicaManager:
         for node in await self.qemu.execute("query-named-block-nodes", {"flat": True}):
             name = str(node.get("node-name", ""))
             if re.fullmatch(r"d\d+-(remote|local)\d+", name) and name not in in_use:
-                with suppress(Exception):
+                with suppress(QemuError):
                     await self.qemu.execute("blockdev-del", {"node-name": name})
         if any(g.mode is Mode.REMOTE_ONLY for g in self.graphs):
             self.restart()
@@ -330,7 +330,7 @@ class ReplicaManager:
                 await self._run_steps(steps)
             except Exception as e:
                 for s in spares:
-                    with suppress(Exception):
+                    with suppress(QemuError):
                         await self.qemu.execute("blockdev-del", {"node-name": s})
                 log.info("%s: partner export not reachable yet: %s", self.vm, e)
                 return
@@ -429,7 +429,7 @@ class ReplicaManager:
         except Exception:
             for i, g in enumerate(self.graphs):
                 if g.mode is spare_mode:
-                    with suppress(Exception):
+                    with suppress(QemuError):
                         await self.qemu.execute("blockdev-del", {"node-name": spares[i]})
             raise
         return copied
@@ -510,5 +510,5 @@ async def _port_answers(export: Export, timeout: float = 0.5) -> bool:
         return False
     finally:
         writer.close()
-        with suppress(Exception):
+        with suppress(OSError):
             await writer.wait_closed()

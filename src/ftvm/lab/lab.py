@@ -24,7 +24,7 @@ from pathlib import Path
 from ..core.timing import Timing
 from ..guest.build import default_cache_dir
 from ..pki import TlsFiles, init_pool
-from ..store.etcd import EtcdClient
+from ..store.etcd import EtcdClient, EtcdError
 from . import topology as topo
 
 DEFAULT_DIR = Path(os.environ.get("FTVM_LAB_DIR", "/var/lib/ftvm/lab"))
@@ -387,8 +387,8 @@ def wait_for_hosts(state: LabState, hosts: list[str], timeout: float) -> None:
         try:
             if set(hosts) <= asyncio.run(registered()) and all(api_answers(h) for h in hosts):
                 return
-        except Exception:
-            pass
+        except (EtcdError, OSError):
+            pass  # etcd or an agent not up yet
         time.sleep(0.2)
     raise LabError(f"agents did not register (and serve their API) within {timeout:g}s: "
                    f"see {state.dir}/hN/agent.log")

@@ -191,7 +191,7 @@ class QemuVm:
         vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps, run_as)
         try:
             await vm._connect_qmp(timeout=10.0)
-        except Exception:
+        except BaseException:
             vm.kill()
             await vm.wait()
             raise
@@ -210,7 +210,7 @@ class QemuVm:
                 try:
                     await self.qmp.connect(str(self.paths.qmp))
                     return
-                except Exception as e:  # qemu.qmp raises ConnectError wrapping OSError
+                except (QMPError, OSError) as e:  # ConnectError wraps the OSError
                     if time.monotonic() > deadline:
                         raise QemuError(f"QMP connect failed: {e}") from e
             if time.monotonic() > deadline:
@@ -221,10 +221,11 @@ class QemuVm:
         try:
             async for event in self.qmp.events:
                 data = event.get("data", {})
-                on_event(str(event["event"]), data if isinstance(data, dict) else {})
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # connection gone: the process watcher reports the exit
+                try:
+                    on_event(str(event["event"]), data if isinstance(data, dict) else {})
+                except Exception:  # noqa: BLE001 - one bad handler must not end the VM's event delivery
+                    log.exception("%s: handling QEMU event %s", self.spec.name, event.get("event"))
+        except (QMPError, OSError, EOFError):  # connection gone: the process watcher reports the exit
             pass
 
     def give(self, *paths: str | Path) -> None:
@@ -287,8 +288,8 @@ class QemuVm:
                     return await self.wait()
                 self.stop_outcome = "hurried" if hurry is not None and hurry.is_set() else "grace expired"
             await asyncio.wait_for(self.execute("quit"), 2.0)
-        except Exception:
-            pass
+        except (QemuError, TimeoutError):
+            pass  # gone already, or hung: killed below
         try:
             await asyncio.wait_for(asyncio.shield(self.proc.wait()), 5.0)
         except TimeoutError:
@@ -301,7 +302,7 @@ class QemuVm:
             self._event_task.cancel()
         try:
             await self.qmp.disconnect()
-        except Exception:
+        except Exception:  # noqa: BLE001 - disconnect re-raises whatever ended the connection; taps and pidfd must still go
             pass
         for tap in self.taps:
             remove_tap(tap)
