@@ -95,6 +95,9 @@ class DiskMove:
             move.committed()
         await move.switch(old_nodes)  # `disk<i>` on its new image; `cont`
 
+    The raise to level 3 hands the copies to a new QEMU instead (`hand_over_targets` once a
+    migration paused the guest; no `switch`).
+
     Any exception before `committed()` undoes the move: copy jobs cancelled, new nodes
     removed, the `undo` steps the caller registered (newest first), the guest continued if
     it was stopped. OwnershipLost undoes nothing: the caller kills this copy."""
@@ -138,6 +141,14 @@ class DiskMove:
         await self.ctx.qemu.execute("stop")
         self.stopped = True
         await _end_jobs(self.ctx.qemu, self.targets)
+
+    async def hand_over_targets(self) -> None:
+        """Guest paused (not by `stop`): end the copies, identical now, and close their new
+        images here, for another QEMU to open (the raise to level 3)."""
+        await _end_jobs(self.ctx.qemu, self.targets)
+        for node in self.targets:
+            if node is not None:
+                await self.ctx.qemu.execute("blockdev-del", {"node-name": node})
 
     def committed(self) -> None:
         """The change is in the store: from here on it is carried through, never undone."""
@@ -426,73 +437,73 @@ async def raise_to_system(ctx: LevelContext, spec: VmSpec, change: LevelChange, 
     partner = choose_partner(snap, new_spec, ctx.me) if snap else None
     if partner is None:
         raise RuntimeError("no partner host is up to keep the checkpoints")
-    targets: list[str | None] = []
     new_qemu: QemuVm | None = None
     l3: L3Primary | None = None
     source_migrating = False
+
+    async def stay_in_the_old_qemu(e: BaseException) -> None:  # the guest goes on there, at the old level
+        with suppress(QemuError):
+            if source_migrating:
+                await ctx.qemu.execute("migrate_cancel")
+            await ctx.qemu.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "pause-before-switchover", "state": False}]})
+            if (await ctx.qemu.execute("query-status"))["status"] != "running":
+                await ctx.qemu.execute("cont")
     try:
-        for i, disk in enumerate(current):
-            path = str(target.files.disks[i])
-            if disk.format == "raw" and os.path.exists(path) and os.path.samefile(disk.path, path):
-                targets.append(None)  # already there (level 2 on a raw host): a shared-storage move
-                continue
-            with suppress(FileNotFoundError):
-                os.unlink(path)
-            targets.append(await _add_target(ctx.qemu, i, path, "raw", disks[i].size))
-        await _mirror(ctx, change, targets)
-        target.run_dir.mkdir(parents=True, exist_ok=True)
-        make_guest_ram_dir(Path(target.files.ram))
-        Path(target.files.ram).unlink(missing_ok=True)
-        l3 = target.make_l3(new_spec)
-        await l3.open_relays(target.bridge, attach=False)
-        new_qemu = await target.start_qemu(new_spec, [checkpointed_disk_nodes(i, str(p))
-                                                      for i, p in enumerate(target.files.disks)])
-        sock = target.run_dir / "migrate.sock"
-        sock.unlink(missing_ok=True)
-        await new_qemu.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "late-block-activate", "state": True}]})
-        await set_migration_tls(new_qemu, "")  # local: no TLS
-        await new_qemu.execute("migrate-incoming", {"uri": f"unix:{sock}"})
-        await ctx.qemu.execute("migrate-set-capabilities", {"capabilities": [  # (a VM lowered from level 3
-            {"capability": "pause-before-switchover", "state": True},        # has its RAM in a shared file:
-            {"capability": "x-ignore-shared", "state": False}]})              # it must travel too)
-        await ctx.qemu.execute("migrate-set-parameters", {"max-bandwidth": 1 << 32, "downtime-limit": 300})
-        await set_migration_tls(ctx.qemu, "")
-        if target.stopped_copy:
-            await ctx.qemu.execute("stop")  # resumed in the new QEMU (or, on failure, here)
-        await ctx.qemu.execute("migrate", {"uri": f"unix:{sock}"})
-        source_migrating = True
-        await _wait_migration(ctx.qemu, ("pre-switchover",))
-        await _end_jobs(ctx.qemu, targets)  # guest paused: the mirrors end with the disks identical
-        for node in targets:
-            if node is not None:
-                await ctx.qemu.execute("blockdev-del", {"node-name": node})
-        await ctx.qemu.execute("migrate-continue", {"state": "pre-switchover"})
-        await _wait_migration(ctx.qemu, ("completed",))
-        await _wait_migration(new_qemu, ("completed",))
-        now = time.time()
-        copies = Copies(1, {ctx.me: Copy(CopyState.CURRENT, now, RAISED),
-                            partner: Copy(CopyState.OUTDATED, now, NEW_REPLICA, full=True)})
-        await _commit(ctx, lambda s: replace(s, level=Level.SYSTEM, disks=disks), copies)
-    except BaseException as e:
+        async with DiskMove(ctx, change) as move:
+            for i, disk in enumerate(current):
+                path = str(target.files.disks[i])
+                if disk.format == "raw" and os.path.exists(path) and os.path.samefile(disk.path, path):
+                    move.keep()  # already there (level 2 on a raw host): a shared-storage move
+                    continue
+                with suppress(FileNotFoundError):
+                    os.unlink(path)
+                await move.add(i, path, "raw", disks[i].size)
+            await move.copy()
+            target.run_dir.mkdir(parents=True, exist_ok=True)
+            make_guest_ram_dir(Path(target.files.ram))
+            Path(target.files.ram).unlink(missing_ok=True)
+            l3 = target.make_l3(new_spec)
+            await l3.open_relays(target.bridge, attach=False)
+            new_qemu = await target.start_qemu(new_spec, [checkpointed_disk_nodes(i, str(p))
+                                                          for i, p in enumerate(target.files.disks)])
+            sock = target.run_dir / "migrate.sock"
+            sock.unlink(missing_ok=True)
+            await new_qemu.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "late-block-activate", "state": True}]})
+            await set_migration_tls(new_qemu, "")  # local: no TLS
+            await new_qemu.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+            move.undo(stay_in_the_old_qemu)
+            await ctx.qemu.execute("migrate-set-capabilities", {"capabilities": [  # (a VM lowered from level 3
+                {"capability": "pause-before-switchover", "state": True},        # has its RAM in a shared file:
+                {"capability": "x-ignore-shared", "state": False}]})              # it must travel too)
+            await ctx.qemu.execute("migrate-set-parameters", {"max-bandwidth": 1 << 32, "downtime-limit": 300})
+            await set_migration_tls(ctx.qemu, "")
+            if target.stopped_copy:
+                await ctx.qemu.execute("stop")  # resumed in the new QEMU (or, on failure, here)
+            await ctx.qemu.execute("migrate", {"uri": f"unix:{sock}"})
+            source_migrating = True
+            await _wait_migration(ctx.qemu, ("pre-switchover",))
+            await move.hand_over_targets()  # guest paused: the copies end identical; the new QEMU opens them
+            await ctx.qemu.execute("migrate-continue", {"state": "pre-switchover"})
+            await _wait_migration(ctx.qemu, ("completed",))
+            await _wait_migration(new_qemu, ("completed",))
+            now = time.time()
+            copies = Copies(1, {ctx.me: Copy(CopyState.CURRENT, now, RAISED),
+                                partner: Copy(CopyState.OUTDATED, now, NEW_REPLICA, full=True)})
+            await _commit(ctx, lambda s: replace(s, level=Level.SYSTEM, disks=disks), copies)
+            move.committed()
+    except BaseException:  # the new QEMU goes, whatever happened (on OwnershipLost the caller kills the old)
         if new_qemu is not None:
             new_qemu.kill()
             await new_qemu.wait()
         if l3 is not None:
             with suppress(Exception):  # noqa: BLE001 - undoing: the first error is the one to report
                 await l3.close()
-        if not isinstance(e, OwnershipLost):  # the guest goes on in the old QEMU, at the old level
-            await _cancel(ctx.qemu, targets)
-            with suppress(QemuError):
-                if source_migrating:
-                    await ctx.qemu.execute("migrate_cancel")
-                await ctx.qemu.execute("migrate-set-capabilities", {"capabilities": [
-                    {"capability": "pause-before-switchover", "state": False}]})
-                if (await ctx.qemu.execute("query-status"))["status"] != "running":
-                    await ctx.qemu.execute("cont")
         raise
+    assert new_qemu is not None and l3 is not None  # (committed: both were made)
     ctx.event("level", f"level {int(spec.level)} -> 3 while running: moved live into a checkpointed "
-                               f"QEMU on {ctx.me}; partner {partner} gets a full pre-copy (Protected when acked)")
+                       f"QEMU on {ctx.me}; partner {partner} gets a full pre-copy (Protected when acked)")
     return new_qemu, l3
 
 
