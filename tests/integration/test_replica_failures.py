@@ -1,0 +1,135 @@
+"""The level 2 replica manager's failure paths (agent/replica.py), against the fake QEMU
+and a real etcd: a failed copy is recorded in the store before the guest writes again,
+the graph drops it, and the guest continues on the survivor; with no survivor, or
+without ownership, the guest is never continued."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fake_qemu import FakeQemu
+from ftvm.agent.context import HostContext
+from ftvm.agent.replica import ReplicaManager
+from ftvm.core.model import DiskSpec, HostInfo, Level, NicSpec, PoolSnapshot, VmSpec
+from ftvm.core.replication import Copies, Copy, CopyState
+from ftvm.core.timing import Timing
+from ftvm.qemu.blockgraph import DiskGraph, LocalImage, Mode
+from ftvm.store.etcd import EtcdClient
+from ftvm.store.pool import PoolStore
+
+_pools = itertools.count()
+SPEC = VmSpec("db", Level.COMPONENT, 256, 1, (DiskSpec(size=1 << 20),), (NicSpec("52:54:00:00:00:02"),))
+MIRRORED = DiskGraph(0, Mode.MIRRORED, 3, "d0-local1", "d0-remote2", "d0-quorum2")
+
+
+@dataclass
+class Journal:
+    seen: list[tuple[str, str]] = field(default_factory=list)
+
+    def event(self, vm: str, kind: str, message: str, at: float | None = None) -> None:
+        self.seen.append((kind, message))
+
+
+@dataclass
+class Rig:
+    store: PoolStore
+    fake: FakeQemu
+    replica: ReplicaManager
+    journal: Journal
+    token: int
+
+    async def copies(self) -> Copies:
+        got = await self.store.get_copies("db")
+        assert got is not None
+        return got
+
+
+async def until(what: str, cond: Any) -> None:
+    for _ in range(1000):
+        if await cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+@pytest.fixture
+async def rig(etcd_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    async with EtcdClient([etcd_url], timeout=5.0) as client:
+        store = PoolStore(client, f"rep{next(_pools)}")
+        lease, _ = await client.lease_grant(30)
+        assert await store.register_host(HostInfo("h1", 1024, 2, ()), lease)
+        assert await store.define_vm(SPEC)
+        both = Copies(1, {"h1": Copy(CopyState.CURRENT, 0.0, "in sync"), "h2": Copy(CopyState.CURRENT, 0.0, "in sync")})
+        token = await store.claim("db", "h1", lease, None, both)
+        assert token is not None
+        snapshot: list[PoolSnapshot] = [await store.snapshot()]
+        journal = Journal()
+        host = HostContext("h1", store, SimpleNamespace(id=lease), journal,  # type: ignore[arg-type]
+                           lambda: snapshot[0], lambda: None, Timing())
+        fake = FakeQemu(tmp_path / "run")
+        fake.status = "io-error"  # werror=stop: the failed write stopped the guest
+        fake.on("query-blockstats", lambda args: [])
+        for cmd in ("blockdev-add", "blockdev-del", "blockdev-reopen", "x-blockdev-change", "block-dirty-bitmap-add"):
+            fake.on(cmd, lambda args: {})
+        holder: list[ReplicaManager] = []
+        qemu = await fake.start_vm(SPEC, on_event=lambda name, data: holder[0].on_qemu_event(name, data))
+        replica = ReplicaManager(host.for_vm("db", token), qemu, [LocalImage(str(tmp_path / "d0.raw"), "raw")],
+                                 [MIRRORED])
+        holder.append(replica)
+        replica.restart()  # the loop, as after `begin`
+        try:
+            yield Rig(store, fake, replica, journal, token)
+        finally:
+            replica.stop()
+            await fake.close()
+
+
+async def test_a_failed_partner_copy_is_recorded_outdated_then_the_guest_continues_alone(rig: Rig) -> None:
+    rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-remote2", "type": "write"})
+    await until("the guest is continued", lambda: _true(rig.fake.status == "running"))
+    h2 = (await rig.copies()).state_of("h2")
+    assert h2 is not None and h2.state is CopyState.OUTDATED and "replication to h2 failed" in h2.reason
+    commands = rig.fake.commands()
+    # the store first (the guest is still stopped), then the graph, then cont: never the other way round
+    assert commands.index("x-blockdev-change") < commands.index("cont") == len(commands) - 1
+    assert rig.replica.graphs[0].mode is Mode.LOCAL_ONLY
+    assert "block-dirty-bitmap-add" in commands  # the new local node tracks writes for the resync
+    assert any(k == "masked" for k, _ in rig.journal.seen)
+
+
+async def test_a_failed_local_copy_is_recorded_failed_and_the_guest_runs_on_the_partner(rig: Rig) -> None:
+    rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-local1", "type": "write"})
+    await until("the guest is continued", lambda: _true(rig.fake.status == "running"))
+    h1 = (await rig.copies()).state_of("h1")
+    assert h1 is not None and h1.state is CopyState.FAILED and h1.full
+    assert rig.replica.graphs[0].mode is Mode.REMOTE_ONLY
+
+
+async def test_with_both_copies_failed_the_guest_stays_paused(rig: Rig) -> None:
+    rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-local1", "type": "write"})
+    rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-remote2", "type": "write"})
+    await until("the problem is reported", lambda: _true(rig.replica.problem == "both copies failed"))
+    assert "cont" not in rig.fake.commands()
+    copies = await rig.copies()
+    assert {h: c.state for h, c in copies.copies.items()} == {"h1": CopyState.CURRENT, "h2": CopyState.CURRENT}
+    assert any(k == "io-error" and "nothing left to continue on" in m for k, m in rig.journal.seen)
+
+
+async def test_without_ownership_a_failed_copy_never_continues_the_guest(rig: Rig) -> None:
+    assert await rig.store.release("db", rig.token)  # another host may own it now
+    rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-remote2", "type": "write"})
+    await until("the step fails", lambda: _true(any(k == "replica" for k, _ in rig.journal.seen)))
+    assert "cont" not in rig.fake.commands() and "x-blockdev-change" not in rig.fake.commands()
+    assert rig.fake.status == "io-error"
+
+
+async def _true(value: bool) -> bool:
+    return value
