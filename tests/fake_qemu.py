@@ -132,6 +132,8 @@ class FakeQemu:
             return {}
         if cmd == "query-migrate":
             status = self.migrate_states.pop(0) if len(self.migrate_states) > 1 else self.migrate_states[0]
+            if status == "completed" and "migrate" in self.commands():
+                self.status = "postmigrate"  # a source's guest stays paused after a completed migration
             info: dict[str, Any] = {"status": status}
             if status in ("failed", "cancelled") and self.migrate_error:
                 info["error-desc"] = self.migrate_error
