@@ -54,8 +54,7 @@ async def start(tmp_path: Path, vanish: bool = False) -> tuple[FakeQemu, LevelCo
     target = tmp_path / "local" / "disk0.img"
     target.parent.mkdir()
     target.write_bytes(b"")  # exists: nothing to create
-    ctx = LevelContext(Host(), "web", 7, qemu, lambda spec, i: None, lambda img: img,  # type: ignore[arg-type]
-                       lambda i, g: None)
+    ctx = LevelContext(Host(), "web", 7, qemu, lambda spec, i: None, lambda img: img)  # type: ignore[arg-type]
     return fake, ctx, str(target)
 
 

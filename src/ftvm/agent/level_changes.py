@@ -23,7 +23,6 @@ from .context import HostContext
 from .disks import HostDisks
 from .local import LocalRecord
 from .processes import Processes
-from .replica import ReplicaManager
 from .starts import NewL3
 
 log = logging.getLogger("ftvm.agent.level_changes")
@@ -62,11 +61,8 @@ class LevelChanges:
     async def _make(self, token: int, spec: VmSpec, change: LevelChange, rec: LocalRecord) -> None:
         assert rec.qemu is not None
         qemu, vm = rec.qemu, spec.name
-        owner = self.host.for_vm(vm, token)
-        ctx = levels.LevelContext(
-            self.host, vm, token, qemu, self.disks.image, self.disks.writable,
-            lambda images, graphs: ReplicaManager(owner, qemu, images, graphs),
-            shared_storage=self.cfg.shared_storage)
+        ctx = levels.LevelContext(self.host, vm, token, qemu, self.disks.image, self.disks.writable,
+                                  shared_storage=self.cfg.shared_storage)
         step = transition(spec.level, Level(change.level))
         if step is Transition.RAISE_TO_COMPONENT:
             rec.replica = await levels.raise_to_component(ctx, spec, change)

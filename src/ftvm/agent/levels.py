@@ -49,7 +49,7 @@ from ..qemu.storage_daemon import ensure_image
 from ..store.pool import OwnershipLost
 from .context import VmContext
 from .l3 import L3Primary
-from .replica import ReplicaManager
+from .replica import ReplicaManager, replicate
 
 log = logging.getLogger("ftvm.agent.levels")
 
@@ -61,12 +61,11 @@ READY_TIMEOUT_S = 600.0
 @dataclass(frozen=True)
 class LevelContext(VmContext):
     """What the change needs from the agent: the VM's context (who, under which token),
-    its QEMU, and how this host makes copies and replicas."""
+    its QEMU, and how this host makes copies (the replica is `replica.replicate`)."""
 
     qemu: QemuVm
     local_image: Callable[[VmSpec, int], LocalImage]
     writable: Callable[[LocalImage], LocalImage]  # storage_daemon.writable_copy with the host's choice
-    make_replica: Callable[[list[LocalImage], list[DiskGraph]], ReplicaManager]
     shared_storage: tuple[str, ...] = ()
 
 
@@ -196,8 +195,7 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
     await move.switch([d.node for d in current], resume=False)
     graphs = [DiskGraph(i, Mode.LOCAL_ONLY, 1, target or current[i].node, None, None)
               for i, target in enumerate(move.targets)]
-    replica = ctx.make_replica(images, graphs)
-    await replica.begin()  # bitmap, then cont
+    replica = await replicate(ctx, ctx.qemu, images, graphs)  # bitmap, then cont
     ctx.event("level", f"level {int(spec.level)} -> 2 while running: disks on {ctx.me}'s local "
                        f"storage, partner {partner} syncing in full (Protected when in sync)")
     return replica

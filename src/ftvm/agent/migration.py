@@ -50,7 +50,7 @@ from .exports import Exports
 from .l3 import L3Partner, L3Primary
 from .local import LocalRecord
 from .processes import Processes
-from .replica import ReplicaManager
+from .replica import replicate
 
 log = logging.getLogger("ftvm.agent.migration")
 
@@ -292,8 +292,7 @@ class Migrations:
                 await qemu.execute("cont")
             else:  # level 2: on this host's copy, tracking every write for the old host's resync
                 await self.exports.withdraw(d.vm)
-                rec.replica = ReplicaManager(self.host.for_vm(d.vm, d.token), qemu, disks.images, disks.graphs)
-                await rec.replica.begin()
+                rec.replica = await replicate(self.host.for_vm(d.vm, d.token), qemu, disks.images, disks.graphs)
         except Exception as e:  # noqa: BLE001 - QMP, NBD, etcd: whatever failed, this copy must not run
             rec.state, rec.detail = RunState.CRASHED, f"resuming the migrated VM failed: {e}"
             if rec.replica is not None:

@@ -489,6 +489,14 @@ class ReplicaManager:
                                                  SyncProgress(partner, done, total, rate, full), self.ctx.lease)
 
 
+async def replicate(ctx: VmContext, qemu: QemuVm, images: list[LocalImage], graphs: list[DiskGraph]) -> ReplicaManager:
+    """Level 2 on a QEMU started (or left) paused on this host's copies: writes tracked from
+    the first one, the guest continued, the replica kept. The one way a replica manager starts."""
+    replica = ReplicaManager(ctx, qemu, images, graphs)
+    await replica.begin()
+    return replica
+
+
 async def _port_answers(export: Export, timeout: float = 0.5) -> bool:
     """The partner's NBD server greets within `timeout`. A TCP accept alone is not
     enough: the kernel accepts for a daemon that is frozen or hung."""

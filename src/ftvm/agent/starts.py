@@ -31,7 +31,7 @@ from .local import LocalRecord
 from .migration import Migrations
 from .paths import resolved_spec
 from .processes import Processes
-from .replica import ReplicaManager
+from .replica import replicate
 
 log = logging.getLogger("ftvm.agent.starts")
 
@@ -104,8 +104,7 @@ class Starts:
         rec.qemu = qemu
         self.procs.adopt(rec, qemu)
         if spec.level is Level.COMPONENT:  # (level 3 disks are blockdevs too, but checkpointed, not mirrored)
-            rec.replica = ReplicaManager(self.host.for_vm(d.vm, token), qemu, images, graphs)
-            await rec.replica.begin()
+            rec.replica = await replicate(self.host.for_vm(d.vm, token), qemu, images, graphs)
         if l3 is not None:
             l3.begin(qemu)
         try:
