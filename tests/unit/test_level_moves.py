@@ -130,3 +130,58 @@ async def test_ownership_lost_undoes_nothing_the_guest_stays_stopped(tmp_path: P
         assert fake.commands().count("blockdev-del") == 0
     finally:
         await fake.close()
+
+
+class StubL3:
+    """The level 3 runtime as the raise sees it before the commit: relays opened, then closed."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def open_relays(self, bridge: str, attach: bool = True) -> None:
+        self.calls.append("open_relays")
+
+    async def close(self) -> None:
+        self.calls.append("close")
+
+
+@pytest.mark.parametrize("stopped_copy", [False, True])
+async def test_a_failed_raise_to_level_3_leaves_the_guest_running_in_its_old_qemu(
+        tmp_path: Path, stopped_copy: bool) -> None:
+    from types import SimpleNamespace
+
+    from ftvm.agent.levels import SystemTarget, raise_to_system, running_disks
+    from ftvm.core.model import HostInfo, PoolSnapshot
+
+    old, ctx, _ = await start(tmp_path)
+    hosts = {h: HostInfo(h, 4096, 4, ("/s",), replication_addr=f"10.79.0.{i}") for i, h in enumerate(("h1", "h2"), 1)}
+    snap = PoolSnapshot(5, hosts, {})
+    ctx.host.latest = lambda: snap  # type: ignore[attr-defined]
+    old.on("query-named-block-nodes", lambda args: [{"node-name": "disk0", "image": {"virtual-size": 1 << 20}}])
+    old.migrate_states = ["active", "failed"]
+    old.migrate_error = "Unable to write to socket"
+    new = FakeQemu(tmp_path / "l3run")
+    started: list[Any] = []
+    l3 = StubL3()
+
+    async def start_qemu(spec: VmSpec, blockdevs: list[list[dict[str, Any]]]) -> Any:
+        started.append(await new.start_vm(spec))
+        return started[-1]
+    files = SimpleNamespace(disks=[tmp_path / "l3" / "disk0.raw"], ram=tmp_path / "ram" / "pc.ram")
+    files.disks[0].parent.mkdir()
+    target = SystemTarget(files=files, run_dir=tmp_path / "l3run", start_qemu=start_qemu,
+                          make_l3=lambda spec: l3, bridge="br0", stopped_copy=stopped_copy)  # type: ignore[arg-type,return-value]
+    try:
+        with pytest.raises(RuntimeError, match="Unable to write to socket"):
+            await raise_to_system(ctx, SPEC, LevelChange(level=3, source="h1", token=7, requested=0.0),
+                                  running_disks(SPEC), target)
+        commands = old.commands()
+        assert "migrate_cancel" in commands and commands.index("migrate_cancel") > commands.index("migrate")
+        assert "block-job-cancel" in commands and commands[-1] != "migrate"
+        assert old.status == "running"  # the guest goes on in the old QEMU
+        assert ("stop" in commands) is stopped_copy and (commands[-1] == "cont") is stopped_copy
+        assert started and not started[0].alive  # the new QEMU is gone
+        assert l3.calls == ["open_relays", "close"]
+    finally:
+        await new.close()
+        await old.close()
