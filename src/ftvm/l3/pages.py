@@ -2,12 +2,16 @@
 apply them to the partner's replica of that file.
 
 Used for the guest's RAM (a shared `memory-backend-file`) and for its raw disk
-images alike. With the VM stopped, the live file is compared page by page with
-the copy taken at the previous checkpoint: no dependence on QEMU's dirty
-tracking, which TCG on 7.2 gets wrong (FACTS.md). The compare runs in chunks on
-two threads (numpy releases the GIL), so the temporaries stay small and both
-cores work. The partner applies a checkpoint's pages only once the whole
-checkpoint has arrived (commit).
+images alike. Two ways to know what changed, neither relying on QEMU's dirty
+tracking, which TCG on 7.2 gets wrong (FACTS.md):
+  * exact tracking (RAM, where the host allows it: l3/writes.py): the kernel
+    reports the pages written since the last checkpoint; only those are read.
+    No copy of the file is kept;
+  * compare: with the VM stopped, the live file is compared page by page with
+    the copy taken at the previous checkpoint, in chunks on two threads (numpy
+    releases the GIL), so the temporaries stay small and both cores work.
+The partner applies a checkpoint's pages only once the whole checkpoint has
+arrived (commit).
 
 `python -m ftvm.l3.pages --bench [MiB]` prints what one compare costs here.
 """
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .writes import TrackerError, WriteTracker
 
 PAGE = 4096
 CHUNK_PAGES = 4096   # 16 MiB per compare step
@@ -48,14 +54,16 @@ def _as_pages(buf: mmap.mmap | np.ndarray) -> np.ndarray:
 
 
 class PageTracker:
-    """Primary side: one live file (RAM or disk) and its copy as of the last checkpoint.
+    """Primary side: one live file (RAM or disk) and what changed in it since the last
+    checkpoint: the kernel's record of written pages (`writes`), or else a copy of the
+    file as of then, compared.
 
-    The copy starts as zeroes (what a new replica file holds); `precopy_chunks`
+    The replica starts as zeroes (what a new replica file holds); `precopy_chunks`
     then sends everything while the guest runs, and each stopped `diff` sends
     only what changed since, so the replica equals the live file at that instant.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writes: WriteTracker | None = None) -> None:
         self.path = Path(path)
         self.size = self.path.stat().st_size
         if self.size % PAGE or self.size == 0:
@@ -63,13 +71,23 @@ class PageTracker:
         self._file = open(self.path, "rb")
         self._map = mmap.mmap(self._file.fileno(), self.size, prot=mmap.PROT_READ)
         self.live = _as_pages(self._map)
-        self.copy = np.zeros_like(self.live)
+        self.writes = writes
+        if writes is not None and (writes.first_page != 0 or writes.npages != self.npages):
+            raise TrackerError(0, f"QEMU maps {writes.npages} pages of {path} from page {writes.first_page}, "
+                                  f"not all {self.npages}")
+        # compare only: the file as the replica has it
+        self.copy = np.zeros_like(self.live) if writes is None else None
+        self.full_resyncs = 0      # epochs whose scan failed: every page sent
+        self.last_error = ""
 
     @property
     def npages(self) -> int:
         return int(self.live.shape[0])
 
     def close(self) -> None:
+        if self.writes is not None:
+            self.writes.close()
+            self.writes = None
         del self.live
         try:
             self._map.close()
@@ -78,6 +96,7 @@ class PageTracker:
         self._file.close()
 
     def _diff_chunk(self, start: int) -> np.ndarray:
+        assert self.copy is not None
         live = self.live[start:start + CHUNK_PAGES]
         copy = self.copy[start:start + CHUNK_PAGES]
         changed = np.flatnonzero((live != copy).any(axis=1))
@@ -88,10 +107,27 @@ class PageTracker:
     def diff(self) -> Delta:
         """Pages changed since the last diff; the copy moves on. Call with the VM
         stopped for a checkpoint; while it runs (pre-copy rounds) a page torn by a
-        concurrent write differs again at the next stopped diff, so it is resent."""
+        concurrent write differs again at the next stopped diff, so it is resent (tracked:
+        a page written after the scan re-protected it is reported again)."""
+        if self.writes is not None:
+            return self._written()
         parts = [p for p in _POOL.map(self._diff_chunk, range(0, self.npages, CHUNK_PAGES)) if p.size]
         pages = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+        assert self.copy is not None
         return Delta(pages, self.copy[pages].tobytes())
+
+    def _written(self) -> Delta:
+        assert self.writes is not None
+        try:
+            pages = self.writes.scan()
+        except TrackerError as e:
+            # part of the walk may have re-protected pages it never returned: everything is
+            # written, as far as anyone knows. Protect all again first, then send all.
+            self.writes.arm()
+            self.full_resyncs += 1
+            self.last_error = str(e)
+            pages = np.arange(self.npages, dtype=np.int64)
+        return Delta(pages, self.live[pages].tobytes())
 
     def precopy_chunks(self) -> Iterator[Delta]:
         """Every page, chunk by chunk, refreshing the copy (the first, full copy, taken
@@ -100,6 +136,9 @@ class PageTracker:
             live = self.live[start:start + CHUNK_PAGES]
             nonzero = np.flatnonzero(live.any(axis=1))
             if not nonzero.size:
+                continue
+            if self.copy is None:  # tracked: a page written after this read is reported again
+                yield Delta((nonzero + start).astype(np.int64), live[nonzero].tobytes())
                 continue
             self.copy[start + nonzero] = live[nonzero]
             yield Delta((nonzero + start).astype(np.int64), self.copy[start + nonzero].tobytes())
