@@ -34,6 +34,7 @@ from ..core.placement import claim_plan
 from ..core.replication import Copies, replace_partner
 from ..l3.channel import LinkConfig
 from ..l3.standby import RAM_DIR_MARKER, ReplicaPaths
+from ..l3.writes import Support, probe
 from ..qemu.cmdline import VmPaths
 from ..qemu.probe import Accel, choose_accel
 from ..qemu.process import QemuVm
@@ -130,13 +131,15 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         accel = self.procs.accel = await asyncio.to_thread(choose_accel, self.cfg.accel, self.cfg.probe_kernel)
         log.info("accelerator: %s (%s)", accel.accel, accel.reason)
+        tracking = self.procs.tracking = await asyncio.to_thread(self._probe_tracking)
+        log.info("level 3 RAM: %s", tracking.why)
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         await self.host_lease.join()
         self.guard.start()
         await self._start_l3_partner()
         await self._start_api()
         self.event("", "agent", f"agent up (lease {self.lease:x}, ttl {self.host_lease.ttl}s, "
-                                f"accel {accel.accel})")
+                                f"accel {accel.accel}; level 3 RAM: {tracking.why})")
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._request_stop)
         tasks = [asyncio.create_task(self.host_lease.keep_alive(), name="keepalive"),
@@ -161,6 +164,14 @@ class Agent:
             self._api = await serve(make_app(ctx), addr, port, self.cfg.api_tls.server_context())
         except OSError as e:
             self.event("", "error", f"cannot serve the API on {addr}:{port}: {e}")
+
+    def _probe_tracking(self) -> Support:
+        """How this host learns which guest RAM pages a level 3 checkpoint must send."""
+        if not (self.cfg.replication_addr and self.cfg.local_storage):
+            return Support(None, "page compare: this host runs no level 3 VM (no replication_addr/local_storage)")
+        if self.cfg.l3_tracking == "compare":
+            return Support(None, "page compare: l3_tracking = \"compare\" in host.toml")
+        return probe(self.run_as)
 
     def _health(self) -> AgentHealth:
         ticks = list(self._tick_seconds)
@@ -446,7 +457,8 @@ class Agent:
         in this agent's metrics."""
         def count(n: int) -> None:
             self.counters.checkpoints[vm] = self.counters.checkpoints.get(vm, 0) + n
-        return L3Primary(self.ctx.for_vm(vm, token), spec, paths, files, self._l3_link, count)
+        return L3Primary(self.ctx.for_vm(vm, token), spec, paths, files, self._l3_link, count,
+                         tracking=self.procs.tracking)
 
     def _drop_stale_guest_ram(self, snapshot: PoolSnapshot) -> None:
         """Level 3 RAM files (tmpfs: real memory) of VMs removed or stopped and not run here."""

@@ -53,6 +53,7 @@ class AgentConfig:
     api_tls: TlsFiles | None = None     # the API's certificate (api_cert/api_key, default the etcd one)
     api_read_token: str = ""            # read from api_read_token_file: /metrics and the dashboard only
     timing: Timing = Timing()
+    l3_tracking: str = "auto"           # level 3 RAM: exact write tracking where the host allows it, or compare
 
     @property
     def guest_ram_dir(self) -> Path:
@@ -63,7 +64,7 @@ _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
           "shared_storage", "image_roots", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
           "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port",
           "api_listen", "api_token_file", "write_through_copies", "pool_secret_file",
-          "etcd_ca", "etcd_cert", "etcd_key", "qemu_user", "api_cert", "api_key", "api_read_token_file"}
+          "etcd_ca", "etcd_cert", "etcd_key", "qemu_user", "api_cert", "api_key", "api_read_token_file", "l3_tracking"}
 
 
 class _Settings:
@@ -191,6 +192,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         qemu_user=c.string("qemu_user", DEFAULT_USER),
         api_tls=_api_tls(c, etcd_tls) if api_listen else None,
         api_read_token=_read_token(data, api_token) if api_listen else "",
+        l3_tracking=c.choice("l3_tracking", "auto", ("auto", "compare")),
     )
 
 

@@ -35,11 +35,12 @@ from typing import Any
 from ..core.model import CheckpointFigures, Desired, Level, LocalStandby, PoolSnapshot, VmSpec, valid_name
 from ..core.replication import Copies, CopyState, mark, take_over
 from ..qemu.migrate import wait_migration
-from ..l3.primary import Checkpointer
+from ..l3.primary import EXACT, Checkpointer
 from ..l3.relay import OutputCommitRelay
 from ..l3.channel import LinkConfig
 from ..l3.standby import ReplicaPaths, Standby, StandbyServer
 from ..l3.wire import WireError
+from ..l3.writes import COMPARE, Support, WriteTracker
 from ..qemu.cmdline import VmPaths, tap_names
 from ..qemu.process import QemuError, QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls
 from ..store.etcd import EtcdError
@@ -79,8 +80,12 @@ def is_partner(snapshot: PoolSnapshot, me: str, vm: str) -> bool:
 
 class L3Primary:
     def __init__(self, ctx: VmContext, spec: VmSpec, paths: VmPaths, files: ReplicaPaths, link: LinkConfig,
-                 count_checkpoints: Callable[[int], None] = lambda n: None) -> None:
+                 count_checkpoints: Callable[[int], None] = lambda n: None,
+                 tracking: Support = COMPARE) -> None:
+        """`tracking`: whether this host tracks written RAM pages exactly (l3/writes.py)."""
         self.ctx = ctx
+        self.tracking = tracking
+        self._full_resyncs_seen = 0
         self.spec, self.token, self.me = spec, ctx.token, ctx.me
         self.count_checkpoints = count_checkpoints  # metrics: checkpoints taken (a counter)
         self._counted = 0  # checkpoints counted (metrics) of the session `_counted_in`
@@ -174,9 +179,14 @@ class L3Primary:
 
     async def _session(self, partner: str, addr: str) -> None:
         assert self.qemu is not None
+        qemu = self.qemu
+        ram_writes = ((lambda ram: WriteTracker.attach(qemu.pid, qemu.pidfd, ram)) if self.tracking.exact
+                      else None)
         cp = Checkpointer(self.spec.name, self.qemu, self.relays, self.files.ram, list(self.files.disks),
                           self.paths.run_dir, self.spec.checkpoint_ms / 1000, self.timing.l3_partner_lost,
-                          on_output=self.spec.checkpoint_on_output, stall_s=self.timing.l3_checkpoint_stall)
+                          on_output=self.spec.checkpoint_on_output, stall_s=self.timing.l3_checkpoint_stall,
+                          ram_writes=ram_writes, tracking=self.tracking.why)
+        self._full_resyncs_seen = 0
         self.checkpointer = cp
         try:
             await cp.connect(addr, self.link, uuid.uuid4().hex)
@@ -193,6 +203,8 @@ class L3Primary:
             await cp.prepare_qemu()
             t0 = time.monotonic()
             await cp.protect(self._progress)
+            if self.tracking.exact and cp.stats.tracking != EXACT:
+                self.event("warning", f"written RAM pages cannot be tracked in this QEMU: {cp.stats.tracking}")
             if not await self._record(partner, CopyState.CURRENT, f"checkpoint {cp.stats.acked} acknowledged"):
                 raise OwnershipLost("the partner's copy could not be recorded: no longer the owner")
             self._set("protected", "")
@@ -270,17 +282,19 @@ class L3Primary:
     def figures(self) -> CheckpointFigures:
         cp = self.checkpointer
         if cp is None:
-            return CheckpointFigures(self.partner, self.state, self.reason)
+            return CheckpointFigures(self.partner, self.state, self.reason, tracking=self.tracking.why)
         w = cp.stats.window(FIGURES_WINDOW_S)
         if not w["epochs"]:
-            return CheckpointFigures(self.partner, self.state, self.reason, sync_done=round(self.sync_done, 3))
+            return CheckpointFigures(self.partner, self.state, self.reason, sync_done=round(self.sync_done, 3),
+                                     tracking=cp.stats.tracking)
         return CheckpointFigures(
             partner=self.partner, state=self.state, reason=self.reason, per_s=w["per_s"],
             pause_p50_ms=w["pause_p50_ms"], pause_p99_ms=w["pause_p99_ms"],
             ram_diff_p50_ms=w["ram_diff_p50_ms"], disk_diff_p50_ms=w["disk_diff_p50_ms"],
             device_state_p50_ms=w["device_state_p50_ms"], running_fraction=w["running_fraction"],
             dirty_pages_p50=w["dirty_pages_p50"], disk_pages_p50=w["disk_pages_p50"],
-            link_bytes_per_s=w["bytes_per_s"], epoch=cp.stats.acked, sync_done=round(self.sync_done, 3))
+            link_bytes_per_s=w["bytes_per_s"], epoch=cp.stats.acked, sync_done=round(self.sync_done, 3),
+            tracking=cp.stats.tracking, full_resyncs=cp.stats.full_resyncs)
 
     async def _publish_loop(self) -> None:
         last: CheckpointFigures | None = None
@@ -292,6 +306,10 @@ class L3Primary:
                     self._counted_in, self._counted = cp, 0
                 self.count_checkpoints(cp.stats.epochs - self._counted)
                 self._counted = cp.stats.epochs
+            if cp is not None and cp.stats.full_resyncs > self._full_resyncs_seen:
+                self._full_resyncs_seen = cp.stats.full_resyncs
+                self.event("warning", f"a dirty-page scan failed ({cp.stats.tracking_error}): every RAM page "
+                                      f"was sent in that checkpoint ({cp.stats.full_resyncs} so far)")
             fig = self.figures()
             if fig != last:
                 with suppress(EtcdError):

@@ -16,6 +16,7 @@ from ..qemu.probe import Accel
 from ..qemu.process import QemuVm
 from ..qemu.runas import RunAs
 from ..qemu.tls import QemuTls
+from ..l3.writes import Support, shim_env
 from ..store.etcd import EtcdError
 from .config import AgentConfig
 from .fence import FenceGuard
@@ -36,6 +37,7 @@ class Processes:
         self.journal, self.guard, self.wake = journal, guard, wake
         self.qemu_tls, self.run_as = qemu_tls, run_as
         self.accel: Accel | None = None  # chosen when the agent starts
+        self.tracking = Support(None, "page compare: not probed")  # level 3 RAM (probed at start)
         self.vms: dict[str, LocalRecord] = {}
 
     @property
@@ -52,6 +54,8 @@ class Processes:
         rest of `QemuVm.start`'s arguments (disks as block nodes, paused, incoming, ...)."""
         assert self.accel is not None
         vm = spec.name
+        if how.get("checkpointed") is not None and self.tracking.shim is not None:
+            how["env"] = shim_env(self.tracking.shim)  # level 3: its RAM's writes tracked exactly
         return await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
                                   on_event=lambda name, data: self.on_qemu_event(vm, name, data),
                                   debug_qmp=self.cfg.debug_qmp, tls=self.qemu_tls, run_as=self.run_as, **how)

@@ -138,6 +138,12 @@ def render(snapshot: PoolSnapshot, health: AgentHealth, counters: AgentCounters)
                 c3.running_fraction, vm=name)
             fam("ftvm_vm_checkpoint_epoch", "gauge", "last checkpoint acknowledged by the partner").add(
                 c3.epoch, vm=name)
+            fam("ftvm_vm_checkpoint_exact_tracking", "gauge",
+                "1: changed RAM pages come from the kernel's write tracking; 0: from a page compare").add(
+                1 if c3.tracking.startswith("exact") else 0, vm=name)
+            fam("ftvm_vm_checkpoint_full_resyncs", "gauge",
+                "checkpoints that sent all of RAM after a failed dirty-page scan (this session)").add(
+                c3.full_resyncs, vm=name)
     for kind, per_vm, help_text in (
             ("failovers", counters.failovers, "VMs this agent took over from a lost host"),
             ("migrations", counters.migrations, "VMs live-migrated to this host"),

@@ -377,6 +377,9 @@ def cmd_vm_show(args: Any) -> int:
         t.add_row("checkpoints", f"{c['per_s']:.1f}/s to {c['partner']}, pause p50 {c['pause_p50_ms']:.0f} ms "
                                  f"p99 {c['pause_p99_ms']:.0f} ms, {c['dirty_pages_p50']:.0f} dirty pages/epoch, "
                                  f"{c['link_bytes_per_s'] / 2**20:.2f} MiB/s on the A-link, epoch {c['epoch']}")
+        if c.get("tracking"):
+            full = f" ({c['full_resyncs']} checkpoints sent all of RAM)" if c.get("full_resyncs") else ""
+            t.add_row("changed RAM pages", c["tracking"] + full)
     for d in spec.disks:
         t.add_row("disk", f"{d.path} ({d.format})")
     console.print(t)

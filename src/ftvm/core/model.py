@@ -308,6 +308,8 @@ class CheckpointFigures:
     link_bytes_per_s: float = 0.0
     epoch: int = 0            # last checkpoint acknowledged by the partner
     sync_done: float = 0.0    # pre-copy progress while syncing (0..1)
+    tracking: str = ""        # how changed RAM pages are found: "exact: ..." or "page compare: why"
+    full_resyncs: int = 0     # checkpoints that sent all of RAM (a failed dirty-page scan)
 
 
 @dataclass(frozen=True)

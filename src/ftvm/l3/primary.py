@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from ..qemu.migrate import wait_migration
 from .pages import PageTracker
+from .writes import TrackerError, WriteTracker
 from .relay import OutputCommitRelay
 from .channel import Channel, LinkConfig, open_session
 from .wire import PRIMARY_LIMITS, Checkpoint, Msg, decode_ack, encode_checkpoint, encode_heartbeat, encode_precopy
@@ -42,6 +43,7 @@ HEARTBEAT_S = 0.1
 MIN_EPOCH_S = 0.002  # output-triggered: the guest runs at least this long between checkpoints
 PRECOPY_ROUNDS = 3
 PRECOPY_DONE_PAGES = 2048  # stop pre-copying once a round finds fewer dirty pages than this
+EXACT = "exact: userfaultfd write-protect (async) + PAGEMAP_SCAN"  # CheckpointStats.tracking
 
 
 class Qmp(Protocol):
@@ -78,6 +80,9 @@ class CheckpointStats:
     precopy_s: float = 0.0
     ack_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
     ack_log: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=100_000))  # (epoch, when)
+    tracking: str = "page compare"  # how changed RAM pages are found (EXACT, or "page compare: why")
+    full_resyncs: int = 0           # checkpoints whose dirty-page scan failed: all of RAM sent
+    tracking_error: str = ""        # the last such failure
 
     def window(self, seconds: float, now: float | None = None) -> dict[str, float]:
         """Summary of the epochs that ended in the last `seconds`: percentiles in ms, rates per s,
@@ -102,6 +107,7 @@ class CheckpointStats:
             "disk_pages_p50": percentile([float(r.disk_pages) for r in recs], 0.5),
             "bytes_per_s": round(sum(r.nbytes for r in recs) / span),
             "running_fraction": round(max(0.0, 1 - sum(r.pause for r in recs) / span), 3),
+            "ram_diff_p99_ms": p("ram_diff", 0.99),
         }
 
 
@@ -147,10 +153,13 @@ class DeviceStateSink:
 class Checkpointer:
     def __init__(self, vm: str, qmp: Qmp, relays: list[OutputCommitRelay], ram: Path, disks: list[Path],
                  run_dir: Path, interval_s: float, timeout_s: float = 0.5, on_output: bool = False,
-                 stall_s: float = 2.0) -> None:
+                 stall_s: float = 2.0, ram_writes: Callable[[Path], WriteTracker] | None = None,
+                 tracking: str = "page compare") -> None:
         """`interval_s`: longest time the guest runs between checkpoints. `on_output`: also
         checkpoint as soon as the guest sends a frame (held output waits less). `stall_s`: a
-        checkpoint under way longer stops the heartbeats (the partner takes over)."""
+        checkpoint under way longer stops the heartbeats (the partner takes over).
+        `ram_writes`: attaches exact write tracking to the RAM file (l3/writes.py); without
+        it, or if it fails, RAM is compared like the disks. `tracking`: why not, if not."""
         self.vm = vm
         self.qmp = qmp
         self.relays = relays  # one per NIC
@@ -158,7 +167,8 @@ class Checkpointer:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.sink = DeviceStateSink(run_dir / "devstate.sock")
-        self.stats = CheckpointStats()
+        self.stats = CheckpointStats(tracking=tracking)
+        self.ram_writes = ram_writes
         self.epoch = 0
         self.lost: str | None = None           # why the partner is gone (None: it is not)
         self.lost_event = asyncio.Event()
@@ -217,7 +227,7 @@ class Checkpointer:
         Raises OSError/TimeoutError if the partner fails."""
         channel = self._channel
         assert channel is not None, "connect() first"
-        self._trackers = [await asyncio.to_thread(PageTracker, f) for f in self.files]
+        self._trackers = [await asyncio.to_thread(self._tracker, i, f) for i, f in enumerate(self.files)]
         if [t.size for t in self._trackers] != self._sizes:
             raise RuntimeError("a replicated file changed size since the session began")
         self._tasks.append(asyncio.create_task(self._read_partner(channel), name=f"l3-acks-{self.vm}"))
@@ -257,6 +267,24 @@ class Checkpointer:
         await asyncio.wait_for(self._wait_first_ack(), max(5.0, self.timeout_s * 4))
         log.info("%s: pre-copy %.1f MiB in %.2fs; first checkpoint acknowledged", self.vm,
                  self.stats.precopy_bytes / 2**20, self.stats.precopy_s)
+
+    def _tracker(self, index: int, path: Path) -> PageTracker:
+        """RAM (file 0) tracked exactly where possible; every other file compared."""
+        if index == 0 and self.ram_writes is not None:
+            try:
+                writes = self.ram_writes(path)
+                try:
+                    tracker = PageTracker(path, writes)
+                except BaseException:
+                    writes.close()
+                    raise
+            except TrackerError as e:
+                self.stats.tracking = f"page compare: {e}"
+                log.warning("%s: RAM writes cannot be tracked, comparing pages: %s", self.vm, e)
+            else:
+                self.stats.tracking = EXACT
+                return tracker
+        return PageTracker(path)
 
     async def _wait_first_ack(self) -> None:
         lost = asyncio.create_task(self.lost_event.wait())
@@ -336,6 +364,7 @@ class Checkpointer:
                     return
                 for relay in self.relays:  # what the guest sends from now on is epoch N+1's
                     relay.begin_epoch(epoch + 1)
+                self._count_full_resyncs(epoch)
                 t_cont = time.monotonic()
                 if resume:
                     await self.qmp.execute("cont")
@@ -366,6 +395,14 @@ class Checkpointer:
         finally:
             deltas, times = await diff
         return deltas, times, device_state, time.monotonic() - t_dev
+
+    def _count_full_resyncs(self, epoch: int) -> None:
+        full = sum(t.full_resyncs for t in self._trackers)
+        if full > self.stats.full_resyncs:
+            self.stats.full_resyncs = full
+            self.stats.tracking_error = next((t.last_error for t in self._trackers if t.last_error), "")
+            log.warning("%s: dirty-page scan failed (%s): all of RAM sent in checkpoint %d", self.vm,
+                        self.stats.tracking_error, epoch)
 
     def _diff_all(self) -> tuple[dict[int, Any], list[float]]:
         """Changed pages of every file, and the seconds each compare took."""

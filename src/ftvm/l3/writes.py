@@ -221,9 +221,7 @@ def build_shim(root: Path | None = None) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise TrackerError(0, "no C compiler to build the dirty-page tracking shim (install gcc)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for d in (root, out.parent):
-        os.chmod(d, 0o755)
+    _make_readable_dirs(out.parent)  # QEMU's user loads it
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / "ftvm-uffd.so"
         proc = subprocess.run([cc, "-O2", "-Wall", "-shared", "-fPIC", "-o", str(built), str(SHIM_SOURCE)],
@@ -233,6 +231,17 @@ def build_shim(root: Path | None = None) -> Path:
         os.chmod(built, 0o644)
         os.replace(built, out)
     return out
+
+
+def _make_readable_dirs(d: Path) -> None:
+    """`d` and the parents this makes, enterable by everyone (an existing parent is left as it is)."""
+    missing = []
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for m in reversed(missing):
+        m.mkdir(exist_ok=True)
+        os.chmod(m, 0o755)
 
 
 def shim_env(shim: Path) -> dict[str, str]:
@@ -250,6 +259,9 @@ class Support:
     @property
     def exact(self) -> bool:
         return self.shim is not None
+
+
+COMPARE = Support(None, "page compare")
 
 
 def probe(run_as: RunAs | None) -> Support:

@@ -141,10 +141,12 @@ class QemuVm:
                     on_event: Callable[[str, dict[str, Any]], None] | None = None,
                     blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
                     debug_qmp: bool = False, checkpointed: Checkpointed | None = None,
-                    incoming: bool = False, tls: QemuTls | None = None, run_as: RunAs | None = None) -> QemuVm:
+                    incoming: bool = False, tls: QemuTls | None = None, run_as: RunAs | None = None,
+                    env: dict[str, str] | None = None) -> QemuVm:
         """`checkpointed` (level 3): the caller owns the taps (its relay listens on
         `paths.nic_socket(i)` before this is called). `run_as`: the unprivileged user
-        QEMU runs as; it is handed the files this QEMU opens (qemu/runas.py)."""
+        QEMU runs as; it is handed the files this QEMU opens (qemu/runas.py). `env`: added
+        to QEMU's environment (level 3: the write-tracking shim, l3/writes.py)."""
         if blockdevs is None:
             for disk in spec.disks:
                 if not Path(disk.path).exists():
@@ -175,7 +177,8 @@ class QemuVm:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, pass_fds=tap_fds,
-                preexec_fn=guest_process, start_new_session=True, **popen_as(run_as))
+                preexec_fn=guest_process, start_new_session=True, env={**os.environ, **(env or {})},
+                **popen_as(run_as))
         finally:
             stderr.close()
             for fd in tap_fds:  # QEMU holds its own copies; a tap held here could not be reopened
