@@ -21,7 +21,8 @@ import pytest
 
 from ftvm.core.model import BootSpec, DiskSpec, Level, NicSpec, VmSpec
 from ftvm.l3.channel import LinkConfig
-from ftvm.l3.primary import Checkpointer
+from ftvm.l3.primary import EXACT, Checkpointer
+from ftvm.l3.writes import WriteTracker, build_shim, shim_env
 from ftvm.l3.relay import OutputCommitRelay
 from ftvm.qemu.process import open_tap
 from ftvm.l3.standby import ReplicaPaths, Standby, StandbyServer
@@ -48,8 +49,10 @@ def _enter_netns(host: str) -> None:
 class Engine:
     """Primary and standby in one lab host (the standby on loopback), driven from the test thread."""
 
-    def __init__(self, guest_image: Any, tmp: Path, tap: str = TAP) -> None:
-        self.tmp, self.tap = tmp, tap
+    def __init__(self, guest_image: Any, tmp: Path, tap: str = TAP, tracked: bool = False) -> None:
+        """`tracked`: RAM writes from the kernel (l3/writes.py), disk writes from QEMU dirty
+        bitmaps (l3/disk_writes.py); else both compared."""
+        self.tmp, self.tap, self.tracked = tmp, tap, tracked
         self.shm = Path("/dev/shm") / f"ftvm-test-{os.getpid()}"
         self.shm.mkdir()
         self.disk = tmp / "primary-disk0.img"
@@ -96,11 +99,16 @@ class Engine:
         accel = choose_accel("tcg", None)
         self.qemu = await QemuVm.start(self.spec, paths, accel, "br0",
                                        blockdevs=[checkpointed_disk_nodes(0, str(self.disk))],
-                                       checkpointed=Checkpointed(str(self.ram)), paused=True)
+                                       checkpointed=Checkpointed(str(self.ram)), paused=True,
+                                       env=shim_env(build_shim()) if self.tracked else None)
         try:
             await self.qemu.execute("cont")
+            qemu = self.qemu
             self.cp = Checkpointer("l3eng", self.qemu, [self.relay], self.ram, [self.disk], paths.run_dir,
-                                   interval_s=0.05, timeout_s=2.0)
+                                   interval_s=0.05, timeout_s=2.0,
+                                   ram_writes=(lambda ram: WriteTracker.attach(qemu.pid, qemu.pidfd, ram))
+                                   if self.tracked else None,
+                                   disk_nodes=["disk0"] if self.tracked else None)
             await self.cp.prepare_qemu()
             await self.cp.connect("127.0.0.1", LinkConfig(server.port, key), "s1")
             await self.cp.protect()
@@ -149,9 +157,12 @@ class Engine:
         shutil.rmtree(self.shm, ignore_errors=True)
 
 
+@pytest.mark.parametrize("tracked", [False, True], ids=["compare", "tracked"])
 def test_replica_is_byte_identical_and_output_waits_for_acks(lab: labmod.LabState, guest_image,
-                                                            tmp_path: Path) -> None:
-    engine = Engine(guest_image, tmp_path)
+                                                            tmp_path: Path, tracked: bool) -> None:
+    """Both ways of finding what changed: pages compared, or RAM writes from the kernel and
+    disk writes from QEMU dirty bitmaps (no compare at all)."""
+    engine = Engine(guest_image, tmp_path, tap=TAP if not tracked else "ft-l3eng3", tracked=tracked)
     engine.thread.start()
     pool = LabPool(lab)
     ip = topo.vm_addr(INDEX).split("/")[0]
@@ -171,6 +182,9 @@ def test_replica_is_byte_identical_and_output_waits_for_acks(lab: labmod.LabStat
         acks = client.stop()
         assert engine.cp is not None and engine.relay is not None
         assert engine.cp.stats.epochs > 20 and compared == 3
+        assert (engine.cp.stats.tracking == EXACT) is tracked, engine.cp.stats.tracking
+        assert engine.cp.stats.disk_tracking == ("dirty bitmaps" if tracked else "page compare")
+        assert engine.cp.stats.full_resyncs == 0
         records = engine.cp.stats.records
         assert max(r.dirty_pages for r in records) > 0 and max(r.disk_pages for r in records) > 0
         assert len(acks) > 90

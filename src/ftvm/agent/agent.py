@@ -458,7 +458,7 @@ class Agent:
         def count(n: int) -> None:
             self.counters.checkpoints[vm] = self.counters.checkpoints.get(vm, 0) + n
         return L3Primary(self.ctx.for_vm(vm, token), spec, paths, files, self._l3_link, count,
-                         tracking=self.procs.tracking)
+                         tracking=self.procs.tracking, track_disks=self.cfg.l3_tracking != "compare")
 
     def _drop_stale_guest_ram(self, snapshot: PoolSnapshot) -> None:
         """Level 3 RAM files (tmpfs: real memory) of VMs removed or stopped and not run here."""

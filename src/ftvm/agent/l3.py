@@ -81,10 +81,11 @@ def is_partner(snapshot: PoolSnapshot, me: str, vm: str) -> bool:
 class L3Primary:
     def __init__(self, ctx: VmContext, spec: VmSpec, paths: VmPaths, files: ReplicaPaths, link: LinkConfig,
                  count_checkpoints: Callable[[int], None] = lambda n: None,
-                 tracking: Support = COMPARE) -> None:
-        """`tracking`: whether this host tracks written RAM pages exactly (l3/writes.py)."""
+                 tracking: Support = COMPARE, track_disks: bool = False) -> None:
+        """`tracking`: whether this host tracks written RAM pages exactly (l3/writes.py).
+        `track_disks`: disk writes from QEMU dirty bitmaps (l3/disk_writes.py), else compared."""
         self.ctx = ctx
-        self.tracking = tracking
+        self.tracking, self.track_disks = tracking, track_disks
         self._full_resyncs_seen = 0
         self.spec, self.token, self.me = spec, ctx.token, ctx.me
         self.count_checkpoints = count_checkpoints  # metrics: checkpoints taken (a counter)
@@ -185,7 +186,8 @@ class L3Primary:
         cp = Checkpointer(self.spec.name, self.qemu, self.relays, self.files.ram, list(self.files.disks),
                           self.paths.run_dir, self.spec.checkpoint_ms / 1000, self.timing.l3_partner_lost,
                           on_output=self.spec.checkpoint_on_output, stall_s=self.timing.l3_checkpoint_stall,
-                          ram_writes=ram_writes, tracking=self.tracking.why)
+                          ram_writes=ram_writes, tracking=self.tracking.why,
+                          disk_nodes=[f"disk{i}" for i in range(len(self.spec.disks))] if self.track_disks else None)
         self._full_resyncs_seen = 0
         self.checkpointer = cp
         try:
@@ -294,7 +296,7 @@ class L3Primary:
             device_state_p50_ms=w["device_state_p50_ms"], running_fraction=w["running_fraction"],
             dirty_pages_p50=w["dirty_pages_p50"], disk_pages_p50=w["disk_pages_p50"],
             link_bytes_per_s=w["bytes_per_s"], epoch=cp.stats.acked, sync_done=round(self.sync_done, 3),
-            tracking=cp.stats.tracking, full_resyncs=cp.stats.full_resyncs)
+            tracking=cp.stats.tracking, full_resyncs=cp.stats.full_resyncs, disk_tracking=cp.stats.disk_tracking)
 
     async def _publish_loop(self) -> None:
         last: CheckpointFigures | None = None

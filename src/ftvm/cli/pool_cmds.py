@@ -380,6 +380,8 @@ def cmd_vm_show(args: Any) -> int:
         if c.get("tracking"):
             full = f" ({c['full_resyncs']} checkpoints sent all of RAM)" if c.get("full_resyncs") else ""
             t.add_row("changed RAM pages", c["tracking"] + full)
+        if c.get("disk_tracking"):
+            t.add_row("changed disk pages", c["disk_tracking"])
     for d in spec.disks:
         t.add_row("disk", f"{d.path} ({d.format})")
     console.print(t)

@@ -310,6 +310,7 @@ class CheckpointFigures:
     sync_done: float = 0.0    # pre-copy progress while syncing (0..1)
     tracking: str = ""        # how changed RAM pages are found: "exact: ..." or "page compare: why"
     full_resyncs: int = 0     # checkpoints that sent all of RAM (a failed dirty-page scan)
+    disk_tracking: str = ""   # how changed disk pages are found: "dirty bitmaps" or "page compare"
 
 
 @dataclass(frozen=True)

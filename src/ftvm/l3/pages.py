@@ -63,7 +63,9 @@ class PageTracker:
     only what changed since, so the replica equals the live file at that instant.
     """
 
-    def __init__(self, path: Path, writes: WriteTracker | None = None) -> None:
+    def __init__(self, path: Path, writes: WriteTracker | None = None, compare: bool = True) -> None:
+        """`writes`: the kernel reports this file's written pages (RAM). `compare=False`:
+        the caller says which pages changed (`delta_of`: disks, from QEMU dirty bitmaps)."""
         self.path = Path(path)
         self.size = self.path.stat().st_size
         if self.size % PAGE or self.size == 0:
@@ -76,7 +78,7 @@ class PageTracker:
             raise TrackerError(0, f"QEMU maps {writes.npages} pages of {path} from page {writes.first_page}, "
                                   f"not all {self.npages}")
         # compare only: the file as the replica has it
-        self.copy = np.zeros_like(self.live) if writes is None else None
+        self.copy = np.zeros_like(self.live) if writes is None and compare else None
         self.full_resyncs = 0      # epochs whose scan failed: every page sent
         self.last_error = ""
 
@@ -116,6 +118,15 @@ class PageTracker:
         assert self.copy is not None
         return Delta(pages, self.copy[pages].tobytes())
 
+    @property
+    def finds_changes(self) -> bool:
+        """Whether `diff` works (tracked by the kernel, or compared); else see `delta_of`."""
+        return self.writes is not None or self.copy is not None
+
+    def delta_of(self, pages: np.ndarray) -> Delta:
+        """These pages, as they are now (the caller knows they are what changed)."""
+        return Delta(pages, self.live[pages].tobytes())
+
     def _written(self) -> Delta:
         assert self.writes is not None
         try:
@@ -132,7 +143,7 @@ class PageTracker:
     def precopy_chunks(self) -> Iterator[Delta]:
         """Every page, chunk by chunk, refreshing the copy (the first, full copy, taken
         while the guest runs). All-zero chunks are skipped: the replica starts zeroed."""
-        for start in range(0, self.npages, CHUNK_PAGES):
+        for start in self._data_chunks():
             live = self.live[start:start + CHUNK_PAGES]
             nonzero = np.flatnonzero(live.any(axis=1))
             if not nonzero.size:
@@ -142,6 +153,23 @@ class PageTracker:
                 continue
             self.copy[start + nonzero] = live[nonzero]
             yield Delta((nonzero + start).astype(np.int64), self.copy[start + nonzero].tobytes())
+
+
+    def _data_chunks(self) -> Iterator[int]:
+        """The chunks that hold data (a sparse disk's holes are skipped unread)."""
+        fd = self._file.fileno()
+        at = 0
+        while at < self.size:
+            try:
+                data = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole from here on
+                return
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            first, last = data // PAGE // CHUNK_PAGES, (hole - 1) // PAGE // CHUNK_PAGES
+            for chunk in range(first, last + 1):
+                if chunk * CHUNK_PAGES * PAGE >= at:
+                    yield chunk * CHUNK_PAGES
+            at = (last + 1) * CHUNK_PAGES * PAGE
 
 
 class ReplicaFile:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..qemu.migrate import wait_migration
+from .disk_writes import DiskWrites, pages_of
 from .pages import PageTracker
 from .writes import TrackerError, WriteTracker
 from .relay import OutputCommitRelay
@@ -83,6 +84,7 @@ class CheckpointStats:
     tracking: str = "page compare"  # how changed RAM pages are found (EXACT, or "page compare: why")
     full_resyncs: int = 0           # checkpoints whose dirty-page scan failed: all of RAM sent
     tracking_error: str = ""        # the last such failure
+    disk_tracking: str = "page compare"  # or "dirty bitmaps"
 
     def window(self, seconds: float, now: float | None = None) -> dict[str, float]:
         """Summary of the epochs that ended in the last `seconds`: percentiles in ms, rates per s,
@@ -154,12 +156,14 @@ class Checkpointer:
     def __init__(self, vm: str, qmp: Qmp, relays: list[OutputCommitRelay], ram: Path, disks: list[Path],
                  run_dir: Path, interval_s: float, timeout_s: float = 0.5, on_output: bool = False,
                  stall_s: float = 2.0, ram_writes: Callable[[Path], WriteTracker] | None = None,
-                 tracking: str = "page compare") -> None:
+                 tracking: str = "page compare", disk_nodes: list[str] | None = None) -> None:
         """`interval_s`: longest time the guest runs between checkpoints. `on_output`: also
         checkpoint as soon as the guest sends a frame (held output waits less). `stall_s`: a
         checkpoint under way longer stops the heartbeats (the partner takes over).
         `ram_writes`: attaches exact write tracking to the RAM file (l3/writes.py); without
-        it, or if it fails, RAM is compared like the disks. `tracking`: why not, if not."""
+        it, or if it fails, RAM is compared. `tracking`: why not, if not. `disk_nodes`: the
+        disks' top nodes, whose writes QEMU dirty bitmaps record (l3/disk_writes.py);
+        without them the disks are compared."""
         self.vm = vm
         self.qmp = qmp
         self.relays = relays  # one per NIC
@@ -169,6 +173,10 @@ class Checkpointer:
         self.sink = DeviceStateSink(run_dir / "devstate.sock")
         self.stats = CheckpointStats(tracking=tracking)
         self.ram_writes = ram_writes
+        self.disk_writes = DiskWrites(qmp, disk_nodes, run_dir / "bitmaps.sock") if disk_nodes else None
+        self.stats.disk_tracking = "dirty bitmaps" if disk_nodes else "page compare"
+        self._snapshots: list[str] = []  # the epoch's exported bitmaps, removed after `cont`
+        self._bitmap_s = 0.0
         self.epoch = 0
         self.lost: str | None = None           # why the partner is gone (None: it is not)
         self.lost_event = asyncio.Event()
@@ -227,6 +235,8 @@ class Checkpointer:
         Raises OSError/TimeoutError if the partner fails."""
         channel = self._channel
         assert channel is not None, "connect() first"
+        if self.disk_writes is not None:
+            await self.disk_writes.start()  # before the pre-copy reads the disks
         self._trackers = [await asyncio.to_thread(self._tracker, i, f) for i, f in enumerate(self.files)]
         if [t.size for t in self._trackers] != self._sizes:
             raise RuntimeError("a replicated file changed size since the session began")
@@ -248,6 +258,8 @@ class Checkpointer:
         for _ in range(PRECOPY_ROUNDS):  # re-send what the running guest changed meanwhile
             dirty = 0
             for index, tracker in enumerate(self._trackers):
+                if not tracker.finds_changes:
+                    continue  # a bitmap-tracked disk: its writes meanwhile go in checkpoint 1
                 delta = await asyncio.to_thread(tracker.diff)
                 dirty += len(delta.pages)
                 await self._send(encode_precopy(index, delta))
@@ -284,7 +296,7 @@ class Checkpointer:
             else:
                 self.stats.tracking = EXACT
                 return tracker
-        return PageTracker(path)
+        return PageTracker(path, compare=index == 0 or self.disk_writes is None)
 
     async def _wait_first_ack(self) -> None:
         lost = asyncio.create_task(self.lost_event.wait())
@@ -369,6 +381,7 @@ class Checkpointer:
                 if resume:
                     await self.qmp.execute("cont")
                 end = time.monotonic()
+                await self._release_snapshots()
                 self.epoch = epoch
                 cp = Checkpoint(epoch, deltas, device_state)
                 self.stats.epochs += 1
@@ -384,9 +397,17 @@ class Checkpointer:
 
     async def _capture(self) -> tuple[dict[int, Any], list[float], bytes, float]:
         """With the guest stopped: the device state (QEMU) and the changed pages (us), at once."""
+        written: list[Any] = []
+        if self.disk_writes is not None:
+            # block-layer work before `migrate`, which leaves the block nodes inactive: the
+            # epoch's writes frozen in snapshot bitmaps and read (a few extents per disk)
+            t_bitmaps = time.monotonic()
+            self._snapshots = await self.disk_writes.snapshot(self.epoch + 1)
+            written = await asyncio.to_thread(self.disk_writes.read, self._snapshots)
+            self._bitmap_s = time.monotonic() - t_bitmaps
         state = self.sink.expect()
         await self.qmp.execute("migrate", {"uri": f"unix:{self.sink.path}"})
-        diff = asyncio.create_task(asyncio.to_thread(self._diff_all))
+        diff = asyncio.create_task(asyncio.to_thread(self._diff_all, written))
         self._diff_task = diff
         t_dev = time.monotonic()
         try:
@@ -404,14 +425,27 @@ class Checkpointer:
             log.warning("%s: dirty-page scan failed (%s): all of RAM sent in checkpoint %d", self.vm,
                         self.stats.tracking_error, epoch)
 
-    def _diff_all(self) -> tuple[dict[int, Any], list[float]]:
+    def _diff_all(self, written: list[Any]) -> tuple[dict[int, Any], list[float]]:
         """Changed pages of every file, and the seconds each compare took."""
         deltas, times = {}, []
-        for i, tracker in enumerate(self._trackers):
-            t = time.monotonic()
-            deltas[i] = tracker.diff()
-            times.append(time.monotonic() - t)
+        t = time.monotonic()
+        deltas[0] = self._trackers[0].diff()
+        times.append(time.monotonic() - t)
+        t = time.monotonic()
+        if self.disk_writes is not None:  # (`written`: the extents the bitmaps gave, read before)
+            for i, (tracker, extents) in enumerate(zip(self._trackers[1:], written, strict=True), 1):
+                deltas[i] = tracker.delta_of(pages_of(extents, tracker.npages))
+            t -= self._bitmap_s  # the disks' share of the pause includes reading the bitmaps
+        else:
+            for i, tracker in enumerate(self._trackers[1:], 1):
+                deltas[i] = tracker.diff()
+        times.append(time.monotonic() - t)
         return deltas, times
+
+    async def _release_snapshots(self) -> None:
+        names, self._snapshots = self._snapshots, []
+        if names and self.disk_writes is not None:
+            await self.disk_writes.release(names)
 
     async def _wait_migrated(self) -> None:
         await wait_migration(self.qmp, "device state save", poll=0.001)
@@ -494,4 +528,8 @@ class Checkpointer:
         for tracker in self._trackers:
             tracker.close()
         self._trackers = []
+        if self.disk_writes is not None:
+            with suppress(Exception):  # noqa: BLE001 - closing: the QEMU may be gone
+                await self._release_snapshots()
+            await self.disk_writes.close()
         await self.sink.close()
