@@ -334,6 +334,18 @@ def copy_is(vm: str, host: str, state: CopyState) -> Callable[[PoolSnapshot], bo
     return lambda snap: snap.vms[vm].copy_state(host) is state
 
 
+def replica_current(vm: str) -> Callable[[PoolSnapshot], bool]:
+    """A `LabPool.wait_for` condition: the level 2 VM's partner copy (wherever placement put
+    it) is current."""
+    def check(snap: PoolSnapshot) -> bool:
+        view = snap.vms.get(vm)
+        if view is None or view.owner is None or view.copies is None:
+            return False
+        partner = view.copies.partner_of(view.owner.host)
+        return partner is not None and view.copy_state(partner) is CopyState.CURRENT
+    return check
+
+
 def check_acked_on_disk(image: Path, acks: list[Ack]) -> tuple[int, list[Ack]]:
     """(records on disk, acknowledged records missing or different on disk)."""
     records = {r.seq: r for r in read_records(image)}

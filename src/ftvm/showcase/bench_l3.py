@@ -28,11 +28,10 @@ from rich.table import Table
 
 from ..cli.common import console
 from ..core.model import CheckpointFigures, Level
-from ..core.replication import CopyState
 from ..guest.build import build_guest
 from ..lab import lab as labmod
 from ..lab import topology as topo
-from ..lab.scenario import (LabClient, LabPool, closed_loop, copy_is, l3_protected, level3_failover)
+from ..lab.scenario import (LabClient, LabPool, closed_loop, l3_protected, level3_failover, replica_current)
 
 # (label, VM key, checkpointing (interval ms, on output) or None)
 CONFIGS: list[tuple[str, str, tuple[int, bool] | None]] = [
@@ -87,7 +86,7 @@ def run_level3_bench(lab_dir: Path, runs: int, progress: Callable[[str], None],
         for name, index, _, _ in VMS.values():
             pool.wait_running(name, 60)
             pool.wait_answering(_ip(index), 60)
-        pool.wait_for("the L2 replica in sync", copy_is("mirror", "h2", CopyState.CURRENT), 120)
+        pool.wait_for("the L2 replica in sync", replica_current("mirror"), 120)
         for key in ("L3", "L3c"):
             pool.wait_for("L3 protection", l3_protected(VMS[key][0]), 120)
         configs = []
