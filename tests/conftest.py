@@ -88,7 +88,8 @@ def _keep_logs(lab_dir: Path) -> None:
         shutil.copy2(log, dest)
 
 
-def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int) -> Iterator[object]:
+def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int,
+         host_memory_mib: int = 2048) -> Iterator[object]:
     from ftvm.lab import lab as labmod
     needs_root()
     if labmod.existing_namespaces():
@@ -96,7 +97,7 @@ def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int) -> I
     parent = new_lab_parent()
     lab_dir = parent / "lab"
     try:
-        state = labmod.up(hosts, lab_dir, probe_kernel=str(guest_image.kernel))
+        state = labmod.up(hosts, lab_dir, probe_kernel=str(guest_image.kernel), host_memory_mib=host_memory_mib)
         yield state
     finally:
         _keep_logs(lab_dir)
@@ -108,6 +109,12 @@ def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int) -> I
 def lab(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
     """A 2-host lab pool with real etcd, agents and QEMU; torn down even when tests fail."""
     yield from _lab(tmp_path_factory, guest_image, 2)
+
+
+@pytest.fixture(scope="module")
+def lab_big(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
+    """A 2-host lab pool whose hosts offer 8 GiB each (guests of 2 GiB at level 3)."""
+    yield from _lab(tmp_path_factory, guest_image, 2, host_memory_mib=8192)
 
 
 @pytest.fixture(scope="module")

@@ -75,14 +75,15 @@ class LabPool:
 
     def define_ledger_vm(self, name: str, index: int, level: Level, image: GuestImage,
                          host: str | None = None, memory_mib: int = 256, start: bool = True,
-                         checkpoint_ms: int = 100, on_output: bool = False) -> VmSpec:
+                         checkpoint_ms: int = 100, on_output: bool = False, vcpus: int = 1,
+                         disk_size: int = 64 << 20) -> VmSpec:
         if level.has_copies:  # each host keeps its own copy in its local storage
-            disks: tuple[DiskSpec, ...] = (DiskSpec(size=64 << 20),)
+            disks: tuple[DiskSpec, ...] = (DiskSpec(size=disk_size),)
         else:
             disk = self.state.shared_dir / f"{name}.img"
             make_ledger_disk(disk)
             disks = (DiskSpec(str(disk)),)
-        spec = VmSpec(name=name, level=level, memory_mib=memory_mib, vcpus=1, disks=disks,
+        spec = VmSpec(name=name, level=level, memory_mib=memory_mib, vcpus=vcpus, disks=disks,
                       nics=(NicSpec(f"52:54:00:77:00:{index:02x}", topo.vm_addr(index)),),
                       boot=BootSpec(str(image.kernel), str(image.initrd), image.append),
                       desired=Desired.RUNNING if start else Desired.STOPPED, preferred_host=host,

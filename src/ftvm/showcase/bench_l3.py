@@ -9,7 +9,7 @@ noisy machine (the L3 VM not being measured checkpoints only every 10 s meanwhil
   * closed-loop throughput and latency with 1, 8 and 32 connections;
   * Level 3 at checkpoint intervals 100, 250 and 1000 ms and with output-triggered
     epochs (the same VM, its interval changed while it runs): checkpoints/s, the pause
-    and its parts (RAM compare, disk compare, device state), dirty pages per epoch,
+    and its parts (finding and reading changed RAM and disk pages, device state), dirty pages per epoch,
     the guest's run-time fraction, A-link bytes/s;
   * the pause at 256 MiB and 1 GiB of guest RAM (same load);
   * Level 3 failovers (power loss of the primary, back and forth, re-protected between):
@@ -152,7 +152,7 @@ def _light_load_figures(pool: LabPool, name: str, index: int, mib: int,
     f = _figures(pool, name)
     row = {"memory_mib": mib, **(dict(f.__dict__) if f else {})}
     progress(f"{mib} MiB guest: pause p50 {row.get('pause_p50_ms', 0):.0f} ms "
-             f"(RAM compare {row.get('ram_diff_p50_ms', 0):.0f} ms)")
+             f"(RAM {row.get('ram_diff_p50_ms', 0):.0f} ms)")
     return row
 
 
@@ -202,7 +202,7 @@ def print_level3(out: dict[str, Any]) -> None:
     console.print(t)
     for row in out["pause_by_ram"]:
         console.print(f"{row['memory_mib']:5d} MiB guest, light load: pause p50 {row.get('pause_p50_ms', 0):.0f} ms, "
-                      f"RAM compare p50 {row.get('ram_diff_p50_ms', 0):.0f} ms", highlight=False)
+                      f"RAM p50 {row.get('ram_diff_p50_ms', 0):.0f} ms", highlight=False)
     f = out["failover"]
     console.print(f"level 3 failover over {len(f['runs'])} runs: client pause median {f['pause_median_s']:.2f} s, "
                   f"max {f['pause_max_s']:.2f} s; next reply after the power loss median "
