@@ -42,3 +42,19 @@ def test_precopy_then_diffs_keep_the_replica_byte_identical(tmp_path: Path) -> N
     finally:
         tracker.close()
         replica.close()
+
+
+def test_zeroing_a_replica_deallocates_it_whatever_its_size(tmp_path: Path) -> None:
+    """A new session zeroes the replica (the pre-copy skips zero chunks): a 20 GiB disk
+    replica full of an old session's data must not be rewritten page by page."""
+    path = tmp_path / "disk"
+    replica = ReplicaFile(path, 20 << 30)
+    try:
+        for p in (0, 1 << 18, (20 << 18) - 1):  # data near the start, the middle, the end
+            replica.pages[p] = 7
+        assert path.stat().st_blocks > 0
+        replica.zero()
+        assert path.stat().st_size == 20 << 30 and path.stat().st_blocks == 0
+        assert not replica.pages[0].any() and not replica.pages[(20 << 18) - 1].any()
+    finally:
+        replica.close()
