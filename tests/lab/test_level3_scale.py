@@ -1,7 +1,7 @@
 """Level 3 at production sizes (issue 15): a 2 GiB, 2-vCPU guest with a 20 GiB (sparse)
 disk, protected with the exact engine (RAM writes from the kernel, disk writes from QEMU
 dirty bitmaps), survives its host's power loss with its connection open and nothing
-acknowledged lost, and is protected again from the other side. Slow: run on request."""
+acknowledged lost, and is protected again from the other side (about 40 s here)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ftvm.core.model import Level
 from ftvm.lab import lab as labmod
 from ftvm.lab.scenario import LabClient, LabPool, l3_protected, level3_failover
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = pytest.mark.lab
 INDEX = 90
 
 
