@@ -105,3 +105,45 @@ async def test_an_export_without_the_bitmap_is_refused_clearly(qsd: tuple[QMPCli
     _, nbd = qsd
     with pytest.raises(NbdError, match="has no qemu:dirty-bitmap:live"):
         BitmapReader(str(nbd), "w", "live")
+
+
+class Qmp:
+    """QMPClient as QemuVm.execute presents it: every failure a QmpError."""
+
+    def __init__(self, client: QMPClient) -> None:
+        self.client = client
+
+    async def execute(self, cmd: str, args: dict | None = None):  # type: ignore[no-untyped-def,type-arg]
+        from qemu.qmp import ExecuteError
+
+        from ftvm.qemu.process import QmpError
+        try:
+            return await self.client.execute(cmd, args)
+        except ExecuteError as e:
+            raise QmpError(cmd, str(e), e.error_class) from e
+
+
+async def test_the_engine_s_disk_writes_per_epoch_and_their_cleanup(qsd: tuple[QMPClient, Path],
+                                                                     tmp_path: Path) -> None:
+    """DiskWrites as a checkpoint drives it (its own NBD server, snapshot, read, release)."""
+    from ftvm.l3.disk_writes import LIVE, DiskWrites
+    client, nbd_socket = qsd
+    qmp = Qmp(client)
+    await client.execute("nbd-server-stop")  # the fixture's: DiskWrites starts its own
+    writes = DiskWrites(qmp, ["d"], tmp_path / "bitmaps.sock")
+    await writes.start()
+    await client.execute("block-export-add", {"type": "nbd", "id": "w", "node-name": "d", "name": "w",
+                                              "writable": True})
+    try:
+        write(tmp_path / "bitmaps.sock", "write -P 9 2M 4k")
+        names = await writes.snapshot(1)
+        assert await asyncio.to_thread(writes.read, names) == [[Extent(2 * MIB, 4096)]]
+        await writes.release(names)
+        assert await writes._bitmaps() == {LIVE, "live"}  # the snapshot is gone, tracking goes on
+        await writes.release(names)  # a retry of a release that had happened: nothing left, no error
+        names = await writes.snapshot(2)
+        assert await asyncio.to_thread(writes.read, names) == [[]]
+        await writes.release(names)
+    finally:
+        await writes.close()
+    assert LIVE not in await writes._bitmaps()

@@ -84,16 +84,28 @@ class DiskWrites:
         return out
 
     async def release(self, names: list[str]) -> None:
-        """After `cont`: the epoch's exports and snapshot bitmaps go."""
+        """After `cont`: these snapshots' exports and bitmaps go (names of any epoch of this
+        session: a failed release is retried with the next). QemuError if a bitmap stays."""
         for name in names:
-            await self.qmp.execute("block-export-del", {"id": name})
-        for node, name in zip(self.nodes, names, strict=True):
-            for _ in range(200):  # the export lets go of the bitmap once its last client left
-                try:
-                    await self.qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
-                    break
-                except QemuError:  # still busy: QEMU is finishing the export
-                    await asyncio.sleep(0.005)
+            with suppress(QemuError):  # gone already (a retry)
+                await self.qmp.execute("block-export-del", {"id": name})
+        left = set(names)
+        for _ in range(200):  # an export lets go of its bitmap once its last client has left
+            for name in sorted(left & await self._bitmaps()):
+                with suppress(QemuError):  # still busy: QEMU is finishing the export
+                    await self.qmp.execute("block-dirty-bitmap-remove",
+                                           {"node": self.nodes[int(name.rsplit("-d", 1)[1])], "name": name})
+            left &= await self._bitmaps()
+            if not left:
+                return
+            await asyncio.sleep(0.005)
+        raise QemuError(f"bitmaps {', '.join(sorted(left))} could not be removed")
+
+    async def _bitmaps(self) -> set[str]:
+        """The names of the bitmaps on the disks' nodes now."""
+        nodes = set(self.nodes)
+        return {str(b.get("name")) for n in await self.qmp.execute("query-named-block-nodes", {"flat": True})
+                if n.get("node-name") in nodes for b in n.get("dirty-bitmaps", [])}
 
     async def close(self) -> None:
         for node in self.nodes:

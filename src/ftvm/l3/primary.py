@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..qemu.migrate import wait_migration
+from ..qemu.process import QemuError
 from .disk_writes import DiskWrites, pages_of
 from .pages import PageTracker
 from .writes import TrackerError, WriteTracker
@@ -176,6 +177,7 @@ class Checkpointer:
         self.disk_writes = DiskWrites(qmp, disk_nodes, run_dir / "bitmaps.sock") if disk_nodes else None
         self.stats.disk_tracking = "dirty bitmaps" if disk_nodes else "page compare"
         self._snapshots: list[str] = []  # the epoch's exported bitmaps, removed after `cont`
+        self._stale_snapshots: list[str] = []  # some whose removal failed: tried again
         self._bitmap_s = 0.0
         self.epoch = 0
         self.lost: str | None = None           # why the partner is gone (None: it is not)
@@ -443,9 +445,16 @@ class Checkpointer:
         return deltas, times
 
     async def _release_snapshots(self) -> None:
-        names, self._snapshots = self._snapshots, []
+        """The epoch's bitmap exports go (after `cont`: not part of the pause). A failure
+        costs nothing now (the next epoch has its own names): they are retried next time."""
+        names, self._snapshots = self._stale_snapshots + self._snapshots, []
+        self._stale_snapshots = []
         if names and self.disk_writes is not None:
-            await self.disk_writes.release(names)
+            try:
+                await self.disk_writes.release(names)
+            except QemuError as e:
+                log.warning("%s: removing the checkpoint's bitmap exports: %s (retried)", self.vm, e)
+                self._stale_snapshots = names
 
     async def _wait_migrated(self) -> None:
         await wait_migration(self.qmp, "device state save", poll=0.001)
