@@ -7,31 +7,22 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from agent_fakes import Journal, host_context
 from fake_qemu import FakeQemu
 from ftvm.agent import migration
-from ftvm.agent.context import HostContext, VmContext
+from ftvm.agent.context import VmContext
 from ftvm.core.model import DiskSpec, HostInfo, Incoming, Level, Migration, NicSpec, PoolSnapshot, VmSpec
-from ftvm.core.timing import Timing
 from ftvm.qemu.process import QemuVm
 from ftvm.store.etcd import EtcdClient
 from ftvm.store.pool import PoolStore
 
 _pools = itertools.count()
 SPEC = VmSpec("app", Level.RESTART, 256, 1, (DiskSpec("/s/app.img"),), (NicSpec("52:54:00:00:00:03"),))
-
-
-@dataclass
-class Journal:
-    seen: list[tuple[str, str]] = field(default_factory=list)
-
-    def event(self, vm: str, kind: str, message: str, at: float | None = None) -> None:
-        self.seen.append((kind, message))
 
 
 @dataclass
@@ -63,8 +54,7 @@ async def move(etcd_url: str, tmp_path: Path) -> AsyncIterator[Move]:
         assert await store.publish_incoming("app", incoming, leases["h2"])
         snapshot: list[PoolSnapshot] = [await store.snapshot()]
         journal = Journal()
-        host = HostContext("h1", store, SimpleNamespace(id=leases["h1"]), journal,  # type: ignore[arg-type]
-                           lambda: snapshot[0], lambda: None, Timing())
+        host = host_context("h1", store, leases["h1"], journal, lambda: snapshot[0])
         fake = FakeQemu(tmp_path / "run")
         qemu = await fake.start_vm(SPEC)
         try:

@@ -8,19 +8,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from agent_fakes import Journal, host_context
 from fake_qemu import FakeQemu
-from ftvm.agent.context import HostContext
 from ftvm.agent.replica import ReplicaManager
 from ftvm.core.model import DiskSpec, HostInfo, Level, NicSpec, PoolSnapshot, VmSpec
 from ftvm.core.replication import Copies, Copy, CopyState
-from ftvm.core.timing import Timing
 from ftvm.qemu.blockgraph import DiskGraph, LocalImage, Mode
 from ftvm.store.etcd import EtcdClient
 from ftvm.store.pool import PoolStore
@@ -28,14 +26,6 @@ from ftvm.store.pool import PoolStore
 _pools = itertools.count()
 SPEC = VmSpec("db", Level.COMPONENT, 256, 1, (DiskSpec(size=1 << 20),), (NicSpec("52:54:00:00:00:02"),))
 MIRRORED = DiskGraph(0, Mode.MIRRORED, 3, "d0-local1", "d0-remote2", "d0-quorum2")
-
-
-@dataclass
-class Journal:
-    seen: list[tuple[str, str]] = field(default_factory=list)
-
-    def event(self, vm: str, kind: str, message: str, at: float | None = None) -> None:
-        self.seen.append((kind, message))
 
 
 @dataclass
@@ -72,8 +62,7 @@ async def rig(etcd_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
         assert token is not None
         snapshot: list[PoolSnapshot] = [await store.snapshot()]
         journal = Journal()
-        host = HostContext("h1", store, SimpleNamespace(id=lease), journal,  # type: ignore[arg-type]
-                           lambda: snapshot[0], lambda: None, Timing())
+        host = host_context("h1", store, lease, journal, lambda: snapshot[0])
         fake = FakeQemu(tmp_path / "run")
         fake.status = "io-error"  # werror=stop: the failed write stopped the guest
         fake.on("query-blockstats", lambda args: [])
