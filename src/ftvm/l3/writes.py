@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,11 +148,18 @@ class WriteTracker:
     def attach(pid: int, pidfd: int, path: Path) -> WriteTracker:
         """Track QEMU `pid`'s mapping of `path` (its RAM file): every page write-protected
         from now on, so the first scan reports what was written after this call."""
+        return WriteTracker._attach(pid, pidfd, lambda: _mapping_of(pid, path),
+                                    f"QEMU has no userfaultfd from the shim at fd {SHIM_FD} (started without it?)")
+
+    @staticmethod
+    def _attach(pid: int, pidfd: int, mapping: Callable[[], tuple[int, int, int]], no_shim: str) -> WriteTracker:
+        """The shim's userfaultfd taken from `pid`, `mapping()` (start, end, file offset)
+        registered and write-protected."""
         if not _has_shim_fd(pid):
-            raise TrackerError(0, f"QEMU has no userfaultfd from the shim at fd {SHIM_FD} (started without it?)")
+            raise TrackerError(0, no_shim)
         uffd = pidfd_getfd(pidfd, SHIM_FD)
         try:
-            start, end, offset = _mapping_of(pid, path)
+            start, end, offset = mapping()
             tracker = WriteTracker(pid, uffd, start, end, offset)
         except BaseException:
             os.close(uffd)
@@ -305,27 +313,19 @@ def _has_shim_fd(pid: int) -> bool:
 
 
 def _probe_stack(pid: int, pidfd: int) -> None:
-    if not _has_shim_fd(pid):
-        raise TrackerError(0, "the shim made no userfaultfd in the probe process")
-    uffd = pidfd_getfd(pidfd, SHIM_FD)
-    try:
+    """What a session does to a QEMU's RAM, done to the probe process's stack."""
+    def stack() -> tuple[int, int, int]:
         with open(f"/proc/{pid}/maps") as maps:
-            stack = next((ln for ln in maps if ln.rstrip().endswith("[stack]")), None)
-        if stack is None:
+            line = next((ln for ln in maps if ln.rstrip().endswith("[stack]")), None)
+        if line is None:
             raise TrackerError(0, "no stack mapping in the probe process")
-        start, end = (int(x, 16) for x in stack.split()[0].split("-"))
-        tracker = WriteTracker(pid, uffd, start, end, 0)
-        uffd = -1  # the tracker owns it now
-        try:
-            _ioctl(tracker.uffd, UFFDIO_REGISTER, _Register(_Range(start, end - start), REGISTER_MODE_WP, 0),
-                   "UFFDIO_REGISTER")
-            tracker.arm()
-            tracker.scan()
-        finally:
-            tracker.close()
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        return start, end, 0
+    tracker = WriteTracker._attach(pid, pidfd, stack, "the shim made no userfaultfd in the probe process")
+    try:
+        tracker.scan()
     finally:
-        if uffd >= 0:
-            os.close(uffd)
+        tracker.close()
 
 
 if __name__ == "__main__":
