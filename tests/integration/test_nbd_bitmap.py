@@ -123,27 +123,42 @@ class Qmp:
             raise QmpError(cmd, str(e), e.error_class) from e
 
 
+async def bitmaps(client: QMPClient) -> set[str]:
+    nodes = await client.execute("query-named-block-nodes", {"flat": True})
+    return {b["name"] for n in nodes if n["node-name"] == "d" for b in n.get("dirty-bitmaps", [])}
+
+
 async def test_the_engine_s_disk_writes_per_epoch_and_their_cleanup(qsd: tuple[QMPClient, Path],
                                                                      tmp_path: Path) -> None:
-    """DiskWrites as a checkpoint drives it (its own NBD server, snapshot, read, release)."""
-    from ftvm.l3.disk_writes import LIVE, DiskWrites
-    client, nbd_socket = qsd
+    """DiskWrites as a checkpoint drives it (its own NBD server, bitmap rotation, read,
+    release): each epoch's extents exactly, nothing of ours left behind."""
+    from ftvm.l3.disk_writes import PREFIX, DiskWrites
+    client, _ = qsd
     qmp = Qmp(client)
     await client.execute("nbd-server-stop")  # the fixture's: DiskWrites starts its own
+    earlier = DiskWrites(qmp, ["d"], tmp_path / "bitmaps.sock")
+    await earlier.start()  # a session that died without cleaning up: its bitmap stays behind
     writes = DiskWrites(qmp, ["d"], tmp_path / "bitmaps.sock")
     await writes.start()
+    assert await bitmaps(client) == {"live", *writes.names(1)}  # the earlier session's is gone
     await client.execute("block-export-add", {"type": "nbd", "id": "w", "node-name": "d", "name": "w",
                                               "writable": True})
+    sock = tmp_path / "bitmaps.sock"
     try:
-        write(tmp_path / "bitmaps.sock", "write -P 9 2M 4k")
-        names = await writes.snapshot(1)
+        write(sock, "write -P 9 2M 4k")
+        names = await writes.snapshot()
+        assert names == writes.names(1)
+        write(sock, "write -P 8 5M 8k")  # after the snapshot: the next epoch's, not this one's
         assert await asyncio.to_thread(writes.read, names) == [[Extent(2 * MIB, 4096)]]
-        await writes.release(names)
-        assert await writes._bitmaps() == {LIVE, "live"}  # the snapshot is gone, tracking goes on
-        await writes.release(names)  # a retry of a release that had happened: nothing left, no error
-        names = await writes.snapshot(2)
+        assert await writes.release(names) == []
+        assert await bitmaps(client) == {"live", *writes.names(2)}  # the snapshot is gone, tracking goes on
+        assert await writes.release(names) == []  # a retry of a release that had happened: no error
+        names = await writes.snapshot()
+        assert await asyncio.to_thread(writes.read, names) == [[Extent(5 * MIB, 8192)]]
+        assert await writes.release(names) == []
+        names = await writes.snapshot()
         assert await asyncio.to_thread(writes.read, names) == [[]]
-        await writes.release(names)
+        assert await writes.release(names) == []
     finally:
         await writes.close()
-    assert LIVE not in await writes._bitmaps()
+    assert not {b for b in await bitmaps(client) if b.startswith(PREFIX)}

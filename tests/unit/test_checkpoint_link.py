@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ftvm.l3.channel import AuthError, accept_session, open_session, read_hello
+from ftvm.l3.channel import PROTOCOL_VERSION, AuthError, accept_session, open_session, read_hello
 from ftvm.l3.pages import PAGE, Delta
 from ftvm.l3.wire import (HEADER, PRIMARY_LIMITS, Checkpoint, Msg, WireError, decode_ack, decode_checkpoint,
                           decode_precopy, encode, encode_ack, encode_checkpoint, encode_heartbeat, read_message,
@@ -48,7 +48,7 @@ async def pair(primary_key: bytes = KEY, standby_key: bytes = KEY):
 
 async def test_both_ends_authenticate_and_messages_flow() -> None:
     server, primary, standby, hello = await pair()
-    assert hello["vm"] == "ft" and hello["v"] == 1
+    assert hello["vm"] == "ft" and hello["v"] == PROTOCOL_VERSION
     limits = standby_limits([256])
     cp = Checkpoint(1, {0: Delta(np.array([3]), b"x" * PAGE)}, b"dev")
     await primary.send(encode_checkpoint(cp))
@@ -79,7 +79,7 @@ async def test_a_peer_without_the_key_is_refused_on_both_sides() -> None:
 
     server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-    body = json.dumps(HELLO | {"v": 1, "nonce": os.urandom(32).hex()}).encode()
+    body = json.dumps(HELLO | {"v": PROTOCOL_VERSION, "nonce": os.urandom(32).hex()}).encode()
     writer.writelines(encode(Msg.HELLO, body))
     await read_message(reader, {Msg.CHALLENGE: 1024})
     writer.writelines(encode(Msg.AUTH, os.urandom(32)))
@@ -125,7 +125,7 @@ async def test_the_hello_is_checked_before_anything_else() -> None:
                 HEADER.pack(Msg.HELLO, 1 << 30),                         # a 1 GiB HELLO
                 b"".join(encode(Msg.HELLO, b"{")),                        # not JSON
                 b"".join(encode(Msg.HELLO, json.dumps(HELLO).encode())),  # no version, no nonce
-                b"".join(encode(Msg.HELLO, json.dumps(HELLO | {"v": 1, "nonce": "00"}).encode()))):
+                b"".join(encode(Msg.HELLO, json.dumps(HELLO | {"v": PROTOCOL_VERSION, "nonce": "00"}).encode()))):
         with pytest.raises(WireError):
             await hello_of(raw)
 

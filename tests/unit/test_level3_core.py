@@ -16,8 +16,8 @@ from ftvm.core.validate import check_new_vm
 from ftvm.agent.l3 import is_partner
 from ftvm.l3.pages import PAGE, Delta
 from ftvm.l3.primary import CheckpointStats, EpochRecord
-from ftvm.l3.wire import (Checkpoint, Msg, WireError, decode_checkpoint, decode_precopy, encode_checkpoint,
-                          encode_precopy, read_message, standby_limits)
+from ftvm.l3.wire import (STATE_CHUNK, Checkpoint, Msg, StatePatch, WireError, decode_checkpoint, decode_precopy,
+                          encode_checkpoint, encode_precopy, read_message, standby_limits)
 
 ANY = standby_limits([1 << 16, 1 << 16, 1 << 16])
 
@@ -67,6 +67,40 @@ def test_a_truncated_checkpoint_is_never_decoded() -> None:
 
     with pytest.raises(asyncio.IncompleteReadError):
         asyncio.run(read_torn())
+
+
+def test_device_state_patches_rebuild_the_new_state_exactly() -> None:
+    rng = np.random.default_rng(15)
+    for _ in range(300):  # lengths around the chunk size, growing and shrinking states
+        old = rng.integers(0, 256, int(rng.integers(0, 2000)), dtype=np.uint8).tobytes()
+        new = bytearray(old[:int(rng.integers(0, len(old) + 1))] + rng.bytes(int(rng.integers(0, 700))))
+        for at in rng.integers(0, max(1, len(new)), int(rng.integers(0, 4))).tolist():
+            if new:
+                new[at] ^= 0xFF
+        patch = StatePatch.between(old, bytes(new))
+        payload = b"".join(encode_checkpoint(Checkpoint(3, {}, patch))[1:])
+        back = decode_checkpoint(payload)
+        assert isinstance(back.device_state, StatePatch)
+        assert back.device_state.apply(old) == bytes(new)
+
+
+def test_an_unchanged_device_state_costs_no_data_and_a_bad_patch_is_refused() -> None:
+    state = bytes(range(256)) * 40  # 10 KiB, as QEMU's ROMs and unchanged devices
+    changed = bytearray(state)
+    changed[300] ^= 1
+    assert StatePatch.between(state, state).nbytes == 0
+    patch = StatePatch.between(state, bytes(changed))
+    assert list(patch.chunks) == [1] and len(patch.data) == STATE_CHUNK
+    good = b"".join(encode_checkpoint(Checkpoint(3, {}, patch))[1:])
+    head = len(good) - len(patch.data) - 4  # (chunk index: 4 bytes)
+    for bad in (good[:head] + (40).to_bytes(4, "big") + patch.data,  # past the state's end
+                good[:-1],                                            # truncated
+                good[:head - 8] + (41).to_bytes(8, "big") + good[head:]):  # more chunks than the state has
+        with pytest.raises(WireError):
+            decode_checkpoint(bad)
+    two = StatePatch(len(state), np.array([2, 1]), bytes(2 * STATE_CHUNK))
+    with pytest.raises(WireError, match="order"):
+        decode_checkpoint(b"".join(encode_checkpoint(Checkpoint(3, {}, two))[1:]))
 
 
 def test_epoch_window_breaks_the_pause_down_and_counts_run_time() -> None:

@@ -8,6 +8,9 @@ import asyncio
 import os
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fake_qemu import FakeQemu
@@ -15,7 +18,8 @@ from ftvm.core.model import DiskSpec, Level, NicSpec, VmSpec
 from ftvm.l3.channel import LinkConfig
 from ftvm.l3.primary import Checkpointer
 from ftvm.l3.relay import OutputCommitRelay
-from ftvm.l3.standby import ReplicaPaths, Standby, StandbyServer
+from ftvm.l3.standby import ReplicaPaths, Standby, StandbyServer, read_committed
+from ftvm.qemu.process import QemuVm
 
 SPEC = VmSpec("trade", Level.SYSTEM, 1, 1, (DiskSpec(size=1 << 20),), (NicSpec("52:54:00:00:00:03"),))
 
@@ -33,11 +37,38 @@ def script_device_state(fake: FakeQemu) -> None:
     fake.on("migrate", migrate)
 
 
-async def test_a_second_session_releases_output_on_its_own_acks(tmp_path: Path) -> None:
-    """After the partner comes back, a new session checkpoints from epoch 1 again. Output the
-    guest sends before that session's first checkpoint is released by its first ack: the
-    relay, which served the first session, must not tag it with that session's epochs (it
-    did, and a client stalled until the new session had counted as far)."""
+@dataclass
+class Rig:
+    fake: FakeQemu
+    qemu: QemuVm
+    relay: OutputCommitRelay
+    standby: Standby
+    replica: ReplicaPaths
+    link: LinkConfig
+    ram: Path
+    disk: Path
+    run: Path
+    guest: asyncio.StreamWriter
+    tap_peer: socket.socket
+
+    async def session(self, name: str, epochs: int) -> Checkpointer:
+        """A protected session that took `epochs` checkpoints, all acknowledged."""
+        cp = Checkpointer("trade", self.qemu, [self.relay], self.ram, [self.disk], self.run, 0.05, timeout_s=5.0)
+        await cp.prepare_qemu()
+        await cp.connect("127.0.0.1", self.link, name)
+        await cp.protect()
+        for _ in range(epochs - 1):
+            await cp.checkpoint()
+        while cp.stats.acked < cp.epoch:
+            await asyncio.sleep(0.01)
+        return cp
+
+    def send_frame(self, frame: bytes) -> None:
+        self.guest.write(struct.pack(">I", len(frame)) + frame)
+
+
+@asynccontextmanager
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     ram, disk = tmp_path / "ram", tmp_path / "disk0.img"
     for f in (ram, disk):
         with open(f, "wb") as fh:
@@ -55,42 +86,9 @@ async def test_a_second_session_releases_output_on_its_own_acks(tmp_path: Path) 
     key = os.urandom(32)
     server = StandbyServer("127.0.0.1", 0, key, lambda vm, peer, hello: standby, live_within=0.3)
     await server.start()
-    link = LinkConfig(server.port, key, "127.0.0.1")
-
-    async def session(name: str, epochs: int) -> Checkpointer:
-        cp = Checkpointer("trade", qemu, [relay], ram, [disk], tmp_path / "run", 0.05, timeout_s=5.0)
-        await cp.prepare_qemu()
-        await cp.connect("127.0.0.1", link, name)
-        await cp.protect()
-        for _ in range(epochs - 1):
-            await cp.checkpoint()
-        while cp.stats.acked < cp.epoch:
-            await asyncio.sleep(0.01)
-        return cp
-
-    def send_frame(frame: bytes) -> None:
-        guest.write(struct.pack(">I", len(frame)) + frame)
-
     try:
-        first = await session("s1", 20)
-        assert relay.epoch == 21  # the relay counts the first session's epochs
-        first.unprotect()  # the partner was lost: output flows unprotected
-        await first.close()
-        while standby.connected:
-            await asyncio.sleep(0.01)
-        # the guest speaks just as the new session gates its output, before its first checkpoint
-        fake.on("stop", lambda args: send_frame(b"said during checkpoint 1") or {})
-        second = Checkpointer("trade", qemu, [relay], ram, [disk], tmp_path / "run", 0.05, timeout_s=5.0)
-        await second.prepare_qemu()
-        await second.connect("127.0.0.1", link, "s2")
-        await second.protect()  # returns once checkpoint 1 is acknowledged
-        fake.handlers.pop("stop")
-        loop = asyncio.get_running_loop()
-        got = await asyncio.wait_for(loop.sock_recv(tap_peer, 2048), 10)
-        assert got == b"said during checkpoint 1" and second.stats.acked == 1
-        await second.close()
-        while standby.connected:  # its session ends with the connection, before the loop does
-            await asyncio.sleep(0.01)
+        yield Rig(fake, qemu, relay, standby, replica, LinkConfig(server.port, key, "127.0.0.1"), ram, disk,
+                  tmp_path / "run", guest, tap_peer)
     finally:
         guest.close()
         await relay.close()
@@ -98,3 +96,53 @@ async def test_a_second_session_releases_output_on_its_own_acks(tmp_path: Path) 
         tap.close()
         tap_peer.close()
         await fake.close()
+
+
+async def test_a_second_session_releases_output_on_its_own_acks(tmp_path: Path) -> None:
+    """After the partner comes back, a new session checkpoints from epoch 1 again. Output the
+    guest sends before that session's first checkpoint is released by its first ack: the
+    relay, which served the first session, must not tag it with that session's epochs (it
+    did, and a client stalled until the new session had counted as far)."""
+    async with rig(tmp_path) as r:
+        first = await r.session("s1", 20)
+        assert r.relay.epoch == 21  # the relay counts the first session's epochs
+        first.unprotect()  # the partner was lost: output flows unprotected
+        await first.close()
+        while r.standby.connected:
+            await asyncio.sleep(0.01)
+        # the guest speaks just as the new session gates its output, before its first checkpoint
+        r.fake.on("stop", lambda args: r.send_frame(b"said during checkpoint 1") or {})
+        second = Checkpointer("trade", r.qemu, [r.relay], r.ram, [r.disk], r.run, 0.05, timeout_s=5.0)
+        await second.prepare_qemu()
+        await second.connect("127.0.0.1", r.link, "s2")
+        await second.protect()  # returns once checkpoint 1 is acknowledged
+        r.fake.handlers.pop("stop")
+        loop = asyncio.get_running_loop()
+        got = await asyncio.wait_for(loop.sock_recv(r.tap_peer, 2048), 10)
+        assert got == b"said during checkpoint 1" and second.stats.acked == 1
+        await second.close()
+        while r.standby.connected:  # its session ends with the connection, before the loop does
+            await asyncio.sleep(0.01)
+
+
+async def test_a_replica_that_missed_a_checkpoint_during_a_takeover_attempt_never_applies_more(
+        tmp_path: Path) -> None:
+    """A takeover attempt freezes the standby; checkpoints that arrive meanwhile are dropped.
+    If the attempt fails (etcd unreachable) and the standby thaws, the next checkpoint's
+    pages and device state patch are relative to one it never applied: applying them would
+    leave a replica no primary ever had. The session ends instead, the replica still at
+    its last commit, and the primary sees the partner lost (and starts over with a copy)."""
+    async with rig(tmp_path) as r:
+        cp = await r.session("s1", 5)
+        assert read_committed(r.replica) == ("s1", 5)
+        assert await r.standby.freeze() == ("s1", 5)
+        await cp.checkpoint()  # epoch 6: dropped by the frozen standby
+        while r.standby.dropped == 0:
+            await asyncio.sleep(0.01)
+        r.standby.thaw()
+        await cp.checkpoint()  # epoch 7
+        await asyncio.wait_for(cp.lost_event.wait(), 10)
+        assert "closed" in str(cp.lost)
+        assert read_committed(r.replica) == ("s1", 5) and cp.stats.acked == 5
+        assert r.standby.committed is not None and r.standby.committed.epoch == 5
+        await cp.close()

@@ -42,6 +42,7 @@ from ..l3.standby import ReplicaPaths, Standby, StandbyServer
 from ..l3.wire import WireError
 from ..l3.writes import COMPARE, Support, WriteTracker
 from ..qemu.cmdline import VmPaths, tap_names
+from ..qemu.monitor import DirectQmp
 from ..qemu.process import QemuError, QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls
 from ..store.etcd import EtcdError
 from ..store.pool import OwnershipLost
@@ -183,13 +184,37 @@ class L3Primary:
         qemu = self.qemu
         ram_writes = ((lambda ram: WriteTracker.attach(qemu.pid, qemu.pidfd, ram)) if self.tracking.exact
                       else None)
-        cp = Checkpointer(self.spec.name, self.qemu, self.relays, self.files.ram, list(self.files.disks),
+        monitor = await self._checkpoint_monitor()
+        cp = Checkpointer(self.spec.name, monitor, self.relays, self.files.ram, list(self.files.disks),
                           self.paths.run_dir, self.spec.checkpoint_ms / 1000, self.timing.l3_partner_lost,
                           on_output=self.spec.checkpoint_on_output, stall_s=self.timing.l3_checkpoint_stall,
                           ram_writes=ram_writes, tracking=self.tracking.why,
                           disk_nodes=[f"disk{i}" for i in range(len(self.spec.disks))] if self.track_disks else None)
         self._full_resyncs_seen = 0
         self.checkpointer = cp
+        try:
+            await self._checkpoint_to(cp, partner, addr)
+        finally:
+            if isinstance(monitor, DirectQmp):
+                await monitor.close()
+
+    async def _checkpoint_monitor(self) -> DirectQmp | QemuVm:
+        """The QEMU's checkpoint monitor (qemu/monitor.py), or its main one if it has none
+        (started by an earlier ftvm) or it does not answer: slower, otherwise the same."""
+        assert self.qemu is not None
+        path = self.paths.checkpoint_qmp
+        if path.exists():
+            monitor = DirectQmp(path)
+            try:
+                await monitor.connect()
+                return monitor
+            except QemuError as e:
+                await monitor.close()
+                log.warning("%s: checkpoint monitor: %s; checkpointing through the main one", self.spec.name, e)
+        return self.qemu
+
+    async def _checkpoint_to(self, cp: Checkpointer, partner: str, addr: str) -> None:
+        assert self.qemu is not None
         try:
             await cp.connect(addr, self.link, uuid.uuid4().hex)
         except (OSError, TimeoutError, WireError) as e:
@@ -296,7 +321,8 @@ class L3Primary:
             device_state_p50_ms=w["device_state_p50_ms"], running_fraction=w["running_fraction"],
             dirty_pages_p50=w["dirty_pages_p50"], disk_pages_p50=w["disk_pages_p50"],
             link_bytes_per_s=w["bytes_per_s"], epoch=cp.stats.acked, sync_done=round(self.sync_done, 3),
-            tracking=cp.stats.tracking, full_resyncs=cp.stats.full_resyncs, disk_tracking=cp.stats.disk_tracking)
+            tracking=cp.stats.tracking, full_resyncs=cp.stats.full_resyncs, disk_tracking=cp.stats.disk_tracking,
+            stop_p50_ms=w["stop_p50_ms"], cont_p50_ms=w["cont_p50_ms"], ack_p50_ms=w["ack_p50_ms"])
 
     async def _publish_loop(self) -> None:
         last: CheckpointFigures | None = None

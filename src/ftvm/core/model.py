@@ -311,6 +311,9 @@ class CheckpointFigures:
     tracking: str = ""        # how changed RAM pages are found: "exact: ..." or "page compare: why"
     full_resyncs: int = 0     # checkpoints that sent all of RAM (a failed dirty-page scan)
     disk_tracking: str = ""   # how changed disk pages are found: "dirty bitmaps" or "page compare"
+    stop_p50_ms: float = 0.0
+    cont_p50_ms: float = 0.0
+    ack_p50_ms: float = 0.0   # guest resumed -> the partner's ACK: how long output still waits after a pause
 
 
 @dataclass(frozen=True)

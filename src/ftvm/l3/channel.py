@@ -35,7 +35,7 @@ from .wire import MAX_HELLO, MAX_SMALL, Msg, WireError, encode, read_header, rea
 NONCE = 32
 TAG = 32
 HANDSHAKE_S = 5.0
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: device state patches (wire.StatePatch)
 _THREAD_ABOVE = 256 << 10   # MACs of larger messages are computed off the event loop
 
 

@@ -19,8 +19,8 @@ token) and only then calls `unprotect()`, which lets output flow again.
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -28,16 +28,16 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from ..qemu.migrate import wait_migration
-from ..qemu.process import QemuError
+from ..qemu.migrate import MigrationFailed, wait_migration
 from .disk_writes import DiskWrites, pages_of
 from .pages import PageTracker
 from .writes import TrackerError, WriteTracker
 from .relay import OutputCommitRelay
 from .channel import Channel, LinkConfig, open_session
-from .wire import PRIMARY_LIMITS, Checkpoint, Msg, decode_ack, encode_checkpoint, encode_heartbeat, encode_precopy
+from .wire import (PRIMARY_LIMITS, Checkpoint, Msg, StatePatch, decode_ack, encode_checkpoint, encode_heartbeat,
+                   encode_precopy)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,16 @@ class Qmp(Protocol):
     """What the checkpointer needs from QEMU (QemuVm provides it)."""
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any: ...
+
+
+@runtime_checkable
+class EventQmp(Qmp, Protocol):
+    """A monitor that also waits for QEMU's events (qemu/monitor.py DirectQmp)."""
+
+    def expect(self, event: str, match: Callable[[dict[str, Any]], bool] = ...) -> asyncio.Future[dict[str, Any]]: ...
+
+
+ENDED = ("completed", "failed", "cancelled")  # a migration's last MIGRATION status
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,9 @@ class CheckpointStats:
     precopy_bytes: int = 0
     precopy_s: float = 0.0
     ack_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
+    # per epoch, guest resumed -> partner's ACK (sent, applied, acknowledged): how long the
+    # epoch's output waits in the relay after the pause
+    ack_delays: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=20_000))  # (resumed, s)
     ack_log: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=100_000))  # (epoch, when)
     tracking: str = "page compare"  # how changed RAM pages are found (EXACT, or "page compare: why")
     full_resyncs: int = 0           # checkpoints whose dirty-page scan failed: all of RAM sent
@@ -111,6 +124,7 @@ class CheckpointStats:
             "bytes_per_s": round(sum(r.nbytes for r in recs) / span),
             "running_fraction": round(max(0.0, 1 - sum(r.pause for r in recs) / span), 3),
             "ram_diff_p99_ms": p("ram_diff", 0.99),
+            "ack_p50_ms": round(percentile([d for t, d in self.ack_delays if t > now - seconds], 0.5) * 1000, 2),
         }
 
 
@@ -188,6 +202,8 @@ class Checkpointer:
         self._channel: Channel | None = None
         self._sizes: list[int] = []
         self._sent_epoch = 0  # the last epoch whose CHECKPOINT was sent
+        self._last_state: bytes | None = None  # its device state
+        self._resumed: dict[int, float] = {}  # epochs not yet acknowledged: when the guest ran again
         self._diff_task: asyncio.Task[Any] | None = None  # a compare thread maps the files
         self._tasks: list[asyncio.Task[None]] = []
         self._last_heard = time.monotonic()
@@ -211,7 +227,7 @@ class Checkpointer:
     async def prepare_qemu(self) -> None:
         """Once per QEMU: device state only (shared RAM is skipped), at full speed."""
         await self.qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
+            {"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]})
         # device state only, to a local socket: no TLS (a VM that came in by live migration
         # still has the migration's TLS credentials set)
         await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40, "tls-creds": ""})
@@ -383,17 +399,21 @@ class Checkpointer:
                 if resume:
                     await self.qmp.execute("cont")
                 end = time.monotonic()
-                await self._release_snapshots()
                 self.epoch = epoch
-                cp = Checkpoint(epoch, deltas, device_state)
+                # the device state as what changed since the last one sent (most of it never does)
+                patch = StatePatch.between(self._last_state, device_state) if self._last_state is not None else None
+                cp = Checkpoint(epoch, deltas, device_state if patch is None else patch)
+                self._last_state = device_state
                 self.stats.epochs += 1
                 self.stats.records.append(EpochRecord(
                     end=end, pause=end - t0, stop=t_stop - t0, ram_diff=times[0], disk_diff=sum(times[1:]),
                     device_state=dev_s, cont=end - t_cont, dirty_pages=len(deltas[0].pages),
                     disk_pages=sum(len(d.pages) for i, d in deltas.items() if i), nbytes=cp.nbytes))
                 self._sent_epoch = epoch
+                self._resumed[epoch] = end
                 await self._send(encode_checkpoint(cp))
                 self.stats.sent_bytes += cp.nbytes
+                await self._release_snapshots()
             finally:
                 self._checkpoint_since = None
 
@@ -404,17 +424,21 @@ class Checkpointer:
             # block-layer work before `migrate`, which leaves the block nodes inactive: the
             # epoch's writes frozen in snapshot bitmaps and read (a few extents per disk)
             t_bitmaps = time.monotonic()
-            self._snapshots = await self.disk_writes.snapshot(self.epoch + 1)
+            self._snapshots = await self.disk_writes.snapshot()
             written = await asyncio.to_thread(self.disk_writes.read, self._snapshots)
             self._bitmap_s = time.monotonic() - t_bitmaps
         state = self.sink.expect()
+        # QEMU says when the save is over: its MIGRATION event on the checkpoint monitor,
+        # else (a QEMU without one) `query-migrate` polled
+        done = (self.qmp.expect("MIGRATION", lambda d: d.get("status") in ENDED)
+                if isinstance(self.qmp, EventQmp) else None)
         await self.qmp.execute("migrate", {"uri": f"unix:{self.sink.path}"})
         diff = asyncio.create_task(asyncio.to_thread(self._diff_all, written))
         self._diff_task = diff
         t_dev = time.monotonic()
         try:
+            await self._wait_migrated(done)
             device_state = await asyncio.wait_for(state, 10.0)
-            await self._wait_migrated()
         finally:
             deltas, times = await diff
         return deltas, times, device_state, time.monotonic() - t_dev
@@ -448,16 +472,16 @@ class Checkpointer:
         """The epoch's bitmap exports go (after `cont`: not part of the pause). A failure
         costs nothing now (the next epoch has its own names): they are retried next time."""
         names, self._snapshots = self._stale_snapshots + self._snapshots, []
-        self._stale_snapshots = []
         if names and self.disk_writes is not None:
-            try:
-                await self.disk_writes.release(names)
-            except QemuError as e:
-                log.warning("%s: removing the checkpoint's bitmap exports: %s (retried)", self.vm, e)
-                self._stale_snapshots = names
+            self._stale_snapshots = await self.disk_writes.release(names)
 
-    async def _wait_migrated(self) -> None:
-        await wait_migration(self.qmp, "device state save", poll=0.001)
+    async def _wait_migrated(self, done: asyncio.Future[dict[str, Any]] | None) -> None:
+        if done is None:
+            await wait_migration(self.qmp, "device state save", poll=0.001)
+            return
+        status = str((await asyncio.wait_for(done, 10.0)).get("status"))
+        if status != "completed":
+            raise MigrationFailed("device state save", status, await self.qmp.execute("query-migrate"))
 
     # --- the partner link -----------------------------------------------------------------
     async def _send(self, parts: list[bytes]) -> None:
@@ -484,6 +508,7 @@ class Checkpointer:
                                     self.vm, epoch, self._sent_epoch, self.stats.acked)
                         continue
                     self.stats.ack_log.append((epoch, time.monotonic()))  # before any release
+                    self._record_ack_delay(epoch)
                     self.stats.ack_times.append(self._last_heard)
                     self.stats.acked = epoch
                     for relay in self.relays:
@@ -491,6 +516,15 @@ class Checkpointer:
                     self.first_ack.set()
         except (OSError, asyncio.IncompleteReadError, RuntimeError) as e:
             self._set_lost(f"partner closed the checkpoint link ({type(e).__name__})")
+
+    def _record_ack_delay(self, epoch: int) -> None:
+        while self._resumed:  # (in epoch order; an ACK covers every epoch up to its own)
+            first = next(iter(self._resumed))
+            if first > epoch:
+                break
+            resumed = self._resumed.pop(first)
+            if first == epoch:
+                self.stats.ack_delays.append((resumed, self._last_heard - resumed))
 
     async def _heartbeats(self) -> None:
         while self.lost is None and not self._closed:

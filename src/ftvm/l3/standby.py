@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .channel import Channel, accept_session, read_hello, refuse
 from .pages import PAGE, ReplicaFile
-from .wire import Msg, WireError, decode_checkpoint, decode_precopy, encode_ack, encode_heartbeat, standby_limits
+from .wire import (Checkpoint, Msg, StatePatch, WireError, decode_checkpoint, decode_precopy, encode_ack,
+                   encode_heartbeat, standby_limits)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Standby:
         self.connected = False
         self.bytes_received = 0
         self.primary_addr = ""
+        self.dropped = 0  # pre-copies and checkpoints received while frozen, not applied
         self._frozen = False  # a takeover began: nothing more is applied or acknowledged
         self._applying = False  # applying a received pre-copy or checkpoint (see silent_for)
         self._commit_lock = asyncio.Lock()
@@ -137,6 +139,8 @@ class Standby:
         self.session, self.committed = str(hello["session"]), None
         self._frozen = False  # an authenticated primary feeds it again
         replicas: list[ReplicaFile] = []
+        state: bytes | None = None  # the last committed device state (a patch's base)
+        skipped = False  # a message dropped while frozen: the replica can no longer follow
         beat: asyncio.Task[None] | None = None
         try:
             self.paths.meta.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -157,18 +161,28 @@ class Standby:
                 self._heard()
                 self.bytes_received += len(payload)
                 if self._frozen:
+                    if kind is not Msg.HEARTBEAT:
+                        skipped = True
+                        self.dropped += 1
                     continue
+                if skipped:  # thawed (no takeover) after dropping some: the next would not apply
+                    raise WireError("messages were dropped during a takeover attempt: the replica "
+                                    "needs a new session")
                 if kind is Msg.PRECOPY:
                     index, delta = decode_precopy(payload, npages)
                     async with self._busy():
                         await asyncio.to_thread(replicas[index].apply, delta)
                 elif kind is Msg.CHECKPOINT:
                     cp = decode_checkpoint(payload, npages)
+                    if isinstance(cp.device_state, StatePatch) and state is None:
+                        raise WireError("a device state patch before any whole device state")
                     async with self._commit_lock:
                         if self._frozen:
+                            skipped = True
+                            self.dropped += 1
                             continue
                         async with self._busy():
-                            await asyncio.to_thread(self._commit, replicas, cp.deltas, cp.device_state, cp.epoch)
+                            state = await asyncio.to_thread(self._commit, replicas, cp, state)
                         self.committed = Committed(self.session, cp.epoch, time.monotonic())
                         await channel.send(encode_ack(cp.epoch))
                     if cp.epoch == 1 and self.on_change:
@@ -189,11 +203,17 @@ class Standby:
             if self.on_change:
                 self.on_change()
 
-    def _commit(self, replicas: list[ReplicaFile], deltas: dict, device_state: bytes, epoch: int) -> None:
-        for index, delta in deltas.items():
+    def _commit(self, replicas: list[ReplicaFile], cp: Checkpoint, previous: bytes | None) -> bytes:
+        """Apply checkpoint `cp`; returns its whole device state (`previous`: the last one's)."""
+        state = cp.device_state
+        if isinstance(state, StatePatch):
+            assert previous is not None
+            state = state.apply(previous)
+        for index, delta in cp.deltas.items():
             replicas[index].apply(delta)
-        _replace_private(self.paths.device_state, device_state)
-        _replace_private(self.paths.meta, json.dumps({"session": self.session, "epoch": epoch}).encode())
+        _replace_private(self.paths.device_state, state)
+        _replace_private(self.paths.meta, json.dumps({"session": self.session, "epoch": cp.epoch}).encode())
+        return state
 
     async def _heartbeats(self, channel: Channel) -> None:
         while True:

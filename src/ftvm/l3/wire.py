@@ -8,7 +8,8 @@ One TCP connection per protected VM, primary -> partner. Every message is a
     AUTH        P->S  proof                      (the primary proves it too: l3/channel.py)
     REFUSED     S->P  why, as text               (instead of CHALLENGE; then the link closes)
     PRECOPY     P->S  file index, pages, data        (full copy while the guest runs)
-    CHECKPOINT  P->S  epoch, per file (index, pages, data), device state
+    CHECKPOINT  P->S  epoch, per file (index, pages, data), device state (whole, or the
+                      chunks that differ from the previous checkpoint's: StatePatch)
     ACK         S->P  epoch                          (checkpoint committed on the partner)
     HEARTBEAT   both  (nothing)                      (the link and the peer are alive)
 
@@ -41,6 +42,8 @@ MAX_SMALL = 1024               # CHALLENGE, AUTH, REFUSED
 MAX_DEVICE_STATE = 256 << 20   # QEMU's device state (RAM excluded) is a few MiB at most
 DELTA_HEAD = 10                # file index (2), page count (8)
 PAGE_COST = 8 + PAGE           # page index + page
+STATE_CHUNK = 256              # a device state patch's unit
+STATE_WHOLE, STATE_PATCH = 0, 1
 
 
 class Msg(IntEnum):
@@ -69,14 +72,52 @@ class WireError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    epoch: int
-    deltas: dict[int, Delta]  # file index -> changed pages
-    device_state: bytes
+class StatePatch:
+    """A device state as the STATE_CHUNK-byte chunks that differ from the previous
+    checkpoint's. Most of QEMU's device state is the same every time (the ROMs, ~350 KiB
+    of 364 KiB here), and it made up half of every checkpoint."""
+
+    length: int          # of the new device state
+    chunks: np.ndarray   # indexes of the chunks sent, ascending
+    data: bytes          # those chunks (the state's last one may be short)
+
+    @staticmethod
+    def between(old: bytes, new: bytes) -> StatePatch:
+        n = len(new)
+        count = -(-n // STATE_CHUNK)
+        a = np.zeros(count * STATE_CHUNK, dtype=np.uint8)
+        b = np.zeros(count * STATE_CHUNK, dtype=np.uint8)
+        a[:min(n, len(old))] = np.frombuffer(old, dtype=np.uint8)[:n]
+        b[:n] = np.frombuffer(new, dtype=np.uint8)
+        chunks = np.flatnonzero((a.reshape(count, STATE_CHUNK) != b.reshape(count, STATE_CHUNK)).any(axis=1))
+        view = memoryview(new)
+        return StatePatch(n, chunks, b"".join(view[i * STATE_CHUNK:(i + 1) * STATE_CHUNK] for i in chunks.tolist()))
+
+    def apply(self, old: bytes) -> bytes:
+        """The new device state, from the previous checkpoint's."""
+        out = bytearray(old[:self.length].ljust(self.length, b"\0"))
+        pos = 0
+        for i in self.chunks.tolist():
+            size = min(STATE_CHUNK, self.length - i * STATE_CHUNK)
+            out[i * STATE_CHUNK:i * STATE_CHUNK + size] = self.data[pos:pos + size]
+            pos += size
+        return bytes(out)
 
     @property
     def nbytes(self) -> int:
-        return sum(d.nbytes for d in self.deltas.values()) + len(self.device_state)
+        return len(self.data) + 4 * len(self.chunks)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    epoch: int
+    deltas: dict[int, Delta]  # file index -> changed pages
+    device_state: bytes | StatePatch
+
+    @property
+    def nbytes(self) -> int:
+        state = self.device_state
+        return sum(d.nbytes for d in self.deltas.values()) + (len(state) if isinstance(state, bytes) else state.nbytes)
 
 
 def _delta_parts(index: int, delta: Delta) -> list[bytes]:
@@ -124,7 +165,12 @@ def encode_checkpoint(cp: Checkpoint) -> list[bytes]:
     parts = [struct.pack(">QH", cp.epoch, len(cp.deltas))]
     for index, delta in sorted(cp.deltas.items()):
         parts += _delta_parts(index, delta)
-    parts += [struct.pack(">Q", len(cp.device_state)), cp.device_state]
+    state = cp.device_state
+    if isinstance(state, bytes):
+        parts += [struct.pack(">BQ", STATE_WHOLE, len(state)), state]
+    else:
+        parts += [struct.pack(">BQQ", STATE_PATCH, state.length, len(state.chunks)),
+                  state.chunks.astype(">u4").tobytes(), state.data]
     return [HEADER.pack(Msg.CHECKPOINT, sum(map(len, parts))), *parts]
 
 
@@ -165,14 +211,38 @@ def _decode_checkpoint(payload: bytes, npages: list[int] | None) -> Checkpoint:
         if index in deltas:
             raise WireError(f"file {index} twice in one checkpoint")
         deltas[index] = delta
-    (n,) = struct.unpack_from(">Q", buf, pos)
-    pos += 8
-    if n > MAX_DEVICE_STATE:
-        raise WireError(f"device state of {n} bytes")
-    state = bytes(buf[pos:pos + n])
-    if len(state) != n or pos + n != len(payload):
+    state, pos = _read_state(buf, pos)
+    if pos != len(payload):
         raise WireError("checkpoint message has the wrong length")
     return Checkpoint(epoch, deltas, state)
+
+
+def _read_state(buf: memoryview, pos: int) -> tuple[bytes | StatePatch, int]:
+    kind, n = struct.unpack_from(">BQ", buf, pos)
+    pos += 9
+    if n > MAX_DEVICE_STATE:
+        raise WireError(f"device state of {n} bytes")
+    if kind == STATE_WHOLE:
+        state = bytes(buf[pos:pos + n])
+        if len(state) != n:
+            raise WireError("truncated device state")
+        return state, pos + n
+    if kind != STATE_PATCH:
+        raise WireError(f"device state of unknown kind {kind}")
+    (count,) = struct.unpack_from(">Q", buf, pos)
+    pos += 8
+    total = -(-n // STATE_CHUNK)
+    if count > total:
+        raise WireError(f"device state patch of {count} chunks for {total}")
+    chunks = np.frombuffer(buf[pos:pos + 4 * count], dtype=">u4").astype(np.int64)
+    pos += 4 * count
+    if len(chunks) != count or (count and (chunks[-1] >= total or (count > 1 and (np.diff(chunks) <= 0).any()))):
+        raise WireError("device state patch chunks out of order or range")
+    size = count * STATE_CHUNK - (STATE_CHUNK * total - n if count and chunks[-1] == total - 1 else 0)
+    data = bytes(buf[pos:pos + size])
+    if len(data) != size:
+        raise WireError("truncated device state patch")
+    return StatePatch(n, chunks, data), pos + size
 
 
 def decode_ack(payload: bytes) -> int:

@@ -45,6 +45,10 @@ class VmPaths:
         """A second QMP socket (lab only): fault injection without disturbing the agent's."""
         return self.run_dir / "qmp-debug.sock"
 
+    @property
+    def checkpoint_qmp(self) -> Path:
+        """Level 3: the checkpoint path's own monitor (qemu/monitor.py)."""
+        return self.run_dir / "qmp-checkpoint.sock"
 
     def nic_socket(self, index: int) -> Path:
         """Level 3: the relay's socket QEMU's NIC `index` connects to."""
@@ -106,7 +110,8 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
         cmd += QemuTls.qemu_objects(tls_dir)
     if checkpointed is not None:
         cmd += ["-object", f"memory-backend-file,id=pc.ram,size={spec.memory_mib}M,"
-                           f"mem-path={checkpointed.ram_file},share=on"]
+                           f"mem-path={checkpointed.ram_file},share=on",
+                "-qmp", f"unix:{paths.checkpoint_qmp},server=on,wait=off"]
         if checkpointed.incoming:
             cmd += ["-incoming", "defer"]
     if incoming and not (checkpointed and checkpointed.incoming):  # a live migration's target
