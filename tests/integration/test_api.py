@@ -123,10 +123,10 @@ async def test_level3_checkpointing_is_patched_and_bad_values_refused(api) -> No
     r = await http.patch("/api/v1/vms/trade", json={"level": 1})  # level 3 never changes level: refused
     assert r.status_code == 409 and "level 3" in r.json()["error"]
     assert (await http.patch("/api/v1/vms/trade", json={"level": 1, "sla_percent": 99})).status_code == 400
-    r = await http.patch("/api/v1/vms/trade", json={"checkpoint_ms": 250, "checkpoint_on_output": True})
+    r = await http.patch("/api/v1/vms/trade", json={"checkpoint_ms": 250, "checkpoint_on_output": False})
     assert r.status_code == 202
     spec, _ = await store.spec("trade")
-    assert (spec.checkpoint_ms, spec.checkpoint_on_output) == (250, True)
+    assert (spec.checkpoint_ms, spec.checkpoint_on_output) == (250, False)
 
 
 async def test_metrics_use_prometheus_names_and_units(api) -> None:

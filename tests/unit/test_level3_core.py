@@ -117,6 +117,22 @@ def test_epoch_window_breaks_the_pause_down_and_counts_run_time() -> None:
     assert stats.window(1, now=200.0) == {"epochs": 0}
 
 
+def test_output_triggered_epochs_leave_the_guest_at_least_half_of_the_time(tmp_path) -> None:
+    from ftvm.l3.primary import GATHER_S, MIN_RUN_S, Checkpointer
+    cp = Checkpointer("ft", None, [], tmp_path / "ram", [], tmp_path, 0.1, on_output=True)  # type: ignore[arg-type]
+    assert cp.output_wait(50.0) == GATHER_S  # no checkpoint yet: just gather the reply's frames
+
+    def after(pause: float, end: float = 100.0) -> None:
+        cp.stats.records.append(EpochRecord(end=end, pause=pause, stop=0, ram_diff=0, disk_diff=0, device_state=0,
+                                            cont=0, dirty_pages=0, disk_pages=0, nbytes=0))
+    after(0.008)
+    assert cp.output_wait(100.001) == pytest.approx(0.007)  # runs as long as it was paused
+    assert cp.output_wait(100.0075) == GATHER_S             # (and always gathers)
+    assert cp.output_wait(101.0) == GATHER_S                # long since: right away
+    after(0.0005, end=200.0)
+    assert cp.output_wait(200.0) == pytest.approx(MIN_RUN_S)  # a short pause: still MIN_RUN_S
+
+
 def test_level3_protection_needs_a_current_replica_and_a_working_engine() -> None:
     copies = mark(new_copies("h1", "h2", 0.0), "h2", CopyState.CURRENT, "checkpoint 1 acknowledged", 1.0)
     running = VmStatus("h1", RunState.RUNNING, 7, 0.0)

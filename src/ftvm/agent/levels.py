@@ -188,7 +188,7 @@ async def raise_to_component(ctx: LevelContext, spec: VmSpec, change: LevelChang
         copies = Copies(1, {ctx.me: Copy(CopyState.CURRENT, now, RAISED),
                             partner: Copy(CopyState.OUTDATED, now, NEW_REPLICA, full=True)})
         disks = tuple(replace(d, size=sizes[i]) for i, d in enumerate(spec.disks))
-        await _commit(ctx, lambda s: replace(s, level=Level.COMPONENT, disks=disks, checkpoint_on_output=False),
+        await _commit(ctx, lambda s: replace(s, level=Level.COMPONENT, disks=disks),
                       copies)
         move.committed()
     # committed: the guest must never write to the old image again
@@ -254,7 +254,7 @@ async def lower_from_system(ctx: LevelContext, spec: VmSpec, change: LevelChange
         await move.stop()
         paths = change.disk_paths if change.level == 1 else tuple(d.path for d in current)
         disks = tuple(DiskSpec(path=p, format="raw", size=sizes[i]) for i, p in enumerate(paths))
-        await _commit(ctx, lambda s: replace(s, level=Level(change.level), disks=disks, checkpoint_on_output=False),
+        await _commit(ctx, lambda s: replace(s, level=Level(change.level), disks=disks),
                       None)
         move.committed()
     await move.switch([d.node for d in current])

@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, default=1, help="protection level (0, 1, 2 or 3)")
     p.add_argument("--checkpoint-ms", type=int, default=100,
                    help="level 3: longest time the guest runs between checkpoints (output waits up to this long)")
-    p.add_argument("--checkpoint-on-output", action="store_true",
-                   help="level 3: also checkpoint as soon as the guest sends (lower latency, more pauses)")
+    p.add_argument("--checkpoint-on-output", choices=("on", "off"), default="on",
+                   help="level 3: also checkpoint as soon as the guest sends (default on: replies wait a few ms; "
+                        "off: up to --checkpoint-ms, with fewer pauses)")
     p.add_argument("--sla", type=float, help="availability target in percent, e.g. 99.99 (for reports)")
     p.add_argument("--failback", action="store_true",
                    help="move the VM back live to --host whenever that host can run it again")

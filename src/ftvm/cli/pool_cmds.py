@@ -254,7 +254,7 @@ def spec_from_args(args: Any) -> VmSpec:
         raise CliError("--failback moves the VM back to its preferred host: give --host", BAD_INPUT)
     return VmSpec(name=args.name, level=Level(args.level), memory_mib=args.memory, vcpus=args.vcpus,
                   disks=tuple(disks), nics=nics, checkpoint_ms=args.checkpoint_ms,
-                  checkpoint_on_output=args.checkpoint_on_output, sla_percent=args.sla,
+                  checkpoint_on_output=args.checkpoint_on_output == "on", sla_percent=args.sla,
                   boot=BootSpec(os.path.abspath(kernel) if kernel else None,
                                 os.path.abspath(initrd) if initrd else None, append),
                   desired=Desired.RUNNING if args.start else Desired.STOPPED,

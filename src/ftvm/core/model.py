@@ -149,7 +149,7 @@ class VmSpec:
     desired: Desired = Desired.STOPPED
     preferred_host: str | None = None
     checkpoint_ms: int = 100  # level 3: longest time the guest runs between checkpoints
-    checkpoint_on_output: bool = False  # level 3: also checkpoint as soon as the guest sends
+    checkpoint_on_output: bool = True  # level 3: also checkpoint as soon as the guest sends (replies wait ms)
     sla_percent: float | None = None  # availability target the reports compare with, e.g. 99.99
     failback: bool = False  # move back live to preferred_host whenever it can run the VM again
     # how the next stop ends the guest: False asks it first (ACPI power button, the agent's

@@ -42,7 +42,13 @@ from .wire import (PRIMARY_LIMITS, Checkpoint, Msg, StatePatch, decode_ack, enco
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.1
-MIN_EPOCH_S = 0.002  # output-triggered: the guest runs at least this long between checkpoints
+# Output-triggered epochs (`on_output`): a checkpoint starts GATHER_S after the guest first
+# sends (a reply is often several frames), but not before the guest has run RUN_RATIO times
+# the last pause, and at least MIN_RUN_S, since the last checkpoint: under a load that always
+# has output held, the guest still runs at least half of the time (docs/architecture.md).
+GATHER_S = 0.001
+MIN_RUN_S = 0.002
+RUN_RATIO = 1.0
 PRECOPY_ROUNDS = 3
 PRECOPY_DONE_PAGES = 2048  # stop pre-copying once a round finds fewer dirty pages than this
 EXACT = "exact: userfaultfd write-protect (async) + PAGEMAP_SCAN"  # CheckpointStats.tracking
@@ -326,18 +332,25 @@ class Checkpointer:
             raise OSError(self.lost)
 
     async def run(self) -> None:
-        """Checkpoint every interval until the partner is lost or `close()`."""
+        """Checkpoint every interval (or on output) until the partner is lost or `close()`."""
         while not self._closed and self.lost is None:
             if self.on_output:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._output.wait(), self.interval_s)
-                await asyncio.sleep(MIN_EPOCH_S)
+                await asyncio.sleep(self.output_wait(time.monotonic()))
                 self._output.clear()
             else:
                 await asyncio.sleep(self.interval_s)
             if self._closed or self.lost is not None:
                 return
             await self.checkpoint()
+
+    def output_wait(self, now: float) -> float:
+        """Output is held: how long until its checkpoint may start (see RUN_RATIO)."""
+        if not self.stats.records:
+            return GATHER_S
+        last = self.stats.records[-1]
+        return max(GATHER_S, last.end + max(MIN_RUN_S, RUN_RATIO * last.pause) - now)
 
     # --- one epoch ----------------------------------------------------------------------
     async def final_checkpoint(self, timeout_s: float = 5.0) -> int:

@@ -15,7 +15,8 @@ import struct
 import sys
 from typing import Any
 
-from ..l3.wire import HEADER, Msg
+from ..l3.channel import PROTOCOL_VERSION
+from ..l3.wire import HEADER, STATE_WHOLE, Msg
 
 
 def _recv_message(sock: socket.socket) -> tuple[int, bytes] | None:
@@ -51,11 +52,11 @@ def checkpoint_stream(addr: str, port: int, how: str, vm: str, sizes: list[int],
     sock = _connect(addr, port, source)
     if isinstance(sock, dict):
         return sock
-    hello = json.dumps({"v": 1, "vm": vm, "session": "forged", "nonce": os.urandom(32).hex(),
+    hello = json.dumps({"v": PROTOCOL_VERSION, "vm": vm, "session": "forged", "nonce": os.urandom(32).hex(),
                         "files": [{"name": f"f{i}", "size": s} for i, s in enumerate(sizes)]}).encode()
     if how == "checkpoint-first":  # no handshake at all: a checkpoint straight away
         body = struct.pack(">QH", 1, 1) + struct.pack(">HQ", 0, 1) + struct.pack(">q", 0) + b"\xcc" * 4096 \
-            + struct.pack(">Q", 0)
+            + struct.pack(">BQ", STATE_WHOLE, 0)
         sock.sendall(HEADER.pack(Msg.CHECKPOINT, len(body)) + body)
         return {"closed": _closed(sock)}
     if how == "huge-hello":

@@ -75,7 +75,7 @@ class LabPool:
 
     def define_ledger_vm(self, name: str, index: int, level: Level, image: GuestImage,
                          host: str | None = None, memory_mib: int = 256, start: bool = True,
-                         checkpoint_ms: int = 100, on_output: bool = False, vcpus: int = 1,
+                         checkpoint_ms: int = 100, on_output: bool = True, vcpus: int = 1,
                          disk_size: int = 64 << 20) -> VmSpec:
         if level.has_copies:  # each host keeps its own copy in its local storage
             disks: tuple[DiskSpec, ...] = (DiskSpec(size=disk_size),)

@@ -1,19 +1,23 @@
-"""`ftvm bench failover --level 3`: Level 3 beside Level 0 and Level 2, measured in one lab pool.
+"""`ftvm bench failover --level 3`: the level 3 engine beside level 0 and level 2, and its
+two ways of finding what changed (tracking writes vs comparing pages), in one run.
 
-VMs with the same guest and spec (L0, L2 and L3 on h1; a second L3 VM on h3, whose
-engine compares pages instead of tracking writes: `l3_tracking = "compare"`), measured
-one after the other in the same run, so ratios compare like with like on a shared,
-noisy machine (the L3 VM not being measured checkpoints only every 10 s meanwhile):
+Part 1, a 3-host lab whose h3 compares pages (`l3_tracking = "compare"`); everything is
+measured one VM after the other in the same run, so ratios compare like with like on a
+shared, noisy machine (a level 3 VM not being measured checkpoints only every 10 s):
 
-  * request latency p50/p99 (one connection, one request at a time);
-  * closed-loop throughput and latency with 1, 8 and 32 connections;
-  * Level 3 at checkpoint intervals 100, 250 and 1000 ms and with output-triggered
-    epochs (the same VM, its interval changed while it runs): checkpoints/s, the pause
-    and its parts (finding and reading changed RAM and disk pages, device state), dirty pages per epoch,
-    the guest's run-time fraction, A-link bytes/s;
-  * the pause at 256 MiB and 1 GiB of guest RAM (same load);
-  * Level 3 failovers (power loss of the primary, back and forth, re-protected between):
-    the client's pause, its next reply after the power loss, connection kept, records lost.
+  * the same guest at L0, L2 and L3 on h1 and at L3 on h3 (compare): request latency
+    p50/p99 on one connection (one request at a time), closed-loop throughput with 1, 8
+    and 32 connections as ratios to L0, and the engine under that load (the pause p50/p99
+    and its parts, cont-to-ACK, dirty pages, checkpoints/s, the share of time the guest
+    ran), with the default output-triggered epochs and at a 100 ms interval;
+  * the same for a 2-vCPU guest, both engines;
+  * the pause and its parts by size: 256 MiB and 2 GiB of RAM, 64 MiB and 20 GiB
+    (sparse) disks, both engines, under the same light load (one client, a write every
+    20 ms).
+
+Part 2, a 2-host lab (both hosts track writes): power losses of the primary at each size,
+back and forth, re-protected between: the client's next reply after the power loss, its
+connection kept, acknowledged records lost.
 """
 
 from __future__ import annotations
@@ -27,23 +31,29 @@ from typing import Any
 from rich.table import Table
 
 from ..cli.common import console
-from ..core.model import CheckpointFigures, Level
-from ..guest.build import build_guest
+from ..core.model import CheckpointFigures, Level, VmSpec
+from ..guest.build import GuestImage, build_guest
 from ..lab import lab as labmod
 from ..lab import topology as topo
-from ..lab.scenario import (LabClient, LabPool, closed_loop, l3_protected, level3_failover, replica_current)
+from ..lab.scenario import (LabClient, LabPool, ScenarioError, closed_loop, l3_protected, level3_failover,
+                            replica_current)
 
 # (label, VM key, checkpointing (interval ms, on output) or None)
 CONFIGS: list[tuple[str, str, tuple[int, bool] | None]] = [
-    ("L0", "L0", None), ("L2", "L2", None), ("L3 100 ms", "L3", (100, False)), ("L3 250 ms", "L3", (250, False)),
-    ("L3 1000 ms", "L3", (1000, False)), ("L3 on output", "L3", (250, True)),
-    ("L3 100 ms, compare", "L3c", (100, False)), ("L3 on output, compare", "L3c", (250, True))]
-# VM key: (name, lab index, level, host)
-VMS = {"L0": ("plain", 70, 0, "h1"), "L2": ("mirror", 71, 2, "h1"), "L3": ("ft", 72, 3, "h1"),
-       "L3c": ("ftc", 74, 3, "h3")}
+    ("L0", "L0", None), ("L2", "L2", None),
+    ("L3 tracking", "L3", (100, True)), ("L3 compare", "L3c", (100, True)),
+    ("L3 tracking, 100 ms", "L3", (100, False)), ("L3 compare, 100 ms", "L3c", (100, False))]
+# VM key: (name, lab index, level, host, vCPUs)
+VMS = {"L0": ("plain", 70, 0, "h1", 1), "L2": ("mirror", 71, 2, "h1", 1), "L3": ("ft", 72, 3, "h1", 1),
+       "L3c": ("ftc", 74, 3, "h3", 1)}
+TWO_VCPU = {"L3": ("ft2", 75, 3, "h1", 2), "L3c": ("ftc2", 76, 3, "h3", 2)}
 COMPARE_HOST = "h3"
-IDLE_MS = 10_000  # the level 3 VM not measured checkpoints this seldom meanwhile
+IDLE_MS = 10_000  # a level 3 VM not being measured checkpoints this seldom meanwhile
 CONNECTIONS = (1, 8, 32)
+# (RAM MiB, disk bytes)
+SIZES = [(256, 64 << 20), (2048, 64 << 20), (256, 20 << 30), (2048, 20 << 30)]
+HOST_MEMORY_MIB = 16384
+PROTECT_S = 300  # a 2 GiB guest's first copy under a compare engine takes a while
 
 
 def _ip(index: int) -> str:
@@ -54,20 +64,26 @@ def _figures(pool: LabPool, vm: str) -> CheckpointFigures | None:
     return pool.snapshot().vms[vm].checkpoints
 
 
-def _fresh_figures(pool: LabPool, vm: str) -> dict[str, Any]:
+def _engine(pool: LabPool, vm: str) -> dict[str, Any]:
     """The engine's figures published after the load just run (they cover its last 10 s)."""
     time.sleep(2.5)
     f = _figures(pool, vm)
     return dict(f.__dict__) if f else {}
 
 
-def _measure(pool: LabPool, ip: str, interval_ms: int | None, seconds: float,
-             progress: Callable[[str], None]) -> dict[str, Any]:
-    count = 10 if interval_ms and interval_ms >= 1000 else 30 if interval_ms and interval_ms >= 250 else 60
-    lat = sorted(pool.latencies(ip, count))
+def _settle(pool: LabPool, vm: str, others: list[str], l3: tuple[int, bool]) -> None:
+    for other in others:
+        pool.set_checkpointing(other, IDLE_MS, False)
+    pool.set_checkpointing(vm, *l3)
+    time.sleep(4)  # the agent follows the spec within 2 s; let the new epochs settle
+
+
+def _measure(pool: LabPool, ip: str, seconds: float, progress: Callable[[str], None]) -> dict[str, Any]:
+    lat = sorted(pool.latencies(ip, 100))
     out: dict[str, Any] = {"latency_p50_ms": round(lat[len(lat) // 2] * 1000, 1),
                            "latency_p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000, 1),
                            "latency_samples": len(lat), "closed_loop": []}
+    progress(f"  one connection: p50 {out['latency_p50_ms']} ms, p99 {out['latency_p99_ms']} ms")
     for n in CONNECTIONS:
         r = closed_loop(ip, n, seconds)
         out["closed_loop"].append(r)
@@ -75,144 +91,226 @@ def _measure(pool: LabPool, ip: str, interval_ms: int | None, seconds: float,
     return out
 
 
+def _engine_line(e: dict[str, Any]) -> str:
+    return (f"pause p50 {e.get('pause_p50_ms', 0):.1f} ms (RAM {e.get('ram_diff_p50_ms', 0):.1f}, "
+            f"disk {e.get('disk_diff_p50_ms', 0):.1f}, device state {e.get('device_state_p50_ms', 0):.1f}), "
+            f"ACK {e.get('ack_p50_ms', 0):.1f} ms after, {e.get('per_s', 0):.0f} checkpoints/s, "
+            f"guest running {100 * e.get('running_fraction', 0):.0f}%")
+
+
+def _define(pool: LabPool, image: GuestImage, vm: tuple[str, int, int, str, int], memory_mib: int = 256,
+            disk_size: int = 64 << 20) -> VmSpec:
+    name, index, level, host, vcpus = vm
+    return pool.define_ledger_vm(name, index, Level(level), image, host=host, vcpus=vcpus, memory_mib=memory_mib,
+                                 disk_size=disk_size)
+
+
+def _wait_up(pool: LabPool, specs: list[VmSpec]) -> None:
+    for spec in specs:
+        pool.wait_running(spec.name, 120)
+        pool.wait_answering(_ip_of(spec), 120)
+    for spec in specs:
+        if spec.level is Level.SYSTEM:
+            pool.wait_for(f"level 3 protection of {spec.name}", l3_protected(spec.name), PROTECT_S)
+        elif spec.level is Level.COMPONENT:
+            pool.wait_for(f"the replica of {spec.name} in sync", replica_current(spec.name), PROTECT_S)
+
+
+def _ip_of(spec: VmSpec) -> str:
+    return (spec.nics[0].ip or "").split("/")[0]
+
+
 def run_level3_bench(lab_dir: Path, runs: int, progress: Callable[[str], None],
                      seconds: float = 5.0) -> dict[str, Any]:
     image = build_guest(log=lambda m: None)
-    state = labmod.up(3, lab_dir, probe_kernel=str(image.kernel), l3_compare_hosts=(COMPARE_HOST,))
+    state = labmod.up(3, lab_dir, probe_kernel=str(image.kernel), l3_compare_hosts=(COMPARE_HOST,),
+                      host_memory_mib=HOST_MEMORY_MIB)
     try:
         pool = LabPool(state)
-        for name, index, level, host in VMS.values():
-            pool.define_ledger_vm(name, index, Level(level), image, host=host)
-        for name, index, _, _ in VMS.values():
-            pool.wait_running(name, 60)
-            pool.wait_answering(_ip(index), 60)
-        pool.wait_for("the L2 replica in sync", replica_current("mirror"), 120)
-        for key in ("L3", "L3c"):
-            pool.wait_for("L3 protection", l3_protected(VMS[key][0]), 120)
-        configs = []
-        for label, key, l3 in CONFIGS:
-            name, index, level, _ = VMS[key]
-            if l3 is not None:
-                other = VMS["L3c" if key == "L3" else "L3"][0]
-                pool.set_checkpointing(other, IDLE_MS, False)
-                pool.set_checkpointing(name, *l3)
-                time.sleep(4)  # the agent follows the spec within 2 s; let the new epochs settle
-            progress(f"{label}: request latency and closed-loop throughput")
-            m = _measure(pool, _ip(index), l3[0] if l3 else None, seconds, progress)
-            m |= {"config": label, "level": level}
-            if l3 is not None:
-                m["checkpoint_ms"], m["on_output"] = l3
-                m["engine"] = _fresh_figures(pool, name)
-                e = m["engine"]
-                progress(f"  [{e.get('tracking', '?').split(':')[0]}] pause p50 {e.get('pause_p50_ms', 0):.0f} ms "
-                         f"(RAM {e.get('ram_diff_p50_ms', 0):.0f}, "
-                         f"disk {e.get('disk_diff_p50_ms', 0):.0f}, device state "
-                         f"{e.get('device_state_p50_ms', 0):.0f}), {e.get('per_s', 0):.1f} checkpoints/s, "
-                         f"guest running {100 * e.get('running_fraction', 0):.0f}% of the time")
-            configs.append(m)
-        base = configs[0]
-        for m in configs:
-            m["latency_p50_ratio"] = round(m["latency_p50_ms"] / max(base["latency_p50_ms"], 1e-3), 2)
-            m["throughput_ratios"] = [round(c["requests_per_s"] / max(b["requests_per_s"], 1e-3), 3)
-                                      for c, b in zip(m["closed_loop"], base["closed_loop"], strict=True)]
-        pool.set_checkpointing("ft", 100, False)
+        _wait_up(pool, [_define(pool, image, vm) for vm in VMS.values()])
+        configs = _requests(pool, seconds, progress)
+        pool.set_checkpointing("ft", IDLE_MS, False)
         pool.set_checkpointing("ftc", IDLE_MS, False)
+        two_vcpu = _two_vcpus(pool, image, seconds, progress)
         sizes = _pause_by_size(pool, image, progress)
-        failovers = _failovers(pool, runs, progress)
     finally:
         labmod.down(lab_dir)
-    return {"configs": configs, "pause_by_ram": sizes, "failover": failovers}
-
-
-def _pause_by_size(pool: LabPool, image: Any, progress: Callable[[str], None]) -> list[dict[str, Any]]:
-    """The same light load (one client, a write every 20 ms) on a 256 MiB and a 1 GiB guest,
-    each measured while the other checkpoints only every 10 s (they share the 2 cores)."""
-    out = [_light_load_figures(pool, "ft", 72, 256, progress)]
-    pool.define_ledger_vm("ftbig", 73, Level.SYSTEM, image, host="h1", memory_mib=1024)
+    state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel), host_memory_mib=HOST_MEMORY_MIB)
     try:
-        pool.wait_running("ftbig", 60)
-        pool.wait_answering(_ip(73), 60)
-        pool.wait_for("L3 protection of the 1 GiB guest", l3_protected("ftbig"), 180)
-        pool.set_checkpointing("ft", 10_000, False)
-        time.sleep(4)
-        out.append(_light_load_figures(pool, "ftbig", 73, 1024, progress))
+        failovers = _failovers(LabPool(state), image, runs, progress)
     finally:
-        pool.set_checkpointing("ft", 100, False)
-        pool.stop_and_remove("ftbig")
+        labmod.down(lab_dir)
+    return {"configs": configs, "two_vcpus": two_vcpu, "pause_by_size": sizes, "failover": failovers}
+
+
+def _requests(pool: LabPool, seconds: float, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    configs = []
+    for label, key, l3 in CONFIGS:
+        name, index, level, _, _ = VMS[key]
+        if l3 is not None:
+            _settle(pool, name, [VMS["L3c" if key == "L3" else "L3"][0]], l3)
+        progress(f"{label}: request latency and closed-loop throughput")
+        m = _measure(pool, _ip(index), seconds, progress)
+        m |= {"config": label, "level": level}
+        if l3 is not None:
+            m["checkpoint_ms"], m["on_output"] = l3
+            m["engine"] = _engine(pool, name)
+            progress("  " + _engine_line(m["engine"]))
+        configs.append(m)
+    _ratios(configs, configs[0])
+    return configs
+
+
+def _ratios(rows: list[dict[str, Any]], base: dict[str, Any]) -> None:
+    for m in rows:
+        m["latency_p50_ratio"] = round(m["latency_p50_ms"] / max(base["latency_p50_ms"], 1e-3), 2)
+        m["throughput_ratios"] = [round(c["requests_per_s"] / max(b["requests_per_s"], 1e-3), 3)
+                                  for c, b in zip(m["closed_loop"], base["closed_loop"], strict=True)]
+
+
+def _two_vcpus(pool: LabPool, image: GuestImage, seconds: float,
+               progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """A 2-vCPU guest at L3 with either engine, beside a 2-vCPU guest at L0 (its base)."""
+    base_vm = ("plain2", 77, 0, "h1", 2)
+    specs = [_define(pool, image, vm) for vm in (base_vm, *TWO_VCPU.values())]
+    rows = []
+    try:
+        _wait_up(pool, specs)
+        for label, vm in (("L0, 2 vCPUs", base_vm), ("L3 tracking, 2 vCPUs", TWO_VCPU["L3"]),
+                          ("L3 compare, 2 vCPUs", TWO_VCPU["L3c"])):
+            name, index, level, _, _ = vm
+            if level == 3:
+                _settle(pool, name, [v[0] for v in TWO_VCPU.values() if v[0] != name], (100, True))
+            progress(f"{label}: request latency and closed-loop throughput")
+            m = _measure(pool, _ip(index), seconds, progress) | {"config": label, "level": level}
+            if level == 3:
+                m["engine"] = _engine(pool, name)
+                progress("  " + _engine_line(m["engine"]))
+            rows.append(m)
+        _ratios(rows, rows[0])
+    finally:
+        for spec in specs:
+            pool.stop_and_remove(spec.name)
+    return rows
+
+
+def _pause_by_size(pool: LabPool, image: GuestImage, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Each size on both engines, each measured under the same light load while the other
+    checkpoints every 10 s."""
+    rows = []
+    for memory_mib, disk_size in SIZES:
+        twins = {"tracking": ("szt", 78, 3, "h1", 1), "compare": ("szc", 79, 3, COMPARE_HOST, 1)}
+        specs = [_define(pool, image, vm, memory_mib, disk_size) for vm in twins.values()]
+        try:
+            for engine, vm in twins.items():
+                try:
+                    _wait_up(pool, [spec for spec in specs if spec.name == vm[0]])
+                except ScenarioError as e:  # (a compare engine's copy of a 20 GiB disk, say): said, not fatal
+                    progress(f"{memory_mib} MiB RAM, {disk_size >> 20} MiB disk, {engine}: not measured: {e}")
+                    rows.append({"engine": engine, "memory_mib": memory_mib, "disk_gib": round(disk_size / 2**30, 3),
+                                 "error": str(e), **_engine(pool, vm[0])})
+                    continue
+                _settle(pool, vm[0], [v[0] for v in twins.values() if v[0] != vm[0]], (100, True))
+                client = LabClient(pool.state, _ip(vm[1]), f"size-{engine}", 0.02, reply_timeout=120)
+                try:
+                    time.sleep(10)
+                finally:
+                    client.stop()
+                row = {"engine": engine, "memory_mib": memory_mib, "disk_gib": round(disk_size / 2**30, 3),
+                       **_engine(pool, vm[0])}
+                progress(f"{memory_mib} MiB RAM, {disk_size >> 20} MiB disk, {engine}: {_engine_line(row)}")
+                rows.append(row)
+        finally:
+            for spec in specs:
+                pool.stop_and_remove(spec.name)
+    return rows
+
+
+def _failovers(pool: LabPool, image: GuestImage, runs: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """`runs` power losses of the primary of a 256 MiB guest, back and forth, and two at
+    each larger size."""
+    out = []
+    for memory_mib, disk_size in SIZES:
+        spec = _define(pool, image, ("fo", 80, 3, "h1", 1), memory_mib, disk_size)
+        results = []
+        size = f"{memory_mib} MiB / {disk_size >> 20} MiB"
+        try:
+            _wait_up(pool, [spec])
+            for i in range(runs if (memory_mib, disk_size) == SIZES[0] else 2):
+                def step(message: str, run: int = i + 1, size: str = size) -> None:
+                    progress(f"{size}, failover {run}: {message}")
+                r = level3_failover(pool, spec, step, healthy_s=3)
+                results.append(r)
+                labmod.restore_host(pool.state, r.failed_host)
+                pool.wait_for("protected again", l3_protected("fo"), PROTECT_S)
+        finally:
+            pool.stop_and_remove("fo")
+        replies = [r.reply_after_loss_s for r in results]
+        out.append({"memory_mib": memory_mib, "disk_gib": round(disk_size / 2**30, 3),
+                    "runs": [r.to_json() for r in results],
+                    "reply_after_loss_median_s": statistics.median(replies), "reply_after_loss_max_s": max(replies),
+                    "pause_median_s": statistics.median(r.pause_s for r in results),
+                    "connections_kept": sum(r.connection_kept for r in results),
+                    "lost_total": sum(r.lost for r in results),
+                    "seq_breaks_total": sum(r.seq_gaps + r.seq_repeats for r in results),
+                    "max_copies": max(r.max_copies for r in results)})
     return out
 
 
-def _light_load_figures(pool: LabPool, name: str, index: int, mib: int,
-                        progress: Callable[[str], None]) -> dict[str, Any]:
-    client = LabClient(pool.state, _ip(index), f"size{mib}", 0.02, reply_timeout=60)
-    try:
-        time.sleep(10)
-    finally:
-        client.stop()
-    f = _figures(pool, name)
-    row = {"memory_mib": mib, **(dict(f.__dict__) if f else {})}
-    progress(f"{mib} MiB guest: pause p50 {row.get('pause_p50_ms', 0):.0f} ms "
-             f"(RAM {row.get('ram_diff_p50_ms', 0):.0f} ms)")
-    return row
-
-
-def _failovers(pool: LabPool, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    spec = pool.snapshot().vms["ft"].spec
-    results = []
-    for i in range(runs):
-        def step(message: str, run: int = i + 1) -> None:
-            progress(f"failover {run}: {message}")
-        r = level3_failover(pool, spec, step, healthy_s=3)
-        results.append(r)
-        labmod.restore_host(pool.state, r.failed_host)
-        pool.wait_for("protected again", l3_protected("ft"), 120)
-    pauses = [r.pause_s for r in results]
-    replies = [r.reply_after_loss_s for r in results]
-    return {"runs": [r.to_json() for r in results],
-            "pause_median_s": statistics.median(pauses), "pause_max_s": max(pauses),
-            "reply_after_loss_median_s": statistics.median(replies), "reply_after_loss_max_s": max(replies),
-            "connections_kept": sum(r.connection_kept for r in results), "lost_total": sum(r.lost for r in results),
-            "seq_breaks_total": sum(r.seq_gaps + r.seq_repeats for r in results)}
-
-
-def print_level3(out: dict[str, Any]) -> None:
-    t = Table(title="Same guest at L0, L2, L3: requests (ratios against L0, measured in this run)",
-              title_justify="left")
-    for col in ("config", "p50 ms", "p99 ms", "p50 ×L0", *(f"{n} conn/s (×L0)" for n in CONNECTIONS)):
+def _request_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("config", "p50 ms", "p99 ms", "p50 ×L0", *(f"{n} conn/s (×L0)" for n in CONNECTIONS),
+                "guest runs"):
         t.add_column(col, justify="right")
-    for m in out["configs"]:
+    for m in rows:
+        e = m.get("engine") or {}
         t.add_row(m["config"], f"{m['latency_p50_ms']:.1f}", f"{m['latency_p99_ms']:.1f}",
                   f"{m['latency_p50_ratio']:.1f}",
                   *(f"{c['requests_per_s']:.0f} ({r:.2f})" for c, r in zip(m["closed_loop"], m["throughput_ratios"],
-                                                                          strict=True)))
-    console.print(t)
-    t = Table(title="Level 3 engine under that load (p50 unless noted; RAM/disk: finding and reading what "
-                    "changed)", title_justify="left")
-    for col in ("config", "RAM by", "pause p50/p99", "RAM", "disk", "dev state", "dirty pages", "ckpt/s",
-                "guest runs"):
+                                                                          strict=True)),
+                  f"{100 * e['running_fraction']:.0f}%" if e else "")
+    return t
+
+
+def _engine_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col in ("", "pause p50/p99 ms", "stop", "RAM", "disk", "dev state", "cont", "ACK after", "dirty pages",
+                "ckpt/s", "guest runs"):
         t.add_column(col, justify="right")
-    for m in out["configs"]:
-        e = m.get("engine")
-        if e:
-            t.add_row(m["config"], "scan" if str(e.get("tracking", "")).startswith("exact") else "compare",
-                      f"{e['pause_p50_ms']:.1f}/{e['pause_p99_ms']:.1f} ms",
-                      f"{e['ram_diff_p50_ms']:.1f} ms", f"{e['disk_diff_p50_ms']:.1f} ms",
-                      f"{e['device_state_p50_ms']:.0f} ms", f"{e['dirty_pages_p50']:.0f}", f"{e['per_s']:.1f}",
-                      f"{100 * e['running_fraction']:.0f}%")
+    for label, e in rows:
+        if not e.get("per_s"):
+            t.add_row(label, str(e.get("error") or e.get("reason") or "no figures")[:60], *([""] * 9))
+            continue
+        t.add_row(label, f"{e['pause_p50_ms']:.1f}/{e['pause_p99_ms']:.1f}", f"{e.get('stop_p50_ms', 0):.1f}",
+                  f"{e['ram_diff_p50_ms']:.1f}", f"{e['disk_diff_p50_ms']:.1f}", f"{e['device_state_p50_ms']:.1f}",
+                  f"{e.get('cont_p50_ms', 0):.1f}", f"{e.get('ack_p50_ms', 0):.1f}", f"{e['dirty_pages_p50']:.0f}",
+                  f"{e['per_s']:.0f}", f"{100 * e['running_fraction']:.0f}%")
+    return t
+
+
+def print_level3(out: dict[str, Any]) -> None:
+    console.print(_request_table("Same guest at L0, L2, L3 (output-triggered unless an interval is given): "
+                                 "requests, ratios against L0 in this run", out["configs"]))
+    console.print(_request_table("2-vCPU guest", out["two_vcpus"]))
+    console.print(_engine_table("Level 3 engine under that load (p50 ms unless noted; RAM/disk: finding and "
+                                "reading what changed)",
+                                [(m["config"], m["engine"]) for m in out["configs"] + out["two_vcpus"]
+                                 if m.get("engine")]))
+    console.print(_engine_table("Pause by size, light load (one client, a write every 20 ms)",
+                                [(f"{r['memory_mib']} MiB, {r['disk_gib']:g} GiB disk, {r['engine']}", r)
+                                 for r in out["pause_by_size"]]))
+    t = Table(title="Level 3 failovers: power loss of the primary", title_justify="left")
+    for col in ("size", "runs", "next reply median/max s", "client pause median s", "connections kept",
+                "records lost", "sequence breaks", "copies running at once"):
+        t.add_column(col, justify="right")
+    for f in out["failover"]:
+        t.add_row(f"{f['memory_mib']} MiB, {f['disk_gib']:g} GiB disk", str(len(f["runs"])),
+                  f"{f['reply_after_loss_median_s']:.2f}/{f['reply_after_loss_max_s']:.2f}",
+                  f"{f['pause_median_s']:.2f}", f"{f['connections_kept']}/{len(f['runs'])}", str(f["lost_total"]),
+                  str(f["seq_breaks_total"]), str(f["max_copies"]))
     console.print(t)
-    for row in out["pause_by_ram"]:
-        console.print(f"{row['memory_mib']:5d} MiB guest, light load: pause p50 {row.get('pause_p50_ms', 0):.0f} ms, "
-                      f"RAM p50 {row.get('ram_diff_p50_ms', 0):.0f} ms", highlight=False)
-    f = out["failover"]
-    console.print(f"level 3 failover over {len(f['runs'])} runs: client pause median {f['pause_median_s']:.2f} s, "
-                  f"max {f['pause_max_s']:.2f} s; next reply after the power loss median "
-                  f"{f['reply_after_loss_median_s']:.2f} s, max {f['reply_after_loss_max_s']:.2f} s; "
-                  f"connections kept {f['connections_kept']}/{len(f['runs'])}; acknowledged records lost "
-                  f"{f['lost_total']}; sequence breaks {f['seq_breaks_total']}", highlight=False)
 
 
 def check_failed(out: dict[str, Any]) -> bool:
-    f = out["failover"]
-    return f["lost_total"] > 0 or f["connections_kept"] < len(f["runs"]) or f["seq_breaks_total"] > 0
-
-
+    return any(f["lost_total"] > 0 or f["connections_kept"] < len(f["runs"]) or f["seq_breaks_total"] > 0
+               or f["max_copies"] > 1 for f in out["failover"])
