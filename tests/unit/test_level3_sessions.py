@@ -134,8 +134,9 @@ async def test_a_replica_that_missed_a_checkpoint_during_a_takeover_attempt_neve
     its last commit, and the primary sees the partner lost (and starts over with a copy)."""
     async with rig(tmp_path) as r:
         cp = await r.session("s1", 5)
-        assert read_committed(r.replica) == ("s1", 5)
-        assert await r.standby.freeze() == ("s1", 5)
+        assert read_committed(r.replica) is None  # (written only when a start may use it: a freeze)
+        assert await r.standby.freeze() == ("s1", 5) == read_committed(r.replica)
+        assert r.replica.device_state.read_bytes() == b"device state"
         await cp.checkpoint()  # epoch 6: dropped by the frozen standby
         while r.standby.dropped == 0:
             await asyncio.sleep(0.01)
@@ -146,3 +147,21 @@ async def test_a_replica_that_missed_a_checkpoint_during_a_takeover_attempt_neve
         assert read_committed(r.replica) == ("s1", 5) and cp.stats.acked == 5
         assert r.standby.committed is not None and r.standby.committed.epoch == 5
         await cp.close()
+
+
+async def test_the_replica_s_record_on_disk_never_outlives_the_instant_it_describes(tmp_path: Path) -> None:
+    """The committed checkpoint is written when a start may use it (a freeze, the end of a
+    session). Once a later checkpoint is applied after a thaw, the record goes at once:
+    a start must never pair the state of epoch N with RAM and disks of epoch N+1."""
+    async with rig(tmp_path) as r:
+        cp = await r.session("s1", 3)
+        assert await r.standby.freeze() == ("s1", 3)
+        r.standby.thaw()  # a takeover attempt that did not happen; nothing was dropped meanwhile
+        await cp.checkpoint()
+        while cp.stats.acked < 4:
+            await asyncio.sleep(0.01)
+        assert read_committed(r.replica) is None
+        await cp.close()  # the session ends: its last commit is written for a start from here
+        while r.standby.connected:
+            await asyncio.sleep(0.01)
+        assert read_committed(r.replica) == ("s1", 4)

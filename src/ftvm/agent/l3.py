@@ -43,6 +43,7 @@ from ..l3.wire import WireError
 from ..l3.writes import COMPARE, Support, WriteTracker
 from ..qemu.cmdline import VmPaths, tap_names
 from ..qemu.monitor import DirectQmp
+from ..l3.vcpu_load import VcpuLoad
 from ..qemu.process import QemuError, QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls
 from ..store.etcd import EtcdError
 from ..store.pool import OwnershipLost
@@ -189,7 +190,8 @@ class L3Primary:
                           self.paths.run_dir, self.spec.checkpoint_ms / 1000, self.timing.l3_partner_lost,
                           on_output=self.spec.checkpoint_on_output, stall_s=self.timing.l3_checkpoint_stall,
                           ram_writes=ram_writes, tracking=self.tracking.why,
-                          disk_nodes=[f"disk{i}" for i in range(len(self.spec.disks))] if self.track_disks else None)
+                          disk_nodes=[f"disk{i}" for i in range(len(self.spec.disks))] if self.track_disks else None,
+                          vcpu_load=await self._vcpu_load(monitor))
         self._full_resyncs_seen = 0
         self.checkpointer = cp
         try:
@@ -197,6 +199,17 @@ class L3Primary:
         finally:
             if isinstance(monitor, DirectQmp):
                 await monitor.close()
+
+    async def _vcpu_load(self, monitor: DirectQmp | QemuVm) -> VcpuLoad | None:
+        """The guest's vCPU threads, for output-triggered epochs (None: spaced by the pause)."""
+        assert self.qemu is not None
+        try:
+            cpus = await monitor.execute("query-cpus-fast")
+            return VcpuLoad(self.qemu.pid, [int(c["thread-id"]) for c in cpus])
+        except (QemuError, OSError, KeyError, TypeError, ValueError) as e:
+            log.warning("%s: vCPU threads not readable (%s): output-triggered epochs are spaced by the pause",
+                        self.spec.name, e)
+            return None
 
     async def _checkpoint_monitor(self) -> DirectQmp | QemuVm:
         """The QEMU's checkpoint monitor (qemu/monitor.py), or its main one if it has none
@@ -571,4 +584,6 @@ class L3Partner:
 
     def drop(self, vm: str) -> None:
         """This host now runs the VM itself: its replica files are its own."""
-        self.standbys.pop(vm, None)
+        standby = self.standbys.pop(vm, None)
+        if standby is not None:
+            standby.release_files()

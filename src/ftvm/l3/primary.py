@@ -35,19 +35,24 @@ from .disk_writes import DiskWrites, pages_of
 from .pages import PageTracker
 from .writes import TrackerError, WriteTracker
 from .relay import OutputCommitRelay
+from .vcpu_load import VcpuLoad
 from .channel import Channel, LinkConfig, open_session
 from .wire import (PRIMARY_LIMITS, Checkpoint, Msg, StatePatch, decode_ack, encode_checkpoint, encode_heartbeat,
                    encode_precopy)
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.1
-# Output-triggered epochs (`on_output`): a checkpoint starts GATHER_S after the guest first
-# sends (a reply is often several frames), but not before the guest has run RUN_RATIO times
-# the last pause, and at least MIN_RUN_S, since the last checkpoint: under a load that always
-# has output held, the guest still runs at least half of the time (docs/architecture.md).
+HEARTBEAT_S = 0.05
+# Output-triggered epochs (`on_output`, docs/architecture.md): a checkpoint starts GATHER_S
+# after the guest first sends (a reply is often several frames) and at least MIN_RUN_S after
+# the last one; then, while the guest is still working (a vCPU ran at least IDLE_BELOW of
+# the last POLL_S: more requests are being answered), up to BUSY_RATIO times the last pause
+# since the last checkpoint. Without vCPU figures the guest always runs RUN_RATIO x the pause.
 GATHER_S = 0.001
 MIN_RUN_S = 0.002
+BUSY_RATIO = 2.0
+IDLE_BELOW = 0.5
+POLL_S = 0.0005
 RUN_RATIO = 1.0
 PRECOPY_ROUNDS = 3
 PRECOPY_DONE_PAGES = 2048  # stop pre-copying once a round finds fewer dirty pages than this
@@ -177,14 +182,16 @@ class Checkpointer:
     def __init__(self, vm: str, qmp: Qmp, relays: list[OutputCommitRelay], ram: Path, disks: list[Path],
                  run_dir: Path, interval_s: float, timeout_s: float = 0.5, on_output: bool = False,
                  stall_s: float = 2.0, ram_writes: Callable[[Path], WriteTracker] | None = None,
-                 tracking: str = "page compare", disk_nodes: list[str] | None = None) -> None:
+                 tracking: str = "page compare", disk_nodes: list[str] | None = None,
+                 vcpu_load: VcpuLoad | None = None) -> None:
         """`interval_s`: longest time the guest runs between checkpoints. `on_output`: also
         checkpoint as soon as the guest sends a frame (held output waits less). `stall_s`: a
         checkpoint under way longer stops the heartbeats (the partner takes over).
         `ram_writes`: attaches exact write tracking to the RAM file (l3/writes.py); without
         it, or if it fails, RAM is compared. `tracking`: why not, if not. `disk_nodes`: the
         disks' top nodes, whose writes QEMU dirty bitmaps record (l3/disk_writes.py);
-        without them the disks are compared."""
+        without them the disks are compared. `vcpu_load`: whether the guest is still
+        working (output-triggered epochs wait for it); closed with the checkpointer."""
         self.vm = vm
         self.qmp = qmp
         self.relays = relays  # one per NIC
@@ -220,6 +227,7 @@ class Checkpointer:
         self._closed = False
         self._final = False  # a planned switchover took the last checkpoint: the guest stays stopped
         self._output = asyncio.Event()
+        self.vcpu_load = vcpu_load
         self.on_output = False
         self.set_interval(interval_s, on_output)
 
@@ -337,7 +345,7 @@ class Checkpointer:
             if self.on_output:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._output.wait(), self.interval_s)
-                await asyncio.sleep(self.output_wait(time.monotonic()))
+                await self._until_answered()
                 self._output.clear()
             else:
                 await asyncio.sleep(self.interval_s)
@@ -346,11 +354,28 @@ class Checkpointer:
             await self.checkpoint()
 
     def output_wait(self, now: float) -> float:
-        """Output is held: how long until its checkpoint may start (see RUN_RATIO)."""
+        """Output is held: how long until its checkpoint may start, at least (see GATHER_S)."""
         if not self.stats.records:
             return GATHER_S
         last = self.stats.records[-1]
-        return max(GATHER_S, last.end + max(MIN_RUN_S, RUN_RATIO * last.pause) - now)
+        ratio = 0.0 if self.vcpu_load is not None else RUN_RATIO
+        return max(GATHER_S, last.end + max(MIN_RUN_S, ratio * last.pause) - now)
+
+    async def _until_answered(self) -> None:
+        load = self.vcpu_load
+        if load is not None:
+            with suppress(OSError):
+                load.busy()  # (the share from here on)
+        await asyncio.sleep(self.output_wait(time.monotonic()))
+        if load is None or not self.stats.records:
+            return
+        last = self.stats.records[-1]
+        deadline = last.end + BUSY_RATIO * last.pause
+        try:
+            while time.monotonic() < deadline and load.busy() >= IDLE_BELOW:
+                await asyncio.sleep(POLL_S)
+        except OSError:  # QEMU gone: the checkpoint will say so
+            return
 
     # --- one epoch ----------------------------------------------------------------------
     async def final_checkpoint(self, timeout_s: float = 5.0) -> int:
@@ -589,3 +614,5 @@ class Checkpointer:
                 await self._release_snapshots()
             await self.disk_writes.close()
         await self.sink.close()
+        if self.vcpu_load is not None:
+            self.vcpu_load.close()

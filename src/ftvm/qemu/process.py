@@ -218,7 +218,7 @@ class QemuVm:
                         raise QemuError(f"QMP connect failed: {e}") from e
             if time.monotonic() > deadline:
                 raise QemuError("QMP socket did not appear")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)  # (a level 3 takeover waits on this)
 
     async def _pump_events(self, on_event: Callable[[str, dict[str, Any]], None]) -> None:
         try:
