@@ -79,8 +79,10 @@ class PageTracker:
         if writes is not None and (writes.first_page != 0 or writes.npages != self.npages):
             raise TrackerError(0, f"QEMU maps {writes.npages} pages of {path} from page {writes.first_page}, "
                                   f"not all {self.npages}")
-        # compare only: the file as the replica has it
-        self.copy = np.zeros_like(self.live) if writes is None and compare else None
+        # compare only: the file as the replica has it. np.zeros, not zeros_like: calloc'ed
+        # pages stay the kernel's zero page until written (zeros_like writes every one: a
+        # 20 GiB disk's copy took 20 GiB of RAM, and the lab host was OOM-killed)
+        self.copy = np.zeros(self.live.shape, dtype=self.live.dtype) if writes is None and compare else None
         self.full_resyncs = 0      # epochs whose scan failed: every page sent
         self.last_error = ""
 
