@@ -165,3 +165,32 @@ async def test_the_replica_s_record_on_disk_never_outlives_the_instant_it_descri
         while r.standby.connected:
             await asyncio.sleep(0.01)
         assert read_committed(r.replica) == ("s1", 4)
+
+
+async def test_a_new_interval_applies_at_once_not_after_the_old_one(tmp_path: Path) -> None:
+    """`vm set --checkpoint-ms` on a VM checkpointing once an hour: the next epochs come by
+    the new setting, not after the hour (a 10 s interval hid a whole benchmark window)."""
+    async with rig(tmp_path) as r:
+        cp = Checkpointer("trade", r.qemu, [r.relay], r.ram, [r.disk], r.run, 3600.0, timeout_s=5.0)
+        await cp.prepare_qemu()
+        await cp.connect("127.0.0.1", r.link, "s1")
+        await cp.protect()
+        task = asyncio.create_task(cp.run())
+        try:
+            await asyncio.sleep(0.1)  # (run() is waiting out its hour)
+            assert cp.epoch == 1
+            cp.set_interval(0.01, False)
+            await asyncio.wait_for(_epochs(cp, 5), 60)
+            cp.set_interval(3600.0, True)  # on output: a held frame starts one at once
+            seen = cp.epoch
+            await asyncio.sleep(0.1)
+            r.send_frame(b"reply")
+            await asyncio.wait_for(_epochs(cp, seen + 1), 60)
+        finally:
+            task.cancel()
+            await cp.close()
+
+
+async def _epochs(cp: Checkpointer, n: int) -> None:
+    while cp.epoch < n:
+        await asyncio.sleep(0.005)

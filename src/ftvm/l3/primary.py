@@ -227,15 +227,18 @@ class Checkpointer:
         self._closed = False
         self._final = False  # a planned switchover took the last checkpoint: the guest stays stopped
         self._output = asyncio.Event()
+        self._changed = asyncio.Event()  # set_interval: the wait under way starts over
         self.vcpu_load = vcpu_load
         self.on_output = False
         self.set_interval(interval_s, on_output)
 
     def set_interval(self, interval_s: float, on_output: bool) -> None:
-        """Change the epoch length and trigger; the next epoch uses them."""
+        """Change the epoch length and trigger, from now on (a wait for the old interval ends:
+        a change from 10 s epochs took up to 10 s to show)."""
         self.interval_s, self.on_output = interval_s, on_output
         for relay in self.relays:
             relay.on_held = self._output.set if on_output else None
+        self._changed.set()
 
     # --- set-up ----------------------------------------------------------------------
     async def prepare_qemu(self) -> None:
@@ -342,16 +345,30 @@ class Checkpointer:
     async def run(self) -> None:
         """Checkpoint every interval (or on output) until the partner is lost or `close()`."""
         while not self._closed and self.lost is None:
-            if self.on_output:
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(self._output.wait(), self.interval_s)
-                await self._until_answered()
-                self._output.clear()
-            else:
-                await asyncio.sleep(self.interval_s)
+            self._changed.clear()
+            if not await self._epoch_due():
+                continue  # new settings: wait by them
             if self._closed or self.lost is not None:
                 return
             await self.checkpoint()
+
+    async def _epoch_due(self) -> bool:
+        """Wait for the next epoch: the interval, or held output (on_output). False if
+        the settings changed meanwhile."""
+        waits = [asyncio.ensure_future(self._changed.wait())]
+        if self.on_output:
+            waits.append(asyncio.ensure_future(self._output.wait()))
+        try:
+            await asyncio.wait(waits, timeout=self.interval_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self._changed.is_set():
+            return False
+        if self.on_output and self._output.is_set():
+            await self._until_answered()
+            self._output.clear()
+        return True
 
     def output_wait(self, now: float) -> float:
         """Output is held: how long until its checkpoint may start, at least (see GATHER_S)."""
