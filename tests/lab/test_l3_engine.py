@@ -116,6 +116,9 @@ class Engine:
             self.ready.set()
             await self._stop.wait()
         finally:
+            if self._run_task is not None:  # (left pending, it outlives the loop: an unraisable warning)
+                self._run_task.cancel()
+                await asyncio.wait({self._run_task})
             if self.cp is not None:
                 await self.cp.close()
             self.qemu.kill()
