@@ -25,6 +25,7 @@ from ..core.replication import CopyState
 from ..core.model import BootSpec, Desired, DiskSpec, Level, NicSpec, PoolSnapshot, RunState, VmSpec
 from ..guest.build import GuestImage, make_ledger_disk
 from ..guest.ledger_format import read_records
+from ..store.etcd import EtcdUnavailable
 from ..store.pool import Event, PoolStore
 from . import lab as labmod
 from . import topology as topo
@@ -141,12 +142,16 @@ class LabPool:
 
     def wait_for(self, what: str, check: Callable[[PoolSnapshot], bool], timeout: float) -> PoolSnapshot:
         deadline = time.monotonic() + timeout
+        unavailable = ""
         while True:
-            snap = self.snapshot()
-            if check(snap):
+            try:
+                snap: PoolSnapshot | None = self.snapshot()
+            except EtcdUnavailable as e:  # a loaded host: a later poll may get through (the deadline holds)
+                snap, unavailable = None, f" (etcd last unavailable: {e})"
+            if snap is not None and check(snap):
                 return snap
             if time.monotonic() > deadline:
-                raise ScenarioError(f"timed out after {timeout:g}s waiting for {what}")
+                raise ScenarioError(f"timed out after {timeout:g}s waiting for {what}{unavailable}")
             time.sleep(0.1)
 
     def agent_ticks(self, host: str) -> int:
