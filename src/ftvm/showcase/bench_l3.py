@@ -220,13 +220,18 @@ def _pause_by_size(pool: LabPool, image: GuestImage, progress: Callable[[str], N
             del twins["compare"]
         specs = [_define(pool, image, vm, memory_mib, disk_size) for vm in twins.values()]
         try:
-            for engine, vm in twins.items():
-                try:
+            failed = {}
+            for engine, vm in twins.items():  # both up before either is idled: a twin idled while it
+                try:                          # boots holds its replies 10 s and never answers
                     _wait_up(pool, [spec for spec in specs if spec.name == vm[0]])
-                except ScenarioError as e:  # (a compare engine's copy of a 20 GiB disk, say): said, not fatal
-                    progress(f"{memory_mib} MiB RAM, {disk_size >> 20} MiB disk, {engine}: not measured: {e}")
+                except ScenarioError as e:  # said, not fatal
+                    failed[engine] = str(e)
+            for engine, vm in twins.items():
+                if engine in failed:
+                    progress(f"{memory_mib} MiB RAM, {disk_size >> 20} MiB disk, {engine}: not measured: "
+                             f"{failed[engine]}")
                     rows.append({"engine": engine, "memory_mib": memory_mib, "disk_gib": round(disk_size / 2**30, 3),
-                                 "error": str(e), **_engine(pool, vm[0])})
+                                 "error": failed[engine], **_engine(pool, vm[0])})
                     continue
                 _settle(pool, vm[0], [v[0] for v in twins.values() if v[0] != vm[0]], (100, True))
                 client = LabClient(pool.state, _ip(vm[1]), f"size-{engine}", 0.02, reply_timeout=120)
