@@ -39,11 +39,11 @@ from ..l3.primary import EXACT, Checkpointer
 from ..l3.relay import OutputCommitRelay
 from ..l3.channel import LinkConfig
 from ..l3.standby import ReplicaPaths, Standby, StandbyServer
+from ..l3.vcpu_load import VcpuLoad
 from ..l3.wire import WireError
 from ..l3.writes import COMPARE, Support, WriteTracker
 from ..qemu.cmdline import VmPaths, tap_names
 from ..qemu.monitor import DirectQmp
-from ..l3.vcpu_load import VcpuLoad
 from ..qemu.process import QemuError, QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls
 from ..store.etcd import EtcdError
 from ..store.pool import OwnershipLost

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ..qemu.migrate import MigrationFailed, wait_migration
+from ..qemu.migrate import ENDED, migration_ended, wait_migration
 from .disk_writes import DiskWrites, pages_of
 from .pages import PageTracker
 from .writes import TrackerError, WriteTracker
@@ -70,9 +70,6 @@ class EventQmp(Qmp, Protocol):
     """A monitor that also waits for QEMU's events (qemu/monitor.py DirectQmp)."""
 
     def expect(self, event: str, match: Callable[[dict[str, Any]], bool] = ...) -> asyncio.Future[dict[str, Any]]: ...
-
-
-ENDED = ("completed", "failed", "cancelled")  # a migration's last MIGRATION status
 
 
 @dataclass(frozen=True)
@@ -524,8 +521,9 @@ class Checkpointer:
         return deltas, times
 
     async def _release_snapshots(self) -> None:
-        """The epoch's bitmap exports go (after `cont`: not part of the pause). A failure
-        costs nothing now (the next epoch has its own names): they are retried next time."""
+        """The epoch's bitmap exports go (after the checkpoint is sent: not part of the pause
+        nor of the wait for its ACK). One that stays (busy) costs nothing now (the next epoch
+        has its own names): it is tried again next time."""
         names, self._snapshots = self._stale_snapshots + self._snapshots, []
         if names and self.disk_writes is not None:
             self._stale_snapshots = await self.disk_writes.release(names)
@@ -533,10 +531,8 @@ class Checkpointer:
     async def _wait_migrated(self, done: asyncio.Future[dict[str, Any]] | None) -> None:
         if done is None:
             await wait_migration(self.qmp, "device state save", poll=0.001)
-            return
-        status = str((await asyncio.wait_for(done, 10.0)).get("status"))
-        if status != "completed":
-            raise MigrationFailed("device state save", status, await self.qmp.execute("query-migrate"))
+        else:
+            await migration_ended(self.qmp, done, "device state save", 10.0)
 
     # --- the partner link -----------------------------------------------------------------
     async def _send(self, parts: list[bytes]) -> None:

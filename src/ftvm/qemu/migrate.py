@@ -1,6 +1,7 @@
 """Waiting on a QEMU migration: one poll of `query-migrate` for every use of it (live
 migration out and in, the switch into a level 3 QEMU, a checkpoint's device state, the
-device state a takeover loads)."""
+device state a takeover loads), and the end of one from QEMU's MIGRATION event where a
+monitor delivers events (a level 3 checkpoint: qemu/monitor.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Protocol
 from .process import QemuError
 
 FAILED_STATES = frozenset({"failed", "cancelled"})
+ENDED = FAILED_STATES | {"completed"}  # a migration's last MIGRATION event status
 
 
 class MigrationFailed(QemuError):
@@ -46,3 +48,12 @@ async def wait_migration(qmp: Qmp, what: str, states: tuple[str, ...] = ("comple
         if progress is not None:
             await progress(info)
         await asyncio.sleep(poll)
+
+
+async def migration_ended(qmp: Qmp, ended: Awaitable[dict[str, Any]], what: str, timeout: float) -> None:
+    """Wait for `ended`, the data of the MIGRATION event whose status is in ENDED (expected
+    before the `migrate` that causes it). MigrationFailed, with `query-migrate`'s reply,
+    unless it completed."""
+    status = str((await asyncio.wait_for(ended, timeout)).get("status"))
+    if status != "completed":
+        raise MigrationFailed(what, status, await qmp.execute("query-migrate"))
