@@ -27,15 +27,18 @@ def test_the_level3_tables_show_both_engines_by_size_and_failovers_per_size() ->
     from ftvm.showcase.bench_l3 import check_failed, print_level3
     engine = {"per_s": 50.0, "pause_p50_ms": 7.6, "pause_p99_ms": 12.9, "stop_p50_ms": 0.6, "ram_diff_p50_ms": 0.5,
               "disk_diff_p50_ms": 3.1, "device_state_p50_ms": 2.4, "cont_p50_ms": 0.5, "ack_p50_ms": 2.2,
-              "dirty_pages_p50": 126.0, "running_fraction": 0.59}
+              "dirty_pages_p50": 126.0, "running_fraction": 0.59, "partner_silence_max_ms": 61.0}
 
     def row(config: str, rps: float, e: dict | None) -> dict:
         return {"config": config, "latency_p50_ms": 14.1, "latency_p99_ms": 46.0, "latency_p50_ratio": 15.2,
                 "closed_loop": [{"requests_per_s": rps}] * 3, "throughput_ratios": [0.07, 0.3, 0.39],
                 **({"engine": e} if e else {})}
-    failover = {"memory_mib": 2048, "disk_gib": 20, "runs": [{}, {}], "reply_after_loss_median_s": 0.93,
-                "reply_after_loss_max_s": 1.1, "pause_median_s": 0.9, "connections_kept": 2, "lost_total": 0,
-                "seq_breaks_total": 0, "max_copies": 1}
+    failover = {"memory_mib": 2048, "disk_gib": 20, "runs": [{}, {}, {}],
+                "warm": {"runs": 2, "reply_after_loss_median_s": 0.47, "reply_after_loss_max_s": 0.52,
+                         "takeover_median_s": 0.31},
+                "cold": {"runs": 1, "reply_after_loss_median_s": 0.93, "reply_after_loss_max_s": 1.1,
+                         "takeover_median_s": 0.3},
+                "pause_median_s": 0.9, "connections_kept": 3, "lost_total": 0, "seq_breaks_total": 0, "max_copies": 1}
     out = {"configs": [row("L0", 1000, None), row("L3 tracking", 70, engine)],
            "two_vcpus": [row("L3 tracking, 2 vCPUs", 60, engine)],
            "pause_by_size": [{"engine": "tracking", "memory_mib": 2048, "disk_gib": 20, **engine},
@@ -50,6 +53,7 @@ def test_the_level3_tables_show_both_engines_by_size_and_failovers_per_size() ->
         console.width = width
     text = cap.get()
     assert "2048 MiB, 20 GiB disk, tracking" in text and "not protected" in text
-    assert "7.6/12.9" in text and "0.93/1.10" in text and "2/2" in text
+    assert "7.6/12.9" in text and "0.47/0.52 (2)" in text and "0.93/1.10 (1)" in text and "3/3" in text
+    assert "61" in text  # the partner's longest silence
     assert not check_failed(out)
     assert check_failed(out | {"failover": [failover | {"lost_total": 1}]})

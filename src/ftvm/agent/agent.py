@@ -51,6 +51,7 @@ from .exports import Exports
 from .fence import FenceGuard
 from .journal import Journal
 from .l3 import L3Partner, L3Primary
+from .warm import WarmStandbys
 from .lease import HostLease
 from .level_changes import LevelChanges
 from .local import LocalRecord, spawn
@@ -183,7 +184,8 @@ class Agent:
         if not (self.cfg.replication_addr and self.cfg.local_storage):
             return
         self.l3_partner = L3Partner(self.ctx, self.cfg.replication_addr, self.cfg.checkpoint_port,
-                                    self._l3_link.key, self.disks.l3_files)
+                                    self._l3_link.key, self.disks.l3_files,
+                                    WarmStandbys(self.starts.launch_warm if self.cfg.l3_warm_standby else None))
         try:
             await self.l3_partner.start()
         except OSError as e:

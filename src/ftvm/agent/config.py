@@ -54,6 +54,7 @@ class AgentConfig:
     api_read_token: str = ""            # read from api_read_token_file: /metrics and the dashboard only
     timing: Timing = Timing()
     l3_tracking: str = "auto"           # level 3 RAM: exact write tracking where the host allows it, or compare
+    l3_warm_standby: bool = True        # level 3 partner: a QEMU started ahead on each replica (agent/warm.py)
 
     @property
     def guest_ram_dir(self) -> Path:
@@ -64,7 +65,8 @@ _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
           "shared_storage", "image_roots", "accel", "probe_kernel", "stop_grace", "timing", "local_storage",
           "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port",
           "api_listen", "api_token_file", "write_through_copies", "pool_secret_file",
-          "etcd_ca", "etcd_cert", "etcd_key", "qemu_user", "api_cert", "api_key", "api_read_token_file", "l3_tracking"}
+          "etcd_ca", "etcd_cert", "etcd_key", "qemu_user", "api_cert", "api_key", "api_read_token_file", "l3_tracking",
+          "l3_warm_standby"}
 
 
 class _Settings:
@@ -193,6 +195,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         api_tls=_api_tls(c, etcd_tls) if api_listen else None,
         api_read_token=_read_token(data, api_token) if api_listen else "",
         l3_tracking=c.choice("l3_tracking", "auto", ("auto", "compare")),
+        l3_warm_standby=c.flag("l3_warm_standby", True),
     )
 
 

@@ -44,11 +44,12 @@ from ..l3.wire import WireError
 from ..l3.writes import COMPARE, Support, WriteTracker
 from ..qemu.cmdline import VmPaths, tap_names
 from ..qemu.monitor import DirectQmp
-from ..qemu.process import QemuError, QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls
+from ..qemu.process import QemuError, QemuVm, ensure_tap, open_tap, remove_tap, set_migration_tls, tap_on_bridge
 from ..store.etcd import EtcdError
 from ..store.pool import OwnershipLost
 from .context import HostContext, VmContext
 from .copydir import copy_image
+from .warm import WarmStandbys
 
 log = logging.getLogger("ftvm.agent.l3")
 
@@ -56,6 +57,7 @@ EventFn = Callable[[str, str, str], None]
 RETRY_S = 2.0
 FIGURES_S = 2.0           # how often the figures are published while protected
 FIGURES_WINDOW_S = 10.0   # ... computed over the epochs of this many seconds
+WATCH_S = 0.02            # the partner looks at its primaries' silence this often
 
 
 def replica_paths(spec: VmSpec, ram_dir: Path, local_storage: Path) -> ReplicaPaths:
@@ -70,6 +72,14 @@ def replica_paths(spec: VmSpec, ram_dir: Path, local_storage: Path) -> ReplicaPa
                                     for i in range(len(spec.disks))),
                         device_state=copy_dir / "l3-device-state",
                         meta=copy_dir / "l3-committed.json")
+
+
+async def prepare_incoming(qemu: QemuVm) -> None:
+    """A QEMU that will load a level 3 device state: shared RAM is not in the stream, which
+    comes over a local socket (no TLS, though a live migration's target has it set)."""
+    await qemu.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-ignore-shared", "state": True}]})
+    await set_migration_tls(qemu, "")
 
 
 def is_partner(snapshot: PoolSnapshot, me: str, vm: str) -> bool:
@@ -120,26 +130,33 @@ class L3Primary:
             await relay.start()
             self.relays.append(relay)
 
-    def attach_taps(self, bridge: str) -> None:
+    def attach_taps(self, bridge: str, fresh: bool = True) -> None:
         """The old QEMU is gone (its taps with it, or left behind): the relays open them and
-        put them on the bridge."""
+        put them on the bridge. `fresh=False`: a tap already on the bridge (made for a warm
+        QEMU, agent/warm.py) is opened as it is."""
         for relay, tap in zip(self.relays, tap_names(self.spec), strict=True):
             # a fresh tap: the old QEMU's may still be being torn down by the kernel, and an fd
             # on a dying device would carry nothing (seen as a silent NIC after the switch)
-            ensure_tap(tap, bridge)
+            if fresh or not tap_on_bridge(tap, bridge):
+                ensure_tap(tap, bridge)
             fd = open_tap(tap)
             self._tap_fds.append(fd)
             relay.attach_tap(fd)
 
-    async def resume_from_replica(self, qemu: QemuVm) -> None:
+    def use_relays(self, relays: list[OutputCommitRelay], bridge: str) -> None:
+        """A warm QEMU's relays (already connected to it), given the taps it waited for."""
+        self.relays = list(relays)
+        self.attach_taps(bridge, fresh=False)
+
+    async def resume_from_replica(self, qemu: QemuVm, prepared: bool = False) -> None:
         """QEMU was started with `-incoming defer -S` on the replica files: load the last
-        committed device state and run (the agent then announces the VM's MACs)."""
-        await qemu.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
+        committed device state and run (the agent then announces the VM's MACs).
+        `prepared`: `prepare_incoming` was done already (a warm QEMU)."""
+        if not prepared:
+            await prepare_incoming(qemu)
         # QEMU listens, we send the committed device state (no shell, no forked helper)
         sock = self.paths.run_dir / "incoming.sock"
         sock.unlink(missing_ok=True)
-        await set_migration_tls(qemu, "")
         await qemu.execute("migrate-incoming", {"uri": f"unix:{sock}"})
         _, writer = await asyncio.open_unix_connection(str(sock))
         writer.write(await asyncio.to_thread(self.files.device_state.read_bytes))
@@ -335,7 +352,8 @@ class L3Primary:
             dirty_pages_p50=w["dirty_pages_p50"], disk_pages_p50=w["disk_pages_p50"],
             link_bytes_per_s=w["bytes_per_s"], epoch=cp.stats.acked, sync_done=round(self.sync_done, 3),
             tracking=cp.stats.tracking, full_resyncs=cp.stats.full_resyncs, disk_tracking=cp.stats.disk_tracking,
-            stop_p50_ms=w["stop_p50_ms"], cont_p50_ms=w["cont_p50_ms"], ack_p50_ms=w["ack_p50_ms"])
+            stop_p50_ms=w["stop_p50_ms"], cont_p50_ms=w["cont_p50_ms"], ack_p50_ms=w["ack_p50_ms"],
+            partner_silence_max_ms=w["silence_max_ms"])
 
     async def _publish_loop(self) -> None:
         last: CheckpointFigures | None = None
@@ -465,8 +483,11 @@ class L3Partner:
     """The partner duties of one agent for every level 3 VM it protects."""
 
     def __init__(self, host: HostContext, addr: str, port: int, key: bytes,
-                 paths_for: Callable[[VmSpec], ReplicaPaths]) -> None:
+                 paths_for: Callable[[VmSpec], ReplicaPaths], warm: WarmStandbys | None = None) -> None:
+        """`warm`: QEMUs started ahead on the replicas (agent/warm.py); None: a takeover
+        starts its QEMU then."""
         self.host, self.me, self.paths_for = host, host.me, paths_for
+        self.warm = warm if warm is not None else WarmStandbys(None)
         self.store, self.snapshot = host.store, host.latest
         self.history = host.journal.history  # availability records: the outage starts when the primary fell silent
         self.timing, self.event = host.timing, host.journal.event
@@ -483,6 +504,7 @@ class L3Partner:
         if self._task:
             self._task.cancel()
         await self.server.close()
+        await self.warm.close()
 
     def _admit(self, vm: str, peer: str, hello: dict[str, Any]) -> Standby:
         """The Standby a new checkpoint session may feed, or WireError saying why not: this
@@ -521,7 +543,8 @@ class L3Partner:
         (`take_over`), first among the tick's actions."""
         noticed: set[str] = set()
         while True:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(WATCH_S)
+            self.warm.keep(self._warm_wanted())
             for vm, standby in list(self.standbys.items()):
                 if standby.committed is not None and standby.silent_for() > self.timing.l3_takeover_after:
                     if vm not in noticed:
@@ -529,6 +552,15 @@ class L3Partner:
                         self.host.wake()
                 else:
                     noticed.discard(vm)
+
+    def _warm_wanted(self) -> dict[str, tuple[VmSpec, str]]:
+        """The VMs whose replica here holds a committed checkpoint of a live session: each
+        gets a QEMU started ahead (agent/warm.py)."""
+        snap = self.snapshot()
+        if snap is None:
+            return {}
+        return {vm: (snap.vms[vm].spec, s.committed.session) for vm, s in self.standbys.items()
+                if s.committed is not None and s.connected and is_partner(snap, self.me, vm)}
 
     def local_standbys(self) -> dict[str, LocalStandby]:
         """What `decide` needs to know of the replicas kept here (none being taken over now)."""
@@ -569,6 +601,7 @@ class L3Partner:
             self.event(vm, "no-takeover", f"{view.owner.host} silent for {silent:.2f}s but it recorded this "
                                        "replica outdated first: it keeps the VM")
             return
+        self.warm.reserve(vm)  # its start comes with the claim
         del self.standbys[vm]
         self.history(vm, "down", f"{view.owner.host} lost (silent {silent:.2f}s)", at=time.time() - silent,
                      host=view.owner.host)

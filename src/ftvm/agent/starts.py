@@ -16,24 +16,30 @@ from ..core.decide import Decision
 from ..core.model import Level, PoolSnapshot, RunState, VmSpec, VmStatus
 from ..core.replication import NEW_DISK, Copies, CopyState, mark
 from ..core.restart import backoff
+from ..l3.relay import OutputCommitRelay
 from ..l3.standby import ReplicaPaths, make_guest_ram_dir, read_committed
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
-from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes
-from ..qemu.process import QemuError
+from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes, tap_names
+from ..qemu.process import QemuError, QemuVm, ensure_tap, remove_tap
 from ..qemu.storage_daemon import StorageDaemonError, ensure_image
 from ..store.pool import OwnershipLost
 from .config import AgentConfig
 from .context import HostContext
 from .disks import HostDisks
 from .exports import Exports
-from .l3 import L3Partner, L3Primary
+from .l3 import L3Partner, L3Primary, prepare_incoming
 from .local import LocalRecord
 from .migration import Migrations
 from .paths import resolved_spec
 from .processes import Processes
 from .replica import replicate
+from .warm import WarmQemu, machine_of
 
 log = logging.getLogger("ftvm.agent.starts")
+
+def l3_disk_nodes(files: ReplicaPaths) -> list[list[dict[str, Any]]]:
+    return [checkpointed_disk_nodes(i, str(p)) for i, p in enumerate(files.disks)]
+
 
 NewL3 = Callable[[str, int, VmSpec, VmPaths, ReplicaPaths], L3Primary]  # vm, token, spec, paths, files
 
@@ -64,12 +70,13 @@ class Starts:
         images: list[LocalImage] = []
         l3: L3Primary | None = None
         checkpointed: Checkpointed | None = None
+        warm: WarmQemu | None = None
+        qemu: QemuVm | None = None
         resume = False
         try:
-            spec = resolved_spec(spec, self.cfg.shared_storage, self.cfg.image_roots + (
-                (str(self.cfg.local_storage),) if self.cfg.local_storage else ()))  # level 0: lowered from 2
+            spec = self._resolved(spec)
             if spec.level is Level.SYSTEM:
-                l3, checkpointed, blockdevs = await self._prepare_l3(spec, view.copies, token, paths)
+                l3, checkpointed, blockdevs, warm = await self._prepare_l3(spec, view.copies, token, paths)
                 rec.l3, resume = l3, checkpointed.incoming
             elif spec.level is Level.COMPONENT:
                 await self.exports.withdraw(d.vm)  # promoted partner: release the image first
@@ -79,22 +86,28 @@ class Starts:
                     g, nodes = local_only_start(i, image)
                     graphs.append(g)
                     blockdevs.append(nodes)
-            qemu = await self.procs.launch(spec, paths, blockdevs=blockdevs, paused=blockdevs is not None,
-                                           checkpointed=checkpointed)
+            if warm is not None:  # started ahead on the replica (agent/warm.py)
+                qemu = warm.qemu
+            else:
+                qemu = await self.procs.launch(spec, paths, blockdevs=blockdevs, paused=blockdevs is not None,
+                                               checkpointed=checkpointed)
+            # fenced from the guest's first instruction on (adopt, below, also watches its exit)
+            self.procs.guard.register(d.vm, qemu.pidfd)
             if l3 is not None:
                 if resume:
-                    try:
-                        await l3.resume_from_replica(qemu)
-                    except BaseException:  # a QEMU that could not take the replica's state
-                        qemu.kill()
-                        await qemu.wait()
-                        raise
+                    await l3.resume_from_replica(qemu, prepared=warm is not None)
                 else:
                     await qemu.execute("cont")
-        except (QemuError, StorageDaemonError, OSError, RuntimeError) as e:
+        except BaseException as e:
+            if qemu is not None:  # a QEMU that could not take the replica's state, or go on
+                self.procs.guard.unregister(d.vm)  # (before its pidfd is closed)
+                qemu.kill()
+                await qemu.wait()
             if l3 is not None:
                 await l3.close()
                 rec.l3 = None
+            if not isinstance(e, (QemuError, StorageDaemonError, OSError, RuntimeError)):
+                raise
             rec.state, rec.detail, rec.exit_code = RunState.CRASHED, str(e), None
             retry = backoff(rec.failures, time.monotonic())
             rec.failures, rec.retry_at = retry.failures, retry.at
@@ -114,6 +127,8 @@ class Starts:
         rec.state, rec.detail, rec.since = RunState.RUNNING, self.procs.describe(qemu), time.time()
         arrived = self.migrations.arrived(d.vm)
         how = " resumed from the replica's last checkpoint (guest carries on)" if resume else " started"
+        if warm is not None:
+            how += f", in the QEMU started ahead {time.monotonic() - warm.started:.0f}s ago"
         if arrived:
             how = " resumed from the final checkpoint of the switchover (live migration)"
             self.counters.migrations[d.vm] = self.counters.migrations.get(d.vm, 0) + 1
@@ -124,37 +139,91 @@ class Starts:
                 self.counters.failovers[d.vm] = self.counters.failovers.get(d.vm, 0) + 1
         self.host.journal.event(d.vm, "start", f"{d.reason}: QEMU pid {qemu.pid}{how} (token {token})")
 
-    async def _prepare_l3(self, spec: VmSpec, copies: Copies | None, token: int,
-                          paths: VmPaths) -> tuple[L3Primary, Checkpointed, list[list[dict[str, Any]]]]:
-        """Level 3: this host's files, and whether to resume from a committed checkpoint.
-        The checkpoint record is consumed by the start that uses it (a later restart on
-        this host boots from the disk, which has moved on since)."""
+    async def _prepare_l3(self, spec: VmSpec, copies: Copies | None, token: int, paths: VmPaths
+                          ) -> tuple[L3Primary, Checkpointed, list[list[dict[str, Any]]], WarmQemu | None]:
+        """Level 3: this host's files, whether to resume from a committed checkpoint, and the
+        QEMU started ahead to resume in, if one fits (agent/warm.py). The checkpoint record
+        is consumed by the start that uses it (a later restart on this host boots from the
+        disk, which has moved on since)."""
         if self.cfg.local_storage is None:
             raise StorageDaemonError("this host has no local_storage configured for level 3 copies")
         files = self.disks.l3_files(spec)
         partner = self.l3_partner()
+        warm: WarmQemu | None = None
         if partner is not None:  # this host runs the VM now: no standby of it here
+            warm = await partner.warm.take(spec.name)
             partner.drop(spec.name)
-        copies = await self._outdate_other_copies(spec.name, token, copies)
-        committed = read_committed(files)
-        files.meta.unlink(missing_ok=True)
-        mine = copies.state_of(self.me) if copies else None
-        brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason == NEW_DISK
-        resume = committed is not None and not brand_new and files.device_state.exists() and files.ram.exists()
-        for i, disk in enumerate(spec.disks):
-            image = LocalImage(str(files.disks[i]), "raw")
-            if not os.path.exists(image.path):
-                if not brand_new:
-                    raise StorageDaemonError(f"this host's copy {image.path} is missing")
-                ensure_image(image, disk.size)
-        if not resume:
-            files.ram.unlink(missing_ok=True)  # a cold boot starts from fresh RAM
+        try:
+            copies = await self._outdate_other_copies(spec.name, token, copies)
+            committed = read_committed(files)
+            files.meta.unlink(missing_ok=True)
+            mine = copies.state_of(self.me) if copies else None
+            brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason == NEW_DISK
+            resume = committed is not None and not brand_new and files.device_state.exists() and files.ram.exists()
+            if warm is not None and not (resume and warm.fits(spec, committed[0] if committed else None)):
+                await warm.close()  # before the taps and sockets below are made again
+                warm = None
+            for i, disk in enumerate(spec.disks):
+                image = LocalImage(str(files.disks[i]), "raw")
+                if not os.path.exists(image.path):
+                    if not brand_new:
+                        raise StorageDaemonError(f"this host's copy {image.path} is missing")
+                    ensure_image(image, disk.size)
+            if not resume:
+                files.ram.unlink(missing_ok=True)  # a cold boot starts from fresh RAM
+            make_guest_ram_dir(files.ram)
+            paths.run_dir.mkdir(parents=True, exist_ok=True)
+            l3 = self.new_l3(spec.name, token, spec, paths, files)
+            if warm is not None:
+                l3.use_relays(warm.relays, self.cfg.bridge)
+            else:
+                await l3.open_relays(self.cfg.bridge)
+        except BaseException:
+            if warm is not None:
+                await warm.close()
+            raise
+        return l3, Checkpointed(str(files.ram), incoming=resume), l3_disk_nodes(files), warm
+
+    async def launch_warm(self, spec: VmSpec, session: str) -> WarmQemu:
+        """A QEMU waiting on this host's replica of `spec`, for a takeover or switchover to
+        resume in (agent/warm.py): its relays listen, its taps are on the bridge but not
+        opened, it was started as `_prepare_l3` + `start` would start it."""
+        spec = self._resolved(spec)
+        files = self.disks.l3_files(spec)
+        for path in files.disks:
+            if not path.exists():
+                raise QemuError(f"this host's copy {path} is missing")
+        paths = VmPaths(self.cfg.state_dir / "vms" / spec.name)
         make_guest_ram_dir(files.ram)
         paths.run_dir.mkdir(parents=True, exist_ok=True)
-        l3 = self.new_l3(spec.name, token, spec, paths, files)
-        await l3.open_relays(self.cfg.bridge)
-        blockdevs = [checkpointed_disk_nodes(i, str(p)) for i, p in enumerate(files.disks)]
-        return l3, Checkpointed(str(files.ram), incoming=resume), blockdevs
+        taps = tap_names(spec)
+        relays: list[OutputCommitRelay] = []
+        try:
+            for i in range(len(spec.nics)):
+                relay = OutputCommitRelay(paths.nic_socket(i), -1, gated=False)
+                relays.append(relay)
+                await relay.start()
+            for tap in taps:
+                ensure_tap(tap, self.cfg.bridge)
+            qemu = await self.procs.launch(spec, paths, blockdevs=l3_disk_nodes(files), paused=True,
+                                           checkpointed=Checkpointed(str(files.ram), incoming=True))
+            try:
+                await prepare_incoming(qemu)
+            except BaseException:
+                qemu.kill()
+                await qemu.wait()
+                raise
+        except BaseException:
+            for relay in relays:
+                await relay.close()
+            for tap in taps:
+                remove_tap(tap)
+            raise
+        return WarmQemu(spec.name, session, machine_of(spec), qemu, relays, taps)
+
+    def _resolved(self, spec: VmSpec) -> VmSpec:
+        return resolved_spec(spec, self.cfg.shared_storage, self.cfg.image_roots + (
+            (str(self.cfg.local_storage),) if self.cfg.local_storage else ()))  # level 0: lowered from 2
 
     async def _outdate_other_copies(self, vm: str, token: int, copies: Copies | None) -> Copies | None:
         """Level 3: before this host's QEMU can send anything, no other copy may still be

@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, default=1, choices=(1, 2, 3))
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--write-mib", type=int, default=64, help="level 2: MiB per bulk write round")
+    p.add_argument("--part", action="append", choices=("requests", "sizes", "failover"),
+                   help="level 3: measure only this part (repeatable; default all, side by side in one run)")
     return top
 
 

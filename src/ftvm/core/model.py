@@ -314,6 +314,7 @@ class CheckpointFigures:
     stop_p50_ms: float = 0.0
     cont_p50_ms: float = 0.0
     ack_p50_ms: float = 0.0   # guest resumed -> the partner's ACK: how long output still waits after a pause
+    partner_silence_max_ms: float = 0.0  # longest time without a message from the partner (l3_partner_lost)
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,16 @@ class Timing:
     # its replica outdated before releasing output); the partner takes over from a silent
     # primary after `l3_takeover_after`. Either order is safe (one etcd write wins), but a
     # primary that merely lost the A-links should keep its VM: the gap between the two is
-    # its time to write to etcd, so it must cover a slow etcd write on a loaded host (at
-    # 0.15 s a lab under load lost the race; 0.25 s, with heartbeats every 50 ms). The
-    # takeover must also come before a client's second TCP retransmission (~0.75 s after
-    # its request with a ~0.25 s RTO): a takeover at 0.8 s made the next reply wait for
-    # the third one (1.8 s).
+    # its time to write to etcd, so it must cover a slow etcd write on a loaded host.
+    # Heartbeats go every 25 ms both ways; the longest silence seen on a loaded lab was
+    # ~70 ms (`partner_silence_max_ms` in `vm show`). The takeover should come before a
+    # client's TCP retransmission at ~0.45 s (a tail-loss probe at ~0.22 s, then the RTO of
+    # ~0.22 s, then 0.92 s: measured in the lab client's socket): a guest running again at
+    # 0.55 s answered only the one at 0.92 s.
     # The primary heartbeats during a checkpoint too, for at most `l3_checkpoint_stall`:
     # a checkpoint stuck longer (QEMU hung) is a failed primary.
-    l3_partner_lost: float = 0.25
-    l3_takeover_after: float = 0.5
+    l3_partner_lost: float = 0.15
+    l3_takeover_after: float = 0.3
     l3_checkpoint_stall: float = 2.0
     # Levels 2-3 in pools of 3-4 hosts: a partner down this long is replaced by a new replica
     # on another host (a returning partner resyncs only what changed; a new one copies all).

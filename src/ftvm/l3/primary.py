@@ -42,7 +42,7 @@ from .wire import (PRIMARY_LIMITS, Checkpoint, Msg, StatePatch, decode_ack, enco
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.05
+HEARTBEAT_S = 0.025  # (and the partner's: l3/standby.py) a 25 ms beat keeps silences short beside l3_partner_lost
 # Output-triggered epochs (`on_output`, docs/architecture.md): a checkpoint starts GATHER_S
 # after the guest first sends (a reply is often several frames) and at least MIN_RUN_S after
 # the last one; then, while the guest is still working (a vCPU ran at least IDLE_BELOW of
@@ -103,6 +103,9 @@ class CheckpointStats:
     # epoch's output waits in the relay after the pause
     ack_delays: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=20_000))  # (resumed, s)
     ack_log: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=100_000))  # (epoch, when)
+    # (when, seconds since the partner's previous message), for gaps over 10 ms: how close the
+    # link comes to `l3_partner_lost`
+    silences: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=20_000))
     tracking: str = "page compare"  # how changed RAM pages are found (EXACT, or "page compare: why")
     full_resyncs: int = 0           # checkpoints whose dirty-page scan failed: all of RAM sent
     tracking_error: str = ""        # the last such failure
@@ -133,6 +136,7 @@ class CheckpointStats:
             "running_fraction": round(max(0.0, 1 - sum(r.pause for r in recs) / span), 3),
             "ram_diff_p99_ms": p("ram_diff", 0.99),
             "ack_p50_ms": round(percentile([d for t, d in self.ack_delays if t > now - seconds], 0.5) * 1000, 2),
+            "silence_max_ms": round(max((g for t, g in self.silences if t > now - seconds), default=0.0) * 1000, 1),
         }
 
 
@@ -549,7 +553,10 @@ class Checkpointer:
         try:
             while True:
                 kind, payload = await channel.receive(PRIMARY_LIMITS)
-                self._last_heard = time.monotonic()
+                now = time.monotonic()
+                if now - self._last_heard > 0.01 and self.first_ack.is_set():  # (protected: heartbeats flow)
+                    self.stats.silences.append((now, now - self._last_heard))
+                self._last_heard = now
                 if kind is Msg.ACK:
                     epoch = decode_ack(payload)
                     if not self.stats.acked < epoch <= self._sent_epoch:
@@ -597,6 +604,9 @@ class Checkpointer:
             self.lost = why
             log.warning("%s: %s", self.vm, why)
             self.lost_event.set()
+            # run() returns at once, not after its wait for the next epoch (up to an interval):
+            # the agent must record the partner outdated before the partner's takeover limit
+            self._changed.set()
 
     # --- endings --------------------------------------------------------------------------
     def unprotect(self) -> int:

@@ -28,7 +28,7 @@ from .wire import (Checkpoint, Msg, StatePatch, WireError, decode_checkpoint, de
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.05
+HEARTBEAT_S = 0.025  # as the primary's (l3/primary.py)
 INLINE_COMMIT = 2 << 20  # a checkpoint smaller than this is applied on the event loop
 
 

@@ -174,9 +174,11 @@ def _new_ns(ns: str) -> None:
 
 def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
        host_memory_mib: int = 2048, host_vcpus: int = 4, probe_kernel: str | None = None,
-       l3_compare_hosts: tuple[str, ...] = ()) -> LabState:
+       l3_compare_hosts: tuple[str, ...] = (), l3_cold_hosts: tuple[str, ...] = ()) -> LabState:
     """`l3_compare_hosts`: hosts whose level 3 engine compares pages instead of tracking
-    writes (host.toml `l3_tracking = "compare"`), to measure both side by side."""
+    writes (host.toml `l3_tracking = "compare"`), to measure both side by side.
+    `l3_cold_hosts`: hosts that start a level 3 partner's QEMU only at the takeover
+    (`l3_warm_standby = false`), likewise."""
     if not 2 <= n_hosts <= 4:
         raise LabError("a lab has 2 to 4 hosts")
     if existing_namespaces() or (lab_dir / "lab.json").exists():
@@ -200,7 +202,7 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
                       {h: topo.host_quorum_addr(h).split("/")[0] for h in hosts})
         _start_etcd(state)
         for h in hosts:
-            _write_host_config(state, h, probe_kernel, compare=h in l3_compare_hosts)
+            _write_host_config(state, h, probe_kernel, compare=h in l3_compare_hosts, cold=h in l3_cold_hosts)
             start_agent(state, h)
         state.save()
         wait_for_hosts(state, hosts, timeout=30)
@@ -320,7 +322,8 @@ def wait_etcd_healthy(url: str, timeout: float, tls: ssl.SSLContext | None = Non
     return False
 
 
-def _write_host_config(state: LabState, host: str, probe_kernel: str | None, compare: bool = False) -> None:
+def _write_host_config(state: LabState, host: str, probe_kernel: str | None, compare: bool = False,
+                       cold: bool = False) -> None:
     d = state.host_dir(host)
     d.mkdir(parents=True, exist_ok=True)
     (d / "local").mkdir(exist_ok=True)
@@ -354,6 +357,8 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None, com
         lines.append(f'probe_kernel = "{probe_kernel}"')
     if compare:
         lines.append('l3_tracking = "compare"')
+    if cold:
+        lines.append("l3_warm_standby = false")
     lines.append("[timing]")
     lines += [f"{k} = {v}" for k, v in state.timing.items()]
     (d / "host.toml").write_text("\n".join(lines) + "\n")

@@ -1,8 +1,17 @@
 """An outside witness for "never two copies": watches /proc, not ftvm's own records.
 
 Every `interval` it lists the QEMU processes whose command line names the VM
-(`-name guest=<vm>,...`) and notes in which lab namespace each one runs. The
-largest number seen at once must stay at 1.
+(`-name guest=<vm>,...`) and that have run the guest, and notes in which lab namespace
+each one runs. The largest number seen at once must stay at 1.
+
+*Has run the guest* is read from the vCPU threads (named "CPU <n>/<accel>", QEMU's
+`debug-threads=on`): their time on a CPU, from /proc/PID/task/TID/schedstat. A QEMU that
+waits for an incoming state (a level 3 partner's standby started ahead of a takeover, a
+live migration's target) has vCPU threads that ran only their start-up, 0.05-0.3 ms here;
+a guest that runs uses more than `RAN_NS` within its first few milliseconds (under TCG
+every block it executes is translated first). A QEMU started with debug-threads whose vCPU
+threads do not exist yet is still starting: it runs nothing either. One started without
+debug-threads always counts.
 """
 
 from __future__ import annotations
@@ -11,6 +20,8 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+
+RAN_NS = 5_000_000  # vCPU time above which a QEMU has run its guest (see above)
 
 
 def _netns_names() -> dict[int, str]:
@@ -27,8 +38,29 @@ def _netns_names() -> dict[int, str]:
     return out
 
 
-def find_copies(vm: str) -> list[tuple[int, str]]:
-    """(pid, namespace) of every live QEMU running `vm`."""
+def vcpu_run_ns(pid: int) -> int | None:
+    """Time on a CPU of a QEMU's vCPU threads (ns), None if none is named as one."""
+    total, named = 0, False
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", "rb") as f:
+                if not f.read().startswith(b"CPU "):
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+            named = True
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total if named else None
+
+
+def find_copies(vm: str, waiting_too: bool = False) -> list[tuple[int, str]]:
+    """(pid, namespace) of every live QEMU running `vm`; `waiting_too`: also those whose
+    guest has not run yet (an incoming standby or migration target)."""
     marker = f"guest={vm},".encode()
     names = _netns_names()
     found = []
@@ -46,6 +78,10 @@ def find_copies(vm: str) -> list[tuple[int, str]]:
             ino = os.stat(f"/proc/{entry}/ns/net").st_ino
         except (OSError, IndexError):
             continue
+        if not waiting_too:
+            ran = vcpu_run_ns(int(entry))
+            if (ran is None and b"debug-threads=on" in cmd) or (ran is not None and ran < RAN_NS):
+                continue
         found.append((int(entry), names.get(ino, "?")))
     return found
 

@@ -30,7 +30,7 @@ from ..store.pool import Event, PoolStore
 from . import lab as labmod
 from . import topology as topo
 from .client import Ack, read_log
-from .observer import CopyObserver
+from .observer import CopyObserver, find_copies
 
 Progress = Callable[[str], None]
 
@@ -561,6 +561,7 @@ class Level3Result:
     max_copies: int
     copy_samples: int
     overlaps: list[str] = field(default_factory=list)  # when more than one copy was seen, and where
+    resumed_in_warm_qemu: bool = False  # the partner resumed in a QEMU started ahead (agent/warm.py)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -574,15 +575,20 @@ def sequence_breaks(acks: list[Ack]) -> tuple[int, int]:
 
 
 def level3_failover(pool: LabPool, spec: VmSpec, progress: Progress = lambda m: None,
-                    healthy_s: float = 10.0, client_interval: float = 0.02) -> Level3Result:
+                    healthy_s: float = 10.0, client_interval: float = 0.02, warm: bool = True) -> Level3Result:
     """With one client connection writing, cut the power of the VM's host: the partner
     carries on from the last checkpoint. Checks the connection, the sequence, the disk and
-    the guest's console for `healthy_s` after. Leaves the failed host down."""
+    the guest's console for `healthy_s` after. Leaves the failed host down. `warm`: first
+    wait until the partner has its QEMU started ahead (seen in /proc: a second QEMU of the
+    VM whose guest has not run)."""
     state, name = pool.state, spec.name
     ip = spec.nics[0].ip.split("/")[0] if spec.nics[0].ip else ""
     host = pool.wait_running(name, 60)
     pool.wait_answering(ip, 60)
     pool.wait_for("level 3 protection", l3_protected(name), 120)
+    if warm:
+        pool.wait_for("the partner's QEMU started ahead",
+                      lambda s: len(find_copies(name, waiting_too=True)) > len(find_copies(name)), 60)
     progress(f"VM {name} on {host}, checkpointed to its partner: Protected")
     with CopyObserver(name) as observer:
         client = LabClient(state, ip, name, client_interval, reply_timeout=120)
@@ -615,7 +621,9 @@ def level3_failover(pool: LabPool, spec: VmSpec, progress: Progress = lambda m: 
         acknowledged=len(acks), lost=len(lost), seq_gaps=gaps, seq_repeats=repeats,
         guest_problems=serial_problems(state, new_host, name), max_copies=observer.max_copies,
         copy_samples=observer.samples,
-        overlaps=[f"{t - failed_at:+.3f}s {copies}" for t, copies in observer.overlaps[:5]])
+        overlaps=[f"{t - failed_at:+.3f}s {copies}" for t, copies in observer.overlaps[:5]],
+        resumed_in_warm_qemu=any(e.kind == "start" and "started ahead" in e.message for e in pool.events()
+                                 if e.vm == name and e.time > failed_at))
 
 
 @dataclass

@@ -95,7 +95,9 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
     `checkpointed` (level 3): RAM in a shared file, NICs through the output-commit relay,
     and, to resume a replica, an incoming device state."""
     cmd = [
-        QEMU, "-name", f"guest={spec.name},process=ftvm-{spec.name}",
+        # debug-threads: the vCPU threads are named ("CPU 0/TCG"), so an outside witness can
+        # tell a QEMU that has run the guest from one still waiting for it (lab/observer.py)
+        QEMU, "-name", f"guest={spec.name},process=ftvm-{spec.name},debug-threads=on",
         # the RAM block keeps the name "pc.ram" that plain `-m` gives it, so a running VM can
         # migrate into a checkpointed QEMU (raised to level 3 online) and back
         "-machine", "pc" + (",memory-backend=pc.ram" if checkpointed else ""),

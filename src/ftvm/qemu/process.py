@@ -80,6 +80,11 @@ def ensure_tap(tap: str, bridge: str, user: int | None = None) -> None:
     _ip("link", "set", tap, "master", bridge, "up")
 
 
+def tap_on_bridge(tap: str, bridge: str) -> bool:
+    master = Path(f"/sys/class/net/{tap}/master")
+    return master.exists() and master.resolve().name == bridge
+
+
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000

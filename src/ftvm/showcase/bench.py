@@ -260,9 +260,10 @@ def _cmd_bench_level2(args: Any) -> int:
 
 
 def _cmd_bench_level3(args: Any) -> int:
-    from .bench_l3 import check_failed, print_level3, run_level3_bench
-    return _lab_bench(args, lambda lab_dir, progress: run_level3_bench(lab_dir, args.runs, progress), print_level3,
-                      check_failed, json_extra={"level": 3})
+    from .bench_l3 import PARTS, check_failed, print_level3, run_level3_bench
+    parts = tuple(args.part) if args.part else PARTS
+    return _lab_bench(args, lambda lab_dir, progress: run_level3_bench(lab_dir, args.runs, progress, parts=parts),
+                      print_level3, check_failed, json_extra={"level": 3})
 
 
 def _cmd_bench_migration(args: Any) -> int:

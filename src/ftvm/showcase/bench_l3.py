@@ -48,6 +48,7 @@ VMS = {"L0": ("plain", 70, 0, "h1", 1), "L2": ("mirror", 71, 2, "h1", 1), "L3": 
        "L3c": ("ftc", 74, 3, "h3", 1)}
 TWO_VCPU = {"L3": ("ft2", 75, 3, "h1", 2), "L3c": ("ftc2", 76, 3, "h3", 2)}
 COMPARE_HOST = "h3"
+COLD_HOST = "h1"  # the failover lab's host that starts a partner's QEMU only at the takeover
 IDLE_MS = 10_000  # a level 3 VM not being measured checkpoints this seldom meanwhile
 CONNECTIONS = (1, 8, 32)
 # (RAM MiB, disk bytes)
@@ -123,12 +124,15 @@ def _ip_of(spec: VmSpec) -> str:
     return (spec.nics[0].ip or "").split("/")[0]
 
 
+PARTS = ("requests", "sizes", "failover")
+
+
 def run_level3_bench(lab_dir: Path, runs: int, progress: Callable[[str], None],
-                     seconds: float = 5.0) -> dict[str, Any]:
+                     seconds: float = 5.0, parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """`parts`: what to measure (all by default: the figures side by side in one run)."""
     image = build_guest(log=lambda m: None)
-    state = labmod.up(3, lab_dir, probe_kernel=str(image.kernel), l3_compare_hosts=(COMPARE_HOST,),
-                      host_memory_mib=HOST_MEMORY_MIB)
-    out: dict[str, Any] = {"configs": [], "two_vcpus": [], "pause_by_size": [], "failover": [], "errors": []}
+    out: dict[str, Any] = {"configs": [], "two_vcpus": [], "pause_by_size": [], "failover": [], "errors": [],
+                           "parts": list(parts)}
 
     def part(key: str, run: Callable[[], Any]) -> bool:
         """One part's figures; a part that fails is reported, and what came before is kept."""
@@ -139,21 +143,30 @@ def run_level3_bench(lab_dir: Path, runs: int, progress: Callable[[str], None],
             out["errors"].append(f"{key}: {type(e).__name__}: {e}")
             progress(f"{key} failed: {e}")
             return False
-    try:
-        pool = LabPool(state)
-        _wait_up(pool, [_define(pool, image, vm) for vm in VMS.values()])
-        if part("configs", lambda: _requests(pool, seconds, progress)):
-            pool.set_checkpointing("ft", IDLE_MS, False)
-            pool.set_checkpointing("ftc", IDLE_MS, False)
-            if part("two_vcpus", lambda: _two_vcpus(pool, image, seconds, progress)):
+    if "requests" in parts or "sizes" in parts:
+        state = labmod.up(3, lab_dir, probe_kernel=str(image.kernel), l3_compare_hosts=(COMPARE_HOST,),
+                          host_memory_mib=HOST_MEMORY_MIB)
+        try:
+            pool = LabPool(state)
+            ok = True
+            if "requests" in parts:
+                _wait_up(pool, [_define(pool, image, vm) for vm in VMS.values()])
+                ok = part("configs", lambda: _requests(pool, seconds, progress))
+                if ok:
+                    pool.set_checkpointing("ft", IDLE_MS, False)
+                    pool.set_checkpointing("ftc", IDLE_MS, False)
+                    ok = part("two_vcpus", lambda: _two_vcpus(pool, image, seconds, progress))
+            if ok and "sizes" in parts:
                 part("pause_by_size", lambda: _pause_by_size(pool, image, progress))
-    finally:
-        labmod.down(lab_dir)
-    state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel), host_memory_mib=HOST_MEMORY_MIB)
-    try:
-        part("failover", lambda: _failovers(LabPool(state), image, runs, progress))
-    finally:
-        labmod.down(lab_dir)
+        finally:
+            labmod.down(lab_dir)
+    if "failover" in parts:
+        state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel), host_memory_mib=HOST_MEMORY_MIB,
+                          l3_cold_hosts=(COLD_HOST,))
+        try:
+            part("failover", lambda: _failovers(LabPool(state), image, runs, progress))
+        finally:
+            labmod.down(lab_dir)
     return out
 
 
@@ -250,8 +263,9 @@ def _pause_by_size(pool: LabPool, image: GuestImage, progress: Callable[[str], N
 
 
 def _failovers(pool: LabPool, image: GuestImage, runs: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
-    """`runs` power losses of the primary of a 256 MiB guest, back and forth, and two at
-    each larger size."""
+    """Power losses of the primary at each size, back and forth: h1 -> h2 resumes in h2's
+    QEMU started ahead (agent/warm.py), h2 -> h1 in a QEMU h1 starts at the takeover
+    (`COLD_HOST`), side by side. `runs` of each at 256 MiB, two of each at larger sizes."""
     out = []
     for memory_mib, disk_size in SIZES:
         spec = _define(pool, image, ("fo", 80, 3, "h1", 1), memory_mib, disk_size)
@@ -259,24 +273,30 @@ def _failovers(pool: LabPool, image: GuestImage, runs: int, progress: Callable[[
         size = f"{memory_mib} MiB / {disk_size >> 20} MiB"
         try:
             _wait_up(pool, [spec])
-            for i in range(runs if (memory_mib, disk_size) == SIZES[0] else 2):
+            for i in range(2 * (runs if (memory_mib, disk_size) == SIZES[0] else 2)):
                 def step(message: str, run: int = i + 1, size: str = size) -> None:
                     progress(f"{size}, failover {run}: {message}")
-                r = level3_failover(pool, spec, step, healthy_s=3)
+                warm = pool.wait_running("fo", 60) != COLD_HOST  # (the partner is the other host)
+                r = level3_failover(pool, spec, step, healthy_s=3, warm=warm)
                 results.append(r)
                 labmod.restore_host(pool.state, r.failed_host)
                 pool.wait_for("protected again", l3_protected("fo"), PROTECT_S)
         finally:
             pool.stop_and_remove("fo")
-        replies = [r.reply_after_loss_s for r in results]
-        out.append({"memory_mib": memory_mib, "disk_gib": round(disk_size / 2**30, 3),
-                    "runs": [r.to_json() for r in results],
-                    "reply_after_loss_median_s": statistics.median(replies), "reply_after_loss_max_s": max(replies),
-                    "pause_median_s": statistics.median(r.pause_s for r in results),
-                    "connections_kept": sum(r.connection_kept for r in results),
-                    "lost_total": sum(r.lost for r in results),
-                    "seq_breaks_total": sum(r.seq_gaps + r.seq_repeats for r in results),
-                    "max_copies": max(r.max_copies for r in results)})
+        row: dict[str, Any] = {"memory_mib": memory_mib, "disk_gib": round(disk_size / 2**30, 3),
+                               "runs": [r.to_json() for r in results]}
+        for kind, rs in (("warm", [r for r in results if r.resumed_in_warm_qemu]),
+                         ("cold", [r for r in results if not r.resumed_in_warm_qemu])):
+            replies = [r.reply_after_loss_s for r in rs]
+            row[kind] = {"runs": len(rs), "reply_after_loss_median_s": statistics.median(replies) if rs else None,
+                         "reply_after_loss_max_s": max(replies) if rs else None,
+                         "takeover_median_s": statistics.median(r.takeover_s for r in rs) if rs else None}
+        row |= {"pause_median_s": statistics.median(r.pause_s for r in results),
+                "connections_kept": sum(r.connection_kept for r in results),
+                "lost_total": sum(r.lost for r in results),
+                "seq_breaks_total": sum(r.seq_gaps + r.seq_repeats for r in results),
+                "max_copies": max(r.max_copies for r in results)}
+        out.append(row)
     return out
 
 
@@ -298,38 +318,55 @@ def _request_table(title: str, rows: list[dict[str, Any]]) -> Table:
 def _engine_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
     t = Table(title=title, title_justify="left")
     for col in ("", "pause p50/p99 ms", "stop", "RAM", "disk", "dev state", "cont", "ACK after", "dirty pages",
-                "ckpt/s", "guest runs"):
+                "ckpt/s", "guest runs", "silence"):
         t.add_column(col, justify="right")
     for label, e in rows:
         if not e.get("per_s"):
-            t.add_row(label, str(e.get("error") or e.get("reason") or "no figures")[:60], *([""] * 9))
+            t.add_row(label, str(e.get("error") or e.get("reason") or "no figures")[:60], *([""] * 10))
             continue
         t.add_row(label, f"{e['pause_p50_ms']:.1f}/{e['pause_p99_ms']:.1f}", f"{e.get('stop_p50_ms', 0):.1f}",
                   f"{e['ram_diff_p50_ms']:.1f}", f"{e['disk_diff_p50_ms']:.1f}", f"{e['device_state_p50_ms']:.1f}",
                   f"{e.get('cont_p50_ms', 0):.1f}", f"{e.get('ack_p50_ms', 0):.1f}", f"{e['dirty_pages_p50']:.0f}",
-                  f"{e['per_s']:.0f}", f"{100 * e['running_fraction']:.0f}%")
+                  f"{e['per_s']:.0f}", f"{100 * e['running_fraction']:.0f}%",
+                  f"{e.get('partner_silence_max_ms', 0):.0f}")
     return t
 
 
 def print_level3(out: dict[str, Any]) -> None:
-    console.print(_request_table("Same guest at L0, L2, L3 (output-triggered unless an interval is given): "
-                                 "requests, ratios against L0 in this run", out["configs"]))
-    console.print(_request_table("2-vCPU guest", out["two_vcpus"]))
-    console.print(_engine_table("Level 3 engine under that load (p50 ms unless noted; RAM/disk: finding and "
-                                "reading what changed)",
-                                [(m["config"], m["engine"]) for m in out["configs"] + out["two_vcpus"]
-                                 if m.get("engine")]))
-    console.print(_engine_table("Pause by size, light load (one client, a write every 20 ms)",
-                                [(f"{r['memory_mib']} MiB, {r['disk_gib']:g} GiB disk, {r['engine']}", r)
-                                 for r in out["pause_by_size"]]))
-    t = Table(title="Level 3 failovers: power loss of the primary", title_justify="left")
-    for col in ("size", "runs", "next reply median/max s", "client pause median s", "connections kept",
-                "records lost", "sequence breaks", "copies running at once"):
+    if out["configs"]:
+        console.print(_request_table("Same guest at L0, L2, L3 (output-triggered unless an interval is given): "
+                                     "requests, ratios against L0 in this run", out["configs"]))
+    if out["two_vcpus"]:
+        console.print(_request_table("2-vCPU guest", out["two_vcpus"]))
+    if out["configs"] or out["two_vcpus"]:
+        console.print(_engine_table("Level 3 engine under that load (p50 ms unless noted; RAM/disk: finding and "
+                                    "reading what changed; silence: the longest wait for the partner, max)",
+                                    [(m["config"], m["engine"]) for m in out["configs"] + out["two_vcpus"]
+                                     if m.get("engine")]))
+    if out["pause_by_size"]:
+        console.print(_engine_table("Pause by size, light load (one client, a write every 20 ms)",
+                                    [(f"{r['memory_mib']} MiB, {r['disk_gib']:g} GiB disk, {r['engine']}", r)
+                                     for r in out["pause_by_size"]]))
+    if not out["failover"]:
+        for error in out.get("errors", []):
+            console.print(f"[red]not measured:[/] {error}", highlight=False)
+        return
+    t = Table(title="Level 3 failovers: power loss of the primary (warm: the partner's QEMU was started ahead; "
+                    "cold: started at the takeover)", title_justify="left")
+    for col in ("size", "runs", "warm: next reply median/max s", "cold: next reply median/max s",
+                "takeover s (warm)", "connections kept", "records lost", "sequence breaks", "copies running at once"):
         t.add_column(col, justify="right")
+
+    def replies(f: dict[str, Any], kind: str) -> str:
+        k = f.get(kind) or {}
+        if not k.get("runs"):
+            return "-"
+        return f"{k['reply_after_loss_median_s']:.2f}/{k['reply_after_loss_max_s']:.2f} ({k['runs']})"
     for f in out["failover"]:
-        t.add_row(f"{f['memory_mib']} MiB, {f['disk_gib']:g} GiB disk", str(len(f["runs"])),
-                  f"{f['reply_after_loss_median_s']:.2f}/{f['reply_after_loss_max_s']:.2f}",
-                  f"{f['pause_median_s']:.2f}", f"{f['connections_kept']}/{len(f['runs'])}", str(f["lost_total"]),
+        takeover = (f.get("warm") or {}).get("takeover_median_s")
+        t.add_row(f"{f['memory_mib']} MiB, {f['disk_gib']:g} GiB disk", str(len(f["runs"])), replies(f, "warm"),
+                  replies(f, "cold"), f"{takeover:.2f}" if takeover is not None else "-",
+                  f"{f['connections_kept']}/{len(f['runs'])}", str(f["lost_total"]),
                   str(f["seq_breaks_total"]), str(f["max_copies"]))
     console.print(t)
     for error in out.get("errors", []):
