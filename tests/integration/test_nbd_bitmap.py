@@ -130,8 +130,10 @@ async def bitmaps(client: QMPClient) -> set[str]:
 
 async def test_the_engine_s_disk_writes_per_epoch_and_their_cleanup(qsd: tuple[QMPClient, Path],
                                                                      tmp_path: Path) -> None:
-    """DiskWrites as a checkpoint drives it (its own NBD server, bitmap rotation, read,
-    release): each epoch's extents exactly, nothing of ours left behind."""
+    """DiskWrites as a checkpoint drives it (its own NBD server, the next epoch's bitmaps
+    added, this epoch's read over its open connection while the guest is stopped, then the
+    next one's opened and this one's removed): each epoch's extents exactly, nothing of
+    ours left behind."""
     from ftvm.l3.disk_writes import PREFIX, DiskWrites
     client, _ = qsd
     qmp = Qmp(client)
@@ -144,21 +146,39 @@ async def test_the_engine_s_disk_writes_per_epoch_and_their_cleanup(qsd: tuple[Q
     await client.execute("block-export-add", {"type": "nbd", "id": "w", "node-name": "d", "name": "w",
                                               "writable": True})
     sock = tmp_path / "bitmaps.sock"
+
+    async def checkpoint() -> list[list[Extent]]:
+        for cmd, args in writes.rotate():  # (behind `stop`: the guest writes nothing until `cont`)
+            await qmp.execute(cmd, args)
+        return await asyncio.to_thread(writes.read)
+
     try:
-        write(sock, "write -P 9 2M 4k")
-        names = await writes.snapshot()
-        assert names == writes.names(1)
-        write(sock, "write -P 8 5M 8k")  # after the snapshot: the next epoch's, not this one's
-        assert await asyncio.to_thread(writes.read, names) == [[Extent(2 * MIB, 4096)]]
-        assert await writes.release(names) == []
-        assert await bitmaps(client) == {"live", *writes.names(2)}  # the snapshot is gone, tracking goes on
-        assert await writes.release(names) == []  # a retry of a release that had happened: no error
-        names = await writes.snapshot()
-        assert await asyncio.to_thread(writes.read, names) == [[Extent(5 * MIB, 8192)]]
-        assert await writes.release(names) == []
-        names = await writes.snapshot()
-        assert await asyncio.to_thread(writes.read, names) == [[]]
-        assert await writes.release(names) == []
+        write(sock, "write -P 9 2M 4k", "write -P 9 3M 4k")
+        assert await checkpoint() == [[Extent(2 * MIB, 4096), Extent(3 * MIB, 4096)]]
+        write(sock, "write -P 8 5M 8k")  # after `cont`, before the bitmaps moved on: the next epoch's
+        await writes.advance()
+        assert await bitmaps(client) == {"live", *writes.names(2)}  # epoch 1's is gone, tracking goes on
+        assert await checkpoint() == [[Extent(5 * MIB, 8192)]]
+        await writes.advance()
+        assert await checkpoint() == [[]]
+        await writes.advance()
+        write(sock, "write -P 7 63M 4k")
+        assert await checkpoint() == [[Extent(63 * MIB, 4096)]]
     finally:
         await writes.close()
     assert not {b for b in await bitmaps(client) if b.startswith(PREFIX)}
+
+
+async def test_a_checkpoint_without_an_open_bitmap_connection_fails(qsd: tuple[QMPClient, Path],
+                                                                   tmp_path: Path) -> None:
+    from ftvm.l3.disk_writes import DiskWrites
+    client, _ = qsd
+    await client.execute("nbd-server-stop")
+    writes = DiskWrites(Qmp(client), ["d"], tmp_path / "bitmaps.sock")
+    await writes.start()
+    try:
+        await client.execute("nbd-server-stop")  # the connection dies
+        with pytest.raises(OSError):  # (NbdError, or the socket's own)
+            await asyncio.to_thread(writes.read)
+    finally:
+        await writes.close()

@@ -22,8 +22,10 @@ import logging
 import shutil
 import signal
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from dataclasses import replace
 from typing import Any
 
@@ -64,6 +66,7 @@ log = logging.getLogger("ftvm.agent")
 
 EVENT_TRIM_INTERVAL = 300.0  # seconds between trims of the event log to its newest MAX_EVENTS
 WRITE_THROUGH_CHECK_INTERVAL = 5.0  # seconds between checks that write-through copies still are
+TRASH = ".removed-"  # a guest RAM directory set aside to be freed
 
 
 Handler = Callable[[Decision, PoolSnapshot], Awaitable[None]]
@@ -108,6 +111,7 @@ class Agent:
         self._next_write_through_check = 0.0
         self._stopping = False
         self._moving: set[str] = set()  # VMs with a live migration or level change under way here
+        self._freeing: set[str] = set()  # guest RAM directories being removed (in threads)
         self._tick_seconds: deque[float] = deque(maxlen=100)  # control-plane cost figures
         self._ticks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -468,6 +472,9 @@ class Agent:
         if not root.is_dir():
             return
         for d in root.iterdir():
+            if d.name.startswith(TRASH):  # set aside (below); left by a removal cut short
+                self._free_guest_ram(d)
+                continue
             if d.name in snapshot.frozen:
                 continue  # its records say nothing certain: keep the replica
             if not (d / RAM_DIR_MARKER).is_file():
@@ -480,9 +487,23 @@ class Agent:
                     view.spec.level is not Level.SYSTEM and rec is None):  # lowered from 3 while running
                 if self.l3_partner is not None:
                     self.l3_partner.drop(d.name)
-                shutil.rmtree(d, ignore_errors=True)
+                # set aside at once, freed in a thread: freeing GiBs of tmpfs takes a while, and
+                # the agent's loop must not stall (l3/stalls.py); a start here makes a new one
+                trash = root / f"{TRASH}{d.name}-{uuid.uuid4().hex[:8]}"
+                try:
+                    d.rename(trash)
+                except OSError:
+                    continue
+                self._free_guest_ram(trash)
                 log.info("removed the level 3 RAM file of %s (%s)", d.name,
                          "VM removed" if view is None else "VM stopped")
+
+    def _free_guest_ram(self, trash: Path) -> None:
+        if trash.name in self._freeing:
+            return
+        self._freeing.add(trash.name)
+        task = spawn(asyncio.to_thread(shutil.rmtree, trash, True), name=f"rm-{trash.name}")
+        task.add_done_callback(lambda _: self._freeing.discard(trash.name))
 
     def _forget_finished(self, snapshot: PoolSnapshot) -> None:
         """Drop records of VMs no longer running here and owned elsewhere (or by nobody)."""

@@ -58,6 +58,7 @@ RETRY_S = 2.0
 FIGURES_S = 2.0           # how often the figures are published while protected
 FIGURES_WINDOW_S = 10.0   # ... computed over the epochs of this many seconds
 WATCH_S = 0.02            # the partner looks at its primaries' silence this often
+WARM_AFTER_S = 1.0        # a session protected this long gets its QEMU started ahead
 
 
 def replica_paths(spec: VmSpec, ram_dir: Path, local_storage: Path) -> ReplicaPaths:
@@ -554,13 +555,17 @@ class L3Partner:
                     noticed.discard(vm)
 
     def _warm_wanted(self) -> dict[str, tuple[VmSpec, str]]:
-        """The VMs whose replica here holds a committed checkpoint of a live session: each
-        gets a QEMU started ahead (agent/warm.py)."""
+        """The VMs whose replica here has held committed checkpoints of a live session for
+        `WARM_AFTER_S`: each gets a QEMU started ahead (agent/warm.py). Not at once: a
+        session's first seconds are the busiest on both hosts (pre-copy, often a booting
+        guest), and starting a QEMU then adds to them."""
         snap = self.snapshot()
         if snap is None:
             return {}
+        now = time.monotonic()
         return {vm: (snap.vms[vm].spec, s.committed.session) for vm, s in self.standbys.items()
-                if s.committed is not None and s.connected and is_partner(snap, self.me, vm)}
+                if s.committed is not None and s.connected and s.protected_at is not None
+                and now - s.protected_at >= WARM_AFTER_S and is_partner(snap, self.me, vm)}
 
     def local_standbys(self) -> dict[str, LocalStandby]:
         """What `decide` needs to know of the replicas kept here (none being taken over now)."""

@@ -5,6 +5,7 @@ recorded. A failed start backs off (core/restart.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -203,8 +204,8 @@ class Starts:
                 relay = OutputCommitRelay(paths.nic_socket(i), -1, gated=False)
                 relays.append(relay)
                 await relay.start()
-            for tap in taps:
-                ensure_tap(tap, self.cfg.bridge)
+            for tap in taps:  # (`ip` runs in a thread: the agent's loop must not stall, see l3/stalls.py)
+                await asyncio.to_thread(ensure_tap, tap, self.cfg.bridge)
             qemu = await self.procs.launch(spec, paths, blockdevs=l3_disk_nodes(files), paused=True,
                                            checkpointed=Checkpointed(str(files.ram), incoming=True))
             try:
@@ -217,7 +218,7 @@ class Starts:
             for relay in relays:
                 await relay.close()
             for tap in taps:
-                remove_tap(tap)
+                await asyncio.to_thread(remove_tap, tap)
             raise
         return WarmQemu(spec.name, session, machine_of(spec), qemu, relays, taps)
 

@@ -4,10 +4,11 @@ planned switchover) only loads the committed device state and continues.
 Starting QEMU took 0.1-0.6 s of a takeover on a loaded lab host (50 ms on an idle one):
 with the takeover decided 0.5 s after the primary fell silent, the guest often ran again
 only after the client's second TCP retransmission (~0.75 s), and its next reply came at
-~1.8 s. A *warm* QEMU is started once the partner holds a committed checkpoint of a
-session, with the command line a start from the replica would use (`-incoming defer`):
+~1.8 s. A *warm* QEMU is started once the partner has held committed checkpoints of a
+session for a second (agent/l3.py `WARM_AFTER_S`), with the command line a start from the
+replica would use (`-incoming defer`):
 
-    standby commits checkpoint 1 of session S ──► launch: relays listening (no taps yet),
+    session S protected for 1 s ──► launch: relays listening (no taps yet),
         taps made on the bridge but not opened (no carrier: the bridge sends them nothing),
         QEMU -incoming defer -S on the replica RAM file and disks, capabilities set
     takeover / switchover ──► Starts takes it: taps opened by the relays, device state
@@ -77,8 +78,8 @@ class WarmQemu:
             await self.qemu.wait()
         for relay in self.relays:
             await relay.close()
-        for tap in self.taps:
-            remove_tap(tap)
+        for tap in self.taps:  # (in a thread: the agent's loop must not stall)
+            await asyncio.to_thread(remove_tap, tap)
 
 
 Launch = Callable[[VmSpec, str], Awaitable[WarmQemu]]

@@ -3,16 +3,22 @@ QEMU dirty bitmaps (FACTS.md: a snapshot bitmap read over NBD matched a full com
 exactly for 97 checkpoints), so a checkpoint reads only those, whatever the disk's size.
 
     session start: NBD server on a Unix socket in the VM's run directory; bitmap B1
-                   recording on each disk's top node (before the pre-copy reads the disk)
-    checkpoint n, guest stopped, before `migrate` (block-layer QMP must come first):
-        transaction: per disk, B(n+1) added (records from here on), B(n) disabled
-        B(n) exported read-only with itself as the export's bitmap (in 7.2 an exported
-        bitmap is busy, so it cannot be the one recording); read over NBD (nbd_status.py)
-    after `cont` and the checkpoint's send: B(n)'s export and B(n) removed
+                   recording on each disk's top node (before the pre-copy reads the disk),
+                   exported read-only and a connection to it opened
+    checkpoint n, guest stopped: B(n+1) added (records from here on: sent right behind
+                   `stop`, before `migrate`); B(n)'s extents asked over its open
+                   connection while QEMU saves the device state (the guest is stopped and
+                   its I/O drained, so B(n) holds exactly epoch n's writes)
+    after `cont` and the checkpoint's send (`advance`): B(n+1) exported and connected;
+                   B(n)'s connection closed, its export and the bitmap removed
 
-The rotation costs one two-action transaction per checkpoint (measured 0.9 ms against 1.5 ms
-for freezing a copy of one long-lived bitmap by merge and clear). No write falls between
-two bitmaps: the guest is stopped and its I/O drained while both exist.
+B(n) is never disabled: after `cont` it goes on recording the next epoch's writes too, which
+nobody reads, until it is removed. What this buys is the pause: one bitmap-add and one NBD
+round trip, where freezing and exporting a bitmap and opening a connection to it (a
+greeting and three option round trips) took 2-3 ms of every pause. QEMU 7.2 exports an
+*enabled* bitmap read-only only when the export names it as {node, name} (the plain name
+is refused: "Enabled bitmap incompatible with readonly export"); an exported bitmap is
+busy (it cannot be cleared or disabled), which this rotation never needs.
 
 Any failure is the session's: the checkpoint fails, the partner's copy is recorded
 outdated and a new session starts with a full pre-copy (there is no copy of a disk to
@@ -22,6 +28,7 @@ export an earlier one left on this QEMU.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from contextlib import suppress
 from pathlib import Path
@@ -30,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..qemu.process import QemuError
-from .nbd_status import BitmapReader, Extent
+from .nbd_status import BitmapReader, Extent, NbdError
 
 PREFIX = "ftvm-l3-"
 GRANULARITY = 4096  # one bit per page: what a checkpoint sends is counted in pages
@@ -45,13 +52,15 @@ class DiskWrites:
     def __init__(self, qmp: Qmp, nodes: list[str], socket_path: Path) -> None:
         self.qmp, self.nodes, self.socket = qmp, nodes, socket_path
         self.session = secrets.token_hex(4)  # names of one session never meet another's leftovers
-        self.epoch = 1  # the bitmaps named for this epoch record now
+        self.epoch = 1  # the bitmaps named for this epoch record now; checkpoint `epoch` reads them
+        self._readers: list[BitmapReader] = []  # open on this epoch's exports, one per disk
+        self._stale: list[str] = []  # bitmaps of past epochs whose removal must be tried again
 
     def names(self, epoch: int) -> list[str]:
         return [f"{PREFIX}{self.session}-{epoch}-d{i}" for i in range(len(self.nodes))]
 
     async def start(self) -> None:
-        """Before the pre-copy: every write from here on is recorded."""
+        """Before the pre-copy: every write from here on is recorded, and readable."""
         with suppress(QemuError):  # a server left by an earlier session on this QEMU
             await self.qmp.execute("nbd-server-stop")  # (ends its exports)
         await self._remove_leftovers()
@@ -61,38 +70,44 @@ class DiskWrites:
         for node, name in zip(self.nodes, self.names(self.epoch), strict=True):
             await self.qmp.execute("block-dirty-bitmap-add", {"node": node, "name": name,
                                                               "granularity": GRANULARITY})
+        await self._open(self.epoch)
 
-    async def snapshot(self) -> list[str]:
-        """Guest stopped: the writes of the epoch just ended, frozen and exported (one
-        name per disk); the next epoch's bitmaps record from here on."""
-        frozen, recording = self.names(self.epoch), self.names(self.epoch + 1)
-        actions: list[dict[str, Any]] = []
-        for node, old, new in zip(self.nodes, frozen, recording, strict=True):
-            actions += [
-                {"type": "block-dirty-bitmap-add", "data": {"node": node, "name": new, "granularity": GRANULARITY}},
-                {"type": "block-dirty-bitmap-disable", "data": {"node": node, "name": old}}]
-        await self.qmp.execute("transaction", {"actions": actions})
+    def rotate(self) -> list[tuple[str, dict[str, Any]]]:
+        """The commands that start the next epoch's bitmaps, to send right behind `stop`
+        (QEMU runs a monitor's commands in order: no write falls between two bitmaps, the
+        guest being stopped). Plain commands, not a transaction: a transaction drains every
+        block node first, ~1 ms here, and with the guest stopped there is nothing to drain."""
+        return [("block-dirty-bitmap-add", {"node": node, "name": name, "granularity": GRANULARITY})
+                for node, name in zip(self.nodes, self.names(self.epoch + 1), strict=True)]
+
+    def read(self) -> list[list[Extent]]:
+        """(In a thread, with the guest stopped.) Each disk's extents written this epoch."""
+        if len(self._readers) != len(self.nodes):
+            raise NbdError(0, f"no open bitmap connection for epoch {self.epoch}")
+        return [reader.dirty() for reader in self._readers]
+
+    async def advance(self) -> None:
+        """After the checkpoint (guest running): the next epoch's bitmaps exported and
+        connected; this epoch's connections closed, exports and bitmaps removed (one still
+        busy is tried again next time)."""
+        done, self._readers = self._readers, []
+        for reader in done:
+            await asyncio.to_thread(reader.close)
+        old = self.names(self.epoch)
         self.epoch += 1
-        for node, name in zip(self.nodes, frozen, strict=True):
-            await self.qmp.execute("block-export-add", {"type": "nbd", "id": name, "node-name": node,
-                                                        "name": name, "bitmaps": [name]})
-        return frozen
+        await self._open(self.epoch)
+        self._stale = await self._release(self._stale + old)
 
-    def read(self, names: list[str]) -> list[list[Extent]]:
-        """(In a thread.) Each disk's written extents in the snapshot."""
-        out = []
-        for name in names:
-            reader = BitmapReader(str(self.socket), name, name)
-            try:
-                out.append(reader.dirty())
-            finally:
-                reader.close()
-        return out
+    async def _open(self, epoch: int) -> None:
+        for node, name in zip(self.nodes, self.names(epoch), strict=True):
+            await self.qmp.execute("block-export-add", {"type": "nbd", "id": name, "node-name": node, "name": name,
+                                                        "bitmaps": [{"node": node, "name": name}]})
+            self._readers.append(await asyncio.to_thread(BitmapReader, str(self.socket), name, name))
 
-    async def release(self, names: list[str]) -> list[str]:
-        """After the checkpoint: these frozen bitmaps' exports and the bitmaps go. Returns
-        those still there (QEMU lets go of an exported bitmap once the export's last client
-        has left, which can take a moment): the caller passes them again next time."""
+    async def _release(self, names: list[str]) -> list[str]:
+        """These bitmaps' exports and the bitmaps go. Returns those still there (QEMU lets
+        go of an exported bitmap once the export's last client has left, which can take a
+        moment): the caller passes them again next time."""
         left = []
         for name in names:
             with suppress(QemuError):  # gone already (a retry)
@@ -120,9 +135,11 @@ class DiskWrites:
                         await self.qmp.execute("block-dirty-bitmap-remove", {"node": n["node-name"], "name": name})
 
     async def close(self) -> None:
-        for node, name in zip(self.nodes, self.names(self.epoch), strict=True):
-            with suppress(QemuError):  # the QEMU may be gone already
-                await self.qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
+        readers, self._readers = self._readers, []
+        for reader in readers:
+            reader.close()
+        with suppress(QemuError):  # the QEMU may be gone already
+            await self._release(self._stale + self.names(self.epoch) + self.names(self.epoch + 1))
         with suppress(QemuError):  # same
             await self.qmp.execute("nbd-server-stop")
         self.socket.unlink(missing_ok=True)

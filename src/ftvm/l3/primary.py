@@ -35,6 +35,7 @@ from .disk_writes import DiskWrites, pages_of
 from .pages import PageTracker
 from .writes import TrackerError, WriteTracker
 from .relay import OutputCommitRelay
+from .stalls import STALLS
 from .vcpu_load import VcpuLoad
 from .channel import Channel, LinkConfig, open_session
 from .wire import (PRIMARY_LIMITS, Checkpoint, Msg, StatePatch, decode_ack, encode_checkpoint, encode_heartbeat,
@@ -204,9 +205,6 @@ class Checkpointer:
         self.ram_writes = ram_writes
         self.disk_writes = DiskWrites(qmp, disk_nodes, run_dir / "bitmaps.sock") if disk_nodes else None
         self.stats.disk_tracking = "dirty bitmaps" if disk_nodes else "page compare"
-        self._snapshots: list[str] = []  # the epoch's exported bitmaps, removed after `cont`
-        self._stale_snapshots: list[str] = []  # some whose removal failed: tried again
-        self._bitmap_s = 0.0
         self.epoch = 0
         self.lost: str | None = None           # why the partner is gone (None: it is not)
         self.lost_event = asyncio.Event()
@@ -303,6 +301,7 @@ class Checkpointer:
             if dirty < PRECOPY_DONE_PAGES:
                 break
         self.stats.precopy_s = time.monotonic() - t0
+        STALLS.start()
         self._tasks.append(asyncio.create_task(self._heartbeats(), name=f"l3-heartbeat-{self.vm}"))
         for relay in self.relays:  # from now on output waits for the acks of its checkpoints
             # what the guest sends until the first checkpoint is that checkpoint's: a relay
@@ -436,10 +435,8 @@ class Checkpointer:
             t0 = time.monotonic()
             self._checkpoint_since = t0
             try:
-                await self.qmp.execute("stop")
-                t_stop = time.monotonic()
                 try:
-                    deltas, times, device_state, dev_s = await self._capture()
+                    deltas, times, device_state, t_stop, dev_s = await self._capture()
                 except Exception as e:
                     # no checkpoint this epoch: the guest must not stay stopped, the partner is behind
                     self._set_lost(f"checkpoint {epoch} failed: {e}")
@@ -469,35 +466,75 @@ class Checkpointer:
                 self._resumed[epoch] = end
                 await self._send(encode_checkpoint(cp))
                 self.stats.sent_bytes += cp.nbytes
-                await self._release_snapshots()
+                if self.disk_writes is not None:  # the next epoch's bitmaps readable, this one's gone
+                    await self.disk_writes.advance()
             finally:
                 self._checkpoint_since = None
 
-    async def _capture(self) -> tuple[dict[int, Any], list[float], bytes, float]:
-        """With the guest stopped: the device state (QEMU) and the changed pages (us), at once."""
-        written: list[Any] = []
-        if self.disk_writes is not None:
-            # block-layer work before `migrate`, which leaves the block nodes inactive: the
-            # epoch's writes frozen in snapshot bitmaps and read (a few extents per disk)
-            t_bitmaps = time.monotonic()
-            self._snapshots = await self.disk_writes.snapshot()
-            written = self.disk_writes.read(self._snapshots)  # (a few round trips: sooner than a thread)
-            self._bitmap_s = time.monotonic() - t_bitmaps
+    async def _capture(self) -> tuple[dict[int, Any], list[float], bytes, float, float]:
+        """Stop the guest; then, at once, the device state (QEMU) and the changed pages (us).
+        Returns the pages, the seconds each file's part took, the device state, when the
+        guest had stopped, and the seconds from then to the end of the save.
+
+        `stop`, the disks' next bitmaps and `migrate` go to QEMU in one write, which it runs
+        in order (block-layer commands must come before `migrate`, which leaves the block
+        nodes inactive): one round trip instead of three. The changed pages are looked for
+        from the moment `stop` is answered (the guest has stopped and its I/O drained)."""
         state = self.sink.expect()
         # QEMU says when the save is over: its MIGRATION event on the checkpoint monitor,
         # else (a QEMU without one) `query-migrate` polled
         done = (self.qmp.expect("MIGRATION", lambda d: d.get("status") in ENDED)
                 if isinstance(self.qmp, EventQmp) else None)
-        await self.qmp.execute("migrate", {"uri": f"unix:{self.sink.path}"})
-        diff = asyncio.create_task(asyncio.to_thread(self._diff_all, written))
-        self._diff_task = diff
-        t_dev = time.monotonic()
+        commands: list[tuple[str, dict[str, Any] | None]] = [("stop", None)]
+        if self.disk_writes is not None:
+            commands += self.disk_writes.rotate()
+        commands.append(("migrate", {"uri": f"unix:{self.sink.path}"}))
+        replies = await self._send_commands(commands, pipelined=done is not None)
+        diff: asyncio.Task[tuple[dict[int, Any], list[float]]] | None = None
+        migrating = False
         try:
+            await replies[0]  # stopped
+            t_stop = time.monotonic()
+            diff = asyncio.create_task(asyncio.to_thread(self._diff_all))
+            self._diff_task = diff
+            for reply in replies[1:]:
+                await reply
+            migrating = True
             await self._wait_migrated(done)
             device_state = await asyncio.wait_for(state, 10.0)
+            dev_s = time.monotonic() - t_stop
+        except BaseException:
+            # every reply in, and a save that began ended, before the caller's `cont`
+            results = await asyncio.gather(*replies, return_exceptions=True)
+            if not migrating and len(results) == len(commands) and not isinstance(results[-1], BaseException):
+                with suppress(Exception):  # noqa: BLE001 - failing already
+                    await self._wait_migrated(done)
+            raise
         finally:
-            deltas, times = await diff
-        return deltas, times, device_state, time.monotonic() - t_dev
+            if done is not None:
+                done.cancel()  # (no-op once it came)
+            if diff is not None:
+                deltas, times = await diff
+        return deltas, times, device_state, t_stop, dev_s
+
+    async def _send_commands(self, commands: list[tuple[str, dict[str, Any] | None]],
+                             pipelined: bool) -> list[asyncio.Future[Any]]:
+        """The commands' replies, as futures. `pipelined` (the checkpoint monitor): all written
+        at once, each task writing its line before it awaits, in the order made. Otherwise
+        (the main monitor, qemu.qmp) one after the other."""
+        if pipelined:
+            return [asyncio.ensure_future(self.qmp.execute(cmd, args)) for cmd, args in commands]
+        out: list[asyncio.Future[Any]] = []
+        for cmd, args in commands:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            try:
+                fut.set_result(await self.qmp.execute(cmd, args))
+            except Exception as e:  # noqa: BLE001 - handed to the caller, as a pipelined reply would be
+                fut.set_exception(e)
+                out.append(fut)
+                break
+            out.append(fut)
+        return out
 
     def _count_full_resyncs(self, epoch: int) -> None:
         full = sum(t.full_resyncs for t in self._trackers)
@@ -507,30 +544,23 @@ class Checkpointer:
             log.warning("%s: dirty-page scan failed (%s): all of RAM sent in checkpoint %d", self.vm,
                         self.stats.tracking_error, epoch)
 
-    def _diff_all(self, written: list[Any]) -> tuple[dict[int, Any], list[float]]:
-        """Changed pages of every file, and the seconds each compare took."""
+    def _diff_all(self) -> tuple[dict[int, Any], list[float]]:
+        """(In a thread, guest stopped.) Changed pages of every file, and the seconds each
+        file's part took (a disk's: reading its bitmap over NBD, then its written pages)."""
         deltas, times = {}, []
         t = time.monotonic()
         deltas[0] = self._trackers[0].diff()
         times.append(time.monotonic() - t)
         t = time.monotonic()
-        if self.disk_writes is not None:  # (`written`: the extents the bitmaps gave, read before)
+        if self.disk_writes is not None:
+            written = self.disk_writes.read()
             for i, (tracker, extents) in enumerate(zip(self._trackers[1:], written, strict=True), 1):
                 deltas[i] = tracker.delta_of(pages_of(extents, tracker.npages))
-            t -= self._bitmap_s  # the disks' share of the pause includes reading the bitmaps
         else:
             for i, tracker in enumerate(self._trackers[1:], 1):
                 deltas[i] = tracker.diff()
         times.append(time.monotonic() - t)
         return deltas, times
-
-    async def _release_snapshots(self) -> None:
-        """The epoch's bitmap exports go (after the checkpoint is sent: not part of the pause
-        nor of the wait for its ACK). One that stays (busy) costs nothing now (the next epoch
-        has its own names): it is tried again next time."""
-        names, self._snapshots = self._stale_snapshots + self._snapshots, []
-        if names and self.disk_writes is not None:
-            self._stale_snapshots = await self.disk_writes.release(names)
 
     async def _wait_migrated(self, done: asyncio.Future[dict[str, Any]] | None) -> None:
         if done is None:
@@ -588,7 +618,8 @@ class Checkpointer:
         while self.lost is None and not self._closed:
             await asyncio.sleep(HEARTBEAT_S / 2)
             now = time.monotonic()
-            if now - self._last_heard > self.timeout_s:
+            # (time this side's own event loop could not run does not count: l3/stalls.py)
+            if now - self._last_heard - STALLS.unheard(self._last_heard, now) > self.timeout_s:
                 self._set_lost(f"partner silent for {now - self._last_heard:.2f}s")
                 return
             # a checkpoint under way still heartbeats (the partner would otherwise take a
@@ -633,8 +664,6 @@ class Checkpointer:
             tracker.close()
         self._trackers = []
         if self.disk_writes is not None:
-            with suppress(Exception):  # noqa: BLE001 - closing: the QEMU may be gone
-                await self._release_snapshots()
             await self.disk_writes.close()
         await self.sink.close()
         if self.vcpu_load is not None:

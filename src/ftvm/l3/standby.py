@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .channel import Channel, accept_session, read_hello, refuse
 from .pages import PAGE, ReplicaFile
+from .stalls import STALLS
 from .wire import (Checkpoint, Msg, StatePatch, WireError, decode_checkpoint, decode_precopy, encode_ack,
                    encode_heartbeat, standby_limits)
 
@@ -95,6 +96,7 @@ class Standby:
         self.bytes_received = 0
         self.primary_addr = ""
         self.dropped = 0  # pre-copies and checkpoints received while frozen, not applied
+        self.protected_at: float | None = None  # monotonic time this session's first checkpoint committed
         self._frozen = False  # a takeover began: nothing more is applied or acknowledged
         self._applying = False  # applying a received pre-copy or checkpoint (see silent_for)
         self._commit_lock = asyncio.Lock()
@@ -168,8 +170,9 @@ class Standby:
         sizes = [int(f["size"]) for f in hello["files"]]
         if len(sizes) != len(self.paths.files):
             raise WireError(f"primary sends {len(sizes)} files, this replica has {len(self.paths.files)}")
+        STALLS.start()
         self._channel, self._session_done = channel, asyncio.Event()
-        self.session, self.committed = str(hello["session"]), None
+        self.session, self.committed, self.protected_at = str(hello["session"]), None, None
         self._frozen = False  # an authenticated primary feeds it again
         self._state, self._persisted, self._torn = None, False, False
         replicas: list[ReplicaFile] = []
@@ -221,6 +224,8 @@ class Standby:
                                 self._commit(replicas, cp)
                         self.committed = Committed(self.session, cp.epoch, time.monotonic())
                         await channel.send(encode_ack(cp.epoch))
+                    if self.protected_at is None:
+                        self.protected_at = time.monotonic()
                     if cp.epoch == 1 and self.on_change:
                         self.on_change()
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
@@ -280,10 +285,14 @@ class Standby:
             self._heard()
 
     def silent_for(self) -> float:
-        """How long the primary has sent nothing, not counting time this side spent applying."""
+        """How long the primary has sent nothing, not counting time this side spent applying
+        nor time its own event loop could not run (l3/stalls.py)."""
         if self._applying:
             return 0.0
-        return time.monotonic() - self.last_heard if self.last_heard else float("inf")
+        if not self.last_heard:
+            return float("inf")
+        now = time.monotonic()
+        return now - self.last_heard - STALLS.unheard(self.last_heard, now)
 
 
 class StandbyServer:
