@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.025  # as the primary's (l3/primary.py)
 INLINE_COMMIT = 2 << 20  # a checkpoint smaller than this is applied on the event loop
+READER_LIMIT = 4 << 20   # the checkpoint link's read buffer (not a bound: message sizes are)
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,9 @@ class StandbyServer:
         self.refused = 0  # connections turned away (forged, unexpected or malformed)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.addr, self.port)
+        # a reader that holds a whole usual checkpoint (~0.5 MiB): with asyncio's 64 KiB default
+        # the transport stops reading every 128 KiB until the payload is consumed
+        self._server = await asyncio.start_server(self._accept, self.addr, self.port, limit=READER_LIMIT)
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
 

@@ -83,13 +83,17 @@ class StatePatch:
 
     @staticmethod
     def between(old: bytes, new: bytes) -> StatePatch:
+        """The chunks of `new` that differ from `old`, compared as 64-bit words (~0.05 ms for
+        QEMU's ~400 KB: it is on the path from `cont` to the ACK); a chunk past the end of
+        `old`, or partly past that of `new`, always differs."""
         n = len(new)
         count = -(-n // STATE_CHUNK)
-        a = np.zeros(count * STATE_CHUNK, dtype=np.uint8)
-        b = np.zeros(count * STATE_CHUNK, dtype=np.uint8)
-        a[:min(n, len(old))] = np.frombuffer(old, dtype=np.uint8)[:n]
-        b[:n] = np.frombuffer(new, dtype=np.uint8)
-        chunks = np.flatnonzero((a.reshape(count, STATE_CHUNK) != b.reshape(count, STATE_CHUNK)).any(axis=1))
+        same = min(n, len(old)) // STATE_CHUNK  # chunks whole in both
+        words = STATE_CHUNK // 8
+        a = np.frombuffer(old, dtype=np.uint64, count=same * words).reshape(same, words)
+        b = np.frombuffer(new, dtype=np.uint64, count=same * words).reshape(same, words)
+        changed = np.flatnonzero((a != b).any(axis=1))
+        chunks = np.concatenate([changed, np.arange(same, count, dtype=np.int64)]).astype(np.int64)
         view = memoryview(new)
         return StatePatch(n, chunks, b"".join(view[i * STATE_CHUNK:(i + 1) * STATE_CHUNK] for i in chunks.tolist()))
 
