@@ -64,6 +64,31 @@ async def test_the_migration_event_ends_a_device_state_save(monitor: DirectQmp, 
         await monitor.execute("query-status")
 
 
+async def test_the_device_state_pipe_carries_a_whole_save_without_a_connection(monitor: DirectQmp) -> None:
+    """`getfd` over the checkpoint monitor (the descriptor passed with SCM_RIGHTS), then
+    `migrate fd:`: the device state arrives through the pipe, and a second one needs a new
+    descriptor (QEMU takes the first with the migration)."""
+    from ftvm.l3.primary import DeviceStatePipe
+    await monitor.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+    pipe = DeviceStatePipe(monitor)
+    for _ in range(2):
+        await pipe.arm()
+        assert pipe.armed
+        done = monitor.expect("MIGRATION", lambda d: d.get("status") == "completed")
+        state = asyncio.ensure_future(pipe.read())
+        await monitor.execute("migrate", {"uri": f"fd:{DeviceStatePipe.NAME}"})
+        await asyncio.wait_for(done, 60)
+        data = await asyncio.wait_for(state, 60)
+        assert data.startswith(b"QEVM") and len(data) > 1000 and not pipe.armed  # QEMU's stream magic
+        await monitor.execute("cont")  # (as a checkpoint does: from postmigrate)
+        await monitor.execute("stop")
+    with pytest.raises(QmpError, match="ftvm-devstate"):  # used up with the migration
+        await monitor.execute("migrate", {"uri": f"fd:{DeviceStatePipe.NAME}"})
+    await pipe.arm()
+    pipe.close()  # (a session that ends with a pipe handed over: nothing left on our side)
+    assert not pipe.armed
+
+
 @pytest.mark.parametrize("line", [b"[1, 2]\n", b"{not json\n", b"x" * (MAX_LINE + 10) + b"\n", b"[" * 100_000 + b"\n"])
 async def test_a_peer_that_is_not_qemu_ends_the_connection_not_the_caller(tmp_path: Path, line: bytes) -> None:
     sock = tmp_path / "fake.sock"

@@ -38,11 +38,13 @@ from .relay import OutputCommitRelay
 from .stalls import STALLS
 from .vcpu_load import VcpuLoad
 from .channel import Channel, LinkConfig, open_session
-from .wire import (PRIMARY_LIMITS, Checkpoint, Msg, StatePatch, decode_ack, encode_checkpoint, encode_heartbeat,
-                   encode_precopy)
+from ..qemu.process import QemuError
+from .wire import (MAX_DEVICE_STATE, PRIMARY_LIMITS, Checkpoint, Msg, StatePatch, decode_ack, encode_checkpoint,
+                   encode_heartbeat, encode_precopy)
 
 log = logging.getLogger(__name__)
 
+SO_SNDBUFFORCE = 32  # (Linux; not in Python's socket module)
 HEARTBEAT_S = 0.025  # (and the partner's: l3/standby.py) a 25 ms beat keeps silences short beside l3_partner_lost
 # Output-triggered epochs (`on_output`, docs/architecture.md): a checkpoint starts GATHER_S
 # after the guest first sends (a reply is often several frames) and at least MIN_RUN_S after
@@ -148,6 +150,71 @@ def percentile(values: list[float] | deque[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+@runtime_checkable
+class FdQmp(EventQmp, Protocol):
+    """A monitor that can also pass a descriptor with a command (qemu/monitor.py DirectQmp)."""
+
+    async def execute_with_fd(self, cmd: str, args: dict[str, Any] | None, fd: int) -> Any: ...
+
+
+class DeviceStatePipe:
+    """The device state's way from QEMU to the agent, one per checkpoint: a socket pair whose
+    QEMU end is handed over (`getfd`) after the previous checkpoint, so the checkpoint's
+    `migrate fd:` needs no connection, and whose buffer holds a whole device state, so QEMU
+    never waits for the agent to read (a Unix socket it connected to held ~200 KB of the
+    ~400 KB: QEMU's save waited on the agent's event loop mid-way)."""
+
+    NAME = "ftvm-devstate"
+    BUFFER = 16 << 20
+
+    def __init__(self, qmp: FdQmp) -> None:
+        self.qmp = qmp
+        self._ours: socket.socket | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._ours is not None
+
+    async def arm(self) -> None:
+        """QemuError or OSError if QEMU did not take the descriptor (the caller falls back)."""
+        self.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:  # as root, past net.core.wmem_max
+                theirs.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self.BUFFER)
+            except OSError:
+                theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.BUFFER)
+            ours.setblocking(False)
+            await self.qmp.execute_with_fd("getfd", {"fdname": self.NAME}, theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # QEMU holds its own copy
+        self._ours = ours
+
+    async def read(self) -> bytes:
+        """The device state QEMU writes for this checkpoint (until it closes its end), bounded."""
+        sock, self._ours = self._ours, None
+        assert sock is not None, "arm() first"
+        loop = asyncio.get_running_loop()
+        chunks, size = [], 0
+        try:
+            while chunk := await loop.sock_recv(sock, 1 << 20):
+                size += len(chunk)
+                if size > MAX_DEVICE_STATE:
+                    raise OSError(f"device state over {MAX_DEVICE_STATE} bytes")
+                chunks.append(chunk)
+        finally:
+            sock.close()
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        if self._ours is not None:
+            self._ours.close()
+            self._ours = None
+
+
 class DeviceStateSink:
     """A Unix socket QEMU's `migrate` writes the device state to (RAM is shared: not sent)."""
 
@@ -200,7 +267,8 @@ class Checkpointer:
         self.files = [ram, *disks]
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self.sink = DeviceStateSink(run_dir / "devstate.sock")
+        self.sink = DeviceStateSink(run_dir / "devstate.sock")  # (a QEMU that cannot take `getfd`)
+        self.pipe = DeviceStatePipe(qmp) if isinstance(qmp, FdQmp) else None
         self.stats = CheckpointStats(tracking=tracking)
         self.ram_writes = ram_writes
         self.disk_writes = DiskWrites(qmp, disk_nodes, run_dir / "bitmaps.sock") if disk_nodes else None
@@ -248,6 +316,7 @@ class Checkpointer:
         # still has the migration's TLS credentials set)
         await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40, "tls-creds": ""})
         await self.sink.start()
+        await self._arm_pipe()
 
     async def connect(self, addr: str, link: LinkConfig, session: str) -> None:
         """Open the checkpoint link and authenticate both ends (l3/channel.py): OSError or
@@ -468,6 +537,7 @@ class Checkpointer:
                 self.stats.sent_bytes += cp.nbytes
                 if self.disk_writes is not None:  # the next epoch's bitmaps readable, this one's gone
                     await self.disk_writes.advance()
+                await self._arm_pipe()
             finally:
                 self._checkpoint_since = None
 
@@ -480,7 +550,10 @@ class Checkpointer:
         in order (block-layer commands must come before `migrate`, which leaves the block
         nodes inactive): one round trip instead of three. The changed pages are looked for
         from the moment `stop` is answered (the guest has stopped and its I/O drained)."""
-        state = self.sink.expect()
+        piped = self.pipe is not None and self.pipe.armed
+        state = (asyncio.ensure_future(self.pipe.read()) if self.pipe is not None and piped
+                 else self.sink.expect())
+        uri = f"fd:{DeviceStatePipe.NAME}" if piped else f"unix:{self.sink.path}"
         # QEMU says when the save is over: its MIGRATION event on the checkpoint monitor,
         # else (a QEMU without one) `query-migrate` polled
         done = (self.qmp.expect("MIGRATION", lambda d: d.get("status") in ENDED)
@@ -488,7 +561,7 @@ class Checkpointer:
         commands: list[tuple[str, dict[str, Any] | None]] = [("stop", None)]
         if self.disk_writes is not None:
             commands += self.disk_writes.rotate()
-        commands.append(("migrate", {"uri": f"unix:{self.sink.path}"}))
+        commands.append(("migrate", {"uri": uri}))
         replies = await self._send_commands(commands, pipelined=done is not None)
         diff: asyncio.Task[tuple[dict[int, Any], list[float]]] | None = None
         migrating = False
@@ -516,6 +589,16 @@ class Checkpointer:
             if diff is not None:
                 deltas, times = await diff
         return deltas, times, device_state, t_stop, dev_s
+
+    async def _arm_pipe(self) -> None:
+        """The next checkpoint's device-state pipe, handed to QEMU now (off the pause). If
+        QEMU does not take it, that checkpoint uses the Unix socket instead."""
+        if self.pipe is None:
+            return
+        try:
+            await self.pipe.arm()
+        except (QemuError, OSError) as e:
+            log.warning("%s: device state pipe not handed over (%s): the next checkpoint connects", self.vm, e)
 
     async def _send_commands(self, commands: list[tuple[str, dict[str, Any] | None]],
                              pipelined: bool) -> list[asyncio.Future[Any]]:
@@ -666,5 +749,7 @@ class Checkpointer:
         if self.disk_writes is not None:
             await self.disk_writes.close()
         await self.sink.close()
+        if self.pipe is not None:
+            self.pipe.close()
         if self.vcpu_load is not None:
             self.vcpu_load.close()

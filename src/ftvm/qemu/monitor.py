@@ -13,8 +13,10 @@ ends the connection (QemuError) instead of growing a buffer.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -40,15 +42,20 @@ class DirectQmp:
         self._next_id = 0
         self._task: asyncio.Task[None] | None = None
         self._error: QemuError | None = None
+        self._sock: socket.socket | None = None
 
     async def connect(self) -> None:
         """QemuError if the monitor does not answer like QEMU's."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            reader, self._writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.path), limit=MAX_LINE), CONNECT_S)
+            sock.setblocking(False)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, str(self.path)), CONNECT_S)
+            reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_LINE)
+            self._sock = sock  # kept for `execute_with_fd` (SCM_RIGHTS, which the transport cannot send)
             self._reader = reader
             greeting = await asyncio.wait_for(reader.readline(), CONNECT_S)
         except (OSError, TimeoutError, ValueError) as e:
+            sock.close()
             raise QemuError(f"checkpoint monitor {self.path.name}: {e or type(e).__name__}") from e
         if b'"QMP"' not in greeting:
             raise QemuError(f"checkpoint monitor {self.path.name}: no QMP greeting")
@@ -56,18 +63,39 @@ class DirectQmp:
         await self.execute("qmp_capabilities")
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        """One command's `return`; QmpError if QEMU refuses it or the connection is gone."""
-        if self._writer is None or self._error is not None:
+        """One command's `return`; QmpError if QEMU refuses it or the connection is gone.
+        The command is written before the first await: commands issued one after the other
+        (as tasks) reach QEMU in that order without waiting for each other's replies."""
+        return await self._execute(cmd, args, None)
+
+    async def execute_with_fd(self, cmd: str, args: dict[str, Any] | None, fd: int) -> Any:
+        """`execute`, with `fd` passed along (SCM_RIGHTS), as `getfd` needs."""
+        if self._writer is not None and self._writer.transport.get_write_buffer_size():
+            await self._writer.drain()  # (nothing may overtake what is queued)
+        return await self._execute(cmd, args, fd)
+
+    async def _execute(self, cmd: str, args: dict[str, Any] | None, fd: int | None) -> Any:
+        if self._writer is None or self._sock is None or self._error is not None:
             raise QmpError(cmd, str(self._error or "checkpoint monitor not connected"))
         self._next_id += 1
         ident = self._next_id
         msg: dict[str, Any] = {"execute": cmd, "id": ident}
         if args:
             msg["arguments"] = args
+        line = json.dumps(msg).encode() + b"\n"
         reply = asyncio.get_running_loop().create_future()
         self._pending[ident] = reply
         try:
-            self._writer.write(json.dumps(msg).encode() + b"\n")
+            if fd is None:
+                self._writer.write(line)
+            else:
+                try:
+                    sent = self._sock.sendmsg([line], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                except OSError as e:  # (a full socket buffer included: never the case for one short line)
+                    raise QmpError(cmd, f"could not pass a descriptor: {e}") from e
+                if sent != len(line):
+                    self._fail(QemuError(f"checkpoint monitor: {cmd} written in part"))
+                    raise QmpError(cmd, "written in part: the monitor connection is ended")
             result = await reply
         finally:
             self._pending.pop(ident, None)
