@@ -157,11 +157,13 @@ def prune_unused(cache_dir: Path, keep: Path, now: float | None = None) -> list[
     return removed
 
 
-def make_ledger_disk(path: Path, size_mib: int = 64) -> None:
-    """Create a zeroed raw disk for the ledger (refuses to overwrite)."""
+def make_ledger_disk(path: Path, size_mib: int = 64, sparse: bool = False) -> None:
+    """Create a zeroed raw disk for the ledger (refuses to overwrite); allocated, as ftvm's
+    own copies are, unless `sparse` (a disk of tens of GiB in the lab)."""
     if path.exists():
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.truncate(size_mib * 1024 * 1024)
-        os.posix_fallocate(f.fileno(), 0, size_mib * 1024 * 1024)  # allocated, as ftvm's own copies are
+        if not sparse:
+            os.posix_fallocate(f.fileno(), 0, size_mib * 1024 * 1024)

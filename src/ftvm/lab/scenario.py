@@ -82,7 +82,7 @@ class LabPool:
             disks: tuple[DiskSpec, ...] = (DiskSpec(size=disk_size),)
         else:
             disk = self.state.shared_dir / f"{name}.img"
-            make_ledger_disk(disk)
+            make_ledger_disk(disk, disk_size >> 20, sparse=disk_size > 1 << 30)
             disks = (DiskSpec(str(disk)),)
         spec = VmSpec(name=name, level=level, memory_mib=memory_mib, vcpus=vcpus, disks=disks,
                       nics=(NicSpec(f"52:54:00:77:00:{index:02x}", topo.vm_addr(index)),),
