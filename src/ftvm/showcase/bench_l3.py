@@ -54,6 +54,7 @@ CONNECTIONS = (1, 8, 32)
 # (RAM MiB, disk bytes)
 SIZES = [(256, 64 << 20), (2048, 64 << 20), (256, 20 << 30), (2048, 20 << 30)]
 HOST_MEMORY_MIB = 16384
+HOST_VCPUS = 16  # every VM of a part on its intended host (4 vCPUs put a 2-vCPU guest on another engine's host)
 # the compare engine reads every page of every disk in every epoch: at 20 GiB ~3 s, past
 # l3_checkpoint_stall (the partner would take the VM over); that is what bitmaps are for
 COMPARE_MAX_DISK = 1 << 30
@@ -73,6 +74,15 @@ def _engine(pool: LabPool, vm: str) -> dict[str, Any]:
     time.sleep(2.5)
     f = _figures(pool, vm)
     return dict(f.__dict__) if f else {}
+
+
+def _labelled(label: str, engine: dict[str, Any]) -> str:
+    """`label`, or, if the VM ran with the other engine than it says (placed on another
+    host), the label with the engine it ran with: a figure never stands under a wrong name."""
+    compared = str(engine.get("tracking", "")).startswith("page compare")
+    if not engine or compared == ("compare" in label):
+        return label
+    return f"{label} [ran with {'compare' if compared else 'tracking'}!]"
 
 
 def _settle(pool: LabPool, vm: str, others: list[str], l3: tuple[int, bool]) -> None:
@@ -145,7 +155,7 @@ def run_level3_bench(lab_dir: Path, runs: int, progress: Callable[[str], None],
             return False
     if "requests" in parts or "sizes" in parts:
         state = labmod.up(3, lab_dir, probe_kernel=str(image.kernel), l3_compare_hosts=(COMPARE_HOST,),
-                          host_memory_mib=HOST_MEMORY_MIB)
+                          host_memory_mib=HOST_MEMORY_MIB, host_vcpus=HOST_VCPUS)
         try:
             pool = LabPool(state)
             ok = True
@@ -162,7 +172,7 @@ def run_level3_bench(lab_dir: Path, runs: int, progress: Callable[[str], None],
             labmod.down(lab_dir)
     if "failover" in parts:
         state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel), host_memory_mib=HOST_MEMORY_MIB,
-                          l3_cold_hosts=(COLD_HOST,))
+                          host_vcpus=HOST_VCPUS, l3_cold_hosts=(COLD_HOST,))
         try:
             part("failover", lambda: _failovers(LabPool(state), image, runs, progress))
         finally:
@@ -182,6 +192,7 @@ def _requests(pool: LabPool, seconds: float, progress: Callable[[str], None]) ->
         if l3 is not None:
             m["checkpoint_ms"], m["on_output"] = l3
             m["engine"] = _engine(pool, name)
+            m["config"] = _labelled(label, m["engine"])
             progress("  " + _engine_line(m["engine"]))
         configs.append(m)
     _ratios(configs, configs[0])
@@ -212,6 +223,7 @@ def _two_vcpus(pool: LabPool, image: GuestImage, seconds: float,
             m = _measure(pool, _ip(index), seconds, progress) | {"config": label, "level": level}
             if level == 3:
                 m["engine"] = _engine(pool, name)
+                m["config"] = _labelled(label, m["engine"])
                 progress("  " + _engine_line(m["engine"]))
             rows.append(m)
         _ratios(rows, rows[0])
@@ -276,7 +288,8 @@ def _failovers(pool: LabPool, image: GuestImage, runs: int, progress: Callable[[
             for i in range(2 * (runs if (memory_mib, disk_size) == SIZES[0] else 2)):
                 def step(message: str, run: int = i + 1, size: str = size) -> None:
                     progress(f"{size}, failover {run}: {message}")
-                warm = pool.wait_running("fo", 60) != COLD_HOST  # (the partner is the other host)
+                # resumed in a QEMU started ahead unless the partner (the other host) is COLD_HOST
+                warm = pool.wait_running("fo", 60) == COLD_HOST
                 r = level3_failover(pool, spec, step, healthy_s=3, warm=warm)
                 results.append(r)
                 labmod.restore_host(pool.state, r.failed_host)
