@@ -150,7 +150,10 @@ async def test_the_engine_s_disk_writes_per_epoch_and_their_cleanup(qsd: tuple[Q
     async def checkpoint() -> list[list[Extent]]:
         for cmd, args in writes.rotate():  # (behind `stop`: the guest writes nothing until `cont`)
             await qmp.execute(cmd, args)
-        return await asyncio.to_thread(writes.read)
+        extents = await asyncio.to_thread(writes.read)
+        for cmd, args in writes.exports():  # (behind `cont`)
+            await qmp.execute(cmd, args)
+        return extents
 
     try:
         write(sock, "write -P 9 2M 4k", "write -P 9 3M 4k")

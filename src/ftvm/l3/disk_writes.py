@@ -9,8 +9,9 @@ exactly for 97 checkpoints), so a checkpoint reads only those, whatever the disk
                    `stop`, before `migrate`); B(n)'s extents asked over its open
                    connection while QEMU saves the device state (the guest is stopped and
                    its I/O drained, so B(n) holds exactly epoch n's writes)
-    after `cont` and the checkpoint's send (`advance`): B(n+1) exported and connected;
-                   B(n)'s connection closed, its export and the bitmap removed
+    right behind `cont` (`exports`): B(n+1) exported; after the checkpoint's send
+                   (`advance`): B(n+1) connected; B(n)'s connection closed, its export and
+                   the bitmap removed
 
 B(n) is never disabled: after `cont` it goes on recording the next epoch's writes too, which
 nobody reads, until it is removed. What this buys is the pause: one bitmap-add and one NBD
@@ -86,8 +87,18 @@ class DiskWrites:
             raise NbdError(0, f"no open bitmap connection for epoch {self.epoch}")
         return [reader.dirty() for reader in self._readers]
 
+    def exports(self) -> list[tuple[str, dict[str, Any]]]:
+        """The commands that export the next epoch's bitmaps (they exist from `rotate` on),
+        to send right behind `cont`; `advance` connects to them."""
+        return [("block-export-add", self._export_args(node, name))
+                for node, name in zip(self.nodes, self.names(self.epoch + 1), strict=True)]
+
+    @staticmethod
+    def _export_args(node: str, name: str) -> dict[str, Any]:
+        return {"type": "nbd", "id": name, "node-name": node, "name": name, "bitmaps": [{"node": node, "name": name}]}
+
     async def advance(self) -> None:
-        """After the checkpoint (guest running): the next epoch's bitmaps exported and
+        """After the checkpoint (guest running, `exports` sent): the next epoch's bitmaps
         connected; this epoch's connections closed, exports and bitmaps removed (one still
         busy is tried again next time)."""
         done, self._readers = self._readers, []
@@ -95,28 +106,35 @@ class DiskWrites:
             await asyncio.to_thread(reader.close)
         old = self.names(self.epoch)
         self.epoch += 1
-        await self._open(self.epoch)
+        for name in self.names(self.epoch):
+            self._readers.append(await asyncio.to_thread(BitmapReader, str(self.socket), name, name))
         self._stale = await self._release(self._stale + old)
 
     async def _open(self, epoch: int) -> None:
         for node, name in zip(self.nodes, self.names(epoch), strict=True):
-            await self.qmp.execute("block-export-add", {"type": "nbd", "id": name, "node-name": node, "name": name,
-                                                        "bitmaps": [{"node": node, "name": name}]})
+            await self.qmp.execute("block-export-add", self._export_args(node, name))
             self._readers.append(await asyncio.to_thread(BitmapReader, str(self.socket), name, name))
 
     async def _release(self, names: list[str]) -> list[str]:
-        """These bitmaps' exports and the bitmaps go. Returns those still there (QEMU lets
-        go of an exported bitmap once the export's last client has left, which can take a
-        moment): the caller passes them again next time."""
-        left = []
+        """These bitmaps' exports and the bitmaps go (the commands sent at once, QEMU runs
+        them in order). Returns those still there (QEMU lets go of an exported bitmap once
+        the export's last client has left, which can take a moment): the caller passes
+        them again next time."""
+        replies = []
         for name in names:
-            with suppress(QemuError):  # gone already (a retry)
-                await self.qmp.execute("block-export-del", {"id": name})
-            try:
-                await self.qmp.execute("block-dirty-bitmap-remove", {"node": self._node_of(name), "name": name})
-            except QemuError as e:
-                if "not found" not in str(e):  # (a retry of one that went)
-                    left.append(name)
+            replies.append(asyncio.ensure_future(self.qmp.execute("block-export-del", {"id": name})))
+            replies.append(asyncio.ensure_future(self.qmp.execute(
+                "block-dirty-bitmap-remove", {"node": self._node_of(name), "name": name})))
+        results = await asyncio.gather(*replies, return_exceptions=True)
+        left = []
+        for name, removed in zip(names, results[1::2], strict=True):
+            if isinstance(removed, QemuError) and "not found" not in str(removed):  # (not: a retry of one gone)
+                left.append(name)
+            elif isinstance(removed, BaseException) and not isinstance(removed, QemuError):
+                raise removed
+        for deleted in results[0::2]:  # gone already (a retry) is fine; anything else is not QEMU's answer
+            if isinstance(deleted, BaseException) and not isinstance(deleted, QemuError):
+                raise deleted
         return left
 
     def _node_of(self, name: str) -> str:
