@@ -59,6 +59,11 @@ FIGURES_S = 2.0           # how often the figures are published while protected
 FIGURES_WINDOW_S = 10.0   # ... computed over the epochs of this many seconds
 WATCH_S = 0.02            # the partner looks at its primaries' silence this often
 WARM_AFTER_S = 1.0        # a session protected this long gets its QEMU started ahead
+# A session heard from this recently is the live one: a second HELLO for the VM is refused
+# meanwhile. Not l3_partner_lost (0.15 s): a loaded host's live session can fall that
+# silent for a moment, and the hostile-peer test saw a duplicate HELLO admitted. A primary
+# that gave up on its session reconnects only RETRY_S (2 s) later, by then stale.
+LIVE_WITHIN_S = 1.0
 
 
 def replica_paths(spec: VmSpec, ram_dir: Path, local_storage: Path) -> ReplicaPaths:
@@ -493,7 +498,7 @@ class L3Partner:
         self.history = host.journal.history  # availability records: the outage starts when the primary fell silent
         self.timing, self.event = host.timing, host.journal.event
         self.standbys: dict[str, Standby] = {}
-        self.server = StandbyServer(addr, port, key, self._admit, live_within=host.timing.l3_partner_lost)
+        self.server = StandbyServer(addr, port, key, self._admit, live_within=LIVE_WITHIN_S)
         self._task: asyncio.Task[None] | None = None
         self._taking_over: set[str] = set()
 
