@@ -53,6 +53,13 @@ async def set_desired(store: PoolStore, name: str, desired: Desired, force: bool
         if got is None:
             raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
         spec, rev = got
+        if desired is Desired.RUNNING:  # an operator's start: ftvm tries a failing guest again
+            snap = await store.snapshot()
+            view = snap.vms.get(name)
+            if view is not None and view.guest is not None and view.guest.gave_up:
+                await store.clear_guest(name)
+                if spec.desired is desired:
+                    return True
         if spec.desired is desired and spec.stop_force >= force:
             return False
         if desired is Desired.RUNNING:

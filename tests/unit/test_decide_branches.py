@@ -11,6 +11,7 @@ import pytest
 from ftvm.core.decide import Action, decide
 from ftvm.core.model import (Desired, DiskSpec, HostInfo, Incoming, Level, LevelChange, LocalView, LocalVm,
                              Migration, NicSpec, Ownership, PoolSnapshot, RunState, VmSpec, VmStatus, VmView)
+from ftvm.core.guest_failures import PANIC, GuestRecord
 from ftvm.core.replication import CopyState, mark, new_copies
 
 SHARED = "/srv/shared"
@@ -26,6 +27,7 @@ def running(token: int = 7, state: RunState = RunState.RUNNING) -> dict[str, Loc
     return {"web": LocalVm("web", state, token)}
 
 
+GAVE_UP = GuestRecord((), "guest failed 4 times in 1 h (last: guest kernel panic on h1)")
 L2_COPIES = mark(new_copies("h1", "h2", 0.0), "h2", CopyState.OUTDATED, "h2 down", 1.0)
 
 CASES: list[tuple[str, str, dict[str, Any], dict[str, LocalVm], Action, str]] = [
@@ -56,6 +58,12 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, LocalVm], Action, str]] = 
     ("owned elsewhere", "h2", dict(), {}, Action.WAIT, "runs on h1"),
     # --- this host owns it
     ("running here under a stale token", "h1", dict(), running(6), Action.KILL, "stale"),
+    ("its guest panicked", "h1", dict(), {"web": LocalVm("web", RunState.RUNNING, 7, None, PANIC)},
+     Action.GUEST_FAILED, "kernel panic"),
+    ("its guest failed once too often: left stopped, released", "h1", dict(guest=GAVE_UP), {},
+     Action.RELEASE, "left stopped: guest failed 4 times"),
+    ("unowned, its guest failed once too often: not started anywhere", "h2", dict(owner=None, guest=GAVE_UP), {},
+     Action.WAIT, "left stopped"),
     ("its migration target listens", "h1", dict(migration=MIGRATION, incoming=INCOMING), running(),
      Action.MIGRATE, "live migration to h2"),
     ("a level change asked", "h1", dict(level_change=LevelChange(2, "h1", 7, 1.0)), running(),

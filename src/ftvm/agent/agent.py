@@ -50,6 +50,7 @@ from .config import AgentConfig
 from .context import HostContext
 from .disks import HostDisks
 from .exports import Exports
+from .guest import GuestFailures
 from .fence import FenceGuard
 from .journal import Journal
 from .l3 import L3Partner, L3Primary
@@ -106,6 +107,7 @@ class Agent:
         self.level_changes = LevelChanges(self.ctx, config, self.procs, self.disks, self._new_l3)
         self.starts = Starts(self.ctx, config, self.procs, self.disks, self.exports, self.migrations, self.counters,
                              lambda: self.l3_partner, self._new_l3)
+        self.guest = GuestFailures(self.ctx, self.procs, self.counters)  # a guest's own failures
         self.handlers = self._handlers()
         self._next_trim = 0.0
         self._next_write_through_check = 0.0
@@ -278,7 +280,8 @@ class Agent:
 
     def local_view(self) -> LocalView:
         return LocalView(self.cfg.name, {
-            name: LocalVm(name, rec.state, rec.token, rec.exit_code) for name, rec in self.vms.items()},
+            name: LocalVm(name, rec.state, rec.token, rec.exit_code, rec.guest_failure)
+            for name, rec in self.vms.items()},
             self.exports.names(), self.l3_partner.local_standbys() if self.l3_partner else {}, now=time.time())
 
     async def tick(self) -> TickReport:
@@ -351,7 +354,7 @@ class Agent:
                 Action.UNEXPORT: self._unexport, Action.PREPARE_INCOMING: self.migrations.prepare_incoming,
                 Action.MIGRATE: self._migrate_out, Action.CHANGE_LEVEL: self._change_level,
                 Action.REPLACE_PARTNER: self._replace_partner, Action.FAILBACK: self.migrations.ask_failback,
-                Action.TAKE_OVER: self._take_over}
+                Action.TAKE_OVER: self._take_over, Action.GUEST_FAILED: self.guest.handle}
 
     async def _execute(self, d: Decision, snapshot: PoolSnapshot) -> None:
         await self.handlers[d.action](d, snapshot)

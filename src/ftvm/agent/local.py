@@ -37,6 +37,7 @@ class LocalRecord:
     incoming_disks: IncomingDisks | None = None  # level 2 migration target: the copy it opened
     l3: L3Primary | None = None            # level 3 checkpointing
     stop_hurry: asyncio.Event = field(default_factory=asyncio.Event)  # `vm stop --force` during a stop
+    guest_failure: str | None = None  # the guest failed on its own (core/guest_failures.py): the cause
 
 
 _background: set[asyncio.Task[Any]] = set()

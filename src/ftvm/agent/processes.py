@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..core.guest_failures import failure_of
 from ..core.model import RunState, VmSpec
 from ..core.restart import after_exit
 from ..qemu.cmdline import VmPaths
@@ -91,6 +92,9 @@ class Processes:
 
     def on_qemu_event(self, vm: str, name: str, data: dict[str, Any]) -> None:
         rec = self.vms.get(vm)
+        cause = failure_of(name)
+        if cause is not None and rec is not None and rec.state is RunState.RUNNING and rec.guest_failure is None:
+            rec.guest_failure = cause  # the tick decides (GUEST_FAILED: agent/guest.py)
         if rec is not None and rec.replica is not None:
             rec.replica.on_qemu_event(name, data)
         if rec is not None and rec.l3 is not None and name in ("STOP", "RESUME"):

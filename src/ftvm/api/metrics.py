@@ -23,6 +23,7 @@ class AgentCounters:
     failovers: dict[str, int] = field(default_factory=dict)    # VM taken over from a lost host, here
     migrations: dict[str, int] = field(default_factory=dict)   # VM moved here live
     checkpoints: dict[str, int] = field(default_factory=dict)  # level 3 checkpoints taken here
+    guest_failures: dict[str, int] = field(default_factory=dict)  # the guest failed on its own, here
     fences: int = 0                                              # VMs killed by the fence guard
     loop_errors: int = 0                                         # unexpected errors the agent's loops survived
 
@@ -147,7 +148,9 @@ def render(snapshot: PoolSnapshot, health: AgentHealth, counters: AgentCounters)
     for kind, per_vm, help_text in (
             ("failovers", counters.failovers, "VMs this agent took over from a lost host"),
             ("migrations", counters.migrations, "VMs live-migrated to this host"),
-            ("checkpoints", counters.checkpoints, "level 3 checkpoints this agent took")):
+            ("checkpoints", counters.checkpoints, "level 3 checkpoints this agent took"),
+            ("guest_failures", counters.guest_failures,
+             "guest failures on this host (kernel panic, watchdog, health probe), restarted or not")):
         f = fam(f"ftvm_{kind}_total", "counter", help_text)
         for vm, n in sorted(per_vm.items()):
             f.add(n, vm=vm, host=health.host)

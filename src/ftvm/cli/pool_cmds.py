@@ -408,14 +408,16 @@ def cmd_report(args: Any) -> int:
         emit_json({"days": args.days, "reports": data})
         return OK
     t = Table(title=f"Availability over the last {args.days:g} days", title_justify="left")
-    for col in ("VM", "Availability", "SLA", "Met", "Outages", "Failovers", "Longest recovery", "Down (unplanned)"):
+    for col in ("VM", "Availability", "SLA", "Met", "Outages", "Failovers", "Guest failures", "Longest recovery",
+                "Down (unplanned)"):
         t.add_column(col)
     for d in data:
         avail = "-" if d["availability_percent"] is None else f"{d['availability_percent']:.4f}%"
         met = {None: "-", True: "[green]yes[/]", False: "[red]no[/]"}[d["meets_sla"]]
         longest = "-" if d["time_to_recover_max_s"] is None else f"{d['time_to_recover_max_s']:.2f} s"
         t.add_row(d["vm"], avail, f"{d['sla_target_percent']:g}%" if d["sla_target_percent"] else "-", met,
-                  str(len(d["outages"])), str(d["failovers"]), longest, f"{d['unplanned_down_s']:.2f} s")
+                  str(len(d["outages"])), str(d["failovers"]), str(d.get("guest_failures", 0)), longest,
+                  f"{d['unplanned_down_s']:.2f} s")
     console.print(t)
     if args.vm:
         for d in data:

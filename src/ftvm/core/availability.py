@@ -4,7 +4,8 @@ The agents append a compact record whenever a VM's service starts or stops
 (store: `history/<vm>/...`, kept by age, not trimmed with the event log):
 
     up       the guest runs (started, restarted, resumed from a checkpoint, migrated in)
-    down     the guest stopped unasked on `host`: QEMU died, the host was lost (written
+    down     the guest stopped unasked on `host`: QEMU died, the guest itself failed (cause
+             "guest ...": counted apart from host failures), the host was lost (written
              by the survivor, time = the best estimate of the loss: lease expiry minus
              TTL, or the takeover minus the silence the partner measured), a fence.
              A `down` from a host other than the one of the last `up` is ignored: that
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .guest_failures import GUEST
 from .records import from_fields
 
 
@@ -51,6 +53,11 @@ class Outage:
     def failover(self) -> bool:
         return self.end is not None and bool(self.host_after) and self.host_after != self.host_before
 
+    @property
+    def guest(self) -> bool:
+        """The guest failed on its own (panic, watchdog, health probe), the host was fine."""
+        return self.cause.startswith(GUEST)
+
     def seconds(self, until: float) -> float:
         return (self.end if self.end is not None else until) - self.start
 
@@ -71,6 +78,10 @@ class Report:
     def failovers(self) -> int:
         return sum(o.failover for o in self.outages)
 
+    @property
+    def guest_failures(self) -> int:
+        return sum(o.guest for o in self.outages)
+
     def recover_times(self) -> list[float]:
         return [o.seconds(self.end) for o in self.outages if o.end is not None]
 
@@ -82,9 +93,11 @@ class Report:
             "sla_target_percent": self.sla_target, "meets_sla": self.meets_sla,
             "unplanned_down_s": round(self.unplanned_down_s, 3), "planned_down_s": round(self.planned_down_s, 3),
             "outages": [{"start": o.start, "end": o.end, "seconds": round(o.seconds(self.end), 3),
-                         "cause": o.cause, "from": o.host_before, "to": o.host_after, "failover": o.failover}
+                         "cause": o.cause, "from": o.host_before, "to": o.host_after, "failover": o.failover,
+                         "guest": o.guest}
                         for o in self.outages],
             "failovers": self.failovers,
+            "guest_failures": self.guest_failures,
             "time_to_recover_max_s": round(max(times), 3) if times else None,
             "time_to_recover_mean_s": round(sum(times) / len(times), 3) if times else None,
         }

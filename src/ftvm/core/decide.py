@@ -41,6 +41,7 @@ class Action(str, Enum):
     REPLACE_PARTNER = "replace-partner"  # owner: the partner is gone for good, build a replica elsewhere
     TAKE_OVER = "take-over"  # level 3 partner: the primary fell silent, carry on from the last checkpoint
     FAILBACK = "failback"  # owner: ask a live migration back to the VM's preferred host
+    GUEST_FAILED = "guest-failed"  # owner: the guest failed on its own: restart it, or give up (the limit)
     WAIT = "wait"        # nothing to do
 
 
@@ -171,6 +172,8 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_p
             return Decision(spec.name, Action.KILL, "migration abandoned (no handover to this host)")
         if spec.desired is Desired.STOPPED:
             return Decision(spec.name, Action.WAIT, "stopped")
+        if view.guest is not None and view.guest.gave_up:
+            return Decision(spec.name, Action.WAIT, f"left stopped: {view.guest.gave_up}")
         target, why = choose_host(snapshot, view)
         if target == me:
             return Decision(spec.name, Action.CLAIM, why)
@@ -197,6 +200,10 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_p
         return Decision(spec.name, Action.KILL,
                         f"fencing token {lv.token} is stale (owner token {owner.token})")
     if spec.desired is Desired.RUNNING:
+        if running_here and lv is not None and lv.guest_failure is not None:
+            return Decision(spec.name, Action.GUEST_FAILED, lv.guest_failure, token=owner.token)
+        if not running_here and view.guest is not None and view.guest.gave_up:
+            return Decision(spec.name, Action.RELEASE, f"left stopped: {view.guest.gave_up}", token=owner.token)
         if running_here:
             if (migration is not None and migration.source == me and view.incoming is not None
                     and view.incoming.host == migration.to):

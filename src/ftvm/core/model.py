@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .records import RECORD_VERSION, RecordError, as_object, check_version, from_fields
 
 if TYPE_CHECKING:
+    from .guest_failures import GuestRecord
     from .replication import Copies, CopyState
 
 # Always used with fullmatch(): `$` alone would let "web\n" through.
@@ -80,6 +81,9 @@ def spec_problem(spec: VmSpec) -> str | None:
         return f"checkpoint interval {spec.checkpoint_ms} ms out of range"
     if spec.preferred_host is not None and not valid_name(spec.preferred_host):
         return f"invalid preferred host {spec.preferred_host!r}"
+    if not 0 <= spec.guest_restarts <= 100 or not 60 <= spec.guest_window_s <= 30 * 86400:
+        return (f"guest restarts {spec.guest_restarts} per {spec.guest_window_s:g} s out of range "
+                "(0-100 per 1 min to 30 days)")
     return None
 
 
@@ -158,6 +162,10 @@ class VmSpec:
     # made when the VM is defined (store.define_vm): a later VM of the same name is another
     # VM, whose copies never reuse this one's images (agent/copydir.py); "" for older specs
     definition: str = ""
+    # a guest that fails on its own (kernel panic, watchdog, health probe) is restarted at most
+    # this many times per window, then left stopped (core/guest_failures.py)
+    guest_restarts: int = 3
+    guest_window_s: float = 3600.0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -380,6 +388,7 @@ class VmView:
     incoming: Incoming | None = None    # its target is listening
     handover_host: str | None = None    # migrated: only this host may claim it now
     level_change: LevelChange | None = None  # online protection level change asked / under way
+    guest: "GuestRecord | None" = None  # the guest's own failures, and whether ftvm gave up on it
 
     def copy_state(self, host: str) -> "CopyState | None":
         """Level 2: the state of `host`'s copy, None if it holds none."""
@@ -467,6 +476,7 @@ class LocalVm:
     state: RunState
     token: int
     exit_code: int | None = None
+    guest_failure: str | None = None  # the guest failed on its own (panic, watchdog, probe): the cause
 
 
 @dataclass(frozen=True)

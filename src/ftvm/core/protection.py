@@ -25,6 +25,8 @@ def protection(snapshot: PoolSnapshot, view: VmView) -> Protection:
         return Protection(False, "level 0 (unprotected)")
     if spec.desired is Desired.STOPPED:
         return Protection(False, "stopped")
+    if view.guest is not None and view.guest.gave_up:
+        return Protection(False, view.guest.gave_up)
     if view.owner is None or view.status is None or view.status.state is not RunState.RUNNING:
         return Protection(False, "not running")
     here = view.owner.host

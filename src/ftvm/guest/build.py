@@ -23,9 +23,11 @@ GUEST_SRC = Path(__file__).parent
 BUSYBOX = Path("/bin/busybox")
 # Load order follows each module's depends= line (the package has no modules.dep).
 # evdev and button: the ACPI power button, so `vm stop` shuts the guest down cleanly.
+# pvpanic, pvpanic-mmio: the kernel tells QEMU when it panics (ftvm restarts the guest).
 GUEST_MODULES = [
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
     "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_blk", "evdev", "button",
+    "pvpanic", "pvpanic-mmio",
 ]
 
 
@@ -99,7 +101,8 @@ def build_guest(cache_dir: Path | None = None, log=print) -> GuestImage:
     pkg, version = resolve_kernel_package()
     out = cache_dir / input_digest(pkg, version)
     manifest = out / "manifest.json"
-    image = GuestImage(out / "vmlinuz", out / "initramfs.cpio.gz", "console=ttyS0 quiet panic=-1")
+    # no panic=: a panicked kernel waits, as most do, until ftvm resets it (pvpanic)
+    image = GuestImage(out / "vmlinuz", out / "initramfs.cpio.gz", "console=ttyS0 quiet")
     if manifest.exists():
         with contextlib.suppress(OSError):  # (a read-only cache is still usable)
             os.utime(manifest)  # in use: kept by `prune_unused` for another KEEP_UNUSED_DAYS

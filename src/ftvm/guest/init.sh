@@ -7,7 +7,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 # Order follows each module's depends= (the package ships no modules.dep).
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci \
-         failover net_failover virtio_net virtio_blk evdev button; do
+         failover net_failover virtio_net virtio_blk evdev button pvpanic pvpanic-mmio; do
     insmod /lib/modules/$m.ko || echo "ftvm-init: insmod $m failed"
 done
 # The ACPI power button (`ftvm vm stop`): busybox acpid runs /etc/acpi/PWRF/00000080;

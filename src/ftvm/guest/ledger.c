@@ -21,6 +21,10 @@
  * "B <kib> [<chunk_kib>]" -> the same through the page cache (no O_DSYNC) and one
  *   fdatasync at the end (counted in <usec>), replies "OK B <bytes> <usec>": how a
  *   guest that flushes rarely writes.
+ * "X panic" -> replies "OK X panic", then panics the guest kernel (sysrq 'c'): a guest
+ *   failure for ftvm to notice (pvpanic) and restart.
+ * "X hang" -> replies "OK X hang", then never answers anyone again: a guest that runs
+ *   but no longer serves (for health probes).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -185,6 +189,17 @@ static void handle_line(int fd, char *line, size_t len) {
         return;
     } else if (len >= 1 && line[0] == 'P') {
         snprintf(out, sizeof out, "PONG\n");
+    } else if (len == 7 && memcmp(line, "X panic", 7) == 0) {
+        /* a guest failure on demand: the kernel panics (pvpanic tells the host) */
+        reply(fd, "OK X panic\n");
+        sync();
+        int t = open("/proc/sysrq-trigger", O_WRONLY);
+        if (t >= 0) { (void)write(t, "c", 1); close(t); }
+        return;
+    } else if (len == 6 && memcmp(line, "X hang", 6) == 0) {
+        /* a guest that runs but no longer serves: this service stops answering anyone */
+        reply(fd, "OK X hang\n");
+        for (;;) pause();
     } else {
         snprintf(out, sizeof out, "ERR unknown request\n");
     }

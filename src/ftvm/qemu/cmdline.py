@@ -107,6 +107,9 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
         "-chardev", f"file,id=ser0,path={paths.serial}", "-serial", "chardev:ser0",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
         "-sandbox", SANDBOX,
+        # a guest kernel panic is reported (GUEST_PANICKED) and left to the agent, which
+        # restarts the guest or gives up (agent/guest.py); the device has no migration state
+        "-device", "pvpanic", "-action", "panic=none",
     ]
     if tls_dir is not None:  # NBD to partners' copies and live migration: TLS-PSK (qemu/tls.py)
         cmd += QemuTls.qemu_objects(tls_dir)

@@ -19,6 +19,9 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/vms/<vm>/incoming   Incoming    lease: the target's; it listens for the migration
     state/vms/<vm>/handover   {host}      lease: the target's; migrated: only it may claim the VM
     state/vms/<vm>/level      LevelChange lease: the owner's; an online level change asked / under way
+    state/vms/<vm>/guest      GuestRecord no lease; the guest's own failures (panic, watchdog, probe) and
+                                          whether ftvm gave up restarting it; written by the owner
+                                          under its token, deleted by an operator's start
     state/maintenance/<host>  {since}     no lease; nothing is placed on the host
     state/vms/<vm>/force      {host}      no lease; operator accepted data loss to start there
     state/vms/<vm>/repair     {host}      no lease; operator: host's failed copy has working storage again
@@ -41,7 +44,8 @@ What must be atomic (each is one etcd transaction):
              copies unchanged (still naming the partner current) -> delete owner + status,
              put copies with the partner as the only current copy. Races the primary's
              "partner lost" copies write: exactly one wins.
-  * status, release: only if owner.create_revision == token (a stale owner changes nothing).
+  * status, release, guest: only if owner.create_revision == token (a stale owner changes
+             nothing).
   * define:  spec absent -> put spec.   remove: spec unchanged AND owner absent -> delete.
   * register host: host key absent (or held by our own lease) -> put with our lease.
 
@@ -64,6 +68,7 @@ from typing import Any, TypeVar
 from ..core.model import (BadRecord, CheckpointFigures, Export, FrozenVm, HostInfo, Incoming, LevelChange,
                           Migration, Ownership, PoolSnapshot, SyncProgress, VmSpec, VmStatus, VmView, valid_name)
 from ..core.availability import HistoryRecord
+from ..core.guest_failures import GuestRecord
 from ..core.records import RecordError, as_object, from_fields, value
 from ..core.replication import Copies
 from .etcd import (Compare, EtcdClient, EtcdError, KeyValue, absent, created_at, modified_at, present, put_json, Delete,
@@ -336,6 +341,17 @@ class PoolStore:
                                 [put_json(self.vm_key(vm, "status"), status.to_json(), lease)])
         return r.succeeded
 
+    async def record_guest(self, vm: str, token: int, record: GuestRecord) -> bool:
+        """The guest's failures and verdict (core/guest_failures.py), only while `token` still
+        owns the VM. False if it no longer does."""
+        r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token)],
+                                [put_json(self.vm_key(vm, "guest"), record.to_json())])
+        return r.succeeded
+
+    async def clear_guest(self, vm: str) -> None:
+        """An operator's start: the guest's failures are forgotten, it may be started again."""
+        await self.etcd.delete(self.vm_key(vm, "guest"))
+
     async def release(self, vm: str, token: int) -> bool:
         r = await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token)],
                                 [Delete(self.vm_key(vm, "owner")), Delete(self.vm_key(vm, "status"))])
@@ -534,6 +550,7 @@ def _parse_vm(name: str, p: dict[str, KeyValue], bad: list[BadRecord]) -> VmView
         incoming=read("incoming", lambda d: from_fields(Incoming, d, "incoming")),
         handover_host=read("handover", _host_of, "handover"),
         level_change=read("level", LevelChange.from_json),
+        guest=read("guest", GuestRecord.from_json),
     )
 
 
