@@ -64,6 +64,11 @@ WARM_AFTER_S = 1.0        # a session protected this long gets its QEMU started 
 # silent for a moment, and the hostile-peer test saw a duplicate HELLO admitted. A primary
 # that gave up on its session reconnects only RETRY_S (2 s) later, by then stale.
 LIVE_WITHIN_S = 1.0
+# A primary silent past l3_takeover_after whose agent still accepts a connection on its
+# checkpoint port (PROBE_S to answer) is given up to PROBE_UNTIL_S of silence: a stalled
+# event loop on a loaded host, not a lost host. A hung agent is taken over then.
+PROBE_S = 0.1
+PROBE_UNTIL_S = 1.0
 
 
 def replica_paths(spec: VmSpec, ram_dir: Path, local_storage: Path) -> ReplicaPaths:
@@ -501,6 +506,7 @@ class L3Partner:
         self.server = StandbyServer(addr, port, key, self._admit, live_within=LIVE_WITHIN_S)
         self._task: asyncio.Task[None] | None = None
         self._taking_over: set[str] = set()
+        self._probed: set[str] = set()  # VMs whose silent primary answered a probe (said once)
 
     async def start(self) -> None:
         await self.server.start()
@@ -558,6 +564,7 @@ class L3Partner:
                         self.host.wake()
                 else:
                     noticed.discard(vm)
+                    self._probed.discard(vm)
 
     def _warm_wanted(self) -> dict[str, tuple[VmSpec, str]]:
         """The VMs whose replica here has held committed checkpoints of a live session for
@@ -594,6 +601,13 @@ class L3Partner:
 
     async def _take_over(self, vm: str, standby: Standby) -> None:
         silent = standby.silent_for()
+        if silent < PROBE_UNTIL_S and await self._primary_listens(vm):
+            if vm not in self._probed:
+                self._probed.add(vm)
+                self.event(vm, "no-takeover", f"primary silent for {silent:.2f}s but its agent still accepts "
+                                              f"connections: waiting (up to {PROBE_UNTIL_S:g}s of silence)")
+            return
+        self._probed.discard(vm)
         held = await standby.freeze()
         snap = await self.store.snapshot()
         view = snap.vms.get(vm)
@@ -620,6 +634,24 @@ class L3Partner:
         token = await self.store.claim(vm, self.me, self.host.lease, None, None)
         if token is not None:
             self.host.wake()
+
+    async def _primary_listens(self, vm: str) -> bool:
+        """Whether the VM's primary host still accepts a connection on its checkpoint port
+        over the A-links: its agent lives, only its event loop stalled (a loaded host; seen as
+        a takeover of a healthy primary that fell silent for 0.31 s). A host that lost power,
+        a cut link (unreachable) or a dead agent (refused) answers no: take over."""
+        snap = self.snapshot()
+        view = snap.vms.get(vm) if snap else None
+        owner = snap.hosts.get(view.owner.host) if snap and view and view.owner else None
+        if owner is None or not owner.replication_addr:
+            return False
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(owner.replication_addr, self.server.port), PROBE_S)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()  # (nothing sent: the standby server takes it for a probe)
+        return True
 
     def holds_checkpoint(self, vm: str) -> bool:
         standby = self.standbys.get(vm)

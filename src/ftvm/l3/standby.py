@@ -344,7 +344,14 @@ class StandbyServer:
             channel = await accept_session(reader, writer, self.key, body)
             await standby.end_stale_session()
             await standby.serve(hello, channel)  # live from here: the handshake flag ends there
-        except (WireError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                self.refused += 1
+                log.warning("refused a checkpoint connection from %s: %s", peer, e)
+            else:  # closed before sending anything: a partner's liveness probe (agent/l3.py)
+                log.debug("a connection from %s closed without a word", peer)
+            writer.close()
+        except (WireError, TimeoutError, OSError) as e:
             self.refused += 1
             log.warning("refused a checkpoint connection from %s: %s", peer, e)
             writer.close()
