@@ -12,10 +12,11 @@ from typing import Any
 from dataclasses import replace
 
 from .core.availability import Report, report
-from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, VmSpec, VmView
+from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, VmSpec, VmView, spec_problem
 from .core.placement import migration_problem, overcommit_problem, plan_evacuation
 from .core.transitions import How, plan_level_change
 from .core.validate import check_new_vm
+from .qemu.images import image_problem
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError, Problem
 from .store.pool import Event, PoolStore
 
@@ -32,7 +33,7 @@ async def get_view(store: PoolStore, name: str) -> tuple[PoolSnapshot, VmView]:
 
 async def define(store: PoolStore, spec: VmSpec) -> None:
     snap = await store.snapshot()
-    problem = check_new_vm(spec, snap, os.path.isfile)
+    problem = check_new_vm(spec, snap, os.path.isfile, image_problem) or health_address_problem(spec)
     if problem:
         raise FtvmError(problem, problem.code if isinstance(problem, Problem) else BAD_INPUT)
     if spec.desired is Desired.RUNNING:
@@ -125,7 +126,7 @@ async def _change_stopped_level(store: PoolStore, snap: PoolSnapshot, spec: VmSp
         disks = tuple(with_image_size(d) for d in spec.disks)
     new = replace(spec, level=Level(level), disks=disks)
     others = PoolSnapshot(snap.revision, snap.hosts, {n: v for n, v in snap.vms.items() if n != spec.name})
-    problem = check_new_vm(new, others, os.path.isfile)
+    problem = check_new_vm(new, others, os.path.isfile, image_problem)
     if problem:
         raise FtvmError(problem, BAD_INPUT)
     if not await store.update_spec(new, rev):
@@ -285,7 +286,42 @@ async def end_maintenance(store: PoolStore, host: str) -> None:
     await store.set_maintenance(host, False)
 
 
-PATCHABLE = ("checkpoint_ms", "checkpoint_on_output", "sla_percent", "failback")
+# a guest's own failures: how they are detected (health probe) and how often restarted
+GUEST_MONITORING: dict[str, type] = {"health": str, "health_interval_s": float, "health_timeout_s": float,
+                                     "health_failures": int, "health_grace_s": float,
+                                     "guest_restarts": int, "guest_window_s": float}
+PATCHABLE = ("checkpoint_ms", "checkpoint_on_output", "sla_percent", *GUEST_MONITORING, "failback")
+
+
+async def set_guest_monitoring(store: PoolStore, name: str, changes: dict[str, Any]) -> VmSpec:
+    """A VM's health probe and restart limit (see GUEST_MONITORING); the agent running it
+    follows at its next tick."""
+    fields: dict[str, Any] = {}
+    for key, value in changes.items():
+        want = GUEST_MONITORING[key]
+        ok = isinstance(value, want) or (want is float and isinstance(value, int))
+        if isinstance(value, bool) or not ok:
+            raise FtvmError(f"{key} must be {'a text' if want is str else 'a number'}", BAD_INPUT)
+        fields[key] = float(value) if want is float else value
+    while True:
+        await get_view(store, name)
+        got = await store.spec(name)
+        if got is None:
+            raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
+        spec, rev = got
+        new = replace(spec, **fields)
+        problem = spec_problem(new) or health_address_problem(new)
+        if problem:
+            raise FtvmError(f"{problem}; nothing changed", BAD_INPUT)
+        if await store.update_spec(new, rev):
+            return new
+
+
+def health_address_problem(spec: VmSpec) -> str | None:
+    """A probe goes to the VM's first address: a VM without one cannot have a probe."""
+    if spec.health and not any(nic.ip for nic in spec.nics):
+        return f"health probe {spec.health}: the VM's NIC has no address to probe (vm add --ip ADDR/PREFIX)"
+    return None
 
 
 async def patch(store: PoolStore, name: str, changes: dict[str, Any]) -> VmSpec:
@@ -304,6 +340,9 @@ async def patch(store: PoolStore, name: str, changes: dict[str, Any]) -> VmSpec:
         spec = await set_failback(store, name, changes["failback"])
     if "sla_percent" in changes:
         spec = await set_sla(store, name, changes["sla_percent"])
+    monitoring = {k: v for k, v in changes.items() if k in GUEST_MONITORING}
+    if monitoring:
+        spec = await set_guest_monitoring(store, name, monitoring)
     if {"checkpoint_ms", "checkpoint_on_output"} & set(changes):
         spec = await set_checkpointing(store, name, changes.get("checkpoint_ms"), changes.get("checkpoint_on_output"))
     assert spec is not None

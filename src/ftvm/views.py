@@ -39,6 +39,7 @@ class VmRow(TypedDict):
     spec: NotRequired[dict[str, Any]]          # vm_detail only
     status: NotRequired[dict[str, Any] | None]
     fencing_token: NotRequired[int | None]
+    guest: NotRequired[dict[str, Any] | None]  # vm_detail: its own failures (core/guest_failures.py)
 
 
 class HostRow(TypedDict):
@@ -106,6 +107,7 @@ def vm_detail(snap: PoolSnapshot, view: VmView) -> VmRow:
     row["spec"] = view.spec.to_json()
     row["status"] = view.status.to_json() if view.status else None
     row["fencing_token"] = view.owner.token if view.owner else None
+    row["guest"] = view.guest.to_json() if view.guest else None  # its own failures (panic, watchdog, probe)
     return row
 
 

@@ -51,6 +51,7 @@ from .context import HostContext
 from .disks import HostDisks
 from .exports import Exports
 from .guest import GuestFailures
+from .health import HealthProbes
 from .fence import FenceGuard
 from .journal import Journal
 from .l3 import L3Partner, L3Primary
@@ -108,6 +109,7 @@ class Agent:
         self.starts = Starts(self.ctx, config, self.procs, self.disks, self.exports, self.migrations, self.counters,
                              lambda: self.l3_partner, self._new_l3)
         self.guest = GuestFailures(self.ctx, self.procs, self.counters)  # a guest's own failures
+        self.health = HealthProbes(self.vms, self.journal, self.wake.set)  # probes of the guests' services
         self.handlers = self._handlers()
         self._next_trim = 0.0
         self._next_write_through_check = 0.0
@@ -132,7 +134,21 @@ class Agent:
         return HostInfo(name=self.cfg.name, memory_mib=self.cfg.memory_mib, vcpus=self.cfg.vcpus,
                         image_roots=self.cfg.image_roots,
                         shared_storage=self.cfg.shared_storage, lease_id=self.lease,
-                        replication_addr=self.cfg.replication_addr)
+                        replication_addr=self.cfg.replication_addr, api_url=self._api_url)
+
+    @property
+    def _api_url(self) -> str:
+        if self.cfg.api_listen is None:
+            return ""
+        addr, port = self.cfg.api_listen
+        return f"https://[{addr}]:{port}" if ":" in addr else f"https://{addr}:{port}"
+
+    def _console_paths(self, name: str) -> VmPaths | None:
+        """The files of the QEMU that runs `name` here now (its console and serial log)."""
+        rec = self.vms.get(name)
+        if rec is None or rec.qemu is None or rec.state not in (RunState.RUNNING, RunState.STOPPING):
+            return None
+        return rec.qemu.paths
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -161,12 +177,14 @@ class Agent:
     async def _start_api(self) -> None:
         if self.cfg.api_listen is None:
             return
+        from ..api.console import ConsoleContext
         from ..api.server import ApiContext, make_app, serve
         addr, port = self.cfg.api_listen
+        assert self.cfg.api_tls is not None  # the config refuses api_listen without a certificate
+        consoles = ConsoleContext(self.cfg.name, self._console_paths, self.cfg.api_tls.client_context())
         ctx = ApiContext(store=self.store, pool=self.cfg.pool, endpoints=list(self.cfg.etcd),
                          token=self.cfg.api_token, snapshot=self.store.snapshot, health=self._health,
-                         counters=self.counters, read_token=self.cfg.api_read_token)
-        assert self.cfg.api_tls is not None  # the config refuses api_listen without a certificate
+                         counters=self.counters, read_token=self.cfg.api_read_token, console=consoles)
         try:
             self._api = await serve(make_app(ctx), addr, port, self.cfg.api_tls.server_context())
         except OSError as e:
@@ -219,6 +237,7 @@ class Agent:
                 await self.store.release(rec.name, rec.token)
             except EtcdError:
                 pass
+        self.health.close()
         # all at once: each guest gets the whole grace, not a turn in a queue
         await asyncio.gather(*(stop_and_release(rec, rec.qemu) for rec in list(self.vms.values())
                                if rec.qemu and rec.qemu.alive))
@@ -307,6 +326,7 @@ class Agent:
             view = snapshot.vms.get(name)
             if rec.state is RunState.STOPPING and (view is None or view.spec.stop_force):
                 rec.stop_hurry.set()
+        self.health.sync(snapshot, self._moving)
         await self._report_status(snapshot)
         await self._report_links(snapshot)
         await self._check_write_through()

@@ -18,6 +18,7 @@ from .config import AgentConfig
 from .copydir import claim_copy_dir, copy_image
 from .journal import Journal
 from .l3 import replica_paths
+from .paths import PathRefused, importable
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,11 @@ class HostDisks:
                 if not brand_new:
                     raise StorageDaemonError(f"this host's copy {image.path} is missing")
                 if disk.path:
-                    import_image(disk.path, disk.format, image)
+                    try:
+                        source = importable(disk.path, disk.format, self.cfg.shared_storage + self.cfg.image_roots)
+                    except PathRefused as e:
+                        raise StorageDaemonError(f"cannot import the disk image: {e}") from None
+                    import_image(source, disk.format, image)
                 else:
                     ensure_image(image, disk.size)
             images.append(self.writable(image))

@@ -67,6 +67,7 @@ class GuestFailures:
             except QemuError as e:
                 self.host.journal.event(d.vm, "error", f"{cause}: the guest could not be reset ({e})")
                 return
+            rec.guest_booted = time.monotonic()  # its health probe waits out the grace again
             self.host.journal.history(d.vm, "up", "guest restarted")
             self.host.journal.event(d.vm, "guest-restart", verdict.reason)
             return

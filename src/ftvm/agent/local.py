@@ -38,6 +38,7 @@ class LocalRecord:
     l3: L3Primary | None = None            # level 3 checkpointing
     stop_hurry: asyncio.Event = field(default_factory=asyncio.Event)  # `vm stop --force` during a stop
     guest_failure: str | None = None  # the guest failed on its own (core/guest_failures.py): the cause
+    guest_booted: float = field(default_factory=time.monotonic)  # started or reset here (health grace)
 
 
 _background: set[asyncio.Task[Any]] = set()

@@ -9,6 +9,7 @@ import os
 from dataclasses import replace
 
 from ..core.model import Level, VmSpec
+from ..qemu.images import image_problem
 
 
 class PathRefused(RuntimeError):
@@ -30,13 +31,29 @@ def resolved_spec(spec: VmSpec, shared: tuple[str, ...], image_roots: tuple[str,
     """`spec` with its operator-given paths resolved and checked. Level 1 disks must be on
     shared storage (another host restarts the VM from them); level 0 disks and boot files
     may also be under the image roots. Levels 2 and 3 keep their disks in this host's local
-    storage under names ftvm makes, so only their boot files are checked."""
+    storage under names ftvm makes, so only their boot files are checked (an image a level 2
+    disk imports: `importable`). A qcow2 image that refers to other files is refused
+    (qemu/images.py)."""
     anywhere = shared + image_roots
     disks = spec.disks
     if not spec.level.has_copies:
         roots = shared if spec.level is Level.RESTART else anywhere
         disks = tuple(replace(d, path=under(d.path, roots)) for d in spec.disks)
+        for d in disks:
+            problem = image_problem(d.path, d.format)
+            if problem:
+                raise PathRefused(problem)
     boot = spec.boot
     boot = replace(boot, kernel=under(boot.kernel, anywhere) if boot.kernel else None,
                    initrd=under(boot.initrd, anywhere) if boot.initrd else None)
     return replace(spec, disks=disks, boot=boot)
+
+
+def importable(path: str, fmt: str, roots: tuple[str, ...]) -> str:
+    """The image a brand-new level 2 disk is imported from (read by root): resolved, under
+    `roots`, and a single file; else PathRefused."""
+    real = under(path, roots)
+    problem = image_problem(real, fmt)
+    if problem:
+        raise PathRefused(problem)
+    return real

@@ -31,6 +31,7 @@ from ..store.etcd import EtcdError, EtcdUnavailable
 from ..store.pool import PoolStore, UnreadableRecord
 from ..views import host_rows, level_progress, move_progress, row_of, status_data, vm_detail, vm_rows
 from . import metrics
+from .console import ConsoleContext, serve_console, serve_log
 
 JOB_TIMEOUT_S = 300.0
 KEEP_JOBS = 500
@@ -88,6 +89,7 @@ class ApiContext:
     health: Callable[[], metrics.AgentHealth]
     counters: metrics.AgentCounters
     read_token: str = ""      # read-only: GET requests (status, /metrics, the dashboard), which change nothing
+    console: ConsoleContext | None = None  # serial consoles and logs (api/console.py); None: not served
 
 
 def _error(message: str, code: int) -> web.Response:
@@ -109,9 +111,9 @@ def make_app(ctx: ApiContext) -> web.Application:
         if not (admin or reader):
             return web.json_response({"error": "missing or wrong API token", "code": 401}, status=401,
                                      headers={"WWW-Authenticate": 'Bearer realm="ftvm"'})
-        if not admin and request.method not in ("GET", "HEAD"):
-            return web.json_response({"error": "the read-only token cannot change anything", "code": 403},
-                                     status=403)
+        if not admin and (request.method not in ("GET", "HEAD") or request.path.endswith("/console")):
+            return web.json_response({"error": "the read-only token cannot change anything (a console types "
+                                               "into the guest)", "code": 403}, status=403)
         try:
             return await handler(request)
         except FtvmError as e:
@@ -304,6 +306,17 @@ def make_app(ctx: ApiContext) -> web.Application:
             await _wait_moved(ctx, job, moves)
         return accepted(jobs.start("maintenance", host, follow), moves=moves)
 
+    def consoles() -> ConsoleContext:
+        if ctx.console is None:
+            raise FtvmError("this agent serves no consoles", REFUSED)
+        return ctx.console
+
+    async def vm_log(request: web.Request) -> web.Response:
+        return await serve_log(request, consoles(), await ctx.snapshot())
+
+    async def vm_console(request: web.Request) -> web.StreamResponse:
+        return await serve_console(request, consoles(), await ctx.snapshot())
+
     async def get_job(request: web.Request) -> web.Response:
         job = jobs.jobs.get(request.match_info["id"])
         if job is None:
@@ -326,6 +339,8 @@ def make_app(ctx: ApiContext) -> web.Application:
         web.post("/api/v1/vms/{name}/{action:start|stop}", start_stop),
         web.post("/api/v1/vms/{name}/migrate", migrate_vm),
         web.post("/api/v1/vms/{name}/repair-disk", repair),
+        web.get("/api/v1/vms/{name}/log", vm_log),
+        web.get("/api/v1/vms/{name}/console", vm_console),
         web.post("/api/v1/hosts/{host}/{action:maintenance|resume}", maintenance),
         web.get("/api/v1/events", events),
         web.get("/api/v1/availability", availability),

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import lab_cmds, move_cmds, pool_cmds
+from . import console_cmds, lab_cmds, move_cmds, pool_cmds
 from .common import BAD_INPUT, main_guard
 
 
@@ -26,6 +26,22 @@ def _common(p: argparse.ArgumentParser) -> None:
                                        "FTVM_ETCD_CERT); its key in the same path with .key")
     p.add_argument("--direct", action="store_true",
                    help="talk to the quorum service (etcd) directly, not through an agent's API")
+
+
+def _guest_monitoring_args(p: argparse.ArgumentParser) -> None:
+    """A guest's own failures: the health probe and the restart limit (vm add, vm set)."""
+    p.add_argument("--health", metavar="PROBE",
+                   help="probe the guest's service from the host running it: tcp:PORT or http:PORT/PATH "
+                        "(off: no probe); failing --health-failures times in a row restarts the guest")
+    p.add_argument("--health-interval", metavar="TIME", help="time between probes (default 10s)")
+    p.add_argument("--health-timeout", metavar="TIME", help="a probe fails without an answer within this (default 3s)")
+    p.add_argument("--health-failures", type=int, metavar="N", help="failures in a row that restart (default 3)")
+    p.add_argument("--health-grace", metavar="TIME", help="no probe counts this long after the guest boots "
+                                                           "(default 2m)")
+    p.add_argument("--guest-restarts", type=int, metavar="K",
+                   help="restarts after guest failures (panic, watchdog, probe) allowed per --guest-window; "
+                        "past that the VM is left stopped (default 3)")
+    p.add_argument("--guest-window", metavar="TIME", help="the window of --guest-restarts (default 1h)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--initrd")
     p.add_argument("--append", help="kernel command line")
     p.add_argument("--demo-guest", action="store_true", help="boot the ftvm demo guest (ledger)")
+    _guest_monitoring_args(p)
     p.add_argument("--host", help="preferred host for the first start")
     p.add_argument("--start", action="store_true", help="start it right away")
     p.add_argument("--wait", action="store_true", help="with --start: wait until it runs")
@@ -123,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sla", type=float, help="availability target in percent for reports (0: none)")
     p.add_argument("--failback", choices=("on", "off"),
                    help="move the VM back live to its preferred host whenever that host can run it again")
+    _guest_monitoring_args(p)
     p = cmd(vm, "repair-disk", pool_cmds.cmd_vm_repair_disk,
             "level 2: a failed copy's storage works again (replaced disk): resync it and mirror again")
     p.add_argument("name")
@@ -134,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300)
     p = cmd(vm, "remove", pool_cmds.cmd_vm_remove, "remove a stopped VM (its disks are kept)")
     p.add_argument("name")
+    p = cmd(vm, "console", console_cmds.cmd_vm_console,
+            "the VM's serial console, wherever it runs (Ctrl-] detaches; through the agents' API)")
+    p.add_argument("name")
+    p.add_argument("--takeover", action="store_true", help="end a console session someone else has open")
+    p = cmd(vm, "log", console_cmds.cmd_vm_log, "the VM's serial log since its QEMU started")
+    p.add_argument("name")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing, wherever the VM runs next")
+    p.add_argument("--all", action="store_true", help="from the start (default: the last 16 KiB)")
     p = cmd(vm, "show", pool_cmds.cmd_vm_show, "show one VM")
     p.add_argument("name")
     cmd(vm, "list", pool_cmds.cmd_vm_list, "list VMs")

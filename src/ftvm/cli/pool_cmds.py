@@ -125,8 +125,46 @@ def parse_size(text: str) -> int:
         raise CliError(f"bad size {text!r}: use e.g. 64M or 2G", BAD_INPUT) from None
 
 
+def parse_duration(text: str, what: str) -> float:
+    """Seconds from "90", "90s", "5m", "1h", "2d"."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            return float(t[:-1]) * units[t[-1]]
+        return float(t)
+    except ValueError:
+        raise CliError(f"{what} {text!r}: use e.g. 30s, 5m, 1h", BAD_INPUT) from None
+
+
+def guest_monitoring(args: Any) -> dict[str, Any]:
+    """The health probe and restart limit options given, as spec fields."""
+    out: dict[str, Any] = {}
+    if getattr(args, "health", None) is not None:
+        out["health"] = "" if args.health == "off" else args.health
+    for opt, key in (("health_interval", "health_interval_s"), ("health_timeout", "health_timeout_s"),
+                     ("health_grace", "health_grace_s"), ("guest_window", "guest_window_s")):
+        if getattr(args, opt, None) is not None:
+            out[key] = parse_duration(getattr(args, opt), "--" + opt.replace("_", "-"))
+    for opt in ("health_failures", "guest_restarts"):
+        if getattr(args, opt, None) is not None:
+            out[opt] = getattr(args, opt)
+    return out
+
+
 def cmd_vm_set(args: Any) -> int:
     """Change a VM's protection level (a running VM online), or a level 3 VM's checkpointing."""
+    monitoring = guest_monitoring(args)
+    if monitoring:
+        if any(x is not None for x in (args.level, args.checkpoint_ms, args.checkpoint_on_output, args.sla,
+                                       args.failback)):
+            raise CliError("change the health probe and restart limit in a command of their own", BAD_INPUT)
+        new = VmSpec.from_json(pool_client(args).patch(args.name, monitoring))
+        if is_json(args):
+            emit_json({"vm": args.name} | {k: getattr(new, k) for k in ops.GUEST_MONITORING})
+        else:
+            console.print(f"VM {args.name}: {describe_monitoring(new)}")
+        return OK
     if args.failback is not None:
         if any(x is not None for x in (args.level, args.checkpoint_ms, args.checkpoint_on_output, args.sla)):
             raise CliError("change the failback policy in a command of its own", BAD_INPUT)
@@ -148,8 +186,8 @@ def cmd_vm_set(args: Any) -> int:
             console.print(f"VM {args.name}: SLA target " + (f"{sla:g}%" if sla else "none"))
         return OK
     if args.level is None and args.checkpoint_ms is None and args.checkpoint_on_output is None:
-        raise CliError("nothing to change: give --level, --checkpoint-ms, --checkpoint-on-output, --sla or "
-                       "--failback",
+        raise CliError("nothing to change: give --level, --checkpoint-ms, --checkpoint-on-output, --sla, "
+                       "--failback, --health... or --guest-restarts/--guest-window",
                        BAD_INPUT)
     if args.level is None:
         return _set_checkpointing(args)
@@ -224,6 +262,13 @@ def _set_checkpointing(args: Any) -> int:
     return OK
 
 
+def describe_monitoring(spec: VmSpec) -> str:
+    probe = (f"health probe {spec.health} every {spec.health_interval_s:g} s (timeout {spec.health_timeout_s:g} s, "
+             f"restart after {spec.health_failures} failures in a row, grace {spec.health_grace_s:g} s after boot)"
+             if spec.health else "no health probe")
+    return f"{probe}; at most {spec.guest_restarts} guest restarts per {spec.guest_window_s:g} s"
+
+
 def spec_from_args(args: Any) -> VmSpec:
     disks = []
     if args.disk_size and args.level not in (2, 3):
@@ -252,7 +297,8 @@ def spec_from_args(args: Any) -> VmSpec:
         raise CliError(f"level {args.level} does not exist (0, 1, 2 or 3)", BAD_INPUT)
     if args.failback and not args.host:
         raise CliError("--failback moves the VM back to its preferred host: give --host", BAD_INPUT)
-    return VmSpec(name=args.name, level=Level(args.level), memory_mib=args.memory, vcpus=args.vcpus,
+    return VmSpec(**guest_monitoring(args),
+                  name=args.name, level=Level(args.level), memory_mib=args.memory, vcpus=args.vcpus,
                   disks=tuple(disks), nics=nics, checkpoint_ms=args.checkpoint_ms,
                   checkpoint_on_output=args.checkpoint_on_output == "on", sla_percent=args.sla,
                   boot=BootSpec(os.path.abspath(kernel) if kernel else None,
@@ -382,6 +428,13 @@ def cmd_vm_show(args: Any) -> int:
             t.add_row("changed RAM pages", c["tracking"] + full)
         if c.get("disk_tracking"):
             t.add_row("changed disk pages", c["disk_tracking"])
+    t.add_row("guest monitoring", describe_monitoring(spec))
+    guest: dict[str, Any] = data.get("guest") or {}
+    if guest.get("failures"):
+        last = guest["failures"][-1]
+        t.add_row("guest failures", f"{len(guest['failures'])} recorded, last: {last['cause']} on {last['host']} "
+                                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['at']))}"
+                  + (f"; left stopped: {guest['gave_up']}" if guest.get("gave_up") else ""))
     for d in spec.disks:
         t.add_row("disk", f"{d.path} ({d.format})")
     console.print(t)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, asdict, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from .health import settings_problem
 from .records import RECORD_VERSION, RecordError, as_object, check_version, from_fields
 
 if TYPE_CHECKING:
@@ -84,7 +85,8 @@ def spec_problem(spec: VmSpec) -> str | None:
     if not 0 <= spec.guest_restarts <= 100 or not 60 <= spec.guest_window_s <= 30 * 86400:
         return (f"guest restarts {spec.guest_restarts} per {spec.guest_window_s:g} s out of range "
                 "(0-100 per 1 min to 30 days)")
-    return None
+    return settings_problem(spec.health, spec.health_interval_s, spec.health_timeout_s, spec.health_failures,
+                            spec.health_grace_s)
 
 
 class Level(int, Enum):
@@ -166,6 +168,14 @@ class VmSpec:
     # this many times per window, then left stopped (core/guest_failures.py)
     guest_restarts: int = 3
     guest_window_s: float = 3600.0
+    # a probe of the guest's service from the owner's host, "" for none (core/health.py):
+    # `health_failures` in a row that fail are a guest failure; none count during
+    # `health_grace_s` after the guest boots
+    health: str = ""
+    health_interval_s: float = 10.0
+    health_timeout_s: float = 3.0
+    health_failures: int = 3
+    health_grace_s: float = 120.0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -206,6 +216,7 @@ class HostInfo:
     lease_id: int = 0
     replication_addr: str = ""  # where this host serves its Level 2 copies (A-links)
     image_roots: tuple[str, ...] = ()  # besides shared storage, where level 0 disks and boot files may be
+    api_url: str = ""  # its agent's API ("https://addr:port"), "" if it serves none: consoles are forwarded there
 
     def may_open(self, path: str) -> bool:
         """Whether this host accepts a level 0 disk or a boot file at `path` (lexically; the

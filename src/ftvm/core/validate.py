@@ -22,7 +22,10 @@ def _roots(snapshot: PoolSnapshot) -> str:
     return ", ".join(roots) or "none"
 
 
-def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[str], bool]) -> str | None:
+def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[str], bool],
+                 image_problem: Callable[[str, str], str | None] = lambda path, fmt: None) -> str | None:
+    """`image_problem(path, format)`: why an existing image will not be opened (a qcow2 that
+    refers to other files: qemu/images.py)."""
     if not valid_name(spec.name):
         return f"invalid VM name {spec.name!r}: lowercase letters, digits and '-', starting with a letter"
     if spec.name in snapshot.vms:
@@ -59,6 +62,8 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
         for disk in spec.disks:
             if disk.path and not file_exists(disk.path):
                 return f"disk image {disk.path} does not exist"
+            if disk.path and image_problem(disk.path, disk.format):
+                return image_problem(disk.path, disk.format)
             if disk.size < 1 << 20 or disk.size % 512:
                 return f"disk size {disk.size} must be at least 1 MiB and a multiple of 512 bytes"
         if len(snapshot.hosts) < 2:
@@ -70,6 +75,8 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
             return f"disk image {disk.path} does not exist"
         if disk.format not in ("raw", "qcow2"):
             return f"disk format {disk.format!r} is not raw or qcow2"
+        if image_problem(disk.path, disk.format):
+            return image_problem(disk.path, disk.format)
     for label, path in (("kernel", spec.boot.kernel), ("initrd", spec.boot.initrd)):
         if path is not None and not file_exists(path):
             return f"{label} {path} does not exist"

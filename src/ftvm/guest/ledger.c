@@ -25,6 +25,9 @@
  *   failure for ftvm to notice (pvpanic) and restart.
  * "X hang" -> replies "OK X hang", then never answers anyone again: a guest that runs
  *   but no longer serves (for health probes).
+ *
+ * With a third argument it also answers HTTP on that port: "GET /health" -> 200
+ * "ledger ok seq=<last>", anything else 404 (a health probe, `vm add --health http:PORT/health`).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -141,7 +144,9 @@ static long long fill(int fd, unsigned long kib, unsigned long chunk_kib, int sy
     return (long long)(t1.tv_sec - t0.tv_sec) * 1000000 + (t1.tv_usec - t0.tv_usec);
 }
 
-struct client { int fd; size_t used; char buf[LINE_MAX_LEN]; };
+/* http: 0 a ledger client; 1 an HTTP client before its request line, 2 after "GET /health",
+   3 after any other request line */
+struct client { int fd; int http; size_t used; char buf[LINE_MAX_LEN]; };
 
 static void reply(int fd, const char *msg) {
     size_t len = strlen(msg), off = 0;
@@ -206,32 +211,51 @@ static void handle_line(int fd, char *line, size_t len) {
     reply(fd, out);
 }
 
+/* The HTTP health endpoint: answered by the same loop as the ledger, so a ledger that hangs
+   ("X hang") stops answering it too. */
+static void http_reply(int fd, int health) {
+    char body[64], out[256];
+    if (health) snprintf(body, sizeof body, "ledger ok seq=%llu\n", (unsigned long long)last_seq);
+    else snprintf(body, sizeof body, "not found\n");
+    snprintf(out, sizeof out, "HTTP/1.0 %s\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
+             "Connection: close\r\n\r\n%s", health ? "200 OK" : "404 Not Found", strlen(body), body);
+    reply(fd, out);
+}
+
+static int listen_on(int port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons(port) };
+    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(fd, 64) != 0) {
+        perror("listen"); exit(1);
+    }
+    return fd;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3) { fprintf(stderr, "usage: ledger DEVICE PORT\n"); return 2; }
+    if (argc != 3 && argc != 4) { fprintf(stderr, "usage: ledger DEVICE PORT [HTTP_PORT]\n"); return 2; }
     signal(SIGCHLD, SIG_IGN); /* bulk-write children reap themselves */
     disk_path = argv[1];
     disk_fd = open(argv[1], O_RDWR | O_DSYNC);
     if (disk_fd < 0) { perror("open disk"); return 1; }
     recover();
-    int lfd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
-    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[2])) };
-    if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(lfd, 64) != 0) {
-        perror("listen"); return 1;
-    }
+    int one = 1;
+    int lfd = listen_on(atoi(argv[2]));
+    int hfd = argc == 4 ? listen_on(atoi(argv[3])) : -1; /* poll skips a negative fd */
     printf("ftvm-ledger ready seq=%llu capacity=%llu\n",
            (unsigned long long)last_seq, (unsigned long long)capacity);
     fflush(stdout);
 
-    struct client clients[MAX_CLIENTS];
-    struct pollfd pfds[MAX_CLIENTS + 1];
+    static struct client clients[MAX_CLIENTS];
+    struct pollfd pfds[MAX_CLIENTS + 2];
     int nclients = 0;
     for (;;) {
         pfds[0].fd = lfd; pfds[0].events = POLLIN;
-        for (int i = 0; i < nclients; i++) { pfds[i + 1].fd = clients[i].fd; pfds[i + 1].events = POLLIN; }
-        if (poll(pfds, nclients + 1, -1) < 0) { if (errno == EINTR) continue; return 1; }
+        pfds[1].fd = hfd; pfds[1].events = POLLIN;
+        for (int i = 0; i < nclients; i++) { pfds[i + 2].fd = clients[i].fd; pfds[i + 2].events = POLLIN; }
+        if (poll(pfds, nclients + 2, -1) < 0) { if (errno == EINTR) continue; return 1; }
         for (int i = nclients - 1; i >= 0; i--) {
-            if (!(pfds[i + 1].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            if (!(pfds[i + 2].revents & (POLLIN | POLLHUP | POLLERR))) continue;
             struct client *c = &clients[i];
             ssize_t n = read(c->fd, c->buf + c->used, sizeof c->buf - c->used);
             if (n <= 0) {
@@ -241,24 +265,40 @@ int main(int argc, char **argv) {
             }
             c->used += (size_t)n;
             char *start = c->buf, *nl;
+            int answered = 0;
             while ((nl = memchr(start, '\n', c->used - (size_t)(start - c->buf))) != NULL) {
+                char *line = start;
                 *nl = 0;
-                size_t len = (size_t)(nl - start);
-                if (len && start[len - 1] == '\r') start[--len] = 0;
-                handle_line(c->fd, start, len);
+                size_t len = (size_t)(nl - line);
+                if (len && line[len - 1] == '\r') line[--len] = 0;
                 start = nl + 1;
+                if (c->http == 1) {        /* the request line */
+                    c->http = len >= 11 && memcmp(line, "GET /health", 11) == 0
+                              && (len == 11 || line[11] == ' ' || line[11] == '?') ? 2 : 3;
+                } else if (c->http) {      /* headers, up to the empty line */
+                    if (len == 0) { http_reply(c->fd, c->http == 2); answered = 1; break; }
+                } else {
+                    handle_line(c->fd, line, len);
+                }
+            }
+            if (answered) {
+                close(c->fd);
+                clients[i] = clients[--nclients];
+                continue;
             }
             c->used -= (size_t)(start - c->buf);
             memmove(c->buf, start, c->used);
             if (c->used == sizeof c->buf) c->used = 0; /* overlong line: drop */
         }
-        if (pfds[0].revents & POLLIN) {
-            int cfd = accept(lfd, NULL, NULL);
+        for (int k = 0; k < 2; k++) {
+            if (!(pfds[k].revents & POLLIN)) continue;
+            int cfd = accept(pfds[k].fd, NULL, NULL);
             if (cfd >= 0) {
                 if (nclients == MAX_CLIENTS) { close(cfd); }
                 else {
                     setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-                    clients[nclients].fd = cfd; clients[nclients].used = 0; nclients++;
+                    clients[nclients].fd = cfd; clients[nclients].used = 0;
+                    clients[nclients].http = k == 1; nclients++;
                 }
             }
         }

@@ -43,6 +43,7 @@ from .nbd_status import BitmapReader, Extent, NbdError
 PREFIX = "ftvm-l3-"
 GRANULARITY = 4096  # one bit per page: what a checkpoint sends is counted in pages
 PAGE = 4096
+CLOSE_RETRIES = 20  # x 50 ms: a closing session waits this long for its readers to leave QEMU
 
 
 class Qmp(Protocol):
@@ -157,7 +158,12 @@ class DiskWrites:
         for reader in readers:
             reader.close()
         with suppress(QemuError):  # the QEMU may be gone already
-            await self._release(self._stale + self.names(self.epoch) + self.names(self.epoch + 1))
+            left = await self._release(self._stale + self.names(self.epoch) + self.names(self.epoch + 1))
+            for _ in range(CLOSE_RETRIES):  # a reader just closed may not have left its export yet
+                if not left:
+                    break
+                await asyncio.sleep(0.05)
+                left = await self._release(left)
         with suppress(QemuError):  # same
             await self.qmp.execute("nbd-server-stop")
         self.socket.unlink(missing_ok=True)

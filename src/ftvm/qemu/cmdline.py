@@ -38,7 +38,13 @@ class VmPaths:
 
     @property
     def serial(self) -> Path:
+        """Everything the guest wrote to its serial console since this QEMU started."""
         return self.run_dir / "serial.log"
+
+    @property
+    def console(self) -> Path:
+        """The serial console itself: one client at a time (`ftvm vm console`, api/console.py)."""
+        return self.run_dir / "console.sock"
 
     @property
     def debug_qmp(self) -> Path:
@@ -104,7 +110,10 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
         "-accel", accel.accel, "-cpu", accel.cpu,
         "-m", f"{spec.memory_mib}M", "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
-        "-chardev", f"file,id=ser0,path={paths.serial}", "-serial", "chardev:ser0",
+        # the serial console: a socket an operator attaches to through the agent, logged whether
+        # or not anyone is attached (with nobody there, the guest's output is only logged)
+        "-chardev", f"socket,id=ser0,path={paths.console},server=on,wait=off,logfile={paths.serial}",
+        "-serial", "chardev:ser0",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
         "-sandbox", SANDBOX,
         # a guest kernel panic is reported (GUEST_PANICKED) and left to the agent, which

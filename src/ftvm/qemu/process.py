@@ -166,6 +166,7 @@ class QemuVm:
             paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         paths.qmp.unlink(missing_ok=True)
         paths.debug_qmp.unlink(missing_ok=True)
+        paths.console.unlink(missing_ok=True)
         taps = tap_names(spec)
         tap_fds: list[int] = []
         if checkpointed is None:

@@ -1,0 +1,55 @@
+"""qcow2 images that refer to other files are refused, at definition and where they are
+opened (qemu/images.py, agent/paths.py); real images made by qemu-img."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ftvm.agent.paths import PathRefused, importable, resolved_spec
+from ftvm.core.model import DiskSpec, Level, VmSpec
+from ftvm.qemu.images import image_problem, qcow2_references
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", "create", "-q", *args], check=True, capture_output=True)
+
+
+def test_overlays_and_external_data_files_are_refused_with_the_way_out(tmp_path: Path) -> None:
+    base, flat = tmp_path / "base.raw", tmp_path / "flat.qcow2"
+    qemu_img("-f", "raw", str(base), "1M")
+    qemu_img("-f", "qcow2", str(flat), "1M")
+    overlay, external = tmp_path / "overlay.qcow2", tmp_path / "ext.qcow2"
+    qemu_img("-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay))
+    qemu_img("-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'}", str(external), "1M")
+    assert image_problem(str(flat), "qcow2") is None
+    assert image_problem(str(base), "raw") is None
+    problem = image_problem(str(overlay), "qcow2") or ""
+    assert f"backing file {base}" in problem and "qemu-img convert -O qcow2" in problem
+    assert f"data file {tmp_path / 'data.raw'}" in (image_problem(str(external), "qcow2") or "")
+    # a raw image is bytes, whatever they hold: the overlay read as raw refers to nothing
+    assert image_problem(str(overlay), "raw") is None
+    assert image_problem(str(tmp_path / "missing.qcow2"), "qcow2") is None  # left to "does not exist"
+
+    roots = (str(tmp_path),)
+    spec = VmSpec("web", Level.RESTART, 256, 1, (DiskSpec(str(overlay), "qcow2"),), ())
+    with pytest.raises(PathRefused, match="backing file"):
+        resolved_spec(spec, roots, ())
+    assert resolved_spec(VmSpec("web", Level.RESTART, 256, 1, (DiskSpec(str(flat), "qcow2"),), ()), roots, ())
+    with pytest.raises(PathRefused, match="backing file"):
+        importable(str(overlay), "qcow2", roots)
+    with pytest.raises(PathRefused, match="outside this host's storage roots"):
+        importable("/etc/shadow", "raw", roots)  # a level 2 import reads as root: only from the roots
+    assert importable(str(flat), "qcow2", roots) == str(flat)
+
+
+def test_crafted_headers_are_read_within_bounds() -> None:
+    header = bytearray(b"QFI\xfb" + bytes(200))
+    header[4:8] = (3).to_bytes(4, "big")
+    header[8:16] = (10_000_000).to_bytes(8, "big")  # a backing name far beyond what was read
+    header[16:20] = (0xFFFFFFFF).to_bytes(4, "big")
+    header[100:104] = (196).to_bytes(4, "big")       # extensions start past the end: none read
+    assert qcow2_references(bytes(header)) == ["backing file (unreadable name)"]
+    assert qcow2_references(b"QFI\xfb") == [] and qcow2_references(b"\0" * 512) == []
