@@ -62,7 +62,7 @@ async def pool(etcd_url: str, tmp_path: Path):
         for h in ("h1", "h2"):
             consoles = ConsoleContext(h, lambda name, h=h: run if h == "h1" and name == "web" else None, None)
             ctx = ApiContext(store, "p", [etcd_url], TOKEN, store.snapshot,
-                             lambda: AgentHealth(h, True, 5.0, 3.2), AgentCounters(), read_token=READER,
+                             lambda h=h: AgentHealth(h, True, 5.0, 3.2), AgentCounters(), read_token=READER,
                              console=consoles)
             runners.append(await serve(make_app(ctx), "127.0.0.1", ports[h], None))
         try:

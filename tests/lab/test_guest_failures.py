@@ -114,3 +114,149 @@ def test_past_the_restart_limit_the_vm_is_left_stopped_until_an_operator_starts_
     finally:
         pool.stop_and_remove("gpl")
     del spec
+
+
+PROBE = {"health": "http:8080/health", "health_interval_s": 1.0, "health_timeout_s": 1.0, "health_grace_s": 3.0}
+
+
+def _probe_ok(name: str, host: str):  # type: ignore[no-untyped-def]
+    """A wait_for condition: the VM runs on `host` and its last health probe there passed."""
+    def check(snap) -> bool:  # type: ignore[no-untyped-def]
+        view = snap.vms.get(name)
+        return (view is not None and view.owner is not None and view.owner.host == host
+                and view.status is not None and view.status.host == host and view.status.health.endswith(" ok"))
+    return check
+
+
+def test_a_hung_guest_is_caught_by_its_health_probe_and_restarted(lab: labmod.LabState, guest_image,
+                                                                   tmp_path: Path) -> None:
+    """The ledger stops answering ("X hang"; the guest kernel runs on, so a TCP connect would
+    still succeed): its HTTP health endpoint goes unanswered, three probes in a row fail, and
+    the owner restarts the guest where it runs, with nothing acknowledged lost."""
+    pool = LabPool(lab)
+    pool.define_ledger_vm("gh2", 64, Level.COMPONENT, guest_image, host="h1", health_failures=3, **PROBE)
+    ip = _ip(64)
+    try:
+        pool.wait_running("gh2", 60)
+        pool.wait_answering(ip, 60)
+        pool.wait_for("gh2's replica in sync", replica_current("gh2"), 120)
+        pool.wait_for("gh2's probe passing", _probe_ok("gh2", "h1"), 60)
+        client = LabClient(lab, ip, "gh2", 0.02, reply_timeout=60)
+        try:
+            client.wait_acks(20, 30)
+            hung_at = time.time()
+            assert pool.ask(ip, "X hang") == "OK X hang"
+            restarts = pool.wait_events("gh2's guest restarted", lambda e: e.vm == "gh2" and e.kind == "guest-restart"
+                                        and e.time > hung_at, 60)
+            pool.wait_answering(ip, 120)
+            client.wait_acks(20, 60, after=time.time())
+        finally:
+            acks = client.stop()
+        assert "health probe" in restarts[0].message and "3 probes in a row failed" in restarts[0].message
+        first = [e for e in pool.events() if e.vm == "gh2" and e.kind == "health" and e.time > hung_at]
+        assert first and "no answer within 1 s" in first[0].message, first
+        print(f"gh2 (level 2): hang -> guest reset {restarts[0].time - hung_at:.2f} s "
+              f"(probe every 1 s, timeout 1 s, 3 failures in a row)")
+        view = pool.snapshot().vms["gh2"]
+        assert view.owner is not None and view.owner.host == "h1"
+        assert view.guest is not None and view.guest.failures[0].cause.startswith("guest health probe")
+        on_disk, lost = check_acked_on_disk(pool.copy_as_raw("gh2", "h1", tmp_path / "gh2.raw"), acks)
+        assert lost == [] and len(acks) >= 40, (len(acks), lost)
+        pool.wait_for("gh2's probe passing after the restart", _probe_ok("gh2", "h1"), 60)
+    finally:
+        pool.stop_and_remove("gh2")
+
+
+def test_no_false_restart_during_a_live_migration_or_a_level_change(lab: labmod.LabState, guest_image) -> None:
+    """A probe that restarts at its first failure (every second, 1 s timeout) stays quiet while
+    the VM moves live to the other host and is raised from level 2 to level 3 online, and
+    passes again after each."""
+    pool = LabPool(lab)
+    pool.define_ledger_vm("gm", 65, Level.COMPONENT, guest_image, host="h1", health_failures=1, **PROBE)
+    ip = _ip(65)
+    try:
+        pool.wait_running("gm", 60)
+        pool.wait_for("gm's replica in sync", replica_current("gm"), 120)
+        pool.wait_for("gm's probe passing", _probe_ok("gm", "h1"), 60)
+        t0 = time.time()
+        pool.run(lambda s: ops.migrate(s, "gm", "h2"))
+        pool.wait_for("gm on h2", lambda s: s.vms["gm"].owner is not None and s.vms["gm"].owner.host == "h2"
+                      and s.vms["gm"].migration is None, 120)
+        pool.wait_for("gm's probe passing on h2", _probe_ok("gm", "h2"), 60)
+        pool.wait_for("gm's replica in sync on h2", replica_current("gm"), 120)
+        pool.run(lambda s: ops.change_level(s, "gm", 3, (), False))
+        pool.wait_for("gm at level 3, protected", lambda s: s.vms["gm"].spec.level is Level.SYSTEM
+                      and s.vms["gm"].level_change is None and l3_protected("gm")(s), 180)
+        pool.wait_for("gm's probe passing at level 3", _probe_ok("gm", "h2"), 60)
+        assert pool.ask(ip, "P") == "PONG"
+        restarts = [e for e in pool.events() if e.vm == "gm" and e.kind in ("guest-restart", "guest-gave-up", "health")
+                    and e.time > t0]
+        assert restarts == [], restarts
+        assert pool.snapshot().vms["gm"].guest is None
+    finally:
+        pool.stop_and_remove("gm")
+
+
+def test_the_serial_console_through_the_cli_follows_a_level_3_failover(lab: labmod.LabState, guest_image) -> None:
+    """`ftvm vm console` (through the agents' API) reaches the demo guest's shell; the
+    primary's host loses power, the partner takes over, and the same console session attaches
+    again and types into the same guest, which carried on. `ftvm vm log` shows the log."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    pool = LabPool(lab)
+    pool.define_ledger_vm("gc3", 66, Level.SYSTEM, guest_image, host="h1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FTVM_")}
+
+    def cli(*args: str) -> list[str]:
+        return [sys.executable, "-m", "ftvm", *args, "--lab-dir", str(lab.dir)]
+    proc = None
+    try:
+        pool.wait_running("gc3", 60)
+        pool.wait_answering(_ip(66), 60)
+        pool.wait_for("gc3 protected", l3_protected("gc3"), 120)
+        proc = subprocess.Popen(cli("vm", "console", "gc3"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        out = bytearray()
+        err = bytearray()
+
+        def drain(stream, into: bytearray) -> None:  # type: ignore[no-untyped-def]
+            while chunk := stream.read1(4096):
+                into.extend(chunk)
+        for stream, into in ((proc.stdout, out), (proc.stderr, err)):
+            threading.Thread(target=drain, args=(stream, into), daemon=True).start()
+        assert proc.stdin is not None
+
+        def typed(line: bytes, expect: bytes, what: str) -> None:
+            last = [0.0]
+
+            def seen(_snap) -> bool:  # type: ignore[no-untyped-def]
+                if expect in out:
+                    return True
+                if time.monotonic() - last[0] > 3:  # (the shell may not be there yet: typed again)
+                    last[0] = time.monotonic()
+                    proc.stdin.write(line)
+                    proc.stdin.flush()
+                return False
+            pool.wait_for(what, seen, 60)
+        pool.wait_for("the console attached", lambda _: b"connected to gc3" in err, 30)
+        typed(b"echo ftvm-console-$((6*7))\n", b"ftvm-console-42", "the guest shell's answer")
+        labmod.fail_host(lab, "h1")
+        pool.wait_running("gc3", 60, not_on="h1")
+        pool.wait_for("the console attached again", lambda _: err.count(b"connected to gc3") >= 2, 60)
+        typed(b"echo after-$((7*6)) $(cat /proc/uptime)\n", b"after-42", "the answer after the failover")
+        proc.stdin.write(b"\x1d")  # Ctrl-]: detach
+        proc.stdin.flush()
+        assert proc.wait(30) == 0, err.decode(errors="replace")
+        assert b"detached" in err
+        assert not [e for e in pool.events() if e.vm == "gc3" and e.kind == "guest-restart"]
+        log = subprocess.run(cli("vm", "log", "gc3", "--all"), capture_output=True, text=True, env=env, timeout=60)
+        assert log.returncode == 0 and "after-42" in log.stdout, log.stdout[-2000:] + log.stderr
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        for h in list(lab.failed):
+            labmod.restore_host(lab, h)
+        labmod.wait_for_hosts(lab, lab.hosts, 30)
+        pool.stop_and_remove("gc3")

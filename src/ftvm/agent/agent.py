@@ -547,7 +547,7 @@ class Agent:
             detail = rec.detail
             if rec.replica is not None and rec.replica.problem:
                 detail = f"PAUSED: {rec.replica.problem}"
-            status = VmStatus(self.cfg.name, rec.state, rec.token, rec.since, detail)
+            status = VmStatus(self.cfg.name, rec.state, rec.token, rec.since, detail, self.health.state_of(name))
             if view.status == status:
                 continue
             if await self.store.report_status(name, status, self.lease):

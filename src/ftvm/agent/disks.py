@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.model import VmSpec
+from ..core.model import DiskSpec, VmSpec
 from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, may_start_on
 from ..l3.standby import ReplicaPaths
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
@@ -72,15 +72,20 @@ class HostDisks:
                 if not brand_new:
                     raise StorageDaemonError(f"this host's copy {image.path} is missing")
                 if disk.path:
-                    try:
-                        source = importable(disk.path, disk.format, self.cfg.shared_storage + self.cfg.image_roots)
-                    except PathRefused as e:
-                        raise StorageDaemonError(f"cannot import the disk image: {e}") from None
-                    import_image(source, disk.format, image)
+                    self.import_into(disk, image)
                 else:
                     ensure_image(image, disk.size)
             images.append(self.writable(image))
         return images
+
+    def import_into(self, disk: DiskSpec, image: LocalImage) -> None:
+        """A brand-new VM's first copy from the image its disk names (read as root: only from
+        this host's storage roots, and only a single-file image)."""
+        try:
+            source = importable(disk.path, disk.format, self.cfg.shared_storage + self.cfg.image_roots)
+        except PathRefused as e:
+            raise StorageDaemonError(f"cannot import the disk image: {e}") from None
+        import_image(source, disk.format, image)
 
     def incoming(self, spec: VmSpec, copies: Copies | None) -> IncomingDisks:
         """Level 2 target: the QEMU receiving the VM opens this host's copy, which must be

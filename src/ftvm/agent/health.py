@@ -75,6 +75,7 @@ class _Probing:
     addr: str
     task: asyncio.Task[None]
     moving: bool = False
+    state: str = "grace"  # what status shows (changes rarely: each change is a store write)
 
 
 class HealthProbes:
@@ -113,10 +114,21 @@ class HealthProbes:
                 self.probing[name] = _Probing(settings, addr, task)
             self.probing[name].moving = is_moving
 
+    def state_of(self, name: str) -> str:
+        p = self.probing.get(name)
+        if p is None:
+            return "off: the VM's NIC has no address" if name in self._no_address else ""
+        return f"{p.settings.probe} {p.state}"
+
     def close(self) -> None:
         for p in self.probing.values():
             p.task.cancel()
         self.probing.clear()
+
+    def _set_state(self, name: str, state: str) -> None:
+        p = self.probing.get(name)
+        if p is not None:
+            p.state = state
 
     def _paused(self, name: str, settings: HealthSettings) -> str | None:
         rec, p = self.vms.get(name), self.probing.get(name)
@@ -129,15 +141,20 @@ class HealthProbes:
         tracker = HealthTracker(settings.failures)
         while True:
             await asyncio.sleep(settings.interval_s)
-            if self._paused(name, settings):
+            paused = self._paused(name, settings)
+            if paused:
                 tracker.pause()
+                self._set_state(name, "grace" if paused.startswith("grace") else f"paused: {paused}")
                 continue
             t0 = time.monotonic()
             error = await probe_once(settings.probe, addr, settings.timeout_s)
-            if self._paused(name, settings):  # it began to move, or failed otherwise, meanwhile
+            paused = self._paused(name, settings)
+            if paused:  # it began to move, or failed otherwise, meanwhile
                 tracker.pause()
                 continue
             verdict = tracker.record(error)
+            self._set_state(name, "ok" if error is None else "failed: guest restart asked" if verdict else
+                            f"failing ({tracker.in_a_row} of {settings.failures}): {error}")
             if error is not None and tracker.in_a_row == 1:
                 self.journal.event(name, "health", f"health probe {settings.probe} of {addr} failed "
                                                    f"({error}); the guest is restarted after "

@@ -15,7 +15,7 @@ from typing import Any
 from ..api.metrics import AgentCounters
 from ..core.decide import Decision
 from ..core.model import Level, PoolSnapshot, RunState, VmSpec, VmStatus
-from ..core.replication import NEW_DISK, Copies, CopyState, mark
+from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, mark
 from ..core.restart import backoff
 from ..l3.relay import OutputCommitRelay
 from ..l3.standby import ReplicaPaths, make_guest_ram_dir, read_committed
@@ -159,7 +159,7 @@ class Starts:
             committed = read_committed(files)
             files.meta.unlink(missing_ok=True)
             mine = copies.state_of(self.me) if copies else None
-            brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason == NEW_DISK
+            brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason in (NEW_DISK, IMPORTED)
             resume = committed is not None and not brand_new and files.device_state.exists() and files.ram.exists()
             if warm is not None and not (resume and warm.fits(spec, committed[0] if committed else None)):
                 await warm.close()  # before the taps and sockets below are made again
@@ -169,7 +169,10 @@ class Starts:
                 if not os.path.exists(image.path):
                     if not brand_new:
                         raise StorageDaemonError(f"this host's copy {image.path} is missing")
-                    ensure_image(image, disk.size)
+                    if disk.path:  # a disk imported from an image (a boot disk): the pre-copy sends it all
+                        await asyncio.to_thread(self.disks.import_into, disk, image)
+                    else:
+                        ensure_image(image, disk.size)
             if not resume:
                 files.ram.unlink(missing_ok=True)  # a cold boot starts from fresh RAM
             make_guest_ram_dir(files.ram)

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=256, help="MiB")
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--disk", action="append",
-                   help="PATH[,format=raw|qcow2] (repeatable); level 2: imported into the hosts' copies")
+                   help="PATH[,format=raw|qcow2] (repeatable); levels 2, 3: imported into the hosts' copies")
     p.add_argument("--disk-size", action="append",
                    help="levels 2, 3: size of a disk kept on each host's local storage, e.g. 64M (repeatable)")
     p.add_argument("--mac", action="append", help="NIC MAC address (repeatable; default derived from name)")

@@ -276,8 +276,8 @@ def spec_from_args(args: Any) -> VmSpec:
     for d in args.disk or []:
         path, _, fmt = d.partition(",format=")
         disk = DiskSpec(os.path.abspath(path), fmt or ("qcow2" if path.endswith(".qcow2") else "raw"))
-        # level 2: the image is imported into the first host's copy
-        disks.append(ops.with_image_size(disk) if args.level == 2 else disk)
+        # levels 2, 3: the image is imported into the first host's copy
+        disks.append(ops.with_image_size(disk) if args.level in (2, 3) else disk)
     disks += [DiskSpec(size=parse_size(s)) for s in args.disk_size or []]
     macs = args.mac or [default_mac(args.name)]
     for mac in macs:
@@ -429,6 +429,9 @@ def cmd_vm_show(args: Any) -> int:
         if c.get("disk_tracking"):
             t.add_row("changed disk pages", c["disk_tracking"])
     t.add_row("guest monitoring", describe_monitoring(spec))
+    health = (data.get("status") or {}).get("health")
+    if health:
+        t.add_row("health", str(health))
     guest: dict[str, Any] = data.get("guest") or {}
     if guest.get("failures"):
         last = guest["failures"][-1]

@@ -273,6 +273,7 @@ class VmStatus:
     token: int
     since: float
     detail: str = ""
+    health: str = ""  # its health probe: "" none, "ok", "grace", "paused: why", "failing (k of N): what"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -51,10 +51,9 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
             return f"checkpoint interval {spec.checkpoint_ms} ms must be between 20 and 10000"
         if not spec.nics:
             return "level 3 commits output through the VM's NIC: give at least one NIC"
-        if any(disk.path for disk in spec.disks):
-            return "level 3 disks are new raw images on each host: give --disk-size, not --disk"
         if any(disk.size % 4096 for disk in spec.disks):
-            return "level 3 disk sizes must be a multiple of 4096 bytes (checkpoints copy whole pages)"
+            return ("level 3 disk sizes must be a multiple of 4096 bytes (checkpoints copy whole pages; "
+                    "an image to import can be grown with qemu-img resize)")
     if spec.level.has_copies:
         if not spec.disks:
             return f"level {int(spec.level)} keeps a copy of the disks on a partner: give at least one " \

@@ -55,13 +55,14 @@ def decode(sector: bytes, expect_seq: int) -> Record | None:
     return Record(seq=seq, checksum=checksum, payload=bytes(sector[24 : 24 + length]))
 
 
-def read_records(image: Path) -> list[Record]:
-    """All valid records of a raw ledger disk image, in order, as the guest would recover them."""
+def read_records(image: Path, offset: int = 0) -> list[Record]:
+    """All valid records of a raw ledger disk image, in order, as the guest would recover them.
+    `offset`: where the ledger starts in the image (its partition on a boot disk)."""
     records: list[Record] = []
     with open(image, "rb") as f:
         seq = 1
         while True:
-            f.seek(seq * SECTOR)
+            f.seek(offset + seq * SECTOR)
             rec = decode(f.read(SECTOR), seq)
             if rec is None:
                 return records

@@ -77,7 +77,8 @@ class LabPool:
     def define_ledger_vm(self, name: str, index: int, level: Level, image: GuestImage,
                          host: str | None = None, memory_mib: int = 256, start: bool = True,
                          checkpoint_ms: int = 100, on_output: bool = True, vcpus: int = 1,
-                         disk_size: int = 64 << 20) -> VmSpec:
+                         disk_size: int = 64 << 20, **spec_fields: Any) -> VmSpec:
+        """`spec_fields`: further VmSpec fields (a health probe, restart limits)."""
         if level.has_copies:  # each host keeps its own copy in its local storage
             disks: tuple[DiskSpec, ...] = (DiskSpec(size=disk_size),)
         else:
@@ -88,7 +89,7 @@ class LabPool:
                       nics=(NicSpec(f"52:54:00:77:00:{index:02x}", topo.vm_addr(index)),),
                       boot=BootSpec(str(image.kernel), str(image.initrd), image.append),
                       desired=Desired.RUNNING if start else Desired.STOPPED, preferred_host=host,
-                      checkpoint_ms=checkpoint_ms, checkpoint_on_output=on_output)
+                      checkpoint_ms=checkpoint_ms, checkpoint_on_output=on_output, **spec_fields)
         if not self._run(lambda s: s.define_vm(spec)):
             raise ScenarioError(f"VM {name} already defined")
         return spec
@@ -352,9 +353,10 @@ def replica_current(vm: str) -> Callable[[PoolSnapshot], bool]:
     return check
 
 
-def check_acked_on_disk(image: Path, acks: list[Ack]) -> tuple[int, list[Ack]]:
-    """(records on disk, acknowledged records missing or different on disk)."""
-    records = {r.seq: r for r in read_records(image)}
+def check_acked_on_disk(image: Path, acks: list[Ack], offset: int = 0) -> tuple[int, list[Ack]]:
+    """(records on disk, acknowledged records missing or different on disk); `offset`: where
+    the ledger starts in the image."""
+    records = {r.seq: r for r in read_records(image, offset)}
     lost = [a for a in acks if records.get(a.seq) is None or records[a.seq].payload != a.payload.encode()]
     return len(records), lost
 

@@ -124,7 +124,7 @@ def restore_write_through(images: list[LocalImage]) -> list[str]:
 
 
 def import_image(source: str, source_format: str, image: LocalImage) -> None:
-    """A level 2 VM's first copy, made from an existing image (the partner's is then
+    """A level 2 or 3 VM's first copy, made from an existing image (the partner's is then
     resynced in full)."""
     Path(image.path).parent.mkdir(parents=True, exist_ok=True)
     opts = ["-o", "preallocation=metadata"] if image.format == "qcow2" else []
@@ -133,6 +133,9 @@ def import_image(source: str, source_format: str, image: LocalImage) -> None:
     if proc.returncode != 0:
         raise StorageDaemonError(f"importing {source}: {proc.stderr.strip()}")
     os.chmod(image.path, 0o600)
+    if image.format == "raw":  # space reserved as for an empty copy (ensure_image)
+        with open(image.path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
 
 
 def image_size(image: LocalImage) -> int:
