@@ -301,7 +301,7 @@ async def set_guest_monitoring(store: PoolStore, name: str, changes: dict[str, A
         want = GUEST_MONITORING[key]
         ok = isinstance(value, want) or (want is float and isinstance(value, int))
         if isinstance(value, bool) or not ok:
-            raise FtvmError(f"{key} must be {'a text' if want is str else 'a number'}", BAD_INPUT)
+            raise FtvmError(f"{key} must be {'a text' if want is str else 'a number'}; nothing changed", BAD_INPUT)
         fields[key] = float(value) if want is float else value
     while True:
         await get_view(store, name)

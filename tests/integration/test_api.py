@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -127,6 +128,39 @@ async def test_level3_checkpointing_is_patched_and_bad_values_refused(api) -> No
     assert r.status_code == 202
     spec, _ = await store.spec("trade")
     assert (spec.checkpoint_ms, spec.checkpoint_on_output) == (250, False)
+
+
+async def test_health_probes_and_restart_limits_are_patched_checked_and_refused_without_an_address(api) -> None:
+    http, store = api
+    assert await store.define_vm(VmSpec("hp", Level.UNPROTECTED, 256, 1, (), (NicSpec("52:54:00:00:10:05"),)))
+    r = await http.patch("/api/v1/vms/hp", json={"health": "tcp:22"})
+    assert r.status_code == 400 and "no address" in r.json()["error"]
+    spec, rev = await store.spec("hp")
+    assert await store.update_spec(replace(spec, nics=(NicSpec("52:54:00:00:10:05", "10.0.0.5/24"),)), rev)
+    for bad in ({"health": "udp:53"}, {"health_failures": 0}, {"health_timeout_s": 30.0},
+                {"guest_restarts": "3"}, {"guest_window_s": True}, {"health_interval_s": 0.2}):
+        r = await http.patch("/api/v1/vms/hp", json=bad)
+        assert r.status_code == 400 and "nothing changed" in r.json()["error"], (bad, r.text)
+    assert not (await store.spec("hp"))[0].health
+    r = await http.patch("/api/v1/vms/hp", json={"health": "http:8080/health", "health_interval_s": 5,
+                                                   "health_failures": 2, "guest_restarts": 5,
+                                                   "guest_window_s": 600})
+    assert r.status_code == 202, r.text
+    spec, _ = await store.spec("hp")
+    assert (spec.health, spec.health_interval_s, spec.health_failures, spec.guest_restarts, spec.guest_window_s) == (
+        "http:8080/health", 5.0, 2, 5, 600.0)
+
+
+async def test_a_qcow2_overlay_is_refused_at_definition_and_nothing_is_defined(api, tmp_path) -> None:
+    import subprocess
+    http, store = api
+    base, overlay = tmp_path / "base.raw", tmp_path / "over.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay)], check=True)
+    body = spec_json("ovl") | {"disks": [{"path": str(overlay), "format": "qcow2", "size": 0}]}
+    r = await http.post("/api/v1/vms", json=body)
+    assert r.status_code == 400 and f"backing file {base}" in r.json()["error"], r.text
+    assert "ovl" not in (await store.snapshot()).vms
 
 
 async def test_metrics_use_prometheus_names_and_units(api) -> None:

@@ -260,3 +260,43 @@ def test_the_serial_console_through_the_cli_follows_a_level_3_failover(lab: labm
             labmod.restore_host(lab, h)
         labmod.wait_for_hosts(lab, lab.hosts, 30)
         pool.stop_and_remove("gc3")
+
+
+def test_a_watchdog_that_is_no_longer_kicked_resets_the_guest(lab: labmod.LabState, guest_image,
+                                                              tmp_path: Path) -> None:
+    """`vm add --watchdog`: the demo ledger arms the i6300esb and kicks it from its loop; "X
+    hang" stops the loop, the watchdog fires after its 5 s, QEMU resets the guest, and the
+    owner records the guest failure (level 3: the partner does not take over)."""
+    pool = LabPool(lab)
+    pool.define_ledger_vm("gw3", 67, Level.SYSTEM, guest_image, host="h1", watchdog=True)
+    ip = _ip(67)
+    try:
+        pool.wait_running("gw3", 60)
+        pool.wait_answering(ip, 60)
+        pool.wait_for("gw3 protected", l3_protected("gw3"), 120)
+        serial = (lab.host_dir("h1") / "state" / "vms" / "gw3" / "serial.log").read_text(errors="replace")
+        assert "i6300esb watchdog armed (5 s)" in serial, serial[-2000:]
+        client = LabClient(lab, ip, "gw3", 0.02, reply_timeout=60)
+        try:
+            client.wait_acks(20, 30)
+            hung_at = time.time()
+            assert pool.ask(ip, "X hang") == "OK X hang"
+            restarts = pool.wait_events("gw3's guest restarted", lambda e: e.vm == "gw3" and e.kind == "guest-restart"
+                                        and e.time > hung_at, 60)
+            pool.wait_answering(ip, 120)
+            client.wait_acks(20, 60, after=time.time())
+        finally:
+            acks = client.stop()
+        assert "watchdog" in restarts[0].message, restarts
+        print(f"gw3 (level 3): hang -> watchdog reset recorded {restarts[0].time - hung_at:.2f} s (5 s watchdog)")
+        snap = pool.snapshot()
+        view = snap.vms["gw3"]
+        assert view.owner is not None and view.owner.host == "h1"
+        assert view.guest is not None and view.guest.failures[0].cause == "guest watchdog"
+        assert not [e for e in pool.events() if e.vm == "gw3" and e.kind in ("takeover", "claim", "fence")
+                    and e.time > hung_at]
+        on_disk, lost = check_acked_on_disk(pool.copy_path("gw3", "h1")[0], acks)
+        assert lost == [] and len(acks) >= 40, (len(acks), lost)
+        pool.wait_for("gw3 protected after the reset", l3_protected("gw3"), 60)
+    finally:
+        pool.stop_and_remove("gw3")

@@ -53,3 +53,30 @@ def test_crafted_headers_are_read_within_bounds() -> None:
     header[100:104] = (196).to_bytes(4, "big")       # extensions start past the end: none read
     assert qcow2_references(bytes(header)) == ["backing file (unreadable name)"]
     assert qcow2_references(b"QFI\xfb") == [] and qcow2_references(b"\0" * 512) == []
+
+
+def test_a_boot_disk_has_syslinux_the_kernel_and_the_ledger_partition(tmp_path: Path) -> None:
+    import struct
+
+    from ftvm.guest.bootdisk import BOOT_START, make_boot_disk
+    from ftvm.guest.build import GuestImage
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.gz"
+    kernel.write_bytes(b"K" * 100_000)
+    initrd.write_bytes(b"I" * 50_000)
+    disk = make_boot_disk(tmp_path / "boot.img", GuestImage(kernel, initrd, "console=ttyS0"), "10.0.0.7/24",
+                          size_mib=80)
+    raw = disk.path.read_bytes()
+    assert len(raw) == 80 << 20 and raw[510:512] == b"\x55\xaa"
+    parts = [struct.unpack("<B3sB3sII", raw[446 + 16 * i:462 + 16 * i]) for i in range(2)]
+    assert parts[0][0] == 0x80 and parts[0][2] == 0x06 and parts[0][4] == BOOT_START  # bootable FAT16
+    assert parts[1][2] == 0x83 and parts[1][4] * 512 == disk.ledger_offset
+    assert parts[1][4] + parts[1][5] == 80 * 2048  # to the end of the disk
+    listing = subprocess.run(["mdir", "-a", "-b", "-i", f"{disk.path}@@{BOOT_START * 512}", "::/"],
+                             capture_output=True, text=True, check=True).stdout
+    for name in ("LDLINUX.SYS", "LDLINUX.C32", "VMLINUZ", "INITRD.GZ", "SYSLINUX.CFG"):
+        assert name in listing.upper(), listing
+    cfg = subprocess.run(["mtype", "-i", f"{disk.path}@@{BOOT_START * 512}", "::/syslinux.cfg"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "APPEND console=ttyS0 ftvm.ledger=/dev/vda2 ftvm.ip=10.0.0.7/24" in cfg
+    with pytest.raises(FileExistsError):
+        make_boot_disk(disk.path, GuestImage(kernel, initrd, ""), None)

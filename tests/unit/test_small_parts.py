@@ -126,6 +126,26 @@ def test_disk_boot_when_no_kernel_given() -> None:
     assert "virtio-blk-pci,drive=disk0,queue-size=64,bootindex=0" in cmd
 
 
+def test_the_watchdog_device_and_the_console_socket_on_the_command_line() -> None:
+    from dataclasses import replace
+    paths = VmPaths(Path("/run/x"))
+    plain = build_cmdline(vm(), paths, Accel("tcg", "qemu64", ""), ["ft-web"])
+    assert "i6300esb" not in plain
+    cmd = build_cmdline(replace(vm(), watchdog=True), paths, Accel("tcg", "qemu64", ""), ["ft-web"])
+    assert cmd[cmd.index("i6300esb") - 1] == "-device" and "watchdog=reset" in cmd
+    serial = cmd[cmd.index("-serial") - 1]
+    assert serial == "socket,id=ser0,path=/run/x/console.sock,server=on,wait=off,logfile=/run/x/serial.log"
+
+
+def test_ledger_records_at_an_offset(tmp_path: Path) -> None:
+    img = tmp_path / "boot.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+        f.seek(4096 + 512)
+        f.write(encode(1, b"in partition 2"))
+    assert read_records(img) == [] and [r.payload for r in read_records(img, 4096)] == [b"in partition 2"]
+
+
 def test_guest_cache_key_follows_every_input(tmp_path: Path, monkeypatch) -> None:
     import shutil
 

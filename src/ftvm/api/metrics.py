@@ -110,6 +110,9 @@ def render(snapshot: PoolSnapshot, health: AgentHealth, counters: AgentCounters)
         fam("ftvm_vm_running", "gauge", "1 if the VM runs").add(running, vm=name)
         fam("ftvm_vm_protected", "gauge", "1 if the VM is protected at its level right now").add(
             protection(snapshot, view).protected, vm=name)
+        if running and view.status is not None and view.status.health:
+            fam("ftvm_vm_health_ok", "gauge", "1 if the VM's last health probe passed (0: failing, paused "
+                "or in its grace after boot)").add(view.status.health.endswith(" ok"), vm=name)
         if view.copies is not None:
             for h, c in sorted(view.copies.copies.items()):
                 fam("ftvm_vm_copy_current", "gauge", "1 if the host's copy of the VM's disks is current").add(

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--append", help="kernel command line")
     p.add_argument("--demo-guest", action="store_true", help="boot the ftvm demo guest (ledger)")
     _guest_monitoring_args(p)
+    p.add_argument("--watchdog", action="store_true",
+                   help="an i6300esb watchdog device: when the guest's watchdog daemon stops kicking it, "
+                        "the guest is reset (a guest failure, within --guest-restarts)")
     p.add_argument("--host", help="preferred host for the first start")
     p.add_argument("--start", action="store_true", help="start it right away")
     p.add_argument("--wait", action="store_true", help="with --start: wait until it runs")

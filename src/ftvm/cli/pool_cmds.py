@@ -266,7 +266,8 @@ def describe_monitoring(spec: VmSpec) -> str:
     probe = (f"health probe {spec.health} every {spec.health_interval_s:g} s (timeout {spec.health_timeout_s:g} s, "
              f"restart after {spec.health_failures} failures in a row, grace {spec.health_grace_s:g} s after boot)"
              if spec.health else "no health probe")
-    return f"{probe}; at most {spec.guest_restarts} guest restarts per {spec.guest_window_s:g} s"
+    watchdog = "; i6300esb watchdog (reset)" if spec.watchdog else ""
+    return f"{probe}{watchdog}; at most {spec.guest_restarts} guest restarts per {spec.guest_window_s:g} s"
 
 
 def spec_from_args(args: Any) -> VmSpec:
@@ -304,7 +305,7 @@ def spec_from_args(args: Any) -> VmSpec:
                   boot=BootSpec(os.path.abspath(kernel) if kernel else None,
                                 os.path.abspath(initrd) if initrd else None, append),
                   desired=Desired.RUNNING if args.start else Desired.STOPPED,
-                  preferred_host=args.host, failback=args.failback)
+                  preferred_host=args.host, failback=args.failback, watchdog=args.watchdog)
 
 
 def cmd_vm_add(args: Any) -> int:

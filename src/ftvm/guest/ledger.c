@@ -26,6 +26,9 @@
  * "X hang" -> replies "OK X hang", then never answers anyone again: a guest that runs
  *   but no longer serves (for health probes).
  *
+ * With an i6300esb watchdog device (`vm add --watchdog`) it arms it (WATCHDOG_S) and kicks
+ * it from its loop: a service that hangs stops kicking, and QEMU resets the guest.
+ *
  * With a third argument it also answers HTTP on that port: "GET /health" -> 200
  * "ledger ok seq=<last>", anything else 404 (a health probe, `vm add --health http:PORT/health`).
  */
@@ -40,6 +43,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -211,6 +216,73 @@ static void handle_line(int fd, char *line, size_t len) {
     reply(fd, out);
 }
 
+/* The i6300esb watchdog, driven from user space through sysfs (the demo kernel has no
+   driver for it): config space for the mode and enable bits, BAR 0 for the timers and the
+   reload register, each write behind the two-step unlock. Two stages of WATCHDOG_S / 2 at
+   the 1 kHz scale (preload << 15 ticks of 30 ns), then QEMU's watchdog action. */
+#define WATCHDOG_S 5
+static volatile uint8_t *esb; /* BAR 0, NULL without the device */
+
+static int read_hex(const char *dir, const char *name) {
+    char path[512], buf[32];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    return (int)strtol(buf, NULL, 16);
+}
+
+static void esb_write16(unsigned off, uint16_t v) { *(volatile uint16_t *)(esb + off) = v; }
+static void esb_write32(unsigned off, uint32_t v) { *(volatile uint32_t *)(esb + off) = v; }
+static void esb_unlock(void) { esb_write16(0x0c, 0x80); esb_write16(0x0c, 0x86); }
+
+static void watchdog_kick(void) {
+    if (!esb) return;
+    esb_unlock();
+    esb_write16(0x0c, 0x100); /* reload */
+}
+
+static void watchdog_arm(void) {
+    char dev[300];
+    DIR *d = opendir("/sys/bus/pci/devices");
+    struct dirent *e;
+    int found = 0;
+    while (d && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        snprintf(dev, sizeof dev, "/sys/bus/pci/devices/%s", e->d_name);
+        if (read_hex(dev, "vendor") == 0x8086 && read_hex(dev, "device") == 0x25ab) { found = 1; break; }
+    }
+    if (d) closedir(d);
+    if (!found) return;
+    char path[400];
+    snprintf(path, sizeof path, "%s/enable", dev);
+    int fd = open(path, O_WRONLY);
+    if (fd >= 0) { (void)write(fd, "1", 1); close(fd); }
+    snprintf(path, sizeof path, "%s/config", dev);
+    int cfg = open(path, O_RDWR);
+    snprintf(path, sizeof path, "%s/resource0", dev);
+    int bar = open(path, O_RDWR | O_SYNC);
+    void *m = bar < 0 ? MAP_FAILED : mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, bar, 0);
+    if (cfg < 0 || m == MAP_FAILED) { perror("ftvm-ledger: i6300esb"); if (cfg >= 0) close(cfg); return; }
+    esb = m;
+    uint16_t conf = 0x0003; /* no interrupt after stage 1, 1 kHz scale, reset enabled (bit 5 clear) */
+    uint8_t lock = 0;       /* disabled while the timers are set */
+    (void)pwrite(cfg, &conf, 2, 0x60);
+    (void)pwrite(cfg, &lock, 1, 0x68);
+    uint32_t preload = (uint32_t)WATCHDOG_S << 9;
+    esb_unlock(); esb_write32(0x00, preload);
+    esb_unlock(); esb_write32(0x04, preload);
+    esb_unlock(); esb_write16(0x0c, 0x200 | 0x100); /* clear the timed-out flag, reload */
+    lock = 0x02; /* enabled, not locked */
+    (void)pwrite(cfg, &lock, 1, 0x68);
+    close(cfg);
+    printf("ftvm-ledger: i6300esb watchdog armed (%d s)\n", WATCHDOG_S);
+    fflush(stdout);
+}
+
 /* The HTTP health endpoint: answered by the same loop as the ledger, so a ledger that hangs
    ("X hang") stops answering it too. */
 static void http_reply(int fd, int health) {
@@ -242,6 +314,7 @@ int main(int argc, char **argv) {
     int one = 1;
     int lfd = listen_on(atoi(argv[2]));
     int hfd = argc == 4 ? listen_on(atoi(argv[3])) : -1; /* poll skips a negative fd */
+    watchdog_arm();
     printf("ftvm-ledger ready seq=%llu capacity=%llu\n",
            (unsigned long long)last_seq, (unsigned long long)capacity);
     fflush(stdout);
@@ -253,7 +326,8 @@ int main(int argc, char **argv) {
         pfds[0].fd = lfd; pfds[0].events = POLLIN;
         pfds[1].fd = hfd; pfds[1].events = POLLIN;
         for (int i = 0; i < nclients; i++) { pfds[i + 2].fd = clients[i].fd; pfds[i + 2].events = POLLIN; }
-        if (poll(pfds, nclients + 2, -1) < 0) { if (errno == EINTR) continue; return 1; }
+        watchdog_kick(); /* at least every second while the loop runs */
+        if (poll(pfds, nclients + 2, esb ? 1000 : -1) < 0) { if (errno == EINTR) continue; return 1; }
         for (int i = nclients - 1; i >= 0; i--) {
             if (!(pfds[i + 2].revents & (POLLIN | POLLHUP | POLLERR))) continue;
             struct client *c = &clients[i];

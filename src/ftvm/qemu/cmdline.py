@@ -120,6 +120,8 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
         # restarts the guest or gives up (agent/guest.py); the device has no migration state
         "-device", "pvpanic", "-action", "panic=none",
     ]
+    if spec.watchdog:  # the guest's watchdog daemon kicks it; when it stops, QEMU resets the guest
+        cmd += ["-device", "i6300esb", "-action", "watchdog=reset"]
     if tls_dir is not None:  # NBD to partners' copies and live migration: TLS-PSK (qemu/tls.py)
         cmd += QemuTls.qemu_objects(tls_dir)
     if checkpointed is not None:
