@@ -211,7 +211,7 @@ def test_the_serial_console_through_the_cli_follows_a_level_3_failover(lab: labm
 
     def cli(*args: str) -> list[str]:
         return [sys.executable, "-m", "ftvm", *args, "--lab-dir", str(lab.dir)]
-    proc = None
+    proc = follow = None
     try:
         pool.wait_running("gc3", 60)
         pool.wait_answering(_ip(66), 60)
@@ -242,10 +242,20 @@ def test_the_serial_console_through_the_cli_follows_a_level_3_failover(lab: labm
             pool.wait_for(what, seen, 60)
         pool.wait_for("the console attached", lambda _: b"connected to gc3" in err, 30)
         typed(b"echo ftvm-console-$((6*7))\n", b"ftvm-console-42", "the guest shell's answer")
+        follow = subprocess.Popen(cli("vm", "log", "gc3", "-f"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=env)
+        followed, follow_err = bytearray(), bytearray()
+        for stream, into in ((follow.stdout, followed), (follow.stderr, follow_err)):
+            threading.Thread(target=drain, args=(stream, into), daemon=True).start()
+        pool.wait_for("vm log -f showing the console's output", lambda _: b"ftvm-console-42" in followed, 30)
         labmod.fail_host(lab, "h1")
         pool.wait_running("gc3", 60, not_on="h1")
         pool.wait_for("the console attached again", lambda _: err.count(b"connected to gc3") >= 2, 60)
         typed(b"echo after-$((7*6)) $(cat /proc/uptime)\n", b"after-42", "the answer after the failover")
+        # `vm log -f` went on with the new QEMU's log (the takeover's) on h2
+        pool.wait_for("vm log -f following to h2", lambda _: b"after-42" in followed, 30)
+        assert b"runs on h2 now" in follow_err, follow_err.decode(errors="replace")
+        follow.kill()
         proc.stdin.write(b"\x1d")  # Ctrl-]: detach
         proc.stdin.flush()
         assert proc.wait(30) == 0, err.decode(errors="replace")
@@ -254,8 +264,9 @@ def test_the_serial_console_through_the_cli_follows_a_level_3_failover(lab: labm
         log = subprocess.run(cli("vm", "log", "gc3", "--all"), capture_output=True, text=True, env=env, timeout=60)
         assert log.returncode == 0 and "after-42" in log.stdout, log.stdout[-2000:] + log.stderr
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
+        for p in (proc, follow):
+            if p is not None and p.poll() is None:
+                p.kill()
         for h in list(lab.failed):
             labmod.restore_host(lab, h)
         labmod.wait_for_hosts(lab, lab.hosts, 30)

@@ -34,6 +34,7 @@ TAIL_BYTES = 16 * 1024
 CHUNK_BYTES = 64 * 1024
 MAX_INPUT = 4096            # bytes of one console message from a client
 FORWARD_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 2.0     # an owner that lost power does not hold the caller up for long
 
 
 @dataclass
@@ -92,7 +93,8 @@ async def serve_log(request: web.Request, ctx: ConsoleContext, snapshot: Any) ->
             raise FtvmError(f"VM {name} is not running here yet", REFUSED)
         return web.json_response(await asyncio.to_thread(read_log, paths.serial, host, offset))
     _refuse_second_hop(request, name, host)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S)) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S,
+                                                                   sock_connect=CONNECT_TIMEOUT_S)) as session:
         try:
             async with session.get(url + request.path_qs, headers=_forward_headers(request, ctx),
                                    ssl=ctx.peer_tls or False) as r:
@@ -145,7 +147,7 @@ async def serve_console(request: web.Request, ctx: ConsoleContext, snapshot: Any
 
 
 async def _forward_console(request: web.Request, ctx: ConsoleContext, host: str, url: str) -> web.StreamResponse:
-    session = aiohttp.ClientSession()
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S))
     try:
         try:
             upstream = await session.ws_connect(url + request.path_qs, headers=_forward_headers(request, ctx),

@@ -103,7 +103,8 @@ async def _console(client: HttpClient, name: str, takeover: bool, raw: bool) -> 
     headers = {"Authorization": f"Bearer {client.token}"}
     said = ""
     try:
-        async with aiohttp.ClientSession() as session:
+        # (a host that lost power costs one connect timeout, then the next agent is asked)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0)) as session:
             while True:
                 ws, why = await _attach(session, client, path, headers)
                 if ws is None:
