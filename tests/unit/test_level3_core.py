@@ -199,7 +199,9 @@ def test_level3_validation() -> None:
     assert "checkpoint interval" in (check_new_vm(spec(checkpoint_ms=5), hosts, ok) or "")
     assert "NIC" in (check_new_vm(spec(nics=()), hosts, ok) or "")
     assert "4096" in (check_new_vm(spec(disks=(DiskSpec(size=(64 << 20) + 512),)), hosts, ok) or "")
-    assert "--disk-size" in (check_new_vm(spec(disks=(DiskSpec(path="/x.img", size=1 << 20),)), hosts, ok) or "")
+    imported = spec(disks=(DiskSpec(path="/x.img", size=1 << 20),))  # a boot disk, imported into each copy
+    assert check_new_vm(imported, hosts, ok) is None
+    assert "does not exist" in (check_new_vm(imported, hosts, lambda p: False) or "")
     one = PoolSnapshot(1, {"h1": HostInfo("h1", 4096, 4)}, {})
     assert "partner" in (check_new_vm(spec(), one, ok) or "")
 

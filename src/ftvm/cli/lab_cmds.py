@@ -7,7 +7,7 @@ from typing import Any
 
 from ..core.timing import Timing, TimingError
 from ..lab import lab
-from .common import BAD_INPUT, FAILED, OK, CliError, console, emit_json, is_json
+from .common import BAD_INPUT, FAILED, OK, REFUSED, CliError, console, emit_json, is_json
 
 
 def _lab_dir(args: Any) -> Path:
@@ -153,4 +153,31 @@ def cmd_guest_build(args: Any) -> int:
         emit_json(image.to_json())
     else:
         console.print(f"demo guest: kernel {image.kernel}, initrd {image.initrd}")
+    return OK
+
+
+def cmd_guest_boot_disk(args: Any) -> int:
+    from pathlib import Path
+
+    from ..core.model import check_nic_ip
+    from ..guest.bootdisk import MIN_SIZE_MIB, make_boot_disk
+    from ..guest.build import GuestBuildError, build_guest
+    from .pool_cmds import parse_size
+    if args.ip and check_nic_ip(args.ip):
+        raise CliError(str(check_nic_ip(args.ip)), BAD_INPUT)
+    size = parse_size(args.size)
+    if size < MIN_SIZE_MIB << 20:
+        raise CliError(f"--size {args.size}: a boot disk needs at least {MIN_SIZE_MIB} MiB", BAD_INPUT)
+    try:
+        image = build_guest(log=lambda m: None if is_json(args) else console.print(m))
+        disk = make_boot_disk(Path(args.path), image, args.ip, size >> 20)
+    except FileExistsError as e:
+        raise CliError(f"{e}: nothing changed", REFUSED) from None
+    except GuestBuildError as e:
+        raise CliError(str(e), FAILED) from None
+    if is_json(args):
+        emit_json({"path": str(disk.path), "ledger_offset": disk.ledger_offset, "ip": args.ip})
+    else:
+        console.print(f"boot disk {disk.path}: syslinux + the demo guest, ledger at byte {disk.ledger_offset}; "
+                      f"use it as a VM's first disk, with no --kernel")
     return OK

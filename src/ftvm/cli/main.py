@@ -207,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     guest = sub.add_parser("guest", help="the demo guest").add_subparsers(dest="sub", required=True)
     cmd(guest, "build", lab_cmds.cmd_guest_build, "build (or find cached) the demo guest")
+    p = cmd(guest, "boot-disk", lab_cmds.cmd_guest_boot_disk,
+            "a disk that boots the demo guest by itself (BIOS, syslinux; the ledger on partition 2)")
+    p.add_argument("path")
+    p.add_argument("--ip", help="ADDR/PREFIX the guest takes (written into the disk's boot configuration)")
+    p.add_argument("--size", default="128M", help="disk size (at least 67M)")
 
     from ..showcase import bench, demo
     p = cmd(sub, "demo", demo.cmd_demo, "the live demo in a lab pool")

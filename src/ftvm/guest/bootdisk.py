@@ -26,6 +26,7 @@ MBR_CODE = Path("/usr/lib/syslinux/mbr/mbr.bin")
 SECTOR = 512
 BOOT_START = 2048            # sectors: partition 1 at 1 MiB, as partitioning tools align it
 BOOT_SECTORS = 64 * 2048     # 64 MiB of FAT16 (the cloud kernel and the initrd take ~12 MiB)
+MIN_SIZE_MIB = (BOOT_START + BOOT_SECTORS) // 2048 + 2  # the boot partition and a ledger of 1 MiB or more
 TOOLS = {"mkfs.vfat": "dosfstools", "syslinux": "syslinux", "mcopy": "mtools"}
 
 
@@ -44,8 +45,8 @@ def partition_table(total_sectors: int) -> tuple[bytes, int]:
     """(the 66 bytes from offset 446: two partitions and the boot signature, partition 2's
     first sector). Partition 2 starts on a 1 MiB boundary after partition 1."""
     ledger_start = BOOT_START + BOOT_SECTORS
-    if total_sectors <= ledger_start + 2048:
-        raise GuestBuildError(f"a boot disk needs more than {(ledger_start + 2048) * SECTOR >> 20} MiB")
+    if total_sectors < MIN_SIZE_MIB * 2048:
+        raise GuestBuildError(f"a boot disk needs at least {MIN_SIZE_MIB} MiB")
     table = (_partition_entry(True, 0x06, BOOT_START, BOOT_SECTORS)
              + _partition_entry(False, 0x83, ledger_start, total_sectors - ledger_start)
              + bytes(32) + b"\x55\xaa")
