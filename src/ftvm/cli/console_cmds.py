@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from .client import HttpClient, pool_client
-from .common import BAD_INPUT, OK, CliError, emit_json, err_console, is_json
+from .common import BAD_INPUT, OK, CliError, emit_json, is_json
 
 DETACH = b"\x1d"  # Ctrl-]
 RETRY_S = 0.5
@@ -49,13 +49,12 @@ def cmd_vm_log(args: Any) -> int:
                 raise
             if str(e) != waiting:  # the VM is moving or stopped: say so once, then wait
                 waiting = str(e)
-                err_console.print(f"[dim][ftvm: {e}; waiting][/]", highlight=False)
+                _say(f"[ftvm: {e}; waiting]", raw=False)
             time.sleep(RETRY_S)
             continue
         waiting = ""
         if log_id is not None and chunk["log_id"] != log_id and offset:
-            err_console.print(f"[dim][ftvm: {args.name} runs on {chunk['host']} now: its serial log from that "
-                              "start][/]", highlight=False)
+            _say(f"[ftvm: {args.name} runs on {chunk['host']} now: its serial log from that start]", raw=False)
             log_id, offset = chunk["log_id"], 0
             continue
         log_id = chunk["log_id"]
