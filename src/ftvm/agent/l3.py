@@ -364,7 +364,8 @@ class L3Primary:
             link_bytes_per_s=w["bytes_per_s"], epoch=cp.stats.acked, sync_done=round(self.sync_done, 3),
             tracking=cp.stats.tracking, full_resyncs=cp.stats.full_resyncs, disk_tracking=cp.stats.disk_tracking,
             stop_p50_ms=w["stop_p50_ms"], cont_p50_ms=w["cont_p50_ms"], ack_p50_ms=w["ack_p50_ms"],
-            partner_silence_max_ms=w["silence_max_ms"])
+            partner_silence_max_ms=w["silence_max_ms"], output_wait_p50_ms=w["output_wait_p50_ms"],
+            reply_p50_ms=w["reply_p50_ms"], frames_p50=w["frames_p50"])
 
     async def _publish_loop(self) -> None:
         last: CheckpointFigures | None = None

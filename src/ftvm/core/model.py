@@ -339,6 +339,9 @@ class CheckpointFigures:
     cont_p50_ms: float = 0.0
     ack_p50_ms: float = 0.0   # guest resumed -> the partner's ACK: how long output still waits after a pause
     partner_silence_max_ms: float = 0.0  # longest time without a message from the partner (l3_partner_lost)
+    output_wait_p50_ms: float = 0.0   # on output: the guest's first held frame -> the checkpoint's start
+    reply_p50_ms: float = 0.0         # an ACK's release -> the guest's next held frame (clients + guest work)
+    frames_p50: float = 0.0           # frames let out per ACK
 
 
 @dataclass(frozen=True)

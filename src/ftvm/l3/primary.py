@@ -109,6 +109,12 @@ class CheckpointStats:
     # (when, seconds since the partner's previous message), for gaps over 10 ms: how close the
     # link comes to `l3_partner_lost`
     silences: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=20_000))
+    # the output-triggered cycle, per epoch (when, seconds): the guest's first held frame ->
+    # the checkpoint's start (the gather wait); an ACK's release -> the guest's next held frame
+    # (clients' turnaround and the guest's work); and (when, frames) let out per ACK
+    output_waits: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=20_000))
+    replies: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=20_000))
+    releases: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=20_000))
     tracking: str = "page compare"  # how changed RAM pages are found (EXACT, or "page compare: why")
     full_resyncs: int = 0           # checkpoints whose dirty-page scan failed: all of RAM sent
     tracking_error: str = ""        # the last such failure
@@ -140,6 +146,10 @@ class CheckpointStats:
             "ram_diff_p99_ms": p("ram_diff", 0.99),
             "ack_p50_ms": round(percentile([d for t, d in self.ack_delays if t > now - seconds], 0.5) * 1000, 2),
             "silence_max_ms": round(max((g for t, g in self.silences if t > now - seconds), default=0.0) * 1000, 1),
+            "output_wait_p50_ms": round(percentile([d for t, d in self.output_waits if t > now - seconds], 0.5)
+                                        * 1000, 2),
+            "reply_p50_ms": round(percentile([d for t, d in self.replies if t > now - seconds], 0.5) * 1000, 2),
+            "frames_p50": percentile([float(n) for t, n in self.releases if t > now - seconds], 0.5),
         }
 
 
@@ -294,6 +304,8 @@ class Checkpointer:
         self._closed = False
         self._final = False  # a planned switchover took the last checkpoint: the guest stays stopped
         self._output = asyncio.Event()
+        self._held_at: float | None = None  # the first frame held since the last checkpoint began
+        self._released_at = 0.0             # the last ACK that let frames out
         self._changed = asyncio.Event()  # set_interval: the wait under way starts over
         self.vcpu_load = vcpu_load
         self.on_output = False
@@ -304,8 +316,15 @@ class Checkpointer:
         a change from 10 s epochs took up to 10 s to show)."""
         self.interval_s, self.on_output = interval_s, on_output
         for relay in self.relays:
-            relay.on_held = self._output.set if on_output else None
+            relay.on_held = self._on_held if on_output else None
         self._changed.set()
+
+    def _on_held(self) -> None:
+        if self._held_at is None:
+            now = self._held_at = time.monotonic()
+            if self._released_at:
+                self.stats.replies.append((now, now - self._released_at))
+        self._output.set()
 
     # --- set-up ----------------------------------------------------------------------
     async def prepare_qemu(self) -> None:
@@ -503,6 +522,9 @@ class Checkpointer:
             epoch = self.epoch + 1
             t0 = time.monotonic()
             self._checkpoint_since = t0
+            if self._held_at is not None:
+                self.stats.output_waits.append((t0, t0 - self._held_at))
+                self._held_at = None
             try:
                 try:
                     deltas, times, device_state, t_stop, dev_s = await self._capture()
@@ -703,8 +725,10 @@ class Checkpointer:
                     self._record_ack_delay(epoch)
                     self.stats.ack_times.append(self._last_heard)
                     self.stats.acked = epoch
-                    for relay in self.relays:
-                        relay.release(epoch)
+                    frames = sum(relay.release(epoch) for relay in self.relays)
+                    if frames:
+                        self._released_at = time.monotonic()
+                        self.stats.releases.append((self._released_at, frames))
                     self.first_ack.set()
         except (OSError, asyncio.IncompleteReadError, RuntimeError) as e:
             self._set_lost(f"partner closed the checkpoint link ({type(e).__name__})")

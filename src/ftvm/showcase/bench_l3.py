@@ -109,7 +109,9 @@ def _engine_line(e: dict[str, Any]) -> str:
     return (f"pause p50 {e.get('pause_p50_ms', 0):.1f} ms (RAM {e.get('ram_diff_p50_ms', 0):.1f}, "
             f"disk {e.get('disk_diff_p50_ms', 0):.1f}, device state {e.get('device_state_p50_ms', 0):.1f}), "
             f"ACK {e.get('ack_p50_ms', 0):.1f} ms after, {e.get('per_s', 0):.0f} checkpoints/s, "
-            f"guest running {100 * e.get('running_fraction', 0):.0f}%")
+            f"guest running {100 * e.get('running_fraction', 0):.0f}%; output held -> checkpoint "
+            f"{e.get('output_wait_p50_ms', 0):.1f} ms, release -> next output {e.get('reply_p50_ms', 0):.1f} ms, "
+            f"{e.get('frames_p50', 0):.0f} frames per release")
 
 
 def _define(pool: LabPool, image: GuestImage, vm: tuple[str, int, int, str, int], memory_mib: int = 256,
