@@ -89,7 +89,7 @@ def _keep_logs(lab_dir: Path) -> None:
 
 
 def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int,
-         host_memory_mib: int = 2048) -> Iterator[object]:
+         host_memory_mib: int = 2048, sites: int = 0) -> Iterator[object]:
     from ftvm.lab import lab as labmod
     needs_root()
     if labmod.existing_namespaces():
@@ -97,7 +97,8 @@ def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int,
     parent = new_lab_parent()
     lab_dir = parent / "lab"
     try:
-        state = labmod.up(hosts, lab_dir, probe_kernel=str(guest_image.kernel), host_memory_mib=host_memory_mib)
+        state = labmod.up(hosts, lab_dir, probe_kernel=str(guest_image.kernel), host_memory_mib=host_memory_mib,
+                          sites=sites)
         yield state
     finally:
         _keep_logs(lab_dir)
@@ -115,6 +116,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[objec
 def lab_big(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
     """A 2-host lab pool whose hosts offer 8 GiB each (guests of 2 GiB at level 3)."""
     yield from _lab(tmp_path_factory, guest_image, 2, host_memory_mib=8192)
+
+
+@pytest.fixture(scope="module")
+def lab_sites(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
+    """A 3-host lab pool at two sites (h1, h2 at a; h3 at b), the quorum at a third."""
+    yield from _lab(tmp_path_factory, guest_image, 3, host_memory_mib=3072, sites=2)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ class VmRow(TypedDict):
     checkpoints: dict[str, Any] | None
     desired: str | None
     protected: bool
-    protection: str                # "Protected" or "Not protected: <reason>"
+    protection: str                # "Protected", "Protected (<site caveat>)" or "Not protected: <reason>"
+    site_caveat: NotRequired[str]  # protected against a host's loss but not its site's: why (core/sites.py)
     detail: str
     memory_mib: int
     vcpus: int
@@ -51,6 +52,7 @@ class HostRow(TypedDict):
     vcpus_used: int
     shared_storage: list[str]
     vms: list[str]
+    site: NotRequired[str]              # where it stands (host.toml `site`), "" none
     copies_of: NotRequired[list[str]]   # a host that is down: the VMs it holds a copy of
 
 
@@ -81,7 +83,7 @@ def vm_row(snap: PoolSnapshot, view: VmView) -> VmRow:
             "macs": [n.mac for n in view.spec.nics], "home": view.home,
             "migration": _move(view), "level_change": _level_change(view),
             "preferred_host": view.spec.preferred_host, "failback": view.spec.failback,
-            "cannot_start": cannot_start}
+            "cannot_start": cannot_start, "site_caveat": prot.site_caveat}
 
 
 def frozen_row(frozen: FrozenVm) -> VmRow:
@@ -133,7 +135,8 @@ def host_rows(snap: PoolSnapshot) -> list[HostRow]:
     rows: list[HostRow] = [{"name": h.name, "state": "maintenance" if h.name in snap.maintenance else "up",
              "memory_mib": h.memory_mib, "memory_used_mib": snap.used_memory(h.name), "vcpus": h.vcpus,
              "vcpus_used": snap.used_vcpus(h.name), "shared_storage": list(h.shared_storage),
-             "vms": sorted(v.spec.name for v in snap.vms.values() if v.owner and v.owner.host == h.name)}
+             "vms": sorted(v.spec.name for v in snap.vms.values() if v.owner and v.owner.host == h.name),
+             "site": h.site}
             for h in sorted(snap.hosts.values(), key=lambda h: h.name)]
     known: set[str] = set(snap.maintenance)
     for v in snap.vms.values():

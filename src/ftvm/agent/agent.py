@@ -134,7 +134,7 @@ class Agent:
         return HostInfo(name=self.cfg.name, memory_mib=self.cfg.memory_mib, vcpus=self.cfg.vcpus,
                         image_roots=self.cfg.image_roots,
                         shared_storage=self.cfg.shared_storage, lease_id=self.lease,
-                        replication_addr=self.cfg.replication_addr, api_url=self._api_url)
+                        replication_addr=self.cfg.replication_addr, api_url=self._api_url, site=self.cfg.site)
 
     @property
     def _api_url(self) -> str:

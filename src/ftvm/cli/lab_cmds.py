@@ -43,13 +43,15 @@ def cmd_lab_up(args: Any) -> int:
     try:
         with console.status(f"bringing up a lab pool with {args.hosts} hosts"):
             state = lab.up(args.hosts, _lab_dir(args), timing, args.host_memory, args.host_vcpus,
-                           probe_kernel)
+                           probe_kernel, sites=args.sites)
     except lab.LabError as e:
         raise CliError(str(e), FAILED) from None
     if is_json(args):
-        emit_json({"hosts": state.hosts, "etcd": state.etcd_endpoint, "dir": state.dir})
+        emit_json({"hosts": state.hosts, "etcd": state.etcd_endpoint, "dir": state.dir, "sites": state.sites})
     else:
-        console.print(f"lab up: hosts {', '.join(state.hosts)}, quorum (etcd) at {state.etcd_endpoint}, "
+        where = (" (" + ", ".join(f"{h} at site {s}" for h, s in state.sites.items()) + "; quorum at the witness site)"
+                 if state.sites else "")
+        console.print(f"lab up: hosts {', '.join(state.hosts)}{where}, quorum (etcd) at {state.etcd_endpoint}, "
                       f"shared storage {state.shared_dir}")
     return OK
 
@@ -131,10 +133,44 @@ def cmd_lab_a_link(args: Any) -> int:
     return OK
 
 
+def _site_op(args: Any, what: str) -> int:
+    state = _state(args)
+    try:
+        if what == "fail":
+            lab.fail_site(state, args.site)
+            msg = f"site {args.site} lost power ({', '.join(lab.site_hosts(state, args.site))})"
+        elif what == "restore":
+            lab.restore_site(state, args.site)
+            msg = f"site {args.site} powered on again"
+        else:
+            lab.cut_sites(state, args.state == "down")
+            msg = "the A-links between the sites are " + args.state
+    except lab.LabError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    if is_json(args):
+        emit_json({"ok": True, "message": msg})
+    else:
+        console.print(msg)
+    return OK
+
+
+def cmd_lab_fail_site(args: Any) -> int:
+    return _site_op(args, "fail")
+
+
+def cmd_lab_restore_site(args: Any) -> int:
+    return _site_op(args, "restore")
+
+
+def cmd_lab_cut_sites(args: Any) -> int:
+    return _site_op(args, "cut")
+
+
 def cmd_lab_status(args: Any) -> int:
     state = _state(args)
     data = {"hosts": state.hosts, "failed": state.failed, "partitions": state.partitions,
-            "etcd": state.etcd_endpoint, "dir": state.dir, "pids": state.pids}
+            "etcd": state.etcd_endpoint, "dir": state.dir, "pids": state.pids, "sites": state.sites,
+            "sites_cut": state.sites_cut}
     if is_json(args):
         emit_json(data)
     else:

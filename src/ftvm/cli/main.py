@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True)
     p = cmd(lab, "up", lab_cmds.cmd_lab_up, "bring up a lab pool")
     p.add_argument("--hosts", type=int, default=2)
+    p.add_argument("--sites", type=int, default=0, choices=(0, 2),
+                   help="2: the hosts at two sites (a: the first half, b: the rest), the quorum at a third")
     p.add_argument("--host-memory", type=int, default=2048, help="MiB each host offers")
     p.add_argument("--host-vcpus", type=int, default=4)
     p.add_argument("--lease-ttl", type=float)
@@ -196,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("host")
         p.add_argument("--from", dest="from_", required=True, choices=("quorum", "lan"))
 
+    for name, fn, text in (("fail-site", lab_cmds.cmd_lab_fail_site, "a site loses power: each of its hosts"),
+                           ("restore-site", lab_cmds.cmd_lab_restore_site, "power back on at a site")):
+        p = cmd(lab, name, fn, text)
+        p.add_argument("site")
+    p = cmd(lab, "cut-sites", lab_cmds.cmd_lab_cut_sites,
+            "every A-link between the two sites down (up: back); each still reaches the quorum")
+    p.add_argument("state", choices=("down", "up"))
     p = cmd(lab, "fail-disk", lab_cmds.cmd_lab_fail_disk, "make a level 2 VM's local disk fail (EIO)")
     p.add_argument("vm")
     p.add_argument("--host", required=True, help="the host whose copy fails")

@@ -73,14 +73,17 @@ def cmd_status(args: Any) -> int:
 
 def hosts_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     t = Table(title="Hosts", title_justify="left")
-    for col in ("Host", "State", "Memory", "vCPUs", "VMs"):
+    with_sites = any(h.get("site") for h in rows)
+    for col in ("Host", "State") + (("Site",) if with_sites else ()) + ("Memory", "vCPUs", "VMs"):
         t.add_column(col)
     colours = {"up": "green", "maintenance": "yellow", "down": "red"}
     for h in rows:
+        site = (h.get("site") or "-",) if with_sites else ()
         if h["state"] == "down":
-            t.add_row(h["name"], "[red]down[/]", "-", "-", "copies of " + (", ".join(h["copies_of"]) or "-"))
+            t.add_row(h["name"], "[red]down[/]", *site, "-", "-",
+                      "copies of " + (", ".join(h["copies_of"]) or "-"))
             continue
-        t.add_row(h["name"], f"[{colours[h['state']]}]{h['state']}[/]",
+        t.add_row(h["name"], f"[{colours[h['state']]}]{h['state']}[/]", *site,
                   f"{h['memory_used_mib']}/{h['memory_mib']} MiB", f"{h['vcpus_used']}/{h['vcpus']}",
                   ", ".join(h["vms"]) or "-")
     return t
@@ -91,7 +94,7 @@ def vms_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     for col in ("VM", "Level", "Host", "Partner", "State", "Replica", "Protection", "Detail"):
         t.add_column(col)
     for v in rows:
-        colour = "green" if v["protected"] else "yellow"
+        colour = "green" if v["protected"] and not v.get("site_caveat") else "yellow"
         level = f"L{v['level']}" if v["level"] is not None else "?"
         t.add_row(v["name"], level, v["host"] or "-", v["partner"] or "-", v["state"],
                   v["replica"] or "-", f"[{colour}]{v['protection']}[/]", v["detail"])

@@ -221,6 +221,7 @@ class HostInfo:
     replication_addr: str = ""  # where this host serves its Level 2 copies (A-links)
     image_roots: tuple[str, ...] = ()  # besides shared storage, where level 0 disks and boot files may be
     api_url: str = ""  # its agent's API ("https://addr:port"), "" if it serves none: consoles are forwarded there
+    site: str = ""     # the site it stands in (host.toml `site`; "" none): partners go to another (core/sites.py)
 
     def may_open(self, path: str) -> bool:
         """Whether this host accepts a level 0 disk or a boot file at `path` (lexically; the
@@ -241,6 +242,8 @@ class HostInfo:
         info = from_fields(HostInfo, obj, "host")
         if not valid_name(info.name):
             raise RecordError(f"host: invalid name {info.name!r}")
+        if info.site and not valid_name(info.site):
+            raise RecordError(f"host: invalid site {info.site!r}")
         if not all(r.startswith("/") for r in info.shared_storage + info.image_roots):
             raise RecordError("host.shared_storage: paths must be absolute")
         if info.replication_addr:

@@ -2,9 +2,10 @@
 
 With 3 or 4 hosts the partner is chosen so that one host's loss leaves every VM a
 place to go: a partner must have room for the VM *on top of* what it would already
-take over if the same primary were lost (the failover reserve), and among those the
-host that is partner to the fewest VMs comes first (spreading the duty), then the
-one with most free memory, then by name (every agent computes the same answer).
+take over if the same primary were lost (the failover reserve); among those a host at
+another site than the primary's comes first (SplitSite: core/sites.py), then the host
+that is partner to the fewest VMs (spreading the duty), then the one with most free
+memory, then by name (every agent computes the same answer).
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ def partner_candidates(snapshot: PoolSnapshot, spec: VmSpec, primary: str) -> li
         return (snapshot.used_memory(h, exclude=spec.name) + mem + spec.memory_mib <= info.memory_mib
                 and snapshot.used_vcpus(h) + cpus + spec.vcpus <= info.vcpus)
 
+    site = snapshot.hosts[primary].site if primary in snapshot.hosts else ""
+
+    def same_site(h: str) -> bool:  # SplitSite: the partner at another site survives the primary's site
+        return bool(site) and snapshot.hosts[h].site == site
+
     hosts = [h for h in snapshot.hosts
              if h != primary and h not in snapshot.maintenance and snapshot.hosts[h].replication_addr]
-    return sorted(hosts, key=lambda h: (not room(h), partner_duties(snapshot, h),
+    return sorted(hosts, key=lambda h: (not room(h), same_site(h), partner_duties(snapshot, h),
                                         -(snapshot.hosts[h].memory_mib - snapshot.used_memory(h)), h))
 
 

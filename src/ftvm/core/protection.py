@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import time
 
 from .model import Desired, Level, PoolSnapshot, RunState, VmView
 from .replication import CopyState
+from .sites import site_caveat
 
 
 @dataclass(frozen=True)
 class Protection:
     protected: bool
     reason: str
+    site_caveat: str = ""  # protected against a host's loss, but not its site's: why (core/sites.py)
 
     def __str__(self) -> str:
-        return "Protected" if self.protected else f"Not protected: {self.reason}"
+        if not self.protected:
+            return f"Not protected: {self.reason}"
+        return f"Protected ({self.site_caveat})" if self.site_caveat else "Protected"
 
 
 def protection(snapshot: PoolSnapshot, view: VmView) -> Protection:
+    """Whether the VM survives the loss of its host now, and, in a pool with sites, of its site."""
+    p = _protection(snapshot, view)
+    if not p.protected:
+        return p
+    restart_hosts = (_spares(snapshot, view, view.owner.host)
+                     if view.owner is not None and view.spec.level is Level.RESTART else [])
+    return replace(p, site_caveat=site_caveat(snapshot, view, restart_hosts))
+
+
+def _spares(snapshot: PoolSnapshot, view: VmView, here: str) -> list[str]:
+    """Level 1: the other hosts that could restart the VM (its shared storage, room)."""
+    return [h for h, info in snapshot.hosts.items()
+            if h != here and info.can_reach(view.spec) and snapshot.has_room(h, view.spec)]
+
+
+def _protection(snapshot: PoolSnapshot, view: VmView) -> Protection:
     spec = view.spec
     if spec.level is Level.UNPROTECTED:
         return Protection(False, "level 0 (unprotected)")
@@ -37,8 +57,7 @@ def protection(snapshot: PoolSnapshot, view: VmView) -> Protection:
     host = snapshot.hosts.get(here)
     if host is None or not host.can_reach(spec):
         return Protection(False, "disks are not on shared storage")
-    spares = [h for h, info in snapshot.hosts.items()
-              if h != here and info.can_reach(spec) and snapshot.has_room(h, spec)]
+    spares = _spares(snapshot, view, here)
     if not spares:
         others = [h for h in snapshot.hosts if h != here]
         if not others:

@@ -81,6 +81,8 @@ class LabState:
     host_vcpus: int
     failed: list[str] = field(default_factory=list)
     partitions: list[list[str]] = field(default_factory=list)  # [host, "quorum"|"lan"|other host]
+    sites: dict[str, str] = field(default_factory=dict)         # host -> site (`lab up --sites 2`)
+    sites_cut: bool = False                                     # every A-link between the sites down
     pids: dict[str, int] = field(default_factory=dict)          # etcd, agent-hN
 
     @property
@@ -174,13 +176,16 @@ def _new_ns(ns: str) -> None:
 
 def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
        host_memory_mib: int = 2048, host_vcpus: int = 4, probe_kernel: str | None = None,
-       l3_compare_hosts: tuple[str, ...] = (), l3_cold_hosts: tuple[str, ...] = ()) -> LabState:
+       l3_compare_hosts: tuple[str, ...] = (), l3_cold_hosts: tuple[str, ...] = (), sites: int = 0) -> LabState:
     """`l3_compare_hosts`: hosts whose level 3 engine compares pages instead of tracking
     writes (host.toml `l3_tracking = "compare"`), to measure both side by side.
     `l3_cold_hosts`: hosts that start a level 3 partner's QEMU only at the takeover
-    (`l3_warm_standby = false`), likewise."""
+    (`l3_warm_standby = false`), likewise. `sites` 2: the hosts stand at two sites (host.toml
+    `site`), the quorum service at a third (its namespace: the witness)."""
     if not 2 <= n_hosts <= 4:
         raise LabError("a lab has 2 to 4 hosts")
+    if sites not in (0, 2):
+        raise LabError("a lab has no sites or 2 (the quorum service stands at a third)")
     if existing_namespaces() or (lab_dir / "lab.json").exists():
         raise LabError("a lab is already up (or left over): run `ftvm lab down` first")
     for tool in ("ip", "etcd", "qemu-system-x86_64"):
@@ -192,7 +197,7 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
     lab_dir.mkdir(parents=True, exist_ok=True)
     _traversable(lab_dir)
     state = LabState(dir=str(lab_dir), hosts=hosts, timing=asdict(timing),
-                     host_memory_mib=host_memory_mib, host_vcpus=host_vcpus)
+                     host_memory_mib=host_memory_mib, host_vcpus=host_vcpus, sites=topo.host_sites(hosts, sites))
     state.save()
     try:
         _build_network(hosts)
@@ -347,7 +352,7 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None, com
         f'etcd_cert = "{state.pki_dir / "hosts" / (host + ".crt")}"',
         f'etcd_key = "{state.pki_dir / "hosts" / (host + ".key")}"',
         f'pool_secret_file = "{state.pool_secret_file}"',
-    ]
+    ] + ([f'site = "{state.sites[host]}"'] if host in state.sites else [])
     peers: dict[str, list[str]] = {}
     for link in topo.a_links(state.hosts):
         if host in (link.a, link.b):
@@ -440,7 +445,10 @@ def restore_host(state: LabState, host: str) -> None:
         ns_ip(ns, "link", "set", ifname, "up")
     for link in topo.a_links(state.hosts):
         if host in (link.a, link.b):
-            _route_replication(link)
+            if state.sites_cut and state.sites[link.a] != state.sites[link.b]:
+                set_a_link(state, link.a, link.b, link.k, up=False)  # the sites stay cut apart
+            else:
+                _route_replication(link)
     state.failed.remove(host)
     start_agent(state, host)
     state.save()
@@ -481,6 +489,44 @@ def set_a_link(state: LabState, a: str, b: str, k: int, up: bool) -> None:
         ns_ip(topo.host_ns(side), "link", "set", link.ifname(side), "up" if up else "down")
     if up:  # routes over a link are removed with it: put them back
         _route_replication(link)
+
+
+def site_hosts(state: LabState, site: str) -> list[str]:
+    hosts = [h for h in state.hosts if state.sites.get(h) == site]
+    if not hosts:
+        known = sorted(set(state.sites.values()))
+        raise LabError(f"no site {site!r} in this lab" + (f" (its sites: {', '.join(known)})" if known
+                                                          else " (it has none: `lab up --sites 2`)"))
+    return hosts
+
+
+def fail_site(state: LabState, site: str) -> float:
+    """A site loses power: each of its hosts fails (as fail_host), one right after the other."""
+    hosts = [h for h in site_hosts(state, site) if h not in state.failed]
+    if not hosts:
+        raise LabError(f"every host at site {site} has failed already")
+    at = time.time()
+    for h in hosts:
+        fail_host(state, h)
+    return at
+
+
+def restore_site(state: LabState, site: str) -> None:
+    for h in site_hosts(state, site):
+        if h in state.failed:
+            restore_host(state, h)
+
+
+def cut_sites(state: LabState, cut: bool) -> None:
+    """Every A-link between the two sites down (or up again); each site keeps its own links
+    and its path to the quorum service (the witness)."""
+    if len(set(state.sites.values())) < 2:
+        raise LabError("this lab has no sites (`lab up --sites 2`)")
+    for link in topo.a_links(state.hosts):
+        if state.sites[link.a] != state.sites[link.b]:
+            set_a_link(state, link.a, link.b, link.k, up=not cut)
+    state.sites_cut = cut
+    state.save()
 
 
 def _path_end(state: LabState, host: str, target: str) -> tuple[str, str]:

@@ -36,6 +36,18 @@ def host_names(n: int) -> list[str]:
     return [f"h{i}" for i in range(1, n + 1)]
 
 
+SITE_NAMES = ("a", "b")  # `lab up --sites 2`: the hosts' sites; the quorum namespace is the witness site
+
+
+def host_sites(hosts: list[str], n_sites: int) -> dict[str, str]:
+    """The site of each host with `n_sites` (0: no sites): the first half at a, the rest at
+    b (h1 a, h2 b with 2 hosts; h1 h2 a, h3 b with 3; h1 h2 a, h3 h4 b with 4)."""
+    if n_sites == 0:
+        return {}
+    half = (len(hosts) + 1) // 2
+    return {h: SITE_NAMES[0] if i < half else SITE_NAMES[1] for i, h in enumerate(hosts)}
+
+
 def host_ns(host: str) -> str:
     return PREFIX + host
 

@@ -1,0 +1,86 @@
+"""SplitSite against a real lab pool: hosts at two sites (h1, h2 at a; h3 at b), the quorum
+at a third. A level 2 and a level 3 VM on h1 get their partners at site b although h2 is
+as free; site a loses power; site b, which still reaches the quorum, carries the level 3
+VM on with its connection open and restarts the level 2 VM from its copy, nothing
+acknowledged lost and never two copies; site a comes back and both are protected again."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from ftvm.core.protection import protection
+from ftvm.core.model import Level
+from ftvm.lab import lab as labmod
+from ftvm.lab import topology as topo
+from ftvm.lab.observer import CopyObserver
+from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk, l3_protected, replica_current
+
+pytestmark = pytest.mark.lab
+
+
+def _ip(index: int) -> str:
+    return topo.vm_addr(index).split("/")[0]
+
+
+def test_partners_at_the_other_site_and_a_site_lost(lab_sites: labmod.LabState, guest_image, tmp_path: Path) -> None:
+    lab = lab_sites
+    assert lab.sites == {"h1": "a", "h2": "a", "h3": "b"}
+    pool = LabPool(lab)
+    assert {h.name: h.site for h in pool.snapshot().hosts.values()} == lab.sites
+    pool.define_ledger_vm("s2", 80, Level.COMPONENT, guest_image, host="h1")
+    pool.define_ledger_vm("s3", 81, Level.SYSTEM, guest_image, host="h1")
+    try:
+        for name, index in (("s2", 80), ("s3", 81)):
+            pool.wait_running(name, 60)
+            pool.wait_answering(_ip(index), 60)
+        pool.wait_for("s2's copy at site b in sync", replica_current("s2"), 120)
+        snap = pool.wait_for("s3 protected", l3_protected("s3"), 180)
+        for name in ("s2", "s3"):
+            view = snap.vms[name]
+            assert view.copies is not None and view.copies.partner_of("h1") == "h3", view.copies
+            p = protection(snap, view)
+            assert p.protected and p.site_caveat == "", p
+        with CopyObserver("s3") as o3, CopyObserver("s2") as o2:
+            c2 = LabClient(lab, _ip(80), "s2", 0.02, reply_timeout=120)
+            c3 = LabClient(lab, _ip(81), "s3", 0.02, reply_timeout=120)
+            try:
+                c2.wait_acks(30, 30)
+                c3.wait_acks(30, 30)
+                lost_at = labmod.fail_site(lab, "a")
+                c3.wait_acks(1, 60, after=lost_at)
+                c2.wait_acks(1, 120, after=lost_at)
+                assert pool.wait_running("s3", 30, not_on="h1") == "h3"
+                assert pool.wait_running("s2", 30, not_on="h1") == "h3"
+                c2.wait_acks(20, 60, after=time.time())
+                c3.wait_acks(20, 60, after=time.time())
+            finally:
+                acks2, acks3 = c2.stop(), c3.stop()
+        assert o3.max_copies == 1 and o2.max_copies == 1, (o2.max_copies, o3.max_copies)
+        connects = [e for e in c3.other_events() if e.get("kind") == "connect"]
+        assert len(connects) == 1, c3.other_events()  # level 3: the same connection throughout
+        first3 = min(a.t for a in acks3 if a.t > lost_at) - lost_at
+        first2 = min(a.t for a in acks2 if a.t > lost_at) - lost_at
+        print(f"site a lost: level 3 next reply {first3:.2f} s (connection kept), level 2 restarted on site b, "
+              f"next reply {first2:.2f} s")
+        _, lost3 = check_acked_on_disk(pool.copy_path("s3", "h3")[0], acks3)
+        _, lost2 = check_acked_on_disk(pool.copy_as_raw("s2", "h3", tmp_path / "s2.raw"), acks2)
+        assert lost3 == [] and lost2 == [], (lost2, lost3)
+        labmod.restore_site(lab, "a")
+        labmod.wait_for_hosts(lab, lab.hosts, 60)
+        pool.wait_for("s2 protected again", replica_current("s2"), 180)
+        pool.wait_for("s3 protected again", l3_protected("s3"), 240)
+        snap = pool.snapshot()
+        for name in ("s2", "s3"):  # they run at site b now: their partners went back to site a
+            view = snap.vms[name]
+            assert view.owner is not None and view.owner.host == "h3"
+            assert view.copies is not None and view.copies.partner_of("h3") in ("h1", "h2")
+            assert protection(snap, view).site_caveat == ""
+    finally:
+        for h in list(lab.failed):
+            labmod.restore_host(lab, h)
+        labmod.wait_for_hosts(lab, lab.hosts, 60)
+        for name in ("s2", "s3"):
+            pool.stop_and_remove(name)

@@ -1,0 +1,81 @@
+"""Sites (SplitSite): partners at the other site, and status when a VM's protection does not
+survive its site's loss (core/sites.py, core/placement.py, core/protection.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ftvm.agent.config import ConfigError, load_config
+from ftvm.core.model import (Desired, DiskSpec, Export, HostInfo, Level, NicSpec, Ownership, PoolSnapshot,
+                             RunState, VmSpec, VmStatus, VmView)
+from ftvm.core.placement import choose_partner
+from ftvm.core.protection import protection
+from ftvm.core.records import RecordError
+from ftvm.core.replication import CopyState, mark, new_copies
+
+
+def hosts(**site_of: str) -> dict[str, HostInfo]:
+    return {n: HostInfo(n, 4096, 8, ("/s",), replication_addr=f"10.79.0.{i}", site=s)
+            for i, (n, s) in enumerate(sorted(site_of.items()), 1)}
+
+
+def l2(name: str, host: str, partner: str) -> VmView:
+    spec = VmSpec(name, Level.COMPONENT, 512, 1, (DiskSpec(size=1 << 20),), (NicSpec("52:54:00:00:00:01"),),
+                  desired=Desired.RUNNING)
+    copies = mark(new_copies(host, partner, 1.0), partner, CopyState.CURRENT, "in sync", 2.0)
+    return VmView(spec, Ownership(host, 1), status=VmStatus(host, RunState.RUNNING, 1, 0.0), copies=copies,
+                  exports=(Export(partner, "10.79.0.9", 10809),))
+
+
+def test_the_partner_goes_to_the_other_site_even_when_a_host_there_is_busier() -> None:
+    hs = hosts(h1="a", h2="a", h3="b", h4="b")
+    # h3 and h4 already back two VMs each; h2 none: without sites h2 would be chosen
+    vms = {f"v{i}": l2(f"v{i}", "h1", p) for i, p in enumerate(("h3", "h3", "h4", "h4"))}
+    snap = PoolSnapshot(1, hs, vms)
+    assert choose_partner(snap, vms["v0"].spec, "h1") in ("h3", "h4")
+    no_sites = PoolSnapshot(1, {n: replace(h, site="") for n, h in hs.items()}, vms)
+    assert choose_partner(no_sites, vms["v0"].spec, "h1") == "h2"
+    # a host at the other site without room comes after one with room at the same site
+    full = {n: (replace(h, memory_mib=600) if h.site == "b" else h) for n, h in hs.items()}
+    assert choose_partner(PoolSnapshot(1, full, vms), vms["v0"].spec, "h1") == "h2"
+
+
+def test_status_says_when_protection_does_not_survive_the_site_and_why() -> None:
+    hs = hosts(h1="a", h2="a", h3="b")
+    across = protection(PoolSnapshot(1, hs, {"x": l2("x", "h1", "h3")}), l2("x", "h1", "h3"))
+    assert across.protected and across.site_caveat == "" and str(across) == "Protected"
+    view = l2("x", "h1", "h2")
+    same = protection(PoolSnapshot(1, hs, {"x": view}), view)
+    assert same.protected and "does not survive the loss of site a: its partner h2 is there too" in str(same)
+    assert "no host at another site (h3) had room" in same.site_caveat
+    alone = {n: h for n, h in hs.items() if n != "h3"}  # site b down: no caveat (fewer than 2 sites)
+    assert protection(PoolSnapshot(1, alone, {"x": view}), view).site_caveat == ""
+
+
+def test_a_level_1_vm_needs_a_host_at_another_site_to_restart_it() -> None:
+    spec = VmSpec("w", Level.RESTART, 512, 1, (DiskSpec("/s/w.img"),), (NicSpec("52:54:00:00:00:02"),),
+                  desired=Desired.RUNNING)
+    view = VmView(spec, Ownership("h1", 1), status=VmStatus("h1", RunState.RUNNING, 1, 0.0))
+    hs = hosts(h1="a", h2="a", h3="b")
+    assert protection(PoolSnapshot(1, hs, {"w": view}), view).site_caveat == ""
+    hs["h3"] = replace(hs["h3"], shared_storage=())  # site b cannot reach the VM's disk
+    caveat = protection(PoolSnapshot(1, hs, {"w": view}), view).site_caveat
+    assert "does not survive the loss of site a: no host at another site can restart it" in caveat
+
+
+def test_a_site_is_a_name_in_host_toml_and_in_the_host_record(tmp_path: Path) -> None:
+    base = (f'name = "h1"\npool = "p"\netcd = ["http://127.0.0.1:2379"]\nstate_dir = "{tmp_path}"\n'
+            'bridge = "br0"\nmemory_mib = 1024\nvcpus = 2\nshared_storage = []\n')
+    cfg = tmp_path / "host.toml"
+    cfg.write_text(base + 'site = "north"\n')
+    assert load_config(cfg).site == "north"
+    cfg.write_text(base)
+    assert load_config(cfg).site == ""
+    cfg.write_text(base + 'site = "North Site"\n')
+    with pytest.raises(ConfigError, match="site"):
+        load_config(cfg)
+    with pytest.raises(RecordError, match="site"):
+        HostInfo.from_json(HostInfo("h1", 1, 1, site="a").to_json() | {"site": "../x"})
