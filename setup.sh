@@ -65,6 +65,12 @@ case "${1:-}" in
         shift
         .venv/bin/ruff check src tests
         .venv/bin/mypy src
+        # pytest imports test modules by their file name: two of one name stop the collection
+        dups=$(find tests -name 'test_*.py' -printf '%f\n' | sort | uniq -d)
+        if [ -n "$dups" ]; then
+            echo "setup.sh: test modules with the same file name in two directories: $dups" >&2
+            exit 1
+        fi
         set +e
         .venv/bin/pytest -p no:cacheprovider "$@"
         rc=$?
