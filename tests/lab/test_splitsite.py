@@ -84,3 +84,45 @@ def test_partners_at_the_other_site_and_a_site_lost(lab_sites: labmod.LabState, 
         labmod.wait_for_hosts(lab, lab.hosts, 60)
         for name in ("s2", "s3"):
             pool.stop_and_remove(name)
+
+
+def _connect_ms(lab: labmod.LabState, src: str, dst: str) -> float:
+    """TCP connect time (one round trip) from `src` to `dst`'s level 3 checkpoint port, over the
+    A-links (the median of 5)."""
+    import subprocess
+    import sys
+    code = ("import socket,time,statistics as s\nr=[]\nfor _ in range(5):\n t=time.perf_counter()\n"
+            f" c=socket.create_connection(('{topo.replication_addr(dst)}',7410),timeout=5)\n"
+            " r.append((time.perf_counter()-t)*1000);c.close()\nprint(s.median(r))")
+    out = subprocess.run(["ip", "netns", "exec", topo.host_ns(src), sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout)
+
+
+def test_the_metro_link_takes_a_delay_and_a_rate_while_level_3_stays_protected(lab_sites: labmod.LabState,
+                                                                              guest_image) -> None:
+    """`lab link a b --rtt 10ms --rate 150mbit` (a user-space forwarder: no netem here): a round
+    trip between the sites takes the RTT, within a site none of it; a level 3 VM across the
+    sites stays protected and keeps answering at 10 ms."""
+    lab = lab_sites
+    pool = LabPool(lab)
+    pool.define_ledger_vm("m3", 82, Level.SYSTEM, guest_image, host="h1")
+    try:
+        pool.wait_running("m3", 60)
+        pool.wait_answering(_ip(82), 60)
+        pool.wait_for("m3 protected", l3_protected("m3"), 180)
+        base = sorted(pool.latencies(_ip(82), 60))[30] * 1000
+        labmod.set_metro(lab, 10.0, 150.0)
+        across, within = _connect_ms(lab, "h1", "h3"), _connect_ms(lab, "h1", "h2")
+        assert 10.0 <= across < 40.0 and within < 5.0, (across, within)
+        pool.wait_for("m3 protected at 10 ms", l3_protected("m3"), 60)
+        at10 = sorted(pool.latencies(_ip(82), 60))[30] * 1000
+        assert pool.ask(_ip(82), "P") == "PONG"
+        print(f"metro link 10 ms / 150 Mbit/s: connect across {across:.1f} ms, within a site {within:.1f} ms; "
+              f"level 3 request p50 {base:.1f} ms at RTT 0, {at10:.1f} ms at 10 ms")
+        labmod.set_metro(lab, 0.0, 0.0)
+        assert _connect_ms(lab, "h1", "h3") < 5.0
+    finally:
+        labmod.set_metro(lab, 0.0, 0.0)
+        pool.stop_and_remove("m3")

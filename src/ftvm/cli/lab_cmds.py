@@ -154,6 +154,52 @@ def _site_op(args: Any, what: str) -> int:
     return OK
 
 
+def parse_rtt_ms(text: str) -> float:
+    t = text.strip().lower()
+    try:
+        if t.endswith("ms"):
+            return float(t[:-2])
+        if t.endswith("us"):
+            return float(t[:-2]) / 1000
+        if t.endswith("s"):
+            return float(t[:-1]) * 1000
+        return float(t)
+    except ValueError:
+        raise CliError(f"--rtt {text!r}: use e.g. 10ms", BAD_INPUT) from None
+
+
+def parse_rate_mbit(text: str) -> float:
+    t = text.strip().lower().removesuffix("/s").removesuffix("ps")
+    units = {"gbit": 1000.0, "mbit": 1.0, "kbit": 0.001, "g": 1000.0, "m": 1.0, "k": 0.001}
+    try:
+        for unit, factor in units.items():
+            if t.endswith(unit):
+                return float(t[:-len(unit)]) * factor
+        return float(t) / 1_000_000  # bits per second
+    except ValueError:
+        raise CliError(f"--rate {text!r}: use e.g. 150mbit or 1gbit", BAD_INPUT) from None
+
+
+def cmd_lab_link(args: Any) -> int:
+    state = _state(args)
+    rtt, rate = parse_rtt_ms(args.rtt), parse_rate_mbit(args.rate)
+    sites = set(state.sites.values())
+    if {args.site_a, args.site_b} != sites or len(sites) != 2:
+        raise CliError(f"the lab's sites are {', '.join(sorted(sites)) or 'none (lab up --sites 2)'}: "
+                       "give both", BAD_INPUT)
+    try:
+        lab.set_metro(state, rtt, rate)
+    except lab.LabError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    msg = (f"between sites {args.site_a} and {args.site_b}: RTT {rtt:g} ms, "
+           + (f"{rate:g} Mbit/s" if rate else "no rate limit"))
+    if is_json(args):
+        emit_json({"rtt_ms": rtt, "rate_mbit": rate})
+    else:
+        console.print(msg)
+    return OK
+
+
 def cmd_lab_fail_site(args: Any) -> int:
     return _site_op(args, "fail")
 
@@ -170,7 +216,7 @@ def cmd_lab_status(args: Any) -> int:
     state = _state(args)
     data = {"hosts": state.hosts, "failed": state.failed, "partitions": state.partitions,
             "etcd": state.etcd_endpoint, "dir": state.dir, "pids": state.pids, "sites": state.sites,
-            "sites_cut": state.sites_cut}
+            "sites_cut": state.sites_cut, "metro_rtt_ms": state.metro[0], "metro_rate_mbit": state.metro[1]}
     if is_json(args):
         emit_json(data)
     else:

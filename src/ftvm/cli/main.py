@@ -205,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(lab, "cut-sites", lab_cmds.cmd_lab_cut_sites,
             "every A-link between the two sites down (up: back); each still reaches the quorum")
     p.add_argument("state", choices=("down", "up"))
+    p = cmd(lab, "link", lab_cmds.cmd_lab_link,
+            "the metro link between the two sites: round-trip time and rate, changed while the lab runs")
+    p.add_argument("site_a")
+    p.add_argument("site_b")
+    p.add_argument("--rtt", default="0ms", help="round-trip time, e.g. 10ms (each way half)")
+    p.add_argument("--rate", default="0", help="bandwidth each way, e.g. 150mbit or 1gbit (0: unlimited)")
     p = cmd(lab, "fail-disk", lab_cmds.cmd_lab_fail_disk, "make a level 2 VM's local disk fail (EIO)")
     p.add_argument("vm")
     p.add_argument("--host", required=True, help="the host whose copy fails")

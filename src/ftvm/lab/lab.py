@@ -83,6 +83,7 @@ class LabState:
     partitions: list[list[str]] = field(default_factory=list)  # [host, "quorum"|"lan"|other host]
     sites: dict[str, str] = field(default_factory=dict)         # host -> site (`lab up --sites 2`)
     sites_cut: bool = False                                     # every A-link between the sites down
+    metro: list[float] = field(default_factory=lambda: [0.0, 0.0])  # between the sites: RTT ms, rate Mbit/s (0: none)
     pids: dict[str, int] = field(default_factory=dict)          # etcd, agent-hN
 
     @property
@@ -200,7 +201,9 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
                      host_memory_mib=host_memory_mib, host_vcpus=host_vcpus, sites=topo.host_sites(hosts, sites))
     state.save()
     try:
-        _build_network(hosts)
+        _build_network(hosts, state.sites)
+        if state.sites:
+            _start_metro(state)
         state.shared_dir.mkdir(exist_ok=True)
         if not state.pki_dir.exists():  # what `ftvm pool init` makes; the lab's hosts share one copy
             init_pool(state.pki_dir, POOL, [topo.ETCD_ADDR, "127.0.0.1"],
@@ -217,9 +220,13 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
     return state
 
 
-def _build_network(hosts: list[str]) -> None:
+def _build_network(hosts: list[str], sites: dict[str, str]) -> None:
+    """`sites`: the A-links between hosts at different sites pass through the metro namespace,
+    where `_start_metro` forwards them with a delay and a rate."""
     for ns in (topo.LAN_NS, topo.QUORUM_NS, topo.CLIENT_NS, *map(topo.host_ns, hosts)):
         _new_ns(ns)
+    if sites:
+        _new_ns(topo.METRO_NS)
     _bridge(topo.LAN_NS, "lan")
     _bridge(topo.QUORUM_NS, "qbr", f"{topo.ETCD_ADDR}/24")
     # management link: the CLI in the root namespace reaches etcd
@@ -250,12 +257,62 @@ def _build_network(hosts: list[str]) -> None:
         # A replication connection to a dead partner must fail in seconds, not minutes.
         sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_retries2=5")
     for link in topo.a_links(hosts):
-        _veth(topo.host_ns(link.a), link.ifname(link.a), topo.host_ns(link.b), link.ifname(link.b))
+        if sites and sites[link.a] != sites[link.b]:
+            for side in (link.a, link.b):
+                _veth(topo.host_ns(side), link.ifname(side), topo.METRO_NS, link.metro_ifname(side))
+                ns_ip(topo.METRO_NS, "link", "set", link.metro_ifname(side), "mtu", "9000", "up")
+        else:
+            _veth(topo.host_ns(link.a), link.ifname(link.a), topo.host_ns(link.b), link.ifname(link.b))
         for side in (link.a, link.b):
             ns_ip(topo.host_ns(side), "addr", "add", link.addr(side), "dev", link.ifname(side))
             # jumbo frames, as dedicated replication links usually have
             ns_ip(topo.host_ns(side), "link", "set", link.ifname(side), "mtu", "9000", "up")
         _route_replication(link)
+
+
+LINKDELAY_SRC = Path(__file__).parent / "linkdelay.c"
+
+
+def _metro_links(state: LabState) -> list[topo.ALink]:
+    return [x for x in topo.a_links(state.hosts) if state.sites and state.sites[x.a] != state.sites[x.b]]
+
+
+def _start_metro(state: LabState) -> None:
+    """One forwarder per link between the sites (lab/linkdelay.c, built here: the lab's kernel
+    has no netem), at no delay and no rate limit until `set_metro`."""
+    binary = Path(state.dir) / "linkdelay"
+    proc = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(LINKDELAY_SRC)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise LabError(f"building the metro link forwarder failed: {proc.stderr.strip()[-500:]}")
+    _write_metro_params(state)
+    for link in _metro_links(state):
+        name = f"metro-{link.subnet}"
+        state.pids[name] = _spawn(topo.METRO_NS, [str(binary), link.metro_ifname(link.a), link.metro_ifname(link.b),
+                                                  str(Path(state.dir) / "metro.params")],
+                                  Path(state.dir) / f"{name}.log")
+
+
+def _write_metro_params(state: LabState) -> None:
+    rtt_ms, rate_mbit = state.metro
+    tmp = Path(state.dir) / "metro.params.tmp"
+    tmp.write_text(f"{int(rtt_ms * 1000 / 2)} {int(rate_mbit * 1_000_000)}\n")
+    tmp.rename(Path(state.dir) / "metro.params")
+
+
+def set_metro(state: LabState, rtt_ms: float, rate_mbit: float) -> None:
+    """The links between the sites: round-trip time (each way half) and rate (0: unlimited),
+    applied at once by every forwarder (SIGHUP)."""
+    if not state.sites:
+        raise LabError("this lab has no sites (`lab up --sites 2`)")
+    if not 0 <= rtt_ms <= 2000 or not 0 <= rate_mbit <= 100_000:
+        raise LabError(f"RTT {rtt_ms:g} ms or rate {rate_mbit:g} Mbit/s out of range (0-2000 ms, 0-100000 Mbit/s)")
+    state.metro = [rtt_ms, rate_mbit]
+    _write_metro_params(state)
+    for name, pid in state.pids.items():
+        if name.startswith("metro-"):
+            os.kill(pid, signal.SIGHUP)
+    state.save()
 
 
 def _route_replication(link: topo.ALink) -> None:

@@ -36,6 +36,7 @@ def host_names(n: int) -> list[str]:
     return [f"h{i}" for i in range(1, n + 1)]
 
 
+METRO_NS = PREFIX + "metro"  # a site lab's links between the sites pass through here (lab/linkdelay.c)
 SITE_NAMES = ("a", "b")  # `lab up --sites 2`: the hosts' sites; the quorum namespace is the witness site
 
 
@@ -90,6 +91,10 @@ class ALink:
     def ifname(self, side: str) -> str:
         other = self.b if side == self.a else self.a
         return f"a{self.k}-{other}"
+
+    def metro_ifname(self, side: str) -> str:
+        """A link between sites: the metro namespace's end of `side`'s half."""
+        return f"m{self.subnet}-{side}"
 
     def addr(self, side: str) -> str:
         return f"10.78.{self.subnet}.{host_index(side)}/24"
