@@ -79,3 +79,17 @@ def test_a_site_is_a_name_in_host_toml_and_in_the_host_record(tmp_path: Path) ->
         load_config(cfg)
     with pytest.raises(RecordError, match="site"):
         HostInfo.from_json(HostInfo("h1", 1, 1, site="a").to_json() | {"site": "../x"})
+
+
+def test_metro_link_settings_parse_and_bad_ones_are_refused() -> None:
+    from ftvm.cli.lab_cmds import parse_rate_mbit, parse_rtt_ms
+    from ftvm.errors import FtvmError
+    assert parse_rtt_ms("10ms") == 10.0 and parse_rtt_ms("0.5s") == 500.0 and parse_rtt_ms("250us") == 0.25
+    assert parse_rtt_ms("7") == 7.0
+    assert parse_rate_mbit("150mbit") == 150.0 and parse_rate_mbit("1gbit") == 1000.0
+    assert parse_rate_mbit("0") == 0.0 and parse_rate_mbit("500kbit") == 0.5
+    for bad in ("fast", "10 parsecs"):
+        with pytest.raises(FtvmError):
+            parse_rtt_ms(bad)
+        with pytest.raises(FtvmError):
+            parse_rate_mbit(bad)
