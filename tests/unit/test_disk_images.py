@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ftvm.agent.paths import PathRefused, importable, resolved_spec
+from ftvm.agent.paths import PathRefused, image_under, resolved_spec
 from ftvm.core.model import DiskSpec, Level, VmSpec
 from ftvm.qemu.images import image_problem, qcow2_references
 
@@ -39,10 +39,10 @@ def test_overlays_and_external_data_files_are_refused_with_the_way_out(tmp_path:
         resolved_spec(spec, roots, ())
     assert resolved_spec(VmSpec("web", Level.RESTART, 256, 1, (DiskSpec(str(flat), "qcow2"),), ()), roots, ())
     with pytest.raises(PathRefused, match="backing file"):
-        importable(str(overlay), "qcow2", roots)
+        image_under(str(overlay), "qcow2", roots)
     with pytest.raises(PathRefused, match="outside this host's storage roots"):
-        importable("/etc/shadow", "raw", roots)  # a level 2 import reads as root: only from the roots
-    assert importable(str(flat), "qcow2", roots) == str(flat)
+        image_under("/etc/shadow", "raw", roots)  # a level 2 import reads as root: only from the roots
+    assert image_under(str(flat), "qcow2", roots) == str(flat)
 
 
 def test_crafted_headers_are_read_within_bounds() -> None:

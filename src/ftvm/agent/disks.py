@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.model import DiskSpec, VmSpec
-from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, may_start_on
+from ..core.replication import Copies, brand_new_on, may_start_on
 from ..l3.standby import ReplicaPaths
 from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from ..qemu.storage_daemon import StorageDaemonError, ensure_image, import_image, writable_copy
@@ -18,7 +18,7 @@ from .config import AgentConfig
 from .copydir import claim_copy_dir, copy_image
 from .journal import Journal
 from .l3 import replica_paths
-from .paths import PathRefused, importable
+from .paths import PathRefused, image_under
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,7 @@ class HostDisks:
     def prepare(self, spec: VmSpec, copies: Copies | None) -> list[LocalImage]:
         """This host's copy of each disk, to start the VM on. An empty (or imported) one is
         made only for a brand-new VM; a current copy that is missing is an error."""
-        mine = copies.state_of(self.cfg.name) if copies else None
-        brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason in (NEW_DISK, IMPORTED)
+        brand_new = brand_new_on(copies, self.cfg.name)
         images = []
         for i, disk in enumerate(spec.disks):
             image = self.image(spec, i)
@@ -82,7 +81,7 @@ class HostDisks:
         """A brand-new VM's first copy from the image its disk names (read as root: only from
         this host's storage roots, and only a single-file image)."""
         try:
-            source = importable(disk.path, disk.format, self.cfg.shared_storage + self.cfg.image_roots)
+            source = image_under(disk.path, disk.format, self.cfg.shared_storage + self.cfg.image_roots)
         except PathRefused as e:
             raise StorageDaemonError(f"cannot import the disk image: {e}") from None
         import_image(source, disk.format, image)

@@ -82,11 +82,13 @@ class HealthProbes:
     def __init__(self, vms: dict[str, LocalRecord], journal: Journal, wake: Callable[[], None]) -> None:
         self.vms, self.journal, self.wake = vms, journal, wake
         self.probing: dict[str, _Probing] = {}
-        self._no_address: set[str] = set()  # VMs told once that their probe has no address
+        self._no_address: set[str] = set()  # VMs with a probe but no address, as of the last sync
+        self._told: set[str] = set()        # ... of which an event said so (once per VM)
 
     def sync(self, snapshot: PoolSnapshot, moving: set[str]) -> None:
         """After each tick: a task for each VM running here with a probe, none for the others."""
         wanted: dict[str, tuple[HealthSettings, str, bool]] = {}
+        self._no_address = set()
         for name, rec in self.vms.items():
             view = snapshot.vms.get(name)
             if view is None or view.owner is None or view.owner.token != rec.token:
@@ -96,8 +98,9 @@ class HealthProbes:
                 continue
             addr = probe_target(view.spec)
             if addr is None:
-                if name not in self._no_address:
-                    self._no_address.add(name)
+                self._no_address.add(name)
+                if name not in self._told:
+                    self._told.add(name)
                     self.journal.event(name, "health", f"health probe {settings.probe} is off: the VM's NIC has "
                                                        "no address (vm add --ip)")
                 continue

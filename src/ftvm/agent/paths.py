@@ -32,26 +32,22 @@ def resolved_spec(spec: VmSpec, shared: tuple[str, ...], image_roots: tuple[str,
     shared storage (another host restarts the VM from them); level 0 disks and boot files
     may also be under the image roots. Levels 2 and 3 keep their disks in this host's local
     storage under names ftvm makes, so only their boot files are checked (an image a level 2
-    disk imports: `importable`). A qcow2 image that refers to other files is refused
-    (qemu/images.py)."""
+    or 3 disk imports: `image_under`, when it is imported). A qcow2 image that refers to
+    other files is refused (qemu/images.py)."""
     anywhere = shared + image_roots
     disks = spec.disks
     if not spec.level.has_copies:
         roots = shared if spec.level is Level.RESTART else anywhere
-        disks = tuple(replace(d, path=under(d.path, roots)) for d in spec.disks)
-        for d in disks:
-            problem = image_problem(d.path, d.format)
-            if problem:
-                raise PathRefused(problem)
+        disks = tuple(replace(d, path=image_under(d.path, d.format, roots)) for d in spec.disks)
     boot = spec.boot
     boot = replace(boot, kernel=under(boot.kernel, anywhere) if boot.kernel else None,
                    initrd=under(boot.initrd, anywhere) if boot.initrd else None)
     return replace(spec, disks=disks, boot=boot)
 
 
-def importable(path: str, fmt: str, roots: tuple[str, ...]) -> str:
-    """The image a brand-new level 2 disk is imported from (read by root): resolved, under
-    `roots`, and a single file; else PathRefused."""
+def image_under(path: str, fmt: str, roots: tuple[str, ...]) -> str:
+    """A disk image QEMU opens, or a brand-new level 2/3 copy is imported from (read by root):
+    resolved, under `roots`, and a single file; else PathRefused."""
     real = under(path, roots)
     problem = image_problem(real, fmt)
     if problem:

@@ -15,7 +15,7 @@ from typing import Any
 from ..api.metrics import AgentCounters
 from ..core.decide import Decision
 from ..core.model import Level, PoolSnapshot, RunState, VmSpec, VmStatus
-from ..core.replication import IMPORTED, NEW_DISK, Copies, CopyState, mark
+from ..core.replication import Copies, CopyState, brand_new_on, mark
 from ..core.restart import backoff
 from ..l3.relay import OutputCommitRelay
 from ..l3.standby import ReplicaPaths, make_guest_ram_dir, read_committed
@@ -158,8 +158,7 @@ class Starts:
             copies = await self._outdate_other_copies(spec.name, token, copies)
             committed = read_committed(files)
             files.meta.unlink(missing_ok=True)
-            mine = copies.state_of(self.me) if copies else None
-            brand_new = mine is not None and mine.state is CopyState.CURRENT and mine.reason in (NEW_DISK, IMPORTED)
+            brand_new = brand_new_on(copies, self.me)
             resume = committed is not None and not brand_new and files.device_state.exists() and files.ram.exists()
             if warm is not None and not (resume and warm.fits(spec, committed[0] if committed else None)):
                 await warm.close()  # before the taps and sockets below are made again

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -256,6 +257,16 @@ class HttpClient:
     def events(self, limit: int, since_revision: int = 0) -> tuple[list[Event], int]:
         r = self._call("GET", f"/api/v1/events?limit={limit}&since_revision={since_revision}")
         return [Event(**e) for e in r["events"]], int(r["revision"])
+
+    def vm_log(self, name: str, offset: int | None) -> dict[str, Any]:
+        """A chunk of the VM's serial log (api/console.py): from `offset`, or its tail."""
+        query = "" if offset is None else f"?offset={offset}"
+        return dict(self._call("GET", f"/api/v1/vms/{_q(name)}/log{query}"))
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """How the agents' certificates are checked (None: plain http, tests only)."""
+        return self._tls
 
     def availability(self, days: float, names: list[str]) -> list[dict[str, Any]]:
         if not names:

@@ -37,13 +37,12 @@ def _api(args: Any) -> HttpClient:
 
 def cmd_vm_log(args: Any) -> int:
     client = _api(args)
-    path = f"/api/v1/vms/{urllib.parse.quote(args.name, safe='')}/log"
     offset: int | None = 0 if args.all else None
     log_id = None
     waiting = ""
     while True:
         try:
-            chunk = client._call("GET", path + ("" if offset is None else f"?offset={offset}"))
+            chunk = client.vm_log(args.name, offset)
         except CliError as e:
             if not args.follow:
                 raise
@@ -130,7 +129,7 @@ async def _attach(session: aiohttp.ClientSession, client: HttpClient, path: str,
     why = "no agent answered"
     for base in client.urls:
         try:
-            ws = await session.ws_connect(base + path, headers=headers, ssl=client._tls or False,
+            ws = await session.ws_connect(base + path, headers=headers, ssl=client.tls or False,
                                           timeout=aiohttp.ClientWSTimeout(ws_close=5.0), heartbeat=20.0)
             return ws, ""
         except aiohttp.WSServerHandshakeError as e:

@@ -82,6 +82,11 @@ def _host_op(args: Any, op: str) -> int:
             msg = f"{args.host} reconnected to {args.from_}"
     except lab.LabError as e:
         raise CliError(str(e), BAD_INPUT) from None
+    return _done(args, msg)
+
+
+def _done(args: Any, msg: str) -> int:
+    """A lab fault's outcome, as every lab command reports one."""
     if is_json(args):
         emit_json({"ok": True, "message": msg})
     else:
@@ -125,12 +130,7 @@ def cmd_lab_a_link(args: Any) -> int:
         lab.set_a_link(state, args.a, args.b, args.link, up=args.state == "up")
     except lab.LabError as e:
         raise CliError(str(e), BAD_INPUT) from None
-    msg = f"A-link {args.link} between {args.a} and {args.b} is {args.state}"
-    if is_json(args):
-        emit_json({"ok": True, "message": msg})
-    else:
-        console.print(msg)
-    return OK
+    return _done(args, f"A-link {args.link} between {args.a} and {args.b} is {args.state}")
 
 
 def _site_op(args: Any, what: str) -> int:
@@ -147,11 +147,7 @@ def _site_op(args: Any, what: str) -> int:
             msg = "the A-links between the sites are " + args.state
     except lab.LabError as e:
         raise CliError(str(e), BAD_INPUT) from None
-    if is_json(args):
-        emit_json({"ok": True, "message": msg})
-    else:
-        console.print(msg)
-    return OK
+    return _done(args, msg)
 
 
 def parse_rtt_ms(text: str) -> float:

@@ -168,13 +168,13 @@ class VmSpec:
     # this many times per window, then left stopped (core/guest_failures.py)
     guest_restarts: int = 3
     guest_window_s: float = 3600.0
-    # a probe of the guest's service from the owner's host, "" for none (core/health.py):
-    # `health_failures` in a row that fail are a guest failure; none count during
-    # `health_grace_s` after the guest boots
     # an i6300esb watchdog device that resets the guest when its watchdog daemon stops
     # kicking it (a WATCHDOG guest failure); fixed at definition (a running VM's devices
     # must match its migration target's)
     watchdog: bool = False
+    # a probe of the guest's service from the owner's host, "" for none (core/health.py):
+    # `health_failures` in a row that fail are a guest failure; none count during
+    # `health_grace_s` after the guest boots
     health: str = ""
     health_interval_s: float = 10.0
     health_timeout_s: float = 3.0

@@ -108,6 +108,13 @@ def needs_full_resync(copy: Copy, fresh_image: bool) -> bool:
     return copy.full or copy.state is CopyState.FAILED or (fresh_image and copy.reason != NEW_REPLICA)
 
 
+def brand_new_on(copies: Copies | None, host: str) -> bool:
+    """Whether `host`'s copy is the first one of a brand-new VM (empty, or to be imported from
+    an image): the only case where a start may make the copy instead of finding it."""
+    mine = copies.state_of(host) if copies else None
+    return mine is not None and mine.state is CopyState.CURRENT and mine.reason in (NEW_DISK, IMPORTED)
+
+
 def may_start_on(copies: Copies | None, host: str) -> tuple[bool, str]:
     """Whether `host` may run the VM from its copy, and why not."""
     if copies is None:

@@ -61,8 +61,9 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
         for disk in spec.disks:
             if disk.path and not file_exists(disk.path):
                 return f"disk image {disk.path} does not exist"
-            if disk.path and image_problem(disk.path, disk.format):
-                return image_problem(disk.path, disk.format)
+            refused = image_problem(disk.path, disk.format) if disk.path else None
+            if refused:
+                return refused
             if disk.size < 1 << 20 or disk.size % 512:
                 return f"disk size {disk.size} must be at least 1 MiB and a multiple of 512 bytes"
         if len(snapshot.hosts) < 2:
@@ -74,8 +75,9 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
             return f"disk image {disk.path} does not exist"
         if disk.format not in ("raw", "qcow2"):
             return f"disk format {disk.format!r} is not raw or qcow2"
-        if image_problem(disk.path, disk.format):
-            return image_problem(disk.path, disk.format)
+        refused = image_problem(disk.path, disk.format)
+        if refused:
+            return refused
     for label, path in (("kernel", spec.boot.kernel), ("initrd", spec.boot.initrd)):
         if path is not None and not file_exists(path):
             return f"{label} {path} does not exist"
