@@ -25,6 +25,24 @@ def _ip(index: int) -> str:
     return topo.vm_addr(index).split("/")[0]
 
 
+def _fail_guest_under_load(lab: labmod.LabState, pool: LabPool, name: str, ip: str, command: str):  # type: ignore[no-untyped-def]
+    """With a client writing, send the demo guest `command` ("X panic", "X hang") and wait
+    until the owner restarted the guest and it answers again. Returns the guest-restart
+    events after the command, the acknowledged records, and when the command was sent."""
+    client = LabClient(lab, ip, name, 0.02, reply_timeout=60)
+    try:
+        client.wait_acks(20, 30)
+        sent_at = time.time()
+        assert pool.ask(ip, command) == f"OK {command}"
+        restarts = pool.wait_events(f"{name}'s guest restarted", lambda e: e.vm == name and e.kind == "guest-restart"
+                                    and e.time > sent_at, 60)
+        pool.wait_answering(ip, 120)
+        client.wait_acks(20, 60, after=time.time())
+    finally:
+        acks = client.stop()
+    return restarts, acks, sent_at
+
+
 def test_a_guest_panic_restarts_the_guest_where_it_runs_at_every_level(lab: labmod.LabState, guest_image,
                                                                       tmp_path: Path) -> None:
     pool = LabPool(lab)
@@ -40,17 +58,7 @@ def test_a_guest_panic_restarts_the_guest_where_it_runs_at_every_level(lab: labm
             if level is Level.SYSTEM:
                 pool.wait_for(f"{name} protected", l3_protected(name), 120)
         for name, index, level in vms:
-            client = LabClient(lab, _ip(index), name, 0.02, reply_timeout=60)
-            try:
-                client.wait_acks(20, 30)
-                panicked_at = time.time()
-                assert pool.ask(_ip(index), "X panic") == "OK X panic"
-                restarts = pool.wait_events(f"{name}'s guest restarted", lambda e, n=name, t=panicked_at: e.vm == n
-                                            and e.kind == "guest-restart" and e.time > t, 60)
-                pool.wait_answering(_ip(index), 120)
-                client.wait_acks(20, 60, after=time.time())
-            finally:
-                acks = client.stop()
+            restarts, acks, panicked_at = _fail_guest_under_load(lab, pool, name, _ip(index), "X panic")
             assert "kernel panic" in restarts[0].message and "1 of 3 restarts" in restarts[0].message
             print(f"{name} (level {int(level)}): panic -> guest reset {restarts[0].time - panicked_at:.2f} s")
             snap = pool.snapshot()
@@ -141,17 +149,7 @@ def test_a_hung_guest_is_caught_by_its_health_probe_and_restarted(lab: labmod.La
         pool.wait_answering(ip, 60)
         pool.wait_for("gh2's replica in sync", replica_current("gh2"), 120)
         pool.wait_for("gh2's probe passing", _probe_ok("gh2", "h1"), 60)
-        client = LabClient(lab, ip, "gh2", 0.02, reply_timeout=60)
-        try:
-            client.wait_acks(20, 30)
-            hung_at = time.time()
-            assert pool.ask(ip, "X hang") == "OK X hang"
-            restarts = pool.wait_events("gh2's guest restarted", lambda e: e.vm == "gh2" and e.kind == "guest-restart"
-                                        and e.time > hung_at, 60)
-            pool.wait_answering(ip, 120)
-            client.wait_acks(20, 60, after=time.time())
-        finally:
-            acks = client.stop()
+        restarts, acks, hung_at = _fail_guest_under_load(lab, pool, "gh2", ip, "X hang")
         assert "health probe" in restarts[0].message and "3 probes in a row failed" in restarts[0].message
         first = [e for e in pool.events() if e.vm == "gh2" and e.kind == "health" and e.time > hung_at]
         assert first and "no answer within 1 s" in first[0].message, first
@@ -287,17 +285,7 @@ def test_a_watchdog_that_is_no_longer_kicked_resets_the_guest(lab: labmod.LabSta
         pool.wait_for("gw3 protected", l3_protected("gw3"), 120)
         serial = (lab.host_dir("h1") / "state" / "vms" / "gw3" / "serial.log").read_text(errors="replace")
         assert "i6300esb watchdog armed (5 s)" in serial, serial[-2000:]
-        client = LabClient(lab, ip, "gw3", 0.02, reply_timeout=60)
-        try:
-            client.wait_acks(20, 30)
-            hung_at = time.time()
-            assert pool.ask(ip, "X hang") == "OK X hang"
-            restarts = pool.wait_events("gw3's guest restarted", lambda e: e.vm == "gw3" and e.kind == "guest-restart"
-                                        and e.time > hung_at, 60)
-            pool.wait_answering(ip, 120)
-            client.wait_acks(20, 60, after=time.time())
-        finally:
-            acks = client.stop()
+        restarts, acks, hung_at = _fail_guest_under_load(lab, pool, "gw3", ip, "X hang")
         assert "watchdog" in restarts[0].message, restarts
         print(f"gw3 (level 3): hang -> watchdog reset recorded {restarts[0].time - hung_at:.2f} s (5 s watchdog)")
         snap = pool.snapshot()

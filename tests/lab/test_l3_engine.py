@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import filecmp
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,13 @@ class Engine:
     def stopped_checkpoint(self) -> None:
         self.call(self._stopped_checkpoint())
 
+    def differing_replicas(self) -> list[Path]:
+        """The replica files (RAM, disk) that differ from the primary's, compared byte for byte
+        (call while the guest is stopped at a checkpoint)."""
+        assert self.replica is not None
+        return [theirs for ours, theirs in ((self.ram, self.replica.ram), (self.disk, self.replica.disks[0]))
+                if not filecmp.cmp(ours, theirs, shallow=False)]
+
     def resume(self) -> None:
         self.call(self._resume())
 
@@ -160,26 +169,40 @@ class Engine:
         shutil.rmtree(self.shm, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _engine_under_load(lab: labmod.LabState, guest_image: Any, tmp_path: Path, tap: str, tracked: bool,
+                       client_name: str) -> Iterator[tuple[Engine, LabClient]]:
+    """The engine checkpointing the demo guest, with a closed-loop client writing to it; the
+    engine must end without an error."""
+    engine = Engine(guest_image, tmp_path, tap=tap, tracked=tracked)
+    engine.thread.start()
+    client = None
+    try:
+        assert engine.ready.wait(90) and engine.error is None, engine.error
+        ip = topo.vm_addr(INDEX).split("/")[0]
+        LabPool(lab).wait_answering(ip, 60)
+        client = LabClient(lab, ip, client_name, interval=0.0, reply_timeout=60)
+        yield engine, client
+    finally:
+        if client is not None:
+            client.stop()
+        engine.close()
+    assert engine.error is None, engine.error
+
+
 @pytest.mark.parametrize("tracked", [False, True], ids=["compare", "tracked"])
 def test_replica_is_byte_identical_and_output_waits_for_acks(lab: labmod.LabState, guest_image,
                                                             tmp_path: Path, tracked: bool) -> None:
     """Both ways of finding what changed: pages compared, or RAM writes from the kernel and
     disk writes from QEMU dirty bitmaps (no compare at all)."""
-    engine = Engine(guest_image, tmp_path, tap=TAP if not tracked else "ft-l3eng3", tracked=tracked)
-    engine.thread.start()
-    pool = LabPool(lab)
-    ip = topo.vm_addr(INDEX).split("/")[0]
-    client = None
-    try:
-        assert engine.ready.wait(90) and engine.error is None, engine.error
-        pool.wait_answering(ip, 60)
-        client = LabClient(lab, ip, "l3eng", interval=0.0, reply_timeout=60)
+    with _engine_under_load(lab, guest_image, tmp_path, TAP if not tracked else "ft-l3eng3", tracked,
+                            "l3eng") as (engine, client):
         compared = 0
         for _ in range(3):
             client.wait_acks(30, 60, after=max([a.t for a in client.acks()], default=0.0))
             engine.stopped_checkpoint()
-            for ours, theirs in ((engine.ram, engine.replica.ram), (engine.disk, engine.replica.disks[0])):
-                assert filecmp.cmp(ours, theirs, shallow=False), f"{theirs} differs from {ours}"
+            differing = engine.differing_replicas()
+            assert not differing, f"{differing} differ from the primary's files"
             compared += 1
             engine.resume()
         acks = client.stop()
@@ -197,11 +220,6 @@ def test_replica_is_byte_identical_and_output_waits_for_acks(lab: labmod.LabStat
         assert len(released) > 90
         early = [(e, t) for e, t in released if e not in acked_at or t < acked_at[e]]
         assert not early, f"{len(early)} frames left before their checkpoint was acknowledged: {early[:5]}"
-    finally:
-        if client is not None:
-            client.stop()
-        engine.close()
-    assert engine.error is None, engine.error
 
 
 async def _silence_during_slow_checkpoint(engine: Engine, delay: float) -> float:
@@ -257,22 +275,12 @@ def test_fidelity_campaign_many_stopped_comparisons_under_load(lab: labmod.LabSt
     FTVM_FIDELITY_N times (100 by default), each after a few epochs of load. Prints the
     count for the record (issue 15's closing note)."""
     n = int(os.environ.get("FTVM_FIDELITY_N", "100"))
-    engine = Engine(guest_image, tmp_path, tap="ft-l3eng4", tracked=True)
-    engine.thread.start()
-    pool = LabPool(lab)
-    ip = topo.vm_addr(INDEX).split("/")[0]
-    client = None
-    try:
-        assert engine.ready.wait(90) and engine.error is None, engine.error
-        pool.wait_answering(ip, 60)
-        client = LabClient(lab, ip, "l3eng-campaign", interval=0.0, reply_timeout=60)
+    with _engine_under_load(lab, guest_image, tmp_path, "ft-l3eng4", True, "l3eng-campaign") as (engine, client):
         differing = []
         for i in range(n):
             client.wait_acks(10, 60, after=max([a.t for a in client.acks()], default=0.0))
             engine.stopped_checkpoint()
-            for ours, theirs in ((engine.ram, engine.replica.ram), (engine.disk, engine.replica.disks[0])):
-                if not filecmp.cmp(ours, theirs, shallow=False):
-                    differing.append((i, theirs.name))
+            differing += [(i, theirs.name) for theirs in engine.differing_replicas()]
             engine.resume()
         acks = client.stop()
         assert engine.cp is not None
@@ -282,8 +290,3 @@ def test_fidelity_campaign_many_stopped_comparisons_under_load(lab: labmod.LabSt
         assert differing == [], differing
         assert stats.tracking == EXACT and stats.disk_tracking == "dirty bitmaps" and stats.full_resyncs == 0
         assert stats.epochs > 2 * n and max(r.disk_pages for r in stats.records) > 0
-    finally:
-        if client is not None:
-            client.stop()
-        engine.close()
-    assert engine.error is None, engine.error
