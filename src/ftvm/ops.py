@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from .core.availability import Report, report
 from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, VmSpec, VmView, spec_problem
+from .core.sites import sites
 from .core.placement import migration_problem, overcommit_problem, plan_evacuation
 from .core.transitions import How, plan_level_change
 from .core.validate import check_new_vm
@@ -33,7 +34,8 @@ async def get_view(store: PoolStore, name: str) -> tuple[PoolSnapshot, VmView]:
 
 async def define(store: PoolStore, spec: VmSpec) -> None:
     snap = await store.snapshot()
-    problem = check_new_vm(spec, snap, os.path.isfile, image_problem) or health_address_problem(spec)
+    problem = (check_new_vm(spec, snap, os.path.isfile, image_problem) or health_address_problem(spec)
+               or site_problem(snap, spec.site))
     if problem:
         raise FtvmError(problem, problem.code if isinstance(problem, Problem) else BAD_INPUT)
     if spec.desired is Desired.RUNNING:
@@ -215,6 +217,34 @@ async def set_failback(store: PoolStore, name: str, on: bool) -> VmSpec:
             return new
 
 
+def site_problem(snap: PoolSnapshot, site: str) -> str | None:
+    """A VM's preferred site must be one where a live host stands (core/sites.py)."""
+    known = sites(snap)
+    if not site or site in known:
+        return None
+    return (f"no live host stands at site {site!r} ("
+            + (f"the pool's sites: {', '.join(sorted(known))}" if known else "no host names a site: host.toml `site`")
+            + "); nothing changed")
+
+
+async def set_site(store: PoolStore, name: str, site: str) -> VmSpec:
+    """A VM's preferred site ("" none): where it runs when it can, and which site keeps it
+    when the sites lose each other (core/sites.py). Its running copy stays where it is."""
+    if not isinstance(site, str):
+        raise FtvmError("site must be a text", BAD_INPUT)
+    while True:
+        got = await store.spec(name)
+        if got is None:
+            raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
+        spec, rev = got
+        new = replace(spec, site=site)
+        problem = spec_problem(new) or site_problem(await store.snapshot(), site)
+        if problem:
+            raise FtvmError(problem, BAD_INPUT)
+        if await store.update_spec(new, rev):
+            return new
+
+
 async def availability(store: PoolStore, start: float, end: float,
                        names: list[str] | None = None) -> list[Report]:
     """Availability reports of the given VMs (default: every defined VM) over [start, end)."""
@@ -290,7 +320,7 @@ async def end_maintenance(store: PoolStore, host: str) -> None:
 GUEST_MONITORING: dict[str, type] = {"health": str, "health_interval_s": float, "health_timeout_s": float,
                                      "health_failures": int, "health_grace_s": float,
                                      "guest_restarts": int, "guest_window_s": float}
-PATCHABLE = ("checkpoint_ms", "checkpoint_on_output", "sla_percent", *GUEST_MONITORING, "failback")
+PATCHABLE = ("checkpoint_ms", "checkpoint_on_output", "sla_percent", *GUEST_MONITORING, "site", "failback")
 
 
 async def set_guest_monitoring(store: PoolStore, name: str, changes: dict[str, Any]) -> VmSpec:
@@ -338,6 +368,8 @@ async def patch(store: PoolStore, name: str, changes: dict[str, Any]) -> VmSpec:
         if not isinstance(changes["failback"], bool):
             raise FtvmError("failback must be true or false", BAD_INPUT)
         spec = await set_failback(store, name, changes["failback"])
+    if "site" in changes:
+        spec = await set_site(store, name, changes["site"])
     if "sla_percent" in changes:
         spec = await set_sla(store, name, changes["sla_percent"])
     monitoring = {k: v for k, v in changes.items() if k in GUEST_MONITORING}

@@ -23,7 +23,7 @@ KEY = os.urandom(32)
 HELLO = {"vm": "ft", "session": "s1", "files": [{"name": "ram", "size": 1 << 20}]}
 
 
-async def pair(primary_key: bytes = KEY, standby_key: bytes = KEY):
+async def pair(primary_key: bytes = KEY, standby_key: bytes = KEY, compress: bool = False):
     """A primary and a partner channel over a real loopback connection."""
     accepted: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -38,7 +38,7 @@ async def pair(primary_key: bytes = KEY, standby_key: bytes = KEY):
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        primary = await open_session(reader, writer, primary_key, HELLO)
+        primary = await open_session(reader, writer, primary_key, HELLO, compress=compress)
     except Exception:
         server.close()
         raise
@@ -172,3 +172,59 @@ def test_fuzz_stream_headers_respect_the_limits(raw: bytes) -> None:
         asyncio.run(read())
     except (WireError, asyncio.IncompleteReadError):
         pass
+
+
+async def test_compression_is_asked_accepted_and_only_used_where_it_pays() -> None:
+    server, primary, standby, hello = await pair(compress=True)
+    assert hello["compress"] == "zstd" and primary.compress and standby.inflate
+    limits = standby_limits([256])
+    pages = np.arange(64, dtype=np.int64)
+    cp = Checkpoint(1, {0: Delta(pages, b"ledger record " * (64 * PAGE // 14) + b"\0" * (64 * PAGE % 14))}, b"dev")
+    raw = sum(map(len, encode_checkpoint(cp)))
+    wire = await primary.send(encode_checkpoint(cp))
+    kind, payload = await standby.receive(limits)
+    assert kind is Msg.CHECKPOINT and decode_checkpoint(payload, [256]).deltas[0].data == cp.deltas[0].data
+    assert wire < raw / 10, (wire, raw)
+    noise = Checkpoint(2, {0: Delta(pages, os.urandom(64 * PAGE))}, b"dev")  # does not compress: sent as is
+    assert await primary.send(encode_checkpoint(noise)) == sum(map(len, encode_checkpoint(noise))) + 32
+    assert decode_checkpoint((await standby.receive(limits))[1], [256]).epoch == 2
+    primary.close()
+    standby.close()
+    server.close()
+    server, primary, standby, hello = await pair()  # not asked: not used
+    assert "compress" not in hello and not primary.compress and not standby.inflate
+    server.close()
+
+
+async def test_a_packed_message_is_bounded_by_its_inner_type_before_it_is_inflated() -> None:
+    """A partner inflates only a type it expects, to at most that type's limit, and exactly
+    the size the message declares: no decompression bomb, no type smuggled inside."""
+    import zstandard
+
+    from ftvm.l3.channel import PACK_HEAD
+    limits = standby_limits([256])
+
+    async def packed(kind: Msg, declared: int, body: bytes) -> None:
+        server, primary, standby, _ = await pair(compress=True)
+        try:
+            frame = zstandard.ZstdCompressor().compress(body)
+            msg = encode(Msg.PACKED, PACK_HEAD.pack(kind, declared), frame)
+            primary.writer.writelines([*msg, primary._tag(b"P", 0, msg)])
+            await standby.receive(limits)
+        finally:
+            server.close()
+
+    with pytest.raises(WireError, match="at most"):  # a bomb: refused by its declared size, never inflated
+        await packed(Msg.CHECKPOINT, limits[Msg.CHECKPOINT] + 1, b"\0" * 1000)
+    with pytest.raises(WireError, match="does not hold"):
+        await packed(Msg.CHECKPOINT, 100, b"\0" * 100_000)  # declares less than the frame holds
+    with pytest.raises(WireError, match="unexpected PACKED"):
+        await packed(Msg.ACK, 8, struct.pack(">Q", 1))
+    server, primary, standby, _ = await pair()  # compression not agreed: PACKED is not even read
+    try:
+        msg = encode(Msg.PACKED, PACK_HEAD.pack(Msg.CHECKPOINT, 3), b"abc")
+        primary.writer.writelines([*msg, primary._tag(b"P", 0, msg)])
+        with pytest.raises(WireError, match="unexpected PACKED"):
+            await standby.receive(limits)
+    finally:
+        server.close()

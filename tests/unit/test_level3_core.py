@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncio
 
 import numpy as np
@@ -151,6 +153,13 @@ def test_level3_protection_needs_a_current_replica_and_a_working_engine() -> Non
     assert "first copy" in prot(CheckpointFigures("h2", "syncing", sync_done=0.4))
     lost = CheckpointFigures("h2", "unprotected", reason="replica on h2 lost: partner silent for 0.31s")
     assert "partner silent" in prot(lost, c=mark(copies, "h2", CopyState.OUTDATED, "partner lost", 2.0))
+    # a link slower than the guest writes memory: still protected, and status says it degrades
+    slow = CheckpointFigures("h2", "protected", per_s=4.0, link_bytes_per_s=17 << 20, link_bound=0.8,
+                             link_wait_p50_ms=120, compressed=True, raw_bytes_per_s=51 << 20)
+    said = prot(slow)
+    assert said.startswith("Protected (degraded: the link to h2 is slower than the guest writes memory")
+    assert "80% of checkpoints waited for it (p50 120 ms), 250 ms apart" in said
+    assert prot(replace(slow, link_bound=0.1)) == "Protected"
 
 
 def test_partner_duty_and_takeover_rules() -> None:

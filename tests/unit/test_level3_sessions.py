@@ -194,3 +194,25 @@ async def test_a_new_interval_applies_at_once_not_after_the_old_one(tmp_path: Pa
 async def _epochs(cp: Checkpointer, n: int) -> None:
     while cp.epoch < n:
         await asyncio.sleep(0.005)
+
+
+async def test_a_checkpoint_waits_for_room_on_a_full_link_and_says_how_long(tmp_path: Path) -> None:
+    """Checkpoints in flight are bounded (MAX_IN_FLIGHT_*): the next one waits for an ACK
+    rather than queue behind the others, and its record says it waited (link-bound)."""
+    from ftvm.l3.primary import MAX_IN_FLIGHT_BYTES
+    async with rig(tmp_path) as r:
+        cp = await r.session("s1", 1)
+        cp._in_flight = {cp.epoch + 1: MAX_IN_FLIGHT_BYTES}  # as if a large checkpoint were on the wire
+        room = asyncio.create_task(cp._room_on_link())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not room.done()
+        cp._in_flight.clear()  # its ACK came
+        cp._acked.set()
+        await asyncio.wait_for(room, 5)
+        assert cp._link_wait > 0
+        await cp.checkpoint()
+        assert cp.stats.records[-1].link_wait > 0 and cp.stats.window(60)["link_bound"] > 0
+        await cp.checkpoint()
+        assert cp.stats.records[-1].link_wait == 0  # no wait, nothing recorded
+        await cp.close()

@@ -93,3 +93,83 @@ def test_metro_link_settings_parse_and_bad_ones_are_refused() -> None:
             parse_rtt_ms(bad)
         with pytest.raises(FtvmError):
             parse_rate_mbit(bad)
+
+
+# --- the preferred site: who keeps a VM when the sites lose each other ----------------
+
+from ftvm.core.decide import Action, choose_host, decide  # noqa: E402
+from ftvm.core.model import LocalStandby, LocalView, LocalVm  # noqa: E402
+from ftvm.core.sites import renewed_since, takeover_delay, yields_in_cut  # noqa: E402
+
+
+def preferring(view: VmView, site: str, level: Level = Level.COMPONENT) -> VmView:
+    return replace(view, spec=replace(view.spec, site=site, level=level))
+
+
+def test_only_the_primary_away_from_the_preferred_site_yields_to_a_live_partner_there() -> None:
+    hs = hosts(h1="a", h2="a", h3="b")
+    view = preferring(l2("x", "h1", "h3"), "b")
+    snap = PoolSnapshot(1, hs, {"x": view})
+    assert "site b, the VM's preferred site, keeps it" in (yields_in_cut(snap, view, "h1") or "")
+    at_home = preferring(l2("x", "h1", "h3"), "a")  # the primary stands at the preferred site
+    assert yields_in_cut(PoolSnapshot(1, hs, {"x": at_home}), at_home, "h1") is None
+    none = l2("x", "h1", "h3")  # no preference: the side running it keeps it
+    assert yields_in_cut(PoolSnapshot(1, hs, {"x": none}), none, "h1") is None
+    gone = {n: h for n, h in hs.items() if n != "h3"}  # the partner's lease expired: its site is lost
+    assert yields_in_cut(PoolSnapshot(1, gone, {"x": view}), view, "h1") is None
+    behind = replace(view, copies=mark(view.copies, "h3", CopyState.OUTDATED, "lost", 3.0))
+    assert yields_in_cut(PoolSnapshot(1, hs, {"x": behind}), behind, "h1") is None  # never to a stale copy
+    same_site = preferring(l2("x", "h1", "h2"), "a")
+    assert yields_in_cut(PoolSnapshot(1, hs, {"x": same_site}), same_site, "h1") is None
+
+
+def test_a_yielded_vm_is_released_and_restarted_at_its_preferred_site_not_here() -> None:
+    hs = hosts(h1="a", h2="a", h3="b")
+    view = preferring(l2("x", "h1", "h3"), "b")
+    snap = PoolSnapshot(1, hs, {"x": view})
+    stopped = LocalView("h1", {"x": LocalVm("x", RunState.STOPPED, 1, 0, yielded="cut")})
+    d = decide(snap, stopped).decisions[0]
+    assert d.action is Action.RELEASE and "cut" in d.reason
+    released = PoolSnapshot(2, hs, {"x": replace(view, owner=None, status=None, home="h1")})
+    assert choose_host(released, released.vms["x"])[0] == "h3"
+    assert decide(released, LocalView("h1")).decisions[0].action is Action.WAIT
+    assert decide(released, LocalView("h3")).decisions[0].action is Action.CLAIM
+    # site b lost after all: h1's copy is as current as it was, so h1 starts it again
+    lost_b = PoolSnapshot(3, {n: h for n, h in hs.items() if n != "h3"}, released.vms)
+    assert choose_host(lost_b, lost_b.vms["x"])[0] == "h1"
+    # without a preference the home host restarts it
+    plain = PoolSnapshot(2, hs, {"x": replace(l2("x", "h1", "h3"), owner=None, status=None, home="h1")})
+    assert choose_host(plain, plain.vms["x"])[0] == "h1"
+
+
+def test_restarts_go_to_the_preferred_site_when_it_has_room() -> None:
+    spec = VmSpec("w", Level.RESTART, 512, 1, (DiskSpec("/s/w.img"),), (NicSpec("52:54:00:00:00:02"),),
+                  desired=Desired.RUNNING, site="b")
+    hs = hosts(h1="a", h2="a", h3="b")
+    first = PoolSnapshot(1, hs, {"w": VmView(spec)})
+    assert choose_host(first, first.vms["w"])[0] == "h3"
+    lost = PoolSnapshot(1, {n: h for n, h in hs.items() if n != "h3"}, {"w": VmView(spec, home="h3")})
+    assert choose_host(lost, lost.vms["w"])[0] in ("h1", "h2")  # site b down: anywhere else
+
+
+def test_a_partner_away_from_the_preferred_site_leaves_the_primary_the_first_word() -> None:
+    hs = hosts(h1="a", h2="a", h3="b")
+    view = preferring(l2("x", "h1", "h3"), "a", Level.SYSTEM)
+    snap = PoolSnapshot(1, hs, {"x": view})
+    assert takeover_delay(snap, view, "h3", 0.3) == 0.6
+    local = LocalView("h3", standbys={"x": LocalStandby("x", 7, 0.45)})
+    assert decide(snap, local, takeover_after=0.3).decisions[0].action is Action.WAIT
+    late = LocalView("h3", standbys={"x": LocalStandby("x", 7, 0.65)})
+    assert decide(snap, late, takeover_after=0.3).decisions[0].action is Action.TAKE_OVER
+    # the primary's host gone (its lease ended): no reason to wait longer
+    gone = PoolSnapshot(1, {n: h for n, h in hs.items() if n != "h1"}, {"x": view})
+    assert takeover_delay(gone, view, "h3", 0.3) == 0.3
+    toward = preferring(l2("x", "h1", "h3"), "b", Level.SYSTEM)  # the partner is at the preferred site
+    assert takeover_delay(PoolSnapshot(1, hs, {"x": toward}), toward, "h3", 0.3) == 0.3
+
+
+def test_a_lease_renewed_after_the_link_was_lost_proves_the_partner_reaches_the_witness() -> None:
+    # granted 5 s, asked 4 s after the loss, keepalives every second (etcd rounds down)
+    assert renewed_since(4, 5, 4.0) and renewed_since(3, 5, 4.0)
+    assert not renewed_since(1, 5, 4.0)  # last renewed before the loss
+    assert not renewed_since(0, 5, 4.0) and not renewed_since(-1, 5, 4.0)

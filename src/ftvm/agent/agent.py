@@ -299,7 +299,8 @@ class Agent:
 
     def local_view(self) -> LocalView:
         return LocalView(self.cfg.name, {
-            name: LocalVm(name, rec.state, rec.token, rec.exit_code, rec.guest_failure)
+            name: LocalVm(name, rec.state, rec.token, rec.exit_code, rec.guest_failure,
+                          rec.replica.yielded if rec.replica is not None else None)
             for name, rec in self.vms.items()},
             self.exports.names(), self.l3_partner.local_standbys() if self.l3_partner else {}, now=time.time())
 

@@ -49,7 +49,8 @@ class Exports:
             event(vm, "error", f"cannot serve this host's copy: {e}")
             return
         self.served[vm] = daemon
-        await self.ctx.store.publish_export(vm, Export(self.cfg.name, daemon.addr, daemon.port, fresh),
+        await self.ctx.store.publish_export(vm, Export(self.cfg.name, daemon.addr, daemon.port, fresh,
+                                                               all(img.write_through for img in images)),
                                             self.ctx.lease)
         event(vm, "export", f"{why} on {daemon.addr}:{daemon.port}"
                             + (" (new empty copy: needs a full resync)" if fresh else ""))

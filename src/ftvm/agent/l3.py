@@ -28,12 +28,14 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 
 from typing import Any
 
 from ..core.model import CheckpointFigures, Desired, Level, LocalStandby, PoolSnapshot, VmSpec, valid_name
 from ..core.replication import Copies, CopyState, mark, take_over
+from ..core.sites import across_sites, yields_in_cut
 from ..qemu.migrate import wait_migration
 from ..l3.primary import EXACT, Checkpointer
 from ..l3.relay import OutputCommitRelay
@@ -195,7 +197,8 @@ class L3Primary:
                 continue
             self.partner = partner
             try:
-                await self._session(partner, host.replication_addr)
+                await self._session(partner, host.replication_addr,
+                                    snap is not None and across_sites(snap, self.me, partner))
             except Exception as e:  # a defect here must not leave the VM unprotected for good
                 log.exception("%s: level 3 session with %s failed", self.spec.name, partner)
                 self._set("unprotected", f"checkpointing to {partner} failed: {type(e).__name__}: {e}")
@@ -208,7 +211,7 @@ class L3Primary:
             if not self._closed:
                 await asyncio.sleep(RETRY_S)
 
-    async def _session(self, partner: str, addr: str) -> None:
+    async def _session(self, partner: str, addr: str, compress: bool) -> None:
         assert self.qemu is not None
         qemu = self.qemu
         ram_writes = ((lambda ram: WriteTracker.attach(qemu.pid, qemu.pidfd, ram)) if self.tracking.exact
@@ -223,7 +226,7 @@ class L3Primary:
         self._full_resyncs_seen = 0
         self.checkpointer = cp
         try:
-            await self._checkpoint_to(cp, partner, addr)
+            await self._checkpoint_to(cp, partner, addr, compress)
         finally:
             if isinstance(monitor, DirectQmp):
                 await monitor.close()
@@ -254,10 +257,10 @@ class L3Primary:
                 log.warning("%s: checkpoint monitor: %s; checkpointing through the main one", self.spec.name, e)
         return self.qemu
 
-    async def _checkpoint_to(self, cp: Checkpointer, partner: str, addr: str) -> None:
+    async def _checkpoint_to(self, cp: Checkpointer, partner: str, addr: str, compress: bool) -> None:
         assert self.qemu is not None
         try:
-            await cp.connect(addr, self.link, uuid.uuid4().hex)
+            await cp.connect(addr, replace(self.link, compress=compress), uuid.uuid4().hex)
         except (OSError, TimeoutError, WireError) as e:
             self._set("unprotected", f"cannot reach partner {partner} at {addr}:{self.link.port}: "
                                      f"{e or type(e).__name__}")
@@ -308,6 +311,7 @@ class L3Primary:
         assert self.qemu is not None
         with suppress(QemuError):
             await self.qemu.execute("stop")
+        await self._leave_to_preferred_site()
         recorded = await self._record(partner, CopyState.OUTDATED, f"partner lost: {why}", until_done=True)
         if not recorded:
             return False  # the partner carries on: this copy is killed, still stopped
@@ -317,6 +321,28 @@ class L3Primary:
         self.event("unprotected", f"replica on {partner} recorded outdated ({why}); "
                                   f"running on unprotected, {released} held frames released")
         return True
+
+    async def _leave_to_preferred_site(self) -> None:
+        """SplitSite (core/sites.py): at another site than the VM's preferred one, with the
+        partner there and up, give the partner time to take the VM over (the guest stopped,
+        output held) instead of recording its copy outdated at once. If it has not within a
+        few keepalives, the caller records it outdated and carries on (either write is safe:
+        one etcd transaction wins)."""
+        snap = self.snapshot()
+        view = snap.vms.get(self.spec.name) if snap else None
+        why = yields_in_cut(snap, view, self.me) if snap and view else None
+        if why is None:
+            return
+        wait = 3 * self.ctx.host.timing.keepalive_interval + 1.0
+        self.event("site", f"{why}: output held, guest stopped, waiting up to {wait:g} s for it to take over")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not self._closed and self.qemu is not None and self.qemu.alive:
+            view = self.ctx.view()
+            if view is None or view.owner is None or view.owner.token != self.token:
+                return  # taken over: the record below fails, and this copy is killed
+            await asyncio.sleep(0.05)
+        if not self._closed:
+            self.event("site", "no takeover came: the replica's copy is recorded outdated, the VM carries on here")
 
     async def _record(self, partner: str, state: CopyState, reason: str, until_done: bool = False) -> bool:
         """Write the partner copy's state under our token. False if we lost ownership.
@@ -361,7 +387,9 @@ class L3Primary:
             ram_diff_p50_ms=w["ram_diff_p50_ms"], disk_diff_p50_ms=w["disk_diff_p50_ms"],
             device_state_p50_ms=w["device_state_p50_ms"], running_fraction=w["running_fraction"],
             dirty_pages_p50=w["dirty_pages_p50"], disk_pages_p50=w["disk_pages_p50"],
-            link_bytes_per_s=w["bytes_per_s"], epoch=cp.stats.acked, sync_done=round(self.sync_done, 3),
+            link_bytes_per_s=w["wire_bytes_per_s"], raw_bytes_per_s=w["bytes_per_s"], compressed=cp.compressed,
+            link_bound=w["link_bound"], link_wait_p50_ms=w["link_wait_p50_ms"],
+            epoch=cp.stats.acked, sync_done=round(self.sync_done, 3),
             tracking=cp.stats.tracking, full_resyncs=cp.stats.full_resyncs, disk_tracking=cp.stats.disk_tracking,
             stop_p50_ms=w["stop_p50_ms"], cont_p50_ms=w["cont_p50_ms"], ack_p50_ms=w["ack_p50_ms"],
             partner_silence_max_ms=w["silence_max_ms"], output_wait_p50_ms=w["output_wait_p50_ms"],

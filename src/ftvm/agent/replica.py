@@ -33,6 +33,7 @@ from ..core.model import Export
 from ..core.model import SyncProgress
 from ..core.replica_steps import Step, next_step
 from ..core.replication import Copies, CopyState, mark
+from ..core.sites import renewed_since, yields_in_cut
 from ..qemu.blockgraph import (DiskGraph, LocalImage, Mode, NbdTarget, QmpStep, add_local, add_remote, drop_child,
                                mirror, mirror_back, node_kind)
 from ..qemu.process import QemuError, QemuVm
@@ -76,6 +77,7 @@ class ReplicaManager:
         self._apart_since_wr: int | None = None  # guest bytes written when the partner left
         self._task: asyncio.Task[None] | None = None
         self.problem = ""  # why the VM is paused, if it is
+        self.yielded: str | None = None  # QEMU stopped so the partner's site keeps the VM: why
 
     # --- plumbing ----------------------------------------------------------------
     def _copies_view(self) -> tuple[Copies | None, tuple[Export, ...]]:
@@ -171,7 +173,7 @@ class ReplicaManager:
 
     async def _run(self) -> None:
         probe_failures = 0
-        while True:
+        while not self.yielded:
             with suppress(TimeoutError):  # (asyncio.timeout: no lost cancellation, unlike 3.11's wait_for)
                 async with asyncio.timeout(PROBE_INTERVAL):
                     await self.wake.wait()
@@ -266,6 +268,8 @@ class ReplicaManager:
     async def _drop_copy(self, failed: str) -> None:
         """With the guest stopped: record the failed copy, drop it from the graph, continue.
         If this fails midway the guest stays stopped and the loop tries again."""
+        if failed == "remote" and self._pending_drop is None and await self._yield_to_partner():
+            return
         self._pending_drop = failed
         copies, exports = self._copies_view()
         partner = copies.partner_of(self.me) if copies else None
@@ -297,6 +301,38 @@ class ReplicaManager:
         self.event("masked", f"{why}: copy recorded {'outdated' if failed == 'remote' else 'failed'} "
                              f"in the store, VM continues on {survivor}")
 
+    async def _yield_to_partner(self) -> bool:
+        """SplitSite (core/sites.py): at another site than the VM's preferred one, with the
+        partner there, the partner keeps the VM if it still reaches the quorum service (it
+        renews its lease after the link was lost). With the guest stopped, nothing it wrote
+        since is acknowledged: QEMU is stopped, and the tick releases the VM to the partner."""
+        snap = self.ctx.snapshot()
+        view = snap.vms.get(self.vm) if snap else None
+        why = yields_in_cut(snap, view, self.me) if snap and view else None
+        if why is None or view is None or view.copies is None:
+            return False
+        partner = view.copies.partner_of(self.me)
+        assert partner is not None
+        wait = 3 * self.ctx.host.timing.keepalive_interval + 1.0
+        self.event("site", f"{why}; guest stopped while checking that {partner} still renews its lease "
+                           f"(in {wait:g} s)")
+        await asyncio.sleep(wait)
+        try:
+            lease = await self.store.host_lease_left(partner)
+        except EtcdError as e:
+            self.event("site", f"cannot ask the quorum service about {partner} ({e}): carrying on here")
+            return False
+        if lease is None or not renewed_since(lease[0], lease[1], wait):
+            self.event("site", f"{partner} no longer renews its lease: its site is lost, not cut off; "
+                               "the VM carries on here")
+            return False
+        self.yielded = why
+        self.ctx.host.journal.history(self.vm, "down", f"stopped here: {why}")
+        self.event("yield", f"{why}: QEMU stopped here, the VM is left to {partner} (its copy is current)")
+        self.qemu.stop_requested = True  # (the tick then releases it: core/decide.py)
+        self.qemu.kill()
+        return True
+
     def _abort_replication(self, partner: str | None) -> None:
         """Kill the TCP connections to the partner's replication address: in-flight
         writes fail at once and are handled like any other replica failure."""
@@ -312,8 +348,9 @@ class ReplicaManager:
 
     def _export_for(self, exports: tuple[Export, ...], host: str, index: int) -> NbdTarget:
         rec = next((e for e in exports if e.host == host), None)
-        addr, port = (rec.addr, rec.port) if rec else (self._last_addr, self._last_port)
-        return NbdTarget(addr, port, export_name(self.vm, index))
+        if rec is None:
+            return NbdTarget(self._last_addr, self._last_port, export_name(self.vm, index))
+        return NbdTarget(rec.addr, rec.port, export_name(self.vm, index), rec.write_through)
 
     async def _written_bytes(self) -> int:
         stats = await self.qemu.execute("query-blockstats", {"query-nodes": False})
@@ -329,7 +366,7 @@ class ReplicaManager:
         self._last_addr, self._last_port = rec.addr, rec.port
         spares: list[str] = []
         for i, g in enumerate(self.graphs):
-            new, steps, spare = add_remote(g, NbdTarget(rec.addr, rec.port, export_name(self.vm, i)))
+            new, steps, spare = add_remote(g, NbdTarget(rec.addr, rec.port, export_name(self.vm, i), rec.write_through))
             try:
                 await self._run_steps(steps)
             except Exception as e:
@@ -393,7 +430,8 @@ class ReplicaManager:
         try:
             copied = await self._sync_and_mirror(
                 [g.remote or "" for g in self.graphs], spares, True, True, self.me, Mode.REMOTE_ONLY,
-                lambda i, g, spare: mirror_back(g, spare, NbdTarget(rec.addr, rec.port, export_name(self.vm, i))),
+                lambda i, g, spare: mirror_back(g, spare, NbdTarget(rec.addr, rec.port, export_name(self.vm, i),
+                                                                 rec.write_through)),
                 commit)
         except Exception:
             await self._update_copies(lambda c: mark(c, self.me, CopyState.OUTDATED, "local resync interrupted",

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an i6300esb watchdog device: when the guest's watchdog daemon stops kicking it, "
                         "the guest is reset (a guest failure, within --guest-restarts)")
     p.add_argument("--host", help="preferred host for the first start")
+    p.add_argument("--site", default="",
+                   help="SplitSite: the site the VM runs at when it can, and which keeps it when the sites "
+                        "lose each other (default: the side running it)")
     p.add_argument("--start", action="store_true", help="start it right away")
     p.add_argument("--wait", action="store_true", help="with --start: wait until it runs")
     p.add_argument("--timeout", type=float, default=60)
@@ -143,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sla", type=float, help="availability target in percent for reports (0: none)")
     p.add_argument("--failback", choices=("on", "off"),
                    help="move the VM back live to its preferred host whenever that host can run it again")
+    p.add_argument("--site", help="SplitSite: the VM's preferred site (none: no preference)")
     _guest_monitoring_args(p)
     p = cmd(vm, "repair-disk", pool_cmds.cmd_vm_repair_disk,
             "level 2: a failed copy's storage works again (replaced disk): resync it and mirror again")
@@ -231,12 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     from ..showcase import bench, demo
     p = cmd(sub, "demo", demo.cmd_demo, "the live demo in a lab pool")
     p.add_argument("--level", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("--splitsite", action="store_true",
+                   help="SplitSite: a level 3 and a level 2 VM at site a, partners at site b, the quorum at a "
+                        "third site; site a loses power")
+    p.add_argument("--rtt", default="2ms", help="with --splitsite: the metro link's round trip (e.g. 5ms)")
+    p.add_argument("--rate", default="0", help="with --splitsite: the metro link's rate (e.g. 150mbit; 0 unlimited)")
     p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     p = cmd(sub, "bench", bench.cmd_bench, "benchmarks in a lab pool")
-    p.add_argument("what", choices=("failover", "migration", "control-plane"),
+    p.add_argument("what", choices=("failover", "migration", "control-plane", "splitsite"),
                    help="failover: failover figures at --level 1, 2 or 3 (2: also L0 vs L2 writes and resync; "
                         "3: L0/L2/L3 requests and the checkpoint engine); migration: live migration of a loaded VM; "
-                        "control-plane: tick time and etcd requests/s of a 4-host pool with 2, 12, 52 VMs")
+                        "control-plane: tick time and etcd requests/s of a 4-host pool with 2, 12, 52 VMs; "
+                        "splitsite: levels 0/2/3 across a metro link at RTT 0-10 ms and 1 Gbit/s vs 150 Mbit/s, "
+                        "then a site's loss at levels 1, 2, 3")
     p.add_argument("--level", type=int, default=1, choices=(1, 2, 3))
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--write-mib", type=int, default=64, help="level 2: MiB per bulk write round")

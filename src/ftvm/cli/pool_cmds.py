@@ -160,13 +160,24 @@ def cmd_vm_set(args: Any) -> int:
     monitoring = guest_monitoring(args)
     if monitoring:
         if any(x is not None for x in (args.level, args.checkpoint_ms, args.checkpoint_on_output, args.sla,
-                                       args.failback)):
+                                       args.failback, args.site)):
             raise CliError("change the health probe and restart limit in a command of their own", BAD_INPUT)
         new = VmSpec.from_json(pool_client(args).patch(args.name, monitoring))
         if is_json(args):
             emit_json({"vm": args.name} | {k: getattr(new, k) for k in ops.GUEST_MONITORING})
         else:
             console.print(f"VM {args.name}: {describe_monitoring(new)}")
+        return OK
+    if args.site is not None:
+        if any(x is not None for x in (args.level, args.checkpoint_ms, args.checkpoint_on_output, args.sla,
+                                       args.failback)):
+            raise CliError("change the preferred site in a command of its own", BAD_INPUT)
+        site = "" if args.site == "none" else args.site
+        new_spec = pool_client(args).patch(args.name, {"site": site})
+        if is_json(args):
+            emit_json({"vm": args.name, "site": new_spec["site"]})
+        else:
+            console.print(f"VM {args.name}: preferred site " + (new_spec["site"] or "none"))
         return OK
     if args.failback is not None:
         if any(x is not None for x in (args.level, args.checkpoint_ms, args.checkpoint_on_output, args.sla)):
@@ -190,7 +201,7 @@ def cmd_vm_set(args: Any) -> int:
         return OK
     if args.level is None and args.checkpoint_ms is None and args.checkpoint_on_output is None:
         raise CliError("nothing to change: give --level, --checkpoint-ms, --checkpoint-on-output, --sla, "
-                       "--failback, --health... or --guest-restarts/--guest-window",
+                       "--failback, --site, --health... or --guest-restarts/--guest-window",
                        BAD_INPUT)
     if args.level is None:
         return _set_checkpointing(args)
@@ -308,7 +319,7 @@ def spec_from_args(args: Any) -> VmSpec:
                   boot=BootSpec(os.path.abspath(kernel) if kernel else None,
                                 os.path.abspath(initrd) if initrd else None, append),
                   desired=Desired.RUNNING if args.start else Desired.STOPPED,
-                  preferred_host=args.host, failback=args.failback, watchdog=args.watchdog)
+                  preferred_host=args.host, failback=args.failback, watchdog=args.watchdog, site=args.site)
 
 
 def cmd_vm_add(args: Any) -> int:
@@ -420,6 +431,8 @@ def cmd_vm_show(args: Any) -> int:
         t.add_row(k, str(data[k]))
     if spec.preferred_host:
         t.add_row("preferred host", spec.preferred_host + (" (failback on)" if spec.failback else ""))
+    if spec.site:
+        t.add_row("preferred site", f"{spec.site} (runs there when it can; keeps it if the sites lose each other)")
     if spec.level is Level.SYSTEM:
         t.add_row("checkpoint interval", f"{spec.checkpoint_ms} ms")
     c = data.get("checkpoints")

@@ -23,6 +23,7 @@ from enum import Enum
 from .model import Desired, FrozenVm, Level, LocalView, PoolSnapshot, RunState, VmView
 from .placement import choose_partner, migration_problem
 from .replication import CopyState, may_start_on
+from .sites import at_preferred_site, takeover_delay
 
 ACTIVE_STATES = (RunState.STARTING, RunState.RUNNING, RunState.STOPPING)
 
@@ -132,17 +133,19 @@ def _decide_export(snapshot: PoolSnapshot, local: LocalView, name: str) -> Decis
     return None
 
 
-def may_take_over(view: VmView, local: LocalView, takeover_after: float) -> str | None:
+def may_take_over(snapshot: PoolSnapshot, view: VmView, local: LocalView, takeover_after: float) -> str | None:
     """Level 3 partner: why this host should take the VM over from its silent primary, or
     None. It keeps a committed checkpoint of the session now feeding it, its copy is
-    recorded current, and the primary has sent nothing for `takeover_after`. The primary
-    may only have lost the link: the takeover transaction then fails if it recorded this
-    copy outdated first (store/pool.py), so this is a proposal, never the last word."""
+    recorded current, and the primary has sent nothing for `takeover_after` (twice that
+    from a primary at the VM's preferred site: core/sites.py). The primary may only have
+    lost the link: the takeover transaction then fails if it recorded this copy outdated
+    first (store/pool.py), so this is a proposal, never the last word."""
     me, spec, owner = local.host, view.spec, view.owner
     standby = local.standbys.get(spec.name)
     if (spec.level is not Level.SYSTEM or spec.desired is not Desired.RUNNING or owner is None
             or owner.host == me or standby is None or standby.committed_epoch is None
-            or standby.silent_s <= takeover_after or view.copy_state(me) is not CopyState.CURRENT):
+            or standby.silent_s <= takeover_delay(snapshot, view, me, takeover_after)
+            or view.copy_state(me) is not CopyState.CURRENT):
         return None
     return (f"{owner.host} silent for {standby.silent_s:.2f}s on the checkpoint link: "
             f"taking over from checkpoint {standby.committed_epoch}")
@@ -182,7 +185,7 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_p
     if owner.host != me:
         if running_here:
             return Decision(spec.name, Action.KILL, f"owned by {owner.host}: never two copies")
-        takeover = may_take_over(view, local, takeover_after)
+        takeover = may_take_over(snapshot, view, local, takeover_after)
         if takeover is not None:
             return Decision(spec.name, Action.TAKE_OVER, takeover, token=owner.token, failover=True)
         moving_here = migration is not None and migration.to == me and migration.source == owner.host
@@ -204,6 +207,8 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_p
             return Decision(spec.name, Action.GUEST_FAILED, lv.guest_failure, token=owner.token)
         if not running_here and view.guest is not None and view.guest.gave_up:
             return Decision(spec.name, Action.RELEASE, f"left stopped: {view.guest.gave_up}", token=owner.token)
+        if not running_here and lv is not None and lv.yielded:
+            return Decision(spec.name, Action.RELEASE, f"stopped here: {lv.yielded}", token=owner.token)
         if running_here:
             if (migration is not None and migration.source == me and view.incoming is not None
                     and view.incoming.host == migration.to):
@@ -291,9 +296,10 @@ def _no_copy_reason(view: VmView) -> str:
 def choose_host(snapshot: PoolSnapshot, view: VmView) -> tuple[str | None, str]:
     """Where an unowned VM that should run is to be started, and why."""
     spec = view.spec
-    eligible = eligible_hosts(snapshot, view)
+    everywhere = eligible_hosts(snapshot, view)
+    eligible = at_preferred_site(snapshot, spec, everywhere)
     if view.home is None:
-        if spec.preferred_host in eligible:
+        if spec.preferred_host in everywhere:
             return spec.preferred_host, f"first start on preferred host {spec.preferred_host}"
         if spec.preferred_host and spec.preferred_host not in snapshot.hosts:
             return None, f"preferred host {spec.preferred_host} is not up"
@@ -301,13 +307,17 @@ def choose_host(snapshot: PoolSnapshot, view: VmView) -> tuple[str | None, str]:
             return eligible[0], f"first start on {eligible[0]} (most free memory)"
         return None, f"no live host has room for {spec.memory_mib} MiB / {spec.vcpus} vCPU"
     if view.force_host is not None:
-        if view.force_host in eligible:
+        if view.force_host in everywhere:
             return view.force_host, f"operator forced a start on {view.force_host}, accepting data loss"
         return None, f"forced start on {view.force_host} waits: that host is not up or has no room"
+    if spec.level is Level.UNPROTECTED:
+        if view.home in everywhere:
+            return view.home, f"starting on its home host {view.home}"
+        return None, f"level 0: waits for its host {view.home}"
     if view.home in eligible:
         return view.home, f"starting on its home host {view.home}"
-    if spec.level is Level.UNPROTECTED:
-        return None, f"level 0: waits for its host {view.home}"
+    if eligible and view.home in everywhere:
+        return eligible[0], f"site {spec.site} is its preferred site: starting on {eligible[0]}"
     if eligible:
         return eligible[0], f"host {view.home} lost; restarting on {eligible[0]}"
     if spec.level.has_copies:

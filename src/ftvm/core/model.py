@@ -82,6 +82,8 @@ def spec_problem(spec: VmSpec) -> str | None:
         return f"checkpoint interval {spec.checkpoint_ms} ms out of range"
     if spec.preferred_host is not None and not valid_name(spec.preferred_host):
         return f"invalid preferred host {spec.preferred_host!r}"
+    if spec.site and not valid_name(spec.site):
+        return f"invalid site {spec.site!r}"
     if not 0 <= spec.guest_restarts <= 100 or not 60 <= spec.guest_window_s <= 30 * 86400:
         return (f"guest restarts {spec.guest_restarts} per {spec.guest_window_s:g} s out of range "
                 "(0-100 per 1 min to 30 days)")
@@ -180,6 +182,10 @@ class VmSpec:
     health_timeout_s: float = 3.0
     health_failures: int = 3
     health_grace_s: float = 120.0
+    # SplitSite: the site the VM runs at, and the one that keeps it when the sites lose
+    # each other but both still reach the witness ("" none: the side running it keeps it;
+    # core/sites.py)
+    site: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -300,6 +306,9 @@ class Export:
     addr: str
     port: int
     fresh: bool = False  # the partner had no image and made an empty one
+    # every copy it serves is write-through (qemu/writethrough.py): a write is on its stable
+    # storage when the partner answers it, so the primary's flushes need not go there
+    write_through: bool = False
 
 
 @dataclass(frozen=True)
@@ -345,6 +354,13 @@ class CheckpointFigures:
     output_wait_p50_ms: float = 0.0   # on output: the guest's first held frame -> the checkpoint's start
     reply_p50_ms: float = 0.0         # an ACK's release -> the guest's next held frame (clients + guest work)
     frames_p50: float = 0.0           # frames let out per ACK
+    # the checkpoint link: bytes before compression (link_bytes_per_s: on the wire), whether
+    # it compresses, and the share of checkpoints that waited for acknowledgements before
+    # they began (the link is slower than the guest dirties memory: l3/primary.py)
+    raw_bytes_per_s: float = 0.0
+    compressed: bool = False
+    link_bound: float = 0.0
+    link_wait_p50_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -499,6 +515,7 @@ class LocalVm:
     token: int
     exit_code: int | None = None
     guest_failure: str | None = None  # the guest failed on its own (panic, watchdog, probe): the cause
+    yielded: str | None = None  # stopped so the VM's preferred site carries on (core/sites.py): why
 
 
 @dataclass(frozen=True)

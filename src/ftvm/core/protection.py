@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import time
 
-from .model import Desired, Level, PoolSnapshot, RunState, VmView
+from .model import CheckpointFigures, Desired, Level, PoolSnapshot, RunState, VmView
 from .replication import CopyState
 from .sites import site_caveat
 
@@ -16,11 +16,13 @@ class Protection:
     protected: bool
     reason: str
     site_caveat: str = ""  # protected against a host's loss, but not its site's: why (core/sites.py)
+    degraded: str = ""     # protected, but checkpoints wait for a link slower than the guest (level 3)
 
     def __str__(self) -> str:
         if not self.protected:
             return f"Not protected: {self.reason}"
-        return f"Protected ({self.site_caveat})" if self.site_caveat else "Protected"
+        notes = "; ".join(n for n in (self.degraded, self.site_caveat) if n)
+        return f"Protected ({notes})" if notes else "Protected"
 
 
 def protection(snapshot: PoolSnapshot, view: VmView) -> Protection:
@@ -107,10 +109,29 @@ def _system(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:
     if theirs.state is not CopyState.CURRENT or figures.state != "protected":
         return Protection(False, figures.reason or f"replica on {partner} {theirs.state.value} ({theirs.reason})")
     trigger = " and on output" if view.spec.checkpoint_on_output else ""
+    packed = f", compressed {figures.raw_bytes_per_s / figures.link_bytes_per_s:.1f}:1" if (
+        figures.compressed and figures.link_bytes_per_s) else ""
     return Protection(True, f"checkpointed to {partner} every {view.spec.checkpoint_ms} ms{trigger} "
                             f"({figures.per_s:.1f}/s, pause p50 {figures.pause_p50_ms:.0f}/p99 "
                             f"{figures.pause_p99_ms:.0f} ms, {figures.dirty_pages_p50:.0f} dirty pages, "
-                            f"{figures.link_bytes_per_s / 2**20:.1f} MiB/s)")
+                            f"{figures.link_bytes_per_s / 2**20:.1f} MiB/s{packed})",
+                      degraded=link_bound(figures, partner))
+
+
+LINK_BOUND_ABOVE = 0.25  # share of checkpoints that waited for the link before status says so
+
+
+def link_bound(figures: CheckpointFigures, partner: str) -> str:
+    """Level 3 degrades on a link slower than the guest dirties memory: checkpoints wait for
+    acknowledgements before they begin (l3/primary.py), so they come further apart, each
+    carrying more, and output waits longer. Still protected: every released output's
+    checkpoint is on the partner."""
+    if figures.link_bound < LINK_BOUND_ABOVE:
+        return ""
+    apart = f"{1000 / figures.per_s:.0f} ms apart" if figures.per_s else "further apart"
+    return (f"degraded: the link to {partner} is slower than the guest writes memory "
+            f"({figures.link_bytes_per_s / 2**20:.1f} MiB/s sent); {100 * figures.link_bound:.0f}% of checkpoints "
+            f"waited for it (p50 {figures.link_wait_p50_ms:.0f} ms), {apart}, and output waits longer")
 
 
 def _component(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:

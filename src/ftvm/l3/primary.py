@@ -57,6 +57,13 @@ BUSY_RATIO = 2.0
 IDLE_BELOW = 0.5
 POLL_S = 0.0005
 RUN_RATIO = 1.0
+# Checkpoints in flight (sent, not yet acknowledged) are bounded: on a link slower than the
+# guest dirties memory the next checkpoint waits for acknowledgements instead of queueing
+# behind the others, so the guest runs longer between checkpoints (pages written twice go
+# once) and output waits for the link, not for an ever longer queue (the VM is "link-bound":
+# status says so).
+MAX_IN_FLIGHT_EPOCHS = 8
+MAX_IN_FLIGHT_BYTES = 2 << 20
 PRECOPY_ROUNDS = 3
 PRECOPY_DONE_PAGES = 2048  # stop pre-copying once a round finds fewer dirty pages than this
 EXACT = "exact: userfaultfd write-protect (async) + PAGEMAP_SCAN"  # CheckpointStats.tracking
@@ -89,6 +96,8 @@ class EpochRecord:
     dirty_pages: int    # RAM pages in the checkpoint
     disk_pages: int     # disk pages (4 KiB) in the checkpoint
     nbytes: int         # the whole checkpoint message
+    wire_bytes: int = 0  # what it took on the link (compressed, with its MAC)
+    link_wait: float = 0.0  # how long it waited for acknowledgements before it began (link-bound)
 
 
 @dataclass
@@ -100,6 +109,7 @@ class CheckpointStats:
     records: deque[EpochRecord] = field(default_factory=lambda: deque(maxlen=20_000))
     sent_bytes: int = 0
     precopy_bytes: int = 0
+    precopy_wire_bytes: int = 0  # what the pre-copy took on the link (compressed, if it was)
     precopy_s: float = 0.0
     ack_times: deque[float] = field(default_factory=lambda: deque(maxlen=200))
     # per epoch, guest resumed -> partner's ACK (sent, applied, acknowledged): how long the
@@ -142,6 +152,9 @@ class CheckpointStats:
             "dirty_pages_max": float(max(r.dirty_pages for r in recs)),
             "disk_pages_p50": percentile([float(r.disk_pages) for r in recs], 0.5),
             "bytes_per_s": round(sum(r.nbytes for r in recs) / span),
+            "wire_bytes_per_s": round(sum(r.wire_bytes for r in recs) / span),
+            "link_bound": round(sum(1 for r in recs if r.link_wait > 0) / len(recs), 3),
+            "link_wait_p50_ms": p("link_wait", 0.5),
             "running_fraction": round(max(0.0, 1 - sum(r.pause for r in recs) / span), 3),
             "ram_diff_p99_ms": p("ram_diff", 0.99),
             "ack_p50_ms": round(percentile([d for t, d in self.ack_delays if t > now - seconds], 0.5) * 1000, 2),
@@ -292,6 +305,9 @@ class Checkpointer:
         self._channel: Channel | None = None
         self._sizes: list[int] = []
         self._sent_epoch = 0  # the last epoch whose CHECKPOINT was sent
+        self._in_flight: dict[int, int] = {}  # epochs sent, not acknowledged: their bytes on the link
+        self._acked = asyncio.Event()         # an ACK came (a wait for room on the link ends)
+        self._link_wait = 0.0                 # the next checkpoint's wait for room
         self._last_state: bytes | None = None  # its device state
         self._resumed: dict[int, float] = {}  # epochs not yet acknowledged: when the guest ran again
         self._diff_task: asyncio.Task[Any] | None = None  # a compare thread maps the files
@@ -349,7 +365,13 @@ class Checkpointer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sizes = [os.path.getsize(f) for f in self.files]
         self._channel = await open_session(reader, writer, link.key, {"vm": self.vm, "session": session, "files": [
-            {"name": f.name, "size": size} for f, size in zip(self.files, self._sizes, strict=True)]})
+            {"name": f.name, "size": size} for f, size in zip(self.files, self._sizes, strict=True)]},
+            compress=link.compress)
+
+    @property
+    def compressed(self) -> bool:
+        """Whether checkpoints go compressed (asked for, and the partner accepted)."""
+        return self._channel is not None and self._channel.compress
 
     async def protect(self, on_progress: Callable[[float], None] | None = None) -> None:
         """Pre-copy everything while the guest runs, then take the first stopped checkpoint.
@@ -372,7 +394,7 @@ class Checkpointer:
                 delta = await asyncio.to_thread(next, chunks, None)
                 if delta is None:
                     break
-                await self._send(encode_precopy(index, delta))
+                self.stats.precopy_wire_bytes += await self._send(encode_precopy(index, delta))
                 self.stats.precopy_bytes += delta.nbytes
                 done += delta.nbytes
                 if on_progress:
@@ -384,7 +406,7 @@ class Checkpointer:
                     continue  # a bitmap-tracked disk: its writes meanwhile go in checkpoint 1
                 delta = await asyncio.to_thread(tracker.diff)
                 dirty += len(delta.pages)
-                await self._send(encode_precopy(index, delta))
+                self.stats.precopy_wire_bytes += await self._send(encode_precopy(index, delta))
                 self.stats.precopy_bytes += delta.nbytes
             if dirty < PRECOPY_DONE_PAGES:
                 break
@@ -438,7 +460,23 @@ class Checkpointer:
                 continue  # new settings: wait by them
             if self._closed or self.lost is not None:
                 return
+            await self._room_on_link()
+            if self._closed or self.lost is not None:
+                return
             await self.checkpoint()
+
+    async def _room_on_link(self) -> None:
+        """Wait while the checkpoints in flight fill the link (MAX_IN_FLIGHT_*)."""
+        t0, waited = time.monotonic(), False
+        while (self._in_flight and (len(self._in_flight) >= MAX_IN_FLIGHT_EPOCHS
+                                    or sum(self._in_flight.values()) >= MAX_IN_FLIGHT_BYTES)
+               and self.lost is None and not self._closed):
+            waited = True
+            self._acked.clear()
+            with suppress(TimeoutError):
+                async with asyncio.timeout(self.timeout_s):
+                    await self._acked.wait()
+        self._link_wait = time.monotonic() - t0 if waited else 0.0
 
     async def _epoch_due(self) -> bool:
         """Wait for the next epoch: the interval, or held output (on_output). False if
@@ -558,13 +596,18 @@ class Checkpointer:
                 cp = Checkpoint(epoch, deltas, device_state if patch is None else patch)
                 self._last_state = device_state
                 self.stats.epochs += 1
+                self._sent_epoch = epoch
+                self._resumed[epoch] = end
+                self._in_flight[epoch] = cp.nbytes  # (until the send says what it took)
+                wire = await self._send(encode_checkpoint(cp))
+                if epoch in self._in_flight:
+                    self._in_flight[epoch] = wire
                 self.stats.records.append(EpochRecord(
                     end=end, pause=end - t0, stop=t_stop - t0, ram_diff=times[0], disk_diff=sum(times[1:]),
                     device_state=dev_s, cont=end - t_cont, dirty_pages=len(deltas[0].pages),
-                    disk_pages=sum(len(d.pages) for i, d in deltas.items() if i), nbytes=cp.nbytes))
-                self._sent_epoch = epoch
-                self._resumed[epoch] = end
-                await self._send(encode_checkpoint(cp))
+                    disk_pages=sum(len(d.pages) for i, d in deltas.items() if i), nbytes=cp.nbytes,
+                    wire_bytes=wire, link_wait=self._link_wait))
+                self._link_wait = 0.0
                 self.stats.sent_bytes += cp.nbytes
                 await following
                 if self.disk_writes is not None:  # the next epoch's bitmaps readable, this one's gone
@@ -695,15 +738,18 @@ class Checkpointer:
             await migration_ended(self.qmp, done, "device state save", 10.0)
 
     # --- the partner link -----------------------------------------------------------------
-    async def _send(self, parts: list[bytes]) -> None:
+    async def _send(self, parts: list[bytes]) -> int:
+        """Send one message; returns the bytes it took on the link (0: not sent)."""
         if self._writer is None or self._channel is None or self.lost is not None:
-            return
+            return 0
         try:
-            await self._channel.send(parts)
+            wire = await self._channel.send(parts)
             self._last_sent = time.monotonic()
-            await asyncio.wait_for(self._writer.drain(), self.timeout_s * 4 + sum(map(len, parts)) / 20e6)
+            await asyncio.wait_for(self._writer.drain(), self.timeout_s * 4 + wire / 5e6)  # (links down to 40 Mb/s)
+            return wire
         except (OSError, TimeoutError) as e:
             self._set_lost(f"checkpoint link to the partner failed: {e or type(e).__name__}")
+            return 0
 
     async def _read_partner(self, channel: Channel) -> None:
         try:
@@ -725,6 +771,9 @@ class Checkpointer:
                     self._record_ack_delay(epoch)
                     self.stats.ack_times.append(self._last_heard)
                     self.stats.acked = epoch
+                    for done in [e for e in self._in_flight if e <= epoch]:
+                        del self._in_flight[done]
+                    self._acked.set()
                     frames = sum(relay.release(epoch) for relay in self.relays)
                     if frames:
                         self._released_at = time.monotonic()

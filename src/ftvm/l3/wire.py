@@ -12,6 +12,8 @@ One TCP connection per protected VM, primary -> partner. Every message is a
                       chunks that differ from the previous checkpoint's: StatePatch)
     ACK         S->P  epoch                          (checkpoint committed on the partner)
     HEARTBEAT   both  (nothing)                      (the link and the peer are alive)
+    PACKED      P->S  inner type (1), inner length (8), zstd frame of a PRECOPY or CHECKPOINT
+                      payload (only when the partner's CHALLENGE accepted compression: l3/channel.py)
 
 After AUTH, every message is followed by a 32-byte MAC (l3/channel.py). Each side reads
 only the types it expects, each with its own size limit: an ACK is 8 bytes, a checkpoint
@@ -55,6 +57,7 @@ class Msg(IntEnum):
     CHALLENGE = 6
     AUTH = 7
     REFUSED = 8
+    PACKED = 9
 
 
 def standby_limits(npages: list[int]) -> dict[Msg, int]:

@@ -33,6 +33,8 @@ def cmd_bench(args: Any) -> int:
         return _cmd_bench_migration(args)
     if args.what == "control-plane":
         return _cmd_bench_control_plane(args)
+    if args.what == "splitsite":
+        return _cmd_bench_splitsite(args)
     if args.level == 2:
         return _cmd_bench_level2(args)
     if args.level == 3:
@@ -276,3 +278,8 @@ def _cmd_bench_control_plane(args: Any) -> int:
     from .bench_ops import print_control_plane, run_control_plane_bench
     return _lab_bench(args, lambda lab_dir, progress: run_control_plane_bench(lab_dir, (0, 10, 50), 10.0, progress),
                       print_control_plane)
+
+
+def _cmd_bench_splitsite(args: Any) -> int:
+    from .bench_splitsite import print_splitsite, run_splitsite_bench, splitsite_failed
+    return _lab_bench(args, run_splitsite_bench, print_splitsite, splitsite_failed, json_extra={"bench": "splitsite"})

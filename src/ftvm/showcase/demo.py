@@ -20,12 +20,14 @@ from ..views import status_data
 from ..guest.build import GuestBuildError, build_guest
 from ..lab import lab as labmod
 from ..lab.client import read_log
+from ..lab.splitsite_story import SplitSiteStory, splitsite_story
 from ..lab.scenario import (FailoverResult, LabPool, Level2Result, Level3Story, ScenarioError, ensure_root,
                            level1_failover, level2_story, level3_story)
 
 TITLES = {1: "ftvm demo: Level 1 restart", 2: "ftvm demo: Level 2 component fault tolerance",
           3: "ftvm demo: Level 3 system fault tolerance (beside Level 1)"}
-Result = FailoverResult | Level2Result | Level3Story
+SPLITSITE_TITLE = "ftvm demo: SplitSite (partners at another site, the quorum at a third)"
+Result = FailoverResult | Level2Result | Level3Story | SplitSiteStory
 
 log = logging.getLogger("ftvm.demo")
 
@@ -81,7 +83,27 @@ class LiveView:
         self._stop.set()
 
 
+def _splitsite_rows(story: SplitSiteStory) -> list[tuple[str, str]]:
+    rate = f", {story.rate_mbit:g} Mbit/s" if story.rate_mbit else ""
+    rows = [("sites", ", ".join(f"{h} at {s}" for h, s in sorted(story.sites.items())) + "; quorum at a third"),
+            ("metro link", f"{story.rtt_ms:g} ms round trip{rate}")]
+    for v in story.vms:
+        lost = f"[{'green' if v.lost == 0 else 'red'}]{v.lost}[/]"
+        how = ("carried on from its last checkpoint, connection " + ("[green]kept[/]" if v.connections == 1
+                                                                     else f"[red]reset[/] ({v.connections})")
+               if v.level == 3 else f"restarted from its copy (lease TTL {story.lease_ttl_s:g} s + boot)")
+        rows += [(f"level {v.level} VM {v.vm}", f"{v.before} -> {v.after}: {how}"),
+                 ("  client's longest wait", f"{v.outage_s:.2f} s (next reply {v.reply_after_loss_s:.2f} s after "
+                                            "the loss)"),
+                 ("  acknowledged records lost", f"{lost} of {v.acknowledged}"),
+                 ("  most copies running at once", str(v.max_copies)),
+                 ("  protected again after site a returned", f"{v.reprotect_s:.0f} s")]
+    return rows
+
+
 def _summary_rows(story: Result) -> list[tuple[str, str]]:
+    if isinstance(story, SplitSiteStory):
+        return _splitsite_rows(story)
     r = story.level3 if isinstance(story, Level3Story) else story
     lost = f"[{'green' if r.lost == 0 else 'red'}]{r.lost}[/]"
     copies = f"{r.max_copies} ({r.copy_samples} samples of /proc)"
@@ -137,18 +159,23 @@ def cmd_demo(args: Any) -> int:
     lab_dir = Path(args.lab_dir) if args.lab_dir else labmod.DEFAULT_DIR
     if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
         raise CliError("a lab is already up: the demo builds its own; run `ftvm lab down` first", BAD_INPUT)
-    view = LiveView(None, TITLES[args.level])
+    rtt, rate = _metro_args(args)
+    view = LiveView(None, SPLITSITE_TITLE if args.splitsite else TITLES[args.level])
     poller = threading.Thread(target=view.poll, daemon=True)
     result: Result | None = None
     try:
         with Live(view.render(), console=console, refresh_per_second=4, transient=False,
                   get_renderable=view.render) if not is_json(args) else _NullLive():
-            view.step("bringing up a lab pool: 2 hosts, a LAN, a client, a quorum site (etcd)")
-            state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel))
+            view.step("bringing up a lab pool: 2 hosts, a LAN, a client, a quorum site (etcd)"
+                      + (": h1 at site a, h2 at site b" if args.splitsite else ""))
+            state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel), sites=2 if args.splitsite else 0)
             view.pool = LabPool(state)
             poller.start()
             view.step(f"hosts {', '.join(state.hosts)} joined; quorum at {state.etcd_endpoint}")
-            if args.level == 3:
+            if args.splitsite:
+                result = splitsite_story(view.pool, image, progress=view.step, rtt_ms=rtt, rate_mbit=rate)
+                time.sleep(1.0)
+            elif args.level == 3:
                 result = level3_story(view.pool, image, progress=view.step)
                 time.sleep(1.0)
             elif args.level == 2:
@@ -172,6 +199,13 @@ def cmd_demo(args: Any) -> int:
         if result is not None and not args.keep:
             labmod.down(lab_dir)
     assert result is not None
+    if isinstance(result, SplitSiteStory):
+        if is_json(args):
+            emit_json({"demo": "splitsite"} | result.to_json())
+        else:
+            console.print()
+            console.print(_summary_table(result))
+        return OK if result.ok else FAILED
     if is_json(args):
         emit_json({"level": args.level} | {k: v for k, v in result.to_json().items() if k != "events"})
     else:
@@ -184,6 +218,15 @@ def cmd_demo(args: Any) -> int:
     if isinstance(result, Level3Story):
         ok = ok and result.level3.connection_kept and not result.level3.guest_problems
     return OK if ok else FAILED
+
+
+def _metro_args(args: Any) -> tuple[float, float]:
+    from ..cli.lab_cmds import parse_rate_mbit, parse_rtt_ms
+    if not args.splitsite:
+        if args.rtt != "2ms" or args.rate != "0":
+            raise CliError("--rtt and --rate go with --splitsite", BAD_INPUT)
+        return 0.0, 0.0
+    return parse_rtt_ms(args.rtt), parse_rate_mbit(args.rate)
 
 
 class _NullLive:

@@ -282,6 +282,12 @@ class EtcdClient:
         with _reply("lease keepalive"):
             return int(data.get("result", {}).get("TTL", 0))
 
+    async def lease_time_to_live(self, lease_id: int) -> tuple[int, int]:
+        """A lease's seconds left (whole, rounded down; -1: expired or unknown) and granted."""
+        data = await self._post("/v3/lease/timetolive", {"ID": str(lease_id)})
+        with _reply("lease time to live"):
+            return int(data.get("TTL", -1)), int(data.get("grantedTTL", 0))
+
     async def lease_revoke(self, lease_id: int) -> None:
         try:
             await self._post("/v3/lease/revoke", {"ID": str(lease_id)})

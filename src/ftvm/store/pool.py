@@ -146,6 +146,16 @@ class PoolStore:
             return True
         return False
 
+    async def host_lease_left(self, host: str) -> tuple[int, int] | None:
+        """Seconds left of a live host's lease and its granted TTL (None: the host is gone).
+        SplitSite: whether a host still renews its lease, which only it can do, tells a cut
+        from a lost site (core/sites.py)."""
+        kv = await self.etcd.get(self.host_key(host))
+        if kv is None or not kv.lease:
+            return None
+        left, granted = await self.etcd.lease_time_to_live(kv.lease)
+        return None if left < 0 else (left, granted)
+
     # --- ownership (the fencing protocol) ----------------------------------------
     async def claim(self, vm: str, host: str, lease: int, copies_seen: Copies | None = None,
                     copies_new: Copies | None = None) -> int | None:
