@@ -119,6 +119,8 @@ def test_only_the_primary_away_from_the_preferred_site_yields_to_a_live_partner_
     assert yields_in_cut(PoolSnapshot(1, gone, {"x": view}), view, "h1") is None
     behind = replace(view, copies=mark(view.copies, "h3", CopyState.OUTDATED, "lost", 3.0))
     assert yields_in_cut(PoolSnapshot(1, hs, {"x": behind}), behind, "h1") is None  # never to a stale copy
+    withdrawn = replace(view, exports=())  # the partner stopped serving its copy itself: not a cut
+    assert yields_in_cut(PoolSnapshot(1, hs, {"x": withdrawn}), withdrawn, "h1") is None
     same_site = preferring(l2("x", "h1", "h2"), "a")
     assert yields_in_cut(PoolSnapshot(1, hs, {"x": same_site}), same_site, "h1") is None
 

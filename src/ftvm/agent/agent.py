@@ -330,6 +330,7 @@ class Agent:
         self.health.sync(snapshot, self._moving)
         await self._report_status(snapshot)
         await self._report_links(snapshot)
+        await self.exports.republish(snapshot)
         await self._check_write_through()
         await self.journal.flush()
         if time.monotonic() > self._next_trim:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import suppress
 
-from ..core.model import Export, VmSpec
+from ..core.model import Export, PoolSnapshot, VmSpec
 from ..qemu.blockgraph import LocalImage
 from ..qemu.runas import RunAs
 from ..qemu.storage_daemon import StorageDaemon, StorageDaemonError, ensure_image
@@ -23,6 +23,7 @@ class Exports:
                  run_as: RunAs | None) -> None:
         self.cfg, self.ctx, self.disks, self.tls, self.run_as = cfg, ctx, disks, tls, run_as
         self.served: dict[str, StorageDaemon] = {}
+        self.records: dict[str, tuple[Export, int]] = {}  # what the store was told of each, under which lease
 
     def names(self) -> frozenset[str]:
         return frozenset(self.served)
@@ -49,9 +50,9 @@ class Exports:
             event(vm, "error", f"cannot serve this host's copy: {e}")
             return
         self.served[vm] = daemon
-        await self.ctx.store.publish_export(vm, Export(self.cfg.name, daemon.addr, daemon.port, fresh,
-                                                               all(img.write_through for img in images)),
-                                            self.ctx.lease)
+        record = Export(self.cfg.name, daemon.addr, daemon.port, fresh, all(img.write_through for img in images))
+        self.records[vm] = (record, self.ctx.lease)
+        await self.ctx.store.publish_export(vm, record, self.ctx.lease)
         event(vm, "export", f"{why} on {daemon.addr}:{daemon.port}"
                             + (" (new empty copy: needs a full resync)" if fresh else ""))
 
@@ -59,6 +60,7 @@ class Exports:
         """Stop serving the VM's copy (this host is to run the VM on it, or it is no longer
         a partner); `why` makes an event of it."""
         daemon = self.served.pop(vm, None)
+        self.records.pop(vm, None)
         if daemon is not None:
             await daemon.stop()
         elif why is None:
@@ -68,8 +70,24 @@ class Exports:
         if why is not None:
             self.ctx.journal.event(vm, "unexport", f"stopped serving this host's copy: {why}")
 
+    async def republish(self, snapshot: PoolSnapshot) -> None:
+        """Export records live under this host's lease: after the lease expired (cut off from
+        the quorum service, then back with a new one) they are gone while the daemons still
+        serve. Tell the store again, or the owner would never resync the copy."""
+        for vm, (record, lease) in list(self.records.items()):
+            view = snapshot.vms.get(vm)
+            if (lease == self.ctx.lease or view is None or vm not in self.served
+                    or any(e.host == self.cfg.name for e in view.exports)):
+                continue
+            with suppress(EtcdError):
+                await self.ctx.store.publish_export(vm, record, self.ctx.lease)
+                self.records[vm] = (record, self.ctx.lease)
+                self.ctx.journal.event(vm, "export", f"serving this host's copy on {record.addr}:{record.port} "
+                                                     "again (announced under the host's new lease)")
+
     def forget_dead(self) -> None:
         for name, daemon in list(self.served.items()):
             if not daemon.alive:
                 self.served.pop(name)
+                self.records.pop(name, None)
                 self.ctx.journal.event(name, "error", "the storage daemon serving this host's copy died")

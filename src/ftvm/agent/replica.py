@@ -320,7 +320,8 @@ class ReplicaManager:
         try:
             lease = await self.store.host_lease_left(partner)
         except EtcdError as e:
-            self.event("site", f"cannot ask the quorum service about {partner} ({e}): carrying on here")
+            self.event("site", f"cannot ask the quorum service about {partner} ({e}): its copy is to be "
+                               "recorded outdated (the guest waits for the quorum service)")
             return False
         if lease is None or not renewed_since(lease[0], lease[1], wait):
             self.event("site", f"{partner} no longer renews its lease: its site is lost, not cut off; "

@@ -104,6 +104,8 @@ def yields_in_cut(snapshot: PoolSnapshot, view: VmView, me: str) -> str | None:
         return None
     if site_of(snapshot, me) == spec.site or site_of(snapshot, partner) != spec.site:
         return None
+    if spec.level is Level.COMPONENT and not any(e.host == partner for e in view.exports):
+        return None  # it withdrew its copy itself (its daemon failed, or it stops): not a cut
     return (f"the link to {partner} is lost while {partner} is up: site {spec.site}, the VM's preferred "
             f"site, keeps it")
 

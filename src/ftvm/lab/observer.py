@@ -12,6 +12,13 @@ a guest that runs uses more than `RAN_NS` within its first few milliseconds (und
 every block it executes is translated first). A QEMU started with debug-threads whose vCPU
 threads do not exist yet is still starting: it runs nothing either. One started without
 debug-threads always counts.
+
+`max_copies` counts every such QEMU, a paused one too. `max_executing` counts, in each
+stretch of time when more than one existed, those whose guest executed meanwhile (their
+vCPU time grew at all between the first and the last sample that saw them): a copy that
+was stopped before another began (a level 3 primary cut off from its partner and from the
+quorum service keeps its guest stopped, output held, until its fence guard kills it) is
+frozen, and its vCPU time stays exactly the same.
 """
 
 from __future__ import annotations
@@ -94,6 +101,8 @@ class CopyObserver:
     samples: int = 0
     overlaps: list[tuple[float, list[tuple[int, str]]]] = field(default_factory=list)
     hosts_seen: list[str] = field(default_factory=list)  # namespaces, in the order seen
+    max_executing: int = 0     # see the module's docstring
+    frozen_overlap_s: float = 0.0  # how long a stopped copy coexisted with a running one
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -108,12 +117,29 @@ class CopyObserver:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        first: dict[int, int] = {}  # during an overlap: each copy's vCPU time when first seen in it
+        last: dict[int, int] = {}
+        since = 0.0
         while not self._stop.is_set():
             copies = find_copies(self.vm)
             self.samples += 1
             self.max_copies = max(self.max_copies, len(copies))
             if len(copies) > 1:
                 self.overlaps.append((time.time(), copies))
+                now = time.monotonic()
+                since = since or now
+                for pid, _ in copies:
+                    ran = vcpu_run_ns(pid)
+                    if ran is not None:
+                        first.setdefault(pid, ran)
+                        last[pid] = ran
+                executing = sum(1 for pid, _ in copies if pid not in first or last[pid] > first[pid])
+                self.max_executing = max(self.max_executing, executing)
+                if executing <= 1:
+                    self.frozen_overlap_s = max(self.frozen_overlap_s, now - since)
+            else:
+                first, last, since = {}, {}, 0.0
+                self.max_executing = max(self.max_executing, len(copies))
             for _, ns in copies:
                 if not self.hosts_seen or self.hosts_seen[-1] != ns:
                     self.hosts_seen.append(ns)

@@ -99,8 +99,10 @@ def splitsite_story(pool: LabPool, image: GuestImage, progress: Progress = lambd
     observers = {name: CopyObserver(name).start() for name in levels}
     clients: dict[str, LabClient] = {}
     try:
-        clients = {name: LabClient(state, _ip(index), name, 0.02, reply_timeout=120)
-                   for name, (index, _) in levels.items()}
+        # level 3 keeps the connection; a restart (levels 1, 2) ends it, and a client whose
+        # request the guest took but never answered waits for its own timeout (2 s here)
+        clients = {name: LabClient(state, _ip(index), name, 0.02, reply_timeout=120 if level is Level.SYSTEM else 2)
+                   for name, (index, level) in levels.items()}
         for c in clients.values():
             c.wait_acks(50, 60)
         progress("clients writing to both; site a loses power (every host there at once)")
