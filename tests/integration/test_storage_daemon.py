@@ -54,9 +54,6 @@ async def test_writes_over_nbd_land_in_the_copy(tmp_path: Path, fmt: str) -> Non
         # 1 MiB writes (the size that used to cost a fresh mmap per request) and a flush
         _qemu_io("--object", creds, "--image-opts", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0xa5 1M 1M",
                  "-c", "flush", url)
-        # the node a primary makes on a write-through partner copy: it skips flushes (blockgraph.remote_node)
-        _qemu_io("--object", creds, "--image-opts", "-c", "write -P 0xa5 1M 1M", "-c", "flush",
-                 url.replace("file.driver=nbd", "file.driver=nbd,file.cache.no-flush=on"))
     finally:
         await daemon.stop()
     assert not daemon.alive

@@ -238,3 +238,19 @@ async def test_revoking_a_lease_etcd_forgot_is_not_an_error(store: PoolStore) ->
     with pytest.raises(EtcdError) as e:
         await store.etcd._post("/v3/lease/revoke", {"ID": "not-a-number"})
     assert e.value.code != GRPC_NOT_FOUND
+
+
+async def test_a_host_s_lease_shows_whether_it_was_renewed_lately(store: PoolStore) -> None:
+    """SplitSite tells a cut from a lost site by whether the partner still renews its lease
+    (core/sites.py, agent/replica.py)."""
+    from ftvm.core.sites import renewed_since
+    lease = await live_host(store, "h2")
+    left, granted = await store.host_lease_left("h2") or (0, 0)
+    assert granted == 5 and renewed_since(left, granted, 2.0)
+    await asyncio.sleep(2.1)  # no keepalive meanwhile
+    left, granted = await store.host_lease_left("h2") or (0, 0)
+    assert not renewed_since(left, granted, 2.0)
+    await store.etcd.lease_keepalive(lease)
+    left, granted = await store.host_lease_left("h2") or (0, 0)
+    assert renewed_since(left, granted, 2.0)
+    assert await store.host_lease_left("nobody") is None

@@ -87,13 +87,3 @@ def test_the_storage_daemon_skips_fdatasync_only_on_write_through_copies() -> No
     assert [f["cache"]["no-flush"] for f in files] == [True, False]
     assert all(f["cache"]["direct"] for f in files)
     assert "addr.type=fd,addr.str=3,tls-creds=ftvm-nbd-in" in cmd  # only holders of the NBD key get in
-
-
-def test_the_partner_s_copy_skips_flushes_only_when_its_export_says_it_is_written_through() -> None:
-    """A guest's O_DSYNC write on a mirrored disk is then one round trip to the partner, not a
-    write and then a flush (two round trips on a metro link)."""
-    from ftvm.qemu.blockgraph import remote_node
-    _, through = remote_node(0, 1, NbdTarget("10.79.0.2", 10809, "web-d0", write_through=True))
-    assert through["cache"] == {"no-flush": True}
-    _, plain = remote_node(0, 1, NbdTarget("10.79.0.2", 10809, "web-d0"))
-    assert "cache" not in plain  # flushed as any NBD node

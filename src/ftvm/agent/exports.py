@@ -50,7 +50,7 @@ class Exports:
             event(vm, "error", f"cannot serve this host's copy: {e}")
             return
         self.served[vm] = daemon
-        record = Export(self.cfg.name, daemon.addr, daemon.port, fresh, all(img.write_through for img in images))
+        record = Export(self.cfg.name, daemon.addr, daemon.port, fresh)
         self.records[vm] = (record, self.ctx.lease)
         await self.ctx.store.publish_export(vm, record, self.ctx.lease)
         event(vm, "export", f"{why} on {daemon.addr}:{daemon.port}"

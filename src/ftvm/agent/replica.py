@@ -349,9 +349,8 @@ class ReplicaManager:
 
     def _export_for(self, exports: tuple[Export, ...], host: str, index: int) -> NbdTarget:
         rec = next((e for e in exports if e.host == host), None)
-        if rec is None:
-            return NbdTarget(self._last_addr, self._last_port, export_name(self.vm, index))
-        return NbdTarget(rec.addr, rec.port, export_name(self.vm, index), rec.write_through)
+        addr, port = (rec.addr, rec.port) if rec else (self._last_addr, self._last_port)
+        return NbdTarget(addr, port, export_name(self.vm, index))
 
     async def _written_bytes(self) -> int:
         stats = await self.qemu.execute("query-blockstats", {"query-nodes": False})
@@ -367,7 +366,7 @@ class ReplicaManager:
         self._last_addr, self._last_port = rec.addr, rec.port
         spares: list[str] = []
         for i, g in enumerate(self.graphs):
-            new, steps, spare = add_remote(g, NbdTarget(rec.addr, rec.port, export_name(self.vm, i), rec.write_through))
+            new, steps, spare = add_remote(g, NbdTarget(rec.addr, rec.port, export_name(self.vm, i)))
             try:
                 await self._run_steps(steps)
             except Exception as e:
@@ -431,8 +430,7 @@ class ReplicaManager:
         try:
             copied = await self._sync_and_mirror(
                 [g.remote or "" for g in self.graphs], spares, True, True, self.me, Mode.REMOTE_ONLY,
-                lambda i, g, spare: mirror_back(g, spare, NbdTarget(rec.addr, rec.port, export_name(self.vm, i),
-                                                                 rec.write_through)),
+                lambda i, g, spare: mirror_back(g, spare, NbdTarget(rec.addr, rec.port, export_name(self.vm, i))),
                 commit)
         except Exception:
             await self._update_copies(lambda c: mark(c, self.me, CopyState.OUTDATED, "local resync interrupted",

@@ -306,9 +306,6 @@ class Export:
     addr: str
     port: int
     fresh: bool = False  # the partner had no image and made an empty one
-    # every copy it serves is write-through (qemu/writethrough.py): a write is on its stable
-    # storage when the partner answers it, so the primary's flushes need not go there
-    write_through: bool = False
 
 
 @dataclass(frozen=True)

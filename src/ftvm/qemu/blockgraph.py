@@ -56,7 +56,6 @@ class NbdTarget:
     host: str
     port: int
     name: str
-    write_through: bool = False  # the partner's copy is written through (core.model.Export)
 
 
 @dataclass(frozen=True)
@@ -94,16 +93,14 @@ def local_node(index: int, serial: int, image: LocalImage, locking: bool) -> tup
 
 
 def remote_node(index: int, serial: int, export: NbdTarget) -> tuple[str, dict[str, Any]]:
-    """The partner's copy over NBD. A write-through copy is on the partner's stable storage
-    when the write is answered, so flushes skip it (as they skip a write-through local copy):
-    a guest's O_DSYNC write is then one round trip to the partner, not two (on a metro link,
-    one RTT)."""
+    """The partner's copy over NBD. A guest flush reaches it as an NBD FLUSH (a round trip)
+    even though a write-through copy has nothing to sync: QEMU calls the NBD client's flush
+    whatever `cache.no-flush` says, and neither quorum (7.2 to today) nor the storage
+    daemon's NBD server (it always offers FLUSH) can be told otherwise. So a guest's
+    O_DSYNC write costs two round trips to the partner: on a metro link, two RTTs."""
     name = _name(index, "remote", serial)
-    node = {"driver": "nbd", "node-name": name, "export": export.name, "tls-creds": NBD_CLIENT,
-            "server": {"type": "inet", "host": export.host, "port": str(export.port)}}
-    if export.write_through:
-        node["cache"] = {"no-flush": True}
-    return name, node
+    return name, {"driver": "nbd", "node-name": name, "export": export.name, "tls-creds": NBD_CLIENT,
+                  "server": {"type": "inet", "host": export.host, "port": str(export.port)}}
 
 
 def quorum_node(index: int, serial: int, children: list[str]) -> tuple[str, dict[str, Any]]:

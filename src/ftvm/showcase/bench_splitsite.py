@@ -108,9 +108,9 @@ def goals(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if loss:
         ttl = loss["lease_ttl_s"]
         for v in loss["vms"]:
-            if v["level"] == 3:
-                got[f"site loss, L3 next reply < {L3_SITE_LOSS_S:g} s"] = {
-                    "figure": v["reply_after_loss_s"], "met": v["reply_after_loss_s"] < L3_SITE_LOSS_S}
+            if v["level"] == 3:  # (the longest wait between replies: a reply in flight at the loss is no answer)
+                got[f"site loss, L3 client's longest wait < {L3_SITE_LOSS_S:g} s"] = {
+                    "figure": v["outage_s"], "met": v["outage_s"] < L3_SITE_LOSS_S}
             elif v["level"] == 2:
                 got[f"site loss, L2 detection <= lease TTL ({ttl:g} s) + a tick"] = {
                     "figure": v["detection_s"], "met": v["detection_s"] <= ttl + 1.0}
