@@ -29,7 +29,7 @@ class SiteLossVm:
     before: str               # host at site a
     after: str                # host at site b
     outage_s: float           # the client's longest wait between two replies, around the loss
-    reply_after_loss_s: float  # the loss -> the client's next reply
+    reply_after_loss_s: float  # the loss -> the client's next reply (may be one in flight at the loss)
     detection_s: float        # the loss -> site b's host took it (level 3: takeover; 1, 2: claim)
     connections: int          # TCP connections the client opened (1: kept through the loss)
     acknowledged: int

@@ -93,8 +93,8 @@ def _splitsite_rows(story: SplitSiteStory) -> list[tuple[str, str]]:
                                                                      else f"[red]reset[/] ({v.connections})")
                if v.level == 3 else f"restarted from its copy (lease TTL {story.lease_ttl_s:g} s + boot)")
         rows += [(f"level {v.level} VM {v.vm}", f"{v.before} -> {v.after}: {how}"),
-                 ("  client's longest wait", f"{v.outage_s:.2f} s (next reply {v.reply_after_loss_s:.2f} s after "
-                                            "the loss)"),
+                 ("  client's longest wait for a reply", f"{v.outage_s:.2f} s (site b took it over "
+                                                         f"{v.detection_s:.2f} s after the loss)"),
                  ("  acknowledged records lost", f"{lost} of {v.acknowledged}"),
                  ("  most copies running at once", str(v.max_copies)),
                  ("  protected again after site a returned", f"{v.reprotect_s:.0f} s")]
