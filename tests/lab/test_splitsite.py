@@ -271,3 +271,52 @@ def test_asymmetric_cuts_leave_each_vm_to_the_side_that_reaches_the_witness(lab_
         labmod.wait_for_hosts(lab, lab.hosts, 60)
         for name in vms:
             pool.stop_and_remove(name)
+
+
+def test_a_link_slower_than_the_guest_writes_degrades_level_3_and_status_says_so(
+        lab_sites: labmod.LabState, guest_image) -> None:
+    """The metro link at 10 Mbit/s while the guest writes 8 MiB to its disk (incompressible):
+    checkpoints wait for acknowledgements instead of queueing, status says the VM is degraded
+    and why, the VM stays protected and its client connected, nothing acknowledged is lost;
+    when the writes end, plain Protected again."""
+    import threading
+
+    lab = lab_sites
+    pool = LabPool(lab)
+    pool.define_ledger_vm("d3", 88, Level.SYSTEM, guest_image, host="h1")
+
+    def said(snap) -> str:  # type: ignore[no-untyped-def]
+        return str(protection(snap, snap.vms["d3"]))
+
+    try:
+        pool.wait_running("d3", 60)
+        pool.wait_answering(_ip(88), 60)
+        pool.wait_for("d3 protected", l3_protected("d3"), 180)
+        labmod.set_metro(lab, 2.0, 10.0)
+        with CopyObserver("d3") as observer:
+            client = LabClient(lab, _ip(88), "d3", 0.05, reply_timeout=120)
+            try:
+                client.wait_acks(10, 60)
+                writer = threading.Thread(target=pool.bulk_write, args=(_ip(88), 8, 1024), daemon=True)
+                writer.start()
+                snap = pool.wait_for("status saying degraded", lambda s: "degraded" in said(s), 180)
+                figures = snap.vms["d3"].checkpoints
+                status = said(snap)
+                writer.join(600)
+                assert not writer.is_alive()
+                pool.wait_for("plain Protected again", lambda s: said(s) == "Protected", 180)
+                client.wait_acks(10, 60, after=time.time())
+            finally:
+                acks = client.stop()
+        assert status.startswith("Protected (degraded: the link to h3 is slower than the guest writes memory"), status
+        assert figures is not None and figures.link_bound >= 0.25 and figures.compressed
+        assert observer.max_copies == 1
+        assert len([e for e in client.other_events() if e.get("kind") == "connect"]) == 1, client.other_events()
+        _, lost = check_acked_on_disk(pool.copy_path("d3", "h3")[0], acks)
+        assert lost == []
+        print(f"10 Mbit/s, guest writing 8 MiB: {status}; {figures.per_s:.1f} checkpoints/s, "
+              f"{figures.link_bytes_per_s / 2**20:.2f} MiB/s on the link ({figures.raw_bytes_per_s / 2**20:.2f} "
+              f"before compression); the client's longest wait {_outage(acks, 0):.2f} s, {len(acks)} records kept")
+    finally:
+        labmod.set_metro(lab, 0.0, 0.0)
+        pool.stop_and_remove("d3")

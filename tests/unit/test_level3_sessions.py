@@ -206,7 +206,9 @@ async def test_a_checkpoint_waits_for_room_on_a_full_link_and_says_how_long(tmp_
         room = asyncio.create_task(cp._room_on_link())
         for _ in range(20):
             await asyncio.sleep(0)
-        assert not room.done()
+        assert not room.done() and cp.stats.waiting_since is not None
+        await asyncio.sleep(0.05)
+        assert cp.stats.window(0.05)["link_bound"] > 0.5  # a wait under way counts at once
         cp._in_flight.clear()  # its ACK came
         cp._acked.set()
         await asyncio.wait_for(room, 5)

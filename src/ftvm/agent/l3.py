@@ -378,9 +378,10 @@ class L3Primary:
         if cp is None:
             return CheckpointFigures(self.partner, self.state, self.reason, tracking=self.tracking.why)
         w = cp.stats.window(FIGURES_WINDOW_S)
-        if not w["epochs"]:
+        if not w["epochs"]:  # (a long wait for the link, or nothing yet)
             return CheckpointFigures(self.partner, self.state, self.reason, sync_done=round(self.sync_done, 3),
-                                     tracking=cp.stats.tracking)
+                                     tracking=cp.stats.tracking, link_bound=w["link_bound"],
+                                     compressed=cp.compressed)
         return CheckpointFigures(
             partner=self.partner, state=self.state, reason=self.reason, per_s=w["per_s"],
             pause_p50_ms=w["pause_p50_ms"], pause_p99_ms=w["pause_p99_ms"],

@@ -352,8 +352,8 @@ class CheckpointFigures:
     reply_p50_ms: float = 0.0         # an ACK's release -> the guest's next held frame (clients + guest work)
     frames_p50: float = 0.0           # frames let out per ACK
     # the checkpoint link: bytes before compression (link_bytes_per_s: on the wire), whether
-    # it compresses, and the share of checkpoints that waited for acknowledgements before
-    # they began (the link is slower than the guest dirties memory: l3/primary.py)
+    # it compresses, and the share of the time checkpoints waited for acknowledgements
+    # before they began (the link is slower than the guest dirties memory: l3/primary.py)
     raw_bytes_per_s: float = 0.0
     compressed: bool = False
     link_bound: float = 0.0

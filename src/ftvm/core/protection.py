@@ -118,7 +118,7 @@ def _system(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:
                       degraded=link_bound(figures, partner))
 
 
-LINK_BOUND_ABOVE = 0.25  # share of checkpoints that waited for the link before status says so
+LINK_BOUND_ABOVE = 0.25  # share of the last 10 s spent waiting for the link before status says so
 
 
 def link_bound(figures: CheckpointFigures, partner: str) -> str:
@@ -130,8 +130,8 @@ def link_bound(figures: CheckpointFigures, partner: str) -> str:
         return ""
     apart = f"{1000 / figures.per_s:.0f} ms apart" if figures.per_s else "further apart"
     return (f"degraded: the link to {partner} is slower than the guest writes memory "
-            f"({figures.link_bytes_per_s / 2**20:.1f} MiB/s sent); {100 * figures.link_bound:.0f}% of checkpoints "
-            f"waited for it (p50 {figures.link_wait_p50_ms:.0f} ms), {apart}, and output waits longer")
+            f"({figures.link_bytes_per_s / 2**20:.1f} MiB/s sent); checkpoints waited for it "
+            f"{100 * figures.link_bound:.0f}% of the last 10 s and come {apart}; output waits longer")
 
 
 def _component(snapshot: PoolSnapshot, view: VmView, here: str) -> Protection:

@@ -62,6 +62,8 @@ RUN_RATIO = 1.0
 # behind the others, so the guest runs longer between checkpoints (pages written twice go
 # once) and output waits for the link, not for an ever longer queue (the VM is "link-bound":
 # status says so).
+SEND_WAIT_ABOVE = 0.005  # a checkpoint's sending that took longer waited for the link
+SOCKET_BUFFER_ALLOWANCE = 4 << 20  # what the kernel may hold of a TCP stream (tcp_wmem's maximum)
 MAX_IN_FLIGHT_EPOCHS = 8
 MAX_IN_FLIGHT_BYTES = 2 << 20
 PRECOPY_ROUNDS = 3
@@ -98,6 +100,7 @@ class EpochRecord:
     nbytes: int         # the whole checkpoint message
     wire_bytes: int = 0  # what it took on the link (compressed, with its MAC)
     link_wait: float = 0.0  # how long it waited for acknowledgements before it began (link-bound)
+    send_wait: float = 0.0  # how long its sending waited for the link to take it (after `end`)
 
 
 @dataclass
@@ -129,6 +132,7 @@ class CheckpointStats:
     full_resyncs: int = 0           # checkpoints whose dirty-page scan failed: all of RAM sent
     tracking_error: str = ""        # the last such failure
     disk_tracking: str = "page compare"  # or "dirty bitmaps"
+    waiting_since: float | None = None  # a wait for room on the link under way: since when (monotonic)
 
     def window(self, seconds: float, now: float | None = None) -> dict[str, float]:
         """Summary of the epochs that ended in the last `seconds`: percentiles in ms, rates per s,
@@ -136,7 +140,7 @@ class CheckpointStats:
         now = time.monotonic() if now is None else now
         recs = [r for r in self.records if r.end > now - seconds]
         if not recs:
-            return {"epochs": 0}
+            return {"epochs": 0, "link_bound": self.link_share(recs, seconds, now)}
         start = max(now - seconds, recs[0].end - recs[0].pause)  # protection may be younger
         span = max(now - start, 1e-3)
 
@@ -153,7 +157,7 @@ class CheckpointStats:
             "disk_pages_p50": percentile([float(r.disk_pages) for r in recs], 0.5),
             "bytes_per_s": round(sum(r.nbytes for r in recs) / span),
             "wire_bytes_per_s": round(sum(r.wire_bytes for r in recs) / span),
-            "link_bound": round(sum(1 for r in recs if r.link_wait > 0) / len(recs), 3),
+            "link_bound": self.link_share(recs, seconds, now),
             "link_wait_p50_ms": p("link_wait", 0.5),
             "running_fraction": round(max(0.0, 1 - sum(r.pause for r in recs) / span), 3),
             "ram_diff_p99_ms": p("ram_diff", 0.99),
@@ -164,6 +168,19 @@ class CheckpointStats:
             "reply_p50_ms": round(percentile([d for t, d in self.replies if t > now - seconds], 0.5) * 1000, 2),
             "frames_p50": percentile([float(n) for t, n in self.releases if t > now - seconds], 0.5),
         }
+
+
+    def link_share(self, recs: list[EpochRecord], seconds: float, now: float) -> float:
+        """The share of the last `seconds` spent waiting for room on the link (checkpoints in
+        flight filled it): the epochs' waits, each just before its checkpoint began, and a wait
+        under way."""
+        lo = now - seconds
+        waits = [(r.end - r.pause - r.link_wait, r.end - r.pause) for r in recs if r.link_wait > 0]
+        waits += [(r.end, r.end + r.send_wait) for r in recs if r.send_wait > 0]
+        if self.waiting_since is not None:
+            waits.append((self.waiting_since, now))
+        waited = sum(max(0.0, min(b, now) - max(a, lo)) for a, b in waits)
+        return round(min(1.0, waited / seconds), 3)
 
 
 def percentile(values: list[float] | deque[float], q: float) -> float:
@@ -471,11 +488,13 @@ class Checkpointer:
         while (self._in_flight and (len(self._in_flight) >= MAX_IN_FLIGHT_EPOCHS
                                     or sum(self._in_flight.values()) >= MAX_IN_FLIGHT_BYTES)
                and self.lost is None and not self._closed):
-            waited = True
+            if not waited:
+                waited, self.stats.waiting_since = True, t0
             self._acked.clear()
             with suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout_s):
                     await self._acked.wait()
+        self.stats.waiting_since = None
         self._link_wait = time.monotonic() - t0 if waited else 0.0
 
     async def _epoch_due(self) -> bool:
@@ -599,14 +618,20 @@ class Checkpointer:
                 self._sent_epoch = epoch
                 self._resumed[epoch] = end
                 self._in_flight[epoch] = cp.nbytes  # (until the send says what it took)
-                wire = await self._send(encode_checkpoint(cp))
+                self.stats.waiting_since = end  # (a large checkpoint on a slow link: until it is taken)
+                try:
+                    wire = await self._send(encode_checkpoint(cp))
+                finally:
+                    self.stats.waiting_since = None
+                sent = time.monotonic() - end
                 if epoch in self._in_flight:
                     self._in_flight[epoch] = wire
                 self.stats.records.append(EpochRecord(
                     end=end, pause=end - t0, stop=t_stop - t0, ram_diff=times[0], disk_diff=sum(times[1:]),
                     device_state=dev_s, cont=end - t_cont, dirty_pages=len(deltas[0].pages),
                     disk_pages=sum(len(d.pages) for i, d in deltas.items() if i), nbytes=cp.nbytes,
-                    wire_bytes=wire, link_wait=self._link_wait))
+                    wire_bytes=wire, link_wait=self._link_wait,
+                    send_wait=sent if sent > SEND_WAIT_ABOVE else 0.0))
                 self._link_wait = 0.0
                 self.stats.sent_bytes += cp.nbytes
                 await following
@@ -745,7 +770,12 @@ class Checkpointer:
         try:
             wire = await self._channel.send(parts)
             self._last_sent = time.monotonic()
-            await asyncio.wait_for(self._writer.drain(), self.timeout_s * 4 + wire / 5e6)  # (links down to 40 Mb/s)
+            # A backstop only: the partner's heartbeats, the other way, tell whether it lives.
+            # Whatever is queued before this message drains first (on a slow link a heartbeat
+            # waits behind a large checkpoint): allow for all of it, and for the socket's own
+            # buffer, at 1 MB/s (links down to 8 Mb/s).
+            queued = self._writer.transport.get_write_buffer_size() + SOCKET_BUFFER_ALLOWANCE
+            await asyncio.wait_for(self._writer.drain(), self.timeout_s * 4 + queued / 1e6)
             return wire
         except (OSError, TimeoutError) as e:
             self._set_lost(f"checkpoint link to the partner failed: {e or type(e).__name__}")
