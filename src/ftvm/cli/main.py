@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import console_cmds, lab_cmds, move_cmds, pool_cmds
+from . import console_cmds, dr_cmds, lab_cmds, move_cmds, pool_cmds
 from .common import BAD_INPUT, main_guard
 
 
@@ -223,6 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b")
     p.add_argument("state", choices=("up", "down"))
     p.add_argument("--link", type=int, default=1, help="which of the pair's A-links (1 or 2)")
+
+    dr = sub.add_parser("dr", help="asynchronous disaster recovery").add_subparsers(dest="sub", required=True)
+    p = cmd(dr, "model", dr_cmds.cmd_dr_model,
+            "predict the lag (RPO) a link gives a write-rate trace, or the bandwidth an RPO needs")
+    p.add_argument("vm", nargs="?", help="a VM whose recorded write-rate trace to use")
+    p.add_argument("--trace", help="a trace file: one line per second, `seconds,bytes` or `bytes` written")
+    p.add_argument("--bandwidth", help="the WAN link's rate, e.g. 150mbit")
+    p.add_argument("--rtt", default="0ms", help="its round trip, e.g. 40ms")
+    p.add_argument("--interval", default="10s", help="how often a recovery point is closed (default 10s)")
+    p.add_argument("--compression", type=float, default=1.0,
+                   help="bytes sent per byte written (0.4: the writes compress 2.5:1; default 1)")
+    p.add_argument("--unique", type=float, default=1.0,
+                   help="share of written bytes that are distinct blocks within a point (default 1)")
+    p.add_argument("--rpo", help="a p99 lag target, e.g. 30s: prints the bandwidth it needs")
+    p.add_argument("--svg", help="write the predicted lag over time to this SVG file")
 
     guest = sub.add_parser("guest", help="the demo guest").add_subparsers(dest="sub", required=True)
     cmd(guest, "build", lab_cmds.cmd_guest_build, "build (or find cached) the demo guest")

@@ -1,0 +1,73 @@
+"""`ftvm dr ...`: asynchronous disaster recovery. Today: the RPO/bandwidth modeler (core/dr_model.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from ..core.dr_model import Link, ModelError, Shipping, bandwidth_for, parse_trace, simulate, svg
+from .common import BAD_INPUT, NOT_FOUND, OK, CliError, console, emit_json, is_json
+from .lab_cmds import parse_rate_mbit, parse_rtt_ms
+from .pool_cmds import parse_duration
+
+MAX_TRACE_BYTES = 64 << 20
+
+
+def cmd_dr_model(args: Any) -> int:
+    """Predict the lag (RPO) a link gives a VM's writes, or the link an RPO needs."""
+    if args.vm:
+        raise CliError(f"no write-rate trace is recorded for VM {args.vm} yet (agents record it once DR "
+                       "replication runs); give --trace FILE", NOT_FOUND)
+    if not args.trace:
+        raise CliError("give a VM or --trace FILE (one line per second: `seconds,bytes` or `bytes`)", BAD_INPUT)
+    path = Path(args.trace)
+    try:
+        if path.stat().st_size > MAX_TRACE_BYTES:
+            raise CliError(f"trace {path}: larger than {MAX_TRACE_BYTES >> 20} MiB", BAD_INPUT)
+        trace = parse_trace(path.read_text())
+    except OSError as e:
+        raise CliError(f"trace {path}: {e.strerror or e}", BAD_INPUT) from None
+    except (ModelError, UnicodeDecodeError) as e:
+        raise CliError(f"trace {path}: {e}", BAD_INPUT) from None
+    rtt_s = parse_rtt_ms(args.rtt) / 1000
+    ship = Shipping(point_interval_s=parse_duration(args.interval, "--interval"), compression=args.compression,
+                    unique=args.unique)
+    rpo = parse_duration(args.rpo, "--rpo") if args.rpo else None
+    if args.bandwidth is None and rpo is None:
+        raise CliError("give --bandwidth (predict the lag) or --rpo (the bandwidth it needs), or both", BAD_INPUT)
+    try:
+        need = bandwidth_for(trace, rtt_s, ship, rpo) if rpo is not None else None
+        rate = parse_rate_mbit(args.bandwidth) * 1e6 / 8 if args.bandwidth else need
+        assert rate is not None
+        pred = simulate(trace, Link(rate, rtt_s), ship)
+    except ModelError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    title = (f"predicted DR lag: {rate * 8 / 1e6:.1f} Mbit/s, RTT {rtt_s * 1000:g} ms, a point every "
+             f"{ship.point_interval_s:g} s")
+    if args.svg:
+        Path(args.svg).write_text(svg(pred, title, rpo))
+    out = {"trace_seconds": trace.seconds, "bandwidth_mbit": round(rate * 8 / 1e6, 2), "rtt_ms": rtt_s * 1000,
+           "point_interval_s": ship.point_interval_s, "compression": ship.compression, "unique": ship.unique,
+           "lag": pred.to_json()}
+    if need is not None:
+        out["rpo_p99_s"] = rpo
+        out["bandwidth_needed_mbit"] = round(need * 8 / 1e6, 2)
+    if is_json(args):
+        emit_json(out)
+        return OK
+    t = Table(title=title, title_justify="left", show_header=False)
+    t.add_row("trace", f"{trace.seconds:g} s, {pred.bytes_written / 2**20:.1f} MiB written, "
+                       f"{pred.bytes_sent / 2**20:.1f} MiB to send")
+    t.add_row("lag (RPO) p50 / p99 / max", f"{pred.p50_s:.1f} / {pred.p99_s:.1f} / {pred.max_s:.1f} s")
+    t.add_row("link busy with DR", f"{100 * pred.link_busy:.0f}%")
+    for at, took in pred.catch_ups:
+        t.add_row("burst at", f"{at:.0f} s: caught up after " + (f"{took:.0f} s" if took != float("inf")
+                                                                  else "not by the trace's end"))
+    if need is not None:
+        t.add_row(f"bandwidth for p99 lag <= {rpo:g} s", f"{need * 8 / 1e6:.1f} Mbit/s")
+    if args.svg:
+        t.add_row("plot", str(args.svg))
+    console.print(t)
+    return OK
