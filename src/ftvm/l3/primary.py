@@ -62,10 +62,10 @@ RUN_RATIO = 1.0
 # behind the others, so the guest runs longer between checkpoints (pages written twice go
 # once) and output waits for the link, not for an ever longer queue (the VM is "link-bound":
 # status says so).
-SEND_WAIT_ABOVE = 0.005  # a checkpoint's sending that took longer waited for the link
-SOCKET_BUFFER_ALLOWANCE = 4 << 20  # what the kernel may hold of a TCP stream (tcp_wmem's maximum)
 MAX_IN_FLIGHT_EPOCHS = 8
 MAX_IN_FLIGHT_BYTES = 2 << 20
+SEND_WAIT_ABOVE = 0.005  # a checkpoint's sending that took longer waited for the link to take it
+SOCKET_BUFFER_ALLOWANCE = 4 << 20  # what the kernel may hold of a TCP stream (tcp_wmem's maximum)
 PRECOPY_ROUNDS = 3
 PRECOPY_DONE_PAGES = 2048  # stop pre-copying once a round finds fewer dirty pages than this
 EXACT = "exact: userfaultfd write-protect (async) + PAGEMAP_SCAN"  # CheckpointStats.tracking
@@ -132,7 +132,8 @@ class CheckpointStats:
     full_resyncs: int = 0           # checkpoints whose dirty-page scan failed: all of RAM sent
     tracking_error: str = ""        # the last such failure
     disk_tracking: str = "page compare"  # or "dirty bitmaps"
-    waiting_since: float | None = None  # a wait for room on the link under way: since when (monotonic)
+    # a wait for the link under way (for room, or for it to take a checkpoint): since when (monotonic)
+    waiting_since: float | None = None
 
     def window(self, seconds: float, now: float | None = None) -> dict[str, float]:
         """Summary of the epochs that ended in the last `seconds`: percentiles in ms, rates per s,
@@ -169,11 +170,10 @@ class CheckpointStats:
             "frames_p50": percentile([float(n) for t, n in self.releases if t > now - seconds], 0.5),
         }
 
-
     def link_share(self, recs: list[EpochRecord], seconds: float, now: float) -> float:
-        """The share of the last `seconds` spent waiting for room on the link (checkpoints in
-        flight filled it): the epochs' waits, each just before its checkpoint began, and a wait
-        under way."""
+        """The share of the last `seconds` the checkpoints spent waiting for the link: for room
+        before they began (checkpoints in flight filled it), for the link to take them after
+        the guest ran again, and a wait under way."""
         lo = now - seconds
         waits = [(r.end - r.pause - r.link_wait, r.end - r.pause) for r in recs if r.link_wait > 0]
         waits += [(r.end, r.end + r.send_wait) for r in recs if r.send_wait > 0]
