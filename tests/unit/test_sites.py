@@ -175,3 +175,22 @@ def test_a_lease_renewed_after_the_link_was_lost_proves_the_partner_reaches_the_
     assert renewed_since(4, 5, 4.0) and renewed_since(3, 5, 4.0)
     assert not renewed_since(1, 5, 4.0)  # last renewed before the loss
     assert not renewed_since(0, 5, 4.0) and not renewed_since(-1, 5, 4.0)
+
+
+def test_level_3_compresses_between_sites_unless_host_toml_says_otherwise(tmp_path: Path) -> None:
+    from ftvm.core.sites import across_sites, compresses
+    hs = hosts(h1="a", h2="a", h3="b")
+    snap = PoolSnapshot(1, hs, {})
+    assert across_sites(snap, "h1", "h3") and not across_sites(snap, "h1", "h2")
+    assert compresses("between-sites", True) and not compresses("between-sites", False)
+    assert compresses("always", False) and not compresses("never", True)
+    base = (f'name = "h1"\npool = "p"\netcd = ["http://127.0.0.1:2379"]\nstate_dir = "{tmp_path}"\n'
+            'bridge = "br0"\nmemory_mib = 1024\nvcpus = 2\nshared_storage = []\n')
+    cfg = tmp_path / "host.toml"
+    cfg.write_text(base)
+    assert load_config(cfg).l3_compress == "between-sites"
+    cfg.write_text(base + 'l3_compress = "never"\n')
+    assert load_config(cfg).l3_compress == "never"
+    cfg.write_text(base + 'l3_compress = "sometimes"\n')
+    with pytest.raises(ConfigError, match="l3_compress"):
+        load_config(cfg)

@@ -220,7 +220,7 @@ class Agent:
     @property
     def _l3_link(self) -> LinkConfig:
         return LinkConfig(self.cfg.checkpoint_port, derive(self.cfg.pool_secret, "checkpoint stream"),
-                          self.cfg.replication_addr)
+                          self.cfg.replication_addr, compress_when=self.cfg.l3_compress)
 
     def _request_stop(self) -> None:
         self._stopping = True

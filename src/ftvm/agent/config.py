@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.model import valid_name
+from ..core.sites import COMPRESS_WHEN
 from ..core.timing import Timing, TimingError
 from ..pki import TlsFiles
 from ..qemu.runas import DEFAULT_USER
@@ -55,6 +56,7 @@ class AgentConfig:
     timing: Timing = Timing()
     l3_tracking: str = "auto"           # level 3 RAM: exact write tracking where the host allows it, or compare
     l3_warm_standby: bool = True        # level 3 partner: a QEMU started ahead on each replica (agent/warm.py)
+    l3_compress: str = "between-sites"  # level 3 checkpoints compressed: to a partner at another site, always, never
     site: str = ""                      # the building or site this host stands in ("" none: core/sites.py)
 
     @property
@@ -67,7 +69,7 @@ _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
           "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port",
           "api_listen", "api_token_file", "write_through_copies", "pool_secret_file",
           "etcd_ca", "etcd_cert", "etcd_key", "qemu_user", "api_cert", "api_key", "api_read_token_file", "l3_tracking",
-          "l3_warm_standby", "site"}
+          "l3_warm_standby", "l3_compress", "site"}
 
 
 class _Settings:
@@ -197,6 +199,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         api_read_token=_read_token(data, api_token) if api_listen else "",
         l3_tracking=c.choice("l3_tracking", "auto", ("auto", "compare")),
         l3_warm_standby=c.flag("l3_warm_standby", True),
+        l3_compress=c.choice("l3_compress", "between-sites", COMPRESS_WHEN),
         site=c.name("site") if "site" in data else "",
     )
 

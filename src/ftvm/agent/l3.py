@@ -35,7 +35,7 @@ from typing import Any
 
 from ..core.model import CheckpointFigures, Desired, Level, LocalStandby, PoolSnapshot, VmSpec, valid_name
 from ..core.replication import Copies, CopyState, mark, take_over
-from ..core.sites import across_sites, yields_in_cut
+from ..core.sites import across_sites, compresses, yields_in_cut
 from ..qemu.migrate import wait_migration
 from ..l3.primary import EXACT, Checkpointer
 from ..l3.relay import OutputCommitRelay
@@ -197,8 +197,8 @@ class L3Primary:
                 continue
             self.partner = partner
             try:
-                await self._session(partner, host.replication_addr,
-                                    snap is not None and across_sites(snap, self.me, partner))
+                await self._session(partner, host.replication_addr, compresses(
+                    self.link.compress_when, snap is not None and across_sites(snap, self.me, partner)))
             except Exception as e:  # a defect here must not leave the VM unprotected for good
                 log.exception("%s: level 3 session with %s failed", self.spec.name, partner)
                 self._set("unprotected", f"checkpointing to {partner} failed: {type(e).__name__}: {e}")

@@ -84,6 +84,15 @@ def across_sites(snapshot: PoolSnapshot, a: str, b: str) -> bool:
     return bool(site_a and site_b and site_a != site_b)
 
 
+COMPRESS_WHEN = ("between-sites", "always", "never")  # host.toml `l3_compress`
+
+
+def compresses(when: str, across: bool) -> bool:
+    """Whether a level 3 session asks for compressed checkpoints: by default only to a partner
+    at another site (a metro link; on a LAN it costs more time than it saves)."""
+    return when == "always" or (when == "between-sites" and across)
+
+
 def at_preferred_site(snapshot: PoolSnapshot, spec: VmSpec, hosts: list[str]) -> list[str]:
     """Of `hosts` (best first), those at the VM's preferred site if any is; else all of them."""
     if not spec.site:

@@ -64,7 +64,8 @@ class LinkConfig:
     port: int
     key: bytes
     local_addr: str = ""
-    compress: bool = False
+    compress: bool = False              # this session asks for compression
+    compress_when: str = "between-sites"  # host.toml `l3_compress`: which sessions ask (core/sites.py)
 
 
 class AuthError(WireError):
