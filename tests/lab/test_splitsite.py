@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ftvm import ops
 from ftvm.core.protection import protection
 from ftvm.core.model import Level
 from ftvm.core.replication import CopyState
@@ -207,8 +208,8 @@ def test_asymmetric_cuts_leave_each_vm_to_the_side_that_reaches_the_witness(lab_
     lab = lab_sites
     pool = LabPool(lab)
     vms = {"z2": (86, Level.COMPONENT), "z3": (87, Level.SYSTEM)}
-    for name, (index, level) in vms.items():
-        pool.define_ledger_vm(name, index, level, guest_image, host="h1", site="b")
+    for name, (index, level) in vms.items():  # (the preference is set once they run on h1)
+        pool.define_ledger_vm(name, index, level, guest_image, host="h1")
 
     def protected(name: str):  # type: ignore[no-untyped-def]
         return l3_protected(name) if vms[name][1] is Level.SYSTEM else replica_current(name)
@@ -223,6 +224,7 @@ def test_asymmetric_cuts_leave_each_vm_to_the_side_that_reaches_the_witness(lab_
             assert pool.wait_running(name, 60) == "h1"
             pool.wait_answering(_ip(index), 60)
             pool.wait_for(f"{name} protected", protected(name), 180)
+            pool.run(lambda store, n=name: ops.set_site(store, n, "b"))
         for phase, (without_witness, expect) in enumerate(((["h3"], "h1"), (["h1", "h2"], "h3")), 1):
             with CopyObserver("z2") as o2, CopyObserver("z3") as o3:
                 clients = {name: LabClient(lab, _ip(index), name, 0.02,
