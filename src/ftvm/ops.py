@@ -7,6 +7,7 @@ nothing. Waiting for the agents to act on a change is the caller's business.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 import time
 from typing import Any
 from dataclasses import replace
@@ -151,12 +152,18 @@ async def set_sla(store: PoolStore, name: str, percent: float | None) -> VmSpec:
     """The availability target reports compare with (None: no target)."""
     if percent is not None and not 0 < percent <= 100:
         raise FtvmError(f"SLA target {percent}% must be above 0 and at most 100", BAD_INPUT)
+    return await _change_spec(store, name, lambda spec: replace(spec, sla_percent=percent))
+
+
+async def _change_spec(store: PoolStore, name: str, change: Callable[[VmSpec], VmSpec]) -> VmSpec:
+    """Compare-and-set the VM's spec to `change(spec)`, again from the new spec whenever
+    someone changed it meanwhile. `change` refuses by raising FtvmError (nothing changed)."""
     while True:
         got = await store.spec(name)
         if got is None:
             raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
         spec, rev = got
-        new = replace(spec, sla_percent=percent)
+        new = change(spec)
         if await store.update_spec(new, rev):
             return new
 
@@ -205,16 +212,11 @@ async def repair_disk(store: PoolStore, name: str, host: str) -> None:
 async def set_failback(store: PoolStore, name: str, on: bool) -> VmSpec:
     """Failback policy: move the VM back live to its preferred host whenever that host can
     run it again (after maintenance or a failure; levels 2-3 once its copy there is current)."""
-    while True:
-        got = await store.spec(name)
-        if got is None:
-            raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
-        spec, rev = got
+    def change(spec: VmSpec) -> VmSpec:
         if on and spec.preferred_host is None:
             raise FtvmError(f"VM {name} has no preferred host to fail back to (`vm add --host H`)", BAD_INPUT)
-        new = replace(spec, failback=on)
-        if await store.update_spec(new, rev):
-            return new
+        return replace(spec, failback=on)
+    return await _change_spec(store, name, change)
 
 
 def site_problem(snap: PoolSnapshot, site: str) -> str | None:
@@ -232,17 +234,15 @@ async def set_site(store: PoolStore, name: str, site: str) -> VmSpec:
     when the sites lose each other (core/sites.py). Its running copy stays where it is."""
     if not isinstance(site, str):
         raise FtvmError("site must be a text", BAD_INPUT)
-    while True:
-        got = await store.spec(name)
-        if got is None:
-            raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
-        spec, rev = got
+    unknown = site_problem(await store.snapshot(), site)
+
+    def change(spec: VmSpec) -> VmSpec:
         new = replace(spec, site=site)
-        problem = spec_problem(new) or site_problem(await store.snapshot(), site)
+        problem = spec_problem(new) or unknown
         if problem:
             raise FtvmError(problem, BAD_INPUT)
-        if await store.update_spec(new, rev):
-            return new
+        return new
+    return await _change_spec(store, name, change)
 
 
 async def availability(store: PoolStore, start: float, end: float,
@@ -333,18 +333,15 @@ async def set_guest_monitoring(store: PoolStore, name: str, changes: dict[str, A
         if isinstance(value, bool) or not ok:
             raise FtvmError(f"{key} must be {'a text' if want is str else 'a number'}; nothing changed", BAD_INPUT)
         fields[key] = float(value) if want is float else value
-    while True:
-        await get_view(store, name)
-        got = await store.spec(name)
-        if got is None:
-            raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
-        spec, rev = got
+    await get_view(store, name)
+
+    def change(spec: VmSpec) -> VmSpec:
         new = replace(spec, **fields)
         problem = spec_problem(new) or health_address_problem(new)
         if problem:
             raise FtvmError(f"{problem}; nothing changed", BAD_INPUT)
-        if await store.update_spec(new, rev):
-            return new
+        return new
+    return await _change_spec(store, name, change)
 
 
 def health_address_problem(spec: VmSpec) -> str | None:
