@@ -35,7 +35,7 @@ from typing import Any
 
 from ..core.model import CheckpointFigures, Desired, Level, LocalStandby, PoolSnapshot, VmSpec, valid_name
 from ..core.replication import Copies, CopyState, mark, take_over
-from ..core.sites import across_sites, compresses, yields_in_cut
+from ..core.sites import across_sites, compresses, cut_check_s, yields_in_cut
 from ..qemu.migrate import wait_migration
 from ..l3.primary import EXACT, Checkpointer
 from ..l3.relay import OutputCommitRelay
@@ -333,7 +333,7 @@ class L3Primary:
         why = yields_in_cut(snap, view, self.me) if snap and view else None
         if why is None:
             return
-        wait = 3 * self.ctx.host.timing.keepalive_interval + 1.0
+        wait = cut_check_s(self.ctx.host.timing.keepalive_interval)
         self.event("site", f"{why}: output held, guest stopped, waiting up to {wait:g} s for it to take over")
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and not self._closed and self.qemu is not None and self.qemu.alive:

@@ -33,7 +33,7 @@ from ..core.model import Export
 from ..core.model import SyncProgress
 from ..core.replica_steps import Step, next_step
 from ..core.replication import Copies, CopyState, mark
-from ..core.sites import renewed_since, yields_in_cut
+from ..core.sites import cut_check_s, renewed_since, yields_in_cut
 from ..qemu.blockgraph import (DiskGraph, LocalImage, Mode, NbdTarget, QmpStep, add_local, add_remote, drop_child,
                                mirror, mirror_back, node_kind)
 from ..qemu.process import QemuError, QemuVm
@@ -313,7 +313,7 @@ class ReplicaManager:
             return False
         partner = view.copies.partner_of(self.me)
         assert partner is not None
-        wait = 3 * self.ctx.host.timing.keepalive_interval + 1.0
+        wait = cut_check_s(self.ctx.host.timing.keepalive_interval)
         self.event("site", f"{why}; guest stopped while checking that {partner} still renews its lease "
                            f"(in {wait:g} s)")
         await asyncio.sleep(wait)

@@ -42,11 +42,6 @@ class Trace:
     def seconds(self) -> float:
         return self.interval_s * len(self.written)
 
-    def rate_at(self, t: float) -> float:
-        """Bytes per second written at time t."""
-        i = min(len(self.written) - 1, max(0, int(t / self.interval_s)))
-        return self.written[i] / self.interval_s
-
 
 @dataclass(frozen=True)
 class Link:

@@ -119,6 +119,14 @@ def yields_in_cut(snapshot: PoolSnapshot, view: VmView, me: str) -> str | None:
             f"site, keeps it")
 
 
+def cut_check_s(keepalive_interval: float) -> float:
+    """How long a primary away from the preferred site keeps its guest stopped before it
+    decides (level 2: asks whether the partner renewed its lease meanwhile; level 3: gives
+    up waiting for the partner's takeover): three keepalives and a second, so that a partner
+    that reaches the witness has renewed at least once (see `renewed_since`)."""
+    return 3 * keepalive_interval + 1.0
+
+
 def renewed_since(left_s: float, granted_s: float, elapsed_s: float) -> bool:
     """Whether a lease with `left_s` of its `granted_s` left was renewed within the last
     `elapsed_s` (etcd reports whole seconds, rounded down: `elapsed_s` should be at least
