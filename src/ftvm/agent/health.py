@@ -155,10 +155,11 @@ class HealthProbes:
             if paused:  # it began to move, or failed otherwise, meanwhile
                 tracker.pause()
                 continue
+            first_failure = error is not None and tracker.in_a_row == 0
             verdict = tracker.record(error)
             self._set_state(name, "ok" if error is None else "failed: guest restart asked" if verdict else
                             f"failing ({tracker.in_a_row} of {settings.failures}): {error}")
-            if error is not None and tracker.in_a_row == 1:
+            if first_failure:  # (with `failures` 1, the verdict has already reset the count)
                 self.journal.event(name, "health", f"health probe {settings.probe} of {addr} failed "
                                                    f"({error}); the guest is restarted after "
                                                    f"{settings.failures} in a row")
