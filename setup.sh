@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio etcd-server iproute2 gcc libc6-dev
+PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio etcd-server iproute2 gcc libc6-dev nbdkit nbdkit-plugin-dev
           python3 python3-venv chromium syslinux syslinux-common mtools dosfstools)
 
 install_system() {

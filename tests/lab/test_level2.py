@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -275,25 +276,30 @@ def test_stopped_level1_vm_raised_to_level2_keeps_its_data(lab: labmod.LabState,
         pool.stop_and_remove(name)
 
 
-def _storage_daemon_pid(vm: str) -> int:
+def _copy_server_pid(vm: str, program: str) -> int:
+    """h2's copy is qcow2: nbdkit faces the network, a qemu-storage-daemon writes the file."""
+    mark = f"name={vm}-d0" if program == "qemu-storage-daemon" else f"/export-tls/{vm}/"
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmd = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if cmd.startswith(b"qemu-storage-daemon") and f"name={vm}-d0".encode() in cmd:
+            if cmd.startswith(program.encode()) and mark.encode() in cmd:
                 return int(entry.name)
-    raise AssertionError(f"no storage daemon for {vm}")
+    raise AssertionError(f"no {program} for {vm}")
 
 
-def test_hung_partner_daemon_is_detected_and_masked(l2vm, lab: labmod.LabState) -> None:
-    """A partner whose daemon hangs (SIGSTOP) still accepts TCP: the probe wants the NBD
-    greeting, so the replica is recorded outdated and the guest carries on."""
+@pytest.mark.parametrize("program", ["nbdkit", "qemu-storage-daemon"])
+def test_hung_partner_daemon_is_detected_and_masked(l2vm, lab: labmod.LabState, program: str) -> None:
+    """A partner whose server hangs (SIGSTOP) still accepts TCP: the owner's probe wants the
+    NBD greeting. nbdkit still greets when the daemon behind it hangs: the partner's agent
+    probes that one and ends both. Either way the replica is recorded outdated and the guest
+    carries on."""
     import os
     import signal
     pool, name, ip = l2vm
-    pid = _storage_daemon_pid(name)
+    pid = _copy_server_pid(name, program)
     client = LabClient(lab, ip, name)
     try:
         client.wait_acks(50, 30)
@@ -303,7 +309,11 @@ def test_hung_partner_daemon_is_detected_and_masked(l2vm, lab: labmod.LabState) 
             pool.wait_for("replica outdated", lambda s: copy_state(s, name, "h2") is CopyState.OUTDATED, 30)
             client.wait_acks(50, 30, after=t)
         finally:
-            os.kill(pid, signal.SIGCONT)
+            with suppress(ProcessLookupError):  # (a hung daemon behind nbdkit is killed)
+                os.kill(pid, signal.SIGCONT)
+        if program == "qemu-storage-daemon":
+            pool.wait_events("the partner's agent ended the hung servers", lambda e: e.vm == name
+                             and e.kind == "error" and "stopped answering" in e.message and e.time > t, 30)
     finally:
         acks = client.stop()
     # the guest waits for the hung write until the probe gives up on the partner (~2 s), so the
@@ -442,7 +452,7 @@ def test_copies_are_write_through_and_kept_so(l2vm, lab: labmod.LabState) -> Non
     on_copy = [n for n in nodes.values() if n["drv"] == "file" and n["file"] == str(local)]
     assert on_copy and all(n["cache"]["no-flush"] for n in on_copy), on_copy
     assert quorum["node-name"].startswith("d0-q")
-    qsd = (Path("/proc") / str(_storage_daemon_pid(name)) / "cmdline").read_bytes().split(b"\0")
+    qsd = (Path("/proc") / str(_copy_server_pid(name, "qemu-storage-daemon")) / "cmdline").read_bytes().split(b"\0")
     files = [json.loads(a) for a in qsd if a.startswith(b"{") and b'"driver": "file"' in a]
     assert [f["cache"]["no-flush"] for f in files] == [True], files
     t = time.time()

@@ -81,9 +81,11 @@ def test_every_node_on_a_copy_skips_flushes_only_if_write_through(write_through:
 
 def test_the_storage_daemon_skips_fdatasync_only_on_write_through_copies() -> None:
     cmd = build_qsd_cmdline("web", [LocalImage("/l/a.img", "raw", write_through=True),
-                                    LocalImage("/l/b.img", "raw")], 3, Path("/run/tls"))
+                                    LocalImage("/l/b.img", "raw")], "addr.type=fd,addr.str=3,tls-creds=ftvm-nbd-in",
+                            Path("/run/tls"))
     files = [json.loads(cmd[i + 1]) for i, a in enumerate(cmd) if a == "--blockdev"
              and json.loads(cmd[i + 1])["driver"] == "file"]
     assert [f["cache"]["no-flush"] for f in files] == [True, False]
     assert all(f["cache"]["direct"] for f in files)
     assert "addr.type=fd,addr.str=3,tls-creds=ftvm-nbd-in" in cmd  # only holders of the NBD key get in
+    assert any(a.startswith("tls-creds-psk,id=ftvm-nbd-in,") for a in cmd)

@@ -157,6 +157,7 @@ class Agent:
         tracking = self.procs.tracking = await asyncio.to_thread(self._probe_tracking)
         log.info("level 3 RAM: %s", tracking.why)
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        log.info("%s", await self.exports.prepare())
         await self.host_lease.join()
         self.guard.start()
         await self._start_l3_partner()

@@ -1,14 +1,16 @@
 """Level 2 partner duty: serving this host's copy of a VM's disks to the VM's owner, over
-NBD with TLS (qemu-storage-daemon, as QEMU's unprivileged user), announced in the store
-under this host's lease. Made empty if this host has none: the owner is told (`fresh`)
+NBD with TLS (nbdkit or qemu-storage-daemon: qemu/copy_server.py), as QEMU's unprivileged
+user, announced in the store under this host's lease. Made empty if this host has none: the owner is told (`fresh`)
 and resyncs it in full."""
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import suppress
 
 from ..core.model import Export, PoolSnapshot, VmSpec
 from ..qemu.blockgraph import LocalImage
+from ..qemu.copy_server import StableServer, build_stable_filter
 from ..qemu.runas import RunAs
 from ..qemu.storage_daemon import StorageDaemon, StorageDaemonError, ensure_image
 from ..qemu.tls import QemuTls
@@ -22,8 +24,16 @@ class Exports:
     def __init__(self, cfg: AgentConfig, ctx: HostContext, disks: HostDisks, tls: QemuTls | None,
                  run_as: RunAs | None) -> None:
         self.cfg, self.ctx, self.disks, self.tls, self.run_as = cfg, ctx, disks, tls, run_as
+        self.stable: StableServer | None = None  # nbdkit and its filter, once built (agent start)
         self.served: dict[str, StorageDaemon] = {}
         self.records: dict[str, tuple[Export, int]] = {}  # what the store was told of each, under which lease
+
+    async def prepare(self) -> str:
+        """Build nbdkit's filter if this host can (agent start); says which server copies get."""
+        if not self.cfg.replication_addr:
+            return "serves no level 2 copies (no replication_addr)"
+        self.stable, why = await asyncio.to_thread(build_stable_filter, self.cfg.state_dir / "lib")
+        return why
 
     def names(self) -> frozenset[str]:
         return frozenset(self.served)
@@ -45,7 +55,7 @@ class Exports:
             assert self.tls is not None  # replication_addr needs the pool secret (config)
             daemon = await StorageDaemon.start(vm, images, self.cfg.replication_addr,
                                                self.cfg.state_dir / "vms" / vm / "export.log", self.tls,
-                                               self.run_as, self.cfg.state_dir / "export-tls" / vm)
+                                               self.run_as, self.cfg.state_dir / "export-tls" / vm, self.stable)
         except StorageDaemonError as e:
             event(vm, "error", f"cannot serve this host's copy: {e}")
             return
@@ -53,7 +63,7 @@ class Exports:
         record = Export(self.cfg.name, daemon.addr, daemon.port, fresh)
         self.records[vm] = (record, self.ctx.lease)
         await self.ctx.store.publish_export(vm, record, self.ctx.lease)
-        event(vm, "export", f"{why} on {daemon.addr}:{daemon.port}"
+        event(vm, "export", f"{why} on {daemon.addr}:{daemon.port} ({daemon.kind})"
                             + (" (new empty copy: needs a full resync)" if fresh else ""))
 
     async def withdraw(self, vm: str, why: str | None = None) -> None:
@@ -90,4 +100,5 @@ class Exports:
             if not daemon.alive:
                 self.served.pop(name)
                 self.records.pop(name, None)
-                self.ctx.journal.event(name, "error", "the storage daemon serving this host's copy died")
+                self.ctx.journal.event(name, "error", f"the server of this host's copy: {daemon.hung}" if daemon.hung
+                                       else f"the server of this host's copy ({daemon.kind}) died")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import struct
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -37,7 +36,7 @@ from ..core.sites import cut_check_s, renewed_since, yields_in_cut
 from ..qemu.blockgraph import (DiskGraph, LocalImage, Mode, NbdTarget, QmpStep, add_local, add_remote, drop_child,
                                mirror, mirror_back, node_kind)
 from ..qemu.process import QemuError, QemuVm
-from ..qemu.storage_daemon import ensure_image, export_name, writable_copy
+from ..qemu.storage_daemon import ensure_image, export_name, nbd_answers, writable_copy
 from ..store.etcd import EtcdError
 from .context import VmContext
 
@@ -49,8 +48,6 @@ FINAL_PASS_BYTES = 4 << 20   # stop the guest for the last pass once this little
 MAX_PASSES = 8
 PROBE_INTERVAL = 0.5
 PROBE_FAILURES = 2
-NBD_FLAG_C_FIXED_NEWSTYLE = 1
-NBD_OPT_ABORT = 2
 
 
 @dataclass
@@ -539,25 +536,5 @@ async def replicate(ctx: VmContext, qemu: QemuVm, images: list[LocalImage], grap
 
 
 async def _port_answers(export: Export, timeout: float = 0.5) -> bool:
-    """The partner's NBD server greets within `timeout`. A TCP accept alone is not
-    enough: the kernel accepts for a daemon that is frozen or hung."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(export.addr, export.port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    try:
-        greeting = await asyncio.wait_for(reader.readexactly(18), timeout)
-        if greeting[:16] != b"NBDMAGICIHAVEOPT":
-            return False
-        # end the handshake as the protocol asks (client flags, then NBD_OPT_ABORT): a bare
-        # close makes the daemon log "option negotiation failed" at every probe (twice a second)
-        writer.write(struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE) + b"IHAVEOPT" + struct.pack(">II", NBD_OPT_ABORT, 0))
-        with suppress(OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-            await asyncio.wait_for(reader.readexactly(20), timeout)  # the server's acknowledgement
-        return True
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-        return False
-    finally:
-        writer.close()
-        with suppress(OSError):
-            await writer.wait_closed()
+    """The partner's NBD server greets within `timeout` (a hung one still accepts)."""
+    return await nbd_answers(asyncio.open_connection(export.addr, export.port), timeout)

@@ -93,11 +93,11 @@ def local_node(index: int, serial: int, image: LocalImage, locking: bool) -> tup
 
 
 def remote_node(index: int, serial: int, export: NbdTarget) -> tuple[str, dict[str, Any]]:
-    """The partner's copy over NBD. A guest flush reaches it as an NBD FLUSH (a round trip)
-    even though a write-through copy has nothing to sync: QEMU calls the NBD client's flush
-    whatever `cache.no-flush` says, and neither quorum (7.2 to today) nor the storage
-    daemon's NBD server (it always offers FLUSH) can be told otherwise. So a guest's
-    O_DSYNC write costs two round trips to the partner: on a metro link, two RTTs."""
+    """The partner's copy over NBD. QEMU's NBD client sends a guest flush to the partner
+    (a round trip) whenever the server offers FLUSH, whatever `cache.no-flush` says, and
+    quorum (7.2 to today) passes no FUA. qemu-storage-daemon always offers FLUSH; nbdkit
+    with ftvm's filter (qemu/copy_server.py) does not, its writes being stable when
+    answered: a guest's O_DSYNC write then costs one round trip to the partner, not two."""
     name = _name(index, "remote", serial)
     return name, {"driver": "nbd", "node-name": name, "export": export.name, "tls-creds": NBD_CLIENT,
                   "server": {"type": "inet", "host": export.host, "port": str(export.port)}}
