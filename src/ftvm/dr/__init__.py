@@ -1,0 +1,1 @@
+"""Asynchronous disaster recovery: recovery points shipped to another pool."""

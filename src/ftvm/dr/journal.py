@@ -1,0 +1,322 @@
+"""The DR site's copy of a VM: a base image per disk and a journal of recovery points.
+
+    <dir>/state.json        {"disks": [size, ...], "base_point": n}: the base images hold
+                            exactly point n (0: nothing yet, zeros)
+    <dir>/disk-<i>.raw      the base images (sparse, raw)
+    <dir>/points/<n>.pt     point n: the blocks written between point n-1 and n, all disks
+
+A point file is written as `<n>.pt.part`, synced, then renamed: a point is there whole or
+not at all, whatever the link or the host does meanwhile. Its trailer carries a SHA-256 of
+everything before it, checked whenever it is read. Every size read from a file is
+bounded, and an extent must lie inside its disk.
+
+    header   b"FTVMDRP1", u16 disks, u64 number, f64 taken_at, u64 size x disks
+    extent   u16 disk, u64 offset, u32 length, u32 stored, u8 codec (0 raw, 1 zstd), data
+    trailer  b"FTVMDRPE", u64 extents, 32-byte SHA-256
+
+Consolidation (core/dr_points.py) applies old points to the base images in order, each
+idempotent (absolute data at absolute offsets): after a crash midway it is simply applied
+again, because `base_point` moves only after the images are synced. A point dropped from
+the middle is folded into the next kept one, rewritten under the same rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+MAGIC = b"FTVMDRP1"
+END = b"FTVMDRPE"
+HEADER = struct.Struct(">8sHQd")
+EXTENT = struct.Struct(">HQIIB")
+TRAILER = struct.Struct(">8sQ32s")
+RAW, ZSTD = 0, 1
+MAX_EXTENT = 32 << 20     # bytes of one extent, as written to the disk
+MAX_DISKS = 64
+MAX_DISK_SIZE = 1 << 50
+COMPRESS_LEVEL = 1
+
+
+class JournalError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Extent:
+    disk: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PointHeader:
+    number: int
+    taken_at: float
+    sizes: tuple[int, ...]
+
+
+def _check_extent(sizes: tuple[int, ...], disk: int, offset: int, length: int) -> None:
+    if disk >= len(sizes):
+        raise JournalError(f"extent on disk {disk}: the VM has {len(sizes)} disks")
+    if not 0 < length <= MAX_EXTENT or offset < 0 or offset + length > sizes[disk]:
+        raise JournalError(f"extent {offset}+{length} outside disk {disk} ({sizes[disk]} bytes) or too large")
+
+
+class PointWriter:
+    """One point being written (`<n>.pt.part`); `commit` makes it a point."""
+
+    def __init__(self, path: Path, header: PointHeader) -> None:
+        if not 0 < len(header.sizes) <= MAX_DISKS or not all(0 < s <= MAX_DISK_SIZE for s in header.sizes):
+            raise JournalError(f"point {header.number}: bad disk sizes {header.sizes}")
+        self.path, self.header = path, header
+        self.part = path.with_name(path.name + ".part")
+        self.file: BinaryIO = open(self.part, "wb")
+        self.hash = hashlib.sha256()
+        self.extents = 0
+        self._compress = zstandard.ZstdCompressor(level=COMPRESS_LEVEL)
+        self._write(HEADER.pack(MAGIC, len(header.sizes), header.number, header.taken_at)
+                    + b"".join(struct.pack(">Q", s) for s in header.sizes))
+
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+
+    def add(self, disk: int, offset: int, data: bytes, packed: bytes | None = None) -> None:
+        """`packed`: `data` compressed already (zstd), as it came over the link."""
+        _check_extent(self.header.sizes, disk, offset, len(data))
+        if packed is None:
+            packed = self._compress.compress(data)
+        codec, stored = (ZSTD, packed) if len(packed) < len(data) else (RAW, data)
+        self._write(EXTENT.pack(disk, offset, len(data), len(stored), codec) + stored)
+        self.extents += 1
+
+    def commit(self) -> None:
+        self.file.write(TRAILER.pack(END, self.extents, self.hash.digest()))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.part, self.path)
+        _sync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.part.unlink(missing_ok=True)
+
+
+def _sync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise JournalError(f"{what}: the file ends early")
+    return data
+
+
+def read_point(path: Path, sizes: tuple[int, ...] | None = None) -> tuple[PointHeader, list[Extent]]:
+    """A point's extents (decompressed), once its checksum is verified. `sizes`: the disks
+    it must describe (the replica's)."""
+    body_size = os.path.getsize(path) - TRAILER.size
+    if body_size < HEADER.size:
+        raise JournalError(f"{path.name}: too short for a point")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256()
+        left = body_size
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                raise JournalError(f"{path.name}: the file ends early")
+            digest.update(chunk)
+            left -= len(chunk)
+        end, count, want = TRAILER.unpack(_read_exact(f, TRAILER.size, path.name))
+        if end != END or digest.digest() != want:
+            raise JournalError(f"{path.name}: checksum mismatch (a damaged point)")
+        f.seek(0)
+        magic, disks, number, taken_at = HEADER.unpack(_read_exact(f, HEADER.size, path.name))
+        if magic != MAGIC or not 0 < disks <= MAX_DISKS:
+            raise JournalError(f"{path.name}: not a point file")
+        got = tuple(struct.unpack(">Q", _read_exact(f, 8, path.name))[0] for _ in range(disks))
+        if sizes is not None and got != sizes:
+            raise JournalError(f"{path.name}: disk sizes {got}, the replica's are {sizes}")
+        header = PointHeader(number, taken_at, got)
+        extents = []
+        inflate = zstandard.ZstdDecompressor()
+        for _ in range(count):
+            disk, offset, length, stored, codec = EXTENT.unpack(_read_exact(f, EXTENT.size, path.name))
+            _check_extent(got, disk, offset, length)
+            if stored > MAX_EXTENT + (MAX_EXTENT >> 6) or codec not in (RAW, ZSTD):
+                raise JournalError(f"{path.name}: bad extent record")
+            data = _read_exact(f, stored, path.name)
+            if codec == ZSTD:
+                try:
+                    data = inflate.decompress(data, max_output_size=length)
+                except zstandard.ZstdError as e:
+                    raise JournalError(f"{path.name}: extent does not inflate: {e}") from None
+            if len(data) != length:
+                raise JournalError(f"{path.name}: extent holds {len(data)} bytes, says {length}")
+            extents.append(Extent(disk, offset, data))
+        if f.tell() != body_size:
+            raise JournalError(f"{path.name}: bytes after the last extent")
+    return header, extents
+
+
+class Replica:
+    """A VM's copy at the DR site (see the module's docstring)."""
+
+    def __init__(self, d: Path) -> None:
+        self.dir = d
+        self.points_dir = d / "points"
+        state = json.loads((d / "state.json").read_text())
+        self.sizes = tuple(int(s) for s in state["disks"])
+        self.base_point = int(state["base_point"])
+
+    @staticmethod
+    def create(d: Path, sizes: tuple[int, ...]) -> Replica:
+        if (d / "state.json").exists():
+            raise JournalError(f"{d}: a replica is there already")
+        (d / "points").mkdir(parents=True, exist_ok=True)
+        for i, size in enumerate(sizes):
+            with open(d / f"disk-{i}.raw", "wb") as f:
+                f.truncate(size)
+        Replica._write_state(d, sizes, 0)
+        return Replica(d)
+
+    @staticmethod
+    def _write_state(d: Path, sizes: tuple[int, ...], base_point: int) -> None:
+        tmp = d / "state.json.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"disks": list(sizes), "base_point": base_point}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / "state.json")
+        _sync_dir(d)
+
+    def disk_path(self, i: int) -> Path:
+        return self.dir / f"disk-{i}.raw"
+
+    def point_path(self, number: int) -> Path:
+        return self.points_dir / f"{number}.pt"
+
+    def numbers(self) -> list[int]:
+        """The committed points, oldest first (a `.part` is not a point)."""
+        out = []
+        for p in self.points_dir.glob("*.pt"):
+            if p.stem.isdigit() and int(p.stem) > self.base_point:
+                out.append(int(p.stem))
+        return sorted(out)
+
+    def newest(self) -> int:
+        numbers = self.numbers()
+        return numbers[-1] if numbers else self.base_point
+
+    def begin(self, number: int, taken_at: float) -> PointWriter:
+        if number <= self.newest():
+            raise JournalError(f"point {number} is not newer than point {self.newest()}")
+        return PointWriter(self.point_path(number), PointHeader(number, taken_at, self.sizes))
+
+    def header(self, number: int) -> PointHeader:
+        return read_point(self.point_path(number), self.sizes)[0]
+
+    # --- consolidation ---------------------------------------------------------------------
+    def apply_to_base(self, number: int) -> None:
+        """Point `number`, the oldest, into the base images; then it is gone."""
+        numbers = self.numbers()
+        if not numbers or numbers[0] != number:
+            raise JournalError(f"point {number} is not the oldest point ({numbers[:1]})")
+        _, extents = read_point(self.point_path(number), self.sizes)
+        _apply(extents, [self.disk_path(i) for i in range(len(self.sizes))])
+        self._write_state(self.dir, self.sizes, number)
+        self.base_point = number
+        self.point_path(number).unlink()
+
+    def fold(self, older: int, into: int) -> None:
+        """Point `older` folded into the newer point `into`: `into` then holds the blocks
+        both wrote, its own winning, and `older` is gone."""
+        if not older < into:
+            raise JournalError(f"cannot fold point {older} into {into}")
+        h_old, old = read_point(self.point_path(older), self.sizes)
+        h_new, new = read_point(self.point_path(into), self.sizes)
+        writer = PointWriter(self.point_path(into), h_new)
+        try:
+            for e in _uncovered(old, new):
+                writer.add(e.disk, e.offset, e.data)
+            for e in new:
+                writer.add(e.disk, e.offset, e.data)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        self.point_path(older).unlink()
+
+    # --- images of a point ---------------------------------------------------------------
+    def materialize(self, number: int, dest: Path) -> list[Path]:
+        """Raw images of point `number` in `dest` (copies: reflinked where the file system
+        can, else written out; the replica is never touched)."""
+        if number != self.base_point and number not in self.numbers():
+            raise JournalError(f"no point {number} (points: {self.numbers() or 'none'}, base {self.base_point})")
+        dest.mkdir(parents=True, exist_ok=True)
+        out = []
+        for i in range(len(self.sizes)):
+            target = dest / f"disk-{i}.raw"
+            proc = subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(self.disk_path(i)), str(target)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise JournalError(f"copying disk {i}: {proc.stderr.strip()}")
+            out.append(target)
+        for n in self.numbers():
+            if n > number:
+                break
+            _apply(read_point(self.point_path(n), self.sizes)[1], out)
+        return out
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir)
+
+
+def _apply(extents: list[Extent], paths: list[Path]) -> None:
+    fds = [os.open(p, os.O_WRONLY) for p in paths]
+    try:
+        for e in extents:
+            os.pwrite(fds[e.disk], e.data, e.offset)
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _uncovered(old: list[Extent], new: list[Extent]) -> Iterator[Extent]:
+    """The parts of `old` extents that no `new` extent (same disk) overwrites."""
+    covered: dict[int, list[tuple[int, int]]] = {}
+    for e in new:
+        covered.setdefault(e.disk, []).append((e.offset, e.offset + len(e.data)))
+    for spans in covered.values():
+        spans.sort()
+    for e in old:
+        start, end = e.offset, e.offset + len(e.data)
+        at = start
+        for a, b in covered.get(e.disk, []):
+            if b <= at or a >= end:
+                continue
+            if a > at:
+                yield Extent(e.disk, at, e.data[at - start:a - start])
+            at = max(at, b)
+            if at >= end:
+                break
+        if at < end:
+            yield Extent(e.disk, at, e.data[at - start:])

@@ -1,0 +1,47 @@
+"""Which recovery points the DR site keeps, and how the others are consolidated (pure)."""
+
+from __future__ import annotations
+
+from ftvm.core.dr_points import HOUR_S, PointInfo, Retention, consolidation, lag_s, to_keep
+
+
+def test_every_point_for_an_hour_then_the_newest_of_each_hour_for_a_week() -> None:
+    now = 10 * 24 * HOUR_S
+    points = [PointInfo(n, now - (200 - n) * 600.0) for n in range(200)]  # one every 10 min
+    keep = to_keep(points, now, Retention())
+    recent = {p.number for p in points if now - p.taken_at <= HOUR_S}
+    assert recent <= keep and len(recent) == 6  # ages 600 s to 3600 s
+    hourly = keep - recent
+    hours = {int(p.taken_at // HOUR_S) for p in points if p.number in hourly}
+    assert len(hours) == len(hourly)  # one per hour
+    assert all(now - points[n].taken_at <= 7 * 24 * HOUR_S for n in keep)
+    # the newest of its hour: no kept hourly point has a later one in the same hour
+    for n in hourly:
+        same = [p for p in points if int(p.taken_at // HOUR_S) == int(points[n].taken_at // HOUR_S)]
+        assert max(p.number for p in same) == n or any(p.number in recent for p in same)
+
+
+def test_the_newest_point_is_always_kept_and_a_tested_one_within_the_week() -> None:
+    points = [PointInfo(1, 0.0), PointInfo(2, 100.0, tested=True), PointInfo(3, 200.0)]
+    keep = to_keep(points, 10 * 24 * HOUR_S, Retention())
+    assert keep == {3}  # everything older than the week: only the newest stays
+    keep = to_keep(points, 2 * HOUR_S, Retention())
+    assert keep == {2, 3}  # 2 is tested, 3 the newest in that hour
+
+
+def test_consolidation_folds_dropped_points_into_the_next_kept_one_newest_first() -> None:
+    plan = consolidation([1, 2, 3, 4, 5, 6], {3, 6})
+    assert plan.into_base == (1, 2)
+    assert plan.merges == ((5, 6), (4, 6))
+    assert consolidation([1, 2], set()).into_base == (1, 2)
+
+
+def test_retention_settings_are_checked() -> None:
+    assert Retention().problem() is None
+    assert Retention(all_for_s=0).problem() is not None
+    assert Retention(all_for_s=10 * HOUR_S, hourly_for_s=HOUR_S).problem() is not None
+
+
+def test_lag_counts_from_the_newest_committed_point_or_from_the_start() -> None:
+    assert lag_s(100.0, 130.0, 0.0) == 30.0
+    assert lag_s(None, 130.0, 120.0) == 10.0
