@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ftvm.core.dr_points import consolidation
-from ftvm.dr.journal import END, MAX_EXTENT, JournalError, PointHeader, PointWriter, Replica, read_point
+from ftvm.dr.journal import (END, MAX_EXTENT, JournalError, NewestImage, PointHeader, PointWriter, Replica,
+                             read_point)
 
 SIZES = (1 << 20, 256 << 10)
 
@@ -42,6 +43,12 @@ def test_each_point_s_image_is_the_disks_at_its_instant_through_any_consolidatio
         expected[n] = [bytes(m) for m in model]
     for n in (1, 5, 10):
         assert _images(rep.materialize(n, tmp_path / f"img{n}")) == expected[n]
+    newest = NewestImage(rep)  # reads of point 10 without materializing it
+    for _ in range(50):
+        disk = rng.randrange(2)
+        length = rng.randrange(1, 200_000)
+        offset = rng.randrange(0, SIZES[disk] - length)
+        assert newest.read(disk, offset, length) == expected[10][disk][offset:offset + length]
     # keep 4, 7 and 10: 1-3 go into the base, 5-6 fold into 7, 8-9 into 10
     plan = consolidation(rep.numbers(), {4, 7, 10})
     assert plan.into_base == (1, 2, 3) and plan.merges == ((6, 7), (5, 7), (9, 10), (8, 10))
@@ -106,3 +113,20 @@ def test_a_forged_point_that_passes_its_checksum_still_cannot_write_outside_a_di
     path.write_bytes(body + TRAILER.pack(END, 1, hashlib.sha256(body).digest()))
     with pytest.raises(JournalError, match="outside"):
         read_point(path)
+
+
+def test_a_packed_extent_must_inflate_to_what_it_says(tmp_path: Path) -> None:
+    import zstandard
+    rep = Replica.create(tmp_path / "vm", SIZES)
+    w = rep.begin(1, 1.0)
+    good = zstandard.ZstdCompressor().compress(b"a" * 8192)
+    w.add_packed(0, 0, 8192, good)
+    with pytest.raises(JournalError):
+        w.add_packed(0, 0, 4096, good)  # says less than it holds
+    with pytest.raises(JournalError):
+        w.add_packed(0, 0, 8192, b"not zstd")
+    bomb = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * (8 << 20))
+    with pytest.raises(JournalError):
+        w.add_packed(0, 0, 8192, bomb)  # no declared size: refused, nothing inflated
+    w.commit()
+    assert NewestImage(rep).read(0, 0, 8192) == b"a" * 8192

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import subprocess
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class Qmp(Protocol):
 @dataclass(frozen=True)
 class Taken:
     number: int
+    taken_at: float            # the cut's instant (this host's clock)
     sizes: tuple[int, ...]
     exports: tuple[str, ...]   # the fleecing exports, one per disk
     bitmaps: tuple[str, ...]   # P(number), frozen
@@ -102,6 +104,7 @@ class PointCapture:
                                                          "sync": "none", "job-id": self.fleece(n, i),
                                                          "auto-finalize": True, "auto-dismiss": True}}]
             await self.qmp.execute("transaction", {"actions": actions})
+            taken_at = time.time()
         except BaseException:
             for name in added:
                 with suppress(QemuError):
@@ -114,7 +117,7 @@ class PointCapture:
             await self.qmp.execute("block-export-add", {
                 "type": "nbd", "id": self.fleece(n, i), "node-name": self.fleece(n, i), "name": self.fleece(n, i),
                 "bitmaps": [{"node": node, "name": self.bitmap(n, i)}]})
-        return Taken(n, sizes, tuple(self.fleece(n, i) for i in range(len(self.nodes))),
+        return Taken(n, taken_at, sizes, tuple(self.fleece(n, i) for i in range(len(self.nodes))),
                      tuple(self.bitmap(n, i) for i in range(len(self.nodes))))
 
     def extents(self, taken: Taken, full: bool) -> list[list[Extent]]:

@@ -22,6 +22,7 @@ the middle is folded into the next kept one, rewritten under the same rules.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -92,12 +93,27 @@ class PointWriter:
         self.hash.update(data)
 
     def add(self, disk: int, offset: int, data: bytes, packed: bytes | None = None) -> None:
-        """`packed`: `data` compressed already (zstd), as it came over the link."""
+        """`packed`: `data` compressed already (zstd)."""
         _check_extent(self.header.sizes, disk, offset, len(data))
         if packed is None:
             packed = self._compress.compress(data)
         codec, stored = (ZSTD, packed) if len(packed) < len(data) else (RAW, data)
         self._write(EXTENT.pack(disk, offset, len(data), len(stored), codec) + stored)
+        self.extents += 1
+
+    def add_packed(self, disk: int, offset: int, length: int, packed: bytes) -> None:
+        """An extent as it came over the link, compressed: stored as it is, once it is
+        known to inflate to exactly `length` bytes (at most that many are inflated)."""
+        _check_extent(self.header.sizes, disk, offset, length)
+        try:
+            if zstandard.frame_content_size(packed) != length:
+                raise JournalError(f"extent at {offset}: its frame does not hold {length} bytes")
+            data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=length)
+        except zstandard.ZstdError as e:
+            raise JournalError(f"extent at {offset} does not inflate: {e}") from None
+        if len(data) != length:
+            raise JournalError(f"extent at {offset} inflates to {len(data)} bytes, not {length}")
+        self._write(EXTENT.pack(disk, offset, length, len(packed), ZSTD) + packed)
         self.extents += 1
 
     def commit(self) -> None:
@@ -175,6 +191,95 @@ def read_point(path: Path, sizes: tuple[int, ...] | None = None) -> tuple[PointH
     return header, extents
 
 
+@dataclass(frozen=True)
+class Locator:
+    """Where an extent's data sits in its point file."""
+
+    disk: int
+    offset: int
+    length: int
+    path: Path
+    data_pos: int
+    stored: int
+    codec: int
+
+
+def scan_point(path: Path, sizes: tuple[int, ...]) -> list[Locator]:
+    """A point's extents without their data, once its checksum is verified (streamed: a
+    point may be larger than memory)."""
+    body_size = os.path.getsize(path) - TRAILER.size
+    if body_size < HEADER.size:
+        raise JournalError(f"{path.name}: too short for a point")
+    out = []
+    with open(path, "rb") as f:
+        digest = hashlib.sha256()
+        left = body_size
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                raise JournalError(f"{path.name}: the file ends early")
+            digest.update(chunk)
+            left -= len(chunk)
+        end, count, want = TRAILER.unpack(_read_exact(f, TRAILER.size, path.name))
+        if end != END or digest.digest() != want:
+            raise JournalError(f"{path.name}: checksum mismatch (a damaged point)")
+        f.seek(0)
+        magic, disks, _, _ = HEADER.unpack(_read_exact(f, HEADER.size, path.name))
+        got = tuple(struct.unpack(">Q", _read_exact(f, 8, path.name))[0] for _ in range(disks))
+        if magic != MAGIC or got != sizes:
+            raise JournalError(f"{path.name}: not a point of this replica")
+        for _ in range(count):
+            disk, offset, length, stored, codec = EXTENT.unpack(_read_exact(f, EXTENT.size, path.name))
+            _check_extent(got, disk, offset, length)
+            if stored > MAX_EXTENT + (MAX_EXTENT >> 6) or codec not in (RAW, ZSTD):
+                raise JournalError(f"{path.name}: bad extent record")
+            out.append(Locator(disk, offset, length, path, f.tell(), stored, codec))
+            f.seek(stored, os.SEEK_CUR)
+        if f.tell() != body_size:
+            raise JournalError(f"{path.name}: bytes after the last extent")
+    return out
+
+
+class NewestImage:
+    """Reads of the replica's newest point: the base images with every point's extents laid
+    over them in order (nothing materialized)."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.extents: list[list[tuple[int, int, Locator]]] = [[] for _ in replica.sizes]  # (offset, order, loc)
+        self.order = 0
+        for n in replica.numbers():
+            self.add_point(n)
+
+    def add_point(self, number: int) -> None:
+        for loc in scan_point(self.replica.point_path(number), self.replica.sizes):
+            self.order += 1
+            bisect.insort(self.extents[loc.disk], (loc.offset, self.order, loc))
+
+    def read(self, disk: int, offset: int, length: int) -> bytes:
+        with open(self.replica.disk_path(disk), "rb") as f:
+            buf = bytearray(os.pread(f.fileno(), length, offset).ljust(length, b"\0"))
+        index = self.extents[disk]
+        lo = bisect.bisect_left(index, (offset - MAX_EXTENT,))
+        hits = [e for e in index[lo:bisect.bisect_left(index, (offset + length,))]
+                if e[0] + e[2].length > offset]
+        for _, _, loc in sorted(hits, key=lambda e: e[1]):
+            data = _load(loc)
+            a, b = max(offset, loc.offset), min(offset + length, loc.offset + loc.length)
+            buf[a - offset:b - offset] = data[a - loc.offset:b - loc.offset]
+        return bytes(buf)
+
+
+def _load(loc: Locator) -> bytes:
+    with open(loc.path, "rb") as f:
+        data = os.pread(f.fileno(), loc.stored, loc.data_pos)
+    if loc.codec == ZSTD:
+        data = zstandard.ZstdDecompressor().decompress(data, max_output_size=loc.length)
+    if len(data) != loc.length:
+        raise JournalError(f"{loc.path.name}: extent holds {len(data)} bytes, says {loc.length}")
+    return data
+
+
 class Replica:
     """A VM's copy at the DR site (see the module's docstring)."""
 
@@ -184,6 +289,7 @@ class Replica:
         state = json.loads((d / "state.json").read_text())
         self.sizes = tuple(int(s) for s in state["disks"])
         self.base_point = int(state["base_point"])
+        self.id = str(state["id"])  # a new replica (made again) is another one to a sender
 
     @staticmethod
     def create(d: Path, sizes: tuple[int, ...]) -> Replica:
@@ -193,14 +299,14 @@ class Replica:
         for i, size in enumerate(sizes):
             with open(d / f"disk-{i}.raw", "wb") as f:
                 f.truncate(size)
-        Replica._write_state(d, sizes, 0)
+        Replica._write_state(d, sizes, 0, os.urandom(8).hex())
         return Replica(d)
 
     @staticmethod
-    def _write_state(d: Path, sizes: tuple[int, ...], base_point: int) -> None:
+    def _write_state(d: Path, sizes: tuple[int, ...], base_point: int, rid: str) -> None:
         tmp = d / "state.json.tmp"
         with open(tmp, "w") as f:
-            json.dump({"disks": list(sizes), "base_point": base_point}, f)
+            json.dump({"disks": list(sizes), "base_point": base_point, "id": rid}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, d / "state.json")
@@ -240,7 +346,7 @@ class Replica:
             raise JournalError(f"point {number} is not the oldest point ({numbers[:1]})")
         _, extents = read_point(self.point_path(number), self.sizes)
         _apply(extents, [self.disk_path(i) for i in range(len(self.sizes))])
-        self._write_state(self.dir, self.sizes, number)
+        self._write_state(self.dir, self.sizes, number, self.id)
         self.base_point = number
         self.point_path(number).unlink()
 

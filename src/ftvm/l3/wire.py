@@ -58,6 +58,14 @@ class Msg(IntEnum):
     AUTH = 7
     REFUSED = 8
     PACKED = 9
+    # asynchronous DR (dr/wire.py): the same framing and authenticated channel
+    DR_STATE = 20
+    DR_BEGIN = 21
+    DR_HASHES = 22
+    DR_WANT = 23
+    DR_EXTENT = 24
+    DR_COMMIT = 25
+    DR_ACK = 26
 
 
 def standby_limits(npages: list[int]) -> dict[Msg, int]:

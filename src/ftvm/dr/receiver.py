@@ -1,0 +1,178 @@
+"""The DR pool's end of DR replication: takes recovery points from the owners of the VMs
+it protects and journals them (dr/journal.py), one replica per source pool and VM.
+
+A session (dr/wire.py) is accepted only from a pool whose pairing key this host holds,
+for one VM at a time. The receiver tells the sender where its replica stands (DR_STATE);
+the sender then sends each point as an increment on that (its dirty bitmaps continue from
+the point the receiver has) or as a diff (hashes of every block of the point's image,
+compared here with the newest point's: only what differs is sent). A point is committed
+only on DR_COMMIT, after every extent was checked and written: the newest point is
+always whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.model import NAME_RE
+from ..l3.channel import Channel, accept_session, read_hello, refuse
+from ..l3.wire import Msg, WireError
+from .journal import MAX_DISK_SIZE, MAX_DISKS, JournalError, NewestImage, PointWriter, Replica
+from .wire import (BLOCK, RECEIVER_LIMITS, ZSTD, decode_extent, decode_hashes, decode_json, decode_number,
+                   encode_json, encode_number, encode_want)
+
+log = logging.getLogger("ftvm.dr.receiver")
+
+IDLE_S = 300.0   # a session silent this long is closed (senders send at least every point)
+
+
+@dataclass(frozen=True)
+class Committed:
+    pool: str
+    vm: str
+    number: int
+    taken_at: float
+    stored_bytes: int
+
+
+def block_hash(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class Receiver:
+    def __init__(self, root: Path, key_for: Callable[[str], bytes | None],
+                 on_commit: Callable[[Committed], None] = lambda c: None,
+                 failed_over: Callable[[str, str], bool] = lambda pool, vm: False) -> None:
+        """`root`: replicas go to root/<pool>/<vm>; `key_for(pool)`: the pairing key of a
+        source pool (None: not paired); `failed_over(pool, vm)`: the VM was started here
+        (a failover): it takes no more points from the old site."""
+        self.root, self.key_for, self.on_commit, self.failed_over = root, key_for, on_commit, failed_over
+        self.live: set[tuple[str, str]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def serve(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._handle, host, port)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            hello, body = await read_hello(reader)
+            pool, vm, sizes = _check_hello(hello)
+        except (WireError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+            log.warning("DR session from %s refused: %s", peer, e)
+            with suppress(Exception):
+                await refuse(writer, str(e))
+            return
+        key = self.key_for(pool)
+        why = ("pool not paired with this DR pool" if key is None
+               else "a session for this VM is live" if (pool, vm) in self.live
+               else "the VM was failed over to the DR pool: it takes no more points" if self.failed_over(pool, vm)
+               else None)
+        if why is not None or key is None:
+            log.warning("DR session for %s/%s from %s refused: %s", pool, vm, peer, why)
+            await refuse(writer, why or "")
+            return
+        self.live.add((pool, vm))
+        try:
+            ch = await accept_session(reader, writer, key, body)
+            await self._session(ch, pool, vm, sizes)
+        except (WireError, JournalError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+            log.warning("DR session for %s/%s from %s ended: %s", pool, vm, peer, e)
+        finally:
+            self.live.discard((pool, vm))
+            writer.close()
+
+    def _replica(self, pool: str, vm: str, sizes: tuple[int, ...]) -> Replica:
+        d = self.root / pool / vm
+        if not (d / "state.json").exists():
+            return Replica.create(d, sizes)
+        rep = Replica(d)
+        if rep.sizes != sizes:
+            raise JournalError(f"disk sizes changed ({rep.sizes} here, {sizes} sent): "
+                               "the DR replica must be made again")
+        return rep
+
+    async def _session(self, ch: Channel, pool: str, vm: str, sizes: tuple[int, ...]) -> None:
+        rep = await asyncio.to_thread(self._replica, pool, vm, sizes)
+        newest = rep.newest()
+        newest_at = rep.header(newest).taken_at if newest > rep.base_point else 0.0
+        await ch.send(encode_json(Msg.DR_STATE, {"replica": rep.id, "newest": newest, "newest_taken_at": newest_at}))
+        await ch.writer.drain()
+        image: NewestImage | None = None
+        point: PointWriter | None = None
+        try:
+            while True:
+                kind, payload = await asyncio.wait_for(ch.receive(RECEIVER_LIMITS), IDLE_S)
+                if kind is Msg.HEARTBEAT:
+                    continue
+                if kind is Msg.DR_BEGIN:
+                    if point is not None:
+                        raise WireError("DR_BEGIN inside a point")
+                    begin = decode_json(payload, "DR_BEGIN")
+                    number, taken_at = begin.get("number"), begin.get("taken_at")
+                    if not isinstance(number, int) or not isinstance(taken_at, (int, float)):
+                        raise WireError("DR_BEGIN without number and taken_at")
+                    point = rep.begin(number, float(taken_at))
+                elif point is None:
+                    raise WireError(f"{kind.name} outside a point")
+                elif kind is Msg.DR_HASHES:
+                    if image is None:
+                        image = await asyncio.to_thread(NewestImage, rep)
+                    disk, first, hashes = decode_hashes(payload, list(sizes))
+                    differs = await asyncio.to_thread(_differing, image, sizes[disk], disk, first, hashes)
+                    await ch.send(encode_want(disk, first, differs))
+                    await ch.writer.drain()
+                elif kind is Msg.DR_EXTENT:
+                    disk, offset, length, codec, data = decode_extent(payload)
+                    if codec == ZSTD:
+                        await asyncio.to_thread(point.add_packed, disk, offset, length, data)
+                    else:
+                        point.add(disk, offset, data, packed=data)  # (raw on the link: stored raw)
+                elif kind is Msg.DR_COMMIT:
+                    number = decode_number(payload, "DR_COMMIT")
+                    if number != point.header.number:
+                        raise WireError(f"DR_COMMIT of point {number} inside point {point.header.number}")
+                    await asyncio.to_thread(point.commit)
+                    stored = point.path.stat().st_size
+                    header, point = point.header, None
+                    if image is not None:
+                        await asyncio.to_thread(image.add_point, number)
+                    self.on_commit(Committed(pool, vm, number, header.taken_at, stored))
+                    await ch.send(encode_number(Msg.DR_ACK, number))
+                    await ch.writer.drain()
+        finally:
+            if point is not None:
+                point.abort()
+
+
+def _differing(image: NewestImage, size: int, disk: int, first: int, hashes: list[bytes]) -> list[bool]:
+    out = []
+    for i, h in enumerate(hashes):
+        offset = (first + i) * BLOCK
+        out.append(block_hash(image.read(disk, offset, min(BLOCK, size - offset))) != h)
+    return out
+
+
+def _check_hello(hello: dict[str, Any]) -> tuple[str, str, tuple[int, ...]]:
+    pool, vm, sizes = hello.get("pool"), hello.get("vm"), hello.get("sizes")
+    if not isinstance(pool, str) or not NAME_RE.fullmatch(pool):
+        raise WireError("HELLO without a valid pool name")
+    if not isinstance(vm, str) or not NAME_RE.fullmatch(vm):
+        raise WireError("HELLO without a valid VM name")
+    if (not isinstance(sizes, list) or not 0 < len(sizes) <= MAX_DISKS
+            or not all(isinstance(s, int) and 0 < s <= MAX_DISK_SIZE and s % 512 == 0 for s in sizes)):
+        raise WireError("HELLO without valid disk sizes")
+    return pool, vm, tuple(sizes)
