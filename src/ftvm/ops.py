@@ -13,7 +13,8 @@ from typing import Any
 from dataclasses import replace
 
 from .core.availability import Report, report
-from .core.model import Desired, DiskSpec, Level, LevelChange, Migration, PoolSnapshot, VmSpec, VmView, spec_problem
+from .core.model import (Desired, DiskSpec, DrTarget, Level, LevelChange, Migration, PoolSnapshot, VmSpec, VmView,
+                         receiver_problem, spec_problem, valid_name)
 from .core.sites import sites
 from .core.placement import migration_problem, overcommit_problem, plan_evacuation
 from .core.transitions import How, plan_level_change
@@ -245,6 +246,49 @@ async def set_site(store: PoolStore, name: str, site: str) -> VmSpec:
     return await _change_spec(store, name, change)
 
 
+async def set_dr_target(store: PoolStore, name: str, receivers: list[str]) -> DrTarget:
+    """Where this pool's DR points may go: another pool's receivers (its hosts' dr_listen)."""
+    if not isinstance(name, str) or not valid_name(name):
+        raise FtvmError(f"invalid DR target name {name!r}", BAD_INPUT)
+    if (not isinstance(receivers, list) or not 0 < len(receivers) <= 8
+            or not all(isinstance(r, str) for r in receivers)):
+        raise FtvmError("give 1 to 8 receivers (ADDR:PORT)", BAD_INPUT)
+    for r in receivers:
+        problem = receiver_problem(r)
+        if problem:
+            raise FtvmError(f"{problem}; nothing changed", BAD_INPUT)
+    target = DrTarget(name, tuple(receivers))
+    await store.set_dr_target(target)
+    return target
+
+
+async def remove_dr_target(store: PoolStore, name: str) -> None:
+    snap = await store.snapshot()
+    if name not in snap.dr_targets:
+        raise FtvmError(f"unknown DR target {name!r}", NOT_FOUND)
+    users = sorted(v.spec.name for v in snap.vms.values() if v.spec.dr_target == name)
+    if users:
+        raise FtvmError(f"DR target {name} protects {', '.join(users)}: `ftvm dr remove` them first", REFUSED)
+    await store.remove_dr_target(name)
+
+
+async def set_dr(store: PoolStore, name: str, target: str, rpo_s: float) -> VmSpec:
+    """Protect a VM at the DR target (its owner starts shipping recovery points), or
+    (`target` "") stop doing so; the DR site keeps what it has."""
+    if not isinstance(target, str) or isinstance(rpo_s, bool) or not isinstance(rpo_s, (int, float)):
+        raise FtvmError("dr_target must be a text and dr_rpo_s a number", BAD_INPUT)
+    if target and target not in (await store.snapshot()).dr_targets:
+        raise FtvmError(f"unknown DR target {target!r} (`ftvm dr target add`); nothing changed", BAD_INPUT)
+
+    def change(spec: VmSpec) -> VmSpec:
+        new = replace(spec, dr_target=target, dr_rpo_s=float(rpo_s) if target else 0.0)
+        problem = spec_problem(new)
+        if problem:
+            raise FtvmError(f"{problem}; nothing changed", BAD_INPUT)
+        return new
+    return await _change_spec(store, name, change)
+
+
 async def availability(store: PoolStore, start: float, end: float,
                        names: list[str] | None = None) -> list[Report]:
     """Availability reports of the given VMs (default: every defined VM) over [start, end)."""
@@ -320,7 +364,8 @@ async def end_maintenance(store: PoolStore, host: str) -> None:
 GUEST_MONITORING: dict[str, type] = {"health": str, "health_interval_s": float, "health_timeout_s": float,
                                      "health_failures": int, "health_grace_s": float,
                                      "guest_restarts": int, "guest_window_s": float}
-PATCHABLE = ("checkpoint_ms", "checkpoint_on_output", "sla_percent", *GUEST_MONITORING, "site", "failback")
+PATCHABLE = ("checkpoint_ms", "checkpoint_on_output", "sla_percent", *GUEST_MONITORING, "site", "dr_target", "dr_rpo_s",
+             "failback")
 
 
 async def set_guest_monitoring(store: PoolStore, name: str, changes: dict[str, Any]) -> VmSpec:
@@ -367,6 +412,8 @@ async def patch(store: PoolStore, name: str, changes: dict[str, Any]) -> VmSpec:
         spec = await set_failback(store, name, changes["failback"])
     if "site" in changes:
         spec = await set_site(store, name, changes["site"])
+    if "dr_target" in changes or "dr_rpo_s" in changes:
+        spec = await set_dr(store, name, changes.get("dr_target", ""), changes.get("dr_rpo_s", 0.0))
     if "sla_percent" in changes:
         spec = await set_sla(store, name, changes["sla_percent"])
     monitoring = {k: v for k, v in changes.items() if k in GUEST_MONITORING}

@@ -162,9 +162,10 @@ async def test_points_shipped_to_a_receiver_are_the_disks_at_each_cut(qsd: tuple
         third = await sender.ship()
         cuts[third.number] = saved
         assert third.kind == "incremental" and third.data_bytes == 2 * GRANULARITY
-        sender.close()
+        # (the old sender's session stays open, as a dead owner's half-open connection would)
 
-        # a new owner (failover, migration, agent restart): no bitmap history, so a diff
+        # a new owner (failover, migration, agent restart): its session replaces the old one,
+        # and with no bitmap history its first point is a diff
         cap2 = PointCapture(qmp, ["disk0", "disk1"], work, nbd)
         await cap2.start()
         write(nbd, 0, "write -P 0x15 12M 64k")
@@ -176,6 +177,7 @@ async def test_points_shipped_to_a_receiver_are_the_disks_at_each_cut(qsd: tuple
         hashes = 2 * (SIZE // GRANULARITY) * 16
         assert fourth.wire_bytes < hashes + 4 * GRANULARITY  # hashes and one block, not the disks
         fresh.close()
+        sender.close()
     finally:
         await receiver.close()
     rep = Replica(work / "dr" / "main" / "web")

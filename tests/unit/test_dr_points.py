@@ -45,3 +45,22 @@ def test_retention_settings_are_checked() -> None:
 def test_lag_counts_from_the_newest_committed_point_or_from_the_start() -> None:
     assert lag_s(100.0, 130.0, 0.0) == 30.0
     assert lag_s(None, 130.0, 120.0) == 10.0
+
+
+def test_dr_targets_and_dr_specs_are_checked_when_read() -> None:
+    import pytest
+
+    from ftvm.core.model import DrTarget, Level, VmSpec, dr_interval_s, spec_problem
+    from ftvm.core.records import RecordError
+    t = DrTarget("far", ("10.0.0.1:7420", "[fd00::1]:7420"))
+    assert DrTarget.from_json(t.to_json()) == t
+    for bad in ({"name": "far", "receivers": []}, {"name": "far", "receivers": ["host:7420"]},
+                {"name": "far", "receivers": ["10.0.0.1:99999"]}, {"name": "Far!", "receivers": ["10.0.0.1:1"]},
+                {"name": "far", "receivers": "10.0.0.1:1"}):
+        with pytest.raises(RecordError):
+            DrTarget.from_json(bad | {"v": 1})
+    spec = VmSpec("web", Level.COMPONENT, 256, 1, (), (), dr_target="far", dr_rpo_s=10.0)
+    assert spec_problem(spec) is None
+    assert "RPO" in (spec_problem(VmSpec("web", Level.COMPONENT, 256, 1, (), (), dr_target="far",
+                                         dr_rpo_s=1.0)) or "")
+    assert dr_interval_s(10.0) == 10 / 3 and dr_interval_s(3600) == 60 and dr_interval_s(3) == 1

@@ -51,6 +51,7 @@ from .context import HostContext
 from .disks import HostDisks
 from .exports import Exports
 from .guest import GuestFailures
+from .dr import DrShipping
 from .health import HealthProbes
 from .fence import FenceGuard
 from .journal import Journal
@@ -103,6 +104,7 @@ class Agent:
         self.exports = Exports(config, self.ctx, self.disks, self.qemu_tls, run_as)  # level 2 copies served
         self.procs = Processes(config, self.journal, self.guard, self.wake.set, self.qemu_tls, run_as)
         self.vms = self.procs.vms
+        self.dr = DrShipping(config, self.ctx, self.vms, run_as)  # asynchronous DR, both ends
         self.migrations = Migrations(self.ctx, config, self.procs, self.disks, self.exports, self.counters,
                                      lambda: self.l3_partner)
         self.level_changes = LevelChanges(self.ctx, config, self.procs, self.disks, self._new_l3)
@@ -158,6 +160,7 @@ class Agent:
         log.info("level 3 RAM: %s", tracking.why)
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s", await self.exports.prepare())
+        await self.dr.start()
         await self.host_lease.join()
         self.guard.start()
         await self._start_l3_partner()
@@ -239,6 +242,7 @@ class Agent:
             except EtcdError:
                 pass
         self.health.close()
+        await self.dr.close()
         # all at once: each guest gets the whole grace, not a turn in a queue
         await asyncio.gather(*(stop_and_release(rec, rec.qemu) for rec in list(self.vms.values())
                                if rec.qemu and rec.qemu.alive))
@@ -329,6 +333,7 @@ class Agent:
             if rec.state is RunState.STOPPING and (view is None or view.spec.stop_force):
                 rec.stop_hurry.set()
         self.health.sync(snapshot, self._moving)
+        self.dr.sync(snapshot)
         await self._report_status(snapshot)
         await self._report_links(snapshot)
         await self.exports.republish(snapshot)
@@ -431,7 +436,8 @@ class Agent:
 
         async def run() -> None:
             try:
-                await move
+                async with self.dr.quiet(vm):  # (the DR point in flight ends first: agent/dr.py)
+                    await move
             finally:
                 self._moving.discard(vm)
                 self.wake.set()

@@ -58,6 +58,10 @@ class AgentConfig:
     l3_warm_standby: bool = True        # level 3 partner: a QEMU started ahead on each replica (agent/warm.py)
     l3_compress: str = "between-sites"  # level 3 checkpoints compressed: to a partner at another site, always, never
     site: str = ""                      # the building or site this host stands in ("" none: core/sites.py)
+    # asynchronous DR: the secret both pools hold (dr_secret_file), and on a DR pool's host
+    # the address its receiver listens on ("addr:port", dr/receiver.py; replicas in local_storage/dr)
+    dr_secret: bytes = b""
+    dr_listen: tuple[str, int] | None = None
 
     @property
     def guest_ram_dir(self) -> Path:
@@ -69,7 +73,7 @@ _KNOWN = {"name", "pool", "etcd", "state_dir", "bridge", "memory_mib", "vcpus",
           "local_format", "replication_addr", "debug_qmp", "a_links", "ram_dir", "checkpoint_port",
           "api_listen", "api_token_file", "write_through_copies", "pool_secret_file",
           "etcd_ca", "etcd_cert", "etcd_key", "qemu_user", "api_cert", "api_key", "api_read_token_file", "l3_tracking",
-          "l3_warm_standby", "l3_compress", "site"}
+          "l3_warm_standby", "l3_compress", "site", "dr_secret_file", "dr_listen"}
 
 
 class _Settings:
@@ -173,6 +177,17 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
     elif replication_addr:
         raise ConfigError("replication_addr needs pool_secret_file: every channel between hosts is "
                           "authenticated with the pool secret (`ftvm pool init`, docs/security.md)")
+    dr_secret = b""
+    dr_file = c.path("dr_secret_file")
+    if dr_file is not None:
+        try:
+            dr_secret = load_secret(dr_file)
+        except SecretError as e:
+            raise ConfigError(f"dr_secret_file: {e}") from None
+    dr_listen = _address(data, "dr_listen")
+    if dr_listen is not None and not (dr_secret and c.path("local_storage")):
+        raise ConfigError("dr_listen needs dr_secret_file (DR sessions are authenticated with it) and "
+                          "local_storage (the DR replicas live there)")
     a_links = data.get("a_links", {})
     if not isinstance(a_links, dict) or not all(
             valid_name(peer) and isinstance(v, list) and all(isinstance(i, str) and 0 < len(i) < 16 for i in v)
@@ -201,6 +216,7 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         l3_warm_standby=c.flag("l3_warm_standby", True),
         l3_compress=c.choice("l3_compress", "between-sites", COMPRESS_WHEN),
         site=c.name("site") if "site" in data else "",
+        dr_secret=dr_secret, dr_listen=dr_listen,
     )
 
 
@@ -269,16 +285,23 @@ def _token_file(data: dict[str, Any], key: str) -> str:
     return token
 
 
-def _api_settings(data: dict[str, Any]) -> tuple[tuple[str, int] | None, str]:
-    listen = data.get("api_listen")
+def _address(data: dict[str, Any], key: str) -> tuple[str, int] | None:
+    listen = data.get(key)
     if listen is None:
-        return None, ""
+        return None
     if not isinstance(listen, str):
-        raise ConfigError(f"api_listen {listen!r} must be ADDRESS:PORT, e.g. 10.0.0.1:7400")
+        raise ConfigError(f"{key} {listen!r} must be ADDRESS:PORT, e.g. 10.0.0.1:7400")
     addr, _, port = listen.rpartition(":")
     if not addr or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"api_listen {listen!r} must be ADDRESS:PORT, e.g. 10.0.0.1:7400")
-    return (addr.strip("[]"), int(port)), _token_file(data, "api_token_file")
+        raise ConfigError(f"{key} {listen!r} must be ADDRESS:PORT, e.g. 10.0.0.1:7400")
+    return addr.strip("[]"), int(port)
+
+
+def _api_settings(data: dict[str, Any]) -> tuple[tuple[str, int] | None, str]:
+    listen = _address(data, "api_listen")
+    if listen is None:
+        return None, ""
+    return listen, _token_file(data, "api_token_file")
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -306,6 +306,22 @@ def make_app(ctx: ApiContext) -> web.Application:
             await _wait_moved(ctx, job, moves)
         return accepted(jobs.start("maintenance", host, follow), moves=moves)
 
+    async def dr_targets(request: web.Request) -> web.Response:
+        snap = await ctx.snapshot()
+        return web.json_response({"targets": [t.to_json() for t in snap.dr_targets.values()]})
+
+    async def put_dr_target(request: web.Request) -> web.Response:
+        try:
+            receivers = (await request.json())["receivers"]
+        except (ValueError, KeyError, TypeError):
+            raise FtvmError('the body must be {"receivers": ["ADDR:PORT", ...]}', BAD_INPUT) from None
+        target = await ops.set_dr_target(ctx.store, request.match_info["name"], receivers)
+        return web.json_response(target.to_json())
+
+    async def delete_dr_target(request: web.Request) -> web.Response:
+        await ops.remove_dr_target(ctx.store, request.match_info["name"])
+        return web.json_response({"removed": request.match_info["name"]})
+
     def consoles() -> ConsoleContext:
         if ctx.console is None:
             raise FtvmError("this agent serves no consoles", REFUSED)
@@ -346,6 +362,9 @@ def make_app(ctx: ApiContext) -> web.Application:
         web.get("/api/v1/availability", availability),
         web.get("/api/v1/vms/{name}/availability", availability),
         web.get("/api/v1/jobs/{id}", get_job),
+        web.get("/api/v1/dr-targets", dr_targets),
+        web.put("/api/v1/dr-targets/{name}", put_dr_target),
+        web.delete("/api/v1/dr-targets/{name}", delete_dr_target),
     ])
     return app
 

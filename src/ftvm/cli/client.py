@@ -54,6 +54,9 @@ class PoolClient(Protocol):
     def end_maintenance(self, host: str) -> None: ...
     def events(self, limit: int, since_revision: int = 0) -> tuple[list[Event], int]: ...
     def availability(self, days: float, names: list[str]) -> list[dict[str, Any]]: ...
+    def dr_targets(self) -> list[dict[str, Any]]: ...
+    def set_dr_target(self, name: str, receivers: list[str]) -> None: ...
+    def remove_dr_target(self, name: str) -> None: ...
 
 
 def pool_client(args: Any) -> PoolClient:
@@ -150,6 +153,16 @@ class DirectClient:
 
     def end_maintenance(self, host: str) -> None:
         with_store(self.args, lambda s: ops.end_maintenance(s, host))
+
+    def dr_targets(self) -> list[dict[str, Any]]:
+        snap = with_store(self.args, lambda s: s.snapshot())
+        return [t.to_json() for t in snap.dr_targets.values()]
+
+    def set_dr_target(self, name: str, receivers: list[str]) -> None:
+        with_store(self.args, lambda s: ops.set_dr_target(s, name, receivers))
+
+    def remove_dr_target(self, name: str) -> None:
+        with_store(self.args, lambda s: ops.remove_dr_target(s, name))
 
     def events(self, limit: int, since_revision: int = 0) -> tuple[list[Event], int]:
         return with_store(self.args, lambda s: s.events(limit=limit, since_revision=since_revision))
@@ -253,6 +266,15 @@ class HttpClient:
 
     def end_maintenance(self, host: str) -> None:
         self._call("POST", f"/api/v1/hosts/{_q(host)}/resume")
+
+    def dr_targets(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/v1/dr-targets")["targets"])
+
+    def set_dr_target(self, name: str, receivers: list[str]) -> None:
+        self._call("PUT", f"/api/v1/dr-targets/{_q(name)}", {"receivers": receivers})
+
+    def remove_dr_target(self, name: str) -> None:
+        self._call("DELETE", f"/api/v1/dr-targets/{_q(name)}")
 
     def events(self, limit: int, since_revision: int = 0) -> tuple[list[Event], int]:
         r = self._call("GET", f"/api/v1/events?limit={limit}&since_revision={since_revision}")

@@ -1,4 +1,5 @@
-"""`ftvm dr ...`: asynchronous disaster recovery. Today: the RPO/bandwidth modeler (core/dr_model.py)."""
+"""`ftvm dr ...`: asynchronous disaster recovery: DR targets, protecting a VM, the RPO/bandwidth
+modeler (core/dr_model.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from ..core.dr_model import Link, ModelError, Shipping, bandwidth_for, parse_trace, simulate, svg
+from .client import pool_client
 from .common import BAD_INPUT, NOT_FOUND, OK, CliError, console, emit_json, is_json
 from .lab_cmds import parse_rate_mbit, parse_rtt_ms
 from .pool_cmds import parse_duration
@@ -69,5 +71,56 @@ def cmd_dr_model(args: Any) -> int:
         t.add_row(f"bandwidth for p99 lag <= {rpo:g} s", f"{need * 8 / 1e6:.1f} Mbit/s")
     if args.svg:
         t.add_row("plot", str(args.svg))
+    console.print(t)
+    return OK
+
+
+def cmd_dr_add(args: Any) -> int:
+    rpo = parse_duration(args.rpo, "--rpo")
+    spec = pool_client(args).patch(args.name, {"dr_target": args.to, "dr_rpo_s": rpo})
+    if is_json(args):
+        emit_json({"vm": args.name, "dr_target": spec["dr_target"], "dr_rpo_s": spec["dr_rpo_s"]})
+    else:
+        console.print(f"VM {args.name}: recovery points to {args.to}, RPO {rpo:g} s (its owner starts shipping them)")
+    return OK
+
+
+def cmd_dr_remove(args: Any) -> int:
+    pool_client(args).patch(args.name, {"dr_target": "", "dr_rpo_s": 0})
+    if is_json(args):
+        emit_json({"vm": args.name, "dr_target": ""})
+    else:
+        console.print(f"VM {args.name}: DR replication stopped (the DR site keeps the points it has)")
+    return OK
+
+
+def cmd_dr_target_add(args: Any) -> int:
+    pool_client(args).set_dr_target(args.name, list(args.receiver))
+    if is_json(args):
+        emit_json({"name": args.name, "receivers": list(args.receiver)})
+    else:
+        console.print(f"DR target {args.name}: receivers {', '.join(args.receiver)}")
+    return OK
+
+
+def cmd_dr_target_remove(args: Any) -> int:
+    pool_client(args).remove_dr_target(args.name)
+    if is_json(args):
+        emit_json({"removed": args.name})
+    else:
+        console.print(f"DR target {args.name} removed")
+    return OK
+
+
+def cmd_dr_target_list(args: Any) -> int:
+    targets = pool_client(args).dr_targets()
+    if is_json(args):
+        emit_json({"targets": targets})
+        return OK
+    t = Table(title="DR targets", title_justify="left")
+    t.add_column("name")
+    t.add_column("receivers")
+    for target in targets:
+        t.add_row(target["name"], ", ".join(target["receivers"]))
     console.print(t)
     return OK

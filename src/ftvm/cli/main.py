@@ -239,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpo", help="a p99 lag target, e.g. 30s: prints the bandwidth it needs")
     p.add_argument("--svg", help="write the predicted lag over time to this SVG file")
 
+    p = cmd(dr, "add", dr_cmds.cmd_dr_add, "protect a VM at a DR target: its owner ships recovery points there")
+    p.add_argument("name")
+    p.add_argument("--to", required=True, help="the DR target (`ftvm dr target add`)")
+    p.add_argument("--rpo", default="30s", help="the RPO its lag is held against, e.g. 10s (default 30s)")
+    p = cmd(dr, "remove", dr_cmds.cmd_dr_remove, "stop DR replication of a VM (the DR site keeps its points)")
+    p.add_argument("name")
+    target = dr.add_parser("target", help="where this pool's recovery points may go").add_subparsers(
+        dest="target_sub", required=True)
+    p = cmd(target, "add", dr_cmds.cmd_dr_target_add, "add or change a DR target: another pool's receivers")
+    p.add_argument("name")
+    p.add_argument("--receiver", action="append", required=True, metavar="ADDR:PORT",
+                   help="a DR pool host's dr_listen address (repeat; tried in order)")
+    p = cmd(target, "remove", dr_cmds.cmd_dr_target_remove, "remove a DR target no VM uses")
+    p.add_argument("name")
+    cmd(target, "list", dr_cmds.cmd_dr_target_list, "the DR targets")
+
     guest = sub.add_parser("guest", help="the demo guest").add_subparsers(dest="sub", required=True)
     cmd(guest, "build", lab_cmds.cmd_guest_build, "build (or find cached) the demo guest")
     p = cmd(guest, "boot-disk", lab_cmds.cmd_guest_boot_disk,

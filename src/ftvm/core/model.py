@@ -15,7 +15,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from .health import settings_problem
-from .records import RECORD_VERSION, RecordError, as_object, check_version, from_fields
+from .records import RECORD_VERSION, RecordError, as_object, check_version, from_fields, value
 
 if TYPE_CHECKING:
     from .guest_failures import GuestRecord
@@ -48,6 +48,17 @@ def check_nic_ip(ip: str) -> str | None:
 
 def _normal_absolute(path: str) -> bool:
     return path.startswith("/") and posixpath.normpath(path) == path
+
+
+DR_RPO_MIN_S = 3.0
+DR_RPO_MAX_S = 86400.0
+
+
+def dr_interval_s(rpo_s: float) -> float:
+    """How often a VM's owner closes a recovery point: a third of the RPO target (a point
+    then waits at most an interval, and has two more to reach the DR site), at most a
+    minute. The model (core/dr_model.py) says what a link does with that."""
+    return max(1.0, min(60.0, rpo_s / 3))
 
 
 def spec_problem(spec: VmSpec) -> str | None:
@@ -84,6 +95,10 @@ def spec_problem(spec: VmSpec) -> str | None:
         return f"invalid preferred host {spec.preferred_host!r}"
     if spec.site and not valid_name(spec.site):
         return f"invalid site {spec.site!r}"
+    if spec.dr_target and not valid_name(spec.dr_target):
+        return f"invalid DR target {spec.dr_target!r}"
+    if spec.dr_target and not DR_RPO_MIN_S <= spec.dr_rpo_s <= DR_RPO_MAX_S:
+        return f"DR RPO {spec.dr_rpo_s:g} s out of range ({DR_RPO_MIN_S:g} s to {DR_RPO_MAX_S / 3600:g} h)"
     if not 0 <= spec.guest_restarts <= 100 or not 60 <= spec.guest_window_s <= 30 * 86400:
         return (f"guest restarts {spec.guest_restarts} per {spec.guest_window_s:g} s out of range "
                 "(0-100 per 1 min to 30 days)")
@@ -186,6 +201,10 @@ class VmSpec:
     # each other but both still reach the witness ("" none: the side running it keeps it;
     # core/sites.py)
     site: str = ""
+    # asynchronous DR: the DR target (a pool, `ftvm dr target add`) its recovery points go
+    # to, "" none; and the RPO the lag is held against (dr/, core/dr_points.py)
+    dr_target: str = ""
+    dr_rpo_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -323,6 +342,58 @@ class SyncProgress:
 
 
 @dataclass(frozen=True)
+class DrTarget:
+    """Where a pool's DR points go: the receivers of another pool (`ftvm dr target add`),
+    tried in order. Both pools hold the same DR pairing secret (host.toml dr_secret_file)."""
+
+    name: str
+    receivers: tuple[str, ...]   # "ADDR:PORT"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "receivers": list(self.receivers), "v": RECORD_VERSION}
+
+    @staticmethod
+    def from_json(d: object) -> DrTarget:
+        obj = as_object(d, "DR target")
+        check_version(obj, "DR target")
+        name = value(str, obj.get("name"), "DR target.name")
+        receivers = value(tuple[str, ...], obj.get("receivers"), "DR target.receivers")
+        if not valid_name(name) or not 0 < len(receivers) <= 8 or not all(receiver_problem(r) is None
+                                                                          for r in receivers):
+            raise RecordError("DR target: a name and 1-8 receivers ADDR:PORT")
+        return DrTarget(name, receivers)
+
+
+def receiver_problem(text: str) -> str | None:
+    addr, _, port = text.rpartition(":")
+    try:
+        ipaddress.ip_address(addr.strip("[]"))
+    except ValueError:
+        return f"receiver {text!r}: expected ADDR:PORT with an IP address"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"receiver {text!r}: port out of range"
+    return None
+
+
+@dataclass(frozen=True)
+class DrFigures:
+    """A VM's DR replication as its owner sees it (lease-bound, the owner's)."""
+
+    target: str
+    receiver: str = ""          # the one that answered
+    newest: int = 0             # newest point the DR site has from this owner (0: none yet)
+    newest_taken_at: float = 0.0
+    kind: str = ""              # how the newest point went: "incremental" | "diff"
+    data_bytes: int = 0         # disk content in it
+    wire_bytes: int = 0         # bytes sent for it
+    seconds: float = 0.0        # cut -> the receiver's ACK
+    since: float = 0.0          # this owner started replicating (lag counts from here before a point)
+    error: str = ""             # the last point's failure, "" when it went
+    sent_bytes: int = 0         # totals of this owner's session
+    written_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class CheckpointFigures:
     """Level 3 engine figures, published by the primary every few seconds (lease-bound)."""
 
@@ -424,6 +495,7 @@ class VmView:
     handover_host: str | None = None    # migrated: only this host may claim it now
     level_change: LevelChange | None = None  # online protection level change asked / under way
     guest: "GuestRecord | None" = None  # the guest's own failures, and whether ftvm gave up on it
+    dr: DrFigures | None = None         # DR replication, as its owner reports it
 
     def copy_state(self, host: str) -> "CopyState | None":
         """Level 2: the state of `host`'s copy, None if it holds none."""
@@ -466,6 +538,7 @@ class PoolSnapshot:
     maintenance: frozenset[str] = frozenset()  # hosts an operator put in maintenance: nothing placed there
     frozen: dict[str, FrozenVm] = field(default_factory=dict)  # VMs left alone: a record is unreadable
     bad: tuple[BadRecord, ...] = ()  # every unreadable value (frozen VMs' and those read as absent)
+    dr_targets: dict[str, DrTarget] = field(default_factory=dict)  # where DR points may go
 
     def holding_frozen(self, previous: PoolSnapshot | None) -> PoolSnapshot:
         """This snapshot with each frozen VM's last readable view kept (from `previous`), so

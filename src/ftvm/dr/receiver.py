@@ -54,7 +54,7 @@ class Receiver:
         source pool (None: not paired); `failed_over(pool, vm)`: the VM was started here
         (a failover): it takes no more points from the old site."""
         self.root, self.key_for, self.on_commit, self.failed_over = root, key_for, on_commit, failed_over
-        self.live: set[tuple[str, str]] = set()
+        self.live: dict[tuple[str, str], asyncio.Task[Any]] = {}  # the session of each VM
         self.server: asyncio.Server | None = None
 
     async def serve(self, host: str, port: int) -> int:
@@ -78,21 +78,32 @@ class Receiver:
             return
         key = self.key_for(pool)
         why = ("pool not paired with this DR pool" if key is None
-               else "a session for this VM is live" if (pool, vm) in self.live
                else "the VM was failed over to the DR pool: it takes no more points" if self.failed_over(pool, vm)
                else None)
         if why is not None or key is None:
             log.warning("DR session for %s/%s from %s refused: %s", pool, vm, peer, why)
             await refuse(writer, why or "")
             return
-        self.live.add((pool, vm))
+        me = asyncio.current_task()
+        assert me is not None
         try:
             ch = await accept_session(reader, writer, key, body)
+            # The newest authenticated session of a VM wins: its owner changed (a failover, a
+            # migration), and the old owner's connection may be half-open for minutes. The
+            # old session's point in flight is dropped; the new sender sees where we stand.
+            old = self.live.get((pool, vm))
+            if old is not None:
+                log.info("DR session for %s/%s from %s replaces the one before", pool, vm, peer)
+                old.cancel()
+                with suppress(BaseException):
+                    await old
+            self.live[(pool, vm)] = me
             await self._session(ch, pool, vm, sizes)
         except (WireError, JournalError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
             log.warning("DR session for %s/%s from %s ended: %s", pool, vm, peer, e)
         finally:
-            self.live.discard((pool, vm))
+            if self.live.get((pool, vm)) is me:
+                del self.live[(pool, vm)]
             writer.close()
 
     def _replica(self, pool: str, vm: str, sizes: tuple[int, ...]) -> Replica:

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..core.timing import Timing
 from ..guest.build import default_cache_dir
 from ..pki import TlsFiles, init_pool
+from ..secret import make_secret
 from ..store.etcd import EtcdClient, EtcdError
 from . import topology as topo
 
@@ -111,6 +112,11 @@ class LabState:
     @property
     def pool_secret_file(self) -> Path:
         return self.pki_dir / "pool.secret"
+
+    @property
+    def dr_secret_file(self) -> Path:
+        """The DR pairing secret (host.toml dr_secret_file), which a DR pool would share."""
+        return self.pki_dir / "dr.secret"
 
     @property
     def api_token_file(self) -> Path:
@@ -208,6 +214,8 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
         if not state.pki_dir.exists():  # what `ftvm pool init` makes; the lab's hosts share one copy
             init_pool(state.pki_dir, POOL, [topo.ETCD_ADDR, "127.0.0.1"],
                       {h: topo.host_quorum_addr(h).split("/")[0] for h in hosts})
+        if not state.dr_secret_file.exists():  # DR pairing: every lab host can ship and receive
+            make_secret(state.dr_secret_file)
         _start_etcd(state)
         for h in hosts:
             _write_host_config(state, h, probe_kernel, compare=h in l3_compare_hosts, cold=h in l3_cold_hosts)
@@ -409,6 +417,7 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None, com
         f'etcd_cert = "{state.pki_dir / "hosts" / (host + ".crt")}"',
         f'etcd_key = "{state.pki_dir / "hosts" / (host + ".key")}"',
         f'pool_secret_file = "{state.pool_secret_file}"',
+        f'dr_secret_file = "{state.dr_secret_file}"', f'dr_listen = "{topo.dr_receiver(host)}"',
     ] + ([f'site = "{state.sites[host]}"'] if host in state.sites else [])
     peers: dict[str, list[str]] = {}
     for link in topo.a_links(state.hosts):

@@ -26,6 +26,7 @@ MGMT_ADDR = "10.77.1.254/24"
 ETCD_ADDR = "10.77.1.1"
 ETCD_PORT = 2379
 API_PORT = 7400                # each agent's REST API and /metrics, on its quorum-side address
+DR_PORT = 7420                 # each agent's DR receiver (dr_listen), on its LAN address
 LAB_RAM_DIR = Path("/dev/shm/ftvm-lab")  # level 3 guest RAM files of the lab's hosts
 CLIENT_ADDR = "10.77.0.2/24"
 VM_SUBNET_FIRST = 100          # demo VMs get 10.77.0.100 and up
@@ -59,6 +60,11 @@ def host_index(host: str) -> int:
 
 def host_lan_addr(host: str) -> str:
     return f"10.77.0.{10 + host_index(host)}/24"
+
+
+def dr_receiver(host: str) -> str:
+    """Where a lab host takes DR points (every lab host can receive them)."""
+    return f"{host_lan_addr(host).split('/')[0]}:{DR_PORT}"
 
 
 def host_quorum_addr(host: str) -> str:

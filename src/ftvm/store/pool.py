@@ -15,6 +15,8 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/vms/<vm>/export/<h> Export      lease: h's; h serves its copy over NBD
     state/vms/<vm>/sync       progress    lease: the owner's; resync of the partner's copy
     state/vms/<vm>/checkpoints figures    lease: the owner's; level 3 engine figures
+    state/vms/<vm>/dr         DrFigures   lease: the owner's; DR replication (dr/sender.py)
+    state/dr-targets/<name>   DrTarget    no lease; another pool's DR receivers (`ftvm dr target add`)
     state/vms/<vm>/migration  Migration   lease: the owner's; a live migration asked / under way
     state/vms/<vm>/incoming   Incoming    lease: the target's; it listens for the migration
     state/vms/<vm>/handover   {host}      lease: the target's; migrated: only it may claim the VM
@@ -65,8 +67,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
-from ..core.model import (BadRecord, CheckpointFigures, Export, FrozenVm, HostInfo, Incoming, LevelChange,
-                          Migration, Ownership, PoolSnapshot, SyncProgress, VmSpec, VmStatus, VmView, valid_name)
+from ..core.model import (BadRecord, CheckpointFigures, DrFigures, DrTarget, Export, FrozenVm, HostInfo, Incoming,
+                          LevelChange, Migration, Ownership, PoolSnapshot, SyncProgress, VmSpec, VmStatus, VmView,
+                          valid_name)
 from ..core.availability import HistoryRecord
 from ..core.guest_failures import GuestRecord
 from ..core.records import RecordError, as_object, from_fields, value
@@ -232,6 +235,17 @@ class PoolStore:
         op = put_json(key, figures.__dict__, lease) if figures else Delete(key)
         await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token)], [op])
 
+    async def report_dr(self, vm: str, token: int, figures: DrFigures | None, lease: int) -> None:
+        key = self.vm_key(vm, "dr")
+        op = put_json(key, figures.__dict__, lease) if figures else Delete(key)
+        await self.etcd.txn([created_at(self.vm_key(vm, "owner"), token)], [op])
+
+    async def set_dr_target(self, target: DrTarget) -> None:
+        await self.etcd.put(f"{self.state}dr-targets/{target.name}", json.dumps(target.to_json()).encode())
+
+    async def remove_dr_target(self, name: str) -> bool:
+        return await self.etcd.delete(f"{self.state}dr-targets/{name}") > 0
+
     async def take_over(self, vm: str, old_token: int, copies_seen: Copies, copies_new: Copies) -> bool:
         """Level 3 partner: end the old primary's ownership while its lease may still live,
         if it still owns the VM under `old_token` and the copies record (which says this
@@ -320,7 +334,7 @@ class PoolStore:
              Delete(self.vm_key(vm, "migration")), Delete(self.vm_key(vm, "incoming")),
              # the source's own figures go with its ownership: read after the move, they
              # would describe a replica the new owner has not built yet
-             Delete(self.vm_key(vm, "checkpoints")), Delete(self.vm_key(vm, "sync")),
+             Delete(self.vm_key(vm, "checkpoints")), Delete(self.vm_key(vm, "sync")), Delete(self.vm_key(vm, "dr")),
              put_json(self.vm_key(vm, "handover"), {"host": target}, target_lease)])
         return r.succeeded
 
@@ -472,7 +486,7 @@ def _host_of(d: object, what: str) -> str:
 # The parts of a VM that only its owner writes, for display and figures: an unreadable one
 # is read as absent (the owner writes it again). Every other part decides what may be done
 # to the VM: an unreadable one freezes it.
-_ADVISORY = frozenset({"status", "sync", "checkpoints"})
+_ADVISORY = frozenset({"status", "sync", "checkpoints", "dr"})
 
 
 def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> PoolSnapshot:
@@ -480,6 +494,7 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
     links: dict[str, dict[str, dict[str, bool]]] = {}
     parts: dict[str, dict[str, Any]] = {}
     maintenance: set[str] = set()
+    dr_targets: dict[str, DrTarget] = {}
     bad: list[BadRecord] = []
     for kv in kvs:
         rest = kv.key[len(state_prefix):].split("/")
@@ -493,6 +508,11 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
                 links[rest[1]] = value(dict[str, dict[str, bool]], _json(kv), "links")
             elif rest[0] == "maintenance" and len(rest) == 2:
                 maintenance.add(rest[1])
+            elif rest[0] == "dr-targets" and len(rest) == 2:
+                target = DrTarget.from_json(_json(kv))
+                if target.name != rest[1]:
+                    raise RecordError(f"names DR target {target.name!r}, not {rest[1]!r}")
+                dr_targets[rest[1]] = target
             elif rest[0] == "vms" and len(rest) in (3, 4):
                 if not valid_name(rest[1]):
                     raise RecordError(f"invalid VM name {rest[1]!r} in the key")
@@ -512,7 +532,7 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
             frozen[name] = FrozenVm(name, f.problem, owner.create_revision if owner else None)
             bad.append(f.problem)
     return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links,
-                        maintenance=frozenset(maintenance), frozen=frozen, bad=tuple(bad))
+                        maintenance=frozenset(maintenance), frozen=frozen, bad=tuple(bad), dr_targets=dr_targets)
 
 
 class _Frozen(Exception):
@@ -561,6 +581,7 @@ def _parse_vm(name: str, p: dict[str, KeyValue], bad: list[BadRecord]) -> VmView
         handover_host=read("handover", _host_of, "handover"),
         level_change=read("level", LevelChange.from_json),
         guest=read("guest", GuestRecord.from_json),
+        dr=read("dr", lambda d: from_fields(DrFigures, d, "dr")),
     )
 
 
