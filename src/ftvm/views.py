@@ -3,10 +3,12 @@ dashboard show. One place, so every front end says the same thing."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, NotRequired, TypedDict
 
 from .core.decide import choose_host
+from .core.dr_points import lag_s
 from .core.model import Desired, FrozenVm, PoolSnapshot, RunState, VmView
 from .core.protection import protection, replica_text
 
@@ -41,6 +43,7 @@ class VmRow(TypedDict):
     status: NotRequired[dict[str, Any] | None]
     fencing_token: NotRequired[int | None]
     guest: NotRequired[dict[str, Any] | None]  # vm_detail: its own failures (core/guest_failures.py)
+    dr: NotRequired[dict[str, Any] | None]     # DR replication (dr_row), for a VM with a DR target
 
 
 class HostRow(TypedDict):
@@ -83,7 +86,22 @@ def vm_row(snap: PoolSnapshot, view: VmView) -> VmRow:
             "macs": [n.mac for n in view.spec.nics], "home": view.home,
             "migration": _move(view), "level_change": _level_change(view),
             "preferred_host": view.spec.preferred_host, "failback": view.spec.failback,
-            "cannot_start": cannot_start, "site_caveat": prot.site_caveat}
+            "cannot_start": cannot_start, "site_caveat": prot.site_caveat, "dr": dr_row(view, time.time())}
+
+
+def dr_row(view: VmView, now: float) -> dict[str, Any] | None:
+    """A VM's DR replication as front ends show it: the lag against its RPO (core/dr_points.py)."""
+    spec, f = view.spec, view.dr
+    if not spec.dr_target:
+        return None
+    running = view.owner is not None
+    lag = lag_s(f.newest_taken_at if f and f.newest else None, now, f.since if f else now) if running else None
+    return {"target": spec.dr_target, "rpo_s": spec.dr_rpo_s, "lag_s": None if lag is None else round(lag, 1),
+            "within_rpo": lag is not None and lag <= spec.dr_rpo_s,
+            "newest": f.newest if f else 0, "newest_taken_at": f.newest_taken_at if f else 0.0,
+            "kind": f.kind if f else "", "data_bytes": f.data_bytes if f else 0, "wire_bytes": f.wire_bytes if f else 0,
+            "sent_bytes": f.sent_bytes if f else 0, "written_bytes": f.written_bytes if f else 0,
+            "receiver": f.receiver if f else "", "error": f.error if f else ""}
 
 
 def frozen_row(frozen: FrozenVm) -> VmRow:

@@ -15,6 +15,7 @@ from ftvm.dr.journal import Replica
 from ftvm.lab import lab as labmod
 from ftvm.lab import topology as topo
 from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk, replica_current
+from ftvm.views import row_of
 
 VM, INDEX = "dr1", 90
 DISK = 64 << 20
@@ -51,10 +52,19 @@ def test_recovery_points_hold_every_acknowledged_record_and_survive_a_failover(
         last_ack = max(a.t for a in acks)
         pool.wait_for("a point cut after the last acknowledgement", lambda s: s.vms[VM].dr is not None
                       and s.vms[VM].dr.newest_taken_at > last_ack and not s.vms[VM].dr.error, 60)
-        dr = pool.snapshot().vms[VM].dr
+        snap = pool.snapshot()
+        dr = snap.vms[VM].dr
         assert dr is not None and dr.kind == "incremental" and dr.receiver == topo.dr_receiver("h2")
+        shown = row_of(snap, VM)["dr"]  # what status, the API and the metrics show
+        assert shown is not None and shown["within_rpo"] and shown["newest"] == dr.newest, shown
         first_point = dr.newest
         rep = Replica(replica_dir)
+        # the receiving host tells its pool which points it keeps (`ftvm dr points`)
+        snap = pool.wait_for("the points published", lambda s: ("lab", VM) in s.dr_replicas
+                             and s.dr_replicas[("lab", VM)].points[-1].number >= first_point, 30)
+        published = snap.dr_replicas[("lab", VM)]
+        assert published.host == "h2" and published.sizes == (DISK,)
+        assert [p.number for p in published.points] == [n for n in rep.numbers() if n <= published.points[-1].number]
         image = rep.materialize(first_point, tmp_path / "p")[0]
         on_disk, lost = check_acked_on_disk(image, acks)
         assert lost == [] and len(acks) >= 50, (len(acks), lost[:3])

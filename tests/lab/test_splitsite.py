@@ -146,15 +146,19 @@ def test_a_cut_between_the_sites_leaves_each_vm_to_its_preferred_site(lab_sites:
     lab = lab_sites
     pool = LabPool(lab)
     vms = {"y2": (83, Level.COMPONENT, "b"), "y3": (84, Level.SYSTEM, "b"), "k2": (85, Level.COMPONENT, "a")}
-    for name, (index, level, site) in vms.items():
-        pool.define_ledger_vm(name, index, level, guest_image, host="h1", site=site)
+    for name, (index, level, _) in vms.items():
+        pool.define_ledger_vm(name, index, level, guest_image, host="h1")
     clients: dict[str, LabClient] = {}
     try:
-        for name, (index, level, _) in vms.items():
+        for name, (index, level, site) in vms.items():
             assert pool.wait_running(name, 60) == "h1"
             pool.wait_answering(_ip(index), 60)
             pool.wait_for(f"{name} protected", l3_protected(name) if level is Level.SYSTEM
                           else replica_current(name), 180)
+            # the preferred site once it runs and is protected on h1: a VM away from its
+            # preferred site goes there at its first hiccup (a partner restarting after the
+            # previous test's site loss did that once in CI), which is not this test's subject
+            pool.run(lambda store, n=name, s=site: ops.set_site(store, n, s))
         with CopyObserver("y2") as o2, CopyObserver("y3") as o3, CopyObserver("k2") as ok:
             # level 3 keeps the connection (a long wait is a failure of its own); a restart at level 2
             # ends it: a client that sent a request the guest took but never answered waits for its

@@ -130,3 +130,23 @@ def test_a_packed_extent_must_inflate_to_what_it_says(tmp_path: Path) -> None:
         w.add_packed(0, 0, 8192, bomb)  # no declared size: refused, nothing inflated
     w.commit()
     assert NewestImage(rep).read(0, 0, 8192) == b"a" * 8192
+
+
+def test_retention_consolidates_old_points_without_changing_a_kept_point_s_image(tmp_path: Path) -> None:
+    from ftvm.core.dr_points import Retention
+    rng = random.Random(3)
+    rep = Replica.create(tmp_path / "vm", SIZES)
+    model = [bytearray(s) for s in SIZES]
+    expected = {}
+    for n in range(1, 9):  # taken at 1001..1008 s (see _random_point)
+        _random_point(rep, n, model, rng)
+        expected[n] = [bytes(m) for m in model]
+    rep.mark_tested(3)
+    # now = 1008 + 3600 + 4.5: points older than an hour go, one per hour (all in one hour) stays;
+    # the tested one stays too; the newest always
+    plan = rep.retain(Retention(all_for_s=3600, hourly_for_s=7 * 86400), 1008 + 3600 + 4.5)
+    kept = rep.numbers()
+    assert 8 in kept and 3 in kept and len(kept) < 8, (kept, plan)
+    for n in kept:
+        assert _images(rep.materialize(n, tmp_path / f"k{n}")) == expected[n]
+    assert rep.header(8).taken_at == 1008.0

@@ -64,3 +64,16 @@ def test_dr_targets_and_dr_specs_are_checked_when_read() -> None:
     assert "RPO" in (spec_problem(VmSpec("web", Level.COMPONENT, 256, 1, (), (), dr_target="far",
                                          dr_rpo_s=1.0)) or "")
     assert dr_interval_s(10.0) == 10 / 3 and dr_interval_s(3600) == 60 and dr_interval_s(3) == 1
+
+
+def test_a_dr_replica_record_round_trips_and_bad_ones_are_refused() -> None:
+    import pytest
+
+    from ftvm.core.model import DrPoint, DrReplica
+    from ftvm.core.records import RecordError
+    r = DrReplica("lab", "web", "h2", (DrPoint(1, 10.0), DrPoint(2, 12.5, tested=True)), (64 << 20,), 13.0)
+    assert DrReplica.from_json(r.to_json()) == r
+    for bad in ({"points": "x"}, {"host": "H 2"}, {"points": [{"number": "1", "taken_at": 1.0}]},
+                {"points": [{"number": 1, "taken_at": 1.0}] * 10_001}):
+        with pytest.raises(RecordError):
+            DrReplica.from_json(r.to_json() | bad)

@@ -22,8 +22,9 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.model import DrFigures, PoolSnapshot, RunState, dr_interval_s
+from ..core.model import DrFigures, DrPoint, DrReplica, PoolSnapshot, RunState, dr_interval_s
 from ..dr.capture import PointCapture
+from ..dr.journal import JournalError, Replica
 from ..dr.receiver import Committed, Receiver
 from ..dr.sender import DrError, DrSender
 from ..qemu.process import QemuError, QemuVm
@@ -32,10 +33,11 @@ from ..secret import derive
 from ..store.etcd import EtcdError
 from .config import AgentConfig
 from .context import HostContext
-from .local import LocalRecord
+from .local import LocalRecord, spawn
 
 log = logging.getLogger("ftvm.agent.dr")
 NBD_SOCKET = "bitmaps.sock"   # the QEMU's one NBD server, shared with level 3 (l3/disk_writes.py)
+PUBLISH_EVERY_S = 5.0
 
 
 def dr_key(secret: bytes, source_pool: str) -> bytes:
@@ -55,6 +57,9 @@ class DrShipping:
         self.locks: dict[str, asyncio.Lock] = {}
         self.quieted: set[str] = set()
         self.receiver: Receiver | None = None
+        self.published_lease = 0  # the lease the replica records were last published under
+        self.unpublished: set[tuple[str, str]] = set()       # (pool, vm) with points not yet in the store
+        self.published_at: dict[tuple[str, str], float] = {}  # monotonic
 
     # --- receiving ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -69,13 +74,60 @@ class DrShipping:
         except OSError as e:
             self.ctx.journal.event("", "error", f"cannot receive DR points on {addr}:{port}: {e}")
             self.receiver = None
+            return
+        await self._publish_all()
 
     def _committed(self, c: Committed) -> None:
         log.info("DR point %d of %s/%s committed (%d bytes)", c.number, c.pool, c.vm, c.stored_bytes)
+        self.unpublished.add((c.pool, c.vm))
+        self._publish_due()
+
+    def _publish_due(self) -> None:
+        """Replica records written at most every PUBLISH_EVERY_S each (a point may come every
+        second; the record lists them all)."""
+        now = time.monotonic()
+        for key in list(self.unpublished):
+            if now - self.published_at.get(key, -PUBLISH_EVERY_S) >= PUBLISH_EVERY_S:
+                self.unpublished.discard(key)
+                self.published_at[key] = now
+                spawn(self._publish(*key), name=f"dr-publish-{key[0]}-{key[1]}")
+
+    def _replica_dir(self, pool: str, vm: str) -> Path:
+        assert self.cfg.local_storage is not None
+        return self.cfg.local_storage / "dr" / pool / vm
+
+    async def _publish(self, pool: str, vm: str) -> None:
+        """Tell this pool which points of `pool`'s VM this host keeps (`ftvm dr points`)."""
+        def summary() -> DrReplica:
+            rep = Replica(self._replica_dir(pool, vm))
+            tested = rep.tested()
+            points = tuple(DrPoint(n, rep.header(n).taken_at, n in tested) for n in rep.numbers())
+            return DrReplica(pool, vm, self.cfg.name, points, rep.sizes, time.time())
+        try:
+            replica = await asyncio.to_thread(summary)
+            await self.ctx.store.publish_dr_replica(replica, self.ctx.lease)
+            self.published_lease = self.ctx.lease
+        except (OSError, ValueError, JournalError, EtcdError) as e:
+            log.warning("DR replica %s/%s not published: %s", pool, vm, e)
+
+    async def _publish_all(self) -> None:
+        """Every replica kept here (at start, and under a new lease: the records live on it)."""
+        root = (self.cfg.local_storage / "dr") if self.cfg.local_storage else None
+        self.published_lease = self.ctx.lease
+        if root is None or not root.is_dir():
+            return
+        for pool_dir in sorted(root.iterdir()):
+            for vm_dir in sorted(pool_dir.iterdir()) if pool_dir.is_dir() else []:
+                if (vm_dir / "state.json").exists():
+                    await self._publish(pool_dir.name, vm_dir.name)
 
     # --- shipping ----------------------------------------------------------------------------
     def sync(self, snapshot: PoolSnapshot) -> None:
         """After each tick: a task for each VM owned and running here with a DR target."""
+        if self.receiver is not None and self.published_lease != self.ctx.lease:
+            self.published_lease = self.ctx.lease
+            spawn(self._publish_all(), name="dr-publish-all")
+        self._publish_due()
         wanted: dict[str, tuple[str, float]] = {}
         for name, rec in self.vms.items():
             view = snapshot.vms.get(name)

@@ -8,12 +8,14 @@ aggregate with `max by (vm)`. Counters are this agent's since it started.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..core.model import Level, PoolSnapshot, RunState
 from ..core.protection import protection
 from ..core.replication import CopyState
+from ..views import dr_row
 
 
 @dataclass
@@ -126,6 +128,19 @@ def render(snapshot: PoolSnapshot, health: AgentHealth, counters: AgentCounters)
                 view.sync.total, vm=name, host=view.sync.host)
             fam("ftvm_vm_out_of_sync_bytes", "gauge", "bytes the partner's copy still lacks").add(
                 max(0, view.sync.total - view.sync.done), vm=name, host=view.sync.host)
+        dr = dr_row(view, time.time())
+        if dr is not None:
+            fam("ftvm_vm_dr_rpo_seconds", "gauge", "the RPO target of the VM's DR replication").add(
+                dr["rpo_s"], vm=name, target=dr["target"])
+            if dr["lag_s"] is not None:
+                fam("ftvm_vm_dr_lag_seconds", "gauge", "now minus the cut of the newest point at the DR site").add(
+                    dr["lag_s"], vm=name, target=dr["target"])
+            fam("ftvm_vm_dr_point", "gauge", "the newest recovery point at the DR site (its number)").add(
+                dr["newest"], vm=name, target=dr["target"])
+            fam("ftvm_vm_dr_sent_bytes", "gauge", "bytes this owner sent to the DR site (compressed)").add(
+                dr["sent_bytes"], vm=name, target=dr["target"])
+            fam("ftvm_vm_dr_written_bytes", "gauge", "disk bytes this owner shipped to the DR site").add(
+                dr["written_bytes"], vm=name, target=dr["target"])
         c3 = view.checkpoints
         if spec.level is Level.SYSTEM and c3 is not None:
             fam("ftvm_vm_checkpoints_per_second", "gauge", "level 3 checkpoints per second (last 10 s)").add(

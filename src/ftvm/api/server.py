@@ -310,6 +310,10 @@ def make_app(ctx: ApiContext) -> web.Application:
         snap = await ctx.snapshot()
         return web.json_response({"targets": [t.to_json() for t in snap.dr_targets.values()]})
 
+    async def dr_replicas(request: web.Request) -> web.Response:
+        snap = await ctx.snapshot()
+        return web.json_response({"replicas": [r.to_json() for _, r in sorted(snap.dr_replicas.items())]})
+
     async def put_dr_target(request: web.Request) -> web.Response:
         try:
             receivers = (await request.json())["receivers"]
@@ -363,6 +367,7 @@ def make_app(ctx: ApiContext) -> web.Application:
         web.get("/api/v1/vms/{name}/availability", availability),
         web.get("/api/v1/jobs/{id}", get_job),
         web.get("/api/v1/dr-targets", dr_targets),
+        web.get("/api/v1/dr-replicas", dr_replicas),
         web.put("/api/v1/dr-targets/{name}", put_dr_target),
         web.delete("/api/v1/dr-targets/{name}", delete_dr_target),
     ])

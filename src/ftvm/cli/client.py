@@ -55,6 +55,7 @@ class PoolClient(Protocol):
     def events(self, limit: int, since_revision: int = 0) -> tuple[list[Event], int]: ...
     def availability(self, days: float, names: list[str]) -> list[dict[str, Any]]: ...
     def dr_targets(self) -> list[dict[str, Any]]: ...
+    def dr_replicas(self) -> list[dict[str, Any]]: ...
     def set_dr_target(self, name: str, receivers: list[str]) -> None: ...
     def remove_dr_target(self, name: str) -> None: ...
 
@@ -160,6 +161,10 @@ class DirectClient:
 
     def set_dr_target(self, name: str, receivers: list[str]) -> None:
         with_store(self.args, lambda s: ops.set_dr_target(s, name, receivers))
+
+    def dr_replicas(self) -> list[dict[str, Any]]:
+        snap = with_store(self.args, lambda s: s.snapshot())
+        return [r.to_json() for _, r in sorted(snap.dr_replicas.items())]
 
     def remove_dr_target(self, name: str) -> None:
         with_store(self.args, lambda s: ops.remove_dr_target(s, name))
@@ -269,6 +274,9 @@ class HttpClient:
 
     def dr_targets(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/v1/dr-targets")["targets"])
+
+    def dr_replicas(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/api/v1/dr-replicas")["replicas"])
 
     def set_dr_target(self, name: str, receivers: list[str]) -> None:
         self._call("PUT", f"/api/v1/dr-targets/{_q(name)}", {"receivers": receivers})

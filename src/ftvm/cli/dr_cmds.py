@@ -124,3 +124,31 @@ def cmd_dr_target_list(args: Any) -> int:
         t.add_row(target["name"], ", ".join(target["receivers"]))
     console.print(t)
     return OK
+
+
+def cmd_dr_points(args: Any) -> int:
+    """The points a host of this pool (the DR site) keeps of a VM, oldest first."""
+    import time as _time
+    found = [r for r in pool_client(args).dr_replicas()
+             if r["vm"] == args.name and (args.source is None or r["pool"] == args.source)]
+    if not found:
+        raise CliError(f"this pool keeps no recovery points of VM {args.name}"
+                       + (f" of pool {args.source}" if args.source else "") + " (ask the DR pool: --pool/--etcd)",
+                       NOT_FOUND)
+    if len(found) > 1:
+        raise CliError(f"VMs named {args.name} of several pools ({', '.join(r['pool'] for r in found)}): "
+                       "give --from POOL", BAD_INPUT)
+    r = found[0]
+    if is_json(args):
+        emit_json(r)
+        return OK
+    now = _time.time()
+    t = Table(title=f"recovery points of {r['pool']}/{r['vm']} kept on {r['host']} "
+                    f"({len(r['sizes'])} disks, {sum(r['sizes']) / 2**30:.1f} GiB)", title_justify="left")
+    for col in ("point", "taken (UTC)", "age", "tested"):
+        t.add_column(col, justify="right")
+    for p in r["points"]:
+        t.add_row(str(p["number"]), _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(p["taken_at"])),
+                  f"{now - p['taken_at']:.0f} s", "yes" if p["tested"] else "")
+    console.print(t)
+    return OK

@@ -435,6 +435,14 @@ def cmd_vm_show(args: Any) -> int:
         t.add_row("preferred site", f"{spec.site} (runs there when it can; keeps it if the sites lose each other)")
     if spec.level is Level.SYSTEM:
         t.add_row("checkpoint interval", f"{spec.checkpoint_ms} ms")
+    dr = data.get("dr")
+    if dr:
+        verdict = "within" if dr["within_rpo"] else "[red]over[/]"
+        lag = ("not shipping (VM not running)" if dr["lag_s"] is None
+               else f"lag {dr['lag_s']:.1f} s {verdict} the RPO {dr['rpo_s']:g} s")
+        newest = (f"; newest point {dr['newest']} ({dr['kind']}, {dr['data_bytes'] / 2**20:.1f} MiB of data, "
+                  f"{dr['wire_bytes'] / 2**20:.2f} MiB sent)" if dr["newest"] else "")
+        t.add_row("DR", f"to {dr['target']}: {lag}{newest}" + (f"; [red]{dr['error']}[/]" if dr["error"] else ""))
     c = data.get("checkpoints")
     if c:
         t.add_row("checkpoints", f"{c['per_s']:.1f}/s to {c['partner']}, pause p50 {c['pause_p50_ms']:.0f} ms "

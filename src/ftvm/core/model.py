@@ -376,6 +376,43 @@ def receiver_problem(text: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class DrPoint:
+    number: int
+    taken_at: float
+    tested: bool = False
+
+
+@dataclass(frozen=True)
+class DrReplica:
+    """A VM of another pool whose recovery points a host of this pool keeps (lease-bound,
+    the receiving host's): what `ftvm dr points` lists and a DR failover starts from."""
+
+    pool: str                   # the VM's own pool
+    vm: str
+    host: str                   # the host of this pool keeping the points
+    points: tuple[DrPoint, ...]  # oldest first
+    sizes: tuple[int, ...]      # bytes per disk
+    updated: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pool": self.pool, "vm": self.vm, "host": self.host, "sizes": list(self.sizes),
+                "points": [asdict(p) for p in self.points], "updated": self.updated, "v": RECORD_VERSION}
+
+    @staticmethod
+    def from_json(d: object) -> DrReplica:
+        obj = as_object(d, "DR replica")
+        check_version(obj, "DR replica")
+        points = obj.get("points")
+        if not isinstance(points, list) or len(points) > 10_000:
+            raise RecordError("DR replica.points: expected a list of at most 10000")
+        replica = from_fields(DrReplica, obj, "DR replica", points=tuple(
+            from_fields(DrPoint, p, f"DR replica.points[{i}]") for i, p in enumerate(points)))
+        if not (valid_name(replica.pool) and valid_name(replica.vm) and valid_name(replica.host)):
+            raise RecordError("DR replica: invalid pool, VM or host name")
+        return replica
+
+
+@dataclass(frozen=True)
 class DrFigures:
     """A VM's DR replication as its owner sees it (lease-bound, the owner's)."""
 
@@ -539,6 +576,7 @@ class PoolSnapshot:
     frozen: dict[str, FrozenVm] = field(default_factory=dict)  # VMs left alone: a record is unreadable
     bad: tuple[BadRecord, ...] = ()  # every unreadable value (frozen VMs' and those read as absent)
     dr_targets: dict[str, DrTarget] = field(default_factory=dict)  # where DR points may go
+    dr_replicas: dict[tuple[str, str], DrReplica] = field(default_factory=dict)  # (pool, vm): points kept here
 
     def holding_frozen(self, previous: PoolSnapshot | None) -> PoolSnapshot:
         """This snapshot with each frozen VM's last readable view kept (from `previous`), so

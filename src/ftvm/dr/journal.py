@@ -36,6 +36,8 @@ from typing import BinaryIO
 
 import zstandard
 
+from ..core.dr_points import Consolidation, PointInfo, Retention, consolidation, to_keep
+
 MAGIC = b"FTVMDRP1"
 END = b"FTVMDRPE"
 HEADER = struct.Struct(">8sHQd")
@@ -336,7 +338,32 @@ class Replica:
         return PointWriter(self.point_path(number), PointHeader(number, taken_at, self.sizes))
 
     def header(self, number: int) -> PointHeader:
-        return read_point(self.point_path(number), self.sizes)[0]
+        """Point `number`'s header (read alone: its extents are checked when they are read)."""
+        path = self.point_path(number)
+        with open(path, "rb") as f:
+            magic, disks, got, taken_at = HEADER.unpack(_read_exact(f, HEADER.size, path.name))
+            if magic != MAGIC or got != number or disks != len(self.sizes):
+                raise JournalError(f"{path.name}: not point {number} of this replica")
+        return PointHeader(number, taken_at, self.sizes)
+
+    def tested(self) -> set[int]:
+        return {int(p.name.split(".")[0]) for p in self.points_dir.glob("*.tested") if p.name.split(".")[0].isdigit()}
+
+    def mark_tested(self, number: int) -> None:
+        (self.points_dir / f"{number}.tested").touch()
+
+    def retain(self, policy: Retention, now: float) -> Consolidation:
+        """Consolidate the points `policy` does not keep (core/dr_points.py); returns what was done."""
+        tested = self.tested()
+        infos = [PointInfo(n, self.header(n).taken_at, n in tested) for n in self.numbers()]
+        plan = consolidation([p.number for p in infos], to_keep(infos, now, policy))
+        for n in plan.into_base:
+            self.apply_to_base(n)
+        for older, into in plan.merges:
+            self.fold(older, into)
+        for n in tested - set(self.numbers()):
+            (self.points_dir / f"{n}.tested").unlink(missing_ok=True)
+        return plan
 
     # --- consolidation ---------------------------------------------------------------------
     def apply_to_base(self, number: int) -> None:

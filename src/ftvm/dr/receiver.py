@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.dr_points import Retention
 from ..core.model import NAME_RE
 from ..l3.channel import Channel, accept_session, read_hello, refuse
 from ..l3.wire import Msg, WireError
@@ -49,11 +51,13 @@ def block_hash(data: bytes) -> bytes:
 class Receiver:
     def __init__(self, root: Path, key_for: Callable[[str], bytes | None],
                  on_commit: Callable[[Committed], None] = lambda c: None,
-                 failed_over: Callable[[str, str], bool] = lambda pool, vm: False) -> None:
+                 failed_over: Callable[[str, str], bool] = lambda pool, vm: False,
+                 retention: Retention | None = None) -> None:
         """`root`: replicas go to root/<pool>/<vm>; `key_for(pool)`: the pairing key of a
         source pool (None: not paired); `failed_over(pool, vm)`: the VM was started here
         (a failover): it takes no more points from the old site."""
         self.root, self.key_for, self.on_commit, self.failed_over = root, key_for, on_commit, failed_over
+        self.retention = retention or Retention()
         self.live: dict[tuple[str, str], asyncio.Task[Any]] = {}  # the session of each VM
         self.server: asyncio.Server | None = None
 
@@ -159,7 +163,10 @@ class Receiver:
                     await asyncio.to_thread(point.commit)
                     stored = point.path.stat().st_size
                     header, point = point.header, None
-                    if image is not None:
+                    plan = await asyncio.to_thread(rep.retain, self.retention, time.time())
+                    if plan.into_base or plan.merges:
+                        image = None  # (its index points into files consolidation changed)
+                    elif image is not None:
                         await asyncio.to_thread(image.add_point, number)
                     self.on_commit(Committed(pool, vm, number, header.taken_at, stored))
                     await ch.send(encode_number(Msg.DR_ACK, number))

@@ -17,6 +17,8 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/vms/<vm>/checkpoints figures    lease: the owner's; level 3 engine figures
     state/vms/<vm>/dr         DrFigures   lease: the owner's; DR replication (dr/sender.py)
     state/dr-targets/<name>   DrTarget    no lease; another pool's DR receivers (`ftvm dr target add`)
+    state/dr-replicas/<pool>/<vm>  DrReplica  lease: the receiving host's; the points it keeps of
+                                          another pool's VM (dr/receiver.py)
     state/vms/<vm>/migration  Migration   lease: the owner's; a live migration asked / under way
     state/vms/<vm>/incoming   Incoming    lease: the target's; it listens for the migration
     state/vms/<vm>/handover   {host}      lease: the target's; migrated: only it may claim the VM
@@ -67,9 +69,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
-from ..core.model import (BadRecord, CheckpointFigures, DrFigures, DrTarget, Export, FrozenVm, HostInfo, Incoming,
-                          LevelChange, Migration, Ownership, PoolSnapshot, SyncProgress, VmSpec, VmStatus, VmView,
-                          valid_name)
+from ..core.model import (BadRecord, CheckpointFigures, DrFigures, DrReplica, DrTarget, Export, FrozenVm, HostInfo,
+                          Incoming, LevelChange, Migration, Ownership, PoolSnapshot, SyncProgress, VmSpec, VmStatus,
+                          VmView, valid_name)
 from ..core.availability import HistoryRecord
 from ..core.guest_failures import GuestRecord
 from ..core.records import RecordError, as_object, from_fields, value
@@ -242,6 +244,10 @@ class PoolStore:
 
     async def set_dr_target(self, target: DrTarget) -> None:
         await self.etcd.put(f"{self.state}dr-targets/{target.name}", json.dumps(target.to_json()).encode())
+
+    async def publish_dr_replica(self, replica: DrReplica, lease: int) -> None:
+        await self.etcd.put(f"{self.state}dr-replicas/{replica.pool}/{replica.vm}",
+                            json.dumps(replica.to_json()).encode(), lease)
 
     async def remove_dr_target(self, name: str) -> bool:
         return await self.etcd.delete(f"{self.state}dr-targets/{name}") > 0
@@ -495,6 +501,7 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
     parts: dict[str, dict[str, Any]] = {}
     maintenance: set[str] = set()
     dr_targets: dict[str, DrTarget] = {}
+    dr_replicas: dict[tuple[str, str], DrReplica] = {}
     bad: list[BadRecord] = []
     for kv in kvs:
         rest = kv.key[len(state_prefix):].split("/")
@@ -508,6 +515,11 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
                 links[rest[1]] = value(dict[str, dict[str, bool]], _json(kv), "links")
             elif rest[0] == "maintenance" and len(rest) == 2:
                 maintenance.add(rest[1])
+            elif rest[0] == "dr-replicas" and len(rest) == 3:
+                replica = DrReplica.from_json(_json(kv))
+                if (replica.pool, replica.vm) != (rest[1], rest[2]):
+                    raise RecordError(f"names {replica.pool}/{replica.vm}, not {rest[1]}/{rest[2]}")
+                dr_replicas[(rest[1], rest[2])] = replica
             elif rest[0] == "dr-targets" and len(rest) == 2:
                 target = DrTarget.from_json(_json(kv))
                 if target.name != rest[1]:
@@ -532,7 +544,8 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
             frozen[name] = FrozenVm(name, f.problem, owner.create_revision if owner else None)
             bad.append(f.problem)
     return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links,
-                        maintenance=frozenset(maintenance), frozen=frozen, bad=tuple(bad), dr_targets=dr_targets)
+                        maintenance=frozenset(maintenance), frozen=frozen, bad=tuple(bad), dr_targets=dr_targets,
+                        dr_replicas=dr_replicas)
 
 
 class _Frozen(Exception):
