@@ -137,7 +137,9 @@ async def test_points_shipped_to_a_receiver_are_the_disks_at_each_cut(qsd: tuple
     try:
         cap = PointCapture(qmp, ["disk0", "disk1"], work, nbd)
         await cap.start()
-        sender = DrSender(cap, "web", "main", key, ("127.0.0.1", port))
+        from ftvm.core.model import DiskSpec, Level, VmSpec
+        spec = VmSpec("web", Level.COMPONENT, 256, 1, (DiskSpec(size=SIZE), DiskSpec(size=SIZE)), ())
+        sender = DrSender(cap, "web", "main", key, ("127.0.0.1", port), spec.to_json())
         write(nbd, 0, "write -P 0x11 0 1M", "write -P 0x12 9M 64k")
         write(nbd, 1, "write -P 0x21 3M 256k")
         saved = disks()
@@ -181,6 +183,7 @@ async def test_points_shipped_to_a_receiver_are_the_disks_at_each_cut(qsd: tuple
     finally:
         await receiver.close()
     rep = Replica(work / "dr" / "main" / "web")
+    assert VmSpec.from_json(rep.spec()) == spec  # what a failover at the DR site starts
     assert rep.numbers() == [1, 2, 3, 4] and [c.number for c in commits] == [1, 2, 3, 4]
     for n, expected in cuts.items():
         images = rep.materialize(n, work / f"point{n}")

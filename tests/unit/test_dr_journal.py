@@ -150,3 +150,15 @@ def test_retention_consolidates_old_points_without_changing_a_kept_point_s_image
     for n in kept:
         assert _images(rep.materialize(n, tmp_path / f"k{n}")) == expected[n]
     assert rep.header(8).taken_at == 1008.0
+
+
+def test_a_point_never_holds_more_than_its_disks(tmp_path: Path) -> None:
+    """A sender repeating the same block cannot fill the DR site's storage."""
+    rep = Replica.create(tmp_path / "vm", SIZES)
+    w = rep.begin(1, 1.0)
+    block = b"z" * 65536
+    with pytest.raises(JournalError, match="more than its disks"):
+        for _ in range(sum(SIZES) // len(block) + 1):
+            w.add(0, 0, block)
+    w.abort()
+    assert rep.numbers() == [] and not list((tmp_path / "vm" / "points").iterdir())

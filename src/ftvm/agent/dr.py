@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..core.model import DrFigures, DrPoint, DrReplica, PoolSnapshot, RunState, dr_interval_s
 from ..dr.capture import PointCapture
@@ -196,7 +197,7 @@ class DrShipping:
                                 sender.close()
                                 sender = None
                             qemu = rec.qemu
-                            sender = await self._sender(vm, qemu, dr_target.receivers[0])
+                            sender = await self._sender(vm, qemu, dr_target.receivers[0], view.spec.to_json())
                         shipped = await sender.ship()
                     except (DrError, QemuError, OSError) as e:
                         figures = replace(figures, error=str(e))
@@ -230,7 +231,7 @@ class DrShipping:
             if sender is not None:
                 sender.close()
 
-    async def _sender(self, vm: str, qemu: QemuVm, receiver: str) -> DrSender:
+    async def _sender(self, vm: str, qemu: QemuVm, receiver: str, spec: dict[str, Any]) -> DrSender:
         run_dir = qemu.paths.run_dir
         socket_path = run_dir / NBD_SOCKET
         try:
@@ -244,7 +245,8 @@ class DrShipping:
         capture = PointCapture(qemu, sorted(nodes, key=lambda n: int(n[4:])), run_dir, socket_path,
                                own=lambda p: own(Path(p)))
         await capture.start()
-        return DrSender(capture, vm, self.cfg.pool, dr_key(self.cfg.dr_secret, self.cfg.pool), _addr(receiver))
+        return DrSender(capture, vm, self.cfg.pool, dr_key(self.cfg.dr_secret, self.cfg.pool), _addr(receiver),
+                        spec)
 
     async def _report(self, vm: str, rec: LocalRecord, figures: DrFigures) -> None:
         with suppress(EtcdError):

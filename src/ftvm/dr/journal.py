@@ -86,6 +86,7 @@ class PointWriter:
         self.file: BinaryIO = open(self.part, "wb")
         self.hash = hashlib.sha256()
         self.extents = 0
+        self.raw_bytes = 0  # a point holds each block once: never more than the disks
         self._compress = zstandard.ZstdCompressor(level=COMPRESS_LEVEL)
         self._write(HEADER.pack(MAGIC, len(header.sizes), header.number, header.taken_at)
                     + b"".join(struct.pack(">Q", s) for s in header.sizes))
@@ -97,6 +98,7 @@ class PointWriter:
     def add(self, disk: int, offset: int, data: bytes, packed: bytes | None = None) -> None:
         """`packed`: `data` compressed already (zstd)."""
         _check_extent(self.header.sizes, disk, offset, len(data))
+        self._count(len(data))
         if packed is None:
             packed = self._compress.compress(data)
         codec, stored = (ZSTD, packed) if len(packed) < len(data) else (RAW, data)
@@ -107,6 +109,7 @@ class PointWriter:
         """An extent as it came over the link, compressed: stored as it is, once it is
         known to inflate to exactly `length` bytes (at most that many are inflated)."""
         _check_extent(self.header.sizes, disk, offset, length)
+        self._count(length)
         try:
             if zstandard.frame_content_size(packed) != length:
                 raise JournalError(f"extent at {offset}: its frame does not hold {length} bytes")
@@ -117,6 +120,11 @@ class PointWriter:
             raise JournalError(f"extent at {offset} inflates to {len(data)} bytes, not {length}")
         self._write(EXTENT.pack(disk, offset, length, len(packed), ZSTD) + packed)
         self.extents += 1
+
+    def _count(self, length: int) -> None:
+        self.raw_bytes += length
+        if self.raw_bytes > sum(self.header.sizes):
+            raise JournalError(f"point {self.header.number} holds more than its disks ({sum(self.header.sizes)} bytes)")
 
     def commit(self) -> None:
         self.file.write(TRAILER.pack(END, self.extents, self.hash.digest()))
@@ -313,6 +321,16 @@ class Replica:
             os.fsync(f.fileno())
         os.replace(tmp, d / "state.json")
         _sync_dir(d)
+
+    def save_spec(self, spec: dict[str, object]) -> None:
+        """The VM's spec as its owner last sent it (what a DR failover starts)."""
+        tmp = self.dir / "spec.json.tmp"
+        tmp.write_text(json.dumps(spec))
+        os.replace(tmp, self.dir / "spec.json")
+
+    def spec(self) -> dict[str, object] | None:
+        path = self.dir / "spec.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def disk_path(self, i: int) -> Path:
         return self.dir / f"disk-{i}.raw"

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.dr_points import Retention
-from ..core.model import NAME_RE
+from ..core.model import NAME_RE, VmSpec
+from ..core.records import RecordError
 from ..l3.channel import Channel, accept_session, read_hello, refuse
 from ..l3.wire import Msg, WireError
 from .journal import MAX_DISK_SIZE, MAX_DISKS, JournalError, NewestImage, PointWriter, Replica
@@ -102,8 +103,9 @@ class Receiver:
                 with suppress(BaseException):
                     await old
             self.live[(pool, vm)] = me
-            await self._session(ch, pool, vm, sizes)
-        except (WireError, JournalError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+            await self._session(ch, pool, vm, sizes, hello.get("spec"))
+        except (WireError, JournalError, RecordError, OSError, asyncio.IncompleteReadError,
+                asyncio.TimeoutError) as e:
             log.warning("DR session for %s/%s from %s ended: %s", pool, vm, peer, e)
         finally:
             if self.live.get((pool, vm)) is me:
@@ -120,8 +122,13 @@ class Receiver:
                                "the DR replica must be made again")
         return rep
 
-    async def _session(self, ch: Channel, pool: str, vm: str, sizes: tuple[int, ...]) -> None:
+    async def _session(self, ch: Channel, pool: str, vm: str, sizes: tuple[int, ...], spec: Any) -> None:
         rep = await asyncio.to_thread(self._replica, pool, vm, sizes)
+        if spec is not None:  # what a DR failover starts (checked like any spec read from a store)
+            checked = VmSpec.from_json(spec)
+            if checked.name != vm or len(checked.disks) != len(sizes):
+                raise WireError(f"HELLO's spec is of VM {checked.name!r} with {len(checked.disks)} disks")
+            await asyncio.to_thread(rep.save_spec, checked.to_json())
         newest = rep.newest()
         newest_at = rep.header(newest).taken_at if newest > rep.base_point else 0.0
         await ch.send(encode_json(Msg.DR_STATE, {"replica": rep.id, "newest": newest, "newest_taken_at": newest_at}))

@@ -54,8 +54,10 @@ class Shipped:
 
 
 class DrSender:
-    def __init__(self, capture: PointCapture, vm: str, pool: str, key: bytes, addr: tuple[str, int]) -> None:
-        self.capture, self.vm, self.pool, self.key, self.addr = capture, vm, pool, key, addr
+    def __init__(self, capture: PointCapture, vm: str, pool: str, key: bytes, addr: tuple[str, int],
+                 spec: dict[str, Any] | None = None) -> None:
+        """`spec`: the VM's spec, kept at the DR site for a failover there."""
+        self.capture, self.vm, self.pool, self.key, self.addr, self.spec = capture, vm, pool, key, addr, spec
         self.ch: Channel | None = None
         self.state: dict[str, Any] = {}
         self.delivered: tuple[str, int] | None = None  # (replica id, point) this sender's bitmaps continue from
@@ -64,8 +66,10 @@ class DrSender:
     async def _connect(self, sizes: tuple[int, ...]) -> Channel:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.addr), CONNECT_S)
         try:
-            ch = await open_session(reader, writer, self.key, {"vm": self.vm, "pool": self.pool,
-                                                               "sizes": list(sizes)})
+            hello: dict[str, Any] = {"vm": self.vm, "pool": self.pool, "sizes": list(sizes)}
+            if self.spec is not None:
+                hello["spec"] = self.spec
+            ch = await open_session(reader, writer, self.key, hello)
             kind, payload = await asyncio.wait_for(ch.receive(SENDER_LIMITS), CONNECT_S)
             if kind is not Msg.DR_STATE:
                 raise WireError(f"expected DR_STATE, got {kind.name}")
