@@ -13,8 +13,8 @@ from typing import Any
 from dataclasses import replace
 
 from .core.availability import Report, report
-from .core.model import (Desired, DiskSpec, DrTarget, Level, LevelChange, Migration, PoolSnapshot, VmSpec, VmView,
-                         receiver_problem, spec_problem, valid_name)
+from .core.model import (Desired, DiskSpec, DrReplica, DrTarget, DrTest, Level, LevelChange, Migration, PoolSnapshot,
+                         VmSpec, VmView, receiver_problem, spec_problem, valid_name)
 from .core.sites import sites
 from .core.placement import migration_problem, overcommit_problem, plan_evacuation
 from .core.transitions import How, plan_level_change
@@ -287,6 +287,62 @@ async def set_dr(store: PoolStore, name: str, target: str, rpo_s: float) -> VmSp
             raise FtvmError(f"{problem}; nothing changed", BAD_INPUT)
         return new
     return await _change_spec(store, name, change)
+
+
+def _dr_replica(snap: PoolSnapshot, vm: str, source: str | None) -> DrReplica:
+    found = [r for (pool, name), r in snap.dr_replicas.items() if name == vm and source in (None, pool)]
+    if not found:
+        raise FtvmError(f"this pool keeps no recovery points of VM {vm}" + (f" of pool {source}" if source else "")
+                        + " (ask the DR pool)", NOT_FOUND)
+    if len(found) > 1:
+        raise FtvmError(f"VMs named {vm} of several pools ({', '.join(r.pool for r in found)}): give the pool",
+                        BAD_INPUT)
+    return found[0]
+
+
+def dr_test_name(vm: str) -> str:
+    """The name a VM's test copy runs under at the DR site."""
+    return f"{vm[:26]}-drt"
+
+
+async def dr_test(store: PoolStore, vm: str, source: str | None = None, point: int | None = None) -> DrTest:
+    """A test failover at the DR site (this pool): the host keeping `vm`'s points starts a
+    copy of `point` (default the newest) on an isolated network, as VM `<vm>-drt`. The
+    replica and its replication go on untouched: the copy runs on images made for it."""
+    snap = await store.snapshot()
+    replica = _dr_replica(snap, vm, source)
+    numbers = [p.number for p in replica.points]
+    if not numbers:
+        raise FtvmError(f"no recovery point of {vm} yet", REFUSED)
+    if point is None:
+        point = numbers[-1]
+    elif point not in numbers:
+        raise FtvmError(f"no point {point} of {vm} (points {numbers[0]}-{numbers[-1]}: `ftvm dr points {vm}`)",
+                        NOT_FOUND)
+    test_vm = dr_test_name(vm)
+    if test_vm in snap.vms:
+        raise FtvmError(f"a VM named {test_vm} exists: end the test before (`ftvm dr test-end {vm}`)", REFUSED)
+    if replica.host not in snap.hosts:
+        raise FtvmError(f"{replica.host}, which keeps the points of {vm}, is down", REFUSED)
+    test = DrTest(replica.pool, vm, point, replica.host, test_vm, time.time())
+    if not await store.request_dr_test(test):
+        raise FtvmError(f"a test failover of {vm} is under way: `ftvm dr test-end {vm}` first", REFUSED)
+    return test
+
+
+async def dr_test_end(store: PoolStore, vm: str, source: str | None = None) -> DrTest:
+    """End a test failover: its copy is powered off and removed with its images."""
+    snap = await store.snapshot()
+    tests = [t for (pool, name), t in snap.dr_tests.items() if name == vm and source in (None, pool)]
+    if len(tests) != 1:
+        raise FtvmError(f"no test failover of {vm} is under way" if not tests
+                        else f"test failovers of {vm} of several pools: give the pool", NOT_FOUND if not tests
+                        else BAD_INPUT)
+    test = tests[0]
+    if test.test_vm in snap.vms:
+        await set_desired(store, test.test_vm, Desired.STOPPED, force=True)
+    await store.end_dr_test(test.pool, test.vm)
+    return test
 
 
 async def availability(store: PoolStore, start: float, end: float,

@@ -6,6 +6,7 @@ disk) and then increments again."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ftvm.core.model import Level
 from ftvm.dr.journal import Replica
 from ftvm.lab import lab as labmod
 from ftvm.lab import topology as topo
+from ftvm.qemu.cmdline import tap_name
 from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk, replica_current
 from ftvm.views import row_of
 
@@ -80,6 +82,25 @@ def test_recovery_points_hold_every_acknowledged_record_and_survive_a_failover(
         assert lost == [] and before, (len(before), lost[:3])
         print(f"DR: point {first_point} holds all {len(acks)} acknowledged records; point {early} the "
               f"{len(before)} acknowledged before its cut")
+
+        # a test failover at the DR site: a copy of a point runs on h2, isolated, while the
+        # production VM and its replication go on; the point is marked tested; the copy goes
+        test = pool.run(lambda st: ops.dr_test(st, VM, point=early))
+        assert test.host == "h2" and test.test_vm == ops.dr_test_name(VM)
+        assert pool.wait_running(test.test_vm, 90) == "h2"
+        tap = tap_name(test.test_vm, 0)
+        on_bridge = subprocess.run(["ip", "netns", "exec", topo.host_ns("h2"), "test", "-e",
+                                    f"/sys/class/net/{tap}/master"]).returncode == 0
+        assert not on_bridge, f"{tap} is on a bridge"
+        newest = pool.snapshot().vms[VM].dr.newest  # type: ignore[union-attr]
+        pool.wait_for("the point marked tested, replication going on", lambda s: any(
+            p.number == early and p.tested for p in s.dr_replicas[("lab", VM)].points)
+            and s.vms[VM].dr is not None and s.vms[VM].dr.newest > newest, 60)
+        assert pool.ask(ip, "P") == "PONG"  # production answers on its address, the copy is elsewhere
+        pool.run(lambda st: ops.dr_test_end(st, VM))
+        pool.wait_for("the test copy removed", lambda s: test.test_vm not in s.vms and ("lab", VM) not in s.dr_tests,
+                      60)
+        assert not (lab.host_dir("h2") / "local" / "dr-tests" / "lab" / VM).exists()
 
         # the owner's host loses power while the client writes: h2 runs the VM from its copy,
         # ships a diff (the hashes and what differs, not the disk), then increments

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -23,7 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..core.model import DrFigures, DrPoint, DrReplica, PoolSnapshot, RunState, dr_interval_s
+from ..core.model import (Desired, DiskSpec, DrFigures, DrPoint, DrReplica, DrTest, Level, PoolSnapshot, RunState,
+                          VmSpec, dr_interval_s)
+from ..core.records import RecordError
 from ..dr.capture import PointCapture
 from ..dr.journal import JournalError, Replica
 from ..dr.receiver import Committed, Receiver
@@ -60,6 +63,9 @@ class DrShipping:
         self.receiver: Receiver | None = None
         self.published_lease = 0  # the lease the replica records were last published under
         self.unpublished: set[tuple[str, str]] = set()       # (pool, vm) with points not yet in the store
+        self.testing: set[tuple[str, str]] = set()  # test copies being made
+        self.tested: set[tuple[str, str]] = set()   # tests whose point was marked tested
+        self.ending: set[str] = set()               # test copies being removed
         self.published_at: dict[tuple[str, str], float] = {}  # monotonic
 
     # --- receiving ---------------------------------------------------------------------------
@@ -122,13 +128,91 @@ class DrShipping:
                 if (vm_dir / "state.json").exists():
                     await self._publish(pool_dir.name, vm_dir.name)
 
+    # --- test failovers (this host keeps the points) -----------------------------------------
+    def _tests_dir(self) -> Path:
+        assert self.cfg.local_storage is not None
+        return self.cfg.local_storage / "dr-tests"
+
+    def _sync_tests(self, snapshot: PoolSnapshot) -> None:
+        """Start the copy of each test asked of a replica kept here; mark its point tested once
+        it runs; remove the copy of a test that was ended, once it has stopped."""
+        if self.receiver is None:
+            return
+        for key, test in snapshot.dr_tests.items():
+            if test.host != self.cfg.name or key in self.testing:
+                continue
+            view = snapshot.vms.get(test.test_vm)
+            if view is None and key not in self.tested:
+                self.testing.add(key)
+                spawn(self._start_test(test), name=f"dr-test-{test.vm}")
+            elif (view is not None and view.status is not None and view.status.state is RunState.RUNNING
+                  and key not in self.tested):
+                self.tested.add(key)
+                spawn(self._mark_tested(test), name=f"dr-tested-{test.vm}")
+        asked = {t.test_vm for t in snapshot.dr_tests.values()}
+        for name, view in snapshot.vms.items():
+            ours = (view.spec.preferred_host == self.cfg.name and bool(view.spec.disks)
+                    and all(d.path.startswith(str(self._tests_dir()) + "/") for d in view.spec.disks))
+            if ours and name not in asked and view.owner is None and name not in self.ending:
+                self.ending.add(name)
+                spawn(self._remove_test(name), name=f"dr-test-end-{name}")
+        self.tested &= set(snapshot.dr_tests)
+
+    async def _start_test(self, test: DrTest) -> None:
+        """Images of the point, made for the test (the replica is never written), and a level 0
+        VM on them, on this host, with every NIC isolated."""
+        try:
+            rep = Replica(self._replica_dir(test.pool, test.vm))
+            spec_json = rep.spec()
+            if spec_json is None:
+                raise JournalError("the owner never sent the VM's spec (an older ftvm)")
+            source = VmSpec.from_json(spec_json)
+            dest = self._tests_dir() / test.pool / test.vm
+            images = await asyncio.to_thread(rep.materialize, test.point, dest)
+            if self.run_as is not None:
+                self.run_as.own(*images)
+            spec = replace(source, name=test.test_vm, level=Level.UNPROTECTED, desired=Desired.RUNNING,
+                           preferred_host=self.cfg.name, site="", dr_target="", dr_rpo_s=0.0, failback=False,
+                           disks=tuple(DiskSpec(str(p), "raw") for p in images),
+                           nics=tuple(replace(n, isolated=True) for n in source.nics))
+            await self.ctx.store.define_vm(spec)
+            self.ctx.journal.event(test.test_vm, "dr-test", f"test failover of {test.pool}/{test.vm} from point "
+                                                            f"{test.point}: starting on {self.cfg.name}, isolated")
+        except (OSError, ValueError, JournalError, RecordError, EtcdError) as e:
+            self.ctx.journal.event(test.vm, "error", f"test failover of {test.pool}/{test.vm} failed: {e}")
+            with suppress(EtcdError):
+                await self.ctx.store.end_dr_test(test.pool, test.vm)
+        finally:
+            self.testing.discard((test.pool, test.vm))
+
+    async def _mark_tested(self, test: DrTest) -> None:
+        await asyncio.to_thread(Replica(self._replica_dir(test.pool, test.vm)).mark_tested, test.point)
+        self.ctx.journal.event(test.test_vm, "dr-test", f"point {test.point} of {test.pool}/{test.vm} runs: "
+                                                        "marked tested")
+        await self._publish(test.pool, test.vm)
+
+    async def _remove_test(self, name: str) -> None:
+        try:
+            got = await self.ctx.store.spec(name)
+            if got is not None and got[0].desired is Desired.STOPPED:
+                if await self.ctx.store.remove_vm(name, got[1]):
+                    for d in got[0].disks:
+                        await asyncio.to_thread(shutil.rmtree, Path(d.path).parent, True)
+                    self.ctx.journal.event(name, "dr-test", "test failover ended: its copy and images removed")
+        except EtcdError as e:
+            log.warning("%s: test copy not removed yet: %s", name, e)
+        finally:
+            self.ending.discard(name)
+
     # --- shipping ----------------------------------------------------------------------------
     def sync(self, snapshot: PoolSnapshot) -> None:
-        """After each tick: a task for each VM owned and running here with a DR target."""
+        """After each tick: a task for each VM owned and running here with a DR target; test
+        failovers of the replicas kept here."""
         if self.receiver is not None and self.published_lease != self.ctx.lease:
             self.published_lease = self.ctx.lease
             spawn(self._publish_all(), name="dr-publish-all")
         self._publish_due()
+        self._sync_tests(snapshot)
         wanted: dict[str, tuple[str, float]] = {}
         for name, rec in self.vms.items():
             view = snapshot.vms.get(name)

@@ -314,6 +314,22 @@ def make_app(ctx: ApiContext) -> web.Application:
         snap = await ctx.snapshot()
         return web.json_response({"replicas": [r.to_json() for _, r in sorted(snap.dr_replicas.items())]})
 
+    async def dr_test(request: web.Request) -> web.Response:
+        pool, vm = request.match_info["pool"], request.match_info["vm"]
+        if request.method == "DELETE":
+            test = await ops.dr_test_end(ctx.store, vm, pool)
+            return web.json_response({"ended": test.test_vm})
+        point = None
+        if request.can_read_body:
+            try:
+                point = (await request.json()).get("point")
+            except (ValueError, AttributeError):
+                raise FtvmError('the body may only be {"point": N}', BAD_INPUT) from None
+            if point is not None and (not isinstance(point, int) or isinstance(point, bool)):
+                raise FtvmError("point must be an integer", BAD_INPUT)
+        test = await ops.dr_test(ctx.store, vm, pool, point)
+        return web.json_response(test.__dict__)
+
     async def put_dr_target(request: web.Request) -> web.Response:
         try:
             receivers = (await request.json())["receivers"]
@@ -368,6 +384,8 @@ def make_app(ctx: ApiContext) -> web.Application:
         web.get("/api/v1/jobs/{id}", get_job),
         web.get("/api/v1/dr-targets", dr_targets),
         web.get("/api/v1/dr-replicas", dr_replicas),
+        web.post("/api/v1/dr-replicas/{pool}/{vm}/test", dr_test),
+        web.delete("/api/v1/dr-replicas/{pool}/{vm}/test", dr_test),
         web.put("/api/v1/dr-targets/{name}", put_dr_target),
         web.delete("/api/v1/dr-targets/{name}", delete_dr_target),
     ])

@@ -56,6 +56,8 @@ class PoolClient(Protocol):
     def availability(self, days: float, names: list[str]) -> list[dict[str, Any]]: ...
     def dr_targets(self) -> list[dict[str, Any]]: ...
     def dr_replicas(self) -> list[dict[str, Any]]: ...
+    def dr_test(self, pool: str, vm: str, point: int | None) -> dict[str, Any]: ...
+    def dr_test_end(self, pool: str, vm: str) -> None: ...
     def set_dr_target(self, name: str, receivers: list[str]) -> None: ...
     def remove_dr_target(self, name: str) -> None: ...
 
@@ -165,6 +167,12 @@ class DirectClient:
     def dr_replicas(self) -> list[dict[str, Any]]:
         snap = with_store(self.args, lambda s: s.snapshot())
         return [r.to_json() for _, r in sorted(snap.dr_replicas.items())]
+
+    def dr_test(self, pool: str, vm: str, point: int | None) -> dict[str, Any]:
+        return dict(with_store(self.args, lambda s: ops.dr_test(s, vm, pool, point)).__dict__)
+
+    def dr_test_end(self, pool: str, vm: str) -> None:
+        with_store(self.args, lambda s: ops.dr_test_end(s, vm, pool))
 
     def remove_dr_target(self, name: str) -> None:
         with_store(self.args, lambda s: ops.remove_dr_target(s, name))
@@ -277,6 +285,13 @@ class HttpClient:
 
     def dr_replicas(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/v1/dr-replicas")["replicas"])
+
+    def dr_test(self, pool: str, vm: str, point: int | None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/api/v1/dr-replicas/{_q(pool)}/{_q(vm)}/test",
+                               {"point": point} if point is not None else {}))
+
+    def dr_test_end(self, pool: str, vm: str) -> None:
+        self._call("DELETE", f"/api/v1/dr-replicas/{_q(pool)}/{_q(vm)}/test")
 
     def set_dr_target(self, name: str, receivers: list[str]) -> None:
         self._call("PUT", f"/api/v1/dr-targets/{_q(name)}", {"receivers": receivers})

@@ -126,9 +126,7 @@ def cmd_dr_target_list(args: Any) -> int:
     return OK
 
 
-def cmd_dr_points(args: Any) -> int:
-    """The points a host of this pool (the DR site) keeps of a VM, oldest first."""
-    import time as _time
+def _replica(args: Any) -> dict[str, Any]:
     found = [r for r in pool_client(args).dr_replicas()
              if r["vm"] == args.name and (args.source is None or r["pool"] == args.source)]
     if not found:
@@ -138,7 +136,13 @@ def cmd_dr_points(args: Any) -> int:
     if len(found) > 1:
         raise CliError(f"VMs named {args.name} of several pools ({', '.join(r['pool'] for r in found)}): "
                        "give --from POOL", BAD_INPUT)
-    r = found[0]
+    return dict(found[0])
+
+
+def cmd_dr_points(args: Any) -> int:
+    """The points a host of this pool (the DR site) keeps of a VM, oldest first."""
+    import time as _time
+    r = _replica(args)
     if is_json(args):
         emit_json(r)
         return OK
@@ -151,4 +155,26 @@ def cmd_dr_points(args: Any) -> int:
         t.add_row(str(p["number"]), _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(p["taken_at"])),
                   f"{now - p['taken_at']:.0f} s", "yes" if p["tested"] else "")
     console.print(t)
+    return OK
+
+
+def cmd_dr_test(args: Any) -> int:
+    r = _replica(args)
+    test = pool_client(args).dr_test(r["pool"], args.name, args.point)
+    if is_json(args):
+        emit_json(test)
+    else:
+        console.print(f"test failover of {r['pool']}/{args.name} from point {test['point']}: {test['host']} starts "
+                      f"{test['test_vm']} on an isolated network (replication goes on; `ftvm dr test-end "
+                      f"{args.name}` removes it)")
+    return OK
+
+
+def cmd_dr_test_end(args: Any) -> int:
+    r = _replica(args)
+    pool_client(args).dr_test_end(r["pool"], args.name)
+    if is_json(args):
+        emit_json({"ended": args.name})
+    else:
+        console.print(f"test failover of {r['pool']}/{args.name} ended: its copy is powered off and removed")
     return OK

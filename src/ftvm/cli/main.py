@@ -249,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
             "the recovery points this pool keeps of a VM (ask the DR pool: --pool/--etcd or its API)")
     p.add_argument("name")
     p.add_argument("--from", dest="source", help="the VM's own pool, when several pools' VMs have that name")
+    p = cmd(dr, "test", dr_cmds.cmd_dr_test, "test failover at the DR pool: a copy of a point, isolated, while "
+            "replication goes on")
+    p.add_argument("name")
+    p.add_argument("--point", type=int, help="the point (`ftvm dr points`; default the newest)")
+    p.add_argument("--from", dest="source", help="the VM's own pool, when several pools' VMs have that name")
+    p = cmd(dr, "test-end", dr_cmds.cmd_dr_test_end, "end a test failover: its copy and images are removed")
+    p.add_argument("name")
+    p.add_argument("--from", dest="source", help="the VM's own pool, when several pools' VMs have that name")
     target = dr.add_parser("target", help="where this pool's recovery points may go").add_subparsers(
         dest="target_sub", required=True)
     p = cmd(target, "add", dr_cmds.cmd_dr_target_add, "add or change a DR target: another pool's receivers")

@@ -149,6 +149,9 @@ class DiskSpec:
 class NicSpec:
     mac: str
     ip: str | None = None  # "addr/prefix" handed to the demo guest; informative otherwise
+    # on a tap of its own, on no bridge: reaches nothing (a DR test failover's copy, which must
+    # never talk to the production network)
+    isolated: bool = False
 
 
 @dataclass(frozen=True)
@@ -413,6 +416,20 @@ class DrReplica:
 
 
 @dataclass(frozen=True)
+class DrTest:
+    """A test failover asked at the DR site (`ftvm dr test`): the host keeping the VM's points
+    starts a copy of point `point` as VM `test_vm`, isolated; `dr test-end` deletes this
+    record and that host stops and removes the copy. No lease."""
+
+    pool: str
+    vm: str
+    point: int
+    host: str
+    test_vm: str
+    asked_at: float
+
+
+@dataclass(frozen=True)
 class DrFigures:
     """A VM's DR replication as its owner sees it (lease-bound, the owner's)."""
 
@@ -577,6 +594,7 @@ class PoolSnapshot:
     bad: tuple[BadRecord, ...] = ()  # every unreadable value (frozen VMs' and those read as absent)
     dr_targets: dict[str, DrTarget] = field(default_factory=dict)  # where DR points may go
     dr_replicas: dict[tuple[str, str], DrReplica] = field(default_factory=dict)  # (pool, vm): points kept here
+    dr_tests: dict[tuple[str, str], DrTest] = field(default_factory=dict)  # (pool, vm): test failovers asked
 
     def holding_frozen(self, previous: PoolSnapshot | None) -> PoolSnapshot:
         """This snapshot with each frozen VM's last readable view kept (from `previous`), so

@@ -71,13 +71,17 @@ def _ip(*args: str) -> None:
         raise QemuError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
 
 
-def ensure_tap(tap: str, bridge: str, user: int | None = None) -> None:
+def ensure_tap(tap: str, bridge: str | None, user: int | None = None) -> None:
     """A persistent tap on the host bridge (recreated so no stale state survives), owned by
-    `user` (QEMU's): an unprivileged QEMU may attach to it, and to no other interface."""
+    `user` (QEMU's): an unprivileged QEMU may attach to it, and to no other interface.
+    `bridge` None: on no bridge (an isolated NIC: the guest reaches nothing)."""
     if Path(f"/sys/class/net/{tap}").exists():
         _ip("link", "del", tap)
     _ip("tuntap", "add", "dev", tap, "mode", "tap", *(("user", str(user)) if user is not None else ()))
-    _ip("link", "set", tap, "master", bridge, "up")
+    if bridge is None:
+        _ip("link", "set", tap, "up")
+    else:
+        _ip("link", "set", tap, "master", bridge, "up")
 
 
 def tap_on_bridge(tap: str, bridge: str) -> bool:
@@ -170,8 +174,8 @@ class QemuVm:
         taps = tap_names(spec)
         tap_fds: list[int] = []
         if checkpointed is None:
-            for tap in taps:
-                ensure_tap(tap, bridge, run_as.uid if run_as else None)
+            for nic, tap in zip(spec.nics, taps, strict=True):
+                ensure_tap(tap, None if nic.isolated else bridge, run_as.uid if run_as else None)
                 tap_fds.append(open_tap(tap))
         tls_dir = paths.run_dir / "tls" if tls is not None else None
         if tls is not None and tls_dir is not None:

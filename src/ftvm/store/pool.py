@@ -19,6 +19,7 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/dr-targets/<name>   DrTarget    no lease; another pool's DR receivers (`ftvm dr target add`)
     state/dr-replicas/<pool>/<vm>  DrReplica  lease: the receiving host's; the points it keeps of
                                           another pool's VM (dr/receiver.py)
+    state/dr-tests/<pool>/<vm>     DrTest     no lease; a test failover asked (`ftvm dr test`)
     state/vms/<vm>/migration  Migration   lease: the owner's; a live migration asked / under way
     state/vms/<vm>/incoming   Incoming    lease: the target's; it listens for the migration
     state/vms/<vm>/handover   {host}      lease: the target's; migrated: only it may claim the VM
@@ -69,9 +70,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
-from ..core.model import (BadRecord, CheckpointFigures, DrFigures, DrReplica, DrTarget, Export, FrozenVm, HostInfo,
-                          Incoming, LevelChange, Migration, Ownership, PoolSnapshot, SyncProgress, VmSpec, VmStatus,
-                          VmView, valid_name)
+from ..core.model import (BadRecord, CheckpointFigures, DrFigures, DrReplica, DrTarget, DrTest, Export, FrozenVm,
+                          HostInfo, Incoming, LevelChange, Migration, Ownership, PoolSnapshot, SyncProgress, VmSpec,
+                          VmStatus, VmView, valid_name)
 from ..core.availability import HistoryRecord
 from ..core.guest_failures import GuestRecord
 from ..core.records import RecordError, as_object, from_fields, value
@@ -248,6 +249,15 @@ class PoolStore:
     async def publish_dr_replica(self, replica: DrReplica, lease: int) -> None:
         await self.etcd.put(f"{self.state}dr-replicas/{replica.pool}/{replica.vm}",
                             json.dumps(replica.to_json()).encode(), lease)
+
+    async def request_dr_test(self, test: DrTest) -> bool:
+        """Only if no test of that VM is asked already."""
+        key = f"{self.state}dr-tests/{test.pool}/{test.vm}"
+        r = await self.etcd.txn([absent(key)], [put_json(key, test.__dict__)])
+        return r.succeeded
+
+    async def end_dr_test(self, pool: str, vm: str) -> bool:
+        return await self.etcd.delete(f"{self.state}dr-tests/{pool}/{vm}") > 0
 
     async def remove_dr_target(self, name: str) -> bool:
         return await self.etcd.delete(f"{self.state}dr-targets/{name}") > 0
@@ -502,6 +512,7 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
     maintenance: set[str] = set()
     dr_targets: dict[str, DrTarget] = {}
     dr_replicas: dict[tuple[str, str], DrReplica] = {}
+    dr_tests: dict[tuple[str, str], DrTest] = {}
     bad: list[BadRecord] = []
     for kv in kvs:
         rest = kv.key[len(state_prefix):].split("/")
@@ -520,6 +531,11 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
                 if (replica.pool, replica.vm) != (rest[1], rest[2]):
                     raise RecordError(f"names {replica.pool}/{replica.vm}, not {rest[1]}/{rest[2]}")
                 dr_replicas[(rest[1], rest[2])] = replica
+            elif rest[0] == "dr-tests" and len(rest) == 3:
+                test = from_fields(DrTest, _json(kv), "DR test")
+                if (test.pool, test.vm) != (rest[1], rest[2]) or not valid_name(test.test_vm):
+                    raise RecordError(f"names {test.pool}/{test.vm}, not {rest[1]}/{rest[2]}")
+                dr_tests[(rest[1], rest[2])] = test
             elif rest[0] == "dr-targets" and len(rest) == 2:
                 target = DrTarget.from_json(_json(kv))
                 if target.name != rest[1]:
@@ -545,7 +561,7 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
             bad.append(f.problem)
     return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links,
                         maintenance=frozenset(maintenance), frozen=frozen, bad=tuple(bad), dr_targets=dr_targets,
-                        dr_replicas=dr_replicas)
+                        dr_replicas=dr_replicas, dr_tests=dr_tests)
 
 
 class _Frozen(Exception):
