@@ -22,6 +22,7 @@ from .core.validate import check_new_vm
 from .qemu.images import image_problem
 from .errors import BAD_INPUT, NOT_FOUND, REFUSED, FtvmError, Problem
 from .store.pool import Event, PoolStore
+from .views import dr_row
 
 
 async def get_view(store: PoolStore, name: str) -> tuple[PoolSnapshot, VmView]:
@@ -359,7 +360,10 @@ async def availability(store: PoolStore, start: float, end: float,
     out = []
     for name in wanted:
         sla = snap.vms[name].spec.sla_percent if name in snap.vms else None
-        out.append(report(name, history.get(name, []), start, end, sla))
+        rep = report(name, history.get(name, []), start, end, sla)
+        if name in snap.vms:
+            rep.dr = dr_row(snap.vms[name], end)  # the DR RPO each VM is held to, and its lag now
+        out.append(rep)
     return out
 
 

@@ -115,6 +115,9 @@ async def test_a_point_is_the_instant_of_its_cut_on_every_disk(qsd: tuple[Qmp, P
     bitmaps = [b["name"] for n in await qmp.execute("query-named-block-nodes", {"flat": True})
                for b in n.get("dirty-bitmaps", [])]
     assert sorted(bitmaps) == sorted([cap.bitmap(4, 0), cap.bitmap(4, 1)])  # only the next point's records
+    await cap.stop()  # DR turned off: nothing of it is left on the QEMU
+    assert not [b["name"] for n in await qmp.execute("query-named-block-nodes", {"flat": True})
+                for b in n.get("dirty-bitmaps", [])]
 
 
 async def test_points_shipped_to_a_receiver_are_the_disks_at_each_cut(qsd: tuple[Qmp, Path, Path]) -> None:

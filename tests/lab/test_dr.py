@@ -59,6 +59,8 @@ def test_recovery_points_hold_every_acknowledged_record_and_survive_a_failover(
         assert dr is not None and dr.kind == "incremental" and dr.receiver == topo.dr_receiver("h2")
         shown = row_of(snap, VM)["dr"]  # what status, the API and the metrics show
         assert shown is not None and shown["within_rpo"] and shown["newest"] == dr.newest, shown
+        report = pool.run(lambda st: ops.availability(st, time.time() - 3600, time.time(), [VM]))[0].to_json()
+        assert report["dr"]["target"] == "far" and report["dr"]["rpo_s"] == 6.0, report["dr"]
         first_point = dr.newest
         rep = Replica(replica_dir)
         # the receiving host tells its pool which points it keeps (`ftvm dr points`)

@@ -314,6 +314,9 @@ class DrShipping:
         finally:
             if sender is not None:
                 sender.close()
+                if qemu is not None and qemu.alive:
+                    with suppress(QemuError, OSError, asyncio.TimeoutError):
+                        await asyncio.wait_for(sender.capture.stop(), 5)
 
     async def _sender(self, vm: str, qemu: QemuVm, receiver: str, spec: dict[str, Any]) -> DrSender:
         run_dir = qemu.paths.run_dir

@@ -480,6 +480,14 @@ def cmd_vm_list(args: Any) -> int:
 
 # --- availability ----------------------------------------------------------------------
 
+def _dr_text(dr: dict[str, Any] | None) -> str:
+    if not dr:
+        return "-"
+    over = "" if dr["within_rpo"] else " [red]over[/]"
+    lag = "not running" if dr["lag_s"] is None else f"{dr['lag_s']:.0f} s{over}"
+    return f"{dr['rpo_s']:g} s to {dr['target']} ({lag})"
+
+
 def cmd_report(args: Any) -> int:
     """Availability per VM over a period, against each VM's SLA target."""
     if args.days <= 0:
@@ -490,7 +498,7 @@ def cmd_report(args: Any) -> int:
         return OK
     t = Table(title=f"Availability over the last {args.days:g} days", title_justify="left")
     for col in ("VM", "Availability", "SLA", "Met", "Outages", "Failovers", "Guest failures", "Longest recovery",
-                "Down (unplanned)"):
+                "Down (unplanned)", "DR RPO (lag now)"):
         t.add_column(col)
     for d in data:
         avail = "-" if d["availability_percent"] is None else f"{d['availability_percent']:.4f}%"
@@ -498,7 +506,7 @@ def cmd_report(args: Any) -> int:
         longest = "-" if d["time_to_recover_max_s"] is None else f"{d['time_to_recover_max_s']:.2f} s"
         t.add_row(d["vm"], avail, f"{d['sla_target_percent']:g}%" if d["sla_target_percent"] else "-", met,
                   str(len(d["outages"])), str(d["failovers"]), str(d.get("guest_failures", 0)), longest,
-                  f"{d['unplanned_down_s']:.2f} s")
+                  f"{d['unplanned_down_s']:.2f} s", _dr_text(d.get("dr")))
     console.print(t)
     if args.vm:
         for d in data:

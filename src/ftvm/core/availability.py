@@ -73,6 +73,8 @@ class Report:
     unplanned_down_s: float
     planned_down_s: float
     outages: list[Outage] = field(default_factory=list)
+    # asynchronous DR at the report's end: target, RPO, lag then (views.dr_row); None without DR
+    dr: dict[str, Any] | None = None
 
     @property
     def failovers(self) -> int:
@@ -100,6 +102,7 @@ class Report:
             "guest_failures": self.guest_failures,
             "time_to_recover_max_s": round(max(times), 3) if times else None,
             "time_to_recover_mean_s": round(sum(times) / len(times), 3) if times else None,
+            "dr": None if self.dr is None else {k: self.dr[k] for k in ("target", "rpo_s", "lag_s", "within_rpo")},
         }
 
 

@@ -162,6 +162,13 @@ class PointCapture:
                                                                     "bitmaps": [self.bitmap(n, i)]})
             await self._retry("block-dirty-bitmap-remove", {"node": node, "name": self.bitmap(n, i)})
 
+    async def stop(self) -> None:
+        """No more points on this QEMU: the bitmap recording for the next one goes (DR turned
+        off, or the VM moved on); the QEMU may be gone already."""
+        for i, node in enumerate(self.nodes):
+            with suppress(QemuError):
+                await self.qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": self.bitmap(self.next, i)})
+
     async def _wait_jobs_gone(self, ids: set[str]) -> None:
         for _ in range(500):
             jobs = {j["id"] for j in await self.qmp.execute("query-jobs")}

@@ -389,8 +389,7 @@ class Replica:
         numbers = self.numbers()
         if not numbers or numbers[0] != number:
             raise JournalError(f"point {number} is not the oldest point ({numbers[:1]})")
-        _, extents = read_point(self.point_path(number), self.sizes)
-        _apply(extents, [self.disk_path(i) for i in range(len(self.sizes))])
+        _apply(self.point_path(number), self.sizes, [self.disk_path(i) for i in range(len(self.sizes))])
         self._write_state(self.dir, self.sizes, number, self.id)
         self.base_point = number
         self.point_path(number).unlink()
@@ -400,14 +399,15 @@ class Replica:
         both wrote, its own winning, and `older` is gone."""
         if not older < into:
             raise JournalError(f"cannot fold point {older} into {into}")
-        h_old, old = read_point(self.point_path(older), self.sizes)
-        h_new, new = read_point(self.point_path(into), self.sizes)
-        writer = PointWriter(self.point_path(into), h_new)
-        try:
-            for e in _uncovered(old, new):
-                writer.add(e.disk, e.offset, e.data)
-            for e in new:
-                writer.add(e.disk, e.offset, e.data)
+        old = scan_point(self.point_path(older), self.sizes)
+        new = scan_point(self.point_path(into), self.sizes)
+        writer = PointWriter(self.point_path(into), self.header(into))
+        try:  # one extent in memory at a time: a point may be larger than memory
+            for loc, a, b in _uncovered(old, new):
+                data = _load(loc)
+                writer.add(loc.disk, a, data[a - loc.offset:b - loc.offset])
+            for loc in new:
+                writer.add(loc.disk, loc.offset, _load(loc))
             writer.commit()
         except BaseException:
             writer.abort()
@@ -432,18 +432,20 @@ class Replica:
         for n in self.numbers():
             if n > number:
                 break
-            _apply(read_point(self.point_path(n), self.sizes)[1], out)
+            _apply(self.point_path(n), self.sizes, out)
         return out
 
     def remove(self) -> None:
         shutil.rmtree(self.dir)
 
 
-def _apply(extents: list[Extent], paths: list[Path]) -> None:
+def _apply(point: Path, sizes: tuple[int, ...], paths: list[Path]) -> None:
+    """A point's extents written over `paths` (checked first, then one extent at a time)."""
+    locators = scan_point(point, sizes)
     fds = [os.open(p, os.O_WRONLY) for p in paths]
     try:
-        for e in extents:
-            os.pwrite(fds[e.disk], e.data, e.offset)
+        for loc in locators:
+            os.pwrite(fds[loc.disk], _load(loc), loc.offset)
         for fd in fds:
             os.fsync(fd)
     finally:
@@ -451,23 +453,23 @@ def _apply(extents: list[Extent], paths: list[Path]) -> None:
             os.close(fd)
 
 
-def _uncovered(old: list[Extent], new: list[Extent]) -> Iterator[Extent]:
-    """The parts of `old` extents that no `new` extent (same disk) overwrites."""
+def _uncovered(old: list[Locator], new: list[Locator]) -> Iterator[tuple[Locator, int, int]]:
+    """The parts [a, b) of `old` extents that no `new` extent (same disk) overwrites."""
     covered: dict[int, list[tuple[int, int]]] = {}
     for e in new:
-        covered.setdefault(e.disk, []).append((e.offset, e.offset + len(e.data)))
+        covered.setdefault(e.disk, []).append((e.offset, e.offset + e.length))
     for spans in covered.values():
         spans.sort()
     for e in old:
-        start, end = e.offset, e.offset + len(e.data)
+        start, end = e.offset, e.offset + e.length
         at = start
         for a, b in covered.get(e.disk, []):
             if b <= at or a >= end:
                 continue
             if a > at:
-                yield Extent(e.disk, at, e.data[at - start:a - start])
+                yield e, at, a
             at = max(at, b)
             if at >= end:
                 break
         if at < end:
-            yield Extent(e.disk, at, e.data[at - start:])
+            yield e, at, end
