@@ -335,10 +335,10 @@ async def dr_test_end(store: PoolStore, vm: str, source: str | None = None) -> D
     """End a test failover: its copy is powered off and removed with its images."""
     snap = await store.snapshot()
     tests = [t for (pool, name), t in snap.dr_tests.items() if name == vm and source in (None, pool)]
-    if len(tests) != 1:
-        raise FtvmError(f"no test failover of {vm} is under way" if not tests
-                        else f"test failovers of {vm} of several pools: give the pool", NOT_FOUND if not tests
-                        else BAD_INPUT)
+    if not tests:
+        raise FtvmError(f"no test failover of {vm} is under way", NOT_FOUND)
+    if len(tests) > 1:
+        raise FtvmError(f"test failovers of {vm} of several pools: give the pool", BAD_INPUT)
     test = tests[0]
     if test.test_vm in snap.vms:
         await set_desired(store, test.test_vm, Desired.STOPPED, force=True)

@@ -167,23 +167,11 @@ def parse_config(data: dict[str, Any]) -> AgentConfig:
         except ValueError:
             raise ConfigError(f"replication_addr {replication_addr!r} must be an IP address") from None
     api_listen, api_token = _api_settings(data)
-    pool_secret = b""
-    secret_file = c.path("pool_secret_file")
-    if secret_file is not None:
-        try:
-            pool_secret = load_secret(secret_file)
-        except SecretError as e:
-            raise ConfigError(str(e)) from None
-    elif replication_addr:
+    pool_secret = _secret(c, "pool_secret_file")
+    if replication_addr and not pool_secret:
         raise ConfigError("replication_addr needs pool_secret_file: every channel between hosts is "
                           "authenticated with the pool secret (`ftvm pool init`, docs/security.md)")
-    dr_secret = b""
-    dr_file = c.path("dr_secret_file")
-    if dr_file is not None:
-        try:
-            dr_secret = load_secret(dr_file)
-        except SecretError as e:
-            raise ConfigError(f"dr_secret_file: {e}") from None
+    dr_secret = _secret(c, "dr_secret_file")
     dr_listen = _address(data, "dr_listen")
     if dr_listen is not None and not (dr_secret and c.path("local_storage")):
         raise ConfigError("dr_listen needs dr_secret_file (DR sessions are authenticated with it) and "
@@ -283,6 +271,17 @@ def _token_file(data: dict[str, Any], key: str) -> str:
     if len(token) < 16:
         raise ConfigError(f"the token in {path} is too short (at least 16 characters)")
     return token
+
+
+def _secret(c: _Settings, key: str) -> bytes:
+    """The secret in the file `key` names (b"" when the setting is absent)."""
+    path = c.path(key)
+    if path is None:
+        return b""
+    try:
+        return load_secret(path)
+    except SecretError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _address(data: dict[str, Any], key: str) -> tuple[str, int] | None:

@@ -113,7 +113,6 @@ class DrShipping:
         try:
             replica = await asyncio.to_thread(summary)
             await self.ctx.store.publish_dr_replica(replica, self.ctx.lease)
-            self.published_lease = self.ctx.lease
         except (OSError, ValueError, JournalError, EtcdError) as e:
             log.warning("DR replica %s/%s not published: %s", pool, vm, e)
 

@@ -245,18 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpo", default="30s", help="the RPO its lag is held against, e.g. 10s (default 30s)")
     p = cmd(dr, "remove", dr_cmds.cmd_dr_remove, "stop DR replication of a VM (the DR site keeps its points)")
     p.add_argument("name")
+    from_help = "the VM's own pool, when several pools' VMs have that name"
     p = cmd(dr, "points", dr_cmds.cmd_dr_points,
             "the recovery points this pool keeps of a VM (ask the DR pool: --pool/--etcd or its API)")
     p.add_argument("name")
-    p.add_argument("--from", dest="source", help="the VM's own pool, when several pools' VMs have that name")
+    p.add_argument("--from", dest="source", help=from_help)
     p = cmd(dr, "test", dr_cmds.cmd_dr_test, "test failover at the DR pool: a copy of a point, isolated, while "
             "replication goes on")
     p.add_argument("name")
     p.add_argument("--point", type=int, help="the point (`ftvm dr points`; default the newest)")
-    p.add_argument("--from", dest="source", help="the VM's own pool, when several pools' VMs have that name")
+    p.add_argument("--from", dest="source", help=from_help)
     p = cmd(dr, "test-end", dr_cmds.cmd_dr_test_end, "end a test failover: its copy and images are removed")
     p.add_argument("name")
-    p.add_argument("--from", dest="source", help="the VM's own pool, when several pools' VMs have that name")
+    p.add_argument("--from", dest="source", help=from_help)
     target = dr.add_parser("target", help="where this pool's recovery points may go").add_subparsers(
         dest="target_sub", required=True)
     p = cmd(target, "add", dr_cmds.cmd_dr_target_add, "add or change a DR target: another pool's receivers")

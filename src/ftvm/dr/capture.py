@@ -40,7 +40,7 @@ from .nbd_read import NbdReader
 
 PREFIX = "ftvm-dr-"
 GRANULARITY = 64 << 10   # the unit a point ships: a 4 KiB write sends 64 KiB, fewer extents
-READ_CHUNK = 4 << 20     # bytes per NBD read
+READ_CHUNK = 4 << 20     # bytes per NBD read (a multiple of the 64 KiB blocks diff points hash)
 
 
 class Qmp(Protocol):

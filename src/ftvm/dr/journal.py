@@ -155,11 +155,36 @@ def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
 
 
 def read_point(path: Path, sizes: tuple[int, ...] | None = None) -> tuple[PointHeader, list[Extent]]:
-    """A point's extents (decompressed), once its checksum is verified. `sizes`: the disks
+    """A point's extents with their data, once its checksum is verified. `sizes`: the disks
     it must describe (the replica's)."""
+    header, locators = _scan(path, sizes)
+    return header, [Extent(loc.disk, loc.offset, _load(loc)) for loc in locators]
+
+
+@dataclass(frozen=True)
+class Locator:
+    """Where an extent's data sits in its point file."""
+
+    disk: int
+    offset: int
+    length: int
+    path: Path
+    data_pos: int
+    stored: int
+    codec: int
+
+
+def scan_point(path: Path, sizes: tuple[int, ...]) -> list[Locator]:
+    """A point's extents without their data, once its checksum is verified (streamed: a
+    point may be larger than memory)."""
+    return _scan(path, sizes)[1]
+
+
+def _scan(path: Path, sizes: tuple[int, ...] | None) -> tuple[PointHeader, list[Locator]]:
     body_size = os.path.getsize(path) - TRAILER.size
     if body_size < HEADER.size:
         raise JournalError(f"{path.name}: too short for a point")
+    out = []
     with open(path, "rb") as f:
         digest = hashlib.sha256()
         left = body_size
@@ -179,65 +204,6 @@ def read_point(path: Path, sizes: tuple[int, ...] | None = None) -> tuple[PointH
         got = tuple(struct.unpack(">Q", _read_exact(f, 8, path.name))[0] for _ in range(disks))
         if sizes is not None and got != sizes:
             raise JournalError(f"{path.name}: disk sizes {got}, the replica's are {sizes}")
-        header = PointHeader(number, taken_at, got)
-        extents = []
-        inflate = zstandard.ZstdDecompressor()
-        for _ in range(count):
-            disk, offset, length, stored, codec = EXTENT.unpack(_read_exact(f, EXTENT.size, path.name))
-            _check_extent(got, disk, offset, length)
-            if stored > MAX_EXTENT + (MAX_EXTENT >> 6) or codec not in (RAW, ZSTD):
-                raise JournalError(f"{path.name}: bad extent record")
-            data = _read_exact(f, stored, path.name)
-            if codec == ZSTD:
-                try:
-                    data = inflate.decompress(data, max_output_size=length)
-                except zstandard.ZstdError as e:
-                    raise JournalError(f"{path.name}: extent does not inflate: {e}") from None
-            if len(data) != length:
-                raise JournalError(f"{path.name}: extent holds {len(data)} bytes, says {length}")
-            extents.append(Extent(disk, offset, data))
-        if f.tell() != body_size:
-            raise JournalError(f"{path.name}: bytes after the last extent")
-    return header, extents
-
-
-@dataclass(frozen=True)
-class Locator:
-    """Where an extent's data sits in its point file."""
-
-    disk: int
-    offset: int
-    length: int
-    path: Path
-    data_pos: int
-    stored: int
-    codec: int
-
-
-def scan_point(path: Path, sizes: tuple[int, ...]) -> list[Locator]:
-    """A point's extents without their data, once its checksum is verified (streamed: a
-    point may be larger than memory)."""
-    body_size = os.path.getsize(path) - TRAILER.size
-    if body_size < HEADER.size:
-        raise JournalError(f"{path.name}: too short for a point")
-    out = []
-    with open(path, "rb") as f:
-        digest = hashlib.sha256()
-        left = body_size
-        while left:
-            chunk = f.read(min(left, 1 << 20))
-            if not chunk:
-                raise JournalError(f"{path.name}: the file ends early")
-            digest.update(chunk)
-            left -= len(chunk)
-        end, count, want = TRAILER.unpack(_read_exact(f, TRAILER.size, path.name))
-        if end != END or digest.digest() != want:
-            raise JournalError(f"{path.name}: checksum mismatch (a damaged point)")
-        f.seek(0)
-        magic, disks, _, _ = HEADER.unpack(_read_exact(f, HEADER.size, path.name))
-        got = tuple(struct.unpack(">Q", _read_exact(f, 8, path.name))[0] for _ in range(disks))
-        if magic != MAGIC or got != sizes:
-            raise JournalError(f"{path.name}: not a point of this replica")
         for _ in range(count):
             disk, offset, length, stored, codec = EXTENT.unpack(_read_exact(f, EXTENT.size, path.name))
             _check_extent(got, disk, offset, length)
@@ -247,7 +213,7 @@ def scan_point(path: Path, sizes: tuple[int, ...]) -> list[Locator]:
             f.seek(stored, os.SEEK_CUR)
         if f.tell() != body_size:
             raise JournalError(f"{path.name}: bytes after the last extent")
-    return out
+    return PointHeader(number, taken_at, got), out
 
 
 class NewestImage:
@@ -281,10 +247,16 @@ class NewestImage:
 
 
 def _load(loc: Locator) -> bytes:
+    """An extent's data (inflated to at most its stated length)."""
     with open(loc.path, "rb") as f:
         data = os.pread(f.fileno(), loc.stored, loc.data_pos)
+    if len(data) != loc.stored:
+        raise JournalError(f"{loc.path.name}: the file ends early")
     if loc.codec == ZSTD:
-        data = zstandard.ZstdDecompressor().decompress(data, max_output_size=loc.length)
+        try:
+            data = zstandard.ZstdDecompressor().decompress(data, max_output_size=loc.length)
+        except zstandard.ZstdError as e:
+            raise JournalError(f"{loc.path.name}: extent does not inflate: {e}") from None
     if len(data) != loc.length:
         raise JournalError(f"{loc.path.name}: extent holds {len(data)} bytes, says {loc.length}")
     return data

@@ -6,26 +6,12 @@ from __future__ import annotations
 import socket
 import struct
 
-NBDMAGIC = b"NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-FLAG_FIXED_NEWSTYLE = 1
-FLAG_NO_ZEROES = 2
-OPT_GO = 7
-REP_ACK = 1
-REP_INFO = 3
-REP_ERROR_BIT = 1 << 31
-INFO_EXPORT = 0
+from ..l3.nbd_status import (CMD_DISC, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, MAX_OPTION_REPLY,
+                             NBDMAGIC, OPT_GO, OPT_REPLY_MAGIC, REP_ACK, REP_ERROR_BIT, REP_INFO, REQUEST_MAGIC,
+                             SIMPLE_REPLY_MAGIC, NbdError)
+
 CMD_READ = 0
-CMD_DISC = 2
-MAX_OPTION_REPLY = 1 << 16
 MAX_READ = 32 << 20
-
-
-class NbdReadError(OSError):
-    pass
 
 
 class NbdReader:
@@ -46,7 +32,7 @@ class NbdReader:
         while len(buf) < n:
             chunk = self.sock.recv(min(n - len(buf), 1 << 20))
             if not chunk:
-                raise NbdReadError(0, "the NBD server closed the connection")
+                raise NbdError(0, "the NBD server closed the connection")
             buf += chunk
         return bytes(buf)
 
@@ -54,35 +40,35 @@ class NbdReader:
         magic, opt = struct.unpack(">8sQ", self._recv(16))
         (flags,) = struct.unpack(">H", self._recv(2))
         if magic != NBDMAGIC or opt != IHAVEOPT or not flags & FLAG_FIXED_NEWSTYLE:
-            raise NbdReadError(0, "not a fixed-newstyle NBD server")
+            raise NbdError(0, "not a fixed-newstyle NBD server")
         self.sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)))
         data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
         self.sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data)
         while True:
             magic, got, kind, length = struct.unpack(">QIII", self._recv(20))
             if magic != OPT_REPLY_MAGIC or got != OPT_GO or length > MAX_OPTION_REPLY:
-                raise NbdReadError(0, "unexpected NBD option reply")
+                raise NbdError(0, "unexpected NBD option reply")
             body = self._recv(length)
             if kind & REP_ERROR_BIT:
-                raise NbdReadError(0, f"NBD export {name.decode(errors='replace')} refused: "
+                raise NbdError(0, f"NBD export {name.decode(errors='replace')} refused: "
                                       f"{body.decode(errors='replace')[:200]}")
             if kind == REP_INFO and len(body) >= 12 and struct.unpack(">H", body[:2])[0] == INFO_EXPORT:
                 (self.size,) = struct.unpack(">Q", body[2:10])
             if kind == REP_ACK:
                 break
         if self.size <= 0:
-            raise NbdReadError(0, "the NBD export gave no size")
+            raise NbdError(0, "the NBD export gave no size")
 
     def read(self, offset: int, length: int) -> bytes:
         if not 0 < length <= MAX_READ or offset < 0 or offset + length > self.size:
-            raise NbdReadError(0, f"read {offset}+{length} outside the export ({self.size} bytes)")
+            raise NbdError(0, f"read {offset}+{length} outside the export ({self.size} bytes)")
         self._handle += 1
         self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_READ, self._handle, offset, length))
         magic, error, handle = struct.unpack(">IIQ", self._recv(16))
         if magic != SIMPLE_REPLY_MAGIC or handle != self._handle:
-            raise NbdReadError(0, "unexpected NBD reply")
+            raise NbdError(0, "unexpected NBD reply")
         if error:
-            raise NbdReadError(error, f"NBD read {offset}+{length} failed (error {error})")
+            raise NbdError(error, f"NBD read {offset}+{length} failed (error {error})")
         return self._recv(length)
 
     def close(self) -> None:

@@ -29,9 +29,8 @@ from ..l3.channel import Channel, open_session
 from ..l3.nbd_status import Extent
 from ..l3.wire import Msg, WireError
 from .capture import PointCapture, Taken
-from .nbd_read import NbdReader
 from .receiver import block_hash
-from .wire import (BLOCK, HASHES_PER_MSG, MAX_EXTENT, RAW, SENDER_LIMITS, ZSTD, blocks_of, decode_json,
+from .wire import (BLOCK, HASH, HASHES_PER_MSG, RAW, SENDER_LIMITS, ZSTD, blocks_of, decode_json,
                    decode_number, decode_want, encode, encode_extent, encode_hashes, encode_json, encode_number)
 
 ZSTD_LEVEL = 1
@@ -174,22 +173,18 @@ class DrSender:
 
 
 def _hash_batches(capture: PointCapture, taken: Taken, disk: int, size: int) -> Iterator[tuple[int, bytes]]:
-    """(In a thread.) (first block, hashes) of the point's image, HASHES_PER_MSG at a time."""
-    reader = NbdReader(str(capture.socket), taken.exports[disk])
-    try:
-        block, batch, first = 0, bytearray(), 0
-        while block * BLOCK < size:
-            chunk = reader.read(block * BLOCK, min(MAX_EXTENT, size - block * BLOCK))
-            for at in range(0, len(chunk), BLOCK):
-                batch += block_hash(chunk[at:at + BLOCK])
-                block += 1
-                if len(batch) == 16 * HASHES_PER_MSG:
-                    yield first, bytes(batch)
-                    batch, first = bytearray(), block
-        if batch:
-            yield first, bytes(batch)
-    finally:
-        reader.close()
+    """(In a thread.) (first block, hashes) of the point's image, HASHES_PER_MSG at a time.
+    (capture.read's pieces start at block boundaries: READ_CHUNK is a multiple of BLOCK.)"""
+    block, batch, first = 0, bytearray(), 0
+    for _, chunk in capture.read(taken, disk, [Extent(0, size)]):
+        for at in range(0, len(chunk), BLOCK):
+            batch += block_hash(chunk[at:at + BLOCK])
+            block += 1
+            if len(batch) == HASH * HASHES_PER_MSG:
+                yield first, bytes(batch)
+                batch, first = bytearray(), block
+    if batch:
+        yield first, bytes(batch)
 
 
 def _runs(differs: list[bool], size: int) -> list[Extent]:

@@ -171,20 +171,6 @@ async def _spawn(cmd: list[str], log_path: Path, run_as: RunAs | None,
             preexec_fn=die_with_parent, start_new_session=True, **popen_as(run_as))
 
 
-async def _greets(proc: asyncio.subprocess.Process, connect: Callable[[], socket.socket], what: str,
-                  log_path: Path) -> bool:
-    """Wait until the server sends its NBD greeting (the kernel accepts before that)."""
-    for _ in range(100):
-        if proc.returncode is not None:
-            raise StorageDaemonError(f"{what} exited (code {proc.returncode}); see {log_path}")
-        with suppress(OSError), connect() as probe:
-            probe.settimeout(0.2)
-            if probe.recv(16, socket.MSG_WAITALL) == b"NBDMAGICIHAVEOPT":
-                return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 NBD_FLAG_C_FIXED_NEWSTYLE = 1
 NBD_OPT_ABORT = 2
 
@@ -215,17 +201,18 @@ async def nbd_answers(opened: Awaitable[tuple[asyncio.StreamReader, asyncio.Stre
             await writer.wait_closed()
 
 
-def _unix(path: Path) -> Callable[[], socket.socket]:
-    def connect() -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(0.2)
-            sock.connect(str(path))
-        except OSError:
-            sock.close()
-            raise
-        return sock
-    return connect
+Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+async def _greets(proc: asyncio.subprocess.Process, opener: Opener, what: str, log_path: Path) -> bool:
+    """Wait until the server sends its NBD greeting (the kernel accepts before that)."""
+    for _ in range(100):
+        if proc.returncode is not None:
+            raise StorageDaemonError(f"{what} exited (code {proc.returncode}); see {log_path}")
+        if await nbd_answers(opener(), 0.2):
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 class StorageDaemon:
@@ -283,7 +270,7 @@ class StorageDaemon:
                 cmd = build_qsd_cmdline(vm, images, f"addr.type=unix,addr.path={inner}")
                 log.info("serving %s's copies to nbdkit on %s: %s", vm, inner, " ".join(cmd))
                 procs.append(await _spawn(cmd, log_path, run_as))
-                if not await _greets(procs[-1], _unix(inner), QSD, log_path):
+                if not await _greets(procs[-1], lambda: asyncio.open_unix_connection(str(inner)), QSD, log_path):
                     raise StorageDaemonError(f"{QSD} for {vm} did not listen on {inner}")
                 plugin = ["nbd", f"socket={inner}", "dynamic-export=true"]
                 daemon.inner = inner
@@ -300,8 +287,7 @@ class StorageDaemon:
                 procs.insert(0, await _spawn(cmd, log_path, run_as, (fd,)))
             finally:
                 listener.close()  # the server has its own copy
-            if await _greets(procs[0], lambda: socket.create_connection((addr, port), timeout=0.2),
-                             daemon.kind, log_path):
+            if await _greets(procs[0], lambda: asyncio.open_connection(addr, port), daemon.kind, log_path):
                 if daemon.inner is not None:
                     daemon._watch = asyncio.create_task(daemon._watch_inner(), name=f"export-watch-{vm}")
                 return daemon
