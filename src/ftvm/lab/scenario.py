@@ -241,16 +241,19 @@ class LabPool:
             raise ScenarioError(f"ledger at {ip} did not answer {line!r}: {proc.stderr.strip()[-200:]}")
         return proc.stdout.strip()
 
-    def latencies(self, ip: str, count: int) -> list[float]:
-        """Round-trip seconds of `count` ledger writes, one after another, from the client namespace."""
+    def latencies(self, ip: str, count: int, idle_s: float = 0.0) -> list[float]:
+        """Round-trip seconds of `count` ledger writes, one after another, from the client namespace
+        (`idle_s`: a pause before each, so the guest and the host go idle first)."""
         code = ("import json,socket,sys,time; s=socket.create_connection((sys.argv[1],7000),timeout=30);"
                 "f=s.makefile('rw'); out=[]\n"
                 "for i in range(int(sys.argv[2])):\n"
+                " time.sleep(float(sys.argv[3]))\n"
                 " t=time.perf_counter(); f.write('W lat-%d\\n' % i); f.flush(); r=f.readline()\n"
                 " assert r.startswith('OK'), r\n"
                 " out.append(time.perf_counter()-t)\n"
                 "print(json.dumps(out))")
-        proc = subprocess.run(["ip", "netns", "exec", topo.CLIENT_NS, sys.executable, "-c", code, ip, str(count)],
+        proc = subprocess.run(["ip", "netns", "exec", topo.CLIENT_NS, sys.executable, "-c", code, ip, str(count),
+                               str(idle_s)],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise ScenarioError(f"latency run failed: {proc.stderr.strip()[-300:]}")

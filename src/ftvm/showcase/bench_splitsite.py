@@ -5,9 +5,13 @@ A site lab of 2 hosts (h1 at site a, h2 at site b, the quorum at a third site). 
 level 0 VM (the baseline), a level 2 VM mirrored to h2 and a level 3 VM checkpointed to h2,
 all three the demo guest's ledger. For each rate and round trip of the metro link
 (lab/linkdelay.c), the same workload runs on each VM in turn: ledger writes one after
-another (latency), bulk O_DSYNC writes (throughput), and the level 3 engine's figures (pause,
-bytes on the link, compression, whether it is link-bound). Last, site a loses power with a
-level 1, 2 and 3 VM running there (lab/splitsite_story.py).
+another (latency, in interleaved rounds), bulk O_DSYNC writes (throughput), and the level 3
+engine's figures (pause, bytes on the link, compression, whether it is link-bound). Last,
+site a loses power with a level 1, 2 and 3 VM running there (lab/splitsite_story.py).
+
+The CPUs are held at polling when idle for the run (showcase/wake_latency.py), and level 0
+is also timed after an idle as long as the round trip: what waiting itself costs on this
+machine, apart from any protocol.
 """
 
 from __future__ import annotations
@@ -24,15 +28,18 @@ from rich.table import Table
 from ..cli.common import console
 from ..core.model import Level
 from ..core.protection import protection
-from ..guest.build import build_guest
+from ..guest.build import GuestImage, build_guest
 from ..lab import lab as labmod
 from ..lab import topology as topo
 from ..lab.scenario import LabPool, l3_protected, replica_current
 from ..lab.splitsite_story import splitsite_story
+from .wake_latency import QOS_FILE, polling_idle
 
 RTTS_MS = (0.0, 2.0, 5.0, 10.0)
 RATES_MBIT = (1000.0, 150.0)
 SAMPLES = 200        # ledger writes per latency measurement
+ROUNDS = 5           # ... taken in rounds, each VM in turn, so a drift of the machine hits all alike
+IDLE_SAMPLES = 60    # level 0 writes each after an idle of the round trip (what idling costs here)
 BULK_MIB = 16        # per throughput measurement (1 MiB O_DSYNC writes)
 VMS = {"base": (70, Level.UNPROTECTED), "mirror": (71, Level.COMPONENT), "ft": (72, Level.SYSTEM)}
 # goals (issue 17)
@@ -50,9 +57,13 @@ def _pct(values: list[float], q: float) -> float:
     return round(1000 * s[min(len(s) - 1, int(q * len(s)))], 2)
 
 
-def _latency(pool: LabPool, name: str) -> dict[str, float]:
-    lat = pool.latencies(_ip(name), SAMPLES)
-    return {"p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99)}
+def _latencies(pool: LabPool) -> dict[str, dict[str, float]]:
+    """Each VM's ledger write latency, sampled in interleaved rounds."""
+    lat: dict[str, list[float]] = {name: [] for name in VMS}
+    for _ in range(ROUNDS):
+        for name in VMS:
+            lat[name] += pool.latencies(_ip(name), SAMPLES // ROUNDS)
+    return {name: {"p50_ms": _pct(v, 0.5), "p99_ms": _pct(v, 0.99)} for name, v in lat.items()}
 
 
 def _engine(pool: LabPool) -> dict[str, Any]:
@@ -109,8 +120,10 @@ def _point(pool: LabPool, state: labmod.LabState, rtt: float, rate: float,
     pool.wait_for("level 3 protected", l3_protected("ft"), 120)
     pool.wait_for("level 2 in sync", replica_current("mirror"), 120)
     out: dict[str, Any] = {"rtt_ms": rtt, "rate_mbit": rate, "measured_rtt_ms": _link_rtt_ms("h1", "h2")}
-    for name in VMS:
-        out[name] = _latency(pool, name)
+    out |= _latencies(pool)
+    if rtt:  # the same level 0 writes, each after an idle as long as the round trip
+        idle = pool.latencies(_ip("base"), IDLE_SAMPLES, idle_s=rtt / 1000)
+        out["base"]["after_idle_p50_ms"] = _pct(idle, 0.5)
     out["ft"] |= _engine(pool)  # (the latency run was its load)
     for name in ("base", "mirror"):
         out[name]["mib_s"] = round(BULK_MIB / pool.bulk_write(_ip(name), BULK_MIB, 1024), 1)
@@ -163,6 +176,17 @@ def goals(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def run_splitsite_bench(lab_dir: Path, progress: Callable[[str], None],
                         rtts: tuple[float, ...] = RTTS_MS, rates: tuple[float, ...] = RATES_MBIT) -> dict[str, Any]:
     image = build_guest(log=lambda m: None)
+    with polling_idle() as polling:
+        progress("CPUs held at polling when idle (PM QoS 0) for the run" if polling else
+                 f"could not hold the CPUs out of deep idle ({QOS_FILE}): waits pay the wake-up cost too")
+        out = _run(lab_dir, image, progress, rtts, rates)
+        out["polling_idle"] = polling
+    out["goals"] = goals(out) if len(rates) == len(RATES_MBIT) and 0 in rtts and 10 in rtts else {}
+    return out
+
+
+def _run(lab_dir: Path, image: GuestImage, progress: Callable[[str], None], rtts: tuple[float, ...],
+         rates: tuple[float, ...]) -> dict[str, Any]:
     state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel), sites=2)
     pool = LabPool(state)
     out: dict[str, Any] = {"sites": dict(state.sites), "points": []}
@@ -185,20 +209,20 @@ def run_splitsite_bench(lab_dir: Path, progress: Callable[[str], None],
         out["site_loss"] = story.to_json()
     finally:
         labmod.down(lab_dir)
-    out["goals"] = goals(out) if len(rates) == len(RATES_MBIT) and 0 in rtts and 10 in rtts else {}
     return out
 
 
 def print_splitsite(out: dict[str, Any]) -> None:
     t = Table(title="SplitSite: the metro link (h1 at site a, partners at site b), one run, side by side",
               title_justify="left")
-    for col in ("RTT ms (measured)", "Mbit/s", "L0 write p50/p99", "L2 write p50/p99", "L2 - L0 p50", "L0 / L2 MiB/s",
+    for col in ("RTT ms (measured)", "Mbit/s", "L0 write p50/p99", "L0 after RTT idle", "L2 write p50/p99",
+                "L2 - L0 p50", "L0 / L2 MiB/s",
                 "L3 req p50/p99", "L3 pause", "link MiB/s (raw)", "L3 status"):
         t.add_column(col, justify="right")
     for p in out["points"]:
         b, m, f = p["base"], p["mirror"], p["ft"]
         t.add_row(f"{p['rtt_ms']:g} ({p.get('measured_rtt_ms', 0):g})", f"{p['rate_mbit']:g}",
-                  f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f}",
+                  f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f}", f"{b.get('after_idle_p50_ms', b['p50_ms']):.1f}",
                   f"{m['p50_ms']:.1f} / {m['p99_ms']:.1f}", f"{m['p50_ms'] - b['p50_ms']:.1f}",
                   f"{b['mib_s']} / {m['mib_s']}", f"{f['p50_ms']:.1f} / {f['p99_ms']:.1f}",
                   f"{f.get('pause_p50_ms', 0):.1f}", f"{f.get('link_mib_s', 0)} ({f.get('raw_mib_s', 0)})",
