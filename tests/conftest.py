@@ -89,7 +89,7 @@ def _keep_logs(lab_dir: Path) -> None:
 
 
 def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int,
-         host_memory_mib: int = 2048, sites: int = 0) -> Iterator[object]:
+         host_memory_mib: int = 2048, sites: int = 0, dr: bool = False, timing: object = None) -> Iterator[object]:
     from ftvm.lab import lab as labmod
     needs_root()
     if labmod.existing_namespaces():
@@ -98,7 +98,7 @@ def _lab(tmp_path_factory: pytest.TempPathFactory, guest_image, hosts: int,
     lab_dir = parent / "lab"
     try:
         state = labmod.up(hosts, lab_dir, probe_kernel=str(guest_image.kernel), host_memory_mib=host_memory_mib,
-                          sites=sites)
+                          sites=sites, dr=dr, timing=timing)  # type: ignore[arg-type]
         yield state
     finally:
         _keep_logs(lab_dir)
@@ -122,6 +122,16 @@ def lab_big(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[o
 def lab_sites(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
     """A 3-host lab pool at two sites (h1, h2 at a; h3 at b), the quorum at a third."""
     yield from _lab(tmp_path_factory, guest_image, 3, host_memory_mib=3072, sites=2)
+
+
+@pytest.fixture(scope="module")
+def lab_dr(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
+    """A 2-host lab pool and a DR site (pool "dr", host h9, its own etcd) behind a WAN link;
+    dr_confirm 15 s (a DR failover waits 25 s of silence, not 70)."""
+    from ftvm.core.timing import Timing
+    from ftvm.lab.lab import LAB_PARTNER_REPLACE_AFTER
+    yield from _lab(tmp_path_factory, guest_image, 2, dr=True,
+                    timing=Timing(partner_replace_after=LAB_PARTNER_REPLACE_AFTER, dr_confirm=15.0))
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ from typing import Any
 from dataclasses import replace
 
 from .core.availability import Report, report
-from .core.model import (Desired, DiskSpec, DrReplica, DrTarget, DrTest, Level, LevelChange, Migration, PoolSnapshot,
-                         VmSpec, VmView, receiver_problem, spec_problem, valid_name)
+from .core.model import (DR_FAILOVER_MARGIN_S, Desired, DiskSpec, DrFailover, DrReplica, DrTarget, DrTest, Level,
+                         LevelChange, Migration, PoolSnapshot, VmSpec, VmView, receiver_problem, spec_problem,
+                         valid_name)
 from .core.sites import sites
 from .core.placement import migration_problem, overcommit_problem, plan_evacuation
 from .core.transitions import How, plan_level_change
@@ -59,6 +60,9 @@ async def set_desired(store: PoolStore, name: str, desired: Desired, force: bool
         if got is None:
             raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
         spec, rev = got
+        if desired is Desired.RUNNING and spec.dr_failed_over:
+            raise FtvmError(f"{name} {spec.dr_failed_over}. It runs at the DR site now: only `ftvm dr failback "
+                            f"{name}` brings it back here", REFUSED)
         if desired is Desired.RUNNING:  # an operator's start: ftvm tries a failing guest again
             snap = await store.snapshot()
             view = snap.vms.get(name)
@@ -329,6 +333,79 @@ async def dr_test(store: PoolStore, vm: str, source: str | None = None, point: i
     if not await store.request_dr_test(test):
         raise FtvmError(f"a test failover of {vm} is under way: `ftvm dr test-end {vm}` first", REFUSED)
     return test
+
+
+def dr_loss(replica: DrReplica, point: int, now: float) -> str:
+    """What starting `point` at the DR site loses of the source's writes, in words: the
+    newer points kept here (exact), and after the newest, what the source was sending when
+    it was last heard (at least that much: the rest died with the site)."""
+    chosen = next(p for p in replica.points if p.number == point)
+    newer = [p for p in replica.points if p.number > point]
+    c = replica.contact
+    parts = [f"the writes after {_when(chosen.taken_at)}"]
+    if newer:
+        changed = _size(sum(p.data_bytes for p in newer))
+        parts.append(f"{len(newer)} newer point(s) kept here, up to {_when(newer[-1].taken_at)} "
+                     f"({newer[-1].taken_at - chosen.taken_at:.1f} s of writes, {changed} of changed blocks)")
+    newest_at = replica.points[-1].taken_at
+    if c.heard_at - newest_at >= 0.1:
+        inflight = (f", with {_size(c.in_flight_bytes)} of a point taken at {_when(c.in_flight_taken_at)} still "
+                    "arriving" if c.in_flight_bytes else "")
+        parts.append(f"then at least {c.heard_at - newest_at:.1f} s of writes until the site was last heard at "
+                     f"{_when(c.heard_at)}{inflight}")
+    parts.append(f"and whatever it wrote after that ({now - max(c.heard_at, newest_at):.0f} s ago)")
+    return "loses " + "; ".join(parts)
+
+
+def _when(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 10) % 10}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"
+
+
+async def dr_failover(store: PoolStore, vm: str, source: str | None = None, point: int | None = None,
+                      accept_data_loss: bool = False) -> DrFailover:
+    """A real failover at the DR site (this pool): the host keeping `vm`'s points starts
+    `point` (default the newest) as the VM itself, at level 0. Refused without
+    `accept_data_loss` (the error states what would be lost), while the source was heard
+    too recently to be known gone, or if this pool has a VM of that name."""
+    snap = await store.snapshot()
+    replica = _dr_replica(snap, vm, source)
+    numbers = [p.number for p in replica.points]
+    if not numbers:
+        raise FtvmError(f"no recovery point of {vm} yet: nothing to fail over to", REFUSED)
+    if point is None:
+        point = numbers[-1]
+    elif point not in numbers:
+        raise FtvmError(f"no point {point} of {vm} (points {numbers[0]}-{numbers[-1]}: `ftvm dr points {vm}`)",
+                        NOT_FOUND)
+    existing = snap.dr_failovers.get((replica.pool, vm))
+    if replica.failed_over or (existing is not None and vm in snap.vms):
+        raise FtvmError(f"{replica.pool}/{vm} is failed over to this pool already", REFUSED)
+    if vm in snap.vms:
+        raise FtvmError(f"this pool has a VM named {vm} already: the failover would start {replica.pool}/{vm} "
+                        "under that name", REFUSED)
+    if replica.host not in snap.hosts:
+        raise FtvmError(f"{replica.host}, which keeps the points of {vm}, is down", REFUSED)
+    now = time.time()
+    loss = dr_loss(replica, point, now)
+    if not accept_data_loss:
+        raise FtvmError(f"failing {replica.pool}/{vm} over to point {point} {loss}. Give --accept-data-loss to "
+                        "do it", REFUSED)
+    silent = now - replica.contact.heard_at
+    wait = replica.contact.confirm_s + DR_FAILOVER_MARGIN_S - silent
+    failover = DrFailover(replica.pool, vm, point, replica.host, now, loss)
+    if existing is not None:  # (asked before and failed: asked again)
+        await store.end_dr_failover(replica.pool, vm)
+    if not await store.request_dr_failover(failover):
+        raise FtvmError(f"a failover of {vm} was just asked", REFUSED)
+    if wait > 0:  # (the host keeping the points waits it out: it knows the last contact exactly)
+        needed = replica.contact.confirm_s + DR_FAILOVER_MARGIN_S
+        failover = replace(failover, loss=f"{loss} (starts once {replica.pool} has been silent for {needed:g} s: "
+                                          f"about {wait:.0f} s)")
+    return failover
 
 
 async def dr_test_end(store: PoolStore, vm: str, source: str | None = None) -> DrTest:

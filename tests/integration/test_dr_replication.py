@@ -192,3 +192,50 @@ async def test_points_shipped_to_a_receiver_are_the_disks_at_each_cut(qsd: tuple
         images = rep.materialize(n, work / f"point{n}")
         assert [p.read_bytes() for p in images] == expected, n
         shutil.rmtree(work / f"point{n}")
+
+
+async def test_a_fenced_replica_says_so_only_inside_an_authenticated_session(qsd: tuple[Qmp, Path, Path]) -> None:
+    """A failover fences the replica: the source's next session and any probe are told
+    "failed over" (after authentication: a stranger learns nothing and can forge nothing),
+    no point is taken any more, and what the receiver last heard is kept for the failover's
+    loss statement."""
+    import os
+
+    from ftvm.dr.journal import Replica
+    from ftvm.dr.receiver import Receiver, load_contact
+    from ftvm.dr.sender import DrError, DrSender, FailedOver, probe
+    qmp, nbd, work = qsd
+    key = os.urandom(32)
+    ended: list[tuple[str, str]] = []
+    receiver = Receiver(work / "dr", lambda pool: key if pool == "main" else None,
+                        on_contact_end=lambda pool, vm: ended.append((pool, vm)))
+    port = await receiver.serve("127.0.0.1", 0)
+    addr = ("127.0.0.1", port)
+    try:
+        # before any point: a probe says "not failed over", and makes no replica
+        assert (await probe(addr, key, "main", "web"))["failed_over"] is False
+        assert not (work / "dr" / "main" / "web").exists()
+        with pytest.raises(DrError):
+            await probe(addr, os.urandom(32), "main", "web")  # (a stranger's key: no answer at all)
+        cap = PointCapture(qmp, ["disk0", "disk1"], work, nbd)
+        await cap.start()
+        sender = DrSender(cap, "web", "main", key, addr, confirm_s=42.0)
+        write(nbd, 0, "write -P 0x31 0 64k")
+        first = await sender.ship()
+        contact = receiver.contact("main", "web")
+        assert contact.confirm_s == 42.0 and contact.heard_at >= first.taken_at and contact.in_flight_bytes == 0
+        await receiver.fence("main", "web")  # ends the live session too
+        assert Replica.is_failed_over(work / "dr" / "main" / "web") and ended == [("main", "web")]
+        assert load_contact(work / "dr" / "main" / "web").heard_at == contact.heard_at  # (saved at its end)
+        state = await probe(addr, key, "main", "web")
+        assert state["failed_over"] is True and state["newest"] == first.number
+        write(nbd, 0, "write -P 0x32 64k 64k")
+        with pytest.raises(DrError) as failed:
+            await sender.ship()  # (on its old session, which the fence closed: a failure first, maybe)
+        if not isinstance(failed.value, FailedOver):
+            with pytest.raises(FailedOver):
+                await sender.ship()
+        assert Replica(work / "dr" / "main" / "web").numbers() == [first.number]
+        sender.close()
+    finally:
+        await receiver.close()

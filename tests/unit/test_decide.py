@@ -169,3 +169,43 @@ def test_the_agent_executes_every_action_decide_can_return() -> None:
     agent = Agent(AgentConfig("h1", "p", ("http://127.0.0.1:9",), Path("/nonexistent"), "br0", 1024, 1, ()))
     table = agent.handlers
     assert set(table) == set(Action) - {Action.WAIT}
+
+
+def dr_view(confirmed_at: float | None, target: str = "far", **spec_fields) -> VmView:
+    from dataclasses import replace
+
+    from ftvm.core.model import DrConfirmation
+    return VmView(replace(spec(), dr_target="far", dr_rpo_s=30.0, **spec_fields), owner=None, home="h1",
+                  dr_confirmed=DrConfirmation(confirmed_at, target, "h1") if confirmed_at is not None else None)
+
+
+def test_a_vm_with_a_dr_target_is_claimed_only_after_its_dr_site_said_it_did_not_take_it_over() -> None:
+    hosts = [host("h2")]
+    now = 1000.0
+    for view, why in ((dr_view(None), "never asked"), (dr_view(now - 61), "61 s ago"),
+                      (dr_view(now - 5, target="other"), "never asked"), (dr_view(now + 120), "-120 s ago")):
+        d = only(decide(snap(hosts, view), LocalView("h2", {}, now=now), dr_confirm=60))
+        assert d.action is Action.DR_CONFIRM and "DR target far" in d.reason and why in d.reason, d
+    d = only(decide(snap(hosts, dr_view(now - 59)), LocalView("h2", {}, now=now), dr_confirm=60))
+    assert d.action is Action.CLAIM
+    # another host than the one that would claim it asks nothing
+    s = snap([host("h1"), host("h2")], replace_preferred(dr_view(None), "h1"))
+    assert only(decide(s, LocalView("h2", {}, now=now))).action is Action.WAIT
+
+
+def replace_preferred(view: VmView, preferred: str) -> VmView:
+    from dataclasses import replace
+    return replace(view, spec=replace(view.spec, preferred_host=preferred))
+
+
+def test_a_vm_its_dr_site_took_over_is_never_started_or_kept_running() -> None:
+    from dataclasses import replace
+    now = 1000.0
+    view = dr_view(now - 1, dr_failed_over="failed over to DR target far at 12:00:00")
+    d = only(decide(snap([host("h2")], view), LocalView("h2", {}, now=now)))
+    assert d.action is Action.WAIT and "failback" in d.reason
+    # still owned here (the spec was marked while it ran): stopped, then released, never started
+    owned = replace(view, owner=Ownership("h2", 7))
+    running = LocalView("h2", {"web": LocalVm("web", RunState.RUNNING, 7)}, now=now)
+    assert only(decide(snap([host("h2")], owned), running)).action is Action.STOP
+    assert only(decide(snap([host("h2")], owned), LocalView("h2", {}, now=now))).action is Action.RELEASE

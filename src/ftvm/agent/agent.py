@@ -322,7 +322,8 @@ class Agent:
         self.snapshot = snapshot
         self.journal.bad_records(snapshot)
         self._forget_finished(snapshot)
-        report = decide(snapshot, self.local_view(), self.t.partner_replace_after, self.t.l3_takeover_after)
+        report = decide(snapshot, self.local_view(), self.t.partner_replace_after, self.t.l3_takeover_after,
+                        self.t.dr_confirm)
         if report.actions():
             log.info("%s", report.summary())
         # kills (never two copies) and takeovers (a guest waits) before the rest
@@ -382,7 +383,8 @@ class Agent:
                 Action.UNEXPORT: self._unexport, Action.PREPARE_INCOMING: self.migrations.prepare_incoming,
                 Action.MIGRATE: self._migrate_out, Action.CHANGE_LEVEL: self._change_level,
                 Action.REPLACE_PARTNER: self._replace_partner, Action.FAILBACK: self.migrations.ask_failback,
-                Action.TAKE_OVER: self._take_over, Action.GUEST_FAILED: self.guest.handle}
+                Action.TAKE_OVER: self._take_over, Action.GUEST_FAILED: self.guest.handle,
+                Action.DR_CONFIRM: self.dr.confirm}
 
     async def _execute(self, d: Decision, snapshot: PoolSnapshot) -> None:
         await self.handlers[d.action](d, snapshot)

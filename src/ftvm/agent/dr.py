@@ -1,10 +1,15 @@
-"""Asynchronous DR on this host: receiving other pools' recovery points (host.toml dr_listen)
-and shipping those of the VMs it owns (spec.dr_target), one task per VM.
+"""Asynchronous DR, the source's end on this host: shipping the recovery points of the VMs
+it owns (spec.dr_target), one task per VM, and asking the DR site before a VM with a DR
+target is started (Action.DR_CONFIRM). The DR site's end is agent/dr_site.py.
 
 Shipping, per VM running here with a DR target: every `dr_interval_s(rpo)` a point is taken
 on its QEMU and sent (dr/sender.py); the figures go to the store under the owner's token
 (`vms/<vm>/dr`), and events say when points start failing or work again, and when the lag
 passes the RPO or comes back under it. The receivers of the target are tried in order.
+Each delivered point is the DR site's word that it has not taken the VM over: it renews
+`vms/<vm>/dr-confirmed` (every third of dr_confirm), which lets the VM be restarted here
+after a host's loss without asking. A DR site that answers "failed over" has the VM
+stopped here for good (spec.dr_failed_over).
 
 A point takes a fleecing node and a backup job on the disks' top nodes: a live migration or
 level change (which rework the block graph) waits for the point in flight and takes no new
@@ -16,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -24,29 +28,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..core.model import (Desired, DiskSpec, DrFigures, DrPoint, DrReplica, DrTest, Level, PoolSnapshot, RunState,
-                          VmSpec, dr_interval_s)
-from ..core.records import RecordError
+from ..core.decide import Decision
+from ..core.model import DrConfirmation, DrFigures, DrTarget, PoolSnapshot, RunState, dr_interval_s
 from ..dr.capture import PointCapture
-from ..dr.journal import JournalError, Replica
-from ..dr.receiver import Committed, Receiver
-from ..dr.sender import DrError, DrSender
+from ..dr.sender import DrError, DrSender, FailedOver, probe
 from ..qemu.process import QemuError, QemuVm
 from ..qemu.runas import RunAs
-from ..secret import derive
 from ..store.etcd import EtcdError
 from .config import AgentConfig
 from .context import HostContext
+from .dr_site import DrSite, dr_key
 from .local import LocalRecord, spawn
 
 log = logging.getLogger("ftvm.agent.dr")
 NBD_SOCKET = "bitmaps.sock"   # the QEMU's one NBD server, shared with level 3 (l3/disk_writes.py)
-PUBLISH_EVERY_S = 5.0
-
-
-def dr_key(secret: bytes, source_pool: str) -> bytes:
-    """The key of one source pool's DR sessions (both pools hold the DR secret)."""
-    return derive(secret, f"dr {source_pool}")
+CONFIRM_RETRY_S = 5.0         # a DR site that did not answer is asked again after this
 
 
 def _addr(text: str) -> tuple[str, int]:
@@ -57,166 +53,28 @@ def _addr(text: str) -> tuple[str, int]:
 class DrShipping:
     def __init__(self, cfg: AgentConfig, ctx: HostContext, vms: dict[str, LocalRecord], run_as: RunAs | None) -> None:
         self.cfg, self.ctx, self.vms, self.run_as = cfg, ctx, vms, run_as
+        self.site = DrSite(cfg, ctx, run_as)  # (the DR site's end, when this host receives)
         self.tasks: dict[str, tuple[str, float, asyncio.Task[None]]] = {}  # vm -> (target, rpo, task)
         self.locks: dict[str, asyncio.Lock] = {}
         self.quieted: set[str] = set()
-        self.receiver: Receiver | None = None
-        self.published_lease = 0  # the lease the replica records were last published under
-        self.unpublished: set[tuple[str, str]] = set()       # (pool, vm) with points not yet in the store
-        self.testing: set[tuple[str, str]] = set()  # test copies being made
-        self.tested: set[tuple[str, str]] = set()   # tests whose point was marked tested
-        self.ending: set[str] = set()               # test copies being removed
-        self.published_at: dict[tuple[str, str], float] = {}  # monotonic
+        self.confirming: set[str] = set()
+        self.confirm_after: dict[str, float] = {}   # vm -> monotonic: not asked again before
+        self.unanswered: set[str] = set()           # VMs whose DR site did not answer (one event)
+        self.confirmed_at: dict[str, float] = {}    # vm -> when this host last wrote its confirmation
 
-    # --- receiving ---------------------------------------------------------------------------
     async def start(self) -> None:
-        if self.cfg.dr_listen is None:
-            return
-        assert self.cfg.local_storage is not None  # (config: dr_listen needs it)
-        secret = self.cfg.dr_secret
-        self.receiver = Receiver(self.cfg.local_storage / "dr", lambda pool: dr_key(secret, pool), self._committed)
-        addr, port = self.cfg.dr_listen
-        try:
-            await self.receiver.serve(addr, port)
-        except OSError as e:
-            self.ctx.journal.event("", "error", f"cannot receive DR points on {addr}:{port}: {e}")
-            self.receiver = None
-            return
-        await self._publish_all()
+        await self.site.start()
 
-    def _committed(self, c: Committed) -> None:
-        log.info("DR point %d of %s/%s committed (%d bytes)", c.number, c.pool, c.vm, c.stored_bytes)
-        self.unpublished.add((c.pool, c.vm))
-        self._publish_due()
-
-    def _publish_due(self) -> None:
-        """Replica records written at most every PUBLISH_EVERY_S each (a point may come every
-        second; the record lists them all)."""
-        now = time.monotonic()
-        for key in list(self.unpublished):
-            if now - self.published_at.get(key, -PUBLISH_EVERY_S) >= PUBLISH_EVERY_S:
-                self.unpublished.discard(key)
-                self.published_at[key] = now
-                spawn(self._publish(*key), name=f"dr-publish-{key[0]}-{key[1]}")
-
-    def _replica_dir(self, pool: str, vm: str) -> Path:
-        assert self.cfg.local_storage is not None
-        return self.cfg.local_storage / "dr" / pool / vm
-
-    async def _publish(self, pool: str, vm: str) -> None:
-        """Tell this pool which points of `pool`'s VM this host keeps (`ftvm dr points`)."""
-        def summary() -> DrReplica:
-            rep = Replica(self._replica_dir(pool, vm))
-            tested = rep.tested()
-            points = tuple(DrPoint(n, rep.header(n).taken_at, n in tested) for n in rep.numbers())
-            return DrReplica(pool, vm, self.cfg.name, points, rep.sizes, time.time())
-        try:
-            replica = await asyncio.to_thread(summary)
-            await self.ctx.store.publish_dr_replica(replica, self.ctx.lease)
-        except (OSError, ValueError, JournalError, EtcdError) as e:
-            log.warning("DR replica %s/%s not published: %s", pool, vm, e)
-
-    async def _publish_all(self) -> None:
-        """Every replica kept here (at start, and under a new lease: the records live on it)."""
-        root = (self.cfg.local_storage / "dr") if self.cfg.local_storage else None
-        self.published_lease = self.ctx.lease
-        if root is None or not root.is_dir():
-            return
-        for pool_dir in sorted(root.iterdir()):
-            for vm_dir in sorted(pool_dir.iterdir()) if pool_dir.is_dir() else []:
-                if (vm_dir / "state.json").exists():
-                    await self._publish(pool_dir.name, vm_dir.name)
-
-    # --- test failovers (this host keeps the points) -----------------------------------------
-    def _tests_dir(self) -> Path:
-        assert self.cfg.local_storage is not None
-        return self.cfg.local_storage / "dr-tests"
-
-    def _sync_tests(self, snapshot: PoolSnapshot) -> None:
-        """Start the copy of each test asked of a replica kept here; mark its point tested once
-        it runs; remove the copy of a test that was ended, once it has stopped."""
-        if self.receiver is None:
-            return
-        for key, test in snapshot.dr_tests.items():
-            if test.host != self.cfg.name or key in self.testing:
-                continue
-            view = snapshot.vms.get(test.test_vm)
-            if view is None and key not in self.tested:
-                self.testing.add(key)
-                spawn(self._start_test(test), name=f"dr-test-{test.vm}")
-            elif (view is not None and view.status is not None and view.status.state is RunState.RUNNING
-                  and key not in self.tested):
-                self.tested.add(key)
-                spawn(self._mark_tested(test), name=f"dr-tested-{test.vm}")
-        asked = {t.test_vm for t in snapshot.dr_tests.values()}
-        for name, view in snapshot.vms.items():
-            ours = (view.spec.preferred_host == self.cfg.name and bool(view.spec.disks)
-                    and all(d.path.startswith(str(self._tests_dir()) + "/") for d in view.spec.disks))
-            if ours and name not in asked and view.owner is None and name not in self.ending:
-                self.ending.add(name)
-                spawn(self._remove_test(name), name=f"dr-test-end-{name}")
-        self.tested &= set(snapshot.dr_tests)
-
-    async def _start_test(self, test: DrTest) -> None:
-        """Images of the point, made for the test (the replica is never written), and a level 0
-        VM on them, on this host, with every NIC isolated."""
-        try:
-            rep = Replica(self._replica_dir(test.pool, test.vm))
-            spec_json = rep.spec()
-            if spec_json is None:
-                raise JournalError("the owner never sent the VM's spec (an older ftvm)")
-            source = VmSpec.from_json(spec_json)
-            dest = self._tests_dir() / test.pool / test.vm
-            images = await asyncio.to_thread(rep.materialize, test.point, dest)
-            if self.run_as is not None:
-                self.run_as.own(*images)
-            spec = replace(source, name=test.test_vm, level=Level.UNPROTECTED, desired=Desired.RUNNING,
-                           preferred_host=self.cfg.name, site="", dr_target="", dr_rpo_s=0.0, failback=False,
-                           disks=tuple(DiskSpec(str(p), "raw") for p in images),
-                           nics=tuple(replace(n, isolated=True) for n in source.nics))
-            await self.ctx.store.define_vm(spec)
-            self.ctx.journal.event(test.test_vm, "dr-test", f"test failover of {test.pool}/{test.vm} from point "
-                                                            f"{test.point}: starting on {self.cfg.name}, isolated")
-        except (OSError, ValueError, JournalError, RecordError, EtcdError) as e:
-            self.ctx.journal.event(test.vm, "error", f"test failover of {test.pool}/{test.vm} failed: {e}")
-            with suppress(EtcdError):
-                await self.ctx.store.end_dr_test(test.pool, test.vm)
-        finally:
-            self.testing.discard((test.pool, test.vm))
-
-    async def _mark_tested(self, test: DrTest) -> None:
-        await asyncio.to_thread(Replica(self._replica_dir(test.pool, test.vm)).mark_tested, test.point)
-        self.ctx.journal.event(test.test_vm, "dr-test", f"point {test.point} of {test.pool}/{test.vm} runs: "
-                                                        "marked tested")
-        await self._publish(test.pool, test.vm)
-
-    async def _remove_test(self, name: str) -> None:
-        try:
-            got = await self.ctx.store.spec(name)
-            if got is not None and got[0].desired is Desired.STOPPED:
-                if await self.ctx.store.remove_vm(name, got[1]):
-                    for d in got[0].disks:
-                        await asyncio.to_thread(shutil.rmtree, Path(d.path).parent, True)
-                    self.ctx.journal.event(name, "dr-test", "test failover ended: its copy and images removed")
-        except EtcdError as e:
-            log.warning("%s: test copy not removed yet: %s", name, e)
-        finally:
-            self.ending.discard(name)
-
-    # --- shipping ----------------------------------------------------------------------------
     def sync(self, snapshot: PoolSnapshot) -> None:
-        """After each tick: a task for each VM owned and running here with a DR target; test
-        failovers of the replicas kept here."""
-        if self.receiver is not None and self.published_lease != self.ctx.lease:
-            self.published_lease = self.ctx.lease
-            spawn(self._publish_all(), name="dr-publish-all")
-        self._publish_due()
-        self._sync_tests(snapshot)
+        """After each tick: a task for each VM owned and running here with a DR target; the
+        DR site's work if this host receives."""
+        self.site.sync(snapshot)
         wanted: dict[str, tuple[str, float]] = {}
         for name, rec in self.vms.items():
             view = snapshot.vms.get(name)
             if (view is None or not view.spec.dr_target or view.owner is None or view.owner.host != self.cfg.name
-                    or view.owner.token != rec.token or rec.state is not RunState.RUNNING or rec.qemu is None):
+                    or view.owner.token != rec.token or rec.state is not RunState.RUNNING or rec.qemu is None
+                    or view.spec.dr_failed_over):
                 continue
             wanted[name] = (view.spec.dr_target, view.spec.dr_rpo_s)
         for name in list(self.tasks):
@@ -229,6 +87,70 @@ class DrShipping:
                 task = asyncio.create_task(self._ship(name, target, rpo), name=f"dr-{name}")
                 self.tasks[name] = (target, rpo, task)
 
+    # --- asking the DR site before a start -------------------------------------------------
+    async def confirm(self, d: Decision, snapshot: PoolSnapshot) -> None:
+        """Action.DR_CONFIRM: ask the VM's DR site whether it has taken it over (in the
+        background; the next tick claims the VM once the answer is recorded)."""
+        view = snapshot.vms[d.vm]
+        if d.vm in self.confirming or time.monotonic() < self.confirm_after.get(d.vm, 0.0):
+            return
+        self.confirming.add(d.vm)
+        spawn(self._confirm(d.vm, view.spec.dr_target, snapshot.dr_targets.get(view.spec.dr_target)),
+              name=f"dr-confirm-{d.vm}")
+
+    async def _confirm(self, vm: str, target: str, dr_target: DrTarget | None) -> None:
+        try:
+            why = ("unknown DR target" if dr_target is None
+                   else "this host has no dr_secret_file" if not self.cfg.dr_secret else "")
+            errors = [why] if why else []
+            for receiver in dr_target.receivers if dr_target is not None and not why else ():
+                try:
+                    state = await probe(_addr(receiver), dr_key(self.cfg.dr_secret, self.cfg.pool), self.cfg.pool, vm)
+                except DrError as e:
+                    errors.append(str(e))
+                    continue
+                if state["failed_over"]:
+                    await self._failed_over(vm, target, f"{receiver} says it runs the VM "
+                                                        f"(from its point {state.get('newest')})")
+                else:
+                    await self.ctx.store.confirm_dr(vm, DrConfirmation(time.time(), target, self.cfg.name))
+                    self.ctx.journal.event(vm, "dr", f"DR target {target} ({receiver}) has not taken the VM over: "
+                                                     "it may start here")
+                    self.unanswered.discard(vm)
+                    self.ctx.wake()
+                return
+            if vm not in self.unanswered:
+                self.unanswered.add(vm)
+                self.ctx.journal.event(vm, "dr", f"not started: DR target {target} cannot say whether it has "
+                                                 f"taken the VM over ({'; '.join(errors)}). Asked again every "
+                                                 f"{CONFIRM_RETRY_S:g} s; `ftvm dr remove {vm}` drops the DR "
+                                                 "target and this wait")
+        except EtcdError as e:
+            log.warning("%s: DR confirmation not recorded: %s", vm, e)
+        finally:
+            self.confirm_after[vm] = time.monotonic() + CONFIRM_RETRY_S
+            self.confirming.discard(vm)
+
+    async def _failed_over(self, vm: str, target: str, why: str) -> None:
+        """The DR site runs the VM: stopped here, and never started again without a failback."""
+        text = f"failed over to DR target {target} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {why}"
+        for _ in range(5):
+            if await self.ctx.store.mark_dr_failed_over(vm, text):
+                break
+        self.ctx.journal.event(vm, "dr-failover", f"{text}. Stopped here; `ftvm dr failback {vm}` brings it back")
+        self.ctx.wake()
+
+    async def _confirmed(self, vm: str, target: str) -> None:
+        """A point was delivered: the DR site has not taken the VM over (recorded every third
+        of dr_confirm: a restart here needs a recent one)."""
+        now = time.monotonic()
+        if now - self.confirmed_at.get(vm, -1e9) < self.ctx.timing.dr_confirm / 3:
+            return
+        with suppress(EtcdError):
+            await self.ctx.store.confirm_dr(vm, DrConfirmation(time.time(), target, self.cfg.name))
+            self.confirmed_at[vm] = now
+
+    # --- shipping ----------------------------------------------------------------------------
     @asynccontextmanager
     async def quiet(self, vm: str) -> AsyncIterator[None]:
         """No DR point on `vm`'s QEMU while this lasts (a migration, a level change): the one
@@ -244,8 +166,7 @@ class DrShipping:
         for _, _, task in self.tasks.values():
             task.cancel()
         self.tasks.clear()
-        if self.receiver is not None:
-            await self.receiver.close()
+        await self.site.close()
 
     async def _ship(self, vm: str, target: str, rpo: float) -> None:
         interval = dr_interval_s(rpo)
@@ -282,6 +203,9 @@ class DrShipping:
                             qemu = rec.qemu
                             sender = await self._sender(vm, qemu, dr_target.receivers[0], view.spec.to_json())
                         shipped = await sender.ship()
+                    except FailedOver as e:
+                        await self._failed_over(vm, target, str(e))
+                        return
                     except (DrError, QemuError, OSError) as e:
                         figures = replace(figures, error=str(e))
                         if not failing:
@@ -296,6 +220,7 @@ class DrShipping:
                             self.ctx.journal.event(vm, "dr", f"DR points to {target} go again (point "
                                                               f"{shipped.number}, {shipped.kind})")
                         failing = False
+                        await self._confirmed(vm, target)
                         figures = replace(figures, receiver=f"{sender.addr[0]}:{sender.addr[1]}",
                                           newest=shipped.number, newest_taken_at=shipped.taken_at,
                                           kind=shipped.kind, data_bytes=shipped.data_bytes,
@@ -332,7 +257,7 @@ class DrShipping:
                                own=lambda p: own(Path(p)))
         await capture.start()
         return DrSender(capture, vm, self.cfg.pool, dr_key(self.cfg.dr_secret, self.cfg.pool), _addr(receiver),
-                        spec)
+                        spec, self.ctx.timing.dr_confirm)
 
     async def _report(self, vm: str, rec: LocalRecord, figures: DrFigures) -> None:
         with suppress(EtcdError):

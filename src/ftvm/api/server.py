@@ -330,6 +330,24 @@ def make_app(ctx: ApiContext) -> web.Application:
         test = await ops.dr_test(ctx.store, vm, pool, point)
         return web.json_response(test.__dict__)
 
+    async def dr_failover(request: web.Request) -> web.Response:
+        pool, vm = request.match_info["pool"], request.match_info["vm"]
+        body: Any = {}
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+        if not isinstance(body, dict) or set(body) - {"point", "accept_data_loss"}:
+            raise FtvmError('the body may only be {"point": N, "accept_data_loss": true}', BAD_INPUT)
+        point, accept = body.get("point"), body.get("accept_data_loss", False)
+        if point is not None and (not isinstance(point, int) or isinstance(point, bool)):
+            raise FtvmError("point must be an integer", BAD_INPUT)
+        if not isinstance(accept, bool):
+            raise FtvmError("accept_data_loss must be true or false", BAD_INPUT)
+        failover = await ops.dr_failover(ctx.store, vm, pool, point, accept)
+        return web.json_response(failover.__dict__)
+
     async def put_dr_target(request: web.Request) -> web.Response:
         try:
             receivers = (await request.json())["receivers"]
@@ -386,6 +404,7 @@ def make_app(ctx: ApiContext) -> web.Application:
         web.get("/api/v1/dr-replicas", dr_replicas),
         web.post("/api/v1/dr-replicas/{pool}/{vm}/test", dr_test),
         web.delete("/api/v1/dr-replicas/{pool}/{vm}/test", dr_test),
+        web.post("/api/v1/dr-replicas/{pool}/{vm}/failover", dr_failover),
         web.put("/api/v1/dr-targets/{name}", put_dr_target),
         web.delete("/api/v1/dr-targets/{name}", delete_dr_target),
     ])

@@ -58,6 +58,7 @@ class PoolClient(Protocol):
     def dr_replicas(self) -> list[dict[str, Any]]: ...
     def dr_test(self, pool: str, vm: str, point: int | None) -> dict[str, Any]: ...
     def dr_test_end(self, pool: str, vm: str) -> None: ...
+    def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]: ...
     def set_dr_target(self, name: str, receivers: list[str]) -> None: ...
     def remove_dr_target(self, name: str) -> None: ...
 
@@ -76,6 +77,11 @@ def pool_client(args: Any) -> PoolClient:
         state = load_state(Path(getattr(args, "lab_dir", None) or DEFAULT_DIR))
     except LabError:
         return DirectClient(args)  # raises the "no quorum service given" error on first use
+    if getattr(args, "lab_dr", False):  # the lab's DR pool (`lab up --dr`)
+        if not state.dr_hosts:
+            raise FtvmError("this lab has no DR site (`ftvm lab up --dr`)", BAD_INPUT)
+        return HttpClient([state.api_url(h) for h in state.dr_hosts],
+                          (state.dr_pki_dir / "api-token").read_text().strip(), state.dr_pki_dir / "ca.crt")
     if not state.api_token_file.exists():
         return DirectClient(args)
     alive = [h for h in state.hosts if h not in state.failed] + [h for h in state.failed]
@@ -173,6 +179,9 @@ class DirectClient:
 
     def dr_test_end(self, pool: str, vm: str) -> None:
         with_store(self.args, lambda s: ops.dr_test_end(s, vm, pool))
+
+    def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]:
+        return dict(with_store(self.args, lambda s: ops.dr_failover(s, vm, pool, point, accept_data_loss)).__dict__)
 
     def remove_dr_target(self, name: str) -> None:
         with_store(self.args, lambda s: ops.remove_dr_target(s, name))
@@ -292,6 +301,12 @@ class HttpClient:
 
     def dr_test_end(self, pool: str, vm: str) -> None:
         self._call("DELETE", f"/api/v1/dr-replicas/{_q(pool)}/{_q(vm)}/test")
+
+    def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"accept_data_loss": accept_data_loss}
+        if point is not None:
+            body["point"] = point
+        return dict(self._call("POST", f"/api/v1/dr-replicas/{_q(pool)}/{_q(vm)}/failover", body))
 
     def set_dr_target(self, name: str, receivers: list[str]) -> None:
         self._call("PUT", f"/api/v1/dr-targets/{_q(name)}", {"receivers": receivers})

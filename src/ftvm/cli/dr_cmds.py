@@ -178,3 +178,14 @@ def cmd_dr_test_end(args: Any) -> int:
     else:
         console.print(f"test failover of {r['pool']}/{args.name} ended: its copy is powered off and removed")
     return OK
+
+
+def cmd_dr_failover(args: Any) -> int:
+    r = _replica(args)
+    f = pool_client(args).dr_failover(r["pool"], args.name, args.point, args.accept_data_loss)
+    if is_json(args):
+        emit_json(f)
+    else:
+        console.print(f"failover of {r['pool']}/{args.name} to point {f['point']}: {f['host']} starts it at level 0; "
+                      f"it {f['loss']}. Its old site never runs it again without `ftvm dr failback`")
+    return OK

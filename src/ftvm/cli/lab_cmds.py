@@ -7,6 +7,7 @@ from typing import Any
 
 from ..core.timing import Timing, TimingError
 from ..lab import lab
+from ..lab import topology as topo
 from .common import BAD_INPUT, FAILED, OK, REFUSED, CliError, console, emit_json, is_json
 
 
@@ -43,16 +44,24 @@ def cmd_lab_up(args: Any) -> int:
     try:
         with console.status(f"bringing up a lab pool with {args.hosts} hosts"):
             state = lab.up(args.hosts, _lab_dir(args), timing, args.host_memory, args.host_vcpus,
-                           probe_kernel, sites=args.sites)
+                           probe_kernel, sites=args.sites, dr=args.dr)
     except lab.LabError as e:
         raise CliError(str(e), FAILED) from None
     if is_json(args):
-        emit_json({"hosts": state.hosts, "etcd": state.etcd_endpoint, "dir": state.dir, "sites": state.sites})
+        emit_json({"hosts": state.hosts, "etcd": state.etcd_endpoint, "dir": state.dir, "sites": state.sites,
+                   "dr_hosts": state.dr_hosts, "dr_etcd": state.dr_etcd_endpoint if state.dr_hosts else None,
+                   "dr_receivers": [topo.dr_receiver(h) for h in state.dr_hosts]})
     else:
         where = (" (" + ", ".join(f"{h} at site {s}" for h, s in state.sites.items()) + "; quorum at the witness site)"
                  if state.sites else "")
         console.print(f"lab up: hosts {', '.join(state.hosts)}{where}, quorum (etcd) at {state.etcd_endpoint}, "
                       f"shared storage {state.shared_dir}")
+        if state.dr_hosts:
+            receivers = ",".join(topo.dr_receiver(h) for h in state.dr_hosts)
+            console.print(f"DR site: pool {lab.DR_POOL} (hosts {', '.join(state.dr_hosts)}, its own etcd at "
+                          f"{state.dr_etcd_endpoint}) behind a WAN link (`ftvm lab wan --rtt 40ms --rate 150mbit`). "
+                          f"Pair them: `ftvm dr target add {lab.DR_POOL} --receiver {receivers}`; act on the DR "
+                          "pool with `ftvm --lab-dr ...`")
     return OK
 
 
@@ -196,6 +205,20 @@ def cmd_lab_link(args: Any) -> int:
     return OK
 
 
+def cmd_lab_wan(args: Any) -> int:
+    state = _state(args)
+    rtt, rate = parse_rtt_ms(args.rtt), parse_rate_mbit(args.rate)
+    try:
+        lab.set_wan(state, rtt, rate)
+    except lab.LabError as e:
+        raise CliError(str(e), BAD_INPUT) from None
+    if is_json(args):
+        emit_json({"rtt_ms": rtt, "rate_mbit": rate})
+    else:
+        console.print(f"WAN to the DR site: RTT {rtt:g} ms, " + (f"{rate:g} Mbit/s" if rate else "no rate limit"))
+    return OK
+
+
 def cmd_lab_fail_site(args: Any) -> int:
     return _site_op(args, "fail")
 
@@ -212,7 +235,8 @@ def cmd_lab_status(args: Any) -> int:
     state = _state(args)
     data = {"hosts": state.hosts, "failed": state.failed, "partitions": state.partitions,
             "etcd": state.etcd_endpoint, "dir": state.dir, "pids": state.pids, "sites": state.sites,
-            "sites_cut": state.sites_cut, "metro_rtt_ms": state.metro[0], "metro_rate_mbit": state.metro[1]}
+            "sites_cut": state.sites_cut, "metro_rtt_ms": state.metro[0], "metro_rate_mbit": state.metro[1],
+            "dr_hosts": state.dr_hosts, "wan_rtt_ms": state.wan[0], "wan_rate_mbit": state.wan[1]}
     if is_json(args):
         emit_json(data)
     else:

@@ -16,6 +16,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--etcd", help="quorum service endpoint(s), comma separated (default: FTVM_ETCD or the lab)")
     p.add_argument("--pool", help="pool name (default: FTVM_POOL or 'lab')")
     p.add_argument("--lab-dir", help=argparse.SUPPRESS)
+    p.add_argument("--lab-dr", action="store_true",
+                   help="in a lab with a DR site (`lab up --dr`): act on its DR pool, not the main one")
     p.add_argument("--api", help="agent API URL(s), comma separated (default: FTVM_API, or the lab's agents); "
                                  "the CLI then works through the API")
     p.add_argument("--api-token-file", help="file holding the API token (default: FTVM_API_TOKEN_FILE, "
@@ -184,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", type=int, default=2)
     p.add_argument("--sites", type=int, default=0, choices=(0, 2),
                    help="2: the hosts at two sites (a: the first half, b: the rest), the quorum at a third")
+    p.add_argument("--dr", action="store_true",
+                   help="a DR site too: pool 'dr' (host h9, its own etcd) behind a WAN link (`lab wan`)")
     p.add_argument("--host-memory", type=int, default=2048, help="MiB each host offers")
     p.add_argument("--host-vcpus", type=int, default=4)
     p.add_argument("--lease-ttl", type=float)
@@ -215,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site_b")
     p.add_argument("--rtt", default="0ms", help="round-trip time, e.g. 10ms (each way half)")
     p.add_argument("--rate", default="0", help="bandwidth each way, e.g. 150mbit or 1gbit (0: unlimited)")
+    p = cmd(lab, "wan", lab_cmds.cmd_lab_wan,
+            "the WAN link to the DR site (`lab up --dr`): round-trip time and rate, changed while the lab runs")
+    p.add_argument("--rtt", default="0ms", help="round-trip time, e.g. 40ms (each way half)")
+    p.add_argument("--rate", default="0", help="bandwidth each way, e.g. 150mbit or 20mbit (0: unlimited)")
     p = cmd(lab, "fail-disk", lab_cmds.cmd_lab_fail_disk, "make a level 2 VM's local disk fail (EIO)")
     p.add_argument("vm")
     p.add_argument("--host", required=True, help="the host whose copy fails")
@@ -258,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(dr, "test-end", dr_cmds.cmd_dr_test_end, "end a test failover: its copy and images are removed")
     p.add_argument("name")
     p.add_argument("--from", dest="source", help=from_help)
+    p = cmd(dr, "failover", dr_cmds.cmd_dr_failover, "start a VM at the DR pool from a recovery point (its site is "
+            "lost): says what is lost; the old site never runs it again without a failback")
+    p.add_argument("name")
+    p.add_argument("--point", type=int, help="the point (`ftvm dr points`; default the newest)")
+    p.add_argument("--from", dest="source", help=from_help)
+    p.add_argument("--accept-data-loss", action="store_true",
+                   help="required: the writes after the point are lost (the refusal without it says how many)")
     target = dr.add_parser("target", help="where this pool's recovery points may go").add_subparsers(
         dest="target_sub", required=True)
     p = cmd(target, "add", dr_cmds.cmd_dr_target_add, "add or change a DR target: another pool's receivers")

@@ -12,7 +12,10 @@ Level 0/1 state machine of one VM, seen from one host (docs/architecture.md):
 
 Safety rules, checked before anything else:
   * a VM runs here only while this host owns it with the same fencing token;
-  * otherwise it is killed at once, never stopped gracefully (never two copies).
+  * otherwise it is killed at once, never stopped gracefully (never two copies);
+  * a VM with a DR target is claimed only within `dr_confirm` of its DR site's last word
+    that it has not taken the VM over (DR_CONFIRM asks it); one the DR site took over
+    (spec.dr_failed_over) is never started (docs/dr.md).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Action(str, Enum):
     TAKE_OVER = "take-over"  # level 3 partner: the primary fell silent, carry on from the last checkpoint
     FAILBACK = "failback"  # owner: ask a live migration back to the VM's preferred host
     GUEST_FAILED = "guest-failed"  # owner: the guest failed on its own: restart it, or give up (the limit)
+    DR_CONFIRM = "dr-confirm"  # would claim: first ask the DR site whether it has taken the VM over
     WAIT = "wait"        # nothing to do
 
 
@@ -77,10 +81,11 @@ class TickReport:
 
 
 def decide(snapshot: PoolSnapshot, local: LocalView, replace_partner_after: float = 60.0,
-           takeover_after: float = 0.8) -> TickReport:
+           takeover_after: float = 0.8, dr_confirm: float = 60.0) -> TickReport:
     """`replace_partner_after`: seconds a level 2/3 VM's partner may stay down (its copy
     outdated) before the owner builds a new replica on another host (`local.now`).
-    `takeover_after`: seconds of silence after which a level 3 partner takes over."""
+    `takeover_after`: seconds of silence after which a level 3 partner takes over.
+    `dr_confirm`: how long the DR site's word that it has not taken a VM over lets it start."""
     me = local.host
     names = sorted(set(snapshot.vms) | set(local.vms) | set(snapshot.frozen))
     decisions = []
@@ -94,7 +99,7 @@ def decide(snapshot: PoolSnapshot, local: LocalView, replace_partner_after: floa
             if lv.state in ACTIVE_STATES:
                 decisions.append(Decision(name, Action.KILL, "VM no longer defined in the pool"))
             continue
-        decisions.append(_decide_vm(snapshot, local, view, replace_partner_after, takeover_after))
+        decisions.append(_decide_vm(snapshot, local, view, replace_partner_after, takeover_after, dr_confirm))
     for name in sorted((set(snapshot.vms) | local.exports) - set(snapshot.frozen)):
         export = _decide_export(snapshot, local, name)
         if export is not None:
@@ -151,8 +156,24 @@ def may_take_over(snapshot: PoolSnapshot, view: VmView, local: LocalView, takeov
             f"taking over from checkpoint {standby.committed_epoch}")
 
 
+def dr_unconfirmed(view: VmView, now: float, dr_confirm: float) -> str | None:
+    """Why a VM with a DR target may not be claimed yet, or None: its DR site must have said
+    within `dr_confirm` that it has not taken the VM over (a site back from an outage long
+    enough for a DR failover must ask first)."""
+    spec, seen = view.spec, view.dr_confirmed
+    if not spec.dr_target:
+        return None
+    if seen is None or seen.target != spec.dr_target:
+        return f"asking DR target {spec.dr_target} whether it has taken the VM over (never asked)"
+    age = now - seen.at
+    if not -dr_confirm < age < dr_confirm:
+        return (f"asking DR target {spec.dr_target} whether it has taken the VM over (last asked "
+                f"{age:.0f} s ago, longer than {dr_confirm:g} s)")
+    return None
+
+
 def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_partner_after: float,
-               takeover_after: float) -> Decision:
+               takeover_after: float, dr_confirm: float) -> Decision:
     me, spec, owner = local.host, view.spec, view.owner
     lv = local.vms.get(spec.name)
     running_here = lv is not None and lv.state in ACTIVE_STATES
@@ -173,12 +194,17 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_p
             return Decision(spec.name, Action.WAIT, f"migrated to {handover}, which takes it over")
         if incoming_here:
             return Decision(spec.name, Action.KILL, "migration abandoned (no handover to this host)")
+        if spec.dr_failed_over:
+            return Decision(spec.name, Action.WAIT, f"{spec.dr_failed_over}: started only by a failback")
         if spec.desired is Desired.STOPPED:
             return Decision(spec.name, Action.WAIT, "stopped")
         if view.guest is not None and view.guest.gave_up:
             return Decision(spec.name, Action.WAIT, f"left stopped: {view.guest.gave_up}")
         target, why = choose_host(snapshot, view)
         if target == me:
+            unconfirmed = dr_unconfirmed(view, local.now, dr_confirm)
+            if unconfirmed is not None:
+                return Decision(spec.name, Action.DR_CONFIRM, unconfirmed)
             return Decision(spec.name, Action.CLAIM, why)
         return Decision(spec.name, Action.WAIT, why)
 
@@ -202,7 +228,7 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_p
     if running_here and lv is not None and lv.token != owner.token:
         return Decision(spec.name, Action.KILL,
                         f"fencing token {lv.token} is stale (owner token {owner.token})")
-    if spec.desired is Desired.RUNNING:
+    if spec.desired is Desired.RUNNING and not spec.dr_failed_over:
         if running_here and lv is not None and lv.guest_failure is not None:
             return Decision(spec.name, Action.GUEST_FAILED, lv.guest_failure, token=owner.token)
         if not running_here and view.guest is not None and view.guest.gave_up:

@@ -208,6 +208,9 @@ class VmSpec:
     # to, "" none; and the RPO the lag is held against (dr/, core/dr_points.py)
     dr_target: str = ""
     dr_rpo_s: float = 0.0
+    # the DR site said it started this VM (`ftvm dr failover` there): this pool never starts
+    # it again until a failback; the text says where and when ("" none)
+    dr_failed_over: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -383,6 +386,46 @@ class DrPoint:
     number: int
     taken_at: float
     tested: bool = False
+    data_bytes: int = 0   # disk content it holds (what choosing an older point loses)
+
+
+@dataclass(frozen=True)
+class DrContact:
+    """What a DR receiver last heard of a source VM: a failover states from it what is lost
+    after the point it starts from, and waits until the source was silent long enough."""
+
+    heard_at: float = 0.0          # the source's last message (wall clock, this host's)
+    confirm_s: float = 0.0         # the source pool's dr_confirm (core/timing.py)
+    in_flight_bytes: int = 0       # data of a point still arriving then (lost with the source)
+    in_flight_taken_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class DrConfirmation:
+    """The DR site said, at `at` (the writer's wall clock), that it has not taken the VM over
+    (no lease: it outlives the host that wrote it). A VM with a DR target is started only
+    within `dr_confirm` of one (core/decide.py)."""
+
+    at: float
+    target: str
+    by: str
+
+
+DR_FAILOVER_MARGIN_S = 10.0  # a failover waits the source's dr_confirm and this (clocks, its last tick)
+
+
+@dataclass(frozen=True)
+class DrFailover:
+    """A DR failover asked at the DR site (`ftvm dr failover`): the host keeping the points
+    starts point `point` as the VM itself; `loss` states what the source's writes after it
+    were. No lease; removed by a failback."""
+
+    pool: str
+    vm: str
+    point: int
+    host: str
+    asked_at: float
+    loss: str
 
 
 @dataclass(frozen=True)
@@ -396,10 +439,13 @@ class DrReplica:
     points: tuple[DrPoint, ...]  # oldest first
     sizes: tuple[int, ...]      # bytes per disk
     updated: float = 0.0
+    contact: DrContact = DrContact()
+    failed_over: bool = False   # started here: it takes no more points
 
     def to_json(self) -> dict[str, Any]:
         return {"pool": self.pool, "vm": self.vm, "host": self.host, "sizes": list(self.sizes),
-                "points": [asdict(p) for p in self.points], "updated": self.updated, "v": RECORD_VERSION}
+                "points": [asdict(p) for p in self.points], "updated": self.updated,
+                "contact": asdict(self.contact), "failed_over": self.failed_over, "v": RECORD_VERSION}
 
     @staticmethod
     def from_json(d: object) -> DrReplica:
@@ -409,7 +455,8 @@ class DrReplica:
         if not isinstance(points, list) or len(points) > 10_000:
             raise RecordError("DR replica.points: expected a list of at most 10000")
         replica = from_fields(DrReplica, obj, "DR replica", points=tuple(
-            from_fields(DrPoint, p, f"DR replica.points[{i}]") for i, p in enumerate(points)))
+            from_fields(DrPoint, p, f"DR replica.points[{i}]") for i, p in enumerate(points)),
+            contact=from_fields(DrContact, obj.get("contact", {}), "DR replica.contact"))
         if not (valid_name(replica.pool) and valid_name(replica.vm) and valid_name(replica.host)):
             raise RecordError("DR replica: invalid pool, VM or host name")
         return replica
@@ -550,6 +597,7 @@ class VmView:
     level_change: LevelChange | None = None  # online protection level change asked / under way
     guest: "GuestRecord | None" = None  # the guest's own failures, and whether ftvm gave up on it
     dr: DrFigures | None = None         # DR replication, as its owner reports it
+    dr_confirmed: DrConfirmation | None = None  # the DR site's last word that it has not taken it over
 
     def copy_state(self, host: str) -> "CopyState | None":
         """Level 2: the state of `host`'s copy, None if it holds none."""
@@ -595,6 +643,7 @@ class PoolSnapshot:
     dr_targets: dict[str, DrTarget] = field(default_factory=dict)  # where DR points may go
     dr_replicas: dict[tuple[str, str], DrReplica] = field(default_factory=dict)  # (pool, vm): points kept here
     dr_tests: dict[tuple[str, str], DrTest] = field(default_factory=dict)  # (pool, vm): test failovers asked
+    dr_failovers: dict[tuple[str, str], DrFailover] = field(default_factory=dict)  # (pool, vm): started here
 
     def holding_frozen(self, previous: PoolSnapshot | None) -> PoolSnapshot:
         """This snapshot with each frozen VM's last readable view kept (from `previous`), so

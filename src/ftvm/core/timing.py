@@ -46,6 +46,11 @@ class Timing:
     # Levels 2-3 in pools of 3-4 hosts: a partner down this long is replaced by a new replica
     # on another host (a returning partner resyncs only what changed; a new one copies all).
     partner_replace_after: float = 60.0
+    # Asynchronous DR: a VM with a DR target is started (not kept running) only within this
+    # long after its DR site last confirmed it has not taken the VM over; a DR failover waits
+    # until this pool was silent this long and more (docs/dr.md: why no site ever restarts a
+    # VM the DR site runs).
+    dr_confirm: float = 60.0
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Timing:

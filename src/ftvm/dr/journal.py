@@ -29,6 +29,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ MAX_EXTENT = 32 << 20     # bytes of one extent, as written to the disk
 MAX_DISKS = 64
 MAX_DISK_SIZE = 1 << 50
 COMPRESS_LEVEL = 1
+
+
+FAILED_OVER = "failed-over"  # marker file in a replica's directory
 
 
 class JournalError(RuntimeError):
@@ -341,6 +345,23 @@ class Replica:
 
     def mark_tested(self, number: int) -> None:
         (self.points_dir / f"{number}.tested").touch()
+
+    def data_bytes(self, number: int) -> int:
+        """Disk content point `number` holds (each block written since the point before it)."""
+        return sum(loc.length for loc in scan_point(self.point_path(number), self.sizes))
+
+    def mark_failed_over(self) -> None:
+        """The VM runs at this (DR) site now: this replica takes no more points (synced: a
+        restarted receiver must still refuse them)."""
+        with open(self.dir / FAILED_OVER, "w") as f:
+            f.write(f"{time.time()}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _sync_dir(self.dir)
+
+    @staticmethod
+    def is_failed_over(d: Path) -> bool:
+        return (d / FAILED_OVER).exists()
 
     def retain(self, policy: Retention, now: float) -> Consolidation:
         """Consolidate the points `policy` does not keep (core/dr_points.py); returns what was done."""

@@ -2,8 +2,11 @@
 it protects and journals them (dr/journal.py), one replica per source pool and VM.
 
 A session (dr/wire.py) is accepted only from a pool whose pairing key this host holds,
-for one VM at a time. The receiver tells the sender where its replica stands (DR_STATE);
-the sender then sends each point as an increment on that (its dirty bitmaps continue from
+for one VM at a time. The receiver tells the sender where its replica stands (DR_STATE),
+and whether the VM was failed over to this pool (then the session ends there: a source
+told so stops the VM and never starts it again, docs/dr.md). A probe session (HELLO
+`probe`) only asks that: a source host asks before it starts the VM after an outage.
+Otherwise the sender sends each point as an increment on that (its dirty bitmaps continue from
 the point the receiver has) or as a diff (hashes of every block of the point's image,
 compared here with the newest point's: only what differs is sent). A point is committed
 only on DR_COMMIT, after every extent was checked and written: the newest point is
@@ -14,17 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core.dr_points import Retention
-from ..core.model import NAME_RE, VmSpec
-from ..core.records import RecordError
+from ..core.model import NAME_RE, DrContact, VmSpec
+from ..core.records import RecordError, from_fields
 from ..l3.channel import Channel, accept_session, read_hello, refuse
 from ..l3.wire import Msg, WireError
 from .journal import MAX_DISK_SIZE, MAX_DISKS, JournalError, NewestImage, PointWriter, Replica
@@ -52,15 +57,35 @@ def block_hash(data: bytes) -> bytes:
 class Receiver:
     def __init__(self, root: Path, key_for: Callable[[str], bytes | None],
                  on_commit: Callable[[Committed], None] = lambda c: None,
-                 failed_over: Callable[[str, str], bool] = lambda pool, vm: False,
-                 retention: Retention | None = None) -> None:
+                 retention: Retention | None = None,
+                 on_contact_end: Callable[[str, str], None] = lambda pool, vm: None) -> None:
         """`root`: replicas go to root/<pool>/<vm>; `key_for(pool)`: the pairing key of a
-        source pool (None: not paired); `failed_over(pool, vm)`: the VM was started here
-        (a failover): it takes no more points from the old site."""
-        self.root, self.key_for, self.on_commit, self.failed_over = root, key_for, on_commit, failed_over
+        source pool (None: not paired); `on_contact_end(pool, vm)`: a session ended (its
+        contact record is saved)."""
+        self.root, self.key_for, self.on_commit, self.on_contact_end = root, key_for, on_commit, on_contact_end
         self.retention = retention or Retention()
         self.live: dict[tuple[str, str], asyncio.Task[Any]] = {}  # the session of each VM
+        self.contacts: dict[tuple[str, str], DrContact] = {}     # what each source last said
         self.server: asyncio.Server | None = None
+
+    def replica_dir(self, pool: str, vm: str) -> Path:
+        return self.root / pool / vm
+
+    def contact(self, pool: str, vm: str) -> DrContact:
+        """What this host last heard of the VM's source (kept across restarts)."""
+        got = self.contacts.get((pool, vm))
+        return got if got is not None else load_contact(self.replica_dir(pool, vm))
+
+    async def fence(self, pool: str, vm: str) -> None:
+        """The VM is failed over to this pool: no more points from its source (marked on disk
+        first, then its session ends). Its source is told so when it next asks."""
+        d = self.replica_dir(pool, vm)
+        await asyncio.to_thread(Replica(d).mark_failed_over)
+        task = self.live.get((pool, vm))
+        if task is not None:
+            task.cancel()
+            with suppress(BaseException):
+                await task
 
     async def serve(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._handle, host, port)
@@ -82,17 +107,21 @@ class Receiver:
                 await refuse(writer, str(e))
             return
         key = self.key_for(pool)
-        why = ("pool not paired with this DR pool" if key is None
-               else "the VM was failed over to the DR pool: it takes no more points" if self.failed_over(pool, vm)
-               else None)
-        if why is not None or key is None:
-            log.warning("DR session for %s/%s from %s refused: %s", pool, vm, peer, why)
-            await refuse(writer, why or "")
+        if key is None:
+            log.warning("DR session for %s/%s from %s refused: pool not paired with this DR pool", pool, vm, peer)
+            await refuse(writer, "pool not paired with this DR pool")
             return
         me = asyncio.current_task()
         assert me is not None
+        live = False
         try:
             ch = await accept_session(reader, writer, key, body)
+            failed_over = await asyncio.to_thread(Replica.is_failed_over, self.replica_dir(pool, vm))
+            if hello.get("probe") or failed_over:
+                # (only ever said inside an authenticated session: a forged "failed over"
+                # would stop the VM at its source)
+                await self._answer(ch, pool, vm, failed_over)
+                return
             # The newest authenticated session of a VM wins: its owner changed (a failover, a
             # migration), and the old owner's connection may be half-open for minutes. The
             # old session's point in flight is dropped; the new sender sees where we stand.
@@ -103,14 +132,42 @@ class Receiver:
                 with suppress(BaseException):
                     await old
             self.live[(pool, vm)] = me
+            live = True
+            confirm = hello.get("confirm_s")
+            self._heard(pool, vm, confirm_s=float(confirm) if isinstance(confirm, (int, float)) else None)
             await self._session(ch, pool, vm, sizes, hello.get("spec"))
         except (WireError, JournalError, RecordError, OSError, asyncio.IncompleteReadError,
                 asyncio.TimeoutError) as e:
             log.warning("DR session for %s/%s from %s ended: %s", pool, vm, peer, e)
+        except asyncio.CancelledError:  # (a newer session, or a failover's fence: ended here, quietly)
+            log.info("DR session for %s/%s from %s ended by this host", pool, vm, peer)
         finally:
             if self.live.get((pool, vm)) is me:
                 del self.live[(pool, vm)]
+            if live:
+                with suppress(OSError):
+                    await asyncio.to_thread(save_contact, self.replica_dir(pool, vm), self.contact(pool, vm))
+                self.on_contact_end(pool, vm)
             writer.close()
+
+    async def _answer(self, ch: Channel, pool: str, vm: str, failed_over: bool) -> None:
+        """A probe's answer, or a failed-over VM's: where the replica stands, and that."""
+        d = self.replica_dir(pool, vm)
+        newest, rid = 0, ""
+        if (d / "state.json").exists():
+            rep = await asyncio.to_thread(Replica, d)
+            newest, rid = await asyncio.to_thread(rep.newest), rep.id
+        await ch.send(encode_json(Msg.DR_STATE, {"replica": rid, "newest": newest, "newest_taken_at": 0.0,
+                                                 "failed_over": failed_over}))
+        await ch.writer.drain()
+
+    def _heard(self, pool: str, vm: str, confirm_s: float | None = None, in_flight: int | None = None,
+               taken_at: float | None = None) -> None:
+        c = self.contact(pool, vm)
+        self.contacts[(pool, vm)] = DrContact(
+            heard_at=time.time(), confirm_s=c.confirm_s if confirm_s is None else confirm_s,
+            in_flight_bytes=c.in_flight_bytes if in_flight is None else in_flight,
+            in_flight_taken_at=c.in_flight_taken_at if taken_at is None else taken_at)
 
     def _replica(self, pool: str, vm: str, sizes: tuple[int, ...]) -> Replica:
         d = self.root / pool / vm
@@ -138,6 +195,7 @@ class Receiver:
         try:
             while True:
                 kind, payload = await asyncio.wait_for(ch.receive(RECEIVER_LIMITS), IDLE_S)
+                self._heard(pool, vm, in_flight=point.raw_bytes if point is not None else 0)
                 if kind is Msg.HEARTBEAT:
                     continue
                 if kind is Msg.DR_BEGIN:
@@ -148,6 +206,7 @@ class Receiver:
                     if not isinstance(number, int) or not isinstance(taken_at, (int, float)):
                         raise WireError("DR_BEGIN without number and taken_at")
                     point = rep.begin(number, float(taken_at))
+                    self._heard(pool, vm, in_flight=0, taken_at=float(taken_at))
                 elif point is None:
                     raise WireError(f"{kind.name} outside a point")
                 elif kind is Msg.DR_HASHES:
@@ -170,6 +229,7 @@ class Receiver:
                     await asyncio.to_thread(point.commit)
                     stored = point.path.stat().st_size
                     header, point = point.header, None
+                    self._heard(pool, vm, in_flight=0, taken_at=0.0)
                     plan = await asyncio.to_thread(rep.retain, self.retention, time.time())
                     if plan.into_base or plan.merges:
                         image = None  # (its index points into files consolidation changed)
@@ -191,13 +251,31 @@ def _differing(image: NewestImage, size: int, disk: int, first: int, hashes: lis
     return out
 
 
+def load_contact(d: Path) -> DrContact:
+    try:
+        return from_fields(DrContact, json.loads((d / "contact.json").read_text()), "DR contact")
+    except (OSError, ValueError, RecordError):
+        return DrContact()
+
+
+def save_contact(d: Path, contact: DrContact) -> None:
+    """(Not synced: it states what the source last said, for a failover's loss statement.)"""
+    if not d.is_dir():
+        return
+    tmp = d / "contact.json.tmp"
+    tmp.write_text(json.dumps(asdict(contact)))
+    os.replace(tmp, d / "contact.json")
+
+
 def _check_hello(hello: dict[str, Any]) -> tuple[str, str, tuple[int, ...]]:
     pool, vm, sizes = hello.get("pool"), hello.get("vm"), hello.get("sizes")
+    if hello.get("probe") is True:
+        sizes = []  # (a probe names no disks: it reads nothing)
+    elif (not isinstance(sizes, list) or not 0 < len(sizes) <= MAX_DISKS
+            or not all(isinstance(s, int) and 0 < s <= MAX_DISK_SIZE and s % 512 == 0 for s in sizes)):
+        raise WireError("HELLO without valid disk sizes")
     if not isinstance(pool, str) or not NAME_RE.fullmatch(pool):
         raise WireError("HELLO without a valid pool name")
     if not isinstance(vm, str) or not NAME_RE.fullmatch(vm):
         raise WireError("HELLO without a valid VM name")
-    if (not isinstance(sizes, list) or not 0 < len(sizes) <= MAX_DISKS
-            or not all(isinstance(s, int) and 0 < s <= MAX_DISK_SIZE and s % 512 == 0 for s in sizes)):
-        raise WireError("HELLO without valid disk sizes")
     return pool, vm, tuple(sizes)

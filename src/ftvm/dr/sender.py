@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,33 @@ class DrError(RuntimeError):
     pass
 
 
+class FailedOver(DrError):
+    """The DR site runs the VM now (`ftvm dr failover` there): it takes no more points, and
+    the source must stop the VM and never start it again without a failback."""
+
+
+async def probe(addr: tuple[str, int], key: bytes, pool: str, vm: str) -> dict[str, Any]:
+    """Ask a receiver whether it has taken `vm` over: its DR_STATE (`failed_over`, `newest`).
+    Raises DrError when it cannot be asked."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr), CONNECT_S)
+    except (OSError, asyncio.TimeoutError) as e:
+        raise DrError(f"cannot reach {addr[0]}:{addr[1]}: {e}") from e
+    try:
+        ch = await open_session(reader, writer, key, {"vm": vm, "pool": pool, "sizes": [], "probe": True})
+        kind, payload = await asyncio.wait_for(ch.receive(SENDER_LIMITS), CONNECT_S)
+        if kind is not Msg.DR_STATE:
+            raise WireError(f"expected DR_STATE, got {kind.name}")
+        state = decode_json(payload, "DR_STATE")
+        if not isinstance(state.get("failed_over"), bool):
+            raise WireError("DR_STATE without failed_over")
+        return state
+    except (OSError, WireError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+        raise DrError(f"{addr[0]}:{addr[1]} did not answer: {e}") from e
+    finally:
+        writer.close()
+
+
 @dataclass(frozen=True)
 class Shipped:
     number: int         # the point's number at the receiver
@@ -54,9 +81,11 @@ class Shipped:
 
 class DrSender:
     def __init__(self, capture: PointCapture, vm: str, pool: str, key: bytes, addr: tuple[str, int],
-                 spec: dict[str, Any] | None = None) -> None:
-        """`spec`: the VM's spec, kept at the DR site for a failover there."""
+                 spec: dict[str, Any] | None = None, confirm_s: float = 0.0) -> None:
+        """`spec`: the VM's spec, kept at the DR site for a failover there; `confirm_s`: this
+        pool's dr_confirm, which a failover there waits out."""
         self.capture, self.vm, self.pool, self.key, self.addr, self.spec = capture, vm, pool, key, addr, spec
+        self.confirm_s = confirm_s
         self.ch: Channel | None = None
         self.state: dict[str, Any] = {}
         self.delivered: tuple[str, int] | None = None  # (replica id, point) this sender's bitmaps continue from
@@ -65,7 +94,8 @@ class DrSender:
     async def _connect(self, sizes: tuple[int, ...]) -> Channel:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.addr), CONNECT_S)
         try:
-            hello: dict[str, Any] = {"vm": self.vm, "pool": self.pool, "sizes": list(sizes)}
+            hello: dict[str, Any] = {"vm": self.vm, "pool": self.pool, "sizes": list(sizes),
+                                     "confirm_s": self.confirm_s}
             if self.spec is not None:
                 hello["spec"] = self.spec
             ch = await open_session(reader, writer, self.key, hello)
@@ -75,6 +105,9 @@ class DrSender:
             state = decode_json(payload, "DR_STATE")
             if not isinstance(state.get("replica"), str) or not isinstance(state.get("newest"), int):
                 raise WireError("malformed DR_STATE")
+            if state.get("failed_over") is True:
+                raise FailedOver(f"the DR site at {self.addr[0]}:{self.addr[1]} has taken {self.vm} over "
+                                 f"(from its point {state['newest']})")
         except BaseException:
             writer.close()
             raise
@@ -120,13 +153,16 @@ class DrSender:
         data = 0
         for disk, disk_extents in enumerate(extents):
             pieces = self.capture.read(taken, disk, disk_extents)
-            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-                offset, raw = piece
-                packed = await asyncio.to_thread(self._zc.compress, raw)
-                codec, body = (ZSTD, packed) if len(packed) < len(raw) else (RAW, raw)
-                wire += await ch.send(encode_extent(disk, offset, len(raw), codec, body))
-                data += len(raw)
-                await ch.writer.drain()
+            try:
+                while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                    offset, raw = piece
+                    packed = await asyncio.to_thread(self._zc.compress, raw)
+                    codec, body = (ZSTD, packed) if len(packed) < len(raw) else (RAW, raw)
+                    wire += await ch.send(encode_extent(disk, offset, len(raw), codec, body))
+                    data += len(raw)
+                    await ch.writer.drain()
+            finally:  # (its NBD connection holds the point's export: closed before the release)
+                pieces.close()
         wire += await ch.send(encode_number(Msg.DR_COMMIT, number))
         await ch.writer.drain()
         while True:
@@ -159,10 +195,13 @@ class DrSender:
             wire = 0
             for disk, size in enumerate(taken.sizes):
                 batches = _hash_batches(self.capture, taken, disk, size)
-                while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-                    first, hashes = batch
-                    wire += await ch.send(encode_hashes(disk, first, hashes))
-                    await ch.writer.drain()
+                try:
+                    while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+                        first, hashes = batch
+                        wire += await ch.send(encode_hashes(disk, first, hashes))
+                        await ch.writer.drain()
+                finally:
+                    batches.close()
             return wire
 
         sent, _ = await asyncio.gather(send(), collect())
@@ -172,7 +211,8 @@ class DrSender:
         return extents, sent
 
 
-def _hash_batches(capture: PointCapture, taken: Taken, disk: int, size: int) -> Iterator[tuple[int, bytes]]:
+def _hash_batches(capture: PointCapture, taken: Taken, disk: int,
+                  size: int) -> Generator[tuple[int, bytes], None, None]:
     """(In a thread.) (first block, hashes) of the point's image, HASHES_PER_MSG at a time.
     (capture.read's pieces start at block boundaries: READ_CHUNK is a multiple of BLOCK.)"""
     block, batch, first = 0, bytearray(), 0

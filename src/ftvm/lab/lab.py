@@ -31,6 +31,7 @@ from . import topology as topo
 DEFAULT_DIR = Path(os.environ.get("FTVM_LAB_DIR", "/var/lib/ftvm/lab"))
 LAB_PARTNER_REPLACE_AFTER = 8.0  # seconds: lab pools replace a lost level 2/3 partner quickly
 POOL = "lab"
+DR_POOL = "dr"    # `lab up --dr`: the DR site's pool
 
 
 class LabError(RuntimeError):
@@ -86,6 +87,8 @@ class LabState:
     sites_cut: bool = False                                     # every A-link between the sites down
     metro: list[float] = field(default_factory=lambda: [0.0, 0.0])  # between the sites: RTT ms, rate Mbit/s (0: none)
     pids: dict[str, int] = field(default_factory=dict)          # etcd, agent-hN
+    dr_hosts: list[str] = field(default_factory=list)           # `lab up --dr`: the DR pool's hosts
+    wan: list[float] = field(default_factory=lambda: [0.0, 0.0])  # to the DR site: RTT ms, rate Mbit/s (0: none)
 
     @property
     def path(self) -> Path:
@@ -99,6 +102,25 @@ class LabState:
     @property
     def etcd_endpoint(self) -> str:
         return f"https://{topo.ETCD_ADDR}:{topo.ETCD_PORT}"
+
+    @property
+    def dr_etcd_endpoint(self) -> str:
+        return f"https://{topo.DR_ETCD_ADDR}:{topo.ETCD_PORT}"
+
+    @property
+    def dr_pki_dir(self) -> Path:
+        """The DR pool's own CA, certificates and tokens (it shares only the DR secret)."""
+        return Path(self.dir) / "pki-dr"
+
+    def pool_of(self, host: str) -> str:
+        return DR_POOL if host in self.dr_hosts else POOL
+
+    def pki_of(self, host: str) -> Path:
+        return self.dr_pki_dir if host in self.dr_hosts else self.pki_dir
+
+    @property
+    def all_hosts(self) -> list[str]:
+        return self.hosts + self.dr_hosts
 
     @property
     def shared_dir(self) -> Path:
@@ -132,12 +154,16 @@ class LabState:
         """The CLI's and the tests' way into the lab's etcd: the pool CA and the admin certificate."""
         return TlsFiles(self.pki_dir / "ca.crt", self.pki_dir / "admin.crt", self.pki_dir / "admin.key")
 
-    def etcd_client(self, timeout: float = 2.0) -> EtcdClient:
-        return EtcdClient([self.etcd_endpoint], timeout=timeout, tls=self.etcd_tls.client_context())
+    def etcd_client(self, timeout: float = 2.0, dr: bool = False) -> EtcdClient:
+        """The main pool's etcd, or (`dr`) the DR pool's."""
+        pki = self.dr_pki_dir if dr else self.pki_dir
+        tls = TlsFiles(pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
+        return EtcdClient([self.dr_etcd_endpoint if dr else self.etcd_endpoint], timeout=timeout,
+                          tls=tls.client_context())
 
-    def https(self) -> ssl.SSLContext:
+    def https(self, dr: bool = False) -> ssl.SSLContext:
         """For urllib/httpx calls to the agents' APIs: verifies them against the pool CA."""
-        return TlsFiles(self.pki_dir / "ca.crt").client_context()
+        return TlsFiles((self.dr_pki_dir if dr else self.pki_dir) / "ca.crt").client_context()
 
     def api_url(self, host: str) -> str:
         """A host agent's REST API, reached from the root namespace over the management link."""
@@ -183,7 +209,8 @@ def _new_ns(ns: str) -> None:
 
 def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
        host_memory_mib: int = 2048, host_vcpus: int = 4, probe_kernel: str | None = None,
-       l3_compare_hosts: tuple[str, ...] = (), l3_cold_hosts: tuple[str, ...] = (), sites: int = 0) -> LabState:
+       l3_compare_hosts: tuple[str, ...] = (), l3_cold_hosts: tuple[str, ...] = (), sites: int = 0,
+       dr: bool = False) -> LabState:
     """`l3_compare_hosts`: hosts whose level 3 engine compares pages instead of tracking
     writes (host.toml `l3_tracking = "compare"`), to measure both side by side.
     `l3_cold_hosts`: hosts that start a level 3 partner's QEMU only at the takeover
@@ -204,24 +231,35 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
     lab_dir.mkdir(parents=True, exist_ok=True)
     _traversable(lab_dir)
     state = LabState(dir=str(lab_dir), hosts=hosts, timing=asdict(timing),
-                     host_memory_mib=host_memory_mib, host_vcpus=host_vcpus, sites=topo.host_sites(hosts, sites))
+                     host_memory_mib=host_memory_mib, host_vcpus=host_vcpus, sites=topo.host_sites(hosts, sites),
+                     dr_hosts=list(topo.DR_HOSTS) if dr else [])
     state.save()
     try:
         _build_network(hosts, state.sites)
         if state.sites:
             _start_metro(state)
+        if dr:
+            _build_dr_site(state)
         state.shared_dir.mkdir(exist_ok=True)
+        if dr:
+            (state.shared_dir / "dr").mkdir(exist_ok=True)  # (the DR pool's own shared storage)
         if not state.pki_dir.exists():  # what `ftvm pool init` makes; the lab's hosts share one copy
             init_pool(state.pki_dir, POOL, [topo.ETCD_ADDR, "127.0.0.1"],
                       {h: topo.host_quorum_addr(h).split("/")[0] for h in hosts})
         if not state.dr_secret_file.exists():  # DR pairing: every lab host can ship and receive
             make_secret(state.dr_secret_file)
         _start_etcd(state)
-        for h in hosts:
+        if dr:
+            init_pool(state.dr_pki_dir, DR_POOL, [topo.DR_ETCD_ADDR, "127.0.0.1"],
+                      {h: topo.host_quorum_addr(h).split("/")[0] for h in state.dr_hosts})
+            _start_etcd(state, dr=True)
+        for h in state.all_hosts:
             _write_host_config(state, h, probe_kernel, compare=h in l3_compare_hosts, cold=h in l3_cold_hosts)
             start_agent(state, h)
         state.save()
         wait_for_hosts(state, hosts, timeout=30)
+        if dr:
+            wait_for_hosts(state, state.dr_hosts, timeout=30)
     except BaseException:
         down(lab_dir)
         raise
@@ -281,6 +319,73 @@ def _build_network(hosts: list[str], sites: dict[str, str]) -> None:
 LINKDELAY_SRC = Path(__file__).parent / "linkdelay.c"
 
 
+def _build_dr_site(state: LabState) -> None:
+    """The DR site: its LAN (joined to the main one through the WAN forwarder), its quorum
+    service's network and management link, and its hosts."""
+    for ns in (topo.WAN_NS, topo.DR_LAN_NS, topo.DR_QUORUM_NS, *map(topo.host_ns, state.dr_hosts)):
+        _new_ns(ns)
+    _bridge(topo.DR_LAN_NS, "lan")
+    _bridge(topo.DR_QUORUM_NS, "qbr", f"{topo.DR_ETCD_ADDR}/24")
+    _veth(topo.DR_QUORUM_NS, "mgmt", None, topo.DR_MGMT_IF)
+    ns_ip(topo.DR_QUORUM_NS, "link", "set", "mgmt", "master", "qbr", "up")
+    sh("ip", "addr", "add", topo.DR_MGMT_ADDR, "dev", topo.DR_MGMT_IF)
+    sh("ip", "link", "set", topo.DR_MGMT_IF, "up")
+    for lan_ns, end in ((topo.LAN_NS, "w-main"), (topo.DR_LAN_NS, "w-dr")):
+        _veth(lan_ns, "wan", topo.WAN_NS, end)
+        ns_ip(lan_ns, "link", "set", "wan", "master", "lan", "up")
+        ns_ip(topo.WAN_NS, "link", "set", end, "up")
+    for h in state.dr_hosts:
+        ns = topo.host_ns(h)
+        _bridge(ns, "br0", topo.host_lan_addr(h))
+        _veth(ns, "lan0", topo.DR_LAN_NS, h)
+        ns_ip(ns, "link", "set", "lan0", "master", "br0", "up")
+        ns_ip(topo.DR_LAN_NS, "link", "set", h, "master", "lan", "up")
+        _veth(ns, "q0", topo.DR_QUORUM_NS, h)
+        ns_ip(ns, "addr", "add", topo.host_quorum_addr(h), "dev", "q0")
+        ns_ip(ns, "link", "set", "q0", "up")
+        ns_ip(topo.DR_QUORUM_NS, "link", "set", h, "master", "qbr", "up")
+        ns_ip(ns, "addr", "add", topo.replication_addr(h) + "/32", "dev", "lo")
+    binary = _linkdelay(state)
+    _write_link_params(state, "wan", state.wan)
+    state.pids["wan"] = _spawn(topo.WAN_NS, [str(binary), "w-main", "w-dr", str(Path(state.dir) / "wan.params")],
+                               Path(state.dir) / "wan.log")
+
+
+def set_wan(state: LabState, rtt_ms: float, rate_mbit: float) -> None:
+    """The WAN link to the DR site: round-trip time (each way half) and rate (0: unlimited)."""
+    if not state.dr_hosts:
+        raise LabError("this lab has no DR site (`lab up --dr`)")
+    _check_link(rtt_ms, rate_mbit)
+    state.wan = [rtt_ms, rate_mbit]
+    _write_link_params(state, "wan", state.wan)
+    os.kill(state.pids["wan"], signal.SIGHUP)
+    state.save()
+
+
+def _check_link(rtt_ms: float, rate_mbit: float) -> None:
+    if not 0 <= rtt_ms <= 2000 or not 0 <= rate_mbit <= 100_000:
+        raise LabError(f"RTT {rtt_ms:g} ms or rate {rate_mbit:g} Mbit/s out of range (0-2000 ms, 0-100000 Mbit/s)")
+
+
+def _linkdelay(state: LabState) -> Path:
+    """lab/linkdelay.c, built once per lab (the lab's kernel has no netem)."""
+    binary = Path(state.dir) / "linkdelay"
+    if binary.exists():
+        return binary
+    proc = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(LINKDELAY_SRC)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise LabError(f"building the link forwarder failed: {proc.stderr.strip()[-500:]}")
+    return binary
+
+
+def _write_link_params(state: LabState, name: str, link: list[float]) -> None:
+    rtt_ms, rate_mbit = link
+    tmp = Path(state.dir) / f"{name}.params.tmp"
+    tmp.write_text(f"{int(rtt_ms * 1000 / 2)} {int(rate_mbit * 1_000_000)}\n")
+    tmp.rename(Path(state.dir) / f"{name}.params")
+
+
 def _metro_links(state: LabState) -> list[topo.ALink]:
     return [x for x in topo.a_links(state.hosts) if state.sites and state.sites[x.a] != state.sites[x.b]]
 
@@ -288,12 +393,8 @@ def _metro_links(state: LabState) -> list[topo.ALink]:
 def _start_metro(state: LabState) -> None:
     """One forwarder per link between the sites (lab/linkdelay.c, built here: the lab's kernel
     has no netem), at no delay and no rate limit until `set_metro`."""
-    binary = Path(state.dir) / "linkdelay"
-    proc = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(LINKDELAY_SRC)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise LabError(f"building the metro link forwarder failed: {proc.stderr.strip()[-500:]}")
-    _write_metro_params(state)
+    binary = _linkdelay(state)
+    _write_link_params(state, "metro", state.metro)
     for link in _metro_links(state):
         name = f"metro-{link.subnet}"
         state.pids[name] = _spawn(topo.METRO_NS, [str(binary), link.metro_ifname(link.a), link.metro_ifname(link.b),
@@ -301,22 +402,14 @@ def _start_metro(state: LabState) -> None:
                                   Path(state.dir) / f"{name}.log")
 
 
-def _write_metro_params(state: LabState) -> None:
-    rtt_ms, rate_mbit = state.metro
-    tmp = Path(state.dir) / "metro.params.tmp"
-    tmp.write_text(f"{int(rtt_ms * 1000 / 2)} {int(rate_mbit * 1_000_000)}\n")
-    tmp.rename(Path(state.dir) / "metro.params")
-
-
 def set_metro(state: LabState, rtt_ms: float, rate_mbit: float) -> None:
     """The links between the sites: round-trip time (each way half) and rate (0: unlimited),
     applied at once by every forwarder (SIGHUP)."""
     if not state.sites:
         raise LabError("this lab has no sites (`lab up --sites 2`)")
-    if not 0 <= rtt_ms <= 2000 or not 0 <= rate_mbit <= 100_000:
-        raise LabError(f"RTT {rtt_ms:g} ms or rate {rate_mbit:g} Mbit/s out of range (0-2000 ms, 0-100000 Mbit/s)")
+    _check_link(rtt_ms, rate_mbit)
     state.metro = [rtt_ms, rate_mbit]
-    _write_metro_params(state)
+    _write_link_params(state, "metro", state.metro)
     for name, pid in state.pids.items():
         if name.startswith("metro-"):
             os.kill(pid, signal.SIGHUP)
@@ -356,15 +449,16 @@ def _spawn(ns: str, cmd: list[str], log: Path) -> int:
     return proc.pid  # `ip netns exec` execs the command: this is its PID
 
 
-def _start_etcd(state: LabState) -> None:
+def _start_etcd(state: LabState, dr: bool = False) -> None:
+    """The main pool's quorum service, or (`dr`) the DR pool's."""
     # On tmpfs: the lab's quorum service stands for a dedicated one, and on one shared
     # machine its fsyncs would queue behind the guests' disk writes (a slow keepalive is a
     # self-fence). The lab's RAM directory is removed by `down`.
-    data = topo.LAB_RAM_DIR / "etcd"
+    data = topo.LAB_RAM_DIR / ("etcd-dr" if dr else "etcd")
     topo.LAB_RAM_DIR.mkdir(exist_ok=True)  # (etcd would make it 0700: the hosts' QEMUs keep RAM under it)
     os.chmod(topo.LAB_RAM_DIR, 0o755)
-    url, pki = state.etcd_endpoint, state.pki_dir
-    state.pids["etcd"] = _spawn(topo.QUORUM_NS, [
+    url, pki = (state.dr_etcd_endpoint, state.dr_pki_dir) if dr else (state.etcd_endpoint, state.pki_dir)
+    state.pids["etcd-dr" if dr else "etcd"] = _spawn(topo.DR_QUORUM_NS if dr else topo.QUORUM_NS, [
         "etcd", "--name", "quorum", "--data-dir", str(data),
         "--listen-client-urls", url, "--advertise-client-urls", url,
         # clients must present a certificate of the pool CA; the single member's peer URL is
@@ -374,9 +468,11 @@ def _start_etcd(state: LabState) -> None:
         "--listen-peer-urls", "http://127.0.0.1:2380",
         "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
         "--initial-cluster", "quorum=http://127.0.0.1:2380",
-        "--heartbeat-interval", "100", "--election-timeout", "1000"], Path(state.dir) / "etcd.log")
-    if not wait_etcd_healthy(url, 20, state.etcd_tls.client_context()):
-        raise LabError(f"etcd did not become healthy; see {state.dir}/etcd.log")
+        "--heartbeat-interval", "100", "--election-timeout", "1000"],
+        Path(state.dir) / ("etcd-dr.log" if dr else "etcd.log"))
+    tls = TlsFiles(pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
+    if not wait_etcd_healthy(url, 20, tls.client_context()):
+        raise LabError(f"etcd did not become healthy; see {state.dir}/{'etcd-dr' if dr else 'etcd'}.log")
 
 
 def wait_etcd_healthy(url: str, timeout: float, tls: ssl.SSLContext | None = None) -> bool:
@@ -397,11 +493,14 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None, com
     d = state.host_dir(host)
     d.mkdir(parents=True, exist_ok=True)
     (d / "local").mkdir(exist_ok=True)
+    dr_site = host in state.dr_hosts
+    pki = state.pki_of(host)
     lines = [
-        f'name = "{host}"', f'pool = "{POOL}"', f'etcd = ["{state.etcd_endpoint}"]',
+        f'name = "{host}"', f'pool = "{state.pool_of(host)}"',
+        f'etcd = ["{state.dr_etcd_endpoint if dr_site else state.etcd_endpoint}"]',
         f'state_dir = "{d / "state"}"', 'bridge = "br0"',
         f"memory_mib = {state.host_memory_mib}", f"vcpus = {state.host_vcpus}",
-        f'shared_storage = ["{state.shared_dir}"]', 'accel = "auto"',
+        f'shared_storage = ["{state.shared_dir / "dr" if dr_site else state.shared_dir}"]', 'accel = "auto"',
         # level 0 disks and boot files: the demo guest's cache and the lab's own directory
         f'image_roots = ["{default_cache_dir().parent}", "{state.dir}"]',
         f'local_storage = "{d / "local"}"',
@@ -411,12 +510,12 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None, com
         "stop_grace = 20",  # the demo guest powers off within a second of the ACPI button
         f'ram_dir = "{topo.LAB_RAM_DIR / host}"',
         f'api_listen = "{topo.host_quorum_addr(host).split("/")[0]}:{topo.API_PORT}"',
-        f'api_token_file = "{state.api_token_file}"',
-        f'api_read_token_file = "{state.api_read_token_file}"',
-        f'etcd_ca = "{state.pki_dir / "ca.crt"}"',
-        f'etcd_cert = "{state.pki_dir / "hosts" / (host + ".crt")}"',
-        f'etcd_key = "{state.pki_dir / "hosts" / (host + ".key")}"',
-        f'pool_secret_file = "{state.pool_secret_file}"',
+        f'api_token_file = "{pki / "api-token"}"',
+        f'api_read_token_file = "{pki / "api-read-token"}"',
+        f'etcd_ca = "{pki / "ca.crt"}"',
+        f'etcd_cert = "{pki / "hosts" / (host + ".crt")}"',
+        f'etcd_key = "{pki / "hosts" / (host + ".key")}"',
+        f'pool_secret_file = "{pki / "pool.secret"}"',
         f'dr_secret_file = "{state.dr_secret_file}"', f'dr_listen = "{topo.dr_receiver(host)}"',
     ] + ([f'site = "{state.sites[host]}"'] if host in state.sites else [])
     peers: dict[str, list[str]] = {}
@@ -448,11 +547,13 @@ def wait_for_hosts(state: LabState, hosts: list[str], timeout: float) -> None:
 
     from ..store.pool import PoolStore
 
-    async def registered() -> set[str]:
-        async with state.etcd_client() as c:
-            return set((await PoolStore(c, POOL).snapshot()).hosts)
+    dr = bool(hosts) and all(h in state.dr_hosts for h in hosts)
 
-    https = state.https()
+    async def registered() -> set[str]:
+        async with state.etcd_client(dr=dr) as c:
+            return set((await PoolStore(c, DR_POOL if dr else POOL).snapshot()).hosts)
+
+    https = state.https(dr=dr)
 
     def api_answers(host: str) -> bool:  # any HTTP answer (401 without a token) will do
         try:
@@ -479,6 +580,8 @@ def wait_for_hosts(state: LabState, hosts: list[str], timeout: float) -> None:
 
 def _host_links(state: LabState, host: str) -> list[tuple[str, str]]:
     """(namespace, interface) of every far end of a host's links."""
+    if host in state.dr_hosts:
+        return [(topo.DR_LAN_NS, host), (topo.DR_QUORUM_NS, host)]
     ends = [(topo.LAN_NS, host), (topo.QUORUM_NS, host)]
     for link in topo.a_links(state.hosts):
         if host in (link.a, link.b):
@@ -623,8 +726,8 @@ def heal(state: LabState, host: str, target: str) -> None:
 
 
 def _check_host(state: LabState, host: str) -> None:
-    if host not in state.hosts:
-        raise LabError(f"unknown host {host!r}: the lab has {', '.join(state.hosts)}")
+    if host not in state.all_hosts:
+        raise LabError(f"unknown host {host!r}: the lab has {', '.join(state.all_hosts)}")
 
 
 # --- teardown ----------------------------------------------------------------------
@@ -636,9 +739,10 @@ def down(lab_dir: Path = DEFAULT_DIR) -> list[str]:
         kill_namespace_processes(ns)
         sh("ip", "netns", "del", ns, check=False)
         removed.append(ns)
-    if Path(f"/sys/class/net/{topo.MGMT_IF}").exists():
-        sh("ip", "link", "del", topo.MGMT_IF, check=False)
-        removed.append(topo.MGMT_IF)
+    for mgmt in (topo.MGMT_IF, topo.DR_MGMT_IF):
+        if Path(f"/sys/class/net/{mgmt}").exists():
+            sh("ip", "link", "del", mgmt, check=False)
+            removed.append(mgmt)
     if lab_dir.exists():
         shutil.rmtree(lab_dir)
         removed.append(str(lab_dir))

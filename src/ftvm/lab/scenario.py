@@ -42,13 +42,14 @@ class ScenarioError(RuntimeError):
 class LabPool:
     """Synchronous helpers over a lab's store (each call opens its own short connection)."""
 
-    def __init__(self, state: labmod.LabState) -> None:
-        self.state = state
+    def __init__(self, state: labmod.LabState, dr: bool = False) -> None:
+        """`dr`: the lab's DR pool (`lab up --dr`) instead of its main one."""
+        self.state, self.dr = state, dr
 
     def _run(self, fn: Callable[[PoolStore], Any]) -> Any:
         async def go() -> Any:
-            async with self.state.etcd_client() as c:
-                return await fn(PoolStore(c, labmod.POOL))
+            async with self.state.etcd_client(dr=self.dr) as c:
+                return await fn(PoolStore(c, labmod.DR_POOL if self.dr else labmod.POOL))
         return asyncio.run(go())
 
     def run(self, fn: Callable[[PoolStore], Any]) -> Any:

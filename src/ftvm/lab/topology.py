@@ -10,6 +10,13 @@
 
 Every host reaches the quorum site over its own link, so one path can be cut
 (`partition H --from quorum`) while the others stay up.
+
+`lab up --dr` adds a DR site: another pool ("dr") with its own quorum service, reached
+over a WAN link (lab/linkdelay.c: RTT and rate, set while the lab runs). The WAN carries
+the LAN itself, so a VM failed over there keeps its address:
+
+    ftvm-lan [bridge lan] --wan-- ftvm-wan (linkdelay) --wan-- ftvm-drlan [bridge lan] -- h9/lan0
+                                                     ftvm-drquorum [bridge qbr] etcd @ 10.77.2.1 -- h9/q0
 """
 
 from __future__ import annotations
@@ -31,6 +38,15 @@ LAB_RAM_DIR = Path("/dev/shm/ftvm-lab")  # level 3 guest RAM files of the lab's 
 CLIENT_ADDR = "10.77.0.2/24"
 VM_SUBNET_FIRST = 100          # demo VMs get 10.77.0.100 and up
 A_LINKS_PER_PAIR = 2
+
+
+WAN_NS = PREFIX + "wan"          # `lab up --dr`: the forwarder between the main LAN and the DR site's
+DR_LAN_NS = PREFIX + "drlan"
+DR_QUORUM_NS = PREFIX + "drquorum"
+DR_ETCD_ADDR = "10.77.2.1"
+DR_MGMT_IF = "ftvm-mgmtdr"
+DR_MGMT_ADDR = "10.77.2.254/24"
+DR_HOSTS = ("h9",)               # the DR pool's hosts
 
 
 def host_names(n: int) -> list[str]:
@@ -68,7 +84,8 @@ def dr_receiver(host: str) -> str:
 
 
 def host_quorum_addr(host: str) -> str:
-    return f"10.77.1.{10 + host_index(host)}/24"
+    """Where the host reaches its pool's quorum service (and serves its API)."""
+    return f"10.77.{2 if host in DR_HOSTS else 1}.{10 + host_index(host)}/24"
 
 
 def replication_addr(host: str) -> str:

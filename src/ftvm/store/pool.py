@@ -20,6 +20,9 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/dr-replicas/<pool>/<vm>  DrReplica  lease: the receiving host's; the points it keeps of
                                           another pool's VM (dr/receiver.py)
     state/dr-tests/<pool>/<vm>     DrTest     no lease; a test failover asked (`ftvm dr test`)
+    state/dr-failovers/<pool>/<vm> DrFailover no lease; a DR failover asked (`ftvm dr failover`)
+    state/vms/<vm>/dr-confirmed    DrConfirmation  no lease; the VM's DR site's last word that it has
+                                          not taken it over (a start needs a recent one)
     state/vms/<vm>/migration  Migration   lease: the owner's; a live migration asked / under way
     state/vms/<vm>/incoming   Incoming    lease: the target's; it listens for the migration
     state/vms/<vm>/handover   {host}      lease: the target's; migrated: only it may claim the VM
@@ -70,9 +73,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
-from ..core.model import (BadRecord, CheckpointFigures, DrFigures, DrReplica, DrTarget, DrTest, Export, FrozenVm,
-                          HostInfo, Incoming, LevelChange, Migration, Ownership, PoolSnapshot, SyncProgress, VmSpec,
-                          VmStatus, VmView, valid_name)
+from ..core.model import (BadRecord, CheckpointFigures, Desired, DrConfirmation, DrFailover, DrFigures, DrReplica,
+                          DrTarget, DrTest, Export, FrozenVm, HostInfo, Incoming, LevelChange, Migration, Ownership,
+                          PoolSnapshot, SyncProgress, VmSpec, VmStatus, VmView, valid_name)
 from ..core.availability import HistoryRecord
 from ..core.guest_failures import GuestRecord
 from ..core.records import RecordError, as_object, from_fields, value
@@ -258,6 +261,27 @@ class PoolStore:
 
     async def end_dr_test(self, pool: str, vm: str) -> bool:
         return await self.etcd.delete(f"{self.state}dr-tests/{pool}/{vm}") > 0
+
+    async def confirm_dr(self, vm: str, confirmation: DrConfirmation) -> None:
+        await self.etcd.put(self.vm_key(vm, "dr-confirmed"), json.dumps(confirmation.__dict__).encode())
+
+    async def mark_dr_failed_over(self, vm: str, why: str) -> bool:
+        """The DR site runs the VM now: stop it here and never start it again (spec.dr_failed_over).
+        False if the spec changed meanwhile (read it again)."""
+        got = await self.spec(vm)
+        if got is None or got[0].dr_failed_over:
+            return True
+        spec, revision = got
+        return await self.update_spec(replace(spec, desired=Desired.STOPPED, dr_failed_over=why), revision)
+
+    async def request_dr_failover(self, failover: DrFailover) -> bool:
+        """Only if none of that VM was asked before."""
+        key = f"{self.state}dr-failovers/{failover.pool}/{failover.vm}"
+        r = await self.etcd.txn([absent(key)], [put_json(key, failover.__dict__)])
+        return r.succeeded
+
+    async def end_dr_failover(self, pool: str, vm: str) -> bool:
+        return await self.etcd.delete(f"{self.state}dr-failovers/{pool}/{vm}") > 0
 
     async def remove_dr_target(self, name: str) -> bool:
         return await self.etcd.delete(f"{self.state}dr-targets/{name}") > 0
@@ -502,7 +526,8 @@ def _host_of(d: object, what: str) -> str:
 # The parts of a VM that only its owner writes, for display and figures: an unreadable one
 # is read as absent (the owner writes it again). Every other part decides what may be done
 # to the VM: an unreadable one freezes it.
-_ADVISORY = frozenset({"status", "sync", "checkpoints", "dr"})
+_ADVISORY = frozenset({"status", "sync", "checkpoints", "dr",
+                       "dr-confirmed"})  # (read as absent: the VM waits for a new confirmation)
 
 
 def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> PoolSnapshot:
@@ -513,6 +538,7 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
     dr_targets: dict[str, DrTarget] = {}
     dr_replicas: dict[tuple[str, str], DrReplica] = {}
     dr_tests: dict[tuple[str, str], DrTest] = {}
+    dr_failovers: dict[tuple[str, str], DrFailover] = {}
     bad: list[BadRecord] = []
     for kv in kvs:
         rest = kv.key[len(state_prefix):].split("/")
@@ -536,6 +562,11 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
                 if (test.pool, test.vm) != (rest[1], rest[2]) or not valid_name(test.test_vm):
                     raise RecordError(f"names {test.pool}/{test.vm}, not {rest[1]}/{rest[2]}")
                 dr_tests[(rest[1], rest[2])] = test
+            elif rest[0] == "dr-failovers" and len(rest) == 3:
+                failover = from_fields(DrFailover, _json(kv), "DR failover")
+                if (failover.pool, failover.vm) != (rest[1], rest[2]):
+                    raise RecordError(f"names {failover.pool}/{failover.vm}, not {rest[1]}/{rest[2]}")
+                dr_failovers[(rest[1], rest[2])] = failover
             elif rest[0] == "dr-targets" and len(rest) == 2:
                 target = DrTarget.from_json(_json(kv))
                 if target.name != rest[1]:
@@ -561,7 +592,7 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
             bad.append(f.problem)
     return PoolSnapshot(revision=revision, hosts=hosts, vms=vms, links=links,
                         maintenance=frozenset(maintenance), frozen=frozen, bad=tuple(bad), dr_targets=dr_targets,
-                        dr_replicas=dr_replicas, dr_tests=dr_tests)
+                        dr_replicas=dr_replicas, dr_tests=dr_tests, dr_failovers=dr_failovers)
 
 
 class _Frozen(Exception):
@@ -611,6 +642,7 @@ def _parse_vm(name: str, p: dict[str, KeyValue], bad: list[BadRecord]) -> VmView
         level_change=read("level", LevelChange.from_json),
         guest=read("guest", GuestRecord.from_json),
         dr=read("dr", lambda d: from_fields(DrFigures, d, "dr")),
+        dr_confirmed=read("dr-confirmed", lambda d: from_fields(DrConfirmation, d, "dr-confirmed")),
     )
 
 

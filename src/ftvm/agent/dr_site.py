@@ -1,0 +1,286 @@
+"""Asynchronous DR, the DR site's end on this host (host.toml dr_listen): receiving other
+pools' recovery points (dr/receiver.py), publishing the points kept here
+(state/dr-replicas), and starting them: test failovers (`ftvm dr test`: an isolated copy,
+the replica untouched) and real ones (`ftvm dr failover`: the VM itself, once its source
+has been silent for its dr_confirm and more).
+
+A real failover, on the host keeping the replica:
+  1. waits until the source was last heard `confirm_s + DR_FAILOVER_MARGIN_S` ago (the
+     source starts the VM only within `confirm_s` of this site's last word, core/decide.py:
+     so no start there can follow this one);
+  2. fences the replica (dr/receiver.py: no more points; a source that asks is told, stops
+     the VM and never starts it again);
+  3. makes images of the chosen point and defines the VM here, level 0, on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from contextlib import suppress
+from dataclasses import replace
+from pathlib import Path
+
+from ..core.model import (DR_FAILOVER_MARGIN_S, Desired, DiskSpec, DrFailover, DrPoint, DrReplica, DrTest, Level,
+                          PoolSnapshot, RunState, VmSpec)
+from ..core.records import RecordError
+from ..dr.journal import JournalError, Replica
+from ..dr.receiver import Committed, Receiver
+from ..qemu.runas import RunAs
+from ..secret import derive
+from ..store.etcd import EtcdError
+from .config import AgentConfig
+from .context import HostContext
+from .local import spawn
+
+log = logging.getLogger("ftvm.agent.dr")
+PUBLISH_EVERY_S = 5.0
+
+
+def dr_key(secret: bytes, source_pool: str) -> bytes:
+    """The key of one source pool's DR sessions (both pools hold the DR secret)."""
+    return derive(secret, f"dr {source_pool}")
+
+
+class DrSite:
+    def __init__(self, cfg: AgentConfig, ctx: HostContext, run_as: RunAs | None) -> None:
+        self.cfg, self.ctx, self.run_as = cfg, ctx, run_as
+        self.receiver: Receiver | None = None
+        self.published_lease = 0  # the lease the replica records were last published under
+        self.unpublished: set[tuple[str, str]] = set()       # (pool, vm) with points not yet in the store
+        self.published_at: dict[tuple[str, str], float] = {}  # monotonic
+        self.point_bytes: dict[tuple[str, str, int], tuple[int, int]] = {}  # (pool, vm, n) -> (file size, data)
+        self.testing: set[tuple[str, str]] = set()  # test copies being made
+        self.tested: set[tuple[str, str]] = set()   # tests whose point was marked tested
+        self.ending: set[str] = set()               # test copies being removed
+        self.failing_over: set[tuple[str, str]] = set()
+        self.failovers_tried: dict[tuple[str, str], float] = {}  # (pool, vm) -> asked_at of the last try
+
+    async def start(self) -> None:
+        if self.cfg.dr_listen is None:
+            return
+        assert self.cfg.local_storage is not None  # (config: dr_listen needs it)
+        secret = self.cfg.dr_secret
+        self.receiver = Receiver(self.cfg.local_storage / "dr", lambda pool: dr_key(secret, pool), self._committed,
+                                 on_contact_end=lambda pool, vm: self._changed((pool, vm)))
+        addr, port = self.cfg.dr_listen
+        try:
+            await self.receiver.serve(addr, port)
+        except OSError as e:
+            self.ctx.journal.event("", "error", f"cannot receive DR points on {addr}:{port}: {e}")
+            self.receiver = None
+            return
+        await self._publish_all()
+
+    async def close(self) -> None:
+        if self.receiver is not None:
+            await self.receiver.close()
+
+    def sync(self, snapshot: PoolSnapshot) -> None:
+        """After each tick: publish what changed; test failovers and failovers asked of the
+        replicas kept here."""
+        if self.receiver is None:
+            return
+        if self.published_lease != self.ctx.lease:
+            self.published_lease = self.ctx.lease
+            spawn(self._publish_all(), name="dr-publish-all")
+        self._publish_due()
+        self._sync_tests(snapshot)
+        self._sync_failovers(snapshot)
+
+    # --- the points kept here ------------------------------------------------------------
+    def _committed(self, c: Committed) -> None:
+        log.info("DR point %d of %s/%s committed (%d bytes)", c.number, c.pool, c.vm, c.stored_bytes)
+        self._changed((c.pool, c.vm))
+
+    def _changed(self, key: tuple[str, str]) -> None:
+        self.unpublished.add(key)
+        self._publish_due()
+
+    def _publish_due(self) -> None:
+        """Replica records written at most every PUBLISH_EVERY_S each (a point may come every
+        second; the record lists them all)."""
+        now = time.monotonic()
+        for key in list(self.unpublished):
+            if now - self.published_at.get(key, -PUBLISH_EVERY_S) >= PUBLISH_EVERY_S:
+                self.unpublished.discard(key)
+                self.published_at[key] = now
+                spawn(self._publish(*key), name=f"dr-publish-{key[0]}-{key[1]}")
+
+    def _replica_dir(self, pool: str, vm: str) -> Path:
+        assert self.cfg.local_storage is not None
+        return self.cfg.local_storage / "dr" / pool / vm
+
+    def _data_bytes(self, rep: Replica, pool: str, vm: str, n: int) -> int:
+        """(In a thread.) What point n holds, read once per version of its file."""
+        size = rep.point_path(n).stat().st_size
+        got = self.point_bytes.get((pool, vm, n))
+        if got is None or got[0] != size:
+            got = (size, rep.data_bytes(n))
+            self.point_bytes[(pool, vm, n)] = got
+        return got[1]
+
+    async def _publish(self, pool: str, vm: str) -> None:
+        """Tell this pool which points of `pool`'s VM this host keeps (`ftvm dr points`)."""
+        assert self.receiver is not None
+        receiver = self.receiver
+
+        def summary() -> DrReplica:
+            d = self._replica_dir(pool, vm)
+            rep = Replica(d)
+            tested = rep.tested()
+            points = tuple(DrPoint(n, rep.header(n).taken_at, n in tested, self._data_bytes(rep, pool, vm, n))
+                           for n in rep.numbers())
+            return DrReplica(pool, vm, self.cfg.name, points, rep.sizes, time.time(), receiver.contact(pool, vm),
+                             Replica.is_failed_over(d))
+        try:
+            replica = await asyncio.to_thread(summary)
+            await self.ctx.store.publish_dr_replica(replica, self.ctx.lease)
+        except (OSError, ValueError, JournalError, EtcdError) as e:
+            log.warning("DR replica %s/%s not published: %s", pool, vm, e)
+
+    async def _publish_all(self) -> None:
+        """Every replica kept here (at start, and under a new lease: the records live on it)."""
+        root = (self.cfg.local_storage / "dr") if self.cfg.local_storage else None
+        self.published_lease = self.ctx.lease
+        if root is None or not root.is_dir():
+            return
+        for pool_dir in sorted(root.iterdir()):
+            for vm_dir in sorted(pool_dir.iterdir()) if pool_dir.is_dir() else []:
+                if (vm_dir / "state.json").exists():
+                    await self._publish(pool_dir.name, vm_dir.name)
+
+    # --- test failovers (this host keeps the points) -----------------------------------------
+    def _tests_dir(self) -> Path:
+        assert self.cfg.local_storage is not None
+        return self.cfg.local_storage / "dr-tests"
+
+    def _sync_tests(self, snapshot: PoolSnapshot) -> None:
+        """Start the copy of each test asked of a replica kept here; mark its point tested once
+        it runs; remove the copy of a test that was ended, once it has stopped."""
+        for key, test in snapshot.dr_tests.items():
+            if test.host != self.cfg.name or key in self.testing:
+                continue
+            view = snapshot.vms.get(test.test_vm)
+            if view is None and key not in self.tested:
+                self.testing.add(key)
+                spawn(self._start_test(test), name=f"dr-test-{test.vm}")
+            elif (view is not None and view.status is not None and view.status.state is RunState.RUNNING
+                  and key not in self.tested):
+                self.tested.add(key)
+                spawn(self._mark_tested(test), name=f"dr-tested-{test.vm}")
+        asked = {t.test_vm for t in snapshot.dr_tests.values()}
+        for name, view in snapshot.vms.items():
+            ours = (view.spec.preferred_host == self.cfg.name and bool(view.spec.disks)
+                    and all(d.path.startswith(str(self._tests_dir()) + "/") for d in view.spec.disks))
+            if ours and name not in asked and view.owner is None and name not in self.ending:
+                self.ending.add(name)
+                spawn(self._remove_test(name), name=f"dr-test-end-{name}")
+        self.tested &= set(snapshot.dr_tests)
+
+    async def _start_test(self, test: DrTest) -> None:
+        """Images of the point, made for the test (the replica is never written), and a level 0
+        VM on them, on this host, with every NIC isolated."""
+        try:
+            rep = Replica(self._replica_dir(test.pool, test.vm))
+            spec_json = rep.spec()
+            if spec_json is None:
+                raise JournalError("the owner never sent the VM's spec (an older ftvm)")
+            source = VmSpec.from_json(spec_json)
+            dest = self._tests_dir() / test.pool / test.vm
+            images = await asyncio.to_thread(rep.materialize, test.point, dest)
+            if self.run_as is not None:
+                self.run_as.own(*images)
+            spec = replace(source, name=test.test_vm, level=Level.UNPROTECTED, desired=Desired.RUNNING,
+                           preferred_host=self.cfg.name, site="", dr_target="", dr_rpo_s=0.0, failback=False,
+                           disks=tuple(DiskSpec(str(p), "raw") for p in images),
+                           nics=tuple(replace(n, isolated=True) for n in source.nics))
+            await self.ctx.store.define_vm(spec)
+            self.ctx.journal.event(test.test_vm, "dr-test", f"test failover of {test.pool}/{test.vm} from point "
+                                                            f"{test.point}: starting on {self.cfg.name}, isolated")
+        except (OSError, ValueError, JournalError, RecordError, EtcdError) as e:
+            self.ctx.journal.event(test.vm, "error", f"test failover of {test.pool}/{test.vm} failed: {e}")
+            with suppress(EtcdError):
+                await self.ctx.store.end_dr_test(test.pool, test.vm)
+        finally:
+            self.testing.discard((test.pool, test.vm))
+
+    async def _mark_tested(self, test: DrTest) -> None:
+        await asyncio.to_thread(Replica(self._replica_dir(test.pool, test.vm)).mark_tested, test.point)
+        self.ctx.journal.event(test.test_vm, "dr-test", f"point {test.point} of {test.pool}/{test.vm} runs: "
+                                                        "marked tested")
+        await self._publish(test.pool, test.vm)
+
+    async def _remove_test(self, name: str) -> None:
+        try:
+            got = await self.ctx.store.spec(name)
+            if got is not None and got[0].desired is Desired.STOPPED:
+                if await self.ctx.store.remove_vm(name, got[1]):
+                    for d in got[0].disks:
+                        await asyncio.to_thread(shutil.rmtree, Path(d.path).parent, True)
+                    self.ctx.journal.event(name, "dr-test", "test failover ended: its copy and images removed")
+        except EtcdError as e:
+            log.warning("%s: test copy not removed yet: %s", name, e)
+        finally:
+            self.ending.discard(name)
+
+
+    # --- failovers (this host keeps the points) ------------------------------------------
+    def _failovers_dir(self) -> Path:
+        assert self.cfg.local_storage is not None
+        return self.cfg.local_storage / "dr-failovers"
+
+    def _sync_failovers(self, snapshot: PoolSnapshot) -> None:
+        """Start each failover asked of a replica kept here, once (its VM defined: done)."""
+        for key, failover in snapshot.dr_failovers.items():
+            if (failover.host != self.cfg.name or key in self.failing_over or failover.vm in snapshot.vms
+                    or self.failovers_tried.get(key) == failover.asked_at or self._started(failover)):
+                continue  # (asked again after a failure: tried again; started and removed since: over)
+            self.failing_over.add(key)
+            self.failovers_tried[key] = failover.asked_at
+            spawn(self._fail_over(failover), name=f"dr-failover-{failover.vm}")
+
+    def _started(self, failover: DrFailover) -> bool:
+        return (self._failovers_dir() / failover.pool / failover.vm / "started").exists()
+
+    async def _fail_over(self, f: DrFailover) -> None:
+        assert self.receiver is not None
+        key = (f.pool, f.vm)
+        try:
+            waited = False
+            while True:  # 1. the source silent long enough that it can no longer start the VM
+                # (its session may still look open: a dead host's connection is half-open)
+                contact = self.receiver.contact(f.pool, f.vm)
+                left = contact.heard_at + contact.confirm_s + DR_FAILOVER_MARGIN_S - time.time()
+                if left <= 0:
+                    break
+                if not waited:
+                    self.ctx.journal.event(f.vm, "dr", f"failover of {f.pool}/{f.vm}: waiting {left:.0f} s more "
+                                                       f"for its site to stay silent (it may start the VM until "
+                                                       f"{contact.confirm_s:g} s after it last heard from here)")
+                    waited = True
+                await asyncio.sleep(min(max(left, 0.5), 5.0))
+            await self.receiver.fence(f.pool, f.vm)  # 2. no more points; the source is told
+            rep = Replica(self._replica_dir(f.pool, f.vm))
+            spec_json = rep.spec()
+            if spec_json is None:
+                raise JournalError("the owner never sent the VM's spec (an older ftvm)")
+            source = VmSpec.from_json(spec_json)
+            dest = self._failovers_dir() / f.pool / f.vm
+            images = await asyncio.to_thread(rep.materialize, f.point, dest)  # 3. its images, and the VM
+            if self.run_as is not None:
+                self.run_as.own(*images)
+            spec = replace(source, level=Level.UNPROTECTED, desired=Desired.RUNNING, preferred_host=self.cfg.name,
+                           site="", dr_target="", dr_rpo_s=0.0, dr_failed_over="", failback=False, definition="",
+                           disks=tuple(DiskSpec(str(p), "raw") for p in images))
+            if not await self.ctx.store.define_vm(spec):
+                raise RecordError(f"a VM named {f.vm} exists in this pool already")
+            (dest / "started").touch()
+            self.ctx.journal.event(f.vm, "dr-failover", f"{f.pool}/{f.vm} failed over to {self.cfg.name} from "
+                                                         f"point {f.point}, level 0: {f.loss}")
+        except (OSError, ValueError, JournalError, RecordError, EtcdError) as e:
+            self.ctx.journal.event(f.vm, "error", f"DR failover of {f.pool}/{f.vm} failed: {e}")
+        finally:
+            self.failing_over.discard(key)
