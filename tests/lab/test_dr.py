@@ -6,7 +6,9 @@ disk) and then increments again."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,6 +86,16 @@ def test_recovery_points_hold_every_acknowledged_record_and_survive_a_failover(
         assert lost == [] and before, (len(before), lost[:3])
         print(f"DR: point {first_point} holds all {len(acks)} acknowledged records; point {early} the "
               f"{len(before)} acknowledged before its cut")
+
+        # the owner recorded the guest's write rate each second; `dr model VM` reads it through
+        # the API and models the link with the compression the points achieved
+        model = subprocess.run([sys.executable, "-m", "ftvm", "dr", "model", VM, "--bandwidth", "150mbit",
+                                "--rtt", "40ms", "--interval", "2s", "--last", "10m", "-o", "json",
+                                "--lab-dir", lab.dir], capture_output=True, text=True, timeout=60)
+        assert model.returncode == 0, model.stderr
+        modeled = json.loads(model.stdout)
+        assert modeled["trace_seconds"] >= 5 and modeled["lag"]["bytes_written"] >= 512 * len(acks), modeled
+        assert 0 < modeled["compression"] < 1, modeled  # (the ledger's records compress)
 
         # a test failover at the DR site: a copy of a point runs on h2, isolated, while the
         # production VM and its replication go on; the point is marked tested; the copy goes

@@ -176,3 +176,20 @@ def test_guest_cache_keeps_builds_in_use_and_prunes_only_stale_ones(tmp_path) ->
     removed = prune_unused(tmp_path, keep=builds["mine"], now=now)
     assert removed == [builds["stale"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "other-checkout", "tmpbuild"]
+
+
+def test_write_trace_counts_guest_writes_and_reads_back_evenly_spaced(tmp_path) -> None:
+    from ftvm.agent.write_trace import _written, read_trace
+    from ftvm.core.dr_model import parse_trace
+    stats = [{"device": "", "qdev": "/machine/peripheral-anon/device[1]/virtio-backend",
+              "stats": {"wr_bytes": 4096}},
+             {"device": "", "qdev": "", "stats": {"wr_bytes": 999}},  # (a node without a device: not the guest's)
+             {"device": "", "qdev": "/machine/peripheral-anon/device[2]/virtio-backend", "stats": {"wr_bytes": 10}}]
+    assert _written(stats) == 4106
+    f = tmp_path / "web.csv"
+    f.write_text("1000,5\n1001,7\n1004,9\ngarbage\n1005,1\n")  # (stopped for two seconds: zeros there)
+    text = read_trace(f, 86400)
+    assert text == "0,5\n1,7\n2,0\n3,0\n4,9\n5,1\n"
+    trace = parse_trace(text)
+    assert trace.interval_s == 1.0 and trace.written == (5, 7, 0, 0, 9, 1)
+    assert read_trace(f, 2) == "0,9\n1,1\n" and read_trace(tmp_path / "none.csv", 10) == ""

@@ -52,6 +52,7 @@ from .disks import HostDisks
 from .exports import Exports
 from .guest import GuestFailures
 from .dr import DrShipping
+from .write_trace import WriteTraces
 from .health import HealthProbes
 from .fence import FenceGuard
 from .journal import Journal
@@ -105,6 +106,7 @@ class Agent:
         self.procs = Processes(config, self.journal, self.guard, self.wake.set, self.qemu_tls, run_as)
         self.vms = self.procs.vms
         self.dr = DrShipping(config, self.ctx, self.vms, run_as)  # asynchronous DR, both ends
+        self.traces = WriteTraces(config.state_dir, self.vms)  # write rates for the DR modeler
         self.migrations = Migrations(self.ctx, config, self.procs, self.disks, self.exports, self.counters,
                                      lambda: self.l3_partner)
         self.level_changes = LevelChanges(self.ctx, config, self.procs, self.disks, self._new_l3)
@@ -170,7 +172,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._request_stop)
         tasks = [asyncio.create_task(self.host_lease.keep_alive(), name="keepalive"),
-                 asyncio.create_task(self._watch_loop(), name="watch")]
+                 asyncio.create_task(self._watch_loop(), name="watch"),
+                 asyncio.create_task(self.traces.run(), name="write-traces")]
         try:
             await self._reconcile_loop()
         finally:
@@ -185,7 +188,8 @@ class Agent:
         from ..api.server import ApiContext, make_app, serve
         addr, port = self.cfg.api_listen
         assert self.cfg.api_tls is not None  # the config refuses api_listen without a certificate
-        consoles = ConsoleContext(self.cfg.name, self._console_paths, self.cfg.api_tls.client_context())
+        consoles = ConsoleContext(self.cfg.name, self._console_paths, self.cfg.api_tls.client_context(),
+                                  local_trace=self.traces.path)
         ctx = ApiContext(store=self.store, pool=self.cfg.pool, endpoints=list(self.cfg.etcd),
                          token=self.cfg.api_token, snapshot=self.store.snapshot, health=self._health,
                          counters=self.counters, read_token=self.cfg.api_read_token, console=consoles)

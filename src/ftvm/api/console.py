@@ -5,6 +5,9 @@
     GET /api/v1/vms/{name}/console         a WebSocket to the serial console (admin token);
                                            binary messages both ways, one session per VM
                                            (?takeover=1 ends the one open)
+    GET /api/v1/vms/{name}/write-trace?seconds=N  its guest's bytes written per second, the
+                                           newest N (default and most a day): `seconds,bytes`
+                                           lines (agent/write_trace.py), for `ftvm dr model VM`
 
 Any agent answers: the agent running the VM serves it from its QEMU's files; another
 forwards the request to that agent's API (`HostInfo.api_url`) once, with the caller's own
@@ -43,6 +46,7 @@ class ConsoleContext:
     local_paths: Callable[[str], VmPaths | None]  # the files of the QEMU running a VM here
     peer_tls: ssl.SSLContext | None               # to reach other agents' APIs
     sessions: dict[str, web.WebSocketResponse] = field(default_factory=dict)  # open consoles here
+    local_trace: Callable[[str], Path] | None = None  # a VM's write-rate trace file here
 
 
 def read_log(path: Path, host: str, offset: int | None) -> dict[str, Any]:
@@ -93,13 +97,38 @@ async def serve_log(request: web.Request, ctx: ConsoleContext, snapshot: Any) ->
             raise FtvmError(f"VM {name} is not running here yet", REFUSED)
         return web.json_response(await asyncio.to_thread(read_log, paths.serial, host, offset))
     _refuse_second_hop(request, name, host)
+    return await _forwarded_get(request, ctx, host, url, "application/json")
+
+
+async def serve_trace(request: web.Request, ctx: ConsoleContext, snapshot: Any) -> web.Response:
+    from ..agent.write_trace import MAX_SECONDS, read_trace
+    name = request.match_info["name"]
+    raw = request.query.get("seconds", str(MAX_SECONDS))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_SECONDS:
+        raise FtvmError(f"seconds must be 1 to {MAX_SECONDS}", BAD_INPUT)
+    host, url = _owner_url(snapshot, name)
+    if host == ctx.me:
+        if ctx.local_trace is None:
+            raise FtvmError("this agent records no write-rate traces", REFUSED)
+        text = await asyncio.to_thread(read_trace, ctx.local_trace(name), int(raw))
+        if not text:
+            raise FtvmError(f"no write-rate trace of {name} on {host} yet (one sample a second once it runs)",
+                            NOT_FOUND)
+        return web.Response(text=text, content_type="text/csv")
+    _refuse_second_hop(request, name, host)
+    return await _forwarded_get(request, ctx, host, url, "text/csv")
+
+
+async def _forwarded_get(request: web.Request, ctx: ConsoleContext, host: str, url: str,
+                         content_type: str) -> web.Response:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S,
                                                                    sock_connect=CONNECT_TIMEOUT_S)) as session:
         try:
             async with session.get(url + request.path_qs, headers=_forward_headers(request, ctx),
                                    ssl=ctx.peer_tls or False) as r:
                 body = await r.read()
-                return web.Response(body=body, status=r.status, content_type="application/json")
+                return web.Response(body=body, status=r.status,
+                                    content_type=content_type if r.status == 200 else "application/json")
         except (aiohttp.ClientError, TimeoutError) as e:
             raise FtvmError(f"the agent of {host} did not answer: {e}", REFUSED) from None
 

@@ -31,7 +31,7 @@ from ..store.etcd import EtcdError, EtcdUnavailable
 from ..store.pool import PoolStore, UnreadableRecord
 from ..views import host_rows, level_progress, move_progress, row_of, status_data, vm_detail, vm_rows
 from . import metrics
-from .console import ConsoleContext, serve_console, serve_log
+from .console import ConsoleContext, serve_console, serve_log, serve_trace
 
 JOB_TIMEOUT_S = 300.0
 KEEP_JOBS = 500
@@ -371,6 +371,9 @@ def make_app(ctx: ApiContext) -> web.Application:
     async def vm_console(request: web.Request) -> web.StreamResponse:
         return await serve_console(request, consoles(), await ctx.snapshot())
 
+    async def vm_write_trace(request: web.Request) -> web.Response:
+        return await serve_trace(request, consoles(), await ctx.snapshot())
+
     async def get_job(request: web.Request) -> web.Response:
         job = jobs.jobs.get(request.match_info["id"])
         if job is None:
@@ -395,6 +398,7 @@ def make_app(ctx: ApiContext) -> web.Application:
         web.post("/api/v1/vms/{name}/repair-disk", repair),
         web.get("/api/v1/vms/{name}/log", vm_log),
         web.get("/api/v1/vms/{name}/console", vm_console),
+        web.get("/api/v1/vms/{name}/write-trace", vm_write_trace),
         web.post("/api/v1/hosts/{host}/{action:maintenance|resume}", maintenance),
         web.get("/api/v1/events", events),
         web.get("/api/v1/availability", availability),

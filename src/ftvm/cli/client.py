@@ -59,6 +59,7 @@ class PoolClient(Protocol):
     def dr_test(self, pool: str, vm: str, point: int | None) -> dict[str, Any]: ...
     def dr_test_end(self, pool: str, vm: str) -> None: ...
     def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]: ...
+    def write_trace(self, vm: str, seconds: int) -> str: ...
     def set_dr_target(self, name: str, receivers: list[str]) -> None: ...
     def remove_dr_target(self, name: str) -> None: ...
 
@@ -183,6 +184,10 @@ class DirectClient:
     def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]:
         return dict(with_store(self.args, lambda s: ops.dr_failover(s, vm, pool, point, accept_data_loss)).__dict__)
 
+    def write_trace(self, vm: str, seconds: int) -> str:
+        raise FtvmError(f"{vm}'s write-rate trace is kept by the agent running it: reach the pool through its "
+                        "API (--api, FTVM_API, or the lab's agents), or give --trace FILE", BAD_INPUT)
+
     def remove_dr_target(self, name: str) -> None:
         with_store(self.args, lambda s: ops.remove_dr_target(s, name))
 
@@ -206,7 +211,8 @@ class HttpClient:
         self._tls = TlsFiles(ca).client_context() if ca is not None else None
         self.where = f"API {self.urls[0]}"
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
+    def _call(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
+        """The answer's JSON (`raw`: its text)."""
         data = None if body is None else json.dumps(body).encode()
         errors = []
         for i, base in enumerate(list(self.urls)):
@@ -231,7 +237,7 @@ class HttpClient:
             if i:  # keep the agent that answered first in line
                 self.urls.insert(0, self.urls.pop(i))
                 self.where = f"API {self.urls[0]}"
-            return json.loads(text) if text else None
+            return text if raw else json.loads(text) if text else None
         raise FtvmError("no agent API answered (" + "; ".join(errors) + ")", NO_QUORUM)
 
     def status(self) -> dict[str, Any]:
@@ -301,6 +307,9 @@ class HttpClient:
 
     def dr_test_end(self, pool: str, vm: str) -> None:
         self._call("DELETE", f"/api/v1/dr-replicas/{_q(pool)}/{_q(vm)}/test")
+
+    def write_trace(self, vm: str, seconds: int) -> str:
+        return str(self._call("GET", f"/api/v1/vms/{_q(vm)}/write-trace?seconds={seconds}", raw=True))
 
     def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"accept_data_loss": accept_data_loss}

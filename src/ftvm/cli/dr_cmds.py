@@ -19,22 +19,36 @@ MAX_TRACE_BYTES = 64 << 20
 
 def cmd_dr_model(args: Any) -> int:
     """Predict the lag (RPO) a link gives a VM's writes, or the link an RPO needs."""
+    if bool(args.vm) == bool(args.trace):
+        raise CliError("give a VM (its recorded write-rate trace) or --trace FILE (one line per second: "
+                       "`seconds,bytes` or `bytes`)", BAD_INPUT)
+    measured_compression = None
     if args.vm:
-        raise CliError(f"no write-rate trace is recorded for VM {args.vm} yet (agents record it once DR "
-                       "replication runs); give --trace FILE", NOT_FOUND)
-    if not args.trace:
-        raise CliError("give a VM or --trace FILE (one line per second: `seconds,bytes` or `bytes`)", BAD_INPUT)
-    path = Path(args.trace)
+        client = pool_client(args)
+        text = client.write_trace(args.vm, int(parse_duration(args.last, "--last")))
+        dr = (client.vm(args.vm).get("dr") or {})
+        if dr.get("written_bytes"):  # (what its DR points compressed to, if it ships them)
+            measured_compression = dr["sent_bytes"] / dr["written_bytes"]
+        where = f"VM {args.vm}'s recorded trace"
+    else:
+        path = Path(args.trace)
+        where = f"trace {path}"
+        try:
+            if path.stat().st_size > MAX_TRACE_BYTES:
+                raise CliError(f"trace {path}: larger than {MAX_TRACE_BYTES >> 20} MiB", BAD_INPUT)
+            text = path.read_text()
+        except OSError as e:
+            raise CliError(f"trace {path}: {e.strerror or e}", BAD_INPUT) from None
+        except UnicodeDecodeError as e:
+            raise CliError(f"trace {path}: {e}", BAD_INPUT) from None
     try:
-        if path.stat().st_size > MAX_TRACE_BYTES:
-            raise CliError(f"trace {path}: larger than {MAX_TRACE_BYTES >> 20} MiB", BAD_INPUT)
-        trace = parse_trace(path.read_text())
-    except OSError as e:
-        raise CliError(f"trace {path}: {e.strerror or e}", BAD_INPUT) from None
-    except (ModelError, UnicodeDecodeError) as e:
-        raise CliError(f"trace {path}: {e}", BAD_INPUT) from None
+        trace = parse_trace(text)
+    except ModelError as e:
+        raise CliError(f"{where}: {e}", BAD_INPUT) from None
+    compression = (args.compression if args.compression is not None
+                   else round(min(1.0, measured_compression), 3) if measured_compression else 1.0)
     rtt_s = parse_rtt_ms(args.rtt) / 1000
-    ship = Shipping(point_interval_s=parse_duration(args.interval, "--interval"), compression=args.compression,
+    ship = Shipping(point_interval_s=parse_duration(args.interval, "--interval"), compression=compression,
                     unique=args.unique)
     rpo = parse_duration(args.rpo, "--rpo") if args.rpo else None
     if args.bandwidth is None and rpo is None:

@@ -235,13 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("dr", help="asynchronous disaster recovery").add_subparsers(dest="sub", required=True)
     p = cmd(dr, "model", dr_cmds.cmd_dr_model,
             "predict the lag (RPO) a link gives a write-rate trace, or the bandwidth an RPO needs")
-    p.add_argument("vm", nargs="?", help="a VM whose recorded write-rate trace to use")
+    p.add_argument("vm", nargs="?", help="a VM whose write-rate trace (recorded by the agent running it) to use")
     p.add_argument("--trace", help="a trace file: one line per second, `seconds,bytes` or `bytes` written")
     p.add_argument("--bandwidth", help="the WAN link's rate, e.g. 150mbit")
     p.add_argument("--rtt", default="0ms", help="its round trip, e.g. 40ms")
     p.add_argument("--interval", default="10s", help="how often a recovery point is closed (default 10s)")
-    p.add_argument("--compression", type=float, default=1.0,
-                   help="bytes sent per byte written (0.4: the writes compress 2.5:1; default 1)")
+    p.add_argument("--compression", type=float,
+                   help="bytes sent per byte written (0.4: the writes compress 2.5:1; default: what the VM's DR "
+                        "points achieved, else 1)")
+    p.add_argument("--last", default="1h", help="with a VM: the newest part of its trace to use (default 1h)")
     p.add_argument("--unique", type=float, default=1.0,
                    help="share of written bytes that are distinct blocks within a point (default 1)")
     p.add_argument("--rpo", help="a p99 lag target, e.g. 30s: prints the bandwidth it needs")
@@ -297,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splitsite", action="store_true",
                    help="SplitSite: a level 3 and a level 2 VM at site a, partners at site b, the quorum at a "
                         "third site; site a loses power")
+    p.add_argument("--dr", action="store_true",
+                   help="disaster recovery: a level 2 VM ships recovery points to a DR pool over a WAN link; the "
+                        "main site is lost; the DR pool starts the VM from its newest point, stating the loss")
     p.add_argument("--rtt", default="2ms", help="with --splitsite: the metro link's round trip (e.g. 5ms)")
     p.add_argument("--rate", default="0", help="with --splitsite: the metro link's rate (e.g. 150mbit; 0 unlimited)")
     p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")

@@ -1,4 +1,4 @@
-"""`ftvm demo --level N`: a protection level's story, live in the terminal, in a fresh lab pool."""
+"""`ftvm demo --level N` (or `--splitsite`, `--dr`): a story, live in the terminal, in a fresh lab pool."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from ..views import status_data
 from ..guest.build import GuestBuildError, build_guest
 from ..lab import lab as labmod
 from ..lab.client import read_log
+from ..core.timing import Timing
+from ..lab.dr_story import DrStory, dr_story
 from ..lab.splitsite_story import SplitSiteStory, splitsite_story
 from ..lab.scenario import (FailoverResult, LabPool, Level2Result, Level3Story, ScenarioError, ensure_root,
                            level1_failover, level2_story, level3_story)
@@ -27,7 +29,9 @@ from ..lab.scenario import (FailoverResult, LabPool, Level2Result, Level3Story, 
 TITLES = {1: "ftvm demo: Level 1 restart", 2: "ftvm demo: Level 2 component fault tolerance",
           3: "ftvm demo: Level 3 system fault tolerance (beside Level 1)"}
 SPLITSITE_TITLE = "ftvm demo: SplitSite (partners at another site, the quorum at a third)"
-Result = FailoverResult | Level2Result | Level3Story | SplitSiteStory
+DR_TITLE = "ftvm demo: disaster recovery (recovery points to another pool over a WAN link)"
+DEMO_DR_CONFIRM_S = 15.0  # (60 s by default: the demo's DR failover waits 25 s of silence, not 70)
+Result = FailoverResult | Level2Result | Level3Story | SplitSiteStory | DrStory
 
 log = logging.getLogger("ftvm.demo")
 
@@ -101,9 +105,30 @@ def _splitsite_rows(story: SplitSiteStory) -> list[tuple[str, str]]:
     return rows
 
 
+def _dr_rows(story: DrStory) -> list[tuple[str, str]]:
+    good = story.lost_before_cut == 0
+    return [("WAN link to the DR pool", f"{story.wan_rtt_ms:g} ms round trip, {story.wan_rate_mbit:g} Mbit/s; "
+                                        f"RPO {story.rpo_s:g} s ({story.points_before_loss} points before the loss)"),
+            ("failed over to", f"point {story.point}, cut {story.point_age_at_loss_s:.1f} s before the loss"),
+            ("what `dr failover` said", story.loss_statement),
+            ("acknowledged records lost", f"{story.lost} of {story.acknowledged}: "
+             + ("[green]every one acknowledged after the cut[/]" if good
+                else f"[red]{story.lost_before_cut} acknowledged before it[/]")
+             + (f" ({story.kept_after_cut} acknowledged just after it are in it: written before)"
+                if story.kept_after_cut else "")),
+            ("running at the DR pool", f"{story.running_at_dr_s:.0f} s after the loss (it waits "
+                                       f"{story.dr_confirm_s + 10:g} s of silence: dr_confirm + 10 s), answering "
+                                       f"after {story.first_reply_s:.0f} s, on the same address"),
+            ("main site back", "[green]asked its DR site, heard 'failed over', did not start it[/]"
+             if story.old_site_fenced else "[red]not fenced[/]"),
+            ("most copies running at once", str(story.max_copies))]
+
+
 def _summary_rows(story: Result) -> list[tuple[str, str]]:
     if isinstance(story, SplitSiteStory):
         return _splitsite_rows(story)
+    if isinstance(story, DrStory):
+        return _dr_rows(story)
     r = story.level3 if isinstance(story, Level3Story) else story
     lost = f"[{'green' if r.lost == 0 else 'red'}]{r.lost}[/]"
     copies = f"{r.max_copies} ({r.copy_samples} samples of /proc)"
@@ -160,19 +185,28 @@ def cmd_demo(args: Any) -> int:
     if labmod.existing_namespaces() or (lab_dir / "lab.json").exists():
         raise CliError("a lab is already up: the demo builds its own; run `ftvm lab down` first", BAD_INPUT)
     rtt, rate = _metro_args(args)
-    view = LiveView(None, SPLITSITE_TITLE if args.splitsite else TITLES[args.level])
+    if args.dr and args.splitsite:
+        raise CliError("--dr and --splitsite are separate demos", BAD_INPUT)
+    view = LiveView(None, DR_TITLE if args.dr else SPLITSITE_TITLE if args.splitsite else TITLES[args.level])
     poller = threading.Thread(target=view.poll, daemon=True)
     result: Result | None = None
     try:
         with Live(view.render(), console=console, refresh_per_second=4, transient=False,
                   get_renderable=view.render) if not is_json(args) else _NullLive():
             view.step("bringing up a lab pool: 2 hosts, a LAN, a client, a quorum site (etcd)"
-                      + (": h1 at site a, h2 at site b" if args.splitsite else ""))
-            state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel), sites=2 if args.splitsite else 0)
+                      + (": h1 at site a, h2 at site b" if args.splitsite else "")
+                      + ("; and a DR pool behind a WAN link" if args.dr else ""))
+            timing = (Timing(partner_replace_after=labmod.LAB_PARTNER_REPLACE_AFTER, dr_confirm=DEMO_DR_CONFIRM_S)
+                      if args.dr else None)
+            state = labmod.up(2, lab_dir, probe_kernel=str(image.kernel), sites=2 if args.splitsite else 0,
+                              dr=args.dr, timing=timing)
             view.pool = LabPool(state)
             poller.start()
             view.step(f"hosts {', '.join(state.hosts)} joined; quorum at {state.etcd_endpoint}")
-            if args.splitsite:
+            if args.dr:
+                result = dr_story(view.pool, image, progress=view.step)
+                time.sleep(1.0)
+            elif args.splitsite:
                 result = splitsite_story(view.pool, image, progress=view.step, rtt_ms=rtt, rate_mbit=rate)
                 time.sleep(1.0)
             elif args.level == 3:
@@ -199,9 +233,9 @@ def cmd_demo(args: Any) -> int:
         if result is not None and not args.keep:
             labmod.down(lab_dir)
     assert result is not None
-    if isinstance(result, SplitSiteStory):
+    if isinstance(result, (SplitSiteStory, DrStory)):
         if is_json(args):
-            emit_json({"demo": "splitsite"} | result.to_json())
+            emit_json({"demo": "dr" if isinstance(result, DrStory) else "splitsite"} | result.to_json())
         else:
             console.print()
             console.print(_summary_table(result))
