@@ -66,3 +66,16 @@ def test_the_plot_is_an_svg_with_the_predicted_and_measured_lag_and_the_target()
     out = svg(p, "lag <test>", rpo_s=30, measured=[(0.0, 1.0), (60.0, 11.0)])
     assert out.startswith("<svg") and out.count("<polyline") == 2 and "RPO target 30 s" in out
     assert "lag &lt;test&gt;" in out
+
+
+def test_points_go_one_at_a_time_as_the_agent_ships_them() -> None:
+    # 150 MB at 50 s, 10 MB/s, RTT 0.2 s: the point cut at 60 s takes 15 s; the next is cut
+    # when its commit is answered (75.2 s), not queued from 70 s: at 80 s the lag is 4.8 s
+    written = [0] * 200
+    written[50] = 150 * MB
+    p = simulate(Trace(1.0, tuple(written)), Link(10 * MB, rtt_s=0.2), Shipping(10))
+    lag = dict(p.lag)
+    assert lag[74.9] == pytest.approx(24.9, abs=0.01)   # the newest usable is still the cut of 50 s
+    assert lag[76.0] == pytest.approx(0.8, abs=0.01)    # the point cut at 75.2 s, usable at 75.3 s
+    assert lag[80.0] == pytest.approx(4.8, abs=0.01)
+    assert p.bytes_sent == 150 * MB

@@ -175,9 +175,13 @@ class DrShipping:
         qemu: QemuVm | None = None
         failing, over = False, False
         receiver = 0
+        cut_at = time.monotonic()  # the last point's start: the next is cut an interval after it
         try:
             while True:
-                await asyncio.sleep(interval if figures.newest or failing else 0.5)
+                if figures.newest or failing:  # (or right after the one before, if it took longer)
+                    await asyncio.sleep(max(0.1, cut_at + interval - time.monotonic()))
+                else:
+                    await asyncio.sleep(0.5)
                 rec = self.vms.get(vm)
                 snap = self.ctx.latest()
                 view = snap.vms.get(vm) if snap else None
@@ -202,6 +206,7 @@ class DrShipping:
                                 sender = None
                             qemu = rec.qemu
                             sender = await self._sender(vm, qemu, dr_target.receivers[0], view.spec.to_json())
+                        cut_at = time.monotonic()
                         shipped = await sender.ship()
                     except FailedOver as e:
                         await self._failed_over(vm, target, str(e))

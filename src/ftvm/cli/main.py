@@ -306,12 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", default="0", help="with --splitsite: the metro link's rate (e.g. 150mbit; 0 unlimited)")
     p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     p = cmd(sub, "bench", bench.cmd_bench, "benchmarks in a lab pool")
-    p.add_argument("what", choices=("failover", "migration", "control-plane", "splitsite"),
+    p.add_argument("what", choices=("failover", "migration", "control-plane", "splitsite", "dr"),
                    help="failover: failover figures at --level 1, 2 or 3 (2: also L0 vs L2 writes and resync; "
                         "3: L0/L2/L3 requests and the checkpoint engine); migration: live migration of a loaded VM; "
                         "control-plane: tick time and etcd requests/s of a 4-host pool with 2, 12, 52 VMs; "
                         "splitsite: levels 0/2/3 across a metro link at RTT 0-10 ms and 1 Gbit/s vs 150 Mbit/s, "
-                        "then a site's loss at levels 1, 2, 3")
+                        "then a site's loss at levels 1, 2, 3; dr: DR lag, bytes and guest latency with DR on vs "
+                        "off over a WAN link at 150 and 20 Mbit/s, and the modeler's prediction")
     p.add_argument("--level", type=int, default=1, choices=(1, 2, 3))
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--write-mib", type=int, default=64, help="level 2: MiB per bulk write round")

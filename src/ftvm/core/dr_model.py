@@ -4,9 +4,10 @@ Asynchronous DR ships a VM's writes to a remote pool as recovery points: every
 `point_interval_s` the owner closes a point (a crash-consistent cut across the VM's disks)
 and sends what the guest wrote since the previous one, compressed. A point is usable at
 the DR site once its last byte has arrived and it is committed there (half a round trip
-after the last byte, plus one for the commit's answer, which the next point does not wait
-for). Points go in order over one link: a burst that the link cannot carry at once makes
-the following points wait (lag), and the link catches up when the writes slow down.
+after the last byte). One point at a time, as the agent ships them: the next is cut an
+interval after this one, or when this one's commit is answered if that is later. A burst
+the link cannot carry at once makes the points that carry it late and bigger (lag), and
+the link catches up when the writes slow down.
 
     lag(t)  = t - (the instant the newest point usable at the DR site at t was taken)
     RPO(t)  = lag(t): what a failover to the DR site at t would lose, in seconds of writes
@@ -91,25 +92,24 @@ def check(trace: Trace, link: Link, ship: Shipping) -> None:
 
 def simulate(trace: Trace, link: Link, ship: Shipping) -> Prediction:
     check(trace, link, ship)
-    # the points: closed at k * interval, each carrying what was written since the previous
-    points: list[tuple[float, float]] = []  # (closed at, bytes to send)
-    t, total_written = 0.0, 0.0
-    while t < trace.seconds - 1e-9:
-        end = min(t + ship.point_interval_s, trace.seconds)
-        written = _written_between(trace, t, end)
-        total_written += written
-        points.append((end, written * ship.unique * ship.compression))
-        t = end
-    # one link, in order: each point starts sending when it is closed and the link is free
+    # As the owner's agent ships (agent/dr.py): one point at a time. A point is cut every
+    # interval, or when the one before is acknowledged if that took longer (then it carries
+    # everything written meanwhile: the link's backlog becomes bigger points, not a queue).
     usable: list[tuple[float, float]] = []  # (usable at the DR site, taken at)
-    free, busy = 0.0, 0.0
-    for closed, size in points:
-        start = max(closed, free)
-        done = start + size / link.bytes_per_s
-        busy += done - start
-        free = done
-        usable.append((done + link.rtt_s / 2, closed))
-    pred = Prediction(bytes_written=round(total_written), bytes_sent=round(sum(s for _, s in points)),
+    cut, previous, busy, total_written, sent = min(ship.point_interval_s, trace.seconds), 0.0, 0.0, 0.0, 0.0
+    while True:
+        written = _written_between(trace, previous, cut)
+        total_written += written
+        size = written * ship.unique * ship.compression
+        sent += size
+        transfer = size / link.bytes_per_s
+        busy += transfer
+        usable.append((cut + transfer + link.rtt_s / 2, cut))
+        if cut >= trace.seconds - 1e-9:
+            break
+        acked = cut + transfer + link.rtt_s
+        previous, cut = cut, min(max(cut + ship.point_interval_s, acked), trace.seconds)
+    pred = Prediction(bytes_written=round(total_written), bytes_sent=round(sent),
                       link_busy=min(1.0, busy / max(trace.seconds, 1e-9)))
     i, newest_taken = 0, 0.0  # before the first point: the state at t=0 (the initial copy) is there
     steps = int(trace.seconds / STEP_S)

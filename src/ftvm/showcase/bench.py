@@ -35,6 +35,8 @@ def cmd_bench(args: Any) -> int:
         return _cmd_bench_control_plane(args)
     if args.what == "splitsite":
         return _cmd_bench_splitsite(args)
+    if args.what == "dr":
+        return _cmd_bench_dr(args)
     if args.level == 2:
         return _cmd_bench_level2(args)
     if args.level == 3:
@@ -283,3 +285,8 @@ def _cmd_bench_control_plane(args: Any) -> int:
 def _cmd_bench_splitsite(args: Any) -> int:
     from .bench_splitsite import print_splitsite, run_splitsite_bench, splitsite_failed
     return _lab_bench(args, run_splitsite_bench, print_splitsite, splitsite_failed, json_extra={"bench": "splitsite"})
+
+
+def _cmd_bench_dr(args: Any) -> int:
+    from .bench_dr import print_dr, run_dr_bench
+    return _lab_bench(args, run_dr_bench, print_dr, json_extra={"bench": "dr"})
