@@ -163,12 +163,18 @@ def cmd_dr_points(args: Any) -> int:
     now = _time.time()
     t = Table(title=f"recovery points of {r['pool']}/{r['vm']} kept on {r['host']} "
                     f"({len(r['sizes'])} disks, {sum(r['sizes']) / 2**30:.1f} GiB)", title_justify="left")
-    for col in ("point", "taken (UTC)", "age", "tested"):
+    for col in ("point", "taken (UTC)", "age", "changed", "tested"):
         t.add_column(col, justify="right")
     for p in r["points"]:
         t.add_row(str(p["number"]), _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(p["taken_at"])),
-                  f"{now - p['taken_at']:.0f} s", "yes" if p["tested"] else "")
+                  f"{now - p['taken_at']:.0f} s", f"{p.get('data_bytes', 0) / 2**20:.1f} MiB",
+                  "yes" if p["tested"] else "")
     console.print(t)
+    heard = (r.get("contact") or {}).get("heard_at") or 0
+    if heard:
+        console.print(f"its site last heard {now - heard:.0f} s ago", highlight=False)
+    if r.get("failed_over"):
+        console.print(f"[bold]failed over[/]: {r['vm']} runs in this pool; no more points are taken")
     return OK
 
 
