@@ -131,7 +131,10 @@ def _point(pool: LabPool, state: labmod.LabState, rate: float, progress: Callabl
            "written_mib": round(written / 2**20, 1), "shipped_mib": round((m1[1] - m0[1]) / 2**20, 1),
            "sent_mib": round((m1[2] - m0[2]) / 2**20, 1),
            "sent_per_written": round((m1[2] - m0[2]) / written, 3) if written else None,
-           "calibration": {"unique": round(unique, 3), "compression": round(compression, 3)},
+           "calibration": {"unique": round(unique, 3), "compression": round(compression, 3),
+                           "written_mib": round(written_cal / 2**20, 1),
+                           "shipped_mib": round((cal1[1] - cal0[1]) / 2**20, 1),
+                           "sent_mib": round((cal1[2] - cal0[2]) / 2**20, 1)},
            "latency_ms": {name: {"p50": round(1000 * _pct(v, 0.5), 2), "p99": round(1000 * _pct(v, 0.99), 2)}
                           for name, v in lat.items()},
            "model": {"p50_s": round(pred.p50_s, 2), "p99_s": round(pred.p99_s, 2), "max_s": round(pred.max_s, 2)}}
