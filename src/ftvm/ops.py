@@ -16,6 +16,7 @@ from .core.availability import Report, report
 from .core.model import (DR_FAILOVER_MARGIN_S, Desired, DiskSpec, DrFailover, DrReplica, DrTarget, DrTest, Level,
                          LevelChange, Migration, PoolSnapshot, VmSpec, VmView, receiver_problem, spec_problem,
                          valid_name)
+from .core.dr_points import dr_loss, seconds_lost
 from .core.sites import sites
 from .core.placement import migration_problem, overcommit_problem, plan_evacuation
 from .core.transitions import How, plan_level_change
@@ -335,36 +336,6 @@ async def dr_test(store: PoolStore, vm: str, source: str | None = None, point: i
     return test
 
 
-def dr_loss(replica: DrReplica, point: int, now: float) -> str:
-    """What starting `point` at the DR site loses of the source's writes, in words: the
-    newer points kept here (exact), and after the newest, what the source was sending when
-    it was last heard (at least that much: the rest died with the site)."""
-    chosen = next(p for p in replica.points if p.number == point)
-    newer = [p for p in replica.points if p.number > point]
-    c = replica.contact
-    parts = [f"the writes after {_when(chosen.taken_at)}"]
-    if newer:
-        changed = _size(sum(p.data_bytes for p in newer))
-        parts.append(f"{len(newer)} newer point(s) kept here, up to {_when(newer[-1].taken_at)} "
-                     f"({newer[-1].taken_at - chosen.taken_at:.1f} s of writes, {changed} of changed blocks)")
-    newest_at = replica.points[-1].taken_at
-    if c.heard_at - newest_at >= 0.1:
-        inflight = (f", with {_size(c.in_flight_bytes)} of a point taken at {_when(c.in_flight_taken_at)} still "
-                    "arriving" if c.in_flight_bytes else "")
-        parts.append(f"then at least {c.heard_at - newest_at:.1f} s of writes until the site was last heard at "
-                     f"{_when(c.heard_at)}{inflight}")
-    parts.append(f"and whatever it wrote after that ({now - max(c.heard_at, newest_at):.0f} s ago)")
-    return "loses " + "; ".join(parts)
-
-
-def _when(t: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 10) % 10}"
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"
-
-
 async def dr_failover(store: PoolStore, vm: str, source: str | None = None, point: int | None = None,
                       accept_data_loss: bool = False) -> DrFailover:
     """A real failover at the DR site (this pool): the host keeping `vm`'s points starts
@@ -376,6 +347,7 @@ async def dr_failover(store: PoolStore, vm: str, source: str | None = None, poin
     numbers = [p.number for p in replica.points]
     if not numbers:
         raise FtvmError(f"no recovery point of {vm} yet: nothing to fail over to", REFUSED)
+    newest = point is None
     if point is None:
         point = numbers[-1]
     elif point not in numbers:
@@ -396,7 +368,8 @@ async def dr_failover(store: PoolStore, vm: str, source: str | None = None, poin
                         "do it", REFUSED)
     silent = now - replica.contact.heard_at
     wait = replica.contact.confirm_s + DR_FAILOVER_MARGIN_S - silent
-    failover = DrFailover(replica.pool, vm, point, replica.host, now, loss)
+    failover = DrFailover(replica.pool, vm, point, replica.host, now, loss, newest=newest,
+                          lost_s=seconds_lost(replica, point))
     if existing is not None:  # (asked before and failed: asked again)
         await store.end_dr_failover(replica.pool, vm)
     if not await store.request_dr_failover(failover):
@@ -405,6 +378,44 @@ async def dr_failover(store: PoolStore, vm: str, source: str | None = None, poin
         needed = replica.contact.confirm_s + DR_FAILOVER_MARGIN_S
         failover = replace(failover, loss=f"{loss} (starts once {replica.pool} has been silent for {needed:g} s: "
                                           f"about {wait:.0f} s)")
+    return failover
+
+
+async def dr_failback(store: PoolStore, vm: str, source: str | None = None, target: str = "",
+                      rpo_s: float = 9.0, switch: bool = False) -> DrFailover:
+    """At the DR pool, for a VM failed over here: send its writes back to its home pool
+    (`target`, a DR target naming that pool's receivers; the first point there is a diff
+    against its old copy), then (`switch`, once that caught up) a short planned switchover:
+    its owner here pauses it, ships a last point, stops it, and the home pool starts it from
+    that point."""
+    snap = await store.snapshot()
+    found = [f for (pool, name), f in snap.dr_failovers.items() if name == vm and source in (None, pool)]
+    if not found:
+        raise FtvmError(f"{vm} was not failed over to this pool", NOT_FOUND)
+    if len(found) > 1:
+        raise FtvmError(f"VMs named {vm} of several pools were failed over here: give the pool", BAD_INPUT)
+    failover = found[0]
+    view = snap.vms.get(vm)
+    if view is None or view.owner is None:
+        raise FtvmError(f"{vm} does not run in this pool: nothing to fail back", REFUSED)
+    if not switch:
+        if target not in snap.dr_targets:
+            raise FtvmError(f"unknown DR target {target!r}: add the home pool's receivers first (`ftvm dr target "
+                            "add`); nothing changed", BAD_INPUT)
+        await set_dr(store, vm, target, rpo_s)
+        failover = replace(failover, failback_target=target)
+        await store.update_dr_failover(failover)
+        return failover
+    if not failover.failback_target or view.spec.dr_target != failover.failback_target:
+        raise FtvmError(f"start the failback first (`ftvm dr failback {vm} --to TARGET`), then switch once its "
+                        "points caught up", REFUSED)
+    row = dr_row(view, time.time())
+    if row is None or not row["newest"] or row["error"] or not row["within_rpo"]:
+        why = (row or {}).get("error") or f"lag {(row or {}).get('lag_s')} s, RPO {view.spec.dr_rpo_s:g} s"
+        raise FtvmError(f"{vm}'s points have not caught up with its home pool yet ({why}): switching now "
+                        "would pause it for the whole backlog", REFUSED)
+    failover = replace(failover, switch_at=time.time())
+    await store.update_dr_failover(failover)
     return failover
 
 

@@ -81,16 +81,17 @@ def test_a_dr_replica_record_round_trips_and_bad_ones_are_refused() -> None:
 
 def test_a_failover_states_what_it_loses() -> None:
     from ftvm.core.model import DrContact, DrPoint, DrReplica
-    from ftvm.ops import dr_loss
+    from ftvm.core.dr_points import dr_loss
     points = (DrPoint(1, 1000.0, data_bytes=4096), DrPoint(2, 1010.0, data_bytes=3 << 20),
               DrPoint(3, 1020.0, data_bytes=65536))
     contact = DrContact(heard_at=1023.5, confirm_s=60, in_flight_bytes=131072, in_flight_taken_at=1023.0)
     replica = DrReplica("main", "web", "h9", points, (1 << 30,), contact=contact)
     newest = dr_loss(replica, 3, now=1100.0)
-    assert "newer point" not in newest
-    assert "at least 3.5 s of writes" in newest and "128 KiB of a point" in newest and "(76 s ago)" in newest
+    assert "newer point" not in newest and "3.5 s or more" in newest
+    assert "128 KiB of a point" in newest and "(76 s ago, " in newest
     older = dr_loss(replica, 1, now=1100.0)
-    assert "2 newer point(s)" in older and "20.0 s of writes, 3.1 MiB of changed blocks" in older
-    # heard of last at the newest point's commit: nothing between it and the silence to state
+    assert "23.5 s or more" in older and "2 newer point(s)" in older
+    assert "20.0 s of writes, 3.1 MiB of changed blocks" in older
+    # last heard at the newest point: nothing in flight to state
     quiet = dr_loss(DrReplica("main", "web", "h9", points, (1 << 30,), contact=DrContact(heard_at=1020.0)), 3, 1030.0)
-    assert "at least" not in quiet and "(10 s ago)" in quiet
+    assert "0.0 s or more" in quiet and "(10 s ago)" in quiet and "arriving" not in quiet

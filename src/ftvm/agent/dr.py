@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.decide import Decision
-from ..core.model import DrConfirmation, DrFigures, DrTarget, PoolSnapshot, RunState, dr_interval_s
+from ..core.model import (Desired, DrConfirmation, DrFailover, DrFigures, DrTarget, PoolSnapshot, RunState,
+                          dr_interval_s)
 from ..dr.capture import PointCapture
 from ..dr.sender import DrError, DrSender, FailedOver, probe
 from ..qemu.process import QemuError, QemuVm
@@ -43,6 +44,7 @@ from .local import LocalRecord, spawn
 log = logging.getLogger("ftvm.agent.dr")
 NBD_SOCKET = "bitmaps.sock"   # the QEMU's one NBD server, shared with level 3 (l3/disk_writes.py)
 CONFIRM_RETRY_S = 5.0         # a DR site that did not answer is asked again after this
+HEARTBEAT_S = 1.0             # between points, the DR site hears from the owner this often
 
 
 def _addr(text: str) -> tuple[str, int]:
@@ -61,6 +63,7 @@ class DrShipping:
         self.confirm_after: dict[str, float] = {}   # vm -> monotonic: not asked again before
         self.unanswered: set[str] = set()           # VMs whose DR site did not answer (one event)
         self.confirmed_at: dict[str, float] = {}    # vm -> when this host last wrote its confirmation
+        self.switching: set[str] = set()            # failbacks being switched over (their last point)
 
     async def start(self) -> None:
         await self.site.start()
@@ -74,9 +77,14 @@ class DrShipping:
             view = snapshot.vms.get(name)
             if (view is None or not view.spec.dr_target or view.owner is None or view.owner.host != self.cfg.name
                     or view.owner.token != rec.token or rec.state is not RunState.RUNNING or rec.qemu is None
-                    or view.spec.dr_failed_over):
+                    or view.spec.dr_failed_over or name in self.switching):
                 continue
             wanted[name] = (view.spec.dr_target, view.spec.dr_rpo_s)
+        for f in snapshot.dr_failovers.values():  # failbacks whose switchover was asked, of VMs run here
+            if f.switch_at and not f.switched and f.vm in wanted and f.failback_target == wanted[f.vm][0]:
+                del wanted[f.vm]
+                self.switching.add(f.vm)
+                spawn(self._switch_back(f, snapshot), name=f"dr-switch-{f.vm}")
         for name in list(self.tasks):
             target, rpo, task = self.tasks[name]
             if wanted.get(name) != (target, rpo) or task.done():
@@ -150,6 +158,51 @@ class DrShipping:
             await self.ctx.store.confirm_dr(vm, DrConfirmation(time.time(), target, self.cfg.name))
             self.confirmed_at[vm] = now
 
+    # --- failback: the switchover, at the DR pool -------------------------------------------
+    async def _switch_back(self, f: DrFailover, snapshot: PoolSnapshot) -> None:
+        """Pause the guest, ship its last point (the home pool starts the VM from it), stop it."""
+        vm = f.vm
+        try:
+            running = self.tasks.pop(vm, None)
+            if running is not None:  # (its point in flight ends first)
+                running[2].cancel()
+                await asyncio.gather(running[2], return_exceptions=True)
+            rec, target = self.vms.get(vm), snapshot.dr_targets.get(f.failback_target)
+            view = snapshot.vms.get(vm)
+            if rec is None or rec.qemu is None or target is None or view is None:
+                raise DrError("the VM or its failback target is gone")
+            qemu = rec.qemu
+            async with self.locks.setdefault(vm, asyncio.Lock()):
+                await qemu.execute("stop")  # nothing the guest writes from here is lost
+                sender = await self._sender(vm, qemu, target.receivers[0], view.spec.to_json())
+                try:
+                    shipped = await sender.ship(final=True)
+                except BaseException:
+                    with suppress(QemuError):
+                        await qemu.execute("cont")
+                    raise
+                finally:
+                    sender.close()
+                    with suppress(QemuError, OSError, asyncio.TimeoutError):
+                        await asyncio.wait_for(sender.capture.stop(), 5)
+            await self.ctx.store.update_dr_failover(replace(f, switched=True))
+            for _ in range(5):
+                got = await self.ctx.store.spec(vm)
+                if got is None or await self.ctx.store.update_spec(
+                        replace(got[0], desired=Desired.STOPPED, stop_force=True, dr_target="", dr_rpo_s=0.0),
+                        got[1]):
+                    break
+            self.ctx.journal.event(vm, "dr-failback", f"switchover: paused, its last point ({shipped.number}, "
+                                                      f"{shipped.data_bytes} bytes) delivered to {f.failback_target};"
+                                                      " stopped here, its home pool starts it")
+            self.ctx.wake()
+        except (DrError, QemuError, OSError, EtcdError) as e:
+            self.ctx.journal.event(vm, "error", f"failback switchover failed, the VM runs on here: {e}")
+            with suppress(EtcdError):
+                await self.ctx.store.update_dr_failover(replace(f, switch_at=0.0))
+        finally:
+            self.switching.discard(vm)
+
     # --- shipping ----------------------------------------------------------------------------
     @asynccontextmanager
     async def quiet(self, vm: str) -> AsyncIterator[None]:
@@ -179,7 +232,11 @@ class DrShipping:
         try:
             while True:
                 if figures.newest or failing:  # (or right after the one before, if it took longer)
-                    await asyncio.sleep(max(0.1, cut_at + interval - time.monotonic()))
+                    while (left := cut_at + interval - time.monotonic()) > HEARTBEAT_S:
+                        await asyncio.sleep(HEARTBEAT_S)
+                        if sender is not None and vm not in self.quieted:
+                            await sender.heartbeat()
+                    await asyncio.sleep(max(0.1, left))
                 else:
                     await asyncio.sleep(0.5)
                 rec = self.vms.get(vm)

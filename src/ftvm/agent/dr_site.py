@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import subprocess
 import time
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
-from ..core.model import (DR_FAILOVER_MARGIN_S, Desired, DiskSpec, DrFailover, DrPoint, DrReplica, DrTest, Level,
-                          PoolSnapshot, RunState, VmSpec)
+from ..core.model import (DR_FAILOVER_MARGIN_S, Desired, DiskSpec, DrConfirmation, DrFailover, DrPoint, DrReplica,
+                          DrTest, Level, PoolSnapshot, RunState, VmSpec)
+from ..core.dr_points import dr_loss, seconds_lost
+from ..core.replication import Copies, Copy, CopyState
 from ..core.records import RecordError
 from ..dr.journal import JournalError, Replica
 from ..dr.receiver import Committed, Receiver
@@ -33,6 +37,7 @@ from ..secret import derive
 from ..store.etcd import EtcdError
 from .config import AgentConfig
 from .context import HostContext
+from .copydir import copy_image
 from .local import spawn
 
 log = logging.getLogger("ftvm.agent.dr")
@@ -64,7 +69,9 @@ class DrSite:
         assert self.cfg.local_storage is not None  # (config: dr_listen needs it)
         secret = self.cfg.dr_secret
         self.receiver = Receiver(self.cfg.local_storage / "dr", lambda pool: dr_key(secret, pool), self._committed,
-                                 on_contact_end=lambda pool, vm: self._changed((pool, vm)))
+                                 on_contact_end=lambda pool, vm: self._changed((pool, vm)),
+                                 on_final=self._final,
+                                 seed=self._seed)
         addr, port = self.cfg.dr_listen
         try:
             await self.receiver.serve(addr, port)
@@ -127,19 +134,21 @@ class DrSite:
         assert self.receiver is not None
         receiver = self.receiver
 
-        def summary() -> DrReplica:
-            d = self._replica_dir(pool, vm)
-            rep = Replica(d)
-            tested = rep.tested()
-            points = tuple(DrPoint(n, rep.header(n).taken_at, n in tested, self._data_bytes(rep, pool, vm, n))
-                           for n in rep.numbers())
-            return DrReplica(pool, vm, self.cfg.name, points, rep.sizes, time.time(), receiver.contact(pool, vm),
-                             Replica.is_failed_over(d))
         try:
-            replica = await asyncio.to_thread(summary)
+            replica = await asyncio.to_thread(self._summary, receiver, pool, vm)
             await self.ctx.store.publish_dr_replica(replica, self.ctx.lease)
         except (OSError, ValueError, JournalError, EtcdError) as e:
             log.warning("DR replica %s/%s not published: %s", pool, vm, e)
+
+    def _summary(self, receiver: Receiver, pool: str, vm: str) -> DrReplica:
+        """(In a thread.) The points kept here of `pool`'s VM, as the pool's record shows them."""
+        d = self._replica_dir(pool, vm)
+        rep = Replica(d)
+        tested = rep.tested()
+        points = tuple(DrPoint(n, rep.header(n).taken_at, n in tested, self._data_bytes(rep, pool, vm, n))
+                       for n in rep.numbers())
+        return DrReplica(pool, vm, self.cfg.name, points, rep.sizes, time.time(), receiver.contact(pool, vm),
+                         Replica.is_failed_over(d))
 
     async def _publish_all(self) -> None:
         """Every replica kept here (at start, and under a new lease: the records live on it)."""
@@ -233,8 +242,15 @@ class DrSite:
         return self.cfg.local_storage / "dr-failovers"
 
     def _sync_failovers(self, snapshot: PoolSnapshot) -> None:
-        """Start each failover asked of a replica kept here, once (its VM defined: done)."""
+        """Start each failover asked of a replica kept here, once (its VM defined: done); end
+        each whose failback switched over, once its VM here stopped."""
         for key, failover in snapshot.dr_failovers.items():
+            if failover.switched and failover.host == self.cfg.name and key not in self.failing_over:
+                view = snapshot.vms.get(failover.vm)
+                if view is None or view.owner is None:
+                    self.failing_over.add(key)
+                    spawn(self._end_failover(failover), name=f"dr-failed-back-{failover.vm}")
+                continue
             if (failover.host != self.cfg.name or key in self.failing_over or failover.vm in snapshot.vms
                     or self.failovers_tried.get(key) == failover.asked_at or self._started(failover)):
                 continue  # (asked again after a failure: tried again; started and removed since: over)
@@ -264,6 +280,12 @@ class DrSite:
                 await asyncio.sleep(min(max(left, 0.5), 5.0))
             await self.receiver.fence(f.pool, f.vm)  # 2. no more points; the source is told
             rep = Replica(self._replica_dir(f.pool, f.vm))
+            if f.newest:  # (the record the operator saw may have lagged the newest point)
+                summary = await asyncio.to_thread(self._summary, self.receiver, f.pool, f.vm)
+                if summary.points:
+                    newest = summary.points[-1].number
+                    f = replace(f, point=newest, loss=dr_loss(summary, newest, time.time()),
+                                lost_s=seconds_lost(summary, newest))
             spec_json = rep.spec()
             if spec_json is None:
                 raise JournalError("the owner never sent the VM's spec (an older ftvm)")
@@ -278,9 +300,133 @@ class DrSite:
             if not await self.ctx.store.define_vm(spec):
                 raise RecordError(f"a VM named {f.vm} exists in this pool already")
             (dest / "started").touch()
+            await self.ctx.store.update_dr_failover(replace(f, started=True))
             self.ctx.journal.event(f.vm, "dr-failover", f"{f.pool}/{f.vm} failed over to {self.cfg.name} from "
                                                          f"point {f.point}, level 0: {f.loss}")
         except (OSError, ValueError, JournalError, RecordError, EtcdError) as e:
             self.ctx.journal.event(f.vm, "error", f"DR failover of {f.pool}/{f.vm} failed: {e}")
         finally:
             self.failing_over.discard(key)
+
+    async def _end_failover(self, f: DrFailover) -> None:
+        """A failback switched over and the VM stopped here: its definition and images go, and
+        the replica of its home pool takes points again (the home pool runs it now)."""
+        assert self.receiver is not None
+        try:
+            got = await self.ctx.store.spec(f.vm)
+            if got is not None and not await self.ctx.store.remove_vm(f.vm, got[1]):
+                return  # (changed meanwhile, or still owned: the next tick tries again)
+            await asyncio.to_thread(shutil.rmtree, self._failovers_dir() / f.pool / f.vm, True)
+            await asyncio.to_thread(Replica.unfence, self._replica_dir(f.pool, f.vm))
+            await self.ctx.store.end_dr_failover(f.pool, f.vm)
+            self._changed((f.pool, f.vm))
+            self.ctx.journal.event(f.vm, "dr-failback", f"{f.pool}/{f.vm} failed back to {f.failback_target}: "
+                                                        "removed here; its points come from its home pool again")
+        except (OSError, JournalError, EtcdError) as e:
+            log.warning("%s: failback not ended here yet: %s", f.vm, e)
+        finally:
+            self.failing_over.discard((f.pool, f.vm))
+
+    # --- failback, at the home pool (this host receives the VM's points from the DR pool) ----
+    def _copies_of(self, spec: VmSpec) -> list[tuple[Path, str]] | None:
+        """This host's images of the VM: its level 2-3 copies, or the disks it names."""
+        if spec.level.has_copies:
+            if self.cfg.local_storage is None:
+                return None
+            fmt = "raw" if spec.level is Level.SYSTEM else self.cfg.local_format
+            return [(Path(img.path), img.format) for img in
+                    (copy_image(self.cfg.local_storage, spec.name, i, fmt) for i in range(len(spec.disks)))]
+        return [(Path(d.path), d.format) for d in spec.disks]
+
+    def _final(self, c: Committed) -> None:
+        spawn(self._fail_back(c), name=f"dr-failback-{c.vm}")
+
+    def _seed(self, pool: str, vm: str, sizes: tuple[int, ...]) -> list[tuple[Path, str]] | None:
+        """(In a thread.) A replica of a VM of this pool that was failed over starts from its
+        old images here: the DR pool's first point is then a diff of what changed since."""
+        snap = self.ctx.latest()
+        view = snap.vms.get(vm) if snap else None
+        if view is None or not view.spec.dr_failed_over:
+            return None
+        images = self._copies_of(view.spec)
+        return images if images is not None and all(p.exists() for p, _ in images) else None
+
+    async def _fail_back(self, c: Committed) -> None:
+        """A failback's last point arrived (the DR pool stopped the VM after it): install it as
+        this host's images of the VM, and once the DR site no longer says it runs the VM,
+        start it here."""
+        vm = c.vm
+        try:
+            got = await self.ctx.store.spec(vm)
+            snap = self.ctx.latest()
+            if got is None or not got[0].dr_failed_over or snap is None or vm not in snap.vms:
+                raise JournalError(f"this pool has no VM {vm} that was failed over")
+            spec, revision = got
+            images = self._copies_of(spec)
+            if images is None:
+                raise JournalError("this host keeps no images of it")
+            made = await asyncio.to_thread(Replica(self._replica_dir(c.pool, vm)).materialize, c.number,
+                                           self._failovers_dir() / "back" / vm)
+            for (dest, fmt), raw in zip(images, made, strict=True):
+                await asyncio.to_thread(_install, raw, dest, fmt)
+                if self.run_as is not None:
+                    self.run_as.own(dest)
+            await self._until_released(spec)
+            view = snap.vms[vm]
+            copies = None
+            if spec.level.has_copies and view.copies is not None:
+                now = time.time()
+                copies = Copies(view.copies.gen + 1, {
+                    h: (Copy(CopyState.CURRENT, now, "failed back from the DR pool") if h == self.cfg.name else
+                        Copy(CopyState.OUTDATED, now, "failed back from the DR pool", full=True))
+                    for h in set(view.copies.copies) | {self.cfg.name}})
+            back = replace(spec, dr_failed_over="", desired=Desired.RUNNING, stop_force=False)
+            if not await self.ctx.store.fail_back(back, revision, copies):
+                raise JournalError("its spec changed, or a host claimed it, meanwhile")
+            if spec.dr_target:
+                await self.ctx.store.confirm_dr(vm, DrConfirmation(time.time(), spec.dr_target, self.cfg.name))
+            await asyncio.to_thread(shutil.rmtree, self._failovers_dir() / "back" / vm, True)
+            await asyncio.to_thread(shutil.rmtree, self._replica_dir(c.pool, vm), True)
+            await self.ctx.store.withdraw_dr_replica(c.pool, vm)
+            self.ctx.journal.event(vm, "dr-failback", f"back from DR pool {c.pool}: its last point ({c.number}) "
+                                                      f"installed on {self.cfg.name}; starting it here")
+            self.ctx.wake()
+        except (OSError, ValueError, JournalError, RecordError, EtcdError) as e:
+            self.ctx.journal.event(vm, "error", f"failback of {vm} from {c.pool} failed: {e}")
+
+    async def _until_released(self, spec: VmSpec, timeout: float = 120.0) -> None:
+        """Until the DR site answers that it no longer runs the VM (it stops it after the last
+        point, then takes this pool's points again)."""
+        from ..dr.sender import DrError, probe
+        snap = self.ctx.latest()
+        target = snap.dr_targets.get(spec.dr_target) if snap else None
+        if target is None:
+            return  # (no forward DR target: the DR pool stopped it after the point, nothing to ask)
+        deadline = time.monotonic() + timeout
+        while True:
+            for receiver in target.receivers:
+                host, _, port = receiver.rpartition(":")
+                try:
+                    state = await probe((host.strip("[]"), int(port)), dr_key(self.cfg.dr_secret, self.cfg.pool),
+                                        self.cfg.pool, spec.name)
+                except DrError:
+                    continue
+                if not state["failed_over"]:
+                    return
+            if time.monotonic() > deadline:
+                raise JournalError(f"DR target {spec.dr_target} still says it runs {spec.name}")
+            await asyncio.sleep(1.0)
+
+
+def _install(raw: Path, dest: Path, fmt: str) -> None:
+    """A raw image made from a point becomes `dest` (converted to its format)."""
+    if fmt == "raw":
+        os.replace(raw, dest)
+        return
+    tmp = dest.with_name(dest.name + ".failback")
+    proc = subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(raw), str(tmp)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise JournalError(f"converting to {fmt}: {proc.stderr.strip()}")
+    os.replace(tmp, dest)

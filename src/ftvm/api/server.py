@@ -348,6 +348,21 @@ def make_app(ctx: ApiContext) -> web.Application:
         failover = await ops.dr_failover(ctx.store, vm, pool, point, accept)
         return web.json_response(failover.__dict__)
 
+    async def dr_failback(request: web.Request) -> web.Response:
+        pool, vm = request.match_info["pool"], request.match_info["vm"]
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or set(body) - {"target", "rpo_s", "switch"}:
+            raise FtvmError('the body may only be {"target": NAME, "rpo_s": N} or {"switch": true}', BAD_INPUT)
+        target, rpo, switch = body.get("target", ""), body.get("rpo_s", 9.0), body.get("switch", False)
+        if (not isinstance(target, str) or not isinstance(switch, bool) or isinstance(rpo, bool)
+                or not isinstance(rpo, (int, float))):
+            raise FtvmError("target must be a name, rpo_s a number, switch true or false", BAD_INPUT)
+        failover = await ops.dr_failback(ctx.store, vm, pool, target, float(rpo), switch)
+        return web.json_response(failover.__dict__)
+
     async def put_dr_target(request: web.Request) -> web.Response:
         try:
             receivers = (await request.json())["receivers"]
@@ -409,6 +424,7 @@ def make_app(ctx: ApiContext) -> web.Application:
         web.post("/api/v1/dr-replicas/{pool}/{vm}/test", dr_test),
         web.delete("/api/v1/dr-replicas/{pool}/{vm}/test", dr_test),
         web.post("/api/v1/dr-replicas/{pool}/{vm}/failover", dr_failover),
+        web.post("/api/v1/dr-replicas/{pool}/{vm}/failback", dr_failback),
         web.put("/api/v1/dr-targets/{name}", put_dr_target),
         web.delete("/api/v1/dr-targets/{name}", delete_dr_target),
     ])

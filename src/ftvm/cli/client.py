@@ -60,6 +60,7 @@ class PoolClient(Protocol):
     def dr_test_end(self, pool: str, vm: str) -> None: ...
     def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]: ...
     def write_trace(self, vm: str, seconds: int) -> str: ...
+    def dr_failback(self, pool: str, vm: str, target: str, rpo_s: float, switch: bool) -> dict[str, Any]: ...
     def set_dr_target(self, name: str, receivers: list[str]) -> None: ...
     def remove_dr_target(self, name: str) -> None: ...
 
@@ -184,6 +185,9 @@ class DirectClient:
     def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]:
         return dict(with_store(self.args, lambda s: ops.dr_failover(s, vm, pool, point, accept_data_loss)).__dict__)
 
+    def dr_failback(self, pool: str, vm: str, target: str, rpo_s: float, switch: bool) -> dict[str, Any]:
+        return dict(with_store(self.args, lambda s: ops.dr_failback(s, vm, pool, target, rpo_s, switch)).__dict__)
+
     def write_trace(self, vm: str, seconds: int) -> str:
         raise FtvmError(f"{vm}'s write-rate trace is kept by the agent running it: reach the pool through its "
                         "API (--api, FTVM_API, or the lab's agents), or give --trace FILE", BAD_INPUT)
@@ -307,6 +311,10 @@ class HttpClient:
 
     def dr_test_end(self, pool: str, vm: str) -> None:
         self._call("DELETE", f"/api/v1/dr-replicas/{_q(pool)}/{_q(vm)}/test")
+
+    def dr_failback(self, pool: str, vm: str, target: str, rpo_s: float, switch: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"switch": True} if switch else {"target": target, "rpo_s": rpo_s}
+        return dict(self._call("POST", f"/api/v1/dr-replicas/{_q(pool)}/{_q(vm)}/failback", body))
 
     def write_trace(self, vm: str, seconds: int) -> str:
         return str(self._call("GET", f"/api/v1/vms/{_q(vm)}/write-trace?seconds={seconds}", raw=True))

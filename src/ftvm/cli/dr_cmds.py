@@ -209,3 +209,23 @@ def cmd_dr_failover(args: Any) -> int:
         console.print(f"failover of {r['pool']}/{args.name} to point {f['point']}: {f['host']} starts it at level 0; "
                       f"it {f['loss']}. Its old site never runs it again without `ftvm dr failback`")
     return OK
+
+
+def cmd_dr_failback(args: Any) -> int:
+    from .pool_cmds import parse_duration
+    r = _replica(args)
+    if not args.switch and not args.to:
+        raise CliError("give --to TARGET (the home pool's receivers, `ftvm dr target add`) to send the VM's writes "
+                       "back, then --switch once they caught up", BAD_INPUT)
+    f = pool_client(args).dr_failback(r["pool"], args.name, args.to or "", parse_duration(args.rpo, "--rpo"),
+                                      args.switch)
+    if is_json(args):
+        emit_json(f)
+    elif args.switch:
+        console.print(f"switchover of {args.name}: its owner here pauses it, ships its last point to "
+                      f"{f['failback_target']} and stops it; {r['pool']} starts it from that point")
+    else:
+        console.print(f"{args.name}'s writes now go back to {args.to} (the first point is a diff against its old "
+                      f"copy there); `ftvm dr failback {args.name} --switch` once `vm show` says its lag is within "
+                      "the RPO")
+    return OK

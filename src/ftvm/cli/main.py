@@ -275,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", help=from_help)
     p.add_argument("--accept-data-loss", action="store_true",
                    help="required: the writes after the point are lost (the refusal without it says how many)")
+    p = cmd(dr, "failback", dr_cmds.cmd_dr_failback, "at the DR pool, for a VM failed over here: send its writes "
+            "back to its home pool (--to), then switch over (--switch): paused, last point shipped, started there")
+    p.add_argument("name")
+    p.add_argument("--to", help="the DR target (here) naming the home pool's receivers")
+    p.add_argument("--rpo", default="9s", help="the RPO of the way back (default 9s)")
+    p.add_argument("--switch", action="store_true", help="the switchover, once the way back caught up")
+    p.add_argument("--from", dest="source", help=from_help)
     target = dr.add_parser("target", help="where this pool's recovery points may go").add_subparsers(
         dest="target_sub", required=True)
     p = cmd(target, "add", dr_cmds.cmd_dr_target_add, "add or change a DR target: another pool's receivers")

@@ -19,7 +19,10 @@ exact image of its instant.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+
+from .model import DrReplica
 
 HOUR_S = 3600.0
 
@@ -96,3 +99,42 @@ def lag_s(newest_committed_at: float | None, now: float, since: float) -> float:
     """How far behind the DR copy is: now minus the instant of the newest point committed
     there. With none yet, since replication was asked for (`since`)."""
     return max(0.0, now - (newest_committed_at if newest_committed_at is not None else since))
+
+
+def dr_loss(replica: DrReplica, point: int, now: float) -> str:
+    """What starting `point` at the DR site loses of the source's writes, in words: every
+    write after its cut. Of those, the newer points kept here (exact), and after the newest,
+    at least what the source was sending when it was last heard (the rest died with it)."""
+    chosen = next(p for p in replica.points if p.number == point)
+    newer = [p for p in replica.points if p.number > point]
+    c = replica.contact
+    parts = []
+    if newer:
+        changed = _size(sum(p.data_bytes for p in newer))
+        parts.append(f"{len(newer)} newer point(s) kept here, up to {_when(newer[-1].taken_at)} "
+                     f"({newer[-1].taken_at - chosen.taken_at:.1f} s of writes, {changed} of changed blocks)")
+    heard = last_heard(replica)
+    inflight = (f", {_size(c.in_flight_bytes)} of a point cut at {_when(c.in_flight_taken_at)} still arriving then"
+                if c.in_flight_bytes else "")
+    parts.append(f"its site was last heard at {_when(heard)} ({now - heard:.0f} s ago{inflight})")
+    return f"loses every write after {_when(chosen.taken_at)}, {heard - chosen.taken_at:.1f} s or more: " + \
+        "; ".join(parts)
+
+
+def _when(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 10) % 10}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"
+
+
+def last_heard(replica: DrReplica) -> float:
+    """When the DR site last heard from the VM's source (a point's cut is a word from it too)."""
+    return max(replica.contact.heard_at, replica.points[-1].taken_at if replica.points else 0.0)
+
+
+def seconds_lost(replica: DrReplica, point: int) -> float:
+    """Seconds of writes a failover to `point` loses, at least: its cut to the last word."""
+    chosen = next(p for p in replica.points if p.number == point)
+    return round(max(0.0, last_heard(replica) - chosen.taken_at), 1)

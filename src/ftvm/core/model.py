@@ -426,6 +426,15 @@ class DrFailover:
     host: str
     asked_at: float
     loss: str
+    # failback (`ftvm dr failback`): the VM's points go back to this DR target (its home
+    # pool's receivers); `switch_at`: the switchover asked (its owner pauses it, ships a
+    # last point, stops it); `switched`: that point was delivered and the VM stopped here
+    failback_target: str = ""
+    switch_at: float = 0.0
+    switched: bool = False
+    newest: bool = False   # no point was named: the newest the host has when it starts it
+    lost_s: float = 0.0    # seconds of writes `loss` says are lost, at least
+    started: bool = False  # the VM is defined here: `point` and `loss` are what it started from
 
 
 @dataclass(frozen=True)

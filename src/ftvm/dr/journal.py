@@ -278,12 +278,19 @@ class Replica:
         self.id = str(state["id"])  # a new replica (made again) is another one to a sender
 
     @staticmethod
-    def create(d: Path, sizes: tuple[int, ...]) -> Replica:
+    def create(d: Path, sizes: tuple[int, ...], seed: list[tuple[Path, str]] | None = None) -> Replica:
+        """`seed`: (image, format) per disk to start from instead of zeros (a failback: the
+        VM's old copy at its home site, so that the first point, a diff, sends only what
+        changed since). A seed of another size is not used."""
         if (d / "state.json").exists():
             raise JournalError(f"{d}: a replica is there already")
         (d / "points").mkdir(parents=True, exist_ok=True)
         for i, size in enumerate(sizes):
-            with open(d / f"disk-{i}.raw", "wb") as f:
+            base = d / f"disk-{i}.raw"
+            if seed is not None and i < len(seed) and _seed(seed[i], base) and base.stat().st_size == size:
+                continue
+            with open(base, "wb") as f:
+                f.truncate(0)
                 f.truncate(size)
         Replica._write_state(d, sizes, 0, os.urandom(8).hex())
         return Replica(d)
@@ -360,6 +367,11 @@ class Replica:
         _sync_dir(self.dir)
 
     @staticmethod
+    def unfence(d: Path) -> None:
+        """A failback: the VM runs at its home site again, and this replica takes its points."""
+        (d / FAILED_OVER).unlink(missing_ok=True)
+
+    @staticmethod
     def is_failed_over(d: Path) -> bool:
         return (d / FAILED_OVER).exists()
 
@@ -430,6 +442,13 @@ class Replica:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir)
+
+
+def _seed(image: tuple[Path, str], dest: Path) -> bool:
+    path, fmt = image
+    cmd = (["cp", "--reflink=auto", "--sparse=always", str(path), str(dest)] if fmt == "raw"
+           else ["qemu-img", "convert", "-q", "-f", fmt, "-O", "raw", str(path), str(dest)])
+    return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
 def _apply(point: Path, sizes: tuple[int, ...], paths: list[Path]) -> None:

@@ -58,11 +58,17 @@ class Receiver:
     def __init__(self, root: Path, key_for: Callable[[str], bytes | None],
                  on_commit: Callable[[Committed], None] = lambda c: None,
                  retention: Retention | None = None,
-                 on_contact_end: Callable[[str, str], None] = lambda pool, vm: None) -> None:
+                 on_contact_end: Callable[[str, str], None] = lambda pool, vm: None,
+                 on_final: Callable[[Committed], None] = lambda c: None,
+                 seed: Callable[[str, str, tuple[int, ...]], list[tuple[Path, str]] | None] = lambda p, v, s: None
+                 ) -> None:
         """`root`: replicas go to root/<pool>/<vm>; `key_for(pool)`: the pairing key of a
         source pool (None: not paired); `on_contact_end(pool, vm)`: a session ended (its
-        contact record is saved)."""
+        contact record is saved); `on_final`: a failback's last point was committed (its
+        source stopped the VM after it); `seed(pool, vm, sizes)`: images a new replica
+        starts from (dr/journal.py), None for zeros."""
         self.root, self.key_for, self.on_commit, self.on_contact_end = root, key_for, on_commit, on_contact_end
+        self.on_final, self.seed = on_final, seed
         self.retention = retention or Retention()
         self.live: dict[tuple[str, str], asyncio.Task[Any]] = {}  # the session of each VM
         self.contacts: dict[tuple[str, str], DrContact] = {}     # what each source last said
@@ -172,7 +178,7 @@ class Receiver:
     def _replica(self, pool: str, vm: str, sizes: tuple[int, ...]) -> Replica:
         d = self.root / pool / vm
         if not (d / "state.json").exists():
-            return Replica.create(d, sizes)
+            return Replica.create(d, sizes, self.seed(pool, vm, sizes))
         rep = Replica(d)
         if rep.sizes != sizes:
             raise JournalError(f"disk sizes changed ({rep.sizes} here, {sizes} sent): "
@@ -192,6 +198,7 @@ class Receiver:
         await ch.writer.drain()
         image: NewestImage | None = None
         point: PointWriter | None = None
+        final = False
         try:
             while True:
                 kind, payload = await asyncio.wait_for(ch.receive(RECEIVER_LIMITS), IDLE_S)
@@ -206,6 +213,7 @@ class Receiver:
                     if not isinstance(number, int) or not isinstance(taken_at, (int, float)):
                         raise WireError("DR_BEGIN without number and taken_at")
                     point = rep.begin(number, float(taken_at))
+                    final = begin.get("final") is True
                     self._heard(pool, vm, in_flight=0, taken_at=float(taken_at))
                 elif point is None:
                     raise WireError(f"{kind.name} outside a point")
@@ -235,7 +243,10 @@ class Receiver:
                         image = None  # (its index points into files consolidation changed)
                     elif image is not None:
                         await asyncio.to_thread(image.add_point, number)
-                    self.on_commit(Committed(pool, vm, number, header.taken_at, stored))
+                    committed = Committed(pool, vm, number, header.taken_at, stored)
+                    self.on_commit(committed)
+                    if final:
+                        self.on_final(committed)
                     await ch.send(encode_number(Msg.DR_ACK, number))
                     await ch.writer.drain()
         finally:

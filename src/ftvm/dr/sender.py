@@ -114,14 +114,26 @@ class DrSender:
         self.state = state
         return ch
 
+    async def heartbeat(self) -> None:
+        """Between points: the receiver hears the source is alive (what a failover there states
+        of the writes it loses). A broken session is closed; the next point opens another."""
+        if self.ch is None:
+            return
+        try:
+            await self.ch.send(encode(Msg.HEARTBEAT))
+            await asyncio.wait_for(self.ch.writer.drain(), CONNECT_S)
+        except (OSError, WireError, asyncio.TimeoutError):
+            self.close()
+
     def close(self) -> None:
         if self.ch is not None:
             self.ch.close()
             self.ch = None
 
-    async def ship(self) -> Shipped:
+    async def ship(self, final: bool = False) -> Shipped:
         """Take a point and deliver it. On any failure the session is closed (the next
-        point opens another) and the point's writes move to the next one."""
+        point opens another) and the point's writes move to the next one. `final`: a
+        failback's last point (the guest is paused; the receiving pool starts the VM from it)."""
         taken = await self.capture.take()
         delivered = False
         try:
@@ -129,7 +141,7 @@ class DrSender:
                 self.ch = await self._connect(taken.sizes)
             else:
                 await self.ch.send(encode(Msg.HEARTBEAT))
-            shipped = await self._send(self.ch, taken)
+            shipped = await self._send(self.ch, taken, final)
             delivered = True
             self.delivered = (str(self.state["replica"]), shipped.number)
             self.state["newest"] = shipped.number
@@ -140,11 +152,12 @@ class DrSender:
         finally:
             await self.capture.release(taken, delivered)
 
-    async def _send(self, ch: Channel, taken: Taken) -> Shipped:
+    async def _send(self, ch: Channel, taken: Taken, final: bool = False) -> Shipped:
         number = int(self.state["newest"]) + 1
         incremental = self.delivered == (self.state["replica"], self.state["newest"])
         kind = "incremental" if incremental else "diff"
-        wire = await ch.send(encode_json(Msg.DR_BEGIN, {"number": number, "taken_at": taken.taken_at, "kind": kind}))
+        wire = await ch.send(encode_json(Msg.DR_BEGIN, {"number": number, "taken_at": taken.taken_at, "kind": kind,
+                                                        "final": final}))
         if incremental:
             extents = await asyncio.to_thread(self.capture.extents, taken, False)
         else:

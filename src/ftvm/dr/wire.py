@@ -4,7 +4,7 @@ message), under a key derived from the DR pairing secret.
 
     HELLO      S->R  JSON: vm, pool (the sender's), sizes [bytes per disk]
     DR_STATE   R->S  JSON: replica (its id), newest (point number), newest_taken_at, failed_over
-    DR_BEGIN   S->R  JSON: number, taken_at, kind ("incremental" | "diff")
+    DR_BEGIN   S->R  JSON: number, taken_at, kind ("incremental" | "diff"), final (a failback's last point)
     DR_HASHES  S->R  disk (2), first block (8), then 16-byte BLAKE2b hashes of 64 KiB blocks
                      of the point's image (a diff point: compared with the receiver's newest)
     DR_WANT    R->S  disk (2), first block (8), count (4), bitmap (1 bit per block: differs)

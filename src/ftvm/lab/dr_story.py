@@ -39,6 +39,7 @@ class DrStory:
     lost_before_cut: int       # acknowledged before the cut and missing (must be 0)
     kept_after_cut: int        # acknowledged just after the cut but in the point (written before it)
     loss_statement: str        # what `dr failover` said it loses
+    stated_loss_s: float       # its seconds (a lower bound: the site's last message after the cut)
     running_at_dr_s: float     # the loss -> the VM runs at the DR pool (includes the wait for silence)
     first_reply_s: float       # the loss -> the DR copy answers the client
     old_site_fenced: bool      # back, the main site marked the VM failed over and did not start it
@@ -92,10 +93,13 @@ def dr_story(main: LabPool, image: GuestImage, progress: Progress = lambda m: No
             raise ScenarioError("a failover without --accept-data-loss was not refused")
         except FtvmError as e:
             progress(f"at the DR pool, `dr failover {vm}` without --accept-data-loss: refused ({e})")
-        failover = dr.run(lambda s: ops.dr_failover(s, vm, accept_data_loss=True))
-        progress(f"`dr failover {vm} --accept-data-loss`: point {failover.point}; it {failover.loss}")
+        asked = dr.run(lambda s: ops.dr_failover(s, vm, accept_data_loss=True))
+        progress(f"`dr failover {vm} --accept-data-loss`: point {asked.point} (the newest kept); it {asked.loss}")
         host = dr.wait_running(vm, 180)
         running_s = time.time() - lost_at
+        failover = dr.wait_for("the failover record", lambda s: s.dr_failovers[("lab", vm)].started,
+                               30).dr_failovers[("lab", vm)]
+        progress(f"started from point {failover.point}: it {failover.loss}")
         dr.wait_answering(ip, 90)
         reply_s = time.time() - lost_at
         progress(f"{vm} runs at the DR pool on {host} ({running_s:.0f} s after the loss, of which "
@@ -127,5 +131,6 @@ def dr_story(main: LabPool, image: GuestImage, progress: Progress = lambda m: No
                    points_before_loss=len(replica.points), point=failover.point,
                    point_age_at_loss_s=round(lost_at - cut, 2), acknowledged=len(acks), lost=len(lost),
                    lost_before_cut=len(lost_before), kept_after_cut=len(kept_after), loss_statement=failover.loss,
+                   stated_loss_s=failover.lost_s,
                    running_at_dr_s=round(running_s, 1), first_reply_s=round(reply_s, 1), old_site_fenced=fenced,
                    max_copies=observer.max_copies)

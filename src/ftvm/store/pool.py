@@ -280,6 +280,24 @@ class PoolStore:
         r = await self.etcd.txn([absent(key)], [put_json(key, failover.__dict__)])
         return r.succeeded
 
+    async def update_dr_failover(self, failover: DrFailover) -> None:
+        await self.etcd.put(f"{self.state}dr-failovers/{failover.pool}/{failover.vm}",
+                            json.dumps(failover.__dict__).encode())
+
+    async def fail_back(self, spec: VmSpec, revision: int, copies: Copies | None) -> bool:
+        """The VM came back from its DR site (its images installed here): its spec (no longer
+        failed over, to run) and, level 2-3, its copies, in one transaction; only if nobody
+        runs it and the spec is unchanged."""
+        ops: list[Put | Delete | Get] = [put_json(self.vm_key(spec.name, "spec"), spec.to_json())]
+        if copies is not None:
+            ops.append(put_json(self.vm_key(spec.name, "copies"), copies.to_json()))
+        r = await self.etcd.txn([modified_at(self.vm_key(spec.name, "spec"), revision),
+                                 absent(self.vm_key(spec.name, "owner"))], ops)
+        return r.succeeded
+
+    async def withdraw_dr_replica(self, pool: str, vm: str) -> None:
+        await self.etcd.delete(f"{self.state}dr-replicas/{pool}/{vm}")
+
     async def end_dr_failover(self, pool: str, vm: str) -> bool:
         return await self.etcd.delete(f"{self.state}dr-failovers/{pool}/{vm}") > 0
 
