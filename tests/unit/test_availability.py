@@ -52,3 +52,16 @@ def test_a_replaced_copy_dying_later_is_not_an_outage() -> None:
     r = report("trade", recs, 0, 1000)
     assert [(o.start, o.end) for o in r.outages] == [(100, 100.8)]
     assert r.unplanned_down_s == pytest.approx(0.8)
+
+
+def test_time_over_the_dr_rpo_counts_while_the_vm_runs() -> None:
+    from ftvm.core.availability import HistoryRecord, report
+    recs = [HistoryRecord(0, "up", "h1"), HistoryRecord(0, "dr-back", "h1"), HistoryRecord(100, "dr-over", "h1"),
+            HistoryRecord(130, "dr-back", "h1"), HistoryRecord(500, "dr-over", "h1"),
+            HistoryRecord(520, "down", "h1", "host h1 lost"),  # (down: not counted as over the RPO)
+            HistoryRecord(560, "up", "h2"), HistoryRecord(560, "dr-back", "h2")]
+    r = report("web", recs, 0, 1000)
+    assert r.dr_over_rpo_s == 50 and r.up_s == 960 and r.unplanned_down_s == 40
+    assert r.availability is not None and abs(r.availability - 0.96) < 1e-9  # (DR records change nothing else)
+    r.dr = {"target": "far", "rpo_s": 30.0, "lag_s": 2.0, "within_rpo": True}
+    assert r.to_json()["dr"]["rpo_met_percent"] == round(100 * (1 - 50 / 960), 3)

@@ -226,7 +226,7 @@ class DrShipping:
         figures = DrFigures(target=target, since=time.time())
         sender: DrSender | None = None
         qemu: QemuVm | None = None
-        failing, over = False, False
+        failing, over = False, None  # (over: unknown until the first look, which goes to the history)
         receiver = 0
         cut_at = time.monotonic()  # the last point's start: the next is cut an interval after it
         try:
@@ -290,11 +290,14 @@ class DrShipping:
                                           error="", sent_bytes=figures.sent_bytes + shipped.wire_bytes,
                                           written_bytes=figures.written_bytes + shipped.data_bytes)
                 lag = time.time() - (figures.newest_taken_at or figures.since)
-                if lag > rpo and not over:
+                if lag > rpo and over is not True:
                     self.ctx.journal.event(vm, "dr-lag", f"DR lag {lag:.0f} s is over the RPO ({rpo:g} s)")
+                    self.ctx.journal.history(vm, "dr-over", f"lag {lag:.0f} s, RPO {rpo:g} s")
                     over = True
-                elif lag <= rpo and over:
-                    self.ctx.journal.event(vm, "dr-lag", f"DR lag back to {lag:.0f} s, within the RPO ({rpo:g} s)")
+                elif lag <= rpo and over is not False:
+                    if over:
+                        self.ctx.journal.event(vm, "dr-lag", f"DR lag back to {lag:.0f} s, within the RPO ({rpo:g} s)")
+                    self.ctx.journal.history(vm, "dr-back", f"lag {lag:.0f} s, RPO {rpo:g} s")
                     over = False
                 await self._report(vm, rec, figures)
         finally:

@@ -485,7 +485,9 @@ def _dr_text(dr: dict[str, Any] | None) -> str:
         return "-"
     over = "" if dr["within_rpo"] else " [red]over[/]"
     lag = "not running" if dr["lag_s"] is None else f"{dr['lag_s']:.0f} s{over}"
-    return f"{dr['rpo_s']:g} s to {dr['target']} ({lag})"
+    met = dr.get("rpo_met_percent")
+    held = "" if met is None else f"; met {met:.2f}% of its up time ({dr.get('over_rpo_s', 0):.0f} s over)"
+    return f"{dr['rpo_s']:g} s to {dr['target']} (lag now {lag}{held})"
 
 
 def cmd_report(args: Any) -> int:
@@ -498,7 +500,7 @@ def cmd_report(args: Any) -> int:
         return OK
     t = Table(title=f"Availability over the last {args.days:g} days", title_justify="left")
     for col in ("VM", "Availability", "SLA", "Met", "Outages", "Failovers", "Guest failures", "Longest recovery",
-                "Down (unplanned)", "DR RPO (lag now)"):
+                "Down (unplanned)", "DR RPO"):
         t.add_column(col)
     for d in data:
         avail = "-" if d["availability_percent"] is None else f"{d['availability_percent']:.4f}%"

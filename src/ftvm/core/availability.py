@@ -11,6 +11,8 @@ The agents append a compact record whenever a VM's service starts or stops
              A `down` from a host other than the one of the last `up` is ignored: that
              copy had already been replaced
     stopped  an operator stopped it (planned: not counted against availability)
+    dr-over  its DR lag passed its RPO (the owner's word; `dr-back`: within it again). Each
+    dr-back  owner that starts shipping says which first. Time over the RPO counts while up.
 
 Availability = 1 - unplanned downtime / (period - planned downtime). An outage
 is a `down` until the next `up`; a failover is an outage that ended on another
@@ -75,6 +77,8 @@ class Report:
     outages: list[Outage] = field(default_factory=list)
     # asynchronous DR at the report's end: target, RPO, lag then (views.dr_row); None without DR
     dr: dict[str, Any] | None = None
+    up_s: float = 0.0          # time it ran in the period
+    dr_over_rpo_s: float = 0.0  # of that, time its DR lag was over its RPO
 
     @property
     def failovers(self) -> int:
@@ -102,7 +106,9 @@ class Report:
             "guest_failures": self.guest_failures,
             "time_to_recover_max_s": round(max(times), 3) if times else None,
             "time_to_recover_mean_s": round(sum(times) / len(times), 3) if times else None,
-            "dr": None if self.dr is None else {k: self.dr[k] for k in ("target", "rpo_s", "lag_s", "within_rpo")},
+            "dr": None if self.dr is None else {k: self.dr[k] for k in ("target", "rpo_s", "lag_s", "within_rpo")} | {
+                "over_rpo_s": round(self.dr_over_rpo_s, 1),
+                "rpo_met_percent": round(100 * (1 - self.dr_over_rpo_s / self.up_s), 3) if self.up_s else None},
         }
 
 
@@ -114,21 +120,29 @@ def report(vm: str, records: list[HistoryRecord], start: float, end: float,
     state, host, since = "unknown", "", start
     outages: list[Outage] = []
     open_outage: tuple[float, str, str] | None = None   # (start, cause, host before)
-    unplanned = planned = 0.0
-    ever_up = False
+    unplanned = planned = up = dr_over_s = 0.0
+    ever_up, dr_over = False, False
 
     def close(at: float) -> None:
-        nonlocal unplanned, planned
+        nonlocal unplanned, planned, up, dr_over_s
         lo, hi = max(since, start), min(at, end)
         if hi > lo:
             if state == "down":
                 unplanned += hi - lo
             elif state in ("stopped", "unknown"):
                 planned += hi - lo
+            elif state == "up":
+                up += hi - lo
+                if dr_over:
+                    dr_over_s += hi - lo
 
     for r in records:
         if r.t >= end:
             break
+        if r.kind in ("dr-over", "dr-back"):
+            close(r.t)
+            since, dr_over = r.t, r.kind == "dr-over"
+            continue
         if r.kind == "down" and host and r.host != host:
             continue  # a copy that had already been replaced died (fenced, killed): not an outage
         close(r.t)
@@ -153,4 +167,5 @@ def report(vm: str, records: list[HistoryRecord], start: float, end: float,
     meant_to_run = (end - start) - planned
     availability = None if meant_to_run <= 0 or not ever_up else max(0.0, 1 - unplanned / meant_to_run)
     meets = None if availability is None or sla_target is None else 100 * availability >= sla_target
-    return Report(vm, start, end, availability, sla_target, meets, unplanned, planned, outages)
+    return Report(vm, start, end, availability, sla_target, meets, unplanned, planned, outages, up_s=up,
+                  dr_over_rpo_s=dr_over_s)
