@@ -5,9 +5,9 @@ the same load (ledger writes one after another, and a bulk writer: BULK_MIB ever
 BULK_EVERY_S); one of them ships recovery points to the DR pool (RPO `RPO_S`: a point every
 RPO/3), the other not. For each WAN rate (RTT 40 ms):
 
-  - calibration (CALIBRATE_S): what the workload's points hold and how they compress: the
-    share of written bytes that are distinct blocks in a point (`unique`) and wire bytes per
-    point byte (`compression`), from the owner's DR figures;
+  - calibration (CALIBRATE_S, the same load): what the workload's points hold and how they
+    compress: the share of written bytes that are distinct blocks in a point (`unique`) and
+    wire bytes per point byte (`compression`), from the owner's DR figures;
   - measurement (MEASURE_S): the lag sampled twice a second (now minus the cut of the newest
     point the DR site has), bytes sent vs written, and ledger write latency on both VMs in
     interleaved rounds (the ratio: DR's cost to the guest);
@@ -105,7 +105,9 @@ def _point(pool: LabPool, state: labmod.LabState, rate: float, progress: Callabl
     with _Background(pool) as bg:
         t0 = time.time()
         cal0 = _figures(pool)
-        time.sleep(CALIBRATE_S)  # (the calibration window: the load runs; nothing to wait on)
+        while time.time() - t0 < CALIBRATE_S:  # the calibration runs the same load as the measurement
+            for name in VMS:
+                pool.latencies(_ip(name), LATENCY_ROUND)
         cal1 = _figures(pool)
         written_cal = sum(parse_trace(read_trace(trace_file, int(time.time() - t0))).written)
         unique = (cal1[1] - cal0[1]) / written_cal if written_cal else 1.0
