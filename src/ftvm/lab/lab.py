@@ -286,18 +286,9 @@ def _build_network(hosts: list[str], sites: dict[str, str]) -> None:
     ns_ip(topo.CLIENT_NS, "addr", "add", topo.CLIENT_ADDR, "dev", "eth0")
     ns_ip(topo.CLIENT_NS, "link", "set", "eth0", "up")
     for h in hosts:
-        ns = topo.host_ns(h)
-        _bridge(ns, "br0", topo.host_lan_addr(h))
-        _veth(ns, "lan0", topo.LAN_NS, h)
-        ns_ip(ns, "link", "set", "lan0", "master", "br0", "up")
-        ns_ip(topo.LAN_NS, "link", "set", h, "master", "lan", "up")
-        _veth(ns, "q0", topo.QUORUM_NS, h)
-        ns_ip(ns, "addr", "add", topo.host_quorum_addr(h), "dev", "q0")
-        ns_ip(ns, "link", "set", "q0", "up")
-        ns_ip(topo.QUORUM_NS, "link", "set", h, "master", "qbr", "up")
+        _attach_host(h, topo.LAN_NS, topo.QUORUM_NS)
     for h in hosts:
         ns = topo.host_ns(h)
-        ns_ip(ns, "addr", "add", topo.replication_addr(h) + "/32", "dev", "lo")
         # A route over a link whose far end is down must not be used: the other A-link takes over.
         sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.conf.all.ignore_routes_with_linkdown=1")
         # A replication connection to a dead partner must fail in seconds, not minutes.
@@ -319,6 +310,21 @@ def _build_network(hosts: list[str], sites: dict[str, str]) -> None:
 LINKDELAY_SRC = Path(__file__).parent / "linkdelay.c"
 
 
+def _attach_host(h: str, lan_ns: str, quorum_ns: str) -> None:
+    """A host's bridge for its VMs on its site's LAN, its own link to its quorum service, and
+    its replication address on its loopback."""
+    ns = topo.host_ns(h)
+    _bridge(ns, "br0", topo.host_lan_addr(h))
+    _veth(ns, "lan0", lan_ns, h)
+    ns_ip(ns, "link", "set", "lan0", "master", "br0", "up")
+    ns_ip(lan_ns, "link", "set", h, "master", "lan", "up")
+    _veth(ns, "q0", quorum_ns, h)
+    ns_ip(ns, "addr", "add", topo.host_quorum_addr(h), "dev", "q0")
+    ns_ip(ns, "link", "set", "q0", "up")
+    ns_ip(quorum_ns, "link", "set", h, "master", "qbr", "up")
+    ns_ip(ns, "addr", "add", topo.replication_addr(h) + "/32", "dev", "lo")
+
+
 def _build_dr_site(state: LabState) -> None:
     """The DR site: its LAN (joined to the main one through the WAN forwarder), its quorum
     service's network and management link, and its hosts."""
@@ -335,16 +341,7 @@ def _build_dr_site(state: LabState) -> None:
         ns_ip(lan_ns, "link", "set", "wan", "master", "lan", "up")
         ns_ip(topo.WAN_NS, "link", "set", end, "up")
     for h in state.dr_hosts:
-        ns = topo.host_ns(h)
-        _bridge(ns, "br0", topo.host_lan_addr(h))
-        _veth(ns, "lan0", topo.DR_LAN_NS, h)
-        ns_ip(ns, "link", "set", "lan0", "master", "br0", "up")
-        ns_ip(topo.DR_LAN_NS, "link", "set", h, "master", "lan", "up")
-        _veth(ns, "q0", topo.DR_QUORUM_NS, h)
-        ns_ip(ns, "addr", "add", topo.host_quorum_addr(h), "dev", "q0")
-        ns_ip(ns, "link", "set", "q0", "up")
-        ns_ip(topo.DR_QUORUM_NS, "link", "set", h, "master", "qbr", "up")
-        ns_ip(ns, "addr", "add", topo.replication_addr(h) + "/32", "dev", "lo")
+        _attach_host(h, topo.DR_LAN_NS, topo.DR_QUORUM_NS)
     binary = _linkdelay(state)
     _write_link_params(state, "wan", state.wan)
     state.pids["wan"] = _spawn(topo.WAN_NS, [str(binary), "w-main", "w-dr", str(Path(state.dir) / "wan.params")],

@@ -35,6 +35,7 @@ from ..guest.build import build_guest
 from ..lab import lab as labmod
 from ..lab import topology as topo
 from ..lab.scenario import LabPool
+from .bench_splitsite import goals_table
 
 RATES_MBIT = (150.0, 20.0)
 RTT_MS = 40.0
@@ -202,9 +203,4 @@ def print_dr(out: dict[str, Any]) -> None:
                   f"{p['latency_ms']['shipped']['p50']} / {p['latency_ms']['plain']['p50']}",
                   str(p["latency_ratio_p50"]))
     console.print(t)
-    g = Table(title="Goals", title_justify="left")
-    for col in ("goal", "figure", "met"):
-        g.add_column(col)
-    for name, r in out.get("goals", {}).items():
-        g.add_row(name, str(r["figure"]), "[green]yes[/]" if r["met"] else "[red]no[/]")
-    console.print(g)
+    console.print(goals_table(out.get("goals", {})))

@@ -239,12 +239,17 @@ def print_splitsite(out: dict[str, Any]) -> None:
                       f"{v['outage_s']:.2f}", f"{v['detection_s']:.2f}", str(v["connections"]),
                       f"{v['lost']} / {v['acknowledged']}", str(v["max_copies"]))
         console.print(s)
+    console.print(goals_table(out.get("goals", {})))
+
+
+def goals_table(goals: dict[str, dict[str, Any]]) -> Table:
+    """An issue's goals, each with its figure and whether it was met (every benchmark's last table)."""
     g = Table(title="Goals", title_justify="left")
     for col in ("goal", "figure", "met"):
         g.add_column(col)
-    for name, r in out.get("goals", {}).items():
+    for name, r in goals.items():
         g.add_row(name, str(r["figure"]), "[green]yes[/]" if r["met"] else "[red]no[/]")
-    console.print(g)
+    return g
 
 
 def splitsite_failed(out: dict[str, Any]) -> bool:
