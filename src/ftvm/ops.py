@@ -354,7 +354,7 @@ async def dr_failover(store: PoolStore, vm: str, source: str | None = None, poin
         raise FtvmError(f"no point {point} of {vm} (points {numbers[0]}-{numbers[-1]}: `ftvm dr points {vm}`)",
                         NOT_FOUND)
     existing = snap.dr_failovers.get((replica.pool, vm))
-    if replica.failed_over or (existing is not None and vm in snap.vms):
+    if existing is not None and (existing.started or vm in snap.vms):
         raise FtvmError(f"{replica.pool}/{vm} is failed over to this pool already", REFUSED)
     if vm in snap.vms:
         raise FtvmError(f"this pool has a VM named {vm} already: the failover would start {replica.pool}/{vm} "
