@@ -126,7 +126,7 @@ def lab_sites(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator
 
 @pytest.fixture(scope="module")
 def lab_dr(tmp_path_factory: pytest.TempPathFactory, guest_image) -> Iterator[object]:
-    """A 2-host lab pool and a DR site (pool "dr", host h9, its own etcd) behind a WAN link;
+    """A 2-host lab pool and a DR site (pool "dr", hosts h8 and h9, its own etcd) behind a WAN link;
     dr_confirm 15 s (a DR failover waits 25 s of silence, not 70)."""
     from ftvm.core.timing import Timing
     from ftvm.lab.lab import LAB_PARTNER_REPLACE_AFTER

@@ -337,7 +337,7 @@ async def dr_test(store: PoolStore, vm: str, source: str | None = None, point: i
 
 
 async def dr_failover(store: PoolStore, vm: str, source: str | None = None, point: int | None = None,
-                      accept_data_loss: bool = False) -> DrFailover:
+                      accept_data_loss: bool = False, level: int = 0) -> DrFailover:
     """A real failover at the DR site (this pool): the host keeping `vm`'s points starts
     `point` (default the newest) as the VM itself, at level 0. Refused without
     `accept_data_loss` (the error states what would be lost), while the source was heard
@@ -359,6 +359,12 @@ async def dr_failover(store: PoolStore, vm: str, source: str | None = None, poin
     if vm in snap.vms:
         raise FtvmError(f"this pool has a VM named {vm} already: the failover would start {replica.pool}/{vm} "
                         "under that name", REFUSED)
+    if level not in (0, 2, 3):
+        raise FtvmError(f"a failover starts the VM at level 0, 2 or 3 (its images are made on the host keeping its "
+                        f"points; for level 1, raise it afterwards with `ftvm vm level {vm} 1 --disk PATH`)",
+                        BAD_INPUT)
+    if level and len(snap.hosts) < 2:
+        raise FtvmError(f"level {level} needs a second host in this pool; it has {len(snap.hosts)}", REFUSED)
     if replica.host not in snap.hosts:
         raise FtvmError(f"{replica.host}, which keeps the points of {vm}, is down", REFUSED)
     now = time.time()
@@ -369,7 +375,7 @@ async def dr_failover(store: PoolStore, vm: str, source: str | None = None, poin
     silent = now - replica.contact.heard_at
     wait = replica.contact.confirm_s + DR_FAILOVER_MARGIN_S - silent
     failover = DrFailover(replica.pool, vm, point, replica.host, now, loss, newest=newest,
-                          lost_s=seconds_lost(replica, point))
+                          lost_s=seconds_lost(replica, point), level=level)
     if existing is not None:  # (asked before and failed: asked again)
         await store.end_dr_failover(replica.pool, vm)
     if not await store.request_dr_failover(failover):

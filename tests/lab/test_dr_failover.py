@@ -1,8 +1,9 @@
-"""A real DR failover to another pool (`lab up --dr`: pool "dr" with its own etcd, host h9,
+"""A real DR failover to another pool (`lab up --dr`: pool "dr" with its own etcd, hosts h8, h9,
 behind a WAN link of 40 ms and 150 Mbit/s), as `ftvm demo --dr` runs it (lab/dr_story.py).
 The main site loses power under load; the DR pool refuses a failover without
 --accept-data-loss, then starts the VM from its newest point once the main site has been
-silent for its dr_confirm + 10 s, stating the loss; exactly the records acknowledged after
+silent for its dr_confirm + 10 s, stating the loss, and raises it to level 2 there; exactly
+the records acknowledged after
 the point are lost; the client finds the VM on the same address. The main site comes back,
 asks its DR site before starting the VM, hears "failed over", and never starts it. Then
 the failback: the DR copy's writes go back (a diff against the old copy), a switchover,

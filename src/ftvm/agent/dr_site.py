@@ -62,6 +62,7 @@ class DrSite:
         self.ending: set[str] = set()               # test copies being removed
         self.failing_over: set[tuple[str, str]] = set()
         self.failovers_tried: dict[tuple[str, str], float] = {}  # (pool, vm) -> asked_at of the last try
+        self.raising: set[tuple[str, str]] = set()  # failed-over VMs whose level was asked to rise, once
 
     async def start(self) -> None:
         if self.cfg.dr_listen is None:
@@ -245,6 +246,13 @@ class DrSite:
         """Start each failover asked of a replica kept here, once (its VM defined: done); end
         each whose failback switched over, once its VM here stopped."""
         for key, failover in snapshot.dr_failovers.items():
+            view = snapshot.vms.get(failover.vm)
+            if (failover.started and failover.level and view is not None and view.owner is not None
+                    and view.status is not None and view.status.state is RunState.RUNNING
+                    and view.spec.level is Level.UNPROTECTED and view.level_change is None
+                    and failover.host == self.cfg.name and key not in self.raising):
+                self.raising.add(key)
+                spawn(self._raise_level(failover), name=f"dr-level-{failover.vm}")
             if failover.switched and failover.host == self.cfg.name and key not in self.failing_over:
                 view = snapshot.vms.get(failover.vm)
                 if view is None or view.owner is None:
@@ -307,6 +315,18 @@ class DrSite:
             self.ctx.journal.event(f.vm, "error", f"DR failover of {f.pool}/{f.vm} failed: {e}")
         finally:
             self.failing_over.discard(key)
+
+    async def _raise_level(self, f: DrFailover) -> None:
+        """A failover asked at level 2 or 3: the VM started at level 0 on its images here; now
+        its level rises online, as `ftvm vm level` would (a replica on another host)."""
+        from .. import ops
+        from ..errors import FtvmError
+        try:
+            await ops.change_level(self.ctx.store, f.vm, f.level)
+            self.ctx.journal.event(f.vm, "dr-failover", f"raising {f.vm} to level {f.level}, as its failover asked")
+        except (FtvmError, EtcdError) as e:
+            self.ctx.journal.event(f.vm, "error", f"{f.vm} runs at level 0: raising it to level {f.level} failed: "
+                                                  f"{e}")
 
     async def _end_failover(self, f: DrFailover) -> None:
         """A failback switched over and the VM stopped here: its definition and images go, and

@@ -338,14 +338,16 @@ def make_app(ctx: ApiContext) -> web.Application:
                 body = await request.json()
             except ValueError:
                 body = None
-        if not isinstance(body, dict) or set(body) - {"point", "accept_data_loss"}:
-            raise FtvmError('the body may only be {"point": N, "accept_data_loss": true}', BAD_INPUT)
-        point, accept = body.get("point"), body.get("accept_data_loss", False)
+        if not isinstance(body, dict) or set(body) - {"point", "accept_data_loss", "level"}:
+            raise FtvmError('the body may only be {"point": N, "accept_data_loss": true, "level": N}', BAD_INPUT)
+        point, accept, level = body.get("point"), body.get("accept_data_loss", False), body.get("level", 0)
+        if not isinstance(level, int) or isinstance(level, bool):
+            raise FtvmError("level must be an integer", BAD_INPUT)
         if point is not None and (not isinstance(point, int) or isinstance(point, bool)):
             raise FtvmError("point must be an integer", BAD_INPUT)
         if not isinstance(accept, bool):
             raise FtvmError("accept_data_loss must be true or false", BAD_INPUT)
-        failover = await ops.dr_failover(ctx.store, vm, pool, point, accept)
+        failover = await ops.dr_failover(ctx.store, vm, pool, point, accept, level)
         return web.json_response(failover.__dict__)
 
     async def dr_failback(request: web.Request) -> web.Response:

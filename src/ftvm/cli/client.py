@@ -58,7 +58,8 @@ class PoolClient(Protocol):
     def dr_replicas(self) -> list[dict[str, Any]]: ...
     def dr_test(self, pool: str, vm: str, point: int | None) -> dict[str, Any]: ...
     def dr_test_end(self, pool: str, vm: str) -> None: ...
-    def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]: ...
+    def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool,
+                    level: int = 0) -> dict[str, Any]: ...
     def write_trace(self, vm: str, seconds: int) -> str: ...
     def dr_failback(self, pool: str, vm: str, target: str, rpo_s: float, switch: bool) -> dict[str, Any]: ...
     def set_dr_target(self, name: str, receivers: list[str]) -> None: ...
@@ -182,8 +183,10 @@ class DirectClient:
     def dr_test_end(self, pool: str, vm: str) -> None:
         with_store(self.args, lambda s: ops.dr_test_end(s, vm, pool))
 
-    def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]:
-        return dict(with_store(self.args, lambda s: ops.dr_failover(s, vm, pool, point, accept_data_loss)).__dict__)
+    def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool,
+                    level: int = 0) -> dict[str, Any]:
+        return dict(with_store(self.args, lambda s: ops.dr_failover(s, vm, pool, point, accept_data_loss,
+                                                                    level)).__dict__)
 
     def dr_failback(self, pool: str, vm: str, target: str, rpo_s: float, switch: bool) -> dict[str, Any]:
         return dict(with_store(self.args, lambda s: ops.dr_failback(s, vm, pool, target, rpo_s, switch)).__dict__)
@@ -319,8 +322,9 @@ class HttpClient:
     def write_trace(self, vm: str, seconds: int) -> str:
         return str(self._call("GET", f"/api/v1/vms/{_q(vm)}/write-trace?seconds={seconds}", raw=True))
 
-    def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"accept_data_loss": accept_data_loss}
+    def dr_failover(self, pool: str, vm: str, point: int | None, accept_data_loss: bool,
+                    level: int = 0) -> dict[str, Any]:
+        body: dict[str, Any] = {"accept_data_loss": accept_data_loss, "level": level}
         if point is not None:
             body["point"] = point
         return dict(self._call("POST", f"/api/v1/dr-replicas/{_q(pool)}/{_q(vm)}/failover", body))

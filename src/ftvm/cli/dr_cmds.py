@@ -202,11 +202,13 @@ def cmd_dr_test_end(args: Any) -> int:
 
 def cmd_dr_failover(args: Any) -> int:
     r = _replica(args)
-    f = pool_client(args).dr_failover(r["pool"], args.name, args.point, args.accept_data_loss)
+    f = pool_client(args).dr_failover(r["pool"], args.name, args.point, args.accept_data_loss, args.level)
     if is_json(args):
         emit_json(f)
     else:
-        console.print(f"failover of {r['pool']}/{args.name} to point {f['point']}: {f['host']} starts it at level 0; "
+        then = f", then raises it to level {f['level']} online" if f["level"] else ""
+        console.print(f"failover of {r['pool']}/{args.name} to point {f['point']}: {f['host']} starts it at level 0"
+                      f"{then}; "
                       f"it {f['loss']}. Its old site never runs it again without `ftvm dr failback`")
     return OK
 

@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=0, choices=(0, 2),
                    help="2: the hosts at two sites (a: the first half, b: the rest), the quorum at a third")
     p.add_argument("--dr", action="store_true",
-                   help="a DR site too: pool 'dr' (host h9, its own etcd) behind a WAN link (`lab wan`)")
+                   help="a DR site too: pool 'dr' (hosts h8, h9, its own etcd) behind a WAN link (`lab wan`)")
     p.add_argument("--host-memory", type=int, default=2048, help="MiB each host offers")
     p.add_argument("--host-vcpus", type=int, default=4)
     p.add_argument("--lease-ttl", type=float)
@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", help=from_help)
     p.add_argument("--accept-data-loss", action="store_true",
                    help="required: the writes after the point are lost (the refusal without it says how many)")
+    p.add_argument("--level", type=int, default=0, choices=(0, 2, 3),
+                   help="the level it runs at in this pool (started at 0 on the images, then raised online)")
     p = cmd(dr, "failback", dr_cmds.cmd_dr_failback, "at the DR pool, for a VM failed over here: send its writes "
             "back to its home pool (--to), then switch over (--switch): paused, last point shipped, started there")
     p.add_argument("name")

@@ -434,6 +434,7 @@ class DrFailover:
     switched: bool = False
     newest: bool = False   # no point was named: the newest the host has when it starts it
     lost_s: float = 0.0    # seconds of writes `loss` says are lost, at least
+    level: int = 0         # the level it runs at here (started at 0, then raised online)
     started: bool = False  # the VM is defined here: `point` and `loss` are what it started from
 
 

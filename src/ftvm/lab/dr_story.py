@@ -1,8 +1,9 @@
 """Disaster recovery's story (`ftvm demo --dr`): a level 2 VM at the main site ships recovery
 points to the DR pool over a WAN link; the main site loses power under load; the DR pool
 starts the VM from its newest point (`dr failover --accept-data-loss`), which states the
-loss; the records lost are exactly those acknowledged after the point's cut; the client
-finds the VM on the same address; the main site comes back and never runs the VM again.
+loss, and raises it to level 2 there; the records lost are exactly those acknowledged
+after the point's cut; the client finds the VM on the same address; the main site comes
+back and never runs the VM again.
 Needs a lab with a DR site (`lab up --dr`)."""
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class DrStory:
     stated_loss_s: float       # its seconds (a lower bound: the site's last message after the cut)
     running_at_dr_s: float     # the loss -> the VM runs at the DR pool (includes the wait for silence)
     first_reply_s: float       # the loss -> the DR copy answers the client
+    protected_at_dr_s: float   # the loss -> it runs at level 2 in the DR pool (its replica current)
     old_site_fenced: bool      # back, the main site marked the VM failed over and did not start it
     max_copies: int            # most QEMUs running the guest at once, anywhere (observed from outside)
 
@@ -93,7 +95,7 @@ def dr_story(main: LabPool, image: GuestImage, progress: Progress = lambda m: No
             raise ScenarioError("a failover without --accept-data-loss was not refused")
         except FtvmError as e:
             progress(f"at the DR pool, `dr failover {vm}` without --accept-data-loss: refused ({e})")
-        asked = dr.run(lambda s: ops.dr_failover(s, vm, accept_data_loss=True))
+        asked = dr.run(lambda s: ops.dr_failover(s, vm, accept_data_loss=True, level=int(Level.COMPONENT)))
         progress(f"`dr failover {vm} --accept-data-loss`: point {asked.point} (the newest kept); it {asked.loss}")
         host = dr.wait_running(vm, 180)
         running_s = time.time() - lost_at
@@ -105,6 +107,11 @@ def dr_story(main: LabPool, image: GuestImage, progress: Progress = lambda m: No
         progress(f"{vm} runs at the DR pool on {host} ({running_s:.0f} s after the loss, of which "
                  f"{state.timing.get('dr_confirm', 60) + 10:g} s waiting for the main site's silence) "
                  f"and answers on its address {ip}")
+        dr.wait_for(f"{vm} at level 2 in the DR pool", lambda s: s.vms[vm].spec.level is Level.COMPONENT
+                    and replica_current(vm)(s), 300)
+        protected_s = time.time() - lost_at
+        partner = next(h for h in state.dr_hosts if h != host)
+        progress(f"{vm} raised to level 2 at the DR pool, mirrored to {partner} ({protected_s:.0f} s after the loss)")
         cut = next(p.taken_at for p in dr.snapshot().dr_replicas[("lab", vm)].points if p.number == failover.point)
         point_image = Replica(state.host_dir(host) / "local" / "dr" / "lab" / vm).materialize(
             failover.point, Path(state.dir) / f"{vm}-point")[0]
@@ -132,5 +139,6 @@ def dr_story(main: LabPool, image: GuestImage, progress: Progress = lambda m: No
                    point_age_at_loss_s=round(lost_at - cut, 2), acknowledged=len(acks), lost=len(lost),
                    lost_before_cut=len(lost_before), kept_after_cut=len(kept_after), loss_statement=failover.loss,
                    stated_loss_s=failover.lost_s,
-                   running_at_dr_s=round(running_s, 1), first_reply_s=round(reply_s, 1), old_site_fenced=fenced,
+                   running_at_dr_s=round(running_s, 1), first_reply_s=round(reply_s, 1),
+                   protected_at_dr_s=round(protected_s, 1), old_site_fenced=fenced,
                    max_copies=observer.max_copies)

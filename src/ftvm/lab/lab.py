@@ -287,6 +287,11 @@ def _build_network(hosts: list[str], sites: dict[str, str]) -> None:
     ns_ip(topo.CLIENT_NS, "link", "set", "eth0", "up")
     for h in hosts:
         _attach_host(h, topo.LAN_NS, topo.QUORUM_NS)
+    _a_links(hosts, sites)
+
+
+def _a_links(hosts: list[str], sites: dict[str, str]) -> None:
+    """Two A-links between each pair of `hosts` (through the metro namespace between sites)."""
     for h in hosts:
         ns = topo.host_ns(h)
         # A route over a link whose far end is down must not be used: the other A-link takes over.
@@ -342,6 +347,7 @@ def _build_dr_site(state: LabState) -> None:
         ns_ip(topo.WAN_NS, "link", "set", end, "up")
     for h in state.dr_hosts:
         _attach_host(h, topo.DR_LAN_NS, topo.DR_QUORUM_NS)
+    _a_links(state.dr_hosts, {})  # (levels 2-3 at the DR site: a failover there at its level)
     binary = _linkdelay(state)
     _write_link_params(state, "wan", state.wan)
     state.pids["wan"] = _spawn(topo.WAN_NS, [str(binary), "w-main", "w-dr", str(Path(state.dir) / "wan.params")],
@@ -516,7 +522,7 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None, com
         f'dr_secret_file = "{state.dr_secret_file}"', f'dr_listen = "{topo.dr_receiver(host)}"',
     ] + ([f'site = "{state.sites[host]}"'] if host in state.sites else [])
     peers: dict[str, list[str]] = {}
-    for link in topo.a_links(state.hosts):
+    for link in topo.a_links(state.dr_hosts if dr_site else state.hosts):
         if host in (link.a, link.b):
             peers.setdefault(link.b if host == link.a else link.a, []).append(link.ifname(host))
     lines.append("a_links = { " + ", ".join(f'{p} = {ifs!r}'.replace("'", '"') for p, ifs in peers.items()) + " }")

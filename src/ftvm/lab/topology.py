@@ -15,8 +15,9 @@ Every host reaches the quorum site over its own link, so one path can be cut
 over a WAN link (lab/linkdelay.c: RTT and rate, set while the lab runs). The WAN carries
 the LAN itself, so a VM failed over there keeps its address:
 
-    ftvm-lan [bridge lan] --wan-- ftvm-wan (linkdelay) --wan-- ftvm-drlan [bridge lan] -- h9/lan0
-                                                     ftvm-drquorum [bridge qbr] etcd @ 10.77.2.1 -- h9/q0
+    ftvm-lan [bridge lan] --wan-- ftvm-wan (linkdelay) --wan-- ftvm-drlan [bridge lan] -- h8, h9 /lan0
+                                                     ftvm-drquorum [bridge qbr] etcd @ 10.77.2.1 -- h8, h9 /q0
+    h8 and h9 have two A-links between them, as the main site's hosts do.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ DR_QUORUM_NS = PREFIX + "drquorum"
 DR_ETCD_ADDR = "10.77.2.1"
 DR_MGMT_IF = "ftvm-mgmtdr"
 DR_MGMT_ADDR = "10.77.2.254/24"
-DR_HOSTS = ("h9",)               # the DR pool's hosts
+DR_HOSTS = ("h8", "h9")          # the DR pool's hosts (A-links between them, as a site's hosts have)
 
 
 def host_names(n: int) -> list[str]:

@@ -119,6 +119,8 @@ def _dr_rows(story: DrStory) -> list[tuple[str, str]]:
             ("running at the DR pool", f"{story.running_at_dr_s:.0f} s after the loss (it waits "
                                        f"{story.dr_confirm_s + 10:g} s of silence: dr_confirm + 10 s), answering "
                                        f"after {story.first_reply_s:.0f} s, on the same address"),
+            ("level 2 at the DR pool", f"{story.protected_at_dr_s:.0f} s after the loss (raised online, "
+                                       "mirrored to the DR pool's other host)"),
             ("main site back", "[green]asked its DR site, heard 'failed over', did not start it[/]"
              if story.old_site_fenced else "[red]not fenced[/]"),
             ("most copies running at once", str(story.max_copies))]
