@@ -3,8 +3,8 @@ behind a WAN link of 40 ms and 150 Mbit/s), as `ftvm demo --dr` runs it (lab/dr_
 The main site loses power under load; the DR pool refuses a failover without
 --accept-data-loss, then starts the VM from its newest point once the main site has been
 silent for its dr_confirm + 10 s, stating the loss, and raises it to level 2 there; exactly
-the records acknowledged after
-the point are lost; the client finds the VM on the same address. The main site comes back,
+the records acknowledged after the point are lost; the client finds the VM on the same
+address. The main site comes back,
 asks its DR site before starting the VM, hears "failed over", and never starts it. Then
 the failback: the DR copy's writes go back (a diff against the old copy), a switchover,
 and the VM runs at home again with every record the DR copy acknowledged."""
