@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from ftvm import ops
 from ftvm.core.model import Level
 from ftvm.lab import lab as labmod
+from ftvm.lab import topology as topo
 from ftvm.pki import spki_sha256
 from ftvm.lab.scenario import LabPool
 
@@ -82,14 +84,21 @@ def count_colour(pixels: list[tuple[int, int, int]], rgb: tuple[int, int, int], 
 def test_dashboard_shows_the_pool_and_a_failover(lab: labmod.LabState, guest_image, tmp_path: Path) -> None:
     pool = LabPool(lab)
     pool.define_ledger_vm("dash", 30, Level.RESTART, guest_image, host="h1")
+    pool.run(lambda s: ops.set_dr_target(s, "far", [topo.dr_receiver("h2")]))
+    pool.define_ledger_vm("dashdr", 31, Level.RESTART, guest_image, host="h1", dr_target="far", dr_rpo_s=30.0)
     token = lab.api_read_token_file.read_text().strip()  # the dashboard only reads
     url = lab.api_url("h2") + f"/#token={token}"
     pin = lab.pki_dir / "hosts" / "h2.crt"
     try:
         pool.wait_running("dash", 60)
         pool.wait_for("protected", lambda s: s.vms["dash"].status is not None, 30)
+        pool.wait_for("a DR point of dashdr",
+                      lambda s: s.vms["dashdr"].dr is not None and s.vms["dashdr"].dr.newest > 0, 90)
         dom = chromium(url, tmp_path / "p1", "--dump-dom", pin=pin)
         assert 'data-vm="dash" data-host="h1" data-protected="true"' in dom, dom[-3000:]
+        dr_row = dom[dom.index('data-vm="dashdr"'):]
+        dr_row = dr_row[:dr_row.index("</tr>")]
+        assert 'data-dr="within"' in dr_row and "/ 30 s to far" in dr_row, dr_row  # its DR lag against its RPO
         assert "reachable" in dom and "claim" in dom  # quorum line and the live event log
         before = tmp_path / "before.png"
         chromium(url, tmp_path / "p2", f"--screenshot={before}", pin=pin)
@@ -121,3 +130,5 @@ def test_dashboard_shows_the_pool_and_a_failover(lab: labmod.LabState, guest_ima
             labmod.restore_host(lab, h)
         labmod.wait_for_hosts(lab, lab.hosts, 30)
         pool.stop_and_remove("dash")
+        pool.stop_and_remove("dashdr")
+        pool.run(lambda s: ops.remove_dr_target(s, "far"))

@@ -10,11 +10,15 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from ftvm import ops
 from ftvm.core.model import Level
 from ftvm.dr.journal import Replica
+from ftvm.errors import FtvmError
 from ftvm.lab import lab as labmod
 from ftvm.lab import topology as topo
 from ftvm.qemu.cmdline import tap_name
@@ -155,49 +159,62 @@ def test_recovery_points_hold_every_acknowledged_record_and_survive_a_failover(
         pool.run(lambda s: ops.remove_dr_target(s, "far"))
 
 
-def test_points_at_levels_1_and_3_and_across_a_live_migration(lab: labmod.LabState, guest_image,
-                                                              tmp_path: Path) -> None:
-    """DR protects any level: a level 1 VM (its disk on shared storage) and a level 3 VM (its
-    QEMU also checkpoints to a partner) ship points holding every acknowledged record; the
-    level 1 VM's live migration is followed by a diff point of a few blocks, then increments."""
+def test_points_at_level_1_across_a_live_migration_and_a_level_change(lab: labmod.LabState, guest_image,
+                                                                     tmp_path: Path) -> None:
+    """A level 1 VM (its disk on shared storage) ships points holding every acknowledged
+    record; its live migration is followed by a diff point of a few blocks, then increments;
+    an online level change (1 -> 2: the disk graph is rebuilt under the running guest) does
+    not stop them. Level 3 with DR is refused, with the reason (its checkpoints break)."""
     pool = LabPool(lab)
     pool.run(lambda s: ops.set_dr_target(s, "far", [topo.dr_receiver("h2")]))
-    vms = {"drl1": (93, Level.RESTART), "drl3": (94, Level.SYSTEM)}
-    for name, (index, level) in vms.items():
-        pool.define_ledger_vm(name, index, level, guest_image, host="h1", dr_target="far", dr_rpo_s=6.0)
-    try:
-        for name, (index, _) in vms.items():
-            pool.wait_running(name, 90)
-            pool.wait_answering(topo.vm_addr(index).split("/")[0], 90)
-        clients = {name: LabClient(lab, topo.vm_addr(index).split("/")[0], name, 0.05)
-                   for name, (index, _) in vms.items()}
+    with pytest.raises(FtvmError, match="level 3"):
+        pool.run(lambda s: ops.define(s, replace(pool.ledger_spec("drl3", 94, Level.SYSTEM, guest_image),
+                                                 dr_target="far", dr_rpo_s=6.0)))
+    vm, ip = "drl1", topo.vm_addr(93).split("/")[0]
+    pool.define_ledger_vm(vm, 93, Level.RESTART, guest_image, host="h1", dr_target="far", dr_rpo_s=6.0)
+    replica_dir = lab.host_dir("h2") / "local" / "dr" / "lab" / vm
+    acks: list = []  # type: ignore[type-arg]
+
+    def load_then_check(what: str) -> None:
+        client = LabClient(lab, ip, f"{vm}-{len(acks)}", 0.05)
         try:
-            for c in clients.values():
-                c.wait_acks(30, 60)
+            client.wait_acks(20, 60)
         finally:
-            acks = {name: c.stop() for name, c in clients.items()}
-        for name in vms:
-            last_ack = max(a.t for a in acks[name])
-            snap = pool.wait_for(f"{name}: a point cut after its last acknowledgement", lambda s, n=name, t=last_ack: (
-                s.vms[n].dr is not None and s.vms[n].dr.newest_taken_at > t and not s.vms[n].dr.error), 90)
-            newest = snap.vms[name].dr.newest  # type: ignore[union-attr]
-            image = Replica(lab.host_dir("h2") / "local" / "dr" / "lab" / name).materialize(newest, tmp_path / name)[0]
-            _, lost = check_acked_on_disk(image, acks[name])
-            assert lost == [], (name, lost[:3])
+            acks.extend(client.stop())
+        last_ack = max(a.t for a in acks)
+        snap = pool.wait_for(f"a point cut after the last acknowledgement ({what})", lambda s: (
+            s.vms[vm].dr is not None and s.vms[vm].dr.newest_taken_at > last_ack and not s.vms[vm].dr.error), 90)
+        newest = snap.vms[vm].dr.newest  # type: ignore[union-attr]
+        image = Replica(replica_dir).materialize(newest, tmp_path / f"{what}")[0]
+        _, lost = check_acked_on_disk(image, acks)
+        assert lost == [], (what, lost[:3])
+
+    try:
+        pool.wait_running(vm, 90)
+        pool.wait_answering(ip, 90)
+        load_then_check("level 1")
+        with pytest.raises(FtvmError, match="level 3"):
+            pool.run(lambda s: ops.change_level(s, vm, 3))
         # a live migration: the new QEMU's first point is a diff (its bitmaps are new), small
-        before = pool.snapshot().vms["drl1"].dr
+        before = pool.snapshot().vms[vm].dr
         assert before is not None
-        pool.run(lambda s: ops.migrate(s, "drl1", "h2"))
-        pool.wait_running("drl1", 120, not_on="h1")
-        pool.wait_for("a diff point from h2", _point_of("drl1", before.newest + 1, "diff"), 120)
-        diff = pool.snapshot().vms["drl1"].dr
+        pool.run(lambda s: ops.migrate(s, vm, "h2"))
+        pool.wait_running(vm, 120, not_on="h1")
+        pool.wait_for("a diff point from h2", _point_of(vm, before.newest + 1, "diff"), 120)
+        diff = pool.snapshot().vms[vm].dr
         assert diff is not None and diff.data_bytes <= 1 << 20, diff  # (a few blocks, not the 64 MiB disk)
-        pool.wait_for("increments again", _point_of("drl1", diff.newest + 1, "incremental"), 60)
+        pool.wait_for("increments again", _point_of(vm, diff.newest + 1, "incremental"), 60)
+        load_then_check("after the migration")
+        # an online level change: points go on, small, holding every acknowledged record
+        pool.run(lambda s: ops.change_level(s, vm, 2))
+        pool.wait_for(f"{vm} at level 2, in sync", lambda s: s.vms[vm].spec.level is Level.COMPONENT
+                      and s.vms[vm].level_change is None and replica_current(vm)(s), 180)
+        load_then_check("after the level change")
+        failures = [e.message for e in pool.events() if e.vm == vm and e.kind == "dr" and "failed" in e.message]
         print(f"after the migration: a diff of {diff.data_bytes} bytes ({diff.wire_bytes} on the wire), then "
-              "increments")
+              f"increments; {len(acks)} records at the DR site through a level change; point failures: {failures}")
     finally:
-        for name in vms:
-            pool.stop_and_remove(name)
+        pool.stop_and_remove(vm)
         pool.run(lambda s: ops.remove_dr_target(s, "far"))
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.decide import Decision
-from ..core.model import (Desired, DrConfirmation, DrFailover, DrFigures, DrTarget, PoolSnapshot, RunState,
+from ..core.model import (Desired, DrConfirmation, Level, DrFailover, DrFigures, DrTarget, PoolSnapshot, RunState,
                           dr_interval_s)
 from ..dr.capture import PointCapture
 from ..dr.sender import DrError, DrSender, FailedOver, probe
@@ -77,7 +77,8 @@ class DrShipping:
             view = snapshot.vms.get(name)
             if (view is None or not view.spec.dr_target or view.owner is None or view.owner.host != self.cfg.name
                     or view.owner.token != rec.token or rec.state is not RunState.RUNNING or rec.qemu is None
-                    or view.spec.dr_failed_over or name in self.switching):
+                    or view.spec.dr_failed_over or name in self.switching
+                    or view.spec.level is Level.SYSTEM):  # (refused by ops: DR_LEVEL3_PROBLEM)
                 continue
             wanted[name] = (view.spec.dr_target, view.spec.dr_rpo_s)
         for f in snapshot.dr_failovers.values():  # failbacks whose switchover was asked, of VMs run here
@@ -315,10 +316,12 @@ class DrShipping:
         except QemuError as e:
             if "already running" not in str(e):
                 raise
-        nodes = [n["node-name"] for n in await qemu.execute("query-named-block-nodes", {"flat": True})
-                 if str(n.get("node-name", "")).startswith("disk") and str(n["node-name"])[4:].isdigit()]
+        # the disks' top nodes are named disk<i> at every level (qemu/blockgraph.py); asked of
+        # the spec, not of QEMU: query-named-block-nodes answers beyond QMP's 64 KiB line limit
+        # on a VM with many nodes
+        nodes = [f"disk{i}" for i in range(len(spec.get("disks", [])))]
         own = self.run_as.own if self.run_as is not None else (lambda p: None)
-        capture = PointCapture(qemu, sorted(nodes, key=lambda n: int(n[4:])), run_dir, socket_path,
+        capture = PointCapture(qemu, nodes, run_dir, socket_path,
                                own=lambda p: own(Path(p)))
         await capture.start()
         return DrSender(capture, vm, self.cfg.pool, dr_key(self.cfg.dr_secret, self.cfg.pool), _addr(receiver),

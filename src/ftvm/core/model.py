@@ -54,6 +54,10 @@ DR_RPO_MIN_S = 3.0
 DR_RPO_MAX_S = 86400.0
 
 
+DR_LEVEL3_PROBLEM = ("DR points are not taken of a level 3 VM yet: the point's backup job breaks its checkpoints "
+                     "(device state save fails). Protect it at level 2 with DR, or at level 3 without")
+
+
 def dr_interval_s(rpo_s: float) -> float:
     """How often a VM's owner closes a recovery point: a third of the RPO target (a point
     then waits at most an interval, and has two more to reach the DR site), at most a

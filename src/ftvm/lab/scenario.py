@@ -80,6 +80,18 @@ class LabPool:
                          checkpoint_ms: int = 100, on_output: bool = True, vcpus: int = 1,
                          disk_size: int = 64 << 20, **spec_fields: Any) -> VmSpec:
         """`spec_fields`: further VmSpec fields (a health probe, restart limits)."""
+        spec = self.ledger_spec(name, index, level, image, host, memory_mib, start, checkpoint_ms, on_output, vcpus,
+                                disk_size, **spec_fields)
+        if not self._run(lambda s: s.define_vm(spec)):
+            raise ScenarioError(f"VM {name} already defined")
+        return spec
+
+    def ledger_spec(self, name: str, index: int, level: Level, image: GuestImage,
+                    host: str | None = None, memory_mib: int = 256, start: bool = True,
+                    checkpoint_ms: int = 100, on_output: bool = True, vcpus: int = 1,
+                    disk_size: int = 64 << 20, **spec_fields: Any) -> VmSpec:
+        """The spec of a VM running the demo guest's ledger (its disk made, on shared storage
+        below level 2)."""
         if level.has_copies:  # each host keeps its own copy in its local storage
             disks: tuple[DiskSpec, ...] = (DiskSpec(size=disk_size),)
         else:
@@ -91,8 +103,6 @@ class LabPool:
                       boot=BootSpec(str(image.kernel), str(image.initrd), image.append),
                       desired=Desired.RUNNING if start else Desired.STOPPED, preferred_host=host,
                       checkpoint_ms=checkpoint_ms, checkpoint_on_output=on_output, **spec_fields)
-        if not self._run(lambda s: s.define_vm(spec)):
-            raise ScenarioError(f"VM {name} already defined")
         return spec
 
     def wait_running(self, name: str, timeout: float, not_on: str | None = None) -> str:
