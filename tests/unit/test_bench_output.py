@@ -57,3 +57,43 @@ def test_the_level3_tables_show_both_engines_by_size_and_failovers_per_size() ->
     assert "61" in text  # the partner's longest silence
     assert not check_failed(out)
     assert check_failed(out | {"failover": [failover | {"lost_total": 1}]})
+
+
+def test_the_dr_tables_show_lag_model_bytes_latency_and_the_goals() -> None:
+    from ftvm.showcase.bench_dr import goals, print_dr
+    point = {"rate_mbit": 150.0, "points": 30, "lag": {"p50_s": 1.93, "p99_s": 3.56, "max_s": 3.8},
+             "model": {"p50_s": 1.8, "p99_s": 3.3, "max_s": 3.3}, "written_mib": 229.0, "sent_mib": 144.2,
+             "sent_per_written": 0.63, "latency_ms": {"shipped": {"p50": 1.03}, "plain": {"p50": 1.03}},
+             "latency_ratio_p50": 1.0, "model_error_p99": 0.073}
+    slow = point | {"rate_mbit": 20.0, "lag": {"p50_s": 4.3, "p99_s": 6.9, "max_s": 6.9}, "model_error_p99": 0.25}
+    out = {"points": [point, slow]}
+    out["goals"] = goals(out)
+    assert out["goals"]["lag p99 <= 5 s at 150 Mbit/s"]["met"]
+    assert not out["goals"]["modeler error on p99 lag <= 20% at 20 Mbit/s"]["met"]
+    width, console.width = console.width, 250  # (a row on one line)
+    try:
+        with console.capture() as cap:
+            print_dr(out)
+    finally:
+        console.width = width
+    text = cap.get()
+    assert "1.93 / 3.56" in text and "1.8 / 3.3" in text and "144.2 (0.63)" in text and "25%" in text
+
+
+def test_the_dr_demo_summary_states_the_loss_and_the_fencing() -> None:
+    from ftvm.lab.dr_story import DrStory
+    from ftvm.showcase.demo import _summary_table
+    story = DrStory(wan_rtt_ms=40, wan_rate_mbit=150, rpo_s=6, dr_confirm_s=15, points_before_loss=3, point=4,
+                    point_age_at_loss_s=0.33, acknowledged=147, lost=14, lost_before_cut=0, kept_after_cut=0,
+                    loss_statement="loses every write after 10:14:36.2, 0.0 s or more", stated_loss_s=0.0,
+                    running_at_dr_s=25.0, first_reply_s=28.9, protected_at_dr_s=29.1, old_site_fenced=True,
+                    max_copies=1)
+    assert story.ok and story.to_json()["ok"]
+    width, console.width = console.width, 400
+    try:
+        with console.capture() as cap:
+            console.print(_summary_table(story))
+    finally:
+        console.width = width
+    text = cap.get()
+    assert "14 of 147" in text and "every one acknowledged after the cut" in text and "did not start it" in text
