@@ -317,8 +317,8 @@ class DrShipping:
             if "already running" not in str(e):
                 raise
         # the disks' top nodes are named disk<i> at every level (qemu/blockgraph.py); asked of
-        # the spec, not of QEMU: query-named-block-nodes answers beyond QMP's 64 KiB line limit
-        # on a VM with many nodes
+        # the spec, not of QEMU: on a level 3 VM, query-named-block-nodes was seen answering
+        # beyond the QMP reader's limit, which drops the connection
         nodes = [f"disk{i}" for i in range(len(spec.get("disks", [])))]
         own = self.run_as.own if self.run_as is not None else (lambda p: None)
         capture = PointCapture(qemu, nodes, run_dir, socket_path,
