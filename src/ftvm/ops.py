@@ -13,7 +13,7 @@ from typing import Any
 from dataclasses import replace
 
 from .core.availability import Report, report
-from .core.model import (DR_FAILOVER_MARGIN_S, DR_LEVEL3_PROBLEM, Desired, DiskSpec, DrFailover, DrReplica, DrTarget,
+from .core.model import (DR_FAILOVER_MARGIN_S, DR_SWITCH_LEVEL3, Desired, DiskSpec, DrFailover, DrReplica, DrTarget,
                          DrTest, Level, LevelChange, Migration, PoolSnapshot, VmSpec, VmView, receiver_problem,
                          spec_problem, valid_name)
 from .core.dr_points import dr_loss, seconds_lost
@@ -105,8 +105,6 @@ async def change_level(store: PoolStore, name: str, level: int,
     if got is None:
         raise FtvmError(f"unknown VM {name!r}", NOT_FOUND)
     spec, rev = got
-    if level == Level.SYSTEM and spec.dr_target:
-        raise FtvmError(f"{DR_LEVEL3_PROBLEM} (`ftvm dr remove {name}` first); nothing changed", REFUSED)
     plan = plan_level_change(snap, view, spec, Level(level), disk_paths, overwrite, os.path.exists)
     if isinstance(plan, Problem):
         raise FtvmError(plan, plan.code)
@@ -289,8 +287,6 @@ async def set_dr(store: PoolStore, name: str, target: str, rpo_s: float) -> VmSp
         raise FtvmError(f"unknown DR target {target!r} (`ftvm dr target add`); nothing changed", BAD_INPUT)
 
     def change(spec: VmSpec) -> VmSpec:
-        if target and spec.level is Level.SYSTEM:
-            raise FtvmError(f"{DR_LEVEL3_PROBLEM}; nothing changed", REFUSED)
         new = replace(spec, dr_target=target, dr_rpo_s=float(rpo_s) if target else 0.0)
         problem = spec_problem(new)
         if problem:
@@ -419,6 +415,9 @@ async def dr_failback(store: PoolStore, vm: str, source: str | None = None, targ
     if not failover.failback_target or view.spec.dr_target != failover.failback_target:
         raise FtvmError(f"start the failback first (`ftvm dr failback {vm} --to TARGET`), then switch once its "
                         "points caught up", REFUSED)
+    if view.spec.level is Level.SYSTEM:
+        raise FtvmError(f"{DR_SWITCH_LEVEL3}: lower it first (`ftvm vm level {vm} 2`, online), then switch; "
+                        "nothing changed", REFUSED)
     row = dr_row(view, time.time())
     if row is None or not row["newest"] or row["error"] or not row["within_rpo"]:
         why = (row or {}).get("error") or f"lag {(row or {}).get('lag_s')} s, RPO {view.spec.dr_rpo_s:g} s"

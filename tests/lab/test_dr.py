@@ -10,19 +10,18 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 
 from ftvm import ops
-from ftvm.core.model import Level
+from ftvm.core.model import Level, PoolSnapshot
+from ftvm.core.replication import CopyState
 from ftvm.dr.journal import Replica
-from ftvm.errors import FtvmError
 from ftvm.lab import lab as labmod
 from ftvm.lab import topology as topo
 from ftvm.qemu.cmdline import tap_name
-from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk, replica_current
+from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk, l3_protected, replica_current
 from ftvm.views import row_of
 
 VM, INDEX = "dr1", 90
@@ -164,12 +163,9 @@ def test_points_at_level_1_across_a_live_migration_and_a_level_change(lab: labmo
     """A level 1 VM (its disk on shared storage) ships points holding every acknowledged
     record; its live migration is followed by a diff point of a few blocks, then increments;
     an online level change (1 -> 2: the disk graph is rebuilt under the running guest) does
-    not stop them. Level 3 with DR is refused, with the reason (its checkpoints break)."""
+    not stop them."""
     pool = LabPool(lab)
     pool.run(lambda s: ops.set_dr_target(s, "far", [topo.dr_receiver("h2")]))
-    with pytest.raises(FtvmError, match="level 3"):
-        pool.run(lambda s: ops.define(s, replace(pool.ledger_spec("drl3", 94, Level.SYSTEM, guest_image),
-                                                 dr_target="far", dr_rpo_s=6.0)))
     vm, ip = "drl1", topo.vm_addr(93).split("/")[0]
     pool.define_ledger_vm(vm, 93, Level.RESTART, guest_image, host="h1", dr_target="far", dr_rpo_s=6.0)
     replica_dir = lab.host_dir("h2") / "local" / "dr" / "lab" / vm
@@ -193,8 +189,6 @@ def test_points_at_level_1_across_a_live_migration_and_a_level_change(lab: labmo
         pool.wait_running(vm, 90)
         pool.wait_answering(ip, 90)
         load_then_check("level 1")
-        with pytest.raises(FtvmError, match="level 3"):
-            pool.run(lambda s: ops.change_level(s, vm, 3))
         # a live migration: the new QEMU's first point is a diff (its bitmaps are new), small
         before = pool.snapshot().vms[vm].dr
         assert before is not None
@@ -223,3 +217,74 @@ def _point_of(vm: str, n: int, kind: str):  # type: ignore[no-untyped-def]
         dr = snap.vms[vm].dr
         return dr is not None and dr.newest >= n and not dr.error and dr.kind == kind
     return check
+
+
+def test_points_of_a_level_3_vm_are_cut_from_its_partners_replica(lab: labmod.LabState, guest_image,
+                                                                  tmp_path: Path) -> None:
+    """A level 3 VM's points are cut from its partner's replica between two committed
+    checkpoints (dr/standby_capture.py), not from its QEMU, whose checkpoints a point's backup
+    job would break: it stays protected throughout, and every point holds every record
+    acknowledged before its cut. With both A-links down it runs unprotected (no checkpoint to
+    break) and its owner cuts them from its QEMU; protected again, the partner does."""
+    pool = LabPool(lab)
+    pool.run(lambda s: ops.set_dr_target(s, "far", [topo.dr_receiver("h2")]))
+    vm, ip = "drl3", topo.vm_addr(94).split("/")[0]
+    pool.define_ledger_vm(vm, 94, Level.SYSTEM, guest_image, host="h1", dr_target="far", dr_rpo_s=6.0)
+    replica_dir = lab.host_dir("h2") / "local" / "dr" / "lab" / vm
+    acks: list = []  # type: ignore[type-arg]
+
+    def from_(source: str, n: int) -> Callable[[PoolSnapshot], bool]:
+        def check(s: PoolSnapshot) -> bool:
+            dr = s.vms[vm].dr
+            return dr is not None and dr.newest >= n and not dr.error and dr.source == source
+        return check
+
+    def load_then_check(what: str, source: str) -> int:
+        client = LabClient(lab, ip, f"{vm}-{len(acks)}", 0.02, reply_timeout=60)
+        try:
+            client.wait_acks(30, 60)
+        finally:
+            acks.extend(client.stop())
+        last_ack = max(a.t for a in acks)
+        snap = pool.wait_for(f"a point cut after the last acknowledgement ({what})", lambda s: (
+            from_(source, 1)(s) and s.vms[vm].dr.newest_taken_at > last_ack), 90)  # type: ignore[union-attr]
+        newest = snap.vms[vm].dr.newest  # type: ignore[union-attr]
+        image = Replica(replica_dir).materialize(newest, tmp_path / f"{what}")[0]
+        _, lost = check_acked_on_disk(image, acks)
+        assert lost == [], (what, lost[:3])
+        return newest
+
+    try:
+        pool.wait_running(vm, 60)
+        pool.wait_answering(ip, 60)
+        pool.wait_for("protected", l3_protected(vm), 120)
+        since = time.time()
+        newest = load_then_check("protected", "h2 (partner's replica)")
+        pool.wait_for("increments from the partner's replica", lambda s: from_("h2 (partner's replica)", newest + 2)(s)
+                      and s.vms[vm].dr.kind == "incremental", 60)  # type: ignore[union-attr]
+        snap = pool.snapshot()
+        assert l3_protected(vm)(snap), snap.vms[vm].checkpoints
+        dropped = [e.message for e in pool.events() if e.vm == vm and e.time > since
+                   and e.kind in ("unprotected", "warning", "error")]
+        assert dropped == [], dropped  # no checkpoint failed for a point
+        # partner cut off: unprotected, the owner cuts points from its QEMU (a diff first)
+        for k in (1, 2):
+            labmod.set_a_link(lab, "h1", "h2", k, up=False)
+        pool.wait_for("the replica recorded outdated", lambda s: s.vms[vm].copy_state("h2") is CopyState.OUTDATED, 30)
+        newest = load_then_check("unprotected", "h1 (qemu)")
+        for k in (1, 2):
+            labmod.set_a_link(lab, "h1", "h2", k, up=True)
+        pool.wait_for("protected again", l3_protected(vm), 120)
+        since = time.time()
+        newest = load_then_check("protected again", "h2 (partner's replica)")
+        assert l3_protected(vm)(pool.snapshot())
+        dropped = [e.message for e in pool.events() if e.vm == vm and e.time > since
+                   and e.kind in ("unprotected", "warning", "error")]
+        assert dropped == [], dropped
+        print(f"level 3: {len(acks)} acknowledged records at the DR site, points from the partner's replica, "
+              f"the owner's QEMU while unprotected, the replica again (point {newest})")
+    finally:
+        for k in (1, 2):
+            labmod.set_a_link(lab, "h1", "h2", k, up=True)
+        pool.stop_and_remove(vm)
+        pool.run(lambda s: ops.remove_dr_target(s, "far"))

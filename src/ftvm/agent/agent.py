@@ -105,7 +105,8 @@ class Agent:
         self.exports = Exports(config, self.ctx, self.disks, self.qemu_tls, run_as)  # level 2 copies served
         self.procs = Processes(config, self.journal, self.guard, self.wake.set, self.qemu_tls, run_as)
         self.vms = self.procs.vms
-        self.dr = DrShipping(config, self.ctx, self.vms, run_as)  # asynchronous DR, both ends
+        self.dr = DrShipping(config, self.ctx, self.vms, run_as,  # asynchronous DR, both ends
+                             lambda vm: self.l3_partner.standbys.get(vm) if self.l3_partner else None)
         self.traces = WriteTraces(config.state_dir, self.vms)  # write rates for the DR modeler
         self.migrations = Migrations(self.ctx, config, self.procs, self.disks, self.exports, self.counters,
                                      lambda: self.l3_partner)
@@ -502,7 +503,8 @@ class Agent:
         def count(n: int) -> None:
             self.counters.checkpoints[vm] = self.counters.checkpoints.get(vm, 0) + n
         return L3Primary(self.ctx.for_vm(vm, token), spec, paths, files, self._l3_link, count,
-                         tracking=self.procs.tracking, track_disks=self.cfg.l3_tracking != "compare")
+                         tracking=self.procs.tracking, track_disks=self.cfg.l3_tracking != "compare",
+                         no_dr_points=self.dr.quiet)
 
     def _drop_stale_guest_ram(self, snapshot: PoolSnapshot) -> None:
         """Level 3 RAM files (tmpfs: real memory) of VMs removed or stopped and not run here."""

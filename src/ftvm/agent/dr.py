@@ -2,6 +2,11 @@
 it owns (spec.dr_target), one task per VM, and asking the DR site before a VM with a DR
 target is started (Action.DR_CONFIRM). The DR site's end is agent/dr_site.py.
 
+Where points come from: the VM's QEMU (dr/capture.py) on its owner; for a level 3 VM
+while it is protected, its partner's replica (dr/standby_capture.py), shipped by the
+partner, because a point's backup job on the primary would make its checkpoints fail (the
+primary holds `quiet` while it checkpoints).
+
 Shipping, per VM running here with a DR target: every `dr_interval_s(rpo)` a point is taken
 on its QEMU and sent (dr/sender.py); the figures go to the store under the owner's token
 (`vms/<vm>/dr`), and events say when points start failing or work again, and when the lag
@@ -22,16 +27,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..core.decide import Decision
-from ..core.model import (Desired, DrConfirmation, Level, DrFailover, DrFigures, DrTarget, PoolSnapshot, RunState,
-                          dr_interval_s)
-from ..dr.capture import PointCapture
+from ..core.model import (DR_SWITCH_LEVEL3, Desired, DrConfirmation, DrFailover, DrFigures, DrTarget, Level,
+                          PoolSnapshot, RunState, VmSpec, VmView, dr_interval_s)
+from ..dr.capture import Capture, PointCapture
+from ..dr.standby_capture import StandbyCapture
+from ..l3.standby import Standby
 from ..dr.sender import DrError, DrSender, FailedOver, probe
 from ..qemu.process import QemuError, QemuVm
 from ..qemu.runas import RunAs
@@ -39,6 +46,7 @@ from ..store.etcd import EtcdError
 from .config import AgentConfig
 from .context import HostContext
 from .dr_site import DrSite, dr_key
+from .l3 import is_partner
 from .local import LocalRecord, spawn
 
 log = logging.getLogger("ftvm.agent.dr")
@@ -53,10 +61,13 @@ def _addr(text: str) -> tuple[str, int]:
 
 
 class DrShipping:
-    def __init__(self, cfg: AgentConfig, ctx: HostContext, vms: dict[str, LocalRecord], run_as: RunAs | None) -> None:
+    def __init__(self, cfg: AgentConfig, ctx: HostContext, vms: dict[str, LocalRecord], run_as: RunAs | None,
+                 standby_of: Callable[[str], Standby | None] = lambda vm: None) -> None:
+        """`standby_of`: the level 3 replica this host keeps of a VM, if any (agent/l3.py)."""
         self.cfg, self.ctx, self.vms, self.run_as = cfg, ctx, vms, run_as
         self.site = DrSite(cfg, ctx, run_as)  # (the DR site's end, when this host receives)
-        self.tasks: dict[str, tuple[str, float, asyncio.Task[None]]] = {}  # vm -> (target, rpo, task)
+        self.standby_of = standby_of
+        self.tasks: dict[str, tuple[str, float, str, asyncio.Task[None]]] = {}  # vm -> (target, rpo, source, task)
         self.locks: dict[str, asyncio.Lock] = {}
         self.quieted: set[str] = set()
         self.confirming: set[str] = set()
@@ -69,32 +80,42 @@ class DrShipping:
         await self.site.start()
 
     def sync(self, snapshot: PoolSnapshot) -> None:
-        """After each tick: a task for each VM owned and running here with a DR target; the
-        DR site's work if this host receives."""
+        """After each tick: a task for each VM with a DR target whose points come from this
+        host (its QEMU where it runs; a level 3 VM's from its replica here while this host is
+        its partner); the DR site's work if this host receives."""
         self.site.sync(snapshot)
-        wanted: dict[str, tuple[str, float]] = {}
+        me = self.cfg.name
+        wanted: dict[str, tuple[str, float, str]] = {}
         for name, rec in self.vms.items():
             view = snapshot.vms.get(name)
-            if (view is None or not view.spec.dr_target or view.owner is None or view.owner.host != self.cfg.name
+            if (view is None or not view.spec.dr_target or view.owner is None or view.owner.host != me
                     or view.owner.token != rec.token or rec.state is not RunState.RUNNING or rec.qemu is None
-                    or view.spec.dr_failed_over or name in self.switching
-                    or view.spec.level is Level.SYSTEM):  # (refused by ops: DR_LEVEL3_PROBLEM)
+                    or view.spec.dr_failed_over or name in self.switching):
                 continue
-            wanted[name] = (view.spec.dr_target, view.spec.dr_rpo_s)
+            wanted[name] = (view.spec.dr_target, view.spec.dr_rpo_s, QEMU)
+        for name, view in snapshot.vms.items():
+            if (name in wanted or not view.spec.dr_target or view.spec.level is not Level.SYSTEM
+                    or view.owner is None or view.owner.host == me or view.spec.dr_failed_over
+                    or not is_partner(snapshot, me, name)):
+                continue
+            standby = self.standby_of(name)
+            if standby is not None and standby.committed is not None and standby.connected:
+                wanted[name] = (view.spec.dr_target, view.spec.dr_rpo_s, REPLICA)
         for f in snapshot.dr_failovers.values():  # failbacks whose switchover was asked, of VMs run here
-            if f.switch_at and not f.switched and f.vm in wanted and f.failback_target == wanted[f.vm][0]:
+            if (f.switch_at and not f.switched and f.vm in wanted and wanted[f.vm][2] == QEMU
+                    and f.failback_target == wanted[f.vm][0]):
                 del wanted[f.vm]
                 self.switching.add(f.vm)
                 spawn(self._switch_back(f, snapshot), name=f"dr-switch-{f.vm}")
         for name in list(self.tasks):
-            target, rpo, task = self.tasks[name]
-            if wanted.get(name) != (target, rpo) or task.done():
+            target, rpo, source, task = self.tasks[name]
+            if wanted.get(name) != (target, rpo, source) or task.done():
                 task.cancel()
                 del self.tasks[name]
-        for name, (target, rpo) in wanted.items():
+        for name, (target, rpo, source) in wanted.items():
             if name not in self.tasks:
-                task = asyncio.create_task(self._ship(name, target, rpo), name=f"dr-{name}")
-                self.tasks[name] = (target, rpo, task)
+                task = asyncio.create_task(self._ship(name, target, rpo, source), name=f"dr-{name}")
+                self.tasks[name] = (target, rpo, source, task)
 
     # --- asking the DR site before a start -------------------------------------------------
     async def confirm(self, d: Decision, snapshot: PoolSnapshot) -> None:
@@ -166,16 +187,19 @@ class DrShipping:
         try:
             running = self.tasks.pop(vm, None)
             if running is not None:  # (its point in flight ends first)
-                running[2].cancel()
-                await asyncio.gather(running[2], return_exceptions=True)
+                running[3].cancel()
+                await asyncio.gather(running[3], return_exceptions=True)
             rec, target = self.vms.get(vm), snapshot.dr_targets.get(f.failback_target)
             view = snapshot.vms.get(vm)
             if rec is None or rec.qemu is None or target is None or view is None:
                 raise DrError("the VM or its failback target is gone")
+            if view.spec.level is Level.SYSTEM:
+                raise DrError(DR_SWITCH_LEVEL3)
             qemu = rec.qemu
             async with self.locks.setdefault(vm, asyncio.Lock()):
                 await qemu.execute("stop")  # nothing the guest writes from here is lost
-                sender = await self._sender(vm, qemu, target.receivers[0], view.spec.to_json())
+                sender = self._sender(vm, await self._qemu_capture(qemu, view.spec), target.receivers[0],
+                                      view.spec.to_json())
                 try:
                     shipped = await sender.ship(final=True)
                 except BaseException:
@@ -217,16 +241,32 @@ class DrShipping:
             self.quieted.discard(vm)
 
     async def close(self) -> None:
-        for _, _, task in self.tasks.values():
+        for *_, task in self.tasks.values():
             task.cancel()
         self.tasks.clear()
         await self.site.close()
 
-    async def _ship(self, vm: str, target: str, rpo: float) -> None:
+    def _source(self, vm: str, kind: str, view: VmView) -> _Source | None:
+        """Where `vm`'s next point comes from now (None: nowhere at the moment)."""
+        if kind == QEMU:
+            rec = self.vms.get(vm)
+            if rec is None or rec.qemu is None or vm in self.quieted:
+                return None
+            qemu = rec.qemu
+            return _Source(qemu, rec.token, lambda: self._qemu_capture(qemu, view.spec), lambda: qemu.alive)
+        standby = self.standby_of(vm)
+        held = standby.committed if standby is not None else None
+        if standby is None or held is None or not standby.connected or view.owner is None:
+            return None
+        session = held.session
+        return _Source((id(standby), session), view.owner.token,
+                       lambda: self._replica_capture(standby, session, view.spec), lambda: True)
+
+    async def _ship(self, vm: str, target: str, rpo: float, kind: str) -> None:
         interval = dr_interval_s(rpo)
-        figures = DrFigures(target=target, since=time.time())
+        figures = DrFigures(target=target, since=time.time(), source=f"{self.cfg.name} ({kind})")
         sender: DrSender | None = None
-        qemu: QemuVm | None = None
+        src: _Source | None = None
         failing, over = False, None  # (over: unknown until the first look, which goes to the history)
         receiver = 0
         cut_at = time.monotonic()  # the last point's start: the next is cut an interval after it
@@ -240,30 +280,31 @@ class DrShipping:
                     await asyncio.sleep(max(0.1, left))
                 else:
                     await asyncio.sleep(0.5)
-                rec = self.vms.get(vm)
                 snap = self.ctx.latest()
                 view = snap.vms.get(vm) if snap else None
-                if rec is None or rec.qemu is None or view is None or vm in self.quieted:
+                now_src = self._source(vm, kind, view) if view is not None else None
+                if view is None or now_src is None:
                     continue
                 dr_target = snap.dr_targets.get(target) if snap else None
                 if dr_target is None:
                     figures = replace(figures, error=f"unknown DR target {target}")
-                    await self._report(vm, rec, figures)
+                    await self._report(vm, now_src.token, figures)
                     continue
                 if not self.cfg.dr_secret:
                     figures = replace(figures, error="this host has no dr_secret_file: it cannot ship DR points")
-                    await self._report(vm, rec, figures)
+                    await self._report(vm, now_src.token, figures)
                     continue
                 async with self.locks.setdefault(vm, asyncio.Lock()):
-                    if vm in self.quieted:
+                    if kind == QEMU and vm in self.quieted:
                         continue
                     try:
-                        if sender is None or qemu is not rec.qemu:
+                        if sender is None or src is None or src.key != now_src.key:
                             if sender is not None:
-                                sender.close()
+                                await self._end(sender, src)
                                 sender = None
-                            qemu = rec.qemu
-                            sender = await self._sender(vm, qemu, dr_target.receivers[0], view.spec.to_json())
+                            src = now_src
+                            sender = self._sender(vm, await src.capture(), dr_target.receivers[0],
+                                                  view.spec.to_json())
                         cut_at = time.monotonic()
                         shipped = await sender.ship()
                     except FailedOver as e:
@@ -300,33 +341,49 @@ class DrShipping:
                         self.ctx.journal.event(vm, "dr-lag", f"DR lag back to {lag:.0f} s, within the RPO ({rpo:g} s)")
                     self.ctx.journal.history(vm, "dr-back", f"lag {lag:.0f} s, RPO {rpo:g} s")
                     over = False
-                await self._report(vm, rec, figures)
+                await self._report(vm, now_src.token, figures)
         finally:
             if sender is not None:
-                sender.close()
-                if qemu is not None and qemu.alive:
-                    with suppress(QemuError, OSError, asyncio.TimeoutError):
-                        await asyncio.wait_for(sender.capture.stop(), 5)
+                await self._end(sender, src)
 
-    async def _sender(self, vm: str, qemu: QemuVm, receiver: str, spec: dict[str, Any]) -> DrSender:
-        run_dir = qemu.paths.run_dir
-        socket_path = run_dir / NBD_SOCKET
-        try:
-            await qemu.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket_path)}}})
-        except QemuError as e:
-            if "already running" not in str(e):
-                raise
-        # the disks' top nodes are named disk<i> at every level (qemu/blockgraph.py); asked of
-        # the spec, not of QEMU: on a level 3 VM, query-named-block-nodes was seen answering
-        # beyond the QMP reader's limit, which drops the connection
-        nodes = [f"disk{i}" for i in range(len(spec.get("disks", [])))]
-        own = self.run_as.own if self.run_as is not None else (lambda p: None)
-        capture = PointCapture(qemu, nodes, run_dir, socket_path,
-                               own=lambda p: own(Path(p)))
-        await capture.start()
+    @staticmethod
+    async def _end(sender: DrSender, src: _Source | None) -> None:
+        """Close a sender's session and its capture (a QEMU that is gone needs no clean-up)."""
+        sender.close()
+        if src is not None and src.alive():
+            with suppress(QemuError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(sender.capture.stop(), 5)
+
+    def _sender(self, vm: str, capture: Capture, receiver: str, spec: dict[str, Any]) -> DrSender:
         return DrSender(capture, vm, self.cfg.pool, dr_key(self.cfg.dr_secret, self.cfg.pool), _addr(receiver),
                         spec, self.ctx.timing.dr_confirm)
 
-    async def _report(self, vm: str, rec: LocalRecord, figures: DrFigures) -> None:
+    async def _qemu_capture(self, qemu: QemuVm, spec: VmSpec) -> PointCapture:
+        run_dir = qemu.paths.run_dir
+        # the disks' top nodes are named disk<i> at every level (qemu/blockgraph.py)
+        nodes = [f"disk{i}" for i in range(len(spec.disks))]
+        own = self.run_as.own if self.run_as is not None else (lambda p: None)
+        capture = PointCapture(qemu, nodes, run_dir, run_dir / NBD_SOCKET, own=lambda p: own(Path(p)))
+        await capture.start()
+        return capture
+
+    async def _replica_capture(self, standby: Standby, session: str, spec: VmSpec) -> StandbyCapture:
+        capture = StandbyCapture(standby, session, tuple(d.size for d in spec.disks),
+                                 self.cfg.state_dir / "dr-keep" / spec.name)
+        await capture.start()
+        return capture
+
+    async def _report(self, vm: str, token: int, figures: DrFigures) -> None:
         with suppress(EtcdError):
-            await self.ctx.store.report_dr(vm, rec.token, figures, self.ctx.lease)
+            await self.ctx.store.report_dr(vm, token, figures, self.ctx.lease)
+
+
+QEMU, REPLICA = "qemu", "partner's replica"  # where a VM's points are cut
+
+
+@dataclass(frozen=True)
+class _Source:
+    key: object                                  # another key: a new capture (another QEMU, session)
+    token: int                                   # the ownership the figures are written under
+    capture: Callable[[], Awaitable[Capture]]
+    alive: Callable[[], bool]                    # whether its capture can still be cleaned up

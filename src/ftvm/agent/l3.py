@@ -27,7 +27,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -106,10 +106,15 @@ def is_partner(snapshot: PoolSnapshot, me: str, vm: str) -> bool:
 class L3Primary:
     def __init__(self, ctx: VmContext, spec: VmSpec, paths: VmPaths, files: ReplicaPaths, link: LinkConfig,
                  count_checkpoints: Callable[[int], None] = lambda n: None,
-                 tracking: Support = COMPARE, track_disks: bool = False) -> None:
+                 tracking: Support = COMPARE, track_disks: bool = False,
+                 no_dr_points: Callable[[str], AbstractAsyncContextManager[None]] | None = None) -> None:
         """`tracking`: whether this host tracks written RAM pages exactly (l3/writes.py).
-        `track_disks`: disk writes from QEMU dirty bitmaps (l3/disk_writes.py), else compared."""
+        `track_disks`: disk writes from QEMU dirty bitmaps (l3/disk_writes.py), else compared.
+        `no_dr_points(vm)`: held while checkpointing: no DR point is cut on this QEMU meanwhile
+        (a point's backup job makes device-state saves fail; the partner cuts them from its
+        replica instead: agent/dr.py)."""
         self.ctx = ctx
+        self.no_dr_points = no_dr_points or (lambda vm: nullcontext())
         self.tracking, self.track_disks = tracking, track_disks
         self._full_resyncs_seen = 0
         self.spec, self.token, self.me = spec, ctx.token, ctx.me
@@ -197,8 +202,9 @@ class L3Primary:
                 continue
             self.partner = partner
             try:
-                await self._session(partner, host.replication_addr, compresses(
-                    self.link.compress_when, snap is not None and across_sites(snap, self.me, partner)))
+                async with self.no_dr_points(self.spec.name):  # (a point in flight ends first)
+                    await self._session(partner, host.replication_addr, compresses(
+                        self.link.compress_when, snap is not None and across_sites(snap, self.me, partner)))
             except Exception as e:  # a defect here must not leave the VM unprotected for good
                 log.exception("%s: level 3 session with %s failed", self.spec.name, partner)
                 self._set("unprotected", f"checkpointing to {partner} failed: {type(e).__name__}: {e}")

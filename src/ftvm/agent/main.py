@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
+import signal
+import sys
 from pathlib import Path
 
 from .agent import Agent
@@ -26,6 +29,7 @@ def run_agent(config_path: Path, verbose: bool = False) -> int:
     if run_as is None:
         logging.getLogger("ftvm.agent").warning("qemu_user = \"root\": QEMU runs with every privilege; a guest "
                                                 "that escapes it owns the host")
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr)  # `kill -USR1 PID`: every thread's stack
     try:
         asyncio.run(Agent(cfg, run_as).run())
     except AgentStartError as e:

@@ -54,8 +54,10 @@ DR_RPO_MIN_S = 3.0
 DR_RPO_MAX_S = 86400.0
 
 
-DR_LEVEL3_PROBLEM = ("DR points are not taken of a level 3 VM yet: the point's backup job breaks its checkpoints "
-                     "(device state save fails). Protect it at level 2 with DR, or at level 3 without")
+# A failback's switchover pauses the guest and cuts its last point from its QEMU: at level 3
+# that point's backup job would make the checkpoints fail, and the engine would resume the
+# guest to run on unprotected, after the last point was cut.
+DR_SWITCH_LEVEL3 = "a failback's switchover is not taken at level 3 (its last point would break the checkpoints)"
 
 
 def dr_interval_s(rpo_s: float) -> float:
@@ -492,7 +494,8 @@ class DrTest:
 
 @dataclass(frozen=True)
 class DrFigures:
-    """A VM's DR replication as its owner sees it (lease-bound, the owner's)."""
+    """A VM's DR replication as the host shipping its points sees it (lease-bound: the owner,
+    or a level 3 VM's partner, whose replica the points are cut from)."""
 
     target: str
     receiver: str = ""          # the one that answered
@@ -506,6 +509,7 @@ class DrFigures:
     error: str = ""             # the last point's failure, "" when it went
     sent_bytes: int = 0         # totals of this owner's session
     written_bytes: int = 0
+    source: str = ""            # the host shipping, and from what: "h2 (partner's replica)"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import REFUSED, Problem
-from .model import DR_LEVEL3_PROBLEM, MAC_RE, Level, PoolSnapshot, VmSpec, check_nic_ip, spec_problem, valid_name
+from .model import MAC_RE, Level, PoolSnapshot, VmSpec, check_nic_ip, spec_problem, valid_name
 
 
 def check_mac(mac: str) -> str | None:
@@ -32,8 +32,6 @@ def check_new_vm(spec: VmSpec, snapshot: PoolSnapshot, file_exists: Callable[[st
         return Problem(f"VM {spec.name} already exists", REFUSED)
     if spec.memory_mib < 16:
         return f"memory {spec.memory_mib} MiB is too small (at least 16)"
-    if spec.dr_target and spec.level is Level.SYSTEM:
-        return DR_LEVEL3_PROBLEM
     if spec.vcpus < 1:
         return "a VM needs at least one vCPU"
     if not snapshot.hosts:

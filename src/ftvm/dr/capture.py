@@ -28,7 +28,7 @@ import asyncio
 import secrets
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,17 @@ class Taken:
     bitmaps: tuple[str, ...]   # P(number), frozen
 
 
+class Capture(Protocol):
+    """Where a sender's points come from: the VM's QEMU (PointCapture), or at level 3 its
+    partner's replica (dr/standby_capture.py)."""
+
+    async def take(self) -> Taken: ...
+    def extents(self, taken: Taken, full: bool) -> list[list[Extent]]: ...
+    def read(self, taken: Taken, disk: int, extents: list[Extent]) -> Generator[tuple[int, bytes], None, None]: ...
+    async def release(self, taken: Taken, delivered: bool) -> None: ...
+    async def stop(self) -> None: ...
+
+
 class PointCapture:
     def __init__(self, qmp: Qmp, nodes: list[str], work_dir: Path, socket_path: Path,
                  own: Callable[[Path], None] = lambda p: None) -> None:
@@ -64,6 +75,7 @@ class PointCapture:
         self.qmp, self.nodes, self.work_dir, self.socket, self.own = qmp, nodes, work_dir, socket_path, own
         self.session = secrets.token_hex(4)
         self.next = 1  # the point whose bitmap records now
+        self._disk_sizes: tuple[int, ...] | None = None
 
     def bitmap(self, n: int, i: int) -> str:
         return f"{PREFIX}{self.session}-{n}-d{i}"
@@ -77,12 +89,27 @@ class PointCapture:
                                                               "granularity": GRANULARITY})
 
     async def _sizes(self) -> tuple[int, ...]:
-        by_name = {n["node-name"]: n for n in await self.qmp.execute("query-named-block-nodes", {"flat": True})}
-        return tuple(int(by_name[node]["image"]["virtual-size"]) for node in self.nodes)
+        """The disks' sizes, asked once per capture (a running VM's disks keep their size)."""
+        if self._disk_sizes is None:
+            nodes = await self.qmp.execute("query-named-block-nodes", {"flat": True})
+            by_name = {n["node-name"]: n for n in nodes}
+            self._disk_sizes = tuple(int(by_name[node]["image"]["virtual-size"]) for node in self.nodes)
+        return self._disk_sizes
+
+    async def _serve_nbd(self) -> None:
+        """The QEMU's one NBD server, on our socket: a level 3 session of this QEMU stops and
+        restarts it (l3/disk_writes.py), so it is started again when it is not running."""
+        try:
+            await self.qmp.execute("nbd-server-start",
+                                   {"addr": {"type": "unix", "data": {"path": str(self.socket)}}})
+        except QemuError as e:
+            if "already running" not in str(e):
+                raise
 
     async def take(self) -> Taken:
         n = self.next
         sizes = await self._sizes()
+        await self._serve_nbd()
         files = [self.work_dir / f"{self.fleece(n, i)}.qcow2" for i in range(len(self.nodes))]
         for path, size in zip(files, sizes, strict=True):
             await asyncio.to_thread(_make_fleece_file, path, size)
@@ -113,12 +140,18 @@ class PointCapture:
                 path.unlink(missing_ok=True)
             raise
         self.next = n + 1
-        for i, node in enumerate(self.nodes):
-            await self.qmp.execute("block-export-add", {
-                "type": "nbd", "id": self.fleece(n, i), "node-name": self.fleece(n, i), "name": self.fleece(n, i),
-                "bitmaps": [{"node": node, "name": self.bitmap(n, i)}]})
-        return Taken(n, taken_at, sizes, tuple(self.fleece(n, i) for i in range(len(self.nodes))),
-                     tuple(self.bitmap(n, i) for i in range(len(self.nodes))))
+        taken = Taken(n, taken_at, sizes, tuple(self.fleece(n, i) for i in range(len(self.nodes))),
+                      tuple(self.bitmap(n, i) for i in range(len(self.nodes))))
+        try:
+            for i, node in enumerate(self.nodes):
+                await self.qmp.execute("block-export-add", {
+                    "type": "nbd", "id": self.fleece(n, i), "node-name": self.fleece(n, i),
+                    "name": self.fleece(n, i), "bitmaps": [{"node": node, "name": self.bitmap(n, i)}]})
+        except BaseException:  # (else its fleecing job would stay for good: one more per failed point)
+            with suppress(QemuError, OSError):
+                await self.release(taken, delivered=False)
+            raise
+        return taken
 
     def extents(self, taken: Taken, full: bool) -> list[list[Extent]]:
         """(In a thread.) Each disk's extents of the point: all of it for a full point."""
@@ -133,7 +166,7 @@ class PointCapture:
                 reader.close()
         return out
 
-    def read(self, taken: Taken, disk: int, extents: list[Extent]) -> Any:
+    def read(self, taken: Taken, disk: int, extents: list[Extent]) -> Generator[tuple[int, bytes], None, None]:
         """(In a thread.) (offset, data) pieces of at most READ_CHUNK bytes, as of the cut."""
         reader = NbdReader(str(self.socket), taken.exports[disk])
         try:

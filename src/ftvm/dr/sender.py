@@ -28,7 +28,7 @@ import zstandard
 from ..l3.channel import Channel, open_session
 from ..l3.nbd_status import Extent
 from ..l3.wire import Msg, WireError
-from .capture import PointCapture, Taken
+from .capture import Capture, Taken
 from .receiver import block_hash
 from .wire import (BLOCK, HASH, HASHES_PER_MSG, RAW, SENDER_LIMITS, ZSTD, blocks_of, decode_json,
                    decode_number, decode_want, encode, encode_extent, encode_hashes, encode_json, encode_number)
@@ -80,7 +80,7 @@ class Shipped:
 
 
 class DrSender:
-    def __init__(self, capture: PointCapture, vm: str, pool: str, key: bytes, addr: tuple[str, int],
+    def __init__(self, capture: Capture, vm: str, pool: str, key: bytes, addr: tuple[str, int],
                  spec: dict[str, Any] | None = None, confirm_s: float = 0.0) -> None:
         """`spec`: the VM's spec, kept at the DR site for a failover there; `confirm_s`: this
         pool's dr_confirm, which a failover there waits out."""
@@ -224,7 +224,7 @@ class DrSender:
         return extents, sent
 
 
-def _hash_batches(capture: PointCapture, taken: Taken, disk: int,
+def _hash_batches(capture: Capture, taken: Taken, disk: int,
                   size: int) -> Generator[tuple[int, bytes], None, None]:
     """(In a thread.) (first block, hashes) of the point's image, HASHES_PER_MSG at a time.
     (capture.read's pieces start at block boundaries: READ_CHUNK is a multiple of BLOCK.)"""

@@ -21,8 +21,10 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .channel import Channel, accept_session, read_hello, refuse
-from .pages import PAGE, ReplicaFile
+from .pages import PAGE, Delta, ReplicaFile
 from .stalls import STALLS
 from .wire import (Checkpoint, Msg, StatePatch, WireError, decode_checkpoint, decode_precopy, encode_ack,
                    encode_heartbeat, standby_limits)
@@ -112,6 +114,9 @@ class Standby:
         self._state: bytes | None = None
         self._persisted = False  # meta and device state on disk describe `committed`
         self._torn = False       # an apply did not finish: the files describe no checkpoint
+        # Called with (file index, page numbers) before those pages of a replica file are
+        # written (a DR point cut from this replica keeps what they held: dr/standby_capture.py).
+        self.before_write: list[Callable[[int, np.ndarray], None]] = []
 
     async def freeze(self) -> tuple[str, int] | None:
         """Stop applying and acknowledging (before a takeover). Waits for a commit under
@@ -208,7 +213,7 @@ class Standby:
                 if kind is Msg.PRECOPY:
                     index, delta = decode_precopy(payload, npages)
                     async with self._busy():
-                        await asyncio.to_thread(replicas[index].apply, delta)
+                        await asyncio.to_thread(self._apply, replicas, index, delta)
                 elif kind is Msg.CHECKPOINT:
                     cp = decode_checkpoint(payload, npages)
                     if isinstance(cp.device_state, StatePatch) and self._state is None:
@@ -257,8 +262,28 @@ class Standby:
             self._persisted = False
         self._torn = True
         for index, delta in cp.deltas.items():
-            replicas[index].apply(delta)
+            self._apply(replicas, index, delta)
         self._state, self._torn = state, False
+
+    def _apply(self, replicas: list[ReplicaFile], index: int, delta: Delta) -> None:
+        for seen in self.before_write:
+            seen(index, delta.pages)
+        replicas[index].apply(delta)
+
+    def feeds(self, session: str) -> bool:
+        """Whether the replica files are still those of `session`, applied by this standby only
+        (not frozen for a takeover: a QEMU may use them then; not restarted: zeroed then)."""
+        return self.session == session and not self._frozen
+
+    @asynccontextmanager
+    async def between_commits(self) -> AsyncIterator[tuple[str, int] | None]:
+        """No checkpoint is applied while this lasts: the replica files hold (session, epoch),
+        the last committed checkpoint of the live session (None: no such checkpoint, or the
+        files are being taken over)."""
+        async with self._commit_lock:
+            c = self.committed
+            ok = c is not None and self.connected and not self._frozen and not self._torn and c.session == self.session
+            yield (c.session, c.epoch) if ok and c is not None else None
 
     async def _heartbeats(self, channel: Channel) -> None:
         while True:

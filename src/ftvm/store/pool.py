@@ -15,7 +15,7 @@ Key layout under /ftvm/<pool>/ (values are JSON):
     state/vms/<vm>/export/<h> Export      lease: h's; h serves its copy over NBD
     state/vms/<vm>/sync       progress    lease: the owner's; resync of the partner's copy
     state/vms/<vm>/checkpoints figures    lease: the owner's; level 3 engine figures
-    state/vms/<vm>/dr         DrFigures   lease: the owner's; DR replication (dr/sender.py)
+    state/vms/<vm>/dr         DrFigures   lease: the shipping host's (owner, or level 3 partner); DR (dr/sender.py)
     state/dr-targets/<name>   DrTarget    no lease; another pool's DR receivers (`ftvm dr target add`)
     state/dr-replicas/<pool>/<vm>  DrReplica  lease: the receiving host's; the points it keeps of
                                           another pool's VM (dr/receiver.py)
