@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,10 @@ async def test_a_fenced_replica_says_so_only_inside_an_authenticated_session(qsd
         first = await sender.ship()
         contact = receiver.contact("main", "web")
         assert contact.confirm_s == 42.0 and contact.heard_at >= first.taken_at and contact.in_flight_bytes == 0
-        await receiver.fence("main", "web")  # ends the live session too
+        assert not receiver.fence("main", "web", quiet_s=60.0)  # (heard just now: it may start the VM)
+        assert receiver.fence("main", "web", quiet_s=0.0)
+        assert (await probe(addr, key, "main", "web"))["failed_over"] is True  # (said at once, before the seal)
+        await receiver.seal("main", "web")  # on disk; ends the live session too
         assert Replica.is_failed_over(work / "dr" / "main" / "web") and ended == [("main", "web")]
         assert load_contact(work / "dr" / "main" / "web").heard_at == contact.heard_at  # (saved at its end)
         state = await probe(addr, key, "main", "web")
@@ -237,5 +241,42 @@ async def test_a_fenced_replica_says_so_only_inside_an_authenticated_session(qsd
                 await sender.ship()
         assert Replica(work / "dr" / "main" / "web").numbers() == [first.number]
         sender.close()
+    finally:
+        await receiver.close()
+
+
+async def test_a_probe_is_a_word_and_a_failover_asked_anywhere_in_the_pool_is_said_everywhere(
+        tmp_path: Path) -> None:
+    """A probe answered "not failed over" lets the source start the VM: the receiver counts it
+    as contact, so a failover there waits it out. A failover asked in the DR pool is said by
+    every receiver of the pool, also one keeping no replica of the VM; a receiver that cannot
+    read its pool's store gives no answer at all (the source asks another)."""
+    import os
+
+    from ftvm.dr.receiver import Receiver
+    from ftvm.dr.sender import DrError, probe
+    key = os.urandom(32)
+    store: dict[str, bool | None] = {"asked": False}
+
+    async def asked(pool: str, vm: str) -> bool:
+        if store["asked"] is None:
+            raise OSError("etcd unreachable")
+        return bool(store["asked"])
+
+    receiver = Receiver(tmp_path / "dr", lambda pool: key, failover_asked=asked)
+    addr = ("127.0.0.1", await receiver.serve("127.0.0.1", 0))
+    try:
+        assert (await probe(addr, key, "main", "web"))["failed_over"] is False
+        assert time.time() - receiver.contact("main", "web").heard_at < 5
+        assert not receiver.fence("main", "web", quiet_s=30.0)  # the source may start it now
+        store["asked"] = True  # (asked on another host of this pool, seen by a quorum read)
+        assert (await probe(addr, key, "main", "web"))["failed_over"] is True
+        store["asked"] = False
+        receiver.set_asked({("main", "web")})  # (seen in this host's snapshot)
+        assert (await probe(addr, key, "main", "web"))["failed_over"] is True
+        receiver.set_asked(set())
+        store["asked"] = None
+        with pytest.raises(DrError):
+            await probe(addr, key, "main", "web")
     finally:
         await receiver.close()

@@ -11,6 +11,7 @@ and the VM runs at home again with every record the DR copy acknowledged."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def test_the_dr_pool_takes_over_a_lost_site_and_the_site_never_runs_the_vm_again
                                                                                    guest_image) -> None:
     lab = lab_dr
     main, dr = LabPool(lab), LabPool(lab, dr=True)
+    immutable: list[Path] = []
     try:
         story = dr_story(main, guest_image, progress=print, vm=VM)
         print(story.to_json())
@@ -70,8 +72,17 @@ def test_the_dr_pool_takes_over_a_lost_site_and_the_site_never_runs_the_vm_again
             first_back = snap.vms[VM].dr
             assert first_back is not None
             dr.wait_for("within the RPO", lambda s: bool((row_of(s, VM)["dr"] or {}).get("within_rpo")), 60)
+            # h1's copy cannot be replaced (immutable, as a failing disk would refuse it): the
+            # install fails, the last point stays at h1, and the install is tried again
+            image, _ = main.copy_path(VM, "h1")
+            subprocess.run(["chattr", "+i", str(image)], check=True)
+            immutable.append(image)
             switched_at = time.time()
             dr.run(lambda s: ops.dr_failback(s, VM, switch=True))
+            main.wait_events("the install failed", lambda e: e.vm == VM and e.kind == "error" and e.time > switched_at
+                             and "installing its last point" in e.message, 120)
+            assert VM not in {v for v, view in main.snapshot().vms.items() if view.owner is not None}
+            subprocess.run(["chattr", "-i", str(image)], check=True)
             assert main.wait_running(VM, 180) == "h1"
             client.wait_acks(30, 120, after=time.time())
         finally:
@@ -90,6 +101,8 @@ def test_the_dr_pool_takes_over_a_lost_site_and_the_site_never_runs_the_vm_again
                       and s.vms[VM].dr.newest > 0 and not s.vms[VM].dr.error, 120)
         assert not main.snapshot().vms[VM].spec.dr_failed_over
     finally:
+        for path in immutable:
+            subprocess.run(["chattr", "-i", str(path)])
         for h in list(lab.failed):
             labmod.restore_host(lab, h)
         labmod.wait_for_hosts(lab, lab.hosts, 60)

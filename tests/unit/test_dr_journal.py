@@ -162,3 +162,16 @@ def test_a_point_never_holds_more_than_its_disks(tmp_path: Path) -> None:
             w.add(0, 0, block)
     w.abort()
     assert rep.numbers() == [] and not list((tmp_path / "vm" / "points").iterdir())
+
+
+def test_a_failbacks_last_point_stays_marked_until_its_replica_goes(tmp_path: Path) -> None:
+    """The home host tries the install again (after a failure, after a restart) from the mark."""
+    rep = Replica.create(tmp_path / "r", SIZES)
+    assert Replica.final_point(rep.dir) is None
+    rep.mark_final(7)
+    assert Replica.final_point(tmp_path / "r") == 7
+    (rep.dir / "final").write_text("junk\n")  # a damaged mark names no point
+    assert Replica.final_point(rep.dir) is None
+    rep.mark_final(8)
+    rep.remove()
+    assert Replica.final_point(tmp_path / "r") is None

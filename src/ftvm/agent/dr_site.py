@@ -30,7 +30,7 @@ from ..core.model import (DR_FAILOVER_MARGIN_S, Desired, DiskSpec, DrConfirmatio
 from ..core.dr_points import dr_loss, seconds_lost
 from ..core.replication import Copies, Copy, CopyState
 from ..core.records import RecordError
-from ..dr.journal import JournalError, Replica
+from ..dr.journal import FINAL, JournalError, Replica
 from ..dr.receiver import Committed, Receiver
 from ..qemu.runas import RunAs
 from ..secret import derive
@@ -42,6 +42,7 @@ from .local import spawn
 
 log = logging.getLogger("ftvm.agent.dr")
 PUBLISH_EVERY_S = 5.0
+FAILBACK_RETRY_S = 10.0  # a failback's last point not installed yet is tried again after this
 
 
 def dr_key(secret: bytes, source_pool: str) -> bytes:
@@ -63,6 +64,9 @@ class DrSite:
         self.failing_over: set[tuple[str, str]] = set()
         self.failovers_tried: dict[tuple[str, str], float] = {}  # (pool, vm) -> asked_at of the last try
         self.raising: set[tuple[str, str]] = set()  # failed-over VMs whose level was asked to rise, once
+        self.installing: set[str] = set()            # failbacks' last points being installed
+        self.install_errors: dict[str, str] = {}     # vm -> the last install failure (said once)
+        self.installs_looked_at = 0.0                # monotonic: the replicas were last looked at
 
     async def start(self) -> None:
         if self.cfg.dr_listen is None:
@@ -72,7 +76,8 @@ class DrSite:
         self.receiver = Receiver(self.cfg.local_storage / "dr", lambda pool: dr_key(secret, pool), self._committed,
                                  on_contact_end=lambda pool, vm: self._changed((pool, vm)),
                                  on_final=self._final,
-                                 seed=self._seed)
+                                 seed=self._seed,
+                                 failover_asked=self.ctx.store.dr_failover_asked)
         addr, port = self.cfg.dr_listen
         try:
             await self.receiver.serve(addr, port)
@@ -95,8 +100,10 @@ class DrSite:
             self.published_lease = self.ctx.lease
             spawn(self._publish_all(), name="dr-publish-all")
         self._publish_due()
+        self.receiver.set_asked(set(snapshot.dr_failovers))
         self._sync_tests(snapshot)
         self._sync_failovers(snapshot)
+        self._sync_failbacks(snapshot)
 
     # --- the points kept here ------------------------------------------------------------
     def _committed(self, c: Committed) -> None:
@@ -275,10 +282,14 @@ class DrSite:
         try:
             waited = False
             while True:  # 1. the source silent long enough that it can no longer start the VM
-                # (its session may still look open: a dead host's connection is half-open)
+                # (its session may still look open: a dead host's connection is half-open).
+                # Silent here, and since the failover was asked: from then on every host of
+                # this pool answers "failed over" (Receiver.set_asked and its store read), but
+                # a word another host gave before counts until then.
                 contact = self.receiver.contact(f.pool, f.vm)
-                left = contact.heard_at + contact.confirm_s + DR_FAILOVER_MARGIN_S - time.time()
-                if left <= 0:
+                quiet = contact.confirm_s + DR_FAILOVER_MARGIN_S
+                left = max(contact.heard_at, f.asked_at) + quiet - time.time()
+                if left <= 0 and self.receiver.fence(f.pool, f.vm, quiet):
                     break
                 if not waited:
                     self.ctx.journal.event(f.vm, "dr", f"failover of {f.pool}/{f.vm}: waiting {left:.0f} s more "
@@ -286,7 +297,7 @@ class DrSite:
                                                        f"{contact.confirm_s:g} s after it last heard from here)")
                     waited = True
                 await asyncio.sleep(min(max(left, 0.5), 5.0))
-            await self.receiver.fence(f.pool, f.vm)  # 2. no more points; the source is told
+            await self.receiver.seal(f.pool, f.vm)  # 2. no more points; the source is told
             rep = Replica(self._replica_dir(f.pool, f.vm))
             if f.newest:  # (the record the operator saw may have lagged the newest point)
                 summary = await asyncio.to_thread(self._summary, self.receiver, f.pool, f.vm)
@@ -337,7 +348,7 @@ class DrSite:
             if got is not None and not await self.ctx.store.remove_vm(f.vm, got[1]):
                 return  # (changed meanwhile, or still owned: the next tick tries again)
             await asyncio.to_thread(shutil.rmtree, self._failovers_dir() / f.pool / f.vm, True)
-            await asyncio.to_thread(Replica.unfence, self._replica_dir(f.pool, f.vm))
+            self.receiver.unfence(f.pool, f.vm)
             await self.ctx.store.end_dr_failover(f.pool, f.vm)
             self._changed((f.pool, f.vm))
             self.ctx.journal.event(f.vm, "dr-failback", f"{f.pool}/{f.vm} failed back to {f.failback_target}: "
@@ -359,7 +370,26 @@ class DrSite:
         return [(Path(d.path), d.format) for d in spec.disks]
 
     def _final(self, c: Committed) -> None:
-        spawn(self._fail_back(c), name=f"dr-failback-{c.vm}")
+        self._install_back(c.pool, c.vm, c.number)
+
+    def _sync_failbacks(self, snapshot: PoolSnapshot) -> None:
+        """Failbacks' last points received here and not installed yet (a failure, an agent
+        restart): tried again every FAILBACK_RETRY_S while the VM is still failed over."""
+        now = time.monotonic()
+        if now < self.installs_looked_at + FAILBACK_RETRY_S or self.cfg.local_storage is None:
+            return
+        self.installs_looked_at = now
+        for marker in (self.cfg.local_storage / "dr").glob(f"*/*/{FINAL}"):
+            d = marker.parent
+            view = snapshot.vms.get(d.name)
+            number = Replica.final_point(d)
+            if view is not None and view.spec.dr_failed_over and number is not None:
+                self._install_back(d.parent.name, d.name, number)
+
+    def _install_back(self, pool: str, vm: str, number: int) -> None:
+        if vm not in self.installing:
+            self.installing.add(vm)
+            spawn(self._fail_back(pool, vm, number), name=f"dr-failback-{vm}")
 
     def _seed(self, pool: str, vm: str, sizes: tuple[int, ...]) -> list[tuple[Path, str]] | None:
         """(In a thread.) A replica of a VM of this pool that was failed over starts from its
@@ -371,11 +401,10 @@ class DrSite:
         images = self._copies_of(view.spec)
         return images if images is not None and all(p.exists() for p, _ in images) else None
 
-    async def _fail_back(self, c: Committed) -> None:
+    async def _fail_back(self, pool: str, vm: str, number: int) -> None:
         """A failback's last point arrived (the DR pool stopped the VM after it): install it as
         this host's images of the VM, and once the DR site no longer says it runs the VM,
-        start it here."""
-        vm = c.vm
+        start it here. On failure the point stays (marked final) and is tried again."""
         try:
             got = await self.ctx.store.spec(vm)
             snap = self.ctx.latest()
@@ -385,8 +414,9 @@ class DrSite:
             images = self._copies_of(spec)
             if images is None:
                 raise JournalError("this host keeps no images of it")
-            made = await asyncio.to_thread(Replica(self._replica_dir(c.pool, vm)).materialize, c.number,
-                                           self._failovers_dir() / "back" / vm)
+            back_dir = self._failovers_dir() / "back" / vm
+            await asyncio.to_thread(shutil.rmtree, back_dir, True)  # (an earlier attempt's)
+            made = await asyncio.to_thread(Replica(self._replica_dir(pool, vm)).materialize, number, back_dir)
             for (dest, fmt), raw in zip(images, made, strict=True):
                 await asyncio.to_thread(_install, raw, dest, fmt)
                 if self.run_as is not None:
@@ -406,13 +436,20 @@ class DrSite:
             if spec.dr_target:
                 await self.ctx.store.confirm_dr(vm, DrConfirmation(time.time(), spec.dr_target, self.cfg.name))
             await asyncio.to_thread(shutil.rmtree, self._failovers_dir() / "back" / vm, True)
-            await asyncio.to_thread(shutil.rmtree, self._replica_dir(c.pool, vm), True)
-            await self.ctx.store.withdraw_dr_replica(c.pool, vm)
-            self.ctx.journal.event(vm, "dr-failback", f"back from DR pool {c.pool}: its last point ({c.number}) "
+            await asyncio.to_thread(shutil.rmtree, self._replica_dir(pool, vm), True)
+            await self.ctx.store.withdraw_dr_replica(pool, vm)
+            self.ctx.journal.event(vm, "dr-failback", f"back from DR pool {pool}: its last point ({number}) "
                                                       f"installed on {self.cfg.name}; starting it here")
             self.ctx.wake()
+            self.install_errors.pop(vm, None)
         except (OSError, ValueError, JournalError, RecordError, EtcdError) as e:
-            self.ctx.journal.event(vm, "error", f"failback of {vm} from {c.pool} failed: {e}")
+            if self.install_errors.get(vm) != str(e):
+                self.install_errors[vm] = str(e)
+                self.ctx.journal.event(vm, "error", f"failback of {vm} from {pool}: installing its last point "
+                                                    f"({number}) failed: {e}. It is kept here; tried again every "
+                                                    f"{FAILBACK_RETRY_S:g} s")
+        finally:
+            self.installing.discard(vm)
 
     async def _until_released(self, spec: VmSpec, timeout: float = 120.0) -> None:
         """Until the DR site answers that it no longer runs the VM (it stops it after the last

@@ -52,6 +52,7 @@ COMPRESS_LEVEL = 1
 
 
 FAILED_OVER = "failed-over"  # marker file in a replica's directory
+FINAL = "final"              # the number of a failback's last point, not yet installed (agent/dr_site.py)
 
 
 class JournalError(RuntimeError):
@@ -365,6 +366,24 @@ class Replica:
             f.flush()
             os.fsync(f.fileno())
         _sync_dir(self.dir)
+
+    def mark_final(self, number: int) -> None:
+        """Point `number` is a failback's last: this (home) host installs it as the VM's images,
+        again after a failure or a restart, until that is done and the replica removed. Synced
+        before the point is acknowledged (the DR pool then stops its copy)."""
+        with open(self.dir / FINAL, "w") as f:
+            f.write(f"{number}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _sync_dir(self.dir)
+
+    @staticmethod
+    def final_point(d: Path) -> int | None:
+        try:
+            number = int((d / FINAL).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return number if number > 0 else None
 
     @staticmethod
     def unfence(d: Path) -> None:

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,15 +60,18 @@ class Receiver:
                  retention: Retention | None = None,
                  on_contact_end: Callable[[str, str], None] = lambda pool, vm: None,
                  on_final: Callable[[Committed], None] = lambda c: None,
-                 seed: Callable[[str, str, tuple[int, ...]], list[tuple[Path, str]] | None] = lambda p, v, s: None
-                 ) -> None:
+                 seed: Callable[[str, str, tuple[int, ...]], list[tuple[Path, str]] | None] = lambda p, v, s: None,
+                 failover_asked: Callable[[str, str], Awaitable[bool]] | None = None) -> None:
         """`root`: replicas go to root/<pool>/<vm>; `key_for(pool)`: the pairing key of a
         source pool (None: not paired); `on_contact_end(pool, vm)`: a session ended (its
         contact record is saved); `on_final`: a failback's last point was committed (its
         source stopped the VM after it); `seed(pool, vm, sizes)`: images a new replica
-        starts from (dr/journal.py), None for zeros."""
+        starts from (dr/journal.py), None for zeros; `failover_asked(pool, vm)`: whether this
+        host's pool has a failover of the VM asked (a quorum read; raises when it cannot tell)."""
         self.root, self.key_for, self.on_commit, self.on_contact_end = root, key_for, on_commit, on_contact_end
-        self.on_final, self.seed = on_final, seed
+        self.on_final, self.seed, self.failover_asked = on_final, seed, failover_asked
+        self.fenced: set[tuple[str, str]] = set()  # failed over here: never a point again (and on disk)
+        self.asked: set[tuple[str, str]] = set()   # a failover asked in this pool (any host): no points
         self.retention = retention or Retention()
         self.live: dict[tuple[str, str], asyncio.Task[Any]] = {}  # the session of each VM
         self.contacts: dict[tuple[str, str], DrContact] = {}     # what each source last said
@@ -82,16 +85,51 @@ class Receiver:
         got = self.contacts.get((pool, vm))
         return got if got is not None else load_contact(self.replica_dir(pool, vm))
 
-    async def fence(self, pool: str, vm: str) -> None:
-        """The VM is failed over to this pool: no more points from its source (marked on disk
-        first, then its session ends). Its source is told so when it next asks."""
+    def fence(self, pool: str, vm: str, quiet_s: float) -> bool:
+        """The VM is failed over to this pool: no more points from its source, and every answer
+        from here on says so; only if this host heard nothing from the source (a point, a
+        heartbeat, a probe it answered "not failed over") for `quiet_s`. Checked and set with
+        no await between: no answer can slip in. Then `seal` makes it last (on disk)."""
+        if time.time() - self.contact(pool, vm).heard_at < quiet_s:
+            return False
+        self.fenced.add((pool, vm))
+        return True
+
+    async def seal(self, pool: str, vm: str) -> None:
+        """After `fence`: marked on disk (a restarted receiver still refuses), its session ended."""
         d = self.replica_dir(pool, vm)
         await asyncio.to_thread(Replica(d).mark_failed_over)
         task = self.live.get((pool, vm))
-        if task is not None:
+        if task is not None:  # (ended before the caller picks its point: no commit after)
             task.cancel()
             with suppress(BaseException):
                 await task
+
+    def unfence(self, pool: str, vm: str) -> None:
+        """A failback: the VM runs at its home site again, and this replica takes its points."""
+        Replica.unfence(self.replica_dir(pool, vm))
+        self.fenced.discard((pool, vm))
+
+    def set_asked(self, asked: set[tuple[str, str]]) -> None:
+        """The failovers asked in this pool (its store, each tick): their sessions end here too,
+        on every receiver, and every answer says "failed over"."""
+        for key in asked - self.asked:
+            self._end_session(*key)
+        self.asked = set(asked)
+
+    def _end_session(self, pool: str, vm: str) -> None:
+        task = self.live.get((pool, vm))
+        if task is not None:
+            task.cancel()
+
+    async def _failed_over(self, pool: str, vm: str) -> bool:
+        """What this host says of the VM: failed over here, or asked anywhere in its pool.
+        Raises when it cannot tell (its pool's store unreachable)."""
+        if (pool, vm) in self.fenced or (pool, vm) in self.asked:
+            return True
+        if await asyncio.to_thread(Replica.is_failed_over, self.replica_dir(pool, vm)):
+            return True
+        return await self.failover_asked(pool, vm) if self.failover_asked is not None else False
 
     async def serve(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._handle, host, port)
@@ -122,11 +160,20 @@ class Receiver:
         live = False
         try:
             ch = await accept_session(reader, writer, key, body)
-            failed_over = await asyncio.to_thread(Replica.is_failed_over, self.replica_dir(pool, vm))
+            try:
+                failed_over = await self._failed_over(pool, vm)
+            except Exception as e:  # (no word at all beats a wrong one: the source asks elsewhere)
+                log.warning("DR session for %s/%s from %s: no answer, this host cannot tell whether its pool "
+                            "took the VM over: %s", pool, vm, peer, e)
+                return
             if hello.get("probe") or failed_over:
                 # (only ever said inside an authenticated session: a forged "failed over"
                 # would stop the VM at its source)
-                await self._answer(ch, pool, vm, failed_over)
+                if not failed_over:  # a word to the source: a failover here waits it out too
+                    self._heard(pool, vm)
+                    with suppress(OSError):
+                        await asyncio.to_thread(save_contact, self.replica_dir(pool, vm), self.contact(pool, vm))
+                await self._answer(ch, pool, vm, failed_over or (pool, vm) in self.fenced)
                 return
             # The newest authenticated session of a VM wins: its owner changed (a failover, a
             # migration), and the old owner's connection may be half-open for minutes. The
@@ -245,7 +292,8 @@ class Receiver:
                         await asyncio.to_thread(image.add_point, number)
                     committed = Committed(pool, vm, number, header.taken_at, stored)
                     self.on_commit(committed)
-                    if final:
+                    if final:  # (marked before the ACK: an acknowledged last point is always installed)
+                        await asyncio.to_thread(rep.mark_final, number)
                         self.on_final(committed)
                     await ch.send(encode_number(Msg.DR_ACK, number))
                     await ch.writer.drain()

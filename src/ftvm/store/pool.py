@@ -280,6 +280,10 @@ class PoolStore:
         r = await self.etcd.txn([absent(key)], [put_json(key, failover.__dict__)])
         return r.succeeded
 
+    async def dr_failover_asked(self, pool: str, vm: str) -> bool:
+        """Whether a failover of `pool`'s VM `vm` to this pool was asked (a quorum read)."""
+        return await self.etcd.get(f"{self.state}dr-failovers/{pool}/{vm}") is not None
+
     async def update_dr_failover(self, failover: DrFailover) -> None:
         await self.etcd.put(f"{self.state}dr-failovers/{failover.pool}/{failover.vm}",
                             json.dumps(failover.__dict__).encode())
