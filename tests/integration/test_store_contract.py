@@ -15,8 +15,17 @@ from ftvm.store.pool import Event, PoolStore
 _pools = itertools.count()
 
 
-@pytest.fixture
-async def store(etcd_url: str):
+@pytest.fixture(params=["etcd", "model"])
+async def store(request: pytest.FixtureRequest, etcd_url: str):
+    """Each test runs against a real etcd, and against the simulator's model of it
+    (sim/memetcd.py): the model must keep the same contract."""
+    if request.param == "model":
+        import time
+
+        from ftvm.sim.memetcd import MemEtcd, SimEtcdClient
+        async with SimEtcdClient(MemEtcd(time.monotonic)) as client:
+            yield PoolStore(client, f"t{next(_pools)}")
+        return
     async with EtcdClient([etcd_url], timeout=5.0) as client:
         yield PoolStore(client, f"t{next(_pools)}")
 

@@ -114,6 +114,20 @@ def test_replace_partner_when_a_level2_partner_stays_down() -> None:
     assert early.action is Action.WAIT
 
 
+def test_a_level2_vm_first_started_without_a_partner_gets_one_when_a_host_can_keep_it() -> None:
+    """Started while no other host was live (its copies record names no partner): once one
+    is, a replica is built there, at once (found by the simulator: it stayed alone)."""
+    spec = replace(SPEC, level=Level.COMPONENT, disks=(DiskSpec(size=64 << 20),))
+    view = VmView(spec, owner=OWNED, home="h1", copies=new_copies("h1", None, 1.0))
+    [d] = [d for d in decide(PoolSnapshot(5, HOSTS, {"web": view}), LocalView("h1", running(), now=2.0),
+                             60.0).decisions if d.vm == "web"]
+    assert (d.action, d.target) == (Action.REPLACE_PARTNER, "h2") and "no partner" in d.reason
+    alone = {"h1": HOSTS["h1"]}
+    [d] = [d for d in decide(PoolSnapshot(5, alone, {"web": view}), LocalView("h1", running(), now=2.0),
+                             60.0).decisions if d.vm == "web"]
+    assert d.action is Action.WAIT
+
+
 def _plan(level: Level, fields: dict[str, Any] | None = None, spec: VmSpec = SPEC, paths: tuple[str, ...] = (),
           overwrite: bool = False, exists: frozenset[str] = frozenset()):  # type: ignore[no-untyped-def]
     from ftvm.core.transitions import plan_level_change

@@ -490,11 +490,9 @@ class Agent:
         if copies is None or d.token is None or d.target is None:
             return
         old = copies.partner_of(self.cfg.name)
-        if old is None:
-            return
         new = replace_partner(copies, old, d.target, time.time())
         if await self.store.set_copies(d.vm, d.token, copies, new) is not None:
-            self.event(d.vm, "replace-partner", f"{d.reason}; {old}'s copy forgotten")
+            self.event(d.vm, "replace-partner", d.reason + (f"; {old}'s copy forgotten" if old else ""))
             self.wake.set()
 
     def _new_l3(self, vm: str, token: int, spec: VmSpec, paths: VmPaths, files: ReplicaPaths) -> L3Primary:

@@ -39,7 +39,7 @@ from ..core.model import (DR_SWITCH_LEVEL3, Desired, DrConfirmation, DrFailover,
 from ..dr.capture import Capture, PointCapture
 from ..dr.standby_capture import StandbyCapture
 from ..l3.standby import Standby
-from ..dr.sender import DrError, DrSender, FailedOver, probe
+from ..dr.sender import DrError, DrSender, FailedOver, TargetWord, ask_target, receiver_addr
 from ..qemu.process import QemuError, QemuVm
 from ..qemu.runas import RunAs
 from ..store.etcd import EtcdError
@@ -53,11 +53,6 @@ log = logging.getLogger("ftvm.agent.dr")
 NBD_SOCKET = "bitmaps.sock"   # the QEMU's one NBD server, shared with level 3 (l3/disk_writes.py)
 CONFIRM_RETRY_S = 5.0         # a DR site that did not answer is asked again after this
 HEARTBEAT_S = 1.0             # between points, the DR site hears from the owner this often
-
-
-def _addr(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class DrShipping:
@@ -132,29 +127,25 @@ class DrShipping:
         try:
             why = ("unknown DR target" if dr_target is None
                    else "this host has no dr_secret_file" if not self.cfg.dr_secret else "")
-            errors = [why] if why else []
-            for receiver in dr_target.receivers if dr_target is not None and not why else ():
-                try:
-                    state = await probe(_addr(receiver), dr_key(self.cfg.dr_secret, self.cfg.pool), self.cfg.pool, vm)
-                except DrError as e:
-                    errors.append(str(e))
-                    continue
-                if state["failed_over"]:
-                    await self._failed_over(vm, target, f"{receiver} says it runs the VM "
-                                                        f"(from its point {state.get('newest')})")
-                else:
-                    await self.ctx.store.confirm_dr(vm, DrConfirmation(time.time(), target, self.cfg.name))
-                    self.ctx.journal.event(vm, "dr", f"DR target {target} ({receiver}) has not taken the VM over: "
-                                                     "it may start here")
-                    self.unanswered.discard(vm)
-                    self.ctx.wake()
-                return
-            if vm not in self.unanswered:
-                self.unanswered.add(vm)
-                self.ctx.journal.event(vm, "dr", f"not started: DR target {target} cannot say whether it has "
-                                                 f"taken the VM over ({'; '.join(errors)}). Asked again every "
-                                                 f"{CONFIRM_RETRY_S:g} s; `ftvm dr remove {vm}` drops the DR "
-                                                 "target and this wait")
+            word = (TargetWord("", None, (why,)) if why or dr_target is None else
+                    await ask_target(dr_target.receivers, dr_key(self.cfg.dr_secret, self.cfg.pool), self.cfg.pool,
+                                     vm))
+            if word.state is None:
+                if vm not in self.unanswered:
+                    self.unanswered.add(vm)
+                    self.ctx.journal.event(vm, "dr", f"not started: DR target {target} cannot say whether it has "
+                                                     f"taken the VM over ({'; '.join(word.errors)}). Asked again "
+                                                     f"every {CONFIRM_RETRY_S:g} s; `ftvm dr remove {vm}` drops the "
+                                                     "DR target and this wait")
+            elif word.state["failed_over"]:
+                await self._failed_over(vm, target, f"{word.receiver} says it runs the VM "
+                                                    f"(from its point {word.state.get('newest')})")
+            else:
+                await self.ctx.store.confirm_dr(vm, DrConfirmation(time.time(), target, self.cfg.name))
+                self.ctx.journal.event(vm, "dr", f"DR target {target} ({word.receiver}) has not taken the VM over: "
+                                                 "it may start here")
+                self.unanswered.discard(vm)
+                self.ctx.wake()
         except EtcdError as e:
             log.warning("%s: DR confirmation not recorded: %s", vm, e)
         finally:
@@ -318,7 +309,7 @@ class DrShipping:
                         failing = True
                         receiver += 1  # the next receiver of the target next time
                         if sender is not None:
-                            sender.addr = _addr(dr_target.receivers[receiver % len(dr_target.receivers)])
+                            sender.addr = receiver_addr(dr_target.receivers[receiver % len(dr_target.receivers)])
                     else:
                         if failing:
                             self.ctx.journal.event(vm, "dr", f"DR points to {target} go again (point "
@@ -355,7 +346,7 @@ class DrShipping:
                 await asyncio.wait_for(sender.capture.stop(), 5)
 
     def _sender(self, vm: str, capture: Capture, receiver: str, spec: dict[str, Any]) -> DrSender:
-        return DrSender(capture, vm, self.cfg.pool, dr_key(self.cfg.dr_secret, self.cfg.pool), _addr(receiver),
+        return DrSender(capture, vm, self.cfg.pool, dr_key(self.cfg.dr_secret, self.cfg.pool), receiver_addr(receiver),
                         spec, self.ctx.timing.dr_confirm)
 
     async def _qemu_capture(self, qemu: QemuVm, spec: VmSpec) -> PointCapture:

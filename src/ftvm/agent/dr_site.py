@@ -32,6 +32,7 @@ from ..core.replication import Copies, Copy, CopyState
 from ..core.records import RecordError
 from ..dr.journal import FINAL, JournalError, Replica
 from ..dr.receiver import Committed, Receiver
+from ..dr.sender import ask_target
 from ..qemu.runas import RunAs
 from ..secret import derive
 from ..store.etcd import EtcdError
@@ -454,22 +455,16 @@ class DrSite:
     async def _until_released(self, spec: VmSpec, timeout: float = 120.0) -> None:
         """Until the DR site answers that it no longer runs the VM (it stops it after the last
         point, then takes this pool's points again)."""
-        from ..dr.sender import DrError, probe
         snap = self.ctx.latest()
         target = snap.dr_targets.get(spec.dr_target) if snap else None
         if target is None:
             return  # (no forward DR target: the DR pool stopped it after the point, nothing to ask)
         deadline = time.monotonic() + timeout
         while True:
-            for receiver in target.receivers:
-                host, _, port = receiver.rpartition(":")
-                try:
-                    state = await probe((host.strip("[]"), int(port)), dr_key(self.cfg.dr_secret, self.cfg.pool),
-                                        self.cfg.pool, spec.name)
-                except DrError:
-                    continue
-                if not state["failed_over"]:
-                    return
+            word = await ask_target(target.receivers, dr_key(self.cfg.dr_secret, self.cfg.pool), self.cfg.pool,
+                                    spec.name)
+            if word.state is not None and not word.state["failed_over"]:
+                return
             if time.monotonic() > deadline:
                 raise JournalError(f"DR target {spec.dr_target} still says it runs {spec.name}")
             await asyncio.sleep(1.0)

@@ -302,6 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ip", help="ADDR/PREFIX the guest takes (written into the disk's boot configuration)")
     p.add_argument("--size", default="128M", help="disk size (at least 67M)")
 
+    from ..sim.runner import cmd_sim
+    p = sub.add_parser("sim", help="the control plane simulated through random fault schedules",
+                       description="The real decision core and store code on an in-memory etcd, driven by "
+                                   "simulated agents on a simulated clock through random schedules of host "
+                                   "losses, quorum cuts, A-link cuts and lost etcd requests; every invariant "
+                                   "checked after each step (docs/architecture.md, 'The simulator').")
+    p.add_argument("--schedules", type=int, default=1000, help="how many schedules (seeds) to run (default 1000)")
+    p.add_argument("--from", dest="first", type=int, default=0, metavar="SEED", help="the first seed (default 0)")
+    p.add_argument("--steps", type=int, default=300, help="steps with faults per schedule (default 300)")
+    p.add_argument("--jobs", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--replay", type=int, metavar="SEED", help="run one seed and print its faults and trace")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(fn=cmd_sim)
+
     from ..showcase import bench, demo
     p = cmd(sub, "demo", demo.cmd_demo, "the live demo in a lab pool")
     p.add_argument("--level", type=int, default=1, choices=(1, 2, 3))

@@ -274,13 +274,20 @@ def _decide_vm(snapshot: PoolSnapshot, local: LocalView, view: VmView, replace_p
 def _partner_replacement(snapshot: PoolSnapshot, view: VmView, me: str, now: float,
                          after: float) -> Decision | None:
     """Level 2/3 owner: its partner host has been down for `after` seconds (its copy
-    outdated since then) and another host could keep a copy: build a new replica there."""
+    outdated since then) and another host could keep a copy: build a new replica there.
+    A VM with no partner at all (first started while no other host was live: found by the
+    simulator, sim/world.py) gets one as soon as a host can keep it."""
     copies = view.copies
     if not view.spec.level.has_copies or copies is None or not now:
         return None
     partner = copies.partner_of(me)
-    c = copies.state_of(partner) if partner else None
-    if partner is None or c is None or partner in snapshot.hosts or c.state is CopyState.CURRENT:
+    if partner is None:
+        new = choose_partner(snapshot, view.spec, me)
+        return None if new is None else Decision(
+            view.spec.name, Action.REPLACE_PARTNER, f"no partner: building a replica on {new}",
+            token=view.owner.token if view.owner else None, target=new)
+    c = copies.state_of(partner)
+    if c is None or partner in snapshot.hosts or c.state is CopyState.CURRENT:
         return None
     if now - c.since < after:
         return None

@@ -194,9 +194,10 @@ def claim_copies(copies: Copies | None, me: str, last_host: str | None, partner:
     return start_primary(copies, me, now)
 
 
-def replace_partner(copies: Copies, old: str, new: str, now: float) -> Copies:
-    """The partner `old` has been down too long: forget its copy and start a new replica on
-    `new`, built in full (pools of 3-4 hosts: protection is rebuilt after a failover)."""
+def replace_partner(copies: Copies, old: str | None, new: str, now: float) -> Copies:
+    """The partner `old` has been down too long (None: there was none): forget its copy and
+    start a new replica on `new`, built in full (pools of 3-4 hosts: protection is rebuilt
+    after a failover)."""
     kept = {h: c for h, c in copies.copies.items() if h != old}
     kept[new] = Copy(CopyState.OUTDATED, now, NEW_REPLICA, full=True)
     return Copies(copies.gen + 1, kept, copies.revision)

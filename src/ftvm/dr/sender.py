@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,32 @@ async def probe(addr: tuple[str, int], key: bytes, pool: str, vm: str) -> dict[s
         raise DrError(f"{addr[0]}:{addr[1]} did not answer: {e}") from e
     finally:
         writer.close()
+
+
+def receiver_addr(text: str) -> tuple[str, int]:
+    """A receiver named ADDRESS:PORT (checked when its DR target was set: receiver_problem)."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class TargetWord:
+    receiver: str                  # the receiver that answered ("": none did)
+    state: dict[str, Any] | None   # its DR_STATE (`failed_over`, `newest`)
+    errors: tuple[str, ...]        # why those asked before it did not answer
+
+
+async def ask_target(receivers: Sequence[str], key: bytes, pool: str, vm: str) -> TargetWord:
+    """A DR target's word on `vm`: the first of its receivers that answers. Every receiver of a
+    DR pool says the same ("failed over" from the moment a failover is asked anywhere in it,
+    dr/receiver.py), and one that cannot tell does not answer."""
+    errors: list[str] = []
+    for receiver in receivers:
+        try:
+            return TargetWord(receiver, await probe(receiver_addr(receiver), key, pool, vm), tuple(errors))
+        except DrError as e:
+            errors.append(str(e))
+    return TargetWord("", None, tuple(errors))
 
 
 @dataclass(frozen=True)

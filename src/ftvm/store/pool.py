@@ -122,6 +122,7 @@ class PoolStore:
         self.root = f"/ftvm/{pool}/"
         self.state = self.root + "state/"
         self._seq = itertools.count()
+        self._parsed: VmParses = {}  # (each tick parses only the VMs whose records changed)
 
     # --- keys --------------------------------------------------------------------
     def host_key(self, host: str) -> str:
@@ -136,7 +137,7 @@ class PoolStore:
         cannot be read freezes its VM (or, for a host, leaves that host out) and is listed
         in `bad`; it never stops the others from being read (core/records.py)."""
         kvs, revision = await self.etcd.get_prefix(self.state)
-        return parse_snapshot(self.state, kvs, revision)
+        return parse_snapshot(self.state, kvs, revision, self._parsed)
 
     async def spec(self, vm: str) -> tuple[VmSpec, int] | None:
         kv = await self.etcd.get(self.vm_key(vm, "spec"))
@@ -552,7 +553,13 @@ _ADVISORY = frozenset({"status", "sync", "checkpoints", "dr",
                        "dr-confirmed"})  # (read as absent: the VM waits for a new confirmation)
 
 
-def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> PoolSnapshot:
+# A VM's parse, kept with the (part, mod revision, create revision) of each record it came
+# from: a snapshot re-parses only the VMs whose records changed since the last one.
+VmParses = dict[str, tuple[tuple[tuple[str, int, int], ...], VmView, list[BadRecord]]]
+
+
+def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int,
+                   parsed: VmParses | None = None) -> PoolSnapshot:
     hosts: dict[str, HostInfo] = {}
     links: dict[str, dict[str, dict[str, bool]]] = {}
     parts: dict[str, dict[str, Any]] = {}
@@ -603,11 +610,23 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int) -> Poo
             bad.append(BadRecord(kv.key, kv.mod_revision, str(e)))
     vms: dict[str, VmView] = {}
     frozen: dict[str, FrozenVm] = {}
+    if parsed is not None:
+        for gone in set(parsed) - set(parts):
+            del parsed[gone]
     for name, p in parts.items():
         if "spec" not in p:
             continue  # leftovers of a VM being removed
+        sig = tuple(sorted((part, kv.mod_revision, kv.create_revision) for part, kv in p.items()))
+        kept = parsed.get(name) if parsed is not None else None
+        if kept is not None and kept[0] == sig:
+            vms[name] = kept[1]
+            bad.extend(kept[2])
+            continue
         try:
+            before = len(bad)
             vms[name] = _parse_vm(name, p, bad)
+            if parsed is not None:
+                parsed[name] = (sig, vms[name], bad[before:])
         except _Frozen as f:
             owner = p.get("owner")
             frozen[name] = FrozenVm(name, f.problem, owner.create_revision if owner else None)

@@ -1,0 +1,511 @@
+"""A deterministic simulation of the control plane: the real decision core (`decide`,
+`claim_plan`, the copy rules) and the real store code (store/pool.py) on the in-memory etcd
+(sim/memetcd.py), driven by simulated agents on a simulated clock through random fault
+schedules, with the campaign's invariants checked after every step.
+
+What each simulated agent does is what the real one does at the store: renew its lease and
+fence its VMs before the lease can expire (agent/fence.py), then tick: a snapshot, `decide`,
+and each decision carried out with the same store calls (claim, release, copies records,
+status). A level 2 primary mirrors every write to each copy recorded current, and records a
+copy it cannot reach outdated (under its token) before it acknowledges a write that copy
+lacks (core/replication.py); a partner exporting its copy is resynced, then recorded
+current. QEMU, disks and links are modelled: a VM runs on a host, a copy is a number (the
+writes it holds), a link is up or down.
+
+Faults, drawn from the seed: a host's power lost and restored, a host cut from etcd and
+back, an A-link pair down and up, and any etcd request dropped before it is applied or its
+answer lost after (the client cannot tell which). Each schedule interleaves the hosts' steps
+(a snapshot read, each decision carried out, a renewal, a write) in a random order, so a
+decision may act on a snapshot another host has already made stale.
+
+Invariants (a violation names the step, the seed and what was seen):
+  * never two copies: at no instant does a VM run on two hosts;
+  * nothing acknowledged lost: a host starts a level 2 VM only from a copy holding every
+    acknowledged write; a level 1 VM's shared disk holds them by construction;
+  * no stale copy promoted: a copy recorded current holds every acknowledged write;
+  * progress: with every fault healed, every VM runs again, protected, within a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
+
+from ..core.decide import Action, Decision, decide
+from ..core.model import (Desired, DiskSpec, HostInfo, Level, LocalView, LocalVm, NicSpec, PoolSnapshot, RunState,
+                          VmSpec, VmStatus)
+from ..core.placement import claim_plan
+from ..core.replication import CopyState, mark, replace_partner
+from ..core.timing import Timing
+from ..store.etcd import EtcdError
+from ..store.etcd import EtcdUnavailable
+from ..store.pool import PoolStore, parse_snapshot
+from .memetcd import MemEtcd, SimEtcdClient
+
+SHARED = "/shared"
+LEASE_TTL = 10.0      # seconds (the lab's timing)
+FENCE_MARGIN = 2.0    # the fence guard kills this long before the lease could expire
+RENEW_EVERY = 2.0
+# Every VM runs again, protected (level 2: both copies current), within this of the last
+# fault healed: a lease to expire (10 s), a claim and start, an export and a resync, with
+# the agents' ticks interleaved at random (docs/architecture.md, "The simulator").
+RECOVERY_BOUND_S = 60.0
+
+
+class SimPoolStore(PoolStore):
+    """The real store; a snapshot read at a revision already parsed is not parsed again
+    (the parse is pure, and the snapshot immutable: the simulator's time goes to the logic,
+    not to reading the same records over and over)."""
+
+    def __init__(self, etcd: SimEtcdClient, pool: str, parsed: dict[int, PoolSnapshot]) -> None:
+        super().__init__(etcd, pool)
+        self.parsed = parsed
+
+    async def snapshot(self) -> PoolSnapshot:
+        etcd = self.etcd
+        assert isinstance(etcd, SimEtcdClient)
+        etcd.model.expire_leases()
+        got = self.parsed.get(etcd.model.revision)
+        if got is not None:
+            if etcd.fault("/v3/kv/range"):
+                raise EtcdUnavailable("no etcd endpoint answered (sim: range dropped)")
+            return got
+        kvs, revision = await etcd.get_prefix(self.state)  # (the real request, faults and all)
+        got = parse_snapshot(self.state, kvs, revision, self._parsed)
+        self.parsed.clear()
+        self.parsed[revision] = got
+        return got
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+@dataclass
+class LocalRec:
+    state: RunState
+    token: int
+    exit_code: int | None = None
+
+
+@dataclass
+class Violation:
+    step: int
+    at: float
+    what: str
+
+
+@dataclass
+class SimHost:
+    name: str
+    store: PoolStore
+    up: bool = True
+    cut: bool = False                 # cut from etcd (its requests never arrive)
+    lease: int = 0
+    fence_deadline: float = 0.0       # VMs may run until then (clock)
+    renewed_at: float = -1e9
+    local: dict[str, LocalRec] = field(default_factory=dict)
+    exports: set[str] = field(default_factory=set)
+    disks: dict[str, int] = field(default_factory=dict)  # vm -> writes its copy holds (level 2)
+    plan: list[Decision] = field(default_factory=list)
+    plan_snapshot: PoolSnapshot | None = None
+
+
+@dataclass
+class Outcome:
+    seed: int
+    steps: int
+    faults: dict[str, int]
+    writes_acked: int
+    violations: list[Violation]
+    recovery_s: float | None     # simulated seconds from the last fault healed to every VM protected
+    schedule: list[str]
+    trace: list[str]
+
+    @property
+    def recovered(self) -> bool:
+        return self.recovery_s is not None and self.recovery_s <= RECOVERY_BOUND_S
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and self.recovered
+
+
+class World:
+    def __init__(self, seed: int, hosts: int = 3, vms: tuple[Level, ...] = (Level.RESTART, Level.COMPONENT,
+                                                                            Level.COMPONENT),
+                 fault_rate: float = 0.02, request_fault_rate: float = 0.01) -> None:
+        self.seed, self.rng = seed, random.Random(seed)
+        self.clock = Clock()
+        self.etcd = MemEtcd(self.clock.time)
+        self.timing = Timing()
+        self.fault_rate, self.request_fault_rate = fault_rate, request_fault_rate
+        names = [f"h{i + 1}" for i in range(hosts)]
+        self.parsed: dict[int, PoolSnapshot] = {}
+        self.hosts = {n: SimHost(n, SimPoolStore(SimEtcdClient(self.etcd, self._fault_for(n)), "sim", self.parsed))
+                      for n in names}
+        self.admin = PoolStore(SimEtcdClient(self.etcd), "sim")
+        self.specs = [self._spec(f"vm{i}", level) for i, level in enumerate(vms)]
+        self.shared: dict[str, int] = {}      # level 1 disks on shared storage: writes held
+        self.acked: dict[str, int] = {}       # writes acknowledged to the guest's clients
+        self.pending: dict[tuple[str, str], int] = {}  # (host, vm) -> writes done there, not yet acknowledged
+        self.links_down: set[frozenset[str]] = set()
+        self.violations: list[Violation] = []
+        self.faults: dict[str, int] = {}
+        self.schedule: list[str] = []
+        self.trace: list[str] = []        # what each host did, step by step (printed for a failing seed)
+        self.step_no = 0
+
+    # --- setup --------------------------------------------------------------------------
+    def _spec(self, name: str, level: Level) -> VmSpec:
+        disk = DiskSpec(f"{SHARED}/{name}.img") if level is Level.RESTART else DiskSpec(size=64 << 20)
+        return VmSpec(name, level, 256, 1, (disk,), (NicSpec(f"52:54:00:00:00:{len(name):02x}"),),
+                      desired=Desired.RUNNING)
+
+    def _fault_for(self, host: str):  # type: ignore[no-untyped-def]
+        def fault(path: str) -> str:
+            h = self.hosts[host]
+            if h.cut or not h.up:
+                return "drop"
+            r = self.rng.random()
+            if r < self.request_fault_rate / 2:
+                return "drop"
+            if r < self.request_fault_rate:
+                return "lose"
+            return ""
+        return fault
+
+    async def setup(self) -> None:
+        for h in self.hosts.values():
+            await self._join(h)
+        for spec in self.specs:
+            assert await self.admin.define_vm(spec)
+            self.acked[spec.name] = 0
+            self.shared[spec.name] = 0
+
+    async def _join(self, h: SimHost) -> None:
+        """A host (re)starting its agent: a new lease, its record; nothing runs yet."""
+        try:
+            h.lease, _ = await h.store.etcd.lease_grant(LEASE_TTL)
+            ok = await h.store.register_host(HostInfo(h.name, 8192, 8, (SHARED,), h.lease, f"10.0.0.{h.name[1:]}"),
+                                             h.lease)
+        except EtcdError:
+            h.lease = 0
+            return
+        self.note(h, f"joined: lease {h.lease:x} {'ok' if ok else 'name taken'}")
+        if ok:
+            h.renewed_at = self.clock.now
+            h.fence_deadline = self.clock.now + LEASE_TTL - FENCE_MARGIN
+        else:
+            h.lease = 0
+
+    # --- one step -------------------------------------------------------------------------
+    async def step(self) -> None:
+        self.step_no += 1
+        self.clock.now += self.rng.uniform(0.05, 0.6)
+        if self.rng.random() < self.fault_rate:
+            self._inject()
+        h = self.rng.choice(list(self.hosts.values()))
+        if h.up:
+            await self._host_step(h)
+        self._check()
+
+    def _inject(self) -> None:
+        kind = self.rng.choice(["power", "cut", "link", "heal"])
+        h = self.rng.choice(list(self.hosts.values()))
+        if kind == "power":
+            if h.up:
+                h.up = False  # its VMs die with it; its disks keep what they hold
+                h.local.clear()
+                h.exports.clear()
+                h.plan = []
+                for key in [k for k in self.pending if k[0] == h.name]:
+                    del self.pending[key]
+            else:
+                h.up = True
+                h.lease = 0  # (joins at its next step)
+        elif kind == "cut":
+            h.cut = not h.cut
+        elif kind == "link":
+            other = self.rng.choice([x for x in self.hosts if x != h.name])
+            self.links_down ^= {frozenset((h.name, other))}
+        else:
+            kind = "heal"
+            for x in self.hosts.values():
+                x.cut = False
+                if not x.up:
+                    x.up, x.lease = True, 0
+            self.links_down.clear()
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+        self.schedule.append(f"{self.step_no}: {kind} {h.name}")
+
+    def reachable(self, a: str, b: str) -> bool:
+        return self.hosts[a].up and self.hosts[b].up and frozenset((a, b)) not in self.links_down
+
+    async def _host_step(self, h: SimHost) -> None:
+        """One of the host's activities, in a random order: lease renewal (with the fence
+        guard), a tick's snapshot and decisions, one decision carried out, a guest write."""
+        if not h.lease:
+            await self._join(h)
+            return
+        if self.clock.now - h.renewed_at > self.rng.uniform(0.5, RENEW_EVERY):  # (its own task: as due)
+            await self._renew(h)
+            if not h.lease:
+                return
+        self._fence_if_due(h)
+        if h.plan:
+            d = h.plan.pop(0)
+            assert h.plan_snapshot is not None
+            await self._execute(h, d, h.plan_snapshot)
+        elif self.rng.random() < 0.5:
+            await self._tick(h)
+        else:
+            await self._replicate_and_write(h)
+
+    def _fence_if_due(self, h: SimHost) -> None:
+        if self.clock.now >= h.fence_deadline:
+            for name, rec in h.local.items():
+                if rec.state in (RunState.STARTING, RunState.RUNNING):
+                    rec.state, rec.exit_code = RunState.STOPPED, -9
+                    self.note(h, f"fence: {name} killed")
+            for key in [k for k in self.pending if k[0] == h.name]:
+                del self.pending[key]
+
+    async def _renew(self, h: SimHost) -> None:
+        sent = self.clock.now
+        try:
+            ttl = await h.store.etcd.lease_keepalive(h.lease)
+        except EtcdError:
+            return
+        if ttl <= 0:  # the lease is gone: everything here stops, and the agent joins again
+            h.fence_deadline = 0.0
+            self._fence_if_due(h)
+            h.lease = 0
+            return
+        h.renewed_at = sent
+        h.fence_deadline = max(h.fence_deadline, sent + ttl - FENCE_MARGIN)
+        self.note(h, f"lease renewed: run until t={h.fence_deadline - 1_000_000:.2f}")
+
+    async def _tick(self, h: SimHost) -> None:
+        try:
+            snap = await h.store.snapshot()
+        except EtcdError:
+            return
+        for name, rec in list(h.local.items()):  # (status, as the agent reports it)
+            view = snap.vms.get(name)
+            if view is not None and view.owner is not None and view.owner.host == h.name:
+                status = VmStatus(h.name, rec.state, rec.token, 0.0)
+                if view.status != status:
+                    try:
+                        await h.store.report_status(name, status, h.lease)
+                    except EtcdError:
+                        pass
+        local = LocalView(h.name, {n: LocalVm(n, r.state, r.token, r.exit_code) for n, r in h.local.items()},
+                          frozenset(h.exports), {}, now=self.clock.now)
+        report = decide(snap, local, self.timing.partner_replace_after, self.timing.l3_takeover_after,
+                        self.timing.dr_confirm)
+        urgent = (Action.KILL, Action.TAKE_OVER)
+        h.plan = sorted(report.actions(), key=lambda d: d.action not in urgent)
+        h.plan_snapshot = snap
+
+    def note(self, h: SimHost, what: str) -> None:
+        self.trace.append(f"{self.step_no} t={self.clock.now - 1_000_000:.2f} {h.name}: {what}")
+
+    async def _execute(self, h: SimHost, d: Decision, snap: PoolSnapshot) -> None:
+        """What the agent's handler for `d.action` does at the store (agent/agent.py)."""
+        rec = h.local.get(d.vm)
+        self.note(h, f"{d} (snapshot rev {snap.revision})")
+        try:
+            if d.action is Action.KILL:
+                if rec is not None:
+                    rec.state, rec.exit_code = RunState.STOPPED, -9
+                self.pending.pop((h.name, d.vm), None)
+            elif d.action is Action.CLAIM:
+                if self.clock.now < h.fence_deadline:
+                    view = snap.vms[d.vm]
+                    token = await h.store.claim(d.vm, h.name, h.lease, view.copies,
+                                                claim_plan(snap, view, h.name, self.clock.now))
+                    self.note(h, f"claim of {d.vm}: token {token}")
+            elif d.action is Action.START:
+                assert d.token is not None
+                # (agent/starts.py: the start is recorded only while this host owns the VM
+                # under the token; a plan made before the lease was lost fails here)
+                starting = VmStatus(h.name, RunState.STARTING, d.token, self.clock.now, d.reason)
+                if self.clock.now < h.fence_deadline and await h.store.report_status(d.vm, starting, h.lease):
+                    self._starting(h, d.vm, snap)
+                    h.local[d.vm] = LocalRec(RunState.RUNNING, d.token)
+                    self.note(h, f"{d.vm} runs (token {d.token})")
+            elif d.action is Action.STOP:
+                if rec is not None:
+                    rec.state, rec.exit_code = RunState.STOPPED, 0
+            elif d.action is Action.RELEASE:
+                assert d.token is not None
+                if await h.store.release(d.vm, d.token):
+                    h.local.pop(d.vm, None)
+            elif d.action is Action.EXPORT:
+                h.exports.add(d.vm)
+            elif d.action is Action.UNEXPORT:
+                h.exports.discard(d.vm)
+            elif d.action is Action.REPLACE_PARTNER:
+                view = snap.vms[d.vm]
+                if view.copies is not None and d.token is not None and d.target is not None:
+                    new = replace_partner(view.copies, view.copies.partner_of(h.name), d.target, self.clock.now)
+                    await h.store.set_copies(d.vm, d.token, view.copies, new)
+        except EtcdError:
+            pass
+
+    # --- guests and level 2 replication -------------------------------------------------
+    def _starting(self, h: SimHost, vm: str, snap: PoolSnapshot) -> None:
+        spec = snap.vms[vm].spec
+        if spec.level is Level.COMPONENT:
+            held = h.disks.get(vm, 0)
+            if held < self.acked[vm]:
+                self._violate(f"{vm} started on {h.name} from a copy holding {held} writes; "
+                              f"{self.acked[vm]} were acknowledged")
+
+    def _running_here(self, h: SimHost, vm: str) -> int | None:
+        rec = h.local.get(vm)
+        if rec is None or rec.state is not RunState.RUNNING or self.clock.now >= h.fence_deadline:
+            return None
+        return rec.token
+
+    async def _replicate_and_write(self, h: SimHost) -> None:
+        """For one VM running here: its replication duties, then one guest write."""
+        running = [vm for vm in h.local if self._running_here(h, vm) is not None]
+        if not running:
+            return
+        vm = self.rng.choice(running)
+        token = self._running_here(h, vm)
+        assert token is not None
+        spec = next(s for s in self.specs if s.name == vm)
+        if spec.level is Level.RESTART:
+            self.shared[vm] += 1
+            self.acked[vm] = self.shared[vm]
+            return
+        try:
+            snap = await h.store.snapshot()
+        except EtcdError:
+            return
+        view = snap.vms.get(vm)
+        if view is None or view.owner is None or view.owner.token != token or view.copies is None:
+            return
+        copies = view.copies
+        # a partner serving its outdated copy is resynced, then recorded current
+        for p, c in copies.copies.items():
+            if p != h.name and c.state is CopyState.OUTDATED and vm in self.hosts[p].exports \
+                    and self.reachable(h.name, p):
+                self.hosts[p].disks[vm] = h.disks.get(vm, 0)
+                new = mark(copies, p, CopyState.CURRENT, "resynced", self.clock.now)
+                try:
+                    got = await h.store.set_copies(vm, token, copies, new)
+                except EtcdError:
+                    return
+                if got is None:
+                    return
+                copies = got
+        # one write: done here, mirrored to every copy recorded current that it reaches;
+        # acknowledged only once every current copy it cannot reach is recorded outdated
+        h.disks[vm] = h.disks.get(vm, 0) + 1
+        self.pending[(h.name, vm)] = h.disks[vm]
+        for p, c in copies.copies.items():
+            if p == h.name or c.state is not CopyState.CURRENT:
+                continue
+            if self.reachable(h.name, p):
+                self.hosts[p].disks[vm] = h.disks[vm]
+                continue
+            new = mark(copies, p, CopyState.OUTDATED, "partner unreachable", self.clock.now)
+            try:
+                got = await h.store.set_copies(vm, token, copies, new)
+            except EtcdError:
+                return  # (not acknowledged: the guest waits; the fence ends it if this lasts)
+            if got is None:
+                return
+            copies = got
+        if self._running_here(h, vm) == token:
+            self.acked[vm] = max(self.acked[vm], self.pending.pop((h.name, vm)))
+
+    # --- invariants ---------------------------------------------------------------------
+    def _violate(self, what: str) -> None:
+        self.violations.append(Violation(self.step_no, self.clock.now, what))
+
+    def _check(self) -> None:
+        for spec in self.specs:
+            on = [h.name for h in self.hosts.values() if h.up and self._running_here(h, spec.name) is not None]
+            if len(on) > 1:
+                self._violate(f"{spec.name} runs on {', '.join(on)}")
+
+    async def check_copies(self) -> None:
+        """No copy recorded current lacks an acknowledged write (read from the store)."""
+        snap = await self.admin.snapshot()
+        for spec in self.specs:
+            view = snap.vms.get(spec.name)
+            if spec.level is not Level.COMPONENT or view is None or view.copies is None:
+                continue
+            for host in view.copies.current_hosts():
+                held = self.hosts[host].disks.get(spec.name, 0)
+                if held < self.acked[spec.name]:
+                    self._violate(f"{spec.name}'s copy on {host} is recorded current with {held} writes; "
+                                  f"{self.acked[spec.name]} were acknowledged")
+
+    async def all_protected(self) -> bool:
+        snap = await self.admin.snapshot()
+        for spec in self.specs:
+            view = snap.vms.get(spec.name)
+            if view is None or view.owner is None:
+                return False
+            if self._running_here(self.hosts[view.owner.host], spec.name) is None:
+                return False
+            if spec.level is Level.COMPONENT and (view.copies is None or len(view.copies.current_hosts()) < 2):
+                return False
+        return True
+
+
+@contextmanager
+def simulated_time(clock: Clock) -> Iterator[None]:
+    """The code under test reads the wall clock in places (records' timestamps): it reads
+    the simulator's."""
+    with mock.patch("time.time", clock.time):
+        yield
+
+
+async def run_schedule(seed: int, steps: int = 300, **kw: Any) -> Outcome:
+    """One random schedule: `steps` steps with faults, then every fault healed and the pool
+    watched until every VM is protected (at most RECOVERY_BOUND_S, simulated)."""
+    world = World(seed, **kw)
+    with simulated_time(world.clock):
+        await world.setup()
+        for _ in range(steps):
+            await world.step()
+            if world.step_no % 25 == 0:
+                await world.check_copies()
+        for h in world.hosts.values():
+            h.cut = False
+            if not h.up:
+                h.up, h.lease = True, 0
+        world.links_down.clear()
+        world.fault_rate = world.request_fault_rate = 0.0
+        world.schedule.append(f"{world.step_no}: heal all (recovery)")
+        healed_at, recovery = world.clock.now, None
+        while world.clock.now - healed_at <= RECOVERY_BOUND_S:
+            await world.step()
+            if world.step_no % 5 == 0:
+                await world.check_copies()
+                if await world.all_protected():
+                    recovery = world.clock.now - healed_at
+                    break
+        await world.check_copies()
+    return Outcome(seed, world.step_no, dict(world.faults), sum(world.acked.values()), world.violations,
+                   recovery, world.schedule, world.trace)
+
+
+def run(seed: int, **kw: Any) -> Outcome:
+    return asyncio.run(run_schedule(seed, **kw))
