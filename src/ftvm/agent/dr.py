@@ -64,7 +64,7 @@ class DrShipping:
         self.standby_of = standby_of
         self.tasks: dict[str, tuple[str, float, str, asyncio.Task[None]]] = {}  # vm -> (target, rpo, source, task)
         self.locks: dict[str, asyncio.Lock] = {}
-        self.quieted: set[str] = set()
+        self.quieted: dict[str, int] = {}  # vm -> holders of `quiet`
         self.confirming: set[str] = set()
         self.confirm_after: dict[str, float] = {}   # vm -> monotonic: not asked again before
         self.unanswered: set[str] = set()           # VMs whose DR site did not answer (one event)
@@ -222,14 +222,18 @@ class DrShipping:
     # --- shipping ----------------------------------------------------------------------------
     @asynccontextmanager
     async def quiet(self, vm: str) -> AsyncIterator[None]:
-        """No DR point on `vm`'s QEMU while this lasts (a migration, a level change): the one
-        in flight ends first."""
-        self.quieted.add(vm)
+        """No DR point on `vm`'s QEMU while this lasts (a migration, a level change, a level
+        3 checkpointing session): the one in flight ends first. Held by several at once (a
+        level 3 VM migrates while it checkpoints): a count, not a lock."""
+        self.quieted[vm] = self.quieted.get(vm, 0) + 1
         try:
             async with self.locks.setdefault(vm, asyncio.Lock()):
-                yield
+                pass  # (a point in flight holds it: it ends first; none starts while counted)
+            yield
         finally:
-            self.quieted.discard(vm)
+            self.quieted[vm] -= 1
+            if not self.quieted[vm]:
+                del self.quieted[vm]
 
     async def close(self) -> None:
         for *_, task in self.tasks.values():
