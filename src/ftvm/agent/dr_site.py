@@ -299,6 +299,7 @@ class DrSite:
                     waited = True
                 await asyncio.sleep(min(max(left, 0.5), 5.0))
             await self.receiver.seal(f.pool, f.vm)  # 2. no more points; the source is told
+            self._changed((f.pool, f.vm))  # (published as failed over)
             rep = Replica(self._replica_dir(f.pool, f.vm))
             if f.newest:  # (the record the operator saw may have lagged the newest point)
                 summary = await asyncio.to_thread(self._summary, self.receiver, f.pool, f.vm)
