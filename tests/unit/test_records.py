@@ -79,8 +79,15 @@ def test_a_good_pool_parses_whole() -> None:
     ("vms/a/export/h2", {"host": "h2", "addr": "10.0.0.2"}),
     ("vms/a/level", {"level": "three"}),
 ])
-def test_a_bad_decisive_record_freezes_only_its_vm(key: str, value: object) -> None:
-    snap = parse_snapshot(PREFIX, replaced(pool_kvs(), key, value), 500)
+@pytest.mark.parametrize("after_a_good_one", [False, True])
+def test_a_bad_decisive_record_freezes_only_its_vm(key: str, value: object, after_a_good_one: bool) -> None:
+    """(`after_a_good_one`: the store's parses of the good records are kept, as each tick's
+    are: the bad record is still read, and still freezes the VM.)"""
+    parsed: dict = {}  # type: ignore[type-arg]
+    good = pool_kvs()
+    if after_a_good_one:
+        assert "a" in parse_snapshot(PREFIX, good, 499, parsed).vms
+    snap = parse_snapshot(PREFIX, replaced(good, key, value), 500, parsed)
     assert set(snap.frozen) == {"a"} and "a" not in snap.vms
     assert set(snap.vms) == {"b"} and set(snap.hosts) == {"h1", "h2"}
     frozen = snap.frozen["a"]

@@ -283,3 +283,34 @@ def cmd_guest_boot_disk(args: Any) -> int:
         console.print(f"boot disk {disk.path}: syslinux + the demo guest, ledger at byte {disk.ledger_offset}; "
                       f"use it as a VM's first disk, with no --kernel")
     return OK
+
+
+def cmd_lab_campaign(args: Any) -> int:
+    """Random fault cycles against the running lab (3 hosts or more), every invariant checked."""
+    from ..guest.build import GuestBuildError, build_guest
+    from ..lab.campaign import FAULTS, dump, render, run_campaign
+    from ..lab.scenario import ScenarioError
+    state = _state(args)
+    try:
+        levels = tuple(sorted({int(x) for x in args.levels.split(",")}))
+    except ValueError:
+        raise CliError(f"--levels {args.levels!r}: levels 1, 2 or 3, comma separated", BAD_INPUT) from None
+    if not levels or any(x not in (1, 2, 3) for x in levels):
+        raise CliError(f"--levels {args.levels!r}: levels 1, 2 or 3, comma separated", BAD_INPUT)
+    if args.cycles < 1:
+        raise CliError("--cycles must be at least 1", BAD_INPUT)
+    try:
+        image = build_guest(log=lambda m: None if is_json(args) else console.print(m))
+        report = run_campaign(state, image, args.seed, args.cycles, levels,
+                              progress=(lambda m: None) if is_json(args) else
+                              (lambda m: console.print(m, highlight=False)))
+    except (GuestBuildError, ScenarioError, lab.LabError) as e:
+        raise CliError(str(e), FAILED) from None
+    out = Path(state.dir) / f"campaign-seed{args.seed}.json"
+    dump(report, out)
+    if is_json(args):
+        emit_json(report.to_json())
+    else:
+        console.print(render(report), highlight=False)
+        console.print(f"(faults drawn from: {', '.join(FAULTS)}; the whole schedule: {out})", highlight=False)
+    return FAILED if report.violations else OK

@@ -232,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("state", choices=("up", "down"))
     p.add_argument("--link", type=int, default=1, help="which of the pair's A-links (1 or 2)")
 
+    p = cmd(lab, "campaign", lab_cmds.cmd_lab_campaign,
+            "random fault cycles against the running lab (3 hosts or more), with clients writing at each level; "
+            "every invariant checked after each cycle (the same seed replays the same schedule)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--cycles", type=int, default=10)
+    p.add_argument("--levels", default="1,2,3", help="the levels to run a VM at, comma separated (default 1,2,3)")
+
     dr = sub.add_parser("dr", help="asynchronous disaster recovery").add_subparsers(dest="sub", required=True)
     p = cmd(dr, "model", dr_cmds.cmd_dr_model,
             "predict the lag (RPO) a link gives a write-rate trace, or the bandwidth an RPO needs")

@@ -553,9 +553,9 @@ _ADVISORY = frozenset({"status", "sync", "checkpoints", "dr",
                        "dr-confirmed"})  # (read as absent: the VM waits for a new confirmation)
 
 
-# A VM's parse, kept with the (part, mod revision, create revision) of each record it came
-# from: a snapshot re-parses only the VMs whose records changed since the last one.
-VmParses = dict[str, tuple[tuple[tuple[str, int, int], ...], VmView, list[BadRecord]]]
+# A VM's parse (a host's under "host/NAME", a spec's under "spec/VM"), kept with the (part, mod revision, create
+# revision) of each record it came from: a snapshot re-parses only what changed since the last.
+VmParses = dict[str, tuple[tuple[tuple[str, int, int], ...], Any, list[BadRecord]]]
 
 
 def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int,
@@ -573,10 +573,17 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int,
         rest = kv.key[len(state_prefix):].split("/")
         try:
             if rest[0] == "hosts" and len(rest) == 2:
+                host_sig = (("host", kv.mod_revision, kv.create_revision),)
+                kept = parsed.get(f"host/{rest[1]}") if parsed is not None else None
+                if kept is not None and kept[0] == host_sig:
+                    hosts[rest[1]] = kept[1]
+                    continue
                 info = HostInfo.from_json(_json(kv))
                 if info.name != rest[1]:
                     raise RecordError(f"names host {info.name!r}, not {rest[1]!r}")
                 hosts[rest[1]] = info
+                if parsed is not None:
+                    parsed[f"host/{rest[1]}"] = (host_sig, info, [])
             elif rest[0] == "links" and len(rest) == 2:
                 links[rest[1]] = value(dict[str, dict[str, bool]], _json(kv), "links")
             elif rest[0] == "maintenance" and len(rest) == 2:
@@ -611,7 +618,7 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int,
     vms: dict[str, VmView] = {}
     frozen: dict[str, FrozenVm] = {}
     if parsed is not None:
-        for gone in set(parsed) - set(parts):
+        for gone in set(parsed) - set(parts) - {f"host/{h}" for h in hosts} - {f"spec/{v}" for v in parts}:
             del parsed[gone]
     for name, p in parts.items():
         if "spec" not in p:
@@ -624,7 +631,7 @@ def parse_snapshot(state_prefix: str, kvs: list[KeyValue], revision: int,
             continue
         try:
             before = len(bad)
-            vms[name] = _parse_vm(name, p, bad)
+            vms[name] = _parse_vm(name, p, bad, parsed)
             if parsed is not None:
                 parsed[name] = (sig, vms[name], bad[before:])
         except _Frozen as f:
@@ -641,7 +648,7 @@ class _Frozen(Exception):
         self.problem = problem
 
 
-def _parse_vm(name: str, p: dict[str, KeyValue], bad: list[BadRecord]) -> VmView:
+def _parse_vm(name: str, p: dict[str, KeyValue], bad: list[BadRecord], parsed: VmParses | None = None) -> VmView:
     def read(part: str, parse: Callable[..., Any], *extra: Any) -> Any:
         kv = p.get(part)
         if kv is None:
@@ -655,7 +662,14 @@ def _parse_vm(name: str, p: dict[str, KeyValue], bad: list[BadRecord]) -> VmView
                 return None
             raise _Frozen(problem) from None
 
-    spec = read("spec", VmSpec.from_json)
+    spec_sig = (("spec", p["spec"].mod_revision, p["spec"].create_revision),)
+    kept = parsed.get(f"spec/{name}") if parsed is not None else None
+    if kept is not None and kept[0] == spec_sig:
+        spec = kept[1]  # (a spec seldom changes; the VM's other records often do)
+    else:
+        spec = read("spec", VmSpec.from_json)
+        if parsed is not None:
+            parsed[f"spec/{name}"] = (spec_sig, spec, [])
     if spec.name != name:
         raise _Frozen(BadRecord(p["spec"].key, p["spec"].mod_revision, f"names VM {spec.name!r}, not {name!r}"))
     owner_host = read("owner", _host_of, "owner")

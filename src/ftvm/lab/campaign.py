@@ -1,0 +1,337 @@
+"""`ftvm lab campaign --seed S --cycles N [--levels 1,2,3]`: random fault schedules against a
+lab pool of 3 hosts with a ledger client writing to a VM at each level, every invariant
+checked after every cycle (in the manner of Pacemaker's CTS).
+
+One cycle: a fault drawn from the seed (sometimes two at once, on different hosts), held for
+a drawn time, healed; then the pool is watched until every VM runs protected again, and:
+  * never two copies: each VM's QEMUs, seen from /proc (lab/observer.py), never executed
+    the guest in two places at once;
+  * nothing acknowledged lost: every record the VM's client saw acknowledged since the
+    campaign began is in the ledger on the disk the VM runs from now (its owner's copy at
+    level 2-3, the shared image at level 1);
+  * no stale copy promoted: that check after each failover, and the copies record says
+    current only of copies the resync made so;
+  * back to protected within RECOVERY_BOUND_S of the heal (docs/architecture.md);
+  * nothing leaked: on each host, only the QEMUs of the VMs it runs or keeps a standby of.
+A failing cycle prints the seed, its schedule and the agents' events; the same seed
+replays the same schedule (`--seed S --cycles K` stops at K).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.model import Level
+from ..core.protection import protection
+from ..guest.build import GuestImage
+from . import lab as labmod
+from . import topology as topo
+from .faults import fail_disk
+from .observer import CopyObserver, find_copies
+from .scenario import LabClient, LabPool, ScenarioError, check_acked_on_disk
+
+RECOVERY_BOUND_S = 240.0  # heal -> every VM running and protected again (lab timing, TCG guests)
+FAULTS = ("power", "agent-kill", "agent-stop", "qemu-crash", "a-link", "a-links", "quorum-cut", "quorum-lost",
+          "disk-eio")
+LEVEL_OF = {1: Level.RESTART, 2: Level.COMPONENT, 3: Level.SYSTEM}
+
+
+@dataclass
+class Fault:
+    kind: str
+    host: str = ""
+    peer: str = ""
+    vm: str = ""
+    hold_s: float = 0.0
+
+    def __str__(self) -> str:
+        where = self.host + (f"-{self.peer}" if self.peer else "") + (f" ({self.vm})" if self.vm else "")
+        return f"{self.kind} {where} for {self.hold_s:.0f}s".replace("  ", " ")
+
+
+@dataclass
+class Cycle:
+    number: int
+    faults: list[Fault]
+    recovery_s: dict[str, float] = field(default_factory=dict)  # vm -> heal to protected
+    violations: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CampaignReport:
+    seed: int
+    cycles: list[Cycle] = field(default_factory=list)
+    acked: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def violations(self) -> list[tuple[int, str]]:
+        return [(c.number, v) for c in self.cycles for v in c.violations]
+
+    def to_json(self) -> dict[str, Any]:
+        kinds: dict[str, int] = {}
+        for c in self.cycles:
+            for f in c.faults:
+                kinds[f.kind] = kinds.get(f.kind, 0) + 1
+        return {"seed": self.seed, "cycles": len(self.cycles), "faults": dict(sorted(kinds.items())),
+                "recovery_s": _recovery_table(self.cycles), "acked": self.acked,
+                "violations": [{"cycle": n, "what": v} for n, v in self.violations],
+                "schedule": [{"cycle": c.number, "faults": [asdict(f) for f in c.faults],
+                              "recovery_s": c.recovery_s} for c in self.cycles]}
+
+
+def _recovery_table(cycles: list[Cycle]) -> dict[str, dict[str, float]]:
+    """level/fault -> p50, p99, max of heal-to-protected (seconds)."""
+    seen: dict[str, list[float]] = {}
+    for c in cycles:
+        for vm, s in c.recovery_s.items():
+            for f in c.faults:
+                seen.setdefault(f"{vm}/{f.kind}", []).append(s)
+    out = {}
+    for key, values in sorted(seen.items()):
+        v = sorted(values)
+        out[key] = {"n": len(v), "p50": round(v[len(v) // 2], 1),
+                    "p99": round(v[min(len(v) - 1, int(0.99 * len(v)))], 1), "max": round(v[-1], 1)}
+    return out
+
+
+class Campaign:
+    def __init__(self, state: labmod.LabState, image: GuestImage, seed: int, levels: tuple[int, ...],
+                 progress: Callable[[str], None] = print) -> None:
+        if len(state.hosts) < 3:
+            raise ScenarioError("the campaign needs a lab of 3 hosts or more (`ftvm lab up --hosts 3`)")
+        self.state, self.image, self.seed, self.levels = state, image, seed, levels
+        self.rng = random.Random(seed)
+        self.pool = LabPool(state)
+        self.progress = progress
+        self.vms = {f"camp{level}": level for level in levels}
+        self.clients: dict[str, LabClient] = {}
+        self.observers: dict[str, CopyObserver] = {}
+        self.report = CampaignReport(seed)
+
+    # --- set-up and tear-down --------------------------------------------------------------
+    def start(self) -> None:
+        for i, (vm, level) in enumerate(self.vms.items()):
+            self.pool.define_ledger_vm(vm, 70 + i, LEVEL_OF[level], self.image, host=self.state.hosts[i % 3])
+        for vm in self.vms:
+            self.pool.wait_running(vm, 120)
+            self.pool.wait_answering(self._ip(vm), 120)
+        self._wait_protected(time.time())
+        for vm in self.vms:
+            self.observers[vm] = CopyObserver(vm).start()
+            self.clients[vm] = LabClient(self.state, self._ip(vm), f"{vm}-s{self.seed}", 0.05, reply_timeout=60)
+
+    def stop(self) -> None:
+        for c in self.clients.values():
+            c.stop()
+        for o in self.observers.values():
+            o.stop()
+        for h in list(self.state.failed):
+            labmod.restore_host(self.state, h)
+        for vm in self.vms:
+            try:
+                self.pool.stop_and_remove(vm, 60)
+            except ScenarioError as e:
+                self.progress(f"(clean-up) {e}")
+
+    def _ip(self, vm: str) -> str:
+        return topo.vm_addr(70 + list(self.vms).index(vm)).split("/")[0]
+
+    # --- one cycle ---------------------------------------------------------------------
+    def _draw(self, n: int) -> list[Fault]:
+        hosts = list(self.state.hosts)
+        snap = self.pool.snapshot()
+        count = 2 if self.rng.random() < 0.2 else 1
+        faults: list[Fault] = []
+        used: set[str] = set()
+        for _ in range(count):
+            kind = self.rng.choice(FAULTS)
+            host = self.rng.choice([h for h in hosts if h not in used] or hosts)
+            f = Fault(kind, host, hold_s=round(self.rng.uniform(2, 20), 1))
+            if kind in ("a-link", "a-links"):
+                f.peer = self.rng.choice([h for h in hosts if h != host])
+            if kind in ("qemu-crash", "disk-eio"):
+                running = [vm for vm, v in snap.vms.items() if vm in self.vms and v.owner is not None
+                           and (kind != "disk-eio" or self.vms[vm] == 2)]
+                if not running:
+                    continue
+                f.vm = self.rng.choice(sorted(running))
+                view = snap.vms[f.vm]
+                assert view.owner is not None
+                f.host = view.owner.host
+            if kind == "quorum-lost":
+                f.host, f.hold_s = "", round(self.rng.uniform(2, 4), 1)  # (within the lease: nothing stops)
+            used.add(f.host)
+            faults.append(f)
+        return faults
+
+    def cycle(self, n: int) -> Cycle:
+        faults = self._draw(n)
+        c = Cycle(n, faults)
+        self.progress(f"cycle {n}: {', '.join(str(f) for f in faults)}")
+        heals = [self._inject(f) for f in faults]
+        time.sleep(max((f.hold_s for f in faults), default=0))  # (the fault's length is the schedule's)
+        for heal in heals:
+            heal()
+        healed = time.time()
+        try:
+            c.recovery_s = self._wait_protected(healed)
+        except ScenarioError as e:
+            c.violations.append(f"not protected again within {RECOVERY_BOUND_S:g} s of the heal: {e}")
+        c.violations += self._check()
+        self.report.cycles.append(c)
+        if c.violations:
+            self.progress(f"cycle {n} VIOLATED: {c.violations}")
+            for event in self.pool.events(200)[-40:]:
+                self.progress(f"  {event}")
+        return c
+
+    def _inject(self, f: Fault) -> Callable[[], None]:
+        """Do the fault; returns what heals it."""
+        st = self.state
+
+        def nothing() -> None:
+            pass
+
+        if f.kind == "power":
+            labmod.fail_host(st, f.host)
+
+            def power_back() -> None:
+                labmod.restore_host(st, f.host)
+                labmod.wait_for_hosts(st, [f.host], 60)
+            return power_back
+        if f.kind == "agent-kill":
+            os.kill(st.pids[f"agent-{f.host}"], signal.SIGKILL)
+
+            def agent_back() -> None:
+                labmod.start_agent(st, f.host)
+                st.save()
+                labmod.wait_for_hosts(st, [f.host], 60)
+            return agent_back
+        if f.kind == "agent-stop":
+            pid = st.pids[f"agent-{f.host}"]
+            os.kill(pid, signal.SIGSTOP)
+            return lambda: os.kill(pid, signal.SIGCONT)
+        if f.kind == "qemu-crash":
+            for pid, ns in find_copies(f.vm):
+                if ns == topo.host_ns(f.host):
+                    os.kill(pid, signal.SIGKILL)
+            return nothing
+        if f.kind in ("a-link", "a-links"):
+            links = (1,) if f.kind == "a-link" else (1, 2)
+            for k in links:
+                labmod.set_a_link(st, f.host, f.peer, k, up=False)
+
+            def links_up() -> None:
+                for k in links:
+                    labmod.set_a_link(st, f.host, f.peer, k, up=True)
+            return links_up
+        if f.kind == "quorum-cut":
+            labmod.partition(st, f.host, "quorum")
+            return lambda: labmod.heal(st, f.host, "quorum")
+        if f.kind == "quorum-lost":
+            pid = st.pids["etcd"]
+            os.kill(pid, signal.SIGSTOP)
+            return lambda: os.kill(pid, signal.SIGCONT)
+        if f.kind == "disk-eio":
+            try:
+                fail_disk(st, f.vm, f.host)
+            except labmod.LabError as e:
+                self.progress(f"  (disk-eio not injected: {e})")
+            return nothing
+        raise ValueError(f.kind)
+
+    # --- invariants --------------------------------------------------------------------
+    def _wait_protected(self, since: float) -> dict[str, float]:
+        done: dict[str, float] = {}
+        deadline = time.monotonic() + RECOVERY_BOUND_S
+        while len(done) < len(self.vms):
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.vms) - set(done))
+                raise ScenarioError(f"{', '.join(missing)} not protected")
+            try:
+                snap = self.pool.snapshot()
+            except Exception:  # noqa: BLE001 - (the quorum may still be coming back)
+                time.sleep(0.5)
+                continue
+            for vm in self.vms:
+                view = snap.vms.get(vm)
+                if vm not in done and view is not None and protection(snap, view).protected:
+                    done[vm] = round(time.time() - since, 1)
+            time.sleep(0.5)
+        return done
+
+    def _check(self) -> list[str]:
+        out = []
+        snap = self.pool.snapshot()
+        for vm, obs in self.observers.items():
+            if obs.max_executing > 1:
+                out.append(f"{vm}: two copies executed at once ({obs.overlaps[-1] if obs.overlaps else ''})")
+        for vm, client in self.clients.items():
+            acks = client.acks()
+            self.report.acked[vm] = len(acks)
+            view = snap.vms.get(vm)
+            if view is None or view.owner is None:
+                out.append(f"{vm} has no owner after the cycle")
+                continue
+            image = Path(self.state.dir) / f"campaign-{vm}.raw"
+            try:
+                self.pool.copy_as_raw(vm, view.owner.host, image)
+                _, lost = check_acked_on_disk(image, acks)
+            except (subprocess.CalledProcessError, OSError, ScenarioError) as e:
+                out.append(f"{vm}: its disk could not be read: {e}")
+                continue
+            finally:
+                image.unlink(missing_ok=True)
+            if lost:
+                out.append(f"{vm}: {len(lost)} acknowledged records missing from {view.owner.host}'s disk "
+                           f"(first: {lost[0]})")
+        for host in self.state.hosts:  # nothing leaked: each QEMU belongs to a VM running or kept there
+            ns = topo.host_ns(host)
+            for vm in self.vms:
+                copies = [pid for pid, where in find_copies(vm, waiting_too=True) if where == ns]
+                view = snap.vms.get(vm)
+                allowed = 1 if view is not None and view.owner is not None and view.owner.host == host else 0
+                if self.vms[vm] == 3:
+                    allowed += 1  # (a partner's standby started ahead: agent/warm.py)
+                if len(copies) > allowed:
+                    out.append(f"{vm}: {len(copies)} QEMUs on {host}, at most {allowed} expected")
+        return out
+
+
+def run_campaign(state: labmod.LabState, image: GuestImage, seed: int, cycles: int, levels: tuple[int, ...],
+                 progress: Callable[[str], None] = print) -> CampaignReport:
+    camp = Campaign(state, image, seed, levels, progress)
+    camp.start()
+    try:
+        for n in range(1, cycles + 1):
+            camp.cycle(n)
+    finally:
+        camp.stop()
+    return camp.report
+
+
+def render(report: CampaignReport) -> str:
+    d = report.to_json()
+    faults = ", ".join(f"{k} {v}" for k, v in d["faults"].items())
+    lines = [f"seed {d['seed']}: {d['cycles']} cycles; faults: {faults}",
+             "acknowledged records checked on disk: " + ", ".join(f"{k} {v}" for k, v in d["acked"].items()),
+             "heal -> protected again (s):"]
+    for key, r in d["recovery_s"].items():
+        lines.append(f"  {key:<24} n={r['n']:<4} p50 {r['p50']:>6}  p99 {r['p99']:>6}  max {r['max']:>6}")
+    lines.append(f"invariant violations: {len(d['violations'])}")
+    for v in d["violations"]:
+        lines.append(f"  cycle {v['cycle']}: {v['what']}")
+    return "\n".join(lines)
+
+
+def dump(report: CampaignReport, path: Path) -> None:
+    path.write_text(json.dumps(report.to_json(), indent=2))
