@@ -44,6 +44,25 @@ def test_acknowledging_without_recording_the_partner_outdated_is_caught(monkeypa
     assert "acknowledged" in _first_violation(300)
 
 
+def test_level3_output_released_before_the_partners_ack_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A level 3 primary that acknowledges a write before the checkpoint holding it reached
+    its partner (no output commit): a takeover then resumes without it."""
+    real = world.World._checkpoint_and_write
+
+    async def no_output_commit(self: world.World, h: world.SimHost, vm: str, token: int) -> None:
+        h.disks[vm] = h.disks.get(vm, 0) + 1
+        self.acked[vm] = max(self.acked[vm], h.disks[vm])
+        await real(self, h, vm, token)
+    monkeypatch.setattr(world.World, "_checkpoint_and_write", no_output_commit)
+    assert "acknowledged" in _first_violation(300)
+
+
+def test_level3_takeovers_happen_in_the_schedules() -> None:
+    """(The level 3 rules are exercised: partners take VMs over from lost primaries.)"""
+    traces = [line for seed in range(60) for line in world.run(seed).trace]
+    assert sum(" took vm2 over from " in line for line in traces) >= 5
+
+
 def _first_violation(seeds: int) -> str:
     for seed in range(seeds):
         found = world.run(seed).violations

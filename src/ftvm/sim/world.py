@@ -37,10 +37,10 @@ from typing import Any
 from unittest import mock
 
 from ..core.decide import Action, Decision, decide
-from ..core.model import (Desired, DiskSpec, HostInfo, Level, LocalView, LocalVm, NicSpec, PoolSnapshot, RunState,
-                          VmSpec, VmStatus)
+from ..core.model import (Desired, DiskSpec, HostInfo, Level, LocalStandby, LocalView, LocalVm, NicSpec, PoolSnapshot,
+                          RunState, VmSpec, VmStatus)
 from ..core.placement import claim_plan
-from ..core.replication import CopyState, mark, replace_partner
+from ..core.replication import CopyState, mark, replace_partner, take_over
 from ..core.timing import Timing
 from ..store.etcd import EtcdError
 from ..store.etcd import EtcdUnavailable
@@ -105,6 +105,15 @@ class Violation:
 
 
 @dataclass
+class SimStandby:
+    """A level 3 replica on the partner (l3/standby.py): the writes of its last committed
+    checkpoint, and when the primary was last heard on the checkpoint link."""
+    data: int
+    heard_at: float
+    frozen: bool = False  # a takeover began: nothing more is applied
+
+
+@dataclass
 class SimHost:
     name: str
     store: PoolStore
@@ -115,7 +124,10 @@ class SimHost:
     renewed_at: float = -1e9
     local: dict[str, LocalRec] = field(default_factory=dict)
     exports: set[str] = field(default_factory=set)
-    disks: dict[str, int] = field(default_factory=dict)  # vm -> writes its copy holds (level 2)
+    disks: dict[str, int] = field(default_factory=dict)  # vm -> writes its copy holds (level 2-3)
+    standbys: dict[str, SimStandby] = field(default_factory=dict)  # level 3 replicas kept here
+    paused: set[str] = field(default_factory=set)       # level 3 guests stopped, their partner lost
+    unprotected: set[str] = field(default_factory=set)  # level 3 VMs whose partner it recorded outdated
     plan: list[Decision] = field(default_factory=list)
     plan_snapshot: PoolSnapshot | None = None
 
@@ -142,7 +154,7 @@ class Outcome:
 
 class World:
     def __init__(self, seed: int, hosts: int = 3, vms: tuple[Level, ...] = (Level.RESTART, Level.COMPONENT,
-                                                                            Level.COMPONENT),
+                                                                            Level.SYSTEM),
                  fault_rate: float = 0.02, request_fault_rate: float = 0.01) -> None:
         self.seed, self.rng = seed, random.Random(seed)
         self.clock = Clock()
@@ -227,6 +239,9 @@ class World:
                 h.up = False  # its VMs die with it; its disks keep what they hold
                 h.local.clear()
                 h.exports.clear()
+                h.standbys.clear()  # (a replica in tmpfs: gone with the power)
+                h.paused.clear()
+                h.unprotected.clear()
                 h.plan = []
                 for key in [k for k in self.pending if k[0] == h.name]:
                     del self.pending[key]
@@ -309,8 +324,11 @@ class World:
                         await h.store.report_status(name, status, h.lease)
                     except EtcdError:
                         pass
+        self._hear(h, snap)
+        standbys = {vm: LocalStandby(vm, st.data, self.clock.now - st.heard_at)
+                    for vm, st in h.standbys.items() if not st.frozen}
         local = LocalView(h.name, {n: LocalVm(n, r.state, r.token, r.exit_code) for n, r in h.local.items()},
-                          frozenset(h.exports), {}, now=self.clock.now)
+                          frozenset(h.exports), standbys, now=self.clock.now)
         report = decide(snap, local, self.timing.partner_replace_after, self.timing.l3_takeover_after,
                         self.timing.dr_confirm)
         urgent = (Action.KILL, Action.TAKE_OVER)
@@ -355,6 +373,8 @@ class World:
                 h.exports.add(d.vm)
             elif d.action is Action.UNEXPORT:
                 h.exports.discard(d.vm)
+            elif d.action is Action.TAKE_OVER:
+                await self._take_over(h, d.vm)
             elif d.action is Action.REPLACE_PARTNER:
                 view = snap.vms[d.vm]
                 if view.copies is not None and d.token is not None and d.target is not None:
@@ -366,7 +386,9 @@ class World:
     # --- guests and level 2 replication -------------------------------------------------
     def _starting(self, h: SimHost, vm: str, snap: PoolSnapshot) -> None:
         spec = snap.vms[vm].spec
-        if spec.level is Level.COMPONENT:
+        h.paused.discard(vm)
+        h.unprotected.discard(vm)
+        if spec.level in (Level.COMPONENT, Level.SYSTEM):
             held = h.disks.get(vm, 0)
             if held < self.acked[vm]:
                 self._violate(f"{vm} started on {h.name} from a copy holding {held} writes; "
@@ -378,6 +400,66 @@ class World:
             return None
         return rec.token
 
+    def _visible(self, h: SimHost, vm: str) -> bool:
+        """Whether a copy running here can acknowledge anything. A level 3 guest's output waits
+        for its partner's ACK (output commit): one whose partner is lost, or took the VM over,
+        executes unseen until it is paused or killed, so only one that may release counts."""
+        if self._running_here(h, vm) is None or vm in h.paused:
+            return False
+        if self.spec_of(vm).level is not Level.SYSTEM or vm in h.unprotected:
+            return True
+        return any(self._feeds(h, p, vm) for p in self.hosts if p != h.name)
+
+    def _feeds(self, primary: SimHost, partner: str, vm: str) -> bool:
+        st = self.hosts[partner].standbys.get(vm)
+        return st is not None and not st.frozen and self.reachable(primary.name, partner)
+
+    def spec_of(self, vm: str) -> VmSpec:
+        return next(s for s in self.specs if s.name == vm)
+
+    def _hear(self, h: SimHost, snap: PoolSnapshot) -> None:
+        """The partner's side of the checkpoint link: the primary's heartbeats (every 25 ms)
+        arrive while its agent lives and a path is up; a replica of a VM this host no longer
+        keeps goes."""
+        for vm in list(h.standbys):
+            view = snap.vms.get(vm)
+            if view is None or view.owner is None or view.copies is None or h.name not in view.copies.copies:
+                del h.standbys[vm]
+                continue
+            primary = self.hosts[view.owner.host]
+            if primary.up and self._running_here(primary, vm) is not None and self.reachable(primary.name, h.name):
+                h.standbys[vm].heard_at = self.clock.now
+
+    async def _take_over(self, h: SimHost, vm: str) -> None:
+        """agent/l3.py L3Partner._take_over: freeze, end the old ownership in one transaction
+        (it fails if the primary recorded this copy outdated first), claim."""
+        st = h.standbys.get(vm)
+        if st is None:
+            return
+        st.frozen = True
+        try:
+            await self._take_over_frozen(h, vm, st)
+        except EtcdError:
+            st.frozen = False  # (as the agent does: thawed, the primary may feed it again)
+
+    async def _take_over_frozen(self, h: SimHost, vm: str, st: SimStandby) -> None:
+        snap = await h.store.snapshot()
+        view = snap.vms.get(vm)
+        mine = view.copies.state_of(h.name) if view is not None and view.copies is not None else None
+        if (view is None or view.owner is None or view.owner.host == h.name or view.copies is None
+                or mine is None or mine.state is not CopyState.CURRENT or view.spec.desired is not Desired.RUNNING):
+            del h.standbys[vm]
+            return
+        new = take_over(view.copies, h.name, self.clock.now)
+        if not await h.store.take_over(vm, view.owner.token, view.copies, new):
+            del h.standbys[vm]  # (the primary recorded it outdated first: it keeps the VM)
+            return
+        h.disks[vm] = st.data
+        del h.standbys[vm]
+        self.note(h, f"took {vm} over from {view.owner.host} (checkpoint of {st.data} writes)")
+        token = await h.store.claim(vm, h.name, h.lease, None, None)
+        self.note(h, f"claim of {vm} after the takeover: token {token}")
+
     async def _replicate_and_write(self, h: SimHost) -> None:
         """For one VM running here: its replication duties, then one guest write."""
         running = [vm for vm in h.local if self._running_here(h, vm) is not None]
@@ -386,10 +468,13 @@ class World:
         vm = self.rng.choice(running)
         token = self._running_here(h, vm)
         assert token is not None
-        spec = next(s for s in self.specs if s.name == vm)
+        spec = self.spec_of(vm)
         if spec.level is Level.RESTART:
             self.shared[vm] += 1
             self.acked[vm] = self.shared[vm]
+            return
+        if spec.level is Level.SYSTEM:
+            await self._checkpoint_and_write(h, vm, token)
             return
         try:
             snap = await h.store.snapshot()
@@ -433,13 +518,74 @@ class World:
         if self._running_here(h, vm) == token:
             self.acked[vm] = max(self.acked[vm], self.pending.pop((h.name, vm)))
 
+    async def _checkpoint_and_write(self, h: SimHost, vm: str, token: int) -> None:
+        """Level 3 primary (agent/l3.py): a partner whose copy is outdated gets a full copy and
+        is recorded current; each write is released once the partner acknowledged the
+        checkpoint holding it; a partner lost is recorded outdated (the guest stopped
+        meanwhile) before anything more is released; losing that race to a takeover kills
+        this copy."""
+        try:
+            snap = await h.store.snapshot()
+        except EtcdError:
+            return
+        view = snap.vms.get(vm)
+        if view is None or view.owner is None or view.owner.token != token or view.copies is None:
+            return
+        copies = view.copies
+        partner = copies.partner_of(h.name)
+        state = copies.state_of(partner) if partner else None
+        if partner is not None and state is not None and state.state is not CopyState.CURRENT \
+                and self.reachable(h.name, partner) and vm not in h.paused:
+            p = self.hosts[partner]
+            if vm not in p.standbys or not p.standbys[vm].frozen:
+                p.standbys[vm] = SimStandby(h.disks.get(vm, 0), self.clock.now)  # (pre-copy, checkpoint 1)
+                p.disks[vm] = h.disks.get(vm, 0)  # (the replica's disk files: what a start there uses)
+                try:
+                    got = await h.store.set_copies(vm, token, copies, mark(copies, partner, CopyState.CURRENT,
+                                                                           "checkpoint acknowledged", self.clock.now))
+                except EtcdError:
+                    return
+                if got is None:
+                    return
+                copies = got
+                h.unprotected.discard(vm)
+        current = partner is not None and copies.state_of(partner) is not None \
+            and copies.state_of(partner).state is CopyState.CURRENT  # type: ignore[union-attr]
+        if vm in h.paused and not current:  # (its record went through, the answer was lost)
+            h.paused.discard(vm)
+            h.unprotected.add(vm)
+        if current and partner is not None and not self._feeds(h, partner, vm):
+            h.paused.add(vm)  # the partner is lost: output held, guest stopped, until recorded
+            try:
+                got = await h.store.set_copies(vm, token, copies, mark(copies, partner, CopyState.OUTDATED,
+                                                                       "partner lost", self.clock.now))
+            except EtcdError:
+                return
+            if got is None:  # (it took the VM over first: this copy is killed, its output discarded)
+                rec = h.local.get(vm)
+                if rec is not None:
+                    rec.state, rec.exit_code = RunState.STOPPED, -9
+                self.pending.pop((h.name, vm), None)
+                self.note(h, f"{vm}: lost the race to {partner}'s takeover: killed")
+                return
+            h.paused.discard(vm)
+            h.unprotected.add(vm)
+            copies, current = got, False
+        if vm in h.paused:
+            return
+        h.disks[vm] = h.disks.get(vm, 0) + 1
+        if current and partner is not None:
+            self.hosts[partner].standbys[vm].data = h.disks[vm]  # (checkpoint, acknowledged)
+            self.hosts[partner].disks[vm] = h.disks[vm]
+        self.acked[vm] = max(self.acked[vm], h.disks[vm])
+
     # --- invariants ---------------------------------------------------------------------
     def _violate(self, what: str) -> None:
         self.violations.append(Violation(self.step_no, self.clock.now, what))
 
     def _check(self) -> None:
         for spec in self.specs:
-            on = [h.name for h in self.hosts.values() if h.up and self._running_here(h, spec.name) is not None]
+            on = [h.name for h in self.hosts.values() if h.up and self._visible(h, spec.name)]
             if len(on) > 1:
                 self._violate(f"{spec.name} runs on {', '.join(on)}")
 
@@ -448,10 +594,18 @@ class World:
         snap = await self.admin.snapshot()
         for spec in self.specs:
             view = snap.vms.get(spec.name)
-            if spec.level is not Level.COMPONENT or view is None or view.copies is None:
+            if spec.level is Level.RESTART or view is None or view.copies is None:
                 continue
             for host in view.copies.current_hosts():
-                held = self.hosts[host].disks.get(spec.name, 0)
+                h = self.hosts[host]
+                on_owner = view.owner is not None and view.owner.host == host
+                st = h.standbys.get(spec.name)
+                if spec.level is Level.SYSTEM and not on_owner:
+                    if st is None:
+                        continue  # (its replica is gone with its power: the record outlives it until the owner sees)
+                    held = st.data
+                else:
+                    held = h.disks.get(spec.name, 0)
                 if held < self.acked[spec.name]:
                     self._violate(f"{spec.name}'s copy on {host} is recorded current with {held} writes; "
                                   f"{self.acked[spec.name]} were acknowledged")
@@ -464,7 +618,7 @@ class World:
                 return False
             if self._running_here(self.hosts[view.owner.host], spec.name) is None:
                 return False
-            if spec.level is Level.COMPONENT and (view.copies is None or len(view.copies.current_hosts()) < 2):
+            if spec.level is not Level.RESTART and (view.copies is None or len(view.copies.current_hosts()) < 2):
                 return False
         return True
 
