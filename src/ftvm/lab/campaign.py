@@ -26,13 +26,17 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.model import Level
+from .. import ops
+from ..core.model import Level, PoolSnapshot
+from ..core.replication import CopyState
 from ..core.protection import protection
 from ..guest.build import GuestImage
+from ..store.etcd import EtcdError
 from . import lab as labmod
 from . import topology as topo
 from .faults import fail_disk
@@ -121,6 +125,11 @@ class Campaign:
 
     # --- set-up and tear-down --------------------------------------------------------------
     def start(self) -> None:
+        left = (set(self.vms) & set(self.pool.snapshot().vms)) | {
+            vm for vm in self.vms if (self.state.shared_dir / f"{vm}.img").exists()}
+        if left:
+            self.progress(f"removing the VMs an earlier campaign left: {', '.join(sorted(left))}")
+            self._remove_vms()
         for i, (vm, level) in enumerate(self.vms.items()):
             self.pool.define_ledger_vm(vm, 70 + i, LEVEL_OF[level], self.image, host=self.state.hosts[i % 3])
         for vm in self.vms:
@@ -132,17 +141,43 @@ class Campaign:
             self.clients[vm] = LabClient(self.state, self._ip(vm), f"{vm}-s{self.seed}", 0.05, reply_timeout=60)
 
     def stop(self) -> None:
+        """Everything the campaign did is undone, whatever state a failure left it in."""
         for c in self.clients.values():
             c.stop()
         for o in self.observers.values():
             o.stop()
-        for h in list(self.state.failed):
-            labmod.restore_host(self.state, h)
+        st = self.state
+        for name, pid in st.pids.items():  # (a stopped etcd or agent runs again)
+            if name == "etcd" or name.startswith("agent-"):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        for h in st.hosts:
+            with suppress(labmod.LabError, OSError):
+                labmod.heal(st, h, "quorum")
+            for peer in st.hosts:
+                if peer > h:
+                    for k in (1, 2):
+                        with suppress(labmod.LabError, OSError):
+                            labmod.set_a_link(st, h, peer, k, up=True)
+        for h in list(st.failed):
+            labmod.restore_host(st, h)
+        for h in st.hosts:
+            if not _alive(st.pids.get(f"agent-{h}")):
+                labmod.start_agent(st, h)
+                st.save()
+        with suppress(labmod.LabError):
+            labmod.wait_for_hosts(st, st.hosts, 60)
+        self._remove_vms()
+
+    def _remove_vms(self) -> None:
+        """The campaign's VMs, and their level 1 images on the lab's shared storage."""
         for vm in self.vms:
             try:
-                self.pool.stop_and_remove(vm, 60)
-            except ScenarioError as e:
-                self.progress(f"(clean-up) {e}")
+                if vm in self.pool.snapshot().vms:
+                    self.pool.stop_and_remove(vm, 60)
+                (self.state.shared_dir / f"{vm}.img").unlink(missing_ok=True)
+            except (ScenarioError, EtcdError, OSError) as e:
+                self.progress(f"(clean-up of {vm}) {e}")
 
     def _ip(self, vm: str) -> str:
         return topo.vm_addr(70 + list(self.vms).index(vm)).split("/")[0]
@@ -182,10 +217,13 @@ class Campaign:
         for vm in self.vms:  # (an outside witness per cycle: a violation names its cycle)
             self.observers[vm].stop()
             self.observers[vm] = CopyObserver(vm).start()
-        heals = [self._inject(f) for f in faults]
+        heals = [(f, self._inject(f)) for f in faults]
         time.sleep(max((f.hold_s for f in faults), default=0))  # (the fault's length is the schedule's)
-        for heal in heals:
-            heal()
+        for f, heal in sorted(heals, key=lambda fh: fh[0].kind != "quorum-lost"):  # (the quorum first)
+            try:
+                heal()
+            except (labmod.LabError, OSError) as e:
+                c.violations.append(f"{f} could not be healed: {e}")
         healed = time.time()
         try:
             c.recovery_s = self._wait_protected(healed)
@@ -251,7 +289,17 @@ class Campaign:
                 fail_disk(st, f.vm, f.host)
             except labmod.LabError as e:
                 self.progress(f"  (disk-eio not injected: {e})")
-            return nothing
+                return nothing
+
+            def disk_replaced() -> None:  # (the operator's part: `ftvm vm repair-disk VM --host H`)
+                def failed(s: PoolSnapshot) -> bool:
+                    return s.vms[f.vm].copy_state(f.host) is CopyState.FAILED
+                try:
+                    self.pool.wait_for(f"the copy of {f.vm} on {f.host} recorded failed", failed, 60)
+                except ScenarioError as e:
+                    raise labmod.LabError(str(e)) from None
+                self.pool.run(lambda store: ops.repair_disk(store, f.vm, f.host))
+            return disk_replaced
         raise ValueError(f.kind)
 
     # --- invariants --------------------------------------------------------------------
@@ -297,8 +345,11 @@ class Campaign:
                 continue
             image = Path(self.state.dir) / f"campaign-{vm}.raw"
             try:
-                self.pool.copy_as_raw(vm, view.owner.host, image)
-                _, lost = check_acked_on_disk(image, acks)
+                if view.spec.level.has_copies:  # (the owner's own copy)
+                    self.pool.copy_as_raw(vm, view.owner.host, image)
+                    _, lost = check_acked_on_disk(image, acks)
+                else:  # (the image on shared storage)
+                    _, lost = check_acked_on_disk(Path(view.spec.disks[0].path), acks)
             except (subprocess.CalledProcessError, OSError, ScenarioError) as e:
                 out.append(f"{vm}: its disk could not be read: {e}")
                 continue
@@ -318,6 +369,15 @@ class Campaign:
                 if len(copies) > allowed:
                     out.append(f"{vm}: {len(copies)} QEMUs on {host}, at most {allowed} expected")
         return out
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def run_campaign(state: labmod.LabState, image: GuestImage, seed: int, cycles: int, levels: tuple[int, ...],
