@@ -19,6 +19,7 @@ crash is in the partner's replica too: the VM restarts here, the partner never t
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 import time
 
 from ..api.metrics import AgentCounters
@@ -58,12 +59,15 @@ class GuestFailures:
         self.host.journal.history(d.vm, "down", cause)
         self.counters.guest_failures[d.vm] = self.counters.guest_failures.get(d.vm, 0) + 1
         if verdict.restart:
+            checkpointer = rec.l3.checkpointer if rec.l3 is not None else None
             try:
-                if cause != WATCHDOG:  # (QEMU reset it already)
-                    await rec.qemu.execute("system_reset")
-                status = (await rec.qemu.execute("query-status"))["status"]
-                if status in ("paused", "guest-panicked"):
-                    await rec.qemu.execute("cont")
+                # (level 3: between two checkpoints, or `cont` meets one's migrate under way)
+                async with checkpointer.between_epochs() if checkpointer is not None else nullcontext():
+                    if cause != WATCHDOG:  # (QEMU reset it already)
+                        await rec.qemu.execute("system_reset")
+                    status = (await rec.qemu.execute("query-status"))["status"]
+                    if status in ("paused", "guest-panicked"):
+                        await rec.qemu.execute("cont")
             except QemuError as e:
                 self.host.journal.event(d.vm, "error", f"{cause}: the guest could not be reset ({e})")
                 return

@@ -24,8 +24,8 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -555,6 +555,14 @@ class Checkpointer:
                 raise RuntimeError(f"final checkpoint {epoch} not acknowledged within {timeout_s:.0f}s")
             await asyncio.sleep(0.001)
         return epoch
+
+    @asynccontextmanager
+    async def between_epochs(self) -> AsyncIterator[None]:
+        """No checkpoint runs while this lasts (one under way ends first): the guest may be
+        reset and resumed through QMP without meeting a checkpoint's stop and migrate
+        ("Migration is not finalized yet"; agent/guest.py)."""
+        async with self._lock:
+            yield
 
     async def hold(self) -> None:
         """Wait for a checkpoint under way, then take no more (checkpointing is ending)."""
