@@ -40,7 +40,7 @@ from ..core.decide import Action, Decision, decide
 from ..core.model import (Desired, DiskSpec, HostInfo, Level, LocalStandby, LocalView, LocalVm, NicSpec, PoolSnapshot,
                           RunState, VmSpec, VmStatus)
 from ..core.placement import claim_plan
-from ..core.replication import CopyState, mark, replace_partner, take_over
+from ..core.replication import Copies, CopyState, mark, replace_partner, take_over
 from ..core.timing import Timing
 from ..store.etcd import EtcdError
 from ..store.etcd import EtcdUnavailable
@@ -476,14 +476,9 @@ class World:
         if spec.level is Level.SYSTEM:
             await self._checkpoint_and_write(h, vm, token)
             return
-        try:
-            snap = await h.store.snapshot()
-        except EtcdError:
+        copies = await self._owned_copies(h, vm, token)
+        if copies is None:
             return
-        view = snap.vms.get(vm)
-        if view is None or view.owner is None or view.owner.token != token or view.copies is None:
-            return
-        copies = view.copies
         # a partner serving its outdated copy is resynced, then recorded current
         for p, c in copies.copies.items():
             if p != h.name and c.state is CopyState.OUTDATED and vm in self.hosts[p].exports \
@@ -518,20 +513,26 @@ class World:
         if self._running_here(h, vm) == token:
             self.acked[vm] = max(self.acked[vm], self.pending.pop((h.name, vm)))
 
+    async def _owned_copies(self, h: SimHost, vm: str, token: int) -> Copies | None:
+        """The VM's copies record, while `h` still owns it under `token` (None: unreadable, or not)."""
+        try:
+            snap = await h.store.snapshot()
+        except EtcdError:
+            return None
+        view = snap.vms.get(vm)
+        if view is None or view.owner is None or view.owner.token != token:
+            return None
+        return view.copies
+
     async def _checkpoint_and_write(self, h: SimHost, vm: str, token: int) -> None:
         """Level 3 primary (agent/l3.py): a partner whose copy is outdated gets a full copy and
         is recorded current; each write is released once the partner acknowledged the
         checkpoint holding it; a partner lost is recorded outdated (the guest stopped
         meanwhile) before anything more is released; losing that race to a takeover kills
         this copy."""
-        try:
-            snap = await h.store.snapshot()
-        except EtcdError:
+        copies = await self._owned_copies(h, vm, token)
+        if copies is None:
             return
-        view = snap.vms.get(vm)
-        if view is None or view.owner is None or view.owner.token != token or view.copies is None:
-            return
-        copies = view.copies
         partner = copies.partner_of(h.name)
         state = copies.state_of(partner) if partner else None
         if partner is not None and state is not None and state.state is not CopyState.CURRENT \
