@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 from ftvm import ops
-from ftvm.core.model import Level, PoolSnapshot
+from ftvm.core.model import DrFigures, Level, PoolSnapshot
 from ftvm.core.replication import CopyState
 from ftvm.dr.journal import Replica
 from ftvm.lab import lab as labmod
@@ -172,18 +172,8 @@ def test_points_at_level_1_across_a_live_migration_and_a_level_change(lab: labmo
     acks: list = []  # type: ignore[type-arg]
 
     def load_then_check(what: str) -> None:
-        client = LabClient(lab, ip, f"{vm}-{len(acks)}", 0.05)
-        try:
-            client.wait_acks(20, 60)
-        finally:
-            acks.extend(client.stop())
-        last_ack = max(a.t for a in acks)
-        snap = pool.wait_for(f"a point cut after the last acknowledgement ({what})", lambda s: (
-            s.vms[vm].dr is not None and s.vms[vm].dr.newest_taken_at > last_ack and not s.vms[vm].dr.error), 90)
-        newest = snap.vms[vm].dr.newest  # type: ignore[union-attr]
-        image = Replica(replica_dir).materialize(newest, tmp_path / f"{what}")[0]
-        _, lost = check_acked_on_disk(image, acks)
-        assert lost == [], (what, lost[:3])
+        _write_then_find_at_dr_site(pool, ip, vm, acks, replica_dir, tmp_path / what, what, LabClient(
+            lab, ip, f"{vm}-{len(acks)}", 0.05), 20, lambda dr: not dr.error)
 
     try:
         pool.wait_running(vm, 90)
@@ -210,6 +200,24 @@ def test_points_at_level_1_across_a_live_migration_and_a_level_change(lab: labmo
     finally:
         pool.stop_and_remove(vm)
         pool.run(lambda s: ops.remove_dr_target(s, "far"))
+
+
+def _write_then_find_at_dr_site(pool: LabPool, ip: str, vm: str, acks: list, replica_dir: Path,  # type: ignore[type-arg]
+                                dest: Path, what: str, client: LabClient, count: int,
+                                point_ok: Callable[[DrFigures], bool]) -> int:
+    """`client` writes `count` acknowledged records (added to `acks`); then a point cut after the
+    last of them, one `point_ok` accepts, holds every record acknowledged so far. Its number."""
+    try:
+        client.wait_acks(count, 60)
+    finally:
+        acks.extend(client.stop())
+    last_ack = max(a.t for a in acks)
+    snap = pool.wait_for(f"a point cut after the last acknowledgement ({what})", lambda s: (
+        (dr := s.vms[vm].dr) is not None and dr.newest_taken_at > last_ack and point_ok(dr)), 90)
+    newest = snap.vms[vm].dr.newest  # type: ignore[union-attr]
+    _, lost = check_acked_on_disk(Replica(replica_dir).materialize(newest, dest)[0], acks)
+    assert lost == [], (what, lost[:3])
+    return newest
 
 
 def _point_of(vm: str, n: int, kind: str):  # type: ignore[no-untyped-def]
@@ -240,19 +248,9 @@ def test_points_of_a_level_3_vm_are_cut_from_its_partners_replica(lab: labmod.La
         return check
 
     def load_then_check(what: str, source: str) -> int:
-        client = LabClient(lab, ip, f"{vm}-{len(acks)}", 0.02, reply_timeout=60)
-        try:
-            client.wait_acks(30, 60)
-        finally:
-            acks.extend(client.stop())
-        last_ack = max(a.t for a in acks)
-        snap = pool.wait_for(f"a point cut after the last acknowledgement ({what})", lambda s: (
-            from_(source, 1)(s) and s.vms[vm].dr.newest_taken_at > last_ack), 90)  # type: ignore[union-attr]
-        newest = snap.vms[vm].dr.newest  # type: ignore[union-attr]
-        image = Replica(replica_dir).materialize(newest, tmp_path / f"{what}")[0]
-        _, lost = check_acked_on_disk(image, acks)
-        assert lost == [], (what, lost[:3])
-        return newest
+        return _write_then_find_at_dr_site(pool, ip, vm, acks, replica_dir, tmp_path / what, what, LabClient(
+            lab, ip, f"{vm}-{len(acks)}", 0.02, reply_timeout=60), 30,
+            lambda dr: not dr.error and dr.newest >= 1 and dr.source == source)
 
     try:
         pool.wait_running(vm, 60)
