@@ -5,12 +5,14 @@ peer that is not QEMU: a bad line ends the connection, never the caller's wait."
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from ftvm.qemu.cmdline import listening_socket, monitor as monitor_args
 from ftvm.qemu.monitor import MAX_LINE, DirectQmp
 from ftvm.qemu.process import QemuError, QmpError
 
@@ -19,9 +21,12 @@ from ftvm.qemu.process import QemuError, QmpError
 async def monitor(tmp_path: Path) -> AsyncIterator[DirectQmp]:
     sock = tmp_path / "qmp-checkpoint.sock"
     log = tmp_path / "qemu.log"
+    mon = listening_socket(sock)  # (non-blocking: see qemu/cmdline.monitor)
     with open(log, "wb") as err:  # a guestless QEMU, never started (-S)
         proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "32", "-nodefaults",
-                                 "-display", "none", "-S", "-qmp", f"unix:{sock},server=on,wait=off"], stderr=err)
+                                 "-display", "none", "-S", *monitor_args(sock, "m", mon, wait=True)],
+                                stderr=err, pass_fds=[mon])
+    os.close(mon)
     qmp = DirectQmp(sock)
     try:
         while True:  # until QEMU listens (it may be slow to start on a loaded machine)

@@ -7,6 +7,7 @@ it came as an increment or, for a new sender, as a diff."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
+from ftvm.qemu.cmdline import listening_socket
 from ftvm.dr.capture import GRANULARITY, PointCapture
 from ftvm.qemu.process import QemuError
 
@@ -47,9 +49,11 @@ async def qsd(tmp_path: Path) -> AsyncIterator[tuple[Qmp, Path, Path]]:
         args += ["--blockdev", f"driver=file,node-name=f{i},filename={disk}",
                  "--blockdev", f"driver=raw,node-name=disk{i},file=f{i}",
                  "--export", f"type=nbd,id=w{i},node-name=disk{i},name=w{i},writable=on"]
+    mon = listening_socket(qmp_sock)  # (non-blocking: see qemu/cmdline.monitor)
     proc = subprocess.Popen(["qemu-storage-daemon", *args,
-                             "--chardev", f"socket,id=m,path={qmp_sock},server=on,wait=off", "--monitor", "chardev=m"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--chardev", f"socket,id=m,fd={mon},server=on,wait=on", "--monitor", "chardev=m"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=[mon])
+    os.close(mon)
     client = QMPClient("test")
     try:
         for _ in range(500):

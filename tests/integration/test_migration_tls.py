@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qemu.qmp import ConnectError, QMPClient
 
+from ftvm.qemu.cmdline import listening_socket, monitor
 from ftvm.qemu.process import set_migration_tls
 from ftvm.qemu.tls import MIGRATION_CLIENT, MIGRATION_SERVER, QemuTls
 
@@ -27,15 +28,17 @@ class _Qemu:
 
     def __init__(self, d: Path, name: str, tls_dir: Path | None, incoming: bool) -> None:
         self.sock = d / f"{name}.qmp"
+        mon = listening_socket(self.sock)  # (non-blocking: see qemu/cmdline.monitor)
         cmd = ["qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "32", "-nodefaults", "-display", "none",
-               "-qmp", f"unix:{self.sock},server=on,wait=off"]
+               *monitor(self.sock, "m", mon, wait=True)]
         if tls_dir is not None:
             cmd += QemuTls.qemu_objects(tls_dir)
         if incoming:
             cmd += ["-incoming", "defer"]
         self.log = d / f"{name}.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stderr=log)
+            self.proc = subprocess.Popen(cmd, stderr=log, pass_fds=[mon])
+        os.close(mon)
         self.qmp = QMPClient(name)
 
     async def connect(self) -> None:

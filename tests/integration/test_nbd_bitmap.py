@@ -4,6 +4,7 @@ qemu-storage-daemon: the extents written since the last snapshot, exactly."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
+from ftvm.qemu.cmdline import listening_socket
 from ftvm.l3.nbd_status import BitmapReader, Extent, NbdError
 
 MIB = 1 << 20
@@ -22,13 +24,15 @@ async def qsd(tmp_path: Path) -> AsyncIterator[tuple[QMPClient, Path]]:
     with open(disk, "wb") as f:
         f.truncate(64 * MIB)
     nbd, qmp_sock = tmp_path / "nbd.sock", tmp_path / "qmp.sock"
+    mon = listening_socket(qmp_sock)  # (non-blocking: see qemu/cmdline.monitor)
     proc = subprocess.Popen([
         "qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f,filename={disk}",
         "--blockdev", "driver=raw,node-name=d,file=f",
         "--nbd-server", f"addr.type=unix,addr.path={nbd}",
         "--export", "type=nbd,id=w,node-name=d,name=w,writable=on",
-        "--chardev", f"socket,id=m,path={qmp_sock},server=on,wait=off", "--monitor", "chardev=m"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        "--chardev", f"socket,id=m,fd={mon},server=on,wait=on", "--monitor", "chardev=m"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=[mon])
+    os.close(mon)
     qmp = QMPClient("test")
     try:
         for _ in range(500):

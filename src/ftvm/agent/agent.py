@@ -18,6 +18,7 @@ Safety lives in three places:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import shutil
 import signal
@@ -47,6 +48,7 @@ from ..secret import derive
 from ..store.etcd import EtcdClient, EtcdError
 from ..store.pool import HISTORY_DAYS, MAX_EVENTS, PoolStore
 from .config import AgentConfig
+from .adoption import Adoption
 from .context import HostContext
 from .disks import HostDisks
 from .exports import Exports
@@ -58,7 +60,7 @@ from .fence import FenceGuard
 from .journal import Journal
 from .l3 import L3Partner, L3Primary
 from .warm import WarmStandbys
-from .lease import HostLease
+from .lease import AgentStartError, HostLease
 from .level_changes import LevelChanges
 from .local import LocalRecord, spawn
 from .migration import Migrations
@@ -88,7 +90,7 @@ class Agent:
         self.etcd = EtcdClient(list(config.etcd), timeout=self.t.etcd_timeout,
                                tls=config.etcd_tls.client_context() if config.etcd_tls else None)
         self.store = PoolStore(self.etcd, config.pool)
-        self.guard = FenceGuard(self.t.fence_check, self._on_fence)
+        self.guard = FenceGuard(self.t.fence_check, self._on_fence, config.state_dir / "fence-deadline")
         self.wake = asyncio.Event()
         self.snapshot: PoolSnapshot | None = None
         self.l3_partner: L3Partner | None = None       # level 3 standbys this host keeps
@@ -115,10 +117,12 @@ class Agent:
                              lambda: self.l3_partner, self._new_l3)
         self.guest = GuestFailures(self.ctx, self.procs, self.counters)  # a guest's own failures
         self.health = HealthProbes(self.vms, self.journal, self.wake.set)  # probes of the guests' services
+        self.adoption = Adoption(self.ctx, self.procs, config.state_dir / "vms")  # VMs kept through a restart
         self.handlers = self._handlers()
         self._next_trim = 0.0
         self._next_write_through_check = 0.0
         self._stopping = False
+        self._detaching = False
         self._moving: set[str] = set()  # VMs with a live migration or level change under way here
         self._freeing: set[str] = set()  # guest RAM directories being removed (in threads)
         self._tick_seconds: deque[float] = deque(maxlen=100)  # control-plane cost figures
@@ -157,22 +161,28 @@ class Agent:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._hold_state_dir()
+        # the lease first: VMs a previous agent left running are fenced by its deadline,
+        # which only this agent's renewals move on (agent/lease.py, agent/adoption.py)
+        await self.host_lease.join()
+        self.guard.start()
+        keepalive = asyncio.create_task(self.host_lease.keep_alive(), name="keepalive")
         accel = self.procs.accel = await asyncio.to_thread(choose_accel, self.cfg.accel, self.cfg.probe_kernel)
         log.info("accelerator: %s (%s)", accel.accel, accel.reason)
         tracking = self.procs.tracking = await asyncio.to_thread(self._probe_tracking)
         log.info("level 3 RAM: %s", tracking.why)
-        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s", await self.exports.prepare())
         await self.dr.start()
-        await self.host_lease.join()
-        self.guard.start()
+        await self._adopt_kept_vms()
         await self._start_l3_partner()
         await self._start_api()
-        self.event("", "agent", f"agent up (lease {self.lease:x}, ttl {self.host_lease.ttl}s, "
-                                f"accel {accel.accel}; level 3 RAM: {tracking.why})")
+        self.event("", "agent", f"agent up (lease {self.lease:x}{' kept' if self.host_lease.resumed else ''}, "
+                                f"ttl {self.host_lease.ttl}s, accel {accel.accel}; level 3 RAM: {tracking.why})")
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._request_stop)
-        tasks = [asyncio.create_task(self.host_lease.keep_alive(), name="keepalive"),
+        self._loop.add_signal_handler(signal.SIGUSR2, self._request_detach)
+        tasks = [keepalive,
                  asyncio.create_task(self._watch_loop(), name="watch"),
                  asyncio.create_task(self.traces.run(), name="write-traces")]
         try:
@@ -180,7 +190,27 @@ class Agent:
         finally:
             for t in tasks:
                 t.cancel()
-            await self._shutdown()
+            await (self._detach() if self._detaching else self._shutdown())
+
+    def _hold_state_dir(self) -> None:
+        """One agent per state directory: a second one would manage the same VMs. The lock
+        goes with this process, however it ends (the keepers do not inherit it)."""
+        self._state_lock = open(self.cfg.state_dir / "agent.lock", "a")
+        try:
+            fcntl.flock(self._state_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise AgentStartError(f"another agent runs with state directory {self.cfg.state_dir}") from None
+
+    async def _adopt_kept_vms(self) -> None:
+        """The VMs the previous agent left running (agent/adoption.py), seen against the pool."""
+        while True:
+            try:
+                self.snapshot = await self.store.snapshot()
+                break
+            except EtcdError as e:
+                log.warning("cannot read the pool to adopt running VMs yet: %s", e)
+                await asyncio.sleep(self.t.tick)
+        await self.adoption.adopt_all(self.snapshot, self.host_lease.resumed)
 
     async def _start_api(self) -> None:
         if self.cfg.api_listen is None:
@@ -234,6 +264,30 @@ class Agent:
     def _request_stop(self) -> None:
         self._stopping = True
         self.wake.set()
+
+    def _request_detach(self) -> None:
+        """SIGUSR2: end this agent and leave the VMs running (an upgrade: the next agent adopts them)."""
+        self._detaching = True
+        self._request_stop()
+
+    async def _detach(self) -> None:
+        """Leave without stopping anything: the keepers hold the VMs to the lease's deadline,
+        which the next agent moves on if it starts in time (agent/adoption.py)."""
+        self.adoption.record()
+        self.event("", "agent", f"agent leaving, its {sum(1 for r in self.vms.values() if r.qemu)} VMs left "
+                                f"running for the next agent (lease {self.lease:x} kept)")
+        self.health.close()
+        await self.dr.close()
+        self.guard.close()
+        if self.l3_partner is not None:
+            await self.l3_partner.close()
+        if self._api is not None:
+            await self._api.cleanup()
+        try:
+            await self.journal.flush()
+        except EtcdError:
+            pass
+        await self.etcd.close()
 
     async def _shutdown(self) -> None:
         """Orderly stop: VMs stopped and released, lease revoked, so peers take over at once."""
@@ -339,6 +393,7 @@ class Agent:
             if rec.state is RunState.STOPPING and (view is None or view.spec.stop_force):
                 rec.stop_hurry.set()
         self.health.sync(snapshot, self._moving)
+        self.adoption.record()
         self.dr.sync(snapshot)
         await self._report_status(snapshot)
         await self._report_links(snapshot)

@@ -612,8 +612,17 @@ class L3Partner:
             return {}
         now = time.monotonic()
         return {vm: (snap.vms[vm].spec, s.committed.session) for vm, s in self.standbys.items()
-                if s.committed is not None and s.connected and s.protected_at is not None
-                and now - s.protected_at >= WARM_AFTER_S and is_partner(snap, self.me, vm)}
+                if s.committed is not None and (s.connected or self._may_take_over(snap, vm))
+                and s.protected_at is not None and now - s.protected_at >= WARM_AFTER_S
+                and is_partner(snap, self.me, vm)}
+
+    def _may_take_over(self, snap: PoolSnapshot, vm: str) -> bool:
+        """The session's link closed, but this copy is still recorded current: the primary
+        may be gone (a primary whose agent ended closes the link at once, before any
+        takeover), so its QEMU started ahead is kept for the takeover."""
+        copies = snap.vms[vm].copies
+        mine = copies.state_of(self.me) if copies is not None else None
+        return mine is not None and mine.state is CopyState.CURRENT
 
     def local_standbys(self) -> dict[str, LocalStandby]:
         """What `decide` needs to know of the replicas kept here (none being taken over now)."""

@@ -5,6 +5,12 @@ then start its VMs. So the lease is renewed every `keepalive_interval`, and each
 re-arms the fence guard (agent/fence.py) to kill every VM here `self_fence_margin`
 before the lease could expire, counted from when the renewal was *sent*. The renewal
 loop must outlive any error: if it ended, the guard would kill every VM here.
+
+The lease outlives the agent: an agent that starts while etcd still holds its
+predecessor's lease (a restart, an upgrade) renews that lease, so the VMs their keepers
+kept running stay owned here (agent/adoption.py). A lease etcd has expired means the
+keepers have already killed those VMs (their deadline comes first): the agent takes a
+new one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from ..core.model import HostInfo
 from ..core.timing import Timing
 from ..store.etcd import EtcdClient, EtcdError
 from ..store.pool import PoolStore
+from ..qemu.keeper import read_deadline
 from .fence import FenceGuard
 from .journal import Journal
 
@@ -41,17 +48,29 @@ class HostLease:
         self.id = 0
         self.ttl = 0
         self.quorum_ok = True
+        self.resumed = False  # the lease is the previous agent's: its VMs may still run here
 
     async def acquire(self) -> None:
-        """Grant a lease and publish this host under it. A previous lease of this same agent
-        (recorded in state_dir) is revoked first: its VMs died with it (PDEATHSIG)."""
+        """Take the host lease: the previous agent's (recorded in state_dir) if etcd still
+        holds it, so the VMs it ran, which their keepers kept running, stay this host's
+        (`resumed`); else a new one."""
         try:
             old = json.loads(self._file.read_text())["lease"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             old = 0
         kv = await self.etcd.get(self.store.host_key(self.host))
         if kv is not None and old and kv.lease == old:
-            await self.etcd.lease_revoke(old)
+            sent = time.monotonic()
+            ttl = await self.etcd.lease_keepalive(old)
+            if ttl > 0:
+                before = read_deadline(self.guard.deadline_file) if self.guard.deadline_file else None
+                if before is not None and before[0] == old:
+                    log.info("kept the previous agent's host lease %x, %.2f s before the keepers would have "
+                             "fenced its VMs", old, before[1] - sent)
+                self.id, self.ttl, self.resumed = old, ttl, True
+                self.guard.arm(sent + ttl - self.t.self_fence_margin, old)
+                await self.store.register_host(self.info(old), old)  # (this version's record)
+                return
         lease, ttl = await self.etcd.lease_grant(self.t.lease_ttl)
         sent = time.monotonic()
         # the lease becomes the agent's only once the host is registered under it
@@ -59,8 +78,8 @@ class HostLease:
             await self.etcd.lease_revoke(lease)
             raise AgentStartError(f"another agent is live as host {self.host} in pool {self.pool}")
         self._file.write_text(json.dumps({"lease": lease}))
-        self.id, self.ttl = lease, ttl
-        self.guard.arm(sent + ttl - self.t.self_fence_margin)
+        self.id, self.ttl, self.resumed = lease, ttl, False
+        self.guard.arm(sent + ttl - self.t.self_fence_margin, lease)
 
     async def join(self) -> None:
         """Acquire the host lease, retrying until the quorum service answers."""
@@ -106,7 +125,7 @@ class HostLease:
             await self.join()
             self.wake()
         else:
-            self.guard.arm(sent + self.ttl - self.t.self_fence_margin)
+            self.guard.arm(sent + self.ttl - self.t.self_fence_margin, self.id)
             if not self.quorum_ok:
                 self.quorum_ok = True
                 self.journal.event("", "quorum", "quorum service reachable again")

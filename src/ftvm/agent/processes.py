@@ -14,7 +14,7 @@ from ..core.model import RunState, VmSpec
 from ..core.restart import after_exit
 from ..qemu.cmdline import VmPaths
 from ..qemu.probe import Accel
-from ..qemu.process import QemuVm
+from ..qemu.process import Fence, QemuVm
 from ..qemu.runas import RunAs
 from ..qemu.tls import QemuTls
 from ..l3.writes import Support, shim_env
@@ -59,7 +59,14 @@ class Processes:
             how["env"] = shim_env(self.tracking.shim)  # level 3: its RAM's writes tracked exactly
         return await QemuVm.start(spec, paths, self.accel, self.cfg.bridge,
                                   on_event=lambda name, data: self.on_qemu_event(vm, name, data),
-                                  debug_qmp=self.cfg.debug_qmp, tls=self.qemu_tls, run_as=self.run_as, **how)
+                                  debug_qmp=self.cfg.debug_qmp, tls=self.qemu_tls, run_as=self.run_as,
+                                  fence=self.fence, **how)
+
+    @property
+    def fence(self) -> Fence:
+        """The deadline every QEMU's keeper enforces (written by the fence guard)."""
+        assert self.guard.deadline_file is not None
+        return Fence(self.guard.deadline_file, self.guard.lease, self.t.fence_check)
 
     def adopt(self, rec: LocalRecord, qemu: QemuVm) -> None:
         """`qemu` runs the VM now: the fence guard kills it if the lease lapses, and its exit

@@ -97,6 +97,64 @@ class ReplicaManager:
         await self.qemu.execute("cont")
         self._task = asyncio.create_task(self._run(), name=f"replica-{self.vm}")
 
+    async def adopt(self, status: str) -> None:
+        """A VM the previous agent left running (agent/adoption.py), `status` QEMU's run state:
+        what that agent had under way on the graph is undone, or finished the safe way, then
+        the loop goes on. A resync cut short is cancelled and the copy it was writing is
+        resynced in full (its bitmap may be part consumed); a local copy without its bitmap
+        means writes nobody tracked: the partner is resynced in full; a paused mirrored VM
+        whose partner is recorded behind finishes dropping it; a guest stopped on an I/O
+        error is continued once, so QEMU retries the write and names the failed copy again."""
+        cut_short = await self._cancel_resync_jobs()
+        copies, _ = self._copies_view()
+        partner = copies.partner_of(self.me) if copies else None
+        behind = [self.me] if self.mode is Mode.REMOTE_ONLY else []
+        untracked = False
+        if self.mode is Mode.LOCAL_ONLY:
+            bitmaps = {(str(n.get("node-name")), str(b.get("name")))
+                       for n in await self.qemu.execute("query-named-block-nodes", {"flat": True})
+                       for b in n.get("dirty-bitmaps", [])}
+            for g in self.graphs:
+                if g.local is not None and (g.local, BITMAP) not in bitmaps:
+                    await self._add_bitmap(g.local)
+                    untracked = True
+        if partner is not None and (untracked or (cut_short and self.mode is Mode.LOCAL_ONLY)):
+            behind.append(partner)
+        why = "resync cut short by an agent restart" if cut_short else "writes not tracked across an agent restart"
+        for host in behind if cut_short or untracked else []:
+            def outdated(c: Copies, h: str = host) -> Copies:
+                return mark(c, h, CopyState.OUTDATED, why, time.time(), full=True)
+            await self._update_copies(outdated)
+        if status == "io-error":
+            await self.qemu.execute("cont")  # (QEMU retries the failed request: the events come again)
+        elif status == "paused":
+            c = copies.state_of(partner) if copies and partner else None
+            if self.mode is Mode.MIRRORED and c is not None and c.state is not CopyState.CURRENT:
+                self._pending_drop = "remote"  # the loop finishes it (FINISH_DROP)
+            else:
+                await self.qemu.execute("cont")
+        self._task = asyncio.create_task(self._run(), name=f"replica-{self.vm}")
+
+    async def _cancel_resync_jobs(self) -> bool:
+        """End the resync jobs on this QEMU and remove their spare nodes; True if there were any."""
+        jobs = [j for j in await self.qemu.execute("query-block-jobs")
+                if str(j.get("device", "")).startswith("resync-")]
+        for job in jobs:
+            with suppress(QemuError):
+                await self.qemu.execute("block-job-cancel", {"device": job["device"], "force": True})
+        for _ in range(500):
+            if not any(str(j.get("device", "")).startswith("resync-")
+                       for j in await self.qemu.execute("query-block-jobs")):
+                break
+            await asyncio.sleep(0.01)
+        in_use = {n for g in self.graphs for n in (g.local, g.remote, g.quorum) if n}
+        for node in await self.qemu.execute("query-named-block-nodes", {"flat": True}):
+            name = str(node.get("node-name", ""))
+            if re.fullmatch(r"d\d+-(remote|local)\d+", name) and name not in in_use:
+                with suppress(QemuError):
+                    await self.qemu.execute("blockdev-del", {"node-name": name})
+        return bool(jobs)
+
     async def _add_bitmap(self, node: str) -> None:
         await self.qemu.execute("block-dirty-bitmap-add", {"node": node, "name": BITMAP,
                                                             "granularity": BITMAP_GRANULARITY})
@@ -120,21 +178,7 @@ class ReplicaManager:
             while not self._task.done():
                 self._task.cancel()
                 await asyncio.wait({self._task}, timeout=0.1)
-        for job in await self.qemu.execute("query-block-jobs"):
-            if str(job.get("device", "")).startswith("resync-"):
-                with suppress(QemuError):
-                    await self.qemu.execute("block-job-cancel", {"device": job["device"], "force": True})
-        for _ in range(500):
-            jobs = await self.qemu.execute("query-block-jobs")
-            if not any(str(j.get("device", "")).startswith("resync-") for j in jobs):
-                break
-            await asyncio.sleep(0.01)
-        in_use = {n for g in self.graphs for n in (g.local, g.remote, g.quorum) if n}
-        for node in await self.qemu.execute("query-named-block-nodes", {"flat": True}):
-            name = str(node.get("node-name", ""))
-            if re.fullmatch(r"d\d+-(remote|local)\d+", name) and name not in in_use:
-                with suppress(QemuError):
-                    await self.qemu.execute("blockdev-del", {"node-name": name})
+        await self._cancel_resync_jobs()
         if any(g.mode is Mode.REMOTE_ONLY for g in self.graphs):
             self.restart()
             raise RuntimeError(f"the VM runs on the partner's copy (its local disk on {self.me} failed): "

@@ -230,3 +230,29 @@ def _make_fleece_file(path: Path, size: int) -> None:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise QemuError(f"qemu-img create {path}: {proc.stderr.strip()}")
+
+
+async def clear_stale_points(qmp: Qmp) -> None:
+    """Remove what a capture left on a QEMU it no longer drives (its agent restarted): the
+    jobs, exports, fleecing nodes and bitmaps named PREFIX. A new capture starts afresh."""
+    jobs = {str(j["id"]) for j in await qmp.execute("query-jobs") if str(j.get("id", "")).startswith(PREFIX)}
+    for job in jobs:
+        with suppress(QemuError):
+            await qmp.execute("job-cancel", {"id": job})
+    for _ in range(500):
+        if not {str(j["id"]) for j in await qmp.execute("query-jobs")} & jobs:
+            break
+        await asyncio.sleep(0.01)
+    for export in await qmp.execute("query-block-exports"):
+        if str(export.get("id", "")).startswith(PREFIX):
+            with suppress(QemuError):
+                await qmp.execute("block-export-del", {"id": export["id"], "mode": "hard"})
+    for node in await qmp.execute("query-named-block-nodes", {"flat": True}):
+        for bitmap in node.get("dirty-bitmaps", []):
+            if str(bitmap.get("name", "")).startswith(PREFIX):
+                with suppress(QemuError):
+                    await qmp.execute("block-dirty-bitmap-remove", {"node": node["node-name"], "name": bitmap["name"]})
+    for node in await qmp.execute("query-named-block-nodes", {"flat": True}):
+        if str(node.get("node-name", "")).startswith(PREFIX):
+            with suppress(QemuError):
+                await qmp.execute("blockdev-del", {"node-name": node["node-name"]})

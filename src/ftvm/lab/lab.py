@@ -626,14 +626,17 @@ def restore_host(state: LabState, host: str) -> None:
     state.save()
 
 
-def restart_agent(state: LabState, host: str, timeout: float = 30) -> None:
-    """An orderly agent restart (as an upgrade would do): SIGTERM, wait, start again.
-    The agent stops the VMs it runs on the way out: empty the host first."""
+def restart_agent(state: LabState, host: str, timeout: float = 30, how: str = "stop") -> None:
+    """Restart a host's agent and wait until it serves again. `how`: "stop", an orderly
+    stop (SIGTERM: the agent stops the VMs it runs on the way out, so empty the host
+    first); "detach", the upgrade path (SIGUSR2: it leaves them running for the next
+    agent, agent/adoption.py); "kill", a crash (SIGKILL), the next agent started at once."""
     _check_host(state, host)
+    sig = {"stop": signal.SIGTERM, "detach": signal.SIGUSR2, "kill": signal.SIGKILL}[how]
     pid = state.pids.get(f"agent-{host}")
     if pid is not None:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
@@ -643,7 +646,7 @@ def restart_agent(state: LabState, host: str, timeout: float = 30) -> None:
                     break
             except OSError:
                 break
-            time.sleep(0.1)
+            time.sleep(0.02)
     start_agent(state, host)
     state.save()
     wait_for_hosts(state, [host], timeout)

@@ -24,6 +24,7 @@ are separate file/NBD nodes on the same image (file locking off on them).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
@@ -235,3 +236,29 @@ def _to_quorum(g: DiskGraph, local: str, remote: str, new_path: dict[str, Any],
         ("blockdev-del", {"node-name": old_path}),
     ]
     return DiskGraph(g.index, Mode.MIRRORED, g.serial + 1, local, remote, quorum), steps
+
+
+def graph_of(index: int, block_graph: dict[str, Any]) -> DiskGraph | None:
+    """Disk `index`'s level 2 graph as QEMU runs it now (`x-debug-query-block-graph`): what
+    a new agent adopting a running VM starts from (agent/adoption.py). None: `disk<i>` is
+    not a level 2 copy graph (levels 0/1, or not a graph ftvm made)."""
+    names = {n["id"]: str(n.get("name", "")) for n in block_graph.get("nodes", [])}
+    children: dict[str, dict[str, str]] = {}
+    for e in block_graph.get("edges", []):
+        children.setdefault(names.get(e["parent"], ""), {})[str(e["name"])] = names.get(e["child"], "")
+    pattern = re.compile(rf"d{index}-(local|remote|q)(\d+)")
+    serial = 1 + max((int(m.group(2)) for n in names.values() if (m := pattern.fullmatch(n))), default=0)
+    top = children.get(f"disk{index}", {}).get("file", "")
+    kind = pattern.fullmatch(top)
+    if kind is None:
+        return None
+    if kind.group(1) == "local":
+        return DiskGraph(index, Mode.LOCAL_ONLY, serial, top, None, None)
+    if kind.group(1) == "remote":
+        return DiskGraph(index, Mode.REMOTE_ONLY, serial, None, top, None)
+    below = list(children.get(top, {}).values())
+    local = next((n for n in below if n.startswith(f"d{index}-local")), None)
+    remote = next((n for n in below if n.startswith(f"d{index}-remote")), None)
+    if local is None or remote is None or len(below) != 2:
+        return None
+    return DiskGraph(index, Mode.MIRRORED, serial, local, remote, top)

@@ -91,15 +91,50 @@ def tap_name(vm: str, nic: int = 0) -> str:
     return f"ft-{vm}.{nic}" if len(vm) <= 10 else f"ft{digest[:11]}.{nic}"
 
 
+def monitor(path: Path, name: str, fd: int | None, wait: bool = False) -> list[str]:
+    """A QMP monitor on unix socket `path`. QEMU 7.2 moves a QMP socket's listener to its
+    monitor thread after start, and a client that connects during the move races two
+    watchers: the monitor thread could block in accept() for good and never read the
+    client (seen: a test's first QMP command never answered), or a handshake came out
+    wrong (seen once under load). So, given `fd` (a socket already listening at `path`,
+    non-blocking: a stray accept() fails instead of blocking) and `wait`, QEMU accepts
+    its first client before it sets the monitor up, and no connection can meet the
+    move: the caller connects at once (the kernel queues it until QEMU accepts)."""
+    if fd is None:
+        return ["-qmp", f"unix:{path},server=on,wait=off"]
+    return ["-chardev", f"socket,id={name},fd={fd},server=on,wait={'on' if wait else 'off'}",
+            "-mon", f"chardev={name},mode=control"]
+
+
+def listening_socket(path: Path) -> int:
+    """A non-blocking unix socket listening at `path` (replacing any file there), for
+    `monitor`; the caller passes the descriptor on, then closes its own."""
+    import socket
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(16)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()
+
+
 def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
                   blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
                   debug_qmp: bool = False, checkpointed: Checkpointed | None = None,
-                  incoming: bool = False, tls_dir: Path | None = None, tap_fds: list[int] | None = None
-                  ) -> list[str]:
+                  incoming: bool = False, tls_dir: Path | None = None, tap_fds: list[int] | None = None,
+                  monitor_fds: dict[Path, int] | None = None) -> list[str]:
     """`blockdevs` (levels 2, 3): per disk, the -blockdev nodes, the last one named disk<i>.
     Those disks stop the VM on an I/O error (werror/rerror=stop) so the agent can act.
     `checkpointed` (level 3): RAM in a shared file, NICs through the output-commit relay,
-    and, to resume a replica, an incoming device state."""
+    and, to resume a replica, an incoming device state. `monitor_fds`: QMP sockets the
+    caller made, listening and non-blocking, by path (see `monitor`)."""
+    def qmp(path: Path, name: str, wait: bool = False) -> list[str]:
+        return monitor(path, name, (monitor_fds or {}).get(path), wait)
+
     cmd = [
         # debug-threads: the vCPU threads are named ("CPU 0/TCG"), so an outside witness can
         # tell a QEMU that has run the guest from one still waiting for it (lab/observer.py)
@@ -114,7 +149,7 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
         # or not anyone is attached (with nobody there, the guest's output is only logged)
         "-chardev", f"socket,id=ser0,path={paths.console},server=on,wait=off,logfile={paths.serial}",
         "-serial", "chardev:ser0",
-        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        *qmp(paths.qmp, "qmp", wait=True),  # (QemuVm.attach connects at once)
         "-sandbox", SANDBOX,
         # a guest kernel panic is reported (GUEST_PANICKED) and left to the agent, which
         # restarts the guest or gives up (agent/guest.py); the device has no migration state
@@ -127,13 +162,13 @@ def build_cmdline(spec: VmSpec, paths: VmPaths, accel: Accel, taps: list[str],
     if checkpointed is not None:
         cmd += ["-object", f"memory-backend-file,id=pc.ram,size={spec.memory_mib}M,"
                            f"mem-path={checkpointed.ram_file},share=on",
-                "-qmp", f"unix:{paths.checkpoint_qmp},server=on,wait=off"]
+                *qmp(paths.checkpoint_qmp, "qmp-checkpoint")]
         if checkpointed.incoming:
             cmd += ["-incoming", "defer"]
     if incoming and not (checkpointed and checkpointed.incoming):  # a live migration's target
         cmd += ["-incoming", "defer"]
     if debug_qmp:
-        cmd += ["-qmp", f"unix:{paths.debug_qmp},server=on,wait=off"]
+        cmd += qmp(paths.debug_qmp, "qmp-debug")
     if paused:
         cmd += ["-S"]
     if spec.boot.kernel:

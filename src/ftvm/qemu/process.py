@@ -1,8 +1,8 @@
 """Run one VM's QEMU: its tap devices, the process, and one long-lived QMP connection.
 
-QEMU is the agent's child and gets SIGKILL if the agent dies
-(PR_SET_PDEATHSIG): a VM never outlives the agent that fences it. The kill
-path uses a pidfd, so a recycled PID can never be hit.
+QEMU is the child of a keeper (qemu/keeper.py), not of the agent: it outlives an agent
+restart, never the host's fence deadline. The kill path uses a pidfd, so a recycled PID
+can never be hit.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from ..core.model import VmSpec
-from .cmdline import Checkpointed, VmPaths, build_cmdline, tap_names
-from .runas import RunAs, popen_as
+from . import keeper
+from .cmdline import Checkpointed, VmPaths, build_cmdline, listening_socket, tap_names
+from .runas import RunAs
 from .tls import QemuTls
 from .probe import Accel
 
@@ -38,11 +40,13 @@ def die_with_parent() -> None:  # runs in the child between fork and exec
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def guest_process() -> None:  # runs in the child between fork and exec
-    """A QEMU: dies with the agent, and drops back to nice 0 from the agent's -10 (the
-    agent renews the lease and must never wait behind a guest's vCPUs)."""
-    die_with_parent()
-    _LIBC.setpriority(0, 0, 0)  # PRIO_PROCESS, this process, nice 0
+@dataclass(frozen=True)
+class Fence:
+    """The host's fence deadline as QEMU's keeper reads it (agent/fence.py writes it)."""
+
+    deadline_file: Path
+    lease: int
+    check: float
 
 
 class QemuError(RuntimeError):
@@ -69,6 +73,14 @@ def _ip(*args: str) -> None:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise QemuError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    return lines[-1] if lines else "no output"
 
 
 def ensure_tap(tap: str, bridge: str | None, user: int | None = None) -> None:
@@ -127,10 +139,22 @@ def _files_opened(spec: VmSpec, blockdevs: list[list[dict[str, Any]]] | None,
     return files
 
 
-class QemuVm:
-    """One running QEMU. Create with `await QemuVm.start(...)`."""
+class QemuProcess(Protocol):
+    """What QemuVm needs of the process: a keeper's `Kept`, or (tests) an asyncio Process."""
 
-    def __init__(self, spec: VmSpec, paths: VmPaths, proc: asyncio.subprocess.Process,
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+class QemuVm:
+    """One running QEMU. Create with `await QemuVm.start(...)`, or `adopt` one a keeper
+    kept running through an agent restart."""
+
+    def __init__(self, spec: VmSpec, paths: VmPaths, proc: QemuProcess,
                  pidfd: int, taps: list[str], run_as: RunAs | None = None) -> None:
         self.spec = spec
         self.run_as = run_as  # the user this QEMU runs as (None: root)
@@ -151,11 +175,13 @@ class QemuVm:
                     blockdevs: list[list[dict[str, Any]]] | None = None, paused: bool = False,
                     debug_qmp: bool = False, checkpointed: Checkpointed | None = None,
                     incoming: bool = False, tls: QemuTls | None = None, run_as: RunAs | None = None,
-                    env: dict[str, str] | None = None) -> QemuVm:
+                    env: dict[str, str] | None = None, fence: Fence | None = None) -> QemuVm:
         """`checkpointed` (level 3): the caller owns the taps (its relay listens on
         `paths.nic_socket(i)` before this is called). `run_as`: the unprivileged user
         QEMU runs as; it is handed the files this QEMU opens (qemu/runas.py). `env`: added
-        to QEMU's environment (level 3: the write-tracking shim, l3/writes.py)."""
+        to QEMU's environment (level 3: the write-tracking shim, l3/writes.py). `fence`: the
+        deadline its keeper enforces (None: tests without an agent, a deadline file of
+        the run directory's own, far ahead)."""
         if blockdevs is None:
             for disk in spec.disks:
                 if not Path(disk.path).exists():
@@ -180,28 +206,39 @@ class QemuVm:
         tls_dir = paths.run_dir / "tls" if tls is not None else None
         if tls is not None and tls_dir is not None:
             tls.write(tls_dir, (run_as.uid, run_as.gid) if run_as else None)
-        cmd = build_cmdline(spec, paths, accel, taps, blockdevs, paused or incoming, debug_qmp, checkpointed,
-                            incoming, tls_dir, tap_fds)
-        log.info("starting %s: %s", spec.name, " ".join(cmd))
-        stderr = open(paths.run_dir / "qemu.log", "ab")
+        monitors = [paths.qmp] + ([paths.checkpoint_qmp] if checkpointed is not None else []) + (
+            [paths.debug_qmp] if debug_qmp else [])
+        monitor_fds: dict[Path, int] = {}
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, pass_fds=tap_fds,
-                preexec_fn=guest_process, start_new_session=True, env={**os.environ, **(env or {})},
-                **popen_as(run_as))
+            for path in monitors:
+                monitor_fds[path] = listening_socket(path)
+            cmd = build_cmdline(spec, paths, accel, taps, blockdevs, paused or incoming, debug_qmp, checkpointed,
+                                incoming, tls_dir, tap_fds, monitor_fds)
+            log.info("starting %s: %s", spec.name, " ".join(cmd))
+            if fence is None:
+                fence = Fence(paths.run_dir / "fence-deadline", 1, 0.05)
+                keeper.write_deadline(fence.deadline_file, fence.lease, time.monotonic() + 10 * 365 * 86400)
+            user = (run_as.uid, run_as.gid, run_as.groups) if run_as is not None else None
+            try:
+                kept = await keeper.spawn(cmd, paths.run_dir, paths.run_dir / "qemu.log", fence.deadline_file,
+                                          fence.lease, fence.check, tap_fds + list(monitor_fds.values()), user,
+                                          env or {})
+            except keeper.KeeperError as e:
+                raise QemuError(f"QEMU did not start: {e}: {_last_line(paths.run_dir / 'qemu.log')}") from None
         finally:
-            stderr.close()
-            for fd in tap_fds:  # QEMU holds its own copies; a tap held here could not be reopened
+            # QEMU holds its own copies; a tap held here could not be reopened
+            for fd in tap_fds + list(monitor_fds.values()):
                 os.close(fd)
-        return await QemuVm.attach(spec, paths, proc, taps if checkpointed is None else [], run_as, on_event)
+        return await QemuVm.attach(spec, paths, kept, taps if checkpointed is None else [], run_as, on_event)
 
     @staticmethod
-    async def attach(spec: VmSpec, paths: VmPaths, proc: asyncio.subprocess.Process, taps: list[str],
+    async def attach(spec: VmSpec, paths: VmPaths, proc: QemuProcess, taps: list[str],
                      run_as: RunAs | None = None,
                      on_event: Callable[[str, dict[str, Any]], None] | None = None) -> QemuVm:
         """A QemuVm for a process just started, once its QMP socket (`paths.qmp`) answers.
-        `start` uses it; so do tests, with a fake QEMU (tests/fake_qemu.py)."""
-        vm = QemuVm(spec, paths, proc, os.pidfd_open(proc.pid), taps, run_as)
+        `start` uses it; so do tests, with a fake QEMU (tests/fake_qemu.py), and `adopt`."""
+        pidfd = proc.open_pidfd() if isinstance(proc, keeper.Kept) else os.pidfd_open(proc.pid)
+        vm = QemuVm(spec, paths, proc, pidfd, taps, run_as)
         try:
             await vm._connect_qmp(timeout=10.0)
         except BaseException:
@@ -212,20 +249,33 @@ class QemuVm:
             vm._event_task = asyncio.create_task(vm._pump_events(on_event))
         return vm
 
+    @staticmethod
+    async def adopt(spec: VmSpec, paths: VmPaths, kept: keeper.Kept, taps: list[str], run_as: RunAs | None,
+                    on_event: Callable[[str, dict[str, Any]], None] | None) -> QemuVm:
+        """The QEMU a keeper kept running while no agent watched it: connect to it again.
+        Its start time is its process's, not now."""
+        vm = await QemuVm.attach(spec, paths, kept, taps, run_as, on_event)
+        try:
+            ticks = keeper.process_start(kept.pid) / os.sysconf("SC_CLK_TCK")
+            vm.started_at = time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks)
+        except OSError:
+            pass
+        return vm
+
     async def _connect_qmp(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.returncode is not None:
-                err = (self.paths.run_dir / "qemu.log").read_text(errors="replace").strip().splitlines()
                 raise QemuError(f"QEMU exited at start (code {self.proc.returncode}): "
-                                f"{err[-1] if err else 'no output'}")
+                                f"{_last_line(self.paths.run_dir / 'qemu.log')}")
             if self.paths.qmp.exists():
-                try:
-                    await self.qmp.connect(str(self.paths.qmp))
+                try:  # (bounded: a listening socket accepts before QEMU greets)
+                    await asyncio.wait_for(self.qmp.connect(str(self.paths.qmp)),
+                                           max(0.1, deadline - time.monotonic()))
                     return
-                except (QMPError, OSError) as e:  # ConnectError wraps the OSError
+                except (QMPError, OSError, TimeoutError) as e:  # ConnectError wraps the OSError
                     if time.monotonic() > deadline:
-                        raise QemuError(f"QMP connect failed: {e}") from e
+                        raise QemuError(f"QMP connect failed: {e or 'no greeting'}") from e
             if time.monotonic() > deadline:
                 raise QemuError("QMP socket did not appear")
             await asyncio.sleep(0.005)  # (a level 3 takeover waits on this)
@@ -324,3 +374,5 @@ class QemuVm:
         except OSError:
             pass
         self.pidfd = -1
+        if isinstance(self.proc, keeper.Kept):
+            self.proc.close()
