@@ -22,7 +22,7 @@ Why it is safe:
   * its RAM is the replica file, mapped shared: what the standby applies later shows
     through the mapping, so it holds exactly what a QEMU started at takeover time would;
     nothing in QEMU writes guest RAM while it waits for an incoming state;
-  * it dies with the agent (PR_SET_PDEATHSIG), like every QEMU;
+  * it ends with the agent (its keeper kills it: qemu/keeper.py), as a level 3 QEMU does;
   * the lab's outside witness (lab/observer.py) counts a QEMU as a running copy once its
     vCPU threads have run, so a waiting one is not a second copy, and an adopted one is.
 

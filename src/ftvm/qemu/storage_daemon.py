@@ -2,7 +2,7 @@
 NBD on the host's replication address: nbdkit with ftvm's filter where it can (no flush
 round trip: qemu/copy_server.py), else qemu-storage-daemon.
 
-Like QEMU, it dies with the agent (PR_SET_PDEATHSIG): a partner whose agent is
+It dies with the agent (PR_SET_PDEATHSIG): a partner whose agent is
 gone stops serving, the primary sees its replica fail and records it outdated.
 """
 
