@@ -6,6 +6,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from ftvm.agent.fence import FenceGuard
 
 
@@ -63,3 +65,20 @@ def test_renewal_moves_deadline_forward_only() -> None:
     assert guard.remaining() > 4
     guard.disarm()
     assert not guard.may_run()
+
+
+def test_the_guard_publishes_the_deadline_for_the_keepers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each renewal moves the keepers' deadline on (never back); a new lease ends the old
+    one's keepers; a lost lease ends every keeper now."""
+    from ftvm.qemu.keeper import may_run, read_deadline
+    f = tmp_path / "fence-deadline"
+    guard = FenceGuard(1, lambda names, at: None, f)
+    now = time.monotonic()
+    guard.arm(now + 60, lease=7)
+    assert read_deadline(f) == (7, pytest.approx(now + 60, abs=1e-5)) and may_run(f, 7) and not may_run(f, 8)
+    guard.arm(now + 30, lease=7)  # an older renewal's answer arriving late: not backwards
+    assert read_deadline(f) == (7, pytest.approx(now + 60, abs=1e-5))
+    guard.arm(now + 40, lease=8)  # the host joined again: the new lease, its own deadline
+    assert read_deadline(f) == (8, pytest.approx(now + 40, abs=1e-5)) and not may_run(f, 7)
+    guard.disarm()
+    assert not may_run(f, 8)

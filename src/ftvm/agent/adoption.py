@@ -48,7 +48,7 @@ from ..dr.capture import clear_stale_points
 from ..qemu import keeper
 from ..qemu.blockgraph import DiskGraph, LocalImage, graph_of
 from ..qemu.cmdline import VmPaths, tap_names
-from ..qemu.process import QemuError, QemuVm
+from ..qemu.process import QemuError, QemuVm, remove_tap
 from .context import HostContext
 from .local import LocalRecord
 from .processes import Processes
@@ -125,6 +125,10 @@ class Adoption:
                 why_not = f"could not be adopted: {e}"
             if why_not is not None:
                 await self._end(kept, why_not, snapshot)
+        in_use = {t for rec in self.procs.vms.values() if rec.qemu is not None for t in rec.qemu.taps}
+        for tap in await asyncio.to_thread(stale_taps, in_use, self.procs.run_as.uid if self.procs.run_as else None):
+            await asyncio.to_thread(remove_tap, tap)
+            log.info("removed tap %s: no QEMU here uses it (left by a QEMU that ended without its agent)", tap)
 
     def _report_fenced(self) -> None:
         """Say which QEMUs their keepers killed at the fence deadline while no agent ran."""
@@ -225,3 +229,19 @@ class Adoption:
         self.procs.vms[name] = LocalRecord(name, meta.token, RunState.CRASHED, exit_code=-int(signal.SIGKILL),
                                            detail=f"ended at an agent restart: {why}", failures=retry.failures,
                                            retry_at=retry.at)
+
+
+def stale_taps(in_use: set[str], owner: int | None) -> list[str]:
+    """ftvm's taps on this host (named by `cmdline.tap_name`, owned by QEMU's user) that no
+    running QEMU here uses: a QEMU that ended while no agent ran leaves its taps behind."""
+    found = []
+    for dev in Path("/sys/class/net").iterdir():
+        if not dev.name.startswith("ft") or dev.name in in_use or not (dev / "tun_flags").exists():
+            continue
+        try:
+            tap_owner = int((dev / "owner").read_text())
+        except (OSError, ValueError):
+            continue
+        if tap_owner == (owner if owner is not None else -1):
+            found.append(dev.name)
+    return found

@@ -12,7 +12,9 @@ a drawn time, healed; then the pool is watched until every VM runs protected aga
   * no stale copy promoted: that check after each failover, and the copies record says
     current only of copies the resync made so;
   * back to protected within RECOVERY_BOUND_S of the heal (docs/architecture.md);
-  * nothing leaked: on each host, only the QEMUs of the VMs it runs or keeps a standby of.
+  * nothing leaked: on each host, only the QEMUs of the VMs it runs or keeps a standby of,
+    each with its keeper, and only their taps and level 3 RAM files; no namespace came
+    or went.
 A failing cycle prints the seed, its schedule and the agents' events; the same seed
 replays the same schedule (`--seed S --cycles K` stops at K).
 """
@@ -39,6 +41,7 @@ from ..guest.build import GuestImage
 from ..store.etcd import EtcdError
 from . import lab as labmod
 from . import topology as topo
+from ..qemu.cmdline import tap_name
 from .faults import fail_disk
 from .observer import CopyObserver, find_copies
 from .scenario import LabClient, LabPool, ScenarioError, check_acked_on_disk, sequence_breaks
@@ -123,6 +126,7 @@ class Campaign:
         self.clients: dict[str, LabClient] = {}
         self.observers: dict[str, CopyObserver] = {}
         self.report = CampaignReport(seed)
+        self.namespaces: list[str] = []  # the lab's, when the campaign began
 
     # --- set-up and tear-down --------------------------------------------------------------
     def start(self) -> None:
@@ -137,6 +141,7 @@ class Campaign:
             self.pool.wait_running(vm, 120)
             self.pool.wait_answering(self._ip(vm), 120)
         self._wait_protected(time.time())
+        self.namespaces = labmod.existing_namespaces()
         for vm in self.vms:
             self.observers[vm] = CopyObserver(vm).start()
             self.clients[vm] = LabClient(self.state, self._ip(vm), f"{vm}-s{self.seed}", 0.05, reply_timeout=60)
@@ -371,17 +376,60 @@ class Campaign:
             if lost:
                 out.append(f"{vm}: {len(lost)} acknowledged records missing from the disk it runs from "
                            f"(first: {lost[0]})")
-        for host in self.state.hosts:  # nothing leaked: each QEMU belongs to a VM running or kept there
+        return out + self._leaks(snap)
+
+    def _leaks(self, snap: PoolSnapshot) -> list[str]:
+        """Nothing leaked: on each host, each QEMU belongs to a VM running or kept there and has
+        one keeper; taps and level 3 RAM files only of such VMs; the lab's namespaces and no
+        other."""
+        out = []
+        if sorted(labmod.existing_namespaces()) != sorted(self.namespaces):
+            out.append(f"namespaces changed: {sorted(self.namespaces)} -> {sorted(labmod.existing_namespaces())}")
+        for host in self.state.hosts:
+            if host in self.state.failed:
+                continue
             ns = topo.host_ns(host)
+            here: set[str] = set()  # the VMs this host runs or keeps a copy of
             for vm in self.vms:
                 copies = [pid for pid, where in find_copies(vm, waiting_too=True) if where == ns]
                 view = snap.vms.get(vm)
-                allowed = 1 if view is not None and view.owner is not None and view.owner.host == host else 0
+                runs = view is not None and view.owner is not None and view.owner.host == host
+                keeps = view is not None and view.copies is not None and host in view.copies.copies
+                here |= {vm} if runs or (keeps and self.vms[vm] == 3) else set()
+                allowed = 1 if runs else 0
                 if self.vms[vm] == 3:
                     allowed += 1  # (a partner's standby started ahead: agent/warm.py)
                 if len(copies) > allowed:
                     out.append(f"{vm}: {len(copies)} QEMUs on {host}, at most {allowed} expected")
+            commands = [_cmdline(pid) for pid in labmod.ns_pids(ns)]
+            qemus = sum(1 for c in commands if c.startswith(b"qemu-system"))
+            keepers = sum(1 for c in commands if b"ftvm.qemu.keeper" in c)
+            if keepers != qemus:
+                out.append(f"{host}: {keepers} keepers for {qemus} QEMUs")
+            listed = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "type", "tun"], capture_output=True,
+                                    text=True).stdout
+            taps = {line.split(":")[1].strip().split("@")[0] for line in listed.splitlines() if ":" in line}
+            allowed_taps = {tap_name(vm) for vm in here}
+            stray = sorted(t for t in taps if t.startswith("ft") and t not in allowed_taps)
+            if stray:
+                out.append(f"{host}: taps of no VM running or kept there: {', '.join(stray)}")
+            ram = topo.LAB_RAM_DIR / host
+            files = {d.name for d in ram.iterdir() if not d.name.startswith(".")} if ram.is_dir() else set()
+            extra = files - here - self._other_vms(snap)
+            if extra:
+                out.append(f"{host}: level 3 RAM files of VMs not kept there: {sorted(extra)}")
         return out
+
+    def _other_vms(self, snap: PoolSnapshot) -> set[str]:
+        """VMs the campaign did not make (another test's, left running): not its business."""
+        return set(snap.vms) - set(self.vms)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _alive(pid: int | None) -> bool:
