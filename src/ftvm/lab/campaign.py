@@ -12,6 +12,7 @@ a drawn time, healed; then the pool is watched until every VM runs protected aga
   * no stale copy promoted: that check after each failover, and the copies record says
     current only of copies the resync made so;
   * back to protected within RECOVERY_BOUND_S of the heal (docs/architecture.md);
+  * an agent upgrade alone restarts no level 1-2 guest: the same QEMU process runs it after;
   * nothing leaked: on each host, only the QEMUs of the VMs it runs or keeps a standby of,
     each with its keeper, and only their taps and level 3 RAM files; no namespace came
     or went.
@@ -47,8 +48,8 @@ from .observer import CopyObserver, find_copies
 from .scenario import LabClient, LabPool, ScenarioError, check_acked_on_disk, sequence_breaks
 
 RECOVERY_BOUND_S = 240.0  # heal -> every VM running and protected again (lab timing, TCG guests)
-FAULTS = ("power", "agent-kill", "agent-stop", "qemu-crash", "a-link", "a-links", "quorum-cut", "quorum-lost",
-          "disk-eio")
+FAULTS = ("power", "agent-kill", "agent-stop", "agent-upgrade", "qemu-crash", "guest-panic", "a-link", "a-links",
+          "quorum-cut", "quorum-lost", "disk-eio")
 LEVEL_OF = {1: Level.RESTART, 2: Level.COMPONENT, 3: Level.SYSTEM}
 
 
@@ -136,7 +137,8 @@ class Campaign:
             self.progress(f"removing the VMs an earlier campaign left: {', '.join(sorted(left))}")
             self._remove_vms()
         for i, (vm, level) in enumerate(self.vms.items()):
-            self.pool.define_ledger_vm(vm, 70 + i, LEVEL_OF[level], self.image, host=self.state.hosts[i % 3])
+            self.pool.define_ledger_vm(vm, 70 + i, LEVEL_OF[level], self.image, host=self.state.hosts[i % 3],
+                                       guest_restarts=100, guest_window_s=60)  # (panics are faults here)
         for vm in self.vms:
             self.pool.wait_running(vm, 120)
             self.pool.wait_answering(self._ip(vm), 120)
@@ -201,7 +203,7 @@ class Campaign:
             f = Fault(kind, host, hold_s=round(self.rng.uniform(2, 20), 1))
             if kind in ("a-link", "a-links"):
                 f.peer = self.rng.choice([h for h in hosts if h != host])
-            if kind in ("qemu-crash", "disk-eio"):
+            if kind in ("qemu-crash", "disk-eio", "guest-panic"):
                 running = [vm for vm, v in snap.vms.items() if vm in self.vms and v.owner is not None
                            and (kind != "disk-eio" or self.vms[vm] == 2)]
                 if not running:
@@ -212,6 +214,8 @@ class Campaign:
                 f.host = view.owner.host
             if kind == "quorum-lost":
                 f.host, f.hold_s = "", round(self.rng.uniform(2, 4), 1)  # (within the lease: nothing stops)
+            if kind in ("agent-upgrade", "guest-panic"):
+                f.hold_s = 0.0  # (done at once: what follows is the pool's doing)
             used.add(f.host)
             faults.append(f)
         return faults
@@ -223,6 +227,8 @@ class Campaign:
         for vm in self.vms:  # (an outside witness per cycle: a violation names its cycle)
             self.observers[vm].stop()
             self.observers[vm] = CopyObserver(vm).start()
+        kept = {vm: find_copies(vm) for vm in self.vms if self.vms[vm] < 3}  # (an agent upgrade keeps these)
+        upgraded = {f.host for f in faults if f.kind == "agent-upgrade"}
         heals = [(f, self._inject(f)) for f in faults]
         time.sleep(max((f.hold_s for f in faults), default=0))  # (the fault's length is the schedule's)
         for f, heal in sorted(heals, key=lambda fh: fh[0].kind != "quorum-lost"):  # (the quorum first)
@@ -236,6 +242,11 @@ class Campaign:
         except ScenarioError as e:
             c.violations.append(f"not protected again within {RECOVERY_BOUND_S:g} s of the heal: {e}")
         c.violations += self._check()
+        if len(faults) == 1 and upgraded:  # (alone: another fault may restart a guest for its own reasons)
+            for vm, before in kept.items():
+                if any(ns == topo.host_ns(h) for _, ns in before for h in upgraded) and find_copies(vm) != before:
+                    c.violations.append(f"{vm}: its QEMU did not live through the agent upgrade "
+                                        f"({before} -> {find_copies(vm)})")
         self.report.cycles.append(c)
         if c.violations:
             self.progress(f"cycle {n} VIOLATED: {c.violations}")
@@ -265,6 +276,13 @@ class Campaign:
                 st.save()
                 labmod.wait_for_hosts(st, [f.host], 60)
             return agent_back
+        if f.kind == "agent-upgrade":  # SIGUSR2, the next agent started at once (agent/adoption.py)
+            labmod.restart_agent(st, f.host, timeout=60, how="detach")
+            return nothing
+        if f.kind == "guest-panic":  # the demo guest's kernel panics; the owner restarts it (agent/guest.py)
+            if self.pool.ask(self._ip(f.vm), "X panic") != "OK X panic":
+                self.report.ineffective.append(f"{f}: the guest did not take the command")
+            return nothing
         if f.kind == "agent-stop":
             pid = st.pids[f"agent-{f.host}"]
             os.kill(pid, signal.SIGSTOP)
