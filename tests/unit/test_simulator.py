@@ -16,7 +16,7 @@ def test_three_hundred_schedules_keep_every_invariant_and_come_back_protected() 
     d = figures.to_json()
     assert d["violations"] == [], d["violations"][:3]
     assert figures.schedules == 300 and figures.writes_acked > 1000
-    assert all(figures.faults[k] > 50 for k in ("power", "cut", "link")), figures.faults
+    assert all(figures.faults[k] > 50 for k in ("power", "cut", "link", "restart")), figures.faults
     assert d["recovery_s"]["max"] <= world.RECOVERY_BOUND_S
     print(d)
 
@@ -55,6 +55,25 @@ def test_level3_output_released_before_the_partners_ack_is_caught(monkeypatch: p
         await real(self, h, vm, token)
     monkeypatch.setattr(world.World, "_checkpoint_and_write", no_output_commit)
     assert "acknowledged" in _first_violation(300)
+
+
+def test_keepers_that_do_not_fence_while_the_agent_is_away_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QEMU kept running past the lease's deadline while no agent renews it (qemu/keeper.py
+    without its fence): the lease expires, another host starts the VM, two copies."""
+    real = world.World._agent_dies
+
+    def unfenced(self: world.World, h: world.SimHost) -> None:
+        real(self, h)
+        h.fence_deadline = float("inf")
+    monkeypatch.setattr(world.World, "_agent_dies", unfenced)
+    assert " runs on " in _first_violation(300)
+
+
+def test_agent_restarts_keep_guests_in_the_schedules() -> None:
+    """(Agent restarts are exercised: a new agent keeps the lease and adopts running VMs.)"""
+    traces = [line for seed in range(40) for line in world.run(seed).trace]
+    adopted = [line for line in traces if "new agent: lease kept, adopted vm" in line]
+    assert len(adopted) >= 5, len(adopted)
 
 
 def test_level3_takeovers_happen_in_the_schedules() -> None:

@@ -130,6 +130,7 @@ class SimHost:
     unprotected: set[str] = field(default_factory=set)  # level 3 VMs whose partner it recorded outdated
     plan: list[Decision] = field(default_factory=list)
     plan_snapshot: PoolSnapshot | None = None
+    restarting: bool = False          # its agent died; the next one has not taken the lease back yet
 
 
 @dataclass
@@ -232,11 +233,14 @@ class World:
         self._check()
 
     def _inject(self) -> None:
-        kind = self.rng.choice(["power", "cut", "link", "heal"])
+        kind = self.rng.choice(["power", "cut", "link", "restart", "heal"])
         h = self.rng.choice(list(self.hosts.values()))
-        if kind == "power":
+        if kind == "restart":
+            if h.up and h.lease and not h.restarting:
+                self._agent_dies(h)
+        elif kind == "power":
             if h.up:
-                h.up = False  # its VMs die with it; its disks keep what they hold
+                h.up, h.restarting = False, False  # its VMs die with it; its disks keep what they hold
                 h.local.clear()
                 h.exports.clear()
                 h.standbys.clear()  # (a replica in tmpfs: gone with the power)
@@ -266,9 +270,60 @@ class World:
     def reachable(self, a: str, b: str) -> bool:
         return self.hosts[a].up and self.hosts[b].up and frozenset((a, b)) not in self.links_down
 
+    def _agent_dies(self, h: SimHost) -> None:
+        """The agent process ends (qemu/keeper.py): its plans, its level 3 standbys and its
+        copy servers with it; a level 3 QEMU dies with it too (its NICs went through the
+        agent); levels 1-2 QEMUs run on under their keepers, fenced by the last deadline."""
+        h.restarting = True
+        h.plan = []
+        h.exports.clear()
+        h.standbys.clear()
+        for vm in list(h.local):
+            if self.spec_of(vm).level is Level.SYSTEM:
+                del h.local[vm]
+                self.pending.pop((h.name, vm), None)
+                h.paused.discard(vm)
+                h.unprotected.discard(vm)
+        self.note(h, "agent died; kept: " + ", ".join(sorted(h.local)))
+
+    async def _resume(self, h: SimHost) -> None:
+        """The next agent (agent/lease.py, agent/adoption.py): renews the lease etcd still
+        holds and adopts each kept VM it still owns under its token (the others are killed);
+        a lease etcd dropped ends every kept VM (the deadline file names the new lease)."""
+        sent = self.clock.now
+        try:
+            ttl = await h.store.etcd.lease_keepalive(h.lease)
+            snap = await h.store.snapshot()
+        except EtcdError:
+            return  # (it tries again; the keepers hold the old deadline meanwhile)
+        if ttl <= 0:
+            for rec in h.local.values():
+                rec.state, rec.exit_code = RunState.STOPPED, -9
+            h.local.clear()
+            h.restarting, h.lease = False, 0
+            self.note(h, "new agent: the lease was gone, every kept VM ended")
+            return
+        h.renewed_at = sent
+        h.fence_deadline = max(h.fence_deadline, sent + ttl - FENCE_MARGIN)
+        for vm, rec in list(h.local.items()):
+            view = snap.vms.get(vm)
+            if rec.state is not RunState.RUNNING or view is None or view.owner is None \
+                    or (view.owner.host, view.owner.token) != (h.name, rec.token):
+                del h.local[vm]
+                self.pending.pop((h.name, vm), None)
+        h.restarting = False
+        self.note(h, "new agent: lease kept, adopted " + ", ".join(sorted(h.local)))
+
     async def _host_step(self, h: SimHost) -> None:
         """One of the host's activities, in a random order: lease renewal (with the fence
         guard), a tick's snapshot and decisions, one decision carried out, a guest write."""
+        if h.restarting:
+            self._fence_if_due(h)  # (the keepers: whether or not an agent runs)
+            if self.rng.random() < 0.5:
+                await self._resume(h)
+            else:
+                await self._write_unattended(h)
+            return
         if not h.lease:
             await self._join(h)
             return
@@ -499,7 +554,7 @@ class World:
         for p, c in copies.copies.items():
             if p == h.name or c.state is not CopyState.CURRENT:
                 continue
-            if self.reachable(h.name, p):
+            if self._serves(h, p, vm):
                 self.hosts[p].disks[vm] = h.disks[vm]
                 continue
             new = mark(copies, p, CopyState.OUTDATED, "partner unreachable", self.clock.now)
@@ -512,6 +567,38 @@ class World:
             copies = got
         if self._running_here(h, vm) == token:
             self.acked[vm] = max(self.acked[vm], self.pending.pop((h.name, vm)))
+
+    async def _write_unattended(self, h: SimHost) -> None:
+        """A guest write while no agent runs here: QEMU goes on alone. Level 1: to the shared
+        disk. Level 2: to every copy the last record called current, through their copy
+        servers; one it cannot reach fails the write, and the guest waits (werror=stop)
+        for the next agent."""
+        running = [vm for vm in h.local if self._running_here(h, vm) is not None]
+        if not running:
+            return
+        vm = self.rng.choice(running)
+        if self.spec_of(vm).level is Level.RESTART:
+            self.shared[vm] += 1
+            self.acked[vm] = self.shared[vm]
+            return
+        try:
+            snap = await self.admin.snapshot()  # (what the record says; the QEMU's graph follows it)
+        except EtcdError:
+            return
+        view = snap.vms.get(vm)
+        if view is None or view.copies is None:
+            return
+        partners = [p for p, c in view.copies.copies.items() if p != h.name and c.state is CopyState.CURRENT]
+        if not all(self._serves(h, p, vm) for p in partners):
+            return
+        h.disks[vm] = h.disks.get(vm, 0) + 1
+        for p in partners:
+            self.hosts[p].disks[vm] = h.disks[vm]
+        self.acked[vm] = max(self.acked[vm], h.disks[vm])
+
+    def _serves(self, primary: SimHost, partner: str, vm: str) -> bool:
+        """The partner's copy server takes the primary's writes (it runs while its agent does)."""
+        return self.reachable(primary.name, partner) and vm in self.hosts[partner].exports
 
     async def _owned_copies(self, h: SimHost, vm: str, token: int) -> Copies | None:
         """The VM's copies record, while `h` still owns it under `token` (None: unreadable, or not)."""
@@ -536,7 +623,7 @@ class World:
         partner = copies.partner_of(h.name)
         state = copies.state_of(partner) if partner else None
         if partner is not None and state is not None and state.state is not CopyState.CURRENT \
-                and self.reachable(h.name, partner) and vm not in h.paused:
+                and self.reachable(h.name, partner) and not self.hosts[partner].restarting and vm not in h.paused:
             p = self.hosts[partner]
             if vm not in p.standbys or not p.standbys[vm].frozen:
                 p.standbys[vm] = SimStandby(h.disks.get(vm, 0), self.clock.now)  # (pre-copy, checkpoint 1)
