@@ -72,6 +72,7 @@ class Cycle:
     faults: list[Fault]
     recovery_s: dict[str, float] = field(default_factory=dict)  # vm -> heal to protected
     violations: list[str] = field(default_factory=list)
+    unprotected_s: dict[str, float] = field(default_factory=dict)  # vm -> first seen unprotected to protected
 
 
 @dataclass
@@ -92,18 +93,21 @@ class CampaignReport:
             for f in c.faults:
                 kinds[f.kind] = kinds.get(f.kind, 0) + 1
         return {"seed": self.seed, "cycles": len(self.cycles), "faults": dict(sorted(kinds.items())),
-                "recovery_s": _recovery_table(self.cycles), "acked": self.acked,
+                "recovery_s": _recovery_table(self.cycles),
+                "unprotected_s": _recovery_table(self.cycles, lambda c: c.unprotected_s), "acked": self.acked,
                 "level3_unseen_overlaps": self.unseen_overlaps, "ineffective_faults": self.ineffective,
                 "violations": [{"cycle": n, "what": v} for n, v in self.violations],
                 "schedule": [{"cycle": c.number, "faults": [asdict(f) for f in c.faults],
-                              "recovery_s": c.recovery_s} for c in self.cycles]}
+                              "recovery_s": c.recovery_s, "unprotected_s": c.unprotected_s}
+                             for c in self.cycles]}
 
 
-def _recovery_table(cycles: list[Cycle]) -> dict[str, dict[str, float]]:
-    """level/fault -> p50, p99, max of heal-to-protected (seconds)."""
+def _recovery_table(cycles: list[Cycle], figure: Callable[[Cycle], dict[str, float]] = lambda c: c.recovery_s
+                    ) -> dict[str, dict[str, float]]:
+    """vm/fault -> p50, p99, max of a cycle's figure per VM (seconds): heal to protected by default."""
     seen: dict[str, list[float]] = {}
     for c in cycles:
-        for vm, s in c.recovery_s.items():
+        for vm, s in figure(c).items():
             for f in c.faults:
                 seen.setdefault(f"{vm}/{f.kind}", []).append(s)
     out = {}
@@ -142,7 +146,7 @@ class Campaign:
         for vm in self.vms:
             self.pool.wait_running(vm, 120)
             self.pool.wait_answering(self._ip(vm), 120)
-        self._wait_protected(time.time())
+        self._wait_protected({})
         self.namespaces = labmod.existing_namespaces()
         for vm in self.vms:
             self.observers[vm] = CopyObserver(vm).start()
@@ -230,7 +234,12 @@ class Campaign:
         kept = {vm: find_copies(vm) for vm in self.vms if self.vms[vm] < 3}  # (an agent upgrade keeps these)
         upgraded = {f.host for f in faults if f.kind == "agent-upgrade"}
         heals = [(f, self._inject(f)) for f in faults]
-        time.sleep(max((f.hold_s for f in faults), default=0))  # (the fault's length is the schedule's)
+        lost_at: dict[str, float] = {}  # vm -> when first seen unprotected in this cycle
+        hold = max((f.hold_s for f in faults), default=0)  # (the fault's length is the schedule's)
+        if any(f.kind == "quorum-lost" for f in faults):
+            time.sleep(hold)  # (nothing to read while etcd is stopped: its timeouts would stretch the hold)
+        else:
+            self._watch_protection(hold, lost_at)
         for f, heal in sorted(heals, key=lambda fh: fh[0].kind != "quorum-lost"):  # (the quorum first)
             try:
                 heal()
@@ -238,7 +247,9 @@ class Campaign:
                 c.violations.append(f"{f} could not be healed: {e}")
         healed = time.time()
         try:
-            c.recovery_s = self._wait_protected(healed)
+            protected_at = self._wait_protected(lost_at)
+            c.recovery_s = {vm: round(at - healed, 1) for vm, at in protected_at.items()}
+            c.unprotected_s = {vm: round(protected_at[vm] - t, 1) for vm, t in lost_at.items() if vm in protected_at}
         except ScenarioError as e:
             c.violations.append(f"not protected again within {RECOVERY_BOUND_S:g} s of the heal: {e}")
         c.violations += self._check()
@@ -331,22 +342,41 @@ class Campaign:
         raise ValueError(f.kind)
 
     # --- invariants --------------------------------------------------------------------
-    def _wait_protected(self, since: float) -> dict[str, float]:
+    def _protection_now(self, lost_at: dict[str, float]) -> dict[str, bool] | None:
+        """Each VM protected or not, as the pool says now (None: unreadable); the first time
+        a VM is seen unprotected goes into `lost_at`."""
+        try:
+            snap = self.pool.snapshot()
+        except Exception:  # noqa: BLE001 - (the quorum may be cut or coming back)
+            return None
+        now, seen = time.time(), {}
+        for vm in self.vms:
+            view = snap.vms.get(vm)
+            seen[vm] = view is not None and protection(snap, view).protected
+            if not seen[vm]:
+                lost_at.setdefault(vm, now)
+        return seen
+
+    def _watch_protection(self, seconds: float, lost_at: dict[str, float]) -> None:
+        """Hold the fault `seconds`, noting when each VM is first seen unprotected."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self._protection_now(lost_at)
+            time.sleep(max(0.0, min(0.5, end - time.monotonic())))
+
+    def _wait_protected(self, lost_at: dict[str, float]) -> dict[str, float]:
+        """When each VM was seen protected again (wall clock), once every one is; `lost_at`
+        as in `_protection_now`. ScenarioError after RECOVERY_BOUND_S."""
         done: dict[str, float] = {}
         deadline = time.monotonic() + RECOVERY_BOUND_S
         while len(done) < len(self.vms):
             if time.monotonic() > deadline:
                 missing = sorted(set(self.vms) - set(done))
                 raise ScenarioError(f"{', '.join(missing)} not protected")
-            try:
-                snap = self.pool.snapshot()
-            except Exception:  # noqa: BLE001 - (the quorum may still be coming back)
-                time.sleep(0.5)
-                continue
-            for vm in self.vms:
-                view = snap.vms.get(vm)
-                if vm not in done and view is not None and protection(snap, view).protected:
-                    done[vm] = round(time.time() - since, 1)
+            seen = self._protection_now(lost_at)
+            for vm, ok in (seen or {}).items():
+                if ok and vm not in done:
+                    done[vm] = time.time()
             time.sleep(0.5)
         return done
 
@@ -478,6 +508,9 @@ def render(report: CampaignReport) -> str:
              "acknowledged records checked on disk: " + ", ".join(f"{k} {v}" for k, v in d["acked"].items()),
              "heal -> protected again (s):"]
     for key, r in d["recovery_s"].items():
+        lines.append(f"  {key:<24} n={r['n']:<4} p50 {r['p50']:>6}  p99 {r['p99']:>6}  max {r['max']:>6}")
+    lines.append("first seen unprotected -> protected again (s), the VMs a fault touched:")
+    for key, r in d["unprotected_s"].items():
         lines.append(f"  {key:<24} n={r['n']:<4} p50 {r['p50']:>6}  p99 {r['p99']:>6}  max {r['max']:>6}")
     lines.append(f"invariant violations: {len(d['violations'])}")
     for v in d["violations"]:
