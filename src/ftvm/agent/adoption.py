@@ -131,18 +131,23 @@ class Adoption:
             log.info("removed tap %s: no QEMU here uses it (left by a QEMU that ended without its agent)", tap)
 
     def _report_fenced(self) -> None:
-        """Say which QEMUs their keepers killed at the fence deadline while no agent ran."""
+        """Say which QEMUs their keepers killed while no agent ran: at the fence deadline, or
+        as their agent ended (those it could not leave running)."""
         for path in sorted(self.root.glob(f"**/{keeper.EXIT_FILE}")) if self.root.is_dir() else []:
             try:
                 ended = json.loads(path.read_text())
-                if not ended.get("fenced") or ended.get("reported"):
+                if not (ended.get("fenced") or ended.get("orphaned")) or ended.get("reported"):
                     continue
                 path.write_text(json.dumps({**ended, "reported": True}))
             except (OSError, ValueError, AttributeError):
                 continue
             vm = path.parent.name if path.parent.parent == self.root else path.parent.parent.name
-            self.host.journal.event(vm, "fence", "QEMU killed by its keeper at the fence deadline, before the "
-                                                 "host lease could expire: no agent renewed it")
+            if ended.get("fenced"):
+                self.host.journal.event(vm, "fence", "QEMU killed by its keeper at the fence deadline, before the "
+                                                     "host lease could expire: no agent renewed it")
+            else:
+                self.host.journal.event(vm, "stopped", "QEMU ended with the previous agent (its NICs went through "
+                                                       "that agent's relays, or it ran no guest of its own yet)")
 
     async def _adopt(self, kept: keeper.Kept, snapshot: PoolSnapshot) -> str | None:
         """Adopt `kept`, or say why not."""
