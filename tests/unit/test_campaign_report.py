@@ -22,3 +22,17 @@ def test_recovery_is_tabled_per_vm_and_fault_and_violations_name_their_cycle() -
     assert "camp2/qemu-crash" in text.split("first seen unprotected")[1]
     assert "seed 5: 3 cycles" in text and "invariant violations: 1" in text and "cycle 3: camp2" in text
     assert str(Fault("a-link", "h1", "h3", hold_s=2)) == "a-link h1-h3 for 2s"
+
+
+def test_a_report_gives_back_its_schedule_for_a_replay(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ftvm.lab.campaign import dump, recorded_schedule
+    r = CampaignReport(9)
+    r.cycles = [Cycle(1, [Fault("agent-upgrade", "h2")]),
+                Cycle(2, [Fault("guest-panic", "h1", vm="camp3"), Fault("a-links", "h2", "h3", hold_s=4.5)])]
+    dump(r, tmp_path / "r.json")
+    seed, schedule = recorded_schedule(tmp_path / "r.json")
+    assert seed == 9 and schedule == [c.faults for c in r.cycles]
+    (tmp_path / "bad.json").write_text("{}")
+    import pytest
+    with pytest.raises(ValueError, match="not a campaign report"):
+        recorded_schedule(tmp_path / "bad.json")

@@ -288,7 +288,7 @@ def cmd_guest_boot_disk(args: Any) -> int:
 def cmd_lab_campaign(args: Any) -> int:
     """Random fault cycles against the running lab (3 hosts or more), every invariant checked."""
     from ..guest.build import GuestBuildError, build_guest
-    from ..lab.campaign import FAULTS, dump, render, run_campaign
+    from ..lab.campaign import FAULTS, dump, recorded_schedule, render, run_campaign
     from ..lab.scenario import ScenarioError
     state = _state(args)
     try:
@@ -299,14 +299,23 @@ def cmd_lab_campaign(args: Any) -> int:
         raise CliError(f"--levels {args.levels!r}: levels 1, 2 or 3, comma separated", BAD_INPUT)
     if args.cycles < 1:
         raise CliError("--cycles must be at least 1", BAD_INPUT)
+    recorded = Path(state.dir) / f"campaign-seed{args.seed}.json"
+    replay = None
+    if args.replay:
+        try:
+            seed, replay = recorded_schedule(recorded)
+        except ValueError as e:
+            raise CliError(f"nothing to replay for seed {args.seed}: {e}", BAD_INPUT) from None
+        if seed != args.seed:
+            raise CliError(f"{recorded} is seed {seed}'s report, not seed {args.seed}'s", BAD_INPUT)
     try:
         image = build_guest(log=lambda m: None if is_json(args) else console.print(m))
         report = run_campaign(state, image, args.seed, args.cycles, levels,
                               progress=(lambda m: None) if is_json(args) else
-                              (lambda m: console.print(m, highlight=False)))
+                              (lambda m: console.print(m, highlight=False)), replay=replay)
     except (GuestBuildError, ScenarioError, lab.LabError) as e:
         raise CliError(str(e), FAILED) from None
-    out = Path(state.dir) / f"campaign-seed{args.seed}.json"
+    out = recorded.with_name(f"campaign-seed{args.seed}-replay.json") if replay is not None else recorded
     dump(report, out)
     if is_json(args):
         emit_json(report.to_json())

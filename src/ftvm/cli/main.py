@@ -234,9 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd(lab, "campaign", lab_cmds.cmd_lab_campaign,
             "random fault cycles against the running lab (3 hosts or more), with clients writing at each level; "
-            "every invariant checked after each cycle (the same seed replays the same schedule)")
+            "every invariant checked after each cycle; the report is kept as campaign-seed<S>.json in the lab dir")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--cycles", type=int, default=10)
+    p.add_argument("--replay", action="store_true",
+                   help="run the faults recorded in seed S's report again, cycle by cycle (--cycles K: the first K)")
     p.add_argument("--levels", default="1,2,3", help="the levels to run a VM at, comma separated (default 1,2,3)")
 
     dr = sub.add_parser("dr", help="asynchronous disaster recovery").add_subparsers(dest="sub", required=True)

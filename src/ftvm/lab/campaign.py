@@ -16,8 +16,11 @@ a drawn time, healed; then the pool is watched until every VM runs protected aga
   * nothing leaked: on each host, only the QEMUs of the VMs it runs or keeps a standby of,
     each with its keeper, and only their taps and level 3 RAM files; no namespace came
     or went.
-A failing cycle prints the seed, its schedule and the agents' events; the same seed
-replays the same schedule (`--seed S --cycles K` stops at K).
+A failing cycle prints the seed, its schedule and the agents' events. The report (JSON) is
+kept in the lab directory as campaign-seed<S>.json; `--seed S --replay` runs its faults
+again, cycle by cycle (a fault aimed at a VM hits it where it runs then), `--cycles K`
+stopping at K. A new run of the same seed draws the same faults while the pool answers
+the same way.
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ class Campaign:
         self.observers: dict[str, CopyObserver] = {}
         self.report = CampaignReport(seed)
         self.namespaces: list[str] = []  # the lab's, when the campaign began
+        self.replay: list[list[Fault]] | None = None  # faults per cycle to run again, instead of drawing
 
     # --- set-up and tear-down --------------------------------------------------------------
     def start(self) -> None:
@@ -198,6 +202,13 @@ class Campaign:
     def _draw(self, n: int) -> list[Fault]:
         hosts = list(self.state.hosts)
         snap = self.pool.snapshot()
+        if self.replay is not None:  # the recorded faults; one aimed at a VM hits it where it runs now
+            again = [Fault(**asdict(f)) for f in self.replay[n - 1]]
+            for f in again:
+                view = snap.vms.get(f.vm) if f.vm else None
+                if view is not None and view.owner is not None:
+                    f.host = view.owner.host
+            return again
         count = 2 if self.rng.random() < 0.2 else 1
         faults: list[Fault] = []
         used: set[str] = set()
@@ -490,8 +501,14 @@ def _alive(pid: int | None) -> bool:
 
 
 def run_campaign(state: labmod.LabState, image: GuestImage, seed: int, cycles: int, levels: tuple[int, ...],
-                 progress: Callable[[str], None] = print) -> CampaignReport:
+                 progress: Callable[[str], None] = print, replay: list[list[Fault]] | None = None
+                 ) -> CampaignReport:
+    """`replay`: the faults of each cycle, as a report recorded them (`recorded_schedule`),
+    instead of drawing them from the seed."""
     camp = Campaign(state, image, seed, levels, progress)
+    camp.replay = replay
+    if replay is not None:
+        cycles = min(cycles, len(replay))
     camp.start()
     try:
         for n in range(1, cycles + 1):
@@ -516,6 +533,16 @@ def render(report: CampaignReport) -> str:
     for v in d["violations"]:
         lines.append(f"  cycle {v['cycle']}: {v['what']}")
     return "\n".join(lines)
+
+
+def recorded_schedule(path: Path) -> tuple[int, list[list[Fault]]]:
+    """The seed and the faults of each cycle of a campaign's JSON report (`dump`), for
+    `--replay`. ValueError if the file is not one."""
+    try:
+        d = json.loads(path.read_text())
+        return int(d["seed"]), [[Fault(**f) for f in c["faults"]] for c in d["schedule"]]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a campaign report ({e})") from None
 
 
 def dump(report: CampaignReport, path: Path) -> None:
