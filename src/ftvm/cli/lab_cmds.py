@@ -308,14 +308,14 @@ def cmd_lab_campaign(args: Any) -> int:
             raise CliError(f"nothing to replay for seed {args.seed}: {e}", BAD_INPUT) from None
         if seed != args.seed:
             raise CliError(f"{recorded} is seed {seed}'s report, not seed {args.seed}'s", BAD_INPUT)
+    out = recorded.with_name(f"campaign-seed{args.seed}-replay.json") if replay is not None else recorded
     try:
         image = build_guest(log=lambda m: None if is_json(args) else console.print(m))
         report = run_campaign(state, image, args.seed, args.cycles, levels,
                               progress=(lambda m: None) if is_json(args) else
-                              (lambda m: console.print(m, highlight=False)), replay=replay)
+                              (lambda m: console.print(m, highlight=False)), replay=replay, report_to=out)
     except (GuestBuildError, ScenarioError, lab.LabError) as e:
         raise CliError(str(e), FAILED) from None
-    out = recorded.with_name(f"campaign-seed{args.seed}-replay.json") if replay is not None else recorded
     dump(report, out)
     if is_json(args):
         emit_json(report.to_json())
