@@ -278,6 +278,11 @@ class Agent:
                                 f"running for the next agent (lease {self.lease:x} kept)")
         self.health.close()
         await self.dr.close()
+        await self._leave(revoke=False)
+
+    async def _leave(self, revoke: bool) -> None:
+        """How both exits end: the guard, the level 3 partner and the API closed, events
+        flushed, and the lease revoked (an orderly stop) or kept for the next agent."""
         self.guard.close()
         if self.l3_partner is not None:
             await self.l3_partner.close()
@@ -285,6 +290,8 @@ class Agent:
             await self._api.cleanup()
         try:
             await self.journal.flush()
+            if revoke:
+                await self.host_lease.revoke()
         except EtcdError:
             pass
         await self.etcd.close()
@@ -305,17 +312,7 @@ class Agent:
         # all at once: each guest gets the whole grace, not a turn in a queue
         await asyncio.gather(*(stop_and_release(rec, rec.qemu) for rec in list(self.vms.values())
                                if rec.qemu and rec.qemu.alive))
-        self.guard.close()
-        if self.l3_partner is not None:
-            await self.l3_partner.close()
-        if self._api is not None:
-            await self._api.cleanup()
-        try:
-            await self.journal.flush()
-            await self.host_lease.revoke()
-        except EtcdError:
-            pass
-        await self.etcd.close()
+        await self._leave(revoke=True)
 
     def _on_fence(self, names: list[str], at: float) -> None:  # called from the guard thread
         if self._loop is not None:
