@@ -44,7 +44,7 @@ def cmd_lab_up(args: Any) -> int:
     try:
         with console.status(f"bringing up a lab pool with {args.hosts} hosts"):
             state = lab.up(args.hosts, _lab_dir(args), timing, args.host_memory, args.host_vcpus,
-                           probe_kernel, sites=args.sites, dr=args.dr)
+                           probe_kernel, sites=args.sites, dr=args.dr, etcd_members=args.etcd_members)
     except lab.LabError as e:
         raise CliError(str(e), FAILED) from None
     if is_json(args):

@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2: the hosts at two sites (a: the first half, b: the rest), the quorum at a third")
     p.add_argument("--dr", action="store_true",
                    help="a DR site too: pool 'dr' (hosts h8, h9, its own etcd) behind a WAN link (`lab wan`)")
+    p.add_argument("--etcd-members", type=int, default=1, choices=(1, 3),
+                   help="3: the quorum service is a 3-member etcd (one member can fail; the campaign's faults)")
     p.add_argument("--host-memory", type=int, default=2048, help="MiB each host offers")
     p.add_argument("--host-vcpus", type=int, default=4)
     p.add_argument("--lease-ttl", type=float)

@@ -52,7 +52,7 @@ from .scenario import LabClient, LabPool, ScenarioError, check_acked_on_disk, se
 
 RECOVERY_BOUND_S = 240.0  # heal -> every VM running and protected again (lab timing, TCG guests)
 FAULTS = ("power", "agent-kill", "agent-stop", "agent-upgrade", "qemu-crash", "guest-panic", "a-link", "a-links",
-          "quorum-cut", "quorum-lost", "disk-eio")
+          "quorum-cut", "quorum-lost", "etcd-member-kill", "disk-eio")
 LEVEL_OF = {1: Level.RESTART, 2: Level.COMPONENT, 3: Level.SYSTEM}
 
 
@@ -166,9 +166,13 @@ class Campaign:
             o.stop()
         st = self.state
         for name, pid in st.pids.items():  # (a stopped etcd or agent runs again)
-            if name == "etcd" or name.startswith("agent-"):
+            if name.startswith("etcd") or name.startswith("agent-"):
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
+        for m in range(1, st.etcd_members + 1):  # (a killed member starts again)
+            if not _alive(st.pids.get(labmod.etcd_member_key(m))):
+                labmod.start_etcd_member(st, m)
+                st.save()
         for h in st.hosts:
             with suppress(labmod.LabError, OSError):
                 labmod.heal(st, h, "quorum")
@@ -231,6 +235,13 @@ class Campaign:
                 f.host = view.owner.host
             if kind == "quorum-lost":
                 f.host, f.hold_s = "", round(self.rng.uniform(2, 4), 1)  # (within the lease: nothing stops)
+                members = list(range(1, self.state.etcd_members + 1))
+                self.rng.shuffle(members)
+                f.peer = ",".join(map(str, sorted(members[:len(members) // 2 + 1])))
+            if kind == "etcd-member-kill":
+                if self.state.etcd_members < 3:
+                    continue  # (one member: that is quorum-lost)
+                f.host, f.peer = "", str(self.rng.randint(1, self.state.etcd_members))
             if kind in ("agent-upgrade", "guest-panic"):
                 f.hold_s = 0.0  # (done at once: what follows is the pool's doing)
             used.add(f.host)
@@ -332,10 +343,23 @@ class Campaign:
         if f.kind == "quorum-cut":
             labmod.partition(st, f.host, "quorum")
             return lambda: labmod.heal(st, f.host, "quorum")
-        if f.kind == "quorum-lost":
-            pid = st.pids["etcd"]
-            os.kill(pid, signal.SIGSTOP)
-            return lambda: os.kill(pid, signal.SIGCONT)
+        if f.kind == "quorum-lost":  # a majority of the members stopped (`peer`: which)
+            pids = [st.pids[labmod.etcd_member_key(int(m))] for m in (f.peer or "1").split(",")]
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+
+            def quorum_back() -> None:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            return quorum_back
+        if f.kind == "etcd-member-kill":  # one member of three: the quorum stays
+            member = int(f.peer)
+            os.kill(st.pids[labmod.etcd_member_key(member)], signal.SIGKILL)
+
+            def member_back() -> None:
+                labmod.start_etcd_member(st, member)
+                st.save()
+            return member_back
         if f.kind == "disk-eio":
             try:
                 fail_disk(st, f.vm, f.host)

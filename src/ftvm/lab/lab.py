@@ -86,7 +86,8 @@ class LabState:
     sites: dict[str, str] = field(default_factory=dict)         # host -> site (`lab up --sites 2`)
     sites_cut: bool = False                                     # every A-link between the sites down
     metro: list[float] = field(default_factory=lambda: [0.0, 0.0])  # between the sites: RTT ms, rate Mbit/s (0: none)
-    pids: dict[str, int] = field(default_factory=dict)          # etcd, agent-hN
+    pids: dict[str, int] = field(default_factory=dict)          # etcd (member 1), etcd-mN, agent-hN
+    etcd_members: int = 1                                       # `lab up --etcd-members 3`
     dr_hosts: list[str] = field(default_factory=list)           # `lab up --dr`: the DR pool's hosts
     wan: list[float] = field(default_factory=lambda: [0.0, 0.0])  # to the DR site: RTT ms, rate Mbit/s (0: none)
 
@@ -102,6 +103,11 @@ class LabState:
     @property
     def etcd_endpoint(self) -> str:
         return f"https://{topo.ETCD_ADDR}:{topo.ETCD_PORT}"
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """Every member's client URL (the first is `etcd_endpoint`)."""
+        return [f"https://{a}:{topo.ETCD_PORT}" for a in topo.ETCD_MEMBER_ADDRS[:self.etcd_members]]
 
     @property
     def dr_etcd_endpoint(self) -> str:
@@ -158,7 +164,7 @@ class LabState:
         """The main pool's etcd, or (`dr`) the DR pool's."""
         pki = self.dr_pki_dir if dr else self.pki_dir
         tls = TlsFiles(pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
-        return EtcdClient([self.dr_etcd_endpoint if dr else self.etcd_endpoint], timeout=timeout,
+        return EtcdClient([self.dr_etcd_endpoint] if dr else self.etcd_endpoints, timeout=timeout,
                           tls=tls.client_context())
 
     def https(self, dr: bool = False) -> ssl.SSLContext:
@@ -210,12 +216,16 @@ def _new_ns(ns: str) -> None:
 def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
        host_memory_mib: int = 2048, host_vcpus: int = 4, probe_kernel: str | None = None,
        l3_compare_hosts: tuple[str, ...] = (), l3_cold_hosts: tuple[str, ...] = (), sites: int = 0,
-       dr: bool = False) -> LabState:
+       dr: bool = False, etcd_members: int = 1) -> LabState:
     """`l3_compare_hosts`: hosts whose level 3 engine compares pages instead of tracking
     writes (host.toml `l3_tracking = "compare"`), to measure both side by side.
     `l3_cold_hosts`: hosts that start a level 3 partner's QEMU only at the takeover
     (`l3_warm_standby = false`), likewise. `sites` 2: the hosts stand at two sites (host.toml
-    `site`), the quorum service at a third (its namespace: the witness)."""
+    `site`), the quorum service at a third (its namespace: the witness). `etcd_members` 3:
+    the quorum service is an etcd cluster of three members (on one quorum network), so one
+    can fail and the quorum stays."""
+    if etcd_members not in (1, 3):
+        raise LabError("the lab's etcd has 1 member or 3")
     if not 2 <= n_hosts <= 4:
         raise LabError("a lab has 2 to 4 hosts")
     if sites not in (0, 2):
@@ -232,10 +242,12 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
     _traversable(lab_dir)
     state = LabState(dir=str(lab_dir), hosts=hosts, timing=asdict(timing),
                      host_memory_mib=host_memory_mib, host_vcpus=host_vcpus, sites=topo.host_sites(hosts, sites),
-                     dr_hosts=list(topo.DR_HOSTS) if dr else [])
+                     dr_hosts=list(topo.DR_HOSTS) if dr else [], etcd_members=etcd_members)
     state.save()
     try:
         _build_network(hosts, state.sites)
+        for addr in topo.ETCD_MEMBER_ADDRS[1:etcd_members]:
+            ns_ip(topo.QUORUM_NS, "addr", "add", f"{addr}/24", "dev", "qbr")
         if state.sites:
             _start_metro(state)
         if dr:
@@ -244,7 +256,7 @@ def up(n_hosts: int, lab_dir: Path = DEFAULT_DIR, timing: Timing | None = None,
         if dr:
             (state.shared_dir / "dr").mkdir(exist_ok=True)  # (the DR pool's own shared storage)
         if not state.pki_dir.exists():  # what `ftvm pool init` makes; the lab's hosts share one copy
-            init_pool(state.pki_dir, POOL, [topo.ETCD_ADDR, "127.0.0.1"],
+            init_pool(state.pki_dir, POOL, [*topo.ETCD_MEMBER_ADDRS, "127.0.0.1"],
                       {h: topo.host_quorum_addr(h).split("/")[0] for h in hosts})
         if not state.dr_secret_file.exists():  # DR pairing: every lab host can ship and receive
             make_secret(state.dr_secret_file)
@@ -453,29 +465,55 @@ def _spawn(ns: str, cmd: list[str], log: Path) -> int:
 
 
 def _start_etcd(state: LabState, dr: bool = False) -> None:
-    """The main pool's quorum service, or (`dr`) the DR pool's."""
+    """The main pool's quorum service (`state.etcd_members` members), or (`dr`) the DR pool's."""
     # On tmpfs: the lab's quorum service stands for a dedicated one, and on one shared
     # machine its fsyncs would queue behind the guests' disk writes (a slow keepalive is a
     # self-fence). The lab's RAM directory is removed by `down`.
-    data = topo.LAB_RAM_DIR / ("etcd-dr" if dr else "etcd")
     topo.LAB_RAM_DIR.mkdir(exist_ok=True)  # (etcd would make it 0700: the hosts' QEMUs keep RAM under it)
     os.chmod(topo.LAB_RAM_DIR, 0o755)
+    for member in range(1, (1 if dr else state.etcd_members) + 1):
+        start_etcd_member(state, member, dr)
     url, pki = (state.dr_etcd_endpoint, state.dr_pki_dir) if dr else (state.etcd_endpoint, state.pki_dir)
-    state.pids["etcd-dr" if dr else "etcd"] = _spawn(topo.DR_QUORUM_NS if dr else topo.QUORUM_NS, [
-        "etcd", "--name", "quorum", "--data-dir", str(data),
-        "--listen-client-urls", url, "--advertise-client-urls", url,
-        # clients must present a certificate of the pool CA; the single member's peer URL is
-        # its own loopback
-        "--cert-file", str(pki / "etcd.crt"), "--key-file", str(pki / "etcd.key"),
-        "--client-cert-auth", "--trusted-ca-file", str(pki / "ca.crt"),
-        "--listen-peer-urls", "http://127.0.0.1:2380",
-        "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-        "--initial-cluster", "quorum=http://127.0.0.1:2380",
-        "--heartbeat-interval", "100", "--election-timeout", "1000"],
-        Path(state.dir) / ("etcd-dr.log" if dr else "etcd.log"))
     tls = TlsFiles(pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
     if not wait_etcd_healthy(url, 20, tls.client_context()):
         raise LabError(f"etcd did not become healthy; see {state.dir}/{'etcd-dr' if dr else 'etcd'}.log")
+
+
+def etcd_member_key(member: int, dr: bool = False) -> str:
+    """The member's name in `state.pids` (and its data directory's and log's)."""
+    return "etcd-dr" if dr else ("etcd" if member == 1 else f"etcd-m{member}")
+
+
+def start_etcd_member(state: LabState, member: int, dr: bool = False) -> None:
+    """Start (or start again, on its data) member `member` (1..etcd_members) of the main
+    pool's etcd, or the DR pool's one member."""
+    key = etcd_member_key(member, dr)
+    data = topo.LAB_RAM_DIR / key
+    if dr:
+        url, pki, peer, cluster = state.dr_etcd_endpoint, state.dr_pki_dir, "http://127.0.0.1:2380", ""
+    else:
+        addr = topo.ETCD_MEMBER_ADDRS[member - 1]
+        url, pki = f"https://{addr}:{topo.ETCD_PORT}", state.pki_dir
+        peer = f"https://{addr}:2380" if state.etcd_members > 1 else "http://127.0.0.1:2380"
+    if state.etcd_members > 1 and not dr:
+        cluster = ",".join(f"m{i + 1}=https://{a}:2380"
+                           for i, a in enumerate(topo.ETCD_MEMBER_ADDRS[:state.etcd_members]))
+        peer_tls = ["--peer-cert-file", str(pki / "etcd.crt"), "--peer-key-file", str(pki / "etcd.key"),
+                    "--peer-client-cert-auth", "--peer-trusted-ca-file", str(pki / "ca.crt")]
+        name = f"m{member}"
+    else:
+        cluster, peer_tls, name = f"quorum={peer}", [], "quorum"
+    state.pids[key] = _spawn(topo.DR_QUORUM_NS if dr else topo.QUORUM_NS, [
+        "etcd", "--name", name, "--data-dir", str(data),
+        "--listen-client-urls", url, "--advertise-client-urls", url,
+        # clients must present a certificate of the pool CA; so must the members to each other
+        # (a single member's peer URL is its own loopback)
+        "--cert-file", str(pki / "etcd.crt"), "--key-file", str(pki / "etcd.key"),
+        "--client-cert-auth", "--trusted-ca-file", str(pki / "ca.crt"), *peer_tls,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", cluster, "--initial-cluster-state", "new",
+        "--heartbeat-interval", "100", "--election-timeout", "1000"],
+        Path(state.dir) / f"{key}.log")
 
 
 def wait_etcd_healthy(url: str, timeout: float, tls: ssl.SSLContext | None = None) -> bool:
@@ -500,7 +538,8 @@ def _write_host_config(state: LabState, host: str, probe_kernel: str | None, com
     pki = state.pki_of(host)
     lines = [
         f'name = "{host}"', f'pool = "{state.pool_of(host)}"',
-        f'etcd = ["{state.dr_etcd_endpoint if dr_site else state.etcd_endpoint}"]',
+        "etcd = [" + ", ".join(f'"{e}"' for e in ([state.dr_etcd_endpoint] if dr_site else state.etcd_endpoints))
+        + "]",
         f'state_dir = "{d / "state"}"', 'bridge = "br0"',
         f"memory_mib = {state.host_memory_mib}", f"vcpus = {state.host_vcpus}",
         f'shared_storage = ["{state.shared_dir / "dr" if dr_site else state.shared_dir}"]', 'accel = "auto"',

@@ -32,6 +32,7 @@ CLIENT_NS = PREFIX + "client"
 MGMT_IF = "ftvm-mgmt"          # root-namespace end of the management link
 MGMT_ADDR = "10.77.1.254/24"
 ETCD_ADDR = "10.77.1.1"
+ETCD_MEMBER_ADDRS = ("10.77.1.1", "10.77.1.2", "10.77.1.3")  # `lab up --etcd-members 3`: one each
 ETCD_PORT = 2379
 API_PORT = 7400                # each agent's REST API and /metrics, on its quorum-side address
 DR_PORT = 7420                 # each agent's DR receiver (dr_listen), on its LAN address
