@@ -61,7 +61,7 @@ async def host(etcd_url: str, tmp_path: Path) -> AsyncIterator[Host]:
     shared.mkdir()
     (tmp_path / "state").mkdir()
     cfg = AgentConfig("h1", f"exec{next(_pools)}", (etcd_url,), tmp_path / "state", "br-none", 2048, 2,
-                      (str(shared),), stop_grace=5.0)
+                      (str(shared),), stop_grace=5.0, ram_dir=tmp_path / "ram")
     agent = Agent(cfg)
     h = Host(agent, shared)
     agent.procs.accel = TCG
@@ -166,3 +166,27 @@ async def test_a_copy_running_here_without_ownership_is_killed(host: Host) -> No
     assert actions[0] is Action.KILL  # kills first, before anything else this tick
     await until("the fake QEMU is dead", lambda: not host.agent.vms["web"].qemu.alive)  # type: ignore[union-attr]
     assert any(k == "kill" for k, _ in await host.events("web"))
+
+
+async def test_a_level3_replica_this_host_no_longer_keeps_is_freed(host: Host) -> None:
+    """Its partner was replaced while this host was away: the RAM file (tmpfs, the guest's
+    size) goes at the next tick; the one of a VM this host still keeps a copy of stays."""
+    from ftvm.core.model import HostInfo
+    from ftvm.core.replication import Copies, Copy, CopyState
+    from ftvm.l3.standby import RAM_DIR_MARKER
+    store = host.agent.store
+    lease, _ = await host.agent.etcd.lease_grant(30)
+    assert await store.register_host(HostInfo("h2", 4096, 4, ()), lease)
+    for name, partner in (("gone", "h3"), ("kept", "h1")):
+        spec = VmSpec(name, Level.SYSTEM, 256, 1, (DiskSpec(size=1 << 20),), (NicSpec("52:54:00:00:00:09"),),
+                      desired=Desired.RUNNING, preferred_host="h2")
+        assert await store.define_vm(spec)
+        copies = Copies(1, {"h2": Copy(CopyState.CURRENT, 0.0, "x"), partner: Copy(CopyState.OUTDATED, 0.0, "x")})
+        assert await store.claim(name, "h2", lease, None, copies) is not None
+        ram = host.agent.cfg.guest_ram_dir / name
+        ram.mkdir(parents=True)
+        (ram / RAM_DIR_MARKER).write_text("")
+    await host.ticks()
+    await until("the replica no longer kept is set aside", lambda: not (host.agent.cfg.guest_ram_dir / "gone").exists())
+    assert (host.agent.cfg.guest_ram_dir / "kept").is_dir()
+    await host.agent.etcd.lease_revoke(lease)

@@ -574,7 +574,9 @@ class Agent:
             if rec is not None and rec.state in ACTIVE_STATES:
                 continue
             if view is None or (view.spec.desired is Desired.STOPPED and view.owner is None) or (
-                    view.spec.level is not Level.SYSTEM and rec is None):  # lowered from 3 while running
+                    view.spec.level is not Level.SYSTEM and rec is None) or (  # lowered from 3 while running
+                    rec is None and view.owner is not None and view.copies is not None
+                    and self.cfg.name not in view.copies.copies):  # another host keeps its replica now
                 if self.l3_partner is not None:
                     self.l3_partner.drop(d.name)
                 # set aside at once, freed in a thread: freeing GiBs of tmpfs takes a while, and
