@@ -166,7 +166,7 @@ class World:
         self.parsed: dict[int, PoolSnapshot] = {}
         self.hosts = {n: SimHost(n, SimPoolStore(SimEtcdClient(self.etcd, self._fault_for(n)), "sim", self.parsed))
                       for n in names}
-        self.admin = PoolStore(SimEtcdClient(self.etcd), "sim")
+        self.admin = SimPoolStore(SimEtcdClient(self.etcd), "sim", self.parsed)  # (the checks' reads, faultless)
         self.specs = [self._spec(f"vm{i}", level) for i, level in enumerate(vms)]
         self.shared: dict[str, int] = {}      # level 1 disks on shared storage: writes held
         self.acked: dict[str, int] = {}       # writes acknowledged to the guest's clients
