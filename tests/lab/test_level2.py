@@ -7,6 +7,8 @@ stall for good, on an I/O error) and every acknowledged record on the disk."""
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -203,6 +205,34 @@ def test_host_failure_restarts_on_partner_with_no_acknowledged_write_lost(l2vm, 
     pool.wait_for("old primary resynced as the new replica", in_sync(name, "h1"), 90)
 
 
+def test_a_qemu_crash_restarted_in_place_never_leaves_the_partner_recorded_current(
+        l2vm, lab: labmod.LabState) -> None:
+    """Regression (found by the fault campaign): the crash policy starts the VM again on h1
+    under the same token, on h1's copy alone until a resync. h2's copy must be recorded
+    outdated before the guest writes, or a loss of h1 then promotes a copy missing
+    acknowledged writes."""
+    from ftvm.lab.observer import find_copies
+    pool, name, ip = l2vm
+    client = LabClient(lab, ip, name)
+    try:
+        client.wait_acks(50, 30)
+        [(pid, _)] = find_copies(name)
+        crashed = time.time()
+        os.kill(pid, signal.SIGKILL)
+        pool.wait_events("the crash restarted here", lambda e: e.vm == name and e.kind == "start"
+                         and e.time > crashed and e.host == "h1", 60)
+        h2 = pool.snapshot().vms[name].copies.copies["h2"]  # type: ignore[union-attr]
+        assert h2.state is not CopyState.CURRENT or h2.since > crashed, h2  # (outdated, or resynced since)
+        client.wait_acks(50, 60, after=time.time())
+        t = labmod.fail_host(lab, "h1")  # before or after the resync: either way nothing is lost
+        assert pool.wait_running(name, 90, not_on="h1") == "h2"
+        client.wait_acks(20, 60, after=t)
+    finally:
+        acks = client.stop()
+    _, lost = check_acked_on_disk(pool.copy_as_raw(name, "h2", Path(lab.dir) / f"{name}.raw"), acks)
+    assert lost == [], lost[:3]
+
+
 def test_outdated_replica_is_never_promoted_without_the_flag(l2vm, lab: labmod.LabState) -> None:
     pool, name, ip = l2vm
     for k in (1, 2):
@@ -296,8 +326,6 @@ def test_hung_partner_daemon_is_detected_and_masked(l2vm, lab: labmod.LabState, 
     NBD greeting. nbdkit still greets when the daemon behind it hangs: the partner's agent
     probes that one and ends both. Either way the replica is recorded outdated and the guest
     carries on."""
-    import os
-    import signal
     pool, name, ip = l2vm
     pid = _copy_server_pid(name, program)
     client = LabClient(lab, ip, name)

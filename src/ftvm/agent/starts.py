@@ -23,6 +23,7 @@ from ..qemu.blockgraph import DiskGraph, LocalImage, local_only_start
 from ..qemu.cmdline import Checkpointed, VmPaths, checkpointed_disk_nodes, tap_names
 from ..qemu.process import QemuError, QemuVm, ensure_tap, remove_tap
 from ..qemu.storage_daemon import StorageDaemonError, ensure_image
+from ..store.etcd import EtcdError
 from ..store.pool import OwnershipLost
 from .config import AgentConfig
 from .context import HostContext
@@ -81,7 +82,11 @@ class Starts:
                 rec.l3, resume = l3, checkpointed.incoming
             elif spec.level is Level.COMPONENT:
                 await self.exports.withdraw(d.vm)  # promoted partner: release the image first
-                images = self.disks.prepare(spec, view.copies)
+                # A start under a token already held (a crash restarted here) runs on this copy
+                # alone until a resync: the partner's copy must not stay recorded current. In
+                # full: writes in flight when the old QEMU died may be here and not there.
+                copies = await self._outdate_other_copies(d.vm, token, view.copies)
+                images = self.disks.prepare(spec, copies)
                 blockdevs = []
                 for i, image in enumerate(images):
                     g, nodes = local_only_start(i, image)
@@ -229,9 +234,12 @@ class Starts:
             (str(self.cfg.local_storage),) if self.cfg.local_storage else ()))  # level 0: lowered from 2
 
     async def _outdate_other_copies(self, vm: str, token: int, copies: Copies | None) -> Copies | None:
-        """Level 3: before this host's QEMU can send anything, no other copy may still be
-        recorded current (a partner would otherwise take over from a checkpoint older than
-        what this start will make visible). Fails if the partner took over meanwhile."""
+        """Before this host's QEMU runs the guest, no other copy may still be recorded current.
+        Level 3: a partner would otherwise take over from a checkpoint older than what this
+        start will make visible. Level 2: the guest writes to this copy alone until the
+        partner is resynced, and a partner recorded current would be a stale copy that a
+        failover could promote (a claim outdates the others itself; a restart under the
+        same token, after a crash, did not). Fails if the partner took over meanwhile."""
         if copies is None:
             return None
 
@@ -245,3 +253,5 @@ class Starts:
             return await self.store.update_copies(vm, token, outdate_others)
         except OwnershipLost as e:
             raise StorageDaemonError(f"ownership lost before the start (the partner took over?): {e}") from None
+        except EtcdError as e:  # (no start without the record: tried again after the back-off)
+            raise StorageDaemonError(f"cannot record the other copies outdated before the start: {e}") from None

@@ -55,6 +55,7 @@ RENEW_EVERY = 2.0
 # fault healed: a lease to expire (10 s), a claim and start, an export and a resync, with
 # the agents' ticks interleaved at random (docs/architecture.md, "The simulator").
 RECOVERY_BOUND_S = 60.0
+OUTDATE_AT_START = True  # (agent/starts.py `_outdate_other_copies`; a test turns it off to show it matters)
 
 
 class SimPoolStore(PoolStore):
@@ -131,6 +132,7 @@ class SimHost:
     plan: list[Decision] = field(default_factory=list)
     plan_snapshot: PoolSnapshot | None = None
     restarting: bool = False          # its agent died; the next one has not taken the lease back yet
+    mirrored: dict[str, set[str]] = field(default_factory=dict)  # level 2 vm -> partners its QEMU writes to
 
 
 @dataclass
@@ -233,9 +235,17 @@ class World:
         self._check()
 
     def _inject(self) -> None:
-        kind = self.rng.choice(["power", "cut", "link", "restart", "heal"])
+        kind = self.rng.choice(["power", "cut", "link", "restart", "crash", "heal"])
         h = self.rng.choice(list(self.hosts.values()))
-        if kind == "restart":
+        if kind == "crash":  # one QEMU here dies on its own (the crash policy starts it again here)
+            running = sorted(vm for vm in h.local if self._running_here(h, vm) is not None)
+            if running:
+                vm = self.rng.choice(running)
+                h.local[vm].state, h.local[vm].exit_code = RunState.CRASHED, -11
+                self.pending.pop((h.name, vm), None)
+                h.paused.discard(vm)
+                self.note(h, f"{vm}'s QEMU crashed")
+        elif kind == "restart":
             if h.up and h.lease and not h.restarting:
                 self._agent_dies(h)
         elif kind == "power":
@@ -345,7 +355,9 @@ class World:
         if self.clock.now >= h.fence_deadline:
             for name, rec in h.local.items():
                 if rec.state in (RunState.STARTING, RunState.RUNNING):
-                    rec.state, rec.exit_code = RunState.STOPPED, -9
+                    # (an exit nobody asked for, as the agent's process watcher records it: if
+                    # the lease was renewed in time after all, the VM starts again here)
+                    rec.state, rec.exit_code = RunState.CRASHED, -9
                     self.note(h, f"fence: {name} killed")
             for key in [k for k in self.pending if k[0] == h.name]:
                 del self.pending[key]
@@ -414,8 +426,13 @@ class World:
                 # under the token; a plan made before the lease was lost fails here)
                 starting = VmStatus(h.name, RunState.STARTING, d.token, self.clock.now, d.reason)
                 if self.clock.now < h.fence_deadline and await h.store.report_status(d.vm, starting, h.lease):
+                    if self.spec_of(d.vm).level.has_copies and OUTDATE_AT_START:
+                        # (agent/starts.py: no other copy stays recorded current once the guest runs
+                        # here: level 2 starts on its own copy alone, until a resync)
+                        await h.store.update_copies(d.vm, d.token, lambda c: self._others_outdated(c, h.name))
                     self._starting(h, d.vm, snap)
                     h.local[d.vm] = LocalRec(RunState.RUNNING, d.token)
+                    h.mirrored[d.vm] = set()
                     self.note(h, f"{d.vm} runs (token {d.token})")
             elif d.action is Action.STOP:
                 if rec is not None:
@@ -437,6 +454,12 @@ class World:
                     await h.store.set_copies(d.vm, d.token, view.copies, new)
         except EtcdError:
             pass
+
+    def _others_outdated(self, c: Copies, me: str) -> Copies | None:
+        others = [x for x, copy in c.copies.items() if x != me and copy.state is CopyState.CURRENT]
+        for x in others:
+            c = mark(c, x, CopyState.OUTDATED, f"VM (re)started on {me}", self.clock.now, full=True)
+        return c if others else None
 
     # --- guests and level 2 replication -------------------------------------------------
     def _starting(self, h: SimHost, vm: str, snap: PoolSnapshot) -> None:
@@ -539,6 +562,7 @@ class World:
             if p != h.name and c.state is CopyState.OUTDATED and vm in self.hosts[p].exports \
                     and self.reachable(h.name, p):
                 self.hosts[p].disks[vm] = h.disks.get(vm, 0)
+                h.mirrored.setdefault(vm, set()).add(p)  # (its last pass, then MIRRORED)
                 new = mark(copies, p, CopyState.CURRENT, "resynced", self.clock.now)
                 try:
                     got = await h.store.set_copies(vm, token, copies, new)
@@ -547,12 +571,14 @@ class World:
                 if got is None:
                     return
                 copies = got
-        # one write: done here, mirrored to every copy recorded current that it reaches;
-        # acknowledged only once every current copy it cannot reach is recorded outdated
+        # one write: done here, mirrored to every partner the QEMU's graph holds (its block
+        # graph: those resynced since it started), acknowledged only once every current copy
+        # it mirrors to and cannot reach is recorded outdated (then dropped from the graph)
         h.disks[vm] = h.disks.get(vm, 0) + 1
         self.pending[(h.name, vm)] = h.disks[vm]
+        mirrored = h.mirrored.setdefault(vm, set())
         for p, c in copies.copies.items():
-            if p == h.name or c.state is not CopyState.CURRENT:
+            if p == h.name or c.state is not CopyState.CURRENT or p not in mirrored:
                 continue
             if self._serves(h, p, vm):
                 self.hosts[p].disks[vm] = h.disks[vm]
@@ -564,6 +590,7 @@ class World:
                 return  # (not acknowledged: the guest waits; the fence ends it if this lasts)
             if got is None:
                 return
+            mirrored.discard(p)  # (dropped from the graph once the record is committed)
             copies = got
         if self._running_here(h, vm) == token:
             self.acked[vm] = max(self.acked[vm], self.pending.pop((h.name, vm)))
@@ -588,7 +615,8 @@ class World:
         view = snap.vms.get(vm)
         if view is None or view.copies is None:
             return
-        partners = [p for p, c in view.copies.copies.items() if p != h.name and c.state is CopyState.CURRENT]
+        partners = [p for p, c in view.copies.copies.items()
+                    if p != h.name and c.state is CopyState.CURRENT and p in h.mirrored.get(vm, set())]
         if not all(self._serves(h, p, vm) for p in partners):
             return
         h.disks[vm] = h.disks.get(vm, 0) + 1
