@@ -138,6 +138,7 @@ class Campaign:
         self.report = CampaignReport(seed)
         self.namespaces: list[str] = []  # the lab's, when the campaign began
         self.replay: list[list[Fault]] | None = None  # faults per cycle to run again, instead of drawing
+        self.lost: dict[str, set[int]] = {}  # vm -> sequence numbers of acknowledged records found missing
 
     # --- set-up and tear-down --------------------------------------------------------------
     def start(self) -> None:
@@ -463,9 +464,11 @@ class Campaign:
                 continue
             finally:
                 image.unlink(missing_ok=True)
-            if lost:
-                out.append(f"{vm}: {len(lost)} acknowledged records missing from the disk it runs from "
-                           f"(first: {lost[0]})")
+            new = [a for a in lost if a.seq not in self.lost.setdefault(vm, set())]
+            if new:  # (each loss once: the records checked add up, so it would show every cycle after)
+                self.lost[vm] |= {a.seq for a in new}
+                out.append(f"{vm}: {len(new)} acknowledged records missing from the disk it runs from "
+                           f"(first: {new[0]})")
         return out + self._leaks(snap)
 
     def _leaks(self, snap: PoolSnapshot) -> list[str]:
