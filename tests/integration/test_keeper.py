@@ -93,6 +93,10 @@ async def test_environment_goes_to_the_process_only(tmp_path: Path) -> None:
     deadline = _deadline(tmp_path, 600)
     kept = await keeper.spawn(["sh", "-c", 'echo "FTVM_TEST=$FTVM_TEST"; exec sleep 600'], tmp_path,
                               tmp_path / "log", deadline, LEASE, 0.05, [], None, {"FTVM_TEST": "shim"})
+    for _ in range(1000):  # (the shell has said it before it is killed)
+        if "FTVM_TEST=shim" in (tmp_path / "log").read_text():
+            break
+        await asyncio.sleep(0.01)
     assert b"FTVM_TEST" not in Path(f"/proc/{kept.keeper_pid}/environ").read_bytes()
     assert b"FTVM_TEST=shim" in Path(f"/proc/{kept.pid}/environ").read_bytes()
     os.kill(kept.pid, signal.SIGKILL)
