@@ -4,12 +4,14 @@ started it, still fences at the host's deadline, and says how its process ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,23 @@ from ftvm.qemu import keeper
 
 
 LEASE = 0x7a11
+
+
+@pytest.fixture(autouse=True)
+def _no_keeper_left(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test leaves (a failed assertion before its kill): the keepers of its run
+    directory are killed, and with them their processes (PDEATHSIG)."""
+    yield
+    mark = f"--dir\0{tmp_path}\0".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ftvm.qemu.keeper" in cmd and mark in cmd:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry), signal.SIGKILL)
 
 
 def _deadline(tmp_path: Path, seconds_from_now: float) -> Path:
