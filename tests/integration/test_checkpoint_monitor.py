@@ -125,3 +125,44 @@ async def test_a_peer_that_is_not_qemu_ends_the_connection_not_the_caller(tmp_pa
         await qmp.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_reader_cancelled_with_the_loop_fails_the_replies_still_awaited(monitor: DirectQmp) -> None:
+    """An ending agent cancels every task at once, the monitor's reader among them. A
+    checkpoint cancelled at the same moment awaits its commands' replies on its way out;
+    they must fail, not wait forever (an agent leaving with SIGUSR2 once hung there)."""
+    await monitor.execute("stop")
+    waiting = monitor.expect("RESUME")  # (never comes: the guest is not resumed)
+    reader = monitor._task
+    assert reader is not None
+    reader.cancel()
+    await asyncio.wait({reader})
+    with pytest.raises(QemuError, match="closed"):
+        await asyncio.wait_for(waiting, 30)
+    with pytest.raises(QmpError, match="closed"):
+        await monitor.execute("query-status")
+
+
+async def test_close_passes_on_the_cancellation_of_its_caller(tmp_path: Path) -> None:
+    """`close` waits for the reader; a caller cancelled meanwhile stays cancelled."""
+    sock = tmp_path / "slow.sock"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+        await reader.readline()
+        writer.write(b'{"return": {}, "id": 1}\n')
+        await reader.read()
+
+    server = await asyncio.start_unix_server(serve, path=str(sock))
+    qmp = DirectQmp(sock)
+    try:
+        await qmp.connect()
+        closing = asyncio.ensure_future(qmp.close())
+        await asyncio.sleep(0)  # (now in close, waiting for the reader)
+        closing.cancel()
+        await asyncio.wait({closing})
+        assert closing.cancelled()
+    finally:
+        await qmp.close()
+        server.close()
+        await server.wait_closed()

@@ -152,7 +152,11 @@ async def test_an_adoptable_process_outlives_its_spawner_and_is_found_again(tmp_
     """The agent's death does not end a guest it said may be adopted; the next agent finds
     it; the keeper's death does end it (PDEATHSIG)."""
     pid = _spawn_and_kill_spawner(tmp_path, "false")
-    time.sleep(0.3)  # (the keeper notices the spawner's end within its check interval)
+    for _ in range(1000):  # (the keeper says it has seen the spawner end)
+        if keeper.AGENT_GONE in (tmp_path / "log").read_text():
+            break
+        await asyncio.sleep(0.01)
+    assert keeper.AGENT_GONE in (tmp_path / "log").read_text()
     assert _alive(pid)
     found = keeper.find(tmp_path.parent)
     kept = next(k for k in found if k.pid == pid)

@@ -8,70 +8,25 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent_fakes import Journal, host_context
-from fake_qemu import FakeQemu
-from ftvm.agent.replica import BITMAP, ReplicaManager
-from ftvm.core.model import DiskSpec, HostInfo, Level, NicSpec, PoolSnapshot, VmSpec
-from ftvm.core.replication import Copies, Copy, CopyState
-from ftvm.qemu.blockgraph import DiskGraph, LocalImage, Mode
-from ftvm.store.etcd import EtcdClient
-from ftvm.store.pool import PoolStore
+from agent_fakes import Level2Rig as Rig, level2_rig
+from ftvm.agent.replica import BITMAP
+from ftvm.core.replication import CopyState
+from ftvm.qemu.blockgraph import DiskGraph, Mode
 
 _pools = itertools.count()
-SPEC = VmSpec("db", Level.COMPONENT, 256, 1, (DiskSpec(size=1 << 20),), (NicSpec("52:54:00:00:00:02"),))
 LOCAL_ONLY = DiskGraph(0, Mode.LOCAL_ONLY, 5, "d0-local4", None, None)
 MIRRORED = DiskGraph(0, Mode.MIRRORED, 3, "d0-local1", "d0-remote2", "d0-q2")
 
 
-@dataclass
-class Rig:
-    store: PoolStore
-    fake: FakeQemu
-    make: Callable[[DiskGraph], ReplicaManager]
-
-    async def partner(self) -> Copy:
-        copies = await self.store.get_copies("db")
-        assert copies is not None and (c := copies.state_of("h2")) is not None
-        return c
-
-
 @pytest.fixture
 async def rig(etcd_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
-    async with EtcdClient([etcd_url], timeout=5.0) as client:
-        store = PoolStore(client, f"adopt{next(_pools)}")
-        lease, _ = await client.lease_grant(30)
-        assert await store.register_host(HostInfo("h1", 1024, 2, ()), lease)
-        assert await store.define_vm(SPEC)
-        copies = Copies(1, {"h1": Copy(CopyState.CURRENT, 0.0, "in sync"), "h2": Copy(CopyState.OUTDATED, 0.0, "x")})
-        token = await store.claim("db", "h1", lease, None, copies)
-        assert token is not None
-        snapshot: list[PoolSnapshot] = [await store.snapshot()]
-        host = host_context("h1", store, lease, Journal(), lambda: snapshot[0])
-        fake = FakeQemu(tmp_path / "run")
-        fake.on("query-blockstats", lambda args: [])
-        for cmd in ("blockdev-add", "blockdev-del", "blockdev-reopen", "x-blockdev-change", "block-dirty-bitmap-add",
-                    "block-job-cancel"):
-            fake.on(cmd, lambda args: {})
-        holder: list[ReplicaManager] = []
-        qemu = await fake.start_vm(SPEC, on_event=lambda name, data: holder[0].on_qemu_event(name, data))
-
-        def make(graph: DiskGraph) -> ReplicaManager:
-            replica = ReplicaManager(host.for_vm("db", token), qemu, [LocalImage(str(tmp_path / "d0.raw"), "raw")],
-                                     [graph])
-            holder.append(replica)
-            return replica
-        try:
-            yield Rig(store, fake, make)
-        finally:
-            for r in holder:
-                r.stop()
-            await fake.close()
+    async with level2_rig(etcd_url, tmp_path, f"adopt{next(_pools)}", CopyState.OUTDATED) as rig:
+        yield rig
 
 
 def _nodes(*bitmaps: tuple[str, str]) -> Callable[[dict[str, Any]], Any]:
@@ -87,7 +42,7 @@ async def test_a_resync_cut_short_is_cancelled_and_the_partner_resynced_in_full(
     rig.fake.on("query-named-block-nodes", _nodes(("d0-local4", BITMAP)))
     replica = rig.make(LOCAL_ONLY)
     await replica.adopt("running")
-    h2 = await rig.partner()
+    h2 = await rig.copy_on("h2")
     assert h2.state is CopyState.OUTDATED and h2.full and "cut short by an agent restart" in h2.reason
     calls = rig.fake.calls
     assert ("block-job-cancel", {"device": "resync-d0", "force": True}) in calls
@@ -103,7 +58,7 @@ async def test_a_local_copy_without_its_bitmap_gets_one_and_the_partner_a_full_r
     rig.fake.status = "paused"  # (it stops the guest for the drop)
     replica = rig.make(LOCAL_ONLY)
     await replica.adopt("paused")
-    h2 = await rig.partner()
+    h2 = await rig.copy_on("h2")
     assert h2.state is CopyState.OUTDATED and h2.full and "not tracked" in h2.reason
     commands = rig.fake.commands()
     assert commands.index("block-dirty-bitmap-add") < commands.index("cont")  # tracked before the guest runs
@@ -136,4 +91,4 @@ async def test_a_guest_stopped_on_an_io_error_is_continued_once_to_name_the_fail
     replica = rig.make(MIRRORED)
     await replica.adopt("io-error")
     assert rig.fake.commands().count("cont") == 1
-    assert (await rig.partner()).state is CopyState.OUTDATED and not (await rig.partner()).full  # (unchanged)
+    assert (await rig.copy_on("h2")).state is CopyState.OUTDATED and not (await rig.copy_on("h2")).full  # (unchanged)

@@ -8,38 +8,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent_fakes import Journal, host_context
-from fake_qemu import FakeQemu
-from ftvm.agent.replica import ReplicaManager
-from ftvm.core.model import DiskSpec, HostInfo, Level, NicSpec, PoolSnapshot, VmSpec
-from ftvm.core.replication import Copies, Copy, CopyState
-from ftvm.qemu.blockgraph import DiskGraph, LocalImage, Mode
-from ftvm.store.etcd import EtcdClient
-from ftvm.store.pool import PoolStore
+from agent_fakes import Level2Rig as Rig, level2_rig
+from ftvm.core.replication import CopyState
+from ftvm.qemu.blockgraph import DiskGraph, Mode
 
 _pools = itertools.count()
-SPEC = VmSpec("db", Level.COMPONENT, 256, 1, (DiskSpec(size=1 << 20),), (NicSpec("52:54:00:00:00:02"),))
 MIRRORED = DiskGraph(0, Mode.MIRRORED, 3, "d0-local1", "d0-remote2", "d0-quorum2")
-
-
-@dataclass
-class Rig:
-    store: PoolStore
-    fake: FakeQemu
-    replica: ReplicaManager
-    journal: Journal
-    token: int
-
-    async def copies(self) -> Copies:
-        got = await self.store.get_copies("db")
-        assert got is not None
-        return got
 
 
 async def until(what: str, cond: Any) -> None:
@@ -52,33 +31,9 @@ async def until(what: str, cond: Any) -> None:
 
 @pytest.fixture
 async def rig(etcd_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
-    async with EtcdClient([etcd_url], timeout=5.0) as client:
-        store = PoolStore(client, f"rep{next(_pools)}")
-        lease, _ = await client.lease_grant(30)
-        assert await store.register_host(HostInfo("h1", 1024, 2, ()), lease)
-        assert await store.define_vm(SPEC)
-        both = Copies(1, {"h1": Copy(CopyState.CURRENT, 0.0, "in sync"), "h2": Copy(CopyState.CURRENT, 0.0, "in sync")})
-        token = await store.claim("db", "h1", lease, None, both)
-        assert token is not None
-        snapshot: list[PoolSnapshot] = [await store.snapshot()]
-        journal = Journal()
-        host = host_context("h1", store, lease, journal, lambda: snapshot[0])
-        fake = FakeQemu(tmp_path / "run")
-        fake.status = "io-error"  # werror=stop: the failed write stopped the guest
-        fake.on("query-blockstats", lambda args: [])
-        for cmd in ("blockdev-add", "blockdev-del", "blockdev-reopen", "x-blockdev-change", "block-dirty-bitmap-add"):
-            fake.on(cmd, lambda args: {})
-        holder: list[ReplicaManager] = []
-        qemu = await fake.start_vm(SPEC, on_event=lambda name, data: holder[0].on_qemu_event(name, data))
-        replica = ReplicaManager(host.for_vm("db", token), qemu, [LocalImage(str(tmp_path / "d0.raw"), "raw")],
-                                 [MIRRORED])
-        holder.append(replica)
-        replica.restart()  # the loop, as after `begin`
-        try:
-            yield Rig(store, fake, replica, journal, token)
-        finally:
-            replica.stop()
-            await fake.close()
+    async with level2_rig(etcd_url, tmp_path, f"rep{next(_pools)}", CopyState.CURRENT, status="io-error") as rig:
+        rig.make(MIRRORED).restart()  # the loop, as after `begin`
+        yield rig
 
 
 async def test_a_failed_partner_copy_is_recorded_outdated_then_the_guest_continues_alone(rig: Rig) -> None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.model import Level, PoolSnapshot, RunState, VmSpec
+from ..core.model import PoolSnapshot, RunState, VmSpec
 from ..core.replication import CopyState
 from ..core.restart import HEALTHY_RUN_S, after_exit
 from ..dr.capture import clear_stale_points
@@ -119,12 +119,18 @@ class Adoption:
     async def adopt_all(self, snapshot: PoolSnapshot, lease_resumed: bool) -> None:
         self._report_fenced()
         for kept in await asyncio.to_thread(keeper.find, self.root):
+            meta = read_record(kept.run_dir)
             try:
-                why_not = await self._adopt(kept, snapshot) if lease_resumed else "the host lease was not kept"
+                if not lease_resumed:
+                    why_not: str | None = "the host lease was not kept"
+                elif isinstance(meta, str):
+                    why_not = meta
+                else:
+                    why_not = await self._adopt(kept, meta, snapshot)
             except (QemuError, OSError, KeyError, ValueError, TypeError) as e:
                 why_not = f"could not be adopted: {e}"
             if why_not is not None:
-                await self._end(kept, why_not, snapshot)
+                await self._end(kept, meta if isinstance(meta, KeptVm) else None, why_not, snapshot)
         in_use = {t for rec in self.procs.vms.values() if rec.qemu is not None for t in rec.qemu.taps}
         for tap in await asyncio.to_thread(stale_taps, in_use, self.procs.run_as.uid if self.procs.run_as else None):
             await asyncio.to_thread(remove_tap, tap)
@@ -138,7 +144,9 @@ class Adoption:
                 ended = json.loads(path.read_text())
                 if not (ended.get("fenced") or ended.get("orphaned")) or ended.get("reported"):
                     continue
-                path.write_text(json.dumps({**ended, "reported": True}))
+                tmp = path.with_name(path.name + ".tmp")  # (a crash here must not leave half a file)
+                tmp.write_text(json.dumps({**ended, "reported": True}))
+                os.replace(tmp, path)
             except (OSError, ValueError, AttributeError):
                 continue
             vm = path.parent.name if path.parent.parent == self.root else path.parent.parent.name
@@ -149,12 +157,8 @@ class Adoption:
                 self.host.journal.event(vm, "stopped", "QEMU ended with the previous agent (its NICs went through "
                                                        "that agent's relays, or it ran no guest of its own yet)")
 
-    async def _adopt(self, kept: keeper.Kept, snapshot: PoolSnapshot) -> str | None:
-        """Adopt `kept`, or say why not."""
-        try:
-            meta = KeptVm.from_json(json.loads((kept.run_dir / keeper.META_FILE).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            return f"no record of what it runs ({e})"
+    async def _adopt(self, kept: keeper.Kept, meta: KeptVm, snapshot: PoolSnapshot) -> str | None:
+        """Adopt `kept`, which `meta` says runs, or say why not."""
         view = snapshot.vms.get(meta.vm)
         if kept.run_dir != self.root / meta.vm or meta.vm in self.procs.vms:
             return "not the VM's own QEMU"
@@ -192,18 +196,16 @@ class Adoption:
         rec.detail = self.procs.describe(qemu)
         self.procs.vms[meta.vm] = rec
         self.procs.adopt(rec, qemu)
-        level = view.spec.level
         self.host.journal.event(meta.vm, "adopt", f"agent restarted: the VM kept running (QEMU pid {qemu.pid}, "
-                                                  f"level {int(level)}"
+                                                  f"level {int(view.spec.level)}"
                                                   + (f", disks {rec.replica.mode.value}" if rec.replica else "")
                                                   + f", was {status}): adopted")
-        if level is Level.SYSTEM:
-            log.warning("%s: adopted a level 3 VM without relays?", meta.vm)
         return None
 
-    async def _end(self, kept: keeper.Kept, why: str, snapshot: PoolSnapshot) -> None:
-        """Kill a QEMU not adopted. A VM still owned here is then as after a crash: its level 3
-        partner takes over, or it starts again here after the back-off (core/restart.py)."""
+    async def _end(self, kept: keeper.Kept, meta: KeptVm | None, why: str, snapshot: PoolSnapshot) -> None:
+        """Kill a QEMU not adopted (`meta`: its record, if readable). A VM still owned here is
+        then as after a crash: its level 3 partner takes over, or it starts again here after
+        the back-off (core/restart.py)."""
         try:
             fd = kept.open_pidfd()
         except OSError:
@@ -215,10 +217,6 @@ class Adoption:
                 os.close(fd)
         await kept.wait()
         kept.close()
-        try:
-            meta: KeptVm | None = KeptVm.from_json(json.loads((kept.run_dir / keeper.META_FILE).read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            meta = None
         name = meta.vm if meta else kept.run_dir.name
         self.host.journal.event(name, "kill", f"QEMU left running by the previous agent ended: {why}")
         view = snapshot.vms.get(name)
@@ -234,6 +232,14 @@ class Adoption:
         self.procs.vms[name] = LocalRecord(name, meta.token, RunState.CRASHED, exit_code=-int(signal.SIGKILL),
                                            detail=f"ended at an agent restart: {why}", failures=retry.failures,
                                            retry_at=retry.at)
+
+
+def read_record(run_dir: Path) -> KeptVm | str:
+    """What the agent recorded beside a QEMU (`vm.json`), or why it cannot be read."""
+    try:
+        return KeptVm.from_json(json.loads((run_dir / keeper.META_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"no record of what it runs ({e})"
 
 
 def stale_taps(in_use: set[str], owner: int | None) -> list[str]:

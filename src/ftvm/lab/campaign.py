@@ -258,7 +258,13 @@ class Campaign:
             self.observers[vm] = CopyObserver(vm).start()
         kept = {vm: find_copies(vm) for vm in self.vms if self.vms[vm] < 3}  # (an agent upgrade keeps these)
         upgraded = {f.host for f in faults if f.kind == "agent-upgrade"}
-        heals = [(f, self._inject(f)) for f in faults]
+        heals: list[tuple[Fault, Callable[[], None]]] = []
+        for f in faults:
+            try:
+                heals.append((f, self._inject(f)))
+            except (labmod.LabError, OSError) as e:  # a fault the product made fail (an agent that
+                c.violations.append(f"{f} failed: {e}")  # would not leave): the cycle's violation
+                heals.append((f, self._mend(f)))
         lost_at: dict[str, float] = {}  # vm -> when first seen unprotected in this cycle
         hold = max((f.hold_s for f in faults), default=0)  # (the fault's length is the schedule's)
         if any(f.kind == "quorum-lost" for f in faults):
@@ -384,6 +390,12 @@ class Campaign:
         raise ValueError(f.kind)
 
     # --- invariants --------------------------------------------------------------------
+    def _mend(self, f: Fault) -> Callable[[], None]:
+        """What puts the lab right after `f` itself failed, so later cycles still run."""
+        if f.kind in ("agent-upgrade", "agent-kill", "agent-stop"):
+            return lambda: labmod.restart_agent(self.state, f.host, timeout=60, how="kill")
+        return lambda: None
+
     def _protection_now(self, lost_at: dict[str, float]) -> dict[str, bool] | None:
         """Each VM protected or not, as the pool says now (None: unreadable); the first time
         a VM is seen unprotected goes into `lost_at`."""

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 KEEPER_FILE = "keeper.json"  # written by the keeper once QEMU runs: both PIDs and start times
 EXIT_FILE = "exit.json"      # written by the keeper as it ends: QEMU's exit code, fenced or not
+AGENT_GONE = "ftvm keeper: the agent ended, pid"  # (in QEMU's log: the test waits on it)
 META_FILE = "vm.json"        # written by the agent: what this QEMU runs (agent/adoption.py)
 SPAWN_TIMEOUT_S = 10.0
 
@@ -145,6 +146,8 @@ def _keep(args: argparse.Namespace) -> int:
             if not adoptable(run_dir):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 orphaned = True
+            else:
+                print(f"{AGENT_GONE} {args.agent}: QEMU left running for the next agent", file=sys.stderr, flush=True)
         if not fenced and not may_run(deadline_file, args.lease):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             fenced = True

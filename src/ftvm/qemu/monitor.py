@@ -132,6 +132,11 @@ class DirectQmp:
                     reply.set_result(msg)
         except (OSError, ValueError, RecursionError, QemuError) as e:  # bad JSON, a line over MAX_LINE
             self._fail(e if isinstance(e, QemuError) else QemuError(f"checkpoint monitor: {e}"))
+        except asyncio.CancelledError:
+            # nothing reads replies any more: whoever waits on one must learn it now (a
+            # checkpoint cancelled with the rest waits on its commands' replies on its way out)
+            self._fail(QemuError("checkpoint monitor closed"))
+            raise
 
     def _deliver(self, msg: dict[str, Any]) -> None:
         raw = msg.get("data")
@@ -155,12 +160,11 @@ class DirectQmp:
         self._waiters.clear()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
         for _, _, fut in self._waiters:  # nobody waits on these any more
             fut.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})  # (not `await` itself: that would swallow our own cancellation)
         self._fail(QemuError("checkpoint monitor closed"))
         if self._writer is not None:
             self._writer.close()
