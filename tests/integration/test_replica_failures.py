@@ -1,7 +1,7 @@
 """The level 2 replica manager's failure paths (agent/replica.py), against the fake QEMU
 and a real etcd: a failed copy is recorded in the store before the guest writes again,
-the graph drops it, and the guest continues on the survivor; with no survivor, or
-without ownership, the guest is never continued."""
+the graph drops it, and the guest continues on the survivor; with no survivor the failed
+I/O is retried now and then; without ownership the guest is never continued."""
 
 from __future__ import annotations
 
@@ -65,6 +65,44 @@ async def test_with_both_copies_failed_the_guest_stays_paused(rig: Rig) -> None:
     copies = await rig.copies()
     assert {h: c.state for h, c in copies.copies.items()} == {"h1": CopyState.CURRENT, "h2": CopyState.CURRENT}
     assert any(k == "io-error" and "nothing left to continue on" in m for k, m in rig.journal.seen)
+
+
+async def test_with_nothing_left_the_failed_io_is_retried_until_it_goes_through(rig: Rig) -> None:
+    """Both copies failed: the guest stays paused and its I/O is retried now and then (QEMU
+    keeps the failed request); while the storage still fails the guest stops again, and once
+    it is back the guest continues, with no copy recorded failed."""
+    rig.replica.io_retry_first_s = 0.05
+    still_failing = [True]
+
+    def cont(args: dict[str, Any]) -> dict[str, Any]:
+        if still_failing[0]:  # the retried write fails again: QEMU stops the guest again
+            rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-local1", "type": "write"})
+            rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-remote2", "type": "write"})
+            rig.fake.emit("STOP")
+        else:
+            rig.fake.status = "running"
+        return {}
+    rig.fake.on("cont", cont)
+    rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-local1", "type": "write"})
+    rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-remote2", "type": "write"})
+    await until("a retry that fails", lambda: _true(rig.fake.commands().count("cont") >= 1))
+    assert rig.fake.status == "io-error" and rig.replica.problem == "both copies failed"
+    still_failing[0] = False  # the storage is back
+    await until("the guest continues", lambda: _true(any(k == "io-resumed" for k, _ in rig.journal.seen)))
+    assert rig.fake.status == "running" and rig.replica.problem == ""
+    copies = await rig.copies()
+    assert {h: c.state for h, c in copies.copies.items()} == {"h1": CopyState.CURRENT, "h2": CopyState.CURRENT}
+    assert "x-blockdev-change" not in rig.fake.commands()  # (nothing was dropped from the graph)
+
+
+async def test_without_ownership_the_failed_io_is_never_retried(rig: Rig) -> None:
+    rig.replica.io_retry_first_s = 0.05
+    assert await rig.store.release("db", rig.token)  # another host may own it now
+    rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-local1", "type": "write"})
+    rig.fake.emit("QUORUM_REPORT_BAD", {"node-name": "d0-remote2", "type": "write"})
+    await until("the retry refused", lambda: _true(any(k == "replica" and "no longer owns" in m
+                                                       for k, m in rig.journal.seen)))
+    assert "cont" not in rig.fake.commands() and rig.fake.status == "io-error"
 
 
 async def test_without_ownership_a_failed_copy_never_continues_the_guest(rig: Rig) -> None:

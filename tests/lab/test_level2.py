@@ -23,7 +23,7 @@ from ftvm.core.protection import protection
 from ftvm.core.replication import CopyState
 from ftvm.lab import lab as labmod
 from ftvm.lab import topology as topo
-from ftvm.lab.faults import fail_disk
+from ftvm.lab.faults import clear_disk_failure, fail_disk
 from ftvm.lab.observer import CopyObserver
 from ftvm.guest.ledger_format import read_records
 from ftvm.lab.scenario import LabClient, LabPool, check_acked_on_disk, copy_is
@@ -159,6 +159,43 @@ def test_local_disk_failure_is_masked(l2vm, lab: labmod.LabState) -> None:
         client.stop()
     single_connection(client)
     assert protection_of(pool, name) == "Protected"
+    assert_copies_identical(pool, lab, name)
+
+
+def test_a_disk_that_fails_with_the_partner_away_pauses_the_guest_until_it_answers_again(
+        l2vm, lab: labmod.LabState) -> None:
+    """The partner's copy is outdated (both A-links down) when the local disk starts failing:
+    nothing is left to continue on, so the guest waits, paused, and never on the outdated
+    copy. The failure is transient (a cable, a controller): once the disk answers again the
+    guest's I/O is retried and it continues by itself, its copy never recorded failed and no
+    acknowledged record lost (the fault campaign, seed 51 cycle 63, left such a guest paused
+    for good)."""
+    pool, name, ip = l2vm
+    client = LabClient(lab, ip, name)
+    try:
+        client.wait_acks(30, 30)
+        for k in (1, 2):
+            labmod.set_a_link(lab, "h1", "h2", k, up=False)
+        pool.wait_for("replica outdated", lambda s: copy_state(s, name, "h2") is CopyState.OUTDATED, 30)
+        t = time.time()
+        fail_disk(lab, name, "h1")
+        [paused] = pool.wait_events("the guest paused", lambda e: e.vm == name and e.kind == "io-error"
+                                    and e.time > t, 60)
+        assert "nothing left to continue on" in paused.message
+        assert copy_state(pool.snapshot(), name, "h1") is CopyState.CURRENT  # (the only current copy)
+        assert clear_disk_failure(lab, name, "h1")
+        [resumed] = pool.wait_events("the guest continues", lambda e: e.vm == name and e.kind == "io-resumed"
+                                     and e.time > t, 120)
+        client.wait_acks(30, 60, after=resumed.time)
+        for k in (1, 2):
+            labmod.set_a_link(lab, "h1", "h2", k, up=True)
+        pool.wait_for("back in sync", in_sync(name, "h2"), 60)
+        client.wait_acks(10, 30, after=time.time())
+    finally:
+        acks = client.stop()  # (the client may have reconnected: the guest was paused for seconds)
+    assert copy_state(pool.snapshot(), name, "h1") is CopyState.CURRENT
+    _, lost = check_acked_on_disk(pool.copy_as_raw(name, "h1", Path(lab.dir) / f"{name}.raw"), acks)
+    assert lost == []
     assert_copies_identical(pool, lab, name)
 
 

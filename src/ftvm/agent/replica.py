@@ -38,6 +38,7 @@ from ..qemu.blockgraph import (DiskGraph, LocalImage, Mode, NbdTarget, QmpStep, 
 from ..qemu.process import QemuError, QemuVm
 from ..qemu.storage_daemon import ensure_image, export_name, nbd_answers, writable_copy
 from ..store.etcd import EtcdError
+from ..store.pool import OwnershipLost
 from .context import VmContext
 
 log = logging.getLogger("ftvm.replica")
@@ -48,6 +49,8 @@ FINAL_PASS_BYTES = 4 << 20   # stop the guest for the last pass once this little
 MAX_PASSES = 8
 PROBE_INTERVAL = 0.5
 PROBE_FAILURES = 2
+IO_RETRY_FIRST_S = 5.0   # a guest paused on an I/O error nothing masks: its I/O retried after this,
+IO_RETRY_MAX_S = 60.0    # then twice as long each time, up to this
 
 
 @dataclass
@@ -74,6 +77,10 @@ class ReplicaManager:
         self._apart_since_wr: int | None = None  # guest bytes written when the partner left
         self._task: asyncio.Task[None] | None = None
         self.problem = ""  # why the VM is paused, if it is
+        self.io_retry_first_s = IO_RETRY_FIRST_S
+        self._io_retry_s = 0.0
+        self._io_retry_at = 0.0
+        self._io_resumed_at = -IO_RETRY_MAX_S
         self.yielded: str | None = None  # QEMU stopped so the partner's site keeps the VM: why
 
     # --- plumbing ----------------------------------------------------------------
@@ -282,13 +289,41 @@ class ReplicaManager:
         kinds = {k for g in self.graphs if g.mode is Mode.MIRRORED
                  for k in (node_kind(g, n) for n in self.failed_nodes) if k}
         if not kinds or kinds == {"local", "remote"}:
-            why = ("both copies failed" if kinds else "I/O error on an unmirrored disk")
-            if self.problem != why:
-                self.problem = why
-                self.event("io-error", f"VM paused: {why}; nothing left to continue on")
-            await asyncio.sleep(1.0)
+            await self._retry_io("both copies failed" if kinds else "I/O error on an unmirrored disk")
             return
         await self._drop_copy(kinds.pop())
+
+    async def _retry_io(self, why: str) -> None:
+        """Nothing left to continue on: the guest stays paused, and its failed I/O is retried
+        now and then (after 5 s, then twice as long each time, up to a minute), as oVirt's
+        auto-resume does. Safe: QEMU keeps the failed request (werror=stop) and retries it on
+        `cont`; if it fails again the guest stops again, so nothing is acknowledged that was
+        not written. A storage path that comes back (a cable, a controller reset, a full
+        disk given room) then needs no operator."""
+        now = time.monotonic()
+        if self.problem != why:
+            self.problem = why
+            # a failure soon after a retry went through: the storage flaps, so no faster retries
+            recent = now - self._io_resumed_at < IO_RETRY_MAX_S
+            self._io_retry_s = min(self._io_retry_s * 2, IO_RETRY_MAX_S) if recent else self.io_retry_first_s
+            self._io_retry_at = now + self._io_retry_s
+            self.event("io-error", f"VM paused: {why}; nothing left to continue on (its I/O is retried "
+                                   f"after {self._io_retry_s:g} s, then less and less often)")
+        elif now >= self._io_retry_at:
+            self._io_retry_s = min(self._io_retry_s * 2, IO_RETRY_MAX_S)
+            self._io_retry_at = now + self._io_retry_s
+            if not await self.store.owned(self.vm, self.token):  # (only the owner's guest may go on)
+                raise OwnershipLost(f"this host no longer owns VM {self.vm} under token {self.token}")
+            self.failed_nodes.clear()  # (a retry that fails again names its copies again)
+            await self.qemu.execute("cont")
+            await asyncio.sleep(1.0)  # (the retried request fails again within this, if it does)
+            if (await self.qemu.execute("query-status"))["status"] == "running":
+                self.problem = ""
+                self._io_resumed_at = time.monotonic()
+                self.event("io-resumed", f"the I/O that failed ({why}) went through on a retry: the guest "
+                                         f"continues")
+            return
+        await asyncio.sleep(min(1.0, max(0.05, self._io_retry_at - now)))
 
     async def _partner_lost(self, partner: str | None) -> None:
         """The partner stopped answering. Abort the replication connection, so a write in

@@ -46,7 +46,7 @@ from ..store.etcd import EtcdError
 from . import lab as labmod
 from . import topology as topo
 from ..qemu.cmdline import tap_name
-from .faults import fail_disk
+from .faults import clear_disk_failure, fail_disk
 from .observer import CopyObserver, find_copies
 from .scenario import LabClient, LabPool, ScenarioError, check_acked_on_disk, sequence_breaks
 
@@ -373,20 +373,28 @@ class Campaign:
             except labmod.LabError as e:
                 self.progress(f"  (disk-eio not injected: {e})")
                 return nothing
+            injected = time.time()
 
-            def disk_replaced() -> None:  # (the operator's part: `ftvm vm repair-disk VM --host H`)
+            def disk_healed() -> None:
                 def failed(s: PoolSnapshot) -> bool:
                     return s.vms[f.vm].copy_state(f.host) is CopyState.FAILED
                 try:
                     self.pool.wait_for(f"the copy of {f.vm} on {f.host} recorded failed", failed, 60)
                 except ScenarioError:
-                    # (the injection hit no node the guest writes through: lab/faults.py matches
-                    # node names, and a repaired copy's graph has spare nodes by those names)
-                    self.report.ineffective.append(f"{f}: no I/O error reached the guest's writes")
-                    self.progress(f"  ({f}: no I/O error reached the guest's writes; not a fault this cycle)")
+                    # Not masked. Either nothing was left to continue on (the partner's copy was
+                    # away: the guest waits paused) or no I/O reached the injected node (lab/
+                    # faults.py matches node names, and a repaired copy's graph has spare nodes
+                    # by those names). The failure ends, as a transient one does: the paused
+                    # guest's I/O is retried and goes through.
+                    clear_disk_failure(st, f.vm, f.host)
+                    if not any(e.vm == f.vm and e.kind == "io-error" and e.time > injected
+                               for e in self.pool.events(200)):
+                        self.report.ineffective.append(f"{f}: no I/O error reached the guest's writes")
+                        self.progress(f"  ({f}: no I/O error reached the guest's writes; not a fault this cycle)")
                     return
+                # the operator's part: `ftvm vm repair-disk VM --host H`
                 self.pool.run(lambda store: ops.repair_disk(store, f.vm, f.host))
-            return disk_replaced
+            return disk_healed
         raise ValueError(f.kind)
 
     # --- invariants --------------------------------------------------------------------

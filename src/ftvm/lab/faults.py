@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 from typing import Any, cast
@@ -29,17 +30,67 @@ async def _inject_disk_failure(sock: Path, vm: str) -> list[str]:
             path = by_name[name + "-f"]["file"]
             inject = f"inject-{name}"
             # Every read and write below this node now fails with EIO, as a dying disk would.
+            # (Not flushes: `clear_disk_failure`'s reopen flushes the node first, and the
+            # guest's writes fail anyway.)
             await qmp.execute("blockdev-add", {
                 "driver": "blkdebug", "node-name": inject,
                 "image": {"driver": "file", "filename": path, "locking": "off", "cache": {"direct": True}},
-                "inject-error": [{"event": ev, "errno": 5, "once": False}
-                                 for ev in ("write_aio", "read_aio", "flush_to_disk")]})
+                "inject-error": [{"event": f"{io}_aio", "iotype": io, "errno": 5, "once": False}
+                                 for io in ("write", "read")]})
             await qmp.execute("blockdev-reopen", {"options": [
                 {"driver": node["drv"], "node-name": name, "file": inject}]})
             failed.append(f"{name} ({path})")
         return failed
     finally:
         await qmp.disconnect()
+
+
+async def _clear_disk_failure(sock: Path, vm: str) -> list[str]:
+    qmp = QMPClient(f"lab-{vm}")
+    await qmp.connect(str(sock))
+    try:
+        nodes = cast(list[dict[str, Any]], await qmp.execute("query-named-block-nodes", {"flat": True}))
+        by_name = {n["node-name"]: n for n in nodes}
+        cleared: list[str] = []
+        for name, node in sorted(by_name.items()):
+            if not name.startswith("inject-"):
+                continue
+            path = _injected_file(node)
+            over = name.removeprefix("inject-")
+            if over in by_name and path is not None:
+                # the node reads its file directly again (locking off: the injection's own
+                # opening of the file is still there until it is deleted below)
+                healed = f"healed-{over}-{len(cleared)}"
+                await qmp.execute("blockdev-add", {"driver": "file", "node-name": healed, "filename": path,
+                                                   "aio": "native", "locking": "off",
+                                                   "cache": {"direct": True, "no-flush": True}})
+                await qmp.execute("blockdev-reopen", {"options": [
+                    {"driver": by_name[over]["drv"], "node-name": over, "file": healed}]})
+            await qmp.execute("blockdev-del", {"node-name": name})
+            cleared.append(over)
+        return cleared
+    finally:
+        await qmp.disconnect()
+
+
+def _injected_file(node: dict[str, Any]) -> str | None:
+    """The image file under a blkdebug node (QEMU names it in the node's `file`, as JSON)."""
+    desc = str(node.get("file", ""))
+    try:
+        image = json.loads(desc.removeprefix("json:")).get("image", {})
+    except ValueError:
+        return None
+    filename = image.get("filename") if isinstance(image, dict) else None
+    return filename if isinstance(filename, str) else None
+
+
+def clear_disk_failure(state: labmod.LabState, vm: str, host: str) -> list[str]:
+    """The I/O errors `fail_disk` injected end (a transient failure: a cable, a controller):
+    the nodes read their files directly again. Returns the nodes cleared."""
+    sock = state.host_dir(host) / "state" / "vms" / vm / "qmp-debug.sock"
+    if not sock.exists():
+        return []
+    return asyncio.run(_clear_disk_failure(sock, vm))
 
 
 def fail_disk(state: labmod.LabState, vm: str, host: str) -> list[str]:

@@ -215,6 +215,11 @@ class PoolStore:
             if owner is None or owner.create_revision != token:
                 raise OwnershipLost(f"this host no longer owns VM {vm} under token {token}")
 
+    async def owned(self, vm: str, token: int) -> bool:
+        """Whether `token` still owns `vm`, as etcd says now (a quorum read)."""
+        owner = await self.etcd.get(self.vm_key(vm, "owner"))
+        return owner is not None and owner.create_revision == token
+
     async def get_copies(self, vm: str) -> Copies | None:
         kv = await self.etcd.get(self.vm_key(vm, "copies"))
         return _parsed(kv, lambda d: Copies.from_json(d, kv.mod_revision)) if kv else None
