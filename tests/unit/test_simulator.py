@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from ftvm.core.model import Level
+from ftvm.core.replication import CopyState
 from ftvm.sim import world
 from ftvm.sim.runner import replay, simulate
 
@@ -89,6 +91,37 @@ def test_level3_takeovers_happen_in_the_schedules() -> None:
     """(The level 3 rules are exercised: partners take VMs over from lost primaries.)"""
     traces = [line for seed in range(60) for line in world.run(seed).trace]
     assert sum(" took vm2 over from " in line for line in traces) >= 5
+
+
+async def test_a_level3_primary_whose_partner_record_answer_is_lost_holds_its_output() -> None:
+    """The primary records its partner current and the answer is lost (applied: the partner
+    may take over now). As the agent does, it holds its output until the copy is recorded
+    outdated, so no copy is seen beside a takeover (found by a 10^5-schedule run: the model
+    used to let such a primary release its output as if unprotected)."""
+    w = world.World(5, vms=(Level.SYSTEM,), fault_rate=0.0, request_fault_rate=0.0)
+    with world.simulated_time(w.clock):
+        await w.setup()
+        while not await w.all_protected():
+            await w.step()
+        view = (await w.admin.snapshot()).vms["vm0"]
+        assert view.owner is not None and view.copies is not None
+        primary, token = w.hosts[view.owner.host], view.owner.token
+        partner = view.copies.partner_of(primary.name)
+        assert partner is not None
+        assert await w.admin.set_copies("vm0", token, view.copies, world_mark(
+            view.copies, partner, CopyState.OUTDATED, "test: partner behind", w.clock.now))
+        primary.unprotected.add("vm0")  # (as after the partner was lost)
+        client = primary.store.etcd
+        client.fault = lambda path: "lose" if path.endswith("/txn") else ""  # type: ignore[attr-defined]
+        await w._checkpoint_and_write(primary, "vm0", token)
+        client.fault = lambda path: ""  # type: ignore[attr-defined]
+        copies = (await w.admin.snapshot()).vms["vm0"].copies
+        assert copies is not None and copies.state_of(partner).state is CopyState.CURRENT  # type: ignore[union-attr]
+        assert "vm0" in primary.paused and not w._visible(primary, "vm0")  # output held
+        await w._checkpoint_and_write(primary, "vm0", token)  # recorded outdated, then unprotected
+        copies = (await w.admin.snapshot()).vms["vm0"].copies
+        assert copies is not None and copies.state_of(partner).state is CopyState.OUTDATED  # type: ignore[union-attr]
+        assert "vm0" not in primary.paused and w._visible(primary, "vm0")
 
 
 def _first_violation(seeds: int) -> str:

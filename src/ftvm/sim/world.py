@@ -539,13 +539,16 @@ class World:
         self.note(h, f"claim of {vm} after the takeover: token {token}")
 
     async def _replicate_and_write(self, h: SimHost) -> None:
-        """For one VM running here: its replication duties, then one guest write."""
-        running = [vm for vm in h.local if self._running_here(h, vm) is not None]
-        if not running:
-            return
-        vm = self.rng.choice(running)
-        token = self._running_here(h, vm)
-        assert token is not None
+        """For every VM running here: its replication duties, then one guest write. (Every
+        VM, not one drawn: the agent runs each VM's replication loop on its own, so a VM's
+        resync or lost partner is never left waiting for its turn; drawing one left a
+        resync undone for 50 s in 1 schedule of 10^5.)"""
+        for vm in [vm for vm in h.local if self._running_here(h, vm) is not None]:
+            token = self._running_here(h, vm)
+            if token is not None:  # (an earlier VM's duties may have ended this one: a takeover)
+                await self._replicate_and_write_one(h, vm, token)
+
+    async def _replicate_and_write_one(self, h: SimHost, vm: str, token: int) -> None:
         spec = self.spec_of(vm)
         if spec.level is Level.RESTART:
             self.shared[vm] += 1
@@ -660,6 +663,10 @@ class World:
                     got = await h.store.set_copies(vm, token, copies, mark(copies, partner, CopyState.CURRENT,
                                                                            "checkpoint acknowledged", self.clock.now))
                 except EtcdError:
+                    # agent/l3.py: a failed record ends the session as a lost partner does (it may
+                    # have been applied, its answer lost): the guest stopped, output held until the
+                    # copy is recorded outdated
+                    h.paused.add(vm)
                     return
                 if got is None:
                     return
@@ -670,7 +677,7 @@ class World:
         if vm in h.paused and not current:  # (its record went through, the answer was lost)
             h.paused.discard(vm)
             h.unprotected.add(vm)
-        if current and partner is not None and not self._feeds(h, partner, vm):
+        if current and partner is not None and (not self._feeds(h, partner, vm) or vm in h.paused):
             h.paused.add(vm)  # the partner is lost: output held, guest stopped, until recorded
             try:
                 got = await h.store.set_copies(vm, token, copies, mark(copies, partner, CopyState.OUTDATED,
