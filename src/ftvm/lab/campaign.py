@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import QMPError
+
 from .. import ops
 from ..core.model import Level, PoolSnapshot
 from ..core.replication import CopyState
@@ -46,13 +48,13 @@ from ..store.etcd import EtcdError
 from . import lab as labmod
 from . import topology as topo
 from ..qemu.cmdline import tap_name
-from .faults import clear_disk_failure, fail_disk
+from .faults import clear_disk_failure, fail_disk, slow_disk
 from .observer import CopyObserver, find_copies
 from .scenario import LabClient, LabPool, ScenarioError, check_acked_on_disk, sequence_breaks
 
 RECOVERY_BOUND_S = 240.0  # heal -> every VM running and protected again (lab timing, TCG guests)
 FAULTS = ("power", "agent-kill", "agent-stop", "agent-upgrade", "qemu-crash", "guest-panic", "a-link", "a-links",
-          "quorum-cut", "quorum-lost", "etcd-member-kill", "disk-eio")
+          "quorum-cut", "quorum-lost", "etcd-member-kill", "disk-eio", "disk-slow")
 LEVEL_OF = {1: Level.RESTART, 2: Level.COMPONENT, 3: Level.SYSTEM}
 
 
@@ -225,7 +227,7 @@ class Campaign:
             f = Fault(kind, host, hold_s=round(self.rng.uniform(2, 20), 1))
             if kind in ("a-link", "a-links"):
                 f.peer = self.rng.choice([h for h in hosts if h != host])
-            if kind in ("qemu-crash", "disk-eio", "guest-panic"):
+            if kind in ("qemu-crash", "disk-eio", "disk-slow", "guest-panic"):
                 running = [vm for vm, v in snap.vms.items() if vm in self.vms and v.owner is not None
                            and (kind != "disk-eio" or self.vms[vm] == 2)]
                 if not running:
@@ -338,6 +340,17 @@ class Campaign:
                 if ns == topo.host_ns(f.host):
                     os.kill(pid, signal.SIGKILL)
             return nothing
+        if f.kind == "disk-slow":
+            try:
+                slow_disk(st, f.vm, f.host)
+            except labmod.LabError as e:
+                self.progress(f"  (disk-slow not injected: {e})")
+                return nothing
+
+            def disk_fast() -> None:
+                with suppress(OSError, QMPError):  # (the QEMU may have ended)
+                    slow_disk(st, f.vm, f.host, slow=False)
+            return disk_fast
         if f.kind in ("a-link", "a-links"):
             links = (1,) if f.kind == "a-link" else (1, 2)
             for k in links:

@@ -93,6 +93,35 @@ def clear_disk_failure(state: labmod.LabState, vm: str, host: str) -> list[str]:
     return asyncio.run(_clear_disk_failure(sock, vm))
 
 
+SLOW_BPS = 256 << 10  # a slow disk: 256 KiB/s and 10 requests/s for the guest's I/O
+SLOW_IOPS = 10
+
+
+async def _throttle(sock: Path, vm: str, bps: int, iops: int) -> list[str]:
+    qmp = QMPClient(f"lab-{vm}")
+    await qmp.connect(str(sock))
+    try:
+        devices = [str(b["qdev"]) for b in cast(list[dict[str, Any]], await qmp.execute("query-block"))
+                   if b.get("inserted") and b.get("qdev")]
+        for qdev in devices:  # (the guest's view of the disk, above every copy: at every level)
+            await qmp.execute("block_set_io_throttle", {"id": qdev, "bps": bps, "bps_rd": 0, "bps_wr": 0,
+                                                        "iops": iops, "iops_rd": 0, "iops_wr": 0})
+        return devices
+    finally:
+        await qmp.disconnect()
+
+
+def slow_disk(state: labmod.LabState, vm: str, host: str, slow: bool = True) -> list[str]:
+    """Make the guest's disks of `vm` on `host` slow (a failing drive retrying, a saturated
+    array), or fast again. Returns the devices throttled."""
+    sock = state.host_dir(host) / "state" / "vms" / vm / "qmp-debug.sock"
+    if not sock.exists():
+        if slow:
+            raise labmod.LabError(f"{vm} does not run on {host} (no {sock})")
+        return []  # (it moved or restarted: a new QEMU is not throttled)
+    return asyncio.run(_throttle(sock, vm, SLOW_BPS if slow else 0, SLOW_IOPS if slow else 0))
+
+
 def fail_disk(state: labmod.LabState, vm: str, host: str) -> list[str]:
     """Make the local copy of every disk of `vm` on `host` fail with I/O errors."""
     sock = state.host_dir(host) / "state" / "vms" / vm / "qmp-debug.sock"
