@@ -527,11 +527,14 @@ class Campaign:
                     allowed += 1  # (a partner's standby started ahead: agent/warm.py)
                 if len(copies) > allowed:
                     out.append(f"{vm}: {len(copies)} QEMUs on {host}, at most {allowed} expected")
-            commands = [_cmdline(pid) for pid in labmod.ns_pids(ns)]
-            qemus = sum(1 for c in commands if c.startswith(b"qemu-system"))
-            keepers = sum(1 for c in commands if b"ftvm.qemu.keeper" in c)
-            if keepers != qemus:
-                out.append(f"{host}: {keepers} keepers for {qemus} QEMUs")
+            counts = _keepers_and_qemus(ns)
+            for _ in range(20):  # (a QEMU starting now, a standby ahead: its keeper forks, then execs)
+                if counts[0] == counts[1]:
+                    break
+                time.sleep(0.5)
+                counts = _keepers_and_qemus(ns)
+            if counts[0] != counts[1]:
+                out.append(f"{host}: {counts[0]} keepers for {counts[1]} QEMUs (for 10 s)")
             listed = subprocess.run(["ip", "-n", ns, "-o", "link", "show", "type", "tun"], capture_output=True,
                                     text=True).stdout
             taps = {line.split(":")[1].strip().split("@")[0] for line in listed.splitlines() if ":" in line}
@@ -549,6 +552,12 @@ class Campaign:
     def _other_vms(self, snap: PoolSnapshot) -> set[str]:
         """VMs the campaign did not make (another test's, left running): not its business."""
         return set(snap.vms) - set(self.vms)
+
+
+def _keepers_and_qemus(ns: str) -> tuple[int, int]:
+    commands = [_cmdline(pid) for pid in labmod.ns_pids(ns)]
+    return (sum(1 for c in commands if b"ftvm.qemu.keeper" in c),
+            sum(1 for c in commands if c.startswith(b"qemu-system")))
 
 
 def _cmdline(pid: int) -> bytes:
