@@ -44,6 +44,23 @@ async def test_a_new_agent_keeps_the_lease_etcd_still_holds(etcd_url: str, tmp_p
         await second.etcd.close()
 
 
+async def test_an_agent_leaving_renews_once_more_so_the_next_has_the_whole_lease(etcd_url: str,
+                                                                                  tmp_path: Path) -> None:
+    pool = f"kept{next(_pools)}"
+    agent = Agent(_config(etcd_url, tmp_path, pool))
+    try:
+        await agent.host_lease.join()
+        first = read_deadline(tmp_path / "fence-deadline")
+        assert first is not None
+        await asyncio.sleep(0.2)
+        await agent.host_lease.renew_for_successor()
+        last = read_deadline(tmp_path / "fence-deadline")
+        assert last is not None and last[0] == agent.lease and last[1] >= first[1] + 0.2
+    finally:
+        await agent.host_lease.revoke()
+        await agent.etcd.close()
+
+
 async def test_a_lease_etcd_dropped_is_not_kept_and_its_keepers_fence(etcd_url: str, tmp_path: Path) -> None:
     pool = f"kept{next(_pools)}"
     first = Agent(_config(etcd_url, tmp_path, pool))

@@ -294,6 +294,8 @@ class Agent:
                 await self.host_lease.revoke()
         except EtcdError:
             pass
+        if not revoke:  # (last of all: the next agent's time to take the lease over runs from here)
+            await self.host_lease.renew_for_successor()
         await self.etcd.close()
 
     async def _shutdown(self) -> None:

@@ -132,6 +132,20 @@ class HostLease:
                 self.wake()
         return self.t.keepalive_interval
 
+    async def renew_for_successor(self) -> None:
+        """An agent leaving its VMs to the next one (SIGUSR2): one last renewal, so the next
+        agent has the whole lease (less the fence margin) from now on to take it over before
+        the keepers fence. Nothing else: a lease etcd has dropped is the next agent's to find."""
+        sent = time.monotonic()
+        try:
+            ttl = await self.etcd.lease_keepalive(self.id)
+        except EtcdError as e:
+            log.warning("could not renew the host lease before leaving (%s): the next agent has "
+                        "%.1f s to take it over", e, self.guard.remaining())
+            return
+        if ttl > 0:
+            self.guard.arm(sent + self.ttl - self.t.self_fence_margin, self.id)
+
     async def revoke(self) -> None:
         """Orderly stop: peers may take over this host's VMs at once."""
         await self.etcd.lease_revoke(self.id)
