@@ -108,9 +108,8 @@ class HostLease:
     async def renew(self) -> float:
         """One renewal; returns how long to wait before the next. A lease etcd already
         forgot means every VM here is being killed (the guard); the host joins again."""
-        sent = time.monotonic()
         try:
-            ttl = await self.etcd.lease_keepalive(self.id)
+            ttl = await self._keepalive()
         except EtcdError as e:
             if self.quorum_ok:
                 self.quorum_ok = False
@@ -124,27 +123,30 @@ class HostLease:
                                             "could start them")
             await self.join()
             self.wake()
-        else:
-            self.guard.arm(sent + self.ttl - self.t.self_fence_margin, self.id)
-            if not self.quorum_ok:
-                self.quorum_ok = True
-                self.journal.event("", "quorum", "quorum service reachable again")
-                self.wake()
+        elif not self.quorum_ok:
+            self.quorum_ok = True
+            self.journal.event("", "quorum", "quorum service reachable again")
+            self.wake()
         return self.t.keepalive_interval
+
+    async def _keepalive(self) -> int:
+        """One keepalive; a lease etcd still holds moves the fence deadline on. Returns
+        etcd's TTL (<= 0: the lease is gone). EtcdError is the caller's."""
+        sent = time.monotonic()
+        ttl = await self.etcd.lease_keepalive(self.id)
+        if ttl > 0:
+            self.guard.arm(sent + self.ttl - self.t.self_fence_margin, self.id)
+        return ttl
 
     async def renew_for_successor(self) -> None:
         """An agent leaving its VMs to the next one (SIGUSR2): one last renewal, so the next
         agent has the whole lease (less the fence margin) from now on to take it over before
         the keepers fence. Nothing else: a lease etcd has dropped is the next agent's to find."""
-        sent = time.monotonic()
         try:
-            ttl = await self.etcd.lease_keepalive(self.id)
+            await self._keepalive()
         except EtcdError as e:
             log.warning("could not renew the host lease before leaving (%s): the next agent has "
                         "%.1f s to take it over", e, self.guard.remaining())
-            return
-        if ttl > 0:
-            self.guard.arm(sent + self.ttl - self.t.self_fence_margin, self.id)
 
     async def revoke(self) -> None:
         """Orderly stop: peers may take over this host's VMs at once."""

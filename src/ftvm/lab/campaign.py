@@ -568,12 +568,7 @@ def _cmdline(pid: int) -> bytes:
 
 
 def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    return pid is not None and labmod.running(pid)
 
 
 def run_campaign(state: labmod.LabState, image: GuestImage, seed: int, cycles: int, levels: tuple[int, ...],

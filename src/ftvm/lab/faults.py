@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,12 +18,28 @@ from . import lab as labmod
 _LOCAL = re.compile(r"^d(\d+)-local(\d+)$")
 
 
-async def _inject_disk_failure(sock: Path, vm: str) -> list[str]:
+def _debug_sock(state: labmod.LabState, vm: str, host: str) -> Path:
+    return state.host_dir(host) / "state" / "vms" / vm / "qmp-debug.sock"
+
+
+@asynccontextmanager
+async def _debug_qmp(sock: Path, vm: str) -> AsyncIterator[QMPClient]:
     qmp = QMPClient(f"lab-{vm}")
     await qmp.connect(str(sock))
     try:
-        nodes = cast(list[dict[str, Any]], await qmp.execute("query-named-block-nodes", {"flat": True}))
-        by_name = {n["node-name"]: n for n in nodes}
+        yield qmp
+    finally:
+        await qmp.disconnect()
+
+
+async def _named_nodes(qmp: QMPClient) -> dict[str, dict[str, Any]]:
+    nodes = cast(list[dict[str, Any]], await qmp.execute("query-named-block-nodes", {"flat": True}))
+    return {n["node-name"]: n for n in nodes}
+
+
+async def _inject_disk_failure(sock: Path, vm: str) -> list[str]:
+    async with _debug_qmp(sock, vm) as qmp:
+        by_name = await _named_nodes(qmp)
         failed = []
         for name, node in sorted(by_name.items()):
             m = _LOCAL.match(name)
@@ -41,16 +59,11 @@ async def _inject_disk_failure(sock: Path, vm: str) -> list[str]:
                 {"driver": node["drv"], "node-name": name, "file": inject}]})
             failed.append(f"{name} ({path})")
         return failed
-    finally:
-        await qmp.disconnect()
 
 
 async def _clear_disk_failure(sock: Path, vm: str) -> list[str]:
-    qmp = QMPClient(f"lab-{vm}")
-    await qmp.connect(str(sock))
-    try:
-        nodes = cast(list[dict[str, Any]], await qmp.execute("query-named-block-nodes", {"flat": True}))
-        by_name = {n["node-name"]: n for n in nodes}
+    async with _debug_qmp(sock, vm) as qmp:
+        by_name = await _named_nodes(qmp)
         cleared: list[str] = []
         for name, node in sorted(by_name.items()):
             if not name.startswith("inject-"):
@@ -69,8 +82,6 @@ async def _clear_disk_failure(sock: Path, vm: str) -> list[str]:
             await qmp.execute("blockdev-del", {"node-name": name})
             cleared.append(over)
         return cleared
-    finally:
-        await qmp.disconnect()
 
 
 def _injected_file(node: dict[str, Any]) -> str | None:
@@ -87,7 +98,7 @@ def _injected_file(node: dict[str, Any]) -> str | None:
 def clear_disk_failure(state: labmod.LabState, vm: str, host: str) -> list[str]:
     """The I/O errors `fail_disk` injected end (a transient failure: a cable, a controller):
     the nodes read their files directly again. Returns the nodes cleared."""
-    sock = state.host_dir(host) / "state" / "vms" / vm / "qmp-debug.sock"
+    sock = _debug_sock(state, vm, host)
     if not sock.exists():
         return []
     return asyncio.run(_clear_disk_failure(sock, vm))
@@ -98,23 +109,19 @@ SLOW_IOPS = 10
 
 
 async def _throttle(sock: Path, vm: str, bps: int, iops: int) -> list[str]:
-    qmp = QMPClient(f"lab-{vm}")
-    await qmp.connect(str(sock))
-    try:
+    async with _debug_qmp(sock, vm) as qmp:
         devices = [str(b["qdev"]) for b in cast(list[dict[str, Any]], await qmp.execute("query-block"))
                    if b.get("inserted") and b.get("qdev")]
         for qdev in devices:  # (the guest's view of the disk, above every copy: at every level)
             await qmp.execute("block_set_io_throttle", {"id": qdev, "bps": bps, "bps_rd": 0, "bps_wr": 0,
                                                         "iops": iops, "iops_rd": 0, "iops_wr": 0})
         return devices
-    finally:
-        await qmp.disconnect()
 
 
 def slow_disk(state: labmod.LabState, vm: str, host: str, slow: bool = True) -> list[str]:
     """Make the guest's disks of `vm` on `host` slow (a failing drive retrying, a saturated
     array), or fast again. Returns the devices throttled."""
-    sock = state.host_dir(host) / "state" / "vms" / vm / "qmp-debug.sock"
+    sock = _debug_sock(state, vm, host)
     if not sock.exists():
         if slow:
             raise labmod.LabError(f"{vm} does not run on {host} (no {sock})")
@@ -124,7 +131,7 @@ def slow_disk(state: labmod.LabState, vm: str, host: str, slow: bool = True) -> 
 
 def fail_disk(state: labmod.LabState, vm: str, host: str) -> list[str]:
     """Make the local copy of every disk of `vm` on `host` fail with I/O errors."""
-    sock = state.host_dir(host) / "state" / "vms" / vm / "qmp-debug.sock"
+    sock = _debug_sock(state, vm, host)
     if not sock.exists():
         raise labmod.LabError(f"{vm} does not run on {host} (no {sock})")
     failed = asyncio.run(_inject_disk_failure(sock, vm))

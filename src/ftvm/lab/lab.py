@@ -679,7 +679,7 @@ def restart_agent(state: LabState, host: str, timeout: float = 30, how: str = "s
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
-        while _running(pid):
+        while running(pid):
             if time.monotonic() > deadline:  # (a second agent would be refused its state directory)
                 raise LabError(f"{host}'s agent (pid {pid}) did not end within {timeout:g} s of {sig.name}")
             time.sleep(0.02)
@@ -688,8 +688,8 @@ def restart_agent(state: LabState, host: str, timeout: float = 30, how: str = "s
     wait_for_hosts(state, [host], timeout)
 
 
-def _running(pid: int) -> bool:
-    """Not ended, and not a zombie either (an agent's parent may be slow to reap it)."""
+def running(pid: int) -> bool:
+    """Not ended, and not a zombie either (its parent may be slow to reap it)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):

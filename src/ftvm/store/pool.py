@@ -211,8 +211,7 @@ class PoolStore:
             stored = await self.set_copies(vm, token, seen, new)
             if stored is not None:
                 return stored
-            owner = await self.etcd.get(self.vm_key(vm, "owner"))
-            if owner is None or owner.create_revision != token:
+            if not await self.owned(vm, token):
                 raise OwnershipLost(f"this host no longer owns VM {vm} under token {token}")
 
     async def owned(self, vm: str, token: int) -> bool:
